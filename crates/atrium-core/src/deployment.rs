@@ -1,0 +1,132 @@
+//! Deployments: a tenant's desired state for serving one model — which
+//! engine, what each replica needs, how many replicas, and where.
+
+use serde::{Deserialize, Serialize};
+
+use crate::quantity::{ByteSize, CpuMillis, GpuMilli, GpuRequest};
+use crate::quota::ResourceUsage;
+use crate::FieldErrors;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum EngineKind {
+    /// Atrium's own candle engine, run by the agent.
+    Embedded,
+    /// A simulated engine with configurable latency, for load tests.
+    Simulated,
+    /// vLLM, run by the agent.
+    Vllm,
+    /// An existing OpenAI-compatible URL; nothing is run.
+    External,
+}
+
+/// What each replica needs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Resources {
+    #[schema(value_type = String, example = "2")]
+    pub cpu: CpuMillis,
+    #[schema(value_type = String, example = "4Gi")]
+    pub memory: ByteSize,
+    /// Whole GPUs (`"2"`), a fraction of one (`"0.5"`) or a MIG profile
+    /// (`"3g.40gb"`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<String>, example = "1")]
+    pub gpu: Option<GpuRequest>,
+    /// GPU memory needed, per replica.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<String>, example = "40Gi")]
+    pub gpu_memory: Option<ByteSize>,
+    /// Acceptable GPU models (any of them); any model when empty.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub gpu_models: Vec<String>,
+    /// Local scratch storage.
+    #[serde(default)]
+    #[schema(value_type = String, example = "10Gi")]
+    pub storage: ByteSize,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Replicas {
+    pub min: u32,
+    pub max: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct DeploymentSpec {
+    /// Name of a model in the caller's tenant or the public catalogue.
+    pub model: String,
+    pub engine: EngineKind,
+    pub resources: Resources,
+    pub replicas: Replicas,
+    /// Sites the replicas may run in; any permitted site when empty.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub sites: Vec<String>,
+    /// Upstream base URL, for `engine: external` only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub external_url: Option<String>,
+}
+
+/// Most replicas one deployment may ask for.
+pub const MAX_REPLICAS: u32 = 1000;
+
+impl DeploymentSpec {
+    pub fn validate(&self) -> Result<(), FieldErrors> {
+        let mut errors = FieldErrors::new();
+        errors.check("model", crate::name::validate_name(&self.model));
+        if self.replicas.max == 0 {
+            errors.push("replicas.max", "must be at least 1");
+        }
+        if self.replicas.min > self.replicas.max {
+            errors.push(
+                "replicas.min",
+                format!(
+                    "{} is more than replicas.max {}",
+                    self.replicas.min, self.replicas.max
+                ),
+            );
+        }
+        if self.replicas.max > MAX_REPLICAS {
+            errors.push("replicas.max", format!("must be at most {MAX_REPLICAS}"));
+        }
+        if self.engine != EngineKind::External && self.resources.memory.0 == 0 {
+            errors.push("resources.memory", "must be more than zero");
+        }
+        if self.resources.gpu.is_none() && self.resources.gpu_memory.is_some() {
+            errors.push("resources.gpu_memory", "needs resources.gpu");
+        }
+        for (i, site) in self.sites.iter().enumerate() {
+            errors.check(&format!("sites[{i}]"), crate::name::validate_name(site));
+        }
+        let is_url = |u: &str| u.starts_with("http://") || u.starts_with("https://");
+        match (self.engine, &self.external_url) {
+            (EngineKind::External, Some(url)) if is_url(url) => {}
+            (EngineKind::External, Some(_)) => {
+                errors.push("external_url", "must be an http:// or https:// URL")
+            }
+            (EngineKind::External, None) => {
+                errors.push("external_url", "is required for engine \"external\"")
+            }
+            (_, Some(_)) => errors.push("external_url", "is only for engine \"external\""),
+            (_, None) => {}
+        }
+        errors.into_result()
+    }
+
+    /// What this deployment holds against its tenant's quota: every replica
+    /// it may scale to, so scaling up can never break the quota later.
+    pub fn quota_usage(&self) -> ResourceUsage {
+        let n = u64::from(self.replicas.max);
+        let r = &self.resources;
+        ResourceUsage {
+            gpus: GpuMilli(r.gpu.map(|g| g.milli()).unwrap_or(0).saturating_mul(n)),
+            gpu_memory: ByteSize(r.gpu_memory.map(|b| b.0).unwrap_or(0).saturating_mul(n)),
+            cpu: CpuMillis(r.cpu.0.saturating_mul(n)),
+            memory: ByteSize(r.memory.0.saturating_mul(n)),
+            storage: ByteSize(r.storage.0.saturating_mul(n)),
+            deployments: 1,
+        }
+    }
+}

@@ -1,0 +1,34 @@
+//! The lifecycle every stateful resource goes through, always paired with a
+//! human-readable reason so an operator never has to guess why.
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum LifecycleState {
+    Pending,
+    Provisioning,
+    Running,
+    Degraded,
+    Stopping,
+    Stopped,
+    Failed,
+    Deleting,
+}
+
+/// Observed state of a resource, written by controllers, never by clients.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct Status {
+    pub state: LifecycleState,
+    /// Why the resource is in this state, e.g. "waiting for placement".
+    pub reason: String,
+}
+
+impl Status {
+    pub fn new(state: LifecycleState, reason: impl Into<String>) -> Self {
+        Self {
+            state,
+            reason: reason.into(),
+        }
+    }
+}

@@ -1,0 +1,170 @@
+//! Tenant quotas and the admission rule: a request is admitted only if what
+//! the tenant already holds plus what it asks for stays within every limit.
+//! The rule is pure; the store makes it atomic by evaluating it inside the
+//! write transaction.
+
+use serde::{Deserialize, Serialize};
+
+use crate::quantity::{ByteSize, CpuMillis, GpuMilli};
+
+/// Limits on what one tenant may hold or use. A missing limit is unlimited.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Quota {
+    /// GPUs, whole or fractional (MIG instances count as their share).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<String>, example = "8")]
+    pub gpus: Option<GpuMilli>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<String>, example = "640Gi")]
+    pub gpu_memory: Option<ByteSize>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<String>, example = "64")]
+    pub cpu: Option<CpuMillis>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<String>, example = "512Gi")]
+    pub memory: Option<ByteSize>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<String>, example = "1Ti")]
+    pub storage: Option<ByteSize>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deployments: Option<u64>,
+    /// Enforced by the gateway.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub requests_per_minute: Option<u64>,
+    /// Enforced by the gateway.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tokens_per_minute: Option<u64>,
+}
+
+/// Resources a tenant holds (or asks for), in exact units.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct ResourceUsage {
+    #[schema(value_type = String)]
+    pub gpus: GpuMilli,
+    #[schema(value_type = String)]
+    pub gpu_memory: ByteSize,
+    #[schema(value_type = String)]
+    pub cpu: CpuMillis,
+    #[schema(value_type = String)]
+    pub memory: ByteSize,
+    #[schema(value_type = String)]
+    pub storage: ByteSize,
+    pub deployments: u64,
+}
+
+impl ResourceUsage {
+    pub fn saturating_add(self, o: ResourceUsage) -> ResourceUsage {
+        ResourceUsage {
+            gpus: GpuMilli(self.gpus.0.saturating_add(o.gpus.0)),
+            gpu_memory: ByteSize(self.gpu_memory.0.saturating_add(o.gpu_memory.0)),
+            cpu: CpuMillis(self.cpu.0.saturating_add(o.cpu.0)),
+            memory: ByteSize(self.memory.0.saturating_add(o.memory.0)),
+            storage: ByteSize(self.storage.0.saturating_add(o.storage.0)),
+            deployments: self.deployments.saturating_add(o.deployments),
+        }
+    }
+}
+
+/// A refused admission: which limit, and the numbers behind the refusal.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema, thiserror::Error)]
+#[error("quota exceeded for {resource}: requested {requested}, in use {used}, limit {limit}")]
+pub struct QuotaExceeded {
+    pub resource: String,
+    pub requested: String,
+    pub used: String,
+    pub limit: String,
+}
+
+impl Quota {
+    /// Admits `requested` on top of `used`, or names the first limit it
+    /// would break.
+    pub fn admit(
+        &self,
+        used: &ResourceUsage,
+        requested: &ResourceUsage,
+    ) -> Result<(), QuotaExceeded> {
+        fn check<T: Copy + std::fmt::Display>(
+            resource: &str,
+            limit: Option<T>,
+            used: T,
+            requested: T,
+            value: impl Fn(T) -> u64,
+        ) -> Result<(), QuotaExceeded> {
+            match limit {
+                Some(limit) if value(used).saturating_add(value(requested)) > value(limit) => {
+                    Err(QuotaExceeded {
+                        resource: resource.to_string(),
+                        requested: requested.to_string(),
+                        used: used.to_string(),
+                        limit: limit.to_string(),
+                    })
+                }
+                _ => Ok(()),
+            }
+        }
+        check(
+            "deployments",
+            self.deployments,
+            used.deployments,
+            requested.deployments,
+            |v| v,
+        )?;
+        check("gpus", self.gpus, used.gpus, requested.gpus, |v| v.0)?;
+        check(
+            "gpu_memory",
+            self.gpu_memory,
+            used.gpu_memory,
+            requested.gpu_memory,
+            |v| v.0,
+        )?;
+        check("cpu", self.cpu, used.cpu, requested.cpu, |v| v.0)?;
+        check("memory", self.memory, used.memory, requested.memory, |v| {
+            v.0
+        })?;
+        check(
+            "storage",
+            self.storage,
+            used.storage,
+            requested.storage,
+            |v| v.0,
+        )?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn admits_up_to_the_limit_and_names_the_broken_one() {
+        let quota = Quota {
+            gpus: Some(GpuMilli(4000)),
+            ..Quota::default()
+        };
+        let one = ResourceUsage {
+            gpus: GpuMilli(1000),
+            deployments: 1,
+            ..Default::default()
+        };
+        let three = ResourceUsage {
+            gpus: GpuMilli(3000),
+            deployments: 3,
+            ..Default::default()
+        };
+        assert_eq!(quota.admit(&three, &one), Ok(()));
+        let four = three.saturating_add(one);
+        let err = quota.admit(&four, &one).unwrap_err();
+        assert_eq!(err.resource, "gpus");
+        assert_eq!(
+            (
+                err.requested.as_str(),
+                err.used.as_str(),
+                err.limit.as_str()
+            ),
+            ("1", "4", "4")
+        );
+        assert_eq!(Quota::default().admit(&four, &four), Ok(()));
+    }
+}

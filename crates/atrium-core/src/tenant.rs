@@ -1,0 +1,94 @@
+//! Tenants: the customers of the cloud, with their residency policy,
+//! isolation tier, quota and priority.
+
+use serde::{Deserialize, Serialize};
+
+use crate::quota::Quota;
+use crate::site::validate_jurisdiction;
+use crate::FieldErrors;
+
+/// Where a tenant's requests, replicas and bytes may be processed and kept.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(tag = "policy", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Residency {
+    /// Any site.
+    Any,
+    /// Only sites whose jurisdiction is in this set.
+    Only { jurisdictions: Vec<String> },
+}
+
+impl Residency {
+    /// Whether a site in `jurisdiction` may serve this tenant.
+    pub fn allows(&self, jurisdiction: &str) -> bool {
+        match self {
+            Residency::Any => true,
+            Residency::Only { jurisdictions } => jurisdictions.iter().any(|j| j == jurisdiction),
+        }
+    }
+}
+
+/// How much hardware a tenant shares with others.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum IsolationTier {
+    /// May share nodes and GPUs (fractions, MIG) with other tenants.
+    Shared,
+    /// No other tenant on the same physical GPU.
+    DedicatedGpu,
+    /// No other tenant on the same node.
+    DedicatedNode,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct TenantSpec {
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub display_name: String,
+    #[serde(default = "default_residency")]
+    pub residency: Residency,
+    #[serde(default = "default_isolation")]
+    pub isolation: IsolationTier,
+    #[serde(default)]
+    pub quota: Quota,
+    /// Higher runs first and may preempt lower; 0 to 1000.
+    #[serde(default)]
+    pub priority: i32,
+}
+
+fn default_residency() -> Residency {
+    Residency::Any
+}
+
+fn default_isolation() -> IsolationTier {
+    IsolationTier::Shared
+}
+
+impl TenantSpec {
+    pub fn validate(&self) -> Result<(), FieldErrors> {
+        let mut errors = FieldErrors::new();
+        if self.display_name.len() > 256 {
+            errors.push("display_name", "must be at most 256 characters");
+        }
+        if let Residency::Only { jurisdictions } = &self.residency {
+            if jurisdictions.is_empty() {
+                errors.push(
+                    "residency.jurisdictions",
+                    "must name at least one jurisdiction; use {\"policy\":\"any\"} for none",
+                );
+            }
+            for (i, j) in jurisdictions.iter().enumerate() {
+                errors.check(
+                    &format!("residency.jurisdictions[{i}]"),
+                    validate_jurisdiction(j),
+                );
+            }
+        }
+        if !(0..=1000).contains(&self.priority) {
+            errors.push(
+                "priority",
+                format!("must be between 0 and 1000, got {}", self.priority),
+            );
+        }
+        errors.into_result()
+    }
+}

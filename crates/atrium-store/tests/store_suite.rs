@@ -1,0 +1,323 @@
+//! The store's contract, run against SQLite and a real PostgreSQL server.
+
+use std::sync::Arc;
+
+use atrium_store::testing::{fresh_database_url, TestBackend, BOTH};
+use atrium_store::{
+    AuditContext, ChangeOp, Precondition, Store, StoreError, TenantFilter, Write, WriteError,
+};
+use serde_json::json;
+
+async fn open(backend: TestBackend, dir: &tempfile::TempDir) -> Store {
+    Store::open(&fresh_database_url(backend, dir.path()).await)
+        .await
+        .unwrap()
+}
+
+fn create(kind: &str, id: &str, tenant: Option<&str>, name: &str) -> Write {
+    Write::Create {
+        kind: kind.into(),
+        id: id.into(),
+        tenant: tenant.map(String::from),
+        name: name.into(),
+        body: json!({"n": name}),
+    }
+}
+
+fn audit(action: &str) -> AuditContext {
+    AuditContext {
+        actor: "test".into(),
+        role: "provider-admin".into(),
+        action: action.into(),
+        request_id: "r1".into(),
+    }
+}
+
+async fn write(store: &Store, w: Write) -> Result<atrium_store::Change, WriteError<()>> {
+    store.write::<()>(w, None, audit("test")).await
+}
+
+#[tokio::test]
+async fn crud_revisions_and_names() {
+    for backend in BOTH {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(backend, &dir).await;
+        assert_eq!(store.head(), 0);
+        let c1 = write(&store, create("site", "s1", None, "fra"))
+            .await
+            .unwrap();
+        let c2 = write(&store, create("deployment", "d1", Some("acme"), "chat"))
+            .await
+            .unwrap();
+        assert_eq!((c1.revision, c2.revision), (1, 2), "{backend:?}");
+        assert_eq!(store.head(), 2);
+
+        // Names are unique per kind and tenant, not globally.
+        let dup = write(&store, create("deployment", "d2", Some("acme"), "chat")).await;
+        assert!(
+            matches!(dup, Err(WriteError::Store(StoreError::NameTaken { .. }))),
+            "{backend:?}"
+        );
+        write(&store, create("deployment", "d3", Some("globex"), "chat"))
+            .await
+            .unwrap();
+
+        let got = store
+            .get_by_name("deployment", Some("acme"), "chat")
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(got.id, "d1");
+        assert_eq!(got.tenant.as_deref(), Some("acme"));
+
+        let upd = Write::Update {
+            kind: "deployment".into(),
+            id: "d1".into(),
+            body: json!({"v": 2}),
+            if_revision: Some(2),
+        };
+        let c = write(&store, upd.clone()).await.unwrap();
+        assert_eq!(c.op, ChangeOp::Updated);
+        // A second update based on the old revision is refused.
+        let stale = write(&store, upd).await;
+        assert!(matches!(
+            stale,
+            Err(WriteError::Store(StoreError::RevisionMismatch { .. }))
+        ));
+
+        write(
+            &store,
+            Write::Delete {
+                kind: "deployment".into(),
+                id: "d1".into(),
+            },
+        )
+        .await
+        .unwrap();
+        assert!(store.get("deployment", "d1").await.unwrap().is_none());
+        let missing = write(
+            &store,
+            Write::Delete {
+                kind: "deployment".into(),
+                id: "d1".into(),
+            },
+        )
+        .await;
+        assert!(matches!(
+            missing,
+            Err(WriteError::Store(StoreError::NotFound { .. }))
+        ));
+
+        // Failed writes consumed no revision.
+        assert_eq!(store.head(), 5, "{backend:?}");
+        let events = store.audit(&TenantFilter::All, 0, 100).await.unwrap();
+        assert_eq!(
+            events.iter().map(|e| e.revision).collect::<Vec<_>>(),
+            vec![1, 2, 3, 4, 5]
+        );
+    }
+}
+
+#[tokio::test]
+async fn list_pages_and_filters_by_tenant() {
+    for backend in BOTH {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(backend, &dir).await;
+        for i in 0..5 {
+            write(
+                &store,
+                create("model", &format!("m{i}"), Some("acme"), &format!("a{i}")),
+            )
+            .await
+            .unwrap();
+        }
+        write(&store, create("model", "m9", None, "public"))
+            .await
+            .unwrap();
+        write(&store, create("model", "m8", Some("globex"), "g"))
+            .await
+            .unwrap();
+
+        let own = TenantFilter::Exactly(Some("acme".into()));
+        let p1 = store.list("model", &own, None, 2).await.unwrap();
+        assert_eq!(
+            p1.objects.iter().map(|o| o.id.as_str()).collect::<Vec<_>>(),
+            ["m0", "m1"]
+        );
+        assert_eq!(p1.revision, 7);
+        let p2 = store
+            .list("model", &own, p1.next_after.as_deref(), 2)
+            .await
+            .unwrap();
+        let p3 = store
+            .list("model", &own, p2.next_after.as_deref(), 2)
+            .await
+            .unwrap();
+        assert_eq!(p3.objects.len(), 1);
+        assert_eq!(p3.next_after, None);
+
+        let visible = store
+            .list(
+                "model",
+                &TenantFilter::OwnAndPublic("acme".into()),
+                None,
+                100,
+            )
+            .await
+            .unwrap();
+        assert_eq!(visible.objects.len(), 6, "{backend:?}");
+        assert!(visible
+            .objects
+            .iter()
+            .all(|o| o.tenant.as_deref() != Some("globex")));
+        let all = store
+            .list("model", &TenantFilter::All, None, 100)
+            .await
+            .unwrap();
+        assert_eq!(all.objects.len(), 7);
+    }
+}
+
+#[tokio::test]
+async fn changes_are_ordered_and_filtered() {
+    for backend in BOTH {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(backend, &dir).await;
+        write(&store, create("deployment", "d1", Some("acme"), "a"))
+            .await
+            .unwrap();
+        write(&store, create("deployment", "d2", Some("globex"), "b"))
+            .await
+            .unwrap();
+        write(&store, create("site", "s1", None, "fra"))
+            .await
+            .unwrap();
+        write(
+            &store,
+            Write::Delete {
+                kind: "deployment".into(),
+                id: "d1".into(),
+            },
+        )
+        .await
+        .unwrap();
+
+        let all = store
+            .changes(0, store.head(), None, &TenantFilter::All, 100)
+            .await
+            .unwrap();
+        assert_eq!(
+            all.iter().map(|c| c.revision).collect::<Vec<_>>(),
+            vec![1, 2, 3, 4]
+        );
+        let acme = store
+            .changes(
+                0,
+                store.head(),
+                Some("deployment"),
+                &TenantFilter::Exactly(Some("acme".into())),
+                100,
+            )
+            .await
+            .unwrap();
+        assert_eq!(
+            acme.iter().map(|c| (c.revision, c.op)).collect::<Vec<_>>(),
+            vec![(1, ChangeOp::Created), (4, ChangeOp::Deleted)]
+        );
+        assert_eq!(
+            acme[1].object.name, "a",
+            "a deletion carries the last state"
+        );
+        let later = store
+            .changes(1, 3, Some("deployment"), &TenantFilter::All, 100)
+            .await
+            .unwrap();
+        assert_eq!(later.len(), 1);
+    }
+}
+
+#[tokio::test]
+async fn precondition_is_atomic_under_concurrency() {
+    for backend in BOTH {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(backend, &dir).await;
+        let mut tasks = Vec::new();
+        for i in 0..50 {
+            let store = store.clone();
+            tasks.push(tokio::spawn(async move {
+                let pre = Precondition {
+                    kind: "deployment".into(),
+                    tenant: TenantFilter::Exactly(Some("acme".into())),
+                    check: Box::new(|existing: &[atrium_store::Object]| {
+                        if existing.len() < 7 {
+                            Ok(())
+                        } else {
+                            Err("full")
+                        }
+                    }),
+                };
+                store
+                    .write(
+                        create(
+                            "deployment",
+                            &format!("d{i}"),
+                            Some("acme"),
+                            &format!("n{i}"),
+                        ),
+                        Some(pre),
+                        audit("create"),
+                    )
+                    .await
+            }));
+        }
+        let mut admitted = 0;
+        for t in tasks {
+            match t.await.unwrap() {
+                Ok(_) => admitted += 1,
+                Err(WriteError::Rejected("full")) => {}
+                Err(e) => panic!("{backend:?}: unexpected {e}"),
+            }
+        }
+        assert_eq!(admitted, 7, "{backend:?}");
+        assert_eq!(
+            store
+                .list_all("deployment", &TenantFilter::All)
+                .await
+                .unwrap()
+                .len(),
+            7
+        );
+    }
+}
+
+#[tokio::test]
+async fn head_advances_across_processes_sharing_postgres() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = fresh_database_url(TestBackend::Postgres, dir.path()).await;
+    let writer = Store::open(&url).await.unwrap();
+    let reader = Arc::new(Store::open(&url).await.unwrap());
+    let mut rx = reader.subscribe();
+    write(&writer, create("site", "s1", None, "fra"))
+        .await
+        .unwrap();
+    tokio::time::timeout(std::time::Duration::from_secs(5), rx.wait_for(|h| *h >= 1))
+        .await
+        .expect("the second store saw the first's commit")
+        .unwrap();
+    let seen = reader
+        .changes(0, reader.head(), None, &TenantFilter::All, 10)
+        .await
+        .unwrap();
+    assert_eq!(seen.len(), 1);
+}
+
+#[tokio::test]
+async fn meta_is_set_once() {
+    for backend in BOTH {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(backend, &dir).await;
+        assert!(store.set_meta_if_absent("k", "v1").await.unwrap());
+        assert!(!store.set_meta_if_absent("k", "v2").await.unwrap());
+        assert_eq!(store.get_meta("k").await.unwrap().as_deref(), Some("v1"));
+    }
+}
