@@ -1,1 +1,149 @@
-//! stub
+//! Wire types of Atrium's public REST API (`/v1/...`) and of the messages the
+//! planes exchange. Plain data: no logic beyond construction.
+//!
+//! Every resource travels in one envelope, [`ResourceView`]: identity and
+//! revision fields owned by the control plane, the `spec` the client wrote,
+//! and the `status` controllers observed.
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+/// A resource as the API returns it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ResourceView<S, T = Value> {
+    pub id: String,
+    pub name: String,
+    /// Owning tenant; absent for provider-level and public resources.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tenant: Option<String>,
+    /// Revision of the last change to this resource.
+    pub revision: i64,
+    pub created_at: String,
+    pub updated_at: String,
+    pub spec: S,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub status: Option<T>,
+}
+
+/// Body of a create request.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateRequest<S> {
+    /// A DNS label, unique per kind within the tenant.
+    pub name: String,
+    /// Owning tenant. Tenant callers may omit it (their own tenant is
+    /// implied); the provider admin names it for tenant-owned resources.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tenant: Option<String>,
+    pub spec: S,
+}
+
+/// Body of an update (replace) request.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpdateRequest<S> {
+    pub spec: S,
+    /// Apply only if the resource is still at this revision (optimistic
+    /// concurrency); unconditional when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revision: Option<i64>,
+}
+
+/// One page of a list.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ListResponse<T> {
+    pub items: Vec<T>,
+    /// The store revision the page was read at: watch from here to follow
+    /// every later change.
+    pub revision: i64,
+    /// Pass as `page_token` for the next page; absent on the last page.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_page_token: Option<String>,
+}
+
+/// Kinds of watch events.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum WatchEventType {
+    Added,
+    Modified,
+    Deleted,
+    /// No change for the watcher, only progress: resume from `revision`.
+    Bookmark,
+}
+
+/// One line of a `?watch=true` stream (newline-delimited JSON).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct WatchEvent<T> {
+    #[serde(rename = "type")]
+    pub kind: WatchEventType,
+    pub revision: i64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub object: Option<T>,
+}
+
+/// The body of every error response.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ErrorBody {
+    pub error: ErrorDetail,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ErrorDetail {
+    /// Stable machine-readable code, e.g. `not_found`, `quota_exceeded`.
+    pub code: String,
+    /// What went wrong and what to do about it.
+    pub message: String,
+    /// Structured facts: the fields at fault, the quota numbers.
+    #[serde(default)]
+    pub details: Value,
+}
+
+/// Status of an API key.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeyStatus {
+    /// When the key was revoked; it authenticates nothing after that.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revoked_at: Option<String>,
+}
+
+/// A key just created: the only response that carries its secret.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CreatedKey {
+    pub key: ResourceView<atrium_core::key::KeySpec, KeyStatus>,
+    /// The whole token, `atr_<id>_<secret>`. Shown once; store it now.
+    pub secret: String,
+}
+
+/// A tenant's quota beside what it holds.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct QuotaView {
+    pub tenant: String,
+    pub quota: atrium_core::quota::Quota,
+    pub used: atrium_core::quota::ResourceUsage,
+}
+
+/// Body of `PUT /v1/quotas/{tenant}`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct QuotaUpdate {
+    pub quota: atrium_core::quota::Quota,
+}
+
+/// One audited mutation.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AuditEventView {
+    pub revision: i64,
+    pub at: String,
+    /// Who: `admin` or the key id.
+    pub actor: String,
+    pub role: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tenant: Option<String>,
+    /// What: e.g. `deployment.create`.
+    pub action: String,
+    pub kind: String,
+    pub object_id: String,
+    pub object_name: String,
+    pub request_id: String,
+}

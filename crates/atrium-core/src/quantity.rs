@@ -67,7 +67,7 @@ fn parse_milli_quantity(s: &str) -> Option<u64> {
 }
 
 fn format_milli(milli: u64) -> String {
-    if milli % 1000 == 0 {
+    if milli.is_multiple_of(1000) {
         format!("{}", milli / 1000)
     } else {
         format!("{milli}m")
@@ -178,7 +178,7 @@ impl FromStr for ByteSize {
 impl fmt::Display for ByteSize {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         for (suffix, factor) in BINARY_UNITS {
-            if self.0 >= factor && self.0 % factor == 0 {
+            if self.0 >= factor && self.0.is_multiple_of(factor) {
                 return write!(f, "{}{suffix}", self.0 / factor);
             }
         }
@@ -263,7 +263,7 @@ impl FromStr for GpuRequest {
                  or a MIG profile like \"3g.40gb\"",
             )
         })?;
-        if milli > 1000 && milli % 1000 != 0 {
+        if milli > 1000 && !milli.is_multiple_of(1000) {
             return Err(err("more than one GPU must be a whole number of GPUs"));
         }
         if milli == 0 {

@@ -1,1 +1,318 @@
-//! stub
+//! Atrium's control plane: the REST API under `/v1` where the provider
+//! defines sites, nodes and tenants and tenants declare what they want,
+//! with authentication, authorization, quotas and an audit trail, over the
+//! store. Later controllers (placement, autoscaling) run here too.
+//!
+//! Code map: `kinds` (what each resource is and its rules) → `crud`
+//! (generic handlers, authorization, watch) → `tenancy` (keys, quotas,
+//! audit) → this file (router, middleware, start-up). `error` is the single
+//! edge error type; `openapi` describes the same routes.
+
+mod auth;
+mod crud;
+pub mod error;
+mod extract;
+mod kinds;
+mod metrics;
+mod openapi;
+mod tenancy;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use atrium_store::Store;
+use axum::extract::{MatchedPath, Request, State};
+use axum::http::{HeaderValue, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde_json::json;
+use tokio::sync::watch;
+
+pub use auth::{Role, ADMIN_TOKEN_PREFIX};
+use error::ApiError;
+use kinds::{Deployment, Key, Kind, Model, Node, Site, Tenant};
+use metrics::Metrics;
+
+/// Default limit on request bodies.
+pub const DEFAULT_BODY_LIMIT: usize = 1 << 20;
+/// Name of the admin token file in the data directory.
+pub const ADMIN_TOKEN_FILE: &str = "admin.token";
+
+/// How to run the control plane.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    pub listen: SocketAddr,
+    /// Holds the SQLite database (by default) and `admin.token`.
+    pub data_dir: PathBuf,
+    /// `sqlite://...` or `postgres://...`; SQLite in `data_dir` when absent.
+    pub database_url: Option<String>,
+    pub body_limit: usize,
+}
+
+impl ServerConfig {
+    pub fn database_url(&self) -> String {
+        self.database_url
+            .clone()
+            .unwrap_or_else(|| format!("sqlite://{}", self.data_dir.join("atrium.db").display()))
+    }
+}
+
+/// Shared state of the handlers.
+#[derive(Clone)]
+pub struct AppState {
+    store: Store,
+    metrics: Arc<Metrics>,
+    body_limit: usize,
+    /// Turns true when the server shuts down, ending watch streams so the
+    /// graceful shutdown does not wait on them forever.
+    shutdown: watch::Receiver<bool>,
+}
+
+/// The id of the request being served, for logs, audit and the
+/// `x-request-id` response header.
+#[derive(Debug, Clone)]
+pub struct RequestId(pub String);
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("cannot create data directory {0}: {1}")]
+    DataDir(PathBuf, std::io::Error),
+    #[error("cannot open the store: {0}")]
+    Store(#[from] atrium_store::StoreError),
+    #[error("cannot create the admin token: {0}")]
+    AdminToken(String),
+    #[error("cannot listen on {0}: {1}")]
+    Listen(SocketAddr, std::io::Error),
+}
+
+/// A started control plane.
+pub struct RunningServer {
+    pub addr: SocketAddr,
+    /// Set when this start created the admin token: show it once.
+    pub new_admin_token: Option<String>,
+    pub admin_token_path: PathBuf,
+    shutdown: watch::Sender<bool>,
+    task: tokio::task::JoinHandle<std::io::Result<()>>,
+    store: Store,
+}
+
+impl RunningServer {
+    /// Stops accepting, ends watch streams, waits for in-flight requests.
+    pub async fn shutdown(self) -> std::io::Result<()> {
+        let _ = self.shutdown.send(true);
+        let result = match self.task.await {
+            Ok(r) => r,
+            Err(e) => Err(std::io::Error::other(e)),
+        };
+        self.store.close().await;
+        result
+    }
+
+    /// Waits until the server stops by itself (it does not, unless it fails).
+    pub async fn wait(&mut self) -> std::io::Result<()> {
+        match (&mut self.task).await {
+            Ok(r) => r,
+            Err(e) => Err(std::io::Error::other(e)),
+        }
+    }
+}
+
+fn write_token_file(path: &Path, token: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)?;
+    // The file may predate us with wider permissions.
+    f.set_permissions(std::fs::Permissions::from_mode(0o600))?;
+    f.write_all(token.as_bytes())?;
+    f.write_all(b"\n")?;
+    f.sync_all()
+}
+
+/// Opens the store, makes the admin token on first start, binds and serves.
+pub async fn start(config: ServerConfig) -> Result<RunningServer, StartError> {
+    std::fs::create_dir_all(&config.data_dir)
+        .map_err(|e| StartError::DataDir(config.data_dir.clone(), e))?;
+    let store = Store::open(&config.database_url()).await?;
+    let new_admin_token = auth::bootstrap_admin_token(&store)
+        .await
+        .map_err(|e| StartError::AdminToken(e.to_string()))?;
+    let admin_token_path = config.data_dir.join(ADMIN_TOKEN_FILE);
+    if let Some(token) = &new_admin_token {
+        write_token_file(&admin_token_path, token)
+            .map_err(|e| StartError::AdminToken(format!("{}: {e}", admin_token_path.display())))?;
+    }
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .map_err(|e| StartError::Listen(config.listen, e))?;
+    let addr = listener
+        .local_addr()
+        .map_err(|e| StartError::Listen(config.listen, e))?;
+    let (shutdown, shutdown_rx) = watch::channel(false);
+    let state = AppState {
+        store: store.clone(),
+        metrics: Arc::new(Metrics::default()),
+        body_limit: config.body_limit,
+        shutdown: shutdown_rx.clone(),
+    };
+    let app = router(state);
+    let mut stop = shutdown_rx;
+    let task = tokio::spawn(async move {
+        axum::serve(listener, app)
+            .with_graceful_shutdown(async move {
+                let _ = stop.wait_for(|s| *s).await;
+            })
+            .await
+    });
+    tracing::info!(%addr, "control plane listening");
+    Ok(RunningServer {
+        addr,
+        new_admin_token,
+        admin_token_path,
+        shutdown,
+        task,
+        store,
+    })
+}
+
+fn resource_routes<K: Kind>(router: Router<AppState>) -> Router<AppState> {
+    router
+        .route(
+            &format!("/v1/{}", K::PLURAL),
+            get(crud::list::<K>).post(crud::create::<K>),
+        )
+        .route(
+            &format!("/v1/{}/{{ident}}", K::PLURAL),
+            get(crud::get::<K>)
+                .put(crud::update::<K>)
+                .delete(crud::delete::<K>),
+        )
+}
+
+/// The whole HTTP surface.
+pub fn router(state: AppState) -> Router {
+    let mut api = Router::new();
+    api = resource_routes::<Site>(api);
+    api = resource_routes::<Node>(api);
+    api = resource_routes::<Tenant>(api);
+    api = resource_routes::<Model>(api);
+    api = resource_routes::<Deployment>(api);
+    // Keys are created by their own handler: the response carries the secret.
+    api = api
+        .route("/v1/keys", get(crud::list::<Key>).post(tenancy::create_key))
+        .route(
+            "/v1/keys/{ident}",
+            get(crud::get::<Key>)
+                .put(crud::update::<Key>)
+                .delete(crud::delete::<Key>),
+        )
+        .route("/v1/keys/{ident}/revoke", post(tenancy::revoke_key))
+        .route("/v1/quotas", get(tenancy::list_quotas))
+        .route(
+            "/v1/quotas/{tenant}",
+            get(tenancy::get_quota).put(tenancy::set_quota),
+        )
+        .route("/v1/audit", get(tenancy::list_audit))
+        .route_layer(middleware::from_fn_with_state(state.clone(), authenticate));
+
+    let openapi = Arc::new(openapi::document());
+    Router::new()
+        .route("/healthz", get(|| async { Json(json!({"status": "ok"})) }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(render_metrics))
+        .route(
+            "/v1/openapi.json",
+            get(move || async move { Json(openapi.as_ref().clone()) }),
+        )
+        .merge(api)
+        .fallback(|req: Request| async move { ApiError::NoRoute(req.uri().path().to_string()) })
+        .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
+        .layer(middleware::from_fn_with_state(state.clone(), observe))
+        .with_state(state)
+}
+
+async fn readyz(State(state): State<AppState>) -> Response {
+    match state.store.ping().await {
+        Ok(()) => Json(json!({"status": "ready"})).into_response(),
+        Err(e) => ApiError::Unavailable(e.to_string()).into_response(),
+    }
+}
+
+async fn render_metrics(State(state): State<AppState>) -> Response {
+    let body = state.metrics.render(state.store.head());
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4",
+        )],
+        body,
+    )
+        .into_response()
+}
+
+async fn authenticate(State(state): State<AppState>, mut req: Request, next: Next) -> Response {
+    match auth::authenticate(&state.store, req.headers()).await {
+        Ok(caller) => {
+            req.extensions_mut().insert(caller);
+            next.run(req).await
+        }
+        Err(e) => e.into_response(),
+    }
+}
+
+/// A client-supplied request id is kept when it is short and plain, so
+/// callers can correlate; anything else is replaced by our own.
+fn request_id(req: &Request) -> String {
+    req.headers()
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| {
+            (1..=128).contains(&v.len())
+                && v.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(&b))
+        })
+        .map(str::to_string)
+        .unwrap_or_else(|| format!("req_{}", auth::random_token(20)))
+}
+
+/// Request ids, metrics and access logs for every request.
+async fn observe(State(state): State<AppState>, mut req: Request, next: Next) -> Response {
+    let started = Instant::now();
+    let id = request_id(&req);
+    let method = req.method().to_string();
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|p| p.as_str().to_string())
+        .unwrap_or_else(|| "unmatched".to_string());
+    req.extensions_mut().insert(RequestId(id.clone()));
+    let mut response = next.run(req).await;
+    let status = response.status();
+    if let Ok(v) = HeaderValue::from_str(&id) {
+        response.headers_mut().insert("x-request-id", v);
+    }
+    let elapsed = started.elapsed();
+    state
+        .metrics
+        .record(&method, &route, status.as_u16(), elapsed);
+    if status.is_server_error() {
+        tracing::warn!(request_id = %id, %method, %route, status = status.as_u16(), "request failed");
+    } else {
+        tracing::debug!(request_id = %id, %method, %route, status = status.as_u16(), micros = elapsed.as_micros() as u64, "request");
+    }
+    if status == StatusCode::UNAUTHORIZED {
+        response.headers_mut().insert(
+            axum::http::header::WWW_AUTHENTICATE,
+            HeaderValue::from_static("Bearer"),
+        );
+    }
+    response
+}

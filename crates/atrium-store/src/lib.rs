@@ -173,12 +173,24 @@ pub enum Write {
     },
 }
 
-/// A check that must hold for a write to commit, evaluated inside the write
-/// transaction over every object of `kind` that `tenant` selects.
-pub struct Precondition<E> {
+/// Objects a precondition reads: every object of `kind` that `tenant`
+/// selects, or only the one called `name`.
+#[derive(Debug, Clone)]
+pub struct Selection {
     pub kind: String,
     pub tenant: TenantFilter,
-    pub check: Box<dyn FnOnce(&[Object]) -> Result<(), E> + Send>,
+    pub name: Option<String>,
+}
+
+/// The pure rule of a [`Precondition`].
+pub type Check<E> = Box<dyn FnOnce(&[Vec<Object>]) -> Result<(), E> + Send>;
+
+/// A check that must hold for a write to commit, evaluated inside the write
+/// transaction (after writers are serialised) over what `reads` selects:
+/// `check` gets one vector per selection, in order.
+pub struct Precondition<E> {
+    pub reads: Vec<Selection>,
+    pub check: Check<E>,
 }
 
 /// Who made a write and why, recorded with it.
@@ -498,7 +510,7 @@ impl Store {
         tenant: &TenantFilter,
     ) -> Result<Vec<Object>, StoreError> {
         let mut conn = self.inner.pool.acquire().await?;
-        select_all(&mut conn, kind, tenant).await
+        select_all(&mut conn, kind, tenant, None).await
     }
 
     /// Changes after revision `after` up to and including `up_to`, oldest
@@ -561,8 +573,11 @@ impl Store {
         .try_get(0)
         .map_err(StoreError::from)?;
         if let Some(p) = precondition {
-            let objects = select_all(&mut tx, &p.kind, &p.tenant).await?;
-            (p.check)(&objects).map_err(WriteError::Rejected)?;
+            let mut read = Vec::with_capacity(p.reads.len());
+            for sel in &p.reads {
+                read.push(select_all(&mut tx, &sel.kind, &sel.tenant, sel.name.as_deref()).await?);
+            }
+            (p.check)(&read).map_err(WriteError::Rejected)?;
         }
         let at = now();
         let change = match write {
@@ -805,12 +820,18 @@ async fn select_all(
     conn: &mut sqlx::AnyConnection,
     kind: &str,
     tenant: &TenantFilter,
+    name: Option<&str>,
 ) -> Result<Vec<Object>, StoreError> {
     let (cond, bind) = tenant.sql(2);
-    let sql =
-        format!("SELECT {OBJECT_COLUMNS} FROM objects WHERE kind = $1 AND {cond} ORDER BY id");
+    let mut sql = format!("SELECT {OBJECT_COLUMNS} FROM objects WHERE kind = $1 AND {cond}");
+    let mut binds: Vec<String> = bind.into_iter().collect();
+    if let Some(n) = name {
+        sql.push_str(&format!(" AND name = ${}", 2 + binds.len()));
+        binds.push(n.to_string());
+    }
+    sql.push_str(" ORDER BY id");
     let mut q = sqlx::query(&sql).bind(kind);
-    if let Some(b) = bind {
+    for b in binds {
         q = q.bind(b);
     }
     let rows = q.fetch_all(&mut *conn).await?;

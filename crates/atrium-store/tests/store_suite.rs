@@ -1,10 +1,12 @@
 //! The store's contract, run against SQLite and a real PostgreSQL server.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::sync::Arc;
 
 use atrium_store::testing::{fresh_database_url, TestBackend, BOTH};
 use atrium_store::{
-    AuditContext, ChangeOp, Precondition, Store, StoreError, TenantFilter, Write, WriteError,
+    AuditContext, ChangeOp, Precondition, Selection, Store, StoreError, TenantFilter, Write,
+    WriteError,
 };
 use serde_json::json;
 
@@ -246,10 +248,13 @@ async fn precondition_is_atomic_under_concurrency() {
             let store = store.clone();
             tasks.push(tokio::spawn(async move {
                 let pre = Precondition {
-                    kind: "deployment".into(),
-                    tenant: TenantFilter::Exactly(Some("acme".into())),
-                    check: Box::new(|existing: &[atrium_store::Object]| {
-                        if existing.len() < 7 {
+                    reads: vec![Selection {
+                        kind: "deployment".into(),
+                        tenant: TenantFilter::Exactly(Some("acme".into())),
+                        name: None,
+                    }],
+                    check: Box::new(|read: &[Vec<atrium_store::Object>]| {
+                        if read[0].len() < 7 {
                             Ok(())
                         } else {
                             Err("full")

@@ -1,1 +1,1077 @@
-fn main() {}
+//! `atrium`: the one binary. `atrium server` (and `atrium up`) run the
+//! control plane; the other subcommands are its client.
+
+// The CLI is where printing belongs (workspace lints forbid it elsewhere).
+#![allow(clippy::print_stdout, clippy::print_stderr)]
+// Parsed once per process: the size of a command enum does not matter.
+#![allow(clippy::large_enum_variant)]
+
+mod client;
+mod config;
+
+use std::path::PathBuf;
+
+use anyhow::{anyhow, bail, Context, Result};
+use clap::{Args, Parser, Subcommand};
+use reqwest::Method;
+use serde_json::{json, Map, Value};
+
+use client::{Client, Columns, Output};
+
+#[derive(Parser)]
+#[command(
+    name = "atrium",
+    version,
+    about = "A multi-tenant AI cloud in one binary"
+)]
+struct Cli {
+    #[command(flatten)]
+    global: Global,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Args)]
+struct Global {
+    /// Control plane URL [default: http://127.0.0.1:7070]
+    #[arg(long, global = true, env = "ATRIUM_SERVER")]
+    server: Option<String>,
+    /// Admin token or API key [default: the data dir's admin.token]
+    #[arg(long, global = true, env = "ATRIUM_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// Output format [default: table]
+    #[arg(long, short = 'o', global = true, env = "ATRIUM_OUTPUT")]
+    output: Option<Output>,
+    /// Optional TOML configuration file
+    #[arg(long, global = true, env = "ATRIUM_CONFIG")]
+    config: Option<PathBuf>,
+    /// Data directory, for the server and to find admin.token
+    #[arg(long, global = true, env = "ATRIUM_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the control plane.
+    Server(ServerArgs),
+    /// Run Atrium on this machine on the embedded store (the control plane
+    /// today; the runtime agent and gateway join it as they are built).
+    Up(ServerArgs),
+    /// Manage tenants.
+    #[command(subcommand)]
+    Tenant(TenantCmd),
+    /// Manage tenant API keys.
+    #[command(subcommand)]
+    Key(KeyCmd),
+    /// Manage sites.
+    #[command(subcommand)]
+    Site(SiteCmd),
+    /// Manage nodes.
+    #[command(subcommand)]
+    Node(NodeCmd),
+    /// Manage models.
+    #[command(subcommand)]
+    Model(ModelCmd),
+    /// Manage deployments.
+    #[command(subcommand)]
+    Deploy(DeployCmd),
+    /// Read and set quotas.
+    #[command(subcommand)]
+    Quota(QuotaCmd),
+    /// Read the audit trail.
+    Audit {
+        #[arg(long)]
+        tenant: Option<String>,
+        /// Events after this revision.
+        #[arg(long)]
+        after: Option<i64>,
+    },
+}
+
+#[derive(Args)]
+struct ServerArgs {
+    /// Address to listen on [default: 127.0.0.1:7070]
+    #[arg(long, env = "ATRIUM_LISTEN")]
+    listen: Option<String>,
+    /// sqlite://PATH or postgres://... [default: SQLite in the data dir]
+    #[arg(long, env = "ATRIUM_DATABASE_URL", hide_env_values = true)]
+    database_url: Option<String>,
+    /// Largest accepted request body, in bytes [default: 1048576]
+    #[arg(long, env = "ATRIUM_BODY_LIMIT")]
+    body_limit: Option<usize>,
+    /// Log level: error, warn, info, debug, trace
+    #[arg(long, env = "ATRIUM_LOG", default_value = "info")]
+    log: tracing::Level,
+}
+
+/// Read commands every resource shares.
+#[derive(Args)]
+struct Lookup {
+    /// Id or name
+    ident: String,
+    /// Tenant a name belongs to (provider admin)
+    #[arg(long)]
+    tenant: Option<String>,
+}
+
+#[derive(Args)]
+struct ListArgs {
+    /// Only this tenant's objects (provider admin)
+    #[arg(long)]
+    tenant: Option<String>,
+    /// Stream changes instead of listing (newline-delimited JSON)
+    #[arg(long)]
+    watch: bool,
+    /// With --watch: changes after this revision
+    #[arg(long)]
+    since: Option<i64>,
+}
+
+#[derive(Args)]
+struct FromFile {
+    /// Create from a JSON file holding {"name", "tenant"?, "spec"} ("-": stdin)
+    #[arg(long, short = 'f')]
+    file: Option<PathBuf>,
+}
+
+#[derive(Subcommand)]
+enum TenantCmd {
+    Create {
+        name: Option<String>,
+        #[arg(long)]
+        display_name: Option<String>,
+        /// Jurisdictions the tenant's data may live in (e.g. EU,DE); any when absent
+        #[arg(long, value_delimiter = ',')]
+        residency: Vec<String>,
+        /// shared | dedicated-gpu | dedicated-node
+        #[arg(long)]
+        isolation: Option<String>,
+        #[arg(long)]
+        priority: Option<i32>,
+        #[command(flatten)]
+        quota: QuotaFlags,
+        #[command(flatten)]
+        from: FromFile,
+    },
+    List(ListArgs),
+    Get(Lookup),
+    Delete(Lookup),
+}
+
+#[derive(Args, Default)]
+struct QuotaFlags {
+    #[arg(long)]
+    quota_gpus: Option<String>,
+    #[arg(long)]
+    quota_gpu_memory: Option<String>,
+    #[arg(long)]
+    quota_cpu: Option<String>,
+    #[arg(long)]
+    quota_memory: Option<String>,
+    #[arg(long)]
+    quota_storage: Option<String>,
+    #[arg(long)]
+    quota_deployments: Option<u64>,
+    #[arg(long)]
+    quota_requests_per_minute: Option<u64>,
+    #[arg(long)]
+    quota_tokens_per_minute: Option<u64>,
+}
+
+impl QuotaFlags {
+    fn to_json(&self) -> Value {
+        let mut m = Map::new();
+        let mut put = |k: &str, v: Option<Value>| {
+            if let Some(v) = v {
+                m.insert(k.to_string(), v);
+            }
+        };
+        put("gpus", self.quota_gpus.clone().map(Value::from));
+        put("gpu_memory", self.quota_gpu_memory.clone().map(Value::from));
+        put("cpu", self.quota_cpu.clone().map(Value::from));
+        put("memory", self.quota_memory.clone().map(Value::from));
+        put("storage", self.quota_storage.clone().map(Value::from));
+        put("deployments", self.quota_deployments.map(Value::from));
+        put(
+            "requests_per_minute",
+            self.quota_requests_per_minute.map(Value::from),
+        );
+        put(
+            "tokens_per_minute",
+            self.quota_tokens_per_minute.map(Value::from),
+        );
+        Value::Object(m)
+    }
+}
+
+#[derive(Subcommand)]
+enum KeyCmd {
+    /// Create a key; its secret is printed once.
+    Create {
+        name: String,
+        /// Tenant the key is for (provider admin)
+        #[arg(long)]
+        tenant: Option<String>,
+        /// admin, inference, read (comma-separated)
+        #[arg(long, value_delimiter = ',', default_value = "inference")]
+        scopes: Vec<String>,
+        /// Expiry, RFC 3339 (e.g. 2027-01-01T00:00:00Z)
+        #[arg(long)]
+        expires_at: Option<String>,
+    },
+    List(ListArgs),
+    Get(Lookup),
+    /// Revoke a key: it stops working at once.
+    Revoke(Lookup),
+    Delete(Lookup),
+}
+
+#[derive(Subcommand)]
+enum SiteCmd {
+    Create {
+        name: Option<String>,
+        /// core | edge
+        #[arg(long, default_value = "core")]
+        kind: String,
+        #[arg(long)]
+        jurisdiction: Option<String>,
+        #[arg(long, default_value = "")]
+        location: String,
+        #[command(flatten)]
+        from: FromFile,
+    },
+    List(ListArgs),
+    Get(Lookup),
+    Delete(Lookup),
+}
+
+#[derive(Subcommand)]
+enum NodeCmd {
+    Create {
+        name: Option<String>,
+        #[arg(long)]
+        site: Option<String>,
+        #[arg(long)]
+        cpu: Option<String>,
+        #[arg(long)]
+        memory: Option<String>,
+        #[arg(long)]
+        disk: Option<String>,
+        /// GPUs as COUNTxMODEL:MEMORY, e.g. 8xH100-80GB:80Gi
+        #[arg(long)]
+        gpus: Option<String>,
+        /// NVLink domain shared by the GPUs
+        #[arg(long)]
+        nvlink_domain: Option<String>,
+        /// The GPUs can be MIG-partitioned
+        #[arg(long)]
+        mig: bool,
+        #[command(flatten)]
+        from: FromFile,
+    },
+    List(ListArgs),
+    Get(Lookup),
+    Delete(Lookup),
+}
+
+#[derive(Subcommand)]
+enum ModelCmd {
+    Create {
+        name: Option<String>,
+        /// pypi:<package>, path:<path>, or an http(s) URL for external models
+        #[arg(long)]
+        source: Option<String>,
+        /// gguf | safetensors | external
+        #[arg(long)]
+        format: Option<String>,
+        /// chat | completion | embedding
+        #[arg(long)]
+        task: Option<String>,
+        /// Owning tenant; public when the provider admin omits it
+        #[arg(long)]
+        tenant: Option<String>,
+        #[command(flatten)]
+        from: FromFile,
+    },
+    List(ListArgs),
+    Get(Lookup),
+    Delete(Lookup),
+}
+
+#[derive(Subcommand)]
+enum DeployCmd {
+    Create {
+        name: Option<String>,
+        #[arg(long)]
+        model: Option<String>,
+        /// embedded | simulated | vllm | external
+        #[arg(long, default_value = "embedded")]
+        engine: String,
+        #[arg(long, default_value = "1")]
+        cpu: String,
+        #[arg(long, default_value = "2Gi")]
+        memory: String,
+        /// Whole GPUs, a fraction (0.5) or a MIG profile (3g.40gb)
+        #[arg(long)]
+        gpu: Option<String>,
+        #[arg(long)]
+        gpu_memory: Option<String>,
+        #[arg(long, default_value_t = 1)]
+        min: u32,
+        #[arg(long, default_value_t = 1)]
+        max: u32,
+        /// Sites the replicas may run in (comma-separated)
+        #[arg(long, value_delimiter = ',')]
+        sites: Vec<String>,
+        #[arg(long)]
+        external_url: Option<String>,
+        #[arg(long)]
+        tenant: Option<String>,
+        #[command(flatten)]
+        from: FromFile,
+    },
+    List(ListArgs),
+    Get(Lookup),
+    Delete(Lookup),
+}
+
+#[derive(Subcommand)]
+enum QuotaCmd {
+    List,
+    Get {
+        tenant: String,
+    },
+    /// Replace a tenant's quota (unset limits become unlimited).
+    Set {
+        tenant: String,
+        #[command(flatten)]
+        quota: QuotaFlags,
+    },
+}
+
+const TENANT_COLUMNS: Columns = &[
+    ("NAME", "/name"),
+    ("ISOLATION", "/spec/isolation"),
+    ("RESIDENCY", "/spec/residency/jurisdictions"),
+    ("PRIORITY", "/spec/priority"),
+    ("ID", "/id"),
+];
+const KEY_COLUMNS: Columns = &[
+    ("NAME", "/name"),
+    ("TENANT", "/tenant"),
+    ("SCOPES", "/spec/scopes"),
+    ("EXPIRES", "/spec/expires_at"),
+    ("REVOKED", "/status/revoked_at"),
+    ("ID", "/id"),
+];
+const SITE_COLUMNS: Columns = &[
+    ("NAME", "/name"),
+    ("KIND", "/spec/kind"),
+    ("JURISDICTION", "/spec/jurisdiction"),
+    ("LOCATION", "/spec/location"),
+    ("ID", "/id"),
+];
+const NODE_COLUMNS: Columns = &[
+    ("NAME", "/name"),
+    ("SITE", "/spec/site"),
+    ("CPU", "/spec/capacity/cpu"),
+    ("MEMORY", "/spec/capacity/memory"),
+    ("STATE", "/spec/state"),
+    ("ID", "/id"),
+];
+const MODEL_COLUMNS: Columns = &[
+    ("NAME", "/name"),
+    ("TENANT", "/tenant"),
+    ("TASK", "/spec/task"),
+    ("FORMAT", "/spec/format"),
+    ("SOURCE", "/spec/source"),
+    ("ID", "/id"),
+];
+const DEPLOY_COLUMNS: Columns = &[
+    ("NAME", "/name"),
+    ("TENANT", "/tenant"),
+    ("MODEL", "/spec/model"),
+    ("ENGINE", "/spec/engine"),
+    ("MIN", "/spec/replicas/min"),
+    ("MAX", "/spec/replicas/max"),
+    ("STATE", "/status/state"),
+    ("REASON", "/status/reason"),
+    ("ID", "/id"),
+];
+const QUOTA_COLUMNS: Columns = &[
+    ("TENANT", "/tenant"),
+    ("GPUS", "/quota/gpus"),
+    ("GPUS USED", "/used/gpus"),
+    ("CPU", "/quota/cpu"),
+    ("CPU USED", "/used/cpu"),
+    ("MEMORY", "/quota/memory"),
+    ("MEMORY USED", "/used/memory"),
+    ("DEPLOYMENTS", "/quota/deployments"),
+    ("USED", "/used/deployments"),
+];
+const AUDIT_COLUMNS: Columns = &[
+    ("REVISION", "/revision"),
+    ("AT", "/at"),
+    ("ACTOR", "/actor"),
+    ("ROLE", "/role"),
+    ("TENANT", "/tenant"),
+    ("ACTION", "/action"),
+    ("OBJECT", "/object_name"),
+    ("REQUEST", "/request_id"),
+];
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> Result<()> {
+    let file = config::load_file(cli.global.config.as_deref()).map_err(|e| anyhow!(e))?;
+    let data_dir = cli.global.data_dir.clone();
+    match cli.command {
+        Command::Server(args) => serve(args, data_dir, &file, false).await,
+        Command::Up(args) => serve(args, data_dir, &file, true).await,
+        command => {
+            let (client, output) = connect(&cli.global, &file)?;
+            client_command(command, &client, output).await
+        }
+    }
+}
+
+fn connect(global: &Global, file: &config::FileConfig) -> Result<(Client, Output)> {
+    let mut errors = Vec::new();
+    let server = global
+        .server
+        .clone()
+        .or_else(|| file.client.server.clone())
+        .unwrap_or_else(|| format!("http://{}", config::DEFAULT_LISTEN));
+    if !(server.starts_with("http://") || server.starts_with("https://")) {
+        errors.push(format!(
+            "server: {server:?} must be an http:// or https:// URL"
+        ));
+    }
+    let output = match (global.output, &file.client.output) {
+        (Some(o), _) => o,
+        (None, None) => Output::Table,
+        (None, Some(s)) => match s.as_str() {
+            "table" => Output::Table,
+            "json" => Output::Json,
+            other => {
+                errors.push(format!("output: {other:?} must be table or json"));
+                Output::Table
+            }
+        },
+    };
+    let token = match global.token.clone().or_else(|| file.client.token.clone()) {
+        Some(t) => Some(t),
+        None => {
+            let dir = global
+                .data_dir
+                .clone()
+                .or_else(|| file.server.data_dir.clone())
+                .unwrap_or_else(config::default_data_dir);
+            let path = dir.join(atrium_server::ADMIN_TOKEN_FILE);
+            match std::fs::read_to_string(&path) {
+                Ok(t) => Some(t.trim().to_string()),
+                Err(_) => {
+                    errors.push(format!(
+                        "token: none given (--token or ATRIUM_TOKEN) and {} is not readable",
+                        path.display()
+                    ));
+                    None
+                }
+            }
+        }
+    };
+    match token {
+        Some(token) if errors.is_empty() => Ok((Client::new(&server, token)?, output)),
+        _ => bail!("invalid configuration:\n  {}", errors.join("\n  ")),
+    }
+}
+
+async fn serve(
+    args: ServerArgs,
+    data_dir: Option<PathBuf>,
+    file: &config::FileConfig,
+    up: bool,
+) -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_max_level(args.log)
+        .with_writer(std::io::stderr)
+        .init();
+    let config = config::server_config(
+        args.listen,
+        data_dir,
+        args.database_url,
+        args.body_limit,
+        &file.server,
+    )
+    .map_err(|errors| anyhow!("invalid configuration:\n  {}", errors.join("\n  ")))?;
+    let mut server = atrium_server::start(config.clone()).await?;
+    let url = format!("http://{}", server.addr);
+    println!(
+        "Atrium control plane: {url}  (data: {})",
+        config.data_dir.display()
+    );
+    match &server.new_admin_token {
+        Some(token) => println!(
+            "Admin token (shown once; also in {}):\n  {token}",
+            server.admin_token_path.display()
+        ),
+        None => println!("Admin token: in {}", server.admin_token_path.display()),
+    }
+    if up {
+        println!(
+            "Try: atrium --server {url} tenant create acme && atrium --server {url} tenant list"
+        );
+    }
+    tokio::select! {
+        result = server.wait() => result.context("server stopped")?,
+        _ = shutdown_signal() => {
+            tracing::info!("shutting down");
+            server.shutdown().await.context("shutting down")?;
+        }
+    }
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = ctrl_c => {},
+                _ = term.recv() => {},
+            }
+        }
+        Err(_) => {
+            let _ = ctrl_c.await;
+        }
+    }
+}
+
+fn read_spec_file(from: &FromFile) -> Result<Option<Value>> {
+    let Some(path) = &from.file else {
+        return Ok(None);
+    };
+    let text = if path.as_os_str() == "-" {
+        std::io::read_to_string(std::io::stdin()).context("reading stdin")?
+    } else {
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?
+    };
+    Ok(Some(serde_json::from_str(&text).with_context(|| {
+        format!("{} is not JSON", path.display())
+    })?))
+}
+
+/// The create body: from `-f FILE`, or from the name and flags.
+fn create_body(
+    from: &FromFile,
+    name: Option<String>,
+    tenant: Option<String>,
+    spec: impl FnOnce() -> Result<Value>,
+) -> Result<Value> {
+    if let Some(v) = read_spec_file(from)? {
+        return Ok(v);
+    }
+    let name = name.ok_or_else(|| anyhow!("give a NAME, or -f FILE"))?;
+    let mut body = json!({"name": name, "spec": spec()?});
+    if let Some(t) = tenant {
+        body["tenant"] = Value::String(t);
+    }
+    Ok(body)
+}
+
+fn list_path(plural: &str, args: &ListArgs) -> String {
+    let mut q = Vec::new();
+    if let Some(t) = &args.tenant {
+        q.push(format!("tenant={t}"));
+    }
+    if args.watch {
+        q.push("watch=true".into());
+    }
+    if let Some(s) = args.since {
+        q.push(format!("since={s}"));
+    }
+    if q.is_empty() {
+        format!("/v1/{plural}")
+    } else {
+        format!("/v1/{plural}?{}", q.join("&"))
+    }
+}
+
+fn object_path(plural: &str, l: &Lookup) -> String {
+    match &l.tenant {
+        Some(t) => format!("/v1/{plural}/{}?tenant={t}", l.ident),
+        None => format!("/v1/{plural}/{}", l.ident),
+    }
+}
+
+async fn list(
+    client: &Client,
+    output: Output,
+    plural: &str,
+    args: &ListArgs,
+    columns: Columns,
+) -> Result<()> {
+    let path = list_path(plural, args);
+    if args.watch {
+        return client
+            .watch(&path, |event| {
+                println!("{event}");
+                Ok(())
+            })
+            .await;
+    }
+    let mut all: Vec<Value> = Vec::new();
+    let mut next: Option<String> = None;
+    loop {
+        let page_path = match &next {
+            Some(token) if path.contains('?') => format!("{path}&page_token={token}"),
+            Some(token) => format!("{path}?page_token={token}"),
+            None => path.clone(),
+        };
+        let page = client.call(Method::GET, &page_path, None).await?;
+        all.extend(page["items"].as_array().cloned().unwrap_or_default());
+        next = page["next_page_token"].as_str().map(str::to_string);
+        if next.is_none() {
+            let out = json!({"items": all, "revision": page["revision"]});
+            client::print(&out, output, columns);
+            return Ok(());
+        }
+    }
+}
+
+/// Shared list/get/delete for a resource.
+async fn common(
+    client: &Client,
+    output: Output,
+    plural: &str,
+    columns: Columns,
+    cmd: CommonCmd<'_>,
+) -> Result<()> {
+    match cmd {
+        CommonCmd::List(args) => list(client, output, plural, args, columns).await,
+        CommonCmd::Get(l) => {
+            client::print(
+                &client
+                    .call(Method::GET, &object_path(plural, l), None)
+                    .await?,
+                output,
+                columns,
+            );
+            Ok(())
+        }
+        CommonCmd::Delete(l) => {
+            client::print(
+                &client
+                    .call(Method::DELETE, &object_path(plural, l), None)
+                    .await?,
+                output,
+                columns,
+            );
+            Ok(())
+        }
+        CommonCmd::Create(body) => {
+            client::print(
+                &client
+                    .call(Method::POST, &format!("/v1/{plural}"), Some(&body))
+                    .await?,
+                output,
+                columns,
+            );
+            Ok(())
+        }
+    }
+}
+
+enum CommonCmd<'a> {
+    List(&'a ListArgs),
+    Get(&'a Lookup),
+    Delete(&'a Lookup),
+    Create(Value),
+}
+
+fn parse_gpus(spec: &str, nvlink_domain: Option<&str>, mig: bool) -> Result<Value> {
+    let (count, rest) = spec
+        .split_once('x')
+        .ok_or_else(|| anyhow!("--gpus: use COUNTxMODEL:MEMORY, e.g. 8xH100-80GB:80Gi"))?;
+    let (model, memory) = rest
+        .split_once(':')
+        .ok_or_else(|| anyhow!("--gpus: use COUNTxMODEL:MEMORY, e.g. 8xH100-80GB:80Gi"))?;
+    let count: u32 = count
+        .parse()
+        .map_err(|_| anyhow!("--gpus: {count:?} is not a count"))?;
+    let gpus: Vec<Value> = (0..count)
+        .map(|index| {
+            let mut g =
+                json!({"index": index, "model": model, "memory": memory, "mig_capable": mig});
+            if let Some(d) = nvlink_domain {
+                g["nvlink_domain"] = Value::from(d);
+            }
+            g
+        })
+        .collect();
+    Ok(Value::Array(gpus))
+}
+
+async fn client_command(command: Command, client: &Client, output: Output) -> Result<()> {
+    match command {
+        Command::Server(_) | Command::Up(_) => unreachable_command(),
+        Command::Tenant(cmd) => match cmd {
+            TenantCmd::Create {
+                name,
+                display_name,
+                residency,
+                isolation,
+                priority,
+                quota,
+                from,
+            } => {
+                let body = create_body(&from, name, None, || {
+                    let mut spec = json!({"quota": quota.to_json()});
+                    if let Some(d) = display_name {
+                        spec["display_name"] = Value::from(d);
+                    }
+                    if !residency.is_empty() {
+                        spec["residency"] = json!({"policy": "only", "jurisdictions": residency});
+                    }
+                    if let Some(i) = isolation {
+                        spec["isolation"] = Value::from(i);
+                    }
+                    if let Some(p) = priority {
+                        spec["priority"] = Value::from(p);
+                    }
+                    Ok(spec)
+                })?;
+                common(
+                    client,
+                    output,
+                    "tenants",
+                    TENANT_COLUMNS,
+                    CommonCmd::Create(body),
+                )
+                .await
+            }
+            TenantCmd::List(a) => {
+                common(
+                    client,
+                    output,
+                    "tenants",
+                    TENANT_COLUMNS,
+                    CommonCmd::List(&a),
+                )
+                .await
+            }
+            TenantCmd::Get(l) => {
+                common(
+                    client,
+                    output,
+                    "tenants",
+                    TENANT_COLUMNS,
+                    CommonCmd::Get(&l),
+                )
+                .await
+            }
+            TenantCmd::Delete(l) => {
+                common(
+                    client,
+                    output,
+                    "tenants",
+                    TENANT_COLUMNS,
+                    CommonCmd::Delete(&l),
+                )
+                .await
+            }
+        },
+        Command::Key(cmd) => match cmd {
+            KeyCmd::Create {
+                name,
+                tenant,
+                scopes,
+                expires_at,
+            } => {
+                let mut body = json!({"name": name, "spec": {"scopes": scopes}});
+                if let Some(t) = tenant {
+                    body["tenant"] = Value::from(t);
+                }
+                if let Some(e) = expires_at {
+                    body["spec"]["expires_at"] = Value::from(e);
+                }
+                let created = client.call(Method::POST, "/v1/keys", Some(&body)).await?;
+                match output {
+                    Output::Json => client::print(&created, output, KEY_COLUMNS),
+                    Output::Table => {
+                        client::print(&created["key"], output, KEY_COLUMNS);
+                        println!(
+                            "\nSecret (shown once, store it now):\n  {}",
+                            created["secret"].as_str().unwrap_or("?")
+                        );
+                    }
+                }
+                Ok(())
+            }
+            KeyCmd::List(a) => {
+                common(client, output, "keys", KEY_COLUMNS, CommonCmd::List(&a)).await
+            }
+            KeyCmd::Get(l) => common(client, output, "keys", KEY_COLUMNS, CommonCmd::Get(&l)).await,
+            KeyCmd::Delete(l) => {
+                common(client, output, "keys", KEY_COLUMNS, CommonCmd::Delete(&l)).await
+            }
+            KeyCmd::Revoke(l) => {
+                let path = match &l.tenant {
+                    Some(t) => format!("/v1/keys/{}/revoke?tenant={t}", l.ident),
+                    None => format!("/v1/keys/{}/revoke", l.ident),
+                };
+                client::print(
+                    &client.call(Method::POST, &path, None).await?,
+                    output,
+                    KEY_COLUMNS,
+                );
+                Ok(())
+            }
+        },
+        Command::Site(cmd) => match cmd {
+            SiteCmd::Create {
+                name,
+                kind,
+                jurisdiction,
+                location,
+                from,
+            } => {
+                let body = create_body(&from, name, None, || {
+                    let j = jurisdiction
+                        .ok_or_else(|| anyhow!("--jurisdiction is required (e.g. EU)"))?;
+                    Ok(json!({"kind": kind, "jurisdiction": j, "location": location}))
+                })?;
+                common(
+                    client,
+                    output,
+                    "sites",
+                    SITE_COLUMNS,
+                    CommonCmd::Create(body),
+                )
+                .await
+            }
+            SiteCmd::List(a) => {
+                common(client, output, "sites", SITE_COLUMNS, CommonCmd::List(&a)).await
+            }
+            SiteCmd::Get(l) => {
+                common(client, output, "sites", SITE_COLUMNS, CommonCmd::Get(&l)).await
+            }
+            SiteCmd::Delete(l) => {
+                common(client, output, "sites", SITE_COLUMNS, CommonCmd::Delete(&l)).await
+            }
+        },
+        Command::Node(cmd) => match cmd {
+            NodeCmd::Create {
+                name,
+                site,
+                cpu,
+                memory,
+                disk,
+                gpus,
+                nvlink_domain,
+                mig,
+                from,
+            } => {
+                let body = create_body(&from, name, None, || {
+                    let site = site.ok_or_else(|| anyhow!("--site is required"))?;
+                    let cpu = cpu.ok_or_else(|| anyhow!("--cpu is required (e.g. 64)"))?;
+                    let memory =
+                        memory.ok_or_else(|| anyhow!("--memory is required (e.g. 512Gi)"))?;
+                    let mut capacity = json!({"cpu": cpu, "memory": memory});
+                    if let Some(d) = disk {
+                        capacity["disk"] = Value::from(d);
+                    }
+                    let gpus = match gpus {
+                        Some(g) => parse_gpus(&g, nvlink_domain.as_deref(), mig)?,
+                        None => json!([]),
+                    };
+                    Ok(json!({"site": site, "capacity": capacity, "gpus": gpus}))
+                })?;
+                common(
+                    client,
+                    output,
+                    "nodes",
+                    NODE_COLUMNS,
+                    CommonCmd::Create(body),
+                )
+                .await
+            }
+            NodeCmd::List(a) => {
+                common(client, output, "nodes", NODE_COLUMNS, CommonCmd::List(&a)).await
+            }
+            NodeCmd::Get(l) => {
+                common(client, output, "nodes", NODE_COLUMNS, CommonCmd::Get(&l)).await
+            }
+            NodeCmd::Delete(l) => {
+                common(client, output, "nodes", NODE_COLUMNS, CommonCmd::Delete(&l)).await
+            }
+        },
+        Command::Model(cmd) => match cmd {
+            ModelCmd::Create {
+                name,
+                source,
+                format,
+                task,
+                tenant,
+                from,
+            } => {
+                let body = create_body(&from, name, tenant, || {
+                    let source = source.ok_or_else(|| anyhow!("--source is required"))?;
+                    let format = format.ok_or_else(|| anyhow!("--format is required"))?;
+                    let task = task.ok_or_else(|| anyhow!("--task is required"))?;
+                    Ok(json!({"source": source, "format": format, "task": task}))
+                })?;
+                common(
+                    client,
+                    output,
+                    "models",
+                    MODEL_COLUMNS,
+                    CommonCmd::Create(body),
+                )
+                .await
+            }
+            ModelCmd::List(a) => {
+                common(client, output, "models", MODEL_COLUMNS, CommonCmd::List(&a)).await
+            }
+            ModelCmd::Get(l) => {
+                common(client, output, "models", MODEL_COLUMNS, CommonCmd::Get(&l)).await
+            }
+            ModelCmd::Delete(l) => {
+                common(
+                    client,
+                    output,
+                    "models",
+                    MODEL_COLUMNS,
+                    CommonCmd::Delete(&l),
+                )
+                .await
+            }
+        },
+        Command::Deploy(cmd) => match cmd {
+            DeployCmd::Create {
+                name,
+                model,
+                engine,
+                cpu,
+                memory,
+                gpu,
+                gpu_memory,
+                min,
+                max,
+                sites,
+                external_url,
+                tenant,
+                from,
+            } => {
+                let body = create_body(&from, name, tenant, || {
+                    let model = model.ok_or_else(|| anyhow!("--model is required"))?;
+                    let mut resources = json!({"cpu": cpu, "memory": memory});
+                    if let Some(g) = gpu {
+                        resources["gpu"] = Value::from(g);
+                    }
+                    if let Some(m) = gpu_memory {
+                        resources["gpu_memory"] = Value::from(m);
+                    }
+                    let mut spec = json!({
+                        "model": model, "engine": engine, "resources": resources,
+                        "replicas": {"min": min, "max": max}, "sites": sites
+                    });
+                    if let Some(u) = external_url {
+                        spec["external_url"] = Value::from(u);
+                    }
+                    Ok(spec)
+                })?;
+                common(
+                    client,
+                    output,
+                    "deployments",
+                    DEPLOY_COLUMNS,
+                    CommonCmd::Create(body),
+                )
+                .await
+            }
+            DeployCmd::List(a) => {
+                common(
+                    client,
+                    output,
+                    "deployments",
+                    DEPLOY_COLUMNS,
+                    CommonCmd::List(&a),
+                )
+                .await
+            }
+            DeployCmd::Get(l) => {
+                common(
+                    client,
+                    output,
+                    "deployments",
+                    DEPLOY_COLUMNS,
+                    CommonCmd::Get(&l),
+                )
+                .await
+            }
+            DeployCmd::Delete(l) => {
+                common(
+                    client,
+                    output,
+                    "deployments",
+                    DEPLOY_COLUMNS,
+                    CommonCmd::Delete(&l),
+                )
+                .await
+            }
+        },
+        Command::Quota(cmd) => {
+            let value = match cmd {
+                QuotaCmd::List => client.call(Method::GET, "/v1/quotas", None).await?,
+                QuotaCmd::Get { tenant } => {
+                    client
+                        .call(Method::GET, &format!("/v1/quotas/{tenant}"), None)
+                        .await?
+                }
+                QuotaCmd::Set { tenant, quota } => {
+                    let body = json!({"quota": quota.to_json()});
+                    client
+                        .call(Method::PUT, &format!("/v1/quotas/{tenant}"), Some(&body))
+                        .await?
+                }
+            };
+            client::print(&value, output, QUOTA_COLUMNS);
+            Ok(())
+        }
+        Command::Audit { tenant, after } => {
+            let mut q = vec![format!("after={}", after.unwrap_or(0))];
+            if let Some(t) = tenant {
+                q.push(format!("tenant={t}"));
+            }
+            let value = client
+                .call(Method::GET, &format!("/v1/audit?{}", q.join("&")), None)
+                .await?;
+            client::print(&value, output, AUDIT_COLUMNS);
+            Ok(())
+        }
+    }
+}
+
+fn unreachable_command() -> Result<()> {
+    bail!("server commands are not client commands")
+}

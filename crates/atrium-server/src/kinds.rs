@@ -1,0 +1,395 @@
+//! The resource kinds of the REST API and the rules particular to each: who
+//! may read and write them, how they are validated, what they must refer to,
+//! and what must hold before they change. The handlers in `crud` are
+//! generic over [`Kind`]; everything kind-specific lives here.
+
+use std::future::Future;
+
+use atrium_api::KeyStatus;
+use atrium_core::deployment::DeploymentSpec;
+use atrium_core::key::KeySpec;
+use atrium_core::lifecycle::{LifecycleState, Status};
+use atrium_core::model::ModelSpec;
+use atrium_core::node::NodeSpec;
+use atrium_core::quota::ResourceUsage;
+use atrium_core::site::SiteSpec;
+use atrium_core::tenant::TenantSpec;
+use atrium_core::FieldErrors;
+use atrium_store::{Object, Precondition, Selection, TenantFilter};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+
+use crate::auth::Role;
+use crate::error::ApiError;
+use crate::AppState;
+
+pub const SITE_KIND: &str = "site";
+pub const NODE_KIND: &str = "node";
+pub const TENANT_KIND: &str = "tenant";
+pub const MODEL_KIND: &str = "model";
+pub const DEPLOYMENT_KIND: &str = "deployment";
+pub const KEY_KIND: &str = "key";
+
+/// Who owns objects of a kind, which decides who can see which objects.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ownership {
+    /// Provider infrastructure (sites, nodes): no tenant.
+    Provider,
+    /// The tenants themselves: a tenant caller sees only its own.
+    TenantSelf,
+    /// Owned by exactly one tenant (deployments, keys).
+    Tenant,
+    /// Public (no tenant) or private to one tenant (models).
+    Catalog,
+}
+
+/// Read or write.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Access {
+    Read,
+    Write,
+}
+
+pub trait Kind: Send + Sync + 'static {
+    /// Singular name, used in the store and in messages.
+    const KIND: &'static str;
+    /// Path segment under `/v1`.
+    const PLURAL: &'static str;
+    /// Prefix of generated ids.
+    const ID_PREFIX: &'static str;
+    const OWNERSHIP: Ownership;
+    /// Tenant admins may create, change and delete (their own) objects.
+    const TENANT_WRITABLE: bool;
+    /// Tenant admins and viewers may read (their own, or public) objects.
+    const TENANT_READABLE: bool;
+    type Spec: Serialize + DeserializeOwned + utoipa::ToSchema + Clone + Send + Sync + 'static;
+
+    fn validate(spec: &Self::Spec) -> Result<(), FieldErrors>;
+
+    /// The status a new object starts with.
+    fn initial_status(_spec: &Self::Spec) -> Option<Value> {
+        None
+    }
+
+    /// Checks references and returns the rule that must hold atomically
+    /// with the write. `replacing` is the id of the object being updated.
+    fn admit(
+        _state: &AppState,
+        _tenant: Option<&str>,
+        _spec: &Self::Spec,
+        _replacing: Option<&str>,
+    ) -> impl Future<Output = Result<Option<Precondition<ApiError>>, ApiError>> + Send {
+        async { Ok(None) }
+    }
+
+    /// Refuses deletes that would leave dangling references.
+    fn before_delete(
+        _state: &AppState,
+        _object: &Object,
+    ) -> impl Future<Output = Result<(), ApiError>> + Send {
+        async { Ok(()) }
+    }
+}
+
+/// Whether `role` may perform `access` on kind `K` at all. Which objects it
+/// may touch is decided by ownership (see `crud::visible`).
+pub fn permits<K: Kind>(role: Role, access: Access) -> bool {
+    match role {
+        Role::ProviderAdmin => true,
+        Role::TenantAdmin => match access {
+            Access::Read => K::TENANT_READABLE,
+            Access::Write => K::TENANT_WRITABLE,
+        },
+        Role::Viewer => access == Access::Read && K::TENANT_READABLE,
+        Role::TenantMember => false,
+    }
+}
+
+pub struct Site;
+pub struct Node;
+pub struct Tenant;
+pub struct Model;
+pub struct Deployment;
+pub struct Key;
+
+impl Kind for Site {
+    const KIND: &'static str = SITE_KIND;
+    const PLURAL: &'static str = "sites";
+    const ID_PREFIX: &'static str = "sit_";
+    const OWNERSHIP: Ownership = Ownership::Provider;
+    const TENANT_WRITABLE: bool = false;
+    const TENANT_READABLE: bool = true;
+    type Spec = SiteSpec;
+
+    fn validate(spec: &SiteSpec) -> Result<(), FieldErrors> {
+        spec.validate()
+    }
+
+    async fn before_delete(state: &AppState, object: &Object) -> Result<(), ApiError> {
+        let nodes = state.store.list_all(NODE_KIND, &TenantFilter::All).await?;
+        let users: Vec<&str> = nodes
+            .iter()
+            .filter(|n| n.body["spec"]["site"].as_str() == Some(object.name.as_str()))
+            .map(|n| n.name.as_str())
+            .collect();
+        blocked_by("site", &object.name, "node", &users)
+    }
+}
+
+impl Kind for Node {
+    const KIND: &'static str = NODE_KIND;
+    const PLURAL: &'static str = "nodes";
+    const ID_PREFIX: &'static str = "nod_";
+    const OWNERSHIP: Ownership = Ownership::Provider;
+    const TENANT_WRITABLE: bool = false;
+    const TENANT_READABLE: bool = false;
+    type Spec = NodeSpec;
+
+    fn validate(spec: &NodeSpec) -> Result<(), FieldErrors> {
+        spec.validate()
+    }
+
+    async fn admit(
+        state: &AppState,
+        _tenant: Option<&str>,
+        spec: &NodeSpec,
+        _replacing: Option<&str>,
+    ) -> Result<Option<Precondition<ApiError>>, ApiError> {
+        if state
+            .store
+            .get_by_name(SITE_KIND, None, &spec.site)
+            .await?
+            .is_none()
+        {
+            return Err(ApiError::field(
+                "spec.site",
+                format!("no site named {:?}", spec.site),
+            ));
+        }
+        Ok(None)
+    }
+}
+
+impl Kind for Tenant {
+    const KIND: &'static str = TENANT_KIND;
+    const PLURAL: &'static str = "tenants";
+    const ID_PREFIX: &'static str = "ten_";
+    const OWNERSHIP: Ownership = Ownership::TenantSelf;
+    const TENANT_WRITABLE: bool = false;
+    const TENANT_READABLE: bool = true;
+    type Spec = TenantSpec;
+
+    fn validate(spec: &TenantSpec) -> Result<(), FieldErrors> {
+        spec.validate()
+    }
+
+    async fn before_delete(state: &AppState, object: &Object) -> Result<(), ApiError> {
+        let own = TenantFilter::Exactly(Some(object.name.clone()));
+        for kind in [DEPLOYMENT_KIND, MODEL_KIND, KEY_KIND] {
+            let held = state.store.list_all(kind, &own).await?;
+            let names: Vec<&str> = held.iter().map(|o| o.name.as_str()).collect();
+            blocked_by("tenant", &object.name, kind, &names)?;
+        }
+        Ok(())
+    }
+}
+
+impl Kind for Model {
+    const KIND: &'static str = MODEL_KIND;
+    const PLURAL: &'static str = "models";
+    const ID_PREFIX: &'static str = "mod_";
+    const OWNERSHIP: Ownership = Ownership::Catalog;
+    const TENANT_WRITABLE: bool = true;
+    const TENANT_READABLE: bool = true;
+    type Spec = ModelSpec;
+
+    fn validate(spec: &ModelSpec) -> Result<(), FieldErrors> {
+        spec.validate()
+    }
+
+    async fn before_delete(state: &AppState, object: &Object) -> Result<(), ApiError> {
+        // A tenant's model can only be used by that tenant; a public one by
+        // any tenant that has no private model of the same name.
+        let filter = match &object.tenant {
+            Some(t) => TenantFilter::Exactly(Some(t.clone())),
+            None => TenantFilter::All,
+        };
+        let deployments = state.store.list_all(DEPLOYMENT_KIND, &filter).await?;
+        let users: Vec<&str> = deployments
+            .iter()
+            .filter(|d| d.body["spec"]["model"].as_str() == Some(object.name.as_str()))
+            .map(|d| d.name.as_str())
+            .collect();
+        blocked_by("model", &object.name, "deployment", &users)
+    }
+}
+
+impl Kind for Deployment {
+    const KIND: &'static str = DEPLOYMENT_KIND;
+    const PLURAL: &'static str = "deployments";
+    const ID_PREFIX: &'static str = "dep_";
+    const OWNERSHIP: Ownership = Ownership::Tenant;
+    const TENANT_WRITABLE: bool = true;
+    const TENANT_READABLE: bool = true;
+    type Spec = DeploymentSpec;
+
+    fn validate(spec: &DeploymentSpec) -> Result<(), FieldErrors> {
+        spec.validate()
+    }
+
+    fn initial_status(_spec: &DeploymentSpec) -> Option<Value> {
+        let status = Status::new(LifecycleState::Pending, "waiting for placement");
+        serde_json::to_value(status).ok()
+    }
+
+    async fn admit(
+        state: &AppState,
+        tenant: Option<&str>,
+        spec: &DeploymentSpec,
+        replacing: Option<&str>,
+    ) -> Result<Option<Precondition<ApiError>>, ApiError> {
+        let tenant = tenant
+            .ok_or_else(|| ApiError::field("tenant", "is required"))?
+            .to_string();
+        let tenant_obj = state
+            .store
+            .get_by_name(TENANT_KIND, None, &tenant)
+            .await?
+            .ok_or_else(|| ApiError::not_found(TENANT_KIND, &tenant))?;
+        let tenant_spec: TenantSpec = parse_spec(&tenant_obj)?;
+
+        let store = &state.store;
+        if store
+            .get_by_name(MODEL_KIND, Some(&tenant), &spec.model)
+            .await?
+            .is_none()
+            && store
+                .get_by_name(MODEL_KIND, None, &spec.model)
+                .await?
+                .is_none()
+        {
+            return Err(ApiError::field(
+                "spec.model",
+                format!(
+                    "no model named {:?} in your tenant or the public catalogue",
+                    spec.model
+                ),
+            ));
+        }
+        let mut errors = FieldErrors::new();
+        for (i, site_name) in spec.sites.iter().enumerate() {
+            let field = format!("spec.sites[{i}]");
+            match store.get_by_name(SITE_KIND, None, site_name).await? {
+                None => errors.push(field, format!("no site named {site_name:?}")),
+                Some(site) => {
+                    let site: SiteSpec = parse_spec(&site)?;
+                    if !tenant_spec.residency.allows(&site.jurisdiction) {
+                        errors.push(
+                            field,
+                            format!(
+                                "site {site_name:?} is in jurisdiction {}, outside tenant \
+                                 {tenant:?}'s residency policy",
+                                site.jurisdiction
+                            ),
+                        );
+                    }
+                }
+            }
+        }
+        errors.into_result().map_err(ApiError::InvalidFields)?;
+
+        let requested = spec.quota_usage();
+        let replacing = replacing.map(str::to_string);
+        let check_tenant = tenant.clone();
+        Ok(Some(Precondition {
+            reads: vec![
+                Selection {
+                    kind: DEPLOYMENT_KIND.into(),
+                    tenant: TenantFilter::Exactly(Some(tenant.clone())),
+                    name: None,
+                },
+                Selection {
+                    kind: TENANT_KIND.into(),
+                    tenant: TenantFilter::Exactly(None),
+                    name: Some(tenant),
+                },
+            ],
+            check: Box::new(move |read: &[Vec<Object>]| {
+                let [deployments, tenants] = read else {
+                    return Err(ApiError::Internal("precondition read mismatch".into()));
+                };
+                let tenant_obj = tenants
+                    .first()
+                    .ok_or_else(|| ApiError::not_found(TENANT_KIND, &check_tenant))?;
+                let quota = parse_spec::<TenantSpec>(tenant_obj)?.quota;
+                let used = tenant_usage(deployments, replacing.as_deref())?;
+                quota
+                    .admit(&used, &requested)
+                    .map_err(ApiError::QuotaExceeded)
+            }),
+        }))
+    }
+}
+
+/// What a tenant's deployments hold against its quota, leaving out the one
+/// with id `except` (the one being replaced).
+pub fn tenant_usage(
+    deployments: &[Object],
+    except: Option<&str>,
+) -> Result<ResourceUsage, ApiError> {
+    let mut used = ResourceUsage::default();
+    for d in deployments.iter().filter(|d| Some(d.id.as_str()) != except) {
+        used = used.saturating_add(parse_spec::<DeploymentSpec>(d)?.quota_usage());
+    }
+    Ok(used)
+}
+
+/// How a key is stored: its spec, status and the digest of its token.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct KeyRecord {
+    pub spec: KeySpec,
+    pub status: KeyStatus,
+    pub digest: String,
+}
+
+impl Kind for Key {
+    const KIND: &'static str = KEY_KIND;
+    const PLURAL: &'static str = "keys";
+    /// Key ids appear inside tokens (`atr_<id>_<secret>`), so they carry no
+    /// underscore.
+    const ID_PREFIX: &'static str = "key";
+    const OWNERSHIP: Ownership = Ownership::Tenant;
+    const TENANT_WRITABLE: bool = true;
+    const TENANT_READABLE: bool = true;
+    type Spec = KeySpec;
+
+    fn validate(spec: &KeySpec) -> Result<(), FieldErrors> {
+        spec.validate()
+    }
+}
+
+/// The spec of a stored object.
+pub fn parse_spec<S: DeserializeOwned>(object: &Object) -> Result<S, ApiError> {
+    serde_json::from_value(object.body["spec"].clone()).map_err(|e| {
+        ApiError::Internal(format!(
+            "stored {} {} does not parse: {e}",
+            object.kind, object.id
+        ))
+    })
+}
+
+fn blocked_by(kind: &str, name: &str, by_kind: &str, by: &[&str]) -> Result<(), ApiError> {
+    if by.is_empty() {
+        return Ok(());
+    }
+    Err(ApiError::Conflict {
+        code: "in_use",
+        message: format!(
+            "{kind} {name:?} is still used by {} {by_kind}(s): {}; delete those first",
+            by.len(),
+            by.join(", ")
+        ),
+        details: json!({"kind": by_kind, "names": by}),
+    })
+}

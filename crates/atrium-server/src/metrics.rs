@@ -1,0 +1,117 @@
+//! Prometheus metrics of the control plane, rendered in the text exposition
+//! format at `/metrics`. A handful of series, kept in plain maps: enough for
+//! request rates, error rates, latency histograms and watch streams.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// Upper bounds (seconds) of the request latency histogram.
+const BUCKETS: [f64; 12] = [
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+];
+
+#[derive(Default)]
+struct Histogram {
+    counts: [u64; BUCKETS.len()],
+    count: u64,
+    sum: f64,
+}
+
+#[derive(Default)]
+pub struct Metrics {
+    requests: Mutex<BTreeMap<(String, String, u16), u64>>,
+    latency: Mutex<BTreeMap<String, Histogram>>,
+    watch_streams: AtomicI64,
+}
+
+/// Decrements the open-watch gauge when dropped.
+pub struct WatchGauge(Arc<Metrics>);
+
+impl Drop for WatchGauge {
+    fn drop(&mut self) {
+        self.0.watch_streams.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl Metrics {
+    pub fn record(&self, method: &str, route: &str, status: u16, elapsed: Duration) {
+        if let Ok(mut m) = self.requests.lock() {
+            *m.entry((method.to_string(), route.to_string(), status))
+                .or_default() += 1;
+        }
+        if let Ok(mut m) = self.latency.lock() {
+            let h = m.entry(route.to_string()).or_default();
+            let secs = elapsed.as_secs_f64();
+            for (i, bound) in BUCKETS.iter().enumerate() {
+                if secs <= *bound {
+                    h.counts[i] += 1;
+                }
+            }
+            h.count += 1;
+            h.sum += secs;
+        }
+    }
+
+    pub fn watch_started(self: &Arc<Self>) -> WatchGauge {
+        self.watch_streams.fetch_add(1, Ordering::Relaxed);
+        WatchGauge(self.clone())
+    }
+
+    pub fn render(&self, store_revision: i64) -> String {
+        let mut out = String::new();
+        out.push_str("# HELP atrium_http_requests_total HTTP requests served, by method, route and status.\n");
+        out.push_str("# TYPE atrium_http_requests_total counter\n");
+        if let Ok(m) = self.requests.lock() {
+            for ((method, route, status), n) in m.iter() {
+                let _ = writeln!(
+                    out,
+                    "atrium_http_requests_total{{method=\"{method}\",route=\"{route}\",status=\"{status}\"}} {n}"
+                );
+            }
+        }
+        out.push_str(
+            "# HELP atrium_http_request_duration_seconds Time to the response head, by route.\n",
+        );
+        out.push_str("# TYPE atrium_http_request_duration_seconds histogram\n");
+        if let Ok(m) = self.latency.lock() {
+            for (route, h) in m.iter() {
+                for (i, bound) in BUCKETS.iter().enumerate() {
+                    let _ = writeln!(
+                        out,
+                        "atrium_http_request_duration_seconds_bucket{{route=\"{route}\",le=\"{bound}\"}} {}",
+                        h.counts[i]
+                    );
+                }
+                let _ = writeln!(
+                    out,
+                    "atrium_http_request_duration_seconds_bucket{{route=\"{route}\",le=\"+Inf\"}} {}",
+                    h.count
+                );
+                let _ = writeln!(
+                    out,
+                    "atrium_http_request_duration_seconds_sum{{route=\"{route}\"}} {}",
+                    h.sum
+                );
+                let _ = writeln!(
+                    out,
+                    "atrium_http_request_duration_seconds_count{{route=\"{route}\"}} {}",
+                    h.count
+                );
+            }
+        }
+        out.push_str(
+            "# HELP atrium_watch_streams Open watch streams.\n# TYPE atrium_watch_streams gauge\n",
+        );
+        let _ = writeln!(
+            out,
+            "atrium_watch_streams {}",
+            self.watch_streams.load(Ordering::Relaxed)
+        );
+        out.push_str("# HELP atrium_store_revision Latest committed store revision.\n# TYPE atrium_store_revision gauge\n");
+        let _ = writeln!(out, "atrium_store_revision {store_revision}");
+        out
+    }
+}

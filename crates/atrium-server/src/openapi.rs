@@ -1,0 +1,324 @@
+//! The OpenAPI 3.1 document served at `/v1/openapi.json`, generated from the
+//! code: one set of paths per [`Kind`] (the same generic routes the router
+//! mounts) with schemas derived from the domain types by `utoipa`.
+
+use atrium_core::lifecycle::Status;
+use atrium_core::quota::{Quota, ResourceUsage};
+use serde_json::{json, Map, Value};
+use utoipa::openapi::{RefOr, Schema};
+use utoipa::ToSchema;
+
+use crate::kinds::{Deployment, Key, Kind, Model, Node, Site, Tenant};
+
+fn schema_ref(name: &str) -> Value {
+    json!({ "$ref": format!("#/components/schemas/{name}") })
+}
+
+fn add_schema<T: ToSchema>(schemas: &mut Map<String, Value>) {
+    let mut nested: Vec<(String, RefOr<Schema>)> = Vec::new();
+    T::schemas(&mut nested);
+    nested.push((T::name().into_owned(), T::schema()));
+    for (name, schema) in nested {
+        schemas.insert(name, serde_json::to_value(schema).unwrap_or(Value::Null));
+    }
+}
+
+fn error_responses(codes: &[&str]) -> Map<String, Value> {
+    let mut m = Map::new();
+    for code in codes {
+        m.insert(
+            (*code).to_string(),
+            json!({"description": "error", "content": {"application/json": {"schema": schema_ref("Error")}}}),
+        );
+    }
+    m
+}
+
+fn json_response(description: &str, schema: Value) -> Value {
+    json!({"description": description, "content": {"application/json": {"schema": schema}}})
+}
+
+fn operation(id: String, tag: &str, summary: String, ok: (&str, Value), errors: &[&str]) -> Value {
+    let mut responses = error_responses(errors);
+    responses.insert(ok.0.to_string(), ok.1);
+    json!({"operationId": id, "tags": [tag], "summary": summary, "responses": responses})
+}
+
+fn with_body(mut op: Value, schema: Value) -> Value {
+    op["requestBody"] =
+        json!({"required": true, "content": {"application/json": {"schema": schema}}});
+    op
+}
+
+fn with_params(mut op: Value, params: Value) -> Value {
+    op["parameters"] = params;
+    op
+}
+
+fn query(name: &str, ty: &str, description: &str) -> Value {
+    json!({"name": name, "in": "query", "required": false, "description": description, "schema": {"type": ty}})
+}
+
+fn add_kind<K: Kind>(
+    paths: &mut Map<String, Value>,
+    schemas: &mut Map<String, Value>,
+    status: Option<&str>,
+) {
+    add_schema::<K::Spec>(schemas);
+    let spec_name = <K::Spec as ToSchema>::name().into_owned();
+    let title = {
+        let mut c = K::KIND.chars();
+        c.next()
+            .map(|f| f.to_uppercase().collect::<String>() + c.as_str())
+            .unwrap_or_default()
+    };
+    let status_schema = status.map(schema_ref).unwrap_or(json!({}));
+    schemas.insert(
+        title.clone(),
+        json!({
+            "type": "object",
+            "required": ["id", "name", "revision", "created_at", "updated_at", "spec"],
+            "properties": {
+                "id": {"type": "string"},
+                "name": {"type": "string"},
+                "tenant": {"type": "string", "description": "owning tenant; absent for provider-level and public objects"},
+                "revision": {"type": "integer", "format": "int64"},
+                "created_at": {"type": "string", "format": "date-time"},
+                "updated_at": {"type": "string", "format": "date-time"},
+                "spec": schema_ref(&spec_name),
+                "status": status_schema,
+            }
+        }),
+    );
+    schemas.insert(
+        format!("{title}Create"),
+        json!({
+            "type": "object", "additionalProperties": false, "required": ["name", "spec"],
+            "properties": {"name": {"type": "string"}, "tenant": {"type": "string"}, "spec": schema_ref(&spec_name)}
+        }),
+    );
+    schemas.insert(
+        format!("{title}Update"),
+        json!({
+            "type": "object", "additionalProperties": false, "required": ["spec"],
+            "properties": {"spec": schema_ref(&spec_name), "revision": {"type": "integer", "format": "int64"}}
+        }),
+    );
+    schemas.insert(
+        format!("{title}List"),
+        json!({
+            "type": "object", "required": ["items", "revision"],
+            "properties": {
+                "items": {"type": "array", "items": schema_ref(&title)},
+                "revision": {"type": "integer", "format": "int64"},
+                "next_page_token": {"type": "string"}
+            }
+        }),
+    );
+    let plural = K::PLURAL;
+    let list = with_params(
+        operation(
+            format!("list_{plural}"),
+            plural,
+            format!("List {plural}, or watch them with watch=true (newline-delimited JSON)"),
+            (
+                "200",
+                json!({"description": "a page, or a stream of watch events", "content": {
+                    "application/json": {"schema": schema_ref(&format!("{title}List"))},
+                    "application/x-ndjson": {"schema": schema_ref("WatchEvent")}
+                }}),
+            ),
+            &["400", "401", "403"],
+        ),
+        json!([
+            query("limit", "integer", "page size, 1 to 1000 (default 100)"),
+            query(
+                "page_token",
+                "string",
+                "next_page_token of the previous page"
+            ),
+            query("watch", "boolean", "stream changes instead of listing"),
+            query(
+                "since",
+                "integer",
+                "with watch: changes after this revision"
+            ),
+            query("tenant", "string", "provider admin: one tenant's objects"),
+        ]),
+    );
+    let create_schema = if K::KIND == Key::KIND {
+        "CreatedKey".to_string()
+    } else {
+        title.clone()
+    };
+    let create = with_body(
+        operation(
+            format!("create_{}", K::KIND),
+            plural,
+            format!("Create a {}", K::KIND),
+            ("201", json_response("created", schema_ref(&create_schema))),
+            &["400", "401", "403", "404", "409", "413", "415"],
+        ),
+        schema_ref(&format!("{title}Create")),
+    );
+    paths.insert(
+        format!("/v1/{plural}"),
+        json!({"get": list, "post": create}),
+    );
+
+    let ident = json!([
+        {"name": "ident", "in": "path", "required": true, "description": "id or name", "schema": {"type": "string"}},
+        query("tenant", "string", "provider admin: the tenant a name belongs to"),
+    ]);
+    let get = operation(
+        format!("get_{}", K::KIND),
+        plural,
+        format!("Get a {}", K::KIND),
+        ("200", json_response("the object", schema_ref(&title))),
+        &["401", "403", "404"],
+    );
+    let update = with_body(
+        operation(
+            format!("update_{}", K::KIND),
+            plural,
+            format!("Replace a {}'s spec", K::KIND),
+            ("200", json_response("updated", schema_ref(&title))),
+            &["400", "401", "403", "404", "409", "413", "415"],
+        ),
+        schema_ref(&format!("{title}Update")),
+    );
+    let delete = operation(
+        format!("delete_{}", K::KIND),
+        plural,
+        format!("Delete a {}", K::KIND),
+        (
+            "200",
+            json_response("deleted; the last state", schema_ref(&title)),
+        ),
+        &["401", "403", "404", "409"],
+    );
+    paths.insert(
+        format!("/v1/{plural}/{{ident}}"),
+        json!({"parameters": ident, "get": get, "put": update, "delete": delete}),
+    );
+}
+
+/// Builds the document.
+pub fn document() -> Value {
+    let mut paths = Map::new();
+    let mut schemas = Map::new();
+    add_kind::<Site>(&mut paths, &mut schemas, None);
+    add_kind::<Node>(&mut paths, &mut schemas, None);
+    add_kind::<Tenant>(&mut paths, &mut schemas, None);
+    add_kind::<Model>(&mut paths, &mut schemas, None);
+    add_kind::<Deployment>(&mut paths, &mut schemas, Some("Status"));
+    add_kind::<Key>(&mut paths, &mut schemas, Some("KeyStatus"));
+    add_schema::<Status>(&mut schemas);
+    add_schema::<Quota>(&mut schemas);
+    add_schema::<ResourceUsage>(&mut schemas);
+    schemas.insert(
+        "KeyStatus".into(),
+        json!({"type": "object", "properties": {"revoked_at": {"type": "string", "format": "date-time"}}}),
+    );
+    schemas.insert(
+        "CreatedKey".into(),
+        json!({"type": "object", "required": ["key", "secret"], "properties": {
+            "key": schema_ref("Key"),
+            "secret": {"type": "string", "description": "the whole token, atr_<id>_<secret>; shown once"}
+        }}),
+    );
+    schemas.insert(
+        "QuotaView".into(),
+        json!({"type": "object", "required": ["tenant", "quota", "used"], "properties": {
+            "tenant": {"type": "string"}, "quota": schema_ref("Quota"), "used": schema_ref("ResourceUsage")
+        }}),
+    );
+    schemas.insert(
+        "AuditEvent".into(),
+        json!({"type": "object", "properties": {
+            "revision": {"type": "integer", "format": "int64"}, "at": {"type": "string", "format": "date-time"},
+            "actor": {"type": "string"}, "role": {"type": "string"}, "tenant": {"type": "string"},
+            "action": {"type": "string"}, "kind": {"type": "string"}, "object_id": {"type": "string"},
+            "object_name": {"type": "string"}, "request_id": {"type": "string"}
+        }}),
+    );
+    schemas.insert(
+        "WatchEvent".into(),
+        json!({"type": "object", "required": ["type", "revision"], "properties": {
+            "type": {"type": "string", "enum": ["ADDED", "MODIFIED", "DELETED", "BOOKMARK"]},
+            "revision": {"type": "integer", "format": "int64"},
+            "object": {"type": "object"}
+        }}),
+    );
+    schemas.insert(
+        "Error".into(),
+        json!({"type": "object", "required": ["error"], "properties": {"error": {
+            "type": "object", "required": ["code", "message"], "properties": {
+                "code": {"type": "string"}, "message": {"type": "string"}, "details": {}
+            }
+        }}}),
+    );
+
+    let tenant_param =
+        json!([{"name": "tenant", "in": "path", "required": true, "schema": {"type": "string"}}]);
+    paths.insert(
+        "/v1/keys/{ident}/revoke".into(),
+        json!({"post": with_params(operation(
+            "revoke_key".into(), "keys", "Revoke a key; it stops authenticating at once".into(),
+            ("200", json_response("revoked", schema_ref("Key"))), &["401", "403", "404"]),
+            json!([{"name": "ident", "in": "path", "required": true, "schema": {"type": "string"}}]))}),
+    );
+    paths.insert(
+        "/v1/quotas".into(),
+        json!({"get": operation("list_quotas".into(), "quotas", "Quotas and use of the tenants the caller may see".into(),
+            ("200", json_response("quotas", json!({"type": "object", "properties": {
+                "items": {"type": "array", "items": schema_ref("QuotaView")}, "revision": {"type": "integer"}}}))),
+            &["401", "403"])}),
+    );
+    paths.insert(
+        "/v1/quotas/{tenant}".into(),
+        json!({
+            "parameters": tenant_param,
+            "get": operation("get_quota".into(), "quotas", "A tenant's quota and use".into(),
+                ("200", json_response("quota", schema_ref("QuotaView"))), &["401", "403", "404"]),
+            "put": with_body(operation("set_quota".into(), "quotas", "Set a tenant's quota (provider admin)".into(),
+                ("200", json_response("quota", schema_ref("QuotaView"))), &["400", "401", "403", "404"]),
+                json!({"type": "object", "required": ["quota"], "properties": {"quota": schema_ref("Quota")}}))
+        }),
+    );
+    paths.insert(
+        "/v1/audit".into(),
+        json!({"get": with_params(operation("list_audit".into(), "audit", "Audit events, oldest first".into(),
+            ("200", json_response("events", json!({"type": "object", "properties": {
+                "items": {"type": "array", "items": schema_ref("AuditEvent")},
+                "revision": {"type": "integer"}, "next_page_token": {"type": "string"}}}))),
+            &["400", "401", "403"]),
+            json!([query("after", "integer", "events after this revision"), query("limit", "integer", "1 to 1000"),
+                   query("tenant", "string", "provider admin: one tenant")]))}),
+    );
+    for (path, summary) in [
+        ("/healthz", "Liveness"),
+        ("/readyz", "Readiness: the store answers"),
+    ] {
+        paths.insert(
+            path.into(),
+            json!({"get": {"operationId": path.trim_start_matches('/'), "tags": ["health"], "summary": summary,
+                "security": [], "responses": {"200": {"description": "ok"}, "503": {"description": "not ready"}}}}),
+        );
+    }
+
+    json!({
+        "openapi": "3.1.0",
+        "info": {
+            "title": "Atrium control plane",
+            "version": env!("CARGO_PKG_VERSION"),
+            "description": "Sites, nodes, tenants, keys, quotas, models and deployments of an Atrium cloud."
+        },
+        "paths": paths,
+        "components": {
+            "schemas": schemas,
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer", "description": "admin token or tenant API key"}}
+        },
+        "security": [{"bearer": []}]
+    })
+}

