@@ -42,7 +42,11 @@ pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
     // serde would accept a struct written as an array; no client means that.
     match bytes.iter().find(|b| !b.is_ascii_whitespace()) {
         Some(b'{') => {}
-        None => return Err(ApiError::MalformedJson("the body is empty; send a JSON object".into())),
+        None => {
+            return Err(ApiError::MalformedJson(
+                "the body is empty; send a JSON object".into(),
+            ))
+        }
         Some(_) => return Err(ApiError::field("body", "must be a JSON object")),
     }
     let mut de = serde_json::Deserializer::from_slice(bytes);

