@@ -163,7 +163,7 @@ pub async fn write(
 }
 
 /// The tenant a new object belongs to.
-async fn owner_for_create<K: Kind>(
+pub async fn owner_for_create<K: Kind>(
     state: &AppState,
     caller: &Caller,
     requested: Option<String>,
@@ -257,7 +257,7 @@ pub async fn resolve<K: Kind>(
     }
 }
 
-fn validate_create<K: Kind>(req: &CreateRequest<K::Spec>) -> Result<(), ApiError> {
+pub fn validate_create<K: Kind>(req: &CreateRequest<K::Spec>) -> Result<(), ApiError> {
     let mut errors = FieldErrors::new();
     errors.check("name", validate_name(&req.name));
     if let Err(e) = K::validate(&req.spec) {

@@ -14,7 +14,10 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use crate::auth::{now_rfc3339, random_token, sha256_hex, Caller, Role};
-use crate::crud::{audit, new_id, require, resolve, view, write, ObjectParams, MAX_PAGE};
+use crate::crud::{
+    audit, new_id, owner_for_create, require, resolve, validate_create, view, write, ObjectParams,
+    MAX_PAGE,
+};
 use crate::error::ApiError;
 use crate::extract::{JsonBody, Params};
 use crate::kinds::{
@@ -30,29 +33,8 @@ pub async fn create_key(
     JsonBody(req): JsonBody<CreateRequest<KeySpec>>,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
     require::<Key>(&caller, Access::Write)?;
-    let mut errors = atrium_core::FieldErrors::new();
-    errors.check("name", atrium_core::name::validate_name(&req.name));
-    if let Err(e) = Key::validate(&req.spec) {
-        errors.extend(e.nest("spec"));
-    }
-    errors.into_result().map_err(ApiError::InvalidFields)?;
-    let tenant = match (&caller.tenant, req.tenant) {
-        (Some(own), None) => own.clone(),
-        (Some(own), Some(t)) if *own == t => t,
-        (Some(_), Some(t)) => return Err(ApiError::not_found(TENANT_KIND, &t)),
-        (None, None) => return Err(ApiError::field("tenant", "name the tenant the key is for")),
-        (None, Some(t)) => {
-            if state
-                .store
-                .get_by_name(TENANT_KIND, None, &t)
-                .await?
-                .is_none()
-            {
-                return Err(ApiError::field("tenant", format!("no tenant named {t:?}")));
-            }
-            t
-        }
-    };
+    validate_create::<Key>(&req)?;
+    let tenant = owner_for_create::<Key>(&state, &caller, req.tenant.clone()).await?;
     let id = new_id(Key::ID_PREFIX);
     let token = format!("{KEY_PREFIX}{id}_{}", random_token(40));
     let record = KeyRecord {
@@ -66,7 +48,7 @@ pub async fn create_key(
         Write::Create {
             kind: Key::KIND.into(),
             id,
-            tenant: Some(tenant),
+            tenant,
             name: req.name,
             body,
         },

@@ -127,6 +127,14 @@ struct ListArgs {
     since: Option<i64>,
 }
 
+/// List, get and delete: the same for every resource.
+#[derive(Subcommand)]
+enum ReadCmd {
+    List(ListArgs),
+    Get(Lookup),
+    Delete(Lookup),
+}
+
 #[derive(Args)]
 struct FromFile {
     /// Create from a JSON file holding {"name", "tenant"?, "spec"} ("-": stdin)
@@ -153,9 +161,8 @@ enum TenantCmd {
         #[command(flatten)]
         from: FromFile,
     },
-    List(ListArgs),
-    Get(Lookup),
-    Delete(Lookup),
+    #[command(flatten)]
+    Read(ReadCmd),
 }
 
 #[derive(Args, Default)]
@@ -219,11 +226,10 @@ enum KeyCmd {
         #[arg(long)]
         expires_at: Option<String>,
     },
-    List(ListArgs),
-    Get(Lookup),
     /// Revoke a key: it stops working at once.
     Revoke(Lookup),
-    Delete(Lookup),
+    #[command(flatten)]
+    Read(ReadCmd),
 }
 
 #[derive(Subcommand)]
@@ -240,9 +246,8 @@ enum SiteCmd {
         #[command(flatten)]
         from: FromFile,
     },
-    List(ListArgs),
-    Get(Lookup),
-    Delete(Lookup),
+    #[command(flatten)]
+    Read(ReadCmd),
 }
 
 #[derive(Subcommand)]
@@ -269,9 +274,8 @@ enum NodeCmd {
         #[command(flatten)]
         from: FromFile,
     },
-    List(ListArgs),
-    Get(Lookup),
-    Delete(Lookup),
+    #[command(flatten)]
+    Read(ReadCmd),
 }
 
 #[derive(Subcommand)]
@@ -293,9 +297,8 @@ enum ModelCmd {
         #[command(flatten)]
         from: FromFile,
     },
-    List(ListArgs),
-    Get(Lookup),
-    Delete(Lookup),
+    #[command(flatten)]
+    Read(ReadCmd),
 }
 
 #[derive(Subcommand)]
@@ -330,9 +333,8 @@ enum DeployCmd {
         #[command(flatten)]
         from: FromFile,
     },
-    List(ListArgs),
-    Get(Lookup),
-    Delete(Lookup),
+    #[command(flatten)]
+    Read(ReadCmd),
 }
 
 #[derive(Subcommand)]
@@ -525,22 +527,29 @@ async fn serve(
     .map_err(|errors| anyhow!("invalid configuration:\n  {}", errors.join("\n  ")))?;
     let mut server = atrium_server::start(config.clone()).await?;
     let url = format!("http://{}", server.addr);
-    println!(
-        "Atrium control plane: {url}  (data: {})",
+    let mut banner = format!(
+        "Atrium control plane: {url}  (data: {})\n",
         config.data_dir.display()
     );
     match &server.new_admin_token {
-        Some(token) => println!(
-            "Admin token (shown once; also in {}):\n  {token}",
+        Some(token) => banner.push_str(&format!(
+            "Admin token (shown once; also in {}):\n  {token}\n",
             server.admin_token_path.display()
-        ),
-        None => println!("Admin token: in {}", server.admin_token_path.display()),
+        )),
+        None => banner.push_str(&format!(
+            "Admin token: in {}\n",
+            server.admin_token_path.display()
+        )),
     }
     if up {
-        println!(
-            "Try: atrium --server {url} tenant create acme && atrium --server {url} tenant list"
-        );
+        banner.push_str(&format!(
+            "Try: atrium --server {url} tenant create acme && atrium --server {url} tenant list\n"
+        ));
     }
+    // A server must not die because whoever started it closed our stdout.
+    let mut stdout = std::io::stdout();
+    let _ = std::io::Write::write_all(&mut stdout, banner.as_bytes());
+    let _ = std::io::Write::flush(&mut stdout);
     tokio::select! {
         result = server.wait() => result.context("server stopped")?,
         _ = shutdown_signal() => {
@@ -658,54 +667,42 @@ async fn list(
     }
 }
 
-/// Shared list/get/delete for a resource.
-async fn common(
+async fn read(
     client: &Client,
     output: Output,
     plural: &str,
     columns: Columns,
-    cmd: CommonCmd<'_>,
+    cmd: &ReadCmd,
 ) -> Result<()> {
-    match cmd {
-        CommonCmd::List(args) => list(client, output, plural, args, columns).await,
-        CommonCmd::Get(l) => {
-            client::print(
-                &client
-                    .call(Method::GET, &object_path(plural, l), None)
-                    .await?,
-                output,
-                columns,
-            );
-            Ok(())
+    let value = match cmd {
+        ReadCmd::List(args) => return list(client, output, plural, args, columns).await,
+        ReadCmd::Get(l) => {
+            client
+                .call(Method::GET, &object_path(plural, l), None)
+                .await?
         }
-        CommonCmd::Delete(l) => {
-            client::print(
-                &client
-                    .call(Method::DELETE, &object_path(plural, l), None)
-                    .await?,
-                output,
-                columns,
-            );
-            Ok(())
+        ReadCmd::Delete(l) => {
+            client
+                .call(Method::DELETE, &object_path(plural, l), None)
+                .await?
         }
-        CommonCmd::Create(body) => {
-            client::print(
-                &client
-                    .call(Method::POST, &format!("/v1/{plural}"), Some(&body))
-                    .await?,
-                output,
-                columns,
-            );
-            Ok(())
-        }
-    }
+    };
+    client::print(&value, output, columns);
+    Ok(())
 }
 
-enum CommonCmd<'a> {
-    List(&'a ListArgs),
-    Get(&'a Lookup),
-    Delete(&'a Lookup),
-    Create(Value),
+async fn create(
+    client: &Client,
+    output: Output,
+    plural: &str,
+    columns: Columns,
+    body: Value,
+) -> Result<()> {
+    let created = client
+        .call(Method::POST, &format!("/v1/{plural}"), Some(&body))
+        .await?;
+    client::print(&created, output, columns);
+    Ok(())
 }
 
 fn parse_gpus(spec: &str, nvlink_domain: Option<&str>, mig: bool) -> Result<Value> {
@@ -760,45 +757,9 @@ async fn client_command(command: Command, client: &Client, output: Output) -> Re
                     }
                     Ok(spec)
                 })?;
-                common(
-                    client,
-                    output,
-                    "tenants",
-                    TENANT_COLUMNS,
-                    CommonCmd::Create(body),
-                )
-                .await
+                create(client, output, "tenants", TENANT_COLUMNS, body).await
             }
-            TenantCmd::List(a) => {
-                common(
-                    client,
-                    output,
-                    "tenants",
-                    TENANT_COLUMNS,
-                    CommonCmd::List(&a),
-                )
-                .await
-            }
-            TenantCmd::Get(l) => {
-                common(
-                    client,
-                    output,
-                    "tenants",
-                    TENANT_COLUMNS,
-                    CommonCmd::Get(&l),
-                )
-                .await
-            }
-            TenantCmd::Delete(l) => {
-                common(
-                    client,
-                    output,
-                    "tenants",
-                    TENANT_COLUMNS,
-                    CommonCmd::Delete(&l),
-                )
-                .await
-            }
+            TenantCmd::Read(c) => read(client, output, "tenants", TENANT_COLUMNS, &c).await,
         },
         Command::Key(cmd) => match cmd {
             KeyCmd::Create {
@@ -827,13 +788,8 @@ async fn client_command(command: Command, client: &Client, output: Output) -> Re
                 }
                 Ok(())
             }
-            KeyCmd::List(a) => {
-                common(client, output, "keys", KEY_COLUMNS, CommonCmd::List(&a)).await
-            }
-            KeyCmd::Get(l) => common(client, output, "keys", KEY_COLUMNS, CommonCmd::Get(&l)).await,
-            KeyCmd::Delete(l) => {
-                common(client, output, "keys", KEY_COLUMNS, CommonCmd::Delete(&l)).await
-            }
+            KeyCmd::Read(c) => read(client, output, "keys", KEY_COLUMNS, &c).await,
+
             KeyCmd::Revoke(l) => {
                 let path = match &l.tenant {
                     Some(t) => format!("/v1/keys/{}/revoke?tenant={t}", l.ident),
@@ -860,24 +816,9 @@ async fn client_command(command: Command, client: &Client, output: Output) -> Re
                         .ok_or_else(|| anyhow!("--jurisdiction is required (e.g. EU)"))?;
                     Ok(json!({"kind": kind, "jurisdiction": j, "location": location}))
                 })?;
-                common(
-                    client,
-                    output,
-                    "sites",
-                    SITE_COLUMNS,
-                    CommonCmd::Create(body),
-                )
-                .await
+                create(client, output, "sites", SITE_COLUMNS, body).await
             }
-            SiteCmd::List(a) => {
-                common(client, output, "sites", SITE_COLUMNS, CommonCmd::List(&a)).await
-            }
-            SiteCmd::Get(l) => {
-                common(client, output, "sites", SITE_COLUMNS, CommonCmd::Get(&l)).await
-            }
-            SiteCmd::Delete(l) => {
-                common(client, output, "sites", SITE_COLUMNS, CommonCmd::Delete(&l)).await
-            }
+            SiteCmd::Read(c) => read(client, output, "sites", SITE_COLUMNS, &c).await,
         },
         Command::Node(cmd) => match cmd {
             NodeCmd::Create {
@@ -906,24 +847,9 @@ async fn client_command(command: Command, client: &Client, output: Output) -> Re
                     };
                     Ok(json!({"site": site, "capacity": capacity, "gpus": gpus}))
                 })?;
-                common(
-                    client,
-                    output,
-                    "nodes",
-                    NODE_COLUMNS,
-                    CommonCmd::Create(body),
-                )
-                .await
+                create(client, output, "nodes", NODE_COLUMNS, body).await
             }
-            NodeCmd::List(a) => {
-                common(client, output, "nodes", NODE_COLUMNS, CommonCmd::List(&a)).await
-            }
-            NodeCmd::Get(l) => {
-                common(client, output, "nodes", NODE_COLUMNS, CommonCmd::Get(&l)).await
-            }
-            NodeCmd::Delete(l) => {
-                common(client, output, "nodes", NODE_COLUMNS, CommonCmd::Delete(&l)).await
-            }
+            NodeCmd::Read(c) => read(client, output, "nodes", NODE_COLUMNS, &c).await,
         },
         Command::Model(cmd) => match cmd {
             ModelCmd::Create {
@@ -940,31 +866,9 @@ async fn client_command(command: Command, client: &Client, output: Output) -> Re
                     let task = task.ok_or_else(|| anyhow!("--task is required"))?;
                     Ok(json!({"source": source, "format": format, "task": task}))
                 })?;
-                common(
-                    client,
-                    output,
-                    "models",
-                    MODEL_COLUMNS,
-                    CommonCmd::Create(body),
-                )
-                .await
+                create(client, output, "models", MODEL_COLUMNS, body).await
             }
-            ModelCmd::List(a) => {
-                common(client, output, "models", MODEL_COLUMNS, CommonCmd::List(&a)).await
-            }
-            ModelCmd::Get(l) => {
-                common(client, output, "models", MODEL_COLUMNS, CommonCmd::Get(&l)).await
-            }
-            ModelCmd::Delete(l) => {
-                common(
-                    client,
-                    output,
-                    "models",
-                    MODEL_COLUMNS,
-                    CommonCmd::Delete(&l),
-                )
-                .await
-            }
+            ModelCmd::Read(c) => read(client, output, "models", MODEL_COLUMNS, &c).await,
         },
         Command::Deploy(cmd) => match cmd {
             DeployCmd::Create {
@@ -1000,45 +904,9 @@ async fn client_command(command: Command, client: &Client, output: Output) -> Re
                     }
                     Ok(spec)
                 })?;
-                common(
-                    client,
-                    output,
-                    "deployments",
-                    DEPLOY_COLUMNS,
-                    CommonCmd::Create(body),
-                )
-                .await
+                create(client, output, "deployments", DEPLOY_COLUMNS, body).await
             }
-            DeployCmd::List(a) => {
-                common(
-                    client,
-                    output,
-                    "deployments",
-                    DEPLOY_COLUMNS,
-                    CommonCmd::List(&a),
-                )
-                .await
-            }
-            DeployCmd::Get(l) => {
-                common(
-                    client,
-                    output,
-                    "deployments",
-                    DEPLOY_COLUMNS,
-                    CommonCmd::Get(&l),
-                )
-                .await
-            }
-            DeployCmd::Delete(l) => {
-                common(
-                    client,
-                    output,
-                    "deployments",
-                    DEPLOY_COLUMNS,
-                    CommonCmd::Delete(&l),
-                )
-                .await
-            }
+            DeployCmd::Read(c) => read(client, output, "deployments", DEPLOY_COLUMNS, &c).await,
         },
         Command::Quota(cmd) => {
             let value = match cmd {
