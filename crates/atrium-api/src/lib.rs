@@ -147,3 +147,28 @@ pub struct AuditEventView {
     pub object_name: String,
     pub request_id: String,
 }
+
+/// One metered request, as a gateway reports it and `/v1/usage` returns it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UsageRecordView {
+    /// When the request finished (RFC 3339).
+    pub at: String,
+    pub tenant: String,
+    /// Deployment name (the `model` the tenant called).
+    pub deployment: String,
+    /// The site that processed the request.
+    pub site: String,
+    /// The replica (placement) that served it.
+    pub replica: String,
+    pub prompt_tokens: i64,
+    pub completion_tokens: i64,
+}
+
+/// Body of `POST /v1/usage`: a batch, recorded at most once per id.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UsageBatch {
+    pub batch_id: String,
+    pub records: Vec<UsageRecordView>,
+}

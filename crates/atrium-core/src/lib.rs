@@ -13,6 +13,7 @@ pub mod lifecycle;
 pub mod model;
 pub mod name;
 pub mod node;
+pub mod placement;
 pub mod quantity;
 pub mod quota;
 pub mod site;

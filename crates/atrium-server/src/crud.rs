@@ -220,11 +220,17 @@ pub async fn resolve<K: Kind>(
     tenant: Option<&str>,
 ) -> Result<Object, ApiError> {
     let store = &state.store;
-    let mut found = if looks_like_id::<K>(ident) {
+    let by_id = looks_like_id::<K>(ident);
+    let mut found = if by_id {
         store.get(K::KIND, ident).await?
     } else {
         None
     };
+    // Ids with an underscore can never be names (names have none): a
+    // missing one is simply not found.
+    if found.is_none() && by_id && K::ID_PREFIX.contains('_') {
+        return Err(ApiError::not_found(K::KIND, ident));
+    }
     if found.is_none() {
         found = match K::OWNERSHIP {
             Ownership::Provider | Ownership::TenantSelf => {

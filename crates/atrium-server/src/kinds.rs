@@ -30,6 +30,7 @@ pub const TENANT_KIND: &str = "tenant";
 pub const MODEL_KIND: &str = "model";
 pub const DEPLOYMENT_KIND: &str = "deployment";
 pub const KEY_KIND: &str = "key";
+pub const PLACEMENT_KIND: &str = "placement";
 
 /// Who owns objects of a kind, which decides who can see which objects.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -112,6 +113,7 @@ pub struct Tenant;
 pub struct Model;
 pub struct Deployment;
 pub struct Key;
+pub struct Placement;
 
 impl Kind for Site {
     const KIND: &'static str = SITE_KIND;
@@ -366,6 +368,22 @@ impl Kind for Key {
 
     fn validate(spec: &KeySpec) -> Result<(), FieldErrors> {
         spec.validate()
+    }
+}
+
+impl Kind for Placement {
+    const KIND: &'static str = PLACEMENT_KIND;
+    const PLURAL: &'static str = "placements";
+    const ID_PREFIX: &'static str = "rep_";
+    const OWNERSHIP: Ownership = Ownership::Tenant;
+    /// Written by the placement controller (and the provider), never by tenants.
+    const TENANT_WRITABLE: bool = false;
+    /// Tenants may see where their replicas run and in what state.
+    const TENANT_READABLE: bool = true;
+    type Spec = atrium_core::placement::PlacementSpec;
+
+    fn validate(_spec: &Self::Spec) -> Result<(), FieldErrors> {
+        Ok(())
     }
 }
 

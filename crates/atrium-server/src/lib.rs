@@ -9,6 +9,7 @@
 //! edge error type; `openapi` describes the same routes.
 
 mod auth;
+pub mod controller;
 mod crud;
 pub mod error;
 mod extract;
@@ -34,7 +35,7 @@ use tokio::sync::watch;
 
 pub use auth::{Role, ADMIN_TOKEN_PREFIX};
 use error::ApiError;
-use kinds::{Deployment, Key, Kind, Model, Node, Site, Tenant};
+use kinds::{Deployment, Key, Kind, Model, Node, Placement, Site, Tenant};
 use metrics::Metrics;
 
 /// Default limit on request bodies.
@@ -164,6 +165,7 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, StartError> {
         shutdown: shutdown_rx.clone(),
     };
     let app = router(state);
+    tokio::spawn(controller::run(store.clone(), shutdown_rx.clone()));
     let mut stop = shutdown_rx;
     let task = tokio::spawn(async move {
         axum::serve(listener, app)
@@ -205,6 +207,7 @@ pub fn router(state: AppState) -> Router {
     api = resource_routes::<Tenant>(api);
     api = resource_routes::<Model>(api);
     api = resource_routes::<Deployment>(api);
+    api = resource_routes::<Placement>(api);
     // Keys are created by their own handler: the response carries the secret.
     api = api
         .route("/v1/keys", get(crud::list::<Key>).post(tenancy::create_key))
@@ -215,12 +218,21 @@ pub fn router(state: AppState) -> Router {
                 .delete(crud::delete::<Key>),
         )
         .route("/v1/keys/{ident}/revoke", post(tenancy::revoke_key))
+        .route("/v1/keys/digests", get(tenancy::key_digests))
         .route("/v1/quotas", get(tenancy::list_quotas))
         .route(
             "/v1/quotas/{tenant}",
             get(tenancy::get_quota).put(tenancy::set_quota),
         )
         .route("/v1/audit", get(tenancy::list_audit))
+        .route(
+            "/v1/placements/{ident}/status",
+            axum::routing::put(tenancy::set_replica_status),
+        )
+        .route(
+            "/v1/usage",
+            get(tenancy::list_usage).post(tenancy::record_usage),
+        )
         .route_layer(middleware::from_fn_with_state(state.clone(), authenticate));
 
     let openapi = Arc::new(openapi::document());

@@ -8,7 +8,7 @@ use serde_json::{json, Map, Value};
 use utoipa::openapi::{RefOr, Schema};
 use utoipa::ToSchema;
 
-use crate::kinds::{Deployment, Key, Kind, Model, Node, Site, Tenant};
+use crate::kinds::{Deployment, Key, Kind, Model, Node, Placement, Site, Tenant};
 
 fn schema_ref(name: &str) -> Value {
     json!({ "$ref": format!("#/components/schemas/{name}") })
@@ -213,6 +213,8 @@ pub fn document() -> Value {
     add_kind::<Model>(&mut paths, &mut schemas, None);
     add_kind::<Deployment>(&mut paths, &mut schemas, Some("Status"));
     add_kind::<Key>(&mut paths, &mut schemas, Some("KeyStatus"));
+    add_kind::<Placement>(&mut paths, &mut schemas, Some("ReplicaStatus"));
+    add_schema::<atrium_core::placement::ReplicaStatus>(&mut schemas);
     add_schema::<Status>(&mut schemas);
     add_schema::<Quota>(&mut schemas);
     add_schema::<ResourceUsage>(&mut schemas);
@@ -284,6 +286,26 @@ pub fn document() -> Value {
             "put": with_body(operation("set_quota".into(), "quotas", "Set a tenant's quota (provider admin)".into(),
                 ("200", json_response("quota", schema_ref("QuotaView"))), &["400", "401", "403", "404"]),
                 json!({"type": "object", "required": ["quota"], "properties": {"quota": schema_ref("Quota")}}))
+        }),
+    );
+    paths.insert(
+        "/v1/placements/{ident}/status".into(),
+        json!({"put": with_params(with_body(operation("set_replica_status".into(), "placements",
+            "Report a replica's observed state (the node's agent)".into(),
+            ("200", json_response("updated", schema_ref("Placement"))), &["400", "401", "403", "404"]),
+            schema_ref("ReplicaStatus")),
+            json!([{"name": "ident", "in": "path", "required": true, "schema": {"type": "string"}}]))}),
+    );
+    paths.insert(
+        "/v1/usage".into(),
+        json!({
+            "get": with_params(operation("list_usage".into(), "usage", "Usage records, oldest first".into(),
+                ("200", json_response("records", json!({"type": "object"}))), &["400", "401", "403"]),
+                json!([query("after", "integer", "records after this sequence number"), query("limit", "integer", "1 to 1000"),
+                       query("tenant", "string", "provider admin: one tenant")])),
+            "post": with_body(operation("record_usage".into(), "usage", "Record a batch of usage (gateways); idempotent per batch id".into(),
+                ("200", json_response("recorded", json!({"type": "object"}))), &["400", "401", "403"]),
+                json!({"type": "object", "required": ["batch_id", "records"]}))
         }),
     );
     paths.insert(

@@ -3,10 +3,11 @@
 
 use atrium_api::{
     AuditEventView, CreateRequest, CreatedKey, KeyStatus, ListResponse, QuotaUpdate, QuotaView,
+    UsageBatch,
 };
 use atrium_core::key::{KeySpec, KEY_PREFIX};
 use atrium_core::tenant::TenantSpec;
-use atrium_store::{Object, TenantFilter, Write};
+use atrium_store::{Object, TenantFilter, UsageRecord, Write};
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::{Extension, Json};
@@ -21,7 +22,8 @@ use crate::crud::{
 use crate::error::ApiError;
 use crate::extract::{JsonBody, Params};
 use crate::kinds::{
-    parse_spec, tenant_usage, Access, Key, KeyRecord, Kind, Tenant, DEPLOYMENT_KIND, TENANT_KIND,
+    parse_spec, tenant_usage, Access, Key, KeyRecord, Kind, Placement, Tenant, DEPLOYMENT_KIND,
+    TENANT_KIND,
 };
 use crate::{AppState, RequestId};
 
@@ -240,4 +242,153 @@ pub async fn list_audit(
         revision: state.store.head(),
         next_page_token,
     }))
+}
+
+/// `PUT /v1/placements/{id}/status`: the node's agent reports what it
+/// observes of a replica.
+pub async fn set_replica_status(
+    State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    Extension(rid): Extension<RequestId>,
+    Path(ident): Path<String>,
+    JsonBody(status): JsonBody<atrium_core::placement::ReplicaStatus>,
+) -> Result<Json<Value>, ApiError> {
+    require::<Placement>(&caller, Access::Write)?;
+    let object = resolve::<Placement>(&state, &caller, &ident, None).await?;
+    let mut body = object.body.clone();
+    let status = serde_json::to_value(&status).map_err(|e| ApiError::Internal(e.to_string()))?;
+    if body.get("status") == Some(&status) {
+        return Ok(Json(view(&object)));
+    }
+    body["status"] = status;
+    let updated = write(
+        &state,
+        Write::Update {
+            kind: Placement::KIND.into(),
+            id: object.id,
+            body,
+            if_revision: None,
+        },
+        None,
+        audit(&caller, &rid, "placement.status".into()),
+    )
+    .await?;
+    Ok(Json(view(&updated)))
+}
+
+/// Most records one usage batch may carry.
+const MAX_USAGE_BATCH: usize = 10_000;
+
+/// `POST /v1/usage`: a gateway ships a batch of usage records. Idempotent:
+/// a batch id already recorded is acknowledged again and written nothing.
+pub async fn record_usage(
+    State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    JsonBody(batch): JsonBody<UsageBatch>,
+) -> Result<Json<Value>, ApiError> {
+    if caller.role != Role::ProviderAdmin {
+        return Err(ApiError::Forbidden(
+            "only gateways (the provider) record usage".into(),
+        ));
+    }
+    if batch.batch_id.is_empty() || batch.batch_id.len() > 128 {
+        return Err(ApiError::field("batch_id", "must be 1 to 128 characters"));
+    }
+    if batch.records.len() > MAX_USAGE_BATCH {
+        return Err(ApiError::field(
+            "records",
+            format!("at most {MAX_USAGE_BATCH} records per batch"),
+        ));
+    }
+    let records: Vec<UsageRecord> = batch
+        .records
+        .into_iter()
+        .map(|r| UsageRecord {
+            at: r.at,
+            tenant: r.tenant,
+            deployment: r.deployment,
+            site: r.site,
+            replica: r.replica,
+            prompt_tokens: r.prompt_tokens,
+            completion_tokens: r.completion_tokens,
+        })
+        .collect();
+    let fresh = state.store.record_usage(&batch.batch_id, &records).await?;
+    Ok(Json(
+        serde_json::json!({"batch_id": batch.batch_id, "recorded": fresh, "records": records.len()}),
+    ))
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UsageParams {
+    pub after: Option<i64>,
+    pub limit: Option<u32>,
+    pub tenant: Option<String>,
+}
+
+/// `GET /v1/usage`: the provider sees every tenant's usage, a tenant its own.
+pub async fn list_usage(
+    State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    Params(params): Params<UsageParams>,
+) -> Result<Json<Value>, ApiError> {
+    require::<Tenant>(&caller, Access::Read)?;
+    let filter = match (&caller.tenant, params.tenant) {
+        (None, Some(t)) => TenantFilter::Exactly(Some(t)),
+        (None, None) => TenantFilter::All,
+        (Some(own), Some(t)) if *own != t => return Err(ApiError::not_found(TENANT_KIND, &t)),
+        (Some(own), _) => TenantFilter::Exactly(Some(own.clone())),
+    };
+    let limit = params.limit.unwrap_or(1000).clamp(1, MAX_PAGE);
+    let mut rows = state
+        .store
+        .usage(&filter, params.after.unwrap_or(0), limit)
+        .await?;
+    // A full page may end inside a batch; keep whole batches only, so that
+    // `after` = the last revision returned never skips a record.
+    let mut next_page_token = None;
+    if rows.len() == limit as usize {
+        let last = rows.last().map(|(r, _)| *r).unwrap_or(0);
+        if rows.iter().any(|(r, _)| *r != last) {
+            rows.retain(|(r, _)| *r != last);
+        }
+        next_page_token = rows.last().map(|(r, _)| r.to_string());
+    }
+    let (mut prompt, mut completion) = (0i64, 0i64);
+    let items: Vec<Value> = rows
+        .iter()
+        .map(|(revision, r)| {
+            prompt += r.prompt_tokens;
+            completion += r.completion_tokens;
+            serde_json::json!({"revision": revision, "at": r.at, "tenant": r.tenant, "deployment": r.deployment,
+                               "site": r.site, "replica": r.replica, "prompt_tokens": r.prompt_tokens,
+                               "completion_tokens": r.completion_tokens})
+        })
+        .collect();
+    Ok(Json(serde_json::json!({
+        "items": items,
+        "totals": {"requests": items.len(), "prompt_tokens": prompt, "completion_tokens": completion},
+        "next_page_token": next_page_token,
+    })))
+}
+
+/// `GET /v1/keys/digests`: key id → SHA-256 digest of every key, for
+/// gateways' authentication caches. Provider only; digests never appear in
+/// the ordinary key views.
+pub async fn key_digests(
+    State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
+) -> Result<Json<Value>, ApiError> {
+    if caller.role != Role::ProviderAdmin {
+        return Err(ApiError::Forbidden(
+            "only gateways (the provider) read key digests".into(),
+        ));
+    }
+    let keys = state.store.list_all(Key::KIND, &TenantFilter::All).await?;
+    let map: serde_json::Map<String, Value> = keys
+        .iter()
+        .filter_map(|k| Some((k.id.clone(), k.body.get("digest")?.clone())))
+        .collect();
+    Ok(Json(Value::Object(map)))
 }

@@ -494,6 +494,51 @@ fn cases() -> Vec<Case> {
             None,
             [200, 403, 403, 403],
         ),
+        // Replicas: tenants see theirs; only the provider (agents) writes.
+        case(
+            "list placements",
+            M::GET,
+            Path("/v1/placements"),
+            None,
+            [200, 200, 200, 403],
+        ),
+        case(
+            "report a replica status",
+            M::PUT,
+            Path("/v1/placements/rep_0000000000000000/status"),
+            Some(json!({"state": "running", "reason": "x"})),
+            [404, 403, 403, 403],
+        ),
+        // Key digests are for gateways (the provider) only.
+        case(
+            "read key digests",
+            M::GET,
+            Path("/v1/keys/digests"),
+            None,
+            [200, 403, 403, 403],
+        ),
+        // Usage: gateways record, tenants read their own.
+        case(
+            "read usage",
+            M::GET,
+            Path("/v1/usage"),
+            None,
+            [200, 200, 200, 403],
+        ),
+        case(
+            "read other's usage",
+            M::GET,
+            Path("/v1/usage?tenant=tb"),
+            None,
+            [200, 404, 404, 403],
+        ),
+        case(
+            "record usage",
+            M::POST,
+            Path("/v1/usage"),
+            Some(json!({"batch_id": "b1", "records": []})),
+            [200, 403, 403, 403],
+        ),
         // Audit: the provider, and tenant admins for their own tenant.
         case(
             "read audit",
@@ -636,8 +681,11 @@ async fn world(backend: TestBackend) -> World {
     }
 }
 
-/// Every B-owned object and its revision, as the provider sees them.
-async fn tenant_b_snapshot(s: &TestServer) -> Vec<(String, i64)> {
+/// Every B-owned object with what its users wrote (spec, and a key's
+/// revocation), as the provider sees them. Statuses are left out: the
+/// placement controller updates them concurrently, and its writes are
+/// checked through the audit trail instead.
+async fn tenant_b_snapshot(s: &TestServer) -> Vec<(String, String)> {
     let mut out = Vec::new();
     for plural in ["deployments", "keys", "models"] {
         let v = s
@@ -648,14 +696,15 @@ async fn tenant_b_snapshot(s: &TestServer) -> Vec<(String, i64)> {
             )
             .await;
         for item in v["items"].as_array().unwrap() {
+            let written = json!([item["spec"], item["status"]["revoked_at"]]);
             out.push((
                 item["id"].as_str().unwrap().to_string(),
-                item["revision"].as_i64().unwrap(),
+                written.to_string(),
             ));
         }
     }
     let t = s.admin(Method::GET, "/v1/tenants/tb", Value::Null).await;
-    out.push(("tb".into(), t["revision"].as_i64().unwrap()));
+    out.push(("tb".into(), t["spec"].to_string()));
     out.sort();
     out
 }
@@ -726,6 +775,19 @@ async fn run_matrix(backend: TestBackend) {
         failures.join("\n")
     );
     assert!(checked >= 200, "the matrix covers {checked} checks");
+
+    // Every write to tenant B's objects was made by the provider or the
+    // control plane itself, never by one of tenant A's keys.
+    let audit =
+        w.s.admin(Method::GET, "/v1/audit?tenant=tb&limit=1000", Value::Null)
+            .await;
+    for event in audit["items"].as_array().unwrap() {
+        let actor = event["actor"].as_str().unwrap();
+        assert!(
+            actor == "admin" || actor == "placement-controller",
+            "tenant A's actor wrote to B: {event}"
+        );
+    }
 
     // Without credentials, or with wrong ones, nothing is served.
     for c in cases() {

@@ -217,6 +217,19 @@ pub struct AuditEvent {
     pub request_id: String,
 }
 
+/// One metered request, as a gateway reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UsageRecord {
+    pub at: String,
+    pub tenant: String,
+    pub deployment: String,
+    /// The site that processed the request.
+    pub site: String,
+    pub replica: String,
+    pub prompt_tokens: i64,
+    pub completion_tokens: i64,
+}
+
 /// A page of objects and the revision the page was read at.
 #[derive(Debug, Clone)]
 pub struct Page {
@@ -765,6 +778,93 @@ impl Store {
                     object_name: r.try_get("object_name")?,
                     request_id: r.try_get("request_id")?,
                 })
+            })
+            .collect()
+    }
+
+    /// Records a batch of usage once: returns false (and writes nothing)
+    /// when a batch with this id was recorded before.
+    pub async fn record_usage(
+        &self,
+        batch_id: &str,
+        records: &[UsageRecord],
+    ) -> Result<bool, StoreError> {
+        let _writer = match self.inner.backend {
+            Backend::Sqlite => Some(self.inner.sqlite_writer.lock().await),
+            Backend::Postgres => None,
+        };
+        let mut tx = self.inner.pool.begin().await?;
+        let revision: i64 = sqlx::query(
+            "UPDATE atrium_revision SET value = value + 1 WHERE id = 1 RETURNING value",
+        )
+        .fetch_one(&mut *tx)
+        .await?
+        .try_get(0)?;
+        let fresh = sqlx::query("INSERT INTO usage_batches (batch_id, revision) VALUES ($1, $2) ON CONFLICT (batch_id) DO NOTHING")
+            .bind(batch_id)
+            .bind(revision)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected()
+            == 1;
+        if !fresh {
+            tx.rollback().await?;
+            return Ok(false);
+        }
+        for (i, r) in records.iter().enumerate() {
+            sqlx::query(
+                "INSERT INTO usage_records (revision, idx, at, tenant, deployment, site, replica, prompt_tokens, \
+                 completion_tokens) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+            )
+            .bind(revision)
+            .bind(i as i64)
+            .bind(&r.at)
+            .bind(&r.tenant)
+            .bind(&r.deployment)
+            .bind(&r.site)
+            .bind(&r.replica)
+            .bind(r.prompt_tokens)
+            .bind(r.completion_tokens)
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        self.advance_head(revision);
+        Ok(true)
+    }
+
+    /// Usage records after revision `after`, oldest first, with the revision
+    /// of the batch that carried each.
+    pub async fn usage(
+        &self,
+        tenant: &TenantFilter,
+        after: i64,
+        limit: u32,
+    ) -> Result<Vec<(i64, UsageRecord)>, StoreError> {
+        let (cond, bind) = tenant.sql(2);
+        let sql = format!(
+            "SELECT revision, at, tenant, deployment, site, replica, prompt_tokens, completion_tokens \
+             FROM usage_records WHERE revision > $1 AND {cond} ORDER BY revision, idx LIMIT {limit}"
+        );
+        let mut q = sqlx::query(&sql).bind(after);
+        if let Some(b) = bind {
+            q = q.bind(b);
+        }
+        let rows = q.fetch_all(&self.inner.pool).await?;
+        rows.iter()
+            .map(|r| {
+                Ok((
+                    r.try_get("revision")?,
+                    UsageRecord {
+                        at: r.try_get("at")?,
+                        tenant: r.try_get("tenant")?,
+                        deployment: r.try_get("deployment")?,
+                        site: r.try_get("site")?,
+                        replica: r.try_get("replica")?,
+                        prompt_tokens: r.try_get("prompt_tokens")?,
+                        completion_tokens: r.try_get("completion_tokens")?,
+                    },
+                ))
             })
             .collect()
     }

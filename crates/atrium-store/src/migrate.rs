@@ -7,11 +7,14 @@ use sqlx::{AnyPool, Row};
 
 use crate::{Backend, StoreError};
 
-const MIGRATIONS: &[(i64, &str, &str)] = &[(
-    1,
-    "objects, changes, audit, meta",
-    include_str!("../migrations/0001_objects.sql"),
-)];
+const MIGRATIONS: &[(i64, &str, &str)] = &[
+    (
+        1,
+        "objects, changes, audit, meta",
+        include_str!("../migrations/0001_objects.sql"),
+    ),
+    (2, "usage", include_str!("../migrations/0002_usage.sql")),
+];
 
 pub(crate) async fn run(pool: &AnyPool, backend: Backend) -> Result<(), StoreError> {
     sqlx::raw_sql(

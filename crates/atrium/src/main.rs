@@ -8,6 +8,7 @@
 
 mod client;
 mod config;
+mod up;
 
 use std::path::PathBuf;
 
@@ -54,9 +55,13 @@ struct Global {
 enum Command {
     /// Run the control plane.
     Server(ServerArgs),
-    /// Run Atrium on this machine on the embedded store (the control plane
-    /// today; the runtime agent and gateway join it as they are built).
-    Up(ServerArgs),
+    /// Run the whole cloud on this machine: control plane, this node's agent
+    /// and a gateway, on the embedded store.
+    Up(UpArgs),
+    /// Run the runtime agent of this node.
+    Agent(AgentArgs),
+    /// Run an OpenAI-compatible gateway.
+    Gateway(GatewayArgs),
     /// Manage tenants.
     #[command(subcommand)]
     Tenant(TenantCmd),
@@ -102,6 +107,52 @@ struct ServerArgs {
     #[arg(long, env = "ATRIUM_BODY_LIMIT")]
     body_limit: Option<usize>,
     /// Log level: error, warn, info, debug, trace
+    #[arg(long, env = "ATRIUM_LOG", default_value = "info")]
+    log: tracing::Level,
+}
+
+#[derive(Args)]
+struct UpArgs {
+    #[command(flatten)]
+    server: ServerArgs,
+    /// Where the gateway listens
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    gateway_listen: String,
+    /// This node's name [default: the host name]
+    #[arg(long)]
+    node: Option<String>,
+    /// Report these simulated GPUs (e.g. 8xH100-80GB) instead of discovering them
+    #[arg(long)]
+    simulate_gpus: Option<String>,
+    /// Also create two demo tenants, each with a key and its own SmolLM2 chat
+    /// and MiniLM embeddings deployments, and write <data-dir>/demo.json
+    #[arg(long)]
+    demo: bool,
+}
+
+#[derive(Args)]
+struct AgentArgs {
+    /// This node's name [default: the host name]
+    #[arg(long)]
+    node: Option<String>,
+    /// The site this node is in
+    #[arg(long, default_value = "local")]
+    site: String,
+    #[arg(long)]
+    simulate_gpus: Option<String>,
+    #[arg(long, env = "ATRIUM_MODEL_CACHE")]
+    model_cache: Option<PathBuf>,
+    #[arg(long, env = "ATRIUM_LOG", default_value = "info")]
+    log: tracing::Level,
+}
+
+#[derive(Args)]
+struct GatewayArgs {
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    listen: String,
+    /// The site this gateway serves
+    #[arg(long, default_value = "local")]
+    site: String,
     #[arg(long, env = "ATRIUM_LOG", default_value = "info")]
     log: tracing::Level,
 }
@@ -489,8 +540,22 @@ async fn run(cli: Cli) -> Result<()> {
     let file = config::load_file(cli.global.config.as_deref()).map_err(|e| anyhow!(e))?;
     let data_dir = cli.global.data_dir.clone();
     match cli.command {
-        Command::Server(args) => serve(args, data_dir, &file, false).await,
-        Command::Up(args) => serve(args, data_dir, &file, true).await,
+        Command::Server(args) => serve(args, data_dir, &file).await,
+        Command::Up(args) => up::run(args, data_dir, &file).await,
+        Command::Agent(args) => {
+            let (server, token) = server_and_token(&cli.global, &file)?;
+            run_agent(
+                args,
+                server,
+                token,
+                data_dir.unwrap_or_else(config::default_data_dir),
+            )
+            .await
+        }
+        Command::Gateway(args) => {
+            let (server, token) = server_and_token(&cli.global, &file)?;
+            run_gateway(args, server, token).await
+        }
         Command::Engine(args) => engine(args).await,
         Command::Model(ModelCmd::Pull {
             name,
@@ -504,7 +569,9 @@ async fn run(cli: Cli) -> Result<()> {
     }
 }
 
-fn connect(global: &Global, file: &config::FileConfig) -> Result<(Client, Output)> {
+/// Server URL, token and output format from flags, env and file, with
+/// every problem reported at once.
+fn client_settings(global: &Global, file: &config::FileConfig) -> Result<(String, String, Output)> {
     let mut errors = Vec::new();
     let server = global
         .server
@@ -550,16 +617,81 @@ fn connect(global: &Global, file: &config::FileConfig) -> Result<(Client, Output
         }
     };
     match token {
-        Some(token) if errors.is_empty() => Ok((Client::new(&server, token)?, output)),
+        Some(token) if errors.is_empty() => Ok((server, token, output)),
         _ => bail!("invalid configuration:\n  {}", errors.join("\n  ")),
     }
+}
+
+fn connect(global: &Global, file: &config::FileConfig) -> Result<(Client, Output)> {
+    let (server, token, output) = client_settings(global, file)?;
+    Ok((Client::new(&server, token)?, output))
+}
+
+fn server_and_token(global: &Global, file: &config::FileConfig) -> Result<(String, String)> {
+    let (server, token, _) = client_settings(global, file)?;
+    Ok((server, token))
+}
+
+fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_lowercase())
+        .ok()
+        .filter(|h| atrium_core::name::validate_name(h).is_ok())
+        .unwrap_or_else(|| "node-1".to_string())
+}
+
+async fn run_agent(
+    args: AgentArgs,
+    server: String,
+    token: String,
+    data_dir: PathBuf,
+) -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_max_level(args.log)
+        .with_writer(std::io::stderr)
+        .init();
+    let config = atrium_agent::AgentConfig {
+        server,
+        token,
+        node_name: args.node.unwrap_or_else(host_name),
+        site: args.site,
+        data_dir,
+        model_cache: args
+            .model_cache
+            .unwrap_or_else(atrium_engine::pull::default_cache_dir),
+        engine_binary: std::env::current_exe().context("cannot find the atrium binary")?,
+        simulate_gpus: args.simulate_gpus,
+    };
+    atrium_agent::run(config, shutdown_signal()).await?;
+    Ok(())
+}
+
+async fn run_gateway(args: GatewayArgs, server: String, token: String) -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_max_level(args.log)
+        .with_writer(std::io::stderr)
+        .init();
+    let listen = args
+        .listen
+        .parse()
+        .map_err(|_| anyhow!("--listen: {:?} is not an address", args.listen))?;
+    let gateway = atrium_gateway::start(atrium_gateway::GatewayConfig {
+        server,
+        token,
+        listen,
+        site: args.site,
+    })
+    .await?;
+    println!("Atrium gateway: http://{}", gateway.addr);
+    shutdown_signal().await;
+    gateway.abort();
+    Ok(())
 }
 
 async fn serve(
     args: ServerArgs,
     data_dir: Option<PathBuf>,
     file: &config::FileConfig,
-    up: bool,
 ) -> Result<()> {
     tracing_subscriber::fmt()
         .with_max_level(args.log)
@@ -588,11 +720,6 @@ async fn serve(
             "Admin token: in {}\n",
             server.admin_token_path.display()
         )),
-    }
-    if up {
-        banner.push_str(&format!(
-            "Try: atrium --server {url} tenant create acme && atrium --server {url} tenant list\n"
-        ));
     }
     // A server must not die because whoever started it closed our stdout.
     let mut stdout = std::io::stdout();
@@ -778,7 +905,11 @@ fn parse_gpus(spec: &str, nvlink_domain: Option<&str>, mig: bool) -> Result<Valu
 
 async fn client_command(command: Command, client: &Client, output: Output) -> Result<()> {
     match command {
-        Command::Server(_) | Command::Up(_) | Command::Engine(_) => unreachable_command(),
+        Command::Server(_)
+        | Command::Up(_)
+        | Command::Engine(_)
+        | Command::Agent(_)
+        | Command::Gateway(_) => unreachable_command(),
         Command::Tenant(cmd) => match cmd {
             TenantCmd::Create {
                 name,

@@ -1,0 +1,195 @@
+//! How the runtime and data planes talk to the control plane: plain HTTP
+//! calls, and `follow`, which lists a kind and then watches it from the
+//! list's revision, resuming from the last revision seen after any
+//! disconnect — so a follower sees every change exactly once, in order, and
+//! rides out control-plane restarts.
+
+use std::time::Duration;
+
+use atrium_api::{WatchEvent, WatchEventType};
+use futures::StreamExt;
+use reqwest::Method;
+use serde_json::Value;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("control plane unreachable: {0}")]
+    Unreachable(String),
+    #[error("control plane answered {status}: {body}")]
+    Status { status: u16, body: String },
+    #[error("bad answer from the control plane: {0}")]
+    Decode(String),
+}
+
+impl ClientError {
+    pub fn status(&self) -> Option<u16> {
+        match self {
+            ClientError::Status { status, .. } => Some(*status),
+            _ => None,
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct ControlPlane {
+    http: reqwest::Client,
+    base: String,
+    token: String,
+}
+
+/// What a follower is told.
+#[derive(Debug)]
+pub enum Update {
+    /// The complete current set (after a (re)list): replace what you hold.
+    Snapshot(Vec<Value>),
+    Added(Value),
+    Modified(Value),
+    Deleted(Value),
+}
+
+impl ControlPlane {
+    pub fn new(base: &str, token: &str) -> ControlPlane {
+        let http = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(3))
+            .pool_idle_timeout(Duration::from_secs(30))
+            .build()
+            .unwrap_or_else(|_| reqwest::Client::new());
+        ControlPlane {
+            http,
+            base: base.trim_end_matches('/').to_string(),
+            token: token.to_string(),
+        }
+    }
+
+    pub async fn call(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&Value>,
+    ) -> Result<Value, ClientError> {
+        let mut req = self
+            .http
+            .request(method, format!("{}{path}", self.base))
+            .bearer_auth(&self.token)
+            .timeout(Duration::from_secs(30));
+        if let Some(b) = body {
+            req = req.json(b);
+        }
+        let resp = req
+            .send()
+            .await
+            .map_err(|e| ClientError::Unreachable(e.to_string()))?;
+        let status = resp.status().as_u16();
+        let text = resp
+            .text()
+            .await
+            .map_err(|e| ClientError::Unreachable(e.to_string()))?;
+        if !(200..300).contains(&status) {
+            return Err(ClientError::Status { status, body: text });
+        }
+        serde_json::from_str(&text).map_err(|e| ClientError::Decode(e.to_string()))
+    }
+
+    /// Every object of a kind (all pages) and the revision of the first page.
+    pub async fn list_all(&self, plural: &str) -> Result<(Vec<Value>, i64), ClientError> {
+        let mut items = Vec::new();
+        let mut revision = None;
+        let mut token: Option<String> = None;
+        loop {
+            let path = match &token {
+                Some(t) => format!("/v1/{plural}?limit=1000&page_token={t}"),
+                None => format!("/v1/{plural}?limit=1000"),
+            };
+            let page = self.call(Method::GET, &path, None).await?;
+            revision.get_or_insert(page["revision"].as_i64().unwrap_or(0));
+            items.extend(page["items"].as_array().cloned().unwrap_or_default());
+            token = page["next_page_token"].as_str().map(str::to_string);
+            if token.is_none() {
+                return Ok((items, revision.unwrap_or(0)));
+            }
+        }
+    }
+
+    /// Streams changes of a kind after `since` to `on_update` until the
+    /// stream breaks; returns the last revision seen, or `None` when the
+    /// control plane refuses `since` (its store was replaced): relist.
+    async fn watch(
+        &self,
+        plural: &str,
+        since: i64,
+        on_update: &mut (impl FnMut(Update) + Send),
+    ) -> Option<i64> {
+        let mut last = since;
+        let url = format!("{}/v1/{plural}?watch=true&since={since}", self.base);
+        let resp = match self.http.get(url).bearer_auth(&self.token).send().await {
+            Ok(r) if r.status().is_success() => r,
+            Ok(r) if r.status().as_u16() == 400 => {
+                tracing::warn!(plural, since, "watch position refused; relisting");
+                return None;
+            }
+            Ok(r) => {
+                tracing::warn!(status = r.status().as_u16(), plural, "watch refused");
+                return Some(last);
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, plural, "watch failed");
+                return Some(last);
+            }
+        };
+        let mut stream = resp.bytes_stream();
+        let mut buf: Vec<u8> = Vec::new();
+        // Bookmarks arrive every 10 s; silence for much longer means a dead peer.
+        while let Ok(Some(Ok(chunk))) =
+            tokio::time::timeout(Duration::from_secs(35), stream.next()).await
+        {
+            buf.extend_from_slice(&chunk);
+            while let Some(pos) = buf.iter().position(|b| *b == b'\n') {
+                let line: Vec<u8> = buf.drain(..=pos).collect();
+                let Ok(event) = serde_json::from_slice::<WatchEvent<Value>>(&line) else {
+                    continue;
+                };
+                last = event.revision.max(last);
+                match (event.kind, event.object) {
+                    (WatchEventType::Added, Some(o)) => on_update(Update::Added(o)),
+                    (WatchEventType::Modified, Some(o)) => on_update(Update::Modified(o)),
+                    (WatchEventType::Deleted, Some(o)) => on_update(Update::Deleted(o)),
+                    _ => {}
+                }
+            }
+        }
+        Some(last)
+    }
+
+    /// Lists `plural`, then follows its changes forever, reconnecting with
+    /// backoff. A follower that falls behind never misses a change: it
+    /// resumes from the last revision it saw, and relists only when it has
+    /// never listed.
+    pub async fn follow(&self, plural: &str, mut on_update: impl FnMut(Update) + Send) {
+        let mut backoff = Duration::from_millis(200);
+        let mut since: Option<i64> = None;
+        loop {
+            let from = match since {
+                Some(s) => s,
+                None => match self.list_all(plural).await {
+                    Ok((items, revision)) => {
+                        on_update(Update::Snapshot(items));
+                        revision
+                    }
+                    Err(e) => {
+                        tracing::debug!(error = %e, plural, "list failed; retrying");
+                        tokio::time::sleep(backoff).await;
+                        backoff = (backoff * 2).min(Duration::from_secs(5));
+                        continue;
+                    }
+                },
+            };
+            let last = self.watch(plural, from, &mut on_update).await;
+            if last.is_some_and(|l| l > from) {
+                backoff = Duration::from_millis(200);
+            }
+            since = last;
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_secs(5));
+        }
+    }
+}

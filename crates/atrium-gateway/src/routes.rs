@@ -1,0 +1,331 @@
+//! The gateway's in-memory view of the control plane — key digests,
+//! deployments, replicas — kept current by watch streams, and the pure
+//! lookups every request makes against it.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+
+use atrium_client::{ControlPlane, Update};
+use atrium_core::deployment::EngineKind;
+use atrium_core::key::{split_key_token, Scope};
+use atrium_core::lifecycle::LifecycleState;
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
+use time::OffsetDateTime;
+
+#[derive(Debug, Clone)]
+struct KeyEntry {
+    digest: String,
+    tenant: String,
+    scopes: Vec<Scope>,
+    revoked: bool,
+    expires_at: Option<OffsetDateTime>,
+}
+
+#[derive(Debug, Clone)]
+struct DeploymentEntry {
+    id: String,
+    engine: EngineKind,
+    external_url: Option<String>,
+    state: String,
+}
+
+#[derive(Debug, Clone)]
+struct ReplicaEntry {
+    deployment: String,
+    name: String,
+    endpoint: Option<String>,
+    running: bool,
+}
+
+/// An authenticated tenant caller.
+#[derive(Debug, Clone)]
+pub struct Caller {
+    pub tenant: String,
+    pub may_infer: bool,
+}
+
+/// Where a request goes.
+pub enum Target {
+    Replica {
+        endpoint: String,
+        name: String,
+        outstanding: Arc<AtomicU64>,
+    },
+    External {
+        url: String,
+    },
+    NoneReady {
+        deployment: String,
+        state: String,
+    },
+}
+
+#[derive(Default)]
+pub struct Routes {
+    keys: HashMap<String, KeyEntry>,
+    /// (tenant, deployment name) → deployment.
+    deployments: HashMap<(String, String), DeploymentEntry>,
+    /// placement id → replica.
+    replicas: BTreeMap<String, ReplicaEntry>,
+    /// placement id → requests in flight; outlives replica updates.
+    outstanding: HashMap<String, Arc<AtomicU64>>,
+    synced: [bool; 3],
+}
+
+fn key_entry(o: &Value) -> Option<(String, KeyEntry)> {
+    let id = o["id"].as_str()?.to_string();
+    let spec = &o["spec"];
+    let scopes: Vec<Scope> = serde_json::from_value(spec["scopes"].clone()).ok()?;
+    let expires_at = spec["expires_at"].as_str().and_then(|s| {
+        OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339).ok()
+    });
+    // The watch view carries no digest: the digest comes from the
+    // dedicated feed (see `follow`); keep an existing one.
+    Some((
+        id,
+        KeyEntry {
+            digest: String::new(),
+            tenant: o["tenant"].as_str()?.to_string(),
+            scopes,
+            revoked: !o["status"]["revoked_at"].is_null(),
+            expires_at,
+        },
+    ))
+}
+
+impl Routes {
+    /// True once every feed has delivered its first snapshot.
+    pub fn synced(&self) -> bool {
+        self.synced.iter().all(|s| *s)
+    }
+
+    /// Checks a presented key against the digest cache.
+    pub fn authenticate(&self, token: &str) -> Result<Caller, &'static str> {
+        const BAD: &str = "Incorrect API key provided.";
+        let (id, _) = split_key_token(token).ok_or(BAD)?;
+        let key = self.keys.get(id).ok_or(BAD)?;
+        let digest = hex::encode(Sha256::digest(token.as_bytes()));
+        if key.digest.is_empty() || !bool::from(key.digest.as_bytes().ct_eq(digest.as_bytes())) {
+            return Err(BAD);
+        }
+        if key.revoked {
+            return Err("This API key has been revoked.");
+        }
+        if key
+            .expires_at
+            .is_some_and(|e| e <= OffsetDateTime::now_utc())
+        {
+            return Err("This API key has expired.");
+        }
+        let may_infer = key
+            .scopes
+            .iter()
+            .any(|s| matches!(s, Scope::Inference | Scope::Admin));
+        Ok(Caller {
+            tenant: key.tenant.clone(),
+            may_infer,
+        })
+    }
+
+    /// The caller's deployment names, sorted.
+    pub fn models_of(&self, tenant: &str) -> Vec<String> {
+        let mut names: Vec<String> = self
+            .deployments
+            .keys()
+            .filter(|(t, _)| t == tenant)
+            .map(|(_, n)| n.clone())
+            .collect();
+        names.sort();
+        names
+    }
+
+    /// Resolves `model` among `tenant`'s deployments only, to the ready
+    /// replica with the fewest requests in flight.
+    pub fn target(&self, tenant: &str, model: &str) -> Option<Target> {
+        let d = self
+            .deployments
+            .get(&(tenant.to_string(), model.to_string()))?;
+        if d.engine == EngineKind::External {
+            return d.external_url.clone().map(|url| Target::External { url });
+        }
+        let best = self
+            .replicas
+            .iter()
+            .filter(|(_, r)| r.deployment == d.id && r.running)
+            .filter_map(|(id, r)| Some((id, r, r.endpoint.clone()?)))
+            .min_by_key(|(id, _, _)| {
+                self.outstanding
+                    .get(*id)
+                    .map(|c| c.load(Ordering::Relaxed))
+                    .unwrap_or(0)
+            });
+        Some(match best {
+            Some((id, r, endpoint)) => Target::Replica {
+                endpoint,
+                name: r.name.clone(),
+                outstanding: self.outstanding.get(id).cloned().unwrap_or_default(),
+            },
+            None => Target::NoneReady {
+                deployment: model.to_string(),
+                state: d.state.clone(),
+            },
+        })
+    }
+
+    fn apply_key(&mut self, update: Update, digests: &HashMap<String, String>) {
+        let upsert = |routes: &mut Routes, o: &Value| {
+            if let Some((id, mut entry)) = key_entry(o) {
+                entry.digest = digests.get(&id).cloned().unwrap_or_default();
+                routes.keys.insert(id, entry);
+            }
+        };
+        match update {
+            Update::Snapshot(items) => {
+                self.keys.clear();
+                for o in &items {
+                    upsert(self, o);
+                }
+                self.synced[0] = true;
+            }
+            Update::Added(o) | Update::Modified(o) => upsert(self, &o),
+            Update::Deleted(o) => {
+                if let Some(id) = o["id"].as_str() {
+                    self.keys.remove(id);
+                }
+            }
+        }
+    }
+
+    fn apply_deployment(&mut self, update: Update) {
+        let entry = |o: &Value| -> Option<((String, String), DeploymentEntry)> {
+            let engine: EngineKind = serde_json::from_value(o["spec"]["engine"].clone()).ok()?;
+            Some((
+                (
+                    o["tenant"].as_str()?.to_string(),
+                    o["name"].as_str()?.to_string(),
+                ),
+                DeploymentEntry {
+                    id: o["id"].as_str()?.to_string(),
+                    engine,
+                    external_url: o["spec"]["external_url"].as_str().map(str::to_string),
+                    state: o["status"]["reason"]
+                        .as_str()
+                        .unwrap_or("pending")
+                        .to_string(),
+                },
+            ))
+        };
+        match update {
+            Update::Snapshot(items) => {
+                self.deployments = items.iter().filter_map(entry).collect();
+                self.synced[1] = true;
+            }
+            Update::Added(o) | Update::Modified(o) => {
+                if let Some((k, v)) = entry(&o) {
+                    self.deployments.insert(k, v);
+                }
+            }
+            Update::Deleted(o) => {
+                if let Some((k, _)) = entry(&o) {
+                    self.deployments.remove(&k);
+                }
+            }
+        }
+    }
+
+    fn apply_replica(&mut self, update: Update) {
+        let entry = |o: &Value| -> Option<(String, ReplicaEntry)> {
+            let state: LifecycleState =
+                serde_json::from_value(o["status"]["state"].clone()).ok()?;
+            Some((
+                o["id"].as_str()?.to_string(),
+                ReplicaEntry {
+                    deployment: o["spec"]["deployment"].as_str()?.to_string(),
+                    name: o["name"].as_str()?.to_string(),
+                    endpoint: o["status"]["endpoint"].as_str().map(str::to_string),
+                    running: state == LifecycleState::Running,
+                },
+            ))
+        };
+        match update {
+            Update::Snapshot(items) => {
+                self.replicas = items.iter().filter_map(entry).collect();
+                self.synced[2] = true;
+            }
+            Update::Added(o) | Update::Modified(o) => {
+                if let Some((k, v)) = entry(&o) {
+                    self.replicas.insert(k, v);
+                }
+            }
+            Update::Deleted(o) => {
+                if let Some(id) = o["id"].as_str() {
+                    self.replicas.remove(id);
+                    self.outstanding.remove(id);
+                }
+            }
+        }
+        for id in self.replicas.keys() {
+            self.outstanding.entry(id.clone()).or_default();
+        }
+    }
+}
+
+/// Follows keys, deployments and placements. Key digests are not part of
+/// the public key view, so they come from `/v1/keys/digests`, re-read on
+/// every key change (a small, provider-only document).
+pub fn follow(cp: ControlPlane, routes: Arc<RwLock<Routes>>) -> Vec<tokio::task::JoinHandle<()>> {
+    let mut tasks = Vec::new();
+    {
+        let (cp, routes) = (cp.clone(), routes.clone());
+        tasks.push(tokio::spawn(async move {
+            let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Update>();
+            let feed = cp.clone();
+            tokio::spawn(async move { feed.follow("keys", move |u| { let _ = tx.send(u); }).await });
+            while let Some(update) = rx.recv().await {
+                // A new key's digest must be known before its create event
+                // is applied, or the key would be refused for a moment.
+                let digests = loop {
+                    match cp.call(reqwest::Method::GET, "/v1/keys/digests", None).await {
+                        Ok(v) => break serde_json::from_value::<HashMap<String, String>>(v).unwrap_or_default(),
+                        Err(e) => {
+                            tracing::debug!(error = %e, "gateway: cannot read key digests; retrying");
+                            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+                        }
+                    }
+                };
+                if let Ok(mut r) = routes.write() {
+                    r.apply_key(update, &digests);
+                    // Digests of keys changed by other events are refreshed too.
+                    for (id, k) in r.keys.iter_mut() {
+                        if let Some(d) = digests.get(id) {
+                            k.digest = d.clone();
+                        }
+                    }
+                }
+            }
+        }));
+    }
+    {
+        let (cp, routes) = (cp.clone(), routes.clone());
+        tasks.push(tokio::spawn(async move {
+            cp.follow("deployments", move |u| {
+                if let Ok(mut r) = routes.write() {
+                    r.apply_deployment(u);
+                }
+            })
+            .await
+        }));
+    }
+    tasks.push(tokio::spawn(async move {
+        cp.follow("placements", move |u| {
+            if let Ok(mut r) = routes.write() {
+                r.apply_replica(u);
+            }
+        })
+        .await
+    }));
+    tasks
+}

