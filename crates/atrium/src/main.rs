@@ -6,6 +6,7 @@
 // Parsed once per process: the size of a command enum does not matter.
 #![allow(clippy::large_enum_variant)]
 
+mod bench;
 mod client;
 mod config;
 mod up;
@@ -83,6 +84,9 @@ enum Command {
     /// Read and set quotas.
     #[command(subcommand)]
     Quota(QuotaCmd),
+    /// Measure this machine: prints a table and writes JSON.
+    #[command(subcommand)]
+    Bench(BenchCmd),
     /// Serve one model over the OpenAI API (the agent runs this per replica).
     Engine(EngineArgs),
     /// Read the audit trail.
@@ -109,6 +113,16 @@ struct ServerArgs {
     /// Log level: error, warn, info, debug, trace
     #[arg(long, env = "ATRIUM_LOG", default_value = "info")]
     log: tracing::Level,
+}
+
+#[derive(Subcommand)]
+enum BenchCmd {
+    /// Embeddings/s, prefill and decode tokens/s, deploy -> first token.
+    Engine {
+        /// Where to write the JSON results
+        #[arg(long, default_value = "bench-engine.json")]
+        out: PathBuf,
+    },
 }
 
 #[derive(Args)]
@@ -557,6 +571,7 @@ async fn run(cli: Cli) -> Result<()> {
             run_gateway(args, server, token).await
         }
         Command::Engine(args) => engine(args).await,
+        Command::Bench(BenchCmd::Engine { out }) => bench::engine(out).await,
         Command::Model(ModelCmd::Pull {
             name,
             no_requantize,
@@ -909,7 +924,8 @@ async fn client_command(command: Command, client: &Client, output: Output) -> Re
         | Command::Up(_)
         | Command::Engine(_)
         | Command::Agent(_)
-        | Command::Gateway(_) => unreachable_command(),
+        | Command::Gateway(_)
+        | Command::Bench(_) => unreachable_command(),
         Command::Tenant(cmd) => match cmd {
             TenantCmd::Create {
                 name,

