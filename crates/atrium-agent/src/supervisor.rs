@@ -197,7 +197,8 @@ async fn replica_loop(
     let http = reqwest::Client::new();
     let log_dir = config.data_dir.join("logs");
     let _ = std::fs::create_dir_all(&log_dir);
-    let log_path = log_dir.join(format!("{}-{}.log", spec.deployment_name, spec.replica));
+    // Named by placement id: deployment names repeat across tenants.
+    let log_path = log_dir.join(format!("{id}.log"));
     loop {
         report(
             &cp,

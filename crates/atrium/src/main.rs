@@ -84,6 +84,17 @@ enum Command {
     /// Read and set quotas.
     #[command(subcommand)]
     Quota(QuotaCmd),
+    /// Print the logs of a deployment's replicas that run on this machine.
+    Logs {
+        /// Deployment id or name
+        deployment: String,
+        /// Tenant the name belongs to (provider admin)
+        #[arg(long)]
+        tenant: Option<String>,
+        /// Keep printing new lines
+        #[arg(long, short = 'f')]
+        follow: bool,
+    },
     /// Measure this machine: prints a table and writes JSON.
     #[command(subcommand)]
     Bench(BenchCmd),
@@ -579,7 +590,13 @@ async fn run(cli: Cli) -> Result<()> {
         }) => pull_model(&name, !no_requantize, cache_dir),
         command => {
             let (client, output) = connect(&cli.global, &file)?;
-            client_command(command, &client, output).await
+            client_command(
+                command,
+                &client,
+                output,
+                data_dir.unwrap_or_else(config::default_data_dir),
+            )
+            .await
         }
     }
 }
@@ -647,6 +664,16 @@ fn server_and_token(global: &Global, file: &config::FileConfig) -> Result<(Strin
     Ok((server, token))
 }
 
+/// Logs go to stderr, coloured only for a terminal (replica logs are files).
+fn init_logging(level: tracing::Level) {
+    use std::io::IsTerminal;
+    tracing_subscriber::fmt()
+        .with_max_level(level)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_writer(std::io::stderr)
+        .init();
+}
+
 fn host_name() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|h| h.trim().to_lowercase())
@@ -661,10 +688,7 @@ async fn run_agent(
     token: String,
     data_dir: PathBuf,
 ) -> Result<()> {
-    tracing_subscriber::fmt()
-        .with_max_level(args.log)
-        .with_writer(std::io::stderr)
-        .init();
+    crate::init_logging(args.log);
     let config = atrium_agent::AgentConfig {
         server,
         token,
@@ -682,10 +706,7 @@ async fn run_agent(
 }
 
 async fn run_gateway(args: GatewayArgs, server: String, token: String) -> Result<()> {
-    tracing_subscriber::fmt()
-        .with_max_level(args.log)
-        .with_writer(std::io::stderr)
-        .init();
+    crate::init_logging(args.log);
     let listen = args
         .listen
         .parse()
@@ -708,10 +729,7 @@ async fn serve(
     data_dir: Option<PathBuf>,
     file: &config::FileConfig,
 ) -> Result<()> {
-    tracing_subscriber::fmt()
-        .with_max_level(args.log)
-        .with_writer(std::io::stderr)
-        .init();
+    crate::init_logging(args.log);
     let config = config::server_config(
         args.listen,
         data_dir,
@@ -918,7 +936,12 @@ fn parse_gpus(spec: &str, nvlink_domain: Option<&str>, mig: bool) -> Result<Valu
     Ok(Value::Array(gpus))
 }
 
-async fn client_command(command: Command, client: &Client, output: Output) -> Result<()> {
+async fn client_command(
+    command: Command,
+    client: &Client,
+    output: Output,
+    data_dir: PathBuf,
+) -> Result<()> {
     match command {
         Command::Server(_)
         | Command::Up(_)
@@ -926,6 +949,11 @@ async fn client_command(command: Command, client: &Client, output: Output) -> Re
         | Command::Agent(_)
         | Command::Gateway(_)
         | Command::Bench(_) => unreachable_command(),
+        Command::Logs {
+            deployment,
+            tenant,
+            follow,
+        } => logs(client, &deployment, tenant.as_deref(), follow, &data_dir).await,
         Command::Tenant(cmd) => match cmd {
             TenantCmd::Create {
                 name,
@@ -1137,10 +1165,7 @@ async fn client_command(command: Command, client: &Client, output: Output) -> Re
 }
 
 async fn engine(args: EngineArgs) -> Result<()> {
-    tracing_subscriber::fmt()
-        .with_max_level(args.log)
-        .with_writer(std::io::stderr)
-        .init();
+    crate::init_logging(args.log);
     let listen = args
         .listen
         .parse()
@@ -1208,6 +1233,69 @@ fn pull_model(name: &str, requantize: bool, cache_dir: Option<PathBuf>) -> Resul
     bar.finish_and_clear();
     println!("{}: {}", entry.name, pulled.path.display());
     Ok(())
+}
+
+/// Prints the log files the local agent writes for each of the
+/// deployment's replicas (`<data-dir>/logs/<placement id>.log`).
+async fn logs(
+    client: &Client,
+    deployment: &str,
+    tenant: Option<&str>,
+    follow: bool,
+    data_dir: &std::path::Path,
+) -> Result<()> {
+    let path = match tenant {
+        Some(t) => format!("/v1/deployments/{deployment}?tenant={t}"),
+        None => format!("/v1/deployments/{deployment}"),
+    };
+    let d = client.call(Method::GET, &path, None).await?;
+    let id = d["id"].as_str().unwrap_or_default().to_string();
+    let tenant = d["tenant"].as_str().unwrap_or_default().to_string();
+    let placements = client
+        .call(
+            Method::GET,
+            &format!("/v1/placements?tenant={tenant}&limit=1000"),
+            None,
+        )
+        .await?;
+    let files: Vec<(String, PathBuf)> = placements["items"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+        .iter()
+        .filter(|p| p["spec"]["deployment"].as_str() == Some(id.as_str()))
+        .filter_map(|p| {
+            Some((
+                p["name"].as_str()?.to_string(),
+                data_dir
+                    .join("logs")
+                    .join(format!("{}.log", p["id"].as_str()?)),
+            ))
+        })
+        .collect();
+    if files.is_empty() {
+        bail!("deployment {deployment} has no replicas");
+    }
+    let mut offsets = vec![0u64; files.len()];
+    loop {
+        for ((name, file), offset) in files.iter().zip(offsets.iter_mut()) {
+            let Ok(bytes) = std::fs::read(file) else {
+                if *offset == 0 && !follow {
+                    eprintln!("{name}: no log on this machine ({})", file.display());
+                }
+                continue;
+            };
+            let start = (*offset as usize).min(bytes.len());
+            for line in String::from_utf8_lossy(&bytes[start..]).lines() {
+                println!("[{name}] {line}");
+            }
+            *offset = bytes.len() as u64;
+        }
+        if !follow {
+            return Ok(());
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+    }
 }
 
 fn unreachable_command() -> Result<()> {

@@ -239,10 +239,7 @@ impl Stack {
 }
 
 pub async fn run(args: UpArgs, data_dir: Option<PathBuf>, file: &config::FileConfig) -> Result<()> {
-    tracing_subscriber::fmt()
-        .with_max_level(args.server.log)
-        .with_writer(std::io::stderr)
-        .init();
+    crate::init_logging(args.server.log);
     let server_config = config::server_config(
         args.server.listen,
         data_dir,

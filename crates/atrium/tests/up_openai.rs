@@ -50,8 +50,7 @@ fn openai_sdk_against_atrium_up_demo() {
         std::thread::sleep(Duration::from_millis(200));
     }
     let facts: Value = serde_json::from_slice(&std::fs::read(&demo).unwrap()).unwrap();
-    let endpoints = replica_endpoints(&facts);
-    assert_eq!(endpoints.len(), 4, "{endpoints:?}");
+    assert_eq!(replica_endpoints(&facts).len(), 4);
 
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/openai_e2e.py");
     let out = Command::new("python3")
@@ -62,7 +61,39 @@ fn openai_sdk_against_atrium_up_demo() {
     println!("{}", String::from_utf8_lossy(&out.stdout));
     let passed = out.status.success();
 
+    // A replica process that dies is restarted by the agent and serves again.
+    let killed = Command::new("pkill")
+        .args(["-9", "-f", "engine --name acme-embed"])
+        .status()
+        .unwrap();
+    assert!(killed.success(), "no acme-embed engine process to kill");
+    let restart_deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let p = placement(&facts, "acme-embed-0");
+        if p["status"]["restarts"].as_u64().unwrap_or(0) >= 1 && p["status"]["state"] == "running" {
+            break;
+        }
+        assert!(
+            Instant::now() < restart_deadline,
+            "replica not restarted: {p}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let acme = &facts["tenants"][0];
+    let resp = reqwest::blocking::Client::new()
+        .post(format!(
+            "{}/v1/embeddings",
+            facts["gateway_url"].as_str().unwrap()
+        ))
+        .bearer_auth(acme["api_key"].as_str().unwrap())
+        .json(&serde_json::json!({"model": acme["embedding_model"], "input": "back again"}))
+        .send()
+        .unwrap();
+    assert_eq!(resp.status(), 200, "the restarted replica serves");
+
     // Ctrl-C (SIGTERM here) stops everything, replicas included.
+    let endpoints = replica_endpoints(&facts);
+    assert_eq!(endpoints.len(), 4, "{endpoints:?}");
     Command::new("kill")
         .args(["-TERM", &up.id().to_string()])
         .status()
@@ -87,6 +118,25 @@ fn openai_sdk_against_atrium_up_demo() {
             "replica at {e} outlived atrium up"
         );
     }
+}
+
+fn placement(facts: &Value, name: &str) -> Value {
+    let resp = reqwest::blocking::Client::new()
+        .get(format!(
+            "{}/v1/placements",
+            facts["server_url"].as_str().unwrap()
+        ))
+        .bearer_auth(facts["admin_token"].as_str().unwrap())
+        .send()
+        .unwrap();
+    let v: Value = resp.json().unwrap();
+    v["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"] == name)
+        .cloned()
+        .unwrap_or(Value::Null)
 }
 
 fn replica_endpoints(facts: &Value) -> Vec<String> {
