@@ -1,0 +1,226 @@
+//! The placement controller on a real server: residency, capacity,
+//! isolation tiers, status roll-up, scaling down and deletion.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use atrium_store::testing::TestBackend;
+use common::TestServer;
+use reqwest::Method;
+use serde_json::{json, Value};
+
+fn deployment(name: &str, tenant: &str, cpu: &str, min: u32) -> Value {
+    json!({"name": name, "tenant": tenant, "spec": {
+        "model": "m", "engine": "embedded", "resources": {"cpu": cpu, "memory": "1Gi"},
+        "replicas": {"min": min, "max": min}}})
+}
+
+async fn node(s: &TestServer, name: &str, site: &str, cpu: &str) {
+    s.admin(
+        Method::POST,
+        "/v1/nodes",
+        json!({"name": name, "spec": {"site": site, "capacity": {"cpu": cpu, "memory": "64Gi"}}}),
+    )
+    .await;
+}
+
+/// Placements of a deployment: (replica name, node).
+async fn placements(s: &TestServer, deployment: &str) -> Vec<(String, String)> {
+    let v = s
+        .admin(Method::GET, "/v1/placements?limit=1000", Value::Null)
+        .await;
+    let mut out: Vec<(String, String)> = v["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|p| p["spec"]["deployment_name"] == deployment)
+        .map(|p| {
+            (
+                p["name"].as_str().unwrap().to_string(),
+                p["spec"]["node"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+async fn eventually<T: std::fmt::Debug>(
+    what: &str,
+    mut probe: impl AsyncFnMut() -> Option<T>,
+) -> T {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Some(v) = probe().await {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn places_within_residency_capacity_and_isolation() {
+    let s = TestServer::start(TestBackend::Sqlite).await;
+    s.create_site("eu", "EU").await;
+    s.create_site("us", "US").await;
+    node(&s, "a-eu", "eu", "4").await;
+    node(&s, "b-us", "us", "64").await;
+    s.create_model(None, "m").await;
+    s.create_tenant(
+        "euro",
+        json!({"residency": {"policy": "only", "jurisdictions": ["EU"]}}),
+    )
+    .await;
+
+    // Two replicas of 2 CPUs fill the only EU node.
+    s.admin(
+        Method::POST,
+        "/v1/deployments",
+        deployment("web", "euro", "2", 2),
+    )
+    .await;
+    let placed = eventually("web placed", async || {
+        let p = placements(&s, "web").await;
+        (p.len() == 2).then_some(p)
+    })
+    .await;
+    assert_eq!(
+        placed,
+        [
+            ("web-0".to_string(), "a-eu".to_string()),
+            ("web-1".to_string(), "a-eu".to_string())
+        ]
+    );
+
+    // A third finds no room: the US node is outside the tenant's residency.
+    s.admin(
+        Method::POST,
+        "/v1/deployments",
+        deployment("more", "euro", "2", 1),
+    )
+    .await;
+    let status = eventually("more pending with a reason", async || {
+        let d = s
+            .admin(Method::GET, "/v1/deployments/more?tenant=euro", Value::Null)
+            .await;
+        d["status"]["reason"]
+            .as_str()
+            .filter(|r| r.contains("no node has room"))
+            .map(|_| d["status"].clone())
+    })
+    .await;
+    assert_eq!(status["state"], "pending");
+    let reason = status["reason"].as_str().unwrap();
+    assert!(
+        reason.contains("b-us: outside the tenant's residency"),
+        "{reason}"
+    );
+    assert!(reason.contains("a-eu: not enough free CPU"), "{reason}");
+    assert!(placements(&s, "more").await.is_empty());
+
+    // Scaling web down to one frees room, and more is placed.
+    let mut spec = deployment("web", "euro", "2", 1)["spec"].clone();
+    spec["replicas"] = json!({"min": 1, "max": 2});
+    s.admin(
+        Method::PUT,
+        "/v1/deployments/web?tenant=euro",
+        json!({"spec": spec}),
+    )
+    .await;
+    eventually("web scaled down and more placed", async || {
+        let (web, more) = (placements(&s, "web").await, placements(&s, "more").await);
+        (web.len() == 1 && more.len() == 1).then_some(())
+    })
+    .await;
+
+    // The agent's report rolls up into the deployment's status.
+    let v = s
+        .admin(Method::GET, "/v1/placements?limit=1000", Value::Null)
+        .await;
+    let replica = v["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"] == "more-0")
+        .unwrap()
+        .clone();
+    s.admin(
+        Method::PUT,
+        &format!("/v1/placements/{}/status", replica["id"].as_str().unwrap()),
+        json!({"state": "running", "reason": "serving", "endpoint": "http://127.0.0.1:1"}),
+    )
+    .await;
+    eventually("more running", async || {
+        let d = s
+            .admin(Method::GET, "/v1/deployments/more?tenant=euro", Value::Null)
+            .await;
+        (d["status"]["state"] == "running" && d["status"]["reason"] == "1/1 replicas ready")
+            .then_some(())
+    })
+    .await;
+
+    // Deleting a deployment removes its replicas.
+    s.admin(
+        Method::DELETE,
+        "/v1/deployments/more?tenant=euro",
+        Value::Null,
+    )
+    .await;
+    eventually("more's replicas removed", async || {
+        placements(&s, "more").await.is_empty().then_some(())
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dedicated_node_tenants_never_share_a_node() {
+    let s = TestServer::start(TestBackend::Sqlite).await;
+    s.create_site("eu", "EU").await;
+    node(&s, "n1", "eu", "64").await;
+    node(&s, "n2", "eu", "64").await;
+    s.create_model(None, "m").await;
+    s.create_tenant("solo", json!({"isolation": "dedicated-node"}))
+        .await;
+    s.create_tenant("crowd", json!({})).await;
+    s.admin(
+        Method::POST,
+        "/v1/deployments",
+        deployment("alone", "solo", "1", 1),
+    )
+    .await;
+    let alone = eventually("solo placed", async || {
+        let p = placements(&s, "alone").await;
+        (p.len() == 1).then_some(p)
+    })
+    .await;
+    assert_eq!(alone[0].1, "n1");
+    // The shared tenant skips n1 although it has room.
+    s.admin(
+        Method::POST,
+        "/v1/deployments",
+        deployment("many", "crowd", "1", 3),
+    )
+    .await;
+    let many = eventually("crowd placed", async || {
+        let p = placements(&s, "many").await;
+        (p.len() == 3).then_some(p)
+    })
+    .await;
+    assert!(many.iter().all(|(_, node)| node == "n2"), "{many:?}");
+    // And the dedicated tenant's next replica does not join the shared node.
+    s.admin(
+        Method::POST,
+        "/v1/deployments",
+        deployment("second", "solo", "1", 1),
+    )
+    .await;
+    let second = eventually("second solo placed", async || {
+        let p = placements(&s, "second").await;
+        (p.len() == 1).then_some(p)
+    })
+    .await;
+    assert_eq!(second[0].1, "n1");
+}
