@@ -336,7 +336,10 @@ async fn proxy(State(g): State<Gateway>, req: Request) -> Response {
         }
     };
     let (base, replica_name, in_flight) = match target {
-        Target::External { url } => (url, "external".to_string(), None),
+        Target::External { url, model } => {
+            body["model"] = Value::String(model);
+            (url, "external".to_string(), None)
+        }
         Target::Replica {
             endpoint,
             name,

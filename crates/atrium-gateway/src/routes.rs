@@ -29,6 +29,8 @@ struct DeploymentEntry {
     id: String,
     engine: EngineKind,
     external_url: Option<String>,
+    /// The model name an external upstream knows (the deployment's model).
+    model: String,
     state: String,
 }
 
@@ -54,8 +56,11 @@ pub enum Target {
         name: String,
         outstanding: Arc<AtomicU64>,
     },
+    /// An existing OpenAI-compatible server; `model` replaces the
+    /// request's (the tenant's deployment name means nothing there).
     External {
         url: String,
+        model: String,
     },
     NoneReady {
         deployment: String,
@@ -149,7 +154,10 @@ impl Routes {
             .deployments
             .get(&(tenant.to_string(), model.to_string()))?;
         if d.engine == EngineKind::External {
-            return d.external_url.clone().map(|url| Target::External { url });
+            return d.external_url.clone().map(|url| Target::External {
+                url,
+                model: d.model.clone(),
+            });
         }
         let best = self
             .replicas
@@ -211,6 +219,7 @@ impl Routes {
                     id: o["id"].as_str()?.to_string(),
                     engine,
                     external_url: o["spec"]["external_url"].as_str().map(str::to_string),
+                    model: o["spec"]["model"].as_str().unwrap_or_default().to_string(),
                     state: o["status"]["reason"]
                         .as_str()
                         .unwrap_or("pending")

