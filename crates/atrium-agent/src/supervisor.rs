@@ -185,87 +185,74 @@ async fn sleep_or_stop(stop: &mut watch::Receiver<bool>, d: Duration) -> bool {
     }
 }
 
-async fn replica_loop(
+/// How one run of a replica's engine ended.
+enum Ended {
+    /// Told to stop: the process is gone, nothing more to do.
+    Stopped,
+    /// It failed or exited; `healthy` says whether it had served first.
+    Failed { reason: String, healthy: bool },
+}
+
+/// Everything one replica task needs.
+struct ReplicaCtx {
     cp: ControlPlane,
     config: AgentConfig,
     id: String,
     spec: PlacementSpec,
-    mut stop: watch::Receiver<bool>,
-) {
-    let mut restarts = 0u32;
-    let mut backoff = Duration::from_secs(1);
-    let http = reqwest::Client::new();
-    let log_dir = config.data_dir.join("logs");
-    let _ = std::fs::create_dir_all(&log_dir);
-    // Named by placement id: deployment names repeat across tenants.
-    let log_path = log_dir.join(format!("{id}.log"));
-    loop {
+    http: reqwest::Client,
+    log_path: PathBuf,
+}
+
+impl ReplicaCtx {
+    async fn report(
+        &self,
+        state: LifecycleState,
+        reason: impl Into<String>,
+        endpoint: Option<String>,
+        restarts: u32,
+    ) {
         report(
-            &cp,
-            &id,
-            &status(
-                LifecycleState::Provisioning,
-                "preparing the model",
-                None,
-                restarts,
-            ),
+            &self.cp,
+            &self.id,
+            &status(state, reason, endpoint, restarts),
         )
         .await;
-        let (config2, spec2) = (config.clone(), spec.clone());
-        let args = match tokio::task::spawn_blocking(move || engine_args(&config2, &spec2)).await {
+    }
+
+    /// Prepares the model, starts the engine, waits for health, reports it
+    /// running, and waits for it to end or to be told to stop.
+    async fn run_once(&self, stop: &mut watch::Receiver<bool>, restarts: u32) -> Ended {
+        let failed = |reason: String| Ended::Failed {
+            reason,
+            healthy: false,
+        };
+        self.report(
+            LifecycleState::Provisioning,
+            "preparing the model",
+            None,
+            restarts,
+        )
+        .await;
+        let (config, spec) = (self.config.clone(), self.spec.clone());
+        let args = match tokio::task::spawn_blocking(move || engine_args(&config, &spec)).await {
             Ok(Ok(a)) => a,
-            Ok(Err(why)) => {
-                report(
-                    &cp,
-                    &id,
-                    &status(LifecycleState::Failed, why, None, restarts),
-                )
-                .await;
-                if sleep_or_stop(&mut stop, MAX_BACKOFF).await {
-                    return;
-                }
-                continue;
-            }
-            Err(e) => {
-                report(
-                    &cp,
-                    &id,
-                    &status(LifecycleState::Failed, e.to_string(), None, restarts),
-                )
-                .await;
-                return;
-            }
+            Ok(Err(why)) => return failed(why),
+            Err(e) => return failed(e.to_string()),
         };
         let port = match free_port() {
             Ok(p) => p,
-            Err(e) => {
-                report(
-                    &cp,
-                    &id,
-                    &status(
-                        LifecycleState::Failed,
-                        format!("no free port: {e}"),
-                        None,
-                        restarts,
-                    ),
-                )
-                .await;
-                if sleep_or_stop(&mut stop, backoff).await {
-                    return;
-                }
-                continue;
-            }
+            Err(e) => return failed(format!("no free port: {e}")),
         };
         let endpoint = format!("http://127.0.0.1:{port}");
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
-            .open(&log_path);
+            .open(&self.log_path);
         let (out, err) = match log.and_then(|f| Ok((f.try_clone()?, f))) {
             Ok((a, b)) => (Stdio::from(a), Stdio::from(b)),
             Err(_) => (Stdio::null(), Stdio::null()),
         };
-        let child = tokio::process::Command::new(&config.engine_binary)
+        let child = tokio::process::Command::new(&self.config.engine_binary)
             .args(&args)
             .args(["--listen", &format!("127.0.0.1:{port}")])
             .stdin(Stdio::null())
@@ -275,33 +262,13 @@ async fn replica_loop(
             .spawn();
         let mut child = match child {
             Ok(c) => c,
-            Err(e) => {
-                report(
-                    &cp,
-                    &id,
-                    &status(
-                        LifecycleState::Failed,
-                        format!("cannot start the engine: {e}"),
-                        None,
-                        restarts,
-                    ),
-                )
-                .await;
-                if sleep_or_stop(&mut stop, backoff).await {
-                    return;
-                }
-                continue;
-            }
+            Err(e) => return failed(format!("cannot start the engine: {e}")),
         };
-        report(
-            &cp,
-            &id,
-            &status(
-                LifecycleState::Provisioning,
-                "engine starting",
-                None,
-                restarts,
-            ),
+        self.report(
+            LifecycleState::Provisioning,
+            "engine starting",
+            None,
+            restarts,
         )
         .await;
         // Healthy, or exited, or out of time, or told to stop.
@@ -311,7 +278,8 @@ async fn replica_loop(
             if let Ok(Some(_)) = child.try_wait() {
                 break;
             }
-            let probe = http
+            let probe = self
+                .http
                 .get(format!("{endpoint}/healthz"))
                 .timeout(Duration::from_secs(1))
                 .send()
@@ -320,24 +288,14 @@ async fn replica_loop(
                 healthy = true;
                 break;
             }
-            if sleep_or_stop(&mut stop, Duration::from_millis(50)).await {
+            if sleep_or_stop(stop, Duration::from_millis(50)).await {
                 let _ = child.kill().await;
-                return;
+                return Ended::Stopped;
             }
         }
         if healthy {
-            report(
-                &cp,
-                &id,
-                &status(
-                    LifecycleState::Running,
-                    "serving",
-                    Some(endpoint.clone()),
-                    restarts,
-                ),
-            )
-            .await;
-            backoff = Duration::from_secs(1);
+            self.report(LifecycleState::Running, "serving", Some(endpoint), restarts)
+                .await;
         } else {
             let _ = child.kill().await;
         }
@@ -345,28 +303,57 @@ async fn replica_loop(
             exit = child.wait() => exit,
             _ = stop.changed() => {
                 let _ = child.kill().await;
-                return;
+                return Ended::Stopped;
             }
         };
-        restarts += 1;
-        let why = match exit {
-            Ok(s) => format!(
-                "engine exited ({s}); restarting in {}s (see {})",
-                backoff.as_secs(),
-                log_path.display()
-            ),
-            Err(e) => format!("engine lost ({e}); restarting in {}s", backoff.as_secs()),
+        let reason = match exit {
+            Ok(s) => format!("engine exited ({s}); see {}", self.log_path.display()),
+            Err(e) => format!("engine lost ({e})"),
         };
-        tracing::warn!(placement = %id, %why, "agent: replica down");
-        report(
-            &cp,
-            &id,
-            &status(LifecycleState::Failed, why, None, restarts),
-        )
-        .await;
-        if sleep_or_stop(&mut stop, backoff).await {
-            return;
+        Ended::Failed { reason, healthy }
+    }
+}
+
+/// Runs one replica until told to stop, restarting it with exponential
+/// backoff (reset once it has been healthy) whenever it fails.
+async fn replica_loop(
+    cp: ControlPlane,
+    config: AgentConfig,
+    id: String,
+    spec: PlacementSpec,
+    mut stop: watch::Receiver<bool>,
+) {
+    let log_dir = config.data_dir.join("logs");
+    let _ = std::fs::create_dir_all(&log_dir);
+    // Named by placement id: deployment names repeat across tenants.
+    let log_path = log_dir.join(format!("{id}.log"));
+    let ctx = ReplicaCtx {
+        cp,
+        config,
+        id,
+        spec,
+        http: reqwest::Client::new(),
+        log_path,
+    };
+    let mut restarts = 0u32;
+    let mut backoff = Duration::from_secs(1);
+    loop {
+        match ctx.run_once(&mut stop, restarts).await {
+            Ended::Stopped => return,
+            Ended::Failed { reason, healthy } => {
+                if healthy {
+                    backoff = Duration::from_secs(1);
+                }
+                restarts += 1;
+                let reason = format!("{reason}; retrying in {}s", backoff.as_secs());
+                tracing::warn!(placement = %ctx.id, %reason, "agent: replica down");
+                ctx.report(LifecycleState::Failed, reason, None, restarts)
+                    .await;
+                if sleep_or_stop(&mut stop, backoff).await {
+                    return;
+                }
+                backoff = (backoff * 2).min(MAX_BACKOFF);
+            }
         }
-        backoff = (backoff * 2).min(MAX_BACKOFF);
     }
 }

@@ -106,7 +106,6 @@ struct Job {
 pub struct ChatModel {
     tokenizer: Tokenizer,
     template: ChatTemplate,
-    eos: Vec<u32>,
     jobs: std::sync::mpsc::SyncSender<Job>,
     queued: Arc<AtomicU64>,
     queue_limit: u64,
@@ -280,7 +279,7 @@ impl ChatModel {
         let worker = Worker {
             model,
             tokenizer: tokenizer.clone(),
-            eos: eos.clone(),
+            eos,
             queued: queued.clone(),
             metrics: metrics.clone(),
         };
@@ -291,7 +290,6 @@ impl ChatModel {
         Ok(ChatModel {
             tokenizer,
             template,
-            eos,
             jobs,
             queued,
             queue_limit: queue_limit as u64,
@@ -369,10 +367,6 @@ impl ChatModel {
 
     pub fn queue_depth(&self) -> u64 {
         self.queued.load(Ordering::Relaxed)
-    }
-
-    pub fn eos(&self) -> &[u32] {
-        &self.eos
     }
 }
 

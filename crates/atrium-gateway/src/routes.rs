@@ -292,29 +292,35 @@ pub fn follow(cp: ControlPlane, routes: Arc<RwLock<Routes>>) -> Vec<tokio::task:
         tasks.push(tokio::spawn(async move {
             let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Update>();
             let feed = cp.clone();
-            tokio::spawn(async move { feed.follow("keys", move |u| { let _ = tx.send(u); }).await });
-            while let Some(update) = rx.recv().await {
-                // A new key's digest must be known before its create event
-                // is applied, or the key would be refused for a moment.
-                let digests = loop {
-                    match cp.call(reqwest::Method::GET, "/v1/keys/digests", None).await {
-                        Ok(v) => break serde_json::from_value::<HashMap<String, String>>(v).unwrap_or_default(),
-                        Err(e) => {
-                            tracing::debug!(error = %e, "gateway: cannot read key digests; retrying");
-                            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+            let follow = feed.follow("keys", move |u| {
+                let _ = tx.send(u);
+            });
+            let apply = async move {
+                while let Some(update) = rx.recv().await {
+                    // A new key's digest must be known before its create event
+                    // is applied, or the key would be refused for a moment.
+                    let digests = loop {
+                        match cp.call(reqwest::Method::GET, "/v1/keys/digests", None).await {
+                            Ok(v) => break serde_json::from_value::<HashMap<String, String>>(v).unwrap_or_default(),
+                            Err(e) => {
+                                tracing::debug!(error = %e, "gateway: cannot read key digests; retrying");
+                                tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+                            }
                         }
-                    }
-                };
-                if let Ok(mut r) = routes.write() {
-                    r.apply_key(update, &digests);
-                    // Digests of keys changed by other events are refreshed too.
-                    for (id, k) in r.keys.iter_mut() {
-                        if let Some(d) = digests.get(id) {
-                            k.digest = d.clone();
+                    };
+                    if let Ok(mut r) = routes.write() {
+                        r.apply_key(update, &digests);
+                        // Digests of keys changed by other events are refreshed too.
+                        for (id, k) in r.keys.iter_mut() {
+                            if let Some(d) = digests.get(id) {
+                                k.digest = d.clone();
+                            }
                         }
                     }
                 }
-            }
+            };
+            // Both run in this task, so aborting the gateway ends both.
+            tokio::join!(follow, apply);
         }));
     }
     {

@@ -190,6 +190,18 @@ async fn write(store: &Store, w: Write, action: &str) -> bool {
     }
 }
 
+async fn remove_placement(store: &Store, id: &str) -> bool {
+    write(
+        store,
+        Write::Delete {
+            kind: PLACEMENT_KIND.into(),
+            id: id.to_string(),
+        },
+        "placement.delete",
+    )
+    .await
+}
+
 /// One reconcile pass over every deployment.
 pub async fn reconcile(store: &Store) -> Result<Outcome, atrium_store::StoreError> {
     let all = TenantFilter::All;
@@ -223,16 +235,7 @@ pub async fn reconcile(store: &Store) -> Result<Outcome, atrium_store::StoreErro
                 .entry(spec.deployment.clone())
                 .or_default()
                 .push(p);
-        } else if write(
-            store,
-            Write::Delete {
-                kind: PLACEMENT_KIND.into(),
-                id: p.id.clone(),
-            },
-            "placement.delete",
-        )
-        .await
-        {
+        } else if remove_placement(store, &p.id).await {
             outcome.removed += 1;
         }
     }
@@ -300,17 +303,7 @@ pub async fn reconcile(store: &Store) -> Result<Outcome, atrium_store::StoreErro
         // Too many: remove the highest replica numbers.
         for p in &existing {
             if let Some(s) = parse::<PlacementSpec>(p) {
-                if s.replica as usize >= desired
-                    && write(
-                        store,
-                        Write::Delete {
-                            kind: PLACEMENT_KIND.into(),
-                            id: p.id.clone(),
-                        },
-                        "placement.delete",
-                    )
-                    .await
-                {
+                if s.replica as usize >= desired && remove_placement(store, &p.id).await {
                     outcome.removed += 1;
                 }
             }
