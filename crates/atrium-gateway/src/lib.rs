@@ -45,8 +45,15 @@ pub struct GatewayConfig {
     pub site: String,
 }
 
+/// Request counters by route and status, for `/metrics`.
+#[derive(Default)]
+struct Metrics {
+    requests: std::sync::Mutex<std::collections::BTreeMap<(String, u16), (u64, f64)>>,
+}
+
 #[derive(Clone)]
 struct Gateway {
+    metrics: Arc<Metrics>,
     routes: Arc<RwLock<Routes>>,
     http: reqwest::Client,
     usage: mpsc::UnboundedSender<UsageRecordView>,
@@ -90,6 +97,7 @@ pub async fn start(config: GatewayConfig) -> Result<RunningGateway, GatewayError
     let (usage_tx, usage_rx) = mpsc::unbounded_channel();
     background.push(tokio::spawn(usage::ship(cp, usage_rx)));
     let gateway = Gateway {
+        metrics: Arc::default(),
         routes,
         http: reqwest::Client::builder()
             .pool_max_idle_per_host(256)
@@ -121,6 +129,7 @@ fn router(gateway: Gateway) -> Router {
         .route("/v1/models", get(models))
         .route("/healthz", get(|| async { Json(json!({"status": "ok"})) }))
         .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
         .fallback(|| async {
             openai_error(
                 StatusCode::NOT_FOUND,
@@ -129,7 +138,58 @@ fn router(gateway: Gateway) -> Router {
                 "no such route",
             )
         })
+        .layer(axum::middleware::from_fn_with_state(
+            gateway.clone(),
+            observe,
+        ))
         .with_state(gateway)
+}
+
+/// Counts every request by route and status, with the time to the
+/// response head (streams continue after it).
+async fn observe(State(g): State<Gateway>, req: Request, next: axum::middleware::Next) -> Response {
+    let route = req.uri().path().to_string();
+    let route = if route.starts_with("/v1/") || route == "/healthz" || route == "/readyz" {
+        route
+    } else {
+        "other".into()
+    };
+    let started = std::time::Instant::now();
+    let response = next.run(req).await;
+    if let Ok(mut m) = g.metrics.requests.lock() {
+        let e = m.entry((route, response.status().as_u16())).or_default();
+        e.0 += 1;
+        e.1 += started.elapsed().as_secs_f64();
+    }
+    response
+}
+
+async fn metrics(State(g): State<Gateway>) -> Response {
+    use std::fmt::Write as _;
+    let mut out = String::new();
+    out.push_str("# HELP atrium_gateway_requests_total Requests by route and status.\n# TYPE atrium_gateway_requests_total counter\n");
+    let mut secs = String::from("# HELP atrium_gateway_request_seconds_total Time to the response head.\n# TYPE atrium_gateway_request_seconds_total counter\n");
+    if let Ok(m) = g.metrics.requests.lock() {
+        for ((route, status), (n, s)) in m.iter() {
+            let _ = writeln!(
+                out,
+                "atrium_gateway_requests_total{{route=\"{route}\",status=\"{status}\"}} {n}"
+            );
+            let _ = writeln!(
+                secs,
+                "atrium_gateway_request_seconds_total{{route=\"{route}\",status=\"{status}\"}} {s}"
+            );
+        }
+    }
+    out.push_str(&secs);
+    if let Ok(r) = g.routes.read() {
+        out.push_str("# HELP atrium_gateway_in_flight Requests in flight per replica.\n# TYPE atrium_gateway_in_flight gauge\n");
+        for (replica, n) in r.in_flight() {
+            let _ = writeln!(out, "atrium_gateway_in_flight{{replica=\"{replica}\"}} {n}");
+        }
+        let _ = writeln!(out, "# HELP atrium_gateway_synced Whether the route table has its first snapshot.\n# TYPE atrium_gateway_synced gauge\natrium_gateway_synced {}", u8::from(r.synced()));
+    }
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response()
 }
 
 /// A refused request: the gateway's one error type, answered in OpenAI's

@@ -135,6 +135,22 @@ impl Routes {
         })
     }
 
+    /// Requests in flight per replica name.
+    pub fn in_flight(&self) -> Vec<(String, u64)> {
+        self.replicas
+            .iter()
+            .map(|(id, r)| {
+                (
+                    r.name.clone(),
+                    self.outstanding
+                        .get(id)
+                        .map(|c| c.load(Ordering::Relaxed))
+                        .unwrap_or(0),
+                )
+            })
+            .collect()
+    }
+
     /// The caller's deployment names, sorted.
     pub fn models_of(&self, tenant: &str) -> Vec<String> {
         let mut names: Vec<String> = self

@@ -277,4 +277,20 @@ fn gateway_routes_isolates_and_meters() {
     }
     let usage = up.admin(M::GET, "/v1/usage?tenant=t2", Value::Null);
     assert_eq!(usage["totals"]["requests"], 0);
+
+    // The gateway's own metrics count what it served.
+    let metrics = up
+        .http
+        .get(format!("{}/metrics", up.gateway))
+        .send()
+        .unwrap()
+        .text()
+        .unwrap();
+    assert!(
+        metrics.contains(
+            "atrium_gateway_requests_total{route=\"/v1/chat/completions\",status=\"404\"} 1"
+        ),
+        "{metrics}"
+    );
+    assert!(metrics.contains("atrium_gateway_synced 1"), "{metrics}");
 }

