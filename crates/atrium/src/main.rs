@@ -95,6 +95,8 @@ enum Command {
         #[arg(long, short = 'f')]
         follow: bool,
     },
+    /// Replay a GPU cluster trace under a placement policy (FGD's method).
+    Sim(SimArgs),
     /// Measure this machine: prints a table and writes JSON.
     #[command(subcommand)]
     Bench(BenchCmd),
@@ -124,6 +126,24 @@ struct ServerArgs {
     /// Log level: error, warn, info, debug, trace
     #[arg(long, env = "ATRIUM_LOG", default_value = "info")]
     log: tracing::Level,
+}
+
+#[derive(Args)]
+struct SimArgs {
+    /// Node list CSV (sn,cpu_milli,memory_mib,gpu,model)
+    #[arg(long)]
+    nodes: PathBuf,
+    /// Pod list CSV (name,cpu_milli,memory_mib,num_gpu,gpu_milli,gpu_spec,...)
+    #[arg(long)]
+    pods: PathBuf,
+    /// random, bestfit, packing, dotprod, fgd or atrium
+    #[arg(long, default_value = "atrium")]
+    policy: String,
+    /// Workload size as a multiple of cluster GPU capacity
+    #[arg(long, default_value_t = 1.3)]
+    inflate: f64,
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
 }
 
 #[derive(Subcommand)]
@@ -583,6 +603,7 @@ async fn run(cli: Cli) -> Result<()> {
         }
         Command::Engine(args) => engine(args).await,
         Command::Bench(BenchCmd::Engine { out }) => bench::engine(out).await,
+        Command::Sim(args) => sim(args, cli.global.output.unwrap_or(Output::Table)),
         Command::Model(ModelCmd::Pull {
             name,
             no_requantize,
@@ -948,6 +969,7 @@ async fn client_command(
         | Command::Engine(_)
         | Command::Agent(_)
         | Command::Gateway(_)
+        | Command::Sim(_)
         | Command::Bench(_) => unreachable_command(),
         Command::Logs {
             deployment,
@@ -1296,6 +1318,47 @@ async fn logs(
         }
         tokio::time::sleep(std::time::Duration::from_millis(250)).await;
     }
+}
+
+fn sim(args: SimArgs, output: Output) -> Result<()> {
+    let policy: atrium_sched::policy::Policy =
+        args.policy.parse().map_err(|e: String| anyhow!(e))?;
+    if !(args.inflate > 0.0 && args.inflate <= 10.0) {
+        bail!("--inflate {} must be in (0, 10]", args.inflate);
+    }
+    let read = |p: &PathBuf| {
+        std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))
+    };
+    let nodes = atrium_sched::trace::parse_nodes(&read(&args.nodes)?)
+        .with_context(|| args.nodes.display().to_string())?;
+    let pods = atrium_sched::trace::parse_pods(&read(&args.pods)?)
+        .with_context(|| args.pods.display().to_string())?;
+    let result = atrium_sched::sim::simulate(&nodes, &pods, policy, args.inflate, args.seed);
+    match output {
+        Output::Json => println!("{}", serde_json::to_string_pretty(&result)?),
+        Output::Table => {
+            println!(
+                "policy {} seed {} inflate {}: {} pods, {} failed, {:.0} decisions/s",
+                result.policy,
+                result.seed,
+                result.inflate,
+                result.pods,
+                result.failed_pods,
+                result.decisions_per_sec
+            );
+            println!(
+                "{:>8}  {:>12}  {:>16}",
+                "arrived%", "allocation%", "fragmentation%"
+            );
+            for step in [50usize, 80, 90, 100, 110, 120, 130] {
+                println!(
+                    "{step:>8}  {:>12.2}  {:>16.2}",
+                    result.allocation_pct[step], result.fragmentation_pct[step]
+                );
+            }
+        }
+    }
+    Ok(())
 }
 
 fn unreachable_command() -> Result<()> {

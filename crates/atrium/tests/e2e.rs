@@ -484,3 +484,49 @@ fn cli_manages_a_tenant_end_to_end() {
     assert!(ok);
     assert!(out.starts_with("NAME") && out.contains("acme"), "{out}");
 }
+
+#[test]
+fn sim_replays_a_trace_and_refuses_bad_input() {
+    let dir = tempfile::tempdir().unwrap();
+    let nodes = dir.path().join("nodes.csv");
+    let pods = dir.path().join("pods.csv");
+    std::fs::write(
+        &nodes,
+        "sn,cpu_milli,memory_mib,gpu,model\nn0,32000,65536,4,T4\nn1,32000,65536,4,T4\n",
+    )
+    .unwrap();
+    std::fs::write(
+        &pods,
+        "name,cpu_milli,memory_mib,num_gpu,gpu_milli,gpu_spec\np0,2000,1024,1,500,\np1,4000,1024,2,1000,T4\np2,1000,512,0,0,\n",
+    )
+    .unwrap();
+    let run = |policy: &str| {
+        Command::new(BIN)
+            .args(["sim", "--policy", policy, "--seed", "7", "-o", "json"])
+            .arg("--nodes")
+            .arg(&nodes)
+            .arg("--pods")
+            .arg(&pods)
+            .output()
+            .unwrap()
+    };
+    let out = run("fgd");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["allocation_pct"].as_array().unwrap().len(), 131);
+    assert_eq!(v["fragmentation_pct"].as_array().unwrap().len(), 131);
+    assert!(
+        v["failed_pods"].as_u64().unwrap() > 0,
+        "130% of capacity cannot fit"
+    );
+    let again: Value = serde_json::from_slice(&run("fgd").stdout).unwrap();
+    assert_eq!(again["allocation_pct"], v["allocation_pct"], "same seed, same placements");
+    assert_eq!(again["fragmentation_pct"], v["fragmentation_pct"]);
+    let bad = run("nonsense");
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("unknown policy"));
+}

@@ -1,0 +1,184 @@
+//! FGD's fragmentation measure, as the authors' simulator computes it
+//! (`NodeGpuShareFragAmountScore`): for each typical pod shape with
+//! popularity p, the idle GPU-milli of a node that shape could not use
+//! there, weighted by p, summed over shapes.
+//!
+//! A shape "cannot use" idle GPU capacity when the node cannot host it at
+//! all (too little CPU, wrong GPU model, too few GPUs with enough free
+//! share) — then all idle GPU-milli count — or, when it can, the GPUs whose
+//! free share is below what the shape asks. CPU-only shapes count all idle
+//! GPU-milli (they can never use it), exactly as the reference does.
+
+use std::collections::HashMap;
+
+use crate::trace::Pod;
+
+/// A pod shape that stands for many pods, with its share of them.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Shape {
+    pub cpu_milli: u32,
+    pub num_gpu: u32,
+    pub gpu_milli: u32,
+    /// Bit i set: GPU model i is acceptable (all set when unrestricted).
+    pub models: u64,
+    pub popularity: f64,
+}
+
+/// The typical shapes of a workload: shapes (CPU, GPU count, GPU share,
+/// GPU models; memory is not part of a shape) sorted by frequency, taken in
+/// steps of 10 until they cover `threshold_pct` of the pods, popularities
+/// renormalised to sum to 1 — the reference's `GetTypicalPods` with
+/// CPU-only pods included and a 95% threshold.
+pub fn typical_shapes(
+    pods: &[Pod],
+    model_index: &dyn Fn(&str) -> Option<usize>,
+    threshold_pct: f64,
+) -> Vec<Shape> {
+    let mut counts: HashMap<(u32, u32, u32, u64), f64> = HashMap::new();
+    for p in pods {
+        let models = if p.gpu_spec.is_empty() {
+            u64::MAX
+        } else {
+            p.gpu_spec
+                .iter()
+                .filter_map(|m| model_index(m))
+                .fold(0u64, |acc, i| acc | (1 << i))
+        };
+        *counts
+            .entry((p.cpu_milli, p.num_gpu, p.gpu_milli, models))
+            .or_default() += 1.0;
+    }
+    let total = pods.len() as f64;
+    let mut sorted: Vec<((u32, u32, u32, u64), f64)> = counts.into_iter().collect();
+    // Most frequent first; ties in a fixed order so runs are reproducible.
+    sorted.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+    let expected = threshold_pct / 100.0 * total;
+    let mut taken = 0usize;
+    let mut covered = 0.0;
+    while covered < expected && taken < sorted.len() {
+        let end = (taken + 10).min(sorted.len());
+        covered += sorted[taken..end].iter().map(|s| s.1).sum::<f64>();
+        taken = end;
+    }
+    sorted[..taken]
+        .iter()
+        .map(|((cpu_milli, num_gpu, gpu_milli, models), n)| Shape {
+            cpu_milli: *cpu_milli,
+            num_gpu: *num_gpu,
+            gpu_milli: *gpu_milli,
+            models: *models,
+            popularity: n / covered,
+        })
+        .collect()
+}
+
+/// The fragmentation (GPU-milli) of a node with `cpu_left` CPU, GPUs of
+/// model `model` (None: CPU-only node) and `gpu_left` free milli per GPU.
+pub fn node_fragmentation(
+    cpu_left: u32,
+    model: Option<usize>,
+    gpu_left: &[u16],
+    shapes: &[Shape],
+) -> f64 {
+    let total: u64 = gpu_left.iter().map(|g| u64::from(*g)).sum();
+    if total == 0 {
+        return 0.0;
+    }
+    let total = total as f64;
+    let mut frag = 0.0;
+    for s in shapes {
+        if s.gpu_milli == 0 {
+            frag += s.popularity * total;
+            continue;
+        }
+        let accessible = model.is_some_and(|m| s.models & (1 << m) != 0);
+        if !accessible {
+            frag += s.popularity * total;
+            continue;
+        }
+        let fitting = gpu_left
+            .iter()
+            .filter(|g| u32::from(**g) >= s.gpu_milli)
+            .count() as u32;
+        if fitting >= s.num_gpu && cpu_left >= s.cpu_milli {
+            let unusable: u64 = gpu_left
+                .iter()
+                .filter(|g| u32::from(**g) < s.gpu_milli)
+                .map(|g| u64::from(*g))
+                .sum();
+            frag += s.popularity * unusable as f64;
+        } else {
+            frag += s.popularity * total;
+        }
+    }
+    frag
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn shape(cpu: u32, n: u32, milli: u32, p: f64) -> Shape {
+        Shape {
+            cpu_milli: cpu,
+            num_gpu: n,
+            gpu_milli: milli,
+            models: u64::MAX,
+            popularity: p,
+        }
+    }
+
+    #[test]
+    fn matches_the_reference_cases() {
+        // A half-used GPU is a fragment for a whole-GPU shape, not for a
+        // quarter-GPU shape; a CPU shape counts all idle GPU.
+        let shapes = [
+            shape(1000, 1, 1000, 0.5),
+            shape(1000, 1, 250, 0.25),
+            shape(1000, 0, 0, 0.25),
+        ];
+        let f = node_fragmentation(8000, Some(0), &[1000, 500], &shapes);
+        assert!(
+            (f - (0.5 * 500.0 + 0.25 * 0.0 + 0.25 * 1500.0)).abs() < 1e-9,
+            "{f}"
+        );
+        // Without CPU for the shapes, every idle GPU-milli is a fragment.
+        let f = node_fragmentation(0, Some(0), &[1000, 500], &shapes);
+        assert!((f - 1500.0).abs() < 1e-9, "{f}");
+        // Nothing idle, nothing fragmented.
+        assert_eq!(node_fragmentation(8000, Some(0), &[0, 0], &shapes), 0.0);
+        // A shape restricted to another model cannot use this node at all.
+        let other = [Shape {
+            models: 0b10,
+            ..shape(1000, 1, 500, 1.0)
+        }];
+        assert_eq!(node_fragmentation(8000, Some(0), &[1000], &other), 1000.0);
+    }
+
+    #[test]
+    fn typical_shapes_cover_the_threshold_and_sum_to_one() {
+        let mut pods = Vec::new();
+        for i in 0..30u32 {
+            for _ in 0..(30 - i) {
+                pods.push(Pod {
+                    cpu_milli: 1000 * (i + 1),
+                    memory_mib: 1,
+                    num_gpu: 1,
+                    gpu_milli: 1000,
+                    gpu_spec: vec![],
+                });
+            }
+        }
+        // 30 shapes with 30, 29, ... 1 pods (465): the first ten hold 255.
+        let shapes = typical_shapes(&pods, &|_| Some(0), 50.0);
+        assert_eq!(shapes.len(), 10, "ten cover 50%");
+        let shapes = typical_shapes(&pods, &|_| Some(0), 60.0);
+        assert_eq!(
+            shapes.len(),
+            20,
+            "taken in steps of ten until 60% is covered"
+        );
+        assert!((shapes.iter().map(|s| s.popularity).sum::<f64>() - 1.0).abs() < 1e-9);
+        assert_eq!(shapes[0].cpu_milli, 1000, "most frequent first");
+    }
+}
