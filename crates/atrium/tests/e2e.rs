@@ -524,7 +524,10 @@ fn sim_replays_a_trace_and_refuses_bad_input() {
         "130% of capacity cannot fit"
     );
     let again: Value = serde_json::from_slice(&run("fgd").stdout).unwrap();
-    assert_eq!(again["allocation_pct"], v["allocation_pct"], "same seed, same placements");
+    assert_eq!(
+        again["allocation_pct"], v["allocation_pct"],
+        "same seed, same placements"
+    );
     assert_eq!(again["fragmentation_pct"], v["fragmentation_pct"]);
     let bad = run("nonsense");
     assert!(!bad.status.success());
