@@ -93,24 +93,19 @@ pub fn parse_nodes(csv: &str) -> Result<Vec<NodeSpec>, ParseError> {
     Ok(out)
 }
 
-/// Parses `name,cpu_milli,memory_mib,num_gpu,gpu_milli,gpu_spec,...`
-/// (`gpu_spec` is `|`-separated models).
+/// Parses `name,cpu_milli,memory_mib,num_gpu,gpu_milli[,gpu_spec,...]`
+/// (`gpu_spec`, `|`-separated models, is optional: some traces lack it).
 pub fn parse_pods(csv: &str) -> Result<Vec<Pod>, ParseError> {
     let mut lines = csv.lines();
     let header = lines.next().ok_or(ParseError {
         line: 1,
         message: "empty file".into(),
     })?;
-    let c = columns(
-        header,
-        &[
-            "cpu_milli",
-            "memory_mib",
-            "num_gpu",
-            "gpu_milli",
-            "gpu_spec",
-        ],
-    )?;
+    let c = columns(header, &["cpu_milli", "memory_mib", "num_gpu", "gpu_milli"])?;
+    let spec_column = header
+        .split(',')
+        .map(str::trim)
+        .position(|n| n == "gpu_spec");
     let mut out = Vec::new();
     for (i, l) in lines.enumerate().filter(|(_, l)| !l.trim().is_empty()) {
         let line = i + 2;
@@ -126,10 +121,10 @@ pub fn parse_pods(csv: &str) -> Result<Vec<Pod>, ParseError> {
                 message: format!("{num_gpu} GPUs of {gpu_milli} milli is not a valid request"),
             });
         }
-        let mut gpu_spec: Vec<String> = cells
-            .get(c[4])
-            .copied()
-            .unwrap_or("")
+        let spec = spec_column
+            .and_then(|i| cells.get(i).copied())
+            .unwrap_or("");
+        let mut gpu_spec: Vec<String> = spec
             .split('|')
             .map(str::trim)
             .filter(|s| !s.is_empty())
@@ -178,5 +173,8 @@ mod tests {
                 .unwrap_err();
         assert_eq!(bad.line, 2);
         assert!(parse_pods("cpu_milli\n1\n").is_err());
+        let no_spec =
+            parse_pods("name,cpu_milli,memory_mib,num_gpu,gpu_milli\np,1000,1,1,1000\n").unwrap();
+        assert!(no_spec[0].gpu_spec.is_empty());
     }
 }
