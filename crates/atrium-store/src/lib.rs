@@ -564,6 +564,34 @@ impl Store {
             .collect()
     }
 
+    /// Starts a write transaction and takes its revision. Bumping the one
+    /// revision row first serialises writers on both backends (a row lock
+    /// on PostgreSQL; on SQLite the write lock, queued in-process by the
+    /// returned guard), so revisions commit in the order they are taken.
+    async fn begin_write(
+        &self,
+    ) -> Result<
+        (
+            Option<tokio::sync::MutexGuard<'_, ()>>,
+            sqlx::Transaction<'static, sqlx::Any>,
+            i64,
+        ),
+        StoreError,
+    > {
+        let writer = match self.inner.backend {
+            Backend::Sqlite => Some(self.inner.sqlite_writer.lock().await),
+            Backend::Postgres => None,
+        };
+        let mut tx = self.inner.pool.begin().await?;
+        let revision: i64 = sqlx::query(
+            "UPDATE atrium_revision SET value = value + 1 WHERE id = 1 RETURNING value",
+        )
+        .fetch_one(&mut *tx)
+        .await?
+        .try_get(0)?;
+        Ok((writer, tx, revision))
+    }
+
     /// Applies `write` atomically with `precondition`, recording `audit`.
     /// Returns the change it made.
     pub async fn write<E>(
@@ -572,19 +600,7 @@ impl Store {
         precondition: Option<Precondition<E>>,
         audit: AuditContext,
     ) -> Result<Change, WriteError<E>> {
-        let _writer = match self.inner.backend {
-            Backend::Sqlite => Some(self.inner.sqlite_writer.lock().await),
-            Backend::Postgres => None,
-        };
-        let mut tx = self.inner.pool.begin().await.map_err(StoreError::from)?;
-        let revision: i64 = sqlx::query(
-            "UPDATE atrium_revision SET value = value + 1 WHERE id = 1 RETURNING value",
-        )
-        .fetch_one(&mut *tx)
-        .await
-        .map_err(StoreError::from)?
-        .try_get(0)
-        .map_err(StoreError::from)?;
+        let (_writer, mut tx, revision) = self.begin_write().await?;
         if let Some(p) = precondition {
             let mut read = Vec::with_capacity(p.reads.len());
             for sel in &p.reads {
@@ -789,17 +805,7 @@ impl Store {
         batch_id: &str,
         records: &[UsageRecord],
     ) -> Result<bool, StoreError> {
-        let _writer = match self.inner.backend {
-            Backend::Sqlite => Some(self.inner.sqlite_writer.lock().await),
-            Backend::Postgres => None,
-        };
-        let mut tx = self.inner.pool.begin().await?;
-        let revision: i64 = sqlx::query(
-            "UPDATE atrium_revision SET value = value + 1 WHERE id = 1 RETURNING value",
-        )
-        .fetch_one(&mut *tx)
-        .await?
-        .try_get(0)?;
+        let (_writer, mut tx, revision) = self.begin_write().await?;
         let fresh = sqlx::query("INSERT INTO usage_batches (batch_id, revision) VALUES ($1, $2) ON CONFLICT (batch_id) DO NOTHING")
             .bind(batch_id)
             .bind(revision)

@@ -133,7 +133,7 @@ fn openai_sdk_against_atrium_up_demo() {
     }
 }
 
-fn placement(facts: &Value, name: &str) -> Value {
+fn placements(facts: &Value) -> Vec<Value> {
     let resp = reqwest::blocking::Client::new()
         .get(format!(
             "{}/v1/placements",
@@ -143,28 +143,18 @@ fn placement(facts: &Value, name: &str) -> Value {
         .send()
         .unwrap();
     let v: Value = resp.json().unwrap();
-    v["items"]
-        .as_array()
-        .unwrap()
-        .iter()
+    v["items"].as_array().unwrap().clone()
+}
+
+fn placement(facts: &Value, name: &str) -> Value {
+    placements(facts)
+        .into_iter()
         .find(|p| p["name"] == name)
-        .cloned()
         .unwrap_or(Value::Null)
 }
 
 fn replica_endpoints(facts: &Value) -> Vec<String> {
-    let resp = reqwest::blocking::Client::new()
-        .get(format!(
-            "{}/v1/placements",
-            facts["server_url"].as_str().unwrap()
-        ))
-        .bearer_auth(facts["admin_token"].as_str().unwrap())
-        .send()
-        .unwrap();
-    let v: Value = resp.json().unwrap();
-    v["items"]
-        .as_array()
-        .unwrap()
+    placements(facts)
         .iter()
         .filter_map(|p| p["status"]["endpoint"].as_str().map(str::to_string))
         .collect()
