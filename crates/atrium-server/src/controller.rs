@@ -390,11 +390,15 @@ pub async fn reconcile(store: &Store) -> Result<Outcome, atrium_store::StoreErro
     Ok(outcome)
 }
 
-/// Runs `reconcile` after every store change (debounced) and every few
-/// seconds, until `stop` turns true.
+/// Runs `reconcile` after every change to the resources (debounced) and
+/// every few seconds, until `stop` turns true. Revisions that carry no
+/// resource change (usage batches from gateways) do not wake it: under
+/// load they arrive several times a second and would re-run every pass.
 pub async fn run(store: Store, mut stop: tokio::sync::watch::Receiver<bool>) {
     let mut heads = store.subscribe();
     loop {
+        // Taken before reading, so writes during the pass wake the next one.
+        let mut seen = *heads.borrow_and_update();
         match reconcile(&store).await {
             Ok(o) if o != Outcome::default() => tracing::info!(?o, "placement pass"),
             Ok(_) => {}
@@ -402,11 +406,24 @@ pub async fn run(store: Store, mut stop: tokio::sync::watch::Receiver<bool>) {
         }
         // Our own writes move the head too; the next pass then finds
         // nothing to do and the loop settles.
-        let _ = heads.borrow_and_update();
-        tokio::select! {
-            _ = heads.changed() => tokio::time::sleep(Duration::from_millis(20)).await,
-            _ = tokio::time::sleep(Duration::from_secs(5)) => {}
-            _ = stop.changed() => return,
+        let tick = tokio::time::sleep(Duration::from_secs(5));
+        tokio::pin!(tick);
+        loop {
+            tokio::select! {
+                changed = heads.changed() => {
+                    if changed.is_err() {
+                        return;
+                    }
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    let head = *heads.borrow_and_update();
+                    match store.changes(seen, head, None, &TenantFilter::All, 1).await {
+                        Ok(c) if c.is_empty() => seen = head,
+                        _ => break,
+                    }
+                }
+                _ = &mut tick => break,
+                _ = stop.changed() => return,
+            }
         }
     }
 }
