@@ -312,48 +312,31 @@ async fn bad_input_gets_a_4xx_naming_the_field() {
         "{v}"
     );
     // Bad query parameters, routes and methods.
-    let (got, v) = s
-        .call(Method::GET, "/v1/deployments?limit=0", Some(&s.admin), None)
-        .await;
-    assert_eq!(
-        (got, v["error"]["code"].as_str()),
-        (400, Some("invalid_query"))
-    );
-    let (got, v) = s
-        .call(
+    let refusals = [
+        (Method::GET, "/v1/deployments?limit=0", 400, "invalid_query"),
+        (
             Method::GET,
             "/v1/deployments?limit=abc",
-            Some(&s.admin),
-            None,
-        )
-        .await;
-    assert_eq!(
-        (got, v["error"]["code"].as_str()),
-        (400, Some("invalid_query"))
-    );
-    let (got, v) = s
-        .call(
+            400,
+            "invalid_query",
+        ),
+        (
             Method::GET,
             "/v1/deployments?frobnicate=1",
-            Some(&s.admin),
-            None,
-        )
-        .await;
-    assert_eq!(
-        (got, v["error"]["code"].as_str()),
-        (400, Some("invalid_query"))
-    );
-    let (got, v) = s
-        .call(Method::GET, "/v1/nothing", Some(&s.admin), None)
-        .await;
-    assert_eq!((got, v["error"]["code"].as_str()), (404, Some("no_route")));
-    let (got, v) = s
-        .call(Method::PATCH, "/v1/deployments", Some(&s.admin), None)
-        .await;
-    assert_eq!(
-        (got, v["error"]["code"].as_str()),
-        (405, Some("method_not_allowed"))
-    );
+            400,
+            "invalid_query",
+        ),
+        (Method::GET, "/v1/nothing", 404, "no_route"),
+        (Method::PATCH, "/v1/deployments", 405, "method_not_allowed"),
+    ];
+    for (method, path, status, code) in refusals {
+        let (got, v) = s.call(method, path, Some(&s.admin), None).await;
+        assert_eq!(
+            (got, v["error"]["code"].as_str()),
+            (status, Some(code)),
+            "{path}"
+        );
+    }
     // Nothing was created by any of it, and the server still answers.
     let listed = s.admin(Method::GET, "/v1/deployments", Value::Null).await;
     assert_eq!(listed["items"].as_array().unwrap().len(), 0);

@@ -15,15 +15,9 @@ use std::time::{Duration, Instant};
 use atrium_store::testing::{fresh_database_url, TestBackend};
 use serde_json::{json, Value};
 
-const BIN: &str = env!("CARGO_BIN_EXE_atrium");
+mod common;
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+use common::{free_port, BIN};
 
 struct ServerProcess {
     child: Child,

@@ -14,15 +14,9 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-const BIN: &str = env!("CARGO_BIN_EXE_atrium");
+mod common;
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+use common::{free_port, terminate, BIN};
 
 /// SIGTERMs `atrium up` however the test ends, so its replicas never
 /// outlive a failed run.
@@ -30,9 +24,7 @@ struct Terminate(u32);
 
 impl Drop for Terminate {
     fn drop(&mut self) {
-        let _ = Command::new("kill")
-            .args(["-TERM", &self.0.to_string()])
-            .status();
+        terminate(self.0);
     }
 }
 
@@ -107,10 +99,7 @@ fn openai_sdk_against_atrium_up_demo() {
     // Ctrl-C (SIGTERM here) stops everything, replicas included.
     let endpoints = replica_endpoints(&facts);
     assert_eq!(endpoints.len(), 4, "{endpoints:?}");
-    Command::new("kill")
-        .args(["-TERM", &up.id().to_string()])
-        .status()
-        .unwrap();
+    terminate(up.id());
     let stop_deadline = Instant::now() + Duration::from_secs(30);
     while up.try_wait().unwrap().is_none() {
         assert!(
