@@ -114,6 +114,51 @@ pub fn node_fragmentation(
     frag
 }
 
+/// What the workload pairs with each GPU it asks for: CPU and memory per
+/// GPU, over its GPU pods. A node whose idle GPUs lack this much CPU or
+/// memory will likely strand them; FGD's shapes see that only as a cliff
+/// (a shape fits or not), this sees it as a slope.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Pairing {
+    pub cpu_milli_per_gpu: f64,
+    pub memory_mib_per_gpu: f64,
+}
+
+impl Pairing {
+    pub fn of(pods: &[Pod]) -> Pairing {
+        let (mut gpu, mut cpu, mut mem) = (0.0, 0.0, 0.0);
+        for p in pods.iter().filter(|p| p.num_gpu > 0) {
+            gpu += p.gpu_request() as f64 / 1000.0;
+            cpu += f64::from(p.cpu_milli);
+            mem += f64::from(p.memory_mib);
+        }
+        if gpu == 0.0 {
+            return Pairing {
+                cpu_milli_per_gpu: 0.0,
+                memory_mib_per_gpu: 0.0,
+            };
+        }
+        Pairing {
+            cpu_milli_per_gpu: cpu / gpu,
+            memory_mib_per_gpu: mem / gpu,
+        }
+    }
+
+    /// Idle GPU-milli on a node that lacks the CPU or memory to go with it
+    /// (the larger of the two shortfalls, in GPU-milli).
+    pub fn stranded(&self, cpu_left: u32, mem_left: u32, gpu_left: &[u16]) -> f64 {
+        let idle_gpus = gpu_left.iter().map(|g| f64::from(*g)).sum::<f64>() / 1000.0;
+        let short = |per_gpu: f64, left: u32| {
+            if per_gpu <= 0.0 {
+                0.0
+            } else {
+                (idle_gpus * per_gpu - f64::from(left)).max(0.0) / per_gpu * 1000.0
+            }
+        };
+        short(self.cpu_milli_per_gpu, cpu_left).max(short(self.memory_mib_per_gpu, mem_left))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -153,6 +198,31 @@ mod tests {
             ..shape(1000, 1, 500, 1.0)
         }];
         assert_eq!(node_fragmentation(8000, Some(0), &[1000], &other), 1000.0);
+    }
+
+    #[test]
+    fn stranding_is_the_shortfall_of_cpu_or_memory_in_gpu_milli() {
+        let pod = |cpu, mem, n, milli| Pod {
+            cpu_milli: cpu,
+            memory_mib: mem,
+            num_gpu: n,
+            gpu_milli: milli,
+            gpu_spec: vec![],
+        };
+        // CPU pods do not count; 2 GPUs asked with 16 CPU and 64 GiB.
+        let pairing = Pairing::of(&[
+            pod(12000, 65536, 1, 1000),
+            pod(2000, 0, 1, 500),
+            pod(2000, 0, 1, 500),
+            pod(50000, 1, 0, 0),
+        ]);
+        assert_eq!(pairing.cpu_milli_per_gpu, 8000.0);
+        assert_eq!(pairing.memory_mib_per_gpu, 32768.0);
+        // Two idle GPUs want 16 CPU: with 12 left, half a GPU is stranded.
+        assert_eq!(pairing.stranded(12000, 1 << 20, &[1000, 1000]), 500.0);
+        // Memory short by a whole GPU's worth dominates.
+        assert_eq!(pairing.stranded(16000, 32768, &[1000, 1000]), 1000.0);
+        assert_eq!(pairing.stranded(16000, 65536, &[1000, 1000]), 0.0);
     }
 
     #[test]

@@ -11,7 +11,6 @@ use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use serde::Serialize;
 
-use crate::frag::typical_shapes;
 use crate::policy::{Cluster, Policy};
 use crate::trace::{NodeSpec, Pod};
 
@@ -61,8 +60,7 @@ pub fn simulate(
     let mut cluster = Cluster::new(nodes);
     let capacity = cluster.gpu_capacity().max(1);
     let workload = tuned_workload(pods, capacity, inflate, &mut rng);
-    let shapes = typical_shapes(&workload, &|m| cluster.model_index(m), 95.0);
-    cluster.set_shapes(shapes);
+    cluster.set_workload(&workload);
 
     let mut allocation = Vec::with_capacity(STEPS);
     let mut fragmentation = Vec::with_capacity(STEPS);

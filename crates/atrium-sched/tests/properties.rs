@@ -4,7 +4,6 @@
 //! the same seed gives the same placements.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use atrium_sched::frag::typical_shapes;
 use atrium_sched::policy::{Cluster, Policy};
 use atrium_sched::trace::{NodeSpec, Pod};
 use proptest::prelude::*;
@@ -59,8 +58,7 @@ proptest! {
         }
         for policy in Policy::ALL {
             let mut cluster = Cluster::new(&nodes);
-            let shapes = typical_shapes(&pods, &|m| cluster.model_index(m), 95.0);
-            cluster.set_shapes(shapes);
+            cluster.set_workload(&pods);
             let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
             let mut placed_gpu = 0u64;
             let mut decisions = Vec::new();
@@ -94,7 +92,7 @@ proptest! {
             prop_assert_eq!(cluster.gpu_allocated(), placed_gpu);
             // Deterministic for a seed.
             let mut again = Cluster::new(&nodes);
-            again.set_shapes(typical_shapes(&pods, &|m| again.model_index(m), 95.0));
+            again.set_workload(&pods);
             let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
             for (p, d) in pods.iter().zip(&decisions) {
                 let d2 = again.choose(p, policy, &mut rng);
