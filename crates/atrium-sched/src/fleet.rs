@@ -21,7 +21,7 @@
 //! Speed: nodes in identical state (same static class and the same use)
 //! score identically, so candidates are scored once per class of such
 //! nodes, kept up to date as bindings change; the first node of the class
-//! by name stands for it. A fleet of thousands of nodes has few classes.
+//! by name stands for it, and at most `CANDIDATES` states are scored.
 //!
 //! Everything here is pure and deterministic: the same calls in the same
 //! order give the same bindings.
@@ -277,6 +277,18 @@ struct GpuUse {
     tenants: Vec<u32>,
 }
 
+impl GpuUse {
+    /// Free capacity as the fragmentation measure sees it: a GPU in MIG
+    /// mode only takes MIG requests, so count its free compute slices.
+    fn free_for_scoring(&self) -> u16 {
+        if self.mig.instances > 0 {
+            (u16::from(mig::COMPUTE_SLICES.saturating_sub(self.mig.compute)) * 1000) / 7
+        } else {
+            1000u16.saturating_sub(self.milli)
+        }
+    }
+}
+
 #[derive(Debug, Clone, Default)]
 struct NodeUse {
     cpu_milli: u64,
@@ -326,9 +338,13 @@ struct Choice {
 pub struct Fleet {
     nodes: Vec<Node>,
     static_class: Vec<u32>,
+    static_count: usize,
     used: Vec<NodeUse>,
-    keys: Vec<ClassKey>,
-    classes: HashMap<ClassKey, BTreeSet<usize>>,
+    /// Interned class of each node's state, and a summary of what it can
+    /// still take, both updated on every bind and release.
+    class_ids: HashMap<ClassKey, u32>,
+    class_of: Vec<u32>,
+    summary: Vec<Summary>,
     models: Vec<String>,
     tenants: BTreeMap<String, TenantPolicy>,
     tenant_index: HashMap<String, u32>,
@@ -342,6 +358,100 @@ pub struct Fleet {
     shapes: Vec<Shape>,
     pairing: Pairing,
     profiled_at: usize,
+}
+
+/// Most distinct candidate states scored per decision, taken in node-name
+/// order. Scoring every state of a large, busy fleet costs milliseconds
+/// (a 10,000-node fleet under a varied workload has thousands); like
+/// kube-scheduler's `percentageOfNodesToScore`, a bounded sample keeps a
+/// decision fast, and taking it in name order keeps the packing that ties
+/// in name order give.
+const CANDIDATES: usize = 128;
+
+/// What a node can still take, to rule it out without scoring.
+#[derive(Debug, Clone, Copy, Default)]
+struct Summary {
+    cpu_free: u64,
+    memory_free: u64,
+    /// Most free whole GPUs in one NVLink domain.
+    whole_in_domain: u8,
+    /// Largest free share of a GPU not in MIG mode.
+    share_max: u16,
+    /// Bit k: `mig::ALL_PROFILES[k]` can start on some GPU.
+    mig_open: u16,
+    /// The tenants here: none, exactly one, or several.
+    tenants: Tenants,
+    /// A dedicated-node tenant holding the node.
+    dedicated_to: Option<u32>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+enum Tenants {
+    #[default]
+    None,
+    One(u32),
+    Several,
+}
+
+impl Summary {
+    /// Node isolation, as `Fleet::tenancy_allows` judges it on a full use.
+    fn tenancy_allows(&self, t: u32, isolation: Isolation) -> Result<(), &'static str> {
+        let others = match self.tenants {
+            Tenants::None => false,
+            Tenants::One(x) => x != t,
+            Tenants::Several => true,
+        };
+        if isolation == Isolation::DedicatedNode && others {
+            return Err("shared with another tenant (tenant is dedicated-node)");
+        }
+        if self.dedicated_to.is_some_and(|x| x != t) {
+            return Err("dedicated to another tenant");
+        }
+        Ok(())
+    }
+
+    /// Rules out what cannot fit; the reasons match `Fleet::options`.
+    fn admits(&self, r: &Request) -> Result<(), &'static str> {
+        if self.cpu_free < r.cpu_milli || self.memory_free < r.memory_mib {
+            return Err("not enough free CPU or memory");
+        }
+        match r.gpu {
+            GpuAsk::None => Ok(()),
+            GpuAsk::Whole(n) if u32::from(self.whole_in_domain) < n => Err(if n > 1 {
+                "no NVLink domain with enough free GPUs of a fitting model"
+            } else {
+                "no free GPU of a fitting model"
+            }),
+            GpuAsk::Share(m) if u32::from(self.share_max) < m => {
+                Err("no GPU with that much free share and memory")
+            }
+            GpuAsk::Mig(p) => {
+                let open = mig::ALL_PROFILES
+                    .iter()
+                    .position(|x| *x == p)
+                    .is_some_and(|k| self.mig_open & (1 << k) != 0);
+                if open {
+                    Ok(())
+                } else {
+                    Err("no MIG-capable GPU with a free position for that profile")
+                }
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
+/// Whether sites and residency let `r` onto `node`.
+fn static_allows(node: &Node, r: &Request, policy: &TenantPolicy) -> Result<(), &'static str> {
+    if !r.sites.is_empty() && !r.sites.contains(&node.site) {
+        return Err("not in the requested sites");
+    }
+    if let Some(js) = &policy.jurisdictions {
+        if !js.contains(&node.jurisdiction) {
+            return Err("outside the tenant's residency");
+        }
+    }
+    Ok(())
 }
 
 fn sigmoid(x: f64) -> f64 {
@@ -392,10 +502,12 @@ impl Fleet {
         });
         let mut fleet = Fleet {
             nodes,
+            static_count: statics.len(),
             static_class,
             used,
-            keys: Vec::new(),
-            classes: HashMap::new(),
+            class_ids: HashMap::new(),
+            class_of: Vec::new(),
+            summary: Vec::new(),
             models,
             tenants: BTreeMap::new(),
             tenant_index: HashMap::new(),
@@ -411,9 +523,10 @@ impl Fleet {
         for (name, policy) in tenants {
             fleet.set_tenant(&name, policy);
         }
-        fleet.keys = (0..fleet.nodes.len()).map(|i| fleet.key_of(i)).collect();
-        for (i, k) in fleet.keys.iter().enumerate() {
-            fleet.classes.entry(k.clone()).or_default().insert(i);
+        fleet.class_of = vec![0; fleet.nodes.len()];
+        fleet.summary = vec![Summary::default(); fleet.nodes.len()];
+        for i in 0..fleet.nodes.len() {
+            fleet.rekey(i);
         }
         fleet
     }
@@ -426,7 +539,15 @@ impl Fleet {
                 .insert(name.to_string(), self.tenant_names.len() as u32);
             self.tenant_names.push(name.to_string());
         }
+        let isolation_changed =
+            self.tenants.get(name).map(|p| p.isolation) != Some(policy.isolation);
         self.tenants.insert(name.to_string(), policy);
+        // Node summaries record dedicated-node holders.
+        if isolation_changed {
+            for i in 0..self.summary.len() {
+                self.summary[i] = self.summary_of(i, &self.used[i]);
+            }
+        }
     }
 
     pub fn nodes(&self) -> &[Node] {
@@ -457,7 +578,10 @@ impl Fleet {
 
     /// Distinct node states the scorer evaluates (for the benchmark).
     pub fn class_count(&self) -> usize {
-        self.classes.len()
+        self.class_of
+            .iter()
+            .collect::<std::collections::HashSet<_>>()
+            .len()
     }
 
     fn key_of(&self, i: usize) -> ClassKey {
@@ -491,15 +615,61 @@ impl Fleet {
     }
 
     fn rekey(&mut self, i: usize) {
-        let new = self.key_of(i);
-        let old = std::mem::replace(&mut self.keys[i], new.clone());
-        if let Some(set) = self.classes.get_mut(&old) {
-            set.remove(&i);
-            if set.is_empty() {
-                self.classes.remove(&old);
+        let key = self.key_of(i);
+        let next = self.class_ids.len() as u32;
+        self.class_of[i] = *self.class_ids.entry(key).or_insert(next);
+        self.summary[i] = self.summary_of(i, &self.used[i]);
+    }
+
+    fn summary_of(&self, i: usize, u: &NodeUse) -> Summary {
+        let node = &self.nodes[i];
+        let mut domains: BTreeMap<Option<&str>, u8> = BTreeMap::new();
+        let mut share_max = 0u16;
+        let mut mig_open = 0u16;
+        for (g, gu) in node.gpus.iter().zip(&u.gpus) {
+            if gu.mig.instances == 0 {
+                share_max = share_max.max(1000u16.saturating_sub(gu.milli));
+                if gu.milli == 0 && gu.tenants.is_empty() {
+                    *domains.entry(g.nvlink.as_deref()).or_default() += 1;
+                }
+            }
+            if g.mig_capable && gu.milli == 0 {
+                if let Some(geometry) = mig::geometry(&g.model) {
+                    for (k, spec) in mig::ALL_PROFILES.iter().enumerate() {
+                        let open = geometry
+                            .iter()
+                            .find(|s| s.profile == *spec)
+                            .is_some_and(|s| gu.mig.best_start(geometry, s).is_some());
+                        if open {
+                            mig_open |= 1 << k;
+                        }
+                    }
+                }
             }
         }
-        self.classes.entry(new).or_default().insert(i);
+        let mut distinct = u.tenants.clone();
+        distinct.sort_unstable();
+        distinct.dedup();
+        let tenants = match distinct.as_slice() {
+            [] => Tenants::None,
+            [one] => Tenants::One(*one),
+            _ => Tenants::Several,
+        };
+        let dedicated_to = distinct.iter().copied().find(|x| {
+            self.tenant_names
+                .get(*x as usize)
+                .and_then(|n| self.tenants.get(n))
+                .is_some_and(|p| p.isolation == Isolation::DedicatedNode)
+        });
+        Summary {
+            tenants,
+            dedicated_to,
+            cpu_free: node.cpu_milli.saturating_sub(u.cpu_milli),
+            memory_free: node.memory_mib.saturating_sub(u.memory_mib),
+            whole_in_domain: domains.values().copied().max().unwrap_or(0),
+            share_max,
+            mig_open,
+        }
     }
 
     /// Re-learns the workload profile as requests arrive: at first often,
@@ -533,66 +703,17 @@ impl Fleet {
     /// Fragmentation plus weighted stranding of a node in a given use, by
     /// the GPU model of its first GPU (nodes carry one model, as in the
     /// traces; mixed nodes are scored by their first).
-    fn cost(&self, node: &Node, u: &NodeUse) -> f64 {
-        let cpu_left = node.cpu_milli.saturating_sub(u.cpu_milli);
-        let mem_left = node.memory_mib.saturating_sub(u.memory_mib);
-        let gpu_left: Vec<u16> = u
-            .gpus
-            .iter()
-            .map(|g| {
-                if g.mig.instances > 0 {
-                    // Only MIG requests use it: count its free compute.
-                    (u16::from(mig::COMPUTE_SLICES - g.mig.compute.min(7)) * 1000) / 7
-                } else {
-                    1000u16.saturating_sub(g.milli)
-                }
-            })
-            .collect();
+    fn cost(&self, node: &Node, cpu_used: u64, memory_used: u64, gpu_left: &[u16]) -> f64 {
+        let cpu_left = node.cpu_milli.saturating_sub(cpu_used);
+        let mem_left = node.memory_mib.saturating_sub(memory_used);
         let model = node
             .gpus
             .first()
             .and_then(|g| self.models.iter().position(|m| *m == g.model));
         let cpu = u32::try_from(cpu_left).unwrap_or(u32::MAX);
         let mem = u32::try_from(mem_left).unwrap_or(u32::MAX);
-        node_fragmentation(cpu, model, &gpu_left, &self.shapes)
-            + STRANDING_WEIGHT * self.pairing.stranded(cpu, mem, &gpu_left)
-    }
-
-    /// Whether the tenant may be on this node at all (residency, sites,
-    /// node isolation), or why not.
-    fn node_allows(
-        &self,
-        i: usize,
-        u: &NodeUse,
-        r: &Request,
-        t: u32,
-        policy: &TenantPolicy,
-    ) -> Result<(), &'static str> {
-        let node = &self.nodes[i];
-        if !r.sites.is_empty() && !r.sites.contains(&node.site) {
-            return Err("not in the requested sites");
-        }
-        if let Some(js) = &policy.jurisdictions {
-            if !js.contains(&node.jurisdiction) {
-                return Err("outside the tenant's residency");
-            }
-        }
-        let others = u.tenants.iter().any(|x| *x != t);
-        if policy.isolation == Isolation::DedicatedNode && others {
-            return Err("shared with another tenant (tenant is dedicated-node)");
-        }
-        let dedicated_other = u.tenants.iter().any(|x| {
-            *x != t
-                && self
-                    .tenant_names
-                    .get(*x as usize)
-                    .and_then(|n| self.tenants.get(n))
-                    .is_some_and(|p| p.isolation == Isolation::DedicatedNode)
-        });
-        if dedicated_other {
-            return Err("dedicated to another tenant");
-        }
-        Ok(())
+        node_fragmentation(cpu, model, gpu_left, &self.shapes)
+            + STRANDING_WEIGHT * self.pairing.stranded(cpu, mem, gpu_left)
     }
 
     fn gpu_shareable(&self, g: &GpuUse, t: u32, policy: &TenantPolicy) -> bool {
@@ -795,12 +916,28 @@ impl Fleet {
     ) -> Result<Choice, &'static str> {
         let options = self.options(i, u, r, t, policy)?;
         let node = &self.nodes[i];
-        let before = self.cost(node, u);
+        let base: Vec<u16> = u.gpus.iter().map(GpuUse::free_for_scoring).collect();
+        let before = self.cost(node, u.cpu_milli, u.memory_mib, &base);
+        let (cpu_after, memory_after) = (u.cpu_milli + r.cpu_milli, u.memory_mib + r.memory_mib);
         let mut best: Option<Choice> = None;
+        let mut left = base.clone();
         for slots in options {
-            let mut after_use = u.clone();
-            self.apply(&mut after_use, i, &Held::of(r, t), &slots, true);
-            let after = self.cost(node, &after_use);
+            left.copy_from_slice(&base);
+            for s in &slots {
+                let g = s.gpu();
+                match s {
+                    Slot::Whole { .. } => left[g] = 0,
+                    Slot::Share { milli, .. } => left[g] = left[g].saturating_sub(*milli as u16),
+                    Slot::Mig { start, .. } => {
+                        if let Some(spec) = self.mig_spec(i, g, r.gpu) {
+                            let mut after = u.gpus[g].clone();
+                            after.mig = after.mig.with(spec, *start);
+                            left[g] = after.free_for_scoring();
+                        }
+                    }
+                }
+            }
+            let after = self.cost(node, cpu_after, memory_after, &left);
             let score = (sigmoid((before - after) / 1000.0) * 100.0) as i64;
             if best.as_ref().is_none_or(|b| score > b.score) {
                 best = Some(Choice {
@@ -870,25 +1007,44 @@ impl Fleet {
     ) -> Result<Choice, Refusal> {
         let mut best: Option<Choice> = None;
         let mut reasons: BTreeMap<&'static str, usize> = BTreeMap::new();
-        for members in self.classes.values() {
-            let Some(&i) = members.first() else { continue };
-            if !within(&self.nodes[i]) {
-                *reasons.entry("outside the gang's leaf group").or_default() += members.len();
+        let mut scored: std::collections::HashSet<u32> = std::collections::HashSet::new();
+        // Sites and residency depend only on a node's static class.
+        let mut statics: Vec<Option<Result<(), &'static str>>> = vec![None; self.static_count];
+        for i in 0..self.nodes.len() {
+            if scored.len() >= CANDIDATES {
+                break;
+            }
+            let node = &self.nodes[i];
+            let verdict = statics
+                .get_mut(self.static_class[i] as usize)
+                .map(|v| {
+                    *v.get_or_insert_with(|| {
+                        if !within(node) {
+                            Err("outside the gang's leaf group")
+                        } else {
+                            static_allows(node, r, policy)
+                        }
+                    })
+                })
+                .unwrap_or(Err("unknown node class"))
+                .and_then(|()| self.summary[i].admits(r))
+                .and_then(|()| self.summary[i].tenancy_allows(t, policy.isolation));
+            if let Err(why) = verdict {
+                *reasons.entry(why).or_default() += 1;
                 continue;
             }
-            let result = self
-                .node_allows(i, &self.used[i], r, t, policy)
-                .and_then(|()| self.best_on(i, &self.used[i], r, t, policy));
-            match result {
+            // Nodes in the same state as one already scored score alike;
+            // the first by name stands for them.
+            if !scored.insert(self.class_of[i]) {
+                continue;
+            }
+            match self.best_on(i, &self.used[i], r, t, policy) {
                 Ok(c) => {
-                    let better = best.as_ref().is_none_or(|b| {
-                        c.score > b.score || (c.score == b.score && c.node < b.node)
-                    });
-                    if better {
+                    if best.as_ref().is_none_or(|b| c.score > b.score) {
                         best = Some(c);
                     }
                 }
-                Err(why) => *reasons.entry(why).or_default() += members.len(),
+                Err(why) => *reasons.entry(why).or_default() += 1,
             }
         }
         best.ok_or(Refusal::NoNode(reasons))
@@ -1101,7 +1257,10 @@ impl Fleet {
         for v in victims {
             self.apply(&mut u, node, &self.held_by(v), &v.slots, false);
         }
-        self.node_allows(node, &u, r, t, policy).ok()?;
+        static_allows(&self.nodes[node], r, policy).ok()?;
+        self.summary_of(node, &u)
+            .tenancy_allows(t, policy.isolation)
+            .ok()?;
         self.best_on(node, &u, r, t, policy).ok()
     }
 

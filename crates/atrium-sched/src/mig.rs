@@ -74,6 +74,22 @@ pub const H200_141GB: &[MigSpec] = &[
     spec(7, 141, 8, &[0]),
 ];
 
+/// Every profile of every geometry, for compact sets of profiles.
+pub const ALL_PROFILES: [MigProfile; 12] = [
+    H100_80GB[0].profile,
+    H100_80GB[1].profile,
+    H100_80GB[2].profile,
+    H100_80GB[3].profile,
+    H100_80GB[4].profile,
+    H100_80GB[5].profile,
+    H200_141GB[0].profile,
+    H200_141GB[1].profile,
+    H200_141GB[2].profile,
+    H200_141GB[3].profile,
+    H200_141GB[4].profile,
+    H200_141GB[5].profile,
+];
+
 /// The MIG geometry of a GPU model, if Atrium knows how to partition it.
 pub fn geometry(model: &str) -> Option<&'static [MigSpec]> {
     let m = model.to_ascii_uppercase();

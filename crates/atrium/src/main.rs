@@ -7,6 +7,7 @@
 #![allow(clippy::large_enum_variant)]
 
 mod bench;
+mod bench_sched;
 mod client;
 mod config;
 mod up;
@@ -152,6 +153,21 @@ enum BenchCmd {
     Engine {
         /// Where to write the JSON results
         #[arg(long, default_value = "bench-engine.json")]
+        out: PathBuf,
+    },
+    /// Fleet scheduler placements/s at 1,000 and 10,000 nodes, and GPU
+    /// allocation of every policy on the Alibaba traces, seeds 42–51.
+    Sched {
+        /// Directory with openb_node_list_gpu_node.csv and openb_pod_list_*.csv
+        #[arg(long, default_value = "../shared/data/alibaba-gpu-v2023")]
+        traces: PathBuf,
+        /// Seeds, first..=last
+        #[arg(long, default_value = "42..=51")]
+        seeds: String,
+        /// Only the throughput part
+        #[arg(long)]
+        skip_traces: bool,
+        #[arg(long, default_value = "bench-sched.json")]
         out: PathBuf,
     },
 }
@@ -603,6 +619,18 @@ async fn run(cli: Cli) -> Result<()> {
         }
         Command::Engine(args) => engine(args).await,
         Command::Bench(BenchCmd::Engine { out }) => bench::engine(out).await,
+        Command::Bench(BenchCmd::Sched {
+            traces,
+            seeds,
+            skip_traces,
+            out,
+        }) => {
+            let seeds = parse_seeds(&seeds)?;
+            tokio::task::spawn_blocking(move || {
+                bench_sched::run(&traces, &seeds, skip_traces, &out)
+            })
+            .await?
+        }
         Command::Sim(args) => sim(args, cli.global.output.unwrap_or(Output::Table)),
         Command::Model(ModelCmd::Pull {
             name,
@@ -1359,6 +1387,24 @@ fn sim(args: SimArgs, output: Output) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// `42..=51` or `42,43`.
+fn parse_seeds(s: &str) -> Result<Vec<u64>> {
+    let bad = || anyhow!("--seeds {s:?}: use FIRST..=LAST or a comma list, e.g. 42..=51");
+    if let Some((a, b)) = s.split_once("..=") {
+        let (a, b): (u64, u64) = (
+            a.trim().parse().map_err(|_| bad())?,
+            b.trim().parse().map_err(|_| bad())?,
+        );
+        if a > b || b - a > 1000 {
+            return Err(bad());
+        }
+        return Ok((a..=b).collect());
+    }
+    s.split(',')
+        .map(|x| x.trim().parse().map_err(|_| bad()))
+        .collect()
 }
 
 fn unreachable_command() -> Result<()> {
