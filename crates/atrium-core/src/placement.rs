@@ -25,6 +25,23 @@ pub struct PlacementSpec {
     pub model_source: String,
     pub model_task: ModelTask,
     pub resources: Resources,
+    /// The parts of the node's GPUs this replica holds (empty for CPU-only
+    /// replicas and placements made before the scheduler recorded them).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub gpus: Vec<GpuSlot>,
+}
+
+/// One GPU (by its index on the node) or part of it held by a replica.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct GpuSlot {
+    pub gpu: u32,
+    /// A share of it, in milli-GPU; absent: the whole GPU or a MIG instance.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub share_milli: Option<u32>,
+    /// The memory slice its MIG instance starts at.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mig_start: Option<u8>,
 }
 
 /// What the agent observed of a replica.

@@ -1110,6 +1110,14 @@ impl Fleet {
                 1,
             )])));
         };
+        // Recorded without slots (made before slots were kept): the best
+        // slots on that node now.
+        if slots.is_empty() && r.gpu != GpuAsk::None {
+            let c = static_allows(&self.nodes[i], r, &policy)
+                .and_then(|()| self.best_on(i, &self.used[i], r, t, &policy))
+                .map_err(|why| Refusal::NoNode(BTreeMap::from([(why, 1)])))?;
+            return Ok(self.bind(r, t, borrowed, c));
+        }
         // It must still fit as it was: the same slots among the options,
         // or (for whole GPUs and MIG) free in the same places.
         let mut trial = self.used[i].clone();

@@ -5,9 +5,11 @@
 //! It is a reconcile loop (kube-rs style): `reconcile` reads the whole
 //! desired and observed state, computes the difference with pure functions,
 //! writes only what changed, and returns an outcome saying what it did. It
-//! runs after every store change and every few seconds. The policy that
-//! picks a node is first-fit for now, behind `choose_node`; the scheduler
-//! replaces the policy, not the controller.
+//! runs after every store change and every few seconds. Where a replica
+//! goes is atrium-sched's fleet scheduler's decision (the Atrium policy):
+//! each pass rebuilds the fleet from the store — ready nodes, tenants'
+//! residency, isolation, quotas and priorities — restores the placements
+//! already made, then places what is missing.
 
 use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
@@ -16,10 +18,12 @@ use atrium_core::deployment::{DeploymentSpec, EngineKind};
 use atrium_core::lifecycle::{LifecycleState, Status};
 use atrium_core::model::ModelSpec;
 use atrium_core::node::{NodeSpec, NodeState};
-use atrium_core::placement::{PlacementSpec, ReplicaStatus};
+use atrium_core::placement::{GpuSlot, PlacementSpec, ReplicaStatus};
 use atrium_core::quantity::GpuRequest;
 use atrium_core::site::SiteSpec;
-use atrium_core::tenant::{IsolationTier, TenantSpec};
+use atrium_core::tenant::{IsolationTier, Residency, TenantSpec};
+use atrium_sched::fleet;
+use atrium_sched::mig::MigProfile;
 use atrium_store::{AuditContext, Object, Store, TenantFilter, Write, WriteError};
 use serde_json::{json, Value};
 
@@ -51,86 +55,126 @@ fn parse<T: serde::de::DeserializeOwned>(o: &Object) -> Option<T> {
     serde_json::from_value(o.body["spec"].clone()).ok()
 }
 
-/// Free capacity of a node and who is on it.
-#[derive(Debug, Clone)]
-struct NodeRoom {
-    name: String,
-    spec: NodeSpec,
-    jurisdiction: String,
-    cpu_free: i128,
-    memory_free: i128,
-    gpu_milli_free: i128,
-    tenants: Vec<String>,
-    dedicated_tenant: Option<String>,
+/// The scheduler's view of a node; None if it cannot take work (not
+/// ready, or its site is unknown).
+fn fleet_node(
+    name: &str,
+    spec: &NodeSpec,
+    sites: &HashMap<String, SiteSpec>,
+) -> Option<fleet::Node> {
+    if spec.state != NodeState::Ready {
+        return None;
+    }
+    let site = sites.get(&spec.site)?;
+    Some(fleet::Node {
+        name: name.to_string(),
+        site: spec.site.clone(),
+        jurisdiction: site.jurisdiction.clone(),
+        leaf: spec.labels.get(LEAF_LABEL).cloned(),
+        cpu_milli: spec.capacity.cpu.0,
+        memory_mib: spec.capacity.memory.0 / MIB,
+        gpus: spec
+            .gpus
+            .iter()
+            .map(|g| fleet::GpuDevice {
+                model: g.model.clone(),
+                memory_mib: g.memory.0 / MIB,
+                nvlink: g.nvlink_domain.clone(),
+                mig_capable: g.mig_capable,
+            })
+            .collect(),
+    })
 }
 
-/// First-fit: the first ready node (in name order) that satisfies site,
-/// residency, isolation, GPU model and capacity.
-fn choose_node<'a>(
-    rooms: &'a mut [NodeRoom],
-    spec: &DeploymentSpec,
-    tenant: &str,
-    tenant_spec: &TenantSpec,
-) -> Result<&'a mut NodeRoom, String> {
+/// Node label naming its leaf switch / rail group.
+pub const LEAF_LABEL: &str = "atrium.dev/leaf";
+const MIB: u64 = 1 << 20;
+
+fn tenant_policy(t: &TenantSpec) -> fleet::TenantPolicy {
+    let limit = |v: Option<u64>| v.unwrap_or(u64::MAX);
+    fleet::TenantPolicy {
+        isolation: match t.isolation {
+            IsolationTier::Shared => fleet::Isolation::Shared,
+            IsolationTier::DedicatedGpu => fleet::Isolation::DedicatedGpu,
+            IsolationTier::DedicatedNode => fleet::Isolation::DedicatedNode,
+        },
+        jurisdictions: match &t.residency {
+            Residency::Any => None,
+            Residency::Only { jurisdictions } => Some(jurisdictions.clone()),
+        },
+        // Quotas are guarantees; borrowing beyond them is not offered yet.
+        guaranteed: fleet::Amount {
+            cpu_milli: limit(t.quota.cpu.map(|c| c.0)),
+            memory_mib: limit(t.quota.memory.map(|m| m.0 / MIB)),
+            gpu_milli: limit(t.quota.gpus.map(|g| g.0)),
+        },
+        borrowable: fleet::Amount::default(),
+        weight: 1,
+    }
+}
+
+/// The scheduler's request for one replica of a deployment.
+fn fleet_request(id: String, tenant: &str, priority: i32, spec: &DeploymentSpec) -> fleet::Request {
     let r = &spec.resources;
-    let gpu_milli = r.gpu.map(|g| g.milli() as i128).unwrap_or(0);
-    let mut reasons = Vec::new();
-    for room in rooms.iter_mut() {
-        let why_not = if room.spec.state != NodeState::Ready {
-            Some("not ready")
-        } else if !spec.sites.is_empty() && !spec.sites.contains(&room.spec.site) {
-            Some("not in the deployment's sites")
-        } else if !tenant_spec.residency.allows(&room.jurisdiction) {
-            Some("outside the tenant's residency")
-        } else if room
-            .dedicated_tenant
-            .as_deref()
-            .is_some_and(|t| t != tenant)
-        {
-            Some("dedicated to another tenant")
-        } else if tenant_spec.isolation == IsolationTier::DedicatedNode
-            && room.tenants.iter().any(|t| t != tenant)
-        {
-            Some("shared with another tenant")
-        } else if !r.gpu_models.is_empty()
-            && !room
-                .spec
-                .gpus
-                .iter()
-                .any(|g| r.gpu_models.contains(&g.model))
-        {
-            Some("no GPU of the requested models")
-        } else if matches!(r.gpu, Some(GpuRequest::Mig(_)))
-            && !room.spec.gpus.iter().any(|g| g.mig_capable)
-        {
-            Some("no MIG-capable GPU")
-        } else if room.cpu_free < r.cpu.0 as i128
-            || room.memory_free < r.memory.0 as i128
-            || room.gpu_milli_free < gpu_milli
-        {
-            Some("not enough free CPU, memory or GPU")
-        } else {
-            None
-        };
-        match why_not {
-            None => {
-                room.cpu_free -= r.cpu.0 as i128;
-                room.memory_free -= r.memory.0 as i128;
-                room.gpu_milli_free -= gpu_milli;
-                room.tenants.push(tenant.to_string());
-                if tenant_spec.isolation == IsolationTier::DedicatedNode {
-                    room.dedicated_tenant = Some(tenant.to_string());
-                }
-                return Ok(room);
+    fleet::Request {
+        id,
+        tenant: tenant.to_string(),
+        priority,
+        cpu_milli: r.cpu.0,
+        memory_mib: r.memory.0.div_ceil(MIB),
+        gpu: match r.gpu {
+            None => fleet::GpuAsk::None,
+            Some(GpuRequest::Milli(m)) if m < 1000 => fleet::GpuAsk::Share(m),
+            Some(GpuRequest::Milli(m)) => fleet::GpuAsk::Whole(m / 1000),
+            Some(GpuRequest::Mig(p)) => fleet::GpuAsk::Mig(MigProfile {
+                compute: p.compute_slices,
+                memory_gb: p.memory_gb,
+            }),
+        },
+        gpu_memory_mib: r.gpu_memory.map(|m| m.0.div_ceil(MIB)).unwrap_or(0),
+        models: r.gpu_models.clone(),
+        sites: spec.sites.clone(),
+    }
+}
+
+fn to_slots(slots: &[GpuSlot]) -> Vec<fleet::Slot> {
+    slots
+        .iter()
+        .map(|s| {
+            let gpu = s.gpu as usize;
+            match (s.share_milli, s.mig_start) {
+                (Some(milli), _) => fleet::Slot::Share { gpu, milli },
+                (None, Some(start)) => fleet::Slot::Mig { gpu, start },
+                (None, None) => fleet::Slot::Whole { gpu },
             }
-            Some(reason) => reasons.push(format!("{}: {reason}", room.name)),
-        }
-    }
-    if reasons.is_empty() {
-        Err("no nodes are registered".into())
-    } else {
-        Err(format!("no node has room ({})", reasons.join("; ")))
-    }
+        })
+        .collect()
+}
+
+fn from_slots(slots: &[fleet::Slot]) -> Vec<GpuSlot> {
+    slots
+        .iter()
+        .map(|s| {
+            let gpu = s.gpu() as u32;
+            match *s {
+                fleet::Slot::Whole { .. } => GpuSlot {
+                    gpu,
+                    share_milli: None,
+                    mig_start: None,
+                },
+                fleet::Slot::Share { milli, .. } => GpuSlot {
+                    gpu,
+                    share_milli: Some(milli),
+                    mig_start: None,
+                },
+                fleet::Slot::Mig { start, .. } => GpuSlot {
+                    gpu,
+                    share_milli: None,
+                    mig_start: Some(start),
+                },
+            }
+        })
+        .collect()
 }
 
 /// The deployment status that its replicas' states add up to.
@@ -240,43 +284,32 @@ pub async fn reconcile(store: &Store) -> Result<Outcome, atrium_store::StoreErro
         }
     }
 
-    let mut rooms: Vec<NodeRoom> = nodes
+    let fleet_nodes: Vec<fleet::Node> = nodes
         .iter()
-        .filter_map(|n| {
-            let spec: NodeSpec = parse(n)?;
-            let jurisdiction = sites.get(&spec.site)?.jurisdiction.clone();
-            Some(NodeRoom {
-                name: n.name.clone(),
-                cpu_free: spec.capacity.cpu.0 as i128,
-                memory_free: spec.capacity.memory.0 as i128,
-                gpu_milli_free: spec.gpus.len() as i128 * 1000,
-                spec,
-                jurisdiction,
-                tenants: Vec::new(),
-                dedicated_tenant: None,
-            })
-        })
+        .filter_map(|n| fleet_node(&n.name, &parse::<NodeSpec>(n)?, &sites))
         .collect();
-    rooms.sort_by(|a, b| a.name.cmp(&b.name));
+    let policies: BTreeMap<String, fleet::TenantPolicy> = tenants
+        .iter()
+        .map(|(name, t)| (name.clone(), tenant_policy(t)))
+        .collect();
+    let mut fleet = fleet::Fleet::new(fleet_nodes, policies);
+    let priority = |tenant: &str| tenants.get(tenant).map_or(0, |t| t.priority);
+    // What is already placed holds its room, exactly where it is.
     for (deployment_id, ps) in &by_deployment {
+        let Some(d) = live.get(deployment_id.as_str()) else {
+            continue;
+        };
+        let Some(dspec) = parse::<DeploymentSpec>(d) else {
+            continue;
+        };
+        let tenant = d.tenant.clone().unwrap_or_default();
         for p in ps {
-            let (Some(spec), Some(d)) =
-                (parse::<PlacementSpec>(p), live.get(deployment_id.as_str()))
-            else {
+            let Some(spec) = parse::<PlacementSpec>(p) else {
                 continue;
             };
-            let tenant = d.tenant.clone().unwrap_or_default();
-            if let Some(room) = rooms.iter_mut().find(|r| r.name == spec.node) {
-                room.cpu_free -= spec.resources.cpu.0 as i128;
-                room.memory_free -= spec.resources.memory.0 as i128;
-                room.gpu_milli_free -= spec.resources.gpu.map(|g| g.milli() as i128).unwrap_or(0);
-                if tenants
-                    .get(&tenant)
-                    .is_some_and(|t| t.isolation == IsolationTier::DedicatedNode)
-                {
-                    room.dedicated_tenant = Some(tenant.clone());
-                }
-                room.tenants.push(tenant);
+            let request = fleet_request(p.id.clone(), &tenant, priority(&tenant), &dspec);
+            if let Err(e) = fleet.restore(&request, &spec.node, &to_slots(&spec.gpus)) {
+                tracing::debug!(placement = %p.id, node = %spec.node, error = %e, "placement not restored into the scheduler");
             }
         }
     }
@@ -328,18 +361,25 @@ pub async fn reconcile(store: &Store) -> Result<Outcome, atrium_store::StoreErro
             let Some(model_spec) = parse::<ModelSpec>(model) else {
                 continue;
             };
-            match choose_node(&mut rooms, &spec, &tenant, tenant_spec) {
-                Ok(room) => {
+            let request = fleet_request(
+                format!("{}/{replica}", d.id),
+                &tenant,
+                tenant_spec.priority,
+                &spec,
+            );
+            match fleet.place(&request) {
+                Ok(binding) => {
                     let placement = PlacementSpec {
                         deployment: d.id.clone(),
                         deployment_name: d.name.clone(),
                         replica,
-                        node: room.name.clone(),
+                        node: binding.node.clone(),
                         engine: spec.engine,
                         model: model.name.clone(),
                         model_source: model_spec.source.clone(),
                         model_task: model_spec.task,
                         resources: spec.resources.clone(),
+                        gpus: from_slots(&binding.slots),
                     };
                     let status = ReplicaStatus {
                         state: LifecycleState::Pending,
@@ -360,7 +400,7 @@ pub async fn reconcile(store: &Store) -> Result<Outcome, atrium_store::StoreErro
                 }
                 Err(why) => {
                     outcome.unplaceable += 1;
-                    unplaced = Some(why);
+                    unplaced = Some(why.to_string());
                     break;
                 }
             }

@@ -1,5 +1,6 @@
 //! The placement controller on a real server: residency, capacity,
-//! isolation tiers, status roll-up, scaling down and deletion.
+//! isolation tiers, GPU slots (NVLink, MIG, dedicated GPUs), status
+//! roll-up, scaling down and deletion.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 mod common;
@@ -108,17 +109,21 @@ async fn places_within_residency_capacity_and_isolation() {
             .await;
         d["status"]["reason"]
             .as_str()
-            .filter(|r| r.contains("no node has room"))
+            .filter(|r| r.contains("no node fits"))
             .map(|_| d["status"].clone())
     })
     .await;
     assert_eq!(status["state"], "pending");
     let reason = status["reason"].as_str().unwrap();
+    // One node per reason, as kube-scheduler counts them.
     assert!(
-        reason.contains("b-us: outside the tenant's residency"),
+        reason.contains("1 × outside the tenant's residency"),
         "{reason}"
     );
-    assert!(reason.contains("a-eu: not enough free CPU"), "{reason}");
+    assert!(
+        reason.contains("1 × not enough free CPU or memory"),
+        "{reason}"
+    );
     assert!(placements(&s, "more").await.is_empty());
 
     // Scaling web down to one frees room, and more is placed.
@@ -223,4 +228,125 @@ async fn dedicated_node_tenants_never_share_a_node() {
     })
     .await;
     assert_eq!(second[0].1, "n1");
+}
+
+/// GPU slots of a deployment's placements: (replica, node, slots JSON).
+async fn gpu_slots(s: &TestServer, deployment: &str) -> Vec<(String, String, Value)> {
+    let v = s
+        .admin(Method::GET, "/v1/placements?limit=1000", Value::Null)
+        .await;
+    let mut out: Vec<(String, String, Value)> = v["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|p| p["spec"]["deployment_name"] == deployment)
+        .map(|p| {
+            (
+                p["name"].as_str().unwrap().to_string(),
+                p["spec"]["node"].as_str().unwrap().to_string(),
+                p["spec"]["gpus"].clone(),
+            )
+        })
+        .collect();
+    out.sort_by(|a, b| a.0.cmp(&b.0));
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gpu_replicas_get_nvlink_mig_and_dedicated_slots() {
+    let s = TestServer::start(TestBackend::Sqlite).await;
+    s.create_site("eu", "EU").await;
+    // One 8×H100 node, two NVLink domains of four, MIG-capable.
+    let gpus: Vec<Value> = (0..8)
+        .map(|i| {
+            json!({"index": i, "model": "H100-80GB", "memory": "80Gi",
+            "mig_capable": true, "nvlink_domain": format!("nv{}", i / 4)})
+        })
+        .collect();
+    s.admin(
+        Method::POST,
+        "/v1/nodes",
+        json!({"name": "gpu-1", "spec": {"site": "eu",
+            "capacity": {"cpu": "192", "memory": "1024Gi"}, "gpus": gpus}}),
+    )
+    .await;
+    s.create_model(None, "m").await;
+    s.create_tenant("lab", json!({})).await;
+    s.create_tenant("vault", json!({"isolation": "dedicated-gpu"}))
+        .await;
+    let gpu_deployment = |name: &str, tenant: &str, gpu: &str| {
+        json!({"name": name, "tenant": tenant, "spec": {
+            "model": "m", "engine": "embedded",
+            "resources": {"cpu": "4", "memory": "8Gi", "gpu": gpu},
+            "replicas": {"min": 1, "max": 1}}})
+    };
+    let placed = async |name: &str| {
+        eventually(name, async || {
+            let p = gpu_slots(&s, name).await;
+            (p.len() == 1).then(|| p[0].2.clone())
+        })
+        .await
+    };
+    // One GPU, then four: the four stay within one NVLink domain.
+    s.admin(
+        Method::POST,
+        "/v1/deployments",
+        gpu_deployment("one", "lab", "1"),
+    )
+    .await;
+    let one = placed("one").await;
+    s.admin(
+        Method::POST,
+        "/v1/deployments",
+        gpu_deployment("four", "lab", "4"),
+    )
+    .await;
+    let four = placed("four").await;
+    let domain = |g: &Value| g["gpu"].as_u64().unwrap() / 4;
+    let four_gpus = four.as_array().unwrap();
+    assert_eq!(four_gpus.len(), 4, "{four}");
+    assert!(
+        four_gpus.iter().all(|g| domain(g) == domain(&four_gpus[0])),
+        "across NVLink domains: {four}"
+    );
+    assert!(
+        four_gpus.iter().all(|g| g["gpu"] != one[0]["gpu"]),
+        "a GPU given twice: {one} {four}"
+    );
+    // A MIG instance lands at a valid start on a GPU of its own.
+    s.admin(
+        Method::POST,
+        "/v1/deployments",
+        gpu_deployment("mig", "lab", "3g.40gb"),
+    )
+    .await;
+    let mig = placed("mig").await;
+    assert!(
+        [0, 4].contains(&mig[0]["mig_start"].as_u64().unwrap()),
+        "3g only at 0 or 4: {mig}"
+    );
+    // Half a GPU for the shared tenant, then half for the dedicated-gpu
+    // tenant: never on the same GPU.
+    s.admin(
+        Method::POST,
+        "/v1/deployments",
+        gpu_deployment("half", "lab", "0.5"),
+    )
+    .await;
+    let half = placed("half").await;
+    assert_eq!(half[0]["share_milli"], 500, "{half}");
+    s.admin(
+        Method::POST,
+        "/v1/deployments",
+        gpu_deployment("secret", "vault", "0.5"),
+    )
+    .await;
+    let secret = placed("secret").await;
+    assert_ne!(secret[0]["gpu"], half[0]["gpu"], "a dedicated GPU shared");
+    assert_ne!(secret[0]["gpu"], mig[0]["gpu"], "a dedicated GPU shared");
+    // Everything held survives the next passes unchanged (restored, not
+    // re-placed).
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(gpu_slots(&s, "four").await[0].2, four);
+    assert_eq!(gpu_slots(&s, "secret").await[0].2, secret);
 }
