@@ -655,12 +655,10 @@ impl Fleet {
             [one] => Tenants::One(*one),
             _ => Tenants::Several,
         };
-        let dedicated_to = distinct.iter().copied().find(|x| {
-            self.tenant_names
-                .get(*x as usize)
-                .and_then(|n| self.tenants.get(n))
-                .is_some_and(|p| p.isolation == Isolation::DedicatedNode)
-        });
+        let dedicated_to = distinct
+            .iter()
+            .copied()
+            .find(|x| self.isolation_of(*x) == Some(Isolation::DedicatedNode));
         Summary {
             tenants,
             dedicated_to,
@@ -679,7 +677,7 @@ impl Fleet {
             GpuAsk::None => (0, 0),
             GpuAsk::Whole(n) => (n, 1000),
             GpuAsk::Share(m) => (1, m),
-            GpuAsk::Mig(p) => (1, ((u32::from(p.compute)) * 1000).div_ceil(7)),
+            GpuAsk::Mig(_) => (1, u32::try_from(r.gpu.milli()).unwrap_or(1000)),
         };
         self.seen.push(Pod {
             cpu_milli: u32::try_from(r.cpu_milli).unwrap_or(u32::MAX),
@@ -727,11 +725,15 @@ impl Fleet {
         !g.tenants.iter().any(|x| {
             *x != t
                 && self
-                    .tenant_names
-                    .get(*x as usize)
-                    .and_then(|n| self.tenants.get(n))
-                    .is_some_and(|p| p.isolation != Isolation::Shared)
+                    .isolation_of(*x)
+                    .is_some_and(|i| i != Isolation::Shared)
         })
+    }
+
+    /// The isolation tier of the tenant with index `t`.
+    fn isolation_of(&self, t: u32) -> Option<Isolation> {
+        let name = self.tenant_names.get(t as usize)?;
+        self.tenants.get(name).map(|p| p.isolation)
     }
 
     /// The GPU slots `r` would take on node `i` in use `u`, per option (one

@@ -95,6 +95,16 @@ fn line(out: &mut String, id: &str, r: &Result<Binding, Refusal>) {
     .unwrap();
 }
 
+/// A gang's members, one line each, or one line for its refusal.
+fn gang_lines(out: &mut String, gang: &str, result: Result<Vec<Binding>, Refusal>) {
+    match result {
+        Ok(bs) => bs
+            .into_iter()
+            .for_each(|b| line(out, &b.request.clone(), &Ok(b))),
+        Err(e) => writeln!(out, "{gang:10} refused: {e}").unwrap(),
+    }
+}
+
 fn assert_snapshot(name: &str, got: &str) {
     let path = format!("{}/tests/snapshots/{name}.txt", env!("CARGO_MANIFEST_DIR"));
     if std::env::var_os("UPDATE_SNAPSHOTS").is_some() {
@@ -253,12 +263,7 @@ fn preemption_and_gangs() {
     let gang: Vec<Request> = (0..4)
         .map(|i| req(&format!("gang-{i}"), "serve", "2"))
         .collect();
-    match f.place_gang(&gang, true) {
-        Ok(bs) => bs
-            .iter()
-            .for_each(|b| line(&mut out, &b.request, &Ok(b.clone()))),
-        Err(e) => writeln!(out, "gang       refused: {e}").unwrap(),
-    }
+    gang_lines(&mut out, "gang", f.place_gang(&gang, true));
     // Serving at priority 5 preempts: fewest victims, borrowed and lowest first.
     for (id, gpus) in [("serve-4", "4"), ("serve-2", "2")] {
         let mut r = req(id, "serve", gpus);
@@ -298,11 +303,6 @@ fn preemption_and_gangs() {
     let gang: Vec<Request> = (0..2)
         .map(|i| req(&format!("gang2-{i}"), "serve", "1"))
         .collect();
-    match f.place_gang(&gang, true) {
-        Ok(bs) => bs
-            .iter()
-            .for_each(|b| line(&mut out, &b.request, &Ok(b.clone()))),
-        Err(e) => writeln!(out, "gang2      refused: {e}").unwrap(),
-    }
+    gang_lines(&mut out, "gang2", f.place_gang(&gang, true));
     assert_snapshot("preemption_and_gangs", &out);
 }

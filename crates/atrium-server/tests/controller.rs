@@ -27,6 +27,27 @@ async fn node(s: &TestServer, name: &str, site: &str, cpu: &str) {
     .await;
 }
 
+/// Creates a deployment and waits until all its replicas are placed.
+async fn deploy_placed(
+    s: &TestServer,
+    name: &str,
+    tenant: &str,
+    cpu: &str,
+    min: u32,
+) -> Vec<(String, String)> {
+    s.admin(
+        Method::POST,
+        "/v1/deployments",
+        deployment(name, tenant, cpu, min),
+    )
+    .await;
+    eventually(&format!("{name} placed"), async || {
+        let p = placements(s, name).await;
+        (p.len() == min as usize).then_some(p)
+    })
+    .await
+}
+
 /// Placements of a deployment: (replica name, node).
 async fn placements(s: &TestServer, deployment: &str) -> Vec<(String, String)> {
     let v = s
@@ -77,17 +98,7 @@ async fn places_within_residency_capacity_and_isolation() {
     .await;
 
     // Two replicas of 2 CPUs fill the only EU node.
-    s.admin(
-        Method::POST,
-        "/v1/deployments",
-        deployment("web", "euro", "2", 2),
-    )
-    .await;
-    let placed = eventually("web placed", async || {
-        let p = placements(&s, "web").await;
-        (p.len() == 2).then_some(p)
-    })
-    .await;
+    let placed = deploy_placed(&s, "web", "euro", "2", 2).await;
     assert_eq!(
         placed,
         [
@@ -190,43 +201,13 @@ async fn dedicated_node_tenants_never_share_a_node() {
     s.create_tenant("solo", json!({"isolation": "dedicated-node"}))
         .await;
     s.create_tenant("crowd", json!({})).await;
-    s.admin(
-        Method::POST,
-        "/v1/deployments",
-        deployment("alone", "solo", "1", 1),
-    )
-    .await;
-    let alone = eventually("solo placed", async || {
-        let p = placements(&s, "alone").await;
-        (p.len() == 1).then_some(p)
-    })
-    .await;
+    let alone = deploy_placed(&s, "alone", "solo", "1", 1).await;
     assert_eq!(alone[0].1, "n1");
     // The shared tenant skips n1 although it has room.
-    s.admin(
-        Method::POST,
-        "/v1/deployments",
-        deployment("many", "crowd", "1", 3),
-    )
-    .await;
-    let many = eventually("crowd placed", async || {
-        let p = placements(&s, "many").await;
-        (p.len() == 3).then_some(p)
-    })
-    .await;
+    let many = deploy_placed(&s, "many", "crowd", "1", 3).await;
     assert!(many.iter().all(|(_, node)| node == "n2"), "{many:?}");
     // And the dedicated tenant's next replica does not join the shared node.
-    s.admin(
-        Method::POST,
-        "/v1/deployments",
-        deployment("second", "solo", "1", 1),
-    )
-    .await;
-    let second = eventually("second solo placed", async || {
-        let p = placements(&s, "second").await;
-        (p.len() == 1).then_some(p)
-    })
-    .await;
+    let second = deploy_placed(&s, "second", "solo", "1", 1).await;
     assert_eq!(second[0].1, "n1");
 }
 
