@@ -163,6 +163,9 @@ pub struct UsageRecordView {
     pub replica: String,
     pub prompt_tokens: i64,
     pub completion_tokens: i64,
+    /// The gateway's `x-request-id` of the request.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub request_id: String,
 }
 
 /// Body of `POST /v1/usage`: a batch, recorded at most once per id.

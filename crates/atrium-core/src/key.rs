@@ -5,6 +5,7 @@
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 
+use crate::limits::RequestLimits;
 use crate::FieldErrors;
 
 /// Prefix of every tenant API key.
@@ -36,9 +37,19 @@ pub struct KeySpec {
     )]
     #[schema(value_type = Option<String>, format = DateTime)]
     pub expires_at: Option<OffsetDateTime>,
-    /// Requests per minute allowed to this key (the gateway enforces it).
+    /// Requests admitted to this key in any rolling minute (the gateway
+    /// enforces this and the three limits below).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub requests_per_minute: Option<u64>,
+    /// Prompt + completion tokens in any rolling minute.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tokens_per_minute: Option<u64>,
+    /// Prompt + completion tokens per UTC day.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tokens_per_day: Option<u64>,
+    /// Requests in flight at once.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_concurrent_requests: Option<u64>,
 }
 
 impl KeySpec {
@@ -47,7 +58,17 @@ impl KeySpec {
         if self.scopes.is_empty() {
             errors.push("scopes", "name at least one of admin, inference, read");
         }
+        self.limits().validate(&mut errors);
         errors.into_result()
+    }
+
+    pub fn limits(&self) -> RequestLimits {
+        RequestLimits {
+            requests_per_minute: self.requests_per_minute,
+            tokens_per_minute: self.tokens_per_minute,
+            tokens_per_day: self.tokens_per_day,
+            max_concurrent_requests: self.max_concurrent_requests,
+        }
     }
 }
 

@@ -10,6 +10,7 @@
 pub mod deployment;
 pub mod key;
 pub mod lifecycle;
+pub mod limits;
 pub mod model;
 pub mod name;
 pub mod node;

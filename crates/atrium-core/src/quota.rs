@@ -5,6 +5,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::limits::RequestLimits;
 use crate::quantity::{ByteSize, CpuMillis, GpuMilli};
 
 /// Limits on what one tenant may hold or use. A missing limit is unlimited.
@@ -35,6 +36,12 @@ pub struct Quota {
     /// Enforced by the gateway.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tokens_per_minute: Option<u64>,
+    /// Prompt + completion tokens per UTC day; enforced by the gateway.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tokens_per_day: Option<u64>,
+    /// Requests in flight at once; enforced by the gateway.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_concurrent_requests: Option<u64>,
 }
 
 /// Resources a tenant holds (or asks for), in exact units.
@@ -77,6 +84,22 @@ pub struct QuotaExceeded {
 }
 
 impl Quota {
+    pub fn validate(&self) -> Result<(), crate::FieldErrors> {
+        let mut errors = crate::FieldErrors::new();
+        self.request_limits().validate(&mut errors);
+        errors.into_result()
+    }
+
+    /// The limits the gateway enforces on the tenant's requests.
+    pub fn request_limits(&self) -> RequestLimits {
+        RequestLimits {
+            requests_per_minute: self.requests_per_minute,
+            tokens_per_minute: self.tokens_per_minute,
+            tokens_per_day: self.tokens_per_day,
+            max_concurrent_requests: self.max_concurrent_requests,
+        }
+    }
+
     /// Admits `requested` on top of `used`, or names the first limit it
     /// would break.
     pub fn admit(

@@ -83,6 +83,9 @@ impl TenantSpec {
                 );
             }
         }
+        if let Err(e) = self.quota.validate() {
+            errors.extend(e.nest("quota"));
+        }
         if !(0..=1000).contains(&self.priority) {
             errors.push(
                 "priority",

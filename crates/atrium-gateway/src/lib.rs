@@ -6,17 +6,22 @@
 //! authenticated against the digest cache, its `model` is resolved among the
 //! caller's own deployments only (another tenant's deployment is
 //! indistinguishable from a missing one: 404 `model_not_found`), sent to the
-//! ready replica with the fewest requests in flight, streamed back without
-//! buffering, and metered; usage is shipped to the control plane in batches.
-//! The gateway never touches the store.
+//! ready replica its tenant-salted prompt prefix prefers (unless busier
+//! than the least loaded), admitted against the key's and tenant's limits,
+//! streamed back without buffering, and metered through an on-disk spool
+//! that is shipped to the control plane in idempotent batches. The gateway
+//! never touches the store.
 
+pub mod affinity;
+pub mod limits;
 mod routes;
 mod usage;
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use atrium_api::UsageRecordView;
 use atrium_client::ControlPlane;
@@ -29,6 +34,8 @@ use axum::{Json, Router};
 use futures::StreamExt;
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
+
+use affinity::Salter;
 
 pub use routes::Routes;
 use routes::{Caller, Target};
@@ -43,12 +50,68 @@ pub struct GatewayConfig {
     pub listen: SocketAddr,
     /// The site this gateway serves, named in response headers and usage.
     pub site: String,
+    /// Where the usage spool and the affinity secret live.
+    pub data_dir: PathBuf,
+    /// The secret tenant salts derive from; the gateways of a site share
+    /// it (`ATRIUM_GATEWAY_SECRET`). Read from, or created in,
+    /// `<data_dir>/gateway.secret` when absent.
+    pub secret: Option<String>,
+}
+
+/// Upper bounds (µs) of the overhead histogram's buckets.
+const OVERHEAD_BUCKETS_US: [u64; 12] = [
+    10, 25, 50, 100, 250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 100_000,
+];
+
+/// A Prometheus histogram of time spent in the gateway, upstream excluded.
+#[derive(Default)]
+struct OverheadHistogram {
+    buckets: [AtomicU64; OVERHEAD_BUCKETS_US.len()],
+    count: AtomicU64,
+    sum_us: AtomicU64,
+}
+
+impl OverheadHistogram {
+    fn observe(&self, d: Duration) {
+        let us = d.as_micros() as u64;
+        if let Some(i) = OVERHEAD_BUCKETS_US.iter().position(|b| us <= *b) {
+            self.buckets[i].fetch_add(1, Ordering::Relaxed);
+        }
+        self.count.fetch_add(1, Ordering::Relaxed);
+        self.sum_us.fetch_add(us, Ordering::Relaxed);
+    }
+
+    fn render(&self, out: &mut String) {
+        use std::fmt::Write as _;
+        out.push_str("# HELP atrium_gateway_overhead_seconds Time a request spent in the gateway, upstream time excluded.\n# TYPE atrium_gateway_overhead_seconds histogram\n");
+        let mut cumulative = 0;
+        for (b, n) in OVERHEAD_BUCKETS_US.iter().zip(&self.buckets) {
+            cumulative += n.load(Ordering::Relaxed);
+            let _ = writeln!(
+                out,
+                "atrium_gateway_overhead_seconds_bucket{{le=\"{}\"}} {cumulative}",
+                *b as f64 / 1e6
+            );
+        }
+        let count = self.count.load(Ordering::Relaxed);
+        let _ = writeln!(
+            out,
+            "atrium_gateway_overhead_seconds_bucket{{le=\"+Inf\"}} {count}"
+        );
+        let _ = writeln!(
+            out,
+            "atrium_gateway_overhead_seconds_sum {}",
+            self.sum_us.load(Ordering::Relaxed) as f64 / 1e6
+        );
+        let _ = writeln!(out, "atrium_gateway_overhead_seconds_count {count}");
+    }
 }
 
 /// Request counters by route and status, for `/metrics`.
 #[derive(Default)]
 struct Metrics {
     requests: std::sync::Mutex<std::collections::BTreeMap<(String, u16), (u64, f64)>>,
+    overhead: OverheadHistogram,
 }
 
 #[derive(Clone)]
@@ -56,7 +119,9 @@ struct Gateway {
     metrics: Arc<Metrics>,
     routes: Arc<RwLock<Routes>>,
     http: reqwest::Client,
-    usage: mpsc::UnboundedSender<UsageRecordView>,
+    usage: Arc<usage::UsageLog>,
+    limiter: Arc<limits::Limiter>,
+    salter: Salter,
     site: HeaderValue,
     site_name: String,
 }
@@ -81,6 +146,40 @@ impl RunningGateway {
 pub enum GatewayError {
     #[error("cannot listen on {0}: {1}")]
     Listen(SocketAddr, std::io::Error),
+    #[error("gateway data directory {0}: {1}")]
+    DataDir(PathBuf, std::io::Error),
+}
+
+/// The configured secret, or the one kept in the data directory (created
+/// on first start, 0600).
+fn load_secret(config: &GatewayConfig) -> Result<Vec<u8>, GatewayError> {
+    if let Some(s) = &config.secret {
+        return Ok(s.as_bytes().to_vec());
+    }
+    let path = config.data_dir.join("gateway.secret");
+    let err = |e| GatewayError::DataDir(path.clone(), e);
+    match std::fs::read_to_string(&path) {
+        Ok(s) if !s.trim().is_empty() => Ok(s.trim().as_bytes().to_vec()),
+        _ => {
+            use std::io::Write as _;
+            use std::os::unix::fs::OpenOptionsExt;
+            std::fs::create_dir_all(&config.data_dir).map_err(err)?;
+            let secret = format!(
+                "{:032x}{:032x}",
+                rand::random::<u128>(),
+                rand::random::<u128>()
+            );
+            let mut f = std::fs::OpenOptions::new()
+                .create(true)
+                .write(true)
+                .truncate(true)
+                .mode(0o600)
+                .open(&path)
+                .map_err(err)?;
+            f.write_all(secret.as_bytes()).map_err(err)?;
+            Ok(secret.into_bytes())
+        }
+    }
 }
 
 /// Binds, starts following the control plane and serving.
@@ -91,19 +190,36 @@ pub async fn start(config: GatewayConfig) -> Result<RunningGateway, GatewayError
     let addr = listener
         .local_addr()
         .map_err(|e| GatewayError::Listen(config.listen, e))?;
+    let secret = load_secret(&config)?;
+    let usage_log = Arc::new(
+        usage::UsageLog::open(&config.data_dir)
+            .map_err(|e| GatewayError::DataDir(config.data_dir.clone(), e))?,
+    );
     let cp = ControlPlane::new(&config.server, &config.token);
     let routes = Arc::new(RwLock::new(Routes::default()));
     let mut background = routes::follow(cp.clone(), routes.clone());
-    let (usage_tx, usage_rx) = mpsc::unbounded_channel();
-    background.push(tokio::spawn(usage::ship(cp, usage_rx)));
+    background.push(tokio::spawn(usage::ship(cp, usage_log.clone())));
+    let limiter = Arc::new(limits::Limiter::default());
+    {
+        let limiter = limiter.clone();
+        background.push(tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_secs(60)).await;
+                limiter.sweep(limits::system_now());
+            }
+        }));
+    }
     let gateway = Gateway {
         metrics: Arc::default(),
         routes,
         http: reqwest::Client::builder()
             .pool_max_idle_per_host(256)
+            .tcp_nodelay(true)
             .build()
             .unwrap_or_else(|_| reqwest::Client::new()),
-        usage: usage_tx,
+        usage: usage_log,
+        limiter,
+        salter: Salter::new(&secret),
         site: HeaderValue::from_str(&config.site).unwrap_or(HeaderValue::from_static("unknown")),
         site_name: config.site.clone(),
     };
@@ -182,10 +298,20 @@ async fn metrics(State(g): State<Gateway>) -> Response {
         }
     }
     out.push_str(&secs);
+    g.metrics.overhead.render(&mut out);
     if let Ok(r) = g.routes.read() {
+        let states = r.replica_states();
         out.push_str("# HELP atrium_gateway_in_flight Requests in flight per replica.\n# TYPE atrium_gateway_in_flight gauge\n");
-        for (replica, n) in r.in_flight() {
+        for (replica, n, _) in &states {
             let _ = writeln!(out, "atrium_gateway_in_flight{{replica=\"{replica}\"}} {n}");
+        }
+        out.push_str("# HELP atrium_gateway_breaker_open Whether a replica's circuit breaker is open (skipped after connect failures).\n# TYPE atrium_gateway_breaker_open gauge\n");
+        for (replica, _, open) in &states {
+            let _ = writeln!(
+                out,
+                "atrium_gateway_breaker_open{{replica=\"{replica}\"}} {}",
+                u8::from(*open)
+            );
         }
         let _ = writeln!(out, "# HELP atrium_gateway_synced Whether the route table has its first snapshot.\n# TYPE atrium_gateway_synced gauge\natrium_gateway_synced {}", u8::from(r.synced()));
     }
@@ -321,10 +447,131 @@ fn usage_of(v: &Value) -> Option<(i64, i64)> {
     ))
 }
 
+/// Upstream attempts per request: the first replica and two others, each
+/// only after a connect failure (nothing was sent, so nothing can repeat).
+const ATTEMPTS: usize = 3;
+
+/// A request without `max_tokens` under a token limit is capped at this
+/// (or at the limit, if lower), so its budget can be reserved up front.
+pub const DEFAULT_MAX_TOKENS_UNDER_LIMIT: u64 = 4096;
+
+/// Parses a request body the gateway proxies: a JSON object naming a
+/// `model`. Public for the fuzz target.
+pub fn parse_request(bytes: &[u8]) -> Result<(serde_json::Map<String, Value>, String), String> {
+    let map = match serde_json::from_slice(bytes) {
+        Ok(Value::Object(m)) => m,
+        Ok(_) => return Err("the body must be a JSON object".into()),
+        Err(e) => return Err(format!("invalid JSON body: {e}")),
+    };
+    let model = match map.get("model") {
+        Some(Value::String(m)) if !m.is_empty() => m.clone(),
+        Some(Value::String(_)) | None => {
+            return Err("`model` is required: name one of your deployments".into())
+        }
+        Some(_) => return Err("`model` must be a string".into()),
+    };
+    Ok((map, model))
+}
+
+/// An upper bound of the tokens a request can use, and the completion
+/// limit to enforce (set when the client gave none). Prompt tokens are
+/// bounded by the prompt's bytes (byte-level BPE yields at most one token
+/// per byte) plus a per-message template allowance.
+pub fn token_estimate(body: &Value, limits_cap: Option<u64>) -> (u64, Option<u64>) {
+    const PER_MESSAGE: u64 = 8;
+    fn text_bytes(v: &Value) -> u64 {
+        match v {
+            Value::String(s) => s.len() as u64,
+            Value::Array(a) => a.iter().map(text_bytes).sum(),
+            Value::Object(o) => o.get("text").map(text_bytes).unwrap_or(0),
+            _ => 0,
+        }
+    }
+    let prompt = match body.get("messages").and_then(Value::as_array) {
+        Some(messages) => messages
+            .iter()
+            .map(|m| m.get("content").map(text_bytes).unwrap_or(0) + PER_MESSAGE)
+            .sum(),
+        None => body
+            .get("prompt")
+            .or_else(|| body.get("input"))
+            .map(text_bytes)
+            .unwrap_or(0),
+    };
+    let choices = body.get("n").and_then(Value::as_u64).unwrap_or(1).max(1);
+    let asked = body
+        .get("max_completion_tokens")
+        .or_else(|| body.get("max_tokens"))
+        .and_then(Value::as_u64);
+    let is_embedding = body.get("input").is_some() && body.get("messages").is_none();
+    let (completion, set) = match (asked, is_embedding) {
+        (_, true) => (0, None),
+        (Some(m), false) => (m, None),
+        (None, false) => {
+            let cap = limits_cap
+                .unwrap_or(DEFAULT_MAX_TOKENS_UNDER_LIMIT)
+                .clamp(1, DEFAULT_MAX_TOKENS_UNDER_LIMIT);
+            (cap, Some(cap))
+        }
+    };
+    (
+        prompt.saturating_add(completion.saturating_mul(choices)),
+        set,
+    )
+}
+
+fn rate_limited(e: &limits::Exceeded, who: &str) -> Response {
+    let message = if e.never_fits() {
+        format!(
+            "Request too large for the {scope}'s {field} ({limit}): it may use up to {requested} tokens. Lower max_tokens or shorten the prompt.",
+            scope = e.scope.word(),
+            field = e.kind.field(),
+            limit = e.limit,
+            requested = e.requested,
+        )
+    } else {
+        format!(
+            "Rate limit reached for {scope} {who} on {field}: limit {limit}, used {used}, requested {requested}. Please try again in {secs}s.",
+            scope = e.scope.word(),
+            field = e.kind.field(),
+            limit = e.limit,
+            used = e.used,
+            requested = e.requested,
+            secs = e.retry_after_secs(),
+        )
+    };
+    let body = json!({"error": {"message": message, "type": e.kind.openai_type(), "param": e.kind.field(), "code": "rate_limit_exceeded"}});
+    let mut r = (StatusCode::TOO_MANY_REQUESTS, Json(body)).into_response();
+    if let Ok(v) = HeaderValue::from_str(&e.retry_after_secs().to_string()) {
+        r.headers_mut().insert(header::RETRY_AFTER, v);
+    }
+    r
+}
+
 async fn proxy(State(g): State<Gateway>, req: Request) -> Response {
+    let started = Instant::now();
+    let request_id = format!("req_{:024x}", rand::random::<u128>() >> 32);
+    let mut response = proxy_inner(&g, req, started, &request_id).await;
+    let h = response.headers_mut();
+    if let Ok(v) = HeaderValue::from_str(&request_id) {
+        h.insert("x-request-id", v);
+    }
+    h.insert("x-atrium-site", g.site.clone());
+    response
+}
+
+/// The time a request spent in the gateway itself, its upstream excluded.
+fn record_overhead(g: &Gateway, response: &mut Response, started: Instant, upstream: Duration) {
+    let overhead = started.elapsed().saturating_sub(upstream);
+    g.metrics.overhead.observe(overhead);
+    if let Ok(v) = HeaderValue::from_str(&overhead.as_micros().to_string()) {
+        response.headers_mut().insert("x-atrium-overhead-us", v);
+    }
+}
+
+async fn proxy_inner(g: &Gateway, req: Request, started: Instant, request_id: &str) -> Response {
     let path = req.uri().path().to_string();
-    let headers = req.headers().clone();
-    let caller = match authenticate(&g, &headers) {
+    let caller = match authenticate(g, req.headers()) {
         Ok(c) => c,
         Err(r) => return r.into_response(),
     };
@@ -347,94 +594,159 @@ async fn proxy(State(g): State<Gateway>, req: Request) -> Response {
             )
         }
     };
-    let mut body: Value = match serde_json::from_slice(&bytes) {
-        Ok(Value::Object(m)) => Value::Object(m),
-        Ok(_) => {
+    let (map, model) = match parse_request(&bytes) {
+        Ok(parsed) => parsed,
+        Err(message) => {
             return openai_error(
                 StatusCode::BAD_REQUEST,
                 "invalid_request_error",
                 None,
-                "the body must be a JSON object",
-            )
-        }
-        Err(e) => {
-            return openai_error(
-                StatusCode::BAD_REQUEST,
-                "invalid_request_error",
-                None,
-                &format!("invalid JSON body: {e}"),
+                &message,
             )
         }
     };
-    let Some(model) = body
-        .get("model")
-        .and_then(Value::as_str)
-        .map(str::to_string)
-    else {
-        return openai_error(
-            StatusCode::BAD_REQUEST,
-            "invalid_request_error",
-            Some("missing_model"),
-            "`model` is required: name one of your deployments",
-        );
-    };
+    let mut body = Value::Object(map);
+    let is_embedding = path == "/v1/embeddings";
     let streaming = body.get("stream").and_then(Value::as_bool).unwrap_or(false);
     // Metering needs the token counts of streamed answers too.
-    if streaming && path != "/v1/embeddings" {
+    if streaming && !is_embedding {
         body["stream_options"] = json!({"include_usage": true});
     }
-    let target = match g.routes.read().map(|r| r.target(&caller.tenant, &model)) {
-        Ok(Some(t)) => t,
-        Ok(None) => return model_not_found(&model),
-        Err(_) => {
-            return openai_error(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "server_error",
-                None,
-                "route table unavailable",
-            )
+
+    // Limits: the key's and the tenant's, admitted together.
+    let token_cap = [caller.key_limits, caller.tenant_limits]
+        .iter()
+        .flat_map(|l| [l.tokens_per_minute, l.tokens_per_day])
+        .flatten()
+        .min();
+    let estimate = if token_cap.is_some() {
+        let (estimate, set_max) = token_estimate(&body, token_cap);
+        if let Some(m) = set_max {
+            body["max_tokens"] = json!(m);
         }
+        estimate
+    } else {
+        0
     };
-    let (base, replica_name, in_flight) = match target {
-        Target::External { url, model } => {
-            body["model"] = Value::String(model);
-            (url, "external".to_string(), None)
-        }
-        Target::Replica {
-            endpoint,
-            name,
-            outstanding,
-        } => {
-            outstanding.fetch_add(1, Ordering::Relaxed);
-            (endpoint, name, Some(InFlight(outstanding)))
-        }
-        Target::NoneReady { deployment, state } => {
-            return openai_error(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "server_error",
-                Some("no_ready_replica"),
-                &format!(
-                    "deployment `{deployment}` has no ready replica yet ({state}); retry shortly"
-                ),
-            )
-        }
-    };
-    let upstream = g
-        .http
-        .post(format!("{}{path}", base.trim_end_matches('/')))
-        .header(header::CONTENT_TYPE, "application/json")
-        .body(body.to_string())
-        .send()
-        .await;
-    let upstream = match upstream {
-        Ok(r) => r,
+    let scopes = [
+        limits::Scoped {
+            kind: limits::ScopeKind::Key,
+            id: caller.key.clone(),
+            limits: caller.key_limits,
+        },
+        limits::Scoped {
+            kind: limits::ScopeKind::Tenant,
+            id: caller.tenant.clone(),
+            limits: caller.tenant_limits,
+        },
+    ];
+    let mut ticket = match g.limiter.admit(&scopes, estimate, limits::system_now) {
+        Ok(t) => t,
         Err(e) => {
-            return openai_error(
-                StatusCode::BAD_GATEWAY,
-                "server_error",
-                None,
-                &format!("replica {replica_name} unreachable: {e}"),
-            )
+            let who = match e.scope {
+                limits::ScopeKind::Key => &caller.key,
+                limits::ScopeKind::Tenant => &caller.tenant,
+            };
+            return rate_limited(&e, who);
+        }
+    };
+
+    // Routing: tenant-salted prefix affinity over the ready replicas.
+    let salt = g.salter.tenant_salt(&caller.tenant);
+    let affinity = affinity::affinity_key(&salt, &affinity::prompt_prefix(&body));
+    let mut tried: Vec<String> = Vec::new();
+    let mut upstream_time = Duration::ZERO;
+    let mut encoded: Option<String> = None;
+    let (upstream, replica_name, in_flight) = loop {
+        let target = match g
+            .routes
+            .read()
+            .map(|r| r.target(&caller.tenant, &model, affinity, &tried))
+        {
+            Ok(Some(t)) => t,
+            Ok(None) => return model_not_found(&model),
+            Err(_) => {
+                return openai_error(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "server_error",
+                    None,
+                    "route table unavailable",
+                )
+            }
+        };
+        let (base, replica_name, replica) = match target {
+            Target::External { url, model } => {
+                body["model"] = Value::String(model);
+                // A shared upstream's cache must not be steered by a client.
+                if let Some(m) = body.as_object_mut() {
+                    m.remove("cache_salt");
+                }
+                (url, "external".to_string(), None)
+            }
+            Target::Replica {
+                id,
+                endpoint,
+                name,
+                outstanding,
+                breaker,
+                takes_cache_salt,
+            } => {
+                if takes_cache_salt && !is_embedding {
+                    body["cache_salt"] = Value::String(salt.clone());
+                }
+                outstanding.fetch_add(1, Ordering::Relaxed);
+                (endpoint, name, Some((id, InFlight(outstanding), breaker)))
+            }
+            Target::NoneReady { deployment, state } => {
+                let message = if tried.is_empty() {
+                    format!("deployment `{deployment}` has no ready replica yet ({state}); retry shortly")
+                } else {
+                    format!(
+                        "no replica of `{deployment}` could be reached ({} tried)",
+                        tried.len()
+                    )
+                };
+                return openai_error(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "server_error",
+                    Some("no_ready_replica"),
+                    &message,
+                );
+            }
+        };
+        let text = encoded.get_or_insert_with(|| body.to_string()).clone();
+        let sent = Instant::now();
+        let result = g
+            .http
+            .post(format!("{}{path}", base.trim_end_matches('/')))
+            .header(header::CONTENT_TYPE, "application/json")
+            .header("x-request-id", request_id)
+            .body(text)
+            .send()
+            .await;
+        upstream_time += sent.elapsed();
+        match (result, replica) {
+            (Ok(r), Some((_, in_flight, breaker))) => {
+                breaker.success();
+                break (r, replica_name, Some(in_flight));
+            }
+            (Ok(r), None) => break (r, replica_name, None),
+            (Err(e), Some((id, _, breaker))) if e.is_connect() && tried.len() + 1 < ATTEMPTS => {
+                breaker.failure();
+                tracing::warn!(replica = %replica_name, error = %e, "gateway: replica unreachable; trying another");
+                tried.push(id);
+            }
+            (Err(e), replica) => {
+                if let Some((_, _, breaker)) = replica {
+                    breaker.failure();
+                }
+                return openai_error(
+                    StatusCode::BAD_GATEWAY,
+                    "server_error",
+                    None,
+                    &format!("replica {replica_name} unreachable: {e}"),
+                );
+            }
         }
     };
     let status =
@@ -446,22 +758,32 @@ async fn proxy(State(g): State<Gateway>, req: Request) -> Response {
         deployment: model.clone(),
         site: g.site_name.clone(),
         replica: replica_name.clone(),
+        request_id: request_id.to_string(),
     };
     let mut response = if streaming && status.is_success() {
         let (tx, rx) = mpsc::channel::<Result<Bytes, std::io::Error>>(32);
         let mut stream = upstream.bytes_stream();
         tokio::spawn(async move {
             let _in_flight = in_flight;
+            let mut ticket = ticket;
             let mut line = Vec::new();
-            let mut counted = None;
+            let mut metered = false;
             while let Some(chunk) = stream.next().await {
                 let Ok(chunk) = chunk else { break };
-                // Look for the usage chunk while passing every byte on as is.
+                // Look for the usage chunk while passing every byte on as is;
+                // it is metered before it is passed on.
                 for b in chunk.iter() {
                     if *b == b'\n' {
                         if let Some(data) = line.strip_prefix(b"data: ") {
-                            if let Ok(v) = serde_json::from_slice::<Value>(data) {
-                                counted = usage_of(&v).or(counted);
+                            if let Some((p, c)) = serde_json::from_slice::<Value>(data)
+                                .ok()
+                                .as_ref()
+                                .and_then(usage_of)
+                            {
+                                if !metered {
+                                    metered = true;
+                                    meter.record(p, c, &mut ticket);
+                                }
                             }
                         }
                         line.clear();
@@ -473,15 +795,15 @@ async fn proxy(State(g): State<Gateway>, req: Request) -> Response {
                     break;
                 }
             }
-            if let Some((p, c)) = counted {
-                meter.record(p, c);
-            }
         });
         Response::new(Body::from_stream(
             tokio_stream::wrappers::ReceiverStream::new(rx),
         ))
     } else {
-        let bytes = match upstream.bytes().await {
+        let sent = Instant::now();
+        let bytes = upstream.bytes().await;
+        upstream_time += sent.elapsed();
+        let bytes = match bytes {
             Ok(b) => b,
             Err(e) => {
                 return openai_error(
@@ -499,9 +821,10 @@ async fn proxy(State(g): State<Gateway>, req: Request) -> Response {
                 .as_ref()
                 .and_then(usage_of)
             {
-                meter.record(p, c);
+                meter.record(p, c, &mut ticket);
             }
         }
+        drop(ticket);
         Response::new(Body::from(bytes))
     };
     *response.status_mut() = status;
@@ -509,37 +832,89 @@ async fn proxy(State(g): State<Gateway>, req: Request) -> Response {
     if let Some(ct) = content_type {
         h.insert(header::CONTENT_TYPE, ct);
     }
-    h.insert("x-atrium-site", g.site.clone());
     if let Ok(v) = HeaderValue::from_str(&replica_name) {
         h.insert("x-atrium-replica", v);
     }
+    record_overhead(g, &mut response, started, upstream_time);
     response
 }
 
 struct Meter {
-    usage: mpsc::UnboundedSender<UsageRecordView>,
+    usage: Arc<usage::UsageLog>,
     tenant: String,
     deployment: String,
     site: String,
     replica: String,
+    request_id: String,
 }
 
 impl Meter {
-    fn record(self, prompt_tokens: i64, completion_tokens: i64) {
+    /// Charges the limiter and spools the record (before the client sees
+    /// the end of the response).
+    fn record(
+        &self,
+        prompt_tokens: i64,
+        completion_tokens: i64,
+        ticket: &mut Option<limits::Ticket>,
+    ) {
+        if let Some(t) = ticket {
+            t.charge((prompt_tokens.max(0) + completion_tokens.max(0)) as u64);
+        }
         let at = time::OffsetDateTime::now_utc()
             .format(&time::format_description::well_known::Rfc3339)
             .unwrap_or_default();
-        let _ = self.usage.send(UsageRecordView {
+        let record = UsageRecordView {
             at,
-            tenant: self.tenant,
-            deployment: self.deployment,
-            site: self.site,
-            replica: self.replica,
+            tenant: self.tenant.clone(),
+            deployment: self.deployment.clone(),
+            site: self.site.clone(),
+            replica: self.replica.clone(),
             prompt_tokens,
             completion_tokens,
-        });
+            request_id: self.request_id.clone(),
+        };
+        if let Err(e) = self.usage.append(&record) {
+            tracing::error!(error = %e, request_id = %self.request_id, "gateway: usage not spooled");
+        }
     }
 }
 
 /// How long the usage shipper waits to fill a batch.
-pub const USAGE_FLUSH: Duration = Duration::from_millis(500);
+pub const USAGE_FLUSH: Duration = Duration::from_millis(200);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn estimates_bound_prompt_and_completion() {
+        let chat = json!({"model": "m", "messages": [{"role": "user", "content": "hello"}], "max_tokens": 10, "n": 2});
+        assert_eq!(token_estimate(&chat, Some(100)), (5 + 8 + 20, None));
+        let open = json!({"model": "m", "messages": [{"role": "user", "content": "hi"}]});
+        assert_eq!(token_estimate(&open, Some(50)), (2 + 8 + 50, Some(50)));
+        assert_eq!(
+            token_estimate(&open, Some(1_000_000)),
+            (
+                10 + DEFAULT_MAX_TOKENS_UNDER_LIMIT,
+                Some(DEFAULT_MAX_TOKENS_UNDER_LIMIT)
+            )
+        );
+        let embed = json!({"model": "e", "input": ["abc", "de"]});
+        assert_eq!(token_estimate(&embed, Some(10)), (5, None));
+    }
+
+    #[test]
+    fn parse_names_what_is_wrong() {
+        assert!(parse_request(b"{\"model\":\"m\"}").is_ok());
+        for (bad, says) in [
+            (&b"[1]"[..], "JSON object"),
+            (b"{", "invalid JSON"),
+            (b"{}", "`model` is required"),
+            (b"{\"model\":\"\"}", "`model` is required"),
+            (b"{\"model\":3}", "must be a string"),
+        ] {
+            let e = parse_request(bad).unwrap_err();
+            assert!(e.contains(says), "{e}");
+        }
+    }
+}

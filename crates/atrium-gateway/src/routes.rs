@@ -5,11 +5,13 @@
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
+use std::time::Duration;
 
 use atrium_client::{ControlPlane, Update};
 use atrium_core::deployment::EngineKind;
 use atrium_core::key::{split_key_token, Scope};
 use atrium_core::lifecycle::LifecycleState;
+use atrium_core::limits::RequestLimits;
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
@@ -22,6 +24,7 @@ struct KeyEntry {
     scopes: Vec<Scope>,
     revoked: bool,
     expires_at: Option<OffsetDateTime>,
+    limits: RequestLimits,
 }
 
 #[derive(Debug, Clone)]
@@ -42,19 +45,60 @@ struct ReplicaEntry {
     running: bool,
 }
 
-/// An authenticated tenant caller.
+/// An authenticated tenant caller, with the limits of its key and tenant.
 #[derive(Debug, Clone)]
 pub struct Caller {
+    pub key: String,
     pub tenant: String,
     pub may_infer: bool,
+    pub key_limits: RequestLimits,
+    pub tenant_limits: RequestLimits,
+}
+
+/// A replica's circuit breaker: after `TRIP_AFTER` consecutive connect
+/// failures it is skipped for `OPEN_FOR`, then tried again (one failure
+/// re-opens it at once; one success closes it).
+#[derive(Debug, Default)]
+pub struct Breaker {
+    failures: AtomicU64,
+    open_until_ms: AtomicU64,
+}
+
+const TRIP_AFTER: u64 = 3;
+const OPEN_FOR: Duration = Duration::from_secs(5);
+
+fn now_ms() -> u64 {
+    crate::limits::system_now().as_millis() as u64
+}
+
+impl Breaker {
+    pub fn success(&self) {
+        self.failures.store(0, Ordering::Relaxed);
+    }
+
+    pub fn failure(&self) {
+        if self.failures.fetch_add(1, Ordering::Relaxed) + 1 >= TRIP_AFTER {
+            self.open_until_ms
+                .store(now_ms() + OPEN_FOR.as_millis() as u64, Ordering::Relaxed);
+        }
+    }
+
+    pub fn is_open(&self) -> bool {
+        self.open_until_ms.load(Ordering::Relaxed) > now_ms()
+    }
 }
 
 /// Where a request goes.
 pub enum Target {
     Replica {
+        /// The placement id.
+        id: String,
         endpoint: String,
         name: String,
         outstanding: Arc<AtomicU64>,
+        breaker: Arc<Breaker>,
+        /// vLLM/SGLang-style upstream that takes `cache_salt`.
+        takes_cache_salt: bool,
     },
     /// An existing OpenAI-compatible server; `model` replaces the
     /// request's (the tenant's deployment name means nothing there).
@@ -77,8 +121,16 @@ pub struct Routes {
     replicas: BTreeMap<String, ReplicaEntry>,
     /// placement id → requests in flight; outlives replica updates.
     outstanding: HashMap<String, Arc<AtomicU64>>,
-    synced: [bool; 3],
+    /// placement id → circuit breaker.
+    breakers: HashMap<String, Arc<Breaker>>,
+    /// tenant name → the limits of its quota.
+    tenants: HashMap<String, RequestLimits>,
+    synced: [bool; 4],
 }
+
+/// A replica preferred by affinity keeps its requests while it has at most
+/// this many more in flight than the least loaded replica.
+pub const AFFINITY_SLACK: u64 = 2;
 
 fn key_entry(o: &Value) -> Option<(String, KeyEntry)> {
     let id = o["id"].as_str()?.to_string();
@@ -97,6 +149,7 @@ fn key_entry(o: &Value) -> Option<(String, KeyEntry)> {
             scopes,
             revoked: !o["status"]["revoked_at"].is_null(),
             expires_at,
+            limits: serde_json::from_value(spec.clone()).unwrap_or_default(),
         },
     ))
 }
@@ -130,13 +183,16 @@ impl Routes {
             .iter()
             .any(|s| matches!(s, Scope::Inference | Scope::Admin));
         Ok(Caller {
+            key: id.to_string(),
             tenant: key.tenant.clone(),
             may_infer,
+            key_limits: key.limits,
+            tenant_limits: self.tenants.get(&key.tenant).copied().unwrap_or_default(),
         })
     }
 
-    /// Requests in flight per replica name.
-    pub fn in_flight(&self) -> Vec<(String, u64)> {
+    /// Per replica name: requests in flight, and whether its breaker is open.
+    pub fn replica_states(&self) -> Vec<(String, u64, bool)> {
         self.replicas
             .iter()
             .map(|(id, r)| {
@@ -146,6 +202,7 @@ impl Routes {
                         .get(id)
                         .map(|c| c.load(Ordering::Relaxed))
                         .unwrap_or(0),
+                    self.breakers.get(id).is_some_and(|b| b.is_open()),
                 )
             })
             .collect()
@@ -163,9 +220,18 @@ impl Routes {
         names
     }
 
-    /// Resolves `model` among `tenant`'s deployments only, to the ready
-    /// replica with the fewest requests in flight.
-    pub fn target(&self, tenant: &str, model: &str) -> Option<Target> {
+    /// Resolves `model` among `tenant`'s deployments only, to one of its
+    /// ready replicas (not in `exclude`, breaker closed): the one the
+    /// affinity key prefers (rendezvous hashing), unless it has more than
+    /// `AFFINITY_SLACK` requests in flight beyond the least loaded, which
+    /// then gets it.
+    pub fn target(
+        &self,
+        tenant: &str,
+        model: &str,
+        affinity: u64,
+        exclude: &[String],
+    ) -> Option<Target> {
         let d = self
             .deployments
             .get(&(tenant.to_string(), model.to_string()))?;
@@ -175,22 +241,39 @@ impl Routes {
                 model: d.model.clone(),
             });
         }
-        let best = self
+        let load = |id: &str| {
+            self.outstanding
+                .get(id)
+                .map(|c| c.load(Ordering::Relaxed))
+                .unwrap_or(0)
+        };
+        let ready: Vec<(&String, &ReplicaEntry, &str)> = self
             .replicas
             .iter()
-            .filter(|(_, r)| r.deployment == d.id && r.running)
-            .filter_map(|(id, r)| Some((id, r, r.endpoint.clone()?)))
-            .min_by_key(|(id, _, _)| {
-                self.outstanding
-                    .get(*id)
-                    .map(|c| c.load(Ordering::Relaxed))
-                    .unwrap_or(0)
-            });
+            .filter(|(id, r)| r.deployment == d.id && r.running && !exclude.contains(id))
+            .filter_map(|(id, r)| Some((id, r, r.endpoint.as_deref()?)))
+            .collect();
+        let closed: Vec<_> = ready
+            .iter()
+            .filter(|(id, _, _)| !self.breakers.get(*id).is_some_and(|b| b.is_open()))
+            .copied()
+            .collect();
+        // With every breaker open, trying one beats refusing outright.
+        let candidates = if closed.is_empty() { ready } else { closed };
+        let least = candidates.iter().map(|(id, _, _)| load(id)).min();
+        let best = candidates
+            .iter()
+            .max_by_key(|(id, _, _)| crate::affinity::rendezvous_weight(affinity, id))
+            .filter(|(id, _, _)| least.is_some_and(|l| load(id) <= l + AFFINITY_SLACK))
+            .or_else(|| candidates.iter().min_by_key(|(id, _, _)| load(id)));
         Some(match best {
             Some((id, r, endpoint)) => Target::Replica {
-                endpoint,
+                id: (*id).clone(),
+                endpoint: (*endpoint).to_string(),
                 name: r.name.clone(),
-                outstanding: self.outstanding.get(id).cloned().unwrap_or_default(),
+                outstanding: self.outstanding.get(*id).cloned().unwrap_or_default(),
+                breaker: self.breakers.get(*id).cloned().unwrap_or_default(),
+                takes_cache_salt: d.engine != EngineKind::External,
             },
             None => Target::NoneReady {
                 deployment: model.to_string(),
@@ -289,16 +372,41 @@ impl Routes {
                 if let Some(id) = o["id"].as_str() {
                     self.replicas.remove(id);
                     self.outstanding.remove(id);
+                    self.breakers.remove(id);
                 }
             }
         }
         for id in self.replicas.keys() {
             self.outstanding.entry(id.clone()).or_default();
+            self.breakers.entry(id.clone()).or_default();
+        }
+    }
+
+    fn apply_tenant(&mut self, update: Update) {
+        let entry = |o: &Value| -> Option<(String, RequestLimits)> {
+            let limits = serde_json::from_value(o["spec"]["quota"].clone()).unwrap_or_default();
+            Some((o["name"].as_str()?.to_string(), limits))
+        };
+        match update {
+            Update::Snapshot(items) => {
+                self.tenants = items.iter().filter_map(entry).collect();
+                self.synced[3] = true;
+            }
+            Update::Added(o) | Update::Modified(o) => {
+                if let Some((k, v)) = entry(&o) {
+                    self.tenants.insert(k, v);
+                }
+            }
+            Update::Deleted(o) => {
+                if let Some((k, _)) = entry(&o) {
+                    self.tenants.remove(&k);
+                }
+            }
         }
     }
 }
 
-/// Follows keys, deployments and placements. Key digests are not part of
+/// Follows keys, deployments, tenants (their limits) and placements. Key digests are not part of
 /// the public key view, so they come from `/v1/keys/digests`, re-read on
 /// every key change (a small, provider-only document).
 pub fn follow(cp: ControlPlane, routes: Arc<RwLock<Routes>>) -> Vec<tokio::task::JoinHandle<()>> {
@@ -345,6 +453,17 @@ pub fn follow(cp: ControlPlane, routes: Arc<RwLock<Routes>>) -> Vec<tokio::task:
             cp.follow("deployments", move |u| {
                 if let Ok(mut r) = routes.write() {
                     r.apply_deployment(u);
+                }
+            })
+            .await
+        }));
+    }
+    {
+        let (cp, routes) = (cp.clone(), routes.clone());
+        tasks.push(tokio::spawn(async move {
+            cp.follow("tenants", move |u| {
+                if let Ok(mut r) = routes.write() {
+                    r.apply_tenant(u);
                 }
             })
             .await

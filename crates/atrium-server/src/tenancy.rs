@@ -164,6 +164,9 @@ pub async fn set_quota(
     JsonBody(req): JsonBody<QuotaUpdate>,
 ) -> Result<Json<QuotaView>, ApiError> {
     require::<Tenant>(&caller, Access::Write)?;
+    req.quota
+        .validate()
+        .map_err(|e| ApiError::InvalidFields(e.nest("quota")))?;
     let object = resolve::<Tenant>(&state, &caller, &tenant, None).await?;
     let mut body = object.body.clone();
     body["spec"]["quota"] =
@@ -311,6 +314,7 @@ pub async fn record_usage(
             replica: r.replica,
             prompt_tokens: r.prompt_tokens,
             completion_tokens: r.completion_tokens,
+            request_id: r.request_id,
         })
         .collect();
     let fresh = state.store.record_usage(&batch.batch_id, &records).await?;
@@ -363,7 +367,7 @@ pub async fn list_usage(
             completion += r.completion_tokens;
             serde_json::json!({"revision": revision, "at": r.at, "tenant": r.tenant, "deployment": r.deployment,
                                "site": r.site, "replica": r.replica, "prompt_tokens": r.prompt_tokens,
-                               "completion_tokens": r.completion_tokens})
+                               "completion_tokens": r.completion_tokens, "request_id": r.request_id})
         })
         .collect();
     Ok(Json(serde_json::json!({

@@ -228,6 +228,8 @@ pub struct UsageRecord {
     pub replica: String,
     pub prompt_tokens: i64,
     pub completion_tokens: i64,
+    /// The gateway's id of the request; empty for records without one.
+    pub request_id: String,
 }
 
 /// A page of objects and the revision the page was read at.
@@ -820,7 +822,7 @@ impl Store {
         for (i, r) in records.iter().enumerate() {
             sqlx::query(
                 "INSERT INTO usage_records (revision, idx, at, tenant, deployment, site, replica, prompt_tokens, \
-                 completion_tokens) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+                 completion_tokens, request_id) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
             )
             .bind(revision)
             .bind(i as i64)
@@ -831,6 +833,7 @@ impl Store {
             .bind(&r.replica)
             .bind(r.prompt_tokens)
             .bind(r.completion_tokens)
+            .bind(&r.request_id)
             .execute(&mut *tx)
             .await?;
         }
@@ -849,7 +852,7 @@ impl Store {
     ) -> Result<Vec<(i64, UsageRecord)>, StoreError> {
         let (cond, bind) = tenant.sql(2);
         let sql = format!(
-            "SELECT revision, at, tenant, deployment, site, replica, prompt_tokens, completion_tokens \
+            "SELECT revision, at, tenant, deployment, site, replica, prompt_tokens, completion_tokens, request_id \
              FROM usage_records WHERE revision > $1 AND {cond} ORDER BY revision, idx LIMIT {limit}"
         );
         let mut q = sqlx::query(&sql).bind(after);
@@ -869,6 +872,7 @@ impl Store {
                         replica: r.try_get("replica")?,
                         prompt_tokens: r.try_get("prompt_tokens")?,
                         completion_tokens: r.try_get("completion_tokens")?,
+                        request_id: r.try_get("request_id")?,
                     },
                 ))
             })

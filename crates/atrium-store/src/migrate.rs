@@ -14,6 +14,11 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         include_str!("../migrations/0001_objects.sql"),
     ),
     (2, "usage", include_str!("../migrations/0002_usage.sql")),
+    (
+        3,
+        "usage request ids",
+        include_str!("../migrations/0003_usage_request_id.sql"),
+    ),
 ];
 
 pub(crate) async fn run(pool: &AnyPool, backend: Backend) -> Result<(), StoreError> {

@@ -214,6 +214,10 @@ struct GatewayArgs {
     /// The site this gateway serves
     #[arg(long, default_value = "local")]
     site: String,
+    /// Secret the per-tenant affinity and cache salts derive from; give the
+    /// gateways of one site the same [default: <data-dir>/gateway/gateway.secret]
+    #[arg(long, env = "ATRIUM_GATEWAY_SECRET", hide_env_values = true)]
+    secret: Option<String>,
     #[arg(long, env = "ATRIUM_LOG", default_value = "info")]
     log: tracing::Level,
 }
@@ -326,6 +330,23 @@ struct QuotaFlags {
     quota_requests_per_minute: Option<u64>,
     #[arg(long)]
     quota_tokens_per_minute: Option<u64>,
+    #[arg(long)]
+    quota_tokens_per_day: Option<u64>,
+    #[arg(long)]
+    quota_max_concurrent_requests: Option<u64>,
+}
+
+/// Request limits of one key, enforced by the gateway.
+#[derive(Args)]
+struct KeyLimitFlags {
+    #[arg(long)]
+    requests_per_minute: Option<u64>,
+    #[arg(long)]
+    tokens_per_minute: Option<u64>,
+    #[arg(long)]
+    tokens_per_day: Option<u64>,
+    #[arg(long)]
+    max_concurrent_requests: Option<u64>,
 }
 
 impl QuotaFlags {
@@ -350,6 +371,11 @@ impl QuotaFlags {
             "tokens_per_minute",
             self.quota_tokens_per_minute.map(Value::from),
         );
+        put("tokens_per_day", self.quota_tokens_per_day.map(Value::from));
+        put(
+            "max_concurrent_requests",
+            self.quota_max_concurrent_requests.map(Value::from),
+        );
         Value::Object(m)
     }
 }
@@ -368,6 +394,8 @@ enum KeyCmd {
         /// Expiry, RFC 3339 (e.g. 2027-01-01T00:00:00Z)
         #[arg(long)]
         expires_at: Option<String>,
+        #[command(flatten)]
+        limits: KeyLimitFlags,
     },
     /// Revoke a key: it stops working at once.
     Revoke(Lookup),
@@ -615,7 +643,13 @@ async fn run(cli: Cli) -> Result<()> {
         }
         Command::Gateway(args) => {
             let (server, token) = server_and_token(&cli.global, &file)?;
-            run_gateway(args, server, token).await
+            run_gateway(
+                args,
+                server,
+                token,
+                data_dir.unwrap_or_else(config::default_data_dir),
+            )
+            .await
         }
         Command::Engine(args) => engine(args).await,
         Command::Bench(BenchCmd::Engine { out }) => bench::engine(out).await,
@@ -754,7 +788,12 @@ async fn run_agent(
     Ok(())
 }
 
-async fn run_gateway(args: GatewayArgs, server: String, token: String) -> Result<()> {
+async fn run_gateway(
+    args: GatewayArgs,
+    server: String,
+    token: String,
+    data_dir: PathBuf,
+) -> Result<()> {
     crate::init_logging(args.log);
     let listen = args
         .listen
@@ -765,6 +804,8 @@ async fn run_gateway(args: GatewayArgs, server: String, token: String) -> Result
         token,
         listen,
         site: args.site,
+        data_dir: data_dir.join("gateway"),
+        secret: args.secret,
     })
     .await?;
     println!("Atrium gateway: http://{}", gateway.addr);
@@ -1040,8 +1081,19 @@ async fn client_command(
                 tenant,
                 scopes,
                 expires_at,
+                limits,
             } => {
                 let mut body = json!({"name": name, "spec": {"scopes": scopes}});
+                for (field, value) in [
+                    ("requests_per_minute", limits.requests_per_minute),
+                    ("tokens_per_minute", limits.tokens_per_minute),
+                    ("tokens_per_day", limits.tokens_per_day),
+                    ("max_concurrent_requests", limits.max_concurrent_requests),
+                ] {
+                    if let Some(v) = value {
+                        body["spec"][field] = Value::from(v);
+                    }
+                }
                 if let Some(t) = tenant {
                     body["tenant"] = Value::from(t);
                 }

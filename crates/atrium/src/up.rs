@@ -205,6 +205,8 @@ impl Stack {
             token: admin_token.clone(),
             listen: gateway_listen,
             site: LOCAL_SITE.into(),
+            data_dir: data_dir.join("gateway"),
+            secret: None,
         })
         .await?;
         let gateway_url = format!("http://{}", gateway.addr);

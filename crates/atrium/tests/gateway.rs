@@ -29,18 +29,7 @@ impl Drop for Up {
 
 impl Up {
     fn admin(&self, method: reqwest::Method, path: &str, body: Value) -> Value {
-        let mut req = self
-            .http
-            .request(method.clone(), format!("{}{path}", self.server))
-            .bearer_auth(&self.token);
-        if !body.is_null() {
-            req = req.json(&body);
-        }
-        let resp = req.send().unwrap();
-        let status = resp.status();
-        let v: Value = resp.json().unwrap();
-        assert!(status.is_success(), "{method} {path}: {status} {v}");
-        v
+        common::admin_call(&self.http, &self.server, &self.token, method, path, body)
     }
 
     fn call(&self, key: &str, path: &str, body: Value) -> (u16, Value, Option<String>) {

@@ -20,3 +20,26 @@ pub fn terminate(pid: u32) {
         .args(["-TERM", &pid.to_string()])
         .status();
 }
+
+/// Calls the control plane's API as the provider admin; panics (naming the
+/// call) unless it succeeds.
+pub fn admin_call(
+    http: &reqwest::blocking::Client,
+    server: &str,
+    token: &str,
+    method: reqwest::Method,
+    path: &str,
+    body: serde_json::Value,
+) -> serde_json::Value {
+    let mut req = http
+        .request(method.clone(), format!("{server}{path}"))
+        .bearer_auth(token);
+    if !body.is_null() {
+        req = req.json(&body);
+    }
+    let resp = req.send().unwrap();
+    let status = resp.status();
+    let v: serde_json::Value = resp.json().unwrap();
+    assert!(status.is_success(), "{method} {path}: {status} {v}");
+    v
+}

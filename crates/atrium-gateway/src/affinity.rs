@@ -1,0 +1,171 @@
+//! Tenant-salted prefix affinity.
+//!
+//! Requests whose prompts start alike should reach the same replica, whose
+//! prefix cache then already holds them. But a shared cache is a side
+//! channel: if tenant A's prompt could warm a cache entry tenant B then
+//! hits, B could time its way to A's prompts. So everything affinity and
+//! caching key on is salted per tenant — `salt = HMAC(gateway secret,
+//! tenant)` — and the same salt goes upstream as vLLM/SGLang's
+//! `cache_salt`, replacing whatever the client sent, so two tenants with
+//! the same prompt never share an affinity key or a cache block.
+
+use hmac::{Hmac, Mac};
+use serde_json::Value;
+use sha2::Sha256;
+
+/// Bytes of the prompt the affinity key covers: the first blocks, where
+/// shared system prompts and few-shot examples live.
+pub const AFFINITY_PREFIX_BYTES: usize = 4 * 256;
+
+/// Derives per-tenant salts from a gateway secret shared by the gateways
+/// of a site (so they agree on affinity and on cache salts).
+#[derive(Clone)]
+pub struct Salter {
+    mac: Hmac<Sha256>,
+}
+
+impl Salter {
+    pub fn new(secret: &[u8]) -> Self {
+        // HMAC takes keys of any length; `new_from_slice` cannot fail for it.
+        let mac = Hmac::<Sha256>::new_from_slice(secret)
+            .unwrap_or_else(|_| Hmac::<Sha256>::new(&Default::default()));
+        Salter { mac }
+    }
+
+    /// The tenant's salt, as 64 hex characters.
+    pub fn tenant_salt(&self, tenant: &str) -> String {
+        let mut mac = self.mac.clone();
+        mac.update(b"atrium tenant salt\0");
+        mac.update(tenant.as_bytes());
+        hex::encode(mac.finalize().into_bytes())
+    }
+}
+
+/// The affinity key of a prompt prefix under a tenant's salt.
+pub fn affinity_key(salt: &str, prefix: &[u8]) -> u64 {
+    let Ok(mut mac) = Hmac::<Sha256>::new_from_slice(salt.as_bytes()) else {
+        return 0;
+    };
+    mac.update(prefix);
+    let digest = mac.finalize().into_bytes();
+    let mut first = [0u8; 8];
+    first.copy_from_slice(&digest[..8]);
+    u64::from_le_bytes(first)
+}
+
+/// The first `AFFINITY_PREFIX_BYTES` of what the model will read first:
+/// the chat messages (role and text, in order), a completion's prompt or
+/// an embedding's input.
+pub fn prompt_prefix(body: &Value) -> Vec<u8> {
+    let mut out = Vec::with_capacity(AFFINITY_PREFIX_BYTES);
+    let mut push = |s: &str| {
+        let room = AFFINITY_PREFIX_BYTES.saturating_sub(out.len());
+        out.extend_from_slice(&s.as_bytes()[..s.len().min(room)]);
+        out.len() < AFFINITY_PREFIX_BYTES
+    };
+    if let Some(messages) = body.get("messages").and_then(Value::as_array) {
+        for m in messages {
+            if !push(m.get("role").and_then(Value::as_str).unwrap_or("")) || !push("\n") {
+                break;
+            }
+            if !for_each_text(m.get("content"), &mut push) {
+                break;
+            }
+        }
+    } else if let Some(p) = body.get("prompt").or_else(|| body.get("input")) {
+        for_each_text(Some(p), &mut push);
+    }
+    out
+}
+
+/// Feeds the text of a content value (a string, an array of strings, or
+/// an array of `{type: text, text}` parts) to `push` until it says stop.
+fn for_each_text(content: Option<&Value>, push: &mut impl FnMut(&str) -> bool) -> bool {
+    match content {
+        Some(Value::String(s)) => push(s),
+        Some(Value::Array(parts)) => {
+            for p in parts {
+                let text = match p {
+                    Value::String(s) => s.as_str(),
+                    other => other.get("text").and_then(Value::as_str).unwrap_or(""),
+                };
+                if !push(text) {
+                    return false;
+                }
+            }
+            true
+        }
+        _ => true,
+    }
+}
+
+/// Rendezvous (highest random weight) hashing: the replica an affinity key
+/// prefers, stable as other replicas come and go.
+pub fn rendezvous_weight(key: u64, replica: &str) -> u64 {
+    // FNV-1a over the replica id, then mixed with the key (splitmix64).
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in replica.bytes() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    let mut z = h ^ key;
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn same_prompt_different_tenants_differ() {
+        let salter = Salter::new(b"gateway secret");
+        let (a, b) = (salter.tenant_salt("acme"), salter.tenant_salt("globex"));
+        assert_ne!(a, b);
+        assert_eq!(a, salter.tenant_salt("acme"), "stable");
+        assert_ne!(a, Salter::new(b"another secret").tenant_salt("acme"));
+        let body = json!({"messages": [{"role": "user", "content": "What is a GPU?"}]});
+        let prefix = prompt_prefix(&body);
+        assert_eq!(prefix, b"user\nWhat is a GPU?");
+        assert_ne!(affinity_key(&a, &prefix), affinity_key(&b, &prefix));
+        assert_eq!(affinity_key(&a, &prefix), affinity_key(&a, &prefix));
+    }
+
+    #[test]
+    fn prefix_is_bounded_and_reads_every_shape() {
+        let long = "x".repeat(5000);
+        let body = json!({"messages": [{"role": "system", "content": long}, {"role": "user", "content": "tail"}]});
+        assert_eq!(prompt_prefix(&body).len(), AFFINITY_PREFIX_BYTES);
+        let parts = json!({"messages": [{"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}]});
+        assert_eq!(prompt_prefix(&parts), b"user\nab");
+        assert_eq!(prompt_prefix(&json!({"prompt": ["p", "q"]})), b"pq");
+        assert_eq!(prompt_prefix(&json!({"input": "e"})), b"e");
+        assert!(prompt_prefix(&json!({"messages": 3})).is_empty());
+    }
+
+    #[test]
+    fn rendezvous_spreads_keys_and_is_stable() {
+        let replicas = ["pl_a", "pl_b", "pl_c", "pl_d"];
+        fn pick(key: u64, set: &[&'static str]) -> &'static str {
+            set.iter()
+                .max_by_key(|r| rendezvous_weight(key, r))
+                .unwrap()
+        }
+        let mut counts = std::collections::HashMap::new();
+        for key in 0..4000u64 {
+            let k = affinity_key("salt", &key.to_le_bytes());
+            *counts.entry(pick(k, &replicas)).or_insert(0) += 1;
+            // Removing a replica moves only the keys it held.
+            let before = pick(k, &replicas);
+            if before != "pl_d" {
+                assert_eq!(pick(k, &replicas[..3]), before);
+            }
+        }
+        assert!(
+            counts.values().all(|&n| (800..1200).contains(&n)),
+            "{counts:?}"
+        );
+    }
+}
