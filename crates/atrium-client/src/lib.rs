@@ -67,13 +67,30 @@ impl ControlPlane {
         path: &str,
         body: Option<&Value>,
     ) -> Result<Value, ClientError> {
+        let body = match body {
+            Some(b) => Some(serde_json::to_vec(b).map_err(|e| ClientError::Decode(e.to_string()))?),
+            None => None,
+        };
+        self.call_raw(method, path, body).await
+    }
+
+    /// `call` with a body that is already JSON text (large batches are
+    /// assembled without building a document first).
+    pub async fn call_raw(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Vec<u8>>,
+    ) -> Result<Value, ClientError> {
         let mut req = self
             .http
             .request(method, format!("{}{path}", self.base))
             .bearer_auth(&self.token)
             .timeout(Duration::from_secs(30));
         if let Some(b) = body {
-            req = req.json(b);
+            req = req
+                .header(reqwest::header::CONTENT_TYPE, "application/json")
+                .body(b);
         }
         let resp = req
             .send()

@@ -115,6 +115,11 @@ pub async fn serve(
         .await
         .map_err(|e| EngineError::Internal(e.to_string()))??;
     tracing::info!(addr = %config.listen, model = %config.served_name, "engine ready");
+    // Small writes (SSE chunks, short answers) must not wait on Nagle's
+    // algorithm for the peer's delayed ACK (40 ms on Linux).
+    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+        let _ = tcp.set_nodelay(true);
+    });
     axum::serve(listener, router(Arc::new(engine)))
         .with_graceful_shutdown(shutdown)
         .await

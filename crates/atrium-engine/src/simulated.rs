@@ -88,7 +88,10 @@ impl SimulatedEngine {
             };
             metrics.running.fetch_add(1, Ordering::Relaxed);
             let started = tokio::time::Instant::now();
-            tokio::time::sleep(config.time_to_first_token).await;
+            // A zero sleep still waits for the timer's next 1 ms tick.
+            if !config.time_to_first_token.is_zero() {
+                tokio::time::sleep(config.time_to_first_token).await;
+            }
             metrics.record_prefill(prompt_tokens, started.elapsed());
             let decode_started = tokio::time::Instant::now();
             let mut sent = 0;

@@ -107,10 +107,13 @@ impl OverheadHistogram {
     }
 }
 
+/// (route, status) → (requests, seconds to the response head).
+type RequestCounts = std::collections::BTreeMap<(&'static str, u16), (u64, f64)>;
+
 /// Request counters by route and status, for `/metrics`.
 #[derive(Default)]
 struct Metrics {
-    requests: std::sync::Mutex<std::collections::BTreeMap<(String, u16), (u64, f64)>>,
+    requests: std::sync::Mutex<RequestCounts>,
     overhead: OverheadHistogram,
 }
 
@@ -118,7 +121,7 @@ struct Metrics {
 struct Gateway {
     metrics: Arc<Metrics>,
     routes: Arc<RwLock<Routes>>,
-    http: reqwest::Client,
+    http: UpstreamClient,
     usage: Arc<usage::UsageLog>,
     limiter: Arc<limits::Limiter>,
     salter: Salter,
@@ -212,19 +215,19 @@ pub async fn start(config: GatewayConfig) -> Result<RunningGateway, GatewayError
     let gateway = Gateway {
         metrics: Arc::default(),
         routes,
-        http: reqwest::Client::builder()
-            .pool_max_idle_per_host(256)
-            .tcp_nodelay(true)
-            .build()
-            .unwrap_or_else(|_| reqwest::Client::new()),
+        http: upstream_client(),
         usage: usage_log,
         limiter,
         salter: Salter::new(&secret),
         site: HeaderValue::from_str(&config.site).unwrap_or(HeaderValue::from_static("unknown")),
         site_name: config.site.clone(),
     };
-    let app = router(gateway);
+    let app = router(Arc::new(gateway));
     let task = tokio::spawn(async move {
+        // Small writes (SSE chunks) must not wait for delayed ACKs.
+        let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+            let _ = tcp.set_nodelay(true);
+        });
         if let Err(e) = axum::serve(listener, app).await {
             tracing::error!(error = %e, "gateway stopped");
         }
@@ -237,7 +240,24 @@ pub async fn start(config: GatewayConfig) -> Result<RunningGateway, GatewayError
     })
 }
 
-fn router(gateway: Gateway) -> Router {
+/// The HTTP/1 client to replicas: hyper's pooled client, without the URL
+/// and policy layers a general-purpose client adds to every request.
+type UpstreamClient = hyper_util::client::legacy::Client<
+    hyper_util::client::legacy::connect::HttpConnector,
+    http_body_util::Full<Bytes>,
+>;
+
+fn upstream_client() -> UpstreamClient {
+    let mut connector = hyper_util::client::legacy::connect::HttpConnector::new();
+    connector.set_nodelay(true);
+    connector.set_connect_timeout(Some(Duration::from_secs(3)));
+    hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .pool_max_idle_per_host(1024)
+        .pool_idle_timeout(Duration::from_secs(60))
+        .build(connector)
+}
+
+fn router(gateway: Arc<Gateway>) -> Router {
     Router::new()
         .route("/v1/chat/completions", post(proxy))
         .route("/v1/completions", post(proxy))
@@ -263,13 +283,26 @@ fn router(gateway: Gateway) -> Router {
 
 /// Counts every request by route and status, with the time to the
 /// response head (streams continue after it).
-async fn observe(State(g): State<Gateway>, req: Request, next: axum::middleware::Next) -> Response {
-    let route = req.uri().path().to_string();
-    let route = if route.starts_with("/v1/") || route == "/healthz" || route == "/readyz" {
-        route
-    } else {
-        "other".into()
-    };
+async fn observe(
+    State(g): State<Arc<Gateway>>,
+    req: Request,
+    next: axum::middleware::Next,
+) -> Response {
+    const ROUTES: [&str; 7] = [
+        "/v1/chat/completions",
+        "/v1/completions",
+        "/v1/embeddings",
+        "/v1/models",
+        "/healthz",
+        "/readyz",
+        "/metrics",
+    ];
+    let path = req.uri().path();
+    let route = ROUTES
+        .iter()
+        .copied()
+        .find(|r| *r == path)
+        .unwrap_or("other");
     let started = std::time::Instant::now();
     let response = next.run(req).await;
     if let Ok(mut m) = g.metrics.requests.lock() {
@@ -280,7 +313,7 @@ async fn observe(State(g): State<Gateway>, req: Request, next: axum::middleware:
     response
 }
 
-async fn metrics(State(g): State<Gateway>) -> Response {
+async fn metrics(State(g): State<Arc<Gateway>>) -> Response {
     use std::fmt::Write as _;
     let mut out = String::new();
     out.push_str("# HELP atrium_gateway_requests_total Requests by route and status.\n# TYPE atrium_gateway_requests_total counter\n");
@@ -366,7 +399,7 @@ fn model_not_found(model: &str) -> Response {
     )
 }
 
-async fn readyz(State(g): State<Gateway>) -> Response {
+async fn readyz(State(g): State<Arc<Gateway>>) -> Response {
     let ready = g.routes.read().map(|r| r.synced()).unwrap_or(false);
     if ready {
         Json(json!({"status": "ready"})).into_response()
@@ -412,7 +445,7 @@ fn authenticate(g: &Gateway, headers: &HeaderMap) -> Result<Caller, Refusal> {
     })
 }
 
-async fn models(State(g): State<Gateway>, headers: HeaderMap) -> Response {
+async fn models(State(g): State<Arc<Gateway>>, headers: HeaderMap) -> Response {
     let caller = match authenticate(&g, &headers) {
         Ok(c) => c,
         Err(r) => return r.into_response(),
@@ -439,12 +472,22 @@ impl Drop for InFlight {
     }
 }
 
-fn usage_of(v: &Value) -> Option<(i64, i64)> {
-    let u = v.get("usage")?;
-    Some((
-        u["prompt_tokens"].as_i64().unwrap_or(0),
-        u["completion_tokens"].as_i64().unwrap_or(0),
-    ))
+/// The `usage` of an OpenAI response or stream chunk. Typed, so the rest
+/// of the document is skipped rather than built.
+fn usage_of(json: &[u8]) -> Option<(i64, i64)> {
+    #[derive(serde::Deserialize)]
+    struct Usage {
+        #[serde(default)]
+        prompt_tokens: i64,
+        #[serde(default)]
+        completion_tokens: i64,
+    }
+    #[derive(serde::Deserialize)]
+    struct WithUsage {
+        usage: Option<Usage>,
+    }
+    let u = serde_json::from_slice::<WithUsage>(json).ok()?.usage?;
+    Some((u.prompt_tokens, u.completion_tokens))
 }
 
 /// Upstream attempts per request: the first replica and two others, each
@@ -548,7 +591,7 @@ fn rate_limited(e: &limits::Exceeded, who: &str) -> Response {
     r
 }
 
-async fn proxy(State(g): State<Gateway>, req: Request) -> Response {
+async fn proxy(State(g): State<Arc<Gateway>>, req: Request) -> Response {
     let started = Instant::now();
     let request_id = format!("req_{:024x}", rand::random::<u128>() >> 32);
     let mut response = proxy_inner(&g, req, started, &request_id).await;
@@ -656,7 +699,7 @@ async fn proxy_inner(g: &Gateway, req: Request, started: Instant, request_id: &s
     let affinity = affinity::affinity_key(&salt, &affinity::prompt_prefix(&body));
     let mut tried: Vec<String> = Vec::new();
     let mut upstream_time = Duration::ZERO;
-    let mut encoded: Option<String> = None;
+    let mut encoded: Option<Bytes> = None;
     let (upstream, replica_name, in_flight) = loop {
         let target = match g
             .routes
@@ -714,16 +757,26 @@ async fn proxy_inner(g: &Gateway, req: Request, started: Instant, request_id: &s
                 );
             }
         };
-        let text = encoded.get_or_insert_with(|| body.to_string()).clone();
-        let sent = Instant::now();
-        let result = g
-            .http
-            .post(format!("{}{path}", base.trim_end_matches('/')))
+        let text = encoded
+            .get_or_insert_with(|| Bytes::from(body.to_string()))
+            .clone();
+        let request = axum::http::Request::post(format!("{}{path}", base.trim_end_matches('/')))
             .header(header::CONTENT_TYPE, "application/json")
             .header("x-request-id", request_id)
-            .body(text)
-            .send()
-            .await;
+            .body(http_body_util::Full::new(text));
+        let request = match request {
+            Ok(r) => r,
+            Err(e) => {
+                return openai_error(
+                    StatusCode::BAD_GATEWAY,
+                    "server_error",
+                    None,
+                    &format!("replica {replica_name} has an unusable address {base:?}: {e}"),
+                )
+            }
+        };
+        let sent = Instant::now();
+        let result = g.http.request(request).await;
         upstream_time += sent.elapsed();
         match (result, replica) {
             (Ok(r), Some((_, in_flight, breaker))) => {
@@ -749,8 +802,7 @@ async fn proxy_inner(g: &Gateway, req: Request, started: Instant, request_id: &s
             }
         }
     };
-    let status =
-        StatusCode::from_u16(upstream.status().as_u16()).unwrap_or(StatusCode::BAD_GATEWAY);
+    let status = upstream.status();
     let content_type = upstream.headers().get(header::CONTENT_TYPE).cloned();
     let meter = Meter {
         usage: g.usage.clone(),
@@ -762,7 +814,7 @@ async fn proxy_inner(g: &Gateway, req: Request, started: Instant, request_id: &s
     };
     let mut response = if streaming && status.is_success() {
         let (tx, rx) = mpsc::channel::<Result<Bytes, std::io::Error>>(32);
-        let mut stream = upstream.bytes_stream();
+        let mut stream = http_body_util::BodyExt::into_data_stream(upstream.into_body());
         tokio::spawn(async move {
             let _in_flight = in_flight;
             let mut ticket = ticket;
@@ -775,11 +827,7 @@ async fn proxy_inner(g: &Gateway, req: Request, started: Instant, request_id: &s
                 for b in chunk.iter() {
                     if *b == b'\n' {
                         if let Some(data) = line.strip_prefix(b"data: ") {
-                            if let Some((p, c)) = serde_json::from_slice::<Value>(data)
-                                .ok()
-                                .as_ref()
-                                .and_then(usage_of)
-                            {
+                            if let Some((p, c)) = usage_of(data) {
                                 if !metered {
                                     metered = true;
                                     meter.record(p, c, &mut ticket);
@@ -801,7 +849,9 @@ async fn proxy_inner(g: &Gateway, req: Request, started: Instant, request_id: &s
         ))
     } else {
         let sent = Instant::now();
-        let bytes = upstream.bytes().await;
+        let bytes = http_body_util::BodyExt::collect(upstream.into_body())
+            .await
+            .map(http_body_util::Collected::to_bytes);
         upstream_time += sent.elapsed();
         let bytes = match bytes {
             Ok(b) => b,
@@ -816,11 +866,7 @@ async fn proxy_inner(g: &Gateway, req: Request, started: Instant, request_id: &s
         };
         drop(in_flight);
         if status.is_success() {
-            if let Some((p, c)) = serde_json::from_slice::<Value>(&bytes)
-                .ok()
-                .as_ref()
-                .and_then(usage_of)
-            {
+            if let Some((p, c)) = usage_of(&bytes) {
                 meter.record(p, c, &mut ticket);
             }
         }

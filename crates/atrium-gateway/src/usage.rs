@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::Duration;
 
-use atrium_api::{UsageBatch, UsageRecordView};
+use atrium_api::UsageRecordView;
 use atrium_client::ControlPlane;
 use serde::{Deserialize, Serialize};
 use tokio::sync::Notify;
@@ -107,9 +107,11 @@ impl UsageLog {
         std::fs::metadata(&self.spool).map(|m| m.len()).unwrap_or(0)
     }
 
-    /// Complete records from `from`, at most `MAX_BATCH` of them, and the
-    /// offset just past the last one.
-    fn read_from(&self, from: u64, to: Option<u64>) -> io::Result<(Vec<UsageRecordView>, u64)> {
+    /// Complete records from `from` (up to `to`, or at most `MAX_BATCH` of
+    /// them), as the JSON text of each, and the offset past the last one.
+    /// Records are checked to be JSON but not rebuilt: a batch is the
+    /// spooled text itself.
+    fn read_from(&self, from: u64, to: Option<u64>) -> io::Result<(Vec<Vec<u8>>, u64)> {
         let end = to.unwrap_or_else(|| self.len().min(from + MAX_BATCH_BYTES));
         let mut buf = vec![0u8; end.saturating_sub(from) as usize];
         File::open(&self.spool)?.read_exact_at(&mut buf, from)?;
@@ -120,8 +122,9 @@ impl UsageLog {
                 break;
             }
             consumed += line.len();
-            match serde_json::from_slice(line) {
-                Ok(r) => records.push(r),
+            let text = &line[..line.len() - 1];
+            match serde_json::from_slice::<serde::de::IgnoredAny>(text) {
+                Ok(_) => records.push(text.to_vec()),
                 Err(e) => tracing::warn!(error = %e, "gateway: unreadable usage record skipped"),
             }
         }
@@ -146,6 +149,34 @@ impl UsageLog {
     }
 }
 
+/// The body of `POST /v1/usage` for spooled records.
+fn batch_body(batch_id: &str, records: &[Vec<u8>]) -> Vec<u8> {
+    let mut body = Vec::with_capacity(64 + records.iter().map(|r| r.len() + 1).sum::<usize>());
+    body.extend_from_slice(b"{\"batch_id\":");
+    body.extend_from_slice(&serde_json::to_vec(batch_id).unwrap_or_default());
+    body.extend_from_slice(b",\"records\":[");
+    for (i, r) in records.iter().enumerate() {
+        if i > 0 {
+            body.push(b',');
+        }
+        body.extend_from_slice(r);
+    }
+    body.extend_from_slice(b"]}");
+    body
+}
+
+/// Reads the spool off the request-serving thread(s).
+async fn read_off_thread(
+    log: &std::sync::Arc<UsageLog>,
+    from: u64,
+    to: Option<u64>,
+) -> io::Result<(Vec<Vec<u8>>, u64)> {
+    let log = log.clone();
+    tokio::task::spawn_blocking(move || log.read_from(from, to))
+        .await
+        .map_err(io::Error::other)?
+}
+
 /// Ships the spool to the control plane, forever.
 pub async fn ship(cp: ControlPlane, log: std::sync::Arc<UsageLog>) {
     let mut cursor = log.load_cursor();
@@ -158,7 +189,7 @@ pub async fn ship(cp: ControlPlane, log: std::sync::Arc<UsageLog>) {
             }
             // Let a batch fill a little under load.
             tokio::time::sleep(crate::USAGE_FLUSH).await;
-            match log.read_from(cursor.acked, None) {
+            match read_off_thread(&log, cursor.acked, None).await {
                 Ok((_, end)) if end == cursor.acked => continue,
                 Ok((_, end)) => {
                     cursor.pending = Some(Pending {
@@ -181,7 +212,7 @@ pub async fn ship(cp: ControlPlane, log: std::sync::Arc<UsageLog>) {
         let Some(pending) = cursor.pending.clone() else {
             continue;
         };
-        let records = match log.read_from(cursor.acked, Some(pending.end)) {
+        let records = match read_off_thread(&log, cursor.acked, Some(pending.end)).await {
             Ok((records, _)) => records,
             Err(e) => {
                 tracing::error!(error = %e, "gateway: cannot read the usage spool");
@@ -189,20 +220,16 @@ pub async fn ship(cp: ControlPlane, log: std::sync::Arc<UsageLog>) {
                 continue;
             }
         };
-        let batch = UsageBatch {
-            batch_id: pending.batch_id.clone(),
-            records,
-        };
-        let body = serde_json::to_value(&batch).unwrap_or_default();
+        let body = batch_body(&pending.batch_id, &records);
         let mut backoff = Duration::from_millis(100);
         loop {
             match cp
-                .call(reqwest::Method::POST, "/v1/usage", Some(&body))
+                .call_raw(reqwest::Method::POST, "/v1/usage", Some(body.clone()))
                 .await
             {
                 Ok(_) => break,
                 Err(e) => {
-                    tracing::warn!(error = %e, records = batch.records.len(), "gateway: usage not acknowledged; retrying");
+                    tracing::warn!(error = %e, records = records.len(), "gateway: usage not acknowledged; retrying");
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(Duration::from_secs(5));
                 }
@@ -224,6 +251,7 @@ pub async fn ship(cp: ControlPlane, log: std::sync::Arc<UsageLog>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use atrium_api::UsageBatch;
 
     fn record(i: i64) -> UsageRecordView {
         UsageRecordView {
@@ -254,7 +282,8 @@ mod tests {
             .write_all(b"{\"at\":")
             .unwrap();
         let (records, end) = log.read_from(0, None).unwrap();
-        assert_eq!(records, (0..3).map(record).collect::<Vec<_>>());
+        let batch: UsageBatch = serde_json::from_slice(&batch_body("ub_1", &records)).unwrap();
+        assert_eq!(batch.records, (0..3).map(record).collect::<Vec<_>>());
         let cursor = Cursor {
             acked: 0,
             pending: Some(Pending {

@@ -168,6 +168,10 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, StartError> {
     tokio::spawn(controller::run(store.clone(), shutdown_rx.clone()));
     let mut stop = shutdown_rx;
     let task = tokio::spawn(async move {
+        // Watch events are small writes: no waiting for delayed ACKs.
+        let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+            let _ = tcp.set_nodelay(true);
+        });
         axum::serve(listener, app)
             .with_graceful_shutdown(async move {
                 let _ = stop.wait_for(|s| *s).await;

@@ -169,7 +169,7 @@ async fn deploy_to_first_token() -> Result<f64> {
     first_token
 }
 
-fn tempfile_dir() -> Result<PathBuf> {
+pub(crate) fn tempfile_dir() -> Result<PathBuf> {
     let dir = std::env::temp_dir().join(format!("atrium-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     Ok(dir)

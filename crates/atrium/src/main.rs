@@ -7,6 +7,7 @@
 #![allow(clippy::large_enum_variant)]
 
 mod bench;
+mod bench_gateway;
 mod bench_sched;
 mod client;
 mod config;
@@ -153,6 +154,18 @@ enum BenchCmd {
     Engine {
         /// Where to write the JSON results
         #[arg(long, default_value = "bench-engine.json")]
+        out: PathBuf,
+    },
+    /// Latency and throughput through the gateway beside direct, nginx and
+    /// LiteLLM, one upstream, one load generator, one run.
+    Gateway {
+        /// Seconds per load run
+        #[arg(long, default_value_t = 5)]
+        seconds: u64,
+        /// LiteLLM's executable [default: on PATH, or ~/.cache/atrium/litellm/bin/litellm]
+        #[arg(long)]
+        litellm: Option<PathBuf>,
+        #[arg(long, default_value = "bench-gateway.json")]
         out: PathBuf,
     },
     /// Fleet scheduler placements/s at 1,000 and 10,000 nodes, and GPU
@@ -604,12 +617,23 @@ const AUDIT_COLUMNS: Columns = &[
     ("REQUEST", "/request_id"),
 ];
 
+/// mimalloc: the gateway's per-request allocations (JSON, headers, hyper's
+/// buffers) cost measurably less than with glibc malloc (`atrium bench
+/// gateway`).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    // A process confined to one core (taskset, a cgroup) gains nothing from
+    // work stealing and pays for its cross-thread wake-ups on every request.
+    let one_core = std::thread::available_parallelism().is_ok_and(|n| n.get() == 1);
+    let mut builder = if one_core {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+    };
+    let runtime = match builder.enable_all().build() {
         Ok(r) => r,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");
@@ -653,6 +677,19 @@ async fn run(cli: Cli) -> Result<()> {
         }
         Command::Engine(args) => engine(args).await,
         Command::Bench(BenchCmd::Engine { out }) => bench::engine(out).await,
+        Command::Bench(BenchCmd::Gateway {
+            seconds,
+            litellm,
+            out,
+        }) => {
+            bench_gateway::run(bench_gateway::Args {
+                seconds,
+                litellm,
+                out,
+                output: cli.global.output.unwrap_or(Output::Table),
+            })
+            .await
+        }
         Command::Bench(BenchCmd::Sched {
             traces,
             seeds,
