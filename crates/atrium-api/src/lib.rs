@@ -175,3 +175,39 @@ pub struct UsageBatch {
     pub batch_id: String,
     pub records: Vec<UsageRecordView>,
 }
+
+/// Body of `POST /v1/limits/sync`: what one gateway admitted since its last
+/// sync, per limited scope (`key:<id>` or `tenant:<name>`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitSync {
+    /// The gateway's stable id (kept in its data directory).
+    pub gateway: String,
+    pub site: String,
+    #[serde(default)]
+    pub scopes: Vec<ScopeDelta>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ScopeDelta {
+    pub scope: String,
+    pub requests: u64,
+    pub tokens: u64,
+}
+
+/// Answer to a sync: how many gateways the site has, and per scope what
+/// the *other* gateways admitted in the last minute and today (UTC).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LimitSyncAnswer {
+    pub gateways: u64,
+    pub scopes: Vec<ScopeTotals>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ScopeTotals {
+    pub scope: String,
+    pub requests_minute: u64,
+    pub tokens_minute: u64,
+    pub tokens_day: u64,
+}

@@ -159,28 +159,117 @@ fn load_secret(config: &GatewayConfig) -> Result<Vec<u8>, GatewayError> {
     if let Some(s) = &config.secret {
         return Ok(s.as_bytes().to_vec());
     }
-    let path = config.data_dir.join("gateway.secret");
-    let err = |e| GatewayError::DataDir(path.clone(), e);
-    match std::fs::read_to_string(&path) {
-        Ok(s) if !s.trim().is_empty() => Ok(s.trim().as_bytes().to_vec()),
+    let secret = load_or_create(&config.data_dir.join("gateway.secret"), || {
+        format!(
+            "{:032x}{:032x}",
+            rand::random::<u128>(),
+            rand::random::<u128>()
+        )
+    })?;
+    Ok(secret.into_bytes())
+}
+
+/// The text of a small file in the data directory, created (0600) with
+/// `make()` on first start.
+fn load_or_create(
+    path: &std::path::Path,
+    make: impl FnOnce() -> String,
+) -> Result<String, GatewayError> {
+    let err = |e| GatewayError::DataDir(path.to_path_buf(), e);
+    match std::fs::read_to_string(path) {
+        Ok(s) if !s.trim().is_empty() => Ok(s.trim().to_string()),
         _ => {
             use std::io::Write as _;
             use std::os::unix::fs::OpenOptionsExt;
-            std::fs::create_dir_all(&config.data_dir).map_err(err)?;
-            let secret = format!(
-                "{:032x}{:032x}",
-                rand::random::<u128>(),
-                rand::random::<u128>()
-            );
+            if let Some(dir) = path.parent() {
+                std::fs::create_dir_all(dir).map_err(err)?;
+            }
+            let value = make();
             let mut f = std::fs::OpenOptions::new()
                 .create(true)
                 .write(true)
                 .truncate(true)
                 .mode(0o600)
-                .open(&path)
+                .open(path)
                 .map_err(err)?;
-            f.write_all(secret.as_bytes()).map_err(err)?;
-            Ok(secret.into_bytes())
+            f.write_all(value.as_bytes()).map_err(err)?;
+            Ok(value)
+        }
+    }
+}
+
+/// How often a gateway reports its admissions to the site-wide counter and
+/// learns the others' (see `limits.rs` for the overshoot this allows).
+pub const LIMIT_SYNC: Duration = Duration::from_millis(200);
+
+fn scope_name(scope: &(limits::ScopeKind, String)) -> String {
+    format!("{}:{}", scope.0.word(), scope.1)
+}
+
+fn parse_scope(name: &str) -> Option<(limits::ScopeKind, String)> {
+    let (kind, id) = name.split_once(':')?;
+    let kind = match kind {
+        "key" => limits::ScopeKind::Key,
+        "tenant" => limits::ScopeKind::Tenant,
+        _ => return None,
+    };
+    Some((kind, id.to_string()))
+}
+
+/// Reports admissions to the control plane's ledger and takes in the other
+/// gateways' counts, forever. While the control plane is away, deltas
+/// accumulate and go with the next report; the last known counts stand.
+async fn sync_limits(
+    cp: ControlPlane,
+    limiter: Arc<limits::Limiter>,
+    gateway: String,
+    site: String,
+) {
+    loop {
+        tokio::time::sleep(LIMIT_SYNC).await;
+        let deltas = limiter.take_deltas();
+        let report = atrium_api::LimitSync {
+            gateway: gateway.clone(),
+            site: site.clone(),
+            scopes: deltas
+                .iter()
+                .map(|d| atrium_api::ScopeDelta {
+                    scope: scope_name(&d.scope),
+                    requests: d.requests,
+                    tokens: d.tokens,
+                })
+                .collect(),
+        };
+        let body = serde_json::to_value(&report).unwrap_or_default();
+        let answer = cp
+            .call(reqwest::Method::POST, "/v1/limits/sync", Some(&body))
+            .await
+            .map_err(|e| e.to_string())
+            .and_then(|v| {
+                serde_json::from_value::<atrium_api::LimitSyncAnswer>(v).map_err(|e| e.to_string())
+            });
+        match answer {
+            Ok(a) => {
+                let remote = a
+                    .scopes
+                    .iter()
+                    .filter_map(|s| {
+                        Some((
+                            parse_scope(&s.scope)?,
+                            limits::Remote {
+                                requests_minute: s.requests_minute,
+                                tokens_minute: s.tokens_minute,
+                                tokens_day: s.tokens_day,
+                            },
+                        ))
+                    })
+                    .collect();
+                limiter.apply_sync(a.gateways, &remote, limits::system_now());
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "gateway: cannot sync limits; retrying");
+                limiter.restore_deltas(deltas);
+            }
         }
     }
 }
@@ -203,6 +292,15 @@ pub async fn start(config: GatewayConfig) -> Result<RunningGateway, GatewayError
     let mut background = routes::follow(cp.clone(), routes.clone());
     background.push(tokio::spawn(usage::ship(cp, usage_log.clone())));
     let limiter = Arc::new(limits::Limiter::default());
+    let gateway_id = load_or_create(&config.data_dir.join("gateway.id"), || {
+        format!("gw_{:024x}", rand::random::<u128>() >> 32)
+    })?;
+    background.push(tokio::spawn(sync_limits(
+        ControlPlane::new(&config.server, &config.token),
+        limiter.clone(),
+        gateway_id,
+        config.site.clone(),
+    )));
     {
         let limiter = limiter.clone();
         background.push(tokio::spawn(async move {

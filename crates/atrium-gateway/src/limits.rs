@@ -13,6 +13,7 @@
 //! calendar day. Pure: time is passed in.
 
 use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -88,6 +89,23 @@ struct ScopeState {
     /// (UTC day number, tokens charged that day).
     day: (u64, u64),
     in_flight: u64,
+    /// What the site's other gateways admitted, as of the last sync.
+    remote: Remote,
+    /// Requests admitted and tokens charged here since the last report.
+    unreported: (u64, u64),
+    /// Requests admitted here since the last sync, and the site-wide
+    /// requests in the window at that sync: this gateway's share of what
+    /// remained is `(limit - synced) / gateways`.
+    since_sync: u64,
+    synced: u64,
+}
+
+/// The other gateways' counts for one scope.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Remote {
+    pub requests_minute: u64,
+    pub tokens_minute: u64,
+    pub tokens_day: u64,
 }
 
 impl ScopeState {
@@ -99,8 +117,15 @@ impl ScopeState {
         self.day.1
     }
 
-    /// Why `limits` refuses one more request estimated at `tokens`, if it does.
-    fn check(&mut self, limits: &RequestLimits, tokens: u64, now: Now) -> Option<Exceeded> {
+    /// Why `limits` refuses one more request estimated at `tokens`, if it
+    /// does; `gateways` is how many gateways the site shares limits among.
+    fn check(
+        &mut self,
+        limits: &RequestLimits,
+        tokens: u64,
+        now: Now,
+        gateways: u64,
+    ) -> Option<Exceeded> {
         self.requests.expire(now);
         self.tokens.expire(now);
         if let Some(max) = limits.max_concurrent_requests {
@@ -115,21 +140,36 @@ impl ScopeState {
             }
         }
         if let Some(max) = limits.requests_per_minute {
-            if self.requests.total + 1 > max {
-                let wait = self
-                    .requests
-                    .time_to_free(now, self.requests.total + 1 - max);
+            let used = self.requests.total + self.remote.requests_minute;
+            if used + 1 > max {
+                // Local requests leave the window on a schedule we know;
+                // other gateways' we do not, so wait at least for ours.
+                let excess = (used + 1 - max).min(self.requests.total.max(1));
+                let wait = self.requests.time_to_free(now, excess);
                 return Some(Exceeded::new(
                     LimitKind::RequestsPerMinute,
                     max,
-                    self.requests.total,
+                    used,
                     1,
                     wait,
                 ));
             }
+            // Several gateways: between syncs, take only this gateway's
+            // share of what the site had left, so bursts on all of them at
+            // once cannot each spend the whole remainder.
+            let share = max.saturating_sub(self.synced).div_ceil(gateways.max(1));
+            if gateways > 1 && self.since_sync + 1 > share {
+                return Some(Exceeded::new(
+                    LimitKind::RequestsPerMinute,
+                    max,
+                    used,
+                    1,
+                    Duration::from_secs(1),
+                ));
+            }
         }
         if let Some(max) = limits.tokens_per_minute {
-            let used = self.tokens.total + self.reserved_tokens;
+            let used = self.tokens.total + self.reserved_tokens + self.remote.tokens_minute;
             if used + tokens > max {
                 let wait = if tokens > max {
                     Duration::ZERO
@@ -146,7 +186,7 @@ impl ScopeState {
             }
         }
         if let Some(max) = limits.tokens_per_day {
-            let used = self.day_used(now) + self.reserved_tokens;
+            let used = self.day_used(now) + self.reserved_tokens + self.remote.tokens_day;
             if used + tokens > max {
                 let midnight = (now.as_secs() / DAY_SECS + 1) * DAY_SECS;
                 let wait = Duration::from_secs(midnight - now.as_secs());
@@ -166,6 +206,8 @@ impl ScopeState {
         self.requests.add(now, 1);
         self.reserved_tokens += tokens;
         self.in_flight += 1;
+        self.since_sync += 1;
+        self.unreported.0 += 1;
     }
 
     fn finish(&mut self, reserved: u64, charged: u64, now: Now) {
@@ -174,10 +216,16 @@ impl ScopeState {
         self.tokens.add(now, charged);
         self.day_used(now);
         self.day.1 += charged;
+        self.unreported.1 += charged;
     }
 
     fn idle(&self) -> bool {
-        self.in_flight == 0 && self.requests.total == 0 && self.tokens.total == 0 && self.day.1 == 0
+        self.in_flight == 0
+            && self.requests.total == 0
+            && self.tokens.total == 0
+            && self.day.1 == 0
+            && self.remote == Remote::default()
+            && self.unreported == (0, 0)
     }
 }
 
@@ -267,9 +315,28 @@ pub struct Scoped {
 }
 
 /// The limiter of one gateway.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Limiter {
     scopes: Mutex<HashMap<(ScopeKind, String), ScopeState>>,
+    /// Gateways of the site sharing the limits (1 until a sync says more).
+    gateways: AtomicU64,
+}
+
+impl Default for Limiter {
+    fn default() -> Self {
+        Limiter {
+            scopes: Mutex::default(),
+            gateways: AtomicU64::new(1),
+        }
+    }
+}
+
+/// What one scope admitted here since the last report.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Delta {
+    pub scope: (ScopeKind, String),
+    pub requests: u64,
+    pub tokens: u64,
 }
 
 /// An admitted request's hold on its scopes. Dropping it ends the request:
@@ -324,6 +391,7 @@ impl Limiter {
             return Ok(None);
         }
         let now = clock();
+        let gateways = self.gateways.load(Ordering::Relaxed);
         let Ok(mut states) = self.scopes.lock() else {
             // A panic while holding the lock is a bug elsewhere; refuse
             // rather than admit unmetered.
@@ -337,7 +405,7 @@ impl Limiter {
         };
         for s in &limited {
             let state = states.entry((s.kind, s.id.clone())).or_default();
-            if let Some(mut e) = state.check(&s.limits, tokens, now) {
+            if let Some(mut e) = state.check(&s.limits, tokens, now, gateways) {
                 e.scope = s.kind;
                 return Err(e);
             }
@@ -355,6 +423,59 @@ impl Limiter {
             charged: 0,
             clock,
         }))
+    }
+
+    /// Takes what every scope admitted since the last report.
+    pub fn take_deltas(&self) -> Vec<Delta> {
+        let Ok(mut states) = self.scopes.lock() else {
+            return Vec::new();
+        };
+        states
+            .iter_mut()
+            .filter(|(_, s)| s.unreported != (0, 0))
+            .map(|(k, s)| {
+                let (requests, tokens) = std::mem::take(&mut s.unreported);
+                Delta {
+                    scope: k.clone(),
+                    requests,
+                    tokens,
+                }
+            })
+            .collect()
+    }
+
+    /// Puts back deltas a failed report did not deliver.
+    pub fn restore_deltas(&self, deltas: Vec<Delta>) {
+        if let Ok(mut states) = self.scopes.lock() {
+            for d in deltas {
+                let s = states.entry(d.scope).or_default();
+                s.unreported.0 += d.requests;
+                s.unreported.1 += d.tokens;
+            }
+        }
+    }
+
+    /// Takes in a sync's answer: the site's gateway count and the other
+    /// gateways' counts (scopes absent from `remote` have none).
+    pub fn apply_sync(
+        &self,
+        gateways: u64,
+        remote: &HashMap<(ScopeKind, String), Remote>,
+        now: Now,
+    ) {
+        self.gateways.store(gateways.max(1), Ordering::Relaxed);
+        let Ok(mut states) = self.scopes.lock() else {
+            return;
+        };
+        for key in remote.keys() {
+            states.entry(key.clone()).or_default();
+        }
+        for (key, s) in states.iter_mut() {
+            s.remote = remote.get(key).copied().unwrap_or_default();
+            s.requests.expire(now);
+            s.since_sync = 0;
+            s.synced = s.requests.total + s.remote.requests_minute;
+        }
     }
 
     /// Forgets scopes with nothing in their windows (bounded memory for
@@ -376,7 +497,6 @@ impl Limiter {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::atomic::{AtomicU64, Ordering};
 
     static CLOCK_MS: AtomicU64 = AtomicU64::new(0);
     fn test_clock() -> Now {
@@ -508,7 +628,66 @@ mod tests {
             .is_none());
         CLOCK_MS.fetch_add(DAY_SECS * 1000, Ordering::SeqCst);
         limiter.sweep(test_clock());
+        assert!(
+            !limiter.scopes.lock().unwrap().is_empty(),
+            "kept until reported"
+        );
+        assert!(!limiter.take_deltas().is_empty());
+        limiter.sweep(test_clock());
         assert!(limiter.scopes.lock().unwrap().is_empty());
+    }
+
+    #[test]
+    fn gateways_of_a_site_count_each_other_and_take_shares() {
+        let limiter = Arc::new(Limiter::default());
+        let scopes = key(RequestLimits {
+            requests_per_minute: Some(100),
+            tokens_per_day: Some(1000),
+            ..Default::default()
+        });
+        let id = (ScopeKind::Key, scopes[0].id.clone());
+        let admitted = |n| {
+            (0..n)
+                .filter(|_| limiter.admit(&scopes, 1, system_now).is_ok())
+                .count()
+        };
+        // Two gateways, nothing spent yet: this one takes half.
+        limiter.apply_sync(2, &HashMap::new(), system_now());
+        assert_eq!(admitted(80), 50);
+        let deltas = limiter.take_deltas();
+        assert_eq!((deltas[0].requests, deltas[0].tokens), (50, 0));
+        // The other gateway spent 30: 20 remain, this one's share is 10.
+        let mut remote = HashMap::from([(
+            id.clone(),
+            Remote {
+                requests_minute: 30,
+                tokens_minute: 0,
+                tokens_day: 0,
+            },
+        )]);
+        limiter.apply_sync(2, &remote, system_now());
+        assert_eq!(admitted(30), 10);
+        // The other gateway gone, its requests still in the window: 60 here
+        // and 30 there leave 10 of the 100.
+        limiter.apply_sync(1, &remote, system_now());
+        assert_eq!(admitted(30), 10, "the rest of the 100");
+        // Tokens the others charged today count against the daily budget.
+        remote.insert(
+            id.clone(),
+            Remote {
+                requests_minute: 0,
+                tokens_minute: 0,
+                tokens_day: 1000,
+            },
+        );
+        limiter.apply_sync(1, &remote, system_now());
+        let e = limiter.admit(&scopes, 1, system_now).unwrap_err();
+        assert_eq!(e.kind, LimitKind::TokensPerDay);
+        // A failed report puts its deltas back.
+        let deltas = limiter.take_deltas();
+        assert_eq!(deltas[0].requests, 20);
+        limiter.restore_deltas(deltas);
+        assert_eq!(limiter.take_deltas()[0].requests, 20);
     }
 
     #[test]

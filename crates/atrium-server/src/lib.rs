@@ -14,6 +14,7 @@ mod crud;
 pub mod error;
 mod extract;
 mod kinds;
+mod limit_ledger;
 mod metrics;
 mod openapi;
 mod tenancy;
@@ -71,6 +72,8 @@ pub struct AppState {
     /// Turns true when the server shuts down, ending watch streams so the
     /// graceful shutdown does not wait on them forever.
     shutdown: watch::Receiver<bool>,
+    /// Site-wide counts behind gateways' shared request limits.
+    ledger: Arc<std::sync::Mutex<limit_ledger::Ledger>>,
 }
 
 /// The id of the request being served, for logs, audit and the
@@ -163,6 +166,7 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, StartError> {
         metrics: Arc::new(Metrics::default()),
         body_limit: config.body_limit,
         shutdown: shutdown_rx.clone(),
+        ledger: Arc::default(),
     };
     let app = router(state);
     tokio::spawn(controller::run(store.clone(), shutdown_rx.clone()));
@@ -223,6 +227,7 @@ pub fn router(state: AppState) -> Router {
         )
         .route("/v1/keys/{ident}/revoke", post(tenancy::revoke_key))
         .route("/v1/keys/digests", get(tenancy::key_digests))
+        .route("/v1/limits/sync", post(tenancy::sync_limits))
         .route("/v1/quotas", get(tenancy::list_quotas))
         .route(
             "/v1/quotas/{tenant}",

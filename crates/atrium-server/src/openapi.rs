@@ -309,6 +309,14 @@ pub fn document() -> Value {
         }),
     );
     paths.insert(
+        "/v1/limits/sync".into(),
+        json!({"post": with_body(operation("sync_limits".into(), "usage",
+            "A gateway reports what it admitted per limited scope and learns the site's other gateways' counts".into(),
+            ("200", json_response("the other gateways' counts", json!({"type": "object", "required": ["gateways", "scopes"]}))),
+            &["400", "401", "403"]),
+            json!({"type": "object", "required": ["gateway", "site", "scopes"]}))}),
+    );
+    paths.insert(
         "/v1/audit".into(),
         json!({"get": with_params(operation("list_audit".into(), "audit", "Audit events, oldest first".into(),
             ("200", json_response("events", json!({"type": "object", "properties": {

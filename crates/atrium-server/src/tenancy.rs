@@ -396,3 +396,28 @@ pub async fn key_digests(
         .collect();
     Ok(Json(Value::Object(map)))
 }
+
+/// `POST /v1/limits/sync`: a gateway reports what it admitted per limited
+/// scope since its last sync and learns what the site's other gateways
+/// admitted. Provider (gateway) only.
+pub async fn sync_limits(
+    State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    JsonBody(report): JsonBody<atrium_api::LimitSync>,
+) -> Result<Json<atrium_api::LimitSyncAnswer>, ApiError> {
+    if caller.role != Role::ProviderAdmin {
+        return Err(ApiError::Forbidden(
+            "only gateways (the provider) sync limits".into(),
+        ));
+    }
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs();
+    let answer = state
+        .ledger
+        .lock()
+        .map_err(|_| ApiError::Internal("limit ledger unavailable".into()))?
+        .sync(report, now);
+    Ok(Json(answer))
+}

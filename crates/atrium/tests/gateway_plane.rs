@@ -711,3 +711,47 @@ fn metering_survives_kill_9_of_the_gateway() {
     assert!(extra <= 8, "{extra} records for requests not answered");
     drop(gw);
 }
+
+#[test]
+fn gateways_of_a_site_share_a_limit() {
+    let plane = Plane::start();
+    let upstream = Upstream::start();
+    let key = plane.tenant("shared", json!({}), json!({"requests_per_minute": 100}));
+    plane.deploy("shared", "chat", std::slice::from_ref(&upstream.url));
+    let a = plane.gateway(&plane.dir.path().join("gw-a"));
+    let b = plane.gateway(&plane.dir.path().join("gw-b"));
+    let http = reqwest::blocking::Client::new();
+    wait_routed(&http, &a.url, &key, "chat");
+    wait_routed(&http, &b.url, &key, "chat");
+    // Both have synced with the site's counter and know there are two.
+    std::thread::sleep(Duration::from_millis(1000));
+
+    // 1,000 requests at once, half through each gateway.
+    let body = json!({"model": "chat", "messages": [{"role": "user", "content": "share"}], "max_tokens": 1});
+    let (ua, ub) = (a.url.clone(), b.url.clone());
+    let (ka, kb) = (key.clone(), key.clone());
+    let (ba, bb) = (body.clone(), body.clone());
+    let ta = std::thread::spawn(move || burst(&ua, &ka, &ba, 500));
+    let tb = std::thread::spawn(move || burst(&ub, &kb, &bb, 500));
+    let (ra, rb) = (ta.join().unwrap(), tb.join().unwrap());
+    let ok = |r: &[(u16, Value, Option<String>)]| r.iter().filter(|a| a.0 == 200).count();
+    let (oa, ob) = (ok(&ra), ok(&rb));
+    println!("shared limit 100 over two gateways: {oa} + {ob} admitted");
+    // Documented bound: each gateway admits at most its share of what the
+    // site had left between syncs, so the site exceeds the limit by at most
+    // (gateways - 1) × ⌈limit / gateways⌉ = 50; here both bursts start
+    // from the same synced view, and the shares add up to the limit.
+    assert!((100..=150).contains(&(oa + ob)), "{oa} + {ob}");
+    assert!(
+        oa >= 40 && ob >= 40,
+        "both gateways served their share: {oa}, {ob}"
+    );
+
+    // Once synced, each gateway counts the other's requests: neither
+    // admits more this minute.
+    std::thread::sleep(Duration::from_millis(800));
+    let more = burst(&a.url, &key, &body, 50);
+    assert_eq!(ok(&more), 0, "gateway A knows what B admitted");
+    let more = burst(&b.url, &key, &body, 50);
+    assert_eq!(ok(&more), 0, "gateway B knows what A admitted");
+}
