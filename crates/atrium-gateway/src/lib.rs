@@ -918,6 +918,7 @@ async fn proxy_inner(g: &Gateway, req: Request, started: Instant, request_id: &s
             let mut ticket = ticket;
             let mut line = Vec::new();
             let mut metered = false;
+            let mut client_gone = false;
             while let Some(chunk) = stream.next().await {
                 let Ok(chunk) = chunk else { break };
                 // Look for the usage chunk while passing every byte on as is;
@@ -937,8 +938,11 @@ async fn proxy_inner(g: &Gateway, req: Request, started: Instant, request_id: &s
                         line.push(*b);
                     }
                 }
-                if tx.send(Ok(chunk)).await.is_err() {
-                    break;
+                // A client that hangs up mid-stream is still billed for
+                // what the replica computes: keep reading to the usage
+                // chunk (the replica finishes the sequence either way).
+                if !client_gone && tx.send(Ok(chunk)).await.is_err() {
+                    client_gone = true;
                 }
             }
         });

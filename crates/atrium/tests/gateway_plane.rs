@@ -90,6 +90,12 @@ fn serve_connection(conn: TcpStream, seen: &Mutex<Vec<Value>>, delay_ms: &Atomic
         std::thread::sleep(Duration::from_millis(delay_ms.load(Ordering::SeqCst)));
         // Like a real tokenizer on English: a token per four bytes of text,
         // and four template tokens per message.
+        if body["stream"] == true {
+            if stream_answer(&mut out, &body, delay_ms).is_err() {
+                return;
+            }
+            continue;
+        }
         let prompt: u64 = body["messages"]
             .as_array()
             .map(|m| {
@@ -111,6 +117,28 @@ fn serve_connection(conn: TcpStream, seen: &Mutex<Vec<Value>>, delay_ms: &Atomic
             return;
         }
     }
+}
+
+/// A streamed answer: one chunk per completion token, `delay_ms` apart,
+/// then the usage chunk and `[DONE]` (HTTP/1.1 chunked encoding).
+fn stream_answer(out: &mut TcpStream, body: &Value, delay_ms: &AtomicU64) -> std::io::Result<()> {
+    let completion = body["max_tokens"].as_u64().unwrap_or(16);
+    out.write_all(
+        b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n",
+    )?;
+    let mut chunk = |data: String| -> std::io::Result<()> {
+        let event = format!("data: {data}\n\n");
+        out.write_all(format!("{:x}\r\n{event}\r\n", event.len()).as_bytes())?;
+        out.flush()
+    };
+    for i in 0..completion {
+        chunk(json!({"object": "chat.completion.chunk", "choices": [{"index": 0, "delta": {"content": format!("t{i} ")}}]}).to_string())?;
+        std::thread::sleep(Duration::from_millis(delay_ms.load(Ordering::SeqCst)));
+    }
+    chunk(json!({"object": "chat.completion.chunk", "choices": [],
+        "usage": {"prompt_tokens": 5, "completion_tokens": completion, "total_tokens": 5 + completion}}).to_string())?;
+    chunk("[DONE]".to_string())?;
+    out.write_all(b"0\r\n\r\n")
 }
 
 struct Proc(Child);
@@ -709,6 +737,37 @@ fn metering_survives_kill_9_of_the_gateway() {
         failed.load(Ordering::SeqCst)
     );
     assert!(extra <= 8, "{extra} records for requests not answered");
+
+    // A client that hangs up after the first streamed token is still
+    // billed for the whole completion the replica computed.
+    upstream.delay_ms.store(20, Ordering::SeqCst);
+    let mut r = http
+        .post(format!("{}/v1/chat/completions", gw.url))
+        .bearer_auth(&key)
+        .json(&json!({"model": "chat", "stream": true, "max_tokens": 20,
+            "messages": [{"role": "user", "content": "a long answer, please"}]}))
+        .send()
+        .unwrap();
+    let id = r.headers()["x-request-id"].to_str().unwrap().to_string();
+    let mut first = [0u8; 16];
+    std::io::Read::read(&mut r, &mut first).unwrap();
+    drop(r);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let record = loop {
+        let found = plane
+            .usage("metered")
+            .into_iter()
+            .find(|u| u["request_id"] == id.as_str());
+        if let Some(u) = found {
+            break u;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the abandoned stream was not billed"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(record["completion_tokens"], 20, "{record}");
     drop(gw);
 }
 
