@@ -819,23 +819,51 @@ impl Store {
             tx.rollback().await?;
             return Ok(false);
         }
-        for (i, r) in records.iter().enumerate() {
-            sqlx::query(
+        // Several rows per statement: one INSERT per record cost the control
+        // plane ~17 µs per metered request, 16 rows halve that. Not more:
+        // sqlx binds SQLite parameters by name, a lookup linear in the
+        // statement's parameters, so huge statements cost more again (90
+        // rows: back to ~17 µs, most of it in sqlite3_bind_parameter_name).
+        const ROWS: usize = 16;
+        for (c, chunk) in records.chunks(ROWS).enumerate() {
+            let mut sql = String::from(
                 "INSERT INTO usage_records (revision, idx, at, tenant, deployment, site, replica, prompt_tokens, \
-                 completion_tokens, request_id) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
-            )
-            .bind(revision)
-            .bind(i as i64)
-            .bind(&r.at)
-            .bind(&r.tenant)
-            .bind(&r.deployment)
-            .bind(&r.site)
-            .bind(&r.replica)
-            .bind(r.prompt_tokens)
-            .bind(r.completion_tokens)
-            .bind(&r.request_id)
-            .execute(&mut *tx)
-            .await?;
+                 completion_tokens, request_id) VALUES ",
+            );
+            for row in 0..chunk.len() {
+                let p = row * 10;
+                if row > 0 {
+                    sql.push_str(", ");
+                }
+                sql.push_str(&format!(
+                    "(${}, ${}, ${}, ${}, ${}, ${}, ${}, ${}, ${}, ${})",
+                    p + 1,
+                    p + 2,
+                    p + 3,
+                    p + 4,
+                    p + 5,
+                    p + 6,
+                    p + 7,
+                    p + 8,
+                    p + 9,
+                    p + 10
+                ));
+            }
+            let mut q = sqlx::query(&sql);
+            for (i, r) in chunk.iter().enumerate() {
+                q = q
+                    .bind(revision)
+                    .bind((c * ROWS + i) as i64)
+                    .bind(&r.at)
+                    .bind(&r.tenant)
+                    .bind(&r.deployment)
+                    .bind(&r.site)
+                    .bind(&r.replica)
+                    .bind(r.prompt_tokens)
+                    .bind(r.completion_tokens)
+                    .bind(&r.request_id);
+            }
+            q.execute(&mut *tx).await?;
         }
         tx.commit().await?;
         self.advance_head(revision);

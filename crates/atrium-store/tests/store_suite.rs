@@ -326,3 +326,38 @@ async fn meta_is_set_once() {
         assert_eq!(store.get_meta("k").await.unwrap().as_deref(), Some("v1"));
     }
 }
+
+#[tokio::test]
+async fn usage_batches_are_recorded_once_and_whole() {
+    for backend in BOTH {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(backend, &dir).await;
+        // More records than one INSERT statement carries.
+        let records: Vec<atrium_store::UsageRecord> = (0..250)
+            .map(|i| atrium_store::UsageRecord {
+                at: "2026-01-01T00:00:00Z".into(),
+                tenant: if i % 2 == 0 { "a" } else { "b" }.into(),
+                deployment: "d".into(),
+                site: "s".into(),
+                replica: "r".into(),
+                prompt_tokens: i,
+                completion_tokens: 1,
+                request_id: format!("req_{i}"),
+            })
+            .collect();
+        assert!(store.record_usage("ub_1", &records).await.unwrap());
+        assert!(
+            !store.record_usage("ub_1", &records).await.unwrap(),
+            "{backend:?}: once"
+        );
+        let all = store.usage(&TenantFilter::All, 0, 1000).await.unwrap();
+        let read: Vec<i64> = all.iter().map(|(_, r)| r.prompt_tokens).collect();
+        assert_eq!(read, (0..250).collect::<Vec<_>>(), "{backend:?}: in order");
+        assert_eq!(all[249].1.request_id, "req_249");
+        let a = store
+            .usage(&TenantFilter::Exactly(Some("a".into())), 0, 1000)
+            .await
+            .unwrap();
+        assert_eq!(a.len(), 125, "{backend:?}");
+    }
+}
