@@ -12,8 +12,9 @@
 //!
 //! With two or more cores the proxies and the upstream run on core 0, the
 //! load generator (and Atrium's control plane, which receives the usage
-//! batches) on core 1. Per row: latency p50/p99
-//! at concurrency 1 (non-streaming, small bodies), the most requests/s at
+//! batches) on core 1. Per row: latency p50/p99 at concurrency 1
+//! (non-streaming, small bodies; the median of three runs, the rows taking
+//! turns), the most requests/s at
 //! any tried concurrency whose p99 stays within 10 ms, and the time to the
 //! first streamed byte. The bench plays the node agent: it starts the
 //! engine itself and reports it running, so nothing but the engine sits
@@ -37,6 +38,8 @@ use crate::client::Output;
 const P99_BOUND_US: f64 = 10_000.0;
 /// Connections tried for throughput.
 const CONCURRENCY: [u32; 5] = [1, 4, 16, 32, 64];
+/// Concurrency-1 latency runs per row (interleaved; the median is kept).
+const LATENCY_ROUNDS: usize = 3;
 /// Streamed requests per row for the time to first byte.
 const TTFT_SAMPLES: usize = 200;
 const MODEL: &str = "bench";
@@ -51,7 +54,7 @@ pub struct Args {
 
 #[derive(Debug, Clone, Serialize)]
 struct Row {
-    /// Concurrency 1, non-streaming.
+    /// Concurrency 1, non-streaming: the median of three interleaved runs.
     p50_us: f64,
     p99_us: f64,
     /// Most requests/s with p99 ≤ 10 ms (0 when no concurrency kept it).
@@ -298,8 +301,68 @@ struct Target<'a> {
     processes: Vec<(&'static str, u32)>,
 }
 
+/// Concurrency-1 latency of one row: medians over the rounds.
+#[derive(Debug, Clone)]
+struct Latency {
+    p50_us: f64,
+    p99_us: f64,
+    errors: u64,
+    self_reported_overhead_us: Option<f64>,
+}
+
+/// Rounds of concurrency-1 runs, every row once per round in turn, so a
+/// noisy moment of the shared machine hits one round of every row rather
+/// than all of one row; each row keeps the median of its rounds.
+async fn latency_rounds(
+    targets: &[Target<'_>],
+    dir: &Path,
+    load_core: Option<usize>,
+    seconds: u64,
+) -> Result<BTreeMap<String, Latency>> {
+    let mut runs: BTreeMap<String, Vec<(WrkResult, Option<f64>)>> = BTreeMap::new();
+    for t in targets {
+        let url = format!("{}/v1/chat/completions", t.base);
+        let script = wrk_script(dir, t.name, t.key)?;
+        eprintln!("  {}: warming up", t.name);
+        tokio::task::spawn_blocking(move || wrk(load_core, &url, &script, 4, 2)).await??;
+    }
+    for round in 1..=LATENCY_ROUNDS {
+        for t in targets {
+            eprintln!("  {}: latency at concurrency 1, round {round}", t.name);
+            let url = format!("{}/v1/chat/completions", t.base);
+            let script = wrk_script(dir, t.name, t.key)?;
+            let before = overhead_histogram(t.base).await;
+            let r = tokio::task::spawn_blocking(move || wrk(load_core, &url, &script, 1, seconds))
+                .await??;
+            let own = match (before, overhead_histogram(t.base).await) {
+                (Some((s0, n0)), Some((s1, n1))) if n1 > n0 => Some((s1 - s0) * 1e6 / (n1 - n0)),
+                _ => None,
+            };
+            runs.entry(t.name.to_string()).or_default().push((r, own));
+        }
+    }
+    let median = |mut v: Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v.get(v.len() / 2).copied().unwrap_or(0.0)
+    };
+    Ok(runs
+        .into_iter()
+        .map(|(name, rs)| {
+            let own: Vec<f64> = rs.iter().filter_map(|(_, o)| *o).collect();
+            let latency = Latency {
+                p50_us: median(rs.iter().map(|(r, _)| r.p50_us).collect()),
+                p99_us: median(rs.iter().map(|(r, _)| r.p99_us).collect()),
+                errors: rs.iter().map(|(r, _)| r.errors).sum(),
+                self_reported_overhead_us: (!own.is_empty()).then(|| median(own)),
+            };
+            (name, latency)
+        })
+        .collect())
+}
+
 async fn measure(
     t: &Target<'_>,
+    one: Latency,
     dir: &Path,
     load_core: Option<usize>,
     seconds: u64,
@@ -307,17 +370,7 @@ async fn measure(
     let (name, base, key) = (t.name, t.base, t.key);
     let url = format!("{base}/v1/chat/completions");
     let script = wrk_script(dir, name, key)?;
-    eprintln!("  {name}: warming up");
-    let (u, s) = (url.clone(), script.clone());
-    tokio::task::spawn_blocking(move || wrk(load_core, &u, &s, 4, 2)).await??;
-    eprintln!("  {name}: latency at concurrency 1");
-    let (u, s) = (url.clone(), script.clone());
-    let before = overhead_histogram(base).await;
-    let one = tokio::task::spawn_blocking(move || wrk(load_core, &u, &s, 1, seconds)).await??;
-    let self_reported_overhead_us = match (before, overhead_histogram(base).await) {
-        (Some((s0, n0)), Some((s1, n1))) if n1 > n0 => Some((s1 - s0) * 1e6 / (n1 - n0)),
-        _ => None,
-    };
+    let self_reported_overhead_us = one.self_reported_overhead_us;
     let mut errors = one.errors;
     let (mut max_rps, mut at, mut peak) = (0.0f64, 0u32, 0.0f64);
     let mut cpu_us_per_request = BTreeMap::new();
@@ -630,45 +683,11 @@ pub async fn run(args: Args) -> Result<()> {
     let nginx_pid = nginx.id();
     children.0.push(nginx);
 
-    let mut rows: Vec<(&str, Option<Row>)> = Vec::new();
-    eprintln!("measuring (load generator on core {load_core:?}, proxies and upstream on core {proxy_core:?}):");
-    let direct_target = Target {
-        name: "direct",
-        base: &engine_url,
-        key: "none",
-        processes: vec![("engine", engine_pid)],
-    };
-    rows.push((
-        "direct",
-        Some(measure(&direct_target, dir.path(), load_core, args.seconds).await?),
-    ));
-    let nginx_target = Target {
-        name: "nginx",
-        base: &nginx_url,
-        key: "none",
-        processes: vec![("nginx", nginx_pid), ("engine", engine_pid)],
-    };
-    rows.push((
-        "nginx",
-        Some(measure(&nginx_target, dir.path(), load_core, args.seconds).await?),
-    ));
-    let atrium_target = Target {
-        name: "atrium",
-        base: &gateway_url,
-        key: &key,
-        processes: vec![
-            ("gateway", gateway_pid),
-            ("control_plane", server_pid),
-            ("engine", engine_pid),
-        ],
-    };
-    rows.push((
-        "atrium",
-        Some(measure(&atrium_target, dir.path(), load_core, args.seconds).await?),
-    ));
-
-    // LiteLLM, if installed.
+    // LiteLLM, if installed: started before anything is measured, so its
+    // latency rounds interleave with the others'.
     let mut litellm_note = None;
+    let mut litellm_url = None;
+    let mut litellm_pid = 0;
     match find_litellm(args.litellm) {
         Some(bin) => {
             let port = free_port()?;
@@ -700,27 +719,15 @@ pub async fn run(args: Args) -> Result<()> {
                 Duration::from_secs(180),
             )
             .await;
-            let litellm_pid = litellm.id();
+            litellm_pid = litellm.id();
             children.0.push(litellm);
             match started {
-                Ok(()) => {
-                    let target = Target {
-                        name: "litellm",
-                        base: &url,
-                        key: LITELLM_KEY,
-                        processes: vec![("litellm", litellm_pid), ("engine", engine_pid)],
-                    };
-                    rows.push((
-                        "litellm",
-                        Some(measure(&target, dir.path(), load_core, args.seconds).await?),
-                    ));
-                }
+                Ok(()) => litellm_url = Some(url),
                 Err(e) => {
                     let log =
                         std::fs::read_to_string(dir.path().join("litellm.log")).unwrap_or_default();
                     let tail: Vec<&str> = log.lines().rev().take(5).collect();
                     litellm_note = Some(format!("litellm did not start: {e}; log tail: {tail:?}"));
-                    rows.push(("litellm", None));
                 }
             }
         }
@@ -729,8 +736,56 @@ pub async fn run(args: Args) -> Result<()> {
                 "litellm not found: pip install 'litellm[proxy]==1.108.0' (or pass --litellm PATH)"
                     .into(),
             );
-            rows.push(("litellm", None));
         }
+    }
+
+    let mut targets = vec![
+        Target {
+            name: "direct",
+            base: &engine_url,
+            key: "none",
+            processes: vec![("engine", engine_pid)],
+        },
+        Target {
+            name: "nginx",
+            base: &nginx_url,
+            key: "none",
+            processes: vec![("nginx", nginx_pid), ("engine", engine_pid)],
+        },
+        Target {
+            name: "atrium",
+            base: &gateway_url,
+            key: &key,
+            processes: vec![
+                ("gateway", gateway_pid),
+                ("control_plane", server_pid),
+                ("engine", engine_pid),
+            ],
+        },
+    ];
+    if let Some(url) = &litellm_url {
+        targets.push(Target {
+            name: "litellm",
+            base: url,
+            key: LITELLM_KEY,
+            processes: vec![("litellm", litellm_pid), ("engine", engine_pid)],
+        });
+    }
+    eprintln!("measuring (load generator on core {load_core:?}, proxies and upstream on core {proxy_core:?}):");
+    let latency = latency_rounds(&targets, dir.path(), load_core, args.seconds).await?;
+    let mut rows: Vec<(&str, Option<Row>)> = Vec::new();
+    for t in &targets {
+        let l = latency
+            .get(t.name)
+            .cloned()
+            .ok_or_else(|| anyhow!("no latency for {}", t.name))?;
+        rows.push((
+            t.name,
+            Some(measure(t, l, dir.path(), load_core, args.seconds).await?),
+        ));
+    }
+    if litellm_url.is_none() {
+        rows.push(("litellm", None));
     }
     drop(children);
 
