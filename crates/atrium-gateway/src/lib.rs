@@ -198,6 +198,43 @@ fn load_or_create(
     }
 }
 
+/// Saves the route table (0600: it holds key digests) within a second of
+/// any change, off the request thread.
+async fn save_routes(routes: Arc<RwLock<Routes>>, path: PathBuf) {
+    let mut saved_version = 0;
+    loop {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let snapshot = match routes.read() {
+            Ok(r) if r.version() != saved_version => {
+                saved_version = r.version();
+                serde_json::to_vec(&r.save())
+            }
+            _ => continue,
+        };
+        let Ok(bytes) = snapshot else { continue };
+        let target = path.clone();
+        let written = tokio::task::spawn_blocking(move || -> std::io::Result<()> {
+            let path = target;
+            use std::io::Write as _;
+            use std::os::unix::fs::OpenOptionsExt;
+            let tmp = path.with_extension("tmp");
+            let mut f = std::fs::OpenOptions::new()
+                .create(true)
+                .write(true)
+                .truncate(true)
+                .mode(0o600)
+                .open(&tmp)?;
+            f.write_all(&bytes)?;
+            std::fs::rename(&tmp, &path)
+        })
+        .await;
+        if !matches!(written, Ok(Ok(()))) {
+            tracing::error!(path = %path.display(), "gateway: cannot save the route table");
+            saved_version = 0;
+        }
+    }
+}
+
 /// How often a gateway reports its admissions to the site-wide counter and
 /// learns the others' (see `limits.rs` for the overshoot this allows).
 pub const LIMIT_SYNC: Duration = Duration::from_millis(200);
@@ -289,7 +326,23 @@ pub async fn start(config: GatewayConfig) -> Result<RunningGateway, GatewayError
     );
     let cp = ControlPlane::new(&config.server, &config.token);
     let routes = Arc::new(RwLock::new(Routes::default()));
+    // The table saved by the last run: served until the control plane
+    // answers, so a restart during an outage keeps serving — with the
+    // revocations it knew of.
+    let saved_path = config.data_dir.join("routes.json");
+    if let Some(saved) = std::fs::read(&saved_path)
+        .ok()
+        .and_then(|b| serde_json::from_slice::<routes::SavedRoutes>(&b).ok())
+    {
+        if let Ok(mut r) = routes.write() {
+            r.restore(saved);
+            tracing::info!(
+                "gateway: serving the saved route table until the control plane answers"
+            );
+        }
+    }
     let mut background = routes::follow(cp.clone(), routes.clone());
+    background.push(tokio::spawn(save_routes(routes.clone(), saved_path)));
     background.push(tokio::spawn(usage::ship(cp, usage_log.clone())));
     let limiter = Arc::new(limits::Limiter::default());
     let gateway_id = load_or_create(&config.data_dir.join("gateway.id"), || {

@@ -12,22 +12,24 @@ use atrium_core::deployment::EngineKind;
 use atrium_core::key::{split_key_token, Scope};
 use atrium_core::lifecycle::LifecycleState;
 use atrium_core::limits::RequestLimits;
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 use time::OffsetDateTime;
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 struct KeyEntry {
     digest: String,
     tenant: String,
     scopes: Vec<Scope>,
     revoked: bool,
+    #[serde(with = "time::serde::rfc3339::option")]
     expires_at: Option<OffsetDateTime>,
     limits: RequestLimits,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 struct DeploymentEntry {
     id: String,
     engine: EngineKind,
@@ -37,7 +39,7 @@ struct DeploymentEntry {
     state: String,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 struct ReplicaEntry {
     deployment: String,
     name: String,
@@ -126,6 +128,20 @@ pub struct Routes {
     /// tenant name → the limits of its quota.
     tenants: HashMap<String, RequestLimits>,
     synced: [bool; 4],
+    /// Bumped by every change, so the table is saved only when it changed.
+    version: u64,
+    /// Served from the saved table until the first snapshot arrives.
+    restored: bool,
+}
+
+/// What the gateway saves of its table, to keep serving — revocations
+/// included — when it restarts while the control plane is away.
+#[derive(Serialize, Deserialize)]
+pub struct SavedRoutes {
+    keys: HashMap<String, KeyEntry>,
+    deployments: Vec<((String, String), DeploymentEntry)>,
+    replicas: BTreeMap<String, ReplicaEntry>,
+    tenants: HashMap<String, RequestLimits>,
 }
 
 /// A replica preferred by affinity keeps its requests while it has at most
@@ -155,9 +171,40 @@ fn key_entry(o: &Value) -> Option<(String, KeyEntry)> {
 }
 
 impl Routes {
-    /// True once every feed has delivered its first snapshot.
+    /// True once every feed has delivered its first snapshot, or the saved
+    /// table was restored.
     pub fn synced(&self) -> bool {
-        self.synced.iter().all(|s| *s)
+        self.restored || self.synced.iter().all(|s| *s)
+    }
+
+    pub fn version(&self) -> u64 {
+        self.version
+    }
+
+    pub fn save(&self) -> SavedRoutes {
+        SavedRoutes {
+            keys: self.keys.clone(),
+            deployments: self
+                .deployments
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
+            replicas: self.replicas.clone(),
+            tenants: self.tenants.clone(),
+        }
+    }
+
+    /// Takes in a saved table (before any feed has delivered).
+    pub fn restore(&mut self, saved: SavedRoutes) {
+        self.keys = saved.keys;
+        self.deployments = saved.deployments.into_iter().collect();
+        self.replicas = saved.replicas;
+        self.tenants = saved.tenants;
+        for id in self.replicas.keys() {
+            self.outstanding.entry(id.clone()).or_default();
+            self.breakers.entry(id.clone()).or_default();
+        }
+        self.restored = true;
     }
 
     /// Checks a presented key against the digest cache.
@@ -283,6 +330,7 @@ impl Routes {
     }
 
     fn apply_key(&mut self, update: Update, digests: &HashMap<String, String>) {
+        self.version += 1;
         let upsert = |routes: &mut Routes, o: &Value| {
             if let Some((id, mut entry)) = key_entry(o) {
                 entry.digest = digests.get(&id).cloned().unwrap_or_default();
@@ -307,6 +355,7 @@ impl Routes {
     }
 
     fn apply_deployment(&mut self, update: Update) {
+        self.version += 1;
         let entry = |o: &Value| -> Option<((String, String), DeploymentEntry)> {
             let engine: EngineKind = serde_json::from_value(o["spec"]["engine"].clone()).ok()?;
             Some((
@@ -345,6 +394,7 @@ impl Routes {
     }
 
     fn apply_replica(&mut self, update: Update) {
+        self.version += 1;
         let entry = |o: &Value| -> Option<(String, ReplicaEntry)> {
             let state: LifecycleState =
                 serde_json::from_value(o["status"]["state"].clone()).ok()?;
@@ -383,6 +433,7 @@ impl Routes {
     }
 
     fn apply_tenant(&mut self, update: Update) {
+        self.version += 1;
         let entry = |o: &Value| -> Option<(String, RequestLimits)> {
             let limits = serde_json::from_value(o["spec"]["quota"].clone()).unwrap_or_default();
             Some((o["name"].as_str()?.to_string(), limits))

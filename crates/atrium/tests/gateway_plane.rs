@@ -166,7 +166,7 @@ fn wait_healthy(url: &str, child: &mut Child) {
 
 /// A control plane with one hand-driven node: the test plays its agent.
 struct Plane {
-    _server: Proc,
+    server_proc: Proc,
     server: String,
     token: String,
     http: reqwest::blocking::Client,
@@ -197,7 +197,7 @@ impl Plane {
             .trim()
             .to_string();
         let plane = Plane {
-            _server: Proc(child),
+            server_proc: Proc(child),
             server,
             token,
             http: reqwest::blocking::Client::builder()
@@ -823,4 +823,61 @@ fn gateways_of_a_site_share_a_limit() {
     assert_eq!(ok(&more), 0, "gateway A knows what B admitted");
     let more = burst(&b.url, &key, &body, 50);
     assert_eq!(ok(&more), 0, "gateway B knows what A admitted");
+}
+
+#[test]
+fn a_restarted_gateway_serves_its_saved_table_while_the_control_plane_is_down() {
+    let mut plane = Plane::start();
+    let upstream = Upstream::start();
+    let good = plane.tenant("steady", json!({}), json!({}));
+    let revoked = plane.admin(
+        reqwest::Method::POST,
+        "/v1/keys",
+        json!({"name": "leaked", "tenant": "steady", "spec": {"scopes": ["inference"]}}),
+    );
+    let revoked_id = revoked["key"]["id"].as_str().unwrap().to_string();
+    let revoked = revoked["secret"].as_str().unwrap().to_string();
+    plane.deploy("steady", "chat", std::slice::from_ref(&upstream.url));
+    let data = plane.dir.path().join("gw");
+    let mut gw = plane.gateway(&data);
+    let http = reqwest::blocking::Client::new();
+    wait_routed(&http, &gw.url, &good, "chat");
+    wait_routed(&http, &gw.url, &revoked, "chat");
+    plane.admin(
+        reqwest::Method::POST,
+        &format!("/v1/keys/{revoked_id}/revoke"),
+        Value::Null,
+    );
+    let body = json!({"model": "chat", "messages": [{"role": "user", "content": "still there?"}]});
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while chat(&http, &gw.url, &revoked, &body).0 != 401 {
+        assert!(
+            Instant::now() < deadline,
+            "the revocation never reached the gateway"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // The table is saved within a second of a change.
+    std::thread::sleep(Duration::from_millis(1500));
+
+    // The control plane dies; then the gateway is killed and restarted.
+    plane.server_proc.0.kill().unwrap();
+    plane.server_proc.0.wait().unwrap();
+    gw.child.0.kill().unwrap();
+    gw.child.0.wait().unwrap();
+    gw = plane.gateway(&data);
+    let (status, v, headers) = chat(&http, &gw.url, &good, &body);
+    assert_eq!(status, 200, "served from the saved table: {v}");
+    let (status, v, _) = chat(&http, &gw.url, &revoked, &body);
+    assert_eq!(status, 401, "the revocation stays in force: {v}");
+    assert_eq!(v["error"]["message"], "This API key has been revoked.");
+    // Its usage waits in the spool for the control plane.
+    let id = headers["x-request-id"].to_str().unwrap();
+    let spool: String = std::fs::read_dir(data.join("gateway"))
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().ends_with(".spool"))
+        .map(|e| std::fs::read_to_string(e.path()).unwrap())
+        .collect();
+    assert!(spool.contains(id), "request {id} is spooled");
 }
