@@ -485,9 +485,7 @@ impl Limiter {
             states.retain(|_, s| {
                 s.requests.expire(now);
                 s.tokens.expire(now);
-                if s.day.0 != now.as_secs() / DAY_SECS {
-                    s.day = (now.as_secs() / DAY_SECS, 0);
-                }
+                s.day_used(now);
                 !s.idle()
             });
         }

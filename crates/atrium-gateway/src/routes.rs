@@ -294,19 +294,18 @@ impl Routes {
                 .map(|c| c.load(Ordering::Relaxed))
                 .unwrap_or(0)
         };
-        let ready: Vec<(&String, &ReplicaEntry, &str)> = self
+        let mut candidates: Vec<(&String, &ReplicaEntry, &str)> = self
             .replicas
             .iter()
             .filter(|(id, r)| r.deployment == d.id && r.running && !exclude.contains(id))
             .filter_map(|(id, r)| Some((id, r, r.endpoint.as_deref()?)))
             .collect();
-        let closed: Vec<_> = ready
-            .iter()
-            .filter(|(id, _, _)| !self.breakers.get(*id).is_some_and(|b| b.is_open()))
-            .copied()
-            .collect();
-        // With every breaker open, trying one beats refusing outright.
-        let candidates = if closed.is_empty() { ready } else { closed };
+        let open = |id: &str| self.breakers.get(id).is_some_and(|b| b.is_open());
+        // Skip replicas whose breaker is open — unless all are: then trying
+        // one beats refusing outright.
+        if candidates.iter().any(|(id, _, _)| !open(id)) {
+            candidates.retain(|(id, _, _)| !open(id));
+        }
         let least = candidates.iter().map(|(id, _, _)| load(id)).min();
         let best = candidates
             .iter()

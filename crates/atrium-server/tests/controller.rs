@@ -50,23 +50,11 @@ async fn deploy_placed(
 
 /// Placements of a deployment: (replica name, node).
 async fn placements(s: &TestServer, deployment: &str) -> Vec<(String, String)> {
-    let v = s
-        .admin(Method::GET, "/v1/placements?limit=1000", Value::Null)
-        .await;
-    let mut out: Vec<(String, String)> = v["items"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|p| p["spec"]["deployment_name"] == deployment)
-        .map(|p| {
-            (
-                p["name"].as_str().unwrap().to_string(),
-                p["spec"]["node"].as_str().unwrap().to_string(),
-            )
-        })
-        .collect();
-    out.sort();
-    out
+    gpu_slots(s, deployment)
+        .await
+        .into_iter()
+        .map(|(name, node, _)| (name, node))
+        .collect()
 }
 
 async fn eventually<T: std::fmt::Debug>(
