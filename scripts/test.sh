@@ -10,6 +10,12 @@ if [ -z "${ATRIUM_TEST_POSTGRES_URL:-}" ]; then
 fi
 export ATRIUM_TEST_POSTGRES_URL
 
+# The isolation tests (root) drive iproute2 and nftables, as the agent does.
+if ! command -v nft >/dev/null || ! command -v ip >/dev/null; then
+  apt-get update -qq >&2
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nftables iproute2 >&2
+fi
+
 python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore \
   -r requirements-test.txt
 

@@ -4,13 +4,21 @@
 //! plane assigns to this node, and runs each replica as a supervised child
 //! process (`atrium engine ...`): health-checked, restarted with backoff,
 //! its state and endpoint reported back. It never decides placement.
+//!
+//! Each engine runs in a sandbox (`sandbox`): cgroup limits, its tenant's
+//! network namespace behind a firewall, its tenant's uid. The agent keeps
+//! its assignments and the engines it runs on disk (`state`), so it serves
+//! on while the control plane is away and re-adopts its engines when it
+//! restarts itself.
 
 mod inventory;
+pub mod sandbox;
+pub mod state;
 mod supervisor;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use atrium_client::{ControlPlane, Update};
 use atrium_core::placement::PlacementSpec;
@@ -33,6 +41,31 @@ pub struct AgentConfig {
     pub engine_binary: PathBuf,
     /// e.g. `8xH100-80GB`: GPUs to report instead of discovering them.
     pub simulate_gpus: Option<String>,
+    /// Second octet of the `10.X.0.0/16` block tenant networks come from;
+    /// it also names this agent's namespaces, cgroups and firewall table.
+    pub network_octet: u8,
+}
+
+impl AgentConfig {
+    pub fn state_dir(&self) -> PathBuf {
+        self.data_dir.join("agent")
+    }
+
+    pub fn sandbox_config(&self) -> sandbox::SandboxConfig {
+        sandbox::SandboxConfig {
+            root: self.data_dir.join("sandboxes"),
+            network_octet: self.network_octet,
+        }
+    }
+}
+
+/// Parses `--tenant-network`: a `10.X.0.0/16` block, returning X.
+pub fn parse_tenant_network(cidr: &str) -> Result<u8, String> {
+    let octet = cidr
+        .strip_prefix("10.")
+        .and_then(|rest| rest.strip_suffix(".0.0/16"))
+        .and_then(|x| x.parse::<u8>().ok());
+    octet.ok_or_else(|| format!("--tenant-network {cidr:?} must be a 10.X.0.0/16 block"))
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -41,6 +74,8 @@ pub enum AgentError {
     SimulatedGpus(String),
     #[error("cannot register node: {0}")]
     Register(String),
+    #[error("cannot open the agent's state in {0}: {1}")]
+    State(PathBuf, std::io::Error),
 }
 
 /// Registers this node, creating it or refreshing its inventory.
@@ -74,63 +109,104 @@ pub async fn register(
     .map_err(|e| AgentError::Register(e.to_string()))
 }
 
-/// Runs the agent until `shutdown` resolves: registers (retrying until the
-/// control plane answers), then keeps the node's replicas as placed.
+/// Runs the agent until `shutdown` resolves: resumes the workloads it ran
+/// before (from its state, whether or not the control plane answers),
+/// registers the node (retrying until the control plane answers), then
+/// keeps the node's replicas as placed. On `shutdown` it stops them all.
 pub async fn run(
     config: AgentConfig,
     shutdown: impl std::future::Future<Output = ()> + Send,
 ) -> Result<(), AgentError> {
     let inventory = discover(&config.data_dir, config.simulate_gpus.as_deref())?;
     let cp = ControlPlane::new(&config.server, &config.token);
-    let mut backoff = std::time::Duration::from_millis(200);
-    loop {
-        match register(&cp, &config, &inventory).await {
-            Ok(()) => break,
-            Err(e) => {
+    let state = state::StateFile::open(&config.state_dir())
+        .map_err(|e| AgentError::State(config.state_dir(), e))?;
+    let mut host = sandbox::Host::detect(config.sandbox_config(), &config.engine_binary);
+    if let Err(why) = host.prepare() {
+        tracing::error!(%why, "agent: cannot install the tenant firewall or cgroups");
+        host.firewall = Err(why);
+    }
+    tracing::info!(isolation = %host.summary(), "agent: sandboxes");
+    let shared = Arc::new(supervisor::Shared {
+        cp: cp.clone(),
+        config: config.clone(),
+        host,
+        state,
+        gpus: inventory.gpus.clone(),
+        shutting_down: Default::default(),
+    });
+    let supervisor = Arc::new(supervisor::Supervisor::new(shared.clone()));
+    let remembered: HashMap<String, state::Assignment> = shared
+        .state
+        .read(|s| s.assigned.clone().into_iter().collect());
+    if !remembered.is_empty() {
+        tracing::info!(
+            replicas = remembered.len(),
+            "agent: resuming the replicas it ran"
+        );
+        supervisor.reconcile(&remembered);
+    }
+
+    let work = {
+        let (cp, config, supervisor, shared) = (
+            cp.clone(),
+            config.clone(),
+            supervisor.clone(),
+            shared.clone(),
+        );
+        async move {
+            let mut backoff = std::time::Duration::from_millis(200);
+            while let Err(e) = register(&cp, &config, &inventory).await {
                 tracing::warn!(error = %e, "agent: registration failed; retrying");
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(std::time::Duration::from_secs(5));
             }
+            tracing::info!(node = %config.node_name, cpu = %inventory.cpu, memory = %inventory.memory, gpus = inventory.gpus.len(), "agent: node registered");
+            let node = config.node_name.clone();
+            let mut assigned = remembered;
+            cp.follow("placements", move |update| {
+                let mine = |o: &Value| -> Option<(String, state::Assignment)> {
+                    let spec: PlacementSpec = serde_json::from_value(o["spec"].clone()).ok()?;
+                    let tenant = o["tenant"].as_str().unwrap_or_default().to_string();
+                    (spec.node == node).then(|| {
+                        (
+                            o["id"].as_str().unwrap_or_default().to_string(),
+                            state::Assignment { tenant, spec },
+                        )
+                    })
+                };
+                match update {
+                    Update::Snapshot(items) => {
+                        assigned = items.iter().filter_map(mine).collect();
+                    }
+                    Update::Added(o) | Update::Modified(o) => {
+                        if let Some((id, a)) = mine(&o) {
+                            assigned.insert(id, a);
+                        }
+                    }
+                    Update::Deleted(o) => {
+                        if let Some(id) = o["id"].as_str() {
+                            assigned.remove(id);
+                        }
+                    }
+                }
+                // Saved before acting on it: a restarted agent resumes
+                // exactly what it was last told to run.
+                shared.state.update(|s| {
+                    s.assigned = assigned.clone().into_iter().collect();
+                });
+                supervisor.reconcile(&assigned);
+            })
+            .await
         }
-    }
-    tracing::info!(node = %config.node_name, cpu = %inventory.cpu, memory = %inventory.memory, gpus = inventory.gpus.len(), "agent: node registered");
-
-    let supervisor = Arc::new(supervisor::Supervisor::new(cp.clone(), config.clone()));
-    let assigned: Arc<Mutex<HashMap<String, PlacementSpec>>> = Arc::default();
-    let node = config.node_name.clone();
-    let follow = {
-        let supervisor = supervisor.clone();
-        cp.follow("placements", move |update| {
-            let mine = |o: &Value| -> Option<(String, PlacementSpec)> {
-                let spec: PlacementSpec = serde_json::from_value(o["spec"].clone()).ok()?;
-                (spec.node == node)
-                    .then(|| (o["id"].as_str().unwrap_or_default().to_string(), spec))
-            };
-            let Ok(mut assigned) = assigned.lock() else {
-                return;
-            };
-            match update {
-                Update::Snapshot(items) => {
-                    *assigned = items.iter().filter_map(mine).collect();
-                }
-                Update::Added(o) | Update::Modified(o) => {
-                    if let Some((id, spec)) = mine(&o) {
-                        assigned.insert(id, spec);
-                    }
-                }
-                Update::Deleted(o) => {
-                    if let Some(id) = o["id"].as_str() {
-                        assigned.remove(id);
-                    }
-                }
-            }
-            supervisor.reconcile(&assigned);
-        })
     };
     tokio::select! {
-        _ = follow => {}
+        _ = work => {}
         _ = shutdown => {}
     }
     supervisor.stop_all().await;
+    if shared.state.read(|s| s.running.is_empty()) {
+        shared.host.teardown();
+    }
     Ok(())
 }

@@ -1,80 +1,100 @@
 //! Supervision of replica processes: one task per placement that prepares
-//! the model, starts `atrium engine`, waits for it to be healthy, reports
-//! its endpoint, and restarts it with exponential backoff when it exits.
+//! the model and the sandbox, starts `atrium engine` in it, waits for it to
+//! be healthy, reports its endpoint, and restarts it with exponential
+//! backoff when it exits. Each engine it starts is written to the agent's
+//! state; a restarted agent re-adopts every engine still alive instead of
+//! starting another.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::process::Stdio;
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use atrium_client::ControlPlane;
 use atrium_core::deployment::EngineKind;
 use atrium_core::lifecycle::LifecycleState;
 use atrium_core::model::ModelTask;
+use atrium_core::node::Gpu;
 use atrium_core::placement::{PlacementSpec, ReplicaStatus};
 use atrium_engine::pull;
 use reqwest::Method;
 use tokio::sync::watch;
 
+use crate::sandbox::{Host, TenantSlot};
+use crate::state::{self, Assignment, RunningEngine, StateFile};
 use crate::AgentConfig;
 
 /// Longest wait for a new engine to answer /healthz (model loading).
 const START_TIMEOUT: Duration = Duration::from_secs(300);
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
+/// How often an engine's liveness and cgroup events are looked at, and an
+/// unsent status report is tried again.
+const WATCH_INTERVAL: Duration = Duration::from_millis(500);
+/// Ports engines listen on inside their tenant's namespace.
+const FIRST_ENGINE_PORT: u16 = 8000;
 
 struct Replica {
-    spec: PlacementSpec,
+    assignment: Assignment,
     stop: watch::Sender<bool>,
     task: tokio::task::JoinHandle<()>,
 }
 
+/// What every replica task shares.
+pub struct Shared {
+    pub cp: ControlPlane,
+    pub config: AgentConfig,
+    pub host: Host,
+    pub state: StateFile,
+    pub gpus: Vec<Gpu>,
+    /// Set while the agent stops every replica on its way out.
+    pub shutting_down: AtomicBool,
+}
+
 pub struct Supervisor {
-    cp: ControlPlane,
-    config: AgentConfig,
+    shared: Arc<Shared>,
     replicas: Mutex<HashMap<String, Replica>>,
 }
 
 impl Supervisor {
-    pub fn new(cp: ControlPlane, config: AgentConfig) -> Self {
+    pub fn new(shared: Arc<Shared>) -> Self {
         Supervisor {
-            cp,
-            config,
+            shared,
             replicas: Mutex::default(),
         }
     }
 
-    /// Starts replicas newly assigned, stops those no longer assigned (or
-    /// whose spec changed, which are then started anew).
-    pub fn reconcile(&self, assigned: &HashMap<String, PlacementSpec>) {
+    /// Starts (or re-adopts) replicas newly assigned, stops those no longer
+    /// assigned (or whose spec changed, which are then started anew).
+    pub fn reconcile(&self, assigned: &HashMap<String, Assignment>) {
         let Ok(mut replicas) = self.replicas.lock() else {
             return;
         };
         replicas.retain(|id, r| {
-            let keep = assigned.get(id) == Some(&r.spec);
+            let keep = assigned.get(id) == Some(&r.assignment);
             if !keep {
                 tracing::info!(placement = %id, "agent: stopping replica");
                 let _ = r.stop.send(true);
             }
             keep
         });
-        for (id, spec) in assigned {
+        for (id, assignment) in assigned {
             if replicas.contains_key(id) {
                 continue;
             }
-            tracing::info!(placement = %id, deployment = %spec.deployment_name, "agent: starting replica");
+            tracing::info!(placement = %id, deployment = %assignment.spec.deployment_name, tenant = %assignment.tenant, "agent: starting replica");
             let (stop, stop_rx) = watch::channel(false);
             let task = tokio::spawn(replica_loop(
-                self.cp.clone(),
-                self.config.clone(),
+                self.shared.clone(),
                 id.clone(),
-                spec.clone(),
+                assignment.clone(),
                 stop_rx,
             ));
             replicas.insert(
                 id.clone(),
                 Replica {
-                    spec: spec.clone(),
+                    assignment: assignment.clone(),
                     stop,
                     task,
                 },
@@ -84,6 +104,7 @@ impl Supervisor {
 
     /// Stops every replica and waits for their processes to end.
     pub async fn stop_all(&self) {
+        self.shared.shutting_down.store(true, Ordering::SeqCst);
         let drained: Vec<Replica> = match self.replicas.lock() {
             Ok(mut r) => r.drain().map(|(_, v)| v).collect(),
             Err(_) => return,
@@ -94,36 +115,6 @@ impl Supervisor {
         for r in drained {
             let _ = r.task.await;
         }
-    }
-}
-
-async fn report(cp: &ControlPlane, id: &str, status: &ReplicaStatus) {
-    let body = serde_json::to_value(status).unwrap_or_default();
-    // The control plane may be away; the replica keeps running regardless
-    // and the next report carries the state again.
-    if let Err(e) = cp
-        .call(
-            Method::PUT,
-            &format!("/v1/placements/{id}/status"),
-            Some(&body),
-        )
-        .await
-    {
-        tracing::debug!(error = %e, placement = %id, "agent: cannot report replica status");
-    }
-}
-
-fn status(
-    state: LifecycleState,
-    reason: impl Into<String>,
-    endpoint: Option<String>,
-    restarts: u32,
-) -> ReplicaStatus {
-    ReplicaStatus {
-        state,
-        reason: reason.into(),
-        endpoint,
-        restarts,
     }
 }
 
@@ -193,57 +184,196 @@ enum Ended {
     Failed { reason: String, healthy: bool },
 }
 
+/// An engine process: one this agent spawned, or one a previous run of
+/// the agent spawned and this one adopted.
+enum Engine {
+    Child(tokio::process::Child),
+    Adopted,
+}
+
 /// Everything one replica task needs.
 struct ReplicaCtx {
-    cp: ControlPlane,
-    config: AgentConfig,
+    shared: Arc<Shared>,
     id: String,
-    spec: PlacementSpec,
+    assignment: Assignment,
     http: reqwest::Client,
     log_path: PathBuf,
+    /// The last status, and whether the control plane has it.
+    last: Mutex<(Option<ReplicaStatus>, bool)>,
 }
 
 impl ReplicaCtx {
-    async fn report(
-        &self,
-        state: LifecycleState,
-        reason: impl Into<String>,
-        endpoint: Option<String>,
-        restarts: u32,
-    ) {
-        report(
-            &self.cp,
-            &self.id,
-            &status(state, reason, endpoint, restarts),
-        )
-        .await;
+    fn spec(&self) -> &PlacementSpec {
+        &self.assignment.spec
     }
 
-    /// Prepares the model, starts the engine, waits for health, reports it
-    /// running, and waits for it to end or to be told to stop.
-    async fn run_once(&self, stop: &mut watch::Receiver<bool>, restarts: u32) -> Ended {
-        let failed = |reason: String| Ended::Failed {
-            reason,
-            healthy: false,
+    fn tenant(&self) -> TenantSlot {
+        let tenant = self.assignment.tenant.clone();
+        let slot = self.shared.state.update(|s| s.tenant_slot(&tenant));
+        TenantSlot { tenant, slot }
+    }
+
+    async fn report(&self, status: ReplicaStatus) {
+        if let Ok(mut last) = self.last.lock() {
+            *last = (Some(status), false);
+        }
+        self.flush().await;
+    }
+
+    /// Sends the last status unless the control plane has it already. The
+    /// control plane may be away; the replica keeps running regardless and
+    /// the report is tried again at the next watch tick.
+    async fn flush(&self) {
+        let pending = match self.last.lock() {
+            Ok(last) if !last.1 => last.0.clone(),
+            _ => None,
         };
-        self.report(
+        let Some(status) = pending else {
+            return;
+        };
+        let body = serde_json::to_value(&status).unwrap_or_default();
+        let sent = self
+            .shared
+            .cp
+            .call(
+                Method::PUT,
+                &format!("/v1/placements/{}/status", self.id),
+                Some(&body),
+            )
+            .await;
+        match sent {
+            Ok(_) => {
+                if let Ok(mut last) = self.last.lock() {
+                    if last.0.as_ref() == Some(&status) {
+                        last.1 = true;
+                    }
+                }
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, placement = %self.id, "agent: cannot report replica status");
+            }
+        }
+    }
+
+    fn status(
+        state: LifecycleState,
+        reason: impl Into<String>,
+        restarts: u32,
+        running: Option<&RunningEngine>,
+    ) -> ReplicaStatus {
+        ReplicaStatus {
+            state,
+            reason: reason.into(),
+            endpoint: running.map(|r| r.endpoint.clone()),
+            restarts,
+            isolation: running.map(|r| r.isolation.clone()),
+            pid: running.map(|r| r.pid),
+        }
+    }
+
+    /// Reserves a port for a new engine at `ip` by recording the engine
+    /// (pid still unknown) in the state: any free loopback port when it
+    /// runs unsandboxed, else the lowest one no other engine of the
+    /// tenant's namespace holds — replicas of one tenant start side by side.
+    fn reserve_port(
+        &self,
+        ip: &str,
+        isolation: &str,
+        restarts: u32,
+    ) -> std::io::Result<RunningEngine> {
+        let loopback = if ip == "127.0.0.1" {
+            Some(free_port()?)
+        } else {
+            None
+        };
+        let prefix = format!("http://{ip}:");
+        self.shared.state.update(|s| {
+            let used: Vec<u16> = s
+                .running
+                .iter()
+                .filter(|(id, _)| **id != self.id)
+                .filter_map(|(_, r)| r.endpoint.strip_prefix(&prefix)?.parse().ok())
+                .collect();
+            let port = loopback
+                .or_else(|| (FIRST_ENGINE_PORT..u16::MAX).find(|p| !used.contains(p)))
+                .ok_or_else(|| std::io::Error::other("no free port in the tenant's namespace"))?;
+            let engine = RunningEngine {
+                pid: 0,
+                start_ticks: 0,
+                endpoint: format!("{prefix}{port}"),
+                isolation: isolation.to_string(),
+                restarts,
+            };
+            s.running.insert(self.id.clone(), engine.clone());
+            Ok(engine)
+        })
+    }
+
+    /// Waits until the GPUs of this placement that were released by an
+    /// earlier holder have been sanitised.
+    async fn sanitise_gpus(&self, stop: &mut watch::Receiver<bool>, restarts: u32) -> bool {
+        loop {
+            let pending: Vec<u32> = self.shared.state.read(|s| {
+                self.spec()
+                    .gpus
+                    .iter()
+                    .map(|g| g.gpu)
+                    .filter(|g| s.gpus_to_sanitize.contains(g))
+                    .collect()
+            });
+            if pending.is_empty() {
+                return true;
+            }
+            for gpu in pending {
+                match sanitise_gpu(&self.shared, gpu) {
+                    Ok(()) => self.shared.state.update(|s| {
+                        s.gpus_to_sanitize.remove(&gpu);
+                    }),
+                    Err(why) => {
+                        self.report(Self::status(
+                            LifecycleState::Provisioning,
+                            format!("waiting for GPU {gpu} to be sanitised: {why}"),
+                            restarts,
+                            None,
+                        ))
+                        .await;
+                    }
+                }
+            }
+            if sleep_or_stop(stop, Duration::from_secs(2)).await {
+                return false;
+            }
+        }
+    }
+
+    /// Prepares the model and sandbox and starts the engine, returning it
+    /// and what was recorded of it.
+    async fn start(&self, restarts: u32) -> Result<(Engine, RunningEngine), String> {
+        self.report(Self::status(
             LifecycleState::Provisioning,
             "preparing the model",
-            None,
             restarts,
-        )
+            None,
+        ))
         .await;
-        let (config, spec) = (self.config.clone(), self.spec.clone());
-        let args = match tokio::task::spawn_blocking(move || engine_args(&config, &spec)).await {
-            Ok(Ok(a)) => a,
-            Ok(Err(why)) => return failed(why),
-            Err(e) => return failed(e.to_string()),
+        let shared = self.shared.clone();
+        let (id, spec, tenant) = (self.id.clone(), self.spec().clone(), self.tenant());
+        let prepared = tokio::task::spawn_blocking(move || {
+            let mut args = engine_args(&shared.config, &spec)?;
+            let sandbox = shared
+                .host
+                .enter(&id, &tenant, &spec, &shared.gpus, &mut args)?;
+            Ok::<_, String>((args, sandbox))
+        })
+        .await;
+        let (args, sandbox) = match prepared {
+            Ok(r) => r?,
+            Err(e) => return Err(e.to_string()),
         };
-        let port = match free_port() {
-            Ok(p) => p,
-            Err(e) => return failed(format!("no free port: {e}")),
-        };
-        let endpoint = format!("http://127.0.0.1:{port}");
+        let mut running = self
+            .reserve_port(&sandbox.listen_ip, &sandbox.isolation, restarts)
+            .map_err(|e| format!("no free port: {e}"))?;
+        let listen = running.endpoint.trim_start_matches("http://").to_string();
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -252,90 +382,286 @@ impl ReplicaCtx {
             Ok((a, b)) => (Stdio::from(a), Stdio::from(b)),
             Err(_) => (Stdio::null(), Stdio::null()),
         };
-        let child = tokio::process::Command::new(&self.config.engine_binary)
-            .args(&args)
-            .args(["--listen", &format!("127.0.0.1:{port}")])
+        let binary = &self.shared.config.engine_binary;
+        let mut cmd = tokio::process::Command::new(binary);
+        if !sandbox.launcher.is_empty() {
+            cmd.args(&sandbox.launcher).arg(binary);
+        }
+        // The engine sees only its own environment: the agent's may hold
+        // credentials for the control plane.
+        cmd.args(&args)
+            .args(["--listen", &listen])
+            .env_clear()
+            .envs(sandbox.env.iter().map(|(k, v)| (k, v)))
+            .envs(
+                ["ATRIUM_LOG", "RUST_LOG", "RUST_BACKTRACE"]
+                    .into_iter()
+                    .filter_map(|k| Some((k, std::env::var(k).ok()?))),
+            )
             .stdin(Stdio::null())
             .stdout(out)
             .stderr(err)
-            .kill_on_drop(true)
-            .spawn();
-        let mut child = match child {
+            .kill_on_drop(true);
+        let child = match cmd.spawn() {
             Ok(c) => c,
-            Err(e) => return failed(format!("cannot start the engine: {e}")),
+            Err(e) => {
+                self.shared.state.update(|s| s.running.remove(&self.id));
+                return Err(format!("cannot start the engine: {e}"));
+            }
         };
-        self.report(
-            LifecycleState::Provisioning,
-            "engine starting",
-            None,
-            restarts,
-        )
-        .await;
+        let pid = child.id().unwrap_or_default();
+        running.pid = pid;
+        running.start_ticks = state::process_start_ticks(pid).unwrap_or_default();
+        self.shared.state.update(|s| {
+            s.running.insert(self.id.clone(), running.clone());
+        });
+        tracing::info!(placement = %self.id, pid, isolation = %running.isolation, "agent: engine started");
+        Ok((Engine::Child(child), running))
+    }
+
+    async fn healthy(&self, endpoint: &str) -> bool {
+        let probe = self
+            .http
+            .get(format!("{endpoint}/healthz"))
+            .timeout(Duration::from_secs(1))
+            .send()
+            .await;
+        probe.is_ok_and(|r| r.status().is_success())
+    }
+
+    /// Whether the engine is still there.
+    fn alive(engine: &mut Engine, running: &RunningEngine) -> bool {
+        match engine {
+            Engine::Child(c) => matches!(c.try_wait(), Ok(None)),
+            Engine::Adopted => state::is_alive(running),
+        }
+    }
+
+    /// Runs the replica's engine once: adopts the one recorded, if alive,
+    /// else starts one; waits for health, reports it running, and watches
+    /// it until it ends or the replica is told to stop.
+    async fn run_once(&self, stop: &mut watch::Receiver<bool>, restarts: u32) -> Ended {
+        let failed = |reason: String| Ended::Failed {
+            reason,
+            healthy: false,
+        };
+        let recorded = self
+            .shared
+            .state
+            .read(|s| s.running.get(&self.id).cloned())
+            .filter(state::is_alive);
+        let (mut engine, running) = match recorded {
+            Some(r) => {
+                tracing::info!(placement = %self.id, pid = r.pid, "agent: re-adopted a running engine");
+                (Engine::Adopted, r)
+            }
+            None => {
+                if !self.sanitise_gpus(stop, restarts).await {
+                    return Ended::Stopped;
+                }
+                match self.start(restarts).await {
+                    Ok(started) => started,
+                    Err(why) => return failed(why),
+                }
+            }
+        };
+        let restarts = running.restarts;
+        if matches!(engine, Engine::Child(_)) {
+            self.report(Self::status(
+                LifecycleState::Provisioning,
+                "engine starting",
+                restarts,
+                Some(&running),
+            ))
+            .await;
+        }
         // Healthy, or exited, or out of time, or told to stop.
         let started = tokio::time::Instant::now();
         let mut healthy = false;
-        while started.elapsed() < START_TIMEOUT {
-            if let Ok(Some(_)) = child.try_wait() {
-                break;
-            }
-            let probe = self
-                .http
-                .get(format!("{endpoint}/healthz"))
-                .timeout(Duration::from_secs(1))
-                .send()
-                .await;
-            if probe.is_ok_and(|r| r.status().is_success()) {
+        while started.elapsed() < START_TIMEOUT && Self::alive(&mut engine, &running) {
+            if self.healthy(&running.endpoint).await {
                 healthy = true;
                 break;
             }
             if sleep_or_stop(stop, Duration::from_millis(50)).await {
-                let _ = child.kill().await;
+                end(&mut engine, &running).await;
+                self.release(&running, true);
                 return Ended::Stopped;
             }
         }
-        if healthy {
-            self.report(LifecycleState::Running, "serving", Some(endpoint), restarts)
-                .await;
-        } else {
-            let _ = child.kill().await;
+        if !healthy {
+            end(&mut engine, &running).await;
+            self.release(&running, false);
+            return failed(format!(
+                "engine did not become healthy; see {}",
+                self.log_path.display()
+            ));
         }
-        let exit = tokio::select! {
-            exit = child.wait() => exit,
-            _ = stop.changed() => {
-                let _ = child.kill().await;
-                return Ended::Stopped;
+        let serving = |oom_kills: u64| {
+            let reason = if oom_kills == 0 {
+                "serving".to_string()
+            } else {
+                format!("serving; {oom_kills} process(es) of this replica were OOM-killed at its memory limit")
+            };
+            Self::status(LifecycleState::Running, reason, restarts, Some(&running))
+        };
+        let mut oom_kills = self.shared.host.stats(&self.id).oom_kills;
+        self.report(serving(oom_kills)).await;
+        let mut tick = tokio::time::interval(WATCH_INTERVAL);
+        let exit = loop {
+            let exited = async {
+                match &mut engine {
+                    Engine::Child(c) => Some(c.wait().await),
+                    Engine::Adopted => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                exit = exited => break exit,
+                _ = stop.changed() => {
+                    end(&mut engine, &running).await;
+                    self.release(&running, true);
+                    return Ended::Stopped;
+                }
+                _ = tick.tick() => {
+                    if !Self::alive(&mut engine, &running) {
+                        break None;
+                    }
+                    let now = self.shared.host.stats(&self.id).oom_kills;
+                    if now != oom_kills {
+                        oom_kills = now;
+                        tracing::warn!(placement = %self.id, oom_kills, "agent: OOM kill in a replica's cgroup");
+                        self.report(serving(oom_kills)).await;
+                    } else {
+                        self.flush().await;
+                    }
+                }
             }
         };
+        end(&mut engine, &running).await;
+        self.release(&running, false);
         let reason = match exit {
-            Ok(s) => format!("engine exited ({s}); see {}", self.log_path.display()),
-            Err(e) => format!("engine lost ({e})"),
+            Some(Ok(s)) => format!("engine exited ({s}); see {}", self.log_path.display()),
+            Some(Err(e)) => format!("engine lost ({e})"),
+            None => format!("engine (pid {}) is gone", running.pid),
         };
-        Ended::Failed { reason, healthy }
+        Ended::Failed {
+            reason,
+            healthy: true,
+        }
+    }
+
+    /// Kills what is left of the engine and frees its sandbox. When the
+    /// replica is stopping for good (`last`), the GPUs it held wait for
+    /// sanitisation before anyone gets them, and the tenant's namespace and
+    /// directory go with its last workload on this node.
+    fn release(&self, running: &RunningEngine, last: bool) {
+        let tenant = self.tenant();
+        let shutting_down = self.shared.shutting_down.load(Ordering::SeqCst);
+        let tenant_done = self.shared.state.update(|s| {
+            s.running.remove(&self.id);
+            if !last {
+                return false;
+            }
+            s.gpus_to_sanitize
+                .extend(self.spec().gpus.iter().map(|g| g.gpu));
+            let tenant_of = |id: &String| s.assigned.get(id).map(|a| a.tenant.as_str());
+            let runs_more = s
+                .running
+                .keys()
+                .any(|id| tenant_of(id) == Some(tenant.tenant.as_str()));
+            let has_more = s
+                .assigned
+                .iter()
+                .any(|(id, a)| *id != self.id && a.tenant == tenant.tenant);
+            !runs_more && (shutting_down || !has_more)
+        });
+        self.shared
+            .host
+            .release(&self.id, &tenant, Some(running.pid), tenant_done);
+        if tenant_done {
+            self.shared.state.update(|s| {
+                s.tenant_slots.remove(&tenant.tenant);
+            });
+        }
+    }
+}
+
+/// Kills the engine and waits until it is gone: sockets closed, memory
+/// freed. Its own child is reaped; an adopted one (another parent's) is
+/// watched until the kernel no longer lists it as running.
+async fn end(engine: &mut Engine, running: &RunningEngine) {
+    match engine {
+        Engine::Child(c) => {
+            let _ = c.kill().await;
+        }
+        Engine::Adopted => {
+            crate::sandbox::kill(running.pid);
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+            while state::is_alive(running) && tokio::time::Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    }
+}
+
+/// Clears a GPU for its next holder. Simulated GPUs hold nothing; a real
+/// one is reset with the driver's tool once no workload on this node uses
+/// it (a reset clears its memory).
+fn sanitise_gpu(shared: &Shared, gpu: u32) -> Result<(), String> {
+    let Some(device) = shared.gpus.iter().find(|g| g.index == gpu) else {
+        return Ok(());
+    };
+    let uuid = device.uuid.clone().unwrap_or_default();
+    if uuid.starts_with("GPU-simulated") {
+        tracing::info!(gpu, "agent: simulated GPU sanitised (nothing to clear)");
+        return Ok(());
+    }
+    let busy = shared.state.read(|s| {
+        s.running
+            .keys()
+            .filter_map(|id| s.assigned.get(id))
+            .any(|a| a.spec.gpus.iter().any(|g| g.gpu == gpu))
+    });
+    if busy {
+        return Err("another workload still uses it".into());
+    }
+    let out = std::process::Command::new("nvidia-smi")
+        .args(["--gpu-reset", "-i", &uuid])
+        .output()
+        .map_err(|e| format!("nvidia-smi: {e}"))?;
+    if out.status.success() {
+        tracing::info!(gpu, %uuid, "agent: GPU reset before reuse");
+        Ok(())
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).trim().to_string())
     }
 }
 
 /// Runs one replica until told to stop, restarting it with exponential
 /// backoff (reset once it has been healthy) whenever it fails.
 async fn replica_loop(
-    cp: ControlPlane,
-    config: AgentConfig,
+    shared: Arc<Shared>,
     id: String,
-    spec: PlacementSpec,
+    assignment: Assignment,
     mut stop: watch::Receiver<bool>,
 ) {
-    let log_dir = config.data_dir.join("logs");
+    let log_dir = shared.config.data_dir.join("logs");
     let _ = std::fs::create_dir_all(&log_dir);
     // Named by placement id: deployment names repeat across tenants.
     let log_path = log_dir.join(format!("{id}.log"));
     let ctx = ReplicaCtx {
-        cp,
-        config,
+        shared,
         id,
-        spec,
+        assignment,
         http: reqwest::Client::new(),
         log_path,
+        last: Mutex::new((None, true)),
     };
-    let mut restarts = 0u32;
+    let mut restarts = ctx
+        .shared
+        .state
+        .read(|s| s.running.get(&ctx.id).map(|r| r.restarts))
+        .unwrap_or_default();
     let mut backoff = Duration::from_secs(1);
     loop {
         match ctx.run_once(&mut stop, restarts).await {
@@ -347,8 +673,13 @@ async fn replica_loop(
                 restarts += 1;
                 let reason = format!("{reason}; retrying in {}s", backoff.as_secs());
                 tracing::warn!(placement = %ctx.id, %reason, "agent: replica down");
-                ctx.report(LifecycleState::Failed, reason, None, restarts)
-                    .await;
+                ctx.report(ReplicaCtx::status(
+                    LifecycleState::Failed,
+                    reason,
+                    restarts,
+                    None,
+                ))
+                .await;
                 if sleep_or_stop(&mut stop, backoff).await {
                     return;
                 }

@@ -56,4 +56,12 @@ pub struct ReplicaStatus {
     /// Times the agent restarted the replica's process.
     #[serde(default)]
     pub restarts: u32,
+    /// The isolation the agent achieved for the replica's process, e.g.
+    /// `cgroup=v2 netns=atrium201-acme firewall=yes uid=2003296 …`, or
+    /// `none: not running as root`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub isolation: Option<String>,
+    /// The engine's process id on its node.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pid: Option<u32>,
 }

@@ -386,6 +386,8 @@ pub async fn reconcile(store: &Store) -> Result<Outcome, atrium_store::StoreErro
                         reason: "waiting for the node's agent".into(),
                         endpoint: None,
                         restarts: 0,
+                        isolation: None,
+                        pid: None,
                     };
                     let w = Write::Create {
                         kind: PLACEMENT_KIND.into(),

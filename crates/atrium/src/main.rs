@@ -11,6 +11,7 @@ mod bench_gateway;
 mod bench_sched;
 mod client;
 mod config;
+mod isolation;
 mod up;
 
 use std::path::PathBuf;
@@ -104,6 +105,13 @@ enum Command {
     Bench(BenchCmd),
     /// Serve one model over the OpenAI API (the agent runs this per replica).
     Engine(EngineArgs),
+    /// Run a command in a workload sandbox (the agent runs engines so).
+    #[command(hide = true)]
+    SandboxExec(isolation::SandboxExecArgs),
+    /// Try one action and say whether it worked (`node isolation` runs
+    /// this inside tenants' sandboxes).
+    #[command(hide = true, subcommand)]
+    SandboxProbe(isolation::ProbeCmd),
     /// Read the audit trail.
     Audit {
         #[arg(long)]
@@ -216,9 +224,15 @@ struct AgentArgs {
     simulate_gpus: Option<String>,
     #[arg(long, env = "ATRIUM_MODEL_CACHE")]
     model_cache: Option<PathBuf>,
+    /// Address block of tenant networks on this node (10.X.0.0/16; one /30
+    /// per tenant); two agents on one host need different blocks
+    #[arg(long, default_value = DEFAULT_TENANT_NETWORK)]
+    tenant_network: String,
     #[arg(long, env = "ATRIUM_LOG", default_value = "info")]
     log: tracing::Level,
 }
+
+const DEFAULT_TENANT_NETWORK: &str = "10.201.0.0/16";
 
 #[derive(Args)]
 struct GatewayArgs {
@@ -458,6 +472,13 @@ enum NodeCmd {
         #[command(flatten)]
         from: FromFile,
     },
+    /// Check this node's workload sandboxes: what the kernel reports of
+    /// each engine, and attacks between tenants (run as root on the node)
+    Isolation {
+        /// The tenant network block of the node's agent
+        #[arg(long, default_value = DEFAULT_TENANT_NETWORK)]
+        tenant_network: String,
+    },
     #[command(flatten)]
     Read(ReadCmd),
 }
@@ -624,7 +645,33 @@ const AUDIT_COLUMNS: Columns = &[
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> std::process::ExitCode {
-    let cli = Cli::parse();
+    // The sandbox helpers run before any other thread exists: entering a
+    // namespace changes only the calling thread.
+    let cli = match Cli::parse() {
+        Cli {
+            command: Command::SandboxExec(args),
+            ..
+        } => {
+            eprintln!("error: {:#}", isolation::sandbox_exec(args));
+            return std::process::ExitCode::from(126);
+        }
+        Cli {
+            command: Command::SandboxProbe(probe),
+            ..
+        } => {
+            return match isolation::probe(&probe) {
+                Ok(said) => {
+                    println!("{said}");
+                    std::process::ExitCode::SUCCESS
+                }
+                Err(said) => {
+                    println!("{said}");
+                    std::process::ExitCode::FAILURE
+                }
+            };
+        }
+        cli => cli,
+    };
     // A process confined to one core (taskset, a cgroup) gains nothing from
     // work stealing and pays for its cross-thread wake-ups on every request.
     let one_core = std::thread::available_parallelism().is_ok_and(|n| n.get() == 1);
@@ -703,6 +750,13 @@ async fn run(cli: Cli) -> Result<()> {
             .await?
         }
         Command::Sim(args) => sim(args, cli.global.output.unwrap_or(Output::Table)),
+        Command::Node(NodeCmd::Isolation { tenant_network }) => {
+            let octet =
+                atrium_agent::parse_tenant_network(&tenant_network).map_err(|e| anyhow!(e))?;
+            let data_dir = data_dir.unwrap_or_else(config::default_data_dir);
+            let output = cli.global.output.unwrap_or(Output::Table);
+            tokio::task::spawn_blocking(move || isolation::report(&data_dir, octet, output)).await?
+        }
         Command::Model(ModelCmd::Pull {
             name,
             no_requantize,
@@ -820,6 +874,8 @@ async fn run_agent(
             .unwrap_or_else(atrium_engine::pull::default_cache_dir),
         engine_binary: std::env::current_exe().context("cannot find the atrium binary")?,
         simulate_gpus: args.simulate_gpus,
+        network_octet: atrium_agent::parse_tenant_network(&args.tenant_network)
+            .map_err(|e| anyhow!(e))?,
     };
     atrium_agent::run(config, shutdown_signal()).await?;
     Ok(())
@@ -967,6 +1023,71 @@ fn object_path(plural: &str, l: &Lookup) -> String {
     }
 }
 
+/// Every item of a list, across pages.
+async fn fetch_all(client: &Client, path: &str) -> Result<(Vec<Value>, Value)> {
+    let mut all: Vec<Value> = Vec::new();
+    let mut next: Option<String> = None;
+    loop {
+        let page_path = match &next {
+            Some(token) if path.contains('?') => format!("{path}&page_token={token}"),
+            Some(token) => format!("{path}?page_token={token}"),
+            None => path.to_string(),
+        };
+        let page = client.call(Method::GET, &page_path, None).await?;
+        all.extend(page["items"].as_array().cloned().unwrap_or_default());
+        next = page["next_page_token"].as_str().map(str::to_string);
+        if next.is_none() {
+            return Ok((all, page["revision"].clone()));
+        }
+    }
+}
+
+/// A node, with the workloads placed on it and the isolation its agent
+/// reports for each.
+async fn node_get(client: &Client, output: Output, lookup: &Lookup) -> Result<()> {
+    let mut node = client
+        .call(Method::GET, &object_path("nodes", lookup), None)
+        .await?;
+    let name = node["name"].as_str().unwrap_or_default().to_string();
+    let (placements, _) = fetch_all(client, "/v1/placements").await?;
+    let workloads: Vec<Value> = placements
+        .iter()
+        .filter(|p| p["spec"]["node"] == name.as_str())
+        .map(|p| {
+            json!({
+                "placement": p["id"], "tenant": p["tenant"],
+                "deployment": p["spec"]["deployment_name"], "replica": p["spec"]["replica"],
+                "state": p["status"]["state"], "pid": p["status"]["pid"],
+                "endpoint": p["status"]["endpoint"], "isolation": p["status"]["isolation"],
+            })
+        })
+        .collect();
+    match output {
+        Output::Json => {
+            node["workloads"] = Value::from(workloads);
+            client::print(&node, output, NODE_COLUMNS);
+        }
+        Output::Table => {
+            client::print(&node, output, NODE_COLUMNS);
+            println!(
+                "\nWORKLOADS\n{}",
+                client::render_table(
+                    &workloads,
+                    &[
+                        ("PLACEMENT", "/placement"),
+                        ("TENANT", "/tenant"),
+                        ("DEPLOYMENT", "/deployment"),
+                        ("STATE", "/state"),
+                        ("PID", "/pid"),
+                        ("ISOLATION", "/isolation"),
+                    ],
+                )
+            );
+        }
+    }
+    Ok(())
+}
+
 async fn list(
     client: &Client,
     output: Output,
@@ -983,23 +1104,13 @@ async fn list(
             })
             .await;
     }
-    let mut all: Vec<Value> = Vec::new();
-    let mut next: Option<String> = None;
-    loop {
-        let page_path = match &next {
-            Some(token) if path.contains('?') => format!("{path}&page_token={token}"),
-            Some(token) => format!("{path}?page_token={token}"),
-            None => path.clone(),
-        };
-        let page = client.call(Method::GET, &page_path, None).await?;
-        all.extend(page["items"].as_array().cloned().unwrap_or_default());
-        next = page["next_page_token"].as_str().map(str::to_string);
-        if next.is_none() {
-            let out = json!({"items": all, "revision": page["revision"]});
-            client::print(&out, output, columns);
-            return Ok(());
-        }
-    }
+    let (all, revision) = fetch_all(client, &path).await?;
+    client::print(
+        &json!({"items": all, "revision": revision}),
+        output,
+        columns,
+    );
+    Ok(())
 }
 
 async fn read(
@@ -1073,6 +1184,8 @@ async fn client_command(
         Command::Server(_)
         | Command::Up(_)
         | Command::Engine(_)
+        | Command::SandboxExec(_)
+        | Command::SandboxProbe(_)
         | Command::Agent(_)
         | Command::Gateway(_)
         | Command::Sim(_)
@@ -1211,6 +1324,8 @@ async fn client_command(
                 })?;
                 create(client, output, "nodes", NODE_COLUMNS, body).await
             }
+            NodeCmd::Isolation { .. } => unreachable_command(),
+            NodeCmd::Read(ReadCmd::Get(l)) => node_get(client, output, &l).await,
             NodeCmd::Read(c) => read(client, output, "nodes", NODE_COLUMNS, &c).await,
         },
         Command::Model(cmd) => match cmd {

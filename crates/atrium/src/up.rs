@@ -154,6 +154,9 @@ async fn wait_running(cp: &ControlPlane, bars: &indicatif::MultiProgress) -> Res
     }
 }
 
+/// `atrium up`'s tenant networks: 10.201.0.0/16, as `atrium agent`'s default.
+const UP_TENANT_NETWORK_OCTET: u8 = 201;
+
 /// Control plane, agent and gateway running in this process.
 pub struct Stack {
     pub server: atrium_server::RunningServer,
@@ -196,6 +199,7 @@ impl Stack {
             model_cache: atrium_engine::pull::default_cache_dir(),
             engine_binary: std::env::current_exe().context("cannot find the atrium binary")?,
             simulate_gpus,
+            network_octet: UP_TENANT_NETWORK_OCTET,
         };
         let agent = tokio::spawn(atrium_agent::run(agent_config, async move {
             let _ = agent_stopped.await;

@@ -1,0 +1,916 @@
+//! Sandboxes for workload processes. Every engine the agent runs as root
+//! gets, from its placement and its tenant:
+//!
+//! - its own cgroup with the placement's CPU quota and memory limit and a
+//!   pids limit (cgroup v2 when the unified hierarchy has the cpu, memory
+//!   and pids controllers, else the v1 controllers);
+//! - its tenant's network namespace on this node (one per tenant, created
+//!   on first use): a veth pair to the host carrying a /30 from the agent's
+//!   tenant network, and an nftables table that drops every packet a tenant
+//!   namespace sends to the host or towards another namespace unless it
+//!   answers a connection the host opened — so the gateway on the host
+//!   reaches every replica, and no tenant reaches another tenant, the
+//!   control plane or the gateway. The engine listens on the namespace's
+//!   address only;
+//! - its tenant's unprivileged uid/gid (no supplementary groups, no new
+//!   privileges), a private 0700 directory as HOME and TMPDIR, and the
+//!   model's files under a root-owned read-only view in the tenant's
+//!   directory;
+//! - an environment of its own (nothing of the agent's, whose environment
+//!   may hold the control plane's credentials) with `CUDA_VISIBLE_DEVICES`
+//!   and `NVIDIA_VISIBLE_DEVICES` naming only its GPUs, by UUID.
+//!
+//! The engine is started through `atrium sandbox-exec`, which joins the
+//! cgroups, enters the namespace, drops privileges and `exec`s the engine:
+//! the engine's PID is the one the agent spawned, inside every limit from
+//! its first instruction.
+//!
+//! Without root none of this can be done; the agent then runs engines as
+//! before and says so in each replica's `isolation` report.
+
+use std::ffi::OsString;
+use std::io;
+use std::os::unix::fs::{chown, PermissionsExt};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use atrium_core::node::Gpu;
+use atrium_core::placement::PlacementSpec;
+
+/// Processes one workload may have at once (threads count too).
+pub const PIDS_LIMIT: u32 = 1024;
+/// uids and gids of tenants start here: far above any distribution's
+/// regular and system users.
+const TENANT_ID_BASE: u32 = 2_000_000;
+const CPU_PERIOD_US: u64 = 100_000;
+
+/// Replicas of one tenant start and stop concurrently: one at a time makes
+/// or removes a tenant's namespace, the others find it made.
+static NETWORK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// Where the agent keeps its sandboxes, and which address block its tenant
+/// networks use: `10.<octet>.0.0/16`, one /30 per tenant. The octet also
+/// names this agent's cgroups, namespaces, interfaces and firewall table,
+/// so two agents on one host (tests, or a node split in two) stay apart.
+#[derive(Debug, Clone)]
+pub struct SandboxConfig {
+    pub root: PathBuf,
+    pub network_octet: u8,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Cgroups {
+    V2 { base: PathBuf },
+    V1 { bases: Vec<(&'static str, PathBuf)> },
+    Unavailable(String),
+}
+
+/// What this host lets the agent enforce, found once at start.
+#[derive(Debug, Clone)]
+pub struct Host {
+    pub config: SandboxConfig,
+    pub root: bool,
+    pub cgroups: Cgroups,
+    /// `Err(why)` when tenant network namespaces cannot be made.
+    pub netns: Result<(), String>,
+    /// `Err(why)` when there is no firewall tool.
+    pub firewall: Result<(), String>,
+    /// `Err(why)` when a tenant's uid could not reach the engine binary.
+    pub uid: Result<(), String>,
+}
+
+/// A tenant's place on this node.
+#[derive(Debug, Clone)]
+pub struct TenantSlot {
+    pub tenant: String,
+    pub slot: u32,
+}
+
+/// Everything needed to start one workload in its sandbox.
+#[derive(Debug, Clone)]
+pub struct Sandbox {
+    /// Arguments of `atrium` that come before the engine's own, empty when
+    /// the engine runs unsandboxed.
+    pub launcher: Vec<OsString>,
+    pub env: Vec<(String, String)>,
+    /// Address the engine listens on.
+    pub listen_ip: String,
+    pub isolation: String,
+}
+
+fn run(cmd: &str, args: &[&str]) -> Result<(), String> {
+    run_with_input(cmd, args, "")
+}
+
+fn run_with_input(cmd: &str, args: &[&str], input: &str) -> Result<(), String> {
+    use std::io::Write;
+    let mut child = Command::new(cmd)
+        .args(args)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("{cmd}: {e}"))?;
+    if let Some(mut stdin) = child.stdin.take() {
+        stdin
+            .write_all(input.as_bytes())
+            .map_err(|e| format!("{cmd}: {e}"))?;
+    }
+    let out = child
+        .wait_with_output()
+        .map_err(|e| format!("{cmd}: {e}"))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "{cmd} {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        ))
+    }
+}
+
+fn found(tool: &str) -> Result<(), String> {
+    Command::new(tool)
+        .arg("--version")
+        .output()
+        .map(|_| ())
+        .map_err(|_| format!("{tool} not found"))
+}
+
+/// Finds the cgroup hierarchy to use: v2 when its root offers cpu, memory
+/// and pids, else the v1 mounts of those three (cpuacct too when mounted).
+pub fn detect_cgroups(octet: u8) -> Cgroups {
+    let mounts = std::fs::read_to_string("/proc/mounts").unwrap_or_default();
+    let name = format!("atrium-{octet}");
+    let mut v1: Vec<(&'static str, PathBuf)> = Vec::new();
+    for line in mounts.lines() {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        let [_, mountpoint, fstype, options, ..] = f[..] else {
+            continue;
+        };
+        if fstype == "cgroup2" {
+            let controllers =
+                std::fs::read_to_string(Path::new(mountpoint).join("cgroup.controllers"))
+                    .unwrap_or_default();
+            let have: Vec<&str> = controllers.split_whitespace().collect();
+            if ["cpu", "memory", "pids"].iter().all(|c| have.contains(c)) {
+                return Cgroups::V2 {
+                    base: Path::new(mountpoint).join(&name),
+                };
+            }
+        } else if fstype == "cgroup" {
+            for controller in ["cpu", "cpuacct", "memory", "pids"] {
+                if options.split(',').any(|o| o == controller)
+                    && !v1.iter().any(|(c, _)| *c == controller)
+                {
+                    v1.push((controller, Path::new(mountpoint).join(&name)));
+                }
+            }
+        }
+    }
+    let missing: Vec<&str> = ["cpu", "memory", "pids"]
+        .into_iter()
+        .filter(|c| !v1.iter().any(|(have, _)| have == c))
+        .collect();
+    if missing.is_empty() {
+        Cgroups::V1 { bases: v1 }
+    } else {
+        Cgroups::Unavailable(format!(
+            "no cgroup v2 with cpu, memory and pids, and no v1 {}",
+            missing.join(", ")
+        ))
+    }
+}
+
+/// Whether every directory above `path` lets other users through, and
+/// `path` itself is readable by them: what a tenant's uid needs to run it.
+fn reachable_by_others(path: &Path) -> Result<(), String> {
+    let meta = std::fs::metadata(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    if meta.permissions().mode() & 0o005 != 0o005 {
+        return Err(format!("{} is not readable by other users", path.display()));
+    }
+    for dir in path.ancestors().skip(1) {
+        if dir.as_os_str().is_empty() {
+            continue;
+        }
+        let mode = std::fs::metadata(dir)
+            .map_err(|e| format!("{}: {e}", dir.display()))?
+            .permissions()
+            .mode();
+        if mode & 0o001 == 0 {
+            return Err(format!(
+                "{} is not searchable by other users",
+                dir.display()
+            ));
+        }
+    }
+    Ok(())
+}
+
+impl Host {
+    pub fn detect(config: SandboxConfig, engine_binary: &Path) -> Host {
+        let root = rustix::process::geteuid().is_root();
+        if !root {
+            let why = "not running as root".to_string();
+            return Host {
+                config,
+                root,
+                cgroups: Cgroups::Unavailable(why.clone()),
+                netns: Err(why.clone()),
+                firewall: Err(why.clone()),
+                uid: Err(why),
+            };
+        }
+        let uid = reachable_by_others(engine_binary)
+            .and_then(|()| {
+                std::fs::create_dir_all(&config.root).map_err(|e| e.to_string())?;
+                std::fs::set_permissions(&config.root, std::fs::Permissions::from_mode(0o711))
+                    .map_err(|e| e.to_string())?;
+                // The sandbox root itself need only be searchable.
+                reachable_by_others(&config.root.join(".")).or_else(|e| {
+                    if e.contains("not readable") {
+                        Ok(())
+                    } else {
+                        Err(e)
+                    }
+                })
+            })
+            .map_err(|e| format!("{e}; tenants' processes would not reach their files"));
+        Host {
+            cgroups: detect_cgroups(config.network_octet),
+            netns: found("ip"),
+            firewall: found("nft"),
+            uid,
+            root,
+            config,
+        }
+    }
+
+    /// One line saying what this host enforces, for the agent's log and
+    /// `atrium node isolation`.
+    pub fn summary(&self) -> String {
+        let cgroup = match &self.cgroups {
+            Cgroups::V2 { .. } => "v2".to_string(),
+            Cgroups::V1 { .. } => "v1".to_string(),
+            Cgroups::Unavailable(why) => format!("none ({why})"),
+        };
+        let yes = |r: &Result<(), String>| match r {
+            Ok(()) => "yes".to_string(),
+            Err(why) => format!("no ({why})"),
+        };
+        format!(
+            "cgroup={cgroup} netns={} firewall={} uid={}",
+            yes(&self.netns),
+            yes(&self.firewall),
+            yes(&self.uid)
+        )
+    }
+
+    fn octet(&self) -> u8 {
+        self.config.network_octet
+    }
+
+    pub fn netns_name(&self, tenant: &str) -> String {
+        format!("atrium{}-{tenant}", self.octet())
+    }
+
+    fn veth_names(&self, slot: u32) -> (String, String) {
+        let stem = format!("at{}t{slot}", self.octet());
+        (format!("{stem}h"), format!("{stem}n"))
+    }
+
+    /// Host-side and namespace-side addresses of a tenant slot's /30.
+    pub fn addresses(&self, slot: u32) -> (String, String) {
+        let base = slot * 4;
+        let net = format!("10.{}.{}", self.octet(), base / 256);
+        (
+            format!("{net}.{}", base % 256 + 1),
+            format!("{net}.{}", base % 256 + 2),
+        )
+    }
+
+    pub fn tenant_id(&self, slot: u32) -> u32 {
+        TENANT_ID_BASE + u32::from(self.octet()) * 16_384 + slot
+    }
+
+    pub fn tenant_dir(&self, tenant: &str) -> PathBuf {
+        self.config.root.join(tenant)
+    }
+
+    fn firewall_table(&self) -> String {
+        format!("atrium_{}", self.octet())
+    }
+
+    /// Installs this agent's firewall table (replacing an older one in the
+    /// same transaction) and its cgroup parents.
+    pub fn prepare(&self) -> Result<(), String> {
+        if !self.root {
+            return Ok(());
+        }
+        if self.firewall.is_ok() && self.netns.is_ok() {
+            let (table, ifaces) = (self.firewall_table(), format!("at{}t*", self.octet()));
+            let rules = format!(
+                "add table inet {table}\n\
+                 delete table inet {table}\n\
+                 table inet {table} {{\n\
+                 chain input {{\n\
+                 type filter hook input priority -10; policy accept;\n\
+                 iifname \"{ifaces}\" ct state established,related accept\n\
+                 iifname \"{ifaces}\" drop\n\
+                 }}\n\
+                 chain forward {{\n\
+                 type filter hook forward priority -10; policy accept;\n\
+                 iifname \"{ifaces}\" drop\n\
+                 oifname \"{ifaces}\" drop\n\
+                 }}\n\
+                 }}\n"
+            );
+            run_with_input("nft", &["-f", "-"], &rules)?;
+        }
+        match &self.cgroups {
+            Cgroups::V2 { base } => {
+                let parent = base.parent().unwrap_or(base);
+                enable_v2_controllers(parent)?;
+                std::fs::create_dir_all(base).map_err(|e| format!("{}: {e}", base.display()))?;
+                enable_v2_controllers(base)?;
+            }
+            Cgroups::V1 { bases } => {
+                for (_, base) in bases {
+                    std::fs::create_dir_all(base)
+                        .map_err(|e| format!("{}: {e}", base.display()))?;
+                }
+            }
+            Cgroups::Unavailable(_) => {}
+        }
+        Ok(())
+    }
+
+    /// Removes what `prepare` installed (the agent stops with no workload).
+    pub fn teardown(&self) {
+        if !self.root {
+            return;
+        }
+        if self.firewall.is_ok() {
+            let _ = run("nft", &["delete", "table", "inet", &self.firewall_table()]);
+        }
+        for dir in self.cgroup_dirs(None) {
+            let _ = std::fs::remove_dir(dir);
+        }
+    }
+
+    /// The cgroup directories of a workload (`Some(id)`) or the agent's
+    /// parents of them (`None`).
+    pub fn cgroup_dirs(&self, workload: Option<&str>) -> Vec<PathBuf> {
+        let at = |base: &PathBuf| match workload {
+            Some(id) => base.join(id),
+            None => base.clone(),
+        };
+        match &self.cgroups {
+            Cgroups::V2 { base } => vec![at(base)],
+            Cgroups::V1 { bases } => bases.iter().map(|(_, b)| at(b)).collect(),
+            Cgroups::Unavailable(_) => Vec::new(),
+        }
+    }
+
+    fn ensure_network(&self, t: &TenantSlot) -> Result<(), String> {
+        let _one_at_a_time = NETWORK.lock().unwrap_or_else(|p| p.into_inner());
+        let ns = self.netns_name(&t.tenant);
+        let (host_if, ns_if) = self.veth_names(t.slot);
+        let (host_ip, ns_ip) = self.addresses(t.slot);
+        let complete = Path::new("/run/netns").join(&ns).exists()
+            && Path::new("/sys/class/net").join(&host_if).exists();
+        if complete {
+            return Ok(());
+        }
+        // Half-made by a crash: start over.
+        let _ = run("ip", &["netns", "del", &ns]);
+        let _ = run("ip", &["link", "del", &host_if]);
+        run("ip", &["netns", "add", &ns])?;
+        run(
+            "ip",
+            &[
+                "link", "add", &host_if, "type", "veth", "peer", "name", &ns_if, "netns", &ns,
+            ],
+        )?;
+        run(
+            "ip",
+            &["addr", "add", &format!("{host_ip}/30"), "dev", &host_if],
+        )?;
+        run("ip", &["link", "set", &host_if, "up"])?;
+        run(
+            "ip",
+            &[
+                "-n",
+                &ns,
+                "addr",
+                "add",
+                &format!("{ns_ip}/30"),
+                "dev",
+                &ns_if,
+            ],
+        )?;
+        run("ip", &["-n", &ns, "link", "set", &ns_if, "up"])?;
+        run("ip", &["-n", &ns, "link", "set", "lo", "up"])
+    }
+
+    fn make_cgroup(&self, id: &str, spec: &PlacementSpec) -> Result<Vec<PathBuf>, String> {
+        let cpu_quota_us = spec.resources.cpu.0 * CPU_PERIOD_US / 1000;
+        let memory = spec.resources.memory.0;
+        let write = |dir: &Path, file: &str, value: String| -> Result<(), String> {
+            std::fs::write(dir.join(file), &value)
+                .map_err(|e| format!("{}/{file} = {value}: {e}", dir.display()))
+        };
+        let mut procs = Vec::new();
+        match &self.cgroups {
+            Cgroups::V2 { base } => {
+                let dir = base.join(id);
+                std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+                if cpu_quota_us > 0 {
+                    write(&dir, "cpu.max", format!("{cpu_quota_us} {CPU_PERIOD_US}"))?;
+                }
+                if memory > 0 {
+                    write(&dir, "memory.max", memory.to_string())?;
+                    // No swap: the limit is the memory it gets.
+                    let _ = write(&dir, "memory.swap.max", "0".into());
+                }
+                write(&dir, "pids.max", PIDS_LIMIT.to_string())?;
+                procs.push(dir.join("cgroup.procs"));
+            }
+            Cgroups::V1 { bases } => {
+                for (controller, base) in bases {
+                    let dir = base.join(id);
+                    std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+                    match *controller {
+                        "cpu" if cpu_quota_us > 0 => {
+                            write(&dir, "cpu.cfs_period_us", CPU_PERIOD_US.to_string())?;
+                            write(&dir, "cpu.cfs_quota_us", cpu_quota_us.to_string())?;
+                        }
+                        "memory" if memory > 0 => {
+                            write(&dir, "memory.limit_in_bytes", memory.to_string())?;
+                            // Only where swap accounting is on.
+                            let _ = write(&dir, "memory.memsw.limit_in_bytes", memory.to_string());
+                        }
+                        "pids" => write(&dir, "pids.max", PIDS_LIMIT.to_string())?,
+                        _ => {}
+                    }
+                    procs.push(dir.join("cgroup.procs"));
+                }
+            }
+            Cgroups::Unavailable(_) => {}
+        }
+        Ok(procs)
+    }
+
+    /// A directory owned by the tenant, private to it.
+    fn private_dir(&self, dir: &Path, id: u32) -> Result<(), String> {
+        std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        chown(dir, Some(id), Some(id)).map_err(|e| format!("chown {}: {e}", dir.display()))?;
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+            .map_err(|e| format!("chmod {}: {e}", dir.display()))
+    }
+
+    /// Prepares the sandbox of workload `id`; `model` is the model path the
+    /// engine would open, replaced in the returned arguments by its view.
+    pub fn enter(
+        &self,
+        id: &str,
+        tenant: &TenantSlot,
+        spec: &PlacementSpec,
+        gpus: &[Gpu],
+        engine_args: &mut [String],
+    ) -> Result<Sandbox, String> {
+        let visible = visible_devices(spec, gpus);
+        let mut env = vec![
+            (
+                "PATH".to_string(),
+                "/usr/local/bin:/usr/bin:/bin".to_string(),
+            ),
+            ("CUDA_VISIBLE_DEVICES".to_string(), visible.clone()),
+            (
+                "NVIDIA_VISIBLE_DEVICES".to_string(),
+                if visible.is_empty() {
+                    "void".into()
+                } else {
+                    visible.clone()
+                },
+            ),
+        ];
+        let gpu_report = if visible.is_empty() {
+            "none".to_string()
+        } else {
+            visible
+        };
+        if !self.root {
+            return Ok(Sandbox {
+                launcher: Vec::new(),
+                env,
+                listen_ip: "127.0.0.1".into(),
+                isolation: format!(
+                    "none: not running as root (gpus={gpu_report} by environment only)"
+                ),
+            });
+        }
+        let mut launcher: Vec<OsString> = vec!["sandbox-exec".into()];
+        let mut report = Vec::new();
+        let procs = self.make_cgroup(id, spec)?;
+        match &self.cgroups {
+            Cgroups::V2 { .. } => report.push("cgroup=v2".to_string()),
+            Cgroups::V1 { .. } => report.push("cgroup=v1".to_string()),
+            Cgroups::Unavailable(why) => report.push(format!("cgroup=no ({why})")),
+        }
+        for p in procs {
+            launcher.extend(["--cgroup-procs".into(), p.into_os_string()]);
+        }
+        let mut listen_ip = "127.0.0.1".to_string();
+        match &self.netns {
+            Ok(()) => {
+                self.ensure_network(tenant)?;
+                let ns = self.netns_name(&tenant.tenant);
+                launcher.extend(["--netns".into(), ns.clone().into()]);
+                listen_ip = self.addresses(tenant.slot).1;
+                report.push(format!("netns={ns}"));
+                report.push(match &self.firewall {
+                    Ok(()) => "firewall=yes".into(),
+                    Err(why) => format!("firewall=no ({why})"),
+                });
+            }
+            Err(why) => report.push(format!("netns=no ({why})")),
+        }
+        let tenant_dir = self.tenant_dir(&tenant.tenant);
+        let work_dir = tenant_dir.join("work").join(id);
+        match &self.uid {
+            Ok(()) => {
+                let uid = self.tenant_id(tenant.slot);
+                self.private_dir(&tenant_dir, uid)?;
+                self.private_dir(&tenant_dir.join("work"), uid)?;
+                self.private_dir(&work_dir, uid)?;
+                let models = if expose_models(&tenant_dir.join("models"), engine_args)? {
+                    "read-only"
+                } else {
+                    "none"
+                };
+                launcher.extend([
+                    "--uid".into(),
+                    uid.to_string().into(),
+                    "--gid".into(),
+                    uid.to_string().into(),
+                ]);
+                report.push(format!("uid={uid} dir=0700 models={models}"));
+                let home = work_dir.display().to_string();
+                env.push(("HOME".into(), home.clone()));
+                env.push(("TMPDIR".into(), home));
+            }
+            Err(why) => report.push(format!("uid=no ({why})")),
+        }
+        report.push(format!("pids={PIDS_LIMIT} gpus={gpu_report}"));
+        launcher.push("--".into());
+        Ok(Sandbox {
+            launcher,
+            env,
+            listen_ip,
+            isolation: report.join(" "),
+        })
+    }
+
+    /// Kills every process of workload `id`, removes its cgroups and its
+    /// scratch directory; when `tenant_done`, also the tenant's namespace
+    /// and directory on this node.
+    pub fn release(&self, id: &str, tenant: &TenantSlot, pid: Option<u32>, tenant_done: bool) {
+        if let Some(pid) = pid {
+            kill(pid);
+        }
+        if !self.root {
+            return;
+        }
+        let dirs = self.cgroup_dirs(Some(id));
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        for dir in &dirs {
+            loop {
+                let procs = std::fs::read_to_string(dir.join("cgroup.procs")).unwrap_or_default();
+                let pids: Vec<u32> = procs
+                    .lines()
+                    .filter_map(|l| l.trim().parse().ok())
+                    .collect();
+                if pids.is_empty() || std::time::Instant::now() > deadline {
+                    break;
+                }
+                pids.into_iter().for_each(kill);
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        for dir in dirs {
+            // An emptied cgroup can take a moment to be removable.
+            for _ in 0..50 {
+                if std::fs::remove_dir(&dir).is_ok() || !dir.exists() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        let tenant_dir = self.tenant_dir(&tenant.tenant);
+        let _ = std::fs::remove_dir_all(tenant_dir.join("work").join(id));
+        if tenant_done {
+            let _ = std::fs::remove_dir_all(&tenant_dir);
+            if self.netns.is_ok() {
+                let _one_at_a_time = NETWORK.lock().unwrap_or_else(|p| p.into_inner());
+                let _ = run("ip", &["netns", "del", &self.netns_name(&tenant.tenant)]);
+                let _ = run("ip", &["link", "del", &self.veth_names(tenant.slot).0]);
+            }
+        }
+    }
+
+    /// CPU and memory accounting of workload `id`.
+    pub fn stats(&self, id: &str) -> CgroupStats {
+        let read = |p: PathBuf| std::fs::read_to_string(p).unwrap_or_default();
+        let field = |text: &str, key: &str| -> u64 {
+            text.lines()
+                .find_map(|l| l.strip_prefix(key)?.strip_prefix(' ')?.trim().parse().ok())
+                .unwrap_or(0)
+        };
+        let mut s = CgroupStats::default();
+        match &self.cgroups {
+            Cgroups::V2 { base } => {
+                let dir = base.join(id);
+                let cpu = read(dir.join("cpu.stat"));
+                s.cpu_usage_us = Some(field(&cpu, "usage_usec"));
+                s.nr_periods = field(&cpu, "nr_periods");
+                s.nr_throttled = field(&cpu, "nr_throttled");
+                s.throttled_us = field(&cpu, "throttled_usec");
+                s.oom_kills = field(&read(dir.join("memory.events")), "oom_kill");
+            }
+            Cgroups::V1 { bases } => {
+                for (controller, base) in bases {
+                    let dir = base.join(id);
+                    match *controller {
+                        "cpu" => {
+                            let cpu = read(dir.join("cpu.stat"));
+                            s.nr_periods = field(&cpu, "nr_periods");
+                            s.nr_throttled = field(&cpu, "nr_throttled");
+                            s.throttled_us = field(&cpu, "throttled_time") / 1000;
+                        }
+                        "cpuacct" => {
+                            s.cpu_usage_us = read(dir.join("cpuacct.usage"))
+                                .trim()
+                                .parse::<u64>()
+                                .ok()
+                                .map(|ns| ns / 1000);
+                        }
+                        "memory" => {
+                            s.oom_kills = field(&read(dir.join("memory.oom_control")), "oom_kill");
+                        }
+                        _ => {}
+                    }
+                }
+            }
+            Cgroups::Unavailable(_) => {}
+        }
+        s
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct CgroupStats {
+    pub cpu_usage_us: Option<u64>,
+    pub nr_periods: u64,
+    pub nr_throttled: u64,
+    pub throttled_us: u64,
+    pub oom_kills: u64,
+}
+
+fn enable_v2_controllers(dir: &Path) -> Result<(), String> {
+    let file = dir.join("cgroup.subtree_control");
+    let on = std::fs::read_to_string(&file).unwrap_or_default();
+    for c in ["cpu", "memory", "pids"] {
+        if !on.split_whitespace().any(|x| x == c) {
+            std::fs::write(&file, format!("+{c}"))
+                .map_err(|e| format!("{}: +{c}: {e}", file.display()))?;
+        }
+    }
+    Ok(())
+}
+
+pub fn kill(pid: u32) {
+    if let Some(pid) = i32::try_from(pid)
+        .ok()
+        .and_then(rustix::process::Pid::from_raw)
+    {
+        let _ = rustix::process::kill_process(pid, rustix::process::Signal::KILL);
+    }
+}
+
+/// `CUDA_VISIBLE_DEVICES` for the placement: the UUIDs of its GPUs, MIG
+/// instances named `MIG-<GPU UUID>/<first memory slice>`; empty for none.
+pub fn visible_devices(spec: &PlacementSpec, gpus: &[Gpu]) -> String {
+    let mut seen = Vec::new();
+    for slot in &spec.gpus {
+        let uuid = gpus
+            .iter()
+            .find(|g| g.index == slot.gpu)
+            .and_then(|g| g.uuid.clone())
+            .unwrap_or_else(|| slot.gpu.to_string());
+        let name = match slot.mig_start {
+            Some(start) => format!("MIG-{uuid}/{start}"),
+            None => uuid,
+        };
+        if !seen.contains(&name) {
+            seen.push(name);
+        }
+    }
+    seen.join(",")
+}
+
+/// Gives the tenant a read-only view of the model files named in the
+/// engine's `--model` argument: hard links (or copies, across filesystems)
+/// owned by root, mode 0444, in root-owned 0555 directories inside the
+/// tenant's private directory; the argument is rewritten to the view.
+/// False when the engine opens no model files.
+fn expose_models(models_dir: &Path, engine_args: &mut [String]) -> Result<bool, String> {
+    let Some(i) = engine_args.iter().position(|a| a == "--model") else {
+        return Ok(false);
+    };
+    let Some(source) = engine_args.get(i + 1).map(PathBuf::from) else {
+        return Ok(false);
+    };
+    let name = source
+        .file_name()
+        .ok_or_else(|| format!("model path {} has no file name", source.display()))?;
+    // Models of one name from different places must not share a view.
+    let fnv = source
+        .as_os_str()
+        .as_encoded_bytes()
+        .iter()
+        .fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+            (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3)
+        });
+    let holder = models_dir.join(format!("{fnv:016x}"));
+    for dir in [models_dir, &holder] {
+        if dir.exists() {
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755))
+                .map_err(|e| format!("{}: {e}", dir.display()))?;
+        }
+        std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    }
+    let view = holder.join(name);
+    mirror_read_only(&source, &view)?;
+    for dir in [&holder, models_dir] {
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o555))
+            .map_err(|e| format!("{}: {e}", dir.display()))?;
+    }
+    engine_args[i + 1] = view.display().to_string();
+    Ok(true)
+}
+
+fn mirror_read_only(source: &Path, view: &Path) -> Result<(), String> {
+    let err = |p: &Path, e: io::Error| format!("{}: {e}", p.display());
+    let meta = std::fs::metadata(source).map_err(|e| err(source, e))?;
+    if meta.is_dir() {
+        if view.exists() {
+            std::fs::set_permissions(view, std::fs::Permissions::from_mode(0o755))
+                .map_err(|e| err(view, e))?;
+        }
+        std::fs::create_dir_all(view).map_err(|e| err(view, e))?;
+        for entry in std::fs::read_dir(source).map_err(|e| err(source, e))? {
+            let entry = entry.map_err(|e| err(source, e))?;
+            mirror_read_only(&entry.path(), &view.join(entry.file_name()))?;
+        }
+        std::fs::set_permissions(view, std::fs::Permissions::from_mode(0o555))
+            .map_err(|e| err(view, e))
+    } else {
+        let fresh = std::fs::metadata(view).is_ok_and(|v| v.len() == meta.len());
+        if !fresh {
+            let _ = std::fs::remove_file(view);
+            if std::fs::hard_link(source, view).is_err() {
+                std::fs::copy(source, view).map_err(|e| err(view, e))?;
+            }
+        }
+        chown(view, Some(0), Some(0)).map_err(|e| err(view, e))?;
+        std::fs::set_permissions(view, std::fs::Permissions::from_mode(0o444))
+            .map_err(|e| err(view, e))
+    }
+}
+
+/// What `atrium sandbox-exec` is told.
+#[derive(Debug, Clone, Default)]
+pub struct ExecRequest {
+    pub cgroup_procs: Vec<PathBuf>,
+    pub netns: Option<String>,
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
+    pub program: OsString,
+    pub args: Vec<OsString>,
+}
+
+/// Turns this process into the sandboxed workload: joins its cgroups,
+/// enters its network namespace, forbids new privileges, drops to its
+/// uid/gid with no supplementary groups, and `exec`s the program (the PID
+/// stays the same). Returns only on failure. Must run before any other
+/// thread exists: entering a namespace changes only the calling thread.
+pub fn exec_sandboxed(req: ExecRequest) -> io::Error {
+    let me = std::process::id().to_string();
+    for procs in &req.cgroup_procs {
+        if let Err(e) = std::fs::write(procs, &me) {
+            return io::Error::new(e.kind(), format!("{}: {e}", procs.display()));
+        }
+    }
+    if let Some(ns) = &req.netns {
+        let path = Path::new("/run/netns").join(ns);
+        let file = match std::fs::File::open(&path) {
+            Ok(f) => f,
+            Err(e) => return io::Error::new(e.kind(), format!("{}: {e}", path.display())),
+        };
+        if let Err(e) = rustix::thread::move_into_link_name_space(
+            std::os::fd::AsFd::as_fd(&file),
+            Some(rustix::thread::LinkNameSpaceType::Network),
+        ) {
+            return io::Error::other(format!("cannot enter network namespace {ns}: {e}"));
+        }
+    }
+    if let Err(e) = rustix::thread::set_no_new_privs(true) {
+        return io::Error::other(format!("cannot set no_new_privs: {e}"));
+    }
+    let mut cmd = Command::new(&req.program);
+    cmd.args(&req.args);
+    // std drops supplementary groups (setgroups(0)) when root sets a uid.
+    if let Some(gid) = req.gid {
+        cmd.gid(gid);
+    }
+    if let Some(uid) = req.uid {
+        cmd.uid(uid);
+    }
+    cmd.exec()
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use atrium_core::placement::GpuSlot;
+
+    fn host(octet: u8) -> Host {
+        Host {
+            config: SandboxConfig {
+                root: PathBuf::from("/nonexistent"),
+                network_octet: octet,
+            },
+            root: false,
+            cgroups: Cgroups::Unavailable("test".into()),
+            netns: Err("test".into()),
+            firewall: Err("test".into()),
+            uid: Err("test".into()),
+        }
+    }
+
+    #[test]
+    fn names_and_addresses_stay_within_kernel_limits_and_apart() {
+        let h = host(201);
+        assert_eq!(h.addresses(0), ("10.201.0.1".into(), "10.201.0.2".into()));
+        assert_eq!(h.addresses(1), ("10.201.0.5".into(), "10.201.0.6".into()));
+        assert_eq!(h.addresses(64), ("10.201.1.1".into(), "10.201.1.2".into()));
+        let (host_if, ns_if) = h.veth_names(16_383);
+        assert!(host_if.len() <= 15 && ns_if.len() <= 15, "{host_if}");
+        assert_ne!(h.tenant_id(0), host(202).tenant_id(0));
+        assert_ne!(h.tenant_id(0), h.tenant_id(1));
+    }
+
+    #[test]
+    fn only_the_assigned_gpus_are_visible() {
+        let gpu = |index: u32| Gpu {
+            index,
+            uuid: Some(format!("GPU-{index}")),
+            ..serde_json::from_value(
+                serde_json::json!({"index": index, "model": "H100-80GB", "memory": "80Gi"}),
+            )
+            .unwrap()
+        };
+        let mut spec: PlacementSpec = serde_json::from_value(serde_json::json!({
+            "deployment": "d", "deployment_name": "d", "replica": 0, "node": "n",
+            "engine": "simulated", "model": "m", "model_source": "path:/m", "model_task": "chat",
+            "resources": {"cpu": "1", "memory": "1Gi"}
+        }))
+        .unwrap();
+        let gpus = [gpu(0), gpu(1), gpu(2)];
+        assert_eq!(visible_devices(&spec, &gpus), "");
+        spec.gpus = vec![
+            GpuSlot {
+                gpu: 2,
+                share_milli: None,
+                mig_start: None,
+            },
+            GpuSlot {
+                gpu: 0,
+                share_milli: Some(500),
+                mig_start: None,
+            },
+        ];
+        assert_eq!(visible_devices(&spec, &gpus), "GPU-2,GPU-0");
+        spec.gpus = vec![GpuSlot {
+            gpu: 1,
+            share_milli: None,
+            mig_start: Some(4),
+        }];
+        assert_eq!(visible_devices(&spec, &gpus), "MIG-GPU-1/4");
+    }
+}

@@ -1,0 +1,452 @@
+//! `atrium node isolation`: checks, on this node, that the agent's sandboxes
+//! hold — by reading what the kernel says of each engine process and by
+//! attacking them: from inside each tenant's sandbox it tries to connect to
+//! every other tenant's engine and to read its directory, and from the
+//! host (where the gateway runs) it connects to every engine. Also the
+//! hidden helpers the agent and these checks run: `sandbox-exec` and
+//! `sandbox-probe`.
+
+use std::collections::BTreeMap;
+use std::ffi::OsString;
+use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use anyhow::{anyhow, Context, Result};
+use atrium_agent::sandbox::{self, Cgroups, Host, SandboxConfig};
+use atrium_agent::state::{self, Assignment, RunningEngine};
+use clap::{Args, Subcommand};
+use serde::Serialize;
+
+use crate::client::Output;
+
+#[derive(Args)]
+pub struct SandboxExecArgs {
+    /// cgroup.procs files to join
+    #[arg(long)]
+    cgroup_procs: Vec<PathBuf>,
+    /// Network namespace (under /run/netns) to enter
+    #[arg(long)]
+    netns: Option<String>,
+    #[arg(long)]
+    uid: Option<u32>,
+    #[arg(long)]
+    gid: Option<u32>,
+    /// The program and its arguments
+    #[arg(last = true, required = true)]
+    command: Vec<OsString>,
+}
+
+/// Runs a command inside a sandbox; returns only on failure.
+pub fn sandbox_exec(args: SandboxExecArgs) -> anyhow::Error {
+    let mut command = args.command.into_iter();
+    let program = command.next().unwrap_or_default();
+    let e = sandbox::exec_sandboxed(sandbox::ExecRequest {
+        cgroup_procs: args.cgroup_procs,
+        netns: args.netns,
+        uid: args.uid,
+        gid: args.gid,
+        program: program.clone(),
+        args: command.collect(),
+    });
+    anyhow!("sandbox-exec {}: {e}", program.to_string_lossy())
+}
+
+#[derive(Subcommand)]
+pub enum ProbeCmd {
+    /// Open a TCP connection (1 s timeout); exit 0 when it connects
+    Connect { address: String },
+    /// List a directory; exit 0 when it can
+    Read { path: PathBuf },
+}
+
+/// What a probe saw: `Ok(what)` when the action succeeded.
+pub fn probe(cmd: &ProbeCmd) -> std::result::Result<String, String> {
+    match cmd {
+        ProbeCmd::Connect { address } => {
+            let addr: SocketAddr = address
+                .to_socket_addrs()
+                .ok()
+                .and_then(|mut a| a.next())
+                .ok_or_else(|| format!("{address:?} is not an address"))?;
+            TcpStream::connect_timeout(&addr, Duration::from_secs(1))
+                .map(|_| format!("connected to {addr}"))
+                .map_err(|e| format!("cannot connect to {addr}: {e}"))
+        }
+        ProbeCmd::Read { path } => std::fs::read_dir(path)
+            .map(|d| format!("listed {} entries of {}", d.count(), path.display()))
+            .map_err(|e| format!("cannot list {}: {e}", path.display())),
+    }
+}
+
+#[derive(Debug, Serialize)]
+struct Check {
+    check: String,
+    subject: String,
+    expected: String,
+    observed: String,
+    pass: bool,
+}
+
+#[derive(Debug, Serialize)]
+struct Report {
+    node_enforces: String,
+    checks: Vec<Check>,
+    passed: usize,
+    failed: usize,
+}
+
+struct Workload {
+    id: String,
+    assignment: Assignment,
+    engine: RunningEngine,
+    slot: u32,
+}
+
+impl Workload {
+    fn name(&self) -> String {
+        format!(
+            "{}/{} ({})",
+            self.assignment.tenant, self.assignment.spec.deployment_name, self.id
+        )
+    }
+
+    fn address(&self) -> String {
+        self.engine
+            .endpoint
+            .trim_start_matches("http://")
+            .to_string()
+    }
+}
+
+/// Runs the checks against the agent whose data directory is `data_dir`;
+/// fails (after printing) when any check fails.
+pub fn report(data_dir: &Path, network_octet: u8, output: Output) -> Result<()> {
+    let exe = std::env::current_exe().context("cannot find the atrium binary")?;
+    let host = Host::detect(
+        SandboxConfig {
+            root: data_dir.join("sandboxes"),
+            network_octet,
+        },
+        &exe,
+    );
+    let agent_state = state::StateFile::open(&data_dir.join("agent"))
+        .with_context(|| format!("cannot read the agent's state in {}", data_dir.display()))?;
+    let (assigned, running, slots) = agent_state.read(|s| {
+        (
+            s.assigned.clone(),
+            s.running.clone(),
+            s.tenant_slots.clone(),
+        )
+    });
+    let workloads: Vec<Workload> = running
+        .into_iter()
+        .filter(|(_, e)| state::is_alive(e))
+        .filter_map(|(id, engine)| {
+            let assignment = assigned.get(&id)?.clone();
+            let slot = *slots.get(&assignment.tenant)?;
+            Some(Workload {
+                id,
+                assignment,
+                engine,
+                slot,
+            })
+        })
+        .collect();
+
+    let mut checks = Vec::new();
+    let mut check = |check: &str, subject: String, expected: &str, observed: String, pass: bool| {
+        checks.push(Check {
+            check: check.into(),
+            subject,
+            expected: expected.into(),
+            observed,
+            pass,
+        });
+    };
+    let node = "this node".to_string();
+    check(
+        "running as root",
+        node.clone(),
+        "yes",
+        yes_no(host.root),
+        host.root,
+    );
+    let (cgroup_ok, cgroup_seen) = match &host.cgroups {
+        Cgroups::V2 { base } => (true, format!("v2 at {}", base.display())),
+        Cgroups::V1 { bases } => (
+            true,
+            format!(
+                "v1 ({})",
+                bases.iter().map(|(c, _)| *c).collect::<Vec<_>>().join(", ")
+            ),
+        ),
+        Cgroups::Unavailable(why) => (false, why.clone()),
+    };
+    check(
+        "cgroup hierarchy",
+        node.clone(),
+        "v2 or v1 with cpu, memory, pids",
+        cgroup_seen,
+        cgroup_ok,
+    );
+    let table = format!("atrium_{network_octet}");
+    let firewall = Command::new("nft")
+        .args(["list", "table", "inet", &table])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    check(
+        "tenant firewall installed",
+        node.clone(),
+        &format!("nft table inet {table}"),
+        yes_no(firewall),
+        firewall,
+    );
+    check(
+        "tenant uids usable",
+        node,
+        "yes",
+        match &host.uid {
+            Ok(()) => "yes".into(),
+            Err(why) => why.clone(),
+        },
+        host.uid.is_ok(),
+    );
+
+    for w in &workloads {
+        let pid = w.engine.pid;
+        let subject = w.name();
+        // cgroup: the process is in the workload's cgroup, whose limits are
+        // the placement's.
+        let (in_cgroup, memory_limit) = cgroup_of(&host, &w.id, pid);
+        check(
+            "engine in its own cgroup",
+            subject.clone(),
+            "yes",
+            yes_no(in_cgroup),
+            in_cgroup,
+        );
+        let want = w.assignment.spec.resources.memory.0;
+        check(
+            "memory limit",
+            subject.clone(),
+            &want.to_string(),
+            memory_limit.map_or("unreadable".into(), |m| m.to_string()),
+            memory_limit.is_some_and(|m| m.abs_diff(want) < 1 << 20),
+        );
+        let ns = host.netns_name(&w.assignment.tenant);
+        let same_ns = inode(&format!("/proc/{pid}/ns/net")).is_some()
+            && inode(&format!("/proc/{pid}/ns/net")) == inode(&format!("/run/netns/{ns}"));
+        check(
+            "engine in its tenant's network namespace",
+            subject.clone(),
+            &ns,
+            yes_no(same_ns),
+            same_ns,
+        );
+        let want_uid = host.tenant_id(w.slot);
+        let uid = process_uid(pid);
+        check(
+            "engine runs as its tenant's uid",
+            subject.clone(),
+            &want_uid.to_string(),
+            uid.map_or("unreadable".into(), |u| u.to_string()),
+            uid == Some(want_uid),
+        );
+        let dir = host.tenant_dir(&w.assignment.tenant);
+        let meta = std::fs::metadata(&dir).ok();
+        let private = meta
+            .as_ref()
+            .is_some_and(|m| m.permissions().mode() & 0o777 == 0o700 && m.uid() == want_uid);
+        check(
+            "tenant directory private",
+            subject.clone(),
+            "0700, owned by the tenant",
+            meta.map_or("missing".into(), |m| {
+                format!("{:o}, owner {}", m.permissions().mode() & 0o777, m.uid())
+            }),
+            private,
+        );
+        let env = std::fs::read(format!("/proc/{pid}/environ")).unwrap_or_default();
+        let visible = env
+            .split(|b| *b == 0)
+            .find_map(|kv| kv.strip_prefix(b"CUDA_VISIBLE_DEVICES="))
+            .map(|v| String::from_utf8_lossy(v).to_string());
+        let want_gpus = sandbox::visible_devices(&w.assignment.spec, &[]);
+        let gpu_ok = visible.as_deref().is_some_and(|v| {
+            v.split(',').filter(|s| !s.is_empty()).count()
+                == want_gpus.split(',').filter(|s| !s.is_empty()).count()
+        });
+        check(
+            "GPU visibility only its own",
+            subject.clone(),
+            &format!("{} device(s)", w.assignment.spec.gpus.len()),
+            visible.unwrap_or_else(|| "unset".into()),
+            gpu_ok,
+        );
+        let reach = probe(&ProbeCmd::Connect {
+            address: w.address(),
+        });
+        check(
+            "host (gateway) reaches engine",
+            subject.clone(),
+            "connects",
+            outcome(&reach),
+            reach.is_ok(),
+        );
+    }
+    // Every tenant's sandbox against every other tenant's engine and data.
+    let mut by_tenant: BTreeMap<&str, &Workload> = BTreeMap::new();
+    for w in &workloads {
+        by_tenant.entry(w.assignment.tenant.as_str()).or_insert(w);
+    }
+    for (a, from) in &by_tenant {
+        for (b, to) in &by_tenant {
+            if a == b {
+                continue;
+            }
+            let sandboxed = |probe: &[&str]| in_sandbox(&exe, &host, from, probe);
+            let connect = sandboxed(&["connect", &to.address()]);
+            check(
+                "cross-tenant TCP blocked",
+                format!("{a} -> {}", to.name()),
+                "blocked",
+                outcome(&connect),
+                connect.is_err(),
+            );
+            let dir = host.tenant_dir(b).display().to_string();
+            let read = sandboxed(&["read", &dir]);
+            check(
+                "cross-tenant data unreadable",
+                format!("{a} -> {dir}"),
+                "denied",
+                outcome(&read),
+                read.is_err(),
+            );
+        }
+    }
+    let failed = checks.iter().filter(|c| !c.pass).count();
+    let report = Report {
+        node_enforces: host.summary(),
+        passed: checks.len() - failed,
+        failed,
+        checks,
+    };
+    print(&report, output);
+    if failed > 0 {
+        return Err(anyhow!("{failed} isolation check(s) failed"));
+    }
+    Ok(())
+}
+
+fn print(report: &Report, output: Output) {
+    let text = match output {
+        Output::Json => serde_json::to_string_pretty(report).unwrap_or_default(),
+        Output::Table => {
+            let rows: Vec<serde_json::Value> = report
+                .checks
+                .iter()
+                .map(|c| {
+                    serde_json::json!({
+                        "check": c.check, "subject": c.subject, "expected": c.expected,
+                        "observed": c.observed, "result": if c.pass { "pass" } else { "FAIL" },
+                    })
+                })
+                .collect();
+            format!(
+                "node enforces: {}\n{}\n{} passed, {} failed",
+                report.node_enforces,
+                crate::client::render_table(
+                    &rows,
+                    &[
+                        ("CHECK", "/check"),
+                        ("SUBJECT", "/subject"),
+                        ("EXPECTED", "/expected"),
+                        ("OBSERVED", "/observed"),
+                        ("RESULT", "/result"),
+                    ],
+                ),
+                report.passed,
+                report.failed
+            )
+        }
+    };
+    println!("{text}");
+}
+
+fn yes_no(b: bool) -> String {
+    if b { "yes" } else { "no" }.to_string()
+}
+
+fn outcome(r: &std::result::Result<String, String>) -> String {
+    match r {
+        Ok(s) | Err(s) => s.clone(),
+    }
+}
+
+fn inode(path: &str) -> Option<(u64, u64)> {
+    std::fs::metadata(path).ok().map(|m| (m.dev(), m.ino()))
+}
+
+fn process_uid(pid: u32) -> Option<u32> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    // Real, effective, saved and filesystem uids must all be the tenant's.
+    let ids: Vec<u32> = status
+        .lines()
+        .find_map(|l| l.strip_prefix("Uid:"))?
+        .split_whitespace()
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    let first = *ids.first()?;
+    ids.iter().all(|i| *i == first).then_some(first)
+}
+
+/// Whether `pid` is in workload `id`'s cgroup(s), and the memory limit
+/// that cgroup has.
+fn cgroup_of(host: &Host, id: &str, pid: u32) -> (bool, Option<u64>) {
+    let dirs = host.cgroup_dirs(Some(id));
+    let inside = !dirs.is_empty()
+        && dirs.iter().all(|d| {
+            std::fs::read_to_string(d.join("cgroup.procs"))
+                .is_ok_and(|p| p.lines().any(|l| l.trim() == pid.to_string()))
+        });
+    let limit = dirs.iter().find_map(|d| {
+        ["memory.max", "memory.limit_in_bytes"]
+            .iter()
+            .find_map(|f| std::fs::read_to_string(d.join(f)).ok()?.trim().parse().ok())
+    });
+    (inside, limit)
+}
+
+/// Runs `atrium sandbox-probe …` inside `from`'s sandbox: its tenant's
+/// network namespace and uid, as any process of that tenant would be.
+fn in_sandbox(
+    exe: &Path,
+    host: &Host,
+    from: &Workload,
+    probe: &[&str],
+) -> std::result::Result<String, String> {
+    let id = host.tenant_id(from.slot).to_string();
+    let out = Command::new(exe)
+        .arg("sandbox-exec")
+        .args(["--netns", &host.netns_name(&from.assignment.tenant)])
+        .args(["--uid", &id, "--gid", &id, "--"])
+        .arg(exe)
+        .arg("sandbox-probe")
+        .args(probe)
+        .env_clear()
+        .output()
+        .map_err(|e| format!("cannot run the probe: {e}"))?;
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout).trim(),
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
+    if out.status.success() {
+        Ok(said)
+    } else {
+        Err(said)
+    }
+}
