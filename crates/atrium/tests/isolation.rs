@@ -59,6 +59,8 @@ fn kill9(child: &mut Child) {
 /// and a gateway, as separate processes.
 struct Node {
     octet: u8,
+    /// Run the agent as this unprivileged uid instead of root.
+    agent_uid: Option<u32>,
     dir: tempfile::TempDir,
     server_port: u16,
     server: Option<Child>,
@@ -71,9 +73,14 @@ struct Node {
 
 impl Node {
     fn start(octet: u8) -> Node {
+        Node::start_with(octet, None)
+    }
+
+    fn start_with(octet: u8, agent_uid: Option<u32>) -> Node {
         require_root();
         let mut node = Node {
             octet,
+            agent_uid,
             dir: tempfile::tempdir().unwrap(),
             server_port: free_port(),
             server: None,
@@ -163,7 +170,27 @@ impl Node {
     }
 
     fn start_agent(&mut self) {
-        let child = Command::new(BIN)
+        let mut cmd = match self.agent_uid {
+            Some(uid) => {
+                let dir = self.agent_dir();
+                std::fs::create_dir_all(&dir).unwrap();
+                std::os::unix::fs::chown(&dir, Some(uid), Some(uid)).unwrap();
+                std::os::unix::fs::chown(self.dir.path(), Some(uid), Some(uid)).unwrap();
+                let mut c = Command::new("setpriv");
+                c.args([
+                    "--reuid",
+                    &uid.to_string(),
+                    "--regid",
+                    &uid.to_string(),
+                    "--clear-groups",
+                    BIN,
+                ])
+                .env("ATRIUM_MODEL_CACHE", dir.join("cache"));
+                c
+            }
+            None => Command::new(BIN),
+        };
+        let child = cmd
             .args([
                 "agent",
                 "--node",
@@ -755,6 +782,33 @@ fn tenants_are_walled_off_and_hogs_meet_their_own_limits() {
     );
     assert!(throttled_after > throttled_before);
 
+    // Released: alpha's deployment deleted, its engine, cgroups, namespace
+    // and directory go and its GPU waits for sanitisation; beta is
+    // untouched.
+    node.admin(
+        reqwest::Method::DELETE,
+        "/v1/deployments/chat?tenant=alpha",
+        Value::Null,
+    );
+    wait_for("alpha's sandbox to be released", 30, || {
+        std::fs::metadata(format!("/proc/{a_pid}")).is_err()
+            && node.netns_left() == ["atrium211-beta".to_string()]
+    });
+    assert!(
+        !sandboxes.join("alpha").exists(),
+        "alpha's data was not scrubbed"
+    );
+    assert!(sandboxes.join("beta").exists());
+    assert!(
+        a_cgroups.iter().all(|(_, dir)| !dir.exists()),
+        "{a_cgroups:?}"
+    );
+    let state: Value =
+        serde_json::from_slice(&std::fs::read(node.agent_dir().join("agent/state.json")).unwrap())
+            .unwrap();
+    assert_eq!(state["gpus_to_sanitize"], json!([gpu]), "{state:#}");
+    node.chat(&key_b, "chat").unwrap();
+
     // Stopped by its operator, the agent leaves nothing behind.
     node.stop_agent();
     assert!(
@@ -951,4 +1005,33 @@ fn a_restarted_agent_readopts_its_engines() {
         Value::Null,
     );
     assert_eq!(d["status"]["state"], "running", "{d:#}");
+}
+
+#[test]
+fn an_unprivileged_agent_runs_engines_and_says_what_it_could_not_enforce() {
+    let node = Node::start_with(214, Some(65534));
+    let key = node.tenant("zeta");
+    let p = node
+        .deploy(
+            "zeta",
+            "chat",
+            1,
+            json!({"cpu": "250m", "memory": "128Mi", "gpu": "1"}),
+        )
+        .remove(0);
+    let iso = p["status"]["isolation"].as_str().unwrap();
+    println!("unprivileged agent: {iso}");
+    assert!(iso.starts_with("none: not running as root"), "{iso}");
+    assert_eq!(uid_of(pid_of(&p)), 65534);
+    assert!(address_of(&p).starts_with("127.0.0.1:"));
+    // GPU visibility still narrows what CUDA sees.
+    let gpu = p["spec"]["gpus"][0]["gpu"].as_u64().unwrap();
+    assert_eq!(
+        environ(pid_of(&p), "CUDA_VISIBLE_DEVICES"),
+        Some(format!("GPU-simulated-{gpu:04}"))
+    );
+    node.chat(&key, "chat").unwrap();
+    assert!(
+        node.netns_left().is_empty() && !node.firewall_left() && node.cgroups_left().is_empty()
+    );
 }
