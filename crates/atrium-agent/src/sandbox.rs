@@ -913,4 +913,51 @@ mod tests {
         }];
         assert_eq!(visible_devices(&spec, &gpus), "MIG-GPU-1/4");
     }
+
+    #[test]
+    fn model_views_are_read_only_and_the_argument_points_at_them() {
+        let dir = std::env::temp_dir().join(format!("atrium-models-test-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let source = dir.join("cache/minilm");
+        std::fs::create_dir_all(source.join("sub")).unwrap();
+        std::fs::write(source.join("model.safetensors"), b"weights").unwrap();
+        std::fs::write(source.join("sub/tokenizer.json"), b"{}").unwrap();
+        let mut args: Vec<String> = ["engine", "--model", &source.display().to_string()]
+            .map(String::from)
+            .to_vec();
+        let models = dir.join("tenant/models");
+        assert!(expose_models(&models, &mut args).unwrap());
+        let view = PathBuf::from(&args[2]);
+        assert!(
+            view.starts_with(&models) && view.ends_with("minilm"),
+            "{view:?}"
+        );
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&view.join("model.safetensors")), 0o444);
+        assert_eq!(mode(&view.join("sub/tokenizer.json")), 0o444);
+        assert_eq!(mode(&view.join("sub")), 0o555);
+        assert_eq!(mode(&view), 0o555);
+        assert_eq!(mode(&models), 0o555);
+        assert_eq!(
+            std::fs::read(view.join("model.safetensors")).unwrap(),
+            b"weights"
+        );
+        // Exposing again (a restart) finds the view made and keeps it.
+        let mut again: Vec<String> = ["engine", "--model", &source.display().to_string()]
+            .map(String::from)
+            .to_vec();
+        assert!(expose_models(&models, &mut again).unwrap());
+        assert_eq!(again, args);
+        // Nothing to expose for an engine without model files.
+        assert!(!expose_models(&models, &mut ["engine".to_string()]).unwrap());
+        for d in [
+            models.clone(),
+            view.parent().unwrap().to_path_buf(),
+            view.clone(),
+            view.join("sub"),
+        ] {
+            std::fs::set_permissions(&d, std::fs::Permissions::from_mode(0o755)).unwrap();
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }
