@@ -302,6 +302,23 @@ pub fn report(data_dir: &Path, network_octet: u8, output: Output) -> Result<()> 
     for w in &workloads {
         by_tenant.entry(w.assignment.tenant.as_str()).or_insert(w);
     }
+    // And against the host: a service listening on every address (as the
+    // control plane or an operator's tool might), reached through the
+    // tenant's own gateway address — only the firewall stands between.
+    let host_service = std::net::TcpListener::bind("0.0.0.0:0")?;
+    let service_port = host_service.local_addr()?.port();
+    for (tenant, from) in &by_tenant {
+        let host_side = host.addresses(from.slot).0;
+        let target = format!("{host_side}:{service_port}");
+        let connect = in_sandbox(&exe, &host, from, &["connect", &target]);
+        check(
+            "host services unreachable",
+            format!("{tenant} -> {target}"),
+            "blocked",
+            outcome(&connect),
+            connect.is_err(),
+        );
+    }
     for (a, from) in &by_tenant {
         for (b, to) in &by_tenant {
             if a == b {

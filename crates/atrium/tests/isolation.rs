@@ -667,7 +667,11 @@ fn tenants_are_walled_off_and_hogs_meet_their_own_limits() {
     assert!(out.status.success(), "{report:#}");
     assert_eq!(report["failed"], 0, "{report:#}");
     let checks = report["checks"].as_array().unwrap();
-    for name in ["cross-tenant TCP blocked", "cross-tenant data unreadable"] {
+    for name in [
+        "cross-tenant TCP blocked",
+        "cross-tenant data unreadable",
+        "host services unreachable",
+    ] {
         assert_eq!(
             checks
                 .iter()
