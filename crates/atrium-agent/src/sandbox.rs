@@ -515,6 +515,10 @@ impl Host {
         }
         let mut launcher: Vec<OsString> = vec!["sandbox-exec".into()];
         let mut report = Vec::new();
+        // Whatever still runs in the workload's cgroup was started by an
+        // agent that died before recording it (a recorded live engine is
+        // adopted, never restarted): a duplicate, holding its port.
+        kill_members(&self.cgroup_dirs(Some(id)));
         let procs = self.make_cgroup(id, spec)?;
         match &self.cgroups {
             Cgroups::V2 { .. } => report.push("cgroup=v2".to_string()),
@@ -586,21 +590,7 @@ impl Host {
             return;
         }
         let dirs = self.cgroup_dirs(Some(id));
-        let deadline = std::time::Instant::now() + Duration::from_secs(5);
-        for dir in &dirs {
-            loop {
-                let procs = std::fs::read_to_string(dir.join("cgroup.procs")).unwrap_or_default();
-                let pids: Vec<u32> = procs
-                    .lines()
-                    .filter_map(|l| l.trim().parse().ok())
-                    .collect();
-                if pids.is_empty() || std::time::Instant::now() > deadline {
-                    break;
-                }
-                pids.into_iter().for_each(kill);
-                std::thread::sleep(Duration::from_millis(20));
-            }
-        }
+        kill_members(&dirs);
         for dir in dirs {
             // An emptied cgroup can take a moment to be removable.
             for _ in 0..50 {
@@ -678,6 +668,26 @@ pub struct CgroupStats {
     pub nr_throttled: u64,
     pub throttled_us: u64,
     pub oom_kills: u64,
+}
+
+/// Kills every process in the cgroups `dirs`, until they are empty (or 5 s
+/// have passed).
+fn kill_members(dirs: &[PathBuf]) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    for dir in dirs {
+        loop {
+            let procs = std::fs::read_to_string(dir.join("cgroup.procs")).unwrap_or_default();
+            let pids: Vec<u32> = procs
+                .lines()
+                .filter_map(|l| l.trim().parse().ok())
+                .collect();
+            if pids.is_empty() || std::time::Instant::now() > deadline {
+                break;
+            }
+            pids.into_iter().for_each(kill);
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
 }
 
 fn enable_v2_controllers(dir: &Path) -> Result<(), String> {

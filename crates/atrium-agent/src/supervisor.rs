@@ -457,6 +457,7 @@ impl ReplicaCtx {
             }
             None => {
                 if !self.sanitise_gpus(stop, restarts).await {
+                    self.release(None, true);
                     return Ended::Stopped;
                 }
                 match self.start(restarts).await {
@@ -485,13 +486,13 @@ impl ReplicaCtx {
             }
             if sleep_or_stop(stop, Duration::from_millis(50)).await {
                 end(&mut engine, &running).await;
-                self.release(&running, true);
+                self.release(Some(running.pid), true);
                 return Ended::Stopped;
             }
         }
         if !healthy {
             end(&mut engine, &running).await;
-            self.release(&running, false);
+            self.release(Some(running.pid), false);
             return failed(format!(
                 "engine did not become healthy; see {}",
                 self.log_path.display()
@@ -519,7 +520,7 @@ impl ReplicaCtx {
                 exit = exited => break exit,
                 _ = stop.changed() => {
                     end(&mut engine, &running).await;
-                    self.release(&running, true);
+                    self.release(Some(running.pid), true);
                     return Ended::Stopped;
                 }
                 _ = tick.tick() => {
@@ -538,7 +539,7 @@ impl ReplicaCtx {
             }
         };
         end(&mut engine, &running).await;
-        self.release(&running, false);
+        self.release(Some(running.pid), false);
         let reason = match exit {
             Some(Ok(s)) => format!("engine exited ({s}); see {}", self.log_path.display()),
             Some(Err(e)) => format!("engine lost ({e})"),
@@ -554,7 +555,7 @@ impl ReplicaCtx {
     /// replica is stopping for good (`last`), the GPUs it held wait for
     /// sanitisation before anyone gets them, and the tenant's namespace and
     /// directory go with its last workload on this node.
-    fn release(&self, running: &RunningEngine, last: bool) {
+    fn release(&self, pid: Option<u32>, last: bool) {
         let tenant = self.tenant();
         let shutting_down = self.shared.shutting_down.load(Ordering::SeqCst);
         let tenant_done = self.shared.state.update(|s| {
@@ -577,7 +578,7 @@ impl ReplicaCtx {
         });
         self.shared
             .host
-            .release(&self.id, &tenant, Some(running.pid), tenant_done);
+            .release(&self.id, &tenant, pid, tenant_done);
         if tenant_done {
             self.shared.state.update(|s| {
                 s.tenant_slots.remove(&tenant.tenant);
@@ -681,6 +682,7 @@ async fn replica_loop(
                 ))
                 .await;
                 if sleep_or_stop(&mut stop, backoff).await {
+                    ctx.release(None, true);
                     return;
                 }
                 backoff = (backoff * 2).min(MAX_BACKOFF);
