@@ -52,10 +52,7 @@ impl AgentConfig {
     }
 
     pub fn sandbox_config(&self) -> sandbox::SandboxConfig {
-        sandbox::SandboxConfig {
-            root: self.data_dir.join("sandboxes"),
-            network_octet: self.network_octet,
-        }
+        sandbox::SandboxConfig::for_data_dir(&self.data_dir, self.network_octet)
     }
 }
 

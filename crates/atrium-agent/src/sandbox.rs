@@ -60,6 +60,28 @@ pub struct SandboxConfig {
     pub network_octet: u8,
 }
 
+impl SandboxConfig {
+    /// Sandboxes live in `<data-dir>/sandboxes` when other users can pass
+    /// through the data directory's path (tenants' uids must reach their
+    /// directories), else — a root user's default data directory under
+    /// `/root`, say — in `/var/lib/atrium/sandboxes-<octet>`.
+    pub fn for_data_dir(data_dir: &Path, network_octet: u8) -> SandboxConfig {
+        // Directories not made yet will be made searchable (umask 022).
+        let searchable = data_dir
+            .ancestors()
+            .all(|d| std::fs::metadata(d).map_or(true, |m| m.permissions().mode() & 0o001 != 0));
+        let root = if searchable {
+            data_dir.join("sandboxes")
+        } else {
+            PathBuf::from(format!("/var/lib/atrium/sandboxes-{network_octet}"))
+        };
+        SandboxConfig {
+            root,
+            network_octet,
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub enum Cgroups {
     V2 { base: PathBuf },

@@ -125,13 +125,7 @@ impl Workload {
 /// fails (after printing) when any check fails.
 pub fn report(data_dir: &Path, network_octet: u8, output: Output) -> Result<()> {
     let exe = std::env::current_exe().context("cannot find the atrium binary")?;
-    let host = Host::detect(
-        SandboxConfig {
-            root: data_dir.join("sandboxes"),
-            network_octet,
-        },
-        &exe,
-    );
+    let host = Host::detect(SandboxConfig::for_data_dir(data_dir, network_octet), &exe);
     let agent_state = state::StateFile::open(&data_dir.join("agent"))
         .with_context(|| format!("cannot read the agent's state in {}", data_dir.display()))?;
     let (assigned, running, slots) = agent_state.read(|s| {
