@@ -45,6 +45,10 @@ pub const PIDS_LIMIT: u32 = 1024;
 /// regular and system users.
 const TENANT_ID_BASE: u32 = 2_000_000;
 const CPU_PERIOD_US: u64 = 100_000;
+/// Character-device major of `/dev/nvidia<minor>`; the driver numbers GPU
+/// device files by minor, which is the GPU's index on a node whose
+/// `nvidia-smi` order is the PCI order (the default).
+const NVIDIA_MAJOR: u32 = 195;
 
 /// Replicas of one tenant start and stop concurrently: one at a time makes
 /// or removes a tenant's namespace, the others find it made.
@@ -184,7 +188,7 @@ pub fn detect_cgroups(octet: u8) -> Cgroups {
                 };
             }
         } else if fstype == "cgroup" {
-            for controller in ["cpu", "cpuacct", "memory", "pids"] {
+            for controller in ["cpu", "cpuacct", "memory", "pids", "devices"] {
                 if options.split(',').any(|o| o == controller)
                     && !v1.iter().any(|(c, _)| *c == controller)
                 {
@@ -438,7 +442,12 @@ impl Host {
         run("ip", &["-n", &ns, "link", "set", "lo", "up"])
     }
 
-    fn make_cgroup(&self, id: &str, spec: &PlacementSpec) -> Result<Vec<PathBuf>, String> {
+    fn make_cgroup(
+        &self,
+        id: &str,
+        spec: &PlacementSpec,
+        gpus: &[Gpu],
+    ) -> Result<Vec<PathBuf>, String> {
         let cpu_quota_us = spec.resources.cpu.0 * CPU_PERIOD_US / 1000;
         let memory = spec.resources.memory.0;
         let write = |dir: &Path, file: &str, value: String| -> Result<(), String> {
@@ -476,6 +485,20 @@ impl Host {
                             let _ = write(&dir, "memory.memsw.limit_in_bytes", memory.to_string());
                         }
                         "pids" => write(&dir, "pids.max", PIDS_LIMIT.to_string())?,
+                        // The node's other GPUs cannot be opened at all,
+                        // whatever the environment says.
+                        "devices" => {
+                            for gpu in gpus
+                                .iter()
+                                .filter(|g| !spec.gpus.iter().any(|s| s.gpu == g.index))
+                            {
+                                write(
+                                    &dir,
+                                    "devices.deny",
+                                    format!("c {NVIDIA_MAJOR}:{} rwm", gpu.index),
+                                )?;
+                            }
+                        }
                         _ => {}
                     }
                     procs.push(dir.join("cgroup.procs"));
@@ -541,7 +564,7 @@ impl Host {
         // agent that died before recording it (a recorded live engine is
         // adopted, never restarted): a duplicate, holding its port.
         kill_members(&self.cgroup_dirs(Some(id)));
-        let procs = self.make_cgroup(id, spec)?;
+        let procs = self.make_cgroup(id, spec, gpus)?;
         match &self.cgroups {
             Cgroups::V2 { .. } => report.push("cgroup=v2".to_string()),
             Cgroups::V1 { .. } => report.push("cgroup=v1".to_string()),
@@ -591,7 +614,13 @@ impl Host {
             }
             Err(why) => report.push(format!("uid=no ({why})")),
         }
-        report.push(format!("pids={PIDS_LIMIT} gpus={gpu_report}"));
+        let devices = match &self.cgroups {
+            Cgroups::V1 { bases } if bases.iter().any(|(c, _)| *c == "devices") => {
+                "others denied by the devices cgroup"
+            }
+            _ => "by environment only",
+        };
+        report.push(format!("pids={PIDS_LIMIT} gpus={gpu_report} ({devices})"));
         launcher.push("--".into());
         Ok(Sandbox {
             launcher,

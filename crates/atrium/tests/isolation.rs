@@ -499,7 +499,7 @@ fn oom_kills(cgroups: &[(String, PathBuf)]) -> u64 {
 
 /// Starts `program` inside the sandbox of the workload `pid` runs in: its
 /// cgroups, network namespace, uid and gid.
-fn spawn_in_sandbox_of(pid: u32, program: &[&str]) -> Child {
+fn spawn_in_sandbox_of(pid: u32, program: &[&str], capture: bool) -> Child {
     let uid = uid_of(pid).to_string();
     let netns = std::fs::read_dir("/run/netns")
         .unwrap()
@@ -525,7 +525,11 @@ fn spawn_in_sandbox_of(pid: u32, program: &[&str]) -> Child {
         .args(["--uid", &uid, "--gid", &uid, "--"])
         .args(program)
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .stderr(if capture {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
         .spawn()
         .unwrap()
 }
@@ -654,6 +658,54 @@ fn tenants_are_walled_off_and_hogs_meet_their_own_limits() {
         environ(b_pid, "NVIDIA_VISIBLE_DEVICES").as_deref(),
         Some("void")
     );
+    // And the devices cgroup enforces it: opening alpha's GPU's device file
+    // reaches the (absent) driver, the other GPU's is refused outright.
+    let devices = tempfile::tempdir().unwrap();
+    for minor in 0..2 {
+        let node_file = devices.path().join(format!("nvidia{minor}"));
+        let made = Command::new("mknod")
+            .arg(&node_file)
+            .args(["c", "195", &minor.to_string()])
+            .status()
+            .unwrap();
+        assert!(made.success());
+        Command::new("chmod")
+            .arg("666")
+            .arg(&node_file)
+            .status()
+            .unwrap();
+    }
+    std::fs::set_permissions(
+        devices.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    let open = |minor: u64| {
+        let file = devices.path().join(format!("nvidia{minor}"));
+        let out = spawn_in_sandbox_of(
+            a_pid,
+            &["/bin/sh", "-c", &format!("exec 3< {}", file.display())],
+            true,
+        )
+        .wait_with_output()
+        .unwrap();
+        String::from_utf8_lossy(&out.stderr).to_string()
+    };
+    let own = open(gpu);
+    let other = open(1 - gpu);
+    println!("opening its own GPU: {own:?}; the other: {other:?}");
+    assert!(own.contains("No such device or address"), "{own}");
+    assert!(other.contains("Operation not permitted"), "{other}");
+    if a["status"]["isolation"]
+        .as_str()
+        .unwrap()
+        .contains("cgroup=v1")
+    {
+        assert!(a["status"]["isolation"]
+            .as_str()
+            .unwrap()
+            .contains("others denied by the devices cgroup"));
+    }
     // Nothing of the agent's environment (its control-plane token) leaks.
     assert_eq!(environ(a_pid, "ATRIUM_TOKEN"), None);
 
@@ -732,7 +784,7 @@ fn tenants_are_walled_off_and_hogs_meet_their_own_limits() {
     );
     std::thread::scope(|s| {
         s.spawn(|| load(&node, &key_b, "chat", &stop, &ok, &failed));
-        let mut hog = spawn_in_sandbox_of(a_pid, &["/usr/bin/tail", "/dev/zero"]);
+        let mut hog = spawn_in_sandbox_of(a_pid, &["/usr/bin/tail", "/dev/zero"], false);
         let started = Instant::now();
         let status = loop {
             if let Some(s) = hog.try_wait().unwrap() {
@@ -781,6 +833,7 @@ fn tenants_are_walled_off_and_hogs_meet_their_own_limits() {
             "-c",
             "while :; do :; done",
         ],
+        false,
     );
     hog.wait().unwrap();
     let wall = started.elapsed().as_secs_f64();
