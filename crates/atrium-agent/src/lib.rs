@@ -188,10 +188,12 @@ pub async fn run(
                     }
                 }
                 // Saved before acting on it: a restarted agent resumes
-                // exactly what it was last told to run.
-                shared.state.update(|s| {
-                    s.assigned = assigned.clone().into_iter().collect();
-                });
+                // exactly what it was last told to run. (Most events are
+                // status reports, which change no assignment: no write.)
+                let now: std::collections::BTreeMap<_, _> = assigned.clone().into_iter().collect();
+                if shared.state.read(|s| s.assigned != now) {
+                    shared.state.update(|s| s.assigned = now);
+                }
                 supervisor.reconcile(&assigned);
             })
             .await
