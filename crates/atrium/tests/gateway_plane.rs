@@ -285,23 +285,8 @@ impl Plane {
     }
 
     fn gateway(&self, data_dir: &Path) -> Gateway {
-        let port = free_port();
-        let mut child = Command::new(BIN)
-            .args([
-                "gateway",
-                "--listen",
-                &format!("127.0.0.1:{port}"),
-                "--log",
-                "warn",
-            ])
-            .args(["--server", &self.server, "--token", &self.token])
-            .env("ATRIUM_GATEWAY_SECRET", "a site secret")
-            .arg("--data-dir")
-            .arg(data_dir)
-            .stdout(Stdio::null())
-            .spawn()
-            .unwrap();
-        let url = format!("http://127.0.0.1:{port}");
+        let (mut child, url) =
+            common::spawn_gateway(&self.server, &self.token, data_dir, "a site secret");
         wait_healthy(&format!("{url}/readyz"), &mut child);
         Gateway {
             child: Proc(child),

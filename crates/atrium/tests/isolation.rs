@@ -121,24 +121,14 @@ impl Node {
                 .send()
                 .is_ok_and(|r| r.status().is_success())
         });
-        let port = free_port();
-        node.gateway = Some(
-            Command::new(BIN)
-                .args([
-                    "gateway",
-                    "--listen",
-                    &format!("127.0.0.1:{port}"),
-                    "--log",
-                    "warn",
-                ])
-                .args(["--server", &node.server_url(), "--token", &node.token])
-                .arg("--data-dir")
-                .arg(node.dir.path().join("gateway"))
-                .stdout(Stdio::null())
-                .spawn()
-                .unwrap(),
+        let (gateway, url) = common::spawn_gateway(
+            &node.server_url(),
+            &node.token,
+            &node.dir.path().join("gateway"),
+            "isolation tests",
         );
-        node.gateway_url = format!("http://127.0.0.1:{port}");
+        node.gateway = Some(gateway);
+        node.gateway_url = url;
         let ready = format!("{}/readyz", node.gateway_url);
         wait_for("the gateway", 30, || {
             reqwest::blocking::get(&ready).is_ok_and(|r| r.status().is_success())

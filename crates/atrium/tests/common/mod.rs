@@ -43,3 +43,30 @@ pub fn admin_call(
     assert!(status.is_success(), "{method} {path}: {status} {v}");
     v
 }
+
+/// Starts `atrium gateway` on a free loopback port against the control
+/// plane at `server`; answers the process and the gateway's base URL.
+pub fn spawn_gateway(
+    server: &str,
+    token: &str,
+    data_dir: &std::path::Path,
+    secret: &str,
+) -> (std::process::Child, String) {
+    let port = free_port();
+    let child = std::process::Command::new(BIN)
+        .args([
+            "gateway",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--log",
+            "warn",
+        ])
+        .args(["--server", server, "--token", token])
+        .env("ATRIUM_GATEWAY_SECRET", secret)
+        .arg("--data-dir")
+        .arg(data_dir)
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    (child, format!("http://127.0.0.1:{port}"))
+}
