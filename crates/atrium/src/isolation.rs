@@ -214,21 +214,38 @@ pub fn report(data_dir: &Path, network_octet: u8, output: Output) -> Result<()> 
         let subject = w.name();
         // cgroup: the process is in the workload's cgroup, whose limits are
         // the placement's.
-        let (in_cgroup, memory_limit) = cgroup_of(&host, &w.id, pid);
+        let cg = cgroup_of(&host, &w.id, pid);
         check(
             "engine in its own cgroup",
             subject.clone(),
             "yes",
-            yes_no(in_cgroup),
-            in_cgroup,
+            yes_no(cg.holds_engine),
+            cg.holds_engine,
         );
         let want = w.assignment.spec.resources.memory.0;
+        let shown = |v: Option<u64>| v.map_or("unreadable".to_string(), |v| v.to_string());
         check(
             "memory limit",
             subject.clone(),
             &want.to_string(),
-            memory_limit.map_or("unreadable".into(), |m| m.to_string()),
-            memory_limit.is_some_and(|m| m.abs_diff(want) < 1 << 20),
+            shown(cg.memory_limit),
+            // The kernel rounds a limit down to whole pages.
+            cg.memory_limit.is_some_and(|m| m.abs_diff(want) < 1 << 20),
+        );
+        let want_cpu = w.assignment.spec.resources.cpu.0 * 100;
+        check(
+            "CPU quota per 100 ms (µs)",
+            subject.clone(),
+            &want_cpu.to_string(),
+            shown(cg.cpu_quota_us),
+            cg.cpu_quota_us == Some(want_cpu),
+        );
+        check(
+            "pids limit",
+            subject.clone(),
+            &sandbox::PIDS_LIMIT.to_string(),
+            shown(cg.pids_limit),
+            cg.pids_limit == Some(u64::from(sandbox::PIDS_LIMIT)),
         );
         let ns = host.netns_name(&w.assignment.tenant);
         let same_ns = inode(&format!("/proc/{pid}/ns/net")).is_some()
@@ -416,19 +433,40 @@ fn process_uid(pid: u32) -> Option<u32> {
 
 /// Whether `pid` is in workload `id`'s cgroup(s), and the memory limit
 /// that cgroup has.
-fn cgroup_of(host: &Host, id: &str, pid: u32) -> (bool, Option<u64>) {
+/// What the kernel says of workload `id`'s cgroups.
+struct CgroupView {
+    /// `pid` is in every one of them.
+    holds_engine: bool,
+    memory_limit: Option<u64>,
+    /// CPU time allowed per 100 ms period, in µs (none: unlimited).
+    cpu_quota_us: Option<u64>,
+    pids_limit: Option<u64>,
+}
+
+fn cgroup_of(host: &Host, id: &str, pid: u32) -> CgroupView {
     let dirs = host.cgroup_dirs(Some(id));
-    let inside = !dirs.is_empty()
-        && dirs.iter().all(|d| {
-            std::fs::read_to_string(d.join("cgroup.procs"))
-                .is_ok_and(|p| p.lines().any(|l| l.trim() == pid.to_string()))
-        });
-    let limit = dirs.iter().find_map(|d| {
-        ["memory.max", "memory.limit_in_bytes"]
-            .iter()
-            .find_map(|f| std::fs::read_to_string(d.join(f)).ok()?.trim().parse().ok())
-    });
-    (inside, limit)
+    let read = |files: &[&str]| -> Option<String> {
+        dirs.iter().find_map(|d| {
+            files
+                .iter()
+                .find_map(|f| std::fs::read_to_string(d.join(f)).ok())
+        })
+    };
+    let number = |files: &[&str]| read(files).and_then(|t| t.trim().parse().ok());
+    // v2 `cpu.max` is "<quota> <period>"; v1 keeps the quota alone (-1:
+    // none); both are per 100 ms period as the agent sets them.
+    let cpu_quota_us = read(&["cpu.max", "cpu.cfs_quota_us"])
+        .and_then(|t| t.split_whitespace().next()?.parse().ok());
+    CgroupView {
+        holds_engine: !dirs.is_empty()
+            && dirs.iter().all(|d| {
+                std::fs::read_to_string(d.join("cgroup.procs"))
+                    .is_ok_and(|p| p.lines().any(|l| l.trim() == pid.to_string()))
+            }),
+        memory_limit: number(&["memory.max", "memory.limit_in_bytes"]),
+        cpu_quota_us,
+        pids_limit: number(&["pids.max"]),
+    }
 }
 
 /// Runs `atrium sandbox-probe …` inside `from`'s sandbox: its tenant's
