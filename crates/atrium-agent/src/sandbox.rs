@@ -385,6 +385,8 @@ impl Host {
         for dir in self.cgroup_dirs(None) {
             let _ = std::fs::remove_dir(dir);
         }
+        // Only if empty: every workload's directory went with it.
+        let _ = std::fs::remove_dir(&self.config.root);
     }
 
     /// The cgroup directories of a workload (`Some(id)`) or the agent's
