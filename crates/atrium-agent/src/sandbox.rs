@@ -105,6 +105,10 @@ pub struct Host {
     pub firewall: Result<(), String>,
     /// `Err(why)` when a tenant's uid could not reach the engine binary.
     pub uid: Result<(), String>,
+    /// The `atrium` binary as a tenant's uid can run it: the agent's own
+    /// when every directory above it lets others through, else a copy in
+    /// the sandbox directory (`cargo install` puts it under `/root`).
+    pub tenant_binary: PathBuf,
 }
 
 /// A tenant's place on this node.
@@ -211,6 +215,46 @@ pub fn detect_cgroups(octet: u8) -> Cgroups {
     }
 }
 
+/// Makes the sandbox directory: root's, searchable by all (tenants pass
+/// through to their own 0700 directories), listable by none.
+fn make_sandbox_root(root: &Path) -> Result<(), String> {
+    std::fs::create_dir_all(root).map_err(|e| format!("{}: {e}", root.display()))?;
+    std::fs::set_permissions(root, std::fs::Permissions::from_mode(0o711))
+        .map_err(|e| format!("{}: {e}", root.display()))?;
+    for dir in root.ancestors() {
+        let searchable = dir.as_os_str().is_empty()
+            || std::fs::metadata(dir).is_ok_and(|m| m.permissions().mode() & 0o001 != 0);
+        if !searchable {
+            return Err(format!(
+                "{} is not searchable by other users",
+                dir.display()
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// The engine binary a tenant's uid can run: `binary` itself if it can,
+/// else a root-owned 0755 copy in `<sandbox root>/bin`, replaced by rename
+/// (engines running the old one keep it).
+fn binary_for_tenants(root: &Path, binary: &Path) -> Result<PathBuf, String> {
+    if reachable_by_others(binary).is_ok() {
+        return Ok(binary.to_path_buf());
+    }
+    let bin = root.join("bin");
+    let err = |p: &Path, e: io::Error| format!("{}: {e}", p.display());
+    std::fs::create_dir_all(&bin).map_err(|e| err(&bin, e))?;
+    std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755))
+        .map_err(|e| err(&bin, e))?;
+    let copy = bin.join("atrium");
+    let tmp = bin.join(".atrium.new");
+    std::fs::copy(binary, &tmp).map_err(|e| err(&tmp, e))?;
+    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o755))
+        .map_err(|e| err(&tmp, e))?;
+    std::fs::rename(&tmp, &copy).map_err(|e| err(&copy, e))?;
+    Ok(copy)
+}
+
 /// Whether every directory above `path` lets other users through, and
 /// `path` itself is readable by them: what a tenant's uid needs to run it.
 fn reachable_by_others(path: &Path) -> Result<(), String> {
@@ -248,28 +292,26 @@ impl Host {
                 netns: Err(why.clone()),
                 firewall: Err(why.clone()),
                 uid: Err(why),
+                tenant_binary: engine_binary.to_path_buf(),
             };
         }
-        let uid = reachable_by_others(engine_binary)
-            .and_then(|()| {
-                std::fs::create_dir_all(&config.root).map_err(|e| e.to_string())?;
-                std::fs::set_permissions(&config.root, std::fs::Permissions::from_mode(0o711))
-                    .map_err(|e| e.to_string())?;
-                // The sandbox root itself need only be searchable.
-                reachable_by_others(&config.root.join(".")).or_else(|e| {
-                    if e.contains("not readable") {
-                        Ok(())
-                    } else {
-                        Err(e)
-                    }
-                })
-            })
-            .map_err(|e| format!("{e}; tenants' processes would not reach their files"));
+        let reachable = make_sandbox_root(&config.root)
+            .and_then(|()| binary_for_tenants(&config.root, engine_binary));
+        let (uid, tenant_binary) = match reachable {
+            Ok(binary) => (Ok(()), binary),
+            Err(e) => (
+                Err(format!(
+                    "{e}; tenants' processes would not reach their files"
+                )),
+                engine_binary.to_path_buf(),
+            ),
+        };
         Host {
             cgroups: detect_cgroups(config.network_octet),
             netns: found("ip"),
             firewall: found("nft"),
             uid,
+            tenant_binary,
             root,
             config,
         }
@@ -385,6 +427,9 @@ impl Host {
         for dir in self.cgroup_dirs(None) {
             let _ = std::fs::remove_dir(dir);
         }
+        let bin = self.config.root.join("bin");
+        let _ = std::fs::remove_file(bin.join("atrium"));
+        let _ = std::fs::remove_dir(bin);
         // Only if empty: every workload's directory went with it.
         let _ = std::fs::remove_dir(&self.config.root);
     }
@@ -923,6 +968,7 @@ mod tests {
             netns: Err("test".into()),
             firewall: Err("test".into()),
             uid: Err("test".into()),
+            tenant_binary: PathBuf::from("/nonexistent/atrium"),
         }
     }
 

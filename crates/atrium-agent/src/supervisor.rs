@@ -385,7 +385,8 @@ impl ReplicaCtx {
         let binary = &self.shared.config.engine_binary;
         let mut cmd = tokio::process::Command::new(binary);
         if !sandbox.launcher.is_empty() {
-            cmd.args(&sandbox.launcher).arg(binary);
+            cmd.args(&sandbox.launcher)
+                .arg(&self.shared.host.tenant_binary);
         }
         // The engine sees only its own environment: the agent's may hold
         // credentials for the control plane.

@@ -319,15 +319,30 @@ pub fn report(data_dir: &Path, network_octet: u8, output: Output) -> Result<()> 
     let host_service = std::net::TcpListener::bind("0.0.0.0:0")?;
     let service_port = host_service.local_addr()?.port();
     for (tenant, from) in &by_tenant {
+        // Controls: from inside, the probe reaches what is the tenant's own;
+        // without them a broken probe would pass every attack below.
+        let own_dir = host.tenant_dir(tenant).display().to_string();
+        for (name, probe) in [
+            (
+                "sandbox reaches its own engine",
+                ["connect", &from.address()],
+            ),
+            ("sandbox reads its own directory", ["read", &own_dir]),
+        ] {
+            let seen = in_sandbox(&exe, &host, from, &probe);
+            let pass = matches!(seen, Probe::Succeeded(_));
+            check(name, tenant.to_string(), "works", seen.said(), pass);
+        }
         let host_side = host.addresses(from.slot).0;
         let target = format!("{host_side}:{service_port}");
-        let connect = in_sandbox(&exe, &host, from, &["connect", &target]);
+        let seen = in_sandbox(&exe, &host, from, &["connect", &target]);
+        let pass = matches!(seen, Probe::Refused(_));
         check(
             "host services unreachable",
             format!("{tenant} -> {target}"),
             "blocked",
-            outcome(&connect),
-            connect.is_err(),
+            seen.said(),
+            pass,
         );
     }
     for (a, from) in &by_tenant {
@@ -335,23 +350,24 @@ pub fn report(data_dir: &Path, network_octet: u8, output: Output) -> Result<()> 
             if a == b {
                 continue;
             }
-            let sandboxed = |probe: &[&str]| in_sandbox(&exe, &host, from, probe);
-            let connect = sandboxed(&["connect", &to.address()]);
+            let seen = in_sandbox(&exe, &host, from, &["connect", &to.address()]);
+            let pass = matches!(seen, Probe::Refused(_));
             check(
                 "cross-tenant TCP blocked",
                 format!("{a} -> {}", to.name()),
                 "blocked",
-                outcome(&connect),
-                connect.is_err(),
+                seen.said(),
+                pass,
             );
             let dir = host.tenant_dir(b).display().to_string();
-            let read = sandboxed(&["read", &dir]);
+            let seen = in_sandbox(&exe, &host, from, &["read", &dir]);
+            let pass = matches!(seen, Probe::Refused(_));
             check(
                 "cross-tenant data unreadable",
                 format!("{a} -> {dir}"),
                 "denied",
-                outcome(&read),
-                read.is_err(),
+                seen.said(),
+                pass,
             );
         }
     }
@@ -469,33 +485,52 @@ fn cgroup_of(host: &Host, id: &str, pid: u32) -> CgroupView {
     }
 }
 
+/// How a probe run inside a sandbox went.
+enum Probe {
+    /// The action worked.
+    Succeeded(String),
+    /// The action was refused (what an attack should get).
+    Refused(String),
+    /// The probe itself could not run: proves nothing either way.
+    Broken(String),
+}
+
+impl Probe {
+    fn said(&self) -> String {
+        match self {
+            Probe::Succeeded(s) | Probe::Refused(s) => s.clone(),
+            Probe::Broken(s) => format!("probe could not run: {s}"),
+        }
+    }
+}
+
 /// Runs `atrium sandbox-probe …` inside `from`'s sandbox: its tenant's
 /// network namespace and uid, as any process of that tenant would be.
-fn in_sandbox(
-    exe: &Path,
-    host: &Host,
-    from: &Workload,
-    probe: &[&str],
-) -> std::result::Result<String, String> {
+fn in_sandbox(exe: &Path, host: &Host, from: &Workload, probe: &[&str]) -> Probe {
     let id = host.tenant_id(from.slot).to_string();
     let out = Command::new(exe)
         .arg("sandbox-exec")
         .args(["--netns", &host.netns_name(&from.assignment.tenant)])
         .args(["--uid", &id, "--gid", &id, "--"])
-        .arg(exe)
+        .arg(&host.tenant_binary)
         .arg("sandbox-probe")
         .args(probe)
         .env_clear()
-        .output()
-        .map_err(|e| format!("cannot run the probe: {e}"))?;
+        .output();
+    let out = match out {
+        Ok(o) => o,
+        Err(e) => return Probe::Broken(e.to_string()),
+    };
     let said = format!(
         "{}{}",
         String::from_utf8_lossy(&out.stdout).trim(),
         String::from_utf8_lossy(&out.stderr).trim()
     );
-    if out.status.success() {
-        Ok(said)
-    } else {
-        Err(said)
+    // `sandbox-probe` exits 0 or 1; anything else (126: `sandbox-exec`
+    // could not enter the sandbox or run the probe) is not an answer.
+    match out.status.code() {
+        Some(0) => Probe::Succeeded(said),
+        Some(1) => Probe::Refused(said),
+        _ => Probe::Broken(said),
     }
 }

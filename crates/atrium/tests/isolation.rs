@@ -70,6 +70,8 @@ struct Node {
     octet: u8,
     /// Run the agent as this unprivileged uid instead of root.
     agent_uid: Option<u32>,
+    /// The `atrium` binary the agent runs from.
+    agent_binary: PathBuf,
     dir: tempfile::TempDir,
     server_port: u16,
     server: Option<Child>,
@@ -82,14 +84,15 @@ struct Node {
 
 impl Node {
     fn start(octet: u8) -> Node {
-        Node::start_with(octet, None)
+        Node::start_with(octet, None, Path::new(BIN))
     }
 
-    fn start_with(octet: u8, agent_uid: Option<u32>) -> Node {
+    fn start_with(octet: u8, agent_uid: Option<u32>, agent_binary: &Path) -> Node {
         require_root();
         let mut node = Node {
             octet,
             agent_uid,
+            agent_binary: agent_binary.to_path_buf(),
             dir: tempfile::tempdir().unwrap(),
             server_port: free_port(),
             server: None,
@@ -182,12 +185,12 @@ impl Node {
                     "--regid",
                     &uid.to_string(),
                     "--clear-groups",
-                    BIN,
                 ])
+                .arg(&self.agent_binary)
                 .env("ATRIUM_MODEL_CACHE", dir.join("cache"));
                 c
             }
-            None => Command::new(BIN),
+            None => Command::new(&self.agent_binary),
         };
         let child = cmd
             .args([
@@ -1068,7 +1071,7 @@ fn a_restarted_agent_readopts_its_engines() {
 
 #[test]
 fn an_unprivileged_agent_runs_engines_and_says_what_it_could_not_enforce() {
-    let node = Node::start_with(214, Some(65534));
+    let node = Node::start_with(214, Some(65534), Path::new(BIN));
     let key = node.tenant("zeta");
     let p = node
         .deploy(
@@ -1093,4 +1096,52 @@ fn an_unprivileged_agent_runs_engines_and_says_what_it_could_not_enforce() {
     assert!(
         node.netns_left().is_empty() && !node.firewall_left() && node.cgroups_left().is_empty()
     );
+}
+
+#[test]
+fn an_agent_installed_where_tenants_cannot_reach_still_runs_them_as_their_uid() {
+    // As `cargo install` leaves it for root: under a directory no other
+    // user may enter.
+    let private = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(
+        private.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o700),
+    )
+    .unwrap();
+    let binary = private.path().join("atrium");
+    std::fs::copy(BIN, &binary).unwrap();
+    let node = Node::start_with(216, None, &binary);
+    node.tenant("eta");
+    let p = node
+        .deploy("eta", "chat", 1, json!({"cpu": "250m", "memory": "128Mi"}))
+        .remove(0);
+    let iso = p["status"]["isolation"].as_str().unwrap();
+    assert!(iso.contains("uid=") && !iso.contains("uid=no"), "{iso}");
+    let pid = pid_of(&p);
+    assert_ne!(uid_of(pid), 0);
+    let exe = std::fs::read_link(format!("/proc/{pid}/exe")).unwrap();
+    assert_eq!(exe, node.agent_dir().join("sandboxes/bin/atrium"));
+    let out = Command::new(&binary)
+        .args([
+            "node",
+            "isolation",
+            "-o",
+            "json",
+            "--tenant-network",
+            "10.216.0.0/16",
+        ])
+        .arg("--data-dir")
+        .arg(node.agent_dir())
+        .output()
+        .unwrap();
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["failed"], 0, "{report:#}");
+    let control = report["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["check"] == "sandbox reaches its own engine")
+        .cloned()
+        .unwrap();
+    assert_eq!(control["pass"], true, "{control}");
 }
