@@ -318,6 +318,7 @@ pub fn report(data_dir: &Path, network_octet: u8, output: Output) -> Result<()> 
     // tenant's own gateway address — only the firewall stands between.
     let host_service = std::net::TcpListener::bind("0.0.0.0:0")?;
     let service_port = host_service.local_addr()?.port();
+    let mut attacks: Vec<(&str, String, &str, &Workload, [String; 2])> = Vec::new();
     for (tenant, from) in &by_tenant {
         // Controls: from inside, the probe reaches what is the tenant's own;
         // without them a broken probe would pass every attack below.
@@ -334,42 +335,40 @@ pub fn report(data_dir: &Path, network_octet: u8, output: Output) -> Result<()> 
             check(name, tenant.to_string(), "works", seen.said(), pass);
         }
         let host_side = host.addresses(from.slot).0;
-        let target = format!("{host_side}:{service_port}");
-        let seen = in_sandbox(&exe, &host, from, &["connect", &target]);
-        let pass = matches!(seen, Probe::Refused(_));
-        check(
+        attacks.push((
             "host services unreachable",
-            format!("{tenant} -> {target}"),
+            format!("{tenant} -> {host_side}:{service_port}"),
             "blocked",
-            seen.said(),
-            pass,
-        );
+            from,
+            ["connect".into(), format!("{host_side}:{service_port}")],
+        ));
     }
     for (a, from) in &by_tenant {
         for (b, to) in &by_tenant {
-            if a == b {
-                continue;
+            if a != b {
+                let dir = host.tenant_dir(b).display().to_string();
+                attacks.push((
+                    "cross-tenant TCP blocked",
+                    format!("{a} -> {}", to.name()),
+                    "blocked",
+                    from,
+                    ["connect".into(), to.address()],
+                ));
+                attacks.push((
+                    "cross-tenant data unreadable",
+                    format!("{a} -> {dir}"),
+                    "denied",
+                    from,
+                    ["read".into(), dir],
+                ));
             }
-            let seen = in_sandbox(&exe, &host, from, &["connect", &to.address()]);
-            let pass = matches!(seen, Probe::Refused(_));
-            check(
-                "cross-tenant TCP blocked",
-                format!("{a} -> {}", to.name()),
-                "blocked",
-                seen.said(),
-                pass,
-            );
-            let dir = host.tenant_dir(b).display().to_string();
-            let seen = in_sandbox(&exe, &host, from, &["read", &dir]);
-            let pass = matches!(seen, Probe::Refused(_));
-            check(
-                "cross-tenant data unreadable",
-                format!("{a} -> {dir}"),
-                "denied",
-                seen.said(),
-                pass,
-            );
         }
+    }
+    // Each attack passes only when the probe ran and was refused.
+    for (name, subject, expected, from, probe) in attacks {
+        let seen = in_sandbox(&exe, &host, from, &[&probe[0], &probe[1]]);
+        let pass = matches!(seen, Probe::Refused(_));
+        check(name, subject, expected, seen.said(), pass);
     }
     let failed = checks.iter().filter(|c| !c.pass).count();
     let report = Report {
