@@ -1,14 +1,44 @@
 //! Everything the gateway does with a request's bytes before it trusts
-//! them: the body parse, the token estimate, the affinity prefix and key,
-//! and the API-key split of an `Authorization` header. None may panic,
-//! and what they return must be self-consistent.
+//! them: the HTTP/1.1 heads and chunked framing (its own parser, both
+//! sides), the body parse, the token estimate, the affinity prefix and key,
+//! the body sent upstream, and the API-key split of an `Authorization`
+//! header. None may panic, and what they return must be self-consistent.
 #![no_main]
 
 use atrium_gateway::affinity::{affinity_key, prompt_prefix, AFFINITY_PREFIX_BYTES};
+use atrium_gateway::http1::{parse_request_head, parse_response_head, ChunkedDecoder};
+use atrium_gateway::outgoing::Outgoing;
 use atrium_gateway::{parse_request, token_estimate, DEFAULT_MAX_TOKENS_UNDER_LIMIT};
 use libfuzzer_sys::fuzz_target;
 
+/// Decodes `data` as a chunked body fed in two pieces split at `at`.
+fn dechunk(data: &[u8], at: usize) -> Result<(Vec<u8>, usize, bool), &'static str> {
+    let mut d = ChunkedDecoder::default();
+    let mut out = Vec::new();
+    let first = d.decode(&data[..at], &mut out)?;
+    let used = if d.is_done() {
+        first
+    } else {
+        first + d.decode(&data[at..], &mut out)?
+    };
+    Ok((out, used, d.is_done()))
+}
+
 fuzz_target!(|data: &[u8]| {
+    if let Ok(Some((head, len))) = parse_request_head(data) {
+        assert!(len <= data.len());
+        assert!(!head.path.contains('?'));
+    }
+    if let Ok(Some((_, len))) = parse_response_head(data) {
+        assert!(len <= data.len());
+    }
+    // Framing must not depend on how the bytes arrive.
+    if let (Ok(whole), Ok(split)) = (dechunk(data, data.len()), dechunk(data, data.len() / 2)) {
+        if whole.2 && split.2 {
+            assert_eq!(whole, split);
+        }
+        assert!(whole.0.len() <= data.len());
+    }
     if let Ok(text) = std::str::from_utf8(data) {
         if let Some((id, secret)) = atrium_core::key::split_key_token(text) {
             assert!(!id.is_empty() && !secret.is_empty());
@@ -18,15 +48,22 @@ fuzz_target!(|data: &[u8]| {
         return;
     };
     assert!(!model.is_empty());
-    let body = serde_json::Value::Object(map);
-    let prefix = prompt_prefix(&body);
+    let prefix = prompt_prefix(&map);
     assert!(prefix.len() <= AFFINITY_PREFIX_BYTES);
     let _ = affinity_key("salt", &prefix);
     for cap in [None, Some(1), Some(u64::MAX)] {
-        let (estimate, set_max) = token_estimate(&body, cap);
+        let (estimate, set_max) = token_estimate(&map, cap);
         if let Some(m) = set_max {
             assert!((1..=DEFAULT_MAX_TOKENS_UNDER_LIMIT).contains(&m));
             assert!(estimate >= m);
         }
     }
+    // What goes upstream is the request with the gateway's changes, and
+    // nothing else, whether spliced into the client's text or rewritten.
+    let mut upstream = Outgoing::new(bytes::Bytes::copy_from_slice(data), map);
+    upstream.set("cache_salt", serde_json::json!("tenant salt"));
+    upstream.set("stream_options", serde_json::json!({"include_usage": true}));
+    let sent: serde_json::Value =
+        serde_json::from_slice(&upstream.encode()).expect("the upstream body is JSON");
+    assert_eq!(sent, serde_json::Value::Object(upstream.value().clone()));
 });

@@ -56,7 +56,7 @@ pub fn affinity_key(salt: &str, prefix: &[u8]) -> u64 {
 /// The first `AFFINITY_PREFIX_BYTES` of what the model will read first:
 /// the chat messages (role and text, in order), a completion's prompt or
 /// an embedding's input.
-pub fn prompt_prefix(body: &Value) -> Vec<u8> {
+pub fn prompt_prefix(body: &serde_json::Map<String, Value>) -> Vec<u8> {
     let mut out = Vec::with_capacity(AFFINITY_PREFIX_BYTES);
     let mut push = |s: &str| {
         let room = AFFINITY_PREFIX_BYTES.saturating_sub(out.len());
@@ -119,6 +119,10 @@ mod tests {
     use super::*;
     use serde_json::json;
 
+    fn prefix_of(body: Value) -> Vec<u8> {
+        prompt_prefix(body.as_object().unwrap())
+    }
+
     #[test]
     fn same_prompt_different_tenants_differ() {
         let salter = Salter::new(b"gateway secret");
@@ -127,7 +131,7 @@ mod tests {
         assert_eq!(a, salter.tenant_salt("acme"), "stable");
         assert_ne!(a, Salter::new(b"another secret").tenant_salt("acme"));
         let body = json!({"messages": [{"role": "user", "content": "What is a GPU?"}]});
-        let prefix = prompt_prefix(&body);
+        let prefix = prefix_of(body.clone());
         assert_eq!(prefix, b"user\nWhat is a GPU?");
         assert_ne!(affinity_key(&a, &prefix), affinity_key(&b, &prefix));
         assert_eq!(affinity_key(&a, &prefix), affinity_key(&a, &prefix));
@@ -137,12 +141,12 @@ mod tests {
     fn prefix_is_bounded_and_reads_every_shape() {
         let long = "x".repeat(5000);
         let body = json!({"messages": [{"role": "system", "content": long}, {"role": "user", "content": "tail"}]});
-        assert_eq!(prompt_prefix(&body).len(), AFFINITY_PREFIX_BYTES);
+        assert_eq!(prefix_of(body.clone()).len(), AFFINITY_PREFIX_BYTES);
         let parts = json!({"messages": [{"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}]});
-        assert_eq!(prompt_prefix(&parts), b"user\nab");
-        assert_eq!(prompt_prefix(&json!({"prompt": ["p", "q"]})), b"pq");
-        assert_eq!(prompt_prefix(&json!({"input": "e"})), b"e");
-        assert!(prompt_prefix(&json!({"messages": 3})).is_empty());
+        assert_eq!(prefix_of(parts), b"user\nab");
+        assert_eq!(prefix_of(json!({"prompt": ["p", "q"]})), b"pq");
+        assert_eq!(prefix_of(json!({"input": "e"})), b"e");
+        assert!(prefix_of(json!({"messages": 3})).is_empty());
     }
 
     #[test]

@@ -13,8 +13,12 @@
 //! never touches the store.
 
 pub mod affinity;
+pub mod http1;
 pub mod limits;
+pub mod outgoing;
 mod routes;
+mod server;
+mod upstream;
 mod usage;
 
 use std::net::SocketAddr;
@@ -25,17 +29,13 @@ use std::time::{Duration, Instant};
 
 use atrium_api::UsageRecordView;
 use atrium_client::ControlPlane;
-use axum::body::{Body, Bytes};
-use axum::extract::{Request, State};
-use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
-use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
-use axum::{Json, Router};
-use futures::StreamExt;
+use bytes::Bytes;
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
 
 use affinity::Salter;
+use http1::Method;
+use server::{Request, Response, ResponseBody};
 
 pub use routes::Routes;
 use routes::{Caller, Target};
@@ -121,12 +121,11 @@ struct Metrics {
 struct Gateway {
     metrics: Arc<Metrics>,
     routes: Arc<RwLock<Routes>>,
-    http: UpstreamClient,
+    upstreams: Arc<upstream::Upstreams>,
     usage: Arc<usage::UsageLog>,
     limiter: Arc<limits::Limiter>,
     salter: Salter,
-    site: HeaderValue,
-    site_name: String,
+    site: String,
 }
 
 /// A started gateway.
@@ -363,26 +362,30 @@ pub async fn start(config: GatewayConfig) -> Result<RunningGateway, GatewayError
             }
         }));
     }
-    let gateway = Gateway {
+    let upstreams = Arc::new(upstream::Upstreams::default());
+    {
+        let upstreams = upstreams.clone();
+        background.push(tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_secs(30)).await;
+                upstreams.sweep();
+            }
+        }));
+    }
+    let gateway = Arc::new(Gateway {
         metrics: Arc::default(),
         routes,
-        http: upstream_client(),
+        upstreams,
         usage: usage_log,
         limiter,
         salter: Salter::new(&secret),
-        site: HeaderValue::from_str(&config.site).unwrap_or(HeaderValue::from_static("unknown")),
-        site_name: config.site.clone(),
-    };
-    let app = router(Arc::new(gateway));
-    let task = tokio::spawn(async move {
-        // Small writes (SSE chunks) must not wait for delayed ACKs.
-        let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
-            let _ = tcp.set_nodelay(true);
-        });
-        if let Err(e) = axum::serve(listener, app).await {
-            tracing::error!(error = %e, "gateway stopped");
-        }
+        site: config.site.clone(),
     });
+    let task = tokio::spawn(server::serve(
+        listener,
+        move |request| handle(gateway.clone(), request),
+        BODY_LIMIT,
+    ));
     tracing::info!(%addr, "gateway listening");
     Ok(RunningGateway {
         addr,
@@ -391,80 +394,59 @@ pub async fn start(config: GatewayConfig) -> Result<RunningGateway, GatewayError
     })
 }
 
-/// The HTTP/1 client to replicas: hyper's pooled client, without the URL
-/// and policy layers a general-purpose client adds to every request.
-type UpstreamClient = hyper_util::client::legacy::Client<
-    hyper_util::client::legacy::connect::HttpConnector,
-    http_body_util::Full<Bytes>,
->;
-
-fn upstream_client() -> UpstreamClient {
-    let mut connector = hyper_util::client::legacy::connect::HttpConnector::new();
-    connector.set_nodelay(true);
-    connector.set_connect_timeout(Some(Duration::from_secs(3)));
-    hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-        .pool_max_idle_per_host(1024)
-        .pool_idle_timeout(Duration::from_secs(60))
-        .build(connector)
-}
-
-fn router(gateway: Arc<Gateway>) -> Router {
-    Router::new()
-        .route("/v1/chat/completions", post(proxy))
-        .route("/v1/completions", post(proxy))
-        .route("/v1/embeddings", post(proxy))
-        .route("/v1/models", get(models))
-        .route("/healthz", get(|| async { Json(json!({"status": "ok"})) }))
-        .route("/readyz", get(readyz))
-        .route("/metrics", get(metrics))
-        .fallback(|| async {
-            openai_error(
-                StatusCode::NOT_FOUND,
-                "invalid_request_error",
-                None,
-                "no such route",
-            )
-        })
-        .layer(axum::middleware::from_fn_with_state(
-            gateway.clone(),
-            observe,
-        ))
-        .with_state(gateway)
-}
-
-/// Counts every request by route and status, with the time to the
-/// response head (streams continue after it).
-async fn observe(
-    State(g): State<Arc<Gateway>>,
-    req: Request,
-    next: axum::middleware::Next,
-) -> Response {
-    const ROUTES: [&str; 7] = [
-        "/v1/chat/completions",
-        "/v1/completions",
-        "/v1/embeddings",
-        "/v1/models",
-        "/healthz",
-        "/readyz",
-        "/metrics",
-    ];
-    let path = req.uri().path();
-    let route = ROUTES
-        .iter()
-        .copied()
-        .find(|r| *r == path)
-        .unwrap_or("other");
-    let started = std::time::Instant::now();
-    let response = next.run(req).await;
+/// The gateway's routes; every answer is counted by route and status, with
+/// the time to the response head (streams continue after it).
+async fn handle(g: Arc<Gateway>, request: Request) -> Response {
+    const PROXIED: [&str; 3] = ["/v1/chat/completions", "/v1/completions", "/v1/embeddings"];
+    const READ_ONLY: [&str; 4] = ["/v1/models", "/healthz", "/readyz", "/metrics"];
+    let started = Instant::now();
+    let path = request.head.path.as_str();
+    let method = request.head.method;
+    let (route, response) = if let Some(route) = PROXIED.iter().copied().find(|r| *r == path) {
+        let response = if method == Method::Post {
+            proxy(&g, route, request).await
+        } else {
+            method_not_allowed("POST")
+        };
+        (route, response)
+    } else if let Some(route) = READ_ONLY.iter().copied().find(|r| *r == path) {
+        let response = if !matches!(method, Method::Get | Method::Head) {
+            method_not_allowed("GET, HEAD")
+        } else {
+            match route {
+                "/v1/models" => models(&g, request.head.authorization.as_deref()),
+                "/healthz" => Response::json(200, &json!({"status": "ok"})),
+                "/readyz" => readyz(&g),
+                _ => metrics(&g),
+            }
+        };
+        (route, response)
+    } else {
+        (
+            "other",
+            openai_error(404, "invalid_request_error", None, "no such route"),
+        )
+    };
     if let Ok(mut m) = g.metrics.requests.lock() {
-        let e = m.entry((route, response.status().as_u16())).or_default();
+        let e = m.entry((route, response.status)).or_default();
         e.0 += 1;
         e.1 += started.elapsed().as_secs_f64();
     }
     response
 }
 
-async fn metrics(State(g): State<Arc<Gateway>>) -> Response {
+fn method_not_allowed(allow: &'static str) -> Response {
+    let mut r = openai_error(
+        405,
+        "invalid_request_error",
+        None,
+        &format!("method not allowed here: use {allow}"),
+    );
+    r.header("allow", allow);
+    r
+}
+
+fn metrics(g: &Gateway) -> Response {
     use std::fmt::Write as _;
     let mut out = String::new();
     out.push_str("# HELP atrium_gateway_requests_total Requests by route and status.\n# TYPE atrium_gateway_requests_total counter\n");
@@ -499,31 +481,26 @@ async fn metrics(State(g): State<Arc<Gateway>>) -> Response {
         }
         let _ = writeln!(out, "# HELP atrium_gateway_synced Whether the route table has its first snapshot.\n# TYPE atrium_gateway_synced gauge\natrium_gateway_synced {}", u8::from(r.synced()));
     }
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response()
+    Response::new(200, "text/plain; version=0.0.4", out)
 }
 
 /// A refused request: the gateway's one error type, answered in OpenAI's
 /// shape so SDKs raise their usual exceptions.
 struct Refusal {
-    status: StatusCode,
+    status: u16,
     kind: &'static str,
     code: Option<&'static str>,
     message: String,
 }
 
-impl IntoResponse for Refusal {
+impl Refusal {
     fn into_response(self) -> Response {
         let body = json!({"error": {"message": self.message, "type": self.kind, "param": null, "code": self.code}});
-        (self.status, Json(body)).into_response()
+        Response::json(self.status, &body)
     }
 }
 
-fn refusal(
-    status: StatusCode,
-    kind: &'static str,
-    code: Option<&'static str>,
-    message: &str,
-) -> Refusal {
+fn refusal(status: u16, kind: &'static str, code: Option<&'static str>, message: &str) -> Refusal {
     Refusal {
         status,
         kind,
@@ -533,7 +510,7 @@ fn refusal(
 }
 
 fn openai_error(
-    status: StatusCode,
+    status: u16,
     kind: &'static str,
     code: Option<&'static str>,
     message: &str,
@@ -543,20 +520,20 @@ fn openai_error(
 
 fn model_not_found(model: &str) -> Response {
     openai_error(
-        StatusCode::NOT_FOUND,
+        404,
         "invalid_request_error",
         Some("model_not_found"),
         &format!("The model `{model}` does not exist or you do not have access to it."),
     )
 }
 
-async fn readyz(State(g): State<Arc<Gateway>>) -> Response {
+fn readyz(g: &Gateway) -> Response {
     let ready = g.routes.read().map(|r| r.synced()).unwrap_or(false);
     if ready {
-        Json(json!({"status": "ready"})).into_response()
+        Response::json(200, &json!({"status": "ready"}))
     } else {
         openai_error(
-            StatusCode::SERVICE_UNAVAILABLE,
+            503,
             "server_error",
             None,
             "not yet synchronised with the control plane",
@@ -564,40 +541,29 @@ async fn readyz(State(g): State<Arc<Gateway>>) -> Response {
     }
 }
 
-fn authenticate(g: &Gateway, headers: &HeaderMap) -> Result<Caller, Refusal> {
-    let token = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
+fn authenticate(g: &Gateway, authorization: Option<&str>) -> Result<Caller, Refusal> {
+    let token = authorization
         .and_then(|v| v.strip_prefix("Bearer "))
         .map(str::trim)
         .ok_or_else(|| {
             refusal(
-                StatusCode::UNAUTHORIZED,
+                401,
                 "invalid_request_error",
                 Some("invalid_api_key"),
                 "Missing API key: send `Authorization: Bearer <key>`.",
             )
         })?;
-    let routes = g.routes.read().map_err(|_| {
-        refusal(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "server_error",
-            None,
-            "route table unavailable",
-        )
-    })?;
-    routes.authenticate(token).map_err(|why| {
-        refusal(
-            StatusCode::UNAUTHORIZED,
-            "invalid_request_error",
-            Some("invalid_api_key"),
-            why,
-        )
-    })
+    let routes = g
+        .routes
+        .read()
+        .map_err(|_| refusal(500, "server_error", None, "route table unavailable"))?;
+    routes
+        .authenticate(token)
+        .map_err(|why| refusal(401, "invalid_request_error", Some("invalid_api_key"), why))
 }
 
-async fn models(State(g): State<Arc<Gateway>>, headers: HeaderMap) -> Response {
-    let caller = match authenticate(&g, &headers) {
+fn models(g: &Gateway, authorization: Option<&str>) -> Response {
+    let caller = match authenticate(g, authorization) {
         Ok(c) => c,
         Err(r) => return r.into_response(),
     };
@@ -610,7 +576,7 @@ async fn models(State(g): State<Arc<Gateway>>, headers: HeaderMap) -> Response {
         .into_iter()
         .map(|name| json!({"id": name, "object": "model", "created": 0, "owned_by": caller.tenant}))
         .collect();
-    Json(json!({"object": "list", "data": data})).into_response()
+    Response::json(200, &json!({"object": "list", "data": data}))
 }
 
 /// Decrements a replica's in-flight count when the request is over,
@@ -671,7 +637,10 @@ pub fn parse_request(bytes: &[u8]) -> Result<(serde_json::Map<String, Value>, St
 /// limit to enforce (set when the client gave none). Prompt tokens are
 /// bounded by the prompt's bytes (byte-level BPE yields at most one token
 /// per byte) plus a per-message template allowance.
-pub fn token_estimate(body: &Value, limits_cap: Option<u64>) -> (u64, Option<u64>) {
+pub fn token_estimate(
+    body: &serde_json::Map<String, Value>,
+    limits_cap: Option<u64>,
+) -> (u64, Option<u64>) {
     const PER_MESSAGE: u64 = 8;
     fn text_bytes(v: &Value) -> u64 {
         match v {
@@ -735,22 +704,17 @@ fn rate_limited(e: &limits::Exceeded, who: &str) -> Response {
         )
     };
     let body = json!({"error": {"message": message, "type": e.kind.openai_type(), "param": e.kind.field(), "code": "rate_limit_exceeded"}});
-    let mut r = (StatusCode::TOO_MANY_REQUESTS, Json(body)).into_response();
-    if let Ok(v) = HeaderValue::from_str(&e.retry_after_secs().to_string()) {
-        r.headers_mut().insert(header::RETRY_AFTER, v);
-    }
+    let mut r = Response::json(429, &body);
+    r.header("retry-after", e.retry_after_secs().to_string());
     r
 }
 
-async fn proxy(State(g): State<Arc<Gateway>>, req: Request) -> Response {
+async fn proxy(g: &Gateway, path: &str, request: Request) -> Response {
     let started = Instant::now();
     let request_id = format!("req_{:024x}", rand::random::<u128>() >> 32);
-    let mut response = proxy_inner(&g, req, started, &request_id).await;
-    let h = response.headers_mut();
-    if let Ok(v) = HeaderValue::from_str(&request_id) {
-        h.insert("x-request-id", v);
-    }
-    h.insert("x-atrium-site", g.site.clone());
+    let mut response = proxy_inner(g, path, request, started, &request_id).await;
+    response.header("x-request-id", request_id);
+    response.header("x-atrium-site", g.site.clone());
     response
 }
 
@@ -758,53 +722,42 @@ async fn proxy(State(g): State<Arc<Gateway>>, req: Request) -> Response {
 fn record_overhead(g: &Gateway, response: &mut Response, started: Instant, upstream: Duration) {
     let overhead = started.elapsed().saturating_sub(upstream);
     g.metrics.overhead.observe(overhead);
-    if let Ok(v) = HeaderValue::from_str(&overhead.as_micros().to_string()) {
-        response.headers_mut().insert("x-atrium-overhead-us", v);
-    }
+    response.header("x-atrium-overhead-us", overhead.as_micros().to_string());
 }
 
-async fn proxy_inner(g: &Gateway, req: Request, started: Instant, request_id: &str) -> Response {
-    let path = req.uri().path().to_string();
-    let caller = match authenticate(g, req.headers()) {
+async fn proxy_inner(
+    g: &Gateway,
+    path: &str,
+    request: Request,
+    started: Instant,
+    request_id: &str,
+) -> Response {
+    let caller = match authenticate(g, request.head.authorization.as_deref()) {
         Ok(c) => c,
         Err(r) => return r.into_response(),
     };
     if !caller.may_infer {
         return openai_error(
-            StatusCode::FORBIDDEN,
+            403,
             "invalid_request_error",
             Some("insufficient_scope"),
             "this key has no inference scope",
         );
     }
-    let bytes = match axum::body::to_bytes(req.into_body(), BODY_LIMIT).await {
-        Ok(b) => b,
-        Err(_) => {
-            return openai_error(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "invalid_request_error",
-                None,
-                &format!("request body over {BODY_LIMIT} bytes"),
-            )
-        }
-    };
-    let (map, model) = match parse_request(&bytes) {
+    let (map, model) = match parse_request(&request.body) {
         Ok(parsed) => parsed,
-        Err(message) => {
-            return openai_error(
-                StatusCode::BAD_REQUEST,
-                "invalid_request_error",
-                None,
-                &message,
-            )
-        }
+        Err(message) => return openai_error(400, "invalid_request_error", None, &message),
     };
-    let mut body = Value::Object(map);
+    let mut body = outgoing::Outgoing::new(request.body, map);
     let is_embedding = path == "/v1/embeddings";
-    let streaming = body.get("stream").and_then(Value::as_bool).unwrap_or(false);
+    let streaming = body
+        .value()
+        .get("stream")
+        .and_then(Value::as_bool)
+        .unwrap_or(false);
     // Metering needs the token counts of streamed answers too.
     if streaming && !is_embedding {
-        body["stream_options"] = json!({"include_usage": true});
+        body.set("stream_options", json!({"include_usage": true}));
     }
 
     // Limits: the key's and the tenant's, admitted together.
@@ -814,9 +767,9 @@ async fn proxy_inner(g: &Gateway, req: Request, started: Instant, request_id: &s
         .flatten()
         .min();
     let estimate = if token_cap.is_some() {
-        let (estimate, set_max) = token_estimate(&body, token_cap);
+        let (estimate, set_max) = token_estimate(body.value(), token_cap);
         if let Some(m) = set_max {
-            body["max_tokens"] = json!(m);
+            body.set("max_tokens", json!(m));
         }
         estimate
     } else {
@@ -847,7 +800,7 @@ async fn proxy_inner(g: &Gateway, req: Request, started: Instant, request_id: &s
 
     // Routing: tenant-salted prefix affinity over the ready replicas.
     let salt = g.salter.tenant_salt(&caller.tenant);
-    let affinity = affinity::affinity_key(&salt, &affinity::prompt_prefix(&body));
+    let affinity = affinity::affinity_key(&salt, &affinity::prompt_prefix(body.value()));
     let mut tried: Vec<String> = Vec::new();
     let mut upstream_time = Duration::ZERO;
     let mut encoded: Option<Bytes> = None;
@@ -859,22 +812,13 @@ async fn proxy_inner(g: &Gateway, req: Request, started: Instant, request_id: &s
         {
             Ok(Some(t)) => t,
             Ok(None) => return model_not_found(&model),
-            Err(_) => {
-                return openai_error(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    "server_error",
-                    None,
-                    "route table unavailable",
-                )
-            }
+            Err(_) => return openai_error(500, "server_error", None, "route table unavailable"),
         };
         let (base, replica_name, replica) = match target {
             Target::External { url, model } => {
-                body["model"] = Value::String(model);
+                body.set("model", Value::String(model));
                 // A shared upstream's cache must not be steered by a client.
-                if let Some(m) = body.as_object_mut() {
-                    m.remove("cache_salt");
-                }
+                body.remove("cache_salt");
                 (url, "external".to_string(), None)
             }
             Target::Replica {
@@ -886,7 +830,10 @@ async fn proxy_inner(g: &Gateway, req: Request, started: Instant, request_id: &s
                 takes_cache_salt,
             } => {
                 if takes_cache_salt && !is_embedding {
-                    body["cache_salt"] = Value::String(salt.clone());
+                    body.set("cache_salt", Value::String(salt.clone()));
+                } else {
+                    // Nothing upstream may read a salt the client chose.
+                    body.remove("cache_salt");
                 }
                 outstanding.fetch_add(1, Ordering::Relaxed);
                 (endpoint, name, Some((id, InFlight(outstanding), breaker)))
@@ -900,34 +847,12 @@ async fn proxy_inner(g: &Gateway, req: Request, started: Instant, request_id: &s
                         tried.len()
                     )
                 };
-                return openai_error(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "server_error",
-                    Some("no_ready_replica"),
-                    &message,
-                );
+                return openai_error(503, "server_error", Some("no_ready_replica"), &message);
             }
         };
-        let text = encoded
-            .get_or_insert_with(|| Bytes::from(body.to_string()))
-            .clone();
-        let request = axum::http::Request::post(format!("{}{path}", base.trim_end_matches('/')))
-            .header(header::CONTENT_TYPE, "application/json")
-            .header("x-request-id", request_id)
-            .body(http_body_util::Full::new(text));
-        let request = match request {
-            Ok(r) => r,
-            Err(e) => {
-                return openai_error(
-                    StatusCode::BAD_GATEWAY,
-                    "server_error",
-                    None,
-                    &format!("replica {replica_name} has an unusable address {base:?}: {e}"),
-                )
-            }
-        };
+        let text = encoded.get_or_insert_with(|| body.encode()).clone();
         let sent = Instant::now();
-        let result = g.http.request(request).await;
+        let result = g.upstreams.post(&base, path, request_id, &text).await;
         upstream_time += sent.elapsed();
         match (result, replica) {
             (Ok(r), Some((_, in_flight, breaker))) => {
@@ -945,7 +870,7 @@ async fn proxy_inner(g: &Gateway, req: Request, started: Instant, request_id: &s
                     breaker.failure();
                 }
                 return openai_error(
-                    StatusCode::BAD_GATEWAY,
+                    502,
                     "server_error",
                     None,
                     &format!("replica {replica_name} unreachable: {e}"),
@@ -953,26 +878,26 @@ async fn proxy_inner(g: &Gateway, req: Request, started: Instant, request_id: &s
             }
         }
     };
-    let status = upstream.status();
-    let content_type = upstream.headers().get(header::CONTENT_TYPE).cloned();
+    let status = upstream.head.status;
+    let content_type = upstream.head.content_type.clone();
     let meter = Meter {
         usage: g.usage.clone(),
         tenant: caller.tenant.clone(),
         deployment: model.clone(),
-        site: g.site_name.clone(),
+        site: g.site.clone(),
         replica: replica_name.clone(),
         request_id: request_id.to_string(),
     };
-    let mut response = if streaming && status.is_success() {
-        let (tx, rx) = mpsc::channel::<Result<Bytes, std::io::Error>>(32);
-        let mut stream = http_body_util::BodyExt::into_data_stream(upstream.into_body());
+    let mut upstream_body = upstream.body;
+    let body = if streaming && (200..300).contains(&status) {
+        let (tx, rx) = mpsc::channel::<Bytes>(32);
         tokio::spawn(async move {
             let _in_flight = in_flight;
             let mut ticket = ticket;
             let mut line = Vec::new();
             let mut metered = false;
             let mut client_gone = false;
-            while let Some(chunk) = stream.next().await {
+            while let Some(chunk) = upstream_body.chunk().await {
                 let Ok(chunk) = chunk else { break };
                 // Look for the usage chunk while passing every byte on as is;
                 // it is metered before it is passed on.
@@ -994,25 +919,21 @@ async fn proxy_inner(g: &Gateway, req: Request, started: Instant, request_id: &s
                 // A client that hangs up mid-stream is still billed for
                 // what the replica computes: keep reading to the usage
                 // chunk (the replica finishes the sequence either way).
-                if !client_gone && tx.send(Ok(chunk)).await.is_err() {
+                if !client_gone && tx.send(chunk).await.is_err() {
                     client_gone = true;
                 }
             }
         });
-        Response::new(Body::from_stream(
-            tokio_stream::wrappers::ReceiverStream::new(rx),
-        ))
+        ResponseBody::Stream(rx)
     } else {
         let sent = Instant::now();
-        let bytes = http_body_util::BodyExt::collect(upstream.into_body())
-            .await
-            .map(http_body_util::Collected::to_bytes);
+        let bytes = upstream_body.collect().await;
         upstream_time += sent.elapsed();
         let bytes = match bytes {
             Ok(b) => b,
             Err(e) => {
                 return openai_error(
-                    StatusCode::BAD_GATEWAY,
+                    502,
                     "server_error",
                     None,
                     &format!("replica {replica_name} failed: {e}"),
@@ -1020,22 +941,23 @@ async fn proxy_inner(g: &Gateway, req: Request, started: Instant, request_id: &s
             }
         };
         drop(in_flight);
-        if status.is_success() {
+        if (200..300).contains(&status) {
             if let Some((p, c)) = usage_of(&bytes) {
                 meter.record(p, c, &mut ticket);
             }
         }
         drop(ticket);
-        Response::new(Body::from(bytes))
+        ResponseBody::Full(bytes)
     };
-    *response.status_mut() = status;
-    let h = response.headers_mut();
+    let mut response = Response {
+        status,
+        headers: Vec::with_capacity(8),
+        body,
+    };
     if let Some(ct) = content_type {
-        h.insert(header::CONTENT_TYPE, ct);
+        response.header("content-type", ct);
     }
-    if let Ok(v) = HeaderValue::from_str(&replica_name) {
-        h.insert("x-atrium-replica", v);
-    }
+    response.header("x-atrium-replica", replica_name);
     record_overhead(g, &mut response, started, upstream_time);
     response
 }
@@ -1090,18 +1012,27 @@ mod tests {
     #[test]
     fn estimates_bound_prompt_and_completion() {
         let chat = json!({"model": "m", "messages": [{"role": "user", "content": "hello"}], "max_tokens": 10, "n": 2});
-        assert_eq!(token_estimate(&chat, Some(100)), (5 + 8 + 20, None));
-        let open = json!({"model": "m", "messages": [{"role": "user", "content": "hi"}]});
-        assert_eq!(token_estimate(&open, Some(50)), (2 + 8 + 50, Some(50)));
         assert_eq!(
-            token_estimate(&open, Some(1_000_000)),
+            token_estimate(chat.as_object().unwrap(), Some(100)),
+            (5 + 8 + 20, None)
+        );
+        let open = json!({"model": "m", "messages": [{"role": "user", "content": "hi"}]});
+        assert_eq!(
+            token_estimate(open.as_object().unwrap(), Some(50)),
+            (2 + 8 + 50, Some(50))
+        );
+        assert_eq!(
+            token_estimate(open.as_object().unwrap(), Some(1_000_000)),
             (
                 10 + DEFAULT_MAX_TOKENS_UNDER_LIMIT,
                 Some(DEFAULT_MAX_TOKENS_UNDER_LIMIT)
             )
         );
         let embed = json!({"model": "e", "input": ["abc", "de"]});
-        assert_eq!(token_estimate(&embed, Some(10)), (5, None));
+        assert_eq!(
+            token_estimate(embed.as_object().unwrap(), Some(10)),
+            (5, None)
+        );
     }
 
     #[test]

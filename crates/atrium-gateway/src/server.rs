@@ -1,0 +1,476 @@
+//! The gateway's HTTP/1.1 server: accepts tenants' connections and runs
+//! their requests one after another on each (keep-alive, pipelining
+//! tolerated), reading a head and body, handing them to the gateway and
+//! writing its answer — a whole body in one `write`, or a stream as chunks
+//! the moment each arrives.
+
+use std::future::Future;
+use std::io;
+use std::time::{Duration, SystemTime};
+
+use bytes::{Bytes, BytesMut};
+use serde_json::Value;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+
+use crate::http1::{self, BodyLength, ChunkedDecoder, Framing, HttpError, Method, RequestHead};
+
+/// How long a kept-alive connection may sit idle before the next request.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(300);
+/// How long a request may take to arrive once its first byte has.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long a refused request's remaining bytes are drained before close.
+const LINGER: Duration = Duration::from_secs(1);
+/// Bodies up to this size go out in the same `write` as their head.
+const COALESCE_BYTES: usize = 64 << 10;
+
+pub struct Request {
+    pub head: RequestHead,
+    pub body: Bytes,
+}
+
+pub enum ResponseBody {
+    Full(Bytes),
+    /// Sent chunked as the pieces arrive; the end of the channel ends it.
+    Stream(mpsc::Receiver<Bytes>),
+}
+
+pub struct Response {
+    pub status: u16,
+    pub headers: Vec<(&'static str, String)>,
+    pub body: ResponseBody,
+}
+
+impl Response {
+    pub fn new(status: u16, content_type: &str, body: impl Into<Bytes>) -> Response {
+        Response {
+            status,
+            headers: vec![("content-type", content_type.to_string())],
+            body: ResponseBody::Full(body.into()),
+        }
+    }
+
+    pub fn json(status: u16, value: &Value) -> Response {
+        Response::new(status, "application/json", value.to_string())
+    }
+
+    pub fn header(&mut self, name: &'static str, value: impl Into<String>) {
+        let value = value.into();
+        // Values reach the wire verbatim: nothing may end a header line.
+        if !value.bytes().any(|b| b == b'\r' || b == b'\n') {
+            self.headers.retain(|(n, _)| *n != name);
+            self.headers.push((name, value));
+        }
+    }
+}
+
+/// Accepts connections forever, each served by its own task.
+pub async fn serve<H, F>(listener: TcpListener, handler: H, body_limit: usize)
+where
+    H: Fn(Request) -> F + Clone + Send + 'static,
+    F: Future<Output = Response> + Send + 'static,
+{
+    loop {
+        let stream = match listener.accept().await {
+            Ok((s, _)) => s,
+            Err(e) => {
+                // Out of descriptors and the like: wait for some to close.
+                tracing::warn!(error = %e, "gateway: accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        // Small writes (SSE chunks) must not wait for delayed ACKs.
+        let _ = stream.set_nodelay(true);
+        tokio::spawn(connection(stream, handler.clone(), body_limit));
+    }
+}
+
+enum ReadError {
+    /// Answer with this, then close.
+    Http(HttpError),
+    /// The client went away or the connection broke: just close.
+    Gone,
+}
+
+impl From<io::Error> for ReadError {
+    fn from(_: io::Error) -> Self {
+        ReadError::Gone
+    }
+}
+
+async fn connection<H, F>(mut stream: TcpStream, handler: H, body_limit: usize)
+where
+    H: Fn(Request) -> F,
+    F: Future<Output = Response>,
+{
+    let mut buf = BytesMut::with_capacity(8 << 10);
+    let mut out = Vec::with_capacity(4 << 10);
+    loop {
+        if buf.is_empty() {
+            match tokio::time::timeout(IDLE_TIMEOUT, stream.read_buf(&mut buf)).await {
+                Ok(Ok(n)) if n > 0 => {}
+                _ => return,
+            }
+        }
+        let read = tokio::time::timeout(
+            REQUEST_TIMEOUT,
+            read_request(&mut stream, &mut buf, body_limit),
+        )
+        .await
+        .unwrap_or_else(|_| {
+            Err(ReadError::Http(HttpError::new(
+                408,
+                "the request did not arrive in time",
+            )))
+        });
+        let request = match read {
+            Ok(r) => r,
+            Err(ReadError::Http(e)) => {
+                let body = refusal_body(&e.message);
+                out.clear();
+                http1::write_response_head(
+                    &mut out,
+                    e.status,
+                    &[("content-type", "application/json")],
+                    BodyLength::Known(body.len()),
+                    false,
+                    &http_date(),
+                );
+                out.extend_from_slice(&body);
+                let _ = stream.write_all(&out).await;
+                // Closing with unread bytes would reset the connection and
+                // could destroy the answer before the client reads it: say
+                // we are done, then drain briefly.
+                let _ = stream.shutdown().await;
+                let _ = tokio::time::timeout(LINGER, async {
+                    let mut sink = [0u8; 8 << 10];
+                    while matches!(stream.read(&mut sink).await, Ok(n) if n > 0) {}
+                })
+                .await;
+                return;
+            }
+            Err(ReadError::Gone) => return,
+        };
+        let keep_alive = request.head.keep_alive;
+        let head_only = request.head.method == Method::Head;
+        let response = handler(request).await;
+        if write_response(&mut stream, &mut out, response, keep_alive, head_only)
+            .await
+            .is_err()
+            || !keep_alive
+        {
+            return;
+        }
+    }
+}
+
+/// The OpenAI-shaped body of a request refused before it was understood.
+fn refusal_body(message: &str) -> Vec<u8> {
+    serde_json::json!({"error": {"message": message, "type": "invalid_request_error", "param": null, "code": null}})
+        .to_string()
+        .into_bytes()
+}
+
+/// Reads one request from `buf` and, as needed, the connection.
+async fn read_request(
+    stream: &mut TcpStream,
+    buf: &mut BytesMut,
+    body_limit: usize,
+) -> Result<Request, ReadError> {
+    let head = loop {
+        if let Some((head, len)) = http1::parse_request_head(buf).map_err(ReadError::Http)? {
+            let _ = buf.split_to(len);
+            break head;
+        }
+        if stream.read_buf(buf).await? == 0 {
+            return Err(ReadError::Gone);
+        }
+    };
+    let too_large = || {
+        ReadError::Http(HttpError::new(
+            413,
+            format!("request body over {body_limit} bytes"),
+        ))
+    };
+    let has_body = head.framing != Framing::Length(0);
+    if let Framing::Length(n) = head.framing {
+        if n > body_limit as u64 {
+            return Err(too_large());
+        }
+    }
+    if head.expect_continue && has_body && buf.is_empty() {
+        stream.write_all(b"HTTP/1.1 100 Continue\r\n\r\n").await?;
+    }
+    let body = match head.framing {
+        Framing::Length(n) => {
+            let n = n as usize;
+            while buf.len() < n {
+                buf.reserve(n - buf.len());
+                if stream.read_buf(buf).await? == 0 {
+                    return Err(ReadError::Gone);
+                }
+            }
+            buf.split_to(n).freeze()
+        }
+        Framing::Chunked => {
+            let mut decoder = ChunkedDecoder::default();
+            let mut body = Vec::new();
+            loop {
+                let used = decoder.decode(buf, &mut body).map_err(|e| {
+                    ReadError::Http(HttpError::new(400, format!("malformed chunked body: {e}")))
+                })?;
+                let _ = buf.split_to(used);
+                if body.len() as u64 + decoder.announced() > body_limit as u64 {
+                    return Err(too_large());
+                }
+                if decoder.is_done() {
+                    break;
+                }
+                buf.reserve(8 << 10);
+                if stream.read_buf(buf).await? == 0 {
+                    return Err(ReadError::Gone);
+                }
+            }
+            Bytes::from(body)
+        }
+        Framing::UntilClose => Bytes::new(),
+    };
+    Ok(Request { head, body })
+}
+
+async fn write_response(
+    stream: &mut TcpStream,
+    out: &mut Vec<u8>,
+    response: Response,
+    keep_alive: bool,
+    head_only: bool,
+) -> io::Result<()> {
+    let headers: Vec<(&str, &str)> = response
+        .headers
+        .iter()
+        .map(|(n, v)| (*n, v.as_str()))
+        .collect();
+    out.clear();
+    match response.body {
+        ResponseBody::Full(body) => {
+            http1::write_response_head(
+                out,
+                response.status,
+                &headers,
+                BodyLength::Known(body.len()),
+                keep_alive,
+                &http_date(),
+            );
+            if head_only {
+                stream.write_all(out).await
+            } else if body.len() <= COALESCE_BYTES {
+                out.extend_from_slice(&body);
+                stream.write_all(out).await
+            } else {
+                stream.write_all(out).await?;
+                stream.write_all(&body).await
+            }
+        }
+        ResponseBody::Stream(mut rx) => {
+            http1::write_response_head(
+                out,
+                response.status,
+                &headers,
+                BodyLength::Chunked,
+                keep_alive,
+                &http_date(),
+            );
+            if head_only {
+                return stream.write_all(out).await;
+            }
+            // The head goes with the first piece, unless that is slow to
+            // come (a replica still computing): then the head goes alone.
+            match rx.try_recv() {
+                Ok(first) => http1::write_chunk(out, &first),
+                Err(_) => {
+                    stream.write_all(out).await?;
+                    out.clear();
+                }
+            }
+            while let Some(piece) = rx.recv().await {
+                http1::write_chunk(out, &piece);
+                // Whatever else is already here goes in the same write.
+                while out.len() < COALESCE_BYTES {
+                    match rx.try_recv() {
+                        Ok(more) => http1::write_chunk(out, &more),
+                        Err(_) => break,
+                    }
+                }
+                stream.write_all(out).await?;
+                out.clear();
+            }
+            out.extend_from_slice(http1::LAST_CHUNK);
+            stream.write_all(out).await
+        }
+    }
+}
+
+/// The `Date` header's value, formatted once a second per thread.
+fn http_date() -> String {
+    use std::cell::RefCell;
+    thread_local! {
+        static CACHED: RefCell<(u64, String)> = const { RefCell::new((0, String::new())) };
+    }
+    let now = SystemTime::now();
+    let secs = now
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    CACHED.with(|c| {
+        let mut c = c.borrow_mut();
+        if c.0 != secs || c.1.is_empty() {
+            *c = (secs, httpdate::fmt_http_date(now));
+        }
+        c.1.clone()
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// A server whose handler echoes the request's method, path and body,
+    /// or streams three pieces for `/stream`.
+    async fn echo_server() -> std::net::SocketAddr {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let handler = |r: Request| async move {
+            if r.head.path == "/stream" {
+                let (tx, rx) = mpsc::channel(4);
+                tokio::spawn(async move {
+                    for piece in ["data: a\n\n", "data: b\n\n", "data: [DONE]\n\n"] {
+                        tx.send(Bytes::from(piece)).await.unwrap();
+                        tokio::time::sleep(Duration::from_millis(5)).await;
+                    }
+                });
+                return Response {
+                    status: 200,
+                    headers: vec![("content-type", "text/event-stream".into())],
+                    body: ResponseBody::Stream(rx),
+                };
+            }
+            let text = format!(
+                "{:?} {} {}",
+                r.head.method,
+                r.head.path,
+                String::from_utf8_lossy(&r.body)
+            );
+            Response::new(200, "text/plain", text)
+        };
+        tokio::spawn(serve(listener, handler, 64));
+        addr
+    }
+
+    /// Sends `raw` and reads until the server closes or goes quiet.
+    async fn exchange(addr: std::net::SocketAddr, raw: &[u8]) -> (String, bool) {
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        s.write_all(raw).await.unwrap();
+        let mut out = Vec::new();
+        let mut buf = [0u8; 4096];
+        let closed = loop {
+            match tokio::time::timeout(Duration::from_millis(300), s.read(&mut buf)).await {
+                Ok(Ok(0)) | Ok(Err(_)) => break true,
+                Ok(Ok(n)) => out.extend_from_slice(&buf[..n]),
+                Err(_) => break false,
+            }
+        };
+        (String::from_utf8_lossy(&out).into_owned(), closed)
+    }
+
+    #[tokio::test]
+    async fn pipelined_requests_are_answered_in_order_on_one_connection() {
+        let addr = echo_server().await;
+        let (out, closed) = exchange(
+            addr,
+            b"POST /a HTTP/1.1\r\nContent-Length: 3\r\n\r\nonePOST /b?q=1 HTTP/1.1\r\nContent-Length: 3\r\n\r\ntwo",
+        )
+        .await;
+        let first = out.find("Post /a one").unwrap();
+        let second = out.find("Post /b two").unwrap();
+        assert!(first < second, "{out}");
+        assert_eq!(out.matches("HTTP/1.1 200 OK\r\n").count(), 2);
+        assert!(!closed, "kept alive");
+    }
+
+    #[tokio::test]
+    async fn chunked_bodies_and_expect_continue_are_read() {
+        let addr = echo_server().await;
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        s.write_all(
+            b"POST /c HTTP/1.1\r\nTransfer-Encoding: chunked\r\nExpect: 100-continue\r\n\r\n",
+        )
+        .await
+        .unwrap();
+        let mut buf = [0u8; 4096];
+        let n = s.read(&mut buf).await.unwrap();
+        assert_eq!(&buf[..n], b"HTTP/1.1 100 Continue\r\n\r\n");
+        s.write_all(b"3\r\nabc\r\n2;x=y\r\nde\r\n0\r\n\r\n")
+            .await
+            .unwrap();
+        let n = s.read(&mut buf).await.unwrap();
+        let out = String::from_utf8_lossy(&buf[..n]);
+        assert!(out.ends_with("Post /c abcde"), "{out}");
+    }
+
+    #[tokio::test]
+    async fn bad_framing_and_large_bodies_are_refused_and_closed() {
+        let addr = echo_server().await;
+        for (raw, status) in [
+            (
+                &b"POST / HTTP/1.1\r\nContent-Length: 65\r\n\r\n"[..],
+                "413 Payload Too Large",
+            ),
+            (
+                b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n41\r\n",
+                "413 Payload Too Large",
+            ),
+            (
+                b"POST / HTTP/1.1\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n",
+                "400 Bad Request",
+            ),
+            (
+                b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+                "400 Bad Request",
+            ),
+            (b"NONSENSE\r\n\r\n", "400 Bad Request"),
+        ] {
+            let (out, closed) = exchange(addr, raw).await;
+            assert!(out.starts_with(&format!("HTTP/1.1 {status}\r\n")), "{out}");
+            assert!(out.contains("connection: close\r\n"), "{out}");
+            assert!(out.contains("\"error\""), "{out}");
+            assert!(closed);
+        }
+    }
+
+    #[tokio::test]
+    async fn head_http_1_0_and_streams_are_framed_right() {
+        let addr = echo_server().await;
+        let (out, _) = exchange(addr, b"HEAD /h HTTP/1.1\r\n\r\n").await;
+        assert!(out.contains("content-length: 8\r\n"), "{out}");
+        assert!(out.ends_with("\r\n\r\n"), "no body: {out}");
+        let (out, closed) = exchange(addr, b"GET /old HTTP/1.0\r\n\r\n").await;
+        assert!(
+            out.contains("connection: close\r\n") && out.ends_with("Get /old "),
+            "{out}"
+        );
+        assert!(closed);
+        let (out, closed) = exchange(addr, b"GET /stream HTTP/1.1\r\n\r\n").await;
+        assert!(out.contains("transfer-encoding: chunked\r\n"), "{out}");
+        assert!(
+            out.ends_with(
+                "9\r\ndata: a\n\n\r\n9\r\ndata: b\n\n\r\ne\r\ndata: [DONE]\n\n\r\n0\r\n\r\n"
+            ),
+            "{out:?}"
+        );
+        assert!(!closed);
+    }
+}

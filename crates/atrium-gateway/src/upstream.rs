@@ -1,0 +1,524 @@
+//! The gateway's client to replicas (and external upstreams): plain
+//! HTTP/1.1 over pooled keep-alive connections, one `write` per request.
+//!
+//! A pooled connection the replica has closed (its idle timeout, a restart)
+//! is the one failure a proxy must hide: it is noticed before use when the
+//! reactor has already seen its end, and otherwise by the request failing
+//! before any byte of an answer came back — then the request is sent once
+//! more, on a new connection. A replica that closed an idle connection
+//! never read a request sent into it, so the resend cannot run it twice.
+
+use std::collections::HashMap;
+use std::io;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll, Waker};
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::http1::{self, ChunkedDecoder, Framing, ResponseHead};
+
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+/// Idle connections older than this are closed rather than reused.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// Most idle connections kept per upstream address.
+const MAX_IDLE_PER_UPSTREAM: usize = 1024;
+/// Largest non-streamed response body read from an upstream.
+pub const MAX_RESPONSE_BYTES: usize = 64 << 20;
+const READ_CHUNK: usize = 16 << 10;
+
+/// Why a request got no answer.
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamError {
+    /// Nothing was sent: another replica may take the request.
+    #[error("cannot connect: {0}")]
+    Connect(io::Error),
+    #[error("{0}")]
+    Address(String),
+    #[error("{0}")]
+    Io(#[from] io::Error),
+    #[error("{0}")]
+    Protocol(String),
+}
+
+impl UpstreamError {
+    pub fn is_connect(&self) -> bool {
+        matches!(self, UpstreamError::Connect(_))
+    }
+}
+
+/// `http://host:port/prefix` split into what a request needs.
+struct Address<'a> {
+    authority: &'a str,
+    prefix: &'a str,
+}
+
+fn address(base: &str) -> Result<Address<'_>, UpstreamError> {
+    let rest = match base.get(..7) {
+        Some(scheme) if scheme.eq_ignore_ascii_case("http://") => &base[7..],
+        _ => {
+            return Err(UpstreamError::Address(format!(
+                "unusable upstream address {base:?}: only http:// upstreams are supported"
+            )))
+        }
+    };
+    let (authority, prefix) = match rest.find('/') {
+        Some(i) => (&rest[..i], rest[i..].trim_end_matches('/')),
+        None => (rest, ""),
+    };
+    if authority.is_empty() || authority.bytes().any(|b| b <= b' ' || b == b'@') {
+        return Err(UpstreamError::Address(format!(
+            "unusable upstream address {base:?}"
+        )));
+    }
+    Ok(Address { authority, prefix })
+}
+
+struct Connection {
+    stream: TcpStream,
+    /// Bytes read past the previous response (none, from a well-behaved
+    /// upstream; kept so they are not lost if there are).
+    buf: BytesMut,
+    idle_since: Instant,
+}
+
+impl Connection {
+    /// Whether the reactor has seen this idle connection readable: its
+    /// end (or bytes nobody asked for) arrived, so it must not be reused.
+    /// Asks the reactor only; no system call.
+    fn looks_closed(&self) -> bool {
+        let mut cx = Context::from_waker(Waker::noop());
+        matches!(self.stream.poll_read_ready(&mut cx), Poll::Ready(_))
+    }
+}
+
+/// Pooled connections to upstreams, by address.
+#[derive(Default)]
+pub struct Upstreams {
+    idle: Mutex<HashMap<String, Vec<Connection>>>,
+}
+
+/// A response whose head has been read; its body is read on demand.
+pub struct Response {
+    pub head: ResponseHead,
+    pub body: Body,
+}
+
+/// A response body being read from its connection, which goes back to the
+/// pool once the body has been read to its end.
+pub struct Body {
+    pool: Arc<Upstreams>,
+    authority: String,
+    connection: Option<Connection>,
+    framing: Framing,
+    remaining: u64,
+    chunked: ChunkedDecoder,
+    keep_alive: bool,
+    done: bool,
+}
+
+impl Upstreams {
+    fn checkout(&self, authority: &str) -> Option<Connection> {
+        let mut idle = self.idle.lock().ok()?;
+        let list = idle.get_mut(authority)?;
+        while let Some(c) = list.pop() {
+            if c.idle_since.elapsed() < IDLE_TIMEOUT && !c.looks_closed() {
+                return Some(c);
+            }
+        }
+        None
+    }
+
+    fn checkin(&self, authority: &str, mut connection: Connection) {
+        connection.idle_since = Instant::now();
+        if let Ok(mut idle) = self.idle.lock() {
+            let list = idle.entry(authority.to_string()).or_default();
+            // Oldest first: drop those past their time from the front.
+            let expired = list
+                .iter()
+                .take_while(|c| c.idle_since.elapsed() >= IDLE_TIMEOUT)
+                .count();
+            list.drain(..expired);
+            if list.len() < MAX_IDLE_PER_UPSTREAM {
+                list.push(connection);
+            }
+        }
+    }
+
+    /// Closes idle connections past their time, for upstreams no request
+    /// goes to any more (a replica that was removed).
+    pub fn sweep(&self) {
+        if let Ok(mut idle) = self.idle.lock() {
+            idle.retain(|_, list| {
+                list.retain(|c| c.idle_since.elapsed() < IDLE_TIMEOUT);
+                !list.is_empty()
+            });
+        }
+    }
+
+    /// POSTs a JSON body to `base` + `path` and reads the response head.
+    pub async fn post(
+        self: &Arc<Self>,
+        base: &str,
+        path: &str,
+        request_id: &str,
+        body: &[u8],
+    ) -> Result<Response, UpstreamError> {
+        let address = address(base)?;
+        let mut request = Vec::with_capacity(256 + body.len());
+        request.extend_from_slice(b"POST ");
+        request.extend_from_slice(address.prefix.as_bytes());
+        request.extend_from_slice(path.as_bytes());
+        request.extend_from_slice(b" HTTP/1.1\r\nhost: ");
+        request.extend_from_slice(address.authority.as_bytes());
+        request.extend_from_slice(b"\r\ncontent-type: application/json\r\nx-request-id: ");
+        request.extend_from_slice(request_id.as_bytes());
+        request.extend_from_slice(b"\r\ncontent-length: ");
+        request.extend_from_slice(body.len().to_string().as_bytes());
+        request.extend_from_slice(b"\r\n\r\n");
+        request.extend_from_slice(body);
+
+        if let Some(mut pooled) = self.checkout(address.authority) {
+            match exchange(&mut pooled, &request).await {
+                Ok(head) => return Ok(self.response(address.authority, pooled, head)),
+                // Sent into a connection the upstream had closed, and
+                // nothing came back: it never read this request.
+                Err(Exchange::NothingBack(_)) => {}
+                Err(Exchange::Failed(e)) => return Err(e),
+            }
+        }
+        let stream = match tokio::time::timeout(
+            CONNECT_TIMEOUT,
+            TcpStream::connect(address.authority),
+        )
+        .await
+        {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => return Err(UpstreamError::Connect(e)),
+            Err(_) => {
+                return Err(UpstreamError::Connect(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!("no connection within {CONNECT_TIMEOUT:?}"),
+                )))
+            }
+        };
+        // Small writes (SSE chunks) must not wait for delayed ACKs.
+        let _ = stream.set_nodelay(true);
+        let mut fresh = Connection {
+            stream,
+            buf: BytesMut::with_capacity(READ_CHUNK),
+            idle_since: Instant::now(),
+        };
+        match exchange(&mut fresh, &request).await {
+            Ok(head) => Ok(self.response(address.authority, fresh, head)),
+            Err(Exchange::NothingBack(e)) | Err(Exchange::Failed(e)) => Err(e),
+        }
+    }
+
+    fn response(
+        self: &Arc<Self>,
+        authority: &str,
+        connection: Connection,
+        head: ResponseHead,
+    ) -> Response {
+        let remaining = match head.framing {
+            Framing::Length(n) => n,
+            _ => 0,
+        };
+        let done = head.framing == Framing::Length(0);
+        let mut body = Body {
+            pool: self.clone(),
+            authority: authority.to_string(),
+            connection: Some(connection),
+            framing: head.framing,
+            remaining,
+            chunked: ChunkedDecoder::default(),
+            keep_alive: head.keep_alive,
+            done,
+        };
+        if done {
+            body.finish();
+        }
+        Response { head, body }
+    }
+}
+
+enum Exchange {
+    NothingBack(UpstreamError),
+    Failed(UpstreamError),
+}
+
+/// Writes a request and reads the final response head (skipping interim
+/// 1xx answers).
+async fn exchange(c: &mut Connection, request: &[u8]) -> Result<ResponseHead, Exchange> {
+    if let Err(e) = c.stream.write_all(request).await {
+        return Err(Exchange::NothingBack(e.into()));
+    }
+    let mut answered = false;
+    loop {
+        match http1::parse_response_head(&c.buf) {
+            Ok(Some((head, len))) => {
+                let _ = c.buf.split_to(len);
+                if head.status >= 200 {
+                    return Ok(head);
+                }
+                continue;
+            }
+            Ok(None) => {}
+            Err(e) => return Err(Exchange::Failed(UpstreamError::Protocol(e.message))),
+        }
+        c.buf.reserve(READ_CHUNK);
+        match c.stream.read_buf(&mut c.buf).await {
+            Ok(0) if !answered => {
+                return Err(Exchange::NothingBack(UpstreamError::Protocol(
+                    "the upstream closed the connection without answering".into(),
+                )))
+            }
+            Ok(0) => {
+                return Err(Exchange::Failed(UpstreamError::Protocol(
+                    "the upstream closed the connection mid-answer".into(),
+                )))
+            }
+            Ok(_) => answered = true,
+            Err(e) if !answered => return Err(Exchange::NothingBack(e.into())),
+            Err(e) => return Err(Exchange::Failed(e.into())),
+        }
+    }
+}
+
+impl Body {
+    /// The next piece of the body, `None` at its end.
+    pub async fn chunk(&mut self) -> Option<Result<Bytes, UpstreamError>> {
+        loop {
+            if self.done {
+                return None;
+            }
+            let c = self.connection.as_mut()?;
+            if !c.buf.is_empty() {
+                let data = match self.framing {
+                    Framing::Length(_) => {
+                        let n = c
+                            .buf
+                            .len()
+                            .min(usize::try_from(self.remaining).unwrap_or(usize::MAX));
+                        self.remaining -= n as u64;
+                        if self.remaining == 0 {
+                            self.done = true;
+                        }
+                        c.buf.split_to(n).freeze()
+                    }
+                    Framing::UntilClose => c.buf.split().freeze(),
+                    Framing::Chunked => {
+                        let mut out = Vec::new();
+                        match self.chunked.decode(&c.buf, &mut out) {
+                            Ok(used) => {
+                                let _ = c.buf.split_to(used);
+                            }
+                            Err(e) => {
+                                self.connection = None;
+                                return Some(Err(UpstreamError::Protocol(format!(
+                                    "malformed chunked body: {e}"
+                                ))));
+                            }
+                        }
+                        self.done = self.chunked.is_done();
+                        Bytes::from(out)
+                    }
+                };
+                if self.done {
+                    self.finish();
+                }
+                if !data.is_empty() {
+                    return Some(Ok(data));
+                }
+                continue;
+            }
+            c.buf.reserve(READ_CHUNK);
+            match c.stream.read_buf(&mut c.buf).await {
+                Ok(0) if self.framing == Framing::UntilClose => {
+                    self.done = true;
+                    self.connection = None;
+                    return None;
+                }
+                Ok(0) => {
+                    self.connection = None;
+                    return Some(Err(UpstreamError::Protocol(
+                        "the upstream closed the connection mid-body".into(),
+                    )));
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    self.connection = None;
+                    return Some(Err(e.into()));
+                }
+            }
+        }
+    }
+
+    /// The whole body, at most `MAX_RESPONSE_BYTES`.
+    pub async fn collect(mut self) -> Result<Bytes, UpstreamError> {
+        let mut first: Option<Bytes> = None;
+        let mut rest: Vec<u8> = Vec::new();
+        while let Some(chunk) = self.chunk().await {
+            let chunk = chunk?;
+            match &first {
+                None => first = Some(chunk),
+                Some(f) => {
+                    if rest.is_empty() {
+                        rest.extend_from_slice(f);
+                    }
+                    rest.extend_from_slice(&chunk);
+                    if rest.len() > MAX_RESPONSE_BYTES {
+                        return Err(UpstreamError::Protocol(format!(
+                            "response body over {MAX_RESPONSE_BYTES} bytes"
+                        )));
+                    }
+                }
+            }
+        }
+        Ok(if rest.is_empty() {
+            first.unwrap_or_default()
+        } else {
+            Bytes::from(rest)
+        })
+    }
+
+    /// The body has been read to its end: the connection goes back to the
+    /// pool if the upstream keeps it.
+    fn finish(&mut self) {
+        if let Some(c) = self.connection.take() {
+            if self.keep_alive {
+                self.pool.checkin(&self.authority, c);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use tokio::net::TcpListener;
+
+    /// A replica that answers each request with `answer`, and closes each
+    /// connection after `per_connection` answers.
+    async fn replica(answer: &'static [u8], per_connection: usize) -> (String, Arc<AtomicUsize>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let served = Arc::new(AtomicUsize::new(0));
+        let count = served.clone();
+        tokio::spawn(async move {
+            loop {
+                let (mut s, _) = listener.accept().await.unwrap();
+                let count = count.clone();
+                tokio::spawn(async move {
+                    let mut buf = BytesMut::new();
+                    for _ in 0..per_connection {
+                        // Read one request (head and Content-Length body).
+                        loop {
+                            if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                                let head = String::from_utf8_lossy(&buf[..end]).to_lowercase();
+                                let len: usize = head
+                                    .lines()
+                                    .find_map(|l| l.strip_prefix("content-length: "))
+                                    .and_then(|v| v.trim().parse().ok())
+                                    .unwrap_or(0);
+                                if buf.len() >= end + 4 + len {
+                                    let _ = buf.split_to(end + 4 + len);
+                                    break;
+                                }
+                            }
+                            if s.read_buf(&mut buf).await.unwrap_or(0) == 0 {
+                                return;
+                            }
+                        }
+                        count.fetch_add(1, Ordering::SeqCst);
+                        s.write_all(answer).await.unwrap();
+                    }
+                });
+            }
+        });
+        (url, served)
+    }
+
+    #[tokio::test]
+    async fn bodies_of_every_framing_are_read_and_connections_reused() {
+        let pool = Arc::new(Upstreams::default());
+        let (url, served) = replica(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n2\r\n{}\r\n0\r\n\r\n", 100).await;
+        for _ in 0..3 {
+            let r = pool.post(&url, "/v1/x", "req_1", b"{}").await.unwrap();
+            assert_eq!(r.head.status, 200);
+            assert_eq!(&r.body.collect().await.unwrap()[..], b"{}");
+        }
+        assert_eq!(served.load(Ordering::SeqCst), 3);
+        assert_eq!(
+            pool.idle
+                .lock()
+                .unwrap()
+                .values()
+                .map(Vec::len)
+                .sum::<usize>(),
+            1,
+            "one connection, reused"
+        );
+
+        let (url, _) = replica(b"HTTP/1.1 200 OK\r\n\r\nuntil close", 1).await;
+        let r = pool.post(&url, "/", "req_2", b"{}").await.unwrap();
+        assert!(!r.head.keep_alive);
+        assert_eq!(&r.body.collect().await.unwrap()[..], b"until close");
+    }
+
+    #[tokio::test]
+    async fn a_connection_the_replica_closed_is_replaced_not_failed() {
+        let pool = Arc::new(Upstreams::default());
+        // One answer per connection, but it says keep-alive: the pooled
+        // connection is dead when the next request takes it.
+        let (url, served) = replica(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok", 1).await;
+        for _ in 0..5 {
+            let r = pool.post(&url, "/", "req", b"{}").await.unwrap();
+            assert_eq!(&r.body.collect().await.unwrap()[..], b"ok");
+        }
+        assert_eq!(served.load(Ordering::SeqCst), 5, "each request ran once");
+    }
+
+    #[tokio::test]
+    async fn refused_connections_are_connect_errors() {
+        let pool = Arc::new(Upstreams::default());
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let e = pool
+            .post(&format!("http://127.0.0.1:{port}"), "/", "r", b"{}")
+            .await
+            .err()
+            .unwrap();
+        assert!(e.is_connect(), "{e}");
+        let (url, _) = replica(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nshort", 1).await;
+        let r = pool.post(&url, "/", "r", b"{}").await.unwrap();
+        assert!(
+            r.body.collect().await.is_err(),
+            "a body cut short is an error"
+        );
+    }
+
+    #[test]
+    fn addresses_are_plain_http_with_an_optional_prefix() {
+        let a = address("http://10.0.0.1:8000").unwrap();
+        assert_eq!((a.authority, a.prefix), ("10.0.0.1:8000", ""));
+        let a = address("HTTP://upstream:80/openai/").unwrap();
+        assert_eq!((a.authority, a.prefix), ("upstream:80", "/openai"));
+        for bad in [
+            "https://api.example.com",
+            "10.0.0.1:80",
+            "http://",
+            "http://a b",
+            "http://u@h",
+        ] {
+            assert!(address(bad).is_err(), "{bad}");
+        }
+    }
+}
