@@ -9,6 +9,9 @@
 //! `cache_salt`, replacing whatever the client sent, so two tenants with
 //! the same prompt never share an affinity key or a cache block.
 
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+
 use hmac::{Hmac, Mac};
 use serde_json::Value;
 use sha2::Sha256;
@@ -18,10 +21,25 @@ use sha2::Sha256;
 pub const AFFINITY_PREFIX_BYTES: usize = 4 * 256;
 
 /// Derives per-tenant salts from a gateway secret shared by the gateways
-/// of a site (so they agree on affinity and on cache salts).
-#[derive(Clone)]
+/// of a site (so they agree on affinity and on cache salts). Each tenant's
+/// salt, and the MAC keyed with it, is derived once and kept: the request
+/// path only clones a keyed MAC.
 pub struct Salter {
     mac: Hmac<Sha256>,
+    tenants: RwLock<HashMap<String, Arc<TenantSalt>>>,
+}
+
+/// A tenant's salt (64 hex characters) and the affinity MAC keyed with it.
+pub struct TenantSalt {
+    pub hex: String,
+    keyed: Hmac<Sha256>,
+}
+
+impl TenantSalt {
+    /// `affinity_key(&self.hex, prefix)`, without keying a MAC again.
+    pub fn affinity_key(&self, prefix: &[u8]) -> u64 {
+        first_word(self.keyed.clone().chain_update(prefix))
+    }
 }
 
 impl Salter {
@@ -29,7 +47,10 @@ impl Salter {
         // HMAC takes keys of any length; `new_from_slice` cannot fail for it.
         let mac = Hmac::<Sha256>::new_from_slice(secret)
             .unwrap_or_else(|_| Hmac::<Sha256>::new(&Default::default()));
-        Salter { mac }
+        Salter {
+            mac,
+            tenants: RwLock::default(),
+        }
     }
 
     /// The tenant's salt, as 64 hex characters.
@@ -39,18 +60,41 @@ impl Salter {
         mac.update(tenant.as_bytes());
         hex::encode(mac.finalize().into_bytes())
     }
+
+    /// The tenant's salt and keyed MAC, derived on its first request.
+    pub fn tenant(&self, tenant: &str) -> Arc<TenantSalt> {
+        if let Some(known) = self
+            .tenants
+            .read()
+            .ok()
+            .and_then(|t| t.get(tenant).cloned())
+        {
+            return known;
+        }
+        let hex = self.tenant_salt(tenant);
+        let keyed = Hmac::<Sha256>::new_from_slice(hex.as_bytes())
+            .unwrap_or_else(|_| Hmac::<Sha256>::new(&Default::default()));
+        let salt = Arc::new(TenantSalt { hex, keyed });
+        if let Ok(mut t) = self.tenants.write() {
+            t.insert(tenant.to_string(), salt.clone());
+        }
+        salt
+    }
 }
 
-/// The affinity key of a prompt prefix under a tenant's salt.
-pub fn affinity_key(salt: &str, prefix: &[u8]) -> u64 {
-    let Ok(mut mac) = Hmac::<Sha256>::new_from_slice(salt.as_bytes()) else {
-        return 0;
-    };
-    mac.update(prefix);
+fn first_word(mac: Hmac<Sha256>) -> u64 {
     let digest = mac.finalize().into_bytes();
     let mut first = [0u8; 8];
     first.copy_from_slice(&digest[..8]);
     u64::from_le_bytes(first)
+}
+
+/// The affinity key of a prompt prefix under a tenant's salt.
+pub fn affinity_key(salt: &str, prefix: &[u8]) -> u64 {
+    let Ok(mac) = Hmac::<Sha256>::new_from_slice(salt.as_bytes()) else {
+        return 0;
+    };
+    first_word(mac.chain_update(prefix))
 }
 
 /// The first `AFFINITY_PREFIX_BYTES` of what the model will read first:
@@ -134,6 +178,10 @@ mod tests {
         let prefix = prefix_of(body.clone());
         assert_eq!(prefix, b"user\nWhat is a GPU?");
         assert_ne!(affinity_key(&a, &prefix), affinity_key(&b, &prefix));
+        let kept = salter.tenant("acme");
+        assert_eq!(kept.hex, a);
+        assert_eq!(kept.affinity_key(&prefix), affinity_key(&a, &prefix));
+        assert!(Arc::ptr_eq(&kept, &salter.tenant("acme")), "derived once");
         assert_eq!(affinity_key(&a, &prefix), affinity_key(&a, &prefix));
     }
 

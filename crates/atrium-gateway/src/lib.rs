@@ -117,7 +117,6 @@ struct Metrics {
     overhead: OverheadHistogram,
 }
 
-#[derive(Clone)]
 struct Gateway {
     metrics: Arc<Metrics>,
     routes: Arc<RwLock<Routes>>,
@@ -799,8 +798,8 @@ async fn proxy_inner(
     };
 
     // Routing: tenant-salted prefix affinity over the ready replicas.
-    let salt = g.salter.tenant_salt(&caller.tenant);
-    let affinity = affinity::affinity_key(&salt, &affinity::prompt_prefix(body.value()));
+    let salt = g.salter.tenant(&caller.tenant);
+    let affinity = salt.affinity_key(&affinity::prompt_prefix(body.value()));
     let mut tried: Vec<String> = Vec::new();
     let mut upstream_time = Duration::ZERO;
     let mut encoded: Option<Bytes> = None;
@@ -830,7 +829,7 @@ async fn proxy_inner(
                 takes_cache_salt,
             } => {
                 if takes_cache_salt && !is_embedding {
-                    body.set("cache_salt", Value::String(salt.clone()));
+                    body.set("cache_salt", Value::String(salt.hex.clone()));
                 } else {
                     // Nothing upstream may read a salt the client chose.
                     body.remove("cache_salt");
