@@ -617,10 +617,11 @@ pub async fn run(args: Args) -> Result<()> {
     let server_url = format!("http://127.0.0.1:{server_port}");
     // The control plane is another machine's work in production: it runs
     // beside the load generator, off the proxy core, and at a lower
-    // priority (nice 10). It is in no request's path, but its usage-batch
-    // writes (a few ms every 200 ms) would otherwise hold the load
-    // generator's core for up to a scheduler slice and show up as the
-    // gateway's p99. Its CPU per request is still reported.
+    // priority (nice 10): it is in no request's path, and its usage-batch
+    // writes (a few ms every 200 ms) should not be what the load generator
+    // waits for. Its CPU per request is still reported. (Run as
+    // SCHED_IDLE instead, atrium's p99 was no better: that tail comes
+    // from the gateway's side.)
     let mut server = pinned(load_core, Path::new("nice"))
         .args(["-n", "10"])
         .arg(&exe)
