@@ -494,8 +494,7 @@ struct Refusal {
 
 impl Refusal {
     fn into_response(self) -> Response {
-        let body = json!({"error": {"message": self.message, "type": self.kind, "param": null, "code": self.code}});
-        Response::json(self.status, &body)
+        Response::openai_error(self.status, self.kind, self.code, &self.message)
     }
 }
 
@@ -514,7 +513,7 @@ fn openai_error(
     code: Option<&'static str>,
     message: &str,
 ) -> Response {
-    refusal(status, kind, code, message).into_response()
+    Response::openai_error(status, kind, code, message)
 }
 
 fn model_not_found(model: &str) -> Response {

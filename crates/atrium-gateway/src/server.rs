@@ -55,6 +55,12 @@ impl Response {
         Response::new(status, "application/json", value.to_string())
     }
 
+    /// An error in OpenAI's shape, so SDKs raise their usual exceptions.
+    pub fn openai_error(status: u16, kind: &str, code: Option<&str>, message: &str) -> Response {
+        let body = serde_json::json!({"error": {"message": message, "type": kind, "param": null, "code": code}});
+        Response::json(status, &body)
+    }
+
     pub fn header(&mut self, name: &'static str, value: impl Into<String>) {
         let value = value.into();
         // Values reach the wire verbatim: nothing may end a header line.
@@ -128,18 +134,9 @@ where
         let request = match read {
             Ok(r) => r,
             Err(ReadError::Http(e)) => {
-                let body = refusal_body(&e.message);
-                out.clear();
-                http1::write_response_head(
-                    &mut out,
-                    e.status,
-                    &[("content-type", "application/json")],
-                    BodyLength::Known(body.len()),
-                    false,
-                    &http_date(),
-                );
-                out.extend_from_slice(&body);
-                let _ = stream.write_all(&out).await;
+                let refusal =
+                    Response::openai_error(e.status, "invalid_request_error", None, &e.message);
+                let _ = write_response(&mut stream, &mut out, refusal, false, false).await;
                 // Closing with unread bytes would reset the connection and
                 // could destroy the answer before the client reads it: say
                 // we are done, then drain briefly.
@@ -164,13 +161,6 @@ where
             return;
         }
     }
-}
-
-/// The OpenAI-shaped body of a request refused before it was understood.
-fn refusal_body(message: &str) -> Vec<u8> {
-    serde_json::json!({"error": {"message": message, "type": "invalid_request_error", "param": null, "code": null}})
-        .to_string()
-        .into_bytes()
 }
 
 /// Reads one request from `buf` and, as needed, the connection.

@@ -871,29 +871,38 @@ pub async fn run(args: Args) -> Result<()> {
                     None => println!("{name:<8} (not measured)"),
                 }
             }
-            println!("\nconcurrency-1 rounds (the medians above come from these), p50 / p99 µs:");
-            for (name, row) in &rows {
-                if let Some(r) = row {
+            // One line per measured row, under a title.
+            let per_row = |title: &str, line: &dyn Fn(&Row) -> String| {
+                println!("\n{title}:");
+                for (name, row) in &rows {
+                    if let Some(r) = row {
+                        println!("  {name:<8} {}", line(r));
+                    }
+                }
+            };
+            per_row(
+                "concurrency-1 rounds (the medians above come from these), p50 / p99 µs",
+                &|r| {
                     let rounds: Vec<String> = r
                         .round_p50_us
                         .iter()
                         .zip(&r.round_p99_us)
                         .map(|(a, b)| format!("{a:.0}/{b:.0}"))
                         .collect();
-                    println!("  {name:<8} {}", rounds.join("  "));
-                }
-            }
-            println!("\nCPU µs per request at peak throughput (one core shared):");
-            for (name, row) in &rows {
-                if let Some(r) = row {
+                    rounds.join("  ")
+                },
+            );
+            per_row(
+                "CPU µs per request at peak throughput (one core shared)",
+                &|r| {
                     let parts: Vec<String> = r
                         .cpu_us_per_request
                         .iter()
                         .map(|(p, us)| format!("{p} {us:.1}"))
                         .collect();
-                    println!("  {name:<8} {}", parts.join(", "));
-                }
-            }
+                    parts.join(", ")
+                },
+            );
             if let Some(us) = atrium.as_ref().and_then(|a| a.self_reported_overhead_us) {
                 println!("atrium's own x-atrium-overhead-us at concurrency 1: mean {us:.1} µs");
             }
