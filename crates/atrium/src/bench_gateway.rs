@@ -11,7 +11,7 @@
 //!   master key, no database).
 //!
 //! With two or more cores the proxies and the upstream run on core 0, the
-//! load generator (and Atrium's control plane, at nice 10, which receives
+//! load generator (and Atrium's control plane, as SCHED_IDLE, which receives
 //! the usage batches) on core 1. Per row: latency p50/p99 at concurrency 1
 //! (non-streaming, small bodies; the median of five runs, the rows taking
 //! turns), the most requests/s at
@@ -616,14 +616,13 @@ pub async fn run(args: Args) -> Result<()> {
     let server_port = free_port()?;
     let server_url = format!("http://127.0.0.1:{server_port}");
     // The control plane is another machine's work in production: it runs
-    // beside the load generator, off the proxy core, and at a lower
-    // priority (nice 10): it is in no request's path, and its usage-batch
-    // writes (a few ms every 200 ms) should not be what the load generator
-    // waits for. Its CPU per request is still reported. (Run as
-    // SCHED_IDLE instead, atrium's p99 was no better: that tail comes
-    // from the gateway's side.)
-    let mut server = pinned(load_core, Path::new("nice"))
-        .args(["-n", "10"])
+    // beside the load generator, off the proxy core, as SCHED_IDLE (it
+    // only gets the CPU the load generator leaves, and gives it back the
+    // moment the load generator wakes). At nice 10 its SQLite writes still
+    // ran for up to 3 ms at a time while wrk waited to read an answer,
+    // which showed up as atrium's p99. Its CPU per request is reported.
+    let mut server = pinned(load_core, Path::new("chrt"))
+        .args(["--idle", "0"])
         .arg(&exe)
         .args([
             "server",
@@ -788,7 +787,7 @@ pub async fn run(args: Args) -> Result<()> {
             processes: vec![("litellm", litellm_pid), ("engine", engine_pid)],
         });
     }
-    eprintln!("measuring (load generator and control plane (nice 10) on core {load_core:?}, proxies and upstream on core {proxy_core:?}):");
+    eprintln!("measuring (load generator and control plane (SCHED_IDLE) on core {load_core:?}, proxies and upstream on core {proxy_core:?}):");
     let latency = latency_rounds(&targets, dir.path(), load_core, args.seconds).await?;
     let mut rows: Vec<(&str, Option<Row>)> = Vec::new();
     for t in &targets {

@@ -729,13 +729,18 @@ async fn run(cli: Cli) -> Result<()> {
             litellm,
             out,
         }) => {
-            bench_gateway::run(bench_gateway::Args {
-                seconds,
-                litellm,
-                out,
-                output: cli.global.output.unwrap_or(Output::Table),
-            })
-            .await
+            // Interrupted, the bench's future is dropped, and with it the
+            // processes it started (engine, control plane, gateway, nginx,
+            // LiteLLM): a signal's default action would leave them running.
+            tokio::select! {
+                done = bench_gateway::run(bench_gateway::Args {
+                    seconds,
+                    litellm,
+                    out,
+                    output: cli.global.output.unwrap_or(Output::Table),
+                }) => done,
+                _ = shutdown_signal() => Err(anyhow!("interrupted; the processes the bench started are stopped")),
+            }
         }
         Command::Bench(BenchCmd::Sched {
             traces,
