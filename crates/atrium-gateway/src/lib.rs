@@ -27,7 +27,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
-use atrium_api::UsageRecordView;
 use atrium_client::ControlPlane;
 use bytes::Bytes;
 use serde_json::{json, Value};
@@ -984,15 +983,15 @@ impl Meter {
         let at = time::OffsetDateTime::now_utc()
             .format(&time::format_description::well_known::Rfc3339)
             .unwrap_or_default();
-        let record = UsageRecordView {
-            at,
-            tenant: self.tenant.clone(),
-            deployment: self.deployment.clone(),
-            site: self.site.clone(),
-            replica: self.replica.clone(),
+        let record = usage::UsageLine {
+            at: &at,
+            tenant: &self.tenant,
+            deployment: &self.deployment,
+            site: &self.site,
+            replica: &self.replica,
             prompt_tokens,
             completion_tokens,
-            request_id: self.request_id.clone(),
+            request_id: &self.request_id,
         };
         if let Err(e) = self.usage.append(&record) {
             tracing::error!(error = %e, request_id = %self.request_id, "gateway: usage not spooled");

@@ -117,10 +117,15 @@ pub enum Target {
 #[derive(Default)]
 pub struct Routes {
     keys: HashMap<String, KeyEntry>,
-    /// (tenant, deployment name) → deployment.
-    deployments: HashMap<(String, String), DeploymentEntry>,
+    /// tenant → deployment name → deployment (looked up by `&str` on
+    /// every request: no key is built).
+    deployments: HashMap<String, HashMap<String, DeploymentEntry>>,
     /// placement id → replica.
     replicas: BTreeMap<String, ReplicaEntry>,
+    /// deployment id → its running replicas with an endpoint, derived from
+    /// `replicas` whenever they change: a request looks at its own
+    /// deployment's replicas, not at every replica of every tenant.
+    serving: HashMap<String, Vec<String>>,
     /// placement id → requests in flight; outlives replica updates.
     outstanding: HashMap<String, Arc<AtomicU64>>,
     /// placement id → circuit breaker.
@@ -187,7 +192,11 @@ impl Routes {
             deployments: self
                 .deployments
                 .iter()
-                .map(|(k, v)| (k.clone(), v.clone()))
+                .flat_map(|(tenant, names)| {
+                    names
+                        .iter()
+                        .map(|(name, d)| ((tenant.clone(), name.clone()), d.clone()))
+                })
                 .collect(),
             replicas: self.replicas.clone(),
             tenants: self.tenants.clone(),
@@ -197,13 +206,13 @@ impl Routes {
     /// Takes in a saved table (before any feed has delivered).
     pub fn restore(&mut self, saved: SavedRoutes) {
         self.keys = saved.keys;
-        self.deployments = saved.deployments.into_iter().collect();
+        self.deployments.clear();
+        for ((tenant, name), d) in saved.deployments {
+            self.deployments.entry(tenant).or_default().insert(name, d);
+        }
         self.replicas = saved.replicas;
         self.tenants = saved.tenants;
-        for id in self.replicas.keys() {
-            self.outstanding.entry(id.clone()).or_default();
-            self.breakers.entry(id.clone()).or_default();
-        }
+        self.replicas_changed();
         self.restored = true;
     }
 
@@ -263,10 +272,9 @@ impl Routes {
     pub fn models_of(&self, tenant: &str) -> Vec<String> {
         let mut names: Vec<String> = self
             .deployments
-            .keys()
-            .filter(|(t, _)| t == tenant)
-            .map(|(_, n)| n.clone())
-            .collect();
+            .get(tenant)
+            .map(|names| names.keys().cloned().collect())
+            .unwrap_or_default();
         names.sort();
         names
     }
@@ -283,9 +291,7 @@ impl Routes {
         affinity: u64,
         exclude: &[String],
     ) -> Option<Target> {
-        let d = self
-            .deployments
-            .get(&(tenant.to_string(), model.to_string()))?;
+        let d = self.deployments.get(tenant)?.get(model)?;
         if d.engine == EngineKind::External {
             return d.external_url.clone().map(|url| Target::External {
                 url,
@@ -299,10 +305,15 @@ impl Routes {
                 .unwrap_or(0)
         };
         let mut candidates: Vec<(&String, &ReplicaEntry, &str)> = self
-            .replicas
-            .iter()
-            .filter(|(id, r)| r.deployment == d.id && r.running && !exclude.contains(id))
-            .filter_map(|(id, r)| Some((id, r, r.endpoint.as_deref()?)))
+            .serving
+            .get(&d.id)
+            .into_iter()
+            .flatten()
+            .filter(|id| !exclude.contains(id))
+            .filter_map(|id| {
+                let r = self.replicas.get(id)?;
+                Some((id, r, r.endpoint.as_deref()?))
+            })
             .collect();
         let open = |id: &str| self.breakers.get(id).is_some_and(|b| b.is_open());
         // Skip replicas whose breaker is open — unless all are: then trying
@@ -380,17 +391,25 @@ impl Routes {
         };
         match update {
             Update::Snapshot(items) => {
-                self.deployments = items.iter().filter_map(entry).collect();
+                self.deployments.clear();
+                for ((tenant, name), d) in items.iter().filter_map(entry) {
+                    self.deployments.entry(tenant).or_default().insert(name, d);
+                }
                 self.synced[1] = true;
             }
             Update::Added(o) | Update::Modified(o) => {
-                if let Some((k, v)) = entry(&o) {
-                    self.deployments.insert(k, v);
+                if let Some(((tenant, name), d)) = entry(&o) {
+                    self.deployments.entry(tenant).or_default().insert(name, d);
                 }
             }
             Update::Deleted(o) => {
-                if let Some((k, _)) = entry(&o) {
-                    self.deployments.remove(&k);
+                if let Some(((tenant, name), _)) = entry(&o) {
+                    if let Some(names) = self.deployments.get_mut(&tenant) {
+                        names.remove(&name);
+                        if names.is_empty() {
+                            self.deployments.remove(&tenant);
+                        }
+                    }
                 }
             }
         }
@@ -429,9 +448,22 @@ impl Routes {
                 }
             }
         }
-        for id in self.replicas.keys() {
+        self.replicas_changed();
+    }
+
+    /// Keeps what is derived from `replicas` current: every replica has an
+    /// in-flight counter and a breaker, every deployment its serving list.
+    fn replicas_changed(&mut self) {
+        self.serving.clear();
+        for (id, r) in &self.replicas {
             self.outstanding.entry(id.clone()).or_default();
             self.breakers.entry(id.clone()).or_default();
+            if r.running && r.endpoint.is_some() {
+                self.serving
+                    .entry(r.deployment.clone())
+                    .or_default()
+                    .push(id.clone());
+            }
         }
     }
 
@@ -532,4 +564,69 @@ pub fn follow(cp: ControlPlane, routes: Arc<RwLock<Routes>>) -> Vec<tokio::task:
         .await
     }));
     tasks
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn deployment(id: &str, tenant: &str, name: &str) -> Value {
+        json!({"id": id, "tenant": tenant, "name": name,
+               "spec": {"engine": "simulated", "model": "m"}, "status": {}})
+    }
+
+    fn replica(id: &str, deployment: &str, state: &str) -> Value {
+        json!({"id": id, "name": format!("{id}-name"),
+               "spec": {"deployment": deployment},
+               "status": {"state": state, "endpoint": format!("http://{id}")}})
+    }
+
+    /// The replica `target` picks, or `None` when none is ready.
+    fn chosen(r: &Routes, tenant: &str, exclude: &[&str]) -> Option<String> {
+        let exclude: Vec<String> = exclude.iter().map(|s| s.to_string()).collect();
+        match r.target(tenant, "chat", 7, &exclude) {
+            Some(Target::Replica { id, .. }) => Some(id),
+            Some(Target::NoneReady { .. }) => None,
+            other => panic!("unexpected target: {}", other.is_some()),
+        }
+    }
+
+    #[test]
+    fn a_request_sees_only_its_own_deployments_running_replicas() {
+        let mut r = Routes::default();
+        r.apply_deployment(Update::Snapshot(vec![
+            deployment("d1", "t1", "chat"),
+            deployment("d2", "t2", "chat"),
+        ]));
+        r.apply_replica(Update::Snapshot(vec![
+            replica("p1", "d1", "running"),
+            replica("p2", "d2", "running"),
+            replica("p3", "d1", "provisioning"),
+        ]));
+        assert_eq!(chosen(&r, "t1", &[]).as_deref(), Some("p1"));
+        assert_eq!(chosen(&r, "t2", &[]).as_deref(), Some("p2"));
+        assert_eq!(chosen(&r, "t1", &["p1"]), None, "p3 is not running");
+        assert!(
+            r.target("t3", "chat", 7, &[]).is_none(),
+            "no such deployment"
+        );
+
+        r.apply_replica(Update::Modified(replica("p3", "d1", "running")));
+        assert_eq!(chosen(&r, "t1", &["p1"]).as_deref(), Some("p3"));
+        r.apply_replica(Update::Deleted(replica("p1", "d1", "running")));
+        assert_eq!(chosen(&r, "t1", &[]).as_deref(), Some("p3"));
+        assert_eq!(r.models_of("t1"), vec!["chat".to_string()]);
+
+        // A saved table restores the same routing.
+        let mut restored = Routes::default();
+        restored.restore(r.save());
+        assert_eq!(chosen(&restored, "t1", &[]).as_deref(), Some("p3"));
+        assert_eq!(chosen(&restored, "t2", &[]).as_deref(), Some("p2"));
+
+        r.apply_deployment(Update::Deleted(deployment("d1", "t1", "chat")));
+        assert!(r.target("t1", "chat", 7, &[]).is_none());
+        assert!(r.models_of("t1").is_empty());
+        assert_eq!(chosen(&r, "t2", &[]).as_deref(), Some("p2"));
+    }
 }

@@ -50,6 +50,22 @@ const MEMORY_BYTES: usize = 4 << 20;
 /// (which a crash of this process cannot tear), padded with spaces.
 const CURSOR_BYTES: usize = 512;
 
+/// One request's usage as spooled: the fields of `UsageRecordView` (what
+/// the control plane reads), borrowed, so the request path copies nothing
+/// to write it.
+#[derive(Serialize)]
+pub struct UsageLine<'a> {
+    pub at: &'a str,
+    pub tenant: &'a str,
+    pub deployment: &'a str,
+    pub site: &'a str,
+    pub replica: &'a str,
+    pub prompt_tokens: i64,
+    pub completion_tokens: i64,
+    #[serde(skip_serializing_if = "str::is_empty")]
+    pub request_id: &'a str,
+}
+
 /// The append-only spool of usage records.
 pub struct UsageLog {
     dir: PathBuf,
@@ -188,7 +204,7 @@ impl UsageLog {
     }
 
     /// Appends one record durably against a crash of this process.
-    pub fn append(&self, record: &UsageRecordView) -> io::Result<()> {
+    pub fn append(&self, record: &UsageLine<'_>) -> io::Result<()> {
         let mut line = serde_json::to_vec(record).map_err(io::Error::other)?;
         line.push(b'\n');
         {
@@ -532,6 +548,35 @@ mod tests {
         }
     }
 
+    fn line(r: &UsageRecordView) -> UsageLine<'_> {
+        UsageLine {
+            at: &r.at,
+            tenant: &r.tenant,
+            deployment: &r.deployment,
+            site: &r.site,
+            replica: &r.replica,
+            prompt_tokens: r.prompt_tokens,
+            completion_tokens: r.completion_tokens,
+            request_id: &r.request_id,
+        }
+    }
+
+    #[test]
+    fn a_spooled_line_reads_back_as_the_record() {
+        for request_id in ["req_1", ""] {
+            let record = UsageRecordView {
+                request_id: request_id.into(),
+                ..record(5)
+            };
+            let text = serde_json::to_vec(&line(&record)).unwrap();
+            let back: UsageRecordView = serde_json::from_slice(&text).unwrap();
+            assert_eq!(
+                serde_json::to_value(&back).unwrap(),
+                serde_json::to_value(&record).unwrap()
+            );
+        }
+    }
+
     /// The records' `prompt_tokens` as the control plane would read them.
     fn ids(batch: &Batch) -> Vec<i64> {
         let batch: UsageBatch = serde_json::from_slice(&batch_body("ub_1", batch)).unwrap();
@@ -557,7 +602,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let log = UsageLog::open(dir.path()).unwrap();
         for i in 0..3 {
-            log.append(&record(i)).unwrap();
+            log.append(&line(&record(i))).unwrap();
         }
         let mut cursor = log.load_cursor();
         let FromMemory::Batch(batch) = log.batch_in_memory(&mut cursor) else {
@@ -571,7 +616,10 @@ mod tests {
         let log = UsageLog::open(dir.path()).unwrap();
         let mut cursor = log.load_cursor();
         assert_eq!(cursor.pending.as_ref().unwrap().batch_id, id);
-        assert!(matches!(log.batch_in_memory(&mut cursor), FromMemory::OnDisk));
+        assert!(matches!(
+            log.batch_in_memory(&mut cursor),
+            FromMemory::OnDisk
+        ));
         assert_eq!(
             ids(&log.next_batch(&mut cursor).unwrap().unwrap()),
             vec![0, 1, 2]
@@ -579,7 +627,7 @@ mod tests {
         ack(&log, &mut cursor);
         assert!(log.next_batch(&mut cursor).unwrap().is_none());
         // Records appended after the restart come from memory again.
-        log.append(&record(3)).unwrap();
+        log.append(&line(&record(3))).unwrap();
         let FromMemory::Batch(batch) = log.batch_in_memory(&mut cursor) else {
             panic!("new records are in memory");
         };
@@ -592,7 +640,7 @@ mod tests {
     fn torn_and_damaged_lines_are_never_sent() {
         let dir = tempfile::tempdir().unwrap();
         let log = UsageLog::open(dir.path()).unwrap();
-        log.append(&record(0)).unwrap();
+        log.append(&line(&record(0))).unwrap();
         // Not an object: skipped when read back. A torn tail (never
         // written by `append`, but a disk may hold one) is left for
         // later, not misread.
@@ -619,17 +667,23 @@ mod tests {
     fn full_segments_roll_over_and_are_deleted_once_sent() {
         let dir = tempfile::tempdir().unwrap();
         let log = UsageLog::open(dir.path()).unwrap();
-        log.append(&record(0)).unwrap();
+        log.append(&line(&record(0))).unwrap();
         // Pretend the segment is full: the next append starts another.
         log.current.lock().unwrap().len = SEGMENT_BYTES;
-        log.append(&record(1)).unwrap();
+        log.append(&line(&record(1))).unwrap();
         assert_eq!(segments(dir.path()).unwrap(), vec![0, 1]);
         let mut cursor = log.load_cursor();
         // Segment 0 is read back from disk; segment 1 is sent from memory.
-        assert!(matches!(log.batch_in_memory(&mut cursor), FromMemory::OnDisk));
+        assert!(matches!(
+            log.batch_in_memory(&mut cursor),
+            FromMemory::OnDisk
+        ));
         assert_eq!(ids(&log.next_batch(&mut cursor).unwrap().unwrap()), vec![0]);
         ack(&log, &mut cursor);
-        assert!(matches!(log.batch_in_memory(&mut cursor), FromMemory::OnDisk));
+        assert!(matches!(
+            log.batch_in_memory(&mut cursor),
+            FromMemory::OnDisk
+        ));
         assert_eq!(ids(&log.next_batch(&mut cursor).unwrap().unwrap()), vec![1]);
         assert_eq!(
             segments(dir.path()).unwrap(),
@@ -646,10 +700,10 @@ mod tests {
         let log = UsageLog::open(dir.path()).unwrap();
         let mut cursor = log.load_cursor();
         // The control plane away: more unsent than memory keeps.
-        let line = serde_json::to_vec(&record(0)).unwrap().len() + 1;
-        let n = (MEMORY_BYTES / line + 10) as i64;
+        let line_len = serde_json::to_vec(&record(0)).unwrap().len() + 1;
+        let n = (MEMORY_BYTES / line_len + 10) as i64;
         for i in 0..n {
-            log.append(&record(i)).unwrap();
+            log.append(&line(&record(i))).unwrap();
         }
         assert!(!log.current.lock().unwrap().in_memory);
         let (mut sent, mut appended) = (Vec::new(), n);
@@ -667,7 +721,7 @@ mod tests {
             ack(&log, &mut cursor);
             // Appends keep coming while the backlog drains.
             if (sent.len() as i64) < n {
-                log.append(&record(appended)).unwrap();
+                log.append(&line(&record(appended))).unwrap();
                 appended += 1;
             }
         }
