@@ -735,4 +735,108 @@ mod tests {
             "memory took over again"
         );
     }
+
+    /// Batches as a control plane saw them: their id, and their records
+    /// (`None`: refused).
+    type Seen = Arc<Mutex<Vec<(String, Option<Vec<i64>>)>>>;
+
+    /// A control plane that refuses a batch it cannot read (400, as the
+    /// real one does) and records the others.
+    async fn strict_control_plane() -> (String, Seen) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let log = seen.clone();
+        tokio::spawn(async move {
+            loop {
+                let (mut conn, _) = listener.accept().await.unwrap();
+                let log = log.clone();
+                tokio::spawn(async move {
+                    let mut buf = Vec::new();
+                    loop {
+                        let head_end = loop {
+                            if let Some(at) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                                break at + 4;
+                            }
+                            let mut chunk = [0u8; 4096];
+                            match conn.read(&mut chunk).await {
+                                Ok(0) | Err(_) => return,
+                                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                            }
+                        };
+                        let head = String::from_utf8_lossy(&buf[..head_end]).to_ascii_lowercase();
+                        let length: usize = head
+                            .lines()
+                            .find_map(|l| l.strip_prefix("content-length:"))
+                            .map_or(0, |v| v.trim().parse().unwrap());
+                        while buf.len() < head_end + length {
+                            let mut chunk = [0u8; 65536];
+                            let n = conn.read(&mut chunk).await.unwrap();
+                            buf.extend_from_slice(&chunk[..n]);
+                        }
+                        let body: Vec<u8> = buf.drain(..head_end + length).skip(head_end).collect();
+                        let id = serde_json::from_slice::<serde_json::Value>(&body).unwrap()
+                            ["batch_id"]
+                            .as_str()
+                            .unwrap()
+                            .to_string();
+                        let (status, records) = match serde_json::from_slice::<UsageBatch>(&body) {
+                            Ok(b) => (
+                                "200 OK",
+                                Some(b.records.iter().map(|r| r.prompt_tokens).collect()),
+                            ),
+                            Err(_) => ("400 Bad Request", None),
+                        };
+                        log.lock().unwrap().push((id, records));
+                        let answer = format!(
+                            "HTTP/1.1 {status}\r\ncontent-type: application/json\r\ncontent-length: 2\r\n\r\n{{}}"
+                        );
+                        conn.write_all(answer.as_bytes()).await.unwrap();
+                    }
+                });
+            }
+        });
+        (base, seen)
+    }
+
+    #[tokio::test]
+    async fn a_refused_batch_is_sent_again_without_what_is_not_a_record() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let log = UsageLog::open(dir.path()).unwrap();
+            log.append(&line(&record(0))).unwrap();
+        }
+        // A line that passes the cheap check but is no record, then a good one.
+        append_raw(dir.path(), b"{\"not\":\"a record\"}\n");
+        let log = Arc::new(UsageLog::open(dir.path()).unwrap());
+        log.append(&line(&record(1))).unwrap();
+        let (base, seen) = strict_control_plane().await;
+        let shipper = tokio::spawn(ship(ControlPlane::new(&base, "token"), log.clone()));
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        let recorded = |sent: &[(String, Option<Vec<i64>>)]| -> Vec<i64> {
+            sent.iter()
+                .filter_map(|(_, r)| r.clone())
+                .flatten()
+                .collect()
+        };
+        let sent = loop {
+            let sent = seen.lock().unwrap().clone();
+            if recorded(&sent).len() >= 2 {
+                break sent;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "not shipped: {sent:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        shipper.abort();
+        // Refused once (the stray line), then the same batch id without
+        // it; every record once, in order.
+        assert_eq!(sent[0].1, None);
+        assert_eq!(sent[1].0, sent[0].0, "resent under the same id");
+        assert_eq!(sent[1].1.as_ref().unwrap()[0], 0);
+        assert_eq!(recorded(&sent), vec![0, 1]);
+    }
 }
