@@ -80,7 +80,7 @@ impl ControlPlane {
         &self,
         method: Method,
         path: &str,
-        body: Option<Vec<u8>>,
+        body: Option<impl Into<reqwest::Body>>,
     ) -> Result<Value, ClientError> {
         let mut req = self
             .http
