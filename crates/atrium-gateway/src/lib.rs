@@ -422,7 +422,7 @@ async fn handle(g: Arc<Gateway>, request: Request) -> Response {
     } else {
         (
             "other",
-            openai_error(404, "invalid_request_error", None, "no such route"),
+            Response::openai_error(404, "invalid_request_error", None, "no such route"),
         )
     };
     if let Ok(mut m) = g.metrics.requests.lock() {
@@ -434,7 +434,7 @@ async fn handle(g: Arc<Gateway>, request: Request) -> Response {
 }
 
 fn method_not_allowed(allow: &'static str) -> Response {
-    let mut r = openai_error(
+    let mut r = Response::openai_error(
         405,
         "invalid_request_error",
         None,
@@ -506,17 +506,8 @@ fn refusal(status: u16, kind: &'static str, code: Option<&'static str>, message:
     }
 }
 
-fn openai_error(
-    status: u16,
-    kind: &'static str,
-    code: Option<&'static str>,
-    message: &str,
-) -> Response {
-    Response::openai_error(status, kind, code, message)
-}
-
 fn model_not_found(model: &str) -> Response {
-    openai_error(
+    Response::openai_error(
         404,
         "invalid_request_error",
         Some("model_not_found"),
@@ -529,7 +520,7 @@ fn readyz(g: &Gateway) -> Response {
     if ready {
         Response::json(200, &json!({"status": "ready"}))
     } else {
-        openai_error(
+        Response::openai_error(
             503,
             "server_error",
             None,
@@ -734,7 +725,7 @@ async fn proxy_inner(
         Err(r) => return r.into_response(),
     };
     if !caller.may_infer {
-        return openai_error(
+        return Response::openai_error(
             403,
             "invalid_request_error",
             Some("insufficient_scope"),
@@ -743,7 +734,9 @@ async fn proxy_inner(
     }
     let (map, model) = match parse_request(&request.body) {
         Ok(parsed) => parsed,
-        Err(message) => return openai_error(400, "invalid_request_error", None, &message),
+        Err(message) => {
+            return Response::openai_error(400, "invalid_request_error", None, &message)
+        }
     };
     let mut body = outgoing::Outgoing::new(request.body, map);
     let is_embedding = path == "/v1/embeddings";
@@ -809,7 +802,9 @@ async fn proxy_inner(
         {
             Ok(Some(t)) => t,
             Ok(None) => return model_not_found(&model),
-            Err(_) => return openai_error(500, "server_error", None, "route table unavailable"),
+            Err(_) => {
+                return Response::openai_error(500, "server_error", None, "route table unavailable")
+            }
         };
         let (base, replica_name, replica) = match target {
             Target::External { url, model } => {
@@ -844,7 +839,12 @@ async fn proxy_inner(
                         tried.len()
                     )
                 };
-                return openai_error(503, "server_error", Some("no_ready_replica"), &message);
+                return Response::openai_error(
+                    503,
+                    "server_error",
+                    Some("no_ready_replica"),
+                    &message,
+                );
             }
         };
         let text = encoded.get_or_insert_with(|| body.encode()).clone();
@@ -866,7 +866,7 @@ async fn proxy_inner(
                 if let Some((_, _, breaker)) = replica {
                     breaker.failure();
                 }
-                return openai_error(
+                return Response::openai_error(
                     502,
                     "server_error",
                     None,
@@ -929,7 +929,7 @@ async fn proxy_inner(
         let bytes = match bytes {
             Ok(b) => b,
             Err(e) => {
-                return openai_error(
+                return Response::openai_error(
                     502,
                     "server_error",
                     None,
