@@ -13,8 +13,9 @@ use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 
 use hmac::{Hmac, Mac};
-use serde_json::Value;
 use sha2::Sha256;
+
+use crate::request::ProxyRequest;
 
 /// Bytes of the prompt the affinity key covers: the first blocks, where
 /// shared system prompts and few-shot examples live.
@@ -99,48 +100,10 @@ pub fn affinity_key(salt: &str, prefix: &[u8]) -> u64 {
 
 /// The first `AFFINITY_PREFIX_BYTES` of what the model will read first:
 /// the chat messages (role and text, in order), a completion's prompt or
-/// an embedding's input.
-pub fn prompt_prefix(body: &serde_json::Map<String, Value>) -> Vec<u8> {
-    let mut out = Vec::with_capacity(AFFINITY_PREFIX_BYTES);
-    let mut push = |s: &str| {
-        let room = AFFINITY_PREFIX_BYTES.saturating_sub(out.len());
-        out.extend_from_slice(&s.as_bytes()[..s.len().min(room)]);
-        out.len() < AFFINITY_PREFIX_BYTES
-    };
-    if let Some(messages) = body.get("messages").and_then(Value::as_array) {
-        for m in messages {
-            if !push(m.get("role").and_then(Value::as_str).unwrap_or("")) || !push("\n") {
-                break;
-            }
-            if !for_each_text(m.get("content"), &mut push) {
-                break;
-            }
-        }
-    } else if let Some(p) = body.get("prompt").or_else(|| body.get("input")) {
-        for_each_text(Some(p), &mut push);
-    }
-    out
-}
-
-/// Feeds the text of a content value (a string, an array of strings, or
-/// an array of `{type: text, text}` parts) to `push` until it says stop.
-fn for_each_text(content: Option<&Value>, push: &mut impl FnMut(&str) -> bool) -> bool {
-    match content {
-        Some(Value::String(s)) => push(s),
-        Some(Value::Array(parts)) => {
-            for p in parts {
-                let text = match p {
-                    Value::String(s) => s.as_str(),
-                    other => other.get("text").and_then(Value::as_str).unwrap_or(""),
-                };
-                if !push(text) {
-                    return false;
-                }
-            }
-            true
-        }
-        _ => true,
-    }
+/// an embedding's input (read with the request, in the same pass as the
+/// token estimate's text).
+pub fn prompt_prefix<'r>(body: &'r ProxyRequest<'_>) -> &'r [u8] {
+    body.prompt_prefix()
 }
 
 /// Rendezvous (highest random weight) hashing: the replica an affinity key
@@ -163,8 +126,11 @@ mod tests {
     use super::*;
     use serde_json::json;
 
-    fn prefix_of(body: Value) -> Vec<u8> {
-        prompt_prefix(body.as_object().unwrap())
+    fn prefix_of(body: serde_json::Value) -> Vec<u8> {
+        let mut body = body;
+        body["model"] = json!("m");
+        let text = body.to_string();
+        prompt_prefix(&ProxyRequest::parse(text.as_bytes()).unwrap()).to_vec()
     }
 
     #[test]

@@ -16,6 +16,7 @@ pub mod affinity;
 pub mod http1;
 pub mod limits;
 pub mod outgoing;
+pub mod request;
 mod routes;
 mod server;
 mod upstream;
@@ -34,6 +35,7 @@ use tokio::sync::mpsc;
 
 use affinity::Salter;
 use http1::Method;
+use request::ProxyRequest;
 use server::{Request, Response, ResponseBody};
 
 pub use routes::Routes;
@@ -383,6 +385,7 @@ pub async fn start(config: GatewayConfig) -> Result<RunningGateway, GatewayError
         listener,
         move |request| handle(gateway.clone(), request),
         BODY_LIMIT,
+        server::Timeouts::default(),
     ));
     tracing::info!(%addr, "gateway listening");
     Ok(RunningGateway {
@@ -603,57 +606,21 @@ const ATTEMPTS: usize = 3;
 /// (or at the limit, if lower), so its budget can be reserved up front.
 pub const DEFAULT_MAX_TOKENS_UNDER_LIMIT: u64 = 4096;
 
-/// Parses a request body the gateway proxies: a JSON object naming a
-/// `model`. Public for the fuzz target.
-pub fn parse_request(bytes: &[u8]) -> Result<(serde_json::Map<String, Value>, String), String> {
-    let map = match serde_json::from_slice(bytes) {
-        Ok(Value::Object(m)) => m,
-        Ok(_) => return Err("the body must be a JSON object".into()),
-        Err(e) => return Err(format!("invalid JSON body: {e}")),
-    };
-    let model = match map.get("model") {
-        Some(Value::String(m)) if !m.is_empty() => m.clone(),
-        Some(Value::String(_)) | None => {
-            return Err("`model` is required: name one of your deployments".into())
-        }
-        Some(_) => return Err("`model` must be a string".into()),
-    };
-    Ok((map, model))
-}
-
 /// An upper bound of the tokens a request can use, and the completion
 /// limit to enforce (set when the client gave none). Prompt tokens are
 /// bounded by the prompt's bytes (byte-level BPE yields at most one token
 /// per byte) plus a per-message template allowance.
-pub fn token_estimate(
-    body: &serde_json::Map<String, Value>,
-    limits_cap: Option<u64>,
-) -> (u64, Option<u64>) {
+pub fn token_estimate(body: &ProxyRequest<'_>, limits_cap: Option<u64>) -> (u64, Option<u64>) {
     const PER_MESSAGE: u64 = 8;
-    fn text_bytes(v: &Value) -> u64 {
-        match v {
-            Value::String(s) => s.len() as u64,
-            Value::Array(a) => a.iter().map(text_bytes).sum(),
-            Value::Object(o) => o.get("text").map(text_bytes).unwrap_or(0),
-            _ => 0,
-        }
-    }
-    let prompt = match body.get("messages").and_then(Value::as_array) {
-        Some(messages) => messages
-            .iter()
-            .map(|m| m.get("content").map(text_bytes).unwrap_or(0) + PER_MESSAGE)
-            .sum(),
-        None => body
-            .get("prompt")
-            .or_else(|| body.get("input"))
-            .map(text_bytes)
-            .unwrap_or(0),
+    let prompt = match body.prompt_bytes() {
+        (bytes, Some(messages)) => bytes.saturating_add(messages.saturating_mul(PER_MESSAGE)),
+        (bytes, None) => bytes,
     };
-    let choices = body.get("n").and_then(Value::as_u64).unwrap_or(1).max(1);
+    let choices = body.get("n").and_then(request::as_u64).unwrap_or(1).max(1);
     let asked = body
         .get("max_completion_tokens")
         .or_else(|| body.get("max_tokens"))
-        .and_then(Value::as_u64);
+        .and_then(request::as_u64);
     let is_embedding = body.get("input").is_some() && body.get("messages").is_none();
     let (completion, set) = match (asked, is_embedding) {
         (_, true) => (0, None),
@@ -699,11 +666,23 @@ fn rate_limited(e: &limits::Exceeded, who: &str) -> Response {
 
 async fn proxy(g: &Gateway, path: &str, request: Request) -> Response {
     let started = Instant::now();
-    let request_id = format!("req_{:024x}", rand::random::<u128>() >> 32);
+    let request_id = new_request_id();
     let mut response = proxy_inner(g, path, request, started, &request_id).await;
     response.header("x-request-id", request_id);
     response.header("x-atrium-site", g.site.clone());
     response
+}
+
+/// `req_` and 96 random bits in hex, built without the formatting
+/// machinery (it is on every request's path).
+fn new_request_id() -> String {
+    let mut hex = [0u8; 24];
+    // 12 bytes into 24 hex digits: the lengths match, so this cannot fail.
+    let _ = hex::encode_to_slice(rand::random::<[u8; 12]>(), &mut hex);
+    let mut id = String::with_capacity(4 + hex.len());
+    id.push_str("req_");
+    id.push_str(std::str::from_utf8(&hex).unwrap_or_default());
+    id
 }
 
 /// The time a request spent in the gateway itself, its upstream excluded.
@@ -732,22 +711,20 @@ async fn proxy_inner(
             "this key has no inference scope",
         );
     }
-    let (map, model) = match parse_request(&request.body) {
+    let raw = request.body;
+    let parsed = match ProxyRequest::parse(&raw) {
         Ok(parsed) => parsed,
         Err(message) => {
             return Response::openai_error(400, "invalid_request_error", None, &message)
         }
     };
-    let mut body = outgoing::Outgoing::new(request.body, map);
+    let model = parsed.model().to_string();
+    let mut body = outgoing::Outgoing::new(raw.clone(), parsed);
     let is_embedding = path == "/v1/embeddings";
-    let streaming = body
-        .value()
-        .get("stream")
-        .and_then(Value::as_bool)
-        .unwrap_or(false);
+    let streaming = body.request().streams();
     // Metering needs the token counts of streamed answers too.
     if streaming && !is_embedding {
-        body.set("stream_options", json!({"include_usage": true}));
+        body.set("stream_options", &json!({"include_usage": true}));
     }
 
     // Limits: the key's and the tenant's, admitted together.
@@ -757,9 +734,9 @@ async fn proxy_inner(
         .flatten()
         .min();
     let estimate = if token_cap.is_some() {
-        let (estimate, set_max) = token_estimate(body.value(), token_cap);
+        let (estimate, set_max) = token_estimate(body.request(), token_cap);
         if let Some(m) = set_max {
-            body.set("max_tokens", json!(m));
+            body.set("max_tokens", &m);
         }
         estimate
     } else {
@@ -790,7 +767,7 @@ async fn proxy_inner(
 
     // Routing: tenant-salted prefix affinity over the ready replicas.
     let salt = g.salter.tenant(&caller.tenant);
-    let affinity = salt.affinity_key(&affinity::prompt_prefix(body.value()));
+    let affinity = salt.affinity_key(affinity::prompt_prefix(body.request()));
     let mut tried: Vec<String> = Vec::new();
     let mut upstream_time = Duration::ZERO;
     let mut encoded: Option<Bytes> = None;
@@ -808,27 +785,28 @@ async fn proxy_inner(
         };
         let (base, replica_name, replica) = match target {
             Target::External { url, model } => {
-                body.set("model", Value::String(model));
+                body.set("model", &model);
                 // A shared upstream's cache must not be steered by a client.
                 body.remove("cache_salt");
                 (url, "external".to_string(), None)
             }
             Target::Replica {
-                id,
-                endpoint,
-                name,
-                outstanding,
-                breaker,
+                replica,
                 takes_cache_salt,
             } => {
                 if takes_cache_salt && !is_embedding {
-                    body.set("cache_salt", Value::String(salt.hex.clone()));
+                    body.set("cache_salt", &salt.hex);
                 } else {
                     // Nothing upstream may read a salt the client chose.
                     body.remove("cache_salt");
                 }
-                outstanding.fetch_add(1, Ordering::Relaxed);
-                (endpoint, name, Some((id, InFlight(outstanding), breaker)))
+                replica.outstanding.fetch_add(1, Ordering::Relaxed);
+                let in_flight = InFlight(replica.outstanding.clone());
+                (
+                    replica.endpoint.clone(),
+                    replica.name.clone(),
+                    Some((replica, in_flight)),
+                )
             }
             Target::NoneReady { deployment, state } => {
                 let message = if tried.is_empty() {
@@ -852,19 +830,19 @@ async fn proxy_inner(
         let result = g.upstreams.post(&base, path, request_id, &text).await;
         upstream_time += sent.elapsed();
         match (result, replica) {
-            (Ok(r), Some((_, in_flight, breaker))) => {
-                breaker.success();
+            (Ok(r), Some((replica, in_flight))) => {
+                replica.breaker.success();
                 break (r, replica_name, Some(in_flight));
             }
             (Ok(r), None) => break (r, replica_name, None),
-            (Err(e), Some((id, _, breaker))) if e.is_connect() && tried.len() + 1 < ATTEMPTS => {
-                breaker.failure();
+            (Err(e), Some((replica, _))) if e.is_connect() && tried.len() + 1 < ATTEMPTS => {
+                replica.breaker.failure();
                 tracing::warn!(replica = %replica_name, error = %e, "gateway: replica unreachable; trying another");
-                tried.push(id);
+                tried.push(replica.id.clone());
             }
             (Err(e), replica) => {
-                if let Some((_, _, breaker)) = replica {
-                    breaker.failure();
+                if let Some((replica, _)) = replica {
+                    replica.breaker.failure();
                 }
                 return Response::openai_error(
                     502,
@@ -877,17 +855,18 @@ async fn proxy_inner(
     };
     let status = upstream.head.status;
     let content_type = upstream.head.content_type.clone();
-    let meter = Meter {
-        usage: g.usage.clone(),
-        tenant: caller.tenant.clone(),
-        deployment: model.clone(),
-        site: g.site.clone(),
-        replica: replica_name.clone(),
-        request_id: request_id.to_string(),
-    };
     let mut upstream_body = upstream.body;
+    let mut after_sent: Option<server::AfterSent> = None;
     let body = if streaming && (200..300).contains(&status) {
         let (tx, rx) = mpsc::channel::<Bytes>(32);
+        let meter = Meter {
+            usage: g.usage.clone(),
+            tenant: caller.tenant.clone(),
+            deployment: model.clone(),
+            site: g.site.clone(),
+            replica: replica_name.clone(),
+            request_id: request_id.to_string(),
+        };
         tokio::spawn(async move {
             let _in_flight = in_flight;
             let mut ticket = ticket;
@@ -938,18 +917,34 @@ async fn proxy_inner(
             }
         };
         drop(in_flight);
-        if (200..300).contains(&status) {
-            if let Some((p, c)) = usage_of(&bytes) {
-                meter.record(p, c, &mut ticket);
+        // Metered the moment the answer has been handed to the kernel,
+        // before the next request on the connection is read (see
+        // `Response::after_sent`): reading the usage, spooling the record
+        // and settling the limits no longer delay the answer.
+        let meter = Meter {
+            usage: g.usage.clone(),
+            tenant: caller.tenant,
+            deployment: model,
+            site: g.site.clone(),
+            replica: replica_name.clone(),
+            request_id: request_id.to_string(),
+        };
+        let answer = bytes.clone();
+        after_sent = Some(Box::new(move || {
+            if (200..300).contains(&status) {
+                if let Some((p, c)) = usage_of(&answer) {
+                    meter.record(p, c, &mut ticket);
+                }
             }
-        }
-        drop(ticket);
+            drop(ticket);
+        }));
         ResponseBody::Full(bytes)
     };
     let mut response = Response {
         status,
         headers: Vec::with_capacity(8),
         body,
+        after_sent,
     };
     if let Some(ct) = content_type {
         response.header("content-type", ct);
@@ -959,6 +954,7 @@ async fn proxy_inner(
     response
 }
 
+/// What a request's usage record names.
 struct Meter {
     usage: Arc<usage::UsageLog>,
     tenant: String,
@@ -969,8 +965,7 @@ struct Meter {
 }
 
 impl Meter {
-    /// Charges the limiter and spools the record (before the client sees
-    /// the end of the response).
+    /// Charges the limiter and spools the record.
     fn record(
         &self,
         prompt_tokens: i64,
@@ -1006,44 +1001,33 @@ pub const USAGE_FLUSH: Duration = Duration::from_millis(200);
 mod tests {
     use super::*;
 
+    fn estimate(body: Value, cap: Option<u64>) -> (u64, Option<u64>) {
+        let text = body.to_string();
+        token_estimate(&ProxyRequest::parse(text.as_bytes()).unwrap(), cap)
+    }
+
     #[test]
     fn estimates_bound_prompt_and_completion() {
         let chat = json!({"model": "m", "messages": [{"role": "user", "content": "hello"}], "max_tokens": 10, "n": 2});
-        assert_eq!(
-            token_estimate(chat.as_object().unwrap(), Some(100)),
-            (5 + 8 + 20, None)
-        );
+        assert_eq!(estimate(chat, Some(100)), (5 + 8 + 20, None));
         let open = json!({"model": "m", "messages": [{"role": "user", "content": "hi"}]});
+        assert_eq!(estimate(open.clone(), Some(50)), (2 + 8 + 50, Some(50)));
         assert_eq!(
-            token_estimate(open.as_object().unwrap(), Some(50)),
-            (2 + 8 + 50, Some(50))
-        );
-        assert_eq!(
-            token_estimate(open.as_object().unwrap(), Some(1_000_000)),
+            estimate(open, Some(1_000_000)),
             (
                 10 + DEFAULT_MAX_TOKENS_UNDER_LIMIT,
                 Some(DEFAULT_MAX_TOKENS_UNDER_LIMIT)
             )
         );
         let embed = json!({"model": "e", "input": ["abc", "de"]});
-        assert_eq!(
-            token_estimate(embed.as_object().unwrap(), Some(10)),
-            (5, None)
-        );
-    }
-
-    #[test]
-    fn parse_names_what_is_wrong() {
-        assert!(parse_request(b"{\"model\":\"m\"}").is_ok());
-        for (bad, says) in [
-            (&b"[1]"[..], "JSON object"),
-            (b"{", "invalid JSON"),
-            (b"{}", "`model` is required"),
-            (b"{\"model\":\"\"}", "`model` is required"),
-            (b"{\"model\":3}", "must be a string"),
-        ] {
-            let e = parse_request(bad).unwrap_err();
-            assert!(e.contains(says), "{e}");
-        }
+        assert_eq!(estimate(embed, Some(10)), (5, None));
+        // Parts, escapes (counted as the text they stand for) and
+        // `max_completion_tokens` before `max_tokens`.
+        let parts = json!({"model": "m", "max_completion_tokens": 3, "max_tokens": 100,
+            "messages": [{"role": "user", "content": [{"type": "text", "text": "é"}, "ab"]}]});
+        assert_eq!(estimate(parts, None), (2 + 2 + 8 + 3, None));
+        // Text nested past any OpenAI shape still counts.
+        let deep = json!({"model": "m", "max_tokens": 1, "prompt": [[[[["abcdef"]]]]]});
+        assert_eq!(estimate(deep, None), (6 + 1, None));
     }
 }

@@ -93,12 +93,7 @@ impl Breaker {
 /// Where a request goes.
 pub enum Target {
     Replica {
-        /// The placement id.
-        id: String,
-        endpoint: String,
-        name: String,
-        outstanding: Arc<AtomicU64>,
-        breaker: Arc<Breaker>,
+        replica: Arc<Serving>,
         /// vLLM/SGLang-style upstream that takes `cache_salt`.
         takes_cache_salt: bool,
     },
@@ -114,6 +109,26 @@ pub enum Target {
     },
 }
 
+/// A running replica with an endpoint, as requests are routed to it:
+/// shared by the routing index and the requests in flight, so picking one
+/// copies nothing and looks nothing up.
+#[derive(Debug)]
+pub struct Serving {
+    /// The placement id.
+    pub id: String,
+    pub name: String,
+    pub endpoint: String,
+    /// Requests in flight to it from this gateway.
+    pub outstanding: Arc<AtomicU64>,
+    pub breaker: Arc<Breaker>,
+}
+
+impl Serving {
+    fn load(&self) -> u64 {
+        self.outstanding.load(Ordering::Relaxed)
+    }
+}
+
 #[derive(Default)]
 pub struct Routes {
     keys: HashMap<String, KeyEntry>,
@@ -125,7 +140,7 @@ pub struct Routes {
     /// deployment id → its running replicas with an endpoint, derived from
     /// `replicas` whenever they change: a request looks at its own
     /// deployment's replicas, not at every replica of every tenant.
-    serving: HashMap<String, Vec<String>>,
+    serving: HashMap<String, Vec<Arc<Serving>>>,
     /// placement id → requests in flight; outlives replica updates.
     outstanding: HashMap<String, Arc<AtomicU64>>,
     /// placement id → circuit breaker.
@@ -298,42 +313,25 @@ impl Routes {
                 model: d.model.clone(),
             });
         }
-        let load = |id: &str| {
-            self.outstanding
-                .get(id)
-                .map(|c| c.load(Ordering::Relaxed))
-                .unwrap_or(0)
-        };
-        let mut candidates: Vec<(&String, &ReplicaEntry, &str)> = self
-            .serving
-            .get(&d.id)
-            .into_iter()
-            .flatten()
-            .filter(|id| !exclude.contains(id))
-            .filter_map(|id| {
-                let r = self.replicas.get(id)?;
-                Some((id, r, r.endpoint.as_deref()?))
-            })
-            .collect();
-        let open = |id: &str| self.breakers.get(id).is_some_and(|b| b.is_open());
+        let serving = self.serving.get(&d.id).map_or(&[][..], Vec::as_slice);
+        let usable = |r: &&Arc<Serving>| !exclude.contains(&r.id);
         // Skip replicas whose breaker is open — unless all are: then trying
         // one beats refusing outright.
-        if candidates.iter().any(|(id, _, _)| !open(id)) {
-            candidates.retain(|(id, _, _)| !open(id));
-        }
-        let least = candidates.iter().map(|(id, _, _)| load(id)).min();
-        let best = candidates
-            .iter()
-            .max_by_key(|(id, _, _)| crate::affinity::rendezvous_weight(affinity, id))
-            .filter(|(id, _, _)| least.is_some_and(|l| load(id) <= l + AFFINITY_SLACK))
-            .or_else(|| candidates.iter().min_by_key(|(id, _, _)| load(id)));
+        let any_closed = serving.iter().filter(usable).any(|r| !r.breaker.is_open());
+        let candidates = || {
+            serving
+                .iter()
+                .filter(usable)
+                .filter(move |r| !any_closed || !r.breaker.is_open())
+        };
+        let least = candidates().map(|r| r.load()).min();
+        let best = candidates()
+            .max_by_key(|r| crate::affinity::rendezvous_weight(affinity, &r.id))
+            .filter(|r| least.is_some_and(|l| r.load() <= l + AFFINITY_SLACK))
+            .or_else(|| candidates().min_by_key(|r| r.load()));
         Some(match best {
-            Some((id, r, endpoint)) => Target::Replica {
-                id: (*id).clone(),
-                endpoint: (*endpoint).to_string(),
-                name: r.name.clone(),
-                outstanding: self.outstanding.get(*id).cloned().unwrap_or_default(),
-                breaker: self.breakers.get(*id).cloned().unwrap_or_default(),
+            Some(r) => Target::Replica {
+                replica: r.clone(),
                 takes_cache_salt: d.engine != EngineKind::External,
             },
             None => Target::NoneReady {
@@ -456,13 +454,19 @@ impl Routes {
     fn replicas_changed(&mut self) {
         self.serving.clear();
         for (id, r) in &self.replicas {
-            self.outstanding.entry(id.clone()).or_default();
-            self.breakers.entry(id.clone()).or_default();
-            if r.running && r.endpoint.is_some() {
+            let outstanding = self.outstanding.entry(id.clone()).or_default().clone();
+            let breaker = self.breakers.entry(id.clone()).or_default().clone();
+            if let (true, Some(endpoint)) = (r.running, &r.endpoint) {
                 self.serving
                     .entry(r.deployment.clone())
                     .or_default()
-                    .push(id.clone());
+                    .push(Arc::new(Serving {
+                        id: id.clone(),
+                        name: r.name.clone(),
+                        endpoint: endpoint.clone(),
+                        outstanding,
+                        breaker,
+                    }));
             }
         }
     }
@@ -586,7 +590,7 @@ mod tests {
     fn chosen(r: &Routes, tenant: &str, exclude: &[&str]) -> Option<String> {
         let exclude: Vec<String> = exclude.iter().map(|s| s.to_string()).collect();
         match r.target(tenant, "chat", 7, &exclude) {
-            Some(Target::Replica { id, .. }) => Some(id),
+            Some(Target::Replica { replica, .. }) => Some(replica.id.clone()),
             Some(Target::NoneReady { .. }) => None,
             other => panic!("unexpected target: {}", other.is_some()),
         }

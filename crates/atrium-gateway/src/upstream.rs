@@ -132,13 +132,20 @@ impl Upstreams {
     }
 
     fn checkin(&self, authority: &str, mut connection: Connection) {
-        connection.idle_since = Instant::now();
+        let now = Instant::now();
+        connection.idle_since = now;
         if let Ok(mut idle) = self.idle.lock() {
-            let list = idle.entry(authority.to_string()).or_default();
+            // The address is a new key only the first time.
+            if !idle.contains_key(authority) {
+                idle.insert(authority.to_string(), Vec::new());
+            }
+            let Some(list) = idle.get_mut(authority) else {
+                return;
+            };
             // Oldest first: drop those past their time from the front.
             let expired = list
                 .iter()
-                .take_while(|c| c.idle_since.elapsed() >= IDLE_TIMEOUT)
+                .take_while(|c| now.duration_since(c.idle_since) >= IDLE_TIMEOUT)
                 .count();
             list.drain(..expired);
             if list.len() < MAX_IDLE_PER_UPSTREAM {

@@ -1,10 +1,12 @@
 //! Metering that loses nothing.
 //!
 //! Each finished request's usage is appended to a spool segment in the
-//! gateway's data directory *before* its last bytes go to the client, in
-//! one `write` (so a crash of the gateway process — `kill -9` included —
+//! gateway's data directory in one `write`, before the gateway reads
+//! anything more from that client's connection (a whole answer's right
+//! after it was handed to the kernel; a stream's before its usage chunk
+//! is passed on) — so a crash of the gateway process, `kill -9` included,
 //! loses at most the requests still in flight; the page cache keeps what
-//! was written). A shipper posts the spooled records to the control plane
+//! was written. A shipper posts the spooled records to the control plane
 //! in batches. Before a batch is sent, its id and extent are saved in a
 //! cursor file; after a crash the same batch is resent with the same id,
 //! and the control plane records each batch id once — so retries never
