@@ -222,17 +222,18 @@ pub fn as_u64(raw: &RawValue) -> Option<u64> {
 // an unexpected shape is estimated rather than refused: the upstream
 // judges its shape.
 
-/// Visits for the JSON values a visitor has nothing to take from.
-macro_rules! nothing_from_scalars {
-    ($value:expr) => {
+/// Visits for JSON scalars: none is text; an integer where text may be
+/// is a token id (one token), given by `$integer(self)`.
+macro_rules! visit_scalars {
+    ($value:expr, $integer:path) => {
         fn visit_bool<E>(self, _: bool) -> Result<Self::Value, E> {
             Ok($value)
         }
         fn visit_i64<E>(self, _: i64) -> Result<Self::Value, E> {
-            Ok($value)
+            Ok($integer(self))
         }
         fn visit_u64<E>(self, _: u64) -> Result<Self::Value, E> {
-            Ok($value)
+            Ok($integer(self))
         }
         fn visit_f64<E>(self, _: f64) -> Result<Self::Value, E> {
             Ok($value)
@@ -281,7 +282,7 @@ impl<'de> Visitor<'de> for Read {
     fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("any JSON value")
     }
-    nothing_from_scalars!(NO_TEXT);
+    visit_scalars!(NO_TEXT, Read::token_id);
     fn visit_borrowed_str<E>(self, s: &'de str) -> Result<Piece<'de>, E> {
         Ok(self.string(s.len(), || Cow::Borrowed(s)))
     }
@@ -330,6 +331,18 @@ impl Read {
         }
     }
 
+    /// A token id (a prompt given as tokens): one token, which the
+    /// estimate's one-per-byte bound counts as one byte.
+    fn token_id<'a>(self) -> Piece<'a> {
+        match self {
+            Read::Role => NO_TEXT,
+            _ => Piece {
+                text: None,
+                bytes: 1,
+            },
+        }
+    }
+
     /// How an array's elements are read: a role has none; anything else
     /// nested in an array only counts.
     fn nested(self) -> Read {
@@ -349,6 +362,15 @@ struct Content<'a> {
     bytes: u64,
 }
 
+impl Content<'_> {
+    fn token_id<V>(_: V) -> Self {
+        Content {
+            pieces: Vec::new(),
+            bytes: 1,
+        }
+    }
+}
+
 impl<'de> Deserialize<'de> for Content<'de> {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         struct V;
@@ -357,7 +379,7 @@ impl<'de> Deserialize<'de> for Content<'de> {
             fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
                 f.write_str("any JSON value")
             }
-            nothing_from_scalars!(Content::default());
+            visit_scalars!(Content::default(), Content::token_id);
             fn visit_borrowed_str<E>(self, s: &'de str) -> Result<Content<'de>, E> {
                 Ok(Content {
                     pieces: vec![Cow::Borrowed(s)],
@@ -398,6 +420,12 @@ struct Message<'a> {
     content: Content<'a>,
 }
 
+impl Message<'_> {
+    fn not_text<V>(_: V) -> Self {
+        Message::default()
+    }
+}
+
 impl<'de> Deserialize<'de> for Message<'de> {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         struct V;
@@ -406,7 +434,7 @@ impl<'de> Deserialize<'de> for Message<'de> {
             fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
                 f.write_str("any JSON value")
             }
-            nothing_from_scalars!(Message::default());
+            visit_scalars!(Message::default(), Message::not_text);
             fn visit_str<E>(self, _: &str) -> Result<Message<'de>, E> {
                 Ok(Message::default())
             }
@@ -480,7 +508,10 @@ mod tests {
     }
 
     fn prompt(body: serde_json::Value) -> (u64, Option<u64>, String) {
-        let text = body.to_string();
+        prompt_of(&body.to_string())
+    }
+
+    fn prompt_of(text: &str) -> (u64, Option<u64>, String) {
         let r = ProxyRequest::parse(text.as_bytes()).unwrap();
         let (bytes, messages) = r.prompt_bytes();
         (
@@ -493,17 +524,18 @@ mod tests {
     #[test]
     fn the_prompt_is_read_in_every_shape() {
         use serde_json::json;
-        let chat = json!({"model": "m", "messages": [
+        // Raw text: duplicated keys must reach the reader.
+        let chat = r#"{"model": "m", "messages": [
             {"content": "first", "role": "system"},
             {"role": "user", "content": [{"type": "text", "text": "a"}, "b", {"type": "image_url"}, [7, "cd"]]},
             {"role": {"not": "a string"}, "content": {"text": {"text": "deep"}}},
             3,
             {"role": "user", "role": "tool", "content": "x", "content": "yz"}
-        ]});
+        ]}"#;
         assert_eq!(
-            prompt(chat),
+            prompt_of(chat),
             (
-                5 + 1 + 1 + 2 + 4 + 2,
+                5 + 1 + 1 + (1 + 2) + 4 + 2,
                 Some(5),
                 "system\nfirstuser\nab\n\ntool\nyz".into()
             )
@@ -516,9 +548,14 @@ mod tests {
             prompt(json!({"model": "m", "input": "e\u{e9}"})),
             (3, None, "e\u{e9}".into())
         );
+        // Token ids: one token each.
         assert_eq!(
             prompt(json!({"model": "m", "prompt": [1, 2, 3]})),
-            (0, None, "".into())
+            (3, None, "".into())
+        );
+        assert_eq!(
+            prompt(json!({"model": "m", "prompt": [[1, 2], [3]]})),
+            (3, None, "".into())
         );
         // `messages` that is not an array: the prompt is read instead.
         assert_eq!(
