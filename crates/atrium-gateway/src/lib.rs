@@ -745,12 +745,12 @@ async fn proxy_inner(
     let scopes = [
         limits::Scoped {
             kind: limits::ScopeKind::Key,
-            id: caller.key.clone(),
+            id: &caller.key,
             limits: caller.key_limits,
         },
         limits::Scoped {
             kind: limits::ScopeKind::Tenant,
-            id: caller.tenant.clone(),
+            id: &caller.tenant,
             limits: caller.tenant_limits,
         },
     ];

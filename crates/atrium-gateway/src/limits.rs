@@ -308,9 +308,9 @@ impl ScopeKind {
 
 /// One scope a request is counted in, with the limits that apply to it.
 #[derive(Debug, Clone)]
-pub struct Scoped {
+pub struct Scoped<'a> {
     pub kind: ScopeKind,
-    pub id: String,
+    pub id: &'a str,
     pub limits: RequestLimits,
 }
 
@@ -382,12 +382,19 @@ impl Limiter {
     /// it naming the first limit it would break; all-or-nothing.
     pub fn admit(
         self: &Arc<Self>,
-        scopes: &[Scoped],
+        scopes: &[Scoped<'_>],
         tokens: u64,
         clock: fn() -> Now,
     ) -> Result<Option<Ticket>, Exceeded> {
-        let limited: Vec<&Scoped> = scopes.iter().filter(|s| !s.limits.is_unlimited()).collect();
-        if limited.is_empty() {
+        // Each scope's key is built once: it is the ticket's to keep, and
+        // the map is searched with it (on every request's path).
+        let mut held: Vec<(ScopeKind, String)> = Vec::with_capacity(scopes.len());
+        let mut limits = Vec::with_capacity(scopes.len());
+        for s in scopes.iter().filter(|s| !s.limits.is_unlimited()) {
+            held.push((s.kind, s.id.to_string()));
+            limits.push(s.limits);
+        }
+        if held.is_empty() {
             return Ok(None);
         }
         let now = clock();
@@ -403,18 +410,20 @@ impl Limiter {
                 Duration::from_secs(1),
             ));
         };
-        for s in &limited {
-            let state = states.entry((s.kind, s.id.clone())).or_default();
-            if let Some(mut e) = state.check(&s.limits, tokens, now, gateways) {
-                e.scope = s.kind;
+        for (key, limits) in held.iter().zip(&limits) {
+            let state = match states.get_mut(key) {
+                Some(state) => state,
+                None => states.entry(key.clone()).or_default(),
+            };
+            if let Some(mut e) = state.check(limits, tokens, now, gateways) {
+                e.scope = key.0;
                 return Err(e);
             }
         }
-        let mut held = Vec::with_capacity(limited.len());
-        for s in &limited {
-            let key = (s.kind, s.id.clone());
-            states.entry(key.clone()).or_default().admit(tokens, now);
-            held.push(key);
+        for key in &held {
+            if let Some(state) = states.get_mut(key) {
+                state.admit(tokens, now);
+            }
         }
         Ok(Some(Ticket {
             limiter: self.clone(),
@@ -501,11 +510,12 @@ mod tests {
         Duration::from_millis(CLOCK_MS.load(Ordering::SeqCst))
     }
 
-    fn key(limits: RequestLimits) -> Vec<Scoped> {
-        // Each limit kind on a key of its own, so the cases do not mix.
+    fn key(limits: RequestLimits) -> Vec<Scoped<'static>> {
+        // Each limit kind on a key of its own, so the cases do not mix
+        // (the id lives as long as the test process).
         vec![Scoped {
             kind: ScopeKind::Key,
-            id: format!("{limits:?}"),
+            id: Box::leak(format!("{limits:?}").into_boxed_str()),
             limits,
         }]
     }
@@ -541,7 +551,7 @@ mod tests {
         // Concurrency: the ticket's drop frees the slot.
         let conc = vec![Scoped {
             kind: ScopeKind::Tenant,
-            id: "t".into(),
+            id: "t",
             limits: RequestLimits {
                 max_concurrent_requests: Some(1),
                 ..Default::default()
@@ -593,7 +603,7 @@ mod tests {
         let both = vec![
             Scoped {
                 kind: ScopeKind::Key,
-                id: "k2".into(),
+                id: "k2",
                 limits: RequestLimits {
                     requests_per_minute: Some(1),
                     ..Default::default()
@@ -601,7 +611,7 @@ mod tests {
             },
             Scoped {
                 kind: ScopeKind::Tenant,
-                id: "t2".into(),
+                id: "t2",
                 limits: RequestLimits {
                     max_concurrent_requests: Some(1),
                     ..Default::default()
@@ -643,7 +653,7 @@ mod tests {
             tokens_per_day: Some(1000),
             ..Default::default()
         });
-        let id = (ScopeKind::Key, scopes[0].id.clone());
+        let id = (ScopeKind::Key, scopes[0].id.to_string());
         let admitted = |n| {
             (0..n)
                 .filter(|_| limiter.admit(&scopes, 1, system_now).is_ok())
