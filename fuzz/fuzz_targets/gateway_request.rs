@@ -5,7 +5,7 @@
 //! header. None may panic, and what they return must be self-consistent.
 #![no_main]
 
-use atrium_gateway::affinity::{affinity_key, prompt_prefix, AFFINITY_PREFIX_BYTES};
+use atrium_gateway::affinity::{affinity_key, AFFINITY_PREFIX_BYTES};
 use atrium_gateway::http1::{parse_request_head, parse_response_head, ChunkedDecoder};
 use atrium_gateway::outgoing::Outgoing;
 use atrium_gateway::request::ProxyRequest;
@@ -59,9 +59,9 @@ fuzz_target!(|data: &[u8]| {
         Some(request.model())
     );
     assert!(!request.model().is_empty());
-    let prefix = prompt_prefix(&request);
+    let prefix = request.prompt_prefix();
     assert!(prefix.len() <= AFFINITY_PREFIX_BYTES);
-    let _ = affinity_key("salt", &prefix);
+    let _ = affinity_key("salt", prefix);
     for cap in [None, Some(1), Some(u64::MAX)] {
         let (estimate, set_max) = token_estimate(&request, cap);
         if let Some(m) = set_max {

@@ -15,8 +15,6 @@ use std::sync::{Arc, RwLock};
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
 
-use crate::request::ProxyRequest;
-
 /// Bytes of the prompt the affinity key covers: the first blocks, where
 /// shared system prompts and few-shot examples live.
 pub const AFFINITY_PREFIX_BYTES: usize = 4 * 256;
@@ -98,14 +96,6 @@ pub fn affinity_key(salt: &str, prefix: &[u8]) -> u64 {
     first_word(mac.chain_update(prefix))
 }
 
-/// The first `AFFINITY_PREFIX_BYTES` of what the model will read first:
-/// the chat messages (role and text, in order), a completion's prompt or
-/// an embedding's input (read with the request, in the same pass as the
-/// token estimate's text).
-pub fn prompt_prefix<'r>(body: &'r ProxyRequest<'_>) -> &'r [u8] {
-    body.prompt_prefix()
-}
-
 /// Rendezvous (highest random weight) hashing: the replica an affinity key
 /// prefers, stable as other replicas come and go.
 pub fn rendezvous_weight(key: u64, replica: &str) -> u64 {
@@ -124,13 +114,17 @@ pub fn rendezvous_weight(key: u64, replica: &str) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::request::ProxyRequest;
     use serde_json::json;
 
     fn prefix_of(body: serde_json::Value) -> Vec<u8> {
         let mut body = body;
         body["model"] = json!("m");
         let text = body.to_string();
-        prompt_prefix(&ProxyRequest::parse(text.as_bytes()).unwrap()).to_vec()
+        ProxyRequest::parse(text.as_bytes())
+            .unwrap()
+            .prompt_prefix()
+            .to_vec()
     }
 
     #[test]

@@ -767,7 +767,7 @@ async fn proxy_inner(
 
     // Routing: tenant-salted prefix affinity over the ready replicas.
     let salt = g.salter.tenant(&caller.tenant);
-    let affinity = salt.affinity_key(affinity::prompt_prefix(body.request()));
+    let affinity = salt.affinity_key(body.request().prompt_prefix());
     let mut tried: Vec<String> = Vec::new();
     let mut upstream_time = Duration::ZERO;
     let mut encoded: Option<Bytes> = None;
@@ -859,14 +859,13 @@ async fn proxy_inner(
     let mut after_sent: Option<server::AfterSent> = None;
     let body = if streaming && (200..300).contains(&status) {
         let (tx, rx) = mpsc::channel::<Bytes>(32);
-        let meter = Meter {
-            usage: g.usage.clone(),
-            tenant: caller.tenant.clone(),
-            deployment: model.clone(),
-            site: g.site.clone(),
-            replica: replica_name.clone(),
-            request_id: request_id.to_string(),
-        };
+        let meter = Meter::new(
+            g,
+            caller.tenant.clone(),
+            model.clone(),
+            &replica_name,
+            request_id,
+        );
         tokio::spawn(async move {
             let _in_flight = in_flight;
             let mut ticket = ticket;
@@ -921,14 +920,7 @@ async fn proxy_inner(
         // before the next request on the connection is read (see
         // `Response::after_sent`): reading the usage, spooling the record
         // and settling the limits no longer delay the answer.
-        let meter = Meter {
-            usage: g.usage.clone(),
-            tenant: caller.tenant,
-            deployment: model,
-            site: g.site.clone(),
-            replica: replica_name.clone(),
-            request_id: request_id.to_string(),
-        };
+        let meter = Meter::new(g, caller.tenant, model, &replica_name, request_id);
         let answer = bytes.clone();
         after_sent = Some(Box::new(move || {
             if (200..300).contains(&status) {
@@ -965,6 +957,23 @@ struct Meter {
 }
 
 impl Meter {
+    fn new(
+        g: &Gateway,
+        tenant: String,
+        deployment: String,
+        replica: &str,
+        request_id: &str,
+    ) -> Meter {
+        Meter {
+            usage: g.usage.clone(),
+            tenant,
+            deployment,
+            site: g.site.clone(),
+            replica: replica.to_string(),
+            request_id: request_id.to_string(),
+        }
+    }
+
     /// Charges the limiter and spools the record.
     fn record(
         &self,
@@ -1021,7 +1030,7 @@ mod tests {
         );
         let embed = json!({"model": "e", "input": ["abc", "de"]});
         assert_eq!(estimate(embed, Some(10)), (5, None));
-        // Parts, escapes (counted as the text they stand for) and
+        // Parts, multi-byte text (counted in bytes) and
         // `max_completion_tokens` before `max_tokens`.
         let parts = json!({"model": "m", "max_completion_tokens": 3, "max_tokens": 100,
             "messages": [{"role": "user", "content": [{"type": "text", "text": "é"}, "ab"]}]});

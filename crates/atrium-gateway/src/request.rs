@@ -3,9 +3,10 @@
 //! Its top-level fields stay the client's own JSON text (`RawValue`s
 //! borrowed from the body), and only what the gateway needs is decoded
 //! from them: the `model`, whether it streams, the completion limits and
-//! the prompt's text. A `serde_json::Value` tree of every request (a
-//! string per key and per value, a map node per object) was the largest
-//! single piece of the gateway's own time per request.
+//! the prompt's text, in one pass that serves both the token estimate and
+//! the affinity prefix. Measured warm, 450–540 ns per request against
+//! 660–760 ns for building a `serde_json::Value` tree alone; cold (one
+//! request at a time) the two cost about the same.
 //!
 //! The whole body is still checked to be JSON — one object — by the same
 //! parser; a duplicated key counts as its last occurrence, as it does for
@@ -51,18 +52,17 @@ impl PromptText {
     }
 
     fn read(fields: &[(Cow<'_, str>, &RawValue)]) -> PromptText {
-        let last = |key: &str| fields.iter().rev().find(|(k, _)| k == key).map(|(_, v)| *v);
         let mut prompt = PromptText {
             prefix: Vec::with_capacity(AFFINITY_PREFIX_BYTES),
             ..PromptText::default()
         };
-        let read = match last("messages").filter(|m| m.get().starts_with('[')) {
+        let read = match last(fields, "messages").filter(|m| m.get().starts_with('[')) {
             Some(messages) => {
-                let read = serde_json::from_str::<Messages<'_>>(messages.get());
-                read.map(|Messages(list)| {
+                let read = serde_json::from_str::<Vec<Message<'_>>>(messages.get());
+                read.map(|list| {
                     prompt.messages = Some(list.len() as u64);
                     for m in list {
-                        prompt.bytes += m.content.bytes;
+                        prompt.bytes = prompt.bytes.saturating_add(m.content.bytes);
                         prompt.push(m.role.as_deref().unwrap_or(""));
                         prompt.push("\n");
                         m.content.pieces.iter().for_each(|p| prompt.push(p));
@@ -70,7 +70,7 @@ impl PromptText {
                 })
                 .map_err(|_| messages)
             }
-            None => match last("prompt").or_else(|| last("input")) {
+            None => match last(fields, "prompt").or_else(|| last(fields, "input")) {
                 Some(raw) => serde_json::from_str::<Content<'_>>(raw.get())
                     .map(|c| {
                         prompt.bytes = c.bytes;
@@ -92,6 +92,11 @@ impl PromptText {
 /// Fields of a JSON object, keys decoded (borrowed unless escaped),
 /// values left as text.
 struct Fields<'a>(Vec<(Cow<'a, str>, &'a RawValue)>);
+
+/// A field's value: its last occurrence, as for `serde_json`'s map.
+fn last<'a>(fields: &[(Cow<'_, str>, &'a RawValue)], key: &str) -> Option<&'a RawValue> {
+    fields.iter().rev().find(|(k, _)| k == key).map(|(_, v)| *v)
+}
 
 /// A JSON string, borrowed from the input unless it has escapes.
 struct Text<'a>(Cow<'a, str>);
@@ -146,9 +151,9 @@ impl<'a> ProxyRequest<'a> {
             Err(e) if e.is_data() => return Err("the body must be a JSON object".into()),
             Err(e) => return Err(format!("invalid JSON body: {e}")),
         };
-        let model = match fields.iter().rev().find(|(k, _)| k == "model") {
+        let model = match last(&fields, "model") {
             None => return Err("`model` is required: name one of your deployments".into()),
-            Some((_, raw)) => match as_str(raw) {
+            Some(raw) => match as_str(raw) {
                 Some(m) if m.is_empty() => {
                     return Err("`model` is required: name one of your deployments".into())
                 }
@@ -170,11 +175,7 @@ impl<'a> ProxyRequest<'a> {
 
     /// A field's JSON text (its last occurrence).
     pub fn get(&self, key: &str) -> Option<&'a RawValue> {
-        self.fields
-            .iter()
-            .rev()
-            .find(|(k, _)| k == key)
-            .map(|(_, v)| *v)
+        last(&self.fields, key)
     }
 
     /// Every field, in the client's order.
@@ -217,23 +218,23 @@ pub fn as_u64(raw: &RawValue) -> Option<u64> {
 }
 
 // What text is, in the shapes OpenAI's APIs put it (a string; an array of
-// strings and `{"type": "text", "text": ...}` parts; token ids, which are
-// not text), read by visitors that accept any JSON value, so a request of
+// strings and `{"type": "text", "text": ...}` parts; token ids, one token
+// each), read by visitors that accept any JSON value, so a request of
 // an unexpected shape is estimated rather than refused: the upstream
 // judges its shape.
 
 /// Visits for JSON scalars: none is text; an integer where text may be
 /// is a token id (one token), given by `$integer(self)`.
 macro_rules! visit_scalars {
-    ($value:expr, $integer:path) => {
+    ($value:expr, $integer:expr) => {
         fn visit_bool<E>(self, _: bool) -> Result<Self::Value, E> {
             Ok($value)
         }
         fn visit_i64<E>(self, _: i64) -> Result<Self::Value, E> {
-            Ok($integer(self))
+            Ok(($integer)(self))
         }
         fn visit_u64<E>(self, _: u64) -> Result<Self::Value, E> {
-            Ok($integer(self))
+            Ok(($integer)(self))
         }
         fn visit_f64<E>(self, _: f64) -> Result<Self::Value, E> {
             Ok($value)
@@ -362,11 +363,11 @@ struct Content<'a> {
     bytes: u64,
 }
 
-impl Content<'_> {
-    fn token_id<V>(_: V) -> Self {
+impl<'a> Content<'a> {
+    fn text(s: Cow<'a, str>) -> Self {
         Content {
-            pieces: Vec::new(),
-            bytes: 1,
+            bytes: s.len() as u64,
+            pieces: vec![s],
         }
     }
 }
@@ -379,18 +380,15 @@ impl<'de> Deserialize<'de> for Content<'de> {
             fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
                 f.write_str("any JSON value")
             }
-            visit_scalars!(Content::default(), Content::token_id);
+            visit_scalars!(Content::default(), |_| Content {
+                pieces: Vec::new(),
+                bytes: 1,
+            });
             fn visit_borrowed_str<E>(self, s: &'de str) -> Result<Content<'de>, E> {
-                Ok(Content {
-                    pieces: vec![Cow::Borrowed(s)],
-                    bytes: s.len() as u64,
-                })
+                Ok(Content::text(Cow::Borrowed(s)))
             }
             fn visit_str<E>(self, s: &str) -> Result<Content<'de>, E> {
-                Ok(Content {
-                    pieces: vec![Cow::Owned(s.to_string())],
-                    bytes: s.len() as u64,
-                })
+                Ok(Content::text(Cow::Owned(s.to_string())))
             }
             fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Content<'de>, A::Error> {
                 let mut content = Content::default();
@@ -420,12 +418,6 @@ struct Message<'a> {
     content: Content<'a>,
 }
 
-impl Message<'_> {
-    fn not_text<V>(_: V) -> Self {
-        Message::default()
-    }
-}
-
 impl<'de> Deserialize<'de> for Message<'de> {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         struct V;
@@ -434,7 +426,7 @@ impl<'de> Deserialize<'de> for Message<'de> {
             fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
                 f.write_str("any JSON value")
             }
-            visit_scalars!(Message::default(), Message::not_text);
+            visit_scalars!(Message::default(), |_| Message::default());
             fn visit_str<E>(self, _: &str) -> Result<Message<'de>, E> {
                 Ok(Message::default())
             }
@@ -457,15 +449,6 @@ impl<'de> Deserialize<'de> for Message<'de> {
             }
         }
         d.deserialize_any(V)
-    }
-}
-
-/// The `messages` array.
-struct Messages<'a>(Vec<Message<'a>>);
-
-impl<'de> Deserialize<'de> for Messages<'de> {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        Vec::deserialize(d).map(Messages)
     }
 }
 

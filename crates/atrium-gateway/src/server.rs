@@ -55,8 +55,9 @@ pub struct Response {
     pub headers: Vec<(&'static str, String)>,
     pub body: ResponseBody,
     /// Work that must follow the answer but not delay it (metering): run
-    /// once the response has been handed to the kernel — or could not be
-    /// — before anything else is read from the connection.
+    /// once a whole response has been handed to the kernel — or could not
+    /// be — (a stream's, before its head), and before anything else is
+    /// read from the connection.
     pub after_sent: Option<AfterSent>,
 }
 
@@ -137,8 +138,8 @@ where
     // One idle timer per connection, not one per request: when it fires
     // it is moved to the last answer's time plus the idle timeout, and
     // only closes the connection once that has passed. (A timer armed and
-    // cancelled around every request was a measurable share of the
-    // gateway's per-request CPU.)
+    // cancelled around every request puts a timer-wheel insert and removal
+    // and clock reads on every request's path.)
     let idle = tokio::time::sleep(timeouts.idle);
     tokio::pin!(idle);
     let mut last_answered = Instant::now();
@@ -354,11 +355,12 @@ async fn write_response(
                 keep_alive,
                 &http_date(),
             );
+            // A stream meters itself as it passes; anything else to do
+            // after the answer goes before its first byte.
+            after_sent.run();
             if head_only {
-                after_sent.run();
                 return stream.write_all(out).await;
             }
-            after_sent.run();
             // The head goes with the first piece, unless that is slow to
             // come (a replica still computing): then the head goes alone.
             match rx.try_recv() {

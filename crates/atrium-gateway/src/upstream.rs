@@ -136,11 +136,9 @@ impl Upstreams {
         connection.idle_since = now;
         if let Ok(mut idle) = self.idle.lock() {
             // The address is a new key only the first time.
-            if !idle.contains_key(authority) {
-                idle.insert(authority.to_string(), Vec::new());
-            }
-            let Some(list) = idle.get_mut(authority) else {
-                return;
+            let list = match idle.get_mut(authority) {
+                Some(list) => list,
+                None => idle.entry(authority.to_string()).or_default(),
             };
             // Oldest first: drop those past their time from the front.
             let expired = list
