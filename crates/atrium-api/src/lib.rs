@@ -161,11 +161,17 @@ pub struct UsageRecordView {
     pub site: String,
     /// The replica (placement) that served it.
     pub replica: String,
+    /// Never negative: the control plane refuses a batch with a negative
+    /// count.
     pub prompt_tokens: i64,
     pub completion_tokens: i64,
     /// The gateway's `x-request-id` of the request.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub request_id: String,
+    /// Set when the gateway recorded its own count because the upstream's
+    /// was outside what the request could produce: says what it reported.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub flag: Option<String>,
 }
 
 /// Body of `POST /v1/usage`: a batch, recorded at most once per id.

@@ -100,11 +100,11 @@ impl DeploymentSpec {
         for (i, site) in self.sites.iter().enumerate() {
             errors.check(&format!("sites[{i}]"), crate::name::validate_name(site));
         }
-        let is_url = |u: &str| u.starts_with("http://") || u.starts_with("https://");
         match (self.engine, &self.external_url) {
-            (EngineKind::External, Some(url)) if is_url(url) => {}
-            (EngineKind::External, Some(_)) => {
-                errors.push("external_url", "must be an http:// or https:// URL")
+            (EngineKind::External, Some(url)) => {
+                if let Err(why) = crate::url::UpstreamUrl::parse(url) {
+                    errors.push("external_url", why);
+                }
             }
             (EngineKind::External, None) => {
                 errors.push("external_url", "is required for engine \"external\"")
@@ -118,15 +118,79 @@ impl DeploymentSpec {
     /// What this deployment holds against its tenant's quota: every replica
     /// it may scale to, so scaling up can never break the quota later.
     pub fn quota_usage(&self) -> ResourceUsage {
-        let n = u64::from(self.replicas.max);
-        let r = &self.resources;
+        let mut usage = self.resources.times(u64::from(self.replicas.max));
+        usage.deployments = 1;
+        usage
+    }
+
+    /// What this deployment holds while `placed` (the resources each of
+    /// its placements holds) still run: the larger of its spec's usage and
+    /// what its placements hold, per resource. A spec updated down (fewer
+    /// GPUs, say) therefore frees quota only once the replicas holding the
+    /// old amount are gone.
+    pub fn quota_usage_holding<'a>(
+        &self,
+        placed: impl IntoIterator<Item = &'a Resources>,
+    ) -> ResourceUsage {
+        let held = placed.into_iter().fold(ResourceUsage::default(), |sum, r| {
+            sum.saturating_add(r.times(1))
+        });
+        self.quota_usage().max(held)
+    }
+}
+
+impl Resources {
+    /// `n` replicas' worth of these resources (no deployment counted).
+    pub fn times(&self, n: u64) -> ResourceUsage {
         ResourceUsage {
-            gpus: GpuMilli(r.gpu.map(|g| g.milli()).unwrap_or(0).saturating_mul(n)),
-            gpu_memory: ByteSize(r.gpu_memory.map(|b| b.0).unwrap_or(0).saturating_mul(n)),
-            cpu: CpuMillis(r.cpu.0.saturating_mul(n)),
-            memory: ByteSize(r.memory.0.saturating_mul(n)),
-            storage: ByteSize(r.storage.0.saturating_mul(n)),
-            deployments: 1,
+            gpus: GpuMilli(self.gpu.map(|g| g.milli()).unwrap_or(0).saturating_mul(n)),
+            gpu_memory: ByteSize(self.gpu_memory.map(|b| b.0).unwrap_or(0).saturating_mul(n)),
+            cpu: CpuMillis(self.cpu.0.saturating_mul(n)),
+            memory: ByteSize(self.memory.0.saturating_mul(n)),
+            storage: ByteSize(self.storage.0.saturating_mul(n)),
+            deployments: 0,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(gpu: Option<&str>, max: u32) -> DeploymentSpec {
+        serde_json::from_value(serde_json::json!({
+            "model": "m", "engine": "simulated", "replicas": {"min": 1, "max": max},
+            "resources": {"cpu": "1", "memory": "1Gi", "gpu": gpu}
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn an_update_down_holds_what_its_replicas_still_hold() {
+        let old = spec(Some("1"), 1);
+        let new = spec(None, 1);
+        assert_eq!(new.quota_usage().gpus, GpuMilli(0));
+        let held = new.quota_usage_holding([&old.resources]);
+        assert_eq!(held.gpus, GpuMilli(1000));
+        assert_eq!(held.deployments, 1);
+        // Four old replicas hold four GPUs, whatever the new spec says.
+        let four = [&old.resources; 4];
+        assert_eq!(new.quota_usage_holding(four).gpus, GpuMilli(4000));
+        // Nothing placed yet: the spec's own usage.
+        assert_eq!(
+            spec(Some("2"), 3).quota_usage_holding([]).gpus,
+            GpuMilli(6000)
+        );
+    }
+
+    #[test]
+    fn external_urls_must_parse() {
+        let mut s = spec(None, 1);
+        s.engine = EngineKind::External;
+        s.external_url = Some("http://up:80/v1\r\nx: y".into());
+        let errors = s.validate().unwrap_err();
+        assert!(format!("{errors:?}").contains("external_url"));
+        s.external_url = Some("https://api.example.com/v1".into());
+        assert!(s.validate().is_ok());
     }
 }

@@ -62,6 +62,41 @@ impl KeySpec {
         errors.into_result()
     }
 
+    /// Checks that `self`, replacing `old`, only narrows what the key may
+    /// do: no scope it did not have, no later expiry (so an expired key
+    /// stays expired and a key that never expired may be given an expiry).
+    /// To widen, issue a new key: its creation is audited as such.
+    pub fn narrows(&self, old: &KeySpec) -> Result<(), FieldErrors> {
+        let mut errors = FieldErrors::new();
+        let added: Vec<String> = self
+            .scopes
+            .iter()
+            .filter(|s| !old.scopes.contains(s))
+            .map(|s| format!("{s:?}").to_lowercase())
+            .collect();
+        if !added.is_empty() {
+            errors.push(
+                "scopes",
+                format!(
+                    "a key's scopes can only be narrowed; it does not have {}: create a new key",
+                    added.join(", ")
+                ),
+            );
+        }
+        match (old.expires_at, self.expires_at) {
+            (Some(old), None) => errors.push(
+                "expires_at",
+                format!("the key expires at {old}; an expiry can only be moved earlier"),
+            ),
+            (Some(old), Some(new)) if new > old => errors.push(
+                "expires_at",
+                format!("the key expires at {old}; an expiry can only be moved earlier"),
+            ),
+            _ => {}
+        }
+        errors.into_result()
+    }
+
     pub fn limits(&self) -> RequestLimits {
         RequestLimits {
             requests_per_minute: self.requests_per_minute,
@@ -83,7 +118,39 @@ pub fn split_key_token(token: &str) -> Option<(&str, &str)> {
 
 #[cfg(test)]
 mod tests {
-    use super::split_key_token;
+    use super::{split_key_token, KeySpec, Scope};
+    use time::OffsetDateTime;
+
+    fn spec(scopes: &[Scope], expires_at: Option<OffsetDateTime>) -> KeySpec {
+        KeySpec {
+            scopes: scopes.to_vec(),
+            expires_at,
+            requests_per_minute: None,
+            tokens_per_minute: None,
+            tokens_per_day: None,
+            max_concurrent_requests: None,
+        }
+    }
+
+    #[test]
+    fn updates_may_only_narrow_scopes_and_expiry() {
+        let day = time::Duration::days(1);
+        let then = OffsetDateTime::UNIX_EPOCH + day * 20_000;
+        let old = spec(&[Scope::Inference, Scope::Read], Some(then));
+        assert!(spec(&[Scope::Inference], Some(then - day))
+            .narrows(&old)
+            .is_ok());
+        assert!(spec(&[Scope::Inference, Scope::Admin], Some(then))
+            .narrows(&old)
+            .is_err());
+        assert!(spec(&[Scope::Inference], Some(then + day))
+            .narrows(&old)
+            .is_err());
+        assert!(spec(&[Scope::Inference], None).narrows(&old).is_err());
+        assert!(spec(&[Scope::Read], Some(then))
+            .narrows(&spec(&[Scope::Read], None))
+            .is_ok());
+    }
 
     #[test]
     fn splits_only_well_formed_tokens() {

@@ -19,6 +19,7 @@ pub mod quantity;
 pub mod quota;
 pub mod site;
 pub mod tenant;
+pub mod url;
 pub mod validation;
 
 pub use validation::{FieldError, FieldErrors};

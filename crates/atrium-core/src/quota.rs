@@ -8,7 +8,10 @@ use serde::{Deserialize, Serialize};
 use crate::limits::RequestLimits;
 use crate::quantity::{ByteSize, CpuMillis, GpuMilli};
 
-/// Limits on what one tenant may hold or use. A missing limit is unlimited.
+/// Limits on what one tenant may hold or use. A missing resource or rate
+/// limit is unlimited; a missing object count has a default cap
+/// ([`Counted::default_cap`]), so no tenant can make every controller pass
+/// and every watcher carry an unbounded number of its objects.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Quota {
@@ -28,8 +31,18 @@ pub struct Quota {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schema(value_type = Option<String>, example = "1Ti")]
     pub storage: Option<ByteSize>,
+    /// Deployments held at once [default: 100].
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub deployments: Option<u64>,
+    /// Private models held at once [default: 100].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub models: Option<u64>,
+    /// API keys held at once, revoked ones included [default: 100].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub keys: Option<u64>,
+    /// Watch streams open at once [default: 32].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub watches: Option<u64>,
     /// Enforced by the gateway.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub requests_per_minute: Option<u64>,
@@ -61,6 +74,18 @@ pub struct ResourceUsage {
 }
 
 impl ResourceUsage {
+    /// The larger of the two, resource by resource.
+    pub fn max(self, o: ResourceUsage) -> ResourceUsage {
+        ResourceUsage {
+            gpus: GpuMilli(self.gpus.0.max(o.gpus.0)),
+            gpu_memory: ByteSize(self.gpu_memory.0.max(o.gpu_memory.0)),
+            cpu: CpuMillis(self.cpu.0.max(o.cpu.0)),
+            memory: ByteSize(self.memory.0.max(o.memory.0)),
+            storage: ByteSize(self.storage.0.max(o.storage.0)),
+            deployments: self.deployments.max(o.deployments),
+        }
+    }
+
     pub fn saturating_add(self, o: ResourceUsage) -> ResourceUsage {
         ResourceUsage {
             gpus: GpuMilli(self.gpus.0.saturating_add(o.gpus.0)),
@@ -83,7 +108,61 @@ pub struct QuotaExceeded {
     pub limit: String,
 }
 
+/// Objects a tenant holds a counted number of.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Counted {
+    Deployments,
+    Models,
+    Keys,
+    Watches,
+}
+
+impl Counted {
+    /// The quota field that sets the cap.
+    pub fn field(self) -> &'static str {
+        match self {
+            Counted::Deployments => "deployments",
+            Counted::Models => "models",
+            Counted::Keys => "keys",
+            Counted::Watches => "watches",
+        }
+    }
+
+    /// The cap when the quota names none: far above what a tenant uses.
+    pub fn default_cap(self) -> u64 {
+        match self {
+            Counted::Deployments | Counted::Models | Counted::Keys => 100,
+            Counted::Watches => 32,
+        }
+    }
+}
+
 impl Quota {
+    /// How many `what` the tenant may hold at once.
+    pub fn cap(&self, what: Counted) -> u64 {
+        let set = match what {
+            Counted::Deployments => self.deployments,
+            Counted::Models => self.models,
+            Counted::Keys => self.keys,
+            Counted::Watches => self.watches,
+        };
+        set.unwrap_or(what.default_cap())
+    }
+
+    /// Admits one more `what` on top of `held`, or says the numbers.
+    pub fn admit_one(&self, what: Counted, held: u64) -> Result<(), QuotaExceeded> {
+        let cap = self.cap(what);
+        if held.saturating_add(1) > cap {
+            return Err(QuotaExceeded {
+                resource: what.field().to_string(),
+                requested: "1".into(),
+                used: held.to_string(),
+                limit: cap.to_string(),
+            });
+        }
+        Ok(())
+    }
+
     pub fn validate(&self) -> Result<(), crate::FieldErrors> {
         let mut errors = crate::FieldErrors::new();
         self.request_limits().validate(&mut errors);
@@ -128,7 +207,7 @@ impl Quota {
         }
         check(
             "deployments",
-            self.deployments,
+            Some(self.cap(Counted::Deployments)),
             used.deployments,
             requested.deployments,
             |v| v,
@@ -189,5 +268,34 @@ mod tests {
             ("1", "4", "4")
         );
         assert_eq!(Quota::default().admit(&four, &four), Ok(()));
+    }
+
+    #[test]
+    fn object_counts_have_default_caps_the_quota_can_raise() {
+        let quota = Quota::default();
+        assert_eq!(quota.admit_one(Counted::Models, 99), Ok(()));
+        let err = quota.admit_one(Counted::Models, 100).unwrap_err();
+        assert_eq!(
+            (err.resource.as_str(), err.used.as_str(), err.limit.as_str()),
+            ("models", "100", "100")
+        );
+        assert!(quota.admit_one(Counted::Watches, 32).is_err());
+        let raised = Quota {
+            keys: Some(1000),
+            ..Quota::default()
+        };
+        assert_eq!(raised.admit_one(Counted::Keys, 500), Ok(()));
+        let many = ResourceUsage {
+            deployments: 100,
+            ..Default::default()
+        };
+        let one = ResourceUsage {
+            deployments: 1,
+            ..Default::default()
+        };
+        assert_eq!(
+            quota.admit(&many, &one).unwrap_err().resource,
+            "deployments"
+        );
     }
 }

@@ -41,6 +41,29 @@ impl Role {
         }
     }
 
+    /// The role `as_str` names.
+    pub fn parse(s: &str) -> Option<Role> {
+        [
+            Role::ProviderAdmin,
+            Role::TenantAdmin,
+            Role::Viewer,
+            Role::TenantMember,
+        ]
+        .into_iter()
+        .find(|r| r.as_str() == s)
+    }
+
+    /// Whether this role is `other` or a more powerful one.
+    pub fn at_least(self, other: Role) -> bool {
+        let rank = |r: Role| match r {
+            Role::ProviderAdmin => 3,
+            Role::TenantAdmin => 2,
+            Role::Viewer => 1,
+            Role::TenantMember => 0,
+        };
+        rank(self) >= rank(other)
+    }
+
     /// The control-plane role a key's scopes give.
     pub fn from_scopes(scopes: &[Scope]) -> Role {
         if scopes.contains(&Scope::Admin) {

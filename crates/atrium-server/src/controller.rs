@@ -14,7 +14,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
-use atrium_core::deployment::{DeploymentSpec, EngineKind};
+use atrium_core::deployment::{DeploymentSpec, EngineKind, Resources};
 use atrium_core::lifecycle::{LifecycleState, Status};
 use atrium_core::model::ModelSpec;
 use atrium_core::node::{NodeSpec, NodeState};
@@ -113,9 +113,14 @@ fn tenant_policy(t: &TenantSpec) -> fleet::TenantPolicy {
     }
 }
 
-/// The scheduler's request for one replica of a deployment.
-fn fleet_request(id: String, tenant: &str, priority: i32, spec: &DeploymentSpec) -> fleet::Request {
-    let r = &spec.resources;
+/// The scheduler's request for one replica holding `r`, in `sites`.
+fn fleet_request(
+    id: String,
+    tenant: &str,
+    priority: i32,
+    r: &Resources,
+    sites: &[String],
+) -> fleet::Request {
     fleet::Request {
         id,
         tenant: tenant.to_string(),
@@ -133,7 +138,7 @@ fn fleet_request(id: String, tenant: &str, priority: i32, spec: &DeploymentSpec)
         },
         gpu_memory_mib: r.gpu_memory.map(|m| m.0.div_ceil(MIB)).unwrap_or(0),
         models: r.gpu_models.clone(),
-        sites: spec.sites.clone(),
+        sites: sites.to_vec(),
     }
 }
 
@@ -294,12 +299,11 @@ pub async fn reconcile(store: &Store) -> Result<Outcome, atrium_store::StoreErro
         .collect();
     let mut fleet = fleet::Fleet::new(fleet_nodes, policies);
     let priority = |tenant: &str| tenants.get(tenant).map_or(0, |t| t.priority);
-    // What is already placed holds its room, exactly where it is.
+    // What is already placed holds its room, exactly where it is, and
+    // exactly what it holds: a deployment updated since keeps its old
+    // replicas' amounts in the fleet until they are replaced.
     for (deployment_id, ps) in &by_deployment {
         let Some(d) = live.get(deployment_id.as_str()) else {
-            continue;
-        };
-        let Some(dspec) = parse::<DeploymentSpec>(d) else {
             continue;
         };
         let tenant = d.tenant.clone().unwrap_or_default();
@@ -307,7 +311,13 @@ pub async fn reconcile(store: &Store) -> Result<Outcome, atrium_store::StoreErro
             let Some(spec) = parse::<PlacementSpec>(p) else {
                 continue;
             };
-            let request = fleet_request(p.id.clone(), &tenant, priority(&tenant), &dspec);
+            let request = fleet_request(
+                p.id.clone(),
+                &tenant,
+                priority(&tenant),
+                &spec.resources,
+                &[],
+            );
             if let Err(e) = fleet.restore(&request, &spec.node, &to_slots(&spec.gpus)) {
                 tracing::debug!(placement = %p.id, node = %spec.node, error = %e, "placement not restored into the scheduler");
             }
@@ -319,99 +329,43 @@ pub async fn reconcile(store: &Store) -> Result<Outcome, atrium_store::StoreErro
             continue;
         };
         let tenant = d.tenant.clone().unwrap_or_default();
-        let existing: Vec<&Object> = by_deployment.get(&d.id).cloned().unwrap_or_default();
-        // No autoscaler yet: run the minimum, and at least one replica.
-        let desired = if spec.engine == EngineKind::External {
-            0
-        } else {
-            spec.replicas.min.max(1) as usize
-        };
-        let mut unplaced: Option<String> = None;
-
-        let mut indices: Vec<u32> = existing
-            .iter()
-            .filter_map(|p| parse::<PlacementSpec>(p).map(|s| s.replica))
+        let existing: Vec<(&Object, PlacementSpec)> = by_deployment
+            .get(&d.id)
+            .into_iter()
+            .flatten()
+            .filter_map(|p| Some((*p, parse::<PlacementSpec>(p)?)))
             .collect();
-        indices.sort_unstable();
-        // Too many: remove the highest replica numbers.
-        for p in &existing {
-            if let Some(s) = parse::<PlacementSpec>(p) {
-                if s.replica as usize >= desired && remove_placement(store, &p.id).await {
-                    outcome.removed += 1;
-                }
-            }
-        }
-        // Too few: place the missing replica numbers.
         let model = models
             .iter()
             .filter(|m| {
                 m.name == spec.model
                     && (m.tenant.as_deref() == Some(tenant.as_str()) || m.tenant.is_none())
             })
-            .max_by_key(|m| m.tenant.is_some());
-        let tenant_spec = tenants.get(&tenant);
-        for replica in 0..desired as u32 {
-            if indices.contains(&replica) {
-                continue;
-            }
-            let (Some(model), Some(tenant_spec)) = (model, tenant_spec) else {
-                unplaced = Some("its model or tenant no longer exists".into());
-                break;
-            };
-            let Some(model_spec) = parse::<ModelSpec>(model) else {
-                continue;
-            };
-            let request = fleet_request(
-                format!("{}/{replica}", d.id),
-                &tenant,
-                tenant_spec.priority,
-                &spec,
-            );
-            match fleet.place(&request) {
-                Ok(binding) => {
-                    let placement = PlacementSpec {
-                        deployment: d.id.clone(),
-                        deployment_name: d.name.clone(),
-                        replica,
-                        node: binding.node.clone(),
-                        engine: spec.engine,
-                        model: model.name.clone(),
-                        model_source: model_spec.source.clone(),
-                        model_task: model_spec.task,
-                        resources: spec.resources.clone(),
-                        gpus: from_slots(&binding.slots),
-                    };
-                    let status = ReplicaStatus {
-                        state: LifecycleState::Pending,
-                        reason: "waiting for the node's agent".into(),
-                        endpoint: None,
-                        restarts: 0,
-                        isolation: None,
-                        pid: None,
-                    };
-                    let w = Write::Create {
-                        kind: PLACEMENT_KIND.into(),
-                        id: new_id(Placement::ID_PREFIX),
-                        tenant: Some(tenant.clone()),
-                        name: format!("{}-{replica}", d.name),
-                        body: json!({"spec": placement, "status": status}),
-                    };
-                    if write(store, w, "placement.create").await {
-                        outcome.placed += 1;
-                    }
-                }
-                Err(why) => {
-                    outcome.unplaceable += 1;
-                    unplaced = Some(why.to_string());
-                    break;
-                }
-            }
-        }
+            .max_by_key(|m| m.tenant.is_some())
+            .and_then(|m| Some((m.name.clone(), parse::<ModelSpec>(m)?)));
+        let pass = DeploymentPass {
+            store,
+            deployment: d,
+            spec: &spec,
+            tenant: &tenant,
+            tenant_spec: tenants.get(&tenant),
+            model: model.as_ref(),
+        };
+        let unplaced = pass.roll(&existing, &mut fleet, &mut outcome).await;
 
-        let replicas: Vec<ReplicaStatus> = existing
-            .iter()
-            .filter(|p| parse::<PlacementSpec>(p).is_some_and(|s| (s.replica as usize) < desired))
-            .filter_map(|p| serde_json::from_value(p.body["status"].clone()).ok())
+        // Each replica number counts once: a running copy (old or new)
+        // before one still starting.
+        let desired = pass.desired();
+        let replicas: Vec<ReplicaStatus> = (0..desired as u32)
+            .filter_map(|r| {
+                existing
+                    .iter()
+                    .filter(|(_, s)| s.replica == r)
+                    .filter_map(|(p, _)| {
+                        serde_json::from_value::<ReplicaStatus>(p.body["status"].clone()).ok()
+                    })
+                    .max_by_key(|s| s.state == LifecycleState::Running)
+            })
             .collect();
         let status = rollup(&spec, desired, &replicas, unplaced.as_deref());
         let status_value = serde_json::to_value(&status).unwrap_or(Value::Null);
@@ -430,6 +384,155 @@ pub async fn reconcile(store: &Store) -> Result<Outcome, atrium_store::StoreErro
         }
     }
     Ok(outcome)
+}
+
+/// One deployment in one reconcile pass.
+struct DeploymentPass<'a> {
+    store: &'a Store,
+    deployment: &'a Object,
+    spec: &'a DeploymentSpec,
+    tenant: &'a str,
+    tenant_spec: Option<&'a TenantSpec>,
+    /// The model the deployment names (its tenant's, else the public one).
+    model: Option<&'a (String, ModelSpec)>,
+}
+
+impl DeploymentPass<'_> {
+    /// Replicas to run: no autoscaler yet, so the minimum, at least one.
+    fn desired(&self) -> usize {
+        if self.spec.engine == EngineKind::External {
+            0
+        } else {
+            self.spec.replicas.min.max(1) as usize
+        }
+    }
+
+    /// What a replica of the current spec is placed as, on `node`.
+    fn placement(&self, replica: u32, binding: &fleet::Binding) -> Option<PlacementSpec> {
+        let (model, model_spec) = self.model?;
+        Some(PlacementSpec {
+            deployment: self.deployment.id.clone(),
+            deployment_name: self.deployment.name.clone(),
+            replica,
+            node: binding.node.clone(),
+            engine: self.spec.engine,
+            model: model.clone(),
+            model_source: model_spec.source.clone(),
+            model_task: model_spec.task,
+            resources: self.spec.resources.clone(),
+            gpus: from_slots(&binding.slots),
+        })
+    }
+
+    /// Whether a placement runs the current spec: the same engine, model
+    /// and resources. Anything else is rolled: a placement never changes
+    /// (its replica's sandbox was built from it), it is replaced.
+    fn is_current(&self, p: &PlacementSpec) -> bool {
+        self.model.is_none_or(|(model, m)| {
+            p.model == *model && p.model_source == m.source && p.model_task == m.task
+        }) && p.engine == self.spec.engine
+            && p.resources == self.spec.resources
+    }
+
+    /// Brings the deployment's placements to its spec: replicas past the
+    /// desired count go; each missing or outdated replica gets a new
+    /// placement first, and an outdated one is removed once its successor
+    /// runs — or at once when the successor finds no room beside it (a
+    /// tenant at its quota, a full fleet), so a change is never stuck.
+    /// Returns why a replica could not be placed, if one could not.
+    async fn roll(
+        &self,
+        existing: &[(&Object, PlacementSpec)],
+        fleet: &mut fleet::Fleet,
+        outcome: &mut Outcome,
+    ) -> Option<String> {
+        let desired = self.desired();
+        for (p, s) in existing {
+            if s.replica as usize >= desired && remove_placement(self.store, &p.id).await {
+                fleet.release(&p.id);
+                outcome.removed += 1;
+            }
+        }
+        for replica in 0..desired as u32 {
+            let of_replica = || existing.iter().filter(move |(_, s)| s.replica == replica);
+            let current = of_replica().find(|(_, s)| self.is_current(s));
+            let outdated: Vec<&Object> = of_replica()
+                .filter(|(_, s)| !self.is_current(s))
+                .map(|(p, _)| *p)
+                .collect();
+            if let Some((p, _)) = current {
+                let running = p.body["status"]["state"] == "running";
+                if running {
+                    for old in &outdated {
+                        if remove_placement(self.store, &old.id).await {
+                            fleet.release(&old.id);
+                            outcome.removed += 1;
+                        }
+                    }
+                }
+                continue;
+            }
+            let (Some(tenant_spec), Some(_)) = (self.tenant_spec, self.model) else {
+                return Some("its model or tenant no longer exists".to_string());
+            };
+            let request = fleet_request(
+                format!("{}/{replica}", self.deployment.id),
+                self.tenant,
+                tenant_spec.priority,
+                &self.spec.resources,
+                &self.spec.sites,
+            );
+            let mut placed = fleet.place(&request);
+            if placed.is_err() && !outdated.is_empty() {
+                // No room beside the old replica: replace it in place.
+                for old in &outdated {
+                    if remove_placement(self.store, &old.id).await {
+                        fleet.release(&old.id);
+                        outcome.removed += 1;
+                    }
+                }
+                placed = fleet.place(&request);
+            }
+            let binding = match placed {
+                Ok(b) => b,
+                Err(why) => {
+                    outcome.unplaceable += 1;
+                    return Some(why.to_string());
+                }
+            };
+            let Some(placement) = self.placement(replica, &binding) else {
+                continue;
+            };
+            let id = new_id(Placement::ID_PREFIX);
+            // A replica's name is kept by its first placement; successors
+            // carry a suffix of their id while the name is taken.
+            let base = format!("{}-{replica}", self.deployment.name);
+            let name = if existing.iter().any(|(p, _)| p.name == base) {
+                format!("{base}-{}", &id[id.len() - 5..])
+            } else {
+                base
+            };
+            let status = ReplicaStatus {
+                state: LifecycleState::Pending,
+                reason: "waiting for the node's agent".into(),
+                endpoint: None,
+                restarts: 0,
+                isolation: None,
+                pid: None,
+            };
+            let w = Write::Create {
+                kind: PLACEMENT_KIND.into(),
+                id,
+                tenant: Some(self.tenant.to_string()),
+                name,
+                body: json!({"spec": placement, "status": status}),
+            };
+            if write(self.store, w, "placement.create").await {
+                outcome.placed += 1;
+            }
+        }
+        None
+    }
 }
 
 /// Runs `reconcile` after every change to the resources (debounced) and

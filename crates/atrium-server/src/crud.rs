@@ -325,6 +325,7 @@ pub async fn update<K: Kind>(
     K::validate(&req.spec).map_err(|e| ApiError::InvalidFields(e.nest("spec")))?;
     let object = resolve::<K>(&state, &caller, &ident, params.tenant.as_deref()).await?;
     check_writable::<K>(&caller, &object)?;
+    K::check_change(&caller, &object, Some(&req.spec))?;
     let precondition = K::admit(
         &state,
         object.tenant.as_deref(),
@@ -360,6 +361,7 @@ pub async fn delete<K: Kind>(
     require::<K>(&caller, Access::Write)?;
     let object = resolve::<K>(&state, &caller, &ident, params.tenant.as_deref()).await?;
     check_writable::<K>(&caller, &object)?;
+    K::check_change(&caller, &object, None)?;
     K::before_delete(&state, &object).await?;
     let deleted = write(
         &state,
@@ -406,7 +408,11 @@ pub async fn list<K: Kind>(
     require::<K>(&caller, Access::Read)?;
     let (filter, only_name) = list_scope::<K>(&caller, params.tenant.as_deref())?;
     if params.watch == Some(true) {
-        return watch::<K>(state, caller, filter, only_name, params.since);
+        let slot = match &caller.tenant {
+            Some(tenant) => Some(OpenWatches::open(&state, tenant).await?),
+            None => None,
+        };
+        return watch::<K>(state, caller, filter, only_name, params.since, slot);
     }
     if params.since.is_some() {
         return Err(ApiError::InvalidQuery {
@@ -452,6 +458,53 @@ pub async fn list<K: Kind>(
     Ok(Json(response).into_response())
 }
 
+/// Watch streams open per tenant: each holds a slot of its tenant's
+/// `watches` cap for as long as it runs.
+#[derive(Debug, Default)]
+pub struct OpenWatches(std::sync::Mutex<std::collections::HashMap<String, u64>>);
+
+/// One open stream's place; released when the stream ends.
+pub struct WatchSlot {
+    open: std::sync::Arc<OpenWatches>,
+    tenant: String,
+}
+
+impl OpenWatches {
+    async fn open(state: &AppState, tenant: &str) -> Result<WatchSlot, ApiError> {
+        let quota = match state.store.get_by_name(TENANT_KIND, None, tenant).await? {
+            Some(t) => crate::kinds::parse_spec::<atrium_core::tenant::TenantSpec>(&t)?.quota,
+            None => return Err(ApiError::not_found(TENANT_KIND, tenant)),
+        };
+        let mut open = state
+            .watches
+            .0
+            .lock()
+            .map_err(|_| ApiError::Internal("watch counts unavailable".into()))?;
+        let held = open.entry(tenant.to_string()).or_default();
+        quota
+            .admit_one(atrium_core::quota::Counted::Watches, *held)
+            .map_err(ApiError::TooManyOpen)?;
+        *held += 1;
+        Ok(WatchSlot {
+            open: state.watches.clone(),
+            tenant: tenant.to_string(),
+        })
+    }
+}
+
+impl Drop for WatchSlot {
+    fn drop(&mut self) {
+        if let Ok(mut open) = self.open.0.lock() {
+            if let Some(n) = open.get_mut(&self.tenant) {
+                *n = n.saturating_sub(1);
+                if *n == 0 {
+                    open.remove(&self.tenant);
+                }
+            }
+        }
+    }
+}
+
 fn watch_line(event: &WatchEvent<Value>) -> Bytes {
     let mut line = serde_json::to_vec(event).unwrap_or_default();
     line.push(b'\n');
@@ -468,6 +521,7 @@ fn watch<K: Kind>(
     filter: TenantFilter,
     only_name: Option<String>,
     since: Option<i64>,
+    slot: Option<WatchSlot>,
 ) -> Result<Response, ApiError> {
     let head = state.store.head();
     let start = since.unwrap_or(head);
@@ -481,6 +535,7 @@ fn watch<K: Kind>(
     let mut heads = state.store.subscribe();
     let mut shutdown = state.shutdown.clone();
     tokio::spawn(async move {
+        let _slot = slot;
         let _gauge = state.metrics.watch_started();
         let mut last = start;
         loop {

@@ -52,6 +52,10 @@ pub enum ApiError {
     /// Admitting the request would take the tenant past its quota.
     #[error("{0}")]
     QuotaExceeded(QuotaExceeded),
+    /// The tenant holds as many open streams as its quota allows; retry
+    /// once one closes.
+    #[error("{0}; close a stream first")]
+    TooManyOpen(QuotaExceeded),
     /// The store cannot be reached; the request may be retried.
     #[error("the store is unavailable: {0}")]
     Unavailable(String),
@@ -117,6 +121,11 @@ impl ApiError {
             }
             ApiError::QuotaExceeded(q) => (
                 StatusCode::CONFLICT,
+                "quota_exceeded",
+                json!({"resource": q.resource, "requested": q.requested, "used": q.used, "limit": q.limit}),
+            ),
+            ApiError::TooManyOpen(q) => (
+                StatusCode::TOO_MANY_REQUESTS,
                 "quota_exceeded",
                 json!({"resource": q.resource, "requested": q.requested, "used": q.used, "limit": q.limit}),
             ),

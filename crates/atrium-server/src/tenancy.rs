@@ -6,6 +6,7 @@ use atrium_api::{
     UsageBatch,
 };
 use atrium_core::key::{KeySpec, KEY_PREFIX};
+use atrium_core::quota::Counted;
 use atrium_core::tenant::TenantSpec;
 use atrium_store::{Object, TenantFilter, UsageRecord, Write};
 use axum::extract::{Path, State};
@@ -22,8 +23,8 @@ use crate::crud::{
 use crate::error::ApiError;
 use crate::extract::{JsonBody, Params};
 use crate::kinds::{
-    parse_spec, tenant_usage, Access, Key, KeyRecord, Kind, Placement, Tenant, DEPLOYMENT_KIND,
-    TENANT_KIND,
+    held_by_deployment, one_more, parse_spec, tenant_usage, Access, Key, KeyRecord, Kind,
+    Placement, Tenant, DEPLOYMENT_KIND, PLACEMENT_KIND, TENANT_KIND,
 };
 use crate::{AppState, RequestId};
 
@@ -43,7 +44,11 @@ pub async fn create_key(
         spec: req.spec,
         status: KeyStatus { revoked_at: None },
         digest: sha256_hex(&token),
+        issuer: Some(caller.role.as_str().to_string()),
     };
+    let cap = tenant
+        .as_deref()
+        .map(|t| one_more(Key::KIND, t, Counted::Keys));
     let body = serde_json::to_value(&record).map_err(|e| ApiError::Internal(e.to_string()))?;
     let created = write(
         &state,
@@ -54,7 +59,7 @@ pub async fn create_key(
             name: req.name,
             body,
         },
-        None,
+        cap,
         audit(&caller, &rid, "key.create".into()),
     )
     .await?;
@@ -96,17 +101,13 @@ pub async fn revoke_key(
 
 async fn quota_view(state: &AppState, tenant: &Object) -> Result<QuotaView, ApiError> {
     let spec: TenantSpec = parse_spec(tenant)?;
-    let deployments = state
-        .store
-        .list_all(
-            DEPLOYMENT_KIND,
-            &TenantFilter::Exactly(Some(tenant.name.clone())),
-        )
-        .await?;
+    let own = TenantFilter::Exactly(Some(tenant.name.clone()));
+    let deployments = state.store.list_all(DEPLOYMENT_KIND, &own).await?;
+    let placements = state.store.list_all(PLACEMENT_KIND, &own).await?;
     Ok(QuotaView {
         tenant: tenant.name.clone(),
         quota: spec.quota,
-        used: tenant_usage(&deployments, None)?,
+        used: tenant_usage(&deployments, &held_by_deployment(&placements)?, None)?,
     })
 }
 
@@ -303,6 +304,24 @@ pub async fn record_usage(
             format!("at most {MAX_USAGE_BATCH} records per batch"),
         ));
     }
+    // Usage is never negative: a record that says so would lower what a
+    // tenant is billed. The whole batch is refused (the gateway then drops
+    // what is not a record and sends the rest).
+    let mut errors = atrium_core::FieldErrors::new();
+    for (i, r) in batch.records.iter().enumerate() {
+        for (field, value) in [
+            ("prompt_tokens", r.prompt_tokens),
+            ("completion_tokens", r.completion_tokens),
+        ] {
+            if value < 0 {
+                errors.push(
+                    format!("records[{i}].{field}"),
+                    format!("{value} is negative"),
+                );
+            }
+        }
+    }
+    errors.into_result().map_err(ApiError::InvalidFields)?;
     let records: Vec<UsageRecord> = batch
         .records
         .into_iter()
@@ -315,6 +334,7 @@ pub async fn record_usage(
             prompt_tokens: r.prompt_tokens,
             completion_tokens: r.completion_tokens,
             request_id: r.request_id,
+            flag: r.flag,
         })
         .collect();
     let fresh = state.store.record_usage(&batch.batch_id, &records).await?;
@@ -367,7 +387,7 @@ pub async fn list_usage(
             completion += r.completion_tokens;
             serde_json::json!({"revision": revision, "at": r.at, "tenant": r.tenant, "deployment": r.deployment,
                                "site": r.site, "replica": r.replica, "prompt_tokens": r.prompt_tokens,
-                               "completion_tokens": r.completion_tokens, "request_id": r.request_id})
+                               "completion_tokens": r.completion_tokens, "request_id": r.request_id, "flag": r.flag})
         })
         .collect();
     Ok(Json(serde_json::json!({

@@ -21,7 +21,11 @@ const ROLES: [&str; 4] = ["provider-admin", "tenant-admin", "viewer", "tenant-me
 enum Target {
     Path(&'static str),
     FreshDeployment(&'static str),
+    /// A key issued by the tenant's own admin (tenant A) or, for another
+    /// tenant, by the provider.
     FreshKey(&'static str),
+    /// A key of the tenant issued by the provider.
+    IssuedKey(&'static str),
     FreshModel(Option<&'static str>),
     FreshTenant,
     FreshSite,
@@ -212,9 +216,35 @@ fn cases() -> Vec<Case> {
             "update other's key",
             M::PUT,
             FreshKey("tb"),
-            Some(json!({"spec": {"scopes": ["admin"]}})),
+            Some(json!({"spec": {"scopes": ["read"]}})),
             [200, 404, 403, 403],
         ),
+        // Only the issuer's role or a higher one changes a key; revoking
+        // stays open to the tenant's admins.
+        case(
+            "update a provider-issued key",
+            M::PUT,
+            IssuedKey("ta"),
+            Some(json!({"spec": {"scopes": ["read"]}})),
+            [200, 403, 403, 403],
+        ),
+        case(
+            "delete a provider-issued key",
+            M::DELETE,
+            IssuedKey("ta"),
+            None,
+            [200, 403, 403, 403],
+        ),
+        Case {
+            suffix: "/revoke",
+            ..case(
+                "revoke a provider-issued key",
+                M::POST,
+                IssuedKey("ta"),
+                None,
+                [200, 200, 403, 403],
+            )
+        },
         Case {
             suffix: "/revoke",
             ..case(
@@ -596,10 +626,18 @@ impl World {
                     .await;
                 format!("/v1/deployments/{}", v["id"].as_str().unwrap())
             }
-            Target::FreshKey(t) => {
+            Target::FreshKey(t) | Target::IssuedKey(t) => {
                 let body =
                     json!({"name": self.unique("k"), "tenant": t, "spec": {"scopes": ["read"]}});
-                let v = s.admin(Method::POST, "/v1/keys", body).await;
+                // Tenant A's own keys are issued by its admin.
+                let issuer = match target {
+                    Target::FreshKey("ta") => &self.tokens[1],
+                    _ => &self.tokens[0],
+                };
+                let (status, v) = s
+                    .call(Method::POST, "/v1/keys", Some(issuer), Some(&body))
+                    .await;
+                assert_eq!(status, 201, "{v}");
                 format!("/v1/keys/{}", v["key"]["id"].as_str().unwrap())
             }
             Target::FreshModel(t) => {
@@ -795,7 +833,7 @@ async fn run_matrix(backend: TestBackend) {
         let object = w.path(match c.target {
             Target::Path(p) => p,
             Target::FreshDeployment(_) => "{dep-a-id}",
-            Target::FreshKey(_) => "{key-a-id}",
+            Target::FreshKey(_) | Target::IssuedKey(_) => "{key-a-id}",
             Target::FreshModel(_) => "{model-a-id}",
             Target::FreshTenant => "/v1/tenants/ta",
             Target::FreshSite => "/v1/sites/eu-1",

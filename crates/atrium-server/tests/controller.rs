@@ -319,3 +319,122 @@ async fn gpu_replicas_get_nvlink_mig_and_dedicated_slots() {
     assert_eq!(gpu_slots(&s, "four").await[0].2, four);
     assert_eq!(gpu_slots(&s, "secret").await[0].2, secret);
 }
+
+/// Placements of a deployment with their ids and states, sorted by name.
+async fn replicas(s: &TestServer, deployment: &str) -> Vec<Value> {
+    let v = s
+        .admin(Method::GET, "/v1/placements?limit=1000", Value::Null)
+        .await;
+    let mut out: Vec<Value> = v["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|p| p["spec"]["deployment_name"] == deployment)
+        .cloned()
+        .collect();
+    out.sort_by_key(|p| p["name"].as_str().unwrap().to_string());
+    out
+}
+
+async fn report_running(s: &TestServer, placement: &Value) {
+    s.admin(
+        Method::PUT,
+        &format!(
+            "/v1/placements/{}/status",
+            placement["id"].as_str().unwrap()
+        ),
+        json!({"state": "running", "reason": "serving", "endpoint": "http://127.0.0.1:1"}),
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_changed_spec_rolls_its_replicas_new_first() {
+    let s = TestServer::start(TestBackend::Sqlite).await;
+    s.create_site("eu", "EU").await;
+    let gpus: Vec<Value> = (0..2)
+        .map(|i| json!({"index": i, "model": "H100-80GB", "memory": "80Gi"}))
+        .collect();
+    s.admin(
+        Method::POST,
+        "/v1/nodes",
+        json!({"name": "g", "spec": {"site": "eu", "capacity": {"cpu": "64", "memory": "256Gi"}, "gpus": gpus}}),
+    )
+    .await;
+    s.create_model(None, "m").await;
+    s.create_tenant("roomy", json!({})).await;
+    s.create_tenant("tight", json!({"quota": {"gpus": "1"}}))
+        .await;
+    let spec = |gpu: Option<&str>, memory: &str| {
+        let mut r = json!({"cpu": "1", "memory": memory});
+        if let Some(g) = gpu {
+            r["gpu"] = json!(g);
+        }
+        json!({"model": "m", "engine": "embedded", "resources": r, "replicas": {"min": 1, "max": 1}})
+    };
+
+    // Room beside the old replica: the new one is placed first, and the
+    // old goes only once the new one runs.
+    s.admin(
+        Method::POST,
+        "/v1/deployments",
+        json!({"name": "web", "tenant": "roomy", "spec": spec(Some("1"), "1Gi")}),
+    )
+    .await;
+    let old = eventually("web placed", async || {
+        let r = replicas(&s, "web").await;
+        (r.len() == 1).then(|| r[0].clone())
+    })
+    .await;
+    report_running(&s, &old).await;
+    s.admin(
+        Method::PUT,
+        "/v1/deployments/web?tenant=roomy",
+        json!({"spec": spec(None, "2Gi")}),
+    )
+    .await;
+    let both = eventually("a successor placed beside the old replica", async || {
+        let r = replicas(&s, "web").await;
+        (r.len() == 2).then_some(r)
+    })
+    .await;
+    let new = both.iter().find(|p| p["id"] != old["id"]).unwrap().clone();
+    assert_eq!(new["spec"]["resources"]["memory"], "2Gi");
+    assert!(new["spec"]["gpus"].is_null(), "{new}");
+    assert!(new["name"].as_str().unwrap().starts_with("web-0-"), "{new}");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(replicas(&s, "web").await.len(), 2, "the old one waits");
+    report_running(&s, &new).await;
+    eventually("the old replica removed", async || {
+        let r = replicas(&s, "web").await;
+        (r.len() == 1 && r[0]["id"] == new["id"]).then_some(())
+    })
+    .await;
+
+    // A tenant at its quota has no room for a second GPU replica: the old
+    // one is replaced in place rather than the change stuck.
+    s.admin(
+        Method::POST,
+        "/v1/deployments",
+        json!({"name": "gpu", "tenant": "tight", "spec": spec(Some("1"), "1Gi")}),
+    )
+    .await;
+    let old = eventually("gpu placed", async || {
+        let r = replicas(&s, "gpu").await;
+        (r.len() == 1).then(|| r[0].clone())
+    })
+    .await;
+    report_running(&s, &old).await;
+    s.admin(
+        Method::PUT,
+        "/v1/deployments/gpu?tenant=tight",
+        json!({"spec": spec(Some("1"), "2Gi")}),
+    )
+    .await;
+    eventually("gpu replaced in place", async || {
+        let r = replicas(&s, "gpu").await;
+        (r.len() == 1 && r[0]["id"] != old["id"] && r[0]["spec"]["resources"]["memory"] == "2Gi")
+            .then_some(())
+    })
+    .await;
+}

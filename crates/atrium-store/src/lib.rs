@@ -230,6 +230,9 @@ pub struct UsageRecord {
     pub completion_tokens: i64,
     /// The gateway's id of the request; empty for records without one.
     pub request_id: String,
+    /// Why the gateway recorded its own count rather than the replica's.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub flag: Option<String>,
 }
 
 /// A page of objects and the revision the page was read at.
@@ -828,18 +831,19 @@ impl Store {
         let sql = match self.inner.backend {
             Backend::Sqlite => {
                 "INSERT INTO usage_records (revision, idx, at, tenant, deployment, site, replica, \
-                 prompt_tokens, completion_tokens, request_id) \
+                 prompt_tokens, completion_tokens, request_id, flag) \
                  SELECT $1, CAST(j.key AS INTEGER), j.value ->> 'at', j.value ->> 'tenant', \
                  j.value ->> 'deployment', j.value ->> 'site', j.value ->> 'replica', \
-                 j.value ->> 'prompt_tokens', j.value ->> 'completion_tokens', j.value ->> 'request_id' \
+                 j.value ->> 'prompt_tokens', j.value ->> 'completion_tokens', j.value ->> 'request_id', \
+                 j.value ->> 'flag' \
                  FROM json_each($2) AS j"
             }
             Backend::Postgres => {
                 "INSERT INTO usage_records (revision, idx, at, tenant, deployment, site, replica, \
-                 prompt_tokens, completion_tokens, request_id) \
+                 prompt_tokens, completion_tokens, request_id, flag) \
                  SELECT $1, t.ord - 1, t.r ->> 'at', t.r ->> 'tenant', t.r ->> 'deployment', \
                  t.r ->> 'site', t.r ->> 'replica', (t.r ->> 'prompt_tokens')::bigint, \
-                 (t.r ->> 'completion_tokens')::bigint, t.r ->> 'request_id' \
+                 (t.r ->> 'completion_tokens')::bigint, t.r ->> 'request_id', t.r ->> 'flag' \
                  FROM jsonb_array_elements($2::jsonb) WITH ORDINALITY AS t(r, ord)"
             }
         };
@@ -865,7 +869,7 @@ impl Store {
     ) -> Result<Vec<(i64, UsageRecord)>, StoreError> {
         let (cond, bind) = tenant.sql(2);
         let sql = format!(
-            "SELECT revision, at, tenant, deployment, site, replica, prompt_tokens, completion_tokens, request_id \
+            "SELECT revision, at, tenant, deployment, site, replica, prompt_tokens, completion_tokens, request_id, flag \
              FROM usage_records WHERE revision > $1 AND {cond} ORDER BY revision, idx LIMIT {limit}"
         );
         let mut q = sqlx::query(&sql).bind(after);
@@ -886,6 +890,7 @@ impl Store {
                         prompt_tokens: r.try_get("prompt_tokens")?,
                         completion_tokens: r.try_get("completion_tokens")?,
                         request_id: r.try_get("request_id")?,
+                        flag: r.try_get("flag")?,
                     },
                 ))
             })

@@ -19,6 +19,11 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         "usage request ids",
         include_str!("../migrations/0003_usage_request_id.sql"),
     ),
+    (
+        4,
+        "usage flags",
+        include_str!("../migrations/0004_usage_flag.sql"),
+    ),
 ];
 
 pub(crate) async fn run(pool: &AnyPool, backend: Backend) -> Result<(), StoreError> {

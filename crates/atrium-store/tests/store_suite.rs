@@ -343,6 +343,7 @@ async fn usage_batches_are_recorded_once_and_whole() {
                 prompt_tokens: i,
                 completion_tokens: 1,
                 request_id: format!("req_{i}"),
+                flag: (i % 7 == 0).then(|| format!("flag {i}")),
             })
             .collect();
         assert!(store.record_usage("ub_1", &records).await.unwrap());
@@ -354,6 +355,9 @@ async fn usage_batches_are_recorded_once_and_whole() {
         let read: Vec<i64> = all.iter().map(|(_, r)| r.prompt_tokens).collect();
         assert_eq!(read, (0..250).collect::<Vec<_>>(), "{backend:?}: in order");
         assert_eq!(all[249].1.request_id, "req_249");
+        let flags: Vec<Option<String>> = all.iter().map(|(_, r)| r.flag.clone()).collect();
+        let expected: Vec<Option<String>> = records.iter().map(|r| r.flag.clone()).collect();
+        assert_eq!(flags, expected, "{backend:?}: flags kept, absent ones NULL");
         let a = store
             .usage(&TenantFilter::Exactly(Some("a".into())), 0, 1000)
             .await
