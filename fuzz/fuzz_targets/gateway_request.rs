@@ -8,7 +8,7 @@
 use atrium_gateway::affinity::{affinity_key, AFFINITY_PREFIX_BYTES};
 use atrium_gateway::http1::{parse_request_head, parse_response_head, ChunkedDecoder};
 use atrium_gateway::outgoing::Outgoing;
-use atrium_gateway::request::ProxyRequest;
+use atrium_gateway::request::{Kind, ProxyRequest};
 use atrium_gateway::{token_estimate, DEFAULT_MAX_TOKENS_UNDER_LIMIT};
 use libfuzzer_sys::fuzz_target;
 
@@ -45,7 +45,9 @@ fuzz_target!(|data: &[u8]| {
             assert!(!id.is_empty() && !secret.is_empty());
         }
     }
-    let Ok(request) = ProxyRequest::parse(data) else {
+    // The route decides the kind; any body may arrive on any route.
+    let kind = [Kind::Chat, Kind::Completion, Kind::Embedding][data.len() % 3];
+    let Ok(request) = ProxyRequest::parse(data, kind) else {
         return;
     };
     // The oracle: the same bytes read by serde_json's own map (a

@@ -20,7 +20,7 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use atrium_client::{ControlPlane, Update};
+use atrium_client::{ControlPlane, CredentialFile, Update};
 use atrium_core::placement::PlacementSpec;
 use reqwest::Method;
 use serde_json::{json, Value};
@@ -29,14 +29,16 @@ pub use inventory::{discover, parse_simulated_gpus, Inventory};
 
 #[derive(Debug, Clone)]
 pub struct AgentConfig {
-    /// Control plane base URL and the credential to use there.
-    pub server: String,
-    pub token: String,
-    pub node_name: String,
-    pub site: String,
+    /// This node's credential (control plane, node name, site), and the
+    /// file it is kept in: it reaches this node's work only.
+    pub credential: CredentialFile,
+    pub credential_path: PathBuf,
     /// Replica logs and scratch data live here.
     pub data_dir: PathBuf,
     pub model_cache: PathBuf,
+    /// Directories `path:` model sources may resolve into, beside the
+    /// model cache.
+    pub model_roots: Vec<PathBuf>,
     /// The `atrium` binary to run engines with.
     pub engine_binary: PathBuf,
     /// e.g. `8xH100-80GB`: GPUs to report instead of discovering them.
@@ -47,6 +49,17 @@ pub struct AgentConfig {
 }
 
 impl AgentConfig {
+    pub fn node_name(&self) -> &str {
+        &self.credential.name
+    }
+
+    /// Where `path:` sources may resolve: the model roots and the cache.
+    pub fn all_model_roots(&self) -> Vec<PathBuf> {
+        let mut roots = self.model_roots.clone();
+        roots.push(self.model_cache.clone());
+        roots
+    }
+
     pub fn state_dir(&self) -> PathBuf {
         self.data_dir.join("agent")
     }
@@ -67,6 +80,11 @@ pub fn parse_tenant_network(cidr: &str) -> Result<u8, String> {
 
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
+    #[error(
+        "the agent runs with its node's credential only (atrn_…), never the provider's admin \
+         token or a tenant key: join with `atrium node join --join-token <token>`"
+    )]
+    NotANodeCredential,
     #[error("invalid --simulate-gpus: {0}")]
     SimulatedGpus(String),
     #[error("cannot register node: {0}")]
@@ -82,12 +100,12 @@ pub async fn register(
     inventory: &Inventory,
 ) -> Result<(), AgentError> {
     let spec = json!({
-        "site": config.site,
+        "site": config.credential.site,
         "capacity": {"cpu": inventory.cpu.to_string(), "memory": inventory.memory.to_string(), "disk": inventory.disk.to_string()},
         "gpus": inventory.gpus,
         "labels": {"atrium.dev/agent": "process"},
     });
-    let path = format!("/v1/nodes/{}", config.node_name);
+    let path = format!("/v1/nodes/{}", config.node_name());
     match cp.call(Method::GET, &path, None).await {
         Ok(_) => cp
             .call(Method::PUT, &path, Some(&json!({"spec": spec})))
@@ -97,7 +115,7 @@ pub async fn register(
             .call(
                 Method::POST,
                 "/v1/nodes",
-                Some(&json!({"name": config.node_name, "spec": spec})),
+                Some(&json!({"name": config.node_name(), "spec": spec})),
             )
             .await
             .map(|_| ()),
@@ -114,8 +132,13 @@ pub async fn run(
     config: AgentConfig,
     shutdown: impl std::future::Future<Output = ()> + Send,
 ) -> Result<(), AgentError> {
+    if atrium_core::plane::Plane::of_token(&config.credential.token)
+        != Some(atrium_core::plane::Plane::Node)
+    {
+        return Err(AgentError::NotANodeCredential);
+    }
     let inventory = discover(&config.data_dir, config.simulate_gpus.as_deref())?;
-    let cp = ControlPlane::new(&config.server, &config.token);
+    let cp = ControlPlane::with_credential(&config.credential, &config.credential_path);
     let state = state::StateFile::open(&config.state_dir())
         .map_err(|e| AgentError::State(config.state_dir(), e))?;
     let mut host = sandbox::Host::detect(config.sandbox_config(), &config.engine_binary);
@@ -158,8 +181,8 @@ pub async fn run(
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(std::time::Duration::from_secs(5));
             }
-            tracing::info!(node = %config.node_name, cpu = %inventory.cpu, memory = %inventory.memory, gpus = inventory.gpus.len(), "agent: node registered");
-            let node = config.node_name.clone();
+            tracing::info!(node = %config.node_name(), cpu = %inventory.cpu, memory = %inventory.memory, gpus = inventory.gpus.len(), "agent: node registered");
+            let node = config.node_name().to_string();
             let mut assigned = remembered;
             cp.follow("placements", move |update| {
                 let mine = |o: &Value| -> Option<(String, state::Assignment)> {

@@ -142,7 +142,8 @@ fn engine_args(config: &AgentConfig, spec: &PlacementSpec) -> Result<Vec<String>
             .map_err(|e| e.to_string())?
             .path
     } else if let Some(p) = spec.model_source.strip_prefix("path:") {
-        PathBuf::from(p)
+        // Whoever wrote the placement, a path reaches only the model roots.
+        crate::sandbox::confine(p, &config.all_model_roots())?
     } else {
         return Err(format!(
             "model source {:?} cannot be run by the embedded engine",

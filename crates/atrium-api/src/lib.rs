@@ -217,3 +217,54 @@ pub struct ScopeTotals {
     pub tokens_minute: u64,
     pub tokens_day: u64,
 }
+
+/// Body of `POST /v1/join-tokens`: the provider lets one node or gateway
+/// join.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JoinTokenRequest {
+    pub plane: atrium_core::plane::Plane,
+    /// The node's (or gateway's) name.
+    pub name: String,
+    pub site: String,
+    /// How long the token may wait to be used [default: 3600].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ttl_seconds: Option<u64>,
+}
+
+/// Status of a join token.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JoinTokenStatus {
+    /// When it was exchanged for a credential; it joins nothing after.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub used_at: Option<String>,
+}
+
+/// A join token just issued: the only response that carries its secret.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CreatedJoinToken {
+    pub join_token: ResourceView<atrium_core::plane::JoinTokenSpec, JoinTokenStatus>,
+    /// `atrj_<id>_<secret>`: give it to the node or gateway once.
+    pub secret: String,
+}
+
+/// Status of a plane credential.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CredentialStatus {
+    /// When it was last issued (joined or rotated).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub issued_at: Option<String>,
+    /// When it was revoked; it authenticates nothing after that.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revoked_at: Option<String>,
+}
+
+/// A credential just issued (by a join or a rotation): the only response
+/// that carries its secret.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct IssuedCredential {
+    pub credential: ResourceView<atrium_core::plane::CredentialSpec, CredentialStatus>,
+    /// `atrn_<id>_<secret>` or `atrg_<id>_<secret>`: the plane's only
+    /// credential from now on.
+    pub secret: String,
+}

@@ -3,8 +3,18 @@
 //! list's revision, resuming from the last revision seen after any
 //! disconnect — so a follower sees every change exactly once, in order, and
 //! rides out control-plane restarts.
+//!
+//! A plane authenticates with its credential (`credential`); when the
+//! control plane refuses it, the credential file is read again, so a
+//! rotation made by another process is picked up without a restart.
 
+mod credential;
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
+
+pub use credential::CredentialFile;
 
 use atrium_api::{WatchEvent, WatchEventType};
 use futures::StreamExt;
@@ -34,7 +44,9 @@ impl ClientError {
 pub struct ControlPlane {
     http: reqwest::Client,
     base: String,
-    token: String,
+    token: Arc<RwLock<String>>,
+    /// Where a plane's credential is kept, to read again when refused.
+    credential_file: Option<Arc<PathBuf>>,
 }
 
 /// What a follower is told.
@@ -57,7 +69,40 @@ impl ControlPlane {
         ControlPlane {
             http,
             base: base.trim_end_matches('/').to_string(),
-            token: token.to_string(),
+            token: Arc::new(RwLock::new(token.to_string())),
+            credential_file: None,
+        }
+    }
+
+    /// A plane's client: `credential`'s server and token, the token read
+    /// again from `path` whenever the control plane refuses it.
+    pub fn with_credential(credential: &CredentialFile, path: &Path) -> ControlPlane {
+        ControlPlane {
+            credential_file: Some(Arc::new(path.to_path_buf())),
+            ..ControlPlane::new(&credential.server, &credential.token)
+        }
+    }
+
+    fn token(&self) -> String {
+        self.token.read().map(|t| t.clone()).unwrap_or_default()
+    }
+
+    /// Reads the credential file again; true when it holds another token
+    /// (rotated since this process read it).
+    fn refresh(&self) -> bool {
+        let Some(path) = &self.credential_file else {
+            return false;
+        };
+        let Ok(Some(file)) = CredentialFile::load(path) else {
+            return false;
+        };
+        match self.token.write() {
+            Ok(mut token) if *token != file.token => {
+                tracing::info!(path = %path.display(), "control plane: using the rotated credential");
+                *token = file.token;
+                true
+            }
+            _ => false,
         }
     }
 
@@ -68,34 +113,27 @@ impl ControlPlane {
         body: Option<&Value>,
     ) -> Result<Value, ClientError> {
         let body = match body {
-            Some(b) => Some(serde_json::to_vec(b).map_err(|e| ClientError::Decode(e.to_string()))?),
+            Some(b) => Some(bytes::Bytes::from(
+                serde_json::to_vec(b).map_err(|e| ClientError::Decode(e.to_string()))?,
+            )),
             None => None,
         };
         self.call_raw(method, path, body).await
     }
 
     /// `call` with a body that is already JSON text (large batches are
-    /// assembled without building a document first).
+    /// assembled without building a document first). Sent again once with
+    /// a rotated credential when the first is refused.
     pub async fn call_raw(
         &self,
         method: Method,
         path: &str,
-        body: Option<impl Into<reqwest::Body>>,
+        body: Option<bytes::Bytes>,
     ) -> Result<Value, ClientError> {
-        let mut req = self
-            .http
-            .request(method, format!("{}{path}", self.base))
-            .bearer_auth(&self.token)
-            .timeout(Duration::from_secs(30));
-        if let Some(b) = body {
-            req = req
-                .header(reqwest::header::CONTENT_TYPE, "application/json")
-                .body(b);
+        let mut resp = self.send(method.clone(), path, body.clone()).await?;
+        if resp.status().as_u16() == 401 && self.refresh() {
+            resp = self.send(method, path, body).await?;
         }
-        let resp = req
-            .send()
-            .await
-            .map_err(|e| ClientError::Unreachable(e.to_string()))?;
         let status = resp.status().as_u16();
         let text = resp
             .text()
@@ -105,6 +143,27 @@ impl ControlPlane {
             return Err(ClientError::Status { status, body: text });
         }
         serde_json::from_str(&text).map_err(|e| ClientError::Decode(e.to_string()))
+    }
+
+    async fn send(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<bytes::Bytes>,
+    ) -> Result<reqwest::Response, ClientError> {
+        let mut req = self
+            .http
+            .request(method, format!("{}{path}", self.base))
+            .bearer_auth(self.token())
+            .timeout(Duration::from_secs(30));
+        if let Some(b) = body {
+            req = req
+                .header(reqwest::header::CONTENT_TYPE, "application/json")
+                .body(b);
+        }
+        req.send()
+            .await
+            .map_err(|e| ClientError::Unreachable(e.to_string()))
     }
 
     /// Every object of a kind (all pages) and the revision of the first page.
@@ -138,7 +197,7 @@ impl ControlPlane {
     ) -> Option<i64> {
         let mut last = since;
         let url = format!("{}/v1/{plural}?watch=true&since={since}", self.base);
-        let resp = match self.http.get(url).bearer_auth(&self.token).send().await {
+        let resp = match self.http.get(url).bearer_auth(self.token()).send().await {
             Ok(r) if r.status().is_success() => r,
             Ok(r) if r.status().as_u16() == 400 => {
                 tracing::warn!(plural, since, "watch position refused; relisting");
@@ -146,6 +205,9 @@ impl ControlPlane {
             }
             Ok(r) => {
                 tracing::warn!(status = r.status().as_u16(), plural, "watch refused");
+                if r.status().as_u16() == 401 {
+                    self.refresh();
+                }
                 return Some(last);
             }
             Err(e) => {

@@ -110,10 +110,7 @@ impl KeySpec {
 /// Splits a presented token into key id and secret, or `None` when it is
 /// not shaped like an Atrium key. Says nothing about validity.
 pub fn split_key_token(token: &str) -> Option<(&str, &str)> {
-    let rest = token.strip_prefix(KEY_PREFIX)?;
-    let (id, secret) = rest.split_once('_')?;
-    let well_formed = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_alphanumeric());
-    (well_formed(id) && well_formed(secret)).then_some((id, secret))
+    crate::plane::split_token(KEY_PREFIX, token)
 }
 
 #[cfg(test)]

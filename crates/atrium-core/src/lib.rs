@@ -15,6 +15,7 @@ pub mod model;
 pub mod name;
 pub mod node;
 pub mod placement;
+pub mod plane;
 pub mod quantity;
 pub mod quota;
 pub mod site;

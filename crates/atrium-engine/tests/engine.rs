@@ -162,6 +162,17 @@ async fn smollm2_chats_streams_and_stops() {
     )
     .await;
     assert_eq!(status, 400, "{v}");
+    // More than the context holds, however large the number (no sum wraps).
+    for max_tokens in [json!(5000), json!(u64::MAX)] {
+        let (status, v) = post(
+            &base,
+            "/v1/chat/completions",
+            chat_body("hi", json!({"max_tokens": max_tokens})),
+        )
+        .await;
+        assert_eq!(status, 400, "{v}");
+        assert!(v.to_string().contains("context"), "{v}");
+    }
     let (status, v) = post(
         &base,
         "/v1/chat/completions",
@@ -293,6 +304,11 @@ async fn simulated_engine_keeps_its_timing_and_limits() {
     let (status, v) = post(&base, "/v1/chat/completions", json!({"model": "sim", "messages": [{"role": "user", "content": "hello"}], "max_tokens": 10})).await;
     assert_eq!(status, 200);
     assert_eq!(v["usage"]["completion_tokens"], 10);
+    // A simulated model has a context too: a huge max_tokens would hold a
+    // slot for good.
+    let (status, v) = post(&base, "/v1/chat/completions", json!({"model": "sim", "messages": [{"role": "user", "content": "hello"}], "max_tokens": u64::MAX})).await;
+    assert_eq!(status, 400, "{v}");
+    assert!(v.to_string().contains("context"), "{v}");
     assert!(
         started.elapsed() >= Duration::from_millis(290),
         "{:?}",

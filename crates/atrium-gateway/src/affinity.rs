@@ -114,14 +114,18 @@ pub fn rendezvous_weight(key: u64, replica: &str) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::request::ProxyRequest;
+    use crate::request::{Kind, ProxyRequest};
     use serde_json::json;
 
     fn prefix_of(body: serde_json::Value) -> Vec<u8> {
+        prefix_in(Kind::Chat, body)
+    }
+
+    fn prefix_in(kind: Kind, body: serde_json::Value) -> Vec<u8> {
         let mut body = body;
         body["model"] = json!("m");
         let text = body.to_string();
-        ProxyRequest::parse(text.as_bytes())
+        ProxyRequest::parse(text.as_bytes(), kind)
             .unwrap()
             .prompt_prefix()
             .to_vec()
@@ -152,8 +156,11 @@ mod tests {
         assert_eq!(prefix_of(body.clone()).len(), AFFINITY_PREFIX_BYTES);
         let parts = json!({"messages": [{"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}]});
         assert_eq!(prefix_of(parts), b"user\nab");
-        assert_eq!(prefix_of(json!({"prompt": ["p", "q"]})), b"pq");
-        assert_eq!(prefix_of(json!({"input": "e"})), b"e");
+        assert_eq!(
+            prefix_in(Kind::Completion, json!({"prompt": ["p", "q"]})),
+            b"pq"
+        );
+        assert_eq!(prefix_in(Kind::Embedding, json!({"input": "e"})), b"e");
         assert!(prefix_of(json!({"messages": 3})).is_empty());
     }
 

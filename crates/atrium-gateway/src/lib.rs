@@ -13,8 +13,10 @@
 //! never touches the store.
 
 pub mod affinity;
+pub mod egress;
 pub mod http1;
 pub mod limits;
+mod meter;
 pub mod outgoing;
 pub mod request;
 mod routes;
@@ -35,7 +37,8 @@ use tokio::sync::mpsc;
 
 use affinity::Salter;
 use http1::Method;
-use request::ProxyRequest;
+use meter::{usage_of, Meter, UsageBound};
+use request::{Kind, ProxyRequest};
 use server::{Request, Response, ResponseBody};
 
 pub use routes::Routes;
@@ -46,18 +49,29 @@ const BODY_LIMIT: usize = 8 << 20;
 
 #[derive(Debug, Clone)]
 pub struct GatewayConfig {
-    pub server: String,
-    pub token: String,
+    /// This gateway's site credential (control plane, name, site), and the
+    /// file it is kept in: it reaches its site's routing and usage only.
+    /// Its site is the one named in response headers and usage.
+    pub credential: atrium_client::CredentialFile,
+    pub credential_path: PathBuf,
     pub listen: SocketAddr,
-    /// The site this gateway serves, named in response headers and usage.
-    pub site: String,
     /// Where the usage spool and the affinity secret live.
     pub data_dir: PathBuf,
     /// The secret tenant salts derive from; the gateways of a site share
     /// it (`ATRIUM_GATEWAY_SECRET`). Read from, or created in,
     /// `<data_dir>/gateway.secret` when absent.
     pub secret: Option<String>,
+    /// Ranges external upstreams may be in although internal (see
+    /// `egress`).
+    pub external_allow: Vec<egress::Cidr>,
+    /// The bearer token `/metrics` requires. Read from, or created in,
+    /// `<data_dir>/metrics.token` when absent.
+    pub metrics_token: Option<String>,
+    /// Connection caps and the idle timeout.
+    pub connections: ConnectionLimits,
 }
+
+pub use server::ConnectionLimits;
 
 /// Upper bounds (µs) of the overhead histogram's buckets.
 const OVERHEAD_BUCKETS_US: [u64; 12] = [
@@ -120,6 +134,9 @@ struct Metrics {
 
 struct Gateway {
     metrics: Arc<Metrics>,
+    /// SHA-256 of the `/metrics` bearer token.
+    metrics_digest: [u8; 32],
+    egress: egress::EgressPolicy,
     routes: Arc<RwLock<Routes>>,
     upstreams: Arc<upstream::Upstreams>,
     usage: Arc<usage::UsageLog>,
@@ -146,6 +163,11 @@ impl RunningGateway {
 
 #[derive(Debug, thiserror::Error)]
 pub enum GatewayError {
+    #[error(
+        "the gateway runs with its site credential only (atrg_…), never the provider's admin \
+         token or a tenant key: join with `atrium gateway join --join-token <token>`"
+    )]
+    NotAGatewayCredential,
     #[error("cannot listen on {0}: {1}")]
     Listen(SocketAddr, std::io::Error),
     #[error("gateway data directory {0}: {1}")]
@@ -312,6 +334,12 @@ async fn sync_limits(
 
 /// Binds, starts following the control plane and serving.
 pub async fn start(config: GatewayConfig) -> Result<RunningGateway, GatewayError> {
+    if atrium_core::plane::Plane::of_token(&config.credential.token)
+        != Some(atrium_core::plane::Plane::Gateway)
+    {
+        return Err(GatewayError::NotAGatewayCredential);
+    }
+    let site = config.credential.site.clone();
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .map_err(|e| GatewayError::Listen(config.listen, e))?;
@@ -319,11 +347,17 @@ pub async fn start(config: GatewayConfig) -> Result<RunningGateway, GatewayError
         .local_addr()
         .map_err(|e| GatewayError::Listen(config.listen, e))?;
     let secret = load_secret(&config)?;
+    let metrics_token = match &config.metrics_token {
+        Some(t) => t.clone(),
+        None => load_or_create(&config.data_dir.join("metrics.token"), || {
+            format!("atrmet_{:032x}", rand::random::<u128>())
+        })?,
+    };
     let usage_log = Arc::new(
         usage::UsageLog::open(&config.data_dir)
             .map_err(|e| GatewayError::DataDir(config.data_dir.clone(), e))?,
     );
-    let cp = ControlPlane::new(&config.server, &config.token);
+    let cp = ControlPlane::with_credential(&config.credential, &config.credential_path);
     let routes = Arc::new(RwLock::new(Routes::default()));
     // The table saved by the last run: served until the control plane
     // answers, so a restart during an outage keeps serving — with the
@@ -342,16 +376,16 @@ pub async fn start(config: GatewayConfig) -> Result<RunningGateway, GatewayError
     }
     let mut background = routes::follow(cp.clone(), routes.clone());
     background.push(tokio::spawn(save_routes(routes.clone(), saved_path)));
-    background.push(tokio::spawn(usage::ship(cp, usage_log.clone())));
+    background.push(tokio::spawn(usage::ship(cp.clone(), usage_log.clone())));
     let limiter = Arc::new(limits::Limiter::default());
     let gateway_id = load_or_create(&config.data_dir.join("gateway.id"), || {
         format!("gw_{:024x}", rand::random::<u128>() >> 32)
     })?;
     background.push(tokio::spawn(sync_limits(
-        ControlPlane::new(&config.server, &config.token),
+        cp.clone(),
         limiter.clone(),
         gateway_id,
-        config.site.clone(),
+        site.clone(),
     )));
     {
         let limiter = limiter.clone();
@@ -374,18 +408,24 @@ pub async fn start(config: GatewayConfig) -> Result<RunningGateway, GatewayError
     }
     let gateway = Arc::new(Gateway {
         metrics: Arc::default(),
+        metrics_digest: <sha2::Sha256 as sha2::Digest>::digest(metrics_token.as_bytes()).into(),
+        egress: egress::EgressPolicy::new(config.external_allow.clone()),
         routes,
         upstreams,
         usage: usage_log,
         limiter,
         salter: Salter::new(&secret),
-        site: config.site.clone(),
+        site,
     });
     let task = tokio::spawn(server::serve(
         listener,
         move |request| handle(gateway.clone(), request),
         BODY_LIMIT,
-        server::Timeouts::default(),
+        server::Timeouts {
+            idle: config.connections.idle_timeout,
+            ..server::Timeouts::default()
+        },
+        config.connections,
     ));
     tracing::info!(%addr, "gateway listening");
     Ok(RunningGateway {
@@ -418,7 +458,7 @@ async fn handle(g: Arc<Gateway>, request: Request) -> Response {
                 "/v1/models" => models(&g, request.head.authorization.as_deref()),
                 "/healthz" => Response::json(200, &json!({"status": "ok"})),
                 "/readyz" => readyz(&g),
-                _ => metrics(&g),
+                _ => metrics(&g, request.head.authorization.as_deref()),
             }
         };
         (route, response)
@@ -447,8 +487,26 @@ fn method_not_allowed(allow: &'static str) -> Response {
     r
 }
 
-fn metrics(g: &Gateway) -> Response {
+/// `/metrics` names every tenant's replicas and their load: the provider's
+/// metrics token only (`Authorization: Bearer <token>`).
+fn metrics(g: &Gateway, authorization: Option<&str>) -> Response {
+    use sha2::Digest as _;
     use std::fmt::Write as _;
+    use subtle::ConstantTimeEq as _;
+    let presented = authorization
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(|t| sha2::Sha256::digest(t.trim().as_bytes()));
+    if !presented.is_some_and(|d| bool::from(d.as_slice().ct_eq(&g.metrics_digest))) {
+        let mut r = Response::openai_error(
+            401,
+            "invalid_request_error",
+            Some("invalid_api_key"),
+            "/metrics needs the provider's metrics token: `Authorization: Bearer <token>` \
+             (in <data-dir>/metrics.token unless --metrics-token set it)",
+        );
+        r.header("www-authenticate", "Bearer");
+        return r;
+    }
     let mut out = String::new();
     out.push_str("# HELP atrium_gateway_requests_total Requests by route and status.\n# TYPE atrium_gateway_requests_total counter\n");
     let mut secs = String::from("# HELP atrium_gateway_request_seconds_total Time to the response head.\n# TYPE atrium_gateway_request_seconds_total counter\n");
@@ -570,6 +628,42 @@ fn models(g: &Gateway, authorization: Option<&str>) -> Response {
     Response::json(200, &json!({"object": "list", "data": data}))
 }
 
+/// Where a request is being sent.
+enum Dest {
+    /// An external upstream, at the addresses the egress policy allowed.
+    External(Arc<routes::External>, Vec<std::net::SocketAddr>),
+    Replica(Arc<routes::Serving>, InFlight),
+}
+
+/// The addresses an external upstream may be reached at, or the refusal
+/// to answer: its URL unusable, a scheme the gateway cannot speak, or an
+/// address the egress policy refuses.
+async fn egress_for(
+    g: &Gateway,
+    external: &routes::External,
+) -> Result<Vec<std::net::SocketAddr>, Refusal> {
+    let url = external
+        .url
+        .as_ref()
+        .map_err(|why| refusal(502, "server_error", Some("upstream_unusable"), why))?;
+    if url.scheme != atrium_core::url::Scheme::Http {
+        return Err(refusal(
+            502,
+            "server_error",
+            Some("upstream_unusable"),
+            &format!("{url}: this gateway reaches upstreams over plain http:// only"),
+        ));
+    }
+    external.resolved.get(&g.egress, url).await.map_err(|why| {
+        refusal(
+            403,
+            "invalid_request_error",
+            Some("upstream_not_allowed"),
+            &why,
+        )
+    })
+}
+
 /// Decrements a replica's in-flight count when the request is over,
 /// however it ends.
 struct InFlight(Arc<AtomicU64>);
@@ -578,24 +672,6 @@ impl Drop for InFlight {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::Relaxed);
     }
-}
-
-/// The `usage` of an OpenAI response or stream chunk. Typed, so the rest
-/// of the document is skipped rather than built.
-fn usage_of(json: &[u8]) -> Option<(i64, i64)> {
-    #[derive(serde::Deserialize)]
-    struct Usage {
-        #[serde(default)]
-        prompt_tokens: i64,
-        #[serde(default)]
-        completion_tokens: i64,
-    }
-    #[derive(serde::Deserialize)]
-    struct WithUsage {
-        usage: Option<Usage>,
-    }
-    let u = serde_json::from_slice::<WithUsage>(json).ok()?.usage?;
-    Some((u.prompt_tokens, u.completion_tokens))
 }
 
 /// Upstream attempts per request: the first replica and two others, each
@@ -621,7 +697,7 @@ pub fn token_estimate(body: &ProxyRequest<'_>, limits_cap: Option<u64>) -> (u64,
         .get("max_completion_tokens")
         .or_else(|| body.get("max_tokens"))
         .and_then(request::as_u64);
-    let is_embedding = body.get("input").is_some() && body.get("messages").is_none();
+    let is_embedding = body.kind() == Kind::Embedding;
     let (completion, set) = match (asked, is_embedding) {
         (_, true) => (0, None),
         (Some(m), false) => (m, None),
@@ -712,7 +788,12 @@ async fn proxy_inner(
         );
     }
     let raw = request.body;
-    let parsed = match ProxyRequest::parse(&raw) {
+    let kind = match path {
+        "/v1/embeddings" => Kind::Embedding,
+        "/v1/completions" => Kind::Completion,
+        _ => Kind::Chat,
+    };
+    let parsed = match ProxyRequest::parse(&raw, kind) {
         Ok(parsed) => parsed,
         Err(message) => {
             return Response::openai_error(400, "invalid_request_error", None, &message)
@@ -720,7 +801,7 @@ async fn proxy_inner(
     };
     let model = parsed.model().to_string();
     let mut body = outgoing::Outgoing::new(raw.clone(), parsed);
-    let is_embedding = path == "/v1/embeddings";
+    let is_embedding = kind == Kind::Embedding;
     let streaming = body.request().streams();
     // Metering needs the token counts of streamed answers too.
     if streaming && !is_embedding {
@@ -733,15 +814,15 @@ async fn proxy_inner(
         .flat_map(|l| [l.tokens_per_minute, l.tokens_per_day])
         .flatten()
         .min();
-    let estimate = if token_cap.is_some() {
-        let (estimate, set_max) = token_estimate(body.request(), token_cap);
-        if let Some(m) = set_max {
-            body.set("max_tokens", &m);
-        }
-        estimate
-    } else {
-        0
+    let (estimate, set_max) = match token_cap {
+        Some(_) => token_estimate(body.request(), token_cap),
+        None => (0, None),
     };
+    if let Some(m) = set_max {
+        body.set("max_tokens", &m);
+    }
+    // What the upstream's usage is checked against before it is billed.
+    let bound = UsageBound::of(raw.len(), body.request(), set_max);
     let scopes = [
         limits::Scoped {
             kind: limits::ScopeKind::Key,
@@ -783,12 +864,16 @@ async fn proxy_inner(
                 return Response::openai_error(500, "server_error", None, "route table unavailable")
             }
         };
-        let (base, replica_name, replica) = match target {
-            Target::External { url, model } => {
-                body.set("model", &model);
+        let dest = match target {
+            Target::External(external) => {
+                let addrs = match egress_for(g, &external).await {
+                    Ok(a) => a,
+                    Err(refusal) => return refusal.into_response(),
+                };
+                body.set("model", &external.model);
                 // A shared upstream's cache must not be steered by a client.
                 body.remove("cache_salt");
-                (url, "external".to_string(), None)
+                Dest::External(external, addrs)
             }
             Target::Replica {
                 replica,
@@ -802,11 +887,7 @@ async fn proxy_inner(
                 }
                 replica.outstanding.fetch_add(1, Ordering::Relaxed);
                 let in_flight = InFlight(replica.outstanding.clone());
-                (
-                    replica.endpoint.clone(),
-                    replica.name.clone(),
-                    Some((replica, in_flight)),
-                )
+                Dest::Replica(replica, in_flight)
             }
             Target::NoneReady { deployment, state } => {
                 let message = if tried.is_empty() {
@@ -826,9 +907,27 @@ async fn proxy_inner(
             }
         };
         let text = encoded.get_or_insert_with(|| body.encode()).clone();
+        let peer = match &dest {
+            Dest::External(external, addrs) => upstream::Peer {
+                pool: &external.pool,
+                authority: &external.authority,
+                prefix: external.url.as_ref().map_or("", |u| u.path.as_str()),
+                addrs,
+            },
+            Dest::Replica(replica, _) => upstream::Peer {
+                pool: &replica.id,
+                authority: &replica.address.authority,
+                prefix: &replica.address.prefix,
+                addrs: &[],
+            },
+        };
         let sent = Instant::now();
-        let result = g.upstreams.post(&base, path, request_id, &text).await;
+        let result = g.upstreams.post(&peer, path, request_id, &text).await;
         upstream_time += sent.elapsed();
+        let (replica_name, replica) = match dest {
+            Dest::External(..) => ("external".to_string(), None),
+            Dest::Replica(replica, in_flight) => (replica.name.clone(), Some((replica, in_flight))),
+        };
         match (result, replica) {
             (Ok(r), Some((replica, in_flight))) => {
                 replica.breaker.success();
@@ -865,6 +964,7 @@ async fn proxy_inner(
             model.clone(),
             &replica_name,
             request_id,
+            bound,
         );
         tokio::spawn(async move {
             let _in_flight = in_flight;
@@ -879,10 +979,10 @@ async fn proxy_inner(
                 for b in chunk.iter() {
                     if *b == b'\n' {
                         if let Some(data) = line.strip_prefix(b"data: ") {
-                            if let Some((p, c)) = usage_of(data) {
+                            if let Some(reported) = usage_of(data) {
                                 if !metered {
                                     metered = true;
-                                    meter.record(p, c, &mut ticket);
+                                    meter.record(reported, &mut ticket);
                                 }
                             }
                         }
@@ -920,12 +1020,12 @@ async fn proxy_inner(
         // before the next request on the connection is read (see
         // `Response::after_sent`): reading the usage, spooling the record
         // and settling the limits no longer delay the answer.
-        let meter = Meter::new(g, caller.tenant, model, &replica_name, request_id);
+        let meter = Meter::new(g, caller.tenant, model, &replica_name, request_id, bound);
         let answer = bytes.clone();
         after_sent = Some(Box::new(move || {
             if (200..300).contains(&status) {
-                if let Some((p, c)) = usage_of(&answer) {
-                    meter.record(p, c, &mut ticket);
+                if let Some(reported) = usage_of(&answer) {
+                    meter.record(reported, &mut ticket);
                 }
             }
             drop(ticket);
@@ -946,63 +1046,6 @@ async fn proxy_inner(
     response
 }
 
-/// What a request's usage record names.
-struct Meter {
-    usage: Arc<usage::UsageLog>,
-    tenant: String,
-    deployment: String,
-    site: String,
-    replica: String,
-    request_id: String,
-}
-
-impl Meter {
-    fn new(
-        g: &Gateway,
-        tenant: String,
-        deployment: String,
-        replica: &str,
-        request_id: &str,
-    ) -> Meter {
-        Meter {
-            usage: g.usage.clone(),
-            tenant,
-            deployment,
-            site: g.site.clone(),
-            replica: replica.to_string(),
-            request_id: request_id.to_string(),
-        }
-    }
-
-    /// Charges the limiter and spools the record.
-    fn record(
-        &self,
-        prompt_tokens: i64,
-        completion_tokens: i64,
-        ticket: &mut Option<limits::Ticket>,
-    ) {
-        if let Some(t) = ticket {
-            t.charge((prompt_tokens.max(0) + completion_tokens.max(0)) as u64);
-        }
-        let at = time::OffsetDateTime::now_utc()
-            .format(&time::format_description::well_known::Rfc3339)
-            .unwrap_or_default();
-        let record = usage::UsageLine {
-            at: &at,
-            tenant: &self.tenant,
-            deployment: &self.deployment,
-            site: &self.site,
-            replica: &self.replica,
-            prompt_tokens,
-            completion_tokens,
-            request_id: &self.request_id,
-        };
-        if let Err(e) = self.usage.append(&record) {
-            tracing::error!(error = %e, request_id = %self.request_id, "gateway: usage not spooled");
-        }
-    }
-}
-
 /// How long the usage shipper waits to fill a batch.
 pub const USAGE_FLUSH: Duration = Duration::from_millis(200);
 
@@ -1012,7 +1055,14 @@ mod tests {
 
     fn estimate(body: Value, cap: Option<u64>) -> (u64, Option<u64>) {
         let text = body.to_string();
-        token_estimate(&ProxyRequest::parse(text.as_bytes()).unwrap(), cap)
+        let kind = if body.get("input").is_some() {
+            Kind::Embedding
+        } else if body.get("prompt").is_some() {
+            Kind::Completion
+        } else {
+            Kind::Chat
+        };
+        token_estimate(&ProxyRequest::parse(text.as_bytes(), kind).unwrap(), cap)
     }
 
     #[test]

@@ -46,7 +46,7 @@ impl MinuteWindow {
             if b + MINUTE_BUCKETS > current {
                 break;
             }
-            self.total -= n;
+            self.total = self.total.saturating_sub(n);
             self.buckets.pop_front();
         }
     }
@@ -57,17 +57,17 @@ impl MinuteWindow {
         }
         let current = bucket_of(now);
         match self.buckets.back_mut() {
-            Some((b, m)) if *b == current => *m += n,
+            Some((b, m)) if *b == current => *m = m.saturating_add(n),
             _ => self.buckets.push_back((current, n)),
         }
-        self.total += n;
+        self.total = self.total.saturating_add(n);
     }
 
     /// How long until at least `excess` units have left the window.
     fn time_to_free(&self, now: Now, excess: u64) -> Duration {
         let mut freed = 0;
         for &(b, n) in &self.buckets {
-            freed += n;
+            freed = n.saturating_add(freed);
             if freed >= excess {
                 let leaves =
                     Duration::from_millis((b + MINUTE_BUCKETS) * BUCKET.as_millis() as u64);
@@ -129,7 +129,7 @@ impl ScopeState {
         self.requests.expire(now);
         self.tokens.expire(now);
         if let Some(max) = limits.max_concurrent_requests {
-            if self.in_flight + 1 > max {
+            if self.in_flight.saturating_add(1) > max {
                 return Some(Exceeded::new(
                     LimitKind::ConcurrentRequests,
                     max,
@@ -140,11 +140,14 @@ impl ScopeState {
             }
         }
         if let Some(max) = limits.requests_per_minute {
-            let used = self.requests.total + self.remote.requests_minute;
-            if used + 1 > max {
+            let used = self
+                .requests
+                .total
+                .saturating_add(self.remote.requests_minute);
+            if used.saturating_add(1) > max {
                 // Local requests leave the window on a schedule we know;
                 // other gateways' we do not, so wait at least for ours.
-                let excess = (used + 1 - max).min(self.requests.total.max(1));
+                let excess = (used.saturating_add(1) - max).min(self.requests.total.max(1));
                 let wait = self.requests.time_to_free(now, excess);
                 return Some(Exceeded::new(
                     LimitKind::RequestsPerMinute,
@@ -158,7 +161,7 @@ impl ScopeState {
             // share of what the site had left, so bursts on all of them at
             // once cannot each spend the whole remainder.
             let share = max.saturating_sub(self.synced).div_ceil(gateways.max(1));
-            if gateways > 1 && self.since_sync + 1 > share {
+            if gateways > 1 && self.since_sync.saturating_add(1) > share {
                 return Some(Exceeded::new(
                     LimitKind::RequestsPerMinute,
                     max,
@@ -169,12 +172,17 @@ impl ScopeState {
             }
         }
         if let Some(max) = limits.tokens_per_minute {
-            let used = self.tokens.total + self.reserved_tokens + self.remote.tokens_minute;
-            if used + tokens > max {
+            let used = self
+                .tokens
+                .total
+                .saturating_add(self.reserved_tokens)
+                .saturating_add(self.remote.tokens_minute);
+            if used.saturating_add(tokens) > max {
                 let wait = if tokens > max {
                     Duration::ZERO
                 } else {
-                    self.tokens.time_to_free(now, used + tokens - max)
+                    self.tokens
+                        .time_to_free(now, used.saturating_add(tokens) - max)
                 };
                 return Some(Exceeded::new(
                     LimitKind::TokensPerMinute,
@@ -186,8 +194,11 @@ impl ScopeState {
             }
         }
         if let Some(max) = limits.tokens_per_day {
-            let used = self.day_used(now) + self.reserved_tokens + self.remote.tokens_day;
-            if used + tokens > max {
+            let used = self
+                .day_used(now)
+                .saturating_add(self.reserved_tokens)
+                .saturating_add(self.remote.tokens_day);
+            if used.saturating_add(tokens) > max {
                 let midnight = (now.as_secs() / DAY_SECS + 1) * DAY_SECS;
                 let wait = Duration::from_secs(midnight - now.as_secs());
                 return Some(Exceeded::new(
@@ -204,10 +215,10 @@ impl ScopeState {
 
     fn admit(&mut self, tokens: u64, now: Now) {
         self.requests.add(now, 1);
-        self.reserved_tokens += tokens;
-        self.in_flight += 1;
-        self.since_sync += 1;
-        self.unreported.0 += 1;
+        self.reserved_tokens = self.reserved_tokens.saturating_add(tokens);
+        self.in_flight = self.in_flight.saturating_add(1);
+        self.since_sync = self.since_sync.saturating_add(1);
+        self.unreported.0 = self.unreported.0.saturating_add(1);
     }
 
     fn finish(&mut self, reserved: u64, charged: u64, now: Now) {
@@ -215,8 +226,8 @@ impl ScopeState {
         self.in_flight = self.in_flight.saturating_sub(1);
         self.tokens.add(now, charged);
         self.day_used(now);
-        self.day.1 += charged;
-        self.unreported.1 += charged;
+        self.day.1 = self.day.1.saturating_add(charged);
+        self.unreported.1 = self.unreported.1.saturating_add(charged);
     }
 
     fn idle(&self) -> bool {
@@ -458,8 +469,8 @@ impl Limiter {
         if let Ok(mut states) = self.scopes.lock() {
             for d in deltas {
                 let s = states.entry(d.scope).or_default();
-                s.unreported.0 += d.requests;
-                s.unreported.1 += d.tokens;
+                s.unreported.0 = s.unreported.0.saturating_add(d.requests);
+                s.unreported.1 = s.unreported.1.saturating_add(d.tokens);
             }
         }
     }
@@ -483,7 +494,7 @@ impl Limiter {
             s.remote = remote.get(key).copied().unwrap_or_default();
             s.requests.expire(now);
             s.since_sync = 0;
-            s.synced = s.requests.total + s.remote.requests_minute;
+            s.synced = s.requests.total.saturating_add(s.remote.requests_minute);
         }
     }
 
@@ -518,6 +529,35 @@ mod tests {
             id: Box::leak(format!("{limits:?}").into_boxed_str()),
             limits,
         }]
+    }
+
+    #[test]
+    fn huge_estimates_never_wrap_past_a_limit() {
+        let limiter = Arc::new(Limiter::default());
+        for limits in [
+            RequestLimits {
+                tokens_per_minute: Some(100),
+                ..Default::default()
+            },
+            RequestLimits {
+                tokens_per_day: Some(100),
+                ..Default::default()
+            },
+        ] {
+            let scopes = key(limits);
+            let mut t = limiter.admit(&scopes, 10, system_now).unwrap().unwrap();
+            t.charge(10);
+            drop(t);
+            for huge in [u64::MAX, u64::MAX - 5, u64::MAX / 2 + 1] {
+                let e = limiter.admit(&scopes, huge, system_now).unwrap_err();
+                assert!(e.never_fits(), "{e:?}");
+            }
+            // A usage charge past any sum saturates rather than wraps.
+            let mut t = limiter.admit(&scopes, 1, system_now).unwrap().unwrap();
+            t.charge(u64::MAX);
+            drop(t);
+            assert!(limiter.admit(&scopes, 1, system_now).is_err());
+        }
     }
 
     // One test drives the shared clock, so the cases run in sequence.

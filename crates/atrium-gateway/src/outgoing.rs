@@ -115,7 +115,7 @@ mod tests {
     use serde_json::{json, Value};
 
     fn outgoing(text: &'static str) -> Outgoing<'static> {
-        let request = ProxyRequest::parse(text.as_bytes()).unwrap();
+        let request = ProxyRequest::parse(text.as_bytes(), crate::request::Kind::Chat).unwrap();
         Outgoing::new(Bytes::from_static(text.as_bytes()), request)
     }
 

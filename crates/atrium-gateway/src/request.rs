@@ -22,17 +22,32 @@ use serde_json::value::RawValue;
 
 use crate::affinity::AFFINITY_PREFIX_BYTES;
 
+/// What a request asks for, as its route (never its body) says: it
+/// decides which field holds the prompt, whether completion tokens can
+/// be produced, and so what the request is estimated and billed at.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// `/v1/chat/completions`: the prompt is `messages`.
+    Chat,
+    /// `/v1/completions`: the prompt is `prompt`.
+    Completion,
+    /// `/v1/embeddings`: the input is `input`; nothing is generated.
+    Embedding,
+}
+
 /// A proxied request's body: its fields, in the client's order, as the
 /// client wrote them.
 #[derive(Debug)]
 pub struct ProxyRequest<'a> {
     fields: Vec<(Cow<'a, str>, &'a RawValue)>,
     model: Cow<'a, str>,
+    kind: Kind,
     prompt: PromptText,
 }
 
-/// What the gateway reads of the prompt — the chat messages, or else a
-/// completion's `prompt` or an embedding's `input` — in one pass over it.
+/// What the gateway reads of the prompt — the chat messages, a
+/// completion's `prompt` or an embedding's `input`, whichever the route
+/// reads (the engine reads that field alone) — in one pass over it.
 #[derive(Debug, Default)]
 struct PromptText {
     /// Bytes of text, every string where text may be (nested included).
@@ -51,13 +66,18 @@ impl PromptText {
             .extend_from_slice(&text.as_bytes()[..text.len().min(room)]);
     }
 
-    fn read(fields: &[(Cow<'_, str>, &RawValue)]) -> PromptText {
+    fn read(fields: &[(Cow<'_, str>, &RawValue)], kind: Kind) -> PromptText {
         let mut prompt = PromptText {
             prefix: Vec::with_capacity(AFFINITY_PREFIX_BYTES),
             ..PromptText::default()
         };
-        let read = match last(fields, "messages").filter(|m| m.get().starts_with('[')) {
-            Some(messages) => {
+        let field = match kind {
+            Kind::Chat => "messages",
+            Kind::Completion => "prompt",
+            Kind::Embedding => "input",
+        };
+        let read = match last(fields, field) {
+            Some(messages) if kind == Kind::Chat && messages.get().starts_with('[') => {
                 let read = serde_json::from_str::<Vec<Message<'_>>>(messages.get());
                 read.map(|list| {
                     prompt.messages = Some(list.len() as u64);
@@ -70,15 +90,13 @@ impl PromptText {
                 })
                 .map_err(|_| messages)
             }
-            None => match last(fields, "prompt").or_else(|| last(fields, "input")) {
-                Some(raw) => serde_json::from_str::<Content<'_>>(raw.get())
-                    .map(|c| {
-                        prompt.bytes = c.bytes;
-                        c.pieces.iter().for_each(|p| prompt.push(p));
-                    })
-                    .map_err(|_| raw),
-                None => Ok(()),
-            },
+            Some(raw) => serde_json::from_str::<Content<'_>>(raw.get())
+                .map(|c| {
+                    prompt.bytes = c.bytes;
+                    c.pieces.iter().for_each(|p| prompt.push(p));
+                })
+                .map_err(|_| raw),
+            None => Ok(()),
         };
         // Not expected of JSON that parsed whole; if it happens, the
         // value's own length still bounds its text.
@@ -144,8 +162,9 @@ impl<'de> Deserialize<'de> for Fields<'de> {
 }
 
 impl<'a> ProxyRequest<'a> {
-    /// Reads a body the gateway proxies: a JSON object naming a `model`.
-    pub fn parse(bytes: &'a [u8]) -> Result<Self, String> {
+    /// Reads a body the gateway proxies on a route of `kind`: a JSON
+    /// object naming a `model`.
+    pub fn parse(bytes: &'a [u8], kind: Kind) -> Result<Self, String> {
         let fields = match serde_json::from_slice::<Fields<'a>>(bytes) {
             Ok(Fields(fields)) => fields,
             Err(e) if e.is_data() => return Err("the body must be a JSON object".into()),
@@ -161,16 +180,21 @@ impl<'a> ProxyRequest<'a> {
                 None => return Err("`model` must be a string".into()),
             },
         };
-        let prompt = PromptText::read(&fields);
+        let prompt = PromptText::read(&fields, kind);
         Ok(ProxyRequest {
             fields,
             model,
+            kind,
             prompt,
         })
     }
 
     pub fn model(&self) -> &str {
         &self.model
+    }
+
+    pub fn kind(&self) -> Kind {
+        self.kind
     }
 
     /// A field's JSON text (its last occurrence).
@@ -184,7 +208,8 @@ impl<'a> ProxyRequest<'a> {
     }
 
     /// Bytes of prompt text, and how many chat messages carry it (`None`
-    /// for a completion's prompt or an embedding's input).
+    /// for a completion's prompt or an embedding's input, or a chat request
+    /// without a `messages` array).
     pub fn prompt_bytes(&self) -> (u64, Option<u64>) {
         (self.prompt.bytes, self.prompt.messages)
     }
@@ -460,7 +485,7 @@ mod tests {
     fn fields_are_kept_as_written_and_the_last_duplicate_counts() {
         let body =
             br#"{"model":"m","stream":true,"n":2,"x":{"a":[1, 2]},"n":3,"m\u006fdel":"esc"}"#;
-        let r = ProxyRequest::parse(body).unwrap();
+        let r = ProxyRequest::parse(body, Kind::Chat).unwrap();
         assert_eq!(r.model(), "esc", "an escaped key is the same key");
         assert!(r.streams());
         assert_eq!(r.get("n").and_then(as_u64), Some(3));
@@ -482,20 +507,22 @@ mod tests {
             (b"{\"model\":3}", "must be a string"),
             (b"{\"model\":null}", "must be a string"),
         ] {
-            let e = ProxyRequest::parse(bad).unwrap_err();
+            let e = ProxyRequest::parse(bad, Kind::Chat).unwrap_err();
             assert!(e.contains(says), "{e}");
         }
-        assert!(!ProxyRequest::parse(br#"{"model":"m","stream":"true"}"#)
-            .unwrap()
-            .streams());
+        assert!(
+            !ProxyRequest::parse(br#"{"model":"m","stream":"true"}"#, Kind::Chat)
+                .unwrap()
+                .streams()
+        );
     }
 
-    fn prompt(body: serde_json::Value) -> (u64, Option<u64>, String) {
-        prompt_of(&body.to_string())
+    fn prompt(kind: Kind, body: serde_json::Value) -> (u64, Option<u64>, String) {
+        prompt_of(kind, &body.to_string())
     }
 
-    fn prompt_of(text: &str) -> (u64, Option<u64>, String) {
-        let r = ProxyRequest::parse(text.as_bytes()).unwrap();
+    fn prompt_of(kind: Kind, text: &str) -> (u64, Option<u64>, String) {
+        let r = ProxyRequest::parse(text.as_bytes(), kind).unwrap();
         let (bytes, messages) = r.prompt_bytes();
         (
             bytes,
@@ -516,7 +543,7 @@ mod tests {
             {"role": "user", "role": "tool", "content": "x", "content": "yz"}
         ]}"#;
         assert_eq!(
-            prompt_of(chat),
+            prompt_of(Kind::Chat, chat),
             (
                 5 + 1 + 1 + (1 + 2) + 4 + 2,
                 Some(5),
@@ -524,29 +551,45 @@ mod tests {
             )
         );
         assert_eq!(
-            prompt(json!({"model": "m", "prompt": ["p", "q"]})),
+            prompt(
+                Kind::Completion,
+                json!({"model": "m", "prompt": ["p", "q"]})
+            ),
             (2, None, "pq".into())
         );
         assert_eq!(
-            prompt(json!({"model": "m", "input": "e\u{e9}"})),
+            prompt(Kind::Embedding, json!({"model": "m", "input": "e\u{e9}"})),
             (3, None, "e\u{e9}".into())
         );
         // Token ids: one token each.
         assert_eq!(
-            prompt(json!({"model": "m", "prompt": [1, 2, 3]})),
+            prompt(Kind::Completion, json!({"model": "m", "prompt": [1, 2, 3]})),
             (3, None, "".into())
         );
         assert_eq!(
-            prompt(json!({"model": "m", "prompt": [[1, 2], [3]]})),
+            prompt(
+                Kind::Completion,
+                json!({"model": "m", "prompt": [[1, 2], [3]]})
+            ),
             (3, None, "".into())
         );
-        // `messages` that is not an array: the prompt is read instead.
+        // The route decides which field is the prompt: whatever else the
+        // body carries is not what the engine reads.
+        let both = json!({"model": "m", "messages": [], "prompt": "a long prompt", "input": "i"});
+        assert_eq!(prompt(Kind::Chat, both.clone()), (0, Some(0), "".into()));
         assert_eq!(
-            prompt(json!({"model": "m", "messages": 3, "prompt": "p"})),
-            (1, None, "p".into())
+            prompt(Kind::Completion, both.clone()),
+            (13, None, "a long prompt".into())
+        );
+        assert_eq!(prompt(Kind::Embedding, both), (1, None, "i".into()));
+        // `messages` that is not an array still counts what it holds.
+        assert_eq!(
+            prompt(Kind::Chat, json!({"model": "m", "messages": "hello"})),
+            (5, None, "hello".into())
         );
         let long = "x".repeat(5000);
         let (bytes, _, prefix) = prompt(
+            Kind::Chat,
             json!({"model": "m", "messages": [{"role": "system", "content": long}, {"role": "user", "content": "tail"}]}),
         );
         assert_eq!((bytes, prefix.len()), (5004, AFFINITY_PREFIX_BYTES));

@@ -12,11 +12,15 @@ use atrium_core::deployment::EngineKind;
 use atrium_core::key::{split_key_token, Scope};
 use atrium_core::lifecycle::LifecycleState;
 use atrium_core::limits::RequestLimits;
+use atrium_core::url::UpstreamUrl;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 use time::OffsetDateTime;
+
+use crate::egress::Resolved;
+use crate::upstream;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct KeyEntry {
@@ -37,6 +41,43 @@ struct DeploymentEntry {
     /// The model name an external upstream knows (the deployment's model).
     model: String,
     state: String,
+    /// `external_url` parsed, for an external deployment (derived, not
+    /// saved).
+    #[serde(skip)]
+    external: Option<Arc<External>>,
+}
+
+/// An external deployment's upstream: its URL parsed once per change of
+/// the deployment, the pool its connections live in, and the addresses
+/// its host resolved to that the egress policy allowed.
+#[derive(Debug)]
+pub struct External {
+    /// The URL, or why it cannot be used (a deployment stored before URLs
+    /// were checked).
+    pub url: Result<UpstreamUrl, String>,
+    /// `host:port`, for the `Host` header.
+    pub authority: String,
+    /// `<tenant>/<deployment id>/<host:port>`: never shared across tenants
+    /// or deployments.
+    pub pool: String,
+    /// The model name the upstream knows.
+    pub model: String,
+    pub resolved: Resolved,
+}
+
+impl External {
+    fn new(tenant: &str, deployment: &str, url: &str, model: &str) -> External {
+        let url = UpstreamUrl::parse(url)
+            .map_err(|why| format!("the deployment's external_url {url:?} {why}"));
+        let authority = url.as_ref().map(UpstreamUrl::authority).unwrap_or_default();
+        External {
+            pool: format!("{tenant}/{deployment}/{authority}"),
+            authority,
+            url,
+            model: model.to_string(),
+            resolved: Resolved::default(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -97,12 +138,9 @@ pub enum Target {
         /// vLLM/SGLang-style upstream that takes `cache_salt`.
         takes_cache_salt: bool,
     },
-    /// An existing OpenAI-compatible server; `model` replaces the
+    /// An existing OpenAI-compatible server; its `model` replaces the
     /// request's (the tenant's deployment name means nothing there).
-    External {
-        url: String,
-        model: String,
-    },
+    External(Arc<External>),
     NoneReady {
         deployment: String,
         state: String,
@@ -114,10 +152,12 @@ pub enum Target {
 /// copies nothing and looks nothing up.
 #[derive(Debug)]
 pub struct Serving {
-    /// The placement id.
+    /// The placement id; also its connection pool's key (a replica is one
+    /// tenant's, one deployment's, at one address).
     pub id: String,
     pub name: String,
-    pub endpoint: String,
+    /// Its endpoint, split: `host:port` and the path prefix.
+    pub address: upstream::Address,
     /// Requests in flight to it from this gateway.
     pub outstanding: Arc<AtomicU64>,
     pub breaker: Arc<Breaker>,
@@ -190,6 +230,17 @@ fn key_entry(o: &Value) -> Option<(String, KeyEntry)> {
     ))
 }
 
+impl DeploymentEntry {
+    fn derive_external(&mut self, tenant: &str) {
+        self.external = match (self.engine, &self.external_url) {
+            (EngineKind::External, Some(url)) => {
+                Some(Arc::new(External::new(tenant, &self.id, url, &self.model)))
+            }
+            _ => None,
+        };
+    }
+}
+
 impl Routes {
     /// True once every feed has delivered its first snapshot, or the saved
     /// table was restored.
@@ -222,7 +273,8 @@ impl Routes {
     pub fn restore(&mut self, saved: SavedRoutes) {
         self.keys = saved.keys;
         self.deployments.clear();
-        for ((tenant, name), d) in saved.deployments {
+        for ((tenant, name), mut d) in saved.deployments {
+            d.derive_external(&tenant);
             self.deployments.entry(tenant).or_default().insert(name, d);
         }
         self.replicas = saved.replicas;
@@ -308,10 +360,7 @@ impl Routes {
     ) -> Option<Target> {
         let d = self.deployments.get(tenant)?.get(model)?;
         if d.engine == EngineKind::External {
-            return d.external_url.clone().map(|url| Target::External {
-                url,
-                model: d.model.clone(),
-            });
+            return d.external.clone().map(Target::External);
         }
         let serving = self.serving.get(&d.id).map_or(&[][..], Vec::as_slice);
         let usable = |r: &&Arc<Serving>| !exclude.contains(&r.id);
@@ -370,22 +419,20 @@ impl Routes {
         self.version += 1;
         let entry = |o: &Value| -> Option<((String, String), DeploymentEntry)> {
             let engine: EngineKind = serde_json::from_value(o["spec"]["engine"].clone()).ok()?;
-            Some((
-                (
-                    o["tenant"].as_str()?.to_string(),
-                    o["name"].as_str()?.to_string(),
-                ),
-                DeploymentEntry {
-                    id: o["id"].as_str()?.to_string(),
-                    engine,
-                    external_url: o["spec"]["external_url"].as_str().map(str::to_string),
-                    model: o["spec"]["model"].as_str().unwrap_or_default().to_string(),
-                    state: o["status"]["reason"]
-                        .as_str()
-                        .unwrap_or("pending")
-                        .to_string(),
-                },
-            ))
+            let tenant = o["tenant"].as_str()?.to_string();
+            let mut d = DeploymentEntry {
+                id: o["id"].as_str()?.to_string(),
+                engine,
+                external_url: o["spec"]["external_url"].as_str().map(str::to_string),
+                model: o["spec"]["model"].as_str().unwrap_or_default().to_string(),
+                state: o["status"]["reason"]
+                    .as_str()
+                    .unwrap_or("pending")
+                    .to_string(),
+                external: None,
+            };
+            d.derive_external(&tenant);
+            Some(((tenant, o["name"].as_str()?.to_string()), d))
         };
         match update {
             Update::Snapshot(items) => {
@@ -456,17 +503,25 @@ impl Routes {
         for (id, r) in &self.replicas {
             let outstanding = self.outstanding.entry(id.clone()).or_default().clone();
             let breaker = self.breakers.entry(id.clone()).or_default().clone();
-            if let (true, Some(endpoint)) = (r.running, &r.endpoint) {
-                self.serving
-                    .entry(r.deployment.clone())
-                    .or_default()
-                    .push(Arc::new(Serving {
-                        id: id.clone(),
-                        name: r.name.clone(),
-                        endpoint: endpoint.clone(),
-                        outstanding,
-                        breaker,
-                    }));
+            let Some(endpoint) = r.endpoint.as_ref().filter(|_| r.running) else {
+                continue;
+            };
+            match upstream::address(endpoint) {
+                Ok(address) => {
+                    self.serving
+                        .entry(r.deployment.clone())
+                        .or_default()
+                        .push(Arc::new(Serving {
+                            id: id.clone(),
+                            name: r.name.clone(),
+                            address,
+                            outstanding,
+                            breaker,
+                        }))
+                }
+                Err(e) => {
+                    tracing::warn!(placement = %id, error = %e, "gateway: replica endpoint unusable")
+                }
             }
         }
     }

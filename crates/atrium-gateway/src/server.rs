@@ -29,8 +29,88 @@ pub struct Timeouts {
 impl Default for Timeouts {
     fn default() -> Self {
         Timeouts {
-            idle: Duration::from_secs(300),
+            idle: Duration::from_secs(60),
             request: Duration::from_secs(60),
+        }
+    }
+}
+
+/// How many connections the gateway holds open, and for how long an idle
+/// one: without caps, one client can hold every descriptor the gateway
+/// has with connections that send nothing.
+#[derive(Debug, Clone, Copy)]
+pub struct ConnectionLimits {
+    /// Open at once, all clients together.
+    pub max_total: usize,
+    /// Open at once from one client address.
+    pub max_per_ip: usize,
+    /// A kept-alive connection, idle, before it is closed.
+    pub idle_timeout: Duration,
+}
+
+impl Default for ConnectionLimits {
+    fn default() -> Self {
+        ConnectionLimits {
+            max_total: 16_384,
+            max_per_ip: 1_024,
+            idle_timeout: Timeouts::default().idle,
+        }
+    }
+}
+
+/// The connections open now, in total and per client address; each
+/// connection holds an [`Open`] that gives its place back when it ends.
+#[derive(Default)]
+struct Admission {
+    open: std::sync::Mutex<OpenCounts>,
+}
+
+#[derive(Default)]
+struct OpenCounts {
+    total: usize,
+    per_ip: std::collections::HashMap<std::net::IpAddr, usize>,
+}
+
+struct Open {
+    admission: std::sync::Arc<Admission>,
+    ip: std::net::IpAddr,
+}
+
+impl Admission {
+    /// A place for one more connection from `ip`, unless a cap is reached.
+    fn enter(
+        self: &std::sync::Arc<Self>,
+        ip: std::net::IpAddr,
+        limits: &ConnectionLimits,
+    ) -> Option<Open> {
+        let mut open = self.open.lock().ok()?;
+        let OpenCounts { total, per_ip } = &mut *open;
+        let mine = per_ip.entry(ip).or_default();
+        if *total >= limits.max_total || *mine >= limits.max_per_ip {
+            if *mine == 0 {
+                per_ip.remove(&ip);
+            }
+            return None;
+        }
+        *mine += 1;
+        *total += 1;
+        Some(Open {
+            admission: self.clone(),
+            ip,
+        })
+    }
+}
+
+impl Drop for Open {
+    fn drop(&mut self) {
+        if let Ok(mut open) = self.admission.open.lock() {
+            open.total = open.total.saturating_sub(1);
+            if let Some(n) = open.per_ip.get_mut(&self.ip) {
+                *n -= 1;
+                if *n == 0 {
+                    open.per_ip.remove(&self.ip);
+                }
+            }
         }
     }
 }
@@ -93,15 +173,28 @@ impl Response {
     }
 }
 
-/// Accepts connections forever, each served by its own task.
-pub async fn serve<H, F>(listener: TcpListener, handler: H, body_limit: usize, timeouts: Timeouts)
-where
+/// Accepts connections forever, each served by its own task; a connection
+/// past a cap is closed at once.
+pub async fn serve<H, F>(
+    listener: TcpListener,
+    handler: H,
+    body_limit: usize,
+    timeouts: Timeouts,
+    limits: ConnectionLimits,
+) where
     H: Fn(Request) -> F + Clone + Send + 'static,
     F: Future<Output = Response> + Send + 'static,
 {
+    let admission = std::sync::Arc::new(Admission::default());
     loop {
-        let stream = match listener.accept().await {
-            Ok((s, _)) => s,
+        let (stream, open) = match listener.accept().await {
+            Ok((s, peer)) => match admission.enter(peer.ip(), &limits) {
+                Some(open) => (s, open),
+                None => {
+                    tracing::debug!(client = %peer.ip(), "gateway: connection cap reached; closing");
+                    continue;
+                }
+            },
             Err(e) => {
                 // Out of descriptors and the like: wait for some to close.
                 tracing::warn!(error = %e, "gateway: accept failed");
@@ -111,7 +204,11 @@ where
         };
         // Small writes (SSE chunks) must not wait for delayed ACKs.
         let _ = stream.set_nodelay(true);
-        tokio::spawn(connection(stream, handler.clone(), body_limit, timeouts));
+        let handler = handler.clone();
+        tokio::spawn(async move {
+            connection(stream, handler, body_limit, timeouts).await;
+            drop(open);
+        });
     }
 }
 
@@ -421,6 +518,13 @@ mod tests {
     }
 
     async fn echo_server_with(timeouts: Timeouts) -> std::net::SocketAddr {
+        echo_server_limited(timeouts, ConnectionLimits::default()).await
+    }
+
+    async fn echo_server_limited(
+        timeouts: Timeouts,
+        limits: ConnectionLimits,
+    ) -> std::net::SocketAddr {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let handler = |r: Request| async move {
@@ -447,8 +551,54 @@ mod tests {
             );
             Response::new(200, "text/plain", text)
         };
-        tokio::spawn(serve(listener, handler, 64, timeouts));
+        tokio::spawn(serve(listener, handler, 64, timeouts, limits));
         addr
+    }
+
+    /// Whether the server closes `s` within 300 ms.
+    async fn closed_at_once(s: &mut TcpStream) -> bool {
+        let mut buf = [0u8; 1];
+        matches!(
+            tokio::time::timeout(Duration::from_millis(300), s.read(&mut buf)).await,
+            Ok(Ok(0)) | Ok(Err(_))
+        )
+    }
+
+    #[tokio::test]
+    async fn connections_past_a_cap_are_closed_at_once_and_places_come_back() {
+        let limits = ConnectionLimits {
+            max_total: 5,
+            max_per_ip: 3,
+            ..ConnectionLimits::default()
+        };
+        let addr = echo_server_limited(Timeouts::default(), limits).await;
+        let open = |ip: &'static str| async move {
+            let socket = tokio::net::TcpSocket::new_v4().unwrap();
+            socket.bind(format!("{ip}:0").parse().unwrap()).unwrap();
+            socket.connect(addr).await.unwrap()
+        };
+        let mut held = Vec::new();
+        for _ in 0..3 {
+            held.push(open("127.0.0.1").await);
+        }
+        assert!(
+            closed_at_once(&mut open("127.0.0.1").await).await,
+            "a fourth from one address"
+        );
+        // Another address still gets in, up to the total.
+        held.push(open("127.0.0.3").await);
+        held.push(open("127.0.0.3").await);
+        assert!(
+            closed_at_once(&mut open("127.0.0.4").await).await,
+            "a sixth in total"
+        );
+        for s in &mut held {
+            assert!(!closed_at_once(s).await, "one within the caps was closed");
+        }
+        held.truncate(1);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let (out, _) = exchange(addr, b"GET /again HTTP/1.1\r\n\r\n").await;
+        assert!(out.contains("/again"), "places are given back: {out}");
     }
 
     /// Sends `raw` and reads until the server closes or goes quiet.
@@ -632,7 +782,13 @@ mod tests {
                 response
             }
         };
-        tokio::spawn(serve(listener, handler, 64, Timeouts::default()));
+        tokio::spawn(serve(
+            listener,
+            handler,
+            64,
+            Timeouts::default(),
+            ConnectionLimits::default(),
+        ));
         let (out, _) = exchange(
             addr,
             b"GET /a HTTP/1.1\r\n\r\nGET /b HTTP/1.1\r\nConnection: close\r\n\r\n",

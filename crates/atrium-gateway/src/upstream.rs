@@ -1,6 +1,13 @@
 //! The gateway's client to replicas (and external upstreams): plain
 //! HTTP/1.1 over pooled keep-alive connections, one `write` per request.
 //!
+//! Connections are pooled per (tenant, deployment, upstream address), never
+//! across tenants: whatever an upstream does with one tenant's connection
+//! (an answer it sends twice, bytes a smuggled request produced) can reach
+//! no other tenant's request. And a connection goes back to its pool only
+//! when its response was framed exactly and nothing is left unread after
+//! it; anything else closes it.
+//!
 //! A pooled connection the replica has closed (its idle timeout, a restart)
 //! is the one failure a proxy must hide: it is noticed before use when the
 //! reactor has already seen its end, and otherwise by the request failing
@@ -10,6 +17,7 @@
 
 use std::collections::HashMap;
 use std::io;
+use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
@@ -50,12 +58,20 @@ impl UpstreamError {
 }
 
 /// `http://host:port/prefix` split into what a request needs.
-struct Address<'a> {
-    authority: &'a str,
-    prefix: &'a str,
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Address {
+    pub authority: String,
+    pub prefix: String,
 }
 
-fn address(base: &str) -> Result<Address<'_>, UpstreamError> {
+/// Splits a replica's endpoint (as its agent reported it) into its parts.
+/// Nothing that could end a request line or a header passes.
+pub fn address(base: &str) -> Result<Address, UpstreamError> {
+    if base.bytes().any(|b| !b.is_ascii_graphic()) {
+        return Err(UpstreamError::Address(format!(
+            "unusable upstream address {base:?}"
+        )));
+    }
     let rest = match base.get(..7) {
         Some(scheme) if scheme.eq_ignore_ascii_case("http://") => &base[7..],
         _ => {
@@ -68,12 +84,29 @@ fn address(base: &str) -> Result<Address<'_>, UpstreamError> {
         Some(i) => (&rest[..i], rest[i..].trim_end_matches('/')),
         None => (rest, ""),
     };
-    if authority.is_empty() || authority.bytes().any(|b| b <= b' ' || b == b'@') {
+    if authority.is_empty() || authority.contains('@') {
         return Err(UpstreamError::Address(format!(
             "unusable upstream address {base:?}"
         )));
     }
-    Ok(Address { authority, prefix })
+    Ok(Address {
+        authority: authority.to_string(),
+        prefix: prefix.to_string(),
+    })
+}
+
+/// Where one request goes.
+pub struct Peer<'a> {
+    /// The pool its connection comes from and goes back to: one per
+    /// (tenant, deployment, upstream address).
+    pub pool: &'a str,
+    /// `host:port`, for the `Host` header.
+    pub authority: &'a str,
+    /// The upstream's path prefix, from a parsed URL.
+    pub prefix: &'a str,
+    /// The addresses to connect to, checked by the egress policy; empty
+    /// for a replica, whose endpoint `authority` is connected to as is.
+    pub addrs: &'a [SocketAddr],
 }
 
 struct Connection {
@@ -94,7 +127,7 @@ impl Connection {
     }
 }
 
-/// Pooled connections to upstreams, by address.
+/// Pooled connections to upstreams, by pool key (see [`Peer::pool`]).
 #[derive(Default)]
 pub struct Upstreams {
     idle: Mutex<HashMap<String, Vec<Connection>>>,
@@ -110,7 +143,7 @@ pub struct Response {
 /// pool once the body has been read to its end.
 pub struct Body {
     pool: Arc<Upstreams>,
-    authority: String,
+    pool_key: String,
     connection: Option<Connection>,
     framing: Framing,
     remaining: u64,
@@ -120,9 +153,9 @@ pub struct Body {
 }
 
 impl Upstreams {
-    fn checkout(&self, authority: &str) -> Option<Connection> {
+    fn checkout(&self, pool: &str) -> Option<Connection> {
         let mut idle = self.idle.lock().ok()?;
-        let list = idle.get_mut(authority)?;
+        let list = idle.get_mut(pool)?;
         while let Some(c) = list.pop() {
             if c.idle_since.elapsed() < IDLE_TIMEOUT && !c.looks_closed() {
                 return Some(c);
@@ -131,14 +164,24 @@ impl Upstreams {
         None
     }
 
-    fn checkin(&self, authority: &str, mut connection: Connection) {
+    fn checkin(&self, pool: &str, mut connection: Connection) {
+        // Bytes past the response are an answer nobody asked for: reused,
+        // the connection would hand them to the next request as its own.
+        if !connection.buf.is_empty() {
+            tracing::warn!(
+                pool,
+                bytes = connection.buf.len(),
+                "gateway: an upstream sent bytes past its response; connection closed"
+            );
+            return;
+        }
         let now = Instant::now();
         connection.idle_since = now;
         if let Ok(mut idle) = self.idle.lock() {
-            // The address is a new key only the first time.
-            let list = match idle.get_mut(authority) {
+            // The pool is a new key only the first time.
+            let list = match idle.get_mut(pool) {
                 Some(list) => list,
-                None => idle.entry(authority.to_string()).or_default(),
+                None => idle.entry(pool.to_string()).or_default(),
             };
             // Oldest first: drop those past their time from the front.
             let expired = list
@@ -163,21 +206,21 @@ impl Upstreams {
         }
     }
 
-    /// POSTs a JSON body to `base` + `path` and reads the response head.
+    /// POSTs a JSON body to `peer` at its prefix + `path` and reads the
+    /// response head.
     pub async fn post(
         self: &Arc<Self>,
-        base: &str,
+        peer: &Peer<'_>,
         path: &str,
         request_id: &str,
         body: &[u8],
     ) -> Result<Response, UpstreamError> {
-        let address = address(base)?;
         let mut request = Vec::with_capacity(256 + body.len());
         request.extend_from_slice(b"POST ");
-        request.extend_from_slice(address.prefix.as_bytes());
+        request.extend_from_slice(peer.prefix.as_bytes());
         request.extend_from_slice(path.as_bytes());
         request.extend_from_slice(b" HTTP/1.1\r\nhost: ");
-        request.extend_from_slice(address.authority.as_bytes());
+        request.extend_from_slice(peer.authority.as_bytes());
         request.extend_from_slice(b"\r\ncontent-type: application/json\r\nx-request-id: ");
         request.extend_from_slice(request_id.as_bytes());
         request.extend_from_slice(b"\r\ncontent-length: ");
@@ -185,21 +228,23 @@ impl Upstreams {
         request.extend_from_slice(b"\r\n\r\n");
         request.extend_from_slice(body);
 
-        if let Some(mut pooled) = self.checkout(address.authority) {
+        if let Some(mut pooled) = self.checkout(peer.pool) {
             match exchange(&mut pooled, &request).await {
-                Ok(head) => return Ok(self.response(address.authority, pooled, head)),
+                Ok(head) => return Ok(self.response(peer.pool, pooled, head)),
                 // Sent into a connection the upstream had closed, and
                 // nothing came back: it never read this request.
                 Err(Exchange::NothingBack(_)) => {}
                 Err(Exchange::Failed(e)) => return Err(e),
             }
         }
-        let stream = match tokio::time::timeout(
-            CONNECT_TIMEOUT,
-            TcpStream::connect(address.authority),
-        )
-        .await
-        {
+        let connect = async {
+            if peer.addrs.is_empty() {
+                TcpStream::connect(peer.authority).await
+            } else {
+                TcpStream::connect(peer.addrs).await
+            }
+        };
+        let stream = match tokio::time::timeout(CONNECT_TIMEOUT, connect).await {
             Ok(Ok(s)) => s,
             Ok(Err(e)) => return Err(UpstreamError::Connect(e)),
             Err(_) => {
@@ -217,14 +262,14 @@ impl Upstreams {
             idle_since: Instant::now(),
         };
         match exchange(&mut fresh, &request).await {
-            Ok(head) => Ok(self.response(address.authority, fresh, head)),
+            Ok(head) => Ok(self.response(peer.pool, fresh, head)),
             Err(Exchange::NothingBack(e)) | Err(Exchange::Failed(e)) => Err(e),
         }
     }
 
     fn response(
         self: &Arc<Self>,
-        authority: &str,
+        pool: &str,
         connection: Connection,
         head: ResponseHead,
     ) -> Response {
@@ -235,7 +280,7 @@ impl Upstreams {
         let done = head.framing == Framing::Length(0);
         let mut body = Body {
             pool: self.clone(),
-            authority: authority.to_string(),
+            pool_key: pool.to_string(),
             connection: Some(connection),
             framing: head.framing,
             remaining,
@@ -395,7 +440,7 @@ impl Body {
     fn finish(&mut self) {
         if let Some(c) = self.connection.take() {
             if self.keep_alive {
-                self.pool.checkin(&self.authority, c);
+                self.pool.checkin(&self.pool_key, c);
             }
         }
     }
@@ -448,29 +493,41 @@ mod tests {
         (url, served)
     }
 
+    /// POSTs `{}` to `url` + `path` through the pool named `pool`.
+    async fn post_to(
+        pool: &Arc<Upstreams>,
+        key: &str,
+        url: &str,
+        path: &str,
+    ) -> Result<Response, UpstreamError> {
+        let a = address(url)?;
+        let peer = Peer {
+            pool: key,
+            authority: &a.authority,
+            prefix: &a.prefix,
+            addrs: &[],
+        };
+        pool.post(&peer, path, "req_1", b"{}").await
+    }
+
+    fn idle_in(pool: &Upstreams) -> usize {
+        pool.idle.lock().unwrap().values().map(Vec::len).sum()
+    }
+
     #[tokio::test]
     async fn bodies_of_every_framing_are_read_and_connections_reused() {
         let pool = Arc::new(Upstreams::default());
         let (url, served) = replica(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n2\r\n{}\r\n0\r\n\r\n", 100).await;
         for _ in 0..3 {
-            let r = pool.post(&url, "/v1/x", "req_1", b"{}").await.unwrap();
+            let r = post_to(&pool, &url, &url, "/v1/x").await.unwrap();
             assert_eq!(r.head.status, 200);
             assert_eq!(&r.body.collect().await.unwrap()[..], b"{}");
         }
         assert_eq!(served.load(Ordering::SeqCst), 3);
-        assert_eq!(
-            pool.idle
-                .lock()
-                .unwrap()
-                .values()
-                .map(Vec::len)
-                .sum::<usize>(),
-            1,
-            "one connection, reused"
-        );
+        assert_eq!(idle_in(&pool), 1, "one connection, reused");
 
         let (url, _) = replica(b"HTTP/1.1 200 OK\r\n\r\nuntil close", 1).await;
-        let r = pool.post(&url, "/", "req_2", b"{}").await.unwrap();
+        let r = post_to(&pool, &url, &url, "/").await.unwrap();
         assert!(!r.head.keep_alive);
         assert_eq!(&r.body.collect().await.unwrap()[..], b"until close");
     }
@@ -482,7 +539,7 @@ mod tests {
         // connection is dead when the next request takes it.
         let (url, served) = replica(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok", 1).await;
         for _ in 0..5 {
-            let r = pool.post(&url, "/", "req", b"{}").await.unwrap();
+            let r = post_to(&pool, "t/d", &url, "/").await.unwrap();
             assert_eq!(&r.body.collect().await.unwrap()[..], b"ok");
         }
         assert_eq!(served.load(Ordering::SeqCst), 5, "each request ran once");
@@ -496,32 +553,69 @@ mod tests {
             .local_addr()
             .unwrap()
             .port();
-        let e = pool
-            .post(&format!("http://127.0.0.1:{port}"), "/", "r", b"{}")
+        let e = post_to(&pool, "t/d", &format!("http://127.0.0.1:{port}"), "/")
             .await
             .err()
             .unwrap();
         assert!(e.is_connect(), "{e}");
         let (url, _) = replica(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nshort", 1).await;
-        let r = pool.post(&url, "/", "r", b"{}").await.unwrap();
+        let r = post_to(&pool, "t/d", &url, "/").await.unwrap();
         assert!(
             r.body.collect().await.is_err(),
             "a body cut short is an error"
         );
     }
 
+    #[tokio::test]
+    async fn bytes_past_a_response_close_its_connection() {
+        let pool = Arc::new(Upstreams::default());
+        // Each answer carries a second, forged one in the same write.
+        let (url, served) = replica(
+            b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nmineHTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nforged",
+            100,
+        )
+        .await;
+        for _ in 0..3 {
+            let r = post_to(&pool, "t/d", &url, "/").await.unwrap();
+            assert_eq!(&r.body.collect().await.unwrap()[..], b"mine");
+        }
+        assert_eq!(served.load(Ordering::SeqCst), 3);
+        assert_eq!(idle_in(&pool), 0, "no connection with unread bytes is kept");
+    }
+
+    #[tokio::test]
+    async fn pools_are_never_shared_between_keys() {
+        let pool = Arc::new(Upstreams::default());
+        let (url, _) = replica(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok", 100).await;
+        for key in ["tenant-a/d1", "tenant-b/d1", "tenant-a/d1"] {
+            let r = post_to(&pool, key, &url, "/").await.unwrap();
+            assert_eq!(&r.body.collect().await.unwrap()[..], b"ok");
+        }
+        let idle = pool.idle.lock().unwrap();
+        assert_eq!(idle.len(), 2, "one pool per key");
+        assert!(idle.values().all(|l| l.len() == 1));
+    }
+
     #[test]
     fn addresses_are_plain_http_with_an_optional_prefix() {
         let a = address("http://10.0.0.1:8000").unwrap();
-        assert_eq!((a.authority, a.prefix), ("10.0.0.1:8000", ""));
+        assert_eq!(
+            (a.authority.as_str(), a.prefix.as_str()),
+            ("10.0.0.1:8000", "")
+        );
         let a = address("HTTP://upstream:80/openai/").unwrap();
-        assert_eq!((a.authority, a.prefix), ("upstream:80", "/openai"));
+        assert_eq!(
+            (a.authority.as_str(), a.prefix.as_str()),
+            ("upstream:80", "/openai")
+        );
         for bad in [
             "https://api.example.com",
             "10.0.0.1:80",
             "http://",
             "http://a b",
             "http://u@h",
+            "http://h:80/v1\r\nx: y",
+            "http://h:80/a b",
         ] {
             assert!(address(bad).is_err(), "{bad}");
         }

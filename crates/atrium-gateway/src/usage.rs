@@ -67,6 +67,8 @@ pub struct UsageLine<'a> {
     pub completion_tokens: i64,
     #[serde(skip_serializing_if = "str::is_empty")]
     pub request_id: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub flag: Option<&'a str>,
 }
 
 /// The append-only spool of usage records.
@@ -415,7 +417,11 @@ fn readable_records(batch: &Batch) -> Batch {
     let mut lines = Vec::with_capacity(batch.lines.len());
     let mut count = 0;
     for line in batch.lines.split_inclusive(|b| *b == b'\n') {
-        if serde_json::from_slice::<UsageRecordView>(line).is_ok() {
+        // What the control plane accepts: a record, with counts that are
+        // not negative (a spool written before usage was checked).
+        let accepted = serde_json::from_slice::<UsageRecordView>(line)
+            .is_ok_and(|r| r.prompt_tokens >= 0 && r.completion_tokens >= 0);
+        if accepted {
             lines.extend_from_slice(line);
             count += 1;
         }
@@ -423,7 +429,7 @@ fn readable_records(batch: &Batch) -> Batch {
     if count < batch.count {
         tracing::warn!(
             dropped = batch.count - count,
-            "gateway: unreadable usage records dropped from a refused batch"
+            "gateway: unreadable or negative usage records dropped from a refused batch"
         );
     }
     Batch {
@@ -549,6 +555,7 @@ mod tests {
             prompt_tokens: i,
             completion_tokens: 1,
             request_id: format!("req_{i}"),
+            flag: None,
         }
     }
 
@@ -562,14 +569,16 @@ mod tests {
             prompt_tokens: r.prompt_tokens,
             completion_tokens: r.completion_tokens,
             request_id: &r.request_id,
+            flag: r.flag.as_deref(),
         }
     }
 
     #[test]
     fn a_spooled_line_reads_back_as_the_record() {
-        for request_id in ["req_1", ""] {
+        for (request_id, flag) in [("req_1", None), ("", Some("replaced"))] {
             let record = UsageRecordView {
                 request_id: request_id.into(),
+                flag: flag.map(str::to_string),
                 ..record(5)
             };
             let text = serde_json::to_vec(&line(&record)).unwrap();
@@ -665,6 +674,13 @@ mod tests {
         );
         let checked = readable_records(&batch);
         assert_eq!((checked.count, checked.end), (0, batch.end));
+        // A negative count (a spool from before usage was checked) is
+        // refused by the control plane too: dropped, the rest kept.
+        ack(&log, &mut cursor);
+        log.append(&line(&record(-3))).unwrap();
+        log.append(&line(&record(4))).unwrap();
+        let batch = log.next_batch(&mut cursor).unwrap().unwrap();
+        assert_eq!(ids(&readable_records(&batch)), vec![4]);
     }
 
     #[test]

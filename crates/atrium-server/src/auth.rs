@@ -1,8 +1,10 @@
 //! Authentication: who is calling. The provider admin holds one token made
-//! at first start; tenants hold API keys. Only SHA-256 digests of either are
-//! stored, and digests are compared in constant time.
+//! at first start; tenants hold API keys; each node's agent and each
+//! site's gateway holds a plane credential. Only SHA-256 digests of any of
+//! them are stored, and digests are compared in constant time.
 
 use atrium_core::key::{split_key_token, Scope};
+use atrium_core::plane::{split_token, CredentialSpec, Plane};
 use atrium_store::Store;
 use axum::http::HeaderMap;
 use rand::distributions::Alphanumeric;
@@ -29,6 +31,10 @@ pub enum Role {
     Viewer,
     /// Calls one tenant's models; nothing on the control plane.
     TenantMember,
+    /// A node's agent: its node and that node's placements only.
+    Node,
+    /// A site's gateway: what routing and metering at its site need.
+    Gateway,
 }
 
 impl Role {
@@ -38,6 +44,8 @@ impl Role {
             Role::TenantAdmin => "tenant-admin",
             Role::Viewer => "viewer",
             Role::TenantMember => "tenant-member",
+            Role::Node => "node",
+            Role::Gateway => "gateway",
         }
     }
 
@@ -48,6 +56,8 @@ impl Role {
             Role::TenantAdmin,
             Role::Viewer,
             Role::TenantMember,
+            Role::Node,
+            Role::Gateway,
         ]
         .into_iter()
         .find(|r| r.as_str() == s)
@@ -59,7 +69,7 @@ impl Role {
             Role::ProviderAdmin => 3,
             Role::TenantAdmin => 2,
             Role::Viewer => 1,
-            Role::TenantMember => 0,
+            Role::TenantMember | Role::Node | Role::Gateway => 0,
         };
         rank(self) >= rank(other)
     }
@@ -82,15 +92,28 @@ pub struct Caller {
     pub role: Role,
     /// The caller's tenant; `None` only for the provider admin.
     pub tenant: Option<String>,
-    /// For the audit trail: `admin` or the key id.
+    /// For the audit trail: `admin`, the key id, or `node:<name>` /
+    /// `gateway:<name>`.
     pub actor: String,
+    /// For the node and gateway roles: what their credential reaches.
+    pub plane: Option<CredentialSpec>,
+}
+
+impl Caller {
+    /// The site a gateway's credential is for.
+    pub fn gateway_site(&self) -> Option<&str> {
+        self.plane
+            .as_ref()
+            .filter(|p| p.plane == Plane::Gateway)
+            .map(|p| p.site.as_str())
+    }
 }
 
 pub fn sha256_hex(s: &str) -> String {
     hex::encode(Sha256::digest(s.as_bytes()))
 }
 
-fn digests_equal(a: &str, b: &str) -> bool {
+pub(crate) fn digests_equal(a: &str, b: &str) -> bool {
     a.as_bytes().ct_eq(b.as_bytes()).into()
 }
 
@@ -116,7 +139,7 @@ pub async fn bootstrap_admin_token(store: &Store) -> Result<Option<String>, ApiE
     Ok(created.then_some(token))
 }
 
-fn bearer(headers: &HeaderMap) -> Result<&str, ApiError> {
+pub(crate) fn bearer(headers: &HeaderMap) -> Result<&str, ApiError> {
     let value = headers
         .get(axum::http::header::AUTHORIZATION)
         .ok_or_else(|| {
@@ -146,9 +169,13 @@ pub async fn authenticate(store: &Store, headers: &HeaderMap) -> Result<Caller, 
                 role: Role::ProviderAdmin,
                 tenant: None,
                 actor: "admin".into(),
+                plane: None,
             });
         }
         return Err(invalid());
+    }
+    if let Some(plane) = Plane::of_token(token) {
+        return authenticate_plane(store, plane, token).await;
     }
     let (id, _secret) = split_key_token(token).ok_or_else(invalid)?;
     let key = store
@@ -180,6 +207,34 @@ pub async fn authenticate(store: &Store, headers: &HeaderMap) -> Result<Caller, 
         role: Role::from_scopes(&record.spec.scopes),
         tenant: Some(tenant),
         actor: id.to_string(),
+        plane: None,
+    })
+}
+
+/// Resolves a plane credential (`atrn_…`, `atrg_…`) to its caller.
+async fn authenticate_plane(store: &Store, plane: Plane, token: &str) -> Result<Caller, ApiError> {
+    let invalid = || ApiError::Unauthenticated("invalid or revoked credential".into());
+    let (id, _secret) = split_token(plane.token_prefix(), token).ok_or_else(invalid)?;
+    let object = store
+        .get(crate::kinds::CREDENTIAL_KIND, id)
+        .await?
+        .ok_or_else(invalid)?;
+    let record: crate::kinds::CredentialRecord = serde_json::from_value(object.body)
+        .map_err(|e| ApiError::Internal(format!("credential {id}: {e}")))?;
+    if !digests_equal(&record.digest, &sha256_hex(token))
+        || record.status.revoked_at.is_some()
+        || record.spec.plane != plane
+    {
+        return Err(invalid());
+    }
+    Ok(Caller {
+        role: match plane {
+            Plane::Node => Role::Node,
+            Plane::Gateway => Role::Gateway,
+        },
+        tenant: None,
+        actor: format!("{}:{}", plane.as_str(), record.spec.name),
+        plane: Some(record.spec),
     })
 }
 

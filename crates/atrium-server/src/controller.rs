@@ -407,14 +407,21 @@ impl DeploymentPass<'_> {
         }
     }
 
-    /// What a replica of the current spec is placed as, on `node`.
-    fn placement(&self, replica: u32, binding: &fleet::Binding) -> Option<PlacementSpec> {
+    /// What a replica of the current spec is placed as, where `binding`
+    /// (on a node of `site`) puts it.
+    fn placement(
+        &self,
+        replica: u32,
+        binding: &fleet::Binding,
+        site: String,
+    ) -> Option<PlacementSpec> {
         let (model, model_spec) = self.model?;
         Some(PlacementSpec {
             deployment: self.deployment.id.clone(),
             deployment_name: self.deployment.name.clone(),
             replica,
             node: binding.node.clone(),
+            site,
             engine: self.spec.engine,
             model: model.clone(),
             model_source: model_spec.source.clone(),
@@ -500,7 +507,12 @@ impl DeploymentPass<'_> {
                     return Some(why.to_string());
                 }
             };
-            let Some(placement) = self.placement(replica, &binding) else {
+            let site = fleet
+                .nodes()
+                .get(binding.node_index())
+                .map(|n| n.site.clone())
+                .unwrap_or_default();
+            let Some(placement) = self.placement(replica, &binding, site) else {
                 continue;
             };
             let id = new_id(Placement::ID_PREFIX);

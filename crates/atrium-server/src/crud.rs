@@ -79,6 +79,9 @@ pub fn visible<K: Kind>(caller: &Caller, object: &Object) -> bool {
     if caller.role == Role::ProviderAdmin {
         return true;
     }
+    if let Some(plane) = &caller.plane {
+        return crate::kinds::plane_sees::<K>(plane, object);
+    }
     match K::OWNERSHIP {
         Ownership::Provider => true,
         Ownership::TenantSelf => caller.tenant.as_deref() == Some(object.name.as_str()),
@@ -90,7 +93,9 @@ pub fn visible<K: Kind>(caller: &Caller, object: &Object) -> bool {
 /// Whether the caller may change a visible object: tenant callers only
 /// their own, never public or provider objects.
 fn check_writable<K: Kind>(caller: &Caller, object: &Object) -> Result<(), ApiError> {
+    // A plane's writes are checked by `plane_may_write`.
     if caller.role == Role::ProviderAdmin
+        || caller.plane.is_some()
         || (object.tenant.is_some() && object.tenant == caller.tenant)
     {
         return Ok(());
@@ -280,6 +285,7 @@ pub async fn create<K: Kind>(
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
     require::<K>(&caller, Access::Write)?;
     validate_create::<K>(&req)?;
+    crate::kinds::plane_may_write::<K>(&caller, &req.name, &req.spec)?;
     let tenant = owner_for_create::<K>(&state, &caller, req.tenant.clone()).await?;
     let precondition = K::admit(&state, tenant.as_deref(), &req.spec, None).await?;
     let mut body = json!({ "spec": req.spec });
@@ -325,6 +331,7 @@ pub async fn update<K: Kind>(
     K::validate(&req.spec).map_err(|e| ApiError::InvalidFields(e.nest("spec")))?;
     let object = resolve::<K>(&state, &caller, &ident, params.tenant.as_deref()).await?;
     check_writable::<K>(&caller, &object)?;
+    crate::kinds::plane_may_write::<K>(&caller, &object.name, &req.spec)?;
     K::check_change(&caller, &object, Some(&req.spec))?;
     let precondition = K::admit(
         &state,
@@ -361,6 +368,12 @@ pub async fn delete<K: Kind>(
     require::<K>(&caller, Access::Write)?;
     let object = resolve::<K>(&state, &caller, &ident, params.tenant.as_deref()).await?;
     check_writable::<K>(&caller, &object)?;
+    if caller.plane.is_some() {
+        return Err(ApiError::Forbidden(format!(
+            "a plane credential may not delete {}",
+            K::PLURAL
+        )));
+    }
     K::check_change(&caller, &object, None)?;
     K::before_delete(&state, &object).await?;
     let deleted = write(
@@ -382,7 +395,8 @@ fn list_scope<K: Kind>(
     caller: &Caller,
     tenant: Option<&str>,
 ) -> Result<(TenantFilter, Option<String>), ApiError> {
-    if caller.role == Role::ProviderAdmin {
+    // A plane sees across tenants, object by object (`visible`).
+    if caller.role == Role::ProviderAdmin || caller.plane.is_some() {
         let filter = match (K::OWNERSHIP, tenant) {
             (Ownership::Tenant | Ownership::Catalog, Some(t)) => {
                 TenantFilter::Exactly(Some(t.into()))
@@ -450,7 +464,12 @@ pub async fn list<K: Kind>(
             .list(K::KIND, &filter, params.page_token.as_deref(), limit)
             .await?;
         ListResponse {
-            items: page.objects.iter().map(view).collect(),
+            items: page
+                .objects
+                .iter()
+                .filter(|o| visible::<K>(&caller, o))
+                .map(view)
+                .collect(),
             revision: page.revision,
             next_page_token: page.next_after,
         }

@@ -13,6 +13,7 @@ use atrium_core::lifecycle::{LifecycleState, Status};
 use atrium_core::model::ModelSpec;
 use atrium_core::node::NodeSpec;
 use atrium_core::placement::PlacementSpec;
+use atrium_core::plane::{CredentialSpec, JoinTokenSpec, Plane};
 use atrium_core::quota::{Counted, ResourceUsage};
 use atrium_core::site::SiteSpec;
 use atrium_core::tenant::TenantSpec;
@@ -33,6 +34,8 @@ pub const MODEL_KIND: &str = "model";
 pub const DEPLOYMENT_KIND: &str = "deployment";
 pub const KEY_KIND: &str = "key";
 pub const PLACEMENT_KIND: &str = "placement";
+pub const JOIN_TOKEN_KIND: &str = "join_token";
+pub const CREDENTIAL_KIND: &str = "credential";
 
 /// Who owns objects of a kind, which decides who can see which objects.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -116,7 +119,74 @@ pub fn permits<K: Kind>(role: Role, access: Access) -> bool {
         },
         Role::Viewer => access == Access::Read && K::TENANT_READABLE,
         Role::TenantMember => false,
+        // Its own node (registration), and the placements on it.
+        Role::Node => matches!(
+            (K::KIND, access),
+            (NODE_KIND, _) | (PLACEMENT_KIND, Access::Read)
+        ),
+        // What routing needs: keys, deployments, tenants' limits and the
+        // placements of its site.
+        Role::Gateway => {
+            access == Access::Read
+                && matches!(
+                    K::KIND,
+                    KEY_KIND | DEPLOYMENT_KIND | TENANT_KIND | PLACEMENT_KIND
+                )
+        }
     }
+}
+
+/// Whether a plane caller may know `object` (of kind `K`) exists: an
+/// agent its own node and that node's placements; a gateway every key,
+/// deployment and tenant, and its site's placements.
+pub fn plane_sees<K: Kind>(plane: &CredentialSpec, object: &Object) -> bool {
+    let spec = |field: &str| {
+        object
+            .body
+            .get("spec")
+            .and_then(|s| s.get(field))
+            .and_then(Value::as_str)
+    };
+    match (plane.plane, K::KIND) {
+        (Plane::Node, NODE_KIND) => object.name == plane.name,
+        (Plane::Node, PLACEMENT_KIND) => spec("node") == Some(plane.name.as_str()),
+        // Placements made before they recorded their site are every
+        // gateway's.
+        (Plane::Gateway, PLACEMENT_KIND) => {
+            matches!(spec("site"), None | Some("")) || spec("site") == Some(plane.site.as_str())
+        }
+        (Plane::Gateway, KEY_KIND | DEPLOYMENT_KIND | TENANT_KIND) => true,
+        _ => false,
+    }
+}
+
+/// Refuses a plane caller's write unless it is an agent registering its
+/// own node, in its own site.
+pub fn plane_may_write<K: Kind>(
+    caller: &Caller,
+    name: &str,
+    spec: &K::Spec,
+) -> Result<(), ApiError> {
+    let Some(plane) = &caller.plane else {
+        return Ok(());
+    };
+    let site = serde_json::to_value(spec)
+        .ok()
+        .and_then(|v| v.get("site").and_then(Value::as_str).map(str::to_string));
+    if plane.plane == Plane::Node
+        && K::KIND == NODE_KIND
+        && name == plane.name
+        && site.as_deref() == Some(plane.site.as_str())
+    {
+        return Ok(());
+    }
+    Err(ApiError::Forbidden(format!(
+        "the {} credential of {:?} may write only its own node {:?} in site {:?}",
+        plane.plane.as_str(),
+        plane.name,
+        plane.name,
+        plane.site
+    )))
 }
 
 pub struct Site;
@@ -126,6 +196,8 @@ pub struct Model;
 pub struct Deployment;
 pub struct Key;
 pub struct Placement;
+pub struct JoinToken;
+pub struct Credential;
 
 impl Kind for Site {
     const KIND: &'static str = SITE_KIND;
@@ -523,6 +595,59 @@ impl Kind for Placement {
 
     fn validate(_spec: &Self::Spec) -> Result<(), FieldErrors> {
         Ok(())
+    }
+}
+
+/// How a join token is stored: its spec, whether it was used, the digest.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct JoinTokenRecord {
+    pub spec: JoinTokenSpec,
+    #[serde(default)]
+    pub status: atrium_api::JoinTokenStatus,
+    pub digest: String,
+}
+
+impl Kind for JoinToken {
+    const KIND: &'static str = JOIN_TOKEN_KIND;
+    const PLURAL: &'static str = "join-tokens";
+    /// Ids appear inside tokens (`atrj_<id>_<secret>`): no underscore.
+    const ID_PREFIX: &'static str = "jtk";
+    const OWNERSHIP: Ownership = Ownership::Provider;
+    const TENANT_WRITABLE: bool = false;
+    const TENANT_READABLE: bool = false;
+    type Spec = JoinTokenSpec;
+
+    fn validate(spec: &JoinTokenSpec) -> Result<(), FieldErrors> {
+        CredentialSpec {
+            plane: spec.plane,
+            name: spec.name.clone(),
+            site: spec.site.clone(),
+        }
+        .validate()
+    }
+}
+
+/// How a plane credential is stored: its spec, status and digest.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CredentialRecord {
+    pub spec: CredentialSpec,
+    #[serde(default)]
+    pub status: atrium_api::CredentialStatus,
+    pub digest: String,
+}
+
+impl Kind for Credential {
+    const KIND: &'static str = CREDENTIAL_KIND;
+    const PLURAL: &'static str = "credentials";
+    /// Ids appear inside tokens (`atrn_<id>_<secret>`): no underscore.
+    const ID_PREFIX: &'static str = "crd";
+    const OWNERSHIP: Ownership = Ownership::Provider;
+    const TENANT_WRITABLE: bool = false;
+    const TENANT_READABLE: bool = false;
+    type Spec = CredentialSpec;
+
+    fn validate(spec: &CredentialSpec) -> Result<(), FieldErrors> {
+        spec.validate()
     }
 }
 

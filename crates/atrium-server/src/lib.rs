@@ -17,6 +17,7 @@ mod kinds;
 mod limit_ledger;
 mod metrics;
 mod openapi;
+mod planes;
 mod tenancy;
 
 use std::net::SocketAddr;
@@ -36,7 +37,7 @@ use tokio::sync::watch;
 
 pub use auth::{Role, ADMIN_TOKEN_PREFIX};
 use error::ApiError;
-use kinds::{Deployment, Key, Kind, Model, Node, Placement, Site, Tenant};
+use kinds::{Credential, Deployment, JoinToken, Key, Kind, Model, Node, Placement, Site, Tenant};
 use metrics::Metrics;
 
 /// Default limit on request bodies.
@@ -238,6 +239,27 @@ pub fn router(state: AppState) -> Router {
         )
         .route("/v1/audit", get(tenancy::list_audit))
         .route(
+            "/v1/join-tokens",
+            get(crud::list::<JoinToken>).post(planes::create_join_token),
+        )
+        .route(
+            "/v1/join-tokens/{ident}",
+            get(crud::get::<JoinToken>).delete(crud::delete::<JoinToken>),
+        )
+        .route("/v1/credentials", get(crud::list::<Credential>))
+        .route(
+            "/v1/credentials/{ident}",
+            get(crud::get::<Credential>).delete(crud::delete::<Credential>),
+        )
+        .route(
+            "/v1/credentials/{ident}/rotate",
+            post(planes::rotate_credential),
+        )
+        .route(
+            "/v1/credentials/{ident}/revoke",
+            post(planes::revoke_credential),
+        )
+        .route(
             "/v1/placements/{ident}/status",
             axum::routing::put(tenancy::set_replica_status),
         )
@@ -251,6 +273,8 @@ pub fn router(state: AppState) -> Router {
     Router::new()
         .route("/healthz", get(|| async { Json(json!({"status": "ok"})) }))
         .route("/readyz", get(readyz))
+        // Authenticated by the join token it consumes.
+        .route("/v1/join", post(planes::join))
         .route("/metrics", get(render_metrics))
         .route(
             "/v1/openapi.json",

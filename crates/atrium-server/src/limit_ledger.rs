@@ -48,8 +48,8 @@ impl ScopeLedger {
         let (mut requests, mut tokens) = (0, 0);
         for (_, g, r, t) in &self.minute {
             if g != gateway {
-                requests += r;
-                tokens += t;
+                requests = r.saturating_add(requests);
+                tokens = t.saturating_add(tokens);
             }
         }
         let day = self
@@ -57,8 +57,7 @@ impl ScopeLedger {
             .1
             .iter()
             .filter(|(g, _)| *g != gateway)
-            .map(|(_, t)| t)
-            .sum();
+            .fold(0u64, |sum, (_, t)| sum.saturating_add(*t));
         (requests, tokens, day)
     }
 }
@@ -74,14 +73,15 @@ impl Ledger {
             if d.requests > 0 || d.tokens > 0 {
                 s.minute
                     .push_back((now, report.gateway.clone(), d.requests, d.tokens));
-                *s.day.1.entry(report.gateway.clone()).or_default() += d.tokens;
+                let day = s.day.1.entry(report.gateway.clone()).or_default();
+                *day = day.saturating_add(d.tokens);
             }
         }
         let mut scopes = Vec::new();
         site.scopes.retain(|name, s| {
             s.expire(now);
             let (requests_minute, tokens_minute, tokens_day) = s.others(&report.gateway);
-            if requests_minute + tokens_minute + tokens_day > 0 {
+            if requests_minute > 0 || tokens_minute > 0 || tokens_day > 0 {
                 scopes.push(ScopeTotals {
                     scope: name.clone(),
                     requests_minute,

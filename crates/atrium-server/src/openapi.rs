@@ -8,7 +8,9 @@ use serde_json::{json, Map, Value};
 use utoipa::openapi::{RefOr, Schema};
 use utoipa::ToSchema;
 
-use crate::kinds::{Deployment, Key, Kind, Model, Node, Placement, Site, Tenant};
+use crate::kinds::{
+    Credential, Deployment, JoinToken, Key, Kind, Model, Node, Placement, Site, Tenant,
+};
 
 fn schema_ref(name: &str) -> Value {
     json!({ "$ref": format!("#/components/schemas/{name}") })
@@ -66,12 +68,16 @@ fn add_kind<K: Kind>(
 ) {
     add_schema::<K::Spec>(schemas);
     let spec_name = <K::Spec as ToSchema>::name().into_owned();
-    let title = {
-        let mut c = K::KIND.chars();
-        c.next()
-            .map(|f| f.to_uppercase().collect::<String>() + c.as_str())
-            .unwrap_or_default()
-    };
+    // `join_token` → `JoinToken`.
+    let title: String = K::KIND
+        .split('_')
+        .map(|word| {
+            let mut c = word.chars();
+            c.next()
+                .map(|f| f.to_uppercase().collect::<String>() + c.as_str())
+                .unwrap_or_default()
+        })
+        .collect();
     let status_schema = status.map(schema_ref).unwrap_or(json!({}));
     schemas.insert(
         title.clone(),
@@ -146,10 +152,10 @@ fn add_kind<K: Kind>(
             query("tenant", "string", "provider admin: one tenant's objects"),
         ]),
     );
-    let create_schema = if K::KIND == Key::KIND {
-        "CreatedKey".to_string()
-    } else {
-        title.clone()
+    let create_schema = match K::KIND {
+        k if k == Key::KIND => "CreatedKey".to_string(),
+        k if k == JoinToken::KIND => "CreatedJoinToken".to_string(),
+        _ => title.clone(),
     };
     let create = with_body(
         operation(
@@ -203,6 +209,74 @@ fn add_kind<K: Kind>(
     );
 }
 
+/// Join tokens are created by their own body and never replaced;
+/// credentials are made only by joining, and rotated or revoked.
+fn plane_credentials(paths: &mut Map<String, Value>, schemas: &mut Map<String, Value>) {
+    for plural in [JoinToken::PLURAL, Credential::PLURAL] {
+        if let Some(Value::Object(item)) = paths.get_mut(&format!("/v1/{plural}/{{ident}}")) {
+            item.remove("put");
+        }
+    }
+    if let Some(Value::Object(list)) = paths.get_mut("/v1/credentials") {
+        list.remove("post");
+    }
+    if let Some(create) = paths
+        .get_mut("/v1/join-tokens")
+        .and_then(|p| p.get_mut("post"))
+    {
+        create["requestBody"] = json!({"required": true, "content": {"application/json": {"schema": {
+            "type": "object", "additionalProperties": false, "required": ["plane", "name", "site"],
+            "properties": {"plane": {"type": "string", "enum": ["node", "gateway"]}, "name": {"type": "string"},
+                "site": {"type": "string"}, "ttl_seconds": {"type": "integer", "description": "default 3600, at most a week"}}}}}});
+    }
+    schemas.insert(
+        "JoinTokenStatus".into(),
+        json!({"type": "object", "properties": {"used_at": {"type": "string", "format": "date-time"}}}),
+    );
+    schemas.insert(
+        "CredentialStatus".into(),
+        json!({"type": "object", "properties": {"issued_at": {"type": "string", "format": "date-time"},
+            "revoked_at": {"type": "string", "format": "date-time"}}}),
+    );
+    schemas.insert(
+        "CreatedJoinToken".into(),
+        json!({"type": "object", "required": ["join_token", "secret"], "properties": {
+            "join_token": schema_ref("JoinToken"),
+            "secret": {"type": "string", "description": "atrj_<id>_<secret>; shown once, usable once"}
+        }}),
+    );
+    schemas.insert(
+        "IssuedCredential".into(),
+        json!({"type": "object", "required": ["credential", "secret"], "properties": {
+            "credential": schema_ref("Credential"),
+            "secret": {"type": "string", "description": "atrn_<id>_<secret> (node) or atrg_<id>_<secret> (gateway); shown once"}
+        }}),
+    );
+    let ident =
+        json!([{"name": "ident", "in": "path", "required": true, "schema": {"type": "string"}}]);
+    paths.insert(
+        "/v1/join".into(),
+        json!({"post": {"operationId": "join", "tags": ["credentials"],
+            "summary": "Exchange a join token (as the bearer) for a node or gateway credential, once",
+            "responses": {"201": json_response("the credential", schema_ref("IssuedCredential")),
+                "401": json_response("invalid, expired or used join token", schema_ref("Error"))}}}),
+    );
+    paths.insert(
+        "/v1/credentials/{ident}/rotate".into(),
+        json!({"post": with_params(operation("rotate_credential".into(), "credentials",
+            "A new secret for a credential (its holder or the provider); the old one stops working".into(),
+            ("200", json_response("the credential", schema_ref("IssuedCredential"))), &["401", "404", "409"]),
+            ident.clone())}),
+    );
+    paths.insert(
+        "/v1/credentials/{ident}/revoke".into(),
+        json!({"post": with_params(operation("revoke_credential".into(), "credentials",
+            "Revoke a node's or gateway's credential (provider)".into(),
+            ("200", json_response("revoked", schema_ref("Credential"))), &["401", "403", "404"]),
+            ident)}),
+    );
+}
+
 /// Builds the document.
 pub fn document() -> Value {
     let mut paths = Map::new();
@@ -214,6 +288,9 @@ pub fn document() -> Value {
     add_kind::<Deployment>(&mut paths, &mut schemas, Some("Status"));
     add_kind::<Key>(&mut paths, &mut schemas, Some("KeyStatus"));
     add_kind::<Placement>(&mut paths, &mut schemas, Some("ReplicaStatus"));
+    add_kind::<JoinToken>(&mut paths, &mut schemas, Some("JoinTokenStatus"));
+    add_kind::<Credential>(&mut paths, &mut schemas, Some("CredentialStatus"));
+    plane_credentials(&mut paths, &mut schemas);
     add_schema::<atrium_core::placement::ReplicaStatus>(&mut schemas);
     add_schema::<Status>(&mut schemas);
     add_schema::<Quota>(&mut schemas);

@@ -28,6 +28,29 @@ use crate::kinds::{
 };
 use crate::{AppState, RequestId};
 
+/// Refuses the node and gateway credentials: `what` is for people.
+fn refuse_planes(caller: &Caller, what: &str) -> Result<(), ApiError> {
+    match &caller.plane {
+        Some(p) => Err(ApiError::Forbidden(format!(
+            "a {} credential may not read {what}",
+            p.plane.as_str()
+        ))),
+        None => Ok(()),
+    }
+}
+
+/// Admits the gateways' endpoints: a gateway's site credential, or the
+/// provider.
+fn only_gateways(caller: &Caller, what: &str) -> Result<(), ApiError> {
+    match caller.role {
+        Role::ProviderAdmin | Role::Gateway => Ok(()),
+        role => Err(ApiError::Forbidden(format!(
+            "only gateways (and the provider) {what}; role {} may not",
+            role.as_str()
+        ))),
+    }
+}
+
 /// `POST /v1/keys`: the only response that ever carries the key's secret.
 pub async fn create_key(
     State(state): State<AppState>,
@@ -117,6 +140,7 @@ pub async fn list_quotas(
     State(state): State<AppState>,
     Extension(caller): Extension<Caller>,
 ) -> Result<Json<ListResponse<QuotaView>>, ApiError> {
+    refuse_planes(&caller, "quotas")?;
     require::<Tenant>(&caller, Access::Read)?;
     let revision = state.store.head();
     let tenants = match &caller.tenant {
@@ -149,6 +173,7 @@ pub async fn get_quota(
     Extension(caller): Extension<Caller>,
     Path(tenant): Path<String>,
 ) -> Result<Json<QuotaView>, ApiError> {
+    refuse_planes(&caller, "quotas")?;
     require::<Tenant>(&caller, Access::Read)?;
     let object = resolve::<Tenant>(&state, &caller, &tenant, None).await?;
     Ok(Json(quota_view(&state, &object).await?))
@@ -257,7 +282,11 @@ pub async fn set_replica_status(
     Path(ident): Path<String>,
     JsonBody(status): JsonBody<atrium_core::placement::ReplicaStatus>,
 ) -> Result<Json<Value>, ApiError> {
-    require::<Placement>(&caller, Access::Write)?;
+    // A node's agent reports on its own node's placements only: others
+    // are not visible to it (404).
+    if caller.role != Role::Node {
+        require::<Placement>(&caller, Access::Write)?;
+    }
     let object = resolve::<Placement>(&state, &caller, &ident, None).await?;
     let mut body = object.body.clone();
     let status = serde_json::to_value(&status).map_err(|e| ApiError::Internal(e.to_string()))?;
@@ -290,11 +319,7 @@ pub async fn record_usage(
     Extension(caller): Extension<Caller>,
     JsonBody(batch): JsonBody<UsageBatch>,
 ) -> Result<Json<Value>, ApiError> {
-    if caller.role != Role::ProviderAdmin {
-        return Err(ApiError::Forbidden(
-            "only gateways (the provider) record usage".into(),
-        ));
-    }
+    only_gateways(&caller, "record usage")?;
     if batch.batch_id.is_empty() || batch.batch_id.len() > 128 {
         return Err(ApiError::field("batch_id", "must be 1 to 128 characters"));
     }
@@ -322,6 +347,14 @@ pub async fn record_usage(
         }
     }
     errors.into_result().map_err(ApiError::InvalidFields)?;
+    if let Some(site) = caller.gateway_site() {
+        if let Some(r) = batch.records.iter().find(|r| r.site != site) {
+            return Err(ApiError::Forbidden(format!(
+                "a gateway of site {site:?} records its own site's usage only, not {:?}",
+                r.site
+            )));
+        }
+    }
     let records: Vec<UsageRecord> = batch
         .records
         .into_iter()
@@ -357,6 +390,7 @@ pub async fn list_usage(
     Extension(caller): Extension<Caller>,
     Params(params): Params<UsageParams>,
 ) -> Result<Json<Value>, ApiError> {
+    refuse_planes(&caller, "usage")?;
     require::<Tenant>(&caller, Access::Read)?;
     let filter = match (&caller.tenant, params.tenant) {
         (None, Some(t)) => TenantFilter::Exactly(Some(t)),
@@ -404,11 +438,7 @@ pub async fn key_digests(
     State(state): State<AppState>,
     Extension(caller): Extension<Caller>,
 ) -> Result<Json<Value>, ApiError> {
-    if caller.role != Role::ProviderAdmin {
-        return Err(ApiError::Forbidden(
-            "only gateways (the provider) read key digests".into(),
-        ));
-    }
+    only_gateways(&caller, "read key digests")?;
     let keys = state.store.list_all(Key::KIND, &TenantFilter::All).await?;
     let map: serde_json::Map<String, Value> = keys
         .iter()
@@ -425,10 +455,14 @@ pub async fn sync_limits(
     Extension(caller): Extension<Caller>,
     JsonBody(report): JsonBody<atrium_api::LimitSync>,
 ) -> Result<Json<atrium_api::LimitSyncAnswer>, ApiError> {
-    if caller.role != Role::ProviderAdmin {
-        return Err(ApiError::Forbidden(
-            "only gateways (the provider) sync limits".into(),
-        ));
+    only_gateways(&caller, "sync limits")?;
+    if let Some(site) = caller.gateway_site() {
+        if report.site != site {
+            return Err(ApiError::Forbidden(format!(
+                "a gateway of site {site:?} syncs its own site's limits only, not {:?}",
+                report.site
+            )));
+        }
     }
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)

@@ -99,9 +99,13 @@ async fn deploy_to_first_token() -> Result<f64> {
     };
     let stack = Stack::start(
         config,
-        "127.0.0.1:0".parse()?,
-        Some("bench-node".into()),
-        None,
+        crate::up::StackOptions {
+            gateway_listen: "127.0.0.1:0".parse()?,
+            node: Some("bench-node".into()),
+            simulate_gpus: None,
+            gateway: crate::planes::GatewayFlags::default(),
+            model_roots: Vec::new(),
+        },
     )
     .await?;
     let cp = &stack.cp;

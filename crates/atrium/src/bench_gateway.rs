@@ -44,6 +44,8 @@ const LATENCY_ROUNDS: usize = 5;
 const TTFT_SAMPLES: usize = 200;
 const MODEL: &str = "bench";
 const LITELLM_KEY: &str = "sk-atrium-bench";
+/// The bench gateway's `/metrics` token.
+const METRICS_TOKEN: &str = "atrium-bench-metrics";
 
 pub struct Args {
     pub seconds: u64,
@@ -227,9 +229,12 @@ fn wrk(
 }
 
 /// (sum in seconds, count) of Atrium's overhead histogram, where `base`
-/// serves one.
-async fn overhead_histogram(base: &str) -> Option<(f64, f64)> {
-    let text = reqwest::get(format!("{base}/metrics"))
+/// serves one (to the holder of its metrics token).
+async fn overhead_histogram(base: &str, metrics_token: Option<&str>) -> Option<(f64, f64)> {
+    let text = reqwest::Client::new()
+        .get(format!("{base}/metrics"))
+        .bearer_auth(metrics_token?)
+        .send()
         .await
         .ok()?
         .text()
@@ -301,6 +306,8 @@ struct Target<'a> {
     name: &'a str,
     base: &'a str,
     key: &'a str,
+    /// What its `/metrics` requires, where it serves Atrium's.
+    metrics_token: Option<&'a str>,
     processes: Vec<(&'static str, u32)>,
 }
 
@@ -337,10 +344,10 @@ async fn latency_rounds(
             eprintln!("  {}: latency at concurrency 1, round {round}", t.name);
             let url = format!("{}/v1/chat/completions", t.base);
             let script = wrk_script(dir, t.name, t.key)?;
-            let before = overhead_histogram(t.base).await;
+            let before = overhead_histogram(t.base, t.metrics_token).await;
             let r = tokio::task::spawn_blocking(move || wrk(load_core, &url, &script, 1, seconds))
                 .await??;
-            let own = match (before, overhead_histogram(t.base).await) {
+            let own = match (before, overhead_histogram(t.base, t.metrics_token).await) {
                 (Some((s0, n0)), Some((s1, n1))) if n1 > n0 => Some((s1 - s0) * 1e6 / (n1 - n0)),
                 _ => None,
             };
@@ -652,6 +659,13 @@ pub async fn run(args: Args) -> Result<()> {
     let key = atrium_tenant(&cp, &engine_url).await?;
     let gateway_port = free_port()?;
     let gateway_url = format!("http://127.0.0.1:{gateway_port}");
+    let join = cp
+        .call(
+            Method::POST,
+            "/v1/join-tokens",
+            Some(&json!({"plane": "gateway", "name": "bench", "site": "local"})),
+        )
+        .await?;
     let mut gateway = pinned(proxy_core, &exe)
         .args([
             "gateway",
@@ -660,7 +674,8 @@ pub async fn run(args: Args) -> Result<()> {
             "--listen",
             &format!("127.0.0.1:{gateway_port}"),
         ])
-        .args(["--server", &server_url, "--token", &token])
+        .args(["--server", &server_url, "--metrics-token", METRICS_TOKEN])
+        .args(["--join-token", join["secret"].as_str().unwrap_or_default()])
         .arg("--data-dir")
         .arg(dir.path().join("gateway"))
         .stdout(Stdio::null())
@@ -760,18 +775,21 @@ pub async fn run(args: Args) -> Result<()> {
             name: "direct",
             base: &engine_url,
             key: "none",
+            metrics_token: None,
             processes: vec![("engine", engine_pid)],
         },
         Target {
             name: "nginx",
             base: &nginx_url,
             key: "none",
+            metrics_token: None,
             processes: vec![("nginx", nginx_pid), ("engine", engine_pid)],
         },
         Target {
             name: "atrium",
             base: &gateway_url,
             key: &key,
+            metrics_token: Some(METRICS_TOKEN),
             processes: vec![
                 ("gateway", gateway_pid),
                 ("control_plane", server_pid),
@@ -784,6 +802,7 @@ pub async fn run(args: Args) -> Result<()> {
             name: "litellm",
             base: url,
             key: LITELLM_KEY,
+            metrics_token: None,
             processes: vec![("litellm", litellm_pid), ("engine", engine_pid)],
         });
     }

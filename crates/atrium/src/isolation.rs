@@ -30,6 +30,9 @@ pub struct SandboxExecArgs {
     /// Network namespace (under /run/netns) to enter
     #[arg(long)]
     netns: Option<String>,
+    /// Bind SOURCE read-only at TARGET in a mount namespace of its own
+    #[arg(long = "ro-bind", num_args = 2, value_names = ["SOURCE", "TARGET"])]
+    ro_bind: Vec<PathBuf>,
     #[arg(long)]
     uid: Option<u32>,
     #[arg(long)]
@@ -46,6 +49,11 @@ pub fn sandbox_exec(args: SandboxExecArgs) -> anyhow::Error {
     let e = sandbox::exec_sandboxed(sandbox::ExecRequest {
         cgroup_procs: args.cgroup_procs,
         netns: args.netns,
+        binds: args
+            .ro_bind
+            .chunks_exact(2)
+            .map(|pair| (pair[0].clone(), pair[1].clone()))
+            .collect(),
         uid: args.uid,
         gid: args.gid,
         program: program.clone(),

@@ -12,6 +12,7 @@ mod bench_sched;
 mod client;
 mod config;
 mod isolation;
+mod planes;
 mod up;
 
 use std::path::PathBuf;
@@ -21,6 +22,7 @@ use clap::{Args, Parser, Subcommand};
 use reqwest::Method;
 use serde_json::{json, Map, Value};
 
+use atrium_core::plane::Plane;
 use client::{Client, Columns, Output};
 
 #[derive(Parser)]
@@ -87,6 +89,9 @@ enum Command {
     /// Read and set quotas.
     #[command(subcommand)]
     Quota(QuotaCmd),
+    /// The nodes' and gateways' credentials (provider).
+    #[command(subcommand)]
+    Credential(CredentialCmd),
     /// Print the logs of a deployment's replicas that run on this machine.
     Logs {
         /// Deployment id or name
@@ -210,20 +215,28 @@ struct UpArgs {
     /// and MiniLM embeddings deployments, and write <data-dir>/demo.json
     #[arg(long)]
     demo: bool,
+    /// Directories `path:` model sources may resolve into (the model cache
+    /// always may)
+    #[arg(long = "model-root", env = "ATRIUM_MODEL_ROOTS", value_delimiter = ',')]
+    model_roots: Vec<PathBuf>,
+    #[command(flatten)]
+    gateway: planes::GatewayFlags,
 }
 
 #[derive(Args)]
 struct AgentArgs {
-    /// This node's name [default: the host name]
-    #[arg(long)]
-    node: Option<String>,
-    /// The site this node is in
-    #[arg(long, default_value = "local")]
-    site: String,
+    /// Join with this one-time token when the data directory holds no
+    /// node credential yet (see `atrium node join`)
+    #[arg(long, env = "ATRIUM_JOIN_TOKEN", hide_env_values = true)]
+    join_token: Option<String>,
     #[arg(long)]
     simulate_gpus: Option<String>,
     #[arg(long, env = "ATRIUM_MODEL_CACHE")]
     model_cache: Option<PathBuf>,
+    /// Directories `path:` model sources may resolve into (the model cache
+    /// always may); anything else is refused
+    #[arg(long = "model-root", env = "ATRIUM_MODEL_ROOTS", value_delimiter = ',')]
+    model_roots: Vec<PathBuf>,
     /// Address block of tenant networks on this node (10.X.0.0/16; one /30
     /// per tenant); two agents on one host need different blocks
     #[arg(long, default_value = DEFAULT_TENANT_NETWORK)]
@@ -235,18 +248,63 @@ struct AgentArgs {
 const DEFAULT_TENANT_NETWORK: &str = "10.201.0.0/16";
 
 #[derive(Args)]
+#[command(args_conflicts_with_subcommands = true)]
 struct GatewayArgs {
+    #[command(subcommand)]
+    command: Option<GatewayCmd>,
     #[arg(long, default_value = "127.0.0.1:8080")]
     listen: String,
-    /// The site this gateway serves
-    #[arg(long, default_value = "local")]
-    site: String,
+    /// Join with this one-time token when the data directory holds no
+    /// gateway credential yet (see `atrium gateway join`); the credential
+    /// names the site the gateway serves
+    #[arg(long, env = "ATRIUM_JOIN_TOKEN", hide_env_values = true)]
+    join_token: Option<String>,
     /// Secret the per-tenant affinity and cache salts derive from; give the
     /// gateways of one site the same [default: <data-dir>/gateway/gateway.secret]
     #[arg(long, env = "ATRIUM_GATEWAY_SECRET", hide_env_values = true)]
     secret: Option<String>,
+    #[command(flatten)]
+    flags: planes::GatewayFlags,
     #[arg(long, env = "ATRIUM_LOG", default_value = "info")]
     log: tracing::Level,
+}
+
+/// Joining and credentials, the same for nodes and gateways.
+#[derive(Subcommand)]
+enum PlaneCmd {
+    /// Exchange a one-time join token for this machine's credential (saved
+    /// in the data directory, 0600)
+    Join {
+        #[arg(long, env = "ATRIUM_JOIN_TOKEN", hide_env_values = true)]
+        join_token: String,
+    },
+    /// Issue a one-time join token (the provider)
+    JoinToken {
+        /// The node's (or gateway's) name
+        name: String,
+        #[arg(long)]
+        site: String,
+        /// How long the token may wait to be used
+        #[arg(long, default_value_t = 3600)]
+        ttl_seconds: u64,
+    },
+    /// Replace this machine's credential with a new one; the old stops
+    /// working at once (a running agent or gateway picks the new one up)
+    RotateCredential,
+}
+
+#[derive(Subcommand)]
+enum GatewayCmd {
+    #[command(flatten)]
+    Plane(PlaneCmd),
+}
+
+#[derive(Subcommand)]
+enum CredentialCmd {
+    /// Cut a node or gateway off: its credential stops working at once
+    Revoke { id: String },
+    #[command(flatten)]
+    Read(ReadCmd),
 }
 
 #[derive(Args)]
@@ -472,6 +530,8 @@ enum NodeCmd {
         #[command(flatten)]
         from: FromFile,
     },
+    #[command(flatten)]
+    Plane(PlaneCmd),
     /// Check this node's workload sandboxes: what the kernel reports of
     /// each engine, and attacks between tenants (run as root on the node)
     Isolation {
@@ -703,24 +763,21 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Server(args) => serve(args, data_dir, &file).await,
         Command::Up(args) => up::run(args, data_dir, &file).await,
         Command::Agent(args) => {
-            let (server, token) = server_and_token(&cli.global, &file)?;
-            run_agent(
-                args,
-                server,
-                token,
-                data_dir.unwrap_or_else(config::default_data_dir),
-            )
-            .await
+            let server = server_url(&cli.global, &file)?;
+            let data_dir = data_dir.unwrap_or_else(config::default_data_dir);
+            run_agent(args, &server, cli.global.token.clone(), data_dir).await
+        }
+        Command::Gateway(GatewayArgs {
+            command: Some(GatewayCmd::Plane(cmd)),
+            ..
+        }) => plane_command(Plane::Gateway, cmd, &cli.global, &file, data_dir).await,
+        Command::Node(NodeCmd::Plane(cmd)) => {
+            plane_command(Plane::Node, cmd, &cli.global, &file, data_dir).await
         }
         Command::Gateway(args) => {
-            let (server, token) = server_and_token(&cli.global, &file)?;
-            run_gateway(
-                args,
-                server,
-                token,
-                data_dir.unwrap_or_else(config::default_data_dir),
-            )
-            .await
+            let server = server_url(&cli.global, &file)?;
+            let data_dir = data_dir.unwrap_or_else(config::default_data_dir);
+            run_gateway(args, &server, cli.global.token.clone(), data_dir).await
         }
         Command::Engine(args) => engine(args).await,
         Command::Bench(BenchCmd::Engine { out }) => bench::engine(out).await,
@@ -838,9 +895,44 @@ fn connect(global: &Global, file: &config::FileConfig) -> Result<(Client, Output
     Ok((Client::new(&server, token)?, output))
 }
 
-fn server_and_token(global: &Global, file: &config::FileConfig) -> Result<(String, String)> {
-    let (server, token, _) = client_settings(global, file)?;
-    Ok((server, token))
+/// The control plane's URL for a plane process (which never reads the
+/// admin token file).
+fn server_url(global: &Global, file: &config::FileConfig) -> Result<String> {
+    let server = global
+        .server
+        .clone()
+        .or_else(|| file.client.server.clone())
+        .unwrap_or_else(|| format!("http://{}", config::DEFAULT_LISTEN));
+    if !(server.starts_with("http://") || server.starts_with("https://")) {
+        bail!("server: {server:?} must be an http:// or https:// URL");
+    }
+    Ok(server)
+}
+
+/// Joining, issuing join tokens and rotating, for nodes and gateways.
+async fn plane_command(
+    plane: Plane,
+    cmd: PlaneCmd,
+    global: &Global,
+    file: &config::FileConfig,
+    data_dir: Option<PathBuf>,
+) -> Result<()> {
+    let data_dir = data_dir.unwrap_or_else(config::default_data_dir);
+    match cmd {
+        PlaneCmd::Join { join_token } => {
+            let server = server_url(global, file)?;
+            planes::join_command(plane, &server, &join_token, &data_dir).await
+        }
+        PlaneCmd::RotateCredential => planes::rotate_command(plane, &data_dir).await,
+        PlaneCmd::JoinToken {
+            name,
+            site,
+            ttl_seconds,
+        } => {
+            let (client, output) = connect(global, file)?;
+            planes::issue_join_token(&client, output, plane, &name, &site, ttl_seconds).await
+        }
+    }
 }
 
 /// Logs go to stderr, coloured only for a terminal (replica logs are files).
@@ -863,20 +955,27 @@ fn host_name() -> String {
 
 async fn run_agent(
     args: AgentArgs,
-    server: String,
-    token: String,
+    server: &str,
+    token: Option<String>,
     data_dir: PathBuf,
 ) -> Result<()> {
     crate::init_logging(args.log);
-    let config = atrium_agent::AgentConfig {
+    let (credential, credential_path) = planes::credential(
+        Plane::Node,
+        &data_dir,
         server,
         token,
-        node_name: args.node.unwrap_or_else(host_name),
-        site: args.site,
+        args.join_token.as_deref(),
+    )
+    .await?;
+    let config = atrium_agent::AgentConfig {
+        credential,
+        credential_path,
         data_dir,
         model_cache: args
             .model_cache
             .unwrap_or_else(atrium_engine::pull::default_cache_dir),
+        model_roots: args.model_roots,
         engine_binary: std::env::current_exe().context("cannot find the atrium binary")?,
         simulate_gpus: args.simulate_gpus,
         network_octet: atrium_agent::parse_tenant_network(&args.tenant_network)
@@ -888,8 +987,8 @@ async fn run_agent(
 
 async fn run_gateway(
     args: GatewayArgs,
-    server: String,
-    token: String,
+    server: &str,
+    token: Option<String>,
     data_dir: PathBuf,
 ) -> Result<()> {
     crate::init_logging(args.log);
@@ -897,14 +996,21 @@ async fn run_gateway(
         .listen
         .parse()
         .map_err(|_| anyhow!("--listen: {:?} is not an address", args.listen))?;
-    let gateway = atrium_gateway::start(atrium_gateway::GatewayConfig {
+    let (credential, credential_path) = planes::credential(
+        Plane::Gateway,
+        &data_dir,
         server,
         token,
+        args.join_token.as_deref(),
+    )
+    .await?;
+    let gateway = atrium_gateway::start(args.flags.config(
+        credential,
+        credential_path,
         listen,
-        site: args.site,
-        data_dir: data_dir.join("gateway"),
-        secret: args.secret,
-    })
+        data_dir.join("gateway"),
+        args.secret,
+    ))
     .await?;
     println!("Atrium gateway: http://{}", gateway.addr);
     shutdown_signal().await;
@@ -1329,7 +1435,7 @@ async fn client_command(
                 })?;
                 create(client, output, "nodes", NODE_COLUMNS, body).await
             }
-            NodeCmd::Isolation { .. } => unreachable_command(),
+            NodeCmd::Isolation { .. } | NodeCmd::Plane(_) => unreachable_command(),
             NodeCmd::Read(ReadCmd::Get(l)) => node_get(client, output, &l).await,
             NodeCmd::Read(c) => read(client, output, "nodes", NODE_COLUMNS, &c).await,
         },
@@ -1390,6 +1496,25 @@ async fn client_command(
                 create(client, output, "deployments", DEPLOY_COLUMNS, body).await
             }
             DeployCmd::Read(c) => read(client, output, "deployments", DEPLOY_COLUMNS, &c).await,
+        },
+        Command::Credential(cmd) => match cmd {
+            CredentialCmd::Revoke { id } => {
+                let revoked = client
+                    .call(Method::POST, &format!("/v1/credentials/{id}/revoke"), None)
+                    .await?;
+                client::print(&revoked, output, planes::CREDENTIAL_COLUMNS);
+                Ok(())
+            }
+            CredentialCmd::Read(c) => {
+                read(
+                    client,
+                    output,
+                    "credentials",
+                    planes::CREDENTIAL_COLUMNS,
+                    &c,
+                )
+                .await
+            }
         },
         Command::Quota(cmd) => {
             let value = match cmd {

@@ -2,15 +2,16 @@
 //! node's agent and a gateway in one process, on the embedded store — and,
 //! with `--demo`, two tenants with their own models to call.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{anyhow, Context, Result};
-use atrium_client::{ClientError, ControlPlane};
+use atrium_client::{ClientError, ControlPlane, CredentialFile};
+use atrium_core::plane::Plane;
 use reqwest::Method;
 use serde_json::{json, Value};
 
-use crate::{config, host_name, shutdown_signal, UpArgs};
+use crate::{config, host_name, planes, shutdown_signal, UpArgs};
 
 /// The site `atrium up` puts this machine in.
 pub(crate) const LOCAL_SITE: &str = "local";
@@ -157,6 +158,43 @@ async fn wait_running(cp: &ControlPlane, bars: &indicatif::MultiProgress) -> Res
 /// `atrium up`'s tenant networks: 10.201.0.0/16, as `atrium agent`'s default.
 const UP_TENANT_NETWORK_OCTET: u8 = 201;
 
+/// What `atrium up` runs beside its control plane.
+pub struct StackOptions {
+    pub gateway_listen: std::net::SocketAddr,
+    pub node: Option<String>,
+    pub simulate_gpus: Option<String>,
+    pub gateway: planes::GatewayFlags,
+    pub model_roots: Vec<PathBuf>,
+}
+
+/// The agent and gateway of `atrium up` join like any others: a join token
+/// issued by the provider (here, in-process) exchanged for their own
+/// credential. Each start joins anew, which rotates the credential.
+async fn join_locally(
+    cp: &ControlPlane,
+    server_url: &str,
+    plane: Plane,
+    name: &str,
+    data_dir: &Path,
+) -> Result<(CredentialFile, PathBuf)> {
+    let created = cp
+        .call(
+            Method::POST,
+            "/v1/join-tokens",
+            Some(&json!({"plane": plane, "name": name, "site": LOCAL_SITE, "ttl_seconds": 60})),
+        )
+        .await
+        .with_context(|| format!("issuing the local {}'s join token", plane.as_str()))?;
+    let token = created["secret"].as_str().unwrap_or_default();
+    let file = CredentialFile::join(server_url, token)
+        .await
+        .with_context(|| format!("joining the local {}", plane.as_str()))?;
+    let path = planes::credential_path(plane, data_dir);
+    file.save(&path)
+        .with_context(|| format!("saving {}", path.display()))?;
+    Ok((file, path))
+}
+
 /// Control plane, agent and gateway running in this process.
 pub struct Stack {
     pub server: atrium_server::RunningServer,
@@ -173,9 +211,7 @@ pub struct Stack {
 impl Stack {
     pub async fn start(
         server_config: atrium_server::ServerConfig,
-        gateway_listen: std::net::SocketAddr,
-        node: Option<String>,
-        simulate_gpus: Option<String>,
+        options: StackOptions,
     ) -> Result<Stack> {
         let data_dir = server_config.data_dir.clone();
         let server = atrium_server::start(server_config).await?;
@@ -189,29 +225,32 @@ impl Stack {
         };
         let cp = ControlPlane::new(&server_url, &admin_token);
         ensure(&cp, "sites", json!({"name": LOCAL_SITE, "spec": {"kind": "edge", "jurisdiction": "LOCAL", "location": "this machine"}})).await?;
+        let node = options.node.unwrap_or_else(host_name);
+        let (credential, credential_path) =
+            join_locally(&cp, &server_url, Plane::Node, &node, &data_dir).await?;
         let (stop_agent, agent_stopped) = tokio::sync::oneshot::channel::<()>();
         let agent_config = atrium_agent::AgentConfig {
-            server: server_url.clone(),
-            token: admin_token.clone(),
-            node_name: node.unwrap_or_else(host_name),
-            site: LOCAL_SITE.into(),
+            credential,
+            credential_path,
             data_dir: data_dir.clone(),
             model_cache: atrium_engine::pull::default_cache_dir(),
+            model_roots: options.model_roots,
             engine_binary: std::env::current_exe().context("cannot find the atrium binary")?,
-            simulate_gpus,
+            simulate_gpus: options.simulate_gpus,
             network_octet: UP_TENANT_NETWORK_OCTET,
         };
         let agent = tokio::spawn(atrium_agent::run(agent_config, async move {
             let _ = agent_stopped.await;
         }));
-        let gateway = atrium_gateway::start(atrium_gateway::GatewayConfig {
-            server: server_url.clone(),
-            token: admin_token.clone(),
-            listen: gateway_listen,
-            site: LOCAL_SITE.into(),
-            data_dir: data_dir.join("gateway"),
-            secret: None,
-        })
+        let (credential, credential_path) =
+            join_locally(&cp, &server_url, Plane::Gateway, "local-gateway", &data_dir).await?;
+        let gateway = atrium_gateway::start(options.gateway.config(
+            credential,
+            credential_path,
+            options.gateway_listen,
+            data_dir.join("gateway"),
+            None,
+        ))
         .await?;
         let gateway_url = format!("http://{}", gateway.addr);
         Ok(Stack {
@@ -260,7 +299,17 @@ pub async fn run(args: UpArgs, data_dir: Option<PathBuf>, file: &config::FileCon
             args.gateway_listen
         )
     })?;
-    let stack = Stack::start(server_config, gateway_listen, args.node, args.simulate_gpus).await?;
+    let stack = Stack::start(
+        server_config,
+        StackOptions {
+            gateway_listen,
+            node: args.node,
+            simulate_gpus: args.simulate_gpus,
+            gateway: args.gateway,
+            model_roots: args.model_roots,
+        },
+    )
+    .await?;
     let (cp, server_url, gateway_url, admin_token, data_dir) = (
         stack.cp.clone(),
         stack.server_url.clone(),

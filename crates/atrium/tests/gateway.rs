@@ -17,6 +17,8 @@ struct Up {
     server: String,
     gateway: String,
     token: String,
+    /// What the gateway's `/metrics` requires.
+    metrics_token: String,
     http: reqwest::blocking::Client,
 }
 
@@ -82,7 +84,7 @@ fn start() -> (Up, tempfile::TempDir) {
         assert!(Instant::now() < deadline, "atrium up did not start");
         std::thread::sleep(Duration::from_millis(20));
     }
-    let up = Up {
+    let mut up = Up {
         child,
         server: format!("http://127.0.0.1:{sp}"),
         gateway: format!("http://127.0.0.1:{gp}"),
@@ -90,6 +92,7 @@ fn start() -> (Up, tempfile::TempDir) {
             .unwrap()
             .trim()
             .to_string(),
+        metrics_token: String::new(),
         http: reqwest::blocking::Client::builder()
             .timeout(Duration::from_secs(30))
             .build()
@@ -112,6 +115,7 @@ fn start() -> (Up, tempfile::TempDir) {
         );
         std::thread::sleep(Duration::from_millis(50));
     }
+    up.metrics_token = common::metrics_token(dir.path());
     (up, dir)
 }
 
@@ -263,6 +267,7 @@ fn gateway_routes_isolates_and_meters() {
     let metrics = up
         .http
         .get(format!("{}/metrics", up.gateway))
+        .bearer_auth(&up.metrics_token)
         .send()
         .unwrap()
         .text()

@@ -291,6 +291,7 @@ impl Plane {
         Gateway {
             child: Proc(child),
             url,
+            metrics_token: common::metrics_token(data_dir),
         }
     }
 
@@ -315,6 +316,8 @@ impl Plane {
 struct Gateway {
     child: Proc,
     url: String,
+    /// What `/metrics` requires.
+    metrics_token: String,
 }
 
 /// Sends one chat request; answers (status, body, headers).
@@ -517,6 +520,7 @@ fn limits_are_exact_under_concurrency() {
         .starts_with("req_"));
     let metrics = http
         .get(format!("{}/metrics", gw.url))
+        .bearer_auth(&gw.metrics_token)
         .send()
         .unwrap()
         .text()
@@ -609,6 +613,7 @@ fn tenant_salts_affinity_retries_and_breaker() {
     }
     let metrics = http
         .get(format!("{}/metrics", gw.url))
+        .bearer_auth(&gw.metrics_token)
         .send()
         .unwrap()
         .text()

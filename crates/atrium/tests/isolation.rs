@@ -193,17 +193,14 @@ impl Node {
             None => Command::new(&self.agent_binary),
         };
         let child = cmd
-            .args([
-                "agent",
-                "--node",
-                "n1",
-                "--simulate-gpus",
-                "2xH100-80GB",
-                "--log",
-                "warn",
-            ])
+            .args(["agent", "--simulate-gpus", "2xH100-80GB", "--log", "warn"])
             .args(["--tenant-network", &format!("10.{}.0.0/16", self.octet)])
-            .args(["--server", &self.server_url(), "--token", &self.token])
+            .args(["--server", &self.server_url()])
+            // Used on first start; a restart finds its credential.
+            .args([
+                "--join-token",
+                &common::join_token(&self.server_url(), &self.token, "node", "n1"),
+            ])
             .arg("--data-dir")
             .arg(self.agent_dir())
             .stdout(Stdio::null())

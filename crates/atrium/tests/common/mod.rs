@@ -44,15 +44,44 @@ pub fn admin_call(
     v
 }
 
+/// A one-time join token for a node or gateway (`plane`) named `name` in
+/// site `local`, issued by the provider.
+pub fn join_token(server: &str, admin_token: &str, plane: &str, name: &str) -> String {
+    let http = reqwest::blocking::Client::new();
+    let created = admin_call(
+        &http,
+        server,
+        admin_token,
+        reqwest::Method::POST,
+        "/v1/join-tokens",
+        serde_json::json!({"plane": plane, "name": name, "site": "local"}),
+    );
+    created["secret"].as_str().unwrap().to_string()
+}
+
 /// Starts `atrium gateway` on a free loopback port against the control
-/// plane at `server`; answers the process and the gateway's base URL.
+/// plane at `server`, joined with a join token the provider (`token`)
+/// issues for it (a restart finds its credential in `data_dir`);
+/// answers the process and the gateway's base URL.
 pub fn spawn_gateway(
     server: &str,
     token: &str,
     data_dir: &std::path::Path,
     secret: &str,
 ) -> (std::process::Child, String) {
+    spawn_gateway_with(server, token, data_dir, secret, &[])
+}
+
+/// `spawn_gateway` with extra environment.
+pub fn spawn_gateway_with(
+    server: &str,
+    token: &str,
+    data_dir: &std::path::Path,
+    secret: &str,
+    env: &[(&str, String)],
+) -> (std::process::Child, String) {
     let port = free_port();
+    let join = join_token(server, token, "gateway", &format!("gw-{port}"));
     let child = std::process::Command::new(BIN)
         .args([
             "gateway",
@@ -61,12 +90,22 @@ pub fn spawn_gateway(
             "--log",
             "warn",
         ])
-        .args(["--server", server, "--token", token])
+        .args(["--server", server, "--join-token", &join])
         .env("ATRIUM_GATEWAY_SECRET", secret)
+        .envs(env.iter().map(|(k, v)| (k, v)))
         .arg("--data-dir")
         .arg(data_dir)
         .stdout(std::process::Stdio::null())
         .spawn()
         .unwrap();
     (child, format!("http://127.0.0.1:{port}"))
+}
+
+/// The token a gateway with data directory `data_dir` (as given to
+/// `--data-dir`) requires for `/metrics`.
+pub fn metrics_token(data_dir: &std::path::Path) -> String {
+    std::fs::read_to_string(data_dir.join("gateway/metrics.token"))
+        .unwrap()
+        .trim()
+        .to_string()
 }

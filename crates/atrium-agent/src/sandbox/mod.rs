@@ -13,17 +13,18 @@
 //!   control plane or the gateway. The engine listens on the namespace's
 //!   address only;
 //! - its tenant's unprivileged uid/gid (no supplementary groups, no new
-//!   privileges), a private 0700 directory as HOME and TMPDIR, and the
-//!   model's files under a root-owned read-only view in the tenant's
-//!   directory;
+//!   privileges), a private 0700 directory as HOME and TMPDIR
+//!   (`<sandboxes>/tenants/<tenant>`), and the model's files bound
+//!   read-only, in a mount namespace of its own, at a root-owned mount
+//!   point (`views`: the source, inside a model root, is never changed);
 //! - an environment of its own (nothing of the agent's, whose environment
 //!   may hold the control plane's credentials) with `CUDA_VISIBLE_DEVICES`
 //!   and `NVIDIA_VISIBLE_DEVICES` naming only its GPUs, by UUID.
 //!
-//! The engine is started through `atrium sandbox-exec`, which joins the
-//! cgroups, enters the namespace, drops privileges and `exec`s the engine:
-//! the engine's PID is the one the agent spawned, inside every limit from
-//! its first instruction.
+//! The engine is started through `atrium sandbox-exec` (`exec`), which
+//! joins the cgroups, enters the namespaces, binds the model, drops
+//! privileges and `exec`s the engine: the engine's PID is the one the agent
+//! spawned, inside every limit from its first instruction.
 //!
 //! Without root none of this can be done; the agent then runs engines as
 //! before and says so in each replica's `isolation` report.
@@ -31,13 +32,18 @@
 use std::ffi::OsString;
 use std::io;
 use std::os::unix::fs::{chown, PermissionsExt};
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
 use atrium_core::node::Gpu;
 use atrium_core::placement::PlacementSpec;
+
+mod exec;
+mod views;
+
+pub use exec::{exec_sandboxed, ExecRequest};
+pub use views::confine;
 
 /// Processes one workload may have at once (threads count too).
 pub const PIDS_LIMIT: u32 = 1024;
@@ -364,8 +370,17 @@ impl Host {
         TENANT_ID_BASE + u32::from(self.octet()) * 16_384 + slot
     }
 
+    /// The tenant's own directory on this node. Tenants live under
+    /// `tenants/`, the agent's own directories (`bin`, `views`) beside it:
+    /// no tenant name — `bin` included — can be one of the agent's.
     pub fn tenant_dir(&self, tenant: &str) -> PathBuf {
-        self.config.root.join(tenant)
+        self.config.root.join("tenants").join(tenant)
+    }
+
+    /// Where the tenant's model mount points live: root's, outside the
+    /// tenant's own (writable) directory.
+    fn views_dir(&self, tenant: &str) -> PathBuf {
+        self.config.root.join("views").join(tenant)
     }
 
     fn firewall_table(&self) -> String {
@@ -431,6 +446,9 @@ impl Host {
         let _ = std::fs::remove_file(bin.join("atrium"));
         let _ = std::fs::remove_dir(bin);
         // Only if empty: every workload's directory went with it.
+        for dir in ["tenants", "views"] {
+            let _ = std::fs::remove_dir(self.config.root.join(dir));
+        }
         let _ = std::fs::remove_dir(&self.config.root);
     }
 
@@ -605,6 +623,9 @@ impl Host {
                 ),
             });
         }
+        // Both become path components, cgroup and namespace names: the
+        // control plane validated them, and so does the agent.
+        check_names(id, &tenant.tenant)?;
         let mut launcher: Vec<OsString> = vec!["sandbox-exec".into()];
         let mut report = Vec::new();
         // Whatever still runs in the workload's cgroup was started by an
@@ -640,13 +661,28 @@ impl Host {
         match &self.uid {
             Ok(()) => {
                 let uid = self.tenant_id(tenant.slot);
+                for dir in [
+                    self.config.root.join("tenants"),
+                    self.config.root.join("views"),
+                ] {
+                    root_dir(&dir, 0o711)?;
+                }
                 self.private_dir(&tenant_dir, uid)?;
                 self.private_dir(&tenant_dir.join("work"), uid)?;
                 self.private_dir(&work_dir, uid)?;
-                let models = if expose_models(&tenant_dir.join("models"), engine_args)? {
-                    "read-only"
-                } else {
-                    "none"
+                let models = match model_argument(engine_args) {
+                    Some(model) => {
+                        let source = PathBuf::from(model.as_str());
+                        let point = views::mount_point(&self.views_dir(&tenant.tenant), &source)?;
+                        launcher.extend([
+                            "--ro-bind".into(),
+                            source.into_os_string(),
+                            point.clone().into_os_string(),
+                        ]);
+                        *model = point.display().to_string();
+                        "read-only bind"
+                    }
+                    None => "none",
                 };
                 launcher.extend([
                     "--uid".into(),
@@ -698,10 +734,14 @@ impl Host {
                 std::thread::sleep(Duration::from_millis(20));
             }
         }
+        if check_names(id, &tenant.tenant).is_err() {
+            return;
+        }
         let tenant_dir = self.tenant_dir(&tenant.tenant);
         let _ = std::fs::remove_dir_all(tenant_dir.join("work").join(id));
         if tenant_done {
             let _ = std::fs::remove_dir_all(&tenant_dir);
+            let _ = std::fs::remove_dir_all(self.views_dir(&tenant.tenant));
             if self.netns.is_ok() {
                 let _one_at_a_time = NETWORK.lock().unwrap_or_else(|p| p.into_inner());
                 let _ = run("ip", &["netns", "del", &self.netns_name(&tenant.tenant)]);
@@ -768,6 +808,37 @@ pub struct CgroupStats {
     pub oom_kills: u64,
 }
 
+/// Refuses a workload id or tenant name that could name anything but one
+/// path component, cgroup or namespace of its own.
+fn check_names(id: &str, tenant: &str) -> Result<(), String> {
+    let plain = |s: &str| {
+        !s.is_empty()
+            && s.len() <= 64
+            && s.bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
+    };
+    if !plain(id) || atrium_core::name::validate_name(tenant).is_err() {
+        return Err(format!(
+            "workload {id:?} of tenant {tenant:?}: not a name the agent uses in paths"
+        ));
+    }
+    Ok(())
+}
+
+/// The engine's `--model` value, if it has one.
+fn model_argument(args: &mut [String]) -> Option<&mut String> {
+    let i = args.iter().position(|a| a == "--model")?;
+    args.get_mut(i + 1)
+}
+
+/// A directory of the agent's: root-owned, with `mode`.
+fn root_dir(dir: &Path, mode: u32) -> Result<(), String> {
+    std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    chown(dir, Some(0), Some(0)).map_err(|e| format!("chown {}: {e}", dir.display()))?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode))
+        .map_err(|e| format!("chmod {}: {e}", dir.display()))
+}
+
 /// Kills every process in the cgroups `dirs`, until they are empty (or 5 s
 /// have passed).
 fn kill_members(dirs: &[PathBuf]) {
@@ -828,127 +899,6 @@ pub fn visible_devices(spec: &PlacementSpec, gpus: &[Gpu]) -> String {
         }
     }
     seen.join(",")
-}
-
-/// Gives the tenant a read-only view of the model files named in the
-/// engine's `--model` argument: hard links (or copies, across filesystems)
-/// owned by root, mode 0444, in root-owned 0555 directories inside the
-/// tenant's private directory; the argument is rewritten to the view.
-/// False when the engine opens no model files.
-fn expose_models(models_dir: &Path, engine_args: &mut [String]) -> Result<bool, String> {
-    let Some(i) = engine_args.iter().position(|a| a == "--model") else {
-        return Ok(false);
-    };
-    let Some(source) = engine_args.get(i + 1).map(PathBuf::from) else {
-        return Ok(false);
-    };
-    let name = source
-        .file_name()
-        .ok_or_else(|| format!("model path {} has no file name", source.display()))?;
-    // Models of one name from different places must not share a view.
-    let fnv = source
-        .as_os_str()
-        .as_encoded_bytes()
-        .iter()
-        .fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
-            (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3)
-        });
-    let holder = models_dir.join(format!("{fnv:016x}"));
-    for dir in [models_dir, &holder] {
-        if dir.exists() {
-            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755))
-                .map_err(|e| format!("{}: {e}", dir.display()))?;
-        }
-        std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-    }
-    let view = holder.join(name);
-    mirror_read_only(&source, &view)?;
-    for dir in [&holder, models_dir] {
-        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o555))
-            .map_err(|e| format!("{}: {e}", dir.display()))?;
-    }
-    engine_args[i + 1] = view.display().to_string();
-    Ok(true)
-}
-
-fn mirror_read_only(source: &Path, view: &Path) -> Result<(), String> {
-    let err = |p: &Path, e: io::Error| format!("{}: {e}", p.display());
-    let meta = std::fs::metadata(source).map_err(|e| err(source, e))?;
-    if meta.is_dir() {
-        if view.exists() {
-            std::fs::set_permissions(view, std::fs::Permissions::from_mode(0o755))
-                .map_err(|e| err(view, e))?;
-        }
-        std::fs::create_dir_all(view).map_err(|e| err(view, e))?;
-        for entry in std::fs::read_dir(source).map_err(|e| err(source, e))? {
-            let entry = entry.map_err(|e| err(source, e))?;
-            mirror_read_only(&entry.path(), &view.join(entry.file_name()))?;
-        }
-        std::fs::set_permissions(view, std::fs::Permissions::from_mode(0o555))
-            .map_err(|e| err(view, e))
-    } else {
-        let fresh = std::fs::metadata(view).is_ok_and(|v| v.len() == meta.len());
-        if !fresh {
-            let _ = std::fs::remove_file(view);
-            if std::fs::hard_link(source, view).is_err() {
-                std::fs::copy(source, view).map_err(|e| err(view, e))?;
-            }
-        }
-        chown(view, Some(0), Some(0)).map_err(|e| err(view, e))?;
-        std::fs::set_permissions(view, std::fs::Permissions::from_mode(0o444))
-            .map_err(|e| err(view, e))
-    }
-}
-
-/// What `atrium sandbox-exec` is told.
-#[derive(Debug, Clone, Default)]
-pub struct ExecRequest {
-    pub cgroup_procs: Vec<PathBuf>,
-    pub netns: Option<String>,
-    pub uid: Option<u32>,
-    pub gid: Option<u32>,
-    pub program: OsString,
-    pub args: Vec<OsString>,
-}
-
-/// Turns this process into the sandboxed workload: joins its cgroups,
-/// enters its network namespace, forbids new privileges, drops to its
-/// uid/gid with no supplementary groups, and `exec`s the program (the PID
-/// stays the same). Returns only on failure. Must run before any other
-/// thread exists: entering a namespace changes only the calling thread.
-pub fn exec_sandboxed(req: ExecRequest) -> io::Error {
-    let me = std::process::id().to_string();
-    for procs in &req.cgroup_procs {
-        if let Err(e) = std::fs::write(procs, &me) {
-            return io::Error::new(e.kind(), format!("{}: {e}", procs.display()));
-        }
-    }
-    if let Some(ns) = &req.netns {
-        let path = Path::new("/run/netns").join(ns);
-        let file = match std::fs::File::open(&path) {
-            Ok(f) => f,
-            Err(e) => return io::Error::new(e.kind(), format!("{}: {e}", path.display())),
-        };
-        if let Err(e) = rustix::thread::move_into_link_name_space(
-            std::os::fd::AsFd::as_fd(&file),
-            Some(rustix::thread::LinkNameSpaceType::Network),
-        ) {
-            return io::Error::other(format!("cannot enter network namespace {ns}: {e}"));
-        }
-    }
-    if let Err(e) = rustix::thread::set_no_new_privs(true) {
-        return io::Error::other(format!("cannot set no_new_privs: {e}"));
-    }
-    let mut cmd = Command::new(&req.program);
-    cmd.args(&req.args);
-    // std drops supplementary groups (setgroups(0)) when root sets a uid.
-    if let Some(gid) = req.gid {
-        cmd.gid(gid);
-    }
-    if let Some(uid) = req.uid {
-        cmd.uid(uid);
-    }
-    cmd.exec()
 }
 
 #[cfg(test)]
@@ -1021,52 +971,5 @@ mod tests {
             mig_start: Some(4),
         }];
         assert_eq!(visible_devices(&spec, &gpus), "MIG-GPU-1/4");
-    }
-
-    #[test]
-    fn model_views_are_read_only_and_the_argument_points_at_them() {
-        let dir = std::env::temp_dir().join(format!("atrium-models-test-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        let source = dir.join("cache/minilm");
-        std::fs::create_dir_all(source.join("sub")).unwrap();
-        std::fs::write(source.join("model.safetensors"), b"weights").unwrap();
-        std::fs::write(source.join("sub/tokenizer.json"), b"{}").unwrap();
-        let mut args: Vec<String> = ["engine", "--model", &source.display().to_string()]
-            .map(String::from)
-            .to_vec();
-        let models = dir.join("tenant/models");
-        assert!(expose_models(&models, &mut args).unwrap());
-        let view = PathBuf::from(&args[2]);
-        assert!(
-            view.starts_with(&models) && view.ends_with("minilm"),
-            "{view:?}"
-        );
-        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
-        assert_eq!(mode(&view.join("model.safetensors")), 0o444);
-        assert_eq!(mode(&view.join("sub/tokenizer.json")), 0o444);
-        assert_eq!(mode(&view.join("sub")), 0o555);
-        assert_eq!(mode(&view), 0o555);
-        assert_eq!(mode(&models), 0o555);
-        assert_eq!(
-            std::fs::read(view.join("model.safetensors")).unwrap(),
-            b"weights"
-        );
-        // Exposing again (a restart) finds the view made and keeps it.
-        let mut again: Vec<String> = ["engine", "--model", &source.display().to_string()]
-            .map(String::from)
-            .to_vec();
-        assert!(expose_models(&models, &mut again).unwrap());
-        assert_eq!(again, args);
-        // Nothing to expose for an engine without model files.
-        assert!(!expose_models(&models, &mut ["engine".to_string()]).unwrap());
-        for d in [
-            models.clone(),
-            view.parent().unwrap().to_path_buf(),
-            view.clone(),
-            view.join("sub"),
-        ] {
-            std::fs::set_permissions(&d, std::fs::Permissions::from_mode(0o755)).unwrap();
-        }
-        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -1,0 +1,217 @@
+//! Metering one request: reading the usage an upstream reports, checking
+//! it against what the request could have produced, charging the limits
+//! and spooling the record.
+//!
+//! The numbers come from the upstream: an Atrium engine, or — for an
+//! `external` deployment — a server the tenant names, which may say
+//! anything. A negative count would lower the tenant's recorded usage
+//! (other requests' tokens, in effect, refunded) and a huge one would
+//! overflow the limiter's sums. So each count is taken only when it lies
+//! within what the request could produce: the prompt within the body's
+//! own length (a byte-level tokenizer yields at most a token per byte of
+//! text, and the JSON around the text is longer than any chat template's
+//! per-message tokens) plus a fixed template allowance; the completion
+//! within `max_tokens` × `n` when one was set. A count outside is
+//! replaced by the nearest count within (0 for a negative one, the bound
+//! for one above it) and the record is flagged with what was reported.
+
+use std::sync::Arc;
+
+use crate::limits;
+use crate::request::{self, Kind, ProxyRequest};
+use crate::usage::{UsageLine, UsageLog};
+use crate::Gateway;
+
+/// Tokens a chat template or a default system prompt may add to any
+/// prompt beyond its body's bytes.
+const TEMPLATE_TOKENS: u64 = 256;
+/// The completion bound when the request set no `max_tokens`: the engine
+/// decides, up to its context, which no model exceeds.
+const UNBOUNDED_COMPLETION: u64 = u32::MAX as u64;
+
+/// What one request could produce at most.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UsageBound {
+    pub prompt: u64,
+    pub completion: u64,
+}
+
+impl UsageBound {
+    /// The bound of a request whose body is `body_len` bytes; `set_max` is
+    /// the `max_tokens` the gateway added, if it did.
+    pub fn of(body_len: usize, request: &ProxyRequest<'_>, set_max: Option<u64>) -> UsageBound {
+        let prompt = (body_len as u64).saturating_add(TEMPLATE_TOKENS);
+        if request.kind() == Kind::Embedding {
+            return UsageBound {
+                prompt,
+                completion: 0,
+            };
+        }
+        let asked = request
+            .get("max_completion_tokens")
+            .or_else(|| request.get("max_tokens"))
+            .and_then(request::as_u64)
+            .or(set_max);
+        let choices = request
+            .get("n")
+            .and_then(request::as_u64)
+            .unwrap_or(1)
+            .max(1);
+        UsageBound {
+            prompt,
+            completion: asked.map_or(UNBOUNDED_COMPLETION, |m| m.saturating_mul(choices)),
+        }
+    }
+
+    /// The counts to bill for what the upstream reported, and the flag
+    /// that says what it reported when that was outside the bound.
+    pub fn check(&self, reported: (i64, i64)) -> (u64, u64, Option<String>) {
+        let (p, c) = reported;
+        let clamp = |v: i64, max: u64| u64::try_from(v).map_or(0, |v| v.min(max));
+        let (prompt, completion) = (clamp(p, self.prompt), clamp(c, self.completion));
+        let as_reported = i64::try_from(prompt) == Ok(p) && i64::try_from(completion) == Ok(c);
+        let flag = (!as_reported).then(|| {
+            format!(
+                "upstream reported prompt_tokens {p} and completion_tokens {c}; this request \
+                 could produce at most {} and {}: recorded {prompt} and {completion}",
+                self.prompt, self.completion
+            )
+        });
+        (prompt, completion, flag)
+    }
+}
+
+/// The `usage` of an OpenAI response or stream chunk. Typed, so the rest
+/// of the document is skipped rather than built.
+pub fn usage_of(json: &[u8]) -> Option<(i64, i64)> {
+    #[derive(serde::Deserialize)]
+    struct Usage {
+        #[serde(default)]
+        prompt_tokens: i64,
+        #[serde(default)]
+        completion_tokens: i64,
+    }
+    #[derive(serde::Deserialize)]
+    struct WithUsage {
+        usage: Option<Usage>,
+    }
+    let u = serde_json::from_slice::<WithUsage>(json).ok()?.usage?;
+    Some((u.prompt_tokens, u.completion_tokens))
+}
+
+/// What a request's usage record names.
+pub struct Meter {
+    usage: Arc<UsageLog>,
+    tenant: String,
+    deployment: String,
+    site: String,
+    replica: String,
+    request_id: String,
+    bound: UsageBound,
+}
+
+impl Meter {
+    pub fn new(
+        g: &Gateway,
+        tenant: String,
+        deployment: String,
+        replica: &str,
+        request_id: &str,
+        bound: UsageBound,
+    ) -> Meter {
+        Meter {
+            usage: g.usage.clone(),
+            tenant,
+            deployment,
+            site: g.site.clone(),
+            replica: replica.to_string(),
+            request_id: request_id.to_string(),
+            bound,
+        }
+    }
+
+    /// Checks the upstream's counts, charges the limiter and spools the
+    /// record.
+    pub fn record(&self, reported: (i64, i64), ticket: &mut Option<limits::Ticket>) {
+        let (prompt, completion, flag) = self.bound.check(reported);
+        if let Some(flag) = &flag {
+            tracing::warn!(request_id = %self.request_id, tenant = %self.tenant, replica = %self.replica, %flag, "gateway: upstream usage replaced");
+        }
+        if let Some(t) = ticket {
+            t.charge(prompt.saturating_add(completion));
+        }
+        let at = time::OffsetDateTime::now_utc()
+            .format(&time::format_description::well_known::Rfc3339)
+            .unwrap_or_default();
+        let record = UsageLine {
+            at: &at,
+            tenant: &self.tenant,
+            deployment: &self.deployment,
+            site: &self.site,
+            replica: &self.replica,
+            // Both within u32::MAX-scale bounds plus a body length: they fit.
+            prompt_tokens: i64::try_from(prompt).unwrap_or(i64::MAX),
+            completion_tokens: i64::try_from(completion).unwrap_or(i64::MAX),
+            request_id: &self.request_id,
+            flag: flag.as_deref(),
+        };
+        if let Err(e) = self.usage.append(&record) {
+            tracing::error!(error = %e, request_id = %self.request_id, "gateway: usage not spooled");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bound_of(kind: Kind, body: serde_json::Value, set_max: Option<u64>) -> UsageBound {
+        let text = body.to_string();
+        let request = ProxyRequest::parse(text.as_bytes(), kind).unwrap();
+        UsageBound::of(text.len(), &request, set_max)
+    }
+
+    #[test]
+    fn a_request_bounds_what_it_can_be_billed() {
+        let chat = serde_json::json!({"model": "m", "max_tokens": 10, "n": 2,
+            "messages": [{"role": "user", "content": "hi"}]});
+        let len = chat.to_string().len() as u64;
+        let b = bound_of(Kind::Chat, chat, None);
+        assert_eq!(
+            b,
+            UsageBound {
+                prompt: len + TEMPLATE_TOKENS,
+                completion: 20
+            }
+        );
+        let open = serde_json::json!({"model": "m", "prompt": "hi"});
+        assert_eq!(
+            bound_of(Kind::Completion, open.clone(), Some(7)).completion,
+            7
+        );
+        assert_eq!(
+            bound_of(Kind::Completion, open, None).completion,
+            UNBOUNDED_COMPLETION
+        );
+        let embed = serde_json::json!({"model": "e", "input": "x", "max_tokens": 9});
+        assert_eq!(bound_of(Kind::Embedding, embed, None).completion, 0);
+    }
+
+    #[test]
+    fn counts_outside_the_bound_are_clamped_and_flagged() {
+        let b = UsageBound {
+            prompt: 300,
+            completion: 10,
+        };
+        assert_eq!(b.check((7, 2)), (7, 2, None));
+        assert_eq!(b.check((300, 10)), (300, 10, None));
+        let (p, c, flag) = b.check((-1_000_000, -5));
+        assert_eq!((p, c), (0, 0));
+        assert!(flag.unwrap().contains("-1000000"));
+        let (p, c, flag) = b.check((i64::MAX, 3));
+        assert_eq!((p, c), (300, 3));
+        assert!(flag.is_some());
+        let (p, c, _) = b.check((5, 11));
+        assert_eq!((p, c), (5, 10));
+    }
+}

@@ -1,0 +1,282 @@
+//! Credentials of the runtime and data planes: the provider issues a
+//! one-time join token for a node or a gateway; the node's agent (or the
+//! gateway) exchanges it for a credential that reaches only its node's
+//! work (or its site's routing and usage); the credential can be rotated
+//! by its holder or the provider and revoked by the provider. What each
+//! credential may do is decided where every caller's is: `kinds::permits`
+//! and `kinds::plane_sees`.
+
+use atrium_api::{
+    CreatedJoinToken, CredentialStatus, IssuedCredential, JoinTokenRequest, JoinTokenStatus,
+};
+use atrium_core::plane::{split_token, CredentialSpec, JoinTokenSpec, JOIN_TOKEN_PREFIX};
+use atrium_store::{Object, TenantFilter, Write};
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::{Extension, Json};
+use time::OffsetDateTime;
+
+use crate::auth::{bearer, now_rfc3339, random_token, sha256_hex, Caller, Role};
+use crate::crud::{audit, new_id, require, resolve, view, write, ObjectParams};
+use crate::error::ApiError;
+use crate::extract::{JsonBody, Params};
+use crate::kinds::{
+    Access, Credential, CredentialRecord, JoinToken, JoinTokenRecord, Kind, SITE_KIND,
+};
+use crate::{AppState, RequestId};
+
+/// How long a join token waits to be used, unless its issuer says.
+const DEFAULT_JOIN_TTL_SECS: u64 = 3600;
+const MAX_JOIN_TTL_SECS: u64 = 7 * 86_400;
+
+fn internal(e: impl std::fmt::Display) -> ApiError {
+    ApiError::Internal(e.to_string())
+}
+
+/// `POST /v1/join-tokens`: the provider lets one node or gateway join.
+pub async fn create_join_token(
+    State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    Extension(rid): Extension<RequestId>,
+    JsonBody(req): JsonBody<JoinTokenRequest>,
+) -> Result<(StatusCode, Json<CreatedJoinToken>), ApiError> {
+    require::<JoinToken>(&caller, Access::Write)?;
+    let ttl = req.ttl_seconds.unwrap_or(DEFAULT_JOIN_TTL_SECS);
+    if !(1..=MAX_JOIN_TTL_SECS).contains(&ttl) {
+        return Err(ApiError::field(
+            "ttl_seconds",
+            format!("must be 1 to {MAX_JOIN_TTL_SECS} (a week)"),
+        ));
+    }
+    let expires_at = OffsetDateTime::now_utc() + time::Duration::seconds(ttl as i64);
+    let spec = JoinTokenSpec {
+        plane: req.plane,
+        name: req.name,
+        site: req.site,
+        expires_at,
+    };
+    JoinToken::validate(&spec).map_err(ApiError::InvalidFields)?;
+    if state
+        .store
+        .get_by_name(SITE_KIND, None, &spec.site)
+        .await?
+        .is_none()
+    {
+        return Err(ApiError::field(
+            "site",
+            format!("no site named {:?}", spec.site),
+        ));
+    }
+    let id = new_id(JoinToken::ID_PREFIX);
+    let secret = format!("{JOIN_TOKEN_PREFIX}{id}_{}", random_token(40));
+    let record = JoinTokenRecord {
+        spec,
+        status: JoinTokenStatus::default(),
+        digest: sha256_hex(&secret),
+    };
+    let created = write(
+        &state,
+        Write::Create {
+            kind: JoinToken::KIND.into(),
+            id: id.clone(),
+            tenant: None,
+            name: id,
+            body: serde_json::to_value(&record).map_err(internal)?,
+        },
+        None,
+        audit(&caller, &rid, "join_token.create".into()),
+    )
+    .await?;
+    let join_token = serde_json::from_value(view(&created)).map_err(internal)?;
+    Ok((
+        StatusCode::CREATED,
+        Json(CreatedJoinToken { join_token, secret }),
+    ))
+}
+
+/// `POST /v1/join` with `Authorization: Bearer atrj_…`: exchanges a join
+/// token, once, for the plane's credential. Joining again under a name
+/// that has a credential replaces its secret (a node that lost its
+/// credential, re-provisioned).
+pub async fn join(
+    State(state): State<AppState>,
+    Extension(rid): Extension<RequestId>,
+    headers: HeaderMap,
+) -> Result<(StatusCode, Json<IssuedCredential>), ApiError> {
+    let refused = || {
+        ApiError::Unauthenticated(
+            "invalid, expired or already used join token: ask the provider for a new one \
+             (atrium node join-token / atrium gateway join-token)"
+                .into(),
+        )
+    };
+    let token = bearer(&headers)?;
+    let (id, _) = split_token(JOIN_TOKEN_PREFIX, token).ok_or_else(refused)?;
+    let object = state
+        .store
+        .get(JoinToken::KIND, id)
+        .await?
+        .ok_or_else(refused)?;
+    let mut record: JoinTokenRecord =
+        serde_json::from_value(object.body.clone()).map_err(internal)?;
+    let fresh = record.status.used_at.is_none()
+        && record.spec.expires_at > OffsetDateTime::now_utc()
+        && crate::auth::digests_equal(&record.digest, &sha256_hex(token));
+    if !fresh {
+        return Err(refused());
+    }
+    let spec = CredentialSpec {
+        plane: record.spec.plane,
+        name: record.spec.name.clone(),
+        site: record.spec.site.clone(),
+    };
+    let as_plane = Caller {
+        role: match spec.plane {
+            atrium_core::plane::Plane::Node => Role::Node,
+            atrium_core::plane::Plane::Gateway => Role::Gateway,
+        },
+        tenant: None,
+        actor: format!("{}:{}", spec.plane.as_str(), spec.name),
+        plane: Some(spec.clone()),
+    };
+    // Used first, at the revision read: of two joins racing with one
+    // token, exactly one gets past this write.
+    record.status.used_at = Some(now_rfc3339());
+    write(
+        &state,
+        Write::Update {
+            kind: JoinToken::KIND.into(),
+            id: object.id.clone(),
+            body: serde_json::to_value(&record).map_err(internal)?,
+            if_revision: Some(object.revision),
+        },
+        None,
+        audit(&as_plane, &rid, "join_token.use".into()),
+    )
+    .await
+    .map_err(|e| match e {
+        ApiError::Conflict { .. } => refused(),
+        e => e,
+    })?;
+    let existing = state
+        .store
+        .list_all(Credential::KIND, &TenantFilter::All)
+        .await?
+        .into_iter()
+        .find(|c| {
+            serde_json::from_value::<CredentialRecord>(c.body.clone())
+                .is_ok_and(|r| r.spec.plane == spec.plane && r.spec.name == spec.name)
+        });
+    let issued = issue(&state, &as_plane, &rid, spec, existing, "credential.join").await?;
+    Ok((StatusCode::CREATED, Json(issued)))
+}
+
+/// Writes a credential with a new secret: a new object, or `existing`
+/// with its secret replaced (and any revocation lifted).
+async fn issue(
+    state: &AppState,
+    caller: &Caller,
+    rid: &RequestId,
+    spec: CredentialSpec,
+    existing: Option<Object>,
+    action: &str,
+) -> Result<IssuedCredential, ApiError> {
+    let id = existing
+        .as_ref()
+        .map(|o| o.id.clone())
+        .unwrap_or_else(|| new_id(Credential::ID_PREFIX));
+    let secret = format!("{}{id}_{}", spec.plane.token_prefix(), random_token(40));
+    let record = CredentialRecord {
+        spec,
+        status: CredentialStatus {
+            issued_at: Some(now_rfc3339()),
+            revoked_at: None,
+        },
+        digest: sha256_hex(&secret),
+    };
+    let body = serde_json::to_value(&record).map_err(internal)?;
+    let w = match existing {
+        Some(o) => Write::Update {
+            kind: Credential::KIND.into(),
+            id: o.id,
+            body,
+            if_revision: Some(o.revision),
+        },
+        None => Write::Create {
+            kind: Credential::KIND.into(),
+            id: id.clone(),
+            tenant: None,
+            name: id,
+            body,
+        },
+    };
+    let written = write(state, w, None, audit(caller, rid, action.into())).await?;
+    let credential = serde_json::from_value(view(&written)).map_err(internal)?;
+    Ok(IssuedCredential { credential, secret })
+}
+
+/// `POST /v1/credentials/{id}/rotate`: a new secret for the credential,
+/// by its holder or the provider; the old one stops working at once.
+pub async fn rotate_credential(
+    State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    Extension(rid): Extension<RequestId>,
+    Path(ident): Path<String>,
+) -> Result<Json<IssuedCredential>, ApiError> {
+    let object = state
+        .store
+        .get(Credential::KIND, &ident)
+        .await?
+        .ok_or_else(|| ApiError::not_found(Credential::KIND, &ident))?;
+    let record: CredentialRecord = serde_json::from_value(object.body.clone()).map_err(internal)?;
+    let holder = caller.plane.as_ref() == Some(&record.spec);
+    if caller.role != Role::ProviderAdmin && !holder {
+        return Err(ApiError::not_found(Credential::KIND, &ident));
+    }
+    if record.status.revoked_at.is_some() {
+        return Err(ApiError::Conflict {
+            code: "revoked",
+            message: format!("credential {ident} is revoked; issue a join token instead"),
+            details: serde_json::Value::Null,
+        });
+    }
+    let issued = issue(
+        &state,
+        &caller,
+        &rid,
+        record.spec,
+        Some(object),
+        "credential.rotate",
+    )
+    .await?;
+    Ok(Json(issued))
+}
+
+/// `POST /v1/credentials/{id}/revoke`: the provider cuts a node or
+/// gateway off; its credential authenticates nothing from now on.
+pub async fn revoke_credential(
+    State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    Extension(rid): Extension<RequestId>,
+    Path(ident): Path<String>,
+    Params(params): Params<ObjectParams>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    require::<Credential>(&caller, Access::Write)?;
+    let object = resolve::<Credential>(&state, &caller, &ident, params.tenant.as_deref()).await?;
+    let mut record: CredentialRecord =
+        serde_json::from_value(object.body.clone()).map_err(internal)?;
+    record.status.revoked_at.get_or_insert_with(now_rfc3339);
+    let updated = write(
+        &state,
+        Write::Update {
+            kind: Credential::KIND.into(),
+            id: object.id,
+            body: serde_json::to_value(&record).map_err(internal)?,
+            if_revision: None,
+        },
+        None,
+        audit(&caller, &rid, "credential.revoke".into()),
+    )
+    .await?;
+    Ok(Json(view(&updated)))
+}
