@@ -174,10 +174,10 @@ impl EgressPolicy {
             return Ok(());
         }
         if let Some((net, what)) = INTERNAL.iter().find(|(net, _)| net.contains(judged)) {
-            return Err(format!("{ip} is in {what} ({net})"));
+            return Err(format!("{ip}, in {what} ({net})"));
         }
         if is_own_address(judged) {
-            return Err(format!("{ip} is an address of the gateway's own host"));
+            return Err(format!("{ip}, an address of the gateway's own host"));
         }
         Ok(())
     }

@@ -144,11 +144,7 @@ impl Cloud {
             .args(["--log", "warn"])
             .args(["--tenant-network", &format!("10.{}.0.0/16", self.octet)])
             .args(["--server", &self.server_url])
-            // Used on the first start; a restart finds its credential.
-            .args([
-                "--join-token",
-                &common::join_token(&self.server_url, &self.token, "node", "n1"),
-            ])
+            .args(self.join_token_if_new())
             .arg("--data-dir")
             .arg(self.agent_dir())
             .envs(env.iter().map(|(k, v)| (k, v)))
@@ -181,6 +177,16 @@ impl Cloud {
 
     fn agent_dir(&self) -> PathBuf {
         self.dir.path().join("agent")
+    }
+
+    /// `--join-token` for the agent's first start; a restart finds its
+    /// credential in its data directory.
+    fn join_token_if_new(&self) -> Vec<String> {
+        if self.agent_dir().join("node.credential").exists() {
+            return Vec::new();
+        }
+        let token = common::join_token(&self.server_url, &self.token, "node", "n1");
+        vec!["--join-token".into(), token]
     }
 
     fn call(&self, token: &str, method: Method, path: &str, body: Value) -> Answer {

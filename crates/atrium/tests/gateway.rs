@@ -63,6 +63,10 @@ fn start() -> (Up, tempfile::TempDir) {
             "sim-node",
             "--simulate-gpus",
             "8xH100-80GB",
+            // The external endpoint below is a replica in up's tenant
+            // network: the provider opens that range to tenants' upstreams.
+            "--external-allow",
+            "10.201.0.0/16",
         ])
         .args([
             "--listen",

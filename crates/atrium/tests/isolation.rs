@@ -196,17 +196,23 @@ impl Node {
             .args(["agent", "--simulate-gpus", "2xH100-80GB", "--log", "warn"])
             .args(["--tenant-network", &format!("10.{}.0.0/16", self.octet)])
             .args(["--server", &self.server_url()])
-            // Used on first start; a restart finds its credential.
-            .args([
-                "--join-token",
-                &common::join_token(&self.server_url(), &self.token, "node", "n1"),
-            ])
+            .args(self.join_token_if_new())
             .arg("--data-dir")
             .arg(self.agent_dir())
             .stdout(Stdio::null())
             .spawn()
             .unwrap();
         self.agent = Some(child);
+    }
+
+    /// `--join-token` for the agent's first start; a restart (maybe while
+    /// the control plane is down) finds its credential in its data dir.
+    fn join_token_if_new(&self) -> Vec<String> {
+        if self.agent_dir().join("node.credential").exists() {
+            return Vec::new();
+        }
+        let token = common::join_token(&self.server_url(), &self.token, "node", "n1");
+        vec!["--join-token".into(), token]
     }
 
     fn admin(&self, method: reqwest::Method, path: &str, body: Value) -> Value {
@@ -622,14 +628,16 @@ fn tenants_are_walled_off_and_hogs_meet_their_own_limits() {
         );
     }
     let sandboxes = node.agent_dir().join("sandboxes");
-    let denied = as_neighbour_of(a_pid, &format!("ls {}", sandboxes.join("beta").display()));
+    // Tenants' directories sit under `tenants/`, apart from the agent's own.
+    let tenants = sandboxes.join("tenants");
+    let denied = as_neighbour_of(a_pid, &format!("ls {}", tenants.join("beta").display()));
     assert!(
         denied
             .as_ref()
             .is_err_and(|e| e.contains("Permission denied")),
         "alpha listed beta's directory: {denied:?}"
     );
-    as_neighbour_of(a_pid, &format!("ls {}", sandboxes.join("alpha").display()))
+    as_neighbour_of(a_pid, &format!("ls {}", tenants.join("alpha").display()))
         .expect("a tenant reads its own directory");
 
     // GPUs: alpha sees exactly its GPU by UUID, beta none.
@@ -853,10 +861,10 @@ fn tenants_are_walled_off_and_hogs_meet_their_own_limits() {
             && node.netns_left() == ["atrium211-beta".to_string()]
     });
     assert!(
-        !sandboxes.join("alpha").exists(),
+        !tenants.join("alpha").exists(),
         "alpha's data was not scrubbed"
     );
-    assert!(sandboxes.join("beta").exists());
+    assert!(tenants.join("beta").exists());
     assert!(
         a_cgroups.iter().all(|(_, dir)| !dir.exists()),
         "{a_cgroups:?}"

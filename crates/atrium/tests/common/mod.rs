@@ -81,7 +81,14 @@ pub fn spawn_gateway_with(
     env: &[(&str, String)],
 ) -> (std::process::Child, String) {
     let port = free_port();
-    let join = join_token(server, token, "gateway", &format!("gw-{port}"));
+    // A restart (maybe while the control plane is down) finds its
+    // credential in its data directory.
+    let join = if data_dir.join("gateway/gateway.credential").exists() {
+        Vec::new()
+    } else {
+        let t = join_token(server, token, "gateway", &format!("gw-{port}"));
+        vec!["--join-token".to_string(), t]
+    };
     let child = std::process::Command::new(BIN)
         .args([
             "gateway",
@@ -90,7 +97,8 @@ pub fn spawn_gateway_with(
             "--log",
             "warn",
         ])
-        .args(["--server", server, "--join-token", &join])
+        .args(["--server", server])
+        .args(join)
         .env("ATRIUM_GATEWAY_SECRET", secret)
         .envs(env.iter().map(|(k, v)| (k, v)))
         .arg("--data-dir")
