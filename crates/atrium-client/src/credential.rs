@@ -86,23 +86,10 @@ impl CredentialFile {
 }
 
 async fn post_as(server: &str, token: &str, path: &str) -> Result<IssuedCredential, ClientError> {
-    let url = format!("{}{path}", server.trim_end_matches('/'));
-    let resp = reqwest::Client::new()
-        .post(url)
-        .bearer_auth(token)
-        .timeout(std::time::Duration::from_secs(30))
-        .send()
-        .await
-        .map_err(|e| ClientError::Unreachable(e.to_string()))?;
-    let status = resp.status().as_u16();
-    let text = resp
-        .text()
-        .await
-        .map_err(|e| ClientError::Unreachable(e.to_string()))?;
-    if !(200..300).contains(&status) {
-        return Err(ClientError::Status { status, body: text });
-    }
-    serde_json::from_str(&text).map_err(|e| ClientError::Decode(e.to_string()))
+    let issued = crate::ControlPlane::new(server, token)
+        .call(reqwest::Method::POST, path, None)
+        .await?;
+    serde_json::from_value(issued).map_err(|e| ClientError::Decode(e.to_string()))
 }
 
 #[cfg(test)]

@@ -242,17 +242,7 @@ impl Kind for Node {
         spec: &NodeSpec,
         _replacing: Option<&str>,
     ) -> Result<Option<Precondition<ApiError>>, ApiError> {
-        if state
-            .store
-            .get_by_name(SITE_KIND, None, &spec.site)
-            .await?
-            .is_none()
-        {
-            return Err(ApiError::field(
-                "spec.site",
-                format!("no site named {:?}", spec.site),
-            ));
-        }
+        site_exists(state, "spec.site", &spec.site).await?;
         Ok(None)
     }
 }
@@ -648,6 +638,14 @@ impl Kind for Credential {
 
     fn validate(spec: &CredentialSpec) -> Result<(), FieldErrors> {
         spec.validate()
+    }
+}
+
+/// Refuses `field` naming a site that does not exist.
+pub async fn site_exists(state: &AppState, field: &str, site: &str) -> Result<(), ApiError> {
+    match state.store.get_by_name(SITE_KIND, None, site).await? {
+        Some(_) => Ok(()),
+        None => Err(ApiError::field(field, format!("no site named {site:?}"))),
     }
 }
 

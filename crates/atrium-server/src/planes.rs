@@ -21,7 +21,7 @@ use crate::crud::{audit, new_id, require, resolve, view, write, ObjectParams};
 use crate::error::ApiError;
 use crate::extract::{JsonBody, Params};
 use crate::kinds::{
-    Access, Credential, CredentialRecord, JoinToken, JoinTokenRecord, Kind, SITE_KIND,
+    site_exists, Access, Credential, CredentialRecord, JoinToken, JoinTokenRecord, Kind,
 };
 use crate::{AppState, RequestId};
 
@@ -56,17 +56,7 @@ pub async fn create_join_token(
         expires_at,
     };
     JoinToken::validate(&spec).map_err(ApiError::InvalidFields)?;
-    if state
-        .store
-        .get_by_name(SITE_KIND, None, &spec.site)
-        .await?
-        .is_none()
-    {
-        return Err(ApiError::field(
-            "site",
-            format!("no site named {:?}", spec.site),
-        ));
-    }
+    site_exists(&state, "site", &spec.site).await?;
     let id = new_id(JoinToken::ID_PREFIX);
     let secret = format!("{JOIN_TOKEN_PREFIX}{id}_{}", random_token(40));
     let record = JoinTokenRecord {

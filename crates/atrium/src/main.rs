@@ -841,16 +841,10 @@ async fn run(cli: Cli) -> Result<()> {
 /// every problem reported at once.
 fn client_settings(global: &Global, file: &config::FileConfig) -> Result<(String, String, Output)> {
     let mut errors = Vec::new();
-    let server = global
-        .server
-        .clone()
-        .or_else(|| file.client.server.clone())
-        .unwrap_or_else(|| format!("http://{}", config::DEFAULT_LISTEN));
-    if !(server.starts_with("http://") || server.starts_with("https://")) {
-        errors.push(format!(
-            "server: {server:?} must be an http:// or https:// URL"
-        ));
-    }
+    let server = server_setting(global, file).unwrap_or_else(|e| {
+        errors.push(e);
+        String::new()
+    });
     let output = match (global.output, &file.client.output) {
         (Some(o), _) => o,
         (None, None) => Output::Table,
@@ -895,18 +889,25 @@ fn connect(global: &Global, file: &config::FileConfig) -> Result<(Client, Output
     Ok((Client::new(&server, token)?, output))
 }
 
-/// The control plane's URL for a plane process (which never reads the
-/// admin token file).
-fn server_url(global: &Global, file: &config::FileConfig) -> Result<String> {
+/// The control plane's URL, from flags, env and file.
+fn server_setting(global: &Global, file: &config::FileConfig) -> Result<String, String> {
     let server = global
         .server
         .clone()
         .or_else(|| file.client.server.clone())
         .unwrap_or_else(|| format!("http://{}", config::DEFAULT_LISTEN));
     if !(server.starts_with("http://") || server.starts_with("https://")) {
-        bail!("server: {server:?} must be an http:// or https:// URL");
+        return Err(format!(
+            "server: {server:?} must be an http:// or https:// URL"
+        ));
     }
     Ok(server)
+}
+
+/// The control plane's URL for a plane process (which never reads the
+/// admin token file).
+fn server_url(global: &Global, file: &config::FileConfig) -> Result<String> {
+    server_setting(global, file).map_err(|e| anyhow!(e))
 }
 
 /// Joining, issuing join tokens and rotating, for nodes and gateways.

@@ -12,7 +12,7 @@
     clippy::print_stdout
 )]
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
@@ -425,28 +425,7 @@ impl Upstream {
                 std::thread::spawn(move || {
                     let mut reader = BufReader::new(conn.try_clone().unwrap());
                     let mut out = conn;
-                    loop {
-                        let mut length = 0usize;
-                        let mut line = String::new();
-                        loop {
-                            line.clear();
-                            if reader.read_line(&mut line).unwrap_or(0) == 0 {
-                                return;
-                            }
-                            let l = line.trim_end();
-                            if l.is_empty() {
-                                break;
-                            }
-                            if let Some((k, v)) = l.split_once(':') {
-                                if k.eq_ignore_ascii_case("content-length") {
-                                    length = v.trim().parse().unwrap_or(0);
-                                }
-                            }
-                        }
-                        let mut body = vec![0u8; length];
-                        if reader.read_exact(&mut body).is_err() {
-                            return;
-                        }
+                    while let Some(body) = common::read_request(&mut reader) {
                         let body = serde_json::from_slice(&body).unwrap_or(Value::Null);
                         if out.write_all(&answer(&body)).is_err() {
                             return;

@@ -11,7 +11,7 @@
 )]
 
 use std::collections::{HashMap, HashSet};
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufReader, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -64,27 +64,9 @@ fn serve_connection(conn: TcpStream, seen: &Mutex<Vec<Value>>, delay_ms: &Atomic
     let mut reader = BufReader::new(conn.try_clone().unwrap());
     let mut out = conn;
     loop {
-        let mut length = 0usize;
-        let mut line = String::new();
-        loop {
-            line.clear();
-            if reader.read_line(&mut line).unwrap_or(0) == 0 {
-                return;
-            }
-            let l = line.trim_end();
-            if l.is_empty() {
-                break;
-            }
-            if let Some((k, v)) = l.split_once(':') {
-                if k.eq_ignore_ascii_case("content-length") {
-                    length = v.trim().parse().unwrap_or(0);
-                }
-            }
-        }
-        let mut body = vec![0u8; length];
-        if reader.read_exact(&mut body).is_err() {
+        let Some(body) = common::read_request(&mut reader) else {
             return;
-        }
+        };
         let body: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
         seen.lock().unwrap().push(body.clone());
         std::thread::sleep(Duration::from_millis(delay_ms.load(Ordering::SeqCst)));

@@ -117,3 +117,28 @@ pub fn metrics_token(data_dir: &std::path::Path) -> String {
         .trim()
         .to_string()
 }
+
+/// Reads one HTTP/1.1 request (head, then a `Content-Length` body) from a
+/// test upstream's connection: the body, or `None` once the client is gone.
+pub fn read_request(reader: &mut impl std::io::BufRead) -> Option<Vec<u8>> {
+    let mut length = 0usize;
+    let mut line = String::new();
+    loop {
+        line.clear();
+        if reader.read_line(&mut line).unwrap_or(0) == 0 {
+            return None;
+        }
+        let l = line.trim_end();
+        if l.is_empty() {
+            break;
+        }
+        if let Some((k, v)) = l.split_once(':') {
+            if k.eq_ignore_ascii_case("content-length") {
+                length = v.trim().parse().unwrap_or(0);
+            }
+        }
+    }
+    let mut body = vec![0u8; length];
+    reader.read_exact(&mut body).ok()?;
+    Some(body)
+}
