@@ -66,6 +66,8 @@ impl CredentialFile {
             .truncate(true)
             .mode(0o600)
             .open(&tmp)?;
+        // A leftover file keeps its mode through `open`: set it.
+        f.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
         f.write_all(&serde_json::to_vec_pretty(self).map_err(io::Error::other)?)?;
         f.sync_all()?;
         std::fs::rename(&tmp, path)
