@@ -299,6 +299,7 @@ pub async fn run(args: UpArgs, data_dir: Option<PathBuf>, file: &config::FileCon
             args.gateway_listen
         )
     })?;
+    let metrics_token_given = args.gateway.metrics_token.is_some();
     let stack = Stack::start(
         server_config,
         StackOptions {
@@ -319,8 +320,13 @@ pub async fn run(args: UpArgs, data_dir: Option<PathBuf>, file: &config::FileCon
     );
     let server = &stack.server;
 
+    let metrics_token = match metrics_token_given {
+        true => "as given by --metrics-token".to_string(),
+        false => format!("in {}", data_dir.join("gateway/metrics.token").display()),
+    };
     let mut banner = format!(
-        "Atrium is up.\n  control plane: {server_url}\n  gateway (OpenAI API): {gateway_url}/v1\n"
+        "Atrium is up.\n  control plane: {server_url}\n  gateway (OpenAI API): {gateway_url}/v1\n  \
+         gateway /metrics token: {metrics_token}\n"
     );
     match &server.new_admin_token {
         Some(t) => banner.push_str(&format!(
