@@ -406,6 +406,64 @@ fn model_sources_never_reach_host_files() {
     );
 }
 
+/// Hole 1, the mount itself: `sandbox-exec` binds a model read-only in the
+/// workload's own mount namespace. The workload reads it, cannot write
+/// it, and the host never sees the mount.
+#[test]
+fn model_views_are_read_only_and_private_to_the_workload() {
+    require_root();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), PermissionsExt::from_mode(0o755)).unwrap();
+    let source = dir.path().join("model");
+    std::fs::create_dir(&source).unwrap();
+    std::fs::write(source.join("weights"), "weights").unwrap();
+    let point = dir.path().join("view");
+    std::fs::create_dir(&point).unwrap();
+    let script = format!(
+        "cat {p}/weights; echo; echo x > {p}/weights && echo WROTE; touch {p}/new && echo MADE; true",
+        p = point.display()
+    );
+    let out = Command::new(BIN)
+        .arg("sandbox-exec")
+        .arg("--ro-bind")
+        .arg(&source)
+        .arg(&point)
+        .args(["--uid", "0", "--gid", "0", "--", "/bin/sh", "-c", &script])
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&out.stdout);
+    let errors = String::from_utf8_lossy(&out.stderr);
+    assert!(said.starts_with("weights"), "{said} {errors}");
+    assert!(
+        !said.contains("WROTE") && !said.contains("MADE"),
+        "even root wrote through the view: {said}"
+    );
+    assert!(errors.contains("Read-only"), "{errors}");
+    assert_eq!(
+        std::fs::read_dir(&point).unwrap().count(),
+        0,
+        "the host saw the mount"
+    );
+    assert_eq!(
+        std::fs::read_to_string(source.join("weights")).unwrap(),
+        "weights"
+    );
+    // A mount point swapped for a link since the agent made it is refused.
+    let swapped = dir.path().join("swapped");
+    std::os::unix::fs::symlink("/etc", &swapped).unwrap();
+    let out = Command::new(BIN)
+        .arg("sandbox-exec")
+        .arg("--ro-bind")
+        .arg(&source)
+        .arg(&swapped)
+        .args(["--", "/bin/true"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let errors = String::from_utf8_lossy(&out.stderr);
+    assert!(errors.contains("model view"), "{errors}");
+}
+
 /// A fake upstream on a loopback address of its own (127.0.0.2: the
 /// gateway's allow-list names it alone), answering each request through
 /// `answer` (which sees the request body) on keep-alive connections.
