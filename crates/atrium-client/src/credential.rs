@@ -56,21 +56,10 @@ impl CredentialFile {
 
     /// Writes the file (0600) beside its final name, then renames it in.
     pub fn save(&self, path: &Path) -> io::Result<()> {
-        if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir)?;
-        }
-        let tmp = path.with_extension("new");
-        let mut f = std::fs::OpenOptions::new()
-            .create(true)
-            .write(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&tmp)?;
-        // A leftover file keeps its mode through `open`: set it.
-        f.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
-        f.write_all(&serde_json::to_vec_pretty(self).map_err(io::Error::other)?)?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, path)
+        write_private(
+            path,
+            &serde_json::to_vec_pretty(self).map_err(io::Error::other)?,
+        )
     }
 
     /// Exchanges a one-time join token for a credential.
@@ -85,6 +74,26 @@ impl CredentialFile {
         let issued = post_as(&self.server, &self.token, &path).await?;
         Ok(CredentialFile::from_issued(&self.server, issued))
     }
+}
+
+/// Writes `bytes` to `path`, readable by its owner only (0600, whatever a
+/// leftover file had), through a file beside it renamed into place once it
+/// is on disk: a reader never sees half of it.
+pub fn write_private(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let tmp = path.with_extension("new");
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .write(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)?;
+    f.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
+    f.write_all(bytes)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)
 }
 
 async fn post_as(server: &str, token: &str, path: &str) -> Result<IssuedCredential, ClientError> {

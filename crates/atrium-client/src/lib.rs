@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
-pub use credential::CredentialFile;
+pub use credential::{write_private, CredentialFile};
 
 use atrium_api::{WatchEvent, WatchEventType};
 use futures::StreamExt;

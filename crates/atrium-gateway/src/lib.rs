@@ -200,20 +200,8 @@ fn load_or_create(
     match std::fs::read_to_string(path) {
         Ok(s) if !s.trim().is_empty() => Ok(s.trim().to_string()),
         _ => {
-            use std::io::Write as _;
-            use std::os::unix::fs::OpenOptionsExt;
-            if let Some(dir) = path.parent() {
-                std::fs::create_dir_all(dir).map_err(err)?;
-            }
             let value = make();
-            let mut f = std::fs::OpenOptions::new()
-                .create(true)
-                .write(true)
-                .truncate(true)
-                .mode(0o600)
-                .open(path)
-                .map_err(err)?;
-            f.write_all(value.as_bytes()).map_err(err)?;
+            atrium_client::write_private(path, value.as_bytes()).map_err(err)?;
             Ok(value)
         }
     }
