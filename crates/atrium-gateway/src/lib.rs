@@ -222,21 +222,9 @@ async fn save_routes(routes: Arc<RwLock<Routes>>, path: PathBuf) {
         };
         let Ok(bytes) = snapshot else { continue };
         let target = path.clone();
-        let written = tokio::task::spawn_blocking(move || -> std::io::Result<()> {
-            let path = target;
-            use std::io::Write as _;
-            use std::os::unix::fs::OpenOptionsExt;
-            let tmp = path.with_extension("tmp");
-            let mut f = std::fs::OpenOptions::new()
-                .create(true)
-                .write(true)
-                .truncate(true)
-                .mode(0o600)
-                .open(&tmp)?;
-            f.write_all(&bytes)?;
-            std::fs::rename(&tmp, &path)
-        })
-        .await;
+        let written =
+            tokio::task::spawn_blocking(move || atrium_client::write_private(&target, &bytes))
+                .await;
         if !matches!(written, Ok(Ok(()))) {
             tracing::error!(path = %path.display(), "gateway: cannot save the route table");
             saved_version = 0;
@@ -481,16 +469,14 @@ fn metrics(g: &Gateway, authorization: Option<&str>) -> Response {
     use sha2::Digest as _;
     use std::fmt::Write as _;
     use subtle::ConstantTimeEq as _;
-    let presented = authorization
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(|t| sha2::Sha256::digest(t.trim().as_bytes()));
+    let presented = bearer(authorization).map(|t| sha2::Sha256::digest(t.as_bytes()));
     if !presented.is_some_and(|d| bool::from(d.as_slice().ct_eq(&g.metrics_digest))) {
         let mut r = Response::openai_error(
             401,
             "invalid_request_error",
             Some("invalid_api_key"),
             "/metrics needs the provider's metrics token: `Authorization: Bearer <token>` \
-             (in <data-dir>/metrics.token unless --metrics-token set it)",
+             (in <data-dir>/gateway/metrics.token unless --metrics-token set it)",
         );
         r.header("www-authenticate", "Bearer");
         return r;
@@ -578,18 +564,22 @@ fn readyz(g: &Gateway) -> Response {
     }
 }
 
-fn authenticate(g: &Gateway, authorization: Option<&str>) -> Result<Caller, Refusal> {
-    let token = authorization
+/// The token of an `Authorization: Bearer <token>` header.
+fn bearer(authorization: Option<&str>) -> Option<&str> {
+    authorization
         .and_then(|v| v.strip_prefix("Bearer "))
         .map(str::trim)
-        .ok_or_else(|| {
-            refusal(
-                401,
-                "invalid_request_error",
-                Some("invalid_api_key"),
-                "Missing API key: send `Authorization: Bearer <key>`.",
-            )
-        })?;
+}
+
+fn authenticate(g: &Gateway, authorization: Option<&str>) -> Result<Caller, Refusal> {
+    let token = bearer(authorization).ok_or_else(|| {
+        refusal(
+            401,
+            "invalid_request_error",
+            Some("invalid_api_key"),
+            "Missing API key: send `Authorization: Bearer <key>`.",
+        )
+    })?;
     let routes = g
         .routes
         .read()
