@@ -3,8 +3,15 @@
 //!
 //! Every resource travels in one envelope, [`ResourceView`]: identity and
 //! revision fields owned by the control plane, the `spec` the client wrote,
-//! and the `status` controllers observed.
+//! and the `status` controllers observed. [`Resource`] names each kind and
+//! its spec and status types; [`Object<R>`] is its envelope.
 
+mod resource;
+
+pub use resource::{
+    Credential, Deployment, JoinToken, Key, Model, NoStatus, Node, Object, Ownership, Placement,
+    Resource, Site, Tenant,
+};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 

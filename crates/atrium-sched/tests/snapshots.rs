@@ -106,27 +106,8 @@ fn gang_lines(out: &mut String, gang: &str, result: Result<Vec<Binding>, Refusal
 }
 
 fn assert_snapshot(name: &str, got: &str) {
-    let path = format!("{}/tests/snapshots/{name}.txt", env!("CARGO_MANIFEST_DIR"));
-    if std::env::var_os("UPDATE_SNAPSHOTS").is_some() {
-        std::fs::write(&path, got).unwrap();
-        return;
-    }
-    let want = std::fs::read_to_string(&path)
-        .unwrap_or_else(|_| panic!("{path} is missing: run with UPDATE_SNAPSHOTS=1 and review it"));
-    if want != got {
-        let diff: Vec<String> = want
-            .lines()
-            .zip(got.lines())
-            .filter(|(a, b)| a != b)
-            .map(|(a, b)| format!("- {a}\n+ {b}"))
-            .collect();
-        panic!(
-            "{name} decisions changed ({} vs {} lines):\n{}\n--- now:\n{got}",
-            want.lines().count(),
-            got.lines().count(),
-            diff.join("\n")
-        );
-    }
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/snapshots");
+    atrium_test_support::assert_snapshot(&dir, name, got);
 }
 
 fn shared(names: &[&str]) -> BTreeMap<String, TenantPolicy> {

@@ -179,7 +179,7 @@ pub async fn authenticate(store: &Store, headers: &HeaderMap) -> Result<Caller, 
     }
     let (id, _secret) = split_key_token(token).ok_or_else(invalid)?;
     let key = store
-        .get(crate::kinds::KEY_KIND, id)
+        .get(<crate::kinds::Key as crate::kinds::Resource>::KIND, id)
         .await?
         .ok_or_else(invalid)?;
     let stored = key
@@ -216,7 +216,10 @@ async fn authenticate_plane(store: &Store, plane: Plane, token: &str) -> Result<
     let invalid = || ApiError::Unauthenticated("invalid or revoked credential".into());
     let (id, _secret) = split_token(plane.token_prefix(), token).ok_or_else(invalid)?;
     let object = store
-        .get(crate::kinds::CREDENTIAL_KIND, id)
+        .get(
+            <crate::kinds::Credential as crate::kinds::Resource>::KIND,
+            id,
+        )
         .await?
         .ok_or_else(invalid)?;
     let record: crate::kinds::CredentialRecord = serde_json::from_value(object.body)

@@ -10,9 +10,7 @@
 use std::convert::Infallible;
 use std::time::Duration;
 
-use atrium_api::{
-    CreateRequest, ListResponse, ResourceView, UpdateRequest, WatchEvent, WatchEventType,
-};
+use atrium_api::{CreateRequest, ListResponse, UpdateRequest, WatchEvent, WatchEventType};
 use atrium_core::name::validate_name;
 use atrium_core::FieldErrors;
 use atrium_store::{AuditContext, ChangeOp, Object, Precondition, TenantFilter, Write, WriteError};
@@ -23,12 +21,14 @@ use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
 use bytes::Bytes;
 use serde::Deserialize;
-use serde_json::{json, Value};
+use serde_json::Value;
 
 use crate::auth::{Caller, Role};
 use crate::error::ApiError;
 use crate::extract::{JsonBody, Params};
-use crate::kinds::{permits, Access, Kind, Ownership, TENANT_KIND};
+use crate::kinds::{permits, Access, Kind, Ownership, Resource, Tenant};
+use crate::stored;
+pub use crate::stored::view;
 use crate::{AppState, RequestId};
 
 pub const DEFAULT_PAGE: u32 = 100;
@@ -129,22 +129,6 @@ fn looks_like_id<K: Kind>(ident: &str) -> bool {
     ident.len() == K::ID_PREFIX.len() + 16 && ident.starts_with(K::ID_PREFIX)
 }
 
-/// The API view of a stored object. Fields of the stored body other than
-/// `spec` and `status` (a key's digest) never leave the server.
-pub fn view(object: &Object) -> Value {
-    let v: ResourceView<Value, Value> = ResourceView {
-        id: object.id.clone(),
-        name: object.name.clone(),
-        tenant: object.tenant.clone(),
-        revision: object.revision,
-        created_at: object.created_at.clone(),
-        updated_at: object.updated_at.clone(),
-        spec: object.body.get("spec").cloned().unwrap_or(Value::Null),
-        status: object.body.get("status").cloned(),
-    };
-    serde_json::to_value(v).unwrap_or(Value::Null)
-}
-
 pub fn audit(caller: &Caller, request_id: &RequestId, action: String) -> AuditContext {
     AuditContext {
         actor: caller.actor.clone(),
@@ -185,7 +169,7 @@ pub async fn owner_for_create<K: Kind>(
             (Some(own), None) => Ok(Some(own.clone())),
             (Some(own), Some(t)) if *own == t => Ok(Some(t)),
             // Another tenant's name: answer as if it did not exist.
-            (Some(_), Some(t)) => Err(ApiError::not_found(TENANT_KIND, &t)),
+            (Some(_), Some(t)) => Err(ApiError::not_found(Tenant::KIND, &t)),
             (None, None) if K::OWNERSHIP == Ownership::Catalog => Ok(None),
             (None, None) => Err(ApiError::field(
                 "tenant",
@@ -194,7 +178,7 @@ pub async fn owner_for_create<K: Kind>(
             (None, Some(t)) => {
                 if state
                     .store
-                    .get_by_name(TENANT_KIND, None, &t)
+                    .get_by_name(Tenant::KIND, None, &t)
                     .await?
                     .is_none()
                 {
@@ -211,7 +195,7 @@ fn scope_tenant(caller: &Caller, requested: Option<&str>) -> Result<Option<Strin
     match (&caller.tenant, requested) {
         (Some(own), None) => Ok(Some(own.clone())),
         (Some(own), Some(t)) if own == t => Ok(Some(own.clone())),
-        (Some(_), Some(t)) => Err(ApiError::not_found(TENANT_KIND, t)),
+        (Some(_), Some(t)) => Err(ApiError::not_found(Tenant::KIND, t)),
         (None, t) => Ok(t.map(str::to_string)),
     }
 }
@@ -288,10 +272,7 @@ pub async fn create<K: Kind>(
     crate::kinds::plane_may_write::<K>(&caller, &req.name, &req.spec)?;
     let tenant = owner_for_create::<K>(&state, &caller, req.tenant.clone()).await?;
     let precondition = K::admit(&state, tenant.as_deref(), &req.spec, None).await?;
-    let mut body = json!({ "spec": req.spec });
-    if let Some(status) = K::initial_status(&req.spec) {
-        body["status"] = status;
-    }
+    let body = stored::body::<K>(&req.spec, K::initial_status(&req.spec).as_ref())?;
     let created = write(
         &state,
         Write::Create {
@@ -340,9 +321,7 @@ pub async fn update<K: Kind>(
         Some(&object.id),
     )
     .await?;
-    let mut body = object.body.clone();
-    body["spec"] =
-        serde_json::to_value(&req.spec).map_err(|e| ApiError::Internal(e.to_string()))?;
+    let body = stored::with_spec::<K>(&object.body, &req.spec)?;
     let updated = write(
         &state,
         Write::Update {
@@ -490,9 +469,9 @@ pub struct WatchSlot {
 
 impl OpenWatches {
     async fn open(state: &AppState, tenant: &str) -> Result<WatchSlot, ApiError> {
-        let quota = match state.store.get_by_name(TENANT_KIND, None, tenant).await? {
-            Some(t) => crate::kinds::parse_spec::<atrium_core::tenant::TenantSpec>(&t)?.quota,
-            None => return Err(ApiError::not_found(TENANT_KIND, tenant)),
+        let quota = match state.store.get_by_name(Tenant::KIND, None, tenant).await? {
+            Some(t) => stored::spec::<Tenant>(&t)?.quota,
+            None => return Err(ApiError::not_found(Tenant::KIND, tenant)),
         };
         let mut open = state
             .watches

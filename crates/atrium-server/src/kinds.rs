@@ -12,43 +12,24 @@ use atrium_core::key::KeySpec;
 use atrium_core::lifecycle::{LifecycleState, Status};
 use atrium_core::model::ModelSpec;
 use atrium_core::node::NodeSpec;
-use atrium_core::placement::PlacementSpec;
 use atrium_core::plane::{CredentialSpec, JoinTokenSpec, Plane};
 use atrium_core::quota::{Counted, ResourceUsage};
 use atrium_core::site::SiteSpec;
 use atrium_core::tenant::TenantSpec;
 use atrium_core::FieldErrors;
 use atrium_store::{Object, Precondition, Selection, TenantFilter};
-use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
-use serde_json::{json, Value};
+use serde_json::json;
+
+pub use atrium_api::{
+    Credential, Deployment, JoinToken, Key, Model, Node, Ownership, Placement, Resource, Site,
+    Tenant,
+};
 
 use crate::auth::{Caller, Role};
 use crate::error::ApiError;
+use crate::stored;
 use crate::AppState;
-
-pub const SITE_KIND: &str = "site";
-pub const NODE_KIND: &str = "node";
-pub const TENANT_KIND: &str = "tenant";
-pub const MODEL_KIND: &str = "model";
-pub const DEPLOYMENT_KIND: &str = "deployment";
-pub const KEY_KIND: &str = "key";
-pub const PLACEMENT_KIND: &str = "placement";
-pub const JOIN_TOKEN_KIND: &str = "join_token";
-pub const CREDENTIAL_KIND: &str = "credential";
-
-/// Who owns objects of a kind, which decides who can see which objects.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Ownership {
-    /// Provider infrastructure (sites, nodes): no tenant.
-    Provider,
-    /// The tenants themselves: a tenant caller sees only its own.
-    TenantSelf,
-    /// Owned by exactly one tenant (deployments, keys).
-    Tenant,
-    /// Public (no tenant) or private to one tenant (models).
-    Catalog,
-}
 
 /// Read or write.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -57,24 +38,17 @@ pub enum Access {
     Write,
 }
 
-pub trait Kind: Send + Sync + 'static {
-    /// Singular name, used in the store and in messages.
-    const KIND: &'static str;
-    /// Path segment under `/v1`.
-    const PLURAL: &'static str;
-    /// Prefix of generated ids.
-    const ID_PREFIX: &'static str;
-    const OWNERSHIP: Ownership;
+/// What the control plane does particular to a [`Resource`] kind.
+pub trait Kind: Resource<Spec: utoipa::ToSchema> {
     /// Tenant admins may create, change and delete (their own) objects.
     const TENANT_WRITABLE: bool;
     /// Tenant admins and viewers may read (their own, or public) objects.
     const TENANT_READABLE: bool;
-    type Spec: Serialize + DeserializeOwned + utoipa::ToSchema + Clone + Send + Sync + 'static;
 
     fn validate(spec: &Self::Spec) -> Result<(), FieldErrors>;
 
     /// The status a new object starts with.
-    fn initial_status(_spec: &Self::Spec) -> Option<Value> {
+    fn initial_status(_spec: &Self::Spec) -> Option<Self::Status> {
         None
     }
 
@@ -87,6 +61,11 @@ pub trait Kind: Send + Sync + 'static {
         _replacing: Option<&str>,
     ) -> impl Future<Output = Result<Option<Precondition<ApiError>>, ApiError>> + Send {
         async { Ok(None) }
+    }
+
+    /// The site a node's spec places it in (for plane callers' writes).
+    fn node_site(_spec: &Self::Spec) -> Option<&str> {
+        None
     }
 
     /// Refuses a change (`new`: the replacing spec; `None`: a delete) that
@@ -122,7 +101,7 @@ pub fn permits<K: Kind>(role: Role, access: Access) -> bool {
         // Its own node (registration), and the placements on it.
         Role::Node => matches!(
             (K::KIND, access),
-            (NODE_KIND, _) | (PLACEMENT_KIND, Access::Read)
+            (Node::KIND, _) | (Placement::KIND, Access::Read)
         ),
         // What routing needs: keys, deployments, tenants' limits and the
         // placements of its site.
@@ -130,7 +109,7 @@ pub fn permits<K: Kind>(role: Role, access: Access) -> bool {
             access == Access::Read
                 && matches!(
                     K::KIND,
-                    KEY_KIND | DEPLOYMENT_KIND | TENANT_KIND | PLACEMENT_KIND
+                    Key::KIND | Deployment::KIND | Tenant::KIND | Placement::KIND
                 )
         }
     }
@@ -140,22 +119,16 @@ pub fn permits<K: Kind>(role: Role, access: Access) -> bool {
 /// agent its own node and that node's placements; a gateway every key,
 /// deployment and tenant, and its site's placements.
 pub fn plane_sees<K: Kind>(plane: &CredentialSpec, object: &Object) -> bool {
-    let spec = |field: &str| {
-        object
-            .body
-            .get("spec")
-            .and_then(|s| s.get(field))
-            .and_then(Value::as_str)
-    };
+    let placement = || stored::spec::<Placement>(object).ok();
     match (plane.plane, K::KIND) {
-        (Plane::Node, NODE_KIND) => object.name == plane.name,
-        (Plane::Node, PLACEMENT_KIND) => spec("node") == Some(plane.name.as_str()),
+        (Plane::Node, Node::KIND) => object.name == plane.name,
+        (Plane::Node, Placement::KIND) => placement().is_some_and(|p| p.node == plane.name),
         // Placements made before they recorded their site are every
         // gateway's.
-        (Plane::Gateway, PLACEMENT_KIND) => {
-            matches!(spec("site"), None | Some("")) || spec("site") == Some(plane.site.as_str())
+        (Plane::Gateway, Placement::KIND) => {
+            placement().is_some_and(|p| p.site.is_empty() || p.site == plane.site)
         }
-        (Plane::Gateway, KEY_KIND | DEPLOYMENT_KIND | TENANT_KIND) => true,
+        (Plane::Gateway, Key::KIND | Deployment::KIND | Tenant::KIND) => true,
         _ => false,
     }
 }
@@ -170,13 +143,10 @@ pub fn plane_may_write<K: Kind>(
     let Some(plane) = &caller.plane else {
         return Ok(());
     };
-    let site = serde_json::to_value(spec)
-        .ok()
-        .and_then(|v| v.get("site").and_then(Value::as_str).map(str::to_string));
     if plane.plane == Plane::Node
-        && K::KIND == NODE_KIND
+        && K::KIND == Node::KIND
         && name == plane.name
-        && site.as_deref() == Some(plane.site.as_str())
+        && K::node_site(spec) == Some(plane.site.as_str())
     {
         return Ok(());
     }
@@ -189,34 +159,19 @@ pub fn plane_may_write<K: Kind>(
     )))
 }
 
-pub struct Site;
-pub struct Node;
-pub struct Tenant;
-pub struct Model;
-pub struct Deployment;
-pub struct Key;
-pub struct Placement;
-pub struct JoinToken;
-pub struct Credential;
-
 impl Kind for Site {
-    const KIND: &'static str = SITE_KIND;
-    const PLURAL: &'static str = "sites";
-    const ID_PREFIX: &'static str = "sit_";
-    const OWNERSHIP: Ownership = Ownership::Provider;
     const TENANT_WRITABLE: bool = false;
     const TENANT_READABLE: bool = true;
-    type Spec = SiteSpec;
 
     fn validate(spec: &SiteSpec) -> Result<(), FieldErrors> {
         spec.validate()
     }
 
     async fn before_delete(state: &AppState, object: &Object) -> Result<(), ApiError> {
-        let nodes = state.store.list_all(NODE_KIND, &TenantFilter::All).await?;
+        let nodes = state.store.list_all(Node::KIND, &TenantFilter::All).await?;
         let users: Vec<&str> = nodes
             .iter()
-            .filter(|n| n.body["spec"]["site"].as_str() == Some(object.name.as_str()))
+            .filter(|n| stored::spec::<Node>(n).is_ok_and(|n| n.site == object.name))
             .map(|n| n.name.as_str())
             .collect();
         blocked_by("site", &object.name, "node", &users)
@@ -224,16 +179,15 @@ impl Kind for Site {
 }
 
 impl Kind for Node {
-    const KIND: &'static str = NODE_KIND;
-    const PLURAL: &'static str = "nodes";
-    const ID_PREFIX: &'static str = "nod_";
-    const OWNERSHIP: Ownership = Ownership::Provider;
     const TENANT_WRITABLE: bool = false;
     const TENANT_READABLE: bool = false;
-    type Spec = NodeSpec;
 
     fn validate(spec: &NodeSpec) -> Result<(), FieldErrors> {
         spec.validate()
+    }
+
+    fn node_site(spec: &NodeSpec) -> Option<&str> {
+        Some(&spec.site)
     }
 
     async fn admit(
@@ -248,13 +202,8 @@ impl Kind for Node {
 }
 
 impl Kind for Tenant {
-    const KIND: &'static str = TENANT_KIND;
-    const PLURAL: &'static str = "tenants";
-    const ID_PREFIX: &'static str = "ten_";
-    const OWNERSHIP: Ownership = Ownership::TenantSelf;
     const TENANT_WRITABLE: bool = false;
     const TENANT_READABLE: bool = true;
-    type Spec = TenantSpec;
 
     fn validate(spec: &TenantSpec) -> Result<(), FieldErrors> {
         spec.validate()
@@ -262,7 +211,7 @@ impl Kind for Tenant {
 
     async fn before_delete(state: &AppState, object: &Object) -> Result<(), ApiError> {
         let own = TenantFilter::Exactly(Some(object.name.clone()));
-        for kind in [DEPLOYMENT_KIND, MODEL_KIND, KEY_KIND] {
+        for kind in [Deployment::KIND, Model::KIND, Key::KIND] {
             let held = state.store.list_all(kind, &own).await?;
             let names: Vec<&str> = held.iter().map(|o| o.name.as_str()).collect();
             blocked_by("tenant", &object.name, kind, &names)?;
@@ -272,13 +221,8 @@ impl Kind for Tenant {
 }
 
 impl Kind for Model {
-    const KIND: &'static str = MODEL_KIND;
-    const PLURAL: &'static str = "models";
-    const ID_PREFIX: &'static str = "mod_";
-    const OWNERSHIP: Ownership = Ownership::Catalog;
     const TENANT_WRITABLE: bool = true;
     const TENANT_READABLE: bool = true;
-    type Spec = ModelSpec;
 
     fn validate(spec: &ModelSpec) -> Result<(), FieldErrors> {
         spec.validate()
@@ -306,7 +250,7 @@ impl Kind for Model {
         }
         Ok(replacing
             .is_none()
-            .then(|| one_more(MODEL_KIND, tenant, Counted::Models)))
+            .then(|| one_more(Model::KIND, tenant, Counted::Models)))
     }
 
     async fn before_delete(state: &AppState, object: &Object) -> Result<(), ApiError> {
@@ -316,10 +260,10 @@ impl Kind for Model {
             Some(t) => TenantFilter::Exactly(Some(t.clone())),
             None => TenantFilter::All,
         };
-        let deployments = state.store.list_all(DEPLOYMENT_KIND, &filter).await?;
+        let deployments = state.store.list_all(Deployment::KIND, &filter).await?;
         let users: Vec<&str> = deployments
             .iter()
-            .filter(|d| d.body["spec"]["model"].as_str() == Some(object.name.as_str()))
+            .filter(|d| stored::spec::<Deployment>(d).is_ok_and(|d| d.model == object.name))
             .map(|d| d.name.as_str())
             .collect();
         blocked_by("model", &object.name, "deployment", &users)
@@ -327,21 +271,18 @@ impl Kind for Model {
 }
 
 impl Kind for Deployment {
-    const KIND: &'static str = DEPLOYMENT_KIND;
-    const PLURAL: &'static str = "deployments";
-    const ID_PREFIX: &'static str = "dep_";
-    const OWNERSHIP: Ownership = Ownership::Tenant;
     const TENANT_WRITABLE: bool = true;
     const TENANT_READABLE: bool = true;
-    type Spec = DeploymentSpec;
 
     fn validate(spec: &DeploymentSpec) -> Result<(), FieldErrors> {
         spec.validate()
     }
 
-    fn initial_status(_spec: &DeploymentSpec) -> Option<Value> {
-        let status = Status::new(LifecycleState::Pending, "waiting for placement");
-        serde_json::to_value(status).ok()
+    fn initial_status(_spec: &DeploymentSpec) -> Option<Status> {
+        Some(Status::new(
+            LifecycleState::Pending,
+            "waiting for placement",
+        ))
     }
 
     async fn admit(
@@ -355,18 +296,18 @@ impl Kind for Deployment {
             .to_string();
         let tenant_obj = state
             .store
-            .get_by_name(TENANT_KIND, None, &tenant)
+            .get_by_name(Tenant::KIND, None, &tenant)
             .await?
-            .ok_or_else(|| ApiError::not_found(TENANT_KIND, &tenant))?;
-        let tenant_spec: TenantSpec = parse_spec(&tenant_obj)?;
+            .ok_or_else(|| ApiError::not_found(Tenant::KIND, &tenant))?;
+        let tenant_spec = stored::spec::<Tenant>(&tenant_obj)?;
 
         let store = &state.store;
         if store
-            .get_by_name(MODEL_KIND, Some(&tenant), &spec.model)
+            .get_by_name(Model::KIND, Some(&tenant), &spec.model)
             .await?
             .is_none()
             && store
-                .get_by_name(MODEL_KIND, None, &spec.model)
+                .get_by_name(Model::KIND, None, &spec.model)
                 .await?
                 .is_none()
         {
@@ -381,10 +322,10 @@ impl Kind for Deployment {
         let mut errors = FieldErrors::new();
         for (i, site_name) in spec.sites.iter().enumerate() {
             let field = format!("spec.sites[{i}]");
-            match store.get_by_name(SITE_KIND, None, site_name).await? {
+            match store.get_by_name(Site::KIND, None, site_name).await? {
                 None => errors.push(field, format!("no site named {site_name:?}")),
                 Some(site) => {
-                    let site: SiteSpec = parse_spec(&site)?;
+                    let site = stored::spec::<Site>(&site)?;
                     if !tenant_spec.residency.allows(&site.jurisdiction) {
                         errors.push(
                             field,
@@ -406,17 +347,17 @@ impl Kind for Deployment {
         Ok(Some(Precondition {
             reads: vec![
                 Selection {
-                    kind: DEPLOYMENT_KIND.into(),
+                    kind: Deployment::KIND.into(),
                     tenant: TenantFilter::Exactly(Some(tenant.clone())),
                     name: None,
                 },
                 Selection {
-                    kind: PLACEMENT_KIND.into(),
+                    kind: Placement::KIND.into(),
                     tenant: TenantFilter::Exactly(Some(tenant.clone())),
                     name: None,
                 },
                 Selection {
-                    kind: TENANT_KIND.into(),
+                    kind: Tenant::KIND.into(),
                     tenant: TenantFilter::Exactly(None),
                     name: Some(tenant),
                 },
@@ -427,8 +368,8 @@ impl Kind for Deployment {
                 };
                 let tenant_obj = tenants
                     .first()
-                    .ok_or_else(|| ApiError::not_found(TENANT_KIND, &check_tenant))?;
-                let quota = parse_spec::<TenantSpec>(tenant_obj)?.quota;
+                    .ok_or_else(|| ApiError::not_found(Tenant::KIND, &check_tenant))?;
+                let quota = stored::spec::<Tenant>(tenant_obj)?.quota;
                 let held = held_by_deployment(placements)?;
                 let used = tenant_usage(deployments, &held, replacing.as_deref())?;
                 // The replaced deployment's replicas hold what they hold
@@ -449,7 +390,7 @@ pub fn held_by_deployment(
 ) -> Result<HashMap<String, Vec<Resources>>, ApiError> {
     let mut held: HashMap<String, Vec<Resources>> = HashMap::new();
     for p in placements {
-        let spec: PlacementSpec = parse_spec(p)?;
+        let spec = stored::spec::<Placement>(p)?;
         held.entry(spec.deployment)
             .or_default()
             .push(spec.resources);
@@ -467,7 +408,7 @@ pub fn tenant_usage(
 ) -> Result<ResourceUsage, ApiError> {
     let mut used = ResourceUsage::default();
     for d in deployments.iter().filter(|d| Some(d.id.as_str()) != except) {
-        let spec = parse_spec::<DeploymentSpec>(d)?;
+        let spec = stored::spec::<Deployment>(d)?;
         let holding = held.get(&d.id).into_iter().flatten();
         used = used.saturating_add(spec.quota_usage_holding(holding));
     }
@@ -486,7 +427,7 @@ pub fn one_more(kind: &str, tenant: &str, what: Counted) -> Precondition<ApiErro
                 name: None,
             },
             Selection {
-                kind: TENANT_KIND.into(),
+                kind: Tenant::KIND.into(),
                 tenant: TenantFilter::Exactly(None),
                 name: Some(tenant.to_string()),
             },
@@ -497,8 +438,8 @@ pub fn one_more(kind: &str, tenant: &str, what: Counted) -> Precondition<ApiErro
             };
             let tenant_obj = tenants
                 .first()
-                .ok_or_else(|| ApiError::not_found(TENANT_KIND, &check_tenant))?;
-            parse_spec::<TenantSpec>(tenant_obj)?
+                .ok_or_else(|| ApiError::not_found(Tenant::KIND, &check_tenant))?;
+            stored::spec::<Tenant>(tenant_obj)?
                 .quota
                 .admit_one(what, held.len() as u64)
                 .map_err(ApiError::QuotaExceeded)
@@ -528,15 +469,8 @@ impl KeyRecord {
 }
 
 impl Kind for Key {
-    const KIND: &'static str = KEY_KIND;
-    const PLURAL: &'static str = "keys";
-    /// Key ids appear inside tokens (`atr_<id>_<secret>`), so they carry no
-    /// underscore.
-    const ID_PREFIX: &'static str = "key";
-    const OWNERSHIP: Ownership = Ownership::Tenant;
     const TENANT_WRITABLE: bool = true;
     const TENANT_READABLE: bool = true;
-    type Spec = KeySpec;
 
     fn validate(spec: &KeySpec) -> Result<(), FieldErrors> {
         spec.validate()
@@ -573,15 +507,10 @@ impl Kind for Key {
 }
 
 impl Kind for Placement {
-    const KIND: &'static str = PLACEMENT_KIND;
-    const PLURAL: &'static str = "placements";
-    const ID_PREFIX: &'static str = "rep_";
-    const OWNERSHIP: Ownership = Ownership::Tenant;
     /// Written by the placement controller (and the provider), never by tenants.
     const TENANT_WRITABLE: bool = false;
     /// Tenants may see where their replicas run and in what state.
     const TENANT_READABLE: bool = true;
-    type Spec = atrium_core::placement::PlacementSpec;
 
     fn validate(_spec: &Self::Spec) -> Result<(), FieldErrors> {
         Ok(())
@@ -598,14 +527,8 @@ pub struct JoinTokenRecord {
 }
 
 impl Kind for JoinToken {
-    const KIND: &'static str = JOIN_TOKEN_KIND;
-    const PLURAL: &'static str = "join-tokens";
-    /// Ids appear inside tokens (`atrj_<id>_<secret>`): no underscore.
-    const ID_PREFIX: &'static str = "jtk";
-    const OWNERSHIP: Ownership = Ownership::Provider;
     const TENANT_WRITABLE: bool = false;
     const TENANT_READABLE: bool = false;
-    type Spec = JoinTokenSpec;
 
     fn validate(spec: &JoinTokenSpec) -> Result<(), FieldErrors> {
         CredentialSpec {
@@ -627,14 +550,8 @@ pub struct CredentialRecord {
 }
 
 impl Kind for Credential {
-    const KIND: &'static str = CREDENTIAL_KIND;
-    const PLURAL: &'static str = "credentials";
-    /// Ids appear inside tokens (`atrn_<id>_<secret>`): no underscore.
-    const ID_PREFIX: &'static str = "crd";
-    const OWNERSHIP: Ownership = Ownership::Provider;
     const TENANT_WRITABLE: bool = false;
     const TENANT_READABLE: bool = false;
-    type Spec = CredentialSpec;
 
     fn validate(spec: &CredentialSpec) -> Result<(), FieldErrors> {
         spec.validate()
@@ -643,20 +560,10 @@ impl Kind for Credential {
 
 /// Refuses `field` naming a site that does not exist.
 pub async fn site_exists(state: &AppState, field: &str, site: &str) -> Result<(), ApiError> {
-    match state.store.get_by_name(SITE_KIND, None, site).await? {
+    match state.store.get_by_name(Site::KIND, None, site).await? {
         Some(_) => Ok(()),
         None => Err(ApiError::field(field, format!("no site named {site:?}"))),
     }
-}
-
-/// The spec of a stored object.
-pub fn parse_spec<S: DeserializeOwned>(object: &Object) -> Result<S, ApiError> {
-    serde_json::from_value(object.body["spec"].clone()).map_err(|e| {
-        ApiError::Internal(format!(
-            "stored {} {} does not parse: {e}",
-            object.kind, object.id
-        ))
-    })
 }
 
 fn blocked_by(kind: &str, name: &str, by_kind: &str, by: &[&str]) -> Result<(), ApiError> {

@@ -18,6 +18,7 @@ mod limit_ledger;
 mod metrics;
 mod openapi;
 mod planes;
+mod stored;
 mod tenancy;
 
 use std::net::SocketAddr;

@@ -9,7 +9,7 @@ use utoipa::openapi::{RefOr, Schema};
 use utoipa::ToSchema;
 
 use crate::kinds::{
-    Credential, Deployment, JoinToken, Key, Kind, Model, Node, Placement, Site, Tenant,
+    Credential, Deployment, JoinToken, Key, Kind, Model, Node, Placement, Resource, Site, Tenant,
 };
 
 fn schema_ref(name: &str) -> Value {

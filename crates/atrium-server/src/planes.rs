@@ -21,7 +21,7 @@ use crate::crud::{audit, new_id, require, resolve, view, write, ObjectParams};
 use crate::error::ApiError;
 use crate::extract::{JsonBody, Params};
 use crate::kinds::{
-    site_exists, Access, Credential, CredentialRecord, JoinToken, JoinTokenRecord, Kind,
+    site_exists, Access, Credential, CredentialRecord, JoinToken, JoinTokenRecord, Kind, Resource,
 };
 use crate::{AppState, RequestId};
 

@@ -7,7 +7,6 @@ use atrium_api::{
 };
 use atrium_core::key::{KeySpec, KEY_PREFIX};
 use atrium_core::quota::Counted;
-use atrium_core::tenant::TenantSpec;
 use atrium_store::{Object, TenantFilter, UsageRecord, Write};
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
@@ -23,9 +22,10 @@ use crate::crud::{
 use crate::error::ApiError;
 use crate::extract::{JsonBody, Params};
 use crate::kinds::{
-    held_by_deployment, one_more, parse_spec, tenant_usage, Access, Key, KeyRecord, Kind,
-    Placement, Tenant, DEPLOYMENT_KIND, PLACEMENT_KIND, TENANT_KIND,
+    held_by_deployment, one_more, tenant_usage, Access, Deployment, Key, KeyRecord, Placement,
+    Resource, Tenant,
 };
+use crate::stored;
 use crate::{AppState, RequestId};
 
 /// Refuses the node and gateway credentials: `what` is for people.
@@ -103,10 +103,9 @@ pub async fn revoke_key(
 ) -> Result<Json<Value>, ApiError> {
     require::<Key>(&caller, Access::Write)?;
     let object = resolve::<Key>(&state, &caller, &ident, params.tenant.as_deref()).await?;
-    let mut body = object.body.clone();
-    if body["status"]["revoked_at"].is_null() {
-        body["status"]["revoked_at"] = Value::String(now_rfc3339());
-    }
+    let mut status = stored::status::<Key>(&object).unwrap_or(KeyStatus { revoked_at: None });
+    status.revoked_at.get_or_insert_with(now_rfc3339);
+    let body = stored::with_status::<Key>(&object.body, &status)?;
     let updated = write(
         &state,
         Write::Update {
@@ -123,10 +122,10 @@ pub async fn revoke_key(
 }
 
 async fn quota_view(state: &AppState, tenant: &Object) -> Result<QuotaView, ApiError> {
-    let spec: TenantSpec = parse_spec(tenant)?;
+    let spec = stored::spec::<Tenant>(tenant)?;
     let own = TenantFilter::Exactly(Some(tenant.name.clone()));
-    let deployments = state.store.list_all(DEPLOYMENT_KIND, &own).await?;
-    let placements = state.store.list_all(PLACEMENT_KIND, &own).await?;
+    let deployments = state.store.list_all(Deployment::KIND, &own).await?;
+    let placements = state.store.list_all(Placement::KIND, &own).await?;
     Ok(QuotaView {
         tenant: tenant.name.clone(),
         quota: spec.quota,
@@ -147,12 +146,12 @@ pub async fn list_quotas(
         None => {
             state
                 .store
-                .list_all(TENANT_KIND, &TenantFilter::All)
+                .list_all(Tenant::KIND, &TenantFilter::All)
                 .await?
         }
         Some(own) => state
             .store
-            .get_by_name(TENANT_KIND, None, own)
+            .get_by_name(Tenant::KIND, None, own)
             .await?
             .into_iter()
             .collect(),
@@ -194,13 +193,13 @@ pub async fn set_quota(
         .validate()
         .map_err(|e| ApiError::InvalidFields(e.nest("quota")))?;
     let object = resolve::<Tenant>(&state, &caller, &tenant, None).await?;
-    let mut body = object.body.clone();
-    body["spec"]["quota"] =
-        serde_json::to_value(&req.quota).map_err(|e| ApiError::Internal(e.to_string()))?;
+    let mut spec = stored::spec::<Tenant>(&object)?;
+    spec.quota = req.quota;
+    let body = stored::with_spec::<Tenant>(&object.body, &spec)?;
     let updated = write(
         &state,
         Write::Update {
-            kind: TENANT_KIND.into(),
+            kind: Tenant::KIND.into(),
             id: object.id,
             body,
             if_revision: None,
@@ -235,7 +234,7 @@ pub async fn list_audit(
             None => TenantFilter::All,
         },
         (Role::TenantAdmin, Some(own)) => match params.tenant {
-            Some(t) if t != *own => return Err(ApiError::not_found(TENANT_KIND, &t)),
+            Some(t) if t != *own => return Err(ApiError::not_found(Tenant::KIND, &t)),
             _ => TenantFilter::Exactly(Some(own.clone())),
         },
         (role, _) => {
@@ -288,12 +287,10 @@ pub async fn set_replica_status(
         require::<Placement>(&caller, Access::Write)?;
     }
     let object = resolve::<Placement>(&state, &caller, &ident, None).await?;
-    let mut body = object.body.clone();
-    let status = serde_json::to_value(&status).map_err(|e| ApiError::Internal(e.to_string()))?;
-    if body.get("status") == Some(&status) {
+    if stored::status::<Placement>(&object).as_ref() == Some(&status) {
         return Ok(Json(view(&object)));
     }
-    body["status"] = status;
+    let body = stored::with_status::<Placement>(&object.body, &status)?;
     let updated = write(
         &state,
         Write::Update {
@@ -395,7 +392,7 @@ pub async fn list_usage(
     let filter = match (&caller.tenant, params.tenant) {
         (None, Some(t)) => TenantFilter::Exactly(Some(t)),
         (None, None) => TenantFilter::All,
-        (Some(own), Some(t)) if *own != t => return Err(ApiError::not_found(TENANT_KIND, &t)),
+        (Some(own), Some(t)) if *own != t => return Err(ApiError::not_found(Tenant::KIND, &t)),
         (Some(own), _) => TenantFilter::Exactly(Some(own.clone())),
     };
     let limit = params.limit.unwrap_or(1000).clamp(1, MAX_PAGE);

@@ -1,0 +1,182 @@
+//! The placement controller: turns each deployment into replica placements
+//! on nodes with room, removes placements nobody wants, and rolls replica
+//! states up into the deployment's status.
+//!
+//! It is a reconcile loop (kube-rs style): `reconcile` reads the whole
+//! desired and observed state into a typed [`World`], [`plan`] (pure: no
+//! IO) computes the [`Action`]s that close the difference, and a thin
+//! executor writes them and returns an outcome saying what it did. It
+//! runs after every store change and every few seconds. Where a replica
+//! goes is atrium-sched's fleet scheduler's decision (the Atrium policy):
+//! each pass rebuilds the fleet from the store — ready nodes, tenants'
+//! residency, isolation, quotas and priorities — restores the placements
+//! already made, then places what is missing.
+
+mod fleet_view;
+mod plan;
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use atrium_store::{AuditContext, Object, Store, TenantFilter, Write, WriteError};
+
+pub use fleet_view::LEAF_LABEL;
+pub use plan::{plan, Action, Plan, World};
+
+use crate::crud::new_id;
+use crate::kinds::{Deployment, Model, Node, Placement, Resource, Site, Tenant};
+use crate::stored;
+
+/// What one pass did.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Outcome {
+    pub placed: usize,
+    pub removed: usize,
+    pub statuses_updated: usize,
+    /// Replicas that found no node.
+    pub unplaceable: usize,
+}
+
+/// Reads the world from the store: every object the plan needs, typed.
+/// Objects whose stored spec does not parse are left out (and logged).
+async fn read_world(store: &Store) -> Result<(World, Vec<Object>), atrium_store::StoreError> {
+    let all = TenantFilter::All;
+    let deployments = store.list_all(Deployment::KIND, &all).await?;
+    let world = World {
+        deployments: stored::all::<Deployment>(&deployments),
+        placements: stored::all::<Placement>(&store.list_all(Placement::KIND, &all).await?),
+        nodes: stored::all::<Node>(&store.list_all(Node::KIND, &all).await?),
+        models: stored::all::<Model>(&store.list_all(Model::KIND, &all).await?),
+        sites: stored::specs_by_name::<Site>(&store.list_all(Site::KIND, &all).await?),
+        tenants: stored::specs_by_name::<Tenant>(&store.list_all(Tenant::KIND, &all).await?),
+    };
+    Ok((world, deployments))
+}
+
+/// One reconcile pass: read the world, plan, carry the plan out.
+pub async fn reconcile(store: &Store) -> Result<Outcome, atrium_store::StoreError> {
+    let (world, deployments) = read_world(store).await?;
+    let plan = plan(&world);
+    let deployments: HashMap<&str, &Object> =
+        deployments.iter().map(|d| (d.id.as_str(), d)).collect();
+    let mut outcome = Outcome {
+        unplaceable: plan.unplaceable,
+        ..Outcome::default()
+    };
+    for action in plan.actions {
+        match action {
+            Action::Remove { placement } => {
+                let w = Write::Delete {
+                    kind: Placement::KIND.into(),
+                    id: placement,
+                };
+                outcome.removed += usize::from(write(store, w, "placement.delete").await);
+            }
+            Action::Place {
+                tenant,
+                name,
+                name_taken,
+                spec,
+            } => {
+                let id = new_id(Placement::ID_PREFIX);
+                let name = if name_taken {
+                    format!("{name}-{}", &id[id.len() - 5..])
+                } else {
+                    name
+                };
+                let Ok(body) = stored::body::<Placement>(&*spec, Some(&plan::pending_replica()))
+                else {
+                    continue;
+                };
+                let w = Write::Create {
+                    kind: Placement::KIND.into(),
+                    id,
+                    tenant: Some(tenant),
+                    name,
+                    body,
+                };
+                outcome.placed += usize::from(write(store, w, "placement.create").await);
+            }
+            Action::SetStatus {
+                deployment,
+                revision,
+                status,
+            } => {
+                let Some(d) = deployments.get(deployment.as_str()) else {
+                    continue;
+                };
+                let Ok(body) = stored::with_status::<Deployment>(&d.body, &status) else {
+                    continue;
+                };
+                let w = Write::Update {
+                    kind: Deployment::KIND.into(),
+                    id: deployment,
+                    body,
+                    if_revision: Some(revision),
+                };
+                outcome.statuses_updated += usize::from(write(store, w, "deployment.status").await);
+            }
+        }
+    }
+    Ok(outcome)
+}
+
+fn audit(action: &str) -> AuditContext {
+    AuditContext {
+        actor: "placement-controller".into(),
+        role: "system".into(),
+        action: action.into(),
+        request_id: String::new(),
+    }
+}
+
+async fn write(store: &Store, w: Write, action: &str) -> bool {
+    match store.write::<()>(w, None, audit(action)).await {
+        Ok(_) => true,
+        // A concurrent change (a user deleted the deployment): the next
+        // pass sees it.
+        Err(WriteError::Store(e)) => {
+            tracing::debug!(error = %e, action, "controller write skipped");
+            false
+        }
+        Err(WriteError::Rejected(())) => false,
+    }
+}
+
+/// Runs `reconcile` after every change to the resources (debounced) and
+/// every few seconds, until `stop` turns true. Revisions that carry no
+/// resource change (usage batches from gateways) do not wake it: under
+/// load they arrive several times a second and would re-run every pass.
+pub async fn run(store: Store, mut stop: tokio::sync::watch::Receiver<bool>) {
+    let mut heads = store.subscribe();
+    loop {
+        // Taken before reading, so writes during the pass wake the next one.
+        let mut seen = *heads.borrow_and_update();
+        match reconcile(&store).await {
+            Ok(o) if o != Outcome::default() => tracing::info!(?o, "placement pass"),
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "placement pass failed; retrying"),
+        }
+        // Our own writes move the head too; the next pass then finds
+        // nothing to do and the loop settles.
+        let tick = tokio::time::sleep(Duration::from_secs(5));
+        tokio::pin!(tick);
+        loop {
+            tokio::select! {
+                changed = heads.changed() => {
+                    if changed.is_err() {
+                        return;
+                    }
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    let head = *heads.borrow_and_update();
+                    match store.changes(seen, head, None, &TenantFilter::All, 1).await {
+                        Ok(c) if c.is_empty() => seen = head,
+                        _ => break,
+                    }
+                }
+                _ = &mut tick => break,
+                _ = stop.changed() => return,
+            }
+        }
+    }
+}
