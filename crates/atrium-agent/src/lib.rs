@@ -20,10 +20,9 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use atrium_client::{ControlPlane, CredentialFile, Update};
-use atrium_core::placement::PlacementSpec;
-use reqwest::Method;
-use serde_json::{json, Value};
+use atrium_api::{Node, Object, Placement};
+use atrium_client::{Api, ControlPlane, CredentialFile, Update};
+use atrium_core::node::{NodeCapacity, NodeSpec, NodeState};
 
 pub use inventory::{discover, parse_simulated_gpus, Inventory};
 
@@ -99,26 +98,22 @@ pub async fn register(
     config: &AgentConfig,
     inventory: &Inventory,
 ) -> Result<(), AgentError> {
-    let spec = json!({
-        "site": config.credential.site,
-        "capacity": {"cpu": inventory.cpu.to_string(), "memory": inventory.memory.to_string(), "disk": inventory.disk.to_string()},
-        "gpus": inventory.gpus,
-        "labels": {"atrium.dev/agent": "process"},
-    });
-    let path = format!("/v1/nodes/{}", config.node_name());
-    match cp.call(Method::GET, &path, None).await {
-        Ok(_) => cp
-            .call(Method::PUT, &path, Some(&json!({"spec": spec})))
-            .await
-            .map(|_| ()),
-        Err(e) if e.status() == Some(404) => cp
-            .call(
-                Method::POST,
-                "/v1/nodes",
-                Some(&json!({"name": config.node_name(), "spec": spec})),
-            )
-            .await
-            .map(|_| ()),
+    let spec = NodeSpec {
+        site: config.credential.site.clone(),
+        capacity: NodeCapacity {
+            cpu: inventory.cpu,
+            memory: inventory.memory,
+            disk: inventory.disk,
+        },
+        gpus: inventory.gpus.clone(),
+        labels: [("atrium.dev/agent".to_string(), "process".to_string())].into(),
+        state: NodeState::Ready,
+    };
+    let nodes = Api::<Node>::all(cp);
+    let name = config.node_name();
+    match nodes.get(name).await {
+        Ok(_) => nodes.update(name, &spec, None).await.map(|_| ()),
+        Err(e) if e.status() == Some(404) => nodes.create(name, &spec).await.map(|_| ()),
         Err(e) => Err(e),
     }
     .map_err(|e| AgentError::Register(e.to_string()))
@@ -184,42 +179,39 @@ pub async fn run(
             tracing::info!(node = %config.node_name(), cpu = %inventory.cpu, memory = %inventory.memory, gpus = inventory.gpus.len(), "agent: node registered");
             let node = config.node_name().to_string();
             let mut assigned = remembered;
-            cp.follow("placements", move |update| {
-                let mine = |o: &Value| -> Option<(String, state::Assignment)> {
-                    let spec: PlacementSpec = serde_json::from_value(o["spec"].clone()).ok()?;
-                    let tenant = o["tenant"].as_str().unwrap_or_default().to_string();
-                    (spec.node == node).then(|| {
-                        (
-                            o["id"].as_str().unwrap_or_default().to_string(),
-                            state::Assignment { tenant, spec },
-                        )
-                    })
-                };
-                match update {
-                    Update::Snapshot(items) => {
-                        assigned = items.iter().filter_map(mine).collect();
-                    }
-                    Update::Added(o) | Update::Modified(o) => {
-                        if let Some((id, a)) = mine(&o) {
-                            assigned.insert(id, a);
+            Api::<Placement>::all(&cp)
+                .follow(move |update| {
+                    let mine = |o: &Object<Placement>| -> Option<(String, state::Assignment)> {
+                        (o.spec.node == node).then(|| {
+                            let tenant = o.tenant.clone().unwrap_or_default();
+                            let spec = o.spec.clone();
+                            (o.id.clone(), state::Assignment { tenant, spec })
+                        })
+                    };
+                    match update {
+                        Update::Snapshot(items) => {
+                            assigned = items.iter().filter_map(mine).collect();
+                        }
+                        Update::Added(o) | Update::Modified(o) => {
+                            if let Some((id, a)) = mine(&o) {
+                                assigned.insert(id, a);
+                            }
+                        }
+                        Update::Deleted(o) => {
+                            assigned.remove(&o.id);
                         }
                     }
-                    Update::Deleted(o) => {
-                        if let Some(id) = o["id"].as_str() {
-                            assigned.remove(id);
-                        }
+                    // Saved before acting on it: a restarted agent resumes
+                    // exactly what it was last told to run. (Most events are
+                    // status reports, which change no assignment: no write.)
+                    let now: std::collections::BTreeMap<_, _> =
+                        assigned.clone().into_iter().collect();
+                    if shared.state.read(|s| s.assigned != now) {
+                        shared.state.update(|s| s.assigned = now);
                     }
-                }
-                // Saved before acting on it: a restarted agent resumes
-                // exactly what it was last told to run. (Most events are
-                // status reports, which change no assignment: no write.)
-                let now: std::collections::BTreeMap<_, _> = assigned.clone().into_iter().collect();
-                if shared.state.read(|s| s.assigned != now) {
-                    shared.state.update(|s| s.assigned = now);
-                }
-                supervisor.reconcile(&assigned);
-            })
-            .await
+                    supervisor.reconcile(&assigned);
+                })
+                .await
         }
     };
     tokio::select! {

@@ -12,14 +12,14 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use atrium_client::ControlPlane;
+use atrium_api::Placement;
+use atrium_client::{Api, ControlPlane};
 use atrium_core::deployment::EngineKind;
 use atrium_core::lifecycle::LifecycleState;
 use atrium_core::model::ModelTask;
 use atrium_core::node::Gpu;
 use atrium_core::placement::{PlacementSpec, ReplicaStatus};
 use atrium_engine::pull;
-use reqwest::Method;
 use tokio::sync::watch;
 
 use crate::sandbox::{Host, TenantSlot};
@@ -232,15 +232,8 @@ impl ReplicaCtx {
         let Some(status) = pending else {
             return;
         };
-        let body = serde_json::to_value(&status).unwrap_or_default();
-        let sent = self
-            .shared
-            .cp
-            .call(
-                Method::PUT,
-                &format!("/v1/placements/{}/status", self.id),
-                Some(&body),
-            )
+        let sent = Api::<Placement>::all(&self.shared.cp)
+            .replace_status(&self.id, &status)
             .await;
         match sent {
             Ok(_) => {

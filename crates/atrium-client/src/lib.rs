@@ -8,15 +8,17 @@
 //! control plane refuses it, the credential file is read again, so a
 //! rotation made by another process is picked up without a restart.
 
+mod api;
 mod credential;
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
+pub use api::Api;
 pub use credential::{write_private, CredentialFile};
 
-use atrium_api::{WatchEvent, WatchEventType};
+use atrium_api::{ErrorBody, ListResponse, WatchEvent, WatchEventType};
 use futures::StreamExt;
 use reqwest::Method;
 use serde_json::Value;
@@ -25,7 +27,9 @@ use serde_json::Value;
 pub enum ClientError {
     #[error("control plane unreachable: {0}")]
     Unreachable(String),
-    #[error("control plane answered {status}: {body}")]
+    /// The API's refusal: `code (status): message`, then each field at
+    /// fault on its own line.
+    #[error("{}", refusal(*status, body))]
     Status { status: u16, body: String },
     #[error("bad answer from the control plane: {0}")]
     Decode(String),
@@ -38,6 +42,40 @@ impl ClientError {
             _ => None,
         }
     }
+
+    /// The API's error code (`already_exists`, `quota_exceeded`, ...).
+    pub fn code(&self) -> Option<String> {
+        match self {
+            ClientError::Status { body, .. } => serde_json::from_str::<ErrorBody>(body)
+                .ok()
+                .map(|b| b.error.code),
+            _ => None,
+        }
+    }
+}
+
+/// One field at fault, as `details.fields` lists them.
+#[derive(serde::Deserialize)]
+struct FieldFault {
+    field: String,
+    message: String,
+}
+
+fn refusal(status: u16, body: &str) -> String {
+    let Ok(ErrorBody { error }) = serde_json::from_str::<ErrorBody>(body) else {
+        return format!("control plane answered {status}: {body}");
+    };
+    let mut message = format!("{} ({status}): {}", error.code, error.message);
+    let fields: Vec<FieldFault> = error
+        .details
+        .get("fields")
+        .cloned()
+        .and_then(|f| serde_json::from_value(f).ok())
+        .unwrap_or_default();
+    for f in fields {
+        message.push_str(&format!("\n  {}: {}", f.field, f.message));
+    }
+    message
 }
 
 #[derive(Clone)]
@@ -51,12 +89,12 @@ pub struct ControlPlane {
 
 /// What a follower is told.
 #[derive(Debug)]
-pub enum Update {
+pub enum Update<T = Value> {
     /// The complete current set (after a (re)list): replace what you hold.
-    Snapshot(Vec<Value>),
-    Added(Value),
-    Modified(Value),
-    Deleted(Value),
+    Snapshot(Vec<T>),
+    Added(T),
+    Modified(T),
+    Deleted(T),
 }
 
 impl ControlPlane {
@@ -130,9 +168,10 @@ impl ControlPlane {
         path: &str,
         body: Option<bytes::Bytes>,
     ) -> Result<Value, ClientError> {
-        let mut resp = self.send(method.clone(), path, body.clone()).await?;
+        let limit = Some(Duration::from_secs(30));
+        let mut resp = self.send(method.clone(), path, body.clone(), limit).await?;
         if resp.status().as_u16() == 401 && self.refresh() {
-            resp = self.send(method, path, body).await?;
+            resp = self.send(method, path, body, limit).await?;
         }
         let status = resp.status().as_u16();
         let text = resp
@@ -150,12 +189,15 @@ impl ControlPlane {
         method: Method,
         path: &str,
         body: Option<bytes::Bytes>,
+        timeout: Option<Duration>,
     ) -> Result<reqwest::Response, ClientError> {
         let mut req = self
             .http
             .request(method, format!("{}{path}", self.base))
-            .bearer_auth(self.token())
-            .timeout(Duration::from_secs(30));
+            .bearer_auth(self.token());
+        if let Some(t) = timeout {
+            req = req.timeout(t);
+        }
         if let Some(b) = body {
             req = req
                 .header(reqwest::header::CONTENT_TYPE, "application/json")
@@ -166,20 +208,46 @@ impl ControlPlane {
             .map_err(|e| ClientError::Unreachable(e.to_string()))
     }
 
-    /// Every object of a kind (all pages) and the revision of the first page.
-    pub async fn list_all(&self, plural: &str) -> Result<(Vec<Value>, i64), ClientError> {
+    /// Streams a `?watch=true` answer line by line to `on_line` until the
+    /// control plane ends it (the CLI's `--watch` prints them as they are).
+    pub async fn stream_lines(
+        &self,
+        path: &str,
+        mut on_line: impl FnMut(&[u8]),
+    ) -> Result<(), ClientError> {
+        let resp = self.send(Method::GET, path, None, None).await?;
+        let status = resp.status().as_u16();
+        if !(200..300).contains(&status) {
+            let body = resp.text().await.unwrap_or_default();
+            return Err(ClientError::Status { status, body });
+        }
+        let mut stream = resp.bytes_stream();
+        let mut buf: Vec<u8> = Vec::new();
+        while let Some(chunk) = stream.next().await {
+            buf.extend_from_slice(&chunk.map_err(|e| ClientError::Unreachable(e.to_string()))?);
+            while let Some(pos) = buf.iter().position(|b| *b == b'\n') {
+                let line: Vec<u8> = buf.drain(..=pos).collect();
+                on_line(&line[..line.len() - 1]);
+            }
+        }
+        Ok(())
+    }
+
+    /// Every object of a list (`list`: its path and query, all pages)
+    /// and the revision of the first page.
+    async fn list_all(&self, list: &str) -> Result<(Vec<Value>, i64), ClientError> {
         let mut items = Vec::new();
         let mut revision = None;
         let mut token: Option<String> = None;
         loop {
             let path = match &token {
-                Some(t) => format!("/v1/{plural}?limit=1000&page_token={t}"),
-                None => format!("/v1/{plural}?limit=1000"),
+                Some(t) => format!("{list}&page_token={t}"),
+                None => list.to_string(),
             };
-            let page = self.call(Method::GET, &path, None).await?;
-            revision.get_or_insert(page["revision"].as_i64().unwrap_or(0));
-            items.extend(page["items"].as_array().cloned().unwrap_or_default());
-            token = page["next_page_token"].as_str().map(str::to_string);
+            let page: ListResponse<Value> = self.request(Method::GET, &path, None::<&()>).await?;
+            revision.get_or_insert(page.revision);
+            items.extend(page.items);
+            token = page.next_page_token;
             if token.is_none() {
                 return Ok((items, revision.unwrap_or(0)));
             }
@@ -191,12 +259,13 @@ impl ControlPlane {
     /// control plane refuses `since` (its store was replaced): relist.
     async fn watch(
         &self,
+        list: &str,
         plural: &str,
         since: i64,
         on_update: &mut (impl FnMut(Update) + Send),
     ) -> Option<i64> {
         let mut last = since;
-        let url = format!("{}/v1/{plural}?watch=true&since={since}", self.base);
+        let url = format!("{}{list}&watch=true&since={since}", self.base);
         let resp = match self.http.get(url).bearer_auth(self.token()).send().await {
             Ok(r) if r.status().is_success() => r,
             Ok(r) if r.status().as_u16() == 400 => {
@@ -239,17 +308,23 @@ impl ControlPlane {
         Some(last)
     }
 
-    /// Lists `plural`, then follows its changes forever, reconnecting with
-    /// backoff. A follower that falls behind never misses a change: it
-    /// resumes from the last revision it saw, and relists only when it has
-    /// never listed.
-    pub async fn follow(&self, plural: &str, mut on_update: impl FnMut(Update) + Send) {
+    /// Lists (`list`: a list path with its query), then follows its
+    /// changes forever, reconnecting with backoff. A follower that falls
+    /// behind never misses a change: it resumes from the last revision it
+    /// saw, and relists only when it has never listed. Typed callers use
+    /// [`Api::follow`].
+    pub(crate) async fn follow_raw(
+        &self,
+        list: &str,
+        plural: &str,
+        mut on_update: impl FnMut(Update) + Send,
+    ) {
         let mut backoff = Duration::from_millis(200);
         let mut since: Option<i64> = None;
         loop {
             let from = match since {
                 Some(s) => s,
-                None => match self.list_all(plural).await {
+                None => match self.list_all(list).await {
                     Ok((items, revision)) => {
                         on_update(Update::Snapshot(items));
                         revision
@@ -262,7 +337,7 @@ impl ControlPlane {
                     }
                 },
             };
-            let last = self.watch(plural, from, &mut on_update).await;
+            let last = self.watch(list, plural, from, &mut on_update).await;
             if last.is_some_and(|l| l > from) {
                 backoff = Duration::from_millis(200);
             }

@@ -97,6 +97,23 @@ impl KeySpec {
         errors.into_result()
     }
 
+    /// A key with these scopes, expiry and request limits. (On the wire
+    /// the limits are flat fields of the spec.)
+    pub fn new(
+        scopes: Vec<Scope>,
+        expires_at: Option<OffsetDateTime>,
+        limits: RequestLimits,
+    ) -> KeySpec {
+        KeySpec {
+            scopes,
+            expires_at,
+            requests_per_minute: limits.requests_per_minute,
+            tokens_per_minute: limits.tokens_per_minute,
+            tokens_per_day: limits.tokens_per_day,
+            max_concurrent_requests: limits.max_concurrent_requests,
+        }
+    }
+
     pub fn limits(&self) -> RequestLimits {
         RequestLimits {
             requests_per_minute: self.requests_per_minute,
@@ -119,14 +136,7 @@ mod tests {
     use time::OffsetDateTime;
 
     fn spec(scopes: &[Scope], expires_at: Option<OffsetDateTime>) -> KeySpec {
-        KeySpec {
-            scopes: scopes.to_vec(),
-            expires_at,
-            requests_per_minute: None,
-            tokens_per_minute: None,
-            tokens_per_day: None,
-            max_concurrent_requests: None,
-        }
+        KeySpec::new(scopes.to_vec(), expires_at, Default::default())
     }
 
     #[test]

@@ -169,6 +169,14 @@ impl Quota {
         errors.into_result()
     }
 
+    /// Sets the limits the gateway enforces on the tenant's requests.
+    pub fn set_request_limits(&mut self, limits: RequestLimits) {
+        self.requests_per_minute = limits.requests_per_minute;
+        self.tokens_per_minute = limits.tokens_per_minute;
+        self.tokens_per_day = limits.tokens_per_day;
+        self.max_concurrent_requests = limits.max_concurrent_requests;
+    }
+
     /// The limits the gateway enforces on the tenant's requests.
     pub fn request_limits(&self) -> RequestLimits {
         RequestLimits {

@@ -55,6 +55,20 @@ pub struct TenantSpec {
     pub priority: i32,
 }
 
+impl Default for TenantSpec {
+    /// Anywhere, sharing hardware, no quota, priority 0: what a tenant
+    /// created with a name alone gets.
+    fn default() -> TenantSpec {
+        TenantSpec {
+            display_name: String::new(),
+            residency: default_residency(),
+            isolation: default_isolation(),
+            quota: Quota::default(),
+            priority: 0,
+        }
+    }
+}
+
 fn default_residency() -> Residency {
     Residency::Any
 }

@@ -7,14 +7,14 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
-use atrium_client::{ControlPlane, Update};
+use atrium_api::{Deployment, Key, Object, Placement, Tenant};
+use atrium_client::{Api, ControlPlane, Update};
 use atrium_core::deployment::EngineKind;
 use atrium_core::key::{split_key_token, Scope};
 use atrium_core::lifecycle::LifecycleState;
 use atrium_core::limits::RequestLimits;
 use atrium_core::url::UpstreamUrl;
 use serde::{Deserialize, Serialize};
-use serde_json::Value;
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 use time::OffsetDateTime;
@@ -169,6 +169,21 @@ impl Serving {
     }
 }
 
+/// Which feeds have delivered their first snapshot.
+#[derive(Debug, Default)]
+struct Synced {
+    keys: bool,
+    deployments: bool,
+    replicas: bool,
+    tenants: bool,
+}
+
+impl Synced {
+    fn all(&self) -> bool {
+        self.keys && self.deployments && self.replicas && self.tenants
+    }
+}
+
 #[derive(Default)]
 pub struct Routes {
     keys: HashMap<String, KeyEntry>,
@@ -187,7 +202,7 @@ pub struct Routes {
     breakers: HashMap<String, Arc<Breaker>>,
     /// tenant name → the limits of its quota.
     tenants: HashMap<String, RequestLimits>,
-    synced: [bool; 4],
+    synced: Synced,
     /// Bumped by every change, so the table is saved only when it changed.
     version: u64,
     /// Served from the saved table until the first snapshot arrives.
@@ -208,24 +223,18 @@ pub struct SavedRoutes {
 /// this many more in flight than the least loaded replica.
 pub const AFFINITY_SLACK: u64 = 2;
 
-fn key_entry(o: &Value) -> Option<(String, KeyEntry)> {
-    let id = o["id"].as_str()?.to_string();
-    let spec = &o["spec"];
-    let scopes: Vec<Scope> = serde_json::from_value(spec["scopes"].clone()).ok()?;
-    let expires_at = spec["expires_at"].as_str().and_then(|s| {
-        OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339).ok()
-    });
+fn key_entry(o: &Object<Key>) -> Option<(String, KeyEntry)> {
     // The watch view carries no digest: the digest comes from the
     // dedicated feed (see `follow`); keep an existing one.
     Some((
-        id,
+        o.id.clone(),
         KeyEntry {
             digest: String::new(),
-            tenant: o["tenant"].as_str()?.to_string(),
-            scopes,
-            revoked: !o["status"]["revoked_at"].is_null(),
-            expires_at,
-            limits: serde_json::from_value(spec.clone()).unwrap_or_default(),
+            tenant: o.tenant.clone()?,
+            scopes: o.spec.scopes.clone(),
+            revoked: o.status.as_ref().is_some_and(|s| s.revoked_at.is_some()),
+            expires_at: o.spec.expires_at,
+            limits: o.spec.limits(),
         },
     ))
 }
@@ -245,7 +254,7 @@ impl Routes {
     /// True once every feed has delivered its first snapshot, or the saved
     /// table was restored.
     pub fn synced(&self) -> bool {
-        self.restored || self.synced.iter().all(|s| *s)
+        self.restored || self.synced.all()
     }
 
     pub fn version(&self) -> u64 {
@@ -390,9 +399,9 @@ impl Routes {
         })
     }
 
-    fn apply_key(&mut self, update: Update, digests: &HashMap<String, String>) {
+    fn apply_key(&mut self, update: Update<Object<Key>>, digests: &HashMap<String, String>) {
         self.version += 1;
-        let upsert = |routes: &mut Routes, o: &Value| {
+        let upsert = |routes: &mut Routes, o: &Object<Key>| {
             if let Some((id, mut entry)) = key_entry(o) {
                 entry.digest = digests.get(&id).cloned().unwrap_or_default();
                 routes.keys.insert(id, entry);
@@ -404,35 +413,32 @@ impl Routes {
                 for o in &items {
                     upsert(self, o);
                 }
-                self.synced[0] = true;
+                self.synced.keys = true;
             }
             Update::Added(o) | Update::Modified(o) => upsert(self, &o),
             Update::Deleted(o) => {
-                if let Some(id) = o["id"].as_str() {
-                    self.keys.remove(id);
-                }
+                self.keys.remove(&o.id);
             }
         }
     }
 
-    fn apply_deployment(&mut self, update: Update) {
+    fn apply_deployment(&mut self, update: Update<Object<Deployment>>) {
         self.version += 1;
-        let entry = |o: &Value| -> Option<((String, String), DeploymentEntry)> {
-            let engine: EngineKind = serde_json::from_value(o["spec"]["engine"].clone()).ok()?;
-            let tenant = o["tenant"].as_str()?.to_string();
+        let entry = |o: &Object<Deployment>| -> Option<((String, String), DeploymentEntry)> {
+            let tenant = o.tenant.clone()?;
             let mut d = DeploymentEntry {
-                id: o["id"].as_str()?.to_string(),
-                engine,
-                external_url: o["spec"]["external_url"].as_str().map(str::to_string),
-                model: o["spec"]["model"].as_str().unwrap_or_default().to_string(),
-                state: o["status"]["reason"]
-                    .as_str()
-                    .unwrap_or("pending")
-                    .to_string(),
+                id: o.id.clone(),
+                engine: o.spec.engine,
+                external_url: o.spec.external_url.clone(),
+                model: o.spec.model.clone(),
+                state: o
+                    .status
+                    .as_ref()
+                    .map_or_else(|| "pending".to_string(), |s| s.reason.clone()),
                 external: None,
             };
             d.derive_external(&tenant);
-            Some(((tenant, o["name"].as_str()?.to_string()), d))
+            Some(((tenant, o.name.clone()), d))
         };
         match update {
             Update::Snapshot(items) => {
@@ -440,7 +446,7 @@ impl Routes {
                 for ((tenant, name), d) in items.iter().filter_map(entry) {
                     self.deployments.entry(tenant).or_default().insert(name, d);
                 }
-                self.synced[1] = true;
+                self.synced.deployments = true;
             }
             Update::Added(o) | Update::Modified(o) => {
                 if let Some(((tenant, name), d)) = entry(&o) {
@@ -460,25 +466,24 @@ impl Routes {
         }
     }
 
-    fn apply_replica(&mut self, update: Update) {
+    fn apply_replica(&mut self, update: Update<Object<Placement>>) {
         self.version += 1;
-        let entry = |o: &Value| -> Option<(String, ReplicaEntry)> {
-            let state: LifecycleState =
-                serde_json::from_value(o["status"]["state"].clone()).ok()?;
+        let entry = |o: &Object<Placement>| -> Option<(String, ReplicaEntry)> {
+            let status = o.status.as_ref()?;
             Some((
-                o["id"].as_str()?.to_string(),
+                o.id.clone(),
                 ReplicaEntry {
-                    deployment: o["spec"]["deployment"].as_str()?.to_string(),
-                    name: o["name"].as_str()?.to_string(),
-                    endpoint: o["status"]["endpoint"].as_str().map(str::to_string),
-                    running: state == LifecycleState::Running,
+                    deployment: o.spec.deployment.clone(),
+                    name: o.name.clone(),
+                    endpoint: status.endpoint.clone(),
+                    running: status.state == LifecycleState::Running,
                 },
             ))
         };
         match update {
             Update::Snapshot(items) => {
                 self.replicas = items.iter().filter_map(entry).collect();
-                self.synced[2] = true;
+                self.synced.replicas = true;
             }
             Update::Added(o) | Update::Modified(o) => {
                 if let Some((k, v)) = entry(&o) {
@@ -486,11 +491,9 @@ impl Routes {
                 }
             }
             Update::Deleted(o) => {
-                if let Some(id) = o["id"].as_str() {
-                    self.replicas.remove(id);
-                    self.outstanding.remove(id);
-                    self.breakers.remove(id);
-                }
+                self.replicas.remove(&o.id);
+                self.outstanding.remove(&o.id);
+                self.breakers.remove(&o.id);
             }
         }
         self.replicas_changed();
@@ -526,26 +529,20 @@ impl Routes {
         }
     }
 
-    fn apply_tenant(&mut self, update: Update) {
+    fn apply_tenant(&mut self, update: Update<Object<Tenant>>) {
         self.version += 1;
-        let entry = |o: &Value| -> Option<(String, RequestLimits)> {
-            let limits = serde_json::from_value(o["spec"]["quota"].clone()).unwrap_or_default();
-            Some((o["name"].as_str()?.to_string(), limits))
-        };
+        let entry = |o: &Object<Tenant>| (o.name.clone(), o.spec.quota.request_limits());
         match update {
             Update::Snapshot(items) => {
-                self.tenants = items.iter().filter_map(entry).collect();
-                self.synced[3] = true;
+                self.tenants = items.iter().map(entry).collect();
+                self.synced.tenants = true;
             }
             Update::Added(o) | Update::Modified(o) => {
-                if let Some((k, v)) = entry(&o) {
-                    self.tenants.insert(k, v);
-                }
+                let (k, v) = entry(&o);
+                self.tenants.insert(k, v);
             }
             Update::Deleted(o) => {
-                if let Some((k, _)) = entry(&o) {
-                    self.tenants.remove(&k);
-                }
+                self.tenants.remove(&o.name);
             }
         }
     }
@@ -559,9 +556,9 @@ pub fn follow(cp: ControlPlane, routes: Arc<RwLock<Routes>>) -> Vec<tokio::task:
     {
         let (cp, routes) = (cp.clone(), routes.clone());
         tasks.push(tokio::spawn(async move {
-            let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Update>();
-            let feed = cp.clone();
-            let follow = feed.follow("keys", move |u| {
+            let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Update<Object<Key>>>();
+            let feed = Api::<Key>::all(&cp);
+            let follow = feed.follow(move |u| {
                 let _ = tx.send(u);
             });
             let apply = async move {
@@ -569,8 +566,8 @@ pub fn follow(cp: ControlPlane, routes: Arc<RwLock<Routes>>) -> Vec<tokio::task:
                     // A new key's digest must be known before its create event
                     // is applied, or the key would be refused for a moment.
                     let digests = loop {
-                        match cp.call(reqwest::Method::GET, "/v1/keys/digests", None).await {
-                            Ok(v) => break serde_json::from_value::<HashMap<String, String>>(v).unwrap_or_default(),
+                        match cp.request::<(), HashMap<String, String>>(reqwest::Method::GET, "/v1/keys/digests", None).await {
+                            Ok(digests) => break digests,
                             Err(e) => {
                                 tracing::debug!(error = %e, "gateway: cannot read key digests; retrying");
                                 tokio::time::sleep(std::time::Duration::from_millis(200)).await;
@@ -595,32 +592,35 @@ pub fn follow(cp: ControlPlane, routes: Arc<RwLock<Routes>>) -> Vec<tokio::task:
     {
         let (cp, routes) = (cp.clone(), routes.clone());
         tasks.push(tokio::spawn(async move {
-            cp.follow("deployments", move |u| {
-                if let Ok(mut r) = routes.write() {
-                    r.apply_deployment(u);
-                }
-            })
-            .await
+            Api::<Deployment>::all(&cp)
+                .follow(move |u| {
+                    if let Ok(mut r) = routes.write() {
+                        r.apply_deployment(u);
+                    }
+                })
+                .await
         }));
     }
     {
         let (cp, routes) = (cp.clone(), routes.clone());
         tasks.push(tokio::spawn(async move {
-            cp.follow("tenants", move |u| {
-                if let Ok(mut r) = routes.write() {
-                    r.apply_tenant(u);
-                }
-            })
-            .await
+            Api::<Tenant>::all(&cp)
+                .follow(move |u| {
+                    if let Ok(mut r) = routes.write() {
+                        r.apply_tenant(u);
+                    }
+                })
+                .await
         }));
     }
     tasks.push(tokio::spawn(async move {
-        cp.follow("placements", move |u| {
-            if let Ok(mut r) = routes.write() {
-                r.apply_replica(u);
-            }
-        })
-        .await
+        Api::<Placement>::all(&cp)
+            .follow(move |u| {
+                if let Ok(mut r) = routes.write() {
+                    r.apply_replica(u);
+                }
+            })
+            .await
     }));
     tasks
 }
@@ -630,15 +630,26 @@ mod tests {
     use super::*;
     use serde_json::json;
 
-    fn deployment(id: &str, tenant: &str, name: &str) -> Value {
-        json!({"id": id, "tenant": tenant, "name": name,
-               "spec": {"engine": "simulated", "model": "m"}, "status": {}})
+    // As they come on the wire.
+    fn deployment(id: &str, tenant: &str, name: &str) -> Object<Deployment> {
+        serde_json::from_value(json!({"id": id, "tenant": tenant, "name": name,
+            "revision": 1, "created_at": "", "updated_at": "",
+            "spec": {"engine": "simulated", "model": "m", "resources": {"cpu": "1", "memory": "1Gi"},
+                     "replicas": {"min": 1, "max": 1}},
+            "status": {"state": "pending", "reason": "waiting"}}))
+        .unwrap()
     }
 
-    fn replica(id: &str, deployment: &str, state: &str) -> Value {
-        json!({"id": id, "name": format!("{id}-name"),
-               "spec": {"deployment": deployment},
-               "status": {"state": state, "endpoint": format!("http://{id}")}})
+    fn replica(id: &str, deployment: &str, state: &str) -> Object<Placement> {
+        serde_json::from_value(
+            json!({"id": id, "name": format!("{id}-name"), "tenant": "t",
+            "revision": 1, "created_at": "", "updated_at": "",
+            "spec": {"deployment": deployment, "deployment_name": "d", "replica": 0, "node": "n",
+                     "engine": "simulated", "model": "m", "model_source": "s", "model_task": "chat",
+                     "resources": {"cpu": "1", "memory": "1Gi"}},
+            "status": {"state": state, "reason": "", "endpoint": format!("http://{id}")}}),
+        )
+        .unwrap()
     }
 
     /// The replica `target` picks, or `None` when none is ready.

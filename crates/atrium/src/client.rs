@@ -1,17 +1,8 @@
-//! The HTTP client behind the CLI's client commands, and how their results
-//! are printed (`--output table|json`).
+//! How the CLI's answers are printed (`--output table|json`): the wire
+//! format, as JSON or as a table of JSON pointers into it.
 #![allow(clippy::print_stdout)]
 
-use anyhow::{anyhow, bail, Context, Result};
-use futures::StreamExt;
-use reqwest::Method;
 use serde_json::Value;
-
-pub struct Client {
-    http: reqwest::Client,
-    base: String,
-    token: String,
-}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Output {
@@ -19,92 +10,17 @@ pub enum Output {
     Json,
 }
 
-impl Client {
-    pub fn new(base: &str, token: String) -> Result<Client> {
-        let http = reqwest::Client::builder()
-            .connect_timeout(std::time::Duration::from_secs(5))
-            .build()
-            .context("cannot build the HTTP client")?;
-        Ok(Client {
-            http,
-            base: base.trim_end_matches('/').to_string(),
-            token,
-        })
+/// Percent-encodes a path segment or query value.
+pub fn encode(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
     }
-
-    fn request(&self, method: Method, path: &str) -> reqwest::RequestBuilder {
-        self.http
-            .request(method, format!("{}{path}", self.base))
-            .bearer_auth(&self.token)
-    }
-
-    /// Sends a request and returns the JSON answer, or the API's error as a
-    /// readable message.
-    pub async fn call(&self, method: Method, path: &str, body: Option<&Value>) -> Result<Value> {
-        let mut req = self.request(method, path);
-        if let Some(b) = body {
-            req = req.json(b);
-        }
-        let resp = req
-            .send()
-            .await
-            .with_context(|| format!("cannot reach the server at {}", self.base))?;
-        let status = resp.status();
-        let text = resp.text().await.context("reading the response")?;
-        let value: Value = serde_json::from_str(&text).unwrap_or(Value::String(text));
-        if status.is_success() {
-            return Ok(value);
-        }
-        let err = &value["error"];
-        let mut message = format!(
-            "{} ({}): {}",
-            err["code"].as_str().unwrap_or("error"),
-            status.as_u16(),
-            err["message"].as_str().unwrap_or(&value.to_string())
-        );
-        if let Some(fields) = err["details"]["fields"].as_array() {
-            for f in fields {
-                message.push_str(&format!(
-                    "\n  {}: {}",
-                    f["field"].as_str().unwrap_or("?"),
-                    f["message"].as_str().unwrap_or("?")
-                ));
-            }
-        }
-        bail!(message)
-    }
-
-    /// Follows a watch stream, handing each event line to `on_event`.
-    pub async fn watch(
-        &self,
-        path: &str,
-        mut on_event: impl FnMut(Value) -> Result<()>,
-    ) -> Result<()> {
-        let resp = self
-            .request(Method::GET, path)
-            .send()
-            .await
-            .context("cannot reach the server")?;
-        if !resp.status().is_success() {
-            let status = resp.status();
-            bail!(
-                "watch refused ({status}): {}",
-                resp.text().await.unwrap_or_default()
-            );
-        }
-        let mut stream = resp.bytes_stream();
-        let mut buf: Vec<u8> = Vec::new();
-        while let Some(chunk) = stream.next().await {
-            buf.extend_from_slice(&chunk.context("watch stream broke")?);
-            while let Some(pos) = buf.iter().position(|b| *b == b'\n') {
-                let line: Vec<u8> = buf.drain(..=pos).collect();
-                let event: Value =
-                    serde_json::from_slice(&line).map_err(|e| anyhow!("bad watch line: {e}"))?;
-                on_event(event)?;
-            }
-        }
-        Ok(())
-    }
+    out
 }
 
 /// Columns of a table: a header and a JSON pointer into each item.

@@ -13,13 +13,13 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
-use atrium_client::CredentialFile;
+use atrium_api::{CreatedJoinToken, JoinTokenRequest};
+use atrium_client::{ControlPlane, CredentialFile};
 use atrium_core::plane::Plane;
-use clap::Args;
+use clap::{Args, Subcommand};
 use reqwest::Method;
-use serde_json::json;
 
-use crate::client::{self, Client, Columns, Output};
+use crate::client::{self, Columns, Output};
 
 /// Where a plane keeps its credential in its data directory.
 pub fn credential_path(plane: Plane, data_dir: &Path) -> PathBuf {
@@ -123,30 +123,71 @@ pub async fn rotate_command(plane: Plane, data_dir: &Path) -> Result<()> {
 
 /// `atrium node join-token` / `atrium gateway join-token` (the provider).
 pub async fn issue_join_token(
-    client: &Client,
+    cp: &ControlPlane,
     output: Output,
     plane: Plane,
     name: &str,
     site: &str,
     ttl_seconds: u64,
 ) -> Result<()> {
-    let body = json!({"plane": plane, "name": name, "site": site, "ttl_seconds": ttl_seconds});
-    let created = client
-        .call(Method::POST, "/v1/join-tokens", Some(&body))
-        .await?;
+    let created = join_token(cp, plane, name, site, ttl_seconds).await?;
     match output {
-        Output::Json => client::print(&created, output, JOIN_TOKEN_COLUMNS),
+        Output::Json => client::print(&serde_json::to_value(&created)?, output, JOIN_TOKEN_COLUMNS),
         Output::Table => {
-            client::print(&created["join_token"], output, JOIN_TOKEN_COLUMNS);
+            let token = serde_json::to_value(&created.join_token)?;
+            client::print(&token, output, JOIN_TOKEN_COLUMNS);
             println!(
                 "\nJoin token (shown once, usable once):\n  {}\nOn the {}: atrium {} join --join-token <token>",
-                created["secret"].as_str().unwrap_or("?"),
+                created.secret,
                 plane.as_str(),
                 plane.as_str()
             );
         }
     }
     Ok(())
+}
+
+/// Issues a one-time join token for `plane` `name` of `site`.
+pub async fn join_token(
+    cp: &ControlPlane,
+    plane: Plane,
+    name: &str,
+    site: &str,
+    ttl_seconds: u64,
+) -> Result<CreatedJoinToken> {
+    let body = JoinTokenRequest {
+        plane,
+        name: name.to_string(),
+        site: site.to_string(),
+        ttl_seconds: Some(ttl_seconds),
+    };
+    Ok(cp
+        .request(Method::POST, "/v1/join-tokens", Some(&body))
+        .await?)
+}
+
+/// Joining and credentials, the same for nodes and gateways.
+#[derive(Subcommand)]
+pub enum PlaneCmd {
+    /// Exchange a one-time join token for this machine's credential (saved
+    /// in the data directory, 0600)
+    Join {
+        #[arg(long, env = "ATRIUM_JOIN_TOKEN", hide_env_values = true)]
+        join_token: String,
+    },
+    /// Issue a one-time join token (the provider)
+    JoinToken {
+        /// The node's (or gateway's) name
+        name: String,
+        #[arg(long)]
+        site: String,
+        /// How long the token may wait to be used
+        #[arg(long, default_value_t = 3600)]
+        ttl_seconds: u64,
+    },
+    /// Replace this machine's credential with a new one; the old stops
+    /// working at once (a running agent or gateway picks the new one up)
+    RotateCredential,
 }
 
 pub const JOIN_TOKEN_COLUMNS: Columns = &[

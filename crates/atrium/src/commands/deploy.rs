@@ -1,0 +1,98 @@
+//! `atrium deploy`: a tenant's served models.
+
+use anyhow::{anyhow, Result};
+use atrium_api::Deployment;
+use atrium_core::deployment::{DeploymentSpec, Replicas, Resources};
+use atrium_core::quantity::{ByteSize, CpuMillis, GpuRequest};
+use clap::Subcommand;
+
+use super::{create, named, read, Ctx, FromFile, ReadCmd};
+use crate::client::Columns;
+
+#[derive(Subcommand)]
+pub enum DeployCmd {
+    Create {
+        name: Option<String>,
+        #[arg(long)]
+        model: Option<String>,
+        /// embedded | simulated | vllm | external
+        #[arg(long, default_value = "embedded")]
+        engine: String,
+        #[arg(long, default_value = "1")]
+        cpu: CpuMillis,
+        #[arg(long, default_value = "2Gi")]
+        memory: ByteSize,
+        /// Whole GPUs, a fraction (0.5) or a MIG profile (3g.40gb)
+        #[arg(long)]
+        gpu: Option<GpuRequest>,
+        #[arg(long)]
+        gpu_memory: Option<ByteSize>,
+        #[arg(long, default_value_t = 1)]
+        min: u32,
+        #[arg(long, default_value_t = 1)]
+        max: u32,
+        /// Sites the replicas may run in (comma-separated)
+        #[arg(long, value_delimiter = ',')]
+        sites: Vec<String>,
+        #[arg(long)]
+        external_url: Option<String>,
+        #[arg(long)]
+        tenant: Option<String>,
+        #[command(flatten)]
+        from: FromFile,
+    },
+    #[command(flatten)]
+    Read(ReadCmd),
+}
+
+pub const DEPLOY_COLUMNS: Columns = &[
+    ("NAME", "/name"),
+    ("TENANT", "/tenant"),
+    ("MODEL", "/spec/model"),
+    ("ENGINE", "/spec/engine"),
+    ("MIN", "/spec/replicas/min"),
+    ("MAX", "/spec/replicas/max"),
+    ("STATE", "/status/state"),
+    ("REASON", "/status/reason"),
+    ("ID", "/id"),
+];
+
+pub async fn run(ctx: &Ctx, cmd: DeployCmd) -> Result<()> {
+    match cmd {
+        DeployCmd::Create {
+            name,
+            model,
+            engine,
+            cpu,
+            memory,
+            gpu,
+            gpu_memory,
+            min,
+            max,
+            sites,
+            external_url,
+            tenant,
+            from,
+        } => {
+            create::<Deployment>(ctx, DEPLOY_COLUMNS, &from, name, tenant, || {
+                Ok(DeploymentSpec {
+                    model: model.ok_or_else(|| anyhow!("--model is required"))?,
+                    engine: named("--engine", &engine)?,
+                    resources: Resources {
+                        cpu,
+                        memory,
+                        gpu,
+                        gpu_memory,
+                        gpu_models: Vec::new(),
+                        storage: ByteSize::default(),
+                    },
+                    replicas: Replicas { min, max },
+                    sites,
+                    external_url,
+                })
+            })
+            .await
+        }
+        DeployCmd::Read(c) => read::<Deployment>(ctx, DEPLOY_COLUMNS, &c).await,
+    }
+}
