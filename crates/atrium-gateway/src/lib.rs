@@ -17,7 +17,10 @@ pub mod egress;
 pub mod http1;
 pub mod limits;
 mod meter;
+mod metrics;
 pub mod outgoing;
+mod proxy;
+mod refusal;
 pub mod request;
 mod routes;
 mod server;
@@ -26,23 +29,20 @@ mod usage;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use atrium_client::ControlPlane;
-use bytes::Bytes;
-use serde_json::{json, Value};
-use tokio::sync::mpsc;
+use serde::Serialize;
 
 use affinity::Salter;
 use http1::Method;
-use meter::{usage_of, Meter, UsageBound};
-use request::{Kind, ProxyRequest};
-use server::{Request, Response, ResponseBody};
+use refusal::Refusal;
+use server::{Request, Response};
 
+pub use proxy::{token_estimate, DEFAULT_MAX_TOKENS_UNDER_LIMIT};
+use routes::Caller;
 pub use routes::Routes;
-use routes::{Caller, Target};
 
 /// Largest request body accepted.
 const BODY_LIMIT: usize = 8 << 20;
@@ -73,67 +73,8 @@ pub struct GatewayConfig {
 
 pub use server::ConnectionLimits;
 
-/// Upper bounds (µs) of the overhead histogram's buckets.
-const OVERHEAD_BUCKETS_US: [u64; 12] = [
-    10, 25, 50, 100, 250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 100_000,
-];
-
-/// A Prometheus histogram of time spent in the gateway, upstream excluded.
-#[derive(Default)]
-struct OverheadHistogram {
-    buckets: [AtomicU64; OVERHEAD_BUCKETS_US.len()],
-    count: AtomicU64,
-    sum_us: AtomicU64,
-}
-
-impl OverheadHistogram {
-    fn observe(&self, d: Duration) {
-        let us = d.as_micros() as u64;
-        if let Some(i) = OVERHEAD_BUCKETS_US.iter().position(|b| us <= *b) {
-            self.buckets[i].fetch_add(1, Ordering::Relaxed);
-        }
-        self.count.fetch_add(1, Ordering::Relaxed);
-        self.sum_us.fetch_add(us, Ordering::Relaxed);
-    }
-
-    fn render(&self, out: &mut String) {
-        use std::fmt::Write as _;
-        out.push_str("# HELP atrium_gateway_overhead_seconds Time a request spent in the gateway, upstream time excluded.\n# TYPE atrium_gateway_overhead_seconds histogram\n");
-        let mut cumulative = 0;
-        for (b, n) in OVERHEAD_BUCKETS_US.iter().zip(&self.buckets) {
-            cumulative += n.load(Ordering::Relaxed);
-            let _ = writeln!(
-                out,
-                "atrium_gateway_overhead_seconds_bucket{{le=\"{}\"}} {cumulative}",
-                *b as f64 / 1e6
-            );
-        }
-        let count = self.count.load(Ordering::Relaxed);
-        let _ = writeln!(
-            out,
-            "atrium_gateway_overhead_seconds_bucket{{le=\"+Inf\"}} {count}"
-        );
-        let _ = writeln!(
-            out,
-            "atrium_gateway_overhead_seconds_sum {}",
-            self.sum_us.load(Ordering::Relaxed) as f64 / 1e6
-        );
-        let _ = writeln!(out, "atrium_gateway_overhead_seconds_count {count}");
-    }
-}
-
-/// (route, status) → (requests, seconds to the response head).
-type RequestCounts = std::collections::BTreeMap<(&'static str, u16), (u64, f64)>;
-
-/// Request counters by route and status, for `/metrics`.
-#[derive(Default)]
-struct Metrics {
-    requests: std::sync::Mutex<RequestCounts>,
-    overhead: OverheadHistogram,
-}
-
 struct Gateway {
-    metrics: Arc<Metrics>,
+    metrics: metrics::Metrics,
     /// SHA-256 of the `/metrics` bearer token.
     metrics_digest: [u8; 32],
     egress: egress::EgressPolicy,
@@ -274,14 +215,13 @@ async fn sync_limits(
                 })
                 .collect(),
         };
-        let body = serde_json::to_value(&report).unwrap_or_default();
         let answer = cp
-            .call(reqwest::Method::POST, "/v1/limits/sync", Some(&body))
-            .await
-            .map_err(|e| e.to_string())
-            .and_then(|v| {
-                serde_json::from_value::<atrium_api::LimitSyncAnswer>(v).map_err(|e| e.to_string())
-            });
+            .request::<_, atrium_api::LimitSyncAnswer>(
+                reqwest::Method::POST,
+                "/v1/limits/sync",
+                Some(&report),
+            )
+            .await;
         match answer {
             Ok(a) => {
                 let remote = a
@@ -383,7 +323,7 @@ pub async fn start(config: GatewayConfig) -> Result<RunningGateway, GatewayError
         }));
     }
     let gateway = Arc::new(Gateway {
-        metrics: Arc::default(),
+        metrics: metrics::Metrics::default(),
         metrics_digest: <sha2::Sha256 as sha2::Digest>::digest(metrics_token.as_bytes()).into(),
         egress: egress::EgressPolicy::new(config.external_allow.clone()),
         routes,
@@ -419,148 +359,47 @@ async fn handle(g: Arc<Gateway>, request: Request) -> Response {
     let started = Instant::now();
     let path = request.head.path.as_str();
     let method = request.head.method;
-    let (route, response) = if let Some(route) = PROXIED.iter().copied().find(|r| *r == path) {
-        let response = if method == Method::Post {
-            proxy(&g, route, request).await
+    let authorization = request.head.authorization.as_deref();
+    let (route, answer) = if let Some(route) = PROXIED.iter().copied().find(|r| *r == path) {
+        let answer = if method == Method::Post {
+            Ok(proxy::proxy(&g, route, request).await)
         } else {
-            method_not_allowed("POST")
+            Err(Refusal::MethodNotAllowed { allow: "POST" })
         };
-        (route, response)
+        (route, answer)
     } else if let Some(route) = READ_ONLY.iter().copied().find(|r| *r == path) {
-        let response = if !matches!(method, Method::Get | Method::Head) {
-            method_not_allowed("GET, HEAD")
+        let answer = if !matches!(method, Method::Get | Method::Head) {
+            Err(Refusal::MethodNotAllowed { allow: "GET, HEAD" })
         } else {
             match route {
-                "/v1/models" => models(&g, request.head.authorization.as_deref()),
-                "/healthz" => Response::json(200, &json!({"status": "ok"})),
+                "/v1/models" => models(&g, authorization),
+                "/healthz" => Ok(Response::json(200, &Health { status: "ok" })),
                 "/readyz" => readyz(&g),
-                _ => metrics(&g, request.head.authorization.as_deref()),
+                _ => metrics::token_matches(bearer(authorization), &g.metrics_digest)
+                    .map(|()| g.metrics.render(g.routes.read().ok().as_deref())),
             }
         };
-        (route, response)
+        (route, answer)
     } else {
-        (
-            "other",
-            Response::openai_error(404, "invalid_request_error", None, "no such route"),
-        )
+        ("other", Err(Refusal::NoRoute))
     };
-    if let Ok(mut m) = g.metrics.requests.lock() {
-        let e = m.entry((route, response.status)).or_default();
-        e.0 += 1;
-        e.1 += started.elapsed().as_secs_f64();
-    }
+    let response = answer.unwrap_or_else(Refusal::into_response);
+    g.metrics.count(route, response.status, started.elapsed());
     response
 }
 
-fn method_not_allowed(allow: &'static str) -> Response {
-    let mut r = Response::openai_error(
-        405,
-        "invalid_request_error",
-        None,
-        &format!("method not allowed here: use {allow}"),
-    );
-    r.header("allow", allow);
-    r
+/// `/healthz` and `/readyz`.
+#[derive(Serialize)]
+struct Health {
+    status: &'static str,
 }
 
-/// `/metrics` names every tenant's replicas and their load: the provider's
-/// metrics token only (`Authorization: Bearer <token>`).
-fn metrics(g: &Gateway, authorization: Option<&str>) -> Response {
-    use sha2::Digest as _;
-    use std::fmt::Write as _;
-    use subtle::ConstantTimeEq as _;
-    let presented = bearer(authorization).map(|t| sha2::Sha256::digest(t.as_bytes()));
-    if !presented.is_some_and(|d| bool::from(d.as_slice().ct_eq(&g.metrics_digest))) {
-        let mut r = Response::openai_error(
-            401,
-            "invalid_request_error",
-            Some("invalid_api_key"),
-            "/metrics needs the provider's metrics token: `Authorization: Bearer <token>` \
-             (in <data-dir>/gateway/metrics.token unless --metrics-token set it)",
-        );
-        r.header("www-authenticate", "Bearer");
-        return r;
-    }
-    let mut out = String::new();
-    out.push_str("# HELP atrium_gateway_requests_total Requests by route and status.\n# TYPE atrium_gateway_requests_total counter\n");
-    let mut secs = String::from("# HELP atrium_gateway_request_seconds_total Time to the response head.\n# TYPE atrium_gateway_request_seconds_total counter\n");
-    if let Ok(m) = g.metrics.requests.lock() {
-        for ((route, status), (n, s)) in m.iter() {
-            let _ = writeln!(
-                out,
-                "atrium_gateway_requests_total{{route=\"{route}\",status=\"{status}\"}} {n}"
-            );
-            let _ = writeln!(
-                secs,
-                "atrium_gateway_request_seconds_total{{route=\"{route}\",status=\"{status}\"}} {s}"
-            );
-        }
-    }
-    out.push_str(&secs);
-    g.metrics.overhead.render(&mut out);
-    if let Ok(r) = g.routes.read() {
-        let states = r.replica_states();
-        out.push_str("# HELP atrium_gateway_in_flight Requests in flight per replica.\n# TYPE atrium_gateway_in_flight gauge\n");
-        for (replica, n, _) in &states {
-            let _ = writeln!(out, "atrium_gateway_in_flight{{replica=\"{replica}\"}} {n}");
-        }
-        out.push_str("# HELP atrium_gateway_breaker_open Whether a replica's circuit breaker is open (skipped after connect failures).\n# TYPE atrium_gateway_breaker_open gauge\n");
-        for (replica, _, open) in &states {
-            let _ = writeln!(
-                out,
-                "atrium_gateway_breaker_open{{replica=\"{replica}\"}} {}",
-                u8::from(*open)
-            );
-        }
-        let _ = writeln!(out, "# HELP atrium_gateway_synced Whether the route table has its first snapshot.\n# TYPE atrium_gateway_synced gauge\natrium_gateway_synced {}", u8::from(r.synced()));
-    }
-    Response::new(200, "text/plain; version=0.0.4", out)
-}
-
-/// A refused request: the gateway's one error type, answered in OpenAI's
-/// shape so SDKs raise their usual exceptions.
-struct Refusal {
-    status: u16,
-    kind: &'static str,
-    code: Option<&'static str>,
-    message: String,
-}
-
-impl Refusal {
-    fn into_response(self) -> Response {
-        Response::openai_error(self.status, self.kind, self.code, &self.message)
-    }
-}
-
-fn refusal(status: u16, kind: &'static str, code: Option<&'static str>, message: &str) -> Refusal {
-    Refusal {
-        status,
-        kind,
-        code,
-        message: message.to_string(),
-    }
-}
-
-fn model_not_found(model: &str) -> Response {
-    Response::openai_error(
-        404,
-        "invalid_request_error",
-        Some("model_not_found"),
-        &format!("The model `{model}` does not exist or you do not have access to it."),
-    )
-}
-
-fn readyz(g: &Gateway) -> Response {
+fn readyz(g: &Gateway) -> Result<Response, Refusal> {
     let ready = g.routes.read().map(|r| r.synced()).unwrap_or(false);
     if ready {
-        Response::json(200, &json!({"status": "ready"}))
+        Ok(Response::json(200, &Health { status: "ready" }))
     } else {
-        Response::openai_error(
-            503,
-            "server_error",
-            None,
-            "not yet synchronised with the control plane",
-        )
+        Err(Refusal::NotReady)
     }
 }
 
@@ -572,499 +411,55 @@ fn bearer(authorization: Option<&str>) -> Option<&str> {
 }
 
 fn authenticate(g: &Gateway, authorization: Option<&str>) -> Result<Caller, Refusal> {
-    let token = bearer(authorization).ok_or_else(|| {
-        refusal(
-            401,
-            "invalid_request_error",
-            Some("invalid_api_key"),
-            "Missing API key: send `Authorization: Bearer <key>`.",
-        )
-    })?;
+    let token = bearer(authorization).ok_or(Refusal::MissingKey)?;
     let routes = g
         .routes
         .read()
-        .map_err(|_| refusal(500, "server_error", None, "route table unavailable"))?;
+        .map_err(|_| Refusal::Internal("route table unavailable"))?;
     routes
         .authenticate(token)
-        .map_err(|why| refusal(401, "invalid_request_error", Some("invalid_api_key"), why))
+        .map_err(|why| Refusal::InvalidKey(why.to_string()))
 }
 
-fn models(g: &Gateway, authorization: Option<&str>) -> Response {
-    let caller = match authenticate(g, authorization) {
-        Ok(c) => c,
-        Err(r) => return r.into_response(),
-    };
+/// `/v1/models`: the caller's own deployments, as OpenAI lists models.
+#[derive(Serialize)]
+struct ModelList {
+    object: &'static str,
+    data: Vec<ModelEntry>,
+}
+
+#[derive(Serialize)]
+struct ModelEntry {
+    id: String,
+    object: &'static str,
+    created: u64,
+    owned_by: String,
+}
+
+fn models(g: &Gateway, authorization: Option<&str>) -> Result<Response, Refusal> {
+    let caller = authenticate(g, authorization)?;
     let names = g
         .routes
         .read()
         .map(|r| r.models_of(&caller.tenant))
         .unwrap_or_default();
-    let data: Vec<Value> = names
+    let data = names
         .into_iter()
-        .map(|name| json!({"id": name, "object": "model", "created": 0, "owned_by": caller.tenant}))
+        .map(|id| ModelEntry {
+            id,
+            object: "model",
+            created: 0,
+            owned_by: caller.tenant.clone(),
+        })
         .collect();
-    Response::json(200, &json!({"object": "list", "data": data}))
-}
-
-/// Where a request is being sent.
-enum Dest {
-    /// An external upstream, at the addresses the egress policy allowed.
-    External(Arc<routes::External>, Vec<std::net::SocketAddr>),
-    Replica(Arc<routes::Serving>, InFlight),
-}
-
-/// The addresses an external upstream may be reached at, or the refusal
-/// to answer: its URL unusable, a scheme the gateway cannot speak, or an
-/// address the egress policy refuses.
-async fn egress_for(
-    g: &Gateway,
-    external: &routes::External,
-) -> Result<Vec<std::net::SocketAddr>, Refusal> {
-    let url = external
-        .url
-        .as_ref()
-        .map_err(|why| refusal(502, "server_error", Some("upstream_unusable"), why))?;
-    if url.scheme != atrium_core::url::Scheme::Http {
-        return Err(refusal(
-            502,
-            "server_error",
-            Some("upstream_unusable"),
-            &format!("{url}: this gateway reaches upstreams over plain http:// only"),
-        ));
-    }
-    external.resolved.get(&g.egress, url).await.map_err(|why| {
-        refusal(
-            403,
-            "invalid_request_error",
-            Some("upstream_not_allowed"),
-            &why,
-        )
-    })
-}
-
-/// Decrements a replica's in-flight count when the request is over,
-/// however it ends.
-struct InFlight(Arc<AtomicU64>);
-
-impl Drop for InFlight {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
-    }
-}
-
-/// Upstream attempts per request: the first replica and two others, each
-/// only after a connect failure (nothing was sent, so nothing can repeat).
-const ATTEMPTS: usize = 3;
-
-/// A request without `max_tokens` under a token limit is capped at this
-/// (or at the limit, if lower), so its budget can be reserved up front.
-pub const DEFAULT_MAX_TOKENS_UNDER_LIMIT: u64 = 4096;
-
-/// An upper bound of the tokens a request can use, and the completion
-/// limit to enforce (set when the client gave none). Prompt tokens are
-/// bounded by the prompt's bytes (byte-level BPE yields at most one token
-/// per byte) plus a per-message template allowance.
-pub fn token_estimate(body: &ProxyRequest<'_>, limits_cap: Option<u64>) -> (u64, Option<u64>) {
-    const PER_MESSAGE: u64 = 8;
-    let prompt = match body.prompt_bytes() {
-        (bytes, Some(messages)) => bytes.saturating_add(messages.saturating_mul(PER_MESSAGE)),
-        (bytes, None) => bytes,
-    };
-    let choices = body.get("n").and_then(request::as_u64).unwrap_or(1).max(1);
-    let asked = body
-        .get("max_completion_tokens")
-        .or_else(|| body.get("max_tokens"))
-        .and_then(request::as_u64);
-    let is_embedding = body.kind() == Kind::Embedding;
-    let (completion, set) = match (asked, is_embedding) {
-        (_, true) => (0, None),
-        (Some(m), false) => (m, None),
-        (None, false) => {
-            let cap = limits_cap
-                .unwrap_or(DEFAULT_MAX_TOKENS_UNDER_LIMIT)
-                .clamp(1, DEFAULT_MAX_TOKENS_UNDER_LIMIT);
-            (cap, Some(cap))
-        }
-    };
-    (
-        prompt.saturating_add(completion.saturating_mul(choices)),
-        set,
-    )
-}
-
-fn rate_limited(e: &limits::Exceeded, who: &str) -> Response {
-    let message = if e.never_fits() {
-        format!(
-            "Request too large for the {scope}'s {field} ({limit}): it may use up to {requested} tokens. Lower max_tokens or shorten the prompt.",
-            scope = e.scope.word(),
-            field = e.kind.field(),
-            limit = e.limit,
-            requested = e.requested,
-        )
-    } else {
-        format!(
-            "Rate limit reached for {scope} {who} on {field}: limit {limit}, used {used}, requested {requested}. Please try again in {secs}s.",
-            scope = e.scope.word(),
-            field = e.kind.field(),
-            limit = e.limit,
-            used = e.used,
-            requested = e.requested,
-            secs = e.retry_after_secs(),
-        )
-    };
-    let body = json!({"error": {"message": message, "type": e.kind.openai_type(), "param": e.kind.field(), "code": "rate_limit_exceeded"}});
-    let mut r = Response::json(429, &body);
-    r.header("retry-after", e.retry_after_secs().to_string());
-    r
-}
-
-async fn proxy(g: &Gateway, path: &str, request: Request) -> Response {
-    let started = Instant::now();
-    let request_id = new_request_id();
-    let mut response = proxy_inner(g, path, request, started, &request_id).await;
-    response.header("x-request-id", request_id);
-    response.header("x-atrium-site", g.site.clone());
-    response
-}
-
-/// `req_` and 96 random bits in hex, built without the formatting
-/// machinery (it is on every request's path).
-fn new_request_id() -> String {
-    let mut hex = [0u8; 24];
-    // 12 bytes into 24 hex digits: the lengths match, so this cannot fail.
-    let _ = hex::encode_to_slice(rand::random::<[u8; 12]>(), &mut hex);
-    let mut id = String::with_capacity(4 + hex.len());
-    id.push_str("req_");
-    id.push_str(std::str::from_utf8(&hex).unwrap_or_default());
-    id
-}
-
-/// The time a request spent in the gateway itself, its upstream excluded.
-fn record_overhead(g: &Gateway, response: &mut Response, started: Instant, upstream: Duration) {
-    let overhead = started.elapsed().saturating_sub(upstream);
-    g.metrics.overhead.observe(overhead);
-    response.header("x-atrium-overhead-us", overhead.as_micros().to_string());
-}
-
-async fn proxy_inner(
-    g: &Gateway,
-    path: &str,
-    request: Request,
-    started: Instant,
-    request_id: &str,
-) -> Response {
-    let caller = match authenticate(g, request.head.authorization.as_deref()) {
-        Ok(c) => c,
-        Err(r) => return r.into_response(),
-    };
-    if !caller.may_infer {
-        return Response::openai_error(
-            403,
-            "invalid_request_error",
-            Some("insufficient_scope"),
-            "this key has no inference scope",
-        );
-    }
-    let raw = request.body;
-    let kind = match path {
-        "/v1/embeddings" => Kind::Embedding,
-        "/v1/completions" => Kind::Completion,
-        _ => Kind::Chat,
-    };
-    let parsed = match ProxyRequest::parse(&raw, kind) {
-        Ok(parsed) => parsed,
-        Err(message) => {
-            return Response::openai_error(400, "invalid_request_error", None, &message)
-        }
-    };
-    let model = parsed.model().to_string();
-    let mut body = outgoing::Outgoing::new(raw.clone(), parsed);
-    let is_embedding = kind == Kind::Embedding;
-    let streaming = body.request().streams();
-    // Metering needs the token counts of streamed answers too.
-    if streaming && !is_embedding {
-        body.set("stream_options", &json!({"include_usage": true}));
-    }
-
-    // Limits: the key's and the tenant's, admitted together.
-    let token_cap = [caller.key_limits, caller.tenant_limits]
-        .iter()
-        .flat_map(|l| [l.tokens_per_minute, l.tokens_per_day])
-        .flatten()
-        .min();
-    let (estimate, set_max) = match token_cap {
-        Some(_) => token_estimate(body.request(), token_cap),
-        None => (0, None),
-    };
-    if let Some(m) = set_max {
-        body.set("max_tokens", &m);
-    }
-    // What the upstream's usage is checked against before it is billed.
-    let bound = UsageBound::of(raw.len(), body.request(), set_max);
-    let scopes = [
-        limits::Scoped {
-            kind: limits::ScopeKind::Key,
-            id: &caller.key,
-            limits: caller.key_limits,
+    Ok(Response::json(
+        200,
+        &ModelList {
+            object: "list",
+            data,
         },
-        limits::Scoped {
-            kind: limits::ScopeKind::Tenant,
-            id: &caller.tenant,
-            limits: caller.tenant_limits,
-        },
-    ];
-    let mut ticket = match g.limiter.admit(&scopes, estimate, limits::system_now) {
-        Ok(t) => t,
-        Err(e) => {
-            let who = match e.scope {
-                limits::ScopeKind::Key => &caller.key,
-                limits::ScopeKind::Tenant => &caller.tenant,
-            };
-            return rate_limited(&e, who);
-        }
-    };
-
-    // Routing: tenant-salted prefix affinity over the ready replicas.
-    let salt = g.salter.tenant(&caller.tenant);
-    let affinity = salt.affinity_key(body.request().prompt_prefix());
-    let mut tried: Vec<String> = Vec::new();
-    let mut upstream_time = Duration::ZERO;
-    let mut encoded: Option<Bytes> = None;
-    let (upstream, replica_name, in_flight) = loop {
-        let target = match g
-            .routes
-            .read()
-            .map(|r| r.target(&caller.tenant, &model, affinity, &tried))
-        {
-            Ok(Some(t)) => t,
-            Ok(None) => return model_not_found(&model),
-            Err(_) => {
-                return Response::openai_error(500, "server_error", None, "route table unavailable")
-            }
-        };
-        let dest = match target {
-            Target::External(external) => {
-                let addrs = match egress_for(g, &external).await {
-                    Ok(a) => a,
-                    Err(refusal) => return refusal.into_response(),
-                };
-                body.set("model", &external.model);
-                // A shared upstream's cache must not be steered by a client.
-                body.remove("cache_salt");
-                Dest::External(external, addrs)
-            }
-            Target::Replica {
-                replica,
-                takes_cache_salt,
-            } => {
-                if takes_cache_salt && !is_embedding {
-                    body.set("cache_salt", &salt.hex);
-                } else {
-                    // Nothing upstream may read a salt the client chose.
-                    body.remove("cache_salt");
-                }
-                replica.outstanding.fetch_add(1, Ordering::Relaxed);
-                let in_flight = InFlight(replica.outstanding.clone());
-                Dest::Replica(replica, in_flight)
-            }
-            Target::NoneReady { deployment, state } => {
-                let message = if tried.is_empty() {
-                    format!("deployment `{deployment}` has no ready replica yet ({state}); retry shortly")
-                } else {
-                    format!(
-                        "no replica of `{deployment}` could be reached ({} tried)",
-                        tried.len()
-                    )
-                };
-                return Response::openai_error(
-                    503,
-                    "server_error",
-                    Some("no_ready_replica"),
-                    &message,
-                );
-            }
-        };
-        let text = encoded.get_or_insert_with(|| body.encode()).clone();
-        let peer = match &dest {
-            Dest::External(external, addrs) => upstream::Peer {
-                pool: &external.pool,
-                authority: &external.authority,
-                prefix: external.url.as_ref().map_or("", |u| u.path.as_str()),
-                addrs,
-            },
-            Dest::Replica(replica, _) => upstream::Peer {
-                pool: &replica.id,
-                authority: &replica.address.authority,
-                prefix: &replica.address.prefix,
-                addrs: &[],
-            },
-        };
-        let sent = Instant::now();
-        let result = g.upstreams.post(&peer, path, request_id, &text).await;
-        upstream_time += sent.elapsed();
-        let (replica_name, replica) = match dest {
-            Dest::External(..) => ("external".to_string(), None),
-            Dest::Replica(replica, in_flight) => (replica.name.clone(), Some((replica, in_flight))),
-        };
-        match (result, replica) {
-            (Ok(r), Some((replica, in_flight))) => {
-                replica.breaker.success();
-                break (r, replica_name, Some(in_flight));
-            }
-            (Ok(r), None) => break (r, replica_name, None),
-            (Err(e), Some((replica, _))) if e.is_connect() && tried.len() + 1 < ATTEMPTS => {
-                replica.breaker.failure();
-                tracing::warn!(replica = %replica_name, error = %e, "gateway: replica unreachable; trying another");
-                tried.push(replica.id.clone());
-            }
-            (Err(e), replica) => {
-                if let Some((replica, _)) = replica {
-                    replica.breaker.failure();
-                }
-                return Response::openai_error(
-                    502,
-                    "server_error",
-                    None,
-                    &format!("replica {replica_name} unreachable: {e}"),
-                );
-            }
-        }
-    };
-    let status = upstream.head.status;
-    let content_type = upstream.head.content_type.clone();
-    let mut upstream_body = upstream.body;
-    let mut after_sent: Option<server::AfterSent> = None;
-    let body = if streaming && (200..300).contains(&status) {
-        let (tx, rx) = mpsc::channel::<Bytes>(32);
-        let meter = Meter::new(
-            g,
-            caller.tenant.clone(),
-            model.clone(),
-            &replica_name,
-            request_id,
-            bound,
-        );
-        tokio::spawn(async move {
-            let _in_flight = in_flight;
-            let mut ticket = ticket;
-            let mut line = Vec::new();
-            let mut metered = false;
-            let mut client_gone = false;
-            while let Some(chunk) = upstream_body.chunk().await {
-                let Ok(chunk) = chunk else { break };
-                // Look for the usage chunk while passing every byte on as is;
-                // it is metered before it is passed on.
-                for b in chunk.iter() {
-                    if *b == b'\n' {
-                        if let Some(data) = line.strip_prefix(b"data: ") {
-                            if let Some(reported) = usage_of(data) {
-                                if !metered {
-                                    metered = true;
-                                    meter.record(reported, &mut ticket);
-                                }
-                            }
-                        }
-                        line.clear();
-                    } else {
-                        line.push(*b);
-                    }
-                }
-                // A client that hangs up mid-stream is still billed for
-                // what the replica computes: keep reading to the usage
-                // chunk (the replica finishes the sequence either way).
-                if !client_gone && tx.send(chunk).await.is_err() {
-                    client_gone = true;
-                }
-            }
-        });
-        ResponseBody::Stream(rx)
-    } else {
-        let sent = Instant::now();
-        let bytes = upstream_body.collect().await;
-        upstream_time += sent.elapsed();
-        let bytes = match bytes {
-            Ok(b) => b,
-            Err(e) => {
-                return Response::openai_error(
-                    502,
-                    "server_error",
-                    None,
-                    &format!("replica {replica_name} failed: {e}"),
-                )
-            }
-        };
-        drop(in_flight);
-        // Metered the moment the answer has been handed to the kernel,
-        // before the next request on the connection is read (see
-        // `Response::after_sent`): reading the usage, spooling the record
-        // and settling the limits no longer delay the answer.
-        let meter = Meter::new(g, caller.tenant, model, &replica_name, request_id, bound);
-        let answer = bytes.clone();
-        after_sent = Some(Box::new(move || {
-            if (200..300).contains(&status) {
-                if let Some(reported) = usage_of(&answer) {
-                    meter.record(reported, &mut ticket);
-                }
-            }
-            drop(ticket);
-        }));
-        ResponseBody::Full(bytes)
-    };
-    let mut response = Response {
-        status,
-        headers: Vec::with_capacity(8),
-        body,
-        after_sent,
-    };
-    if let Some(ct) = content_type {
-        response.header("content-type", ct);
-    }
-    response.header("x-atrium-replica", replica_name);
-    record_overhead(g, &mut response, started, upstream_time);
-    response
+    ))
 }
 
 /// How long the usage shipper waits to fill a batch.
 pub const USAGE_FLUSH: Duration = Duration::from_millis(200);
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn estimate(body: Value, cap: Option<u64>) -> (u64, Option<u64>) {
-        let text = body.to_string();
-        let kind = if body.get("input").is_some() {
-            Kind::Embedding
-        } else if body.get("prompt").is_some() {
-            Kind::Completion
-        } else {
-            Kind::Chat
-        };
-        token_estimate(&ProxyRequest::parse(text.as_bytes(), kind).unwrap(), cap)
-    }
-
-    #[test]
-    fn estimates_bound_prompt_and_completion() {
-        let chat = json!({"model": "m", "messages": [{"role": "user", "content": "hello"}], "max_tokens": 10, "n": 2});
-        assert_eq!(estimate(chat, Some(100)), (5 + 8 + 20, None));
-        let open = json!({"model": "m", "messages": [{"role": "user", "content": "hi"}]});
-        assert_eq!(estimate(open.clone(), Some(50)), (2 + 8 + 50, Some(50)));
-        assert_eq!(
-            estimate(open, Some(1_000_000)),
-            (
-                10 + DEFAULT_MAX_TOKENS_UNDER_LIMIT,
-                Some(DEFAULT_MAX_TOKENS_UNDER_LIMIT)
-            )
-        );
-        let embed = json!({"model": "e", "input": ["abc", "de"]});
-        assert_eq!(estimate(embed, Some(10)), (5, None));
-        // Parts, multi-byte text (counted in bytes) and
-        // `max_completion_tokens` before `max_tokens`.
-        let parts = json!({"model": "m", "max_completion_tokens": 3, "max_tokens": 100,
-            "messages": [{"role": "user", "content": [{"type": "text", "text": "é"}, "ab"]}]});
-        assert_eq!(estimate(parts, None), (2 + 2 + 8 + 3, None));
-        // Text nested past any OpenAI shape still counts.
-        let deep = json!({"model": "m", "max_tokens": 1, "prompt": [[[[["abcdef"]]]]]});
-        assert_eq!(estimate(deep, None), (6 + 1, None));
-    }
-}

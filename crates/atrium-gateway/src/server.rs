@@ -9,7 +9,6 @@ use std::io;
 use std::time::{Duration, SystemTime};
 
 use bytes::{Bytes, BytesMut};
-use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
@@ -153,14 +152,9 @@ impl Response {
         }
     }
 
-    pub fn json(status: u16, value: &Value) -> Response {
-        Response::new(status, "application/json", value.to_string())
-    }
-
-    /// An error in OpenAI's shape, so SDKs raise their usual exceptions.
-    pub fn openai_error(status: u16, kind: &str, code: Option<&str>, message: &str) -> Response {
-        let body = serde_json::json!({"error": {"message": message, "type": kind, "param": null, "code": code}});
-        Response::json(status, &body)
+    pub fn json(status: u16, value: &impl serde::Serialize) -> Response {
+        let body = serde_json::to_vec(value).unwrap_or_default();
+        Response::new(status, "application/json", body)
     }
 
     pub fn header(&mut self, name: &'static str, value: impl Into<String>) {
@@ -264,8 +258,11 @@ where
         {
             Ok(r) => r,
             Err(ReadError::Http(e)) => {
-                let refusal =
-                    Response::openai_error(e.status, "invalid_request_error", None, &e.message);
+                let refusal = crate::refusal::Refusal::Protocol {
+                    status: e.status,
+                    message: e.message,
+                }
+                .into_response();
                 let _ = write_response(&mut stream, &mut out, refusal, false, false).await;
                 // Closing with unread bytes would reset the connection and
                 // could destroy the answer before the client reads it: say

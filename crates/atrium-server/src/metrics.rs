@@ -8,17 +8,12 @@ use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use atrium_core::histogram::Histogram;
+
 /// Upper bounds (seconds) of the request latency histogram.
-const BUCKETS: [f64; 12] = [
+const BUCKETS: &[f64] = &[
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
 ];
-
-#[derive(Default)]
-struct Histogram {
-    counts: [u64; BUCKETS.len()],
-    count: u64,
-    sum: f64,
-}
 
 #[derive(Default)]
 pub struct Metrics {
@@ -43,15 +38,9 @@ impl Metrics {
                 .or_default() += 1;
         }
         if let Ok(mut m) = self.latency.lock() {
-            let h = m.entry(route.to_string()).or_default();
-            let secs = elapsed.as_secs_f64();
-            for (i, bound) in BUCKETS.iter().enumerate() {
-                if secs <= *bound {
-                    h.counts[i] += 1;
-                }
-            }
-            h.count += 1;
-            h.sum += secs;
+            m.entry(route.to_string())
+                .or_insert_with(|| Histogram::new(BUCKETS))
+                .observe(elapsed);
         }
     }
 
@@ -78,28 +67,8 @@ impl Metrics {
         out.push_str("# TYPE atrium_http_request_duration_seconds histogram\n");
         if let Ok(m) = self.latency.lock() {
             for (route, h) in m.iter() {
-                for (i, bound) in BUCKETS.iter().enumerate() {
-                    let _ = writeln!(
-                        out,
-                        "atrium_http_request_duration_seconds_bucket{{route=\"{route}\",le=\"{bound}\"}} {}",
-                        h.counts[i]
-                    );
-                }
-                let _ = writeln!(
-                    out,
-                    "atrium_http_request_duration_seconds_bucket{{route=\"{route}\",le=\"+Inf\"}} {}",
-                    h.count
-                );
-                let _ = writeln!(
-                    out,
-                    "atrium_http_request_duration_seconds_sum{{route=\"{route}\"}} {}",
-                    h.sum
-                );
-                let _ = writeln!(
-                    out,
-                    "atrium_http_request_duration_seconds_count{{route=\"{route}\"}} {}",
-                    h.count
-                );
+                let labels = format!("route=\"{route}\"");
+                h.render(&mut out, "atrium_http_request_duration_seconds", &labels);
             }
         }
         out.push_str(

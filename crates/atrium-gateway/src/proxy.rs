@@ -1,0 +1,508 @@
+//! One proxied request (`/v1/chat/completions`, `/v1/completions`,
+//! `/v1/embeddings`), in three phases: `admit` (the key, the body, the
+//! key's and tenant's limits), `send` (the route, with retries on connect
+//! failures to other replicas), and `respond` (the answer passed on as it
+//! comes, metered). Each phase refuses with a [`Refusal`], rendered in one
+//! place.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use tokio::sync::mpsc;
+
+use crate::affinity::TenantSalt;
+use crate::limits;
+use crate::meter::{usage_of, Meter, UsageBound};
+use crate::outgoing::Outgoing;
+use crate::refusal::Refusal;
+use crate::request::{self, Kind, ProxyRequest};
+use crate::routes::{self, Caller, Target};
+use crate::server::{self, Request, Response, ResponseBody};
+use crate::upstream;
+use crate::Gateway;
+
+/// `route` (a proxied path) for `request`, with its request id and site.
+pub async fn proxy(g: &Gateway, route: &str, request: Request) -> Response {
+    let started = Instant::now();
+    let request_id = new_request_id();
+    let raw = request.body;
+    let authorization = request.head.authorization.as_deref();
+    let mut response = match admit(g, route, &raw, authorization) {
+        Ok(mut admitted) => match send(g, route, &mut admitted, &request_id).await {
+            Ok(sent) => respond(g, admitted, sent, &request_id).await,
+            Err(refusal) => Err(refusal),
+        },
+        Err(refusal) => Err(refusal),
+    }
+    .map_or_else(Refusal::into_response, |(mut response, upstream_time)| {
+        record_overhead(g, &mut response, started, upstream_time);
+        response
+    });
+    response.header("x-request-id", request_id);
+    response.header("x-atrium-site", g.site.clone());
+    response
+}
+
+/// `req_` and 96 random bits in hex, built without the formatting
+/// machinery (it is on every request's path).
+fn new_request_id() -> String {
+    let mut hex = [0u8; 24];
+    // 12 bytes into 24 hex digits: the lengths match, so this cannot fail.
+    let _ = hex::encode_to_slice(rand::random::<[u8; 12]>(), &mut hex);
+    let mut id = String::with_capacity(4 + hex.len());
+    id.push_str("req_");
+    id.push_str(std::str::from_utf8(&hex).unwrap_or_default());
+    id
+}
+
+/// A request admitted: who asks, what, and the limits' ticket.
+struct Admitted<'r> {
+    caller: Caller,
+    kind: Kind,
+    model: String,
+    body: Outgoing<'r>,
+    streaming: bool,
+    /// What the upstream's usage is checked against before it is billed.
+    bound: UsageBound,
+    ticket: Option<limits::Ticket>,
+}
+
+/// Authenticates, parses and admits `raw` against the key's and the
+/// tenant's limits (together).
+fn admit<'r>(
+    g: &Gateway,
+    route: &str,
+    raw: &'r Bytes,
+    authorization: Option<&str>,
+) -> Result<Admitted<'r>, Refusal> {
+    let caller = crate::authenticate(g, authorization)?;
+    if !caller.may_infer {
+        return Err(Refusal::NoInferenceScope);
+    }
+    let kind = match route {
+        "/v1/embeddings" => Kind::Embedding,
+        "/v1/completions" => Kind::Completion,
+        _ => Kind::Chat,
+    };
+    let parsed = ProxyRequest::parse(raw, kind).map_err(Refusal::BadRequest)?;
+    let model = parsed.model().to_string();
+    let mut body = Outgoing::new(raw.clone(), parsed);
+    let streaming = body.request().streams();
+    // Metering needs the token counts of streamed answers too.
+    if streaming && kind != Kind::Embedding {
+        body.set(
+            "stream_options",
+            &IncludeUsage {
+                include_usage: true,
+            },
+        );
+    }
+    let token_cap = [caller.key_limits, caller.tenant_limits]
+        .iter()
+        .flat_map(|l| [l.tokens_per_minute, l.tokens_per_day])
+        .flatten()
+        .min();
+    let (estimate, set_max) = match token_cap {
+        Some(_) => token_estimate(body.request(), token_cap),
+        None => (0, None),
+    };
+    if let Some(m) = set_max {
+        body.set("max_tokens", &m);
+    }
+    let bound = UsageBound::of(raw.len(), body.request(), set_max);
+    let scopes = [
+        limits::Scoped {
+            kind: limits::ScopeKind::Key,
+            id: &caller.key,
+            limits: caller.key_limits,
+        },
+        limits::Scoped {
+            kind: limits::ScopeKind::Tenant,
+            id: &caller.tenant,
+            limits: caller.tenant_limits,
+        },
+    ];
+    let ticket = g
+        .limiter
+        .admit(&scopes, estimate, limits::system_now)
+        .map_err(|exceeded| {
+            let who = match exceeded.scope {
+                limits::ScopeKind::Key => caller.key.clone(),
+                limits::ScopeKind::Tenant => caller.tenant.clone(),
+            };
+            Refusal::RateLimited { exceeded, who }
+        })?;
+    Ok(Admitted {
+        caller,
+        kind,
+        model,
+        body,
+        streaming,
+        bound,
+        ticket,
+    })
+}
+
+/// `"stream_options": {"include_usage": true}`.
+#[derive(serde::Serialize)]
+struct IncludeUsage {
+    include_usage: bool,
+}
+
+/// The upstream's answer (its head read), who gave it, and the time spent
+/// waiting on upstreams so far.
+struct Sent {
+    upstream: upstream::Response,
+    replica_name: String,
+    in_flight: Option<InFlight>,
+    upstream_time: Duration,
+}
+
+/// Routes the request (tenant-salted prefix affinity over the ready
+/// replicas) and sends it; a connect failure, after which nothing was
+/// sent, is retried on another replica.
+async fn send(
+    g: &Gateway,
+    route: &str,
+    a: &mut Admitted<'_>,
+    request_id: &str,
+) -> Result<Sent, Refusal> {
+    let salt = g.salter.tenant(&a.caller.tenant);
+    let affinity = salt.affinity_key(a.body.request().prompt_prefix());
+    let mut tried: Vec<String> = Vec::new();
+    let mut upstream_time = Duration::ZERO;
+    let mut encoded: Option<Bytes> = None;
+    loop {
+        let target = g
+            .routes
+            .read()
+            .map_err(|_| Refusal::Internal("route table unavailable"))?
+            .target(&a.caller.tenant, &a.model, affinity, &tried)
+            .ok_or_else(|| Refusal::ModelNotFound(a.model.clone()))?;
+        let dest = destination(g, a, &salt, target, &tried).await?;
+        let text = encoded.get_or_insert_with(|| a.body.encode()).clone();
+        let peer = match &dest {
+            Dest::External(external, addrs) => upstream::Peer {
+                pool: &external.pool,
+                authority: &external.authority,
+                prefix: external.url.as_ref().map_or("", |u| u.path.as_str()),
+                addrs,
+            },
+            Dest::Replica(replica, _) => upstream::Peer {
+                pool: &replica.id,
+                authority: &replica.address.authority,
+                prefix: &replica.address.prefix,
+                addrs: &[],
+            },
+        };
+        let started = Instant::now();
+        let result = g.upstreams.post(&peer, route, request_id, &text).await;
+        upstream_time += started.elapsed();
+        let (replica_name, replica) = match dest {
+            Dest::External(..) => ("external".to_string(), None),
+            Dest::Replica(replica, in_flight) => (replica.name.clone(), Some((replica, in_flight))),
+        };
+        let sent = |upstream, in_flight| Sent {
+            upstream,
+            replica_name: replica_name.clone(),
+            in_flight,
+            upstream_time,
+        };
+        match (result, replica) {
+            (Ok(r), Some((replica, in_flight))) => {
+                replica.breaker.success();
+                return Ok(sent(r, Some(in_flight)));
+            }
+            (Ok(r), None) => return Ok(sent(r, None)),
+            (Err(e), Some((replica, _))) if e.is_connect() && tried.len() + 1 < ATTEMPTS => {
+                replica.breaker.failure();
+                tracing::warn!(replica = %replica_name, error = %e, "gateway: replica unreachable; trying another");
+                tried.push(replica.id.clone());
+            }
+            (Err(e), replica) => {
+                if let Some((replica, _)) = replica {
+                    replica.breaker.failure();
+                }
+                return Err(Refusal::Upstream(format!(
+                    "replica {replica_name} unreachable: {e}"
+                )));
+            }
+        }
+    }
+}
+
+/// Where `target` sends the request, with the body made right for it: the
+/// external model's name, or this tenant's cache salt for a replica (and
+/// never a salt the client chose).
+async fn destination(
+    g: &Gateway,
+    a: &mut Admitted<'_>,
+    salt: &TenantSalt,
+    target: Target,
+    tried: &[String],
+) -> Result<Dest, Refusal> {
+    match target {
+        Target::External(external) => {
+            let addrs = egress_for(g, &external).await?;
+            a.body.set("model", &external.model);
+            // A shared upstream's cache must not be steered by a client.
+            a.body.remove("cache_salt");
+            Ok(Dest::External(external, addrs))
+        }
+        Target::Replica {
+            replica,
+            takes_cache_salt,
+        } => {
+            if takes_cache_salt && a.kind != Kind::Embedding {
+                a.body.set("cache_salt", &salt.hex);
+            } else {
+                a.body.remove("cache_salt");
+            }
+            replica.outstanding.fetch_add(1, Ordering::Relaxed);
+            let in_flight = InFlight(replica.outstanding.clone());
+            Ok(Dest::Replica(replica, in_flight))
+        }
+        Target::NoneReady { deployment, state } => {
+            Err(Refusal::NoReadyReplica(if tried.is_empty() {
+                format!(
+                    "deployment `{deployment}` has no ready replica yet ({state}); retry shortly"
+                )
+            } else {
+                format!(
+                    "no replica of `{deployment}` could be reached ({} tried)",
+                    tried.len()
+                )
+            }))
+        }
+    }
+}
+
+/// Passes the upstream's answer on and meters it: a stream as it comes
+/// (the usage chunk read on the way), a full answer once it is in the
+/// kernel's hands. Returns the response and the upstream time in all.
+async fn respond(
+    g: &Gateway,
+    a: Admitted<'_>,
+    sent: Sent,
+    request_id: &str,
+) -> Result<(Response, Duration), Refusal> {
+    let Sent {
+        upstream,
+        replica_name,
+        in_flight,
+        mut upstream_time,
+    } = sent;
+    let status = upstream.head.status;
+    let content_type = upstream.head.content_type.clone();
+    let mut upstream_body = upstream.body;
+    let meter = Meter::new(
+        g,
+        a.caller.tenant,
+        a.model,
+        &replica_name,
+        request_id,
+        a.bound,
+    );
+    let mut ticket = a.ticket;
+    let mut after_sent: Option<server::AfterSent> = None;
+    let body = if a.streaming && (200..300).contains(&status) {
+        let (tx, rx) = mpsc::channel::<Bytes>(32);
+        tokio::spawn(async move {
+            let _in_flight = in_flight;
+            let mut line = Vec::new();
+            let mut metered = false;
+            let mut client_gone = false;
+            while let Some(chunk) = upstream_body.chunk().await {
+                let Ok(chunk) = chunk else { break };
+                // Look for the usage chunk while passing every byte on as is;
+                // it is metered before it is passed on.
+                for b in chunk.iter() {
+                    if *b == b'\n' {
+                        if let Some(data) = line.strip_prefix(b"data: ") {
+                            if let Some(reported) = usage_of(data) {
+                                if !metered {
+                                    metered = true;
+                                    meter.record(reported, &mut ticket);
+                                }
+                            }
+                        }
+                        line.clear();
+                    } else {
+                        line.push(*b);
+                    }
+                }
+                // A client that hangs up mid-stream is still billed for
+                // what the replica computes: keep reading to the usage
+                // chunk (the replica finishes the sequence either way).
+                if !client_gone && tx.send(chunk).await.is_err() {
+                    client_gone = true;
+                }
+            }
+        });
+        ResponseBody::Stream(rx)
+    } else {
+        let started = Instant::now();
+        let bytes = upstream_body.collect().await;
+        upstream_time += started.elapsed();
+        let bytes =
+            bytes.map_err(|e| Refusal::Upstream(format!("replica {replica_name} failed: {e}")))?;
+        drop(in_flight);
+        // Metered the moment the answer has been handed to the kernel,
+        // before the next request on the connection is read (see
+        // `Response::after_sent`): reading the usage, spooling the record
+        // and settling the limits no longer delay the answer.
+        let answer = bytes.clone();
+        after_sent = Some(Box::new(move || {
+            if (200..300).contains(&status) {
+                if let Some(reported) = usage_of(&answer) {
+                    meter.record(reported, &mut ticket);
+                }
+            }
+            drop(ticket);
+        }));
+        ResponseBody::Full(bytes)
+    };
+    let mut response = Response {
+        status,
+        headers: Vec::with_capacity(8),
+        body,
+        after_sent,
+    };
+    if let Some(ct) = content_type {
+        response.header("content-type", ct);
+    }
+    response.header("x-atrium-replica", replica_name);
+    Ok((response, upstream_time))
+}
+
+/// The time a request spent in the gateway itself, its upstream excluded.
+fn record_overhead(g: &Gateway, response: &mut Response, started: Instant, upstream: Duration) {
+    let overhead = started.elapsed().saturating_sub(upstream);
+    g.metrics.observe_overhead(overhead);
+    response.header("x-atrium-overhead-us", overhead.as_micros().to_string());
+}
+
+/// Where a request is being sent.
+enum Dest {
+    /// An external upstream, at the addresses the egress policy allowed.
+    External(Arc<routes::External>, Vec<std::net::SocketAddr>),
+    Replica(Arc<routes::Serving>, InFlight),
+}
+
+/// The addresses an external upstream may be reached at, or the refusal
+/// to answer: its URL unusable, a scheme the gateway cannot speak, or an
+/// address the egress policy refuses.
+async fn egress_for(
+    g: &Gateway,
+    external: &routes::External,
+) -> Result<Vec<std::net::SocketAddr>, Refusal> {
+    let url = external
+        .url
+        .as_ref()
+        .map_err(|why| Refusal::UpstreamUnusable(why.clone()))?;
+    if url.scheme != atrium_core::url::Scheme::Http {
+        return Err(Refusal::UpstreamUnusable(format!(
+            "{url}: this gateway reaches upstreams over plain http:// only"
+        )));
+    }
+    external
+        .resolved
+        .get(&g.egress, url)
+        .await
+        .map_err(Refusal::UpstreamNotAllowed)
+}
+
+/// Decrements a replica's in-flight count when the request is over,
+/// however it ends.
+struct InFlight(Arc<AtomicU64>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Upstream attempts per request: the first replica and two others, each
+/// only after a connect failure (nothing was sent, so nothing can repeat).
+const ATTEMPTS: usize = 3;
+
+/// A request without `max_tokens` under a token limit is capped at this
+/// (or at the limit, if lower), so its budget can be reserved up front.
+pub const DEFAULT_MAX_TOKENS_UNDER_LIMIT: u64 = 4096;
+
+/// An upper bound of the tokens a request can use, and the completion
+/// limit to enforce (set when the client gave none). Prompt tokens are
+/// bounded by the prompt's bytes (byte-level BPE yields at most one token
+/// per byte) plus a per-message template allowance.
+pub fn token_estimate(body: &ProxyRequest<'_>, limits_cap: Option<u64>) -> (u64, Option<u64>) {
+    const PER_MESSAGE: u64 = 8;
+    let prompt = match body.prompt_bytes() {
+        (bytes, Some(messages)) => bytes.saturating_add(messages.saturating_mul(PER_MESSAGE)),
+        (bytes, None) => bytes,
+    };
+    let choices = body.get("n").and_then(request::as_u64).unwrap_or(1).max(1);
+    let asked = body
+        .get("max_completion_tokens")
+        .or_else(|| body.get("max_tokens"))
+        .and_then(request::as_u64);
+    let is_embedding = body.kind() == Kind::Embedding;
+    let (completion, set) = match (asked, is_embedding) {
+        (_, true) => (0, None),
+        (Some(m), false) => (m, None),
+        (None, false) => {
+            let cap = limits_cap
+                .unwrap_or(DEFAULT_MAX_TOKENS_UNDER_LIMIT)
+                .clamp(1, DEFAULT_MAX_TOKENS_UNDER_LIMIT);
+            (cap, Some(cap))
+        }
+    };
+    (
+        prompt.saturating_add(completion.saturating_mul(choices)),
+        set,
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::{json, Value};
+
+    fn estimate(body: Value, cap: Option<u64>) -> (u64, Option<u64>) {
+        let text = body.to_string();
+        let kind = if body.get("input").is_some() {
+            Kind::Embedding
+        } else if body.get("prompt").is_some() {
+            Kind::Completion
+        } else {
+            Kind::Chat
+        };
+        token_estimate(&ProxyRequest::parse(text.as_bytes(), kind).unwrap(), cap)
+    }
+
+    #[test]
+    fn estimates_bound_prompt_and_completion() {
+        let chat = json!({"model": "m", "messages": [{"role": "user", "content": "hello"}], "max_tokens": 10, "n": 2});
+        assert_eq!(estimate(chat, Some(100)), (5 + 8 + 20, None));
+        let open = json!({"model": "m", "messages": [{"role": "user", "content": "hi"}]});
+        assert_eq!(estimate(open.clone(), Some(50)), (2 + 8 + 50, Some(50)));
+        assert_eq!(
+            estimate(open, Some(1_000_000)),
+            (
+                10 + DEFAULT_MAX_TOKENS_UNDER_LIMIT,
+                Some(DEFAULT_MAX_TOKENS_UNDER_LIMIT)
+            )
+        );
+        let embed = json!({"model": "e", "input": ["abc", "de"]});
+        assert_eq!(estimate(embed, Some(10)), (5, None));
+        // Parts, multi-byte text (counted in bytes) and
+        // `max_completion_tokens` before `max_tokens`.
+        let parts = json!({"model": "m", "max_completion_tokens": 3, "max_tokens": 100,
+            "messages": [{"role": "user", "content": [{"type": "text", "text": "é"}, "ab"]}]});
+        assert_eq!(estimate(parts, None), (2 + 2 + 8 + 3, None));
+        // Text nested past any OpenAI shape still counts.
+        let deep = json!({"model": "m", "max_tokens": 1, "prompt": [[[[["abcdef"]]]]]});
+        assert_eq!(estimate(deep, None), (6 + 1, None));
+    }
+}
