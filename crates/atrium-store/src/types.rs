@@ -218,4 +218,3 @@ pub struct Page {
     /// Pass as `after` to read the next page; `None` on the last page.
     pub next_after: Option<String>,
 }
-
