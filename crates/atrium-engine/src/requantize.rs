@@ -9,7 +9,24 @@ use std::path::Path;
 use candle_core::quantized::{gguf_file, GgmlDType, QTensor};
 use candle_core::Device;
 
+use atrium_pull::{PullError, Requantizer};
+
 use crate::EngineError;
+
+/// The Q8_0 re-quantisation, for `atrium_pull::pull`.
+#[derive(Debug, Clone, Copy)]
+pub struct Q8_0;
+
+impl Requantizer for Q8_0 {
+    fn requantize(
+        &self,
+        src: &Path,
+        dst: &Path,
+        progress: &mut dyn FnMut(usize, usize),
+    ) -> Result<(), PullError> {
+        requantize_q8_0(src, dst, progress).map_err(|e| PullError(e.to_string()))
+    }
+}
 
 /// GGUF `general.file_type` of a mostly-Q8_0 file.
 const FILE_TYPE_Q8_0: u32 = 7;
@@ -19,7 +36,7 @@ const FILE_TYPE_Q8_0: u32 = 7;
 pub fn requantize_q8_0(
     src: &Path,
     dst: &Path,
-    mut progress: impl FnMut(usize, usize),
+    progress: &mut dyn FnMut(usize, usize),
 ) -> Result<(), EngineError> {
     let err = |e: candle_core::Error| EngineError::Load(format!("{}: {e}", src.display()));
     let mut file = std::fs::File::open(src)

@@ -5,15 +5,16 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use atrium_engine::pull::{self, PulledModel};
+use atrium_engine::requantize::Q8_0;
 use atrium_engine::simulated::SimulatedConfig;
 use atrium_engine::EngineKind;
+use atrium_pull::{self as pull, PulledModel};
 use base64::Engine as _;
 use serde_json::{json, Value};
 
 fn pulled(name: &str) -> PulledModel {
     let entry = pull::lookup(name).unwrap();
-    pull::pull(&pull::default_cache_dir(), entry, true, |_| {}).unwrap()
+    pull::pull(&pull::default_cache_dir(), entry, Some(&Q8_0), |_| {}).unwrap()
 }
 
 async fn serve(kind: EngineKind, name: &str) -> String {

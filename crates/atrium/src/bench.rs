@@ -7,7 +7,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, Context, Result};
 use atrium_engine::chat::{GenerationEvent, SamplingParams};
-use atrium_engine::pull;
+use atrium_engine::requantize::Q8_0;
+use atrium_pull as pull;
 use futures::StreamExt;
 use reqwest::Method;
 use serde_json::{json, Value};
@@ -16,7 +17,7 @@ use crate::up::{Stack, LOCAL_SITE};
 
 fn model(name: &str) -> Result<PathBuf> {
     let entry = pull::lookup(name).ok_or_else(|| anyhow!("{name} is not in the catalogue"))?;
-    Ok(pull::pull(&pull::default_cache_dir(), entry, true, |_| {})?.path)
+    Ok(pull::pull(&pull::default_cache_dir(), entry, Some(&Q8_0), |_| {})?.path)
 }
 
 /// Embedded inputs per second at a batch size, over at least `min_time`.

