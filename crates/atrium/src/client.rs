@@ -10,18 +10,7 @@ pub enum Output {
     Json,
 }
 
-/// Percent-encodes a path segment or query value.
-pub fn encode(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for b in s.bytes() {
-        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
-            out.push(char::from(b));
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
-}
+pub use atrium_client::encode;
 
 /// Columns of a table: a header and a JSON pointer into each item.
 pub type Columns = &'static [(&'static str, &'static str)];

@@ -399,11 +399,10 @@ fn print(report: &Report, output: Output) {
             let rows: Vec<serde_json::Value> = report
                 .checks
                 .iter()
-                .map(|c| {
-                    serde_json::json!({
-                        "check": c.check, "subject": c.subject, "expected": c.expected,
-                        "observed": c.observed, "result": if c.pass { "pass" } else { "FAIL" },
-                    })
+                .filter_map(|c| {
+                    let mut row = serde_json::to_value(c).ok()?;
+                    row["result"] = (if c.pass { "pass" } else { "FAIL" }).into();
+                    Some(row)
                 })
                 .collect();
             format!(

@@ -37,7 +37,7 @@ async fn ensure<R: Resource>(
     }
 }
 
-fn model(source: &str, format: ModelFormat, task: ModelTask) -> ModelSpec {
+pub(crate) fn model(source: &str, format: ModelFormat, task: ModelTask) -> ModelSpec {
     ModelSpec {
         source: source.to_string(),
         format,
@@ -47,7 +47,7 @@ fn model(source: &str, format: ModelFormat, task: ModelTask) -> ModelSpec {
 }
 
 /// One replica of `model` in this machine's site.
-fn local_deployment(model: &str, cpu: &str, memory: &str) -> Result<DeploymentSpec> {
+pub(crate) fn local_deployment(model: &str, cpu: &str, memory: &str) -> Result<DeploymentSpec> {
     Ok(DeploymentSpec {
         model: model.to_string(),
         engine: EngineKind::Embedded,

@@ -6,9 +6,9 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
+use crate::bench::ChatRequest;
 use anyhow::{bail, Context, Result};
 use futures::StreamExt;
-use serde_json::json;
 
 use super::peers::pinned;
 use super::{Row, CONCURRENCY, LATENCY_ROUNDS, MODEL, P99_BOUND_US, TTFT_SAMPLES};
@@ -132,8 +132,7 @@ pub(super) fn percentile(sorted: &[f64], p: f64) -> f64 {
 /// Times to the first streamed byte, sequentially.
 pub(super) async fn ttft(url: &str, key: &str) -> Result<(f64, f64, u64)> {
     let http = reqwest::Client::builder().tcp_nodelay(true).build()?;
-    let body = json!({"model": MODEL, "stream": true, "max_tokens": 16,
-        "messages": [{"role": "user", "content": "Say something short."}]});
+    let body = ChatRequest::user(MODEL, "Say something short.", 16, true);
     let mut samples = Vec::with_capacity(TTFT_SAMPLES);
     let mut errors = 0;
     for i in 0..TTFT_SAMPLES + 20 {
@@ -160,9 +159,12 @@ pub(super) async fn ttft(url: &str, key: &str) -> Result<(f64, f64, u64)> {
 }
 
 pub(super) fn wrk_script(dir: &Path, name: &str, key: &str) -> Result<PathBuf> {
-    let body = json!({"model": MODEL, "max_tokens": 4,
-        "messages": [{"role": "user", "content": "Hello, how are you today?"}]})
-    .to_string();
+    let body = serde_json::to_string(&ChatRequest::user(
+        MODEL,
+        "Hello, how are you today?",
+        4,
+        false,
+    ))?;
     let script = format!(
         "wrk.method = \"POST\"\nwrk.body = '{body}'\nwrk.headers[\"Content-Type\"] = \"application/json\"\nwrk.headers[\"Authorization\"] = \"Bearer {key}\"\n"
     );

@@ -28,7 +28,6 @@ use std::time::Duration;
 use anyhow::{anyhow, Context, Result};
 use atrium_client::ControlPlane;
 use serde::Serialize;
-use serde_json::{json, Value};
 
 use crate::client::Output;
 
@@ -86,6 +85,37 @@ struct Row {
     /// CPU time per request of each process behind this row, in the run
     /// that gave `peak_rps` (µs; the proxy and upstream share one core).
     cpu_us_per_request: BTreeMap<String, f64>,
+}
+
+/// `bench-gateway.json`: one entry per row (`null` for a peer that did not
+/// run), and the summary.
+#[derive(Serialize)]
+struct Report<'a> {
+    #[serde(flatten)]
+    rows: BTreeMap<&'a str, &'a Option<Row>>,
+    summary: Summary,
+}
+
+#[derive(Serialize)]
+struct Summary {
+    cores: usize,
+    proxy_core: Option<usize>,
+    load_core: Option<usize>,
+    seconds_per_run: u64,
+    p99_bound_us: f64,
+    litellm_note: Option<String>,
+    #[serde(flatten)]
+    compared: Option<Compared>,
+}
+
+/// Atrium's and nginx's hops beside the direct row.
+#[derive(Clone, Serialize)]
+struct Compared {
+    atrium_added_p50_us: f64,
+    atrium_added_p99_us: f64,
+    atrium_added_ttft_us: f64,
+    nginx_added_p50_us: f64,
+    atrium_rps_vs_nginx: f64,
 }
 
 pub async fn run(args: Args) -> Result<()> {
@@ -347,26 +377,35 @@ pub async fn run(args: Args) -> Result<()> {
             r.ttft_p50_us - d.ttft_p50_us,
         )
     };
-    let mut doc = serde_json::Map::new();
-    for (name, row) in &rows {
-        doc.insert((*name).to_string(), serde_json::to_value(row)?);
-    }
-    let mut summary = json!({"cores": cores, "proxy_core": proxy_core, "load_core": load_core,
-        "seconds_per_run": args.seconds, "p99_bound_us": P99_BOUND_US, "litellm_note": litellm_note});
-    if let (Some(d), Some(n), Some(a)) = (&direct, &nginx, &atrium) {
-        let (p50, p99, ttft) = added(a, d);
-        summary["atrium_added_p50_us"] = json!(p50);
-        summary["atrium_added_p99_us"] = json!(p99);
-        summary["atrium_added_ttft_us"] = json!(ttft);
-        summary["nginx_added_p50_us"] = json!(n.p50_us - d.p50_us);
-        summary["atrium_rps_vs_nginx"] = json!(if n.max_rps > 0.0 {
-            a.max_rps / n.max_rps
-        } else {
-            0.0
-        });
-    }
-    doc.insert("summary".into(), summary.clone());
-    let doc = Value::Object(doc);
+    let compared = match (&direct, &nginx, &atrium) {
+        (Some(d), Some(n), Some(a)) => {
+            let (p50, p99, ttft) = added(a, d);
+            Some(Compared {
+                atrium_added_p50_us: p50,
+                atrium_added_p99_us: p99,
+                atrium_added_ttft_us: ttft,
+                nginx_added_p50_us: n.p50_us - d.p50_us,
+                atrium_rps_vs_nginx: if n.max_rps > 0.0 {
+                    a.max_rps / n.max_rps
+                } else {
+                    0.0
+                },
+            })
+        }
+        _ => None,
+    };
+    let doc = Report {
+        rows: rows.iter().map(|(name, row)| (*name, row)).collect(),
+        summary: Summary {
+            cores,
+            proxy_core,
+            load_core,
+            seconds_per_run: args.seconds,
+            p99_bound_us: P99_BOUND_US,
+            litellm_note: litellm_note.clone(),
+            compared: compared.clone(),
+        },
+    };
     std::fs::write(&args.out, serde_json::to_vec_pretty(&doc)?)
         .with_context(|| format!("cannot write {}", args.out.display()))?;
 
@@ -437,13 +476,13 @@ pub async fn run(args: Args) -> Result<()> {
             if let Some(note) = &litellm_note {
                 println!("note: {note}");
             }
-            if let Some(ratio) = summary["atrium_rps_vs_nginx"].as_f64() {
+            if let Some(c) = &compared {
                 println!(
                     "atrium adds {:.0} µs at p50, {:.0} µs at p99, {:.0} µs to the first streamed byte; max throughput {:.0}% of nginx's",
-                    summary["atrium_added_p50_us"].as_f64().unwrap_or(0.0),
-                    summary["atrium_added_p99_us"].as_f64().unwrap_or(0.0),
-                    summary["atrium_added_ttft_us"].as_f64().unwrap_or(0.0),
-                    ratio * 100.0
+                    c.atrium_added_p50_us,
+                    c.atrium_added_p99_us,
+                    c.atrium_added_ttft_us,
+                    c.atrium_rps_vs_nginx * 100.0
                 );
             }
             println!("\nwrote {}", args.out.display());

@@ -19,7 +19,9 @@ use atrium_core::node::{NodeCapacity, NodeSpec, NodeState};
 use atrium_core::placement::ReplicaStatus;
 use atrium_core::site::{SiteKind, SiteSpec};
 use atrium_core::tenant::TenantSpec;
-use serde_json::{json, Value};
+use serde_json::Value;
+
+use crate::bench::ChatRequest;
 
 use super::{LITELLM_KEY, MODEL};
 
@@ -246,7 +248,7 @@ pub(super) async fn wait_routed(gateway: &str, key: &str) -> Result<()> {
         let probe = http
             .post(format!("{gateway}/v1/chat/completions"))
             .bearer_auth(key)
-            .json(&json!({"model": MODEL, "max_tokens": 1, "messages": [{"role": "user", "content": "hi"}]}))
+            .json(&ChatRequest::user(MODEL, "hi", 1, false))
             .send()
             .await?;
         if listed && probe.status().is_success() {
