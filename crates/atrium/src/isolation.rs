@@ -24,41 +24,21 @@ use crate::client::Output;
 
 #[derive(Args)]
 pub struct SandboxExecArgs {
-    /// cgroup.procs files to join
-    #[arg(long)]
-    cgroup_procs: Vec<PathBuf>,
-    /// Network namespace (under /run/netns) to enter
-    #[arg(long)]
-    netns: Option<String>,
-    /// Bind SOURCE read-only at TARGET in a mount namespace of its own
-    #[arg(long = "ro-bind", num_args = 2, value_names = ["SOURCE", "TARGET"])]
-    ro_bind: Vec<PathBuf>,
-    #[arg(long)]
-    uid: Option<u32>,
-    #[arg(long)]
-    gid: Option<u32>,
-    /// The program and its arguments
-    #[arg(last = true, required = true)]
-    command: Vec<OsString>,
+    /// --cgroup-procs FILE.. --netns NAME --ro-bind SOURCE TARGET..
+    /// --uid N --gid N -- PROGRAM ARGS.. (read by the agent's
+    /// `ExecRequest`, which also writes them)
+    #[arg(trailing_var_arg = true, allow_hyphen_values = true, required = true)]
+    args: Vec<OsString>,
 }
 
 /// Runs a command inside a sandbox; returns only on failure.
 pub fn sandbox_exec(args: SandboxExecArgs) -> anyhow::Error {
-    let mut command = args.command.into_iter();
-    let program = command.next().unwrap_or_default();
-    let e = sandbox::exec_sandboxed(sandbox::ExecRequest {
-        cgroup_procs: args.cgroup_procs,
-        netns: args.netns,
-        binds: args
-            .ro_bind
-            .chunks_exact(2)
-            .map(|pair| (pair[0].clone(), pair[1].clone()))
-            .collect(),
-        uid: args.uid,
-        gid: args.gid,
-        program: program.clone(),
-        args: command.collect(),
-    });
+    let request = match sandbox::ExecRequest::parse(args.args) {
+        Ok(r) => r,
+        Err(e) => return anyhow!("sandbox-exec: {e}"),
+    };
+    let program = request.program.clone();
+    let e = sandbox::exec_sandboxed(request);
     anyhow!("sandbox-exec {}: {e}", program.to_string_lossy())
 }
 

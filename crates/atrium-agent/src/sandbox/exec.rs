@@ -38,6 +38,88 @@ pub struct ExecRequest {
     pub args: Vec<OsString>,
 }
 
+impl ExecRequest {
+    /// The arguments of `atrium sandbox-exec` carrying this request, up to
+    /// and including `--` (the program and its arguments follow): with
+    /// [`ExecRequest::parse`], the one place its flags are spelled.
+    pub fn flags(&self) -> Vec<OsString> {
+        let mut out: Vec<OsString> = Vec::new();
+        for procs in &self.cgroup_procs {
+            out.extend(["--cgroup-procs".into(), procs.clone().into_os_string()]);
+        }
+        if let Some(ns) = &self.netns {
+            out.extend(["--netns".into(), ns.into()]);
+        }
+        for (source, target) in &self.binds {
+            out.extend([
+                "--ro-bind".into(),
+                source.clone().into_os_string(),
+                target.clone().into_os_string(),
+            ]);
+        }
+        if let Some(uid) = self.uid {
+            out.extend(["--uid".into(), uid.to_string().into()]);
+        }
+        if let Some(gid) = self.gid {
+            out.extend(["--gid".into(), gid.to_string().into()]);
+        }
+        out.push("--".into());
+        out
+    }
+
+    /// The flags and everything after them (`--`, the program, its
+    /// arguments).
+    pub fn to_args(&self) -> Vec<OsString> {
+        let mut out = self.flags();
+        out.push(self.program.clone());
+        out.extend(self.args.iter().cloned());
+        out
+    }
+
+    /// Reads what [`ExecRequest::to_args`] writes.
+    pub fn parse(args: impl IntoIterator<Item = OsString>) -> Result<ExecRequest, String> {
+        let mut args = args.into_iter();
+        let mut req = ExecRequest::default();
+        let value = |flag: &str, args: &mut dyn Iterator<Item = OsString>| {
+            args.next().ok_or_else(|| format!("{flag} needs a value"))
+        };
+        let id = |flag: &str, v: OsString| {
+            v.to_str()
+                .and_then(|v| v.parse::<u32>().ok())
+                .ok_or_else(|| format!("{flag} {v:?} is not a number"))
+        };
+        loop {
+            let Some(arg) = args.next() else {
+                return Err("give the program after --".into());
+            };
+            match arg.to_str() {
+                Some("--cgroup-procs") => req
+                    .cgroup_procs
+                    .push(value("--cgroup-procs", &mut args)?.into()),
+                Some("--netns") => {
+                    let ns = value("--netns", &mut args)?;
+                    req.netns = Some(
+                        ns.into_string()
+                            .map_err(|ns| format!("--netns {ns:?} is not UTF-8"))?,
+                    );
+                }
+                Some("--ro-bind") => {
+                    let source = value("--ro-bind", &mut args)?;
+                    let target = value("--ro-bind", &mut args)?;
+                    req.binds.push((source.into(), target.into()));
+                }
+                Some("--uid") => req.uid = Some(id("--uid", value("--uid", &mut args)?)?),
+                Some("--gid") => req.gid = Some(id("--gid", value("--gid", &mut args)?)?),
+                Some("--") => break,
+                _ => return Err(format!("unknown sandbox-exec argument {arg:?}")),
+            }
+        }
+        req.program = args.next().ok_or("give the program after --")?;
+        req.args = args.collect();
+        Ok(req)
+    }
+}
+
 /// Turns this process into the sandboxed workload (see the module doc),
 /// keeping its PID. Returns only on failure. Must run before any other
 /// thread exists: entering a namespace changes only the calling thread.
@@ -152,4 +234,35 @@ fn open_exactly(path: &Path) -> Result<std::os::fd::OwnedFd, io::Error> {
         return Err(refused(format!("resolves to {} now", opened.display())));
     }
     Ok(fd)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_arguments_read_back_as_written() {
+        let req = ExecRequest {
+            cgroup_procs: vec!["/sys/fs/cgroup/a/cgroup.procs".into()],
+            netns: Some("atrium201-acme".into()),
+            binds: vec![("/models/m".into(), "/views/acme/m".into())],
+            uid: Some(2003296),
+            gid: Some(2003296),
+            program: "/bin/engine".into(),
+            args: vec!["--listen".into(), "--".into()],
+        };
+        let back = ExecRequest::parse(req.to_args()).unwrap();
+        assert_eq!(format!("{back:?}"), format!("{req:?}"));
+        for bad in [
+            &["--uid", "x", "--", "p"][..],
+            &["--bogus", "--", "p"],
+            &["--netns"],
+            &["--"],
+        ] {
+            assert!(
+                ExecRequest::parse(bad.iter().map(OsString::from)).is_err(),
+                "{bad:?}"
+            );
+        }
+    }
 }

@@ -488,7 +488,7 @@ impl Host {
         // Both become path components, cgroup and namespace names: the
         // control plane validated them, and so does the agent.
         check_names(id, &tenant.tenant)?;
-        let mut launcher: Vec<OsString> = vec!["sandbox-exec".into()];
+        let mut exec = ExecRequest::default();
         let mut report = Vec::new();
         // Whatever still runs in the workload's cgroup was started by an
         // agent that died before recording it (a recorded live engine is
@@ -500,15 +500,13 @@ impl Host {
             Cgroups::V1 { .. } => report.push("cgroup=v1".to_string()),
             Cgroups::Unavailable(why) => report.push(format!("cgroup=no ({why})")),
         }
-        for p in procs {
-            launcher.extend(["--cgroup-procs".into(), p.into_os_string()]);
-        }
+        exec.cgroup_procs = procs;
         let mut listen_ip = "127.0.0.1".to_string();
         match &self.netns {
             Ok(()) => {
                 self.ensure_network(tenant)?;
                 let ns = self.netns_name(&tenant.tenant);
-                launcher.extend(["--netns".into(), ns.clone().into()]);
+                exec.netns = Some(ns.clone());
                 listen_ip = self.addresses(tenant.slot).1;
                 report.push(format!("netns={ns}"));
                 report.push(match &self.firewall {
@@ -536,22 +534,13 @@ impl Host {
                     Some(model) => {
                         let source = PathBuf::from(model.as_str());
                         let point = views::mount_point(&self.views_dir(&tenant.tenant), &source)?;
-                        launcher.extend([
-                            "--ro-bind".into(),
-                            source.into_os_string(),
-                            point.clone().into_os_string(),
-                        ]);
                         *model = point.display().to_string();
+                        exec.binds.push((source, point));
                         "read-only bind"
                     }
                     None => "none",
                 };
-                launcher.extend([
-                    "--uid".into(),
-                    uid.to_string().into(),
-                    "--gid".into(),
-                    uid.to_string().into(),
-                ]);
+                (exec.uid, exec.gid) = (Some(uid), Some(uid));
                 report.push(format!("uid={uid} dir=0700 models={models}"));
                 let home = work_dir.display().to_string();
                 env.push(("HOME".into(), home.clone()));
@@ -566,7 +555,9 @@ impl Host {
             _ => "by environment only",
         };
         report.push(format!("pids={PIDS_LIMIT} gpus={gpu_report} ({devices})"));
-        launcher.push("--".into());
+        let launcher = std::iter::once("sandbox-exec".into())
+            .chain(exec.flags())
+            .collect();
         Ok(Sandbox {
             launcher,
             env,
