@@ -41,6 +41,7 @@ use atrium_core::placement::PlacementSpec;
 
 mod cgroup;
 mod exec;
+mod net;
 mod views;
 
 pub use cgroup::{detect_cgroups, CgroupStats, Cgroups, PIDS_LIMIT};
@@ -51,10 +52,6 @@ pub use views::confine;
 /// uids and gids of tenants start here: far above any distribution's
 /// regular and system users.
 const TENANT_ID_BASE: u32 = 2_000_000;
-/// Replicas of one tenant start and stop concurrently: one at a time makes
-/// or removes a tenant's namespace, the others find it made.
-static NETWORK: std::sync::Mutex<()> = std::sync::Mutex::new(());
-
 /// Where the agent keeps its sandboxes, and which address block its tenant
 /// networks use: `10.<octet>.0.0/16`, one /30 per tenant. The octet also
 /// names this agent's cgroups, namespaces, interfaces and firewall table,
@@ -290,25 +287,6 @@ impl Host {
         self.config.network_octet
     }
 
-    pub fn netns_name(&self, tenant: &str) -> String {
-        format!("atrium{}-{tenant}", self.octet())
-    }
-
-    fn veth_names(&self, slot: u32) -> (String, String) {
-        let stem = format!("at{}t{slot}", self.octet());
-        (format!("{stem}h"), format!("{stem}n"))
-    }
-
-    /// Host-side and namespace-side addresses of a tenant slot's /30.
-    pub fn addresses(&self, slot: u32) -> (String, String) {
-        let base = slot * 4;
-        let net = format!("10.{}.{}", self.octet(), base / 256);
-        (
-            format!("{net}.{}", base % 256 + 1),
-            format!("{net}.{}", base % 256 + 2),
-        )
-    }
-
     pub fn tenant_id(&self, slot: u32) -> u32 {
         TENANT_ID_BASE + u32::from(self.octet()) * 16_384 + slot
     }
@@ -326,10 +304,6 @@ impl Host {
         self.config.root.join("views").join(tenant)
     }
 
-    fn firewall_table(&self) -> String {
-        format!("atrium_{}", self.octet())
-    }
-
     /// Installs this agent's firewall table (replacing an older one in the
     /// same transaction) and its cgroup parents.
     pub fn prepare(&self) -> Result<(), String> {
@@ -337,24 +311,7 @@ impl Host {
             return Ok(());
         }
         if self.firewall.is_ok() && self.netns.is_ok() {
-            let (table, ifaces) = (self.firewall_table(), format!("at{}t*", self.octet()));
-            let rules = format!(
-                "add table inet {table}\n\
-                 delete table inet {table}\n\
-                 table inet {table} {{\n\
-                 chain input {{\n\
-                 type filter hook input priority -10; policy accept;\n\
-                 iifname \"{ifaces}\" ct state established,related accept\n\
-                 iifname \"{ifaces}\" drop\n\
-                 }}\n\
-                 chain forward {{\n\
-                 type filter hook forward priority -10; policy accept;\n\
-                 iifname \"{ifaces}\" drop\n\
-                 oifname \"{ifaces}\" drop\n\
-                 }}\n\
-                 }}\n"
-            );
-            run_with_input("nft", &["-f", "-"], &rules)?;
+            self.install_firewall()?;
         }
         match &self.cgroups {
             Cgroups::V2 { base } => {
@@ -380,7 +337,7 @@ impl Host {
             return;
         }
         if self.firewall.is_ok() {
-            let _ = run("nft", &["delete", "table", "inet", &self.firewall_table()]);
+            self.remove_firewall();
         }
         for dir in self.cgroup_dirs(None) {
             let _ = std::fs::remove_dir(dir);
@@ -393,47 +350,6 @@ impl Host {
             let _ = std::fs::remove_dir(self.config.root.join(dir));
         }
         let _ = std::fs::remove_dir(&self.config.root);
-    }
-
-    fn ensure_network(&self, t: &TenantSlot) -> Result<(), String> {
-        let _one_at_a_time = NETWORK.lock().unwrap_or_else(|p| p.into_inner());
-        let ns = self.netns_name(&t.tenant);
-        let (host_if, ns_if) = self.veth_names(t.slot);
-        let (host_ip, ns_ip) = self.addresses(t.slot);
-        let complete = Path::new("/run/netns").join(&ns).exists()
-            && Path::new("/sys/class/net").join(&host_if).exists();
-        if complete {
-            return Ok(());
-        }
-        // Half-made by a crash: start over.
-        let _ = run("ip", &["netns", "del", &ns]);
-        let _ = run("ip", &["link", "del", &host_if]);
-        run("ip", &["netns", "add", &ns])?;
-        run(
-            "ip",
-            &[
-                "link", "add", &host_if, "type", "veth", "peer", "name", &ns_if, "netns", &ns,
-            ],
-        )?;
-        run(
-            "ip",
-            &["addr", "add", &format!("{host_ip}/30"), "dev", &host_if],
-        )?;
-        run("ip", &["link", "set", &host_if, "up"])?;
-        run(
-            "ip",
-            &[
-                "-n",
-                &ns,
-                "addr",
-                "add",
-                &format!("{ns_ip}/30"),
-                "dev",
-                &ns_if,
-            ],
-        )?;
-        run("ip", &["-n", &ns, "link", "set", &ns_if, "up"])?;
-        run("ip", &["-n", &ns, "link", "set", "lo", "up"])
     }
 
     /// A directory owned by the tenant, private to it.
@@ -596,9 +512,7 @@ impl Host {
             let _ = std::fs::remove_dir_all(&tenant_dir);
             let _ = std::fs::remove_dir_all(self.views_dir(&tenant.tenant));
             if self.netns.is_ok() {
-                let _one_at_a_time = NETWORK.lock().unwrap_or_else(|p| p.into_inner());
-                let _ = run("ip", &["netns", "del", &self.netns_name(&tenant.tenant)]);
-                let _ = run("ip", &["link", "del", &self.veth_names(tenant.slot).0]);
+                self.remove_network(tenant);
             }
         }
     }
