@@ -25,15 +25,7 @@ use serde_json::{json, Value};
 
 mod common;
 
-use common::{free_port, terminate, BIN};
-
-fn wait_for(what: &str, secs: u64, mut ok: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    while !ok() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
+use common::{admin_token, free_port, kill9, spawn_server, stop, terminate, wait_for, BIN};
 
 fn is_root() -> bool {
     std::fs::read_to_string("/proc/self/status")
@@ -65,20 +57,13 @@ struct Cloud {
 impl Drop for Cloud {
     fn drop(&mut self) {
         if let Some(mut agent) = self.agent.take() {
-            terminate(agent.id());
-            let deadline = Instant::now() + Duration::from_secs(20);
-            while agent.try_wait().unwrap().is_none() && Instant::now() < deadline {
-                std::thread::sleep(Duration::from_millis(50));
-            }
-            let _ = agent.kill();
-            let _ = agent.wait();
+            stop(&mut agent);
         }
         for child in [self.gateway.as_mut(), Some(&mut self.server)]
             .into_iter()
             .flatten()
         {
-            let _ = child.kill();
-            let _ = child.wait();
+            kill9(child);
         }
         let _ = Command::new("nft")
             .args(["delete", "table", "inet", &format!("atrium_{}", self.octet)])
@@ -96,23 +81,9 @@ impl Cloud {
     fn start(octet: u8) -> Cloud {
         let dir = tempfile::tempdir().unwrap();
         let port = free_port();
-        let server = Command::new(BIN)
-            .args(["server", "--listen", &format!("127.0.0.1:{port}")])
-            .args(["--log", "warn"])
-            .arg("--data-dir")
-            .arg(dir.path().join("server"))
-            .stdout(Stdio::null())
-            .spawn()
-            .unwrap();
+        let server = spawn_server(&dir.path().join("server"), port, &[]);
         let server_url = format!("http://127.0.0.1:{port}");
-        let health = format!("{server_url}/healthz");
-        wait_for("the control plane", 30, || {
-            reqwest::blocking::get(&health).is_ok_and(|r| r.status().is_success())
-        });
-        let token = std::fs::read_to_string(dir.path().join("server/admin.token"))
-            .unwrap()
-            .trim()
-            .to_string();
+        let token = admin_token(&dir.path().join("server"));
         let cloud = Cloud {
             dir,
             server,

@@ -17,7 +17,7 @@ use serde_json::{json, Value};
 
 mod common;
 
-use common::{free_port, BIN};
+use common::{admin_token, free_port, kill9, spawn_server, BIN};
 
 struct ServerProcess {
     child: Child,
@@ -32,43 +32,14 @@ impl ServerProcess {
     /// long it took to answer.
     fn start(data_dir: &Path, database_url: &str, port: u16) -> (ServerProcess, Duration) {
         let started = Instant::now();
-        let child = Command::new(BIN)
-            .args([
-                "server",
-                "--listen",
-                &format!("127.0.0.1:{port}"),
-                "--log",
-                "warn",
-            ])
-            .arg("--data-dir")
-            .arg(data_dir)
-            .arg("--database-url")
-            .arg(database_url)
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap();
-        let base = format!("http://127.0.0.1:{port}");
-        let mut p = ServerProcess {
+        let child = spawn_server(data_dir, port, &["--database-url", database_url]);
+        let p = ServerProcess {
             child,
-            base,
+            base: format!("http://127.0.0.1:{port}"),
             data_dir: data_dir.into(),
             database_url: database_url.into(),
             port,
         };
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            if let Ok(r) = reqwest::blocking::get(format!("{}/healthz", p.base)) {
-                if r.status() == 200 {
-                    break;
-                }
-            }
-            if let Some(status) = p.child.try_wait().unwrap() {
-                panic!("server exited early: {status}");
-            }
-            assert!(Instant::now() < deadline, "server did not become healthy");
-            std::thread::sleep(Duration::from_millis(10));
-        }
         (p, started.elapsed())
     }
 
@@ -78,22 +49,17 @@ impl ServerProcess {
     }
 
     fn kill9(&mut self) {
-        self.child.kill().unwrap(); // SIGKILL
-        self.child.wait().unwrap();
+        kill9(&mut self.child);
     }
 
     fn token(&self) -> String {
-        std::fs::read_to_string(self.data_dir.join("admin.token"))
-            .unwrap()
-            .trim()
-            .to_string()
+        admin_token(&self.data_dir)
     }
 }
 
 impl Drop for ServerProcess {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        kill9(&mut self.child);
     }
 }
 

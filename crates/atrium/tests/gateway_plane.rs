@@ -14,7 +14,6 @@ use std::collections::{HashMap, HashSet};
 use std::io::{BufReader, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -23,7 +22,7 @@ use serde_json::{json, Value};
 
 mod common;
 
-use common::{free_port, BIN};
+use common::{admin_token, free_port, spawn_server, wait_healthy, Proc};
 
 /// An OpenAI-shaped upstream that records every body it receives.
 struct Upstream {
@@ -123,29 +122,6 @@ fn stream_answer(out: &mut TcpStream, body: &Value, delay_ms: &AtomicU64) -> std
     out.write_all(b"0\r\n\r\n")
 }
 
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn wait_healthy(url: &str, child: &mut Child) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        if reqwest::blocking::get(url).is_ok_and(|r| r.status().is_success()) {
-            return;
-        }
-        if let Some(status) = child.try_wait().unwrap() {
-            panic!("{url}: process exited early: {status}");
-        }
-        assert!(Instant::now() < deadline, "{url} did not become ready");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
 /// A control plane with one hand-driven node: the test plays its agent.
 struct Plane {
     server_proc: Proc,
@@ -159,25 +135,9 @@ impl Plane {
     fn start() -> Plane {
         let dir = tempfile::tempdir().unwrap();
         let port = free_port();
-        let mut child = Command::new(BIN)
-            .args([
-                "server",
-                "--listen",
-                &format!("127.0.0.1:{port}"),
-                "--log",
-                "warn",
-            ])
-            .arg("--data-dir")
-            .arg(dir.path().join("server"))
-            .stdout(Stdio::null())
-            .spawn()
-            .unwrap();
+        let child = spawn_server(&dir.path().join("server"), port, &[]);
         let server = format!("http://127.0.0.1:{port}");
-        wait_healthy(&format!("{server}/healthz"), &mut child);
-        let token = std::fs::read_to_string(dir.path().join("server/admin.token"))
-            .unwrap()
-            .trim()
-            .to_string();
+        let token = admin_token(&dir.path().join("server"));
         let plane = Plane {
             server_proc: Proc(child),
             server,

@@ -25,7 +25,7 @@ use serde_json::{json, Value};
 
 mod common;
 
-use common::{free_port, terminate, BIN};
+use common::{free_port, kill9, spawn_server, stop, wait_for, BIN};
 
 /// Held by the parts of these tests that load the machine or measure CPU
 /// time, so the one does not starve the other (the tests of this file run
@@ -49,19 +49,6 @@ fn require_root() {
         uid, "0",
         "the isolation tests create namespaces, cgroups and firewall tables: run them as root"
     );
-}
-
-fn wait_for(what: &str, secs: u64, mut ok: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    while !ok() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-fn kill9(child: &mut Child) {
-    let _ = child.kill();
-    let _ = child.wait();
 }
 
 /// One node: control plane, its agent (simulated GPUs, simulated engines)
@@ -149,26 +136,10 @@ impl Node {
 
     fn start_server(&mut self) {
         self.server = Some(self.spawn_server());
-        let health = format!("{}/healthz", self.server_url());
-        wait_for("the control plane", 30, || {
-            reqwest::blocking::get(&health).is_ok_and(|r| r.status().is_success())
-        });
     }
 
     fn spawn_server(&self) -> Child {
-        Command::new(BIN)
-            .args([
-                "server",
-                "--listen",
-                &format!("127.0.0.1:{}", self.server_port),
-                "--log",
-                "warn",
-            ])
-            .arg("--data-dir")
-            .arg(self.dir.path().join("server"))
-            .stdout(Stdio::null())
-            .spawn()
-            .unwrap()
+        spawn_server(&self.dir.path().join("server"), self.server_port, &[])
     }
 
     fn start_agent(&mut self) {
@@ -318,12 +289,7 @@ impl Node {
     /// replicas and removes their sandboxes.
     fn stop_agent(&mut self) {
         if let Some(mut agent) = self.agent.take() {
-            terminate(agent.id());
-            let deadline = Instant::now() + Duration::from_secs(20);
-            while agent.try_wait().unwrap().is_none() && Instant::now() < deadline {
-                std::thread::sleep(Duration::from_millis(50));
-            }
-            kill9(&mut agent);
+            stop(&mut agent);
         }
     }
 }

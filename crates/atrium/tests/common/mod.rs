@@ -142,3 +142,77 @@ pub fn read_request(reader: &mut impl std::io::BufRead) -> Option<Vec<u8>> {
     reader.read_exact(&mut body).ok()?;
     Some(body)
 }
+
+/// Waits up to `secs` for `ok`, failing the test with `what` after.
+pub fn wait_for(what: &str, secs: u64, mut ok: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
+    while !ok() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
+/// `atrium server` on `port`, its data in `data_dir`, with `extra`
+/// arguments; returned once `/healthz` answers (failing the test if the
+/// process exits first).
+pub fn spawn_server(data_dir: &std::path::Path, port: u16, extra: &[&str]) -> std::process::Child {
+    let mut child = std::process::Command::new(BIN)
+        .args(["server", "--listen", &format!("127.0.0.1:{port}")])
+        .args(["--log", "warn"])
+        .arg("--data-dir")
+        .arg(data_dir)
+        .args(extra)
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_healthy(&format!("http://127.0.0.1:{port}/healthz"), &mut child);
+    child
+}
+
+/// Waits up to 30 s for `url` to answer 2xx, failing the test if `child`
+/// exits first.
+pub fn wait_healthy(url: &str, child: &mut std::process::Child) {
+    wait_for(url, 30, || {
+        if let Some(status) = child.try_wait().unwrap() {
+            panic!("{url}: the process exited early: {status}");
+        }
+        reqwest::blocking::get(url).is_ok_and(|r| r.status().is_success())
+    });
+}
+
+/// The provider's admin token a server wrote into `data_dir`.
+pub fn admin_token(data_dir: &std::path::Path) -> String {
+    std::fs::read_to_string(data_dir.join("admin.token"))
+        .unwrap()
+        .trim()
+        .to_string()
+}
+
+/// Stops a process as an operator would: SIGTERM, up to 20 s to finish
+/// (an agent stops its engines and removes their sandboxes), then SIGKILL.
+pub fn stop(child: &mut std::process::Child) {
+    terminate(child.id());
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while child.try_wait().unwrap().is_none() && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    kill9(child);
+}
+
+/// SIGKILL, and reap.
+pub fn kill9(child: &mut std::process::Child) {
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+/// A process killed (SIGKILL) when the test ends, however it ends.
+pub struct Proc(pub std::process::Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        kill9(&mut self.0);
+    }
+}
