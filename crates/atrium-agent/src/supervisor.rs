@@ -138,7 +138,7 @@ fn engine_args(config: &AgentConfig, spec: &PlacementSpec) -> Result<Vec<String>
         pulled(config, package)?
     } else if let Some(p) = spec.model_source.strip_prefix("path:") {
         // Whoever wrote the placement, a path reaches only the model roots.
-        crate::sandbox::confine(p, &config.all_model_roots())?
+        crate::sandbox::confine(p, &config.all_model_roots()).map_err(|e| e.to_string())?
     } else {
         return Err(format!(
             "model source {:?} cannot be run by the embedded engine",
@@ -378,7 +378,8 @@ impl ReplicaCtx {
             let mut args = engine_args(&shared.config, &spec)?;
             let sandbox = shared
                 .host
-                .enter(&id, &tenant, &spec, &shared.gpus, &mut args)?;
+                .enter(&id, &tenant, &spec, &shared.gpus, &mut args)
+                .map_err(|e| e.to_string())?;
             Ok::<_, String>((args, sandbox))
         })
         .await;

@@ -192,7 +192,7 @@ pub fn report(data_dir: &Path, network_octet: u8, output: Output) -> Result<()> 
         "yes",
         match &host.uid {
             Ok(()) => "yes".into(),
-            Err(why) => why.clone(),
+            Err(why) => why.to_string(),
         },
         host.uid.is_ok(),
     );

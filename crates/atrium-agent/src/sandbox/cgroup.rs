@@ -11,6 +11,8 @@ use atrium_core::placement::PlacementSpec;
 
 use super::{kill, Host};
 
+use super::SandboxError;
+
 /// Processes one workload may have at once (threads count too).
 pub const PIDS_LIMIT: u32 = 1024;
 
@@ -101,13 +103,13 @@ pub(super) fn kill_members(dirs: &[PathBuf]) {
     }
 }
 
-pub(super) fn enable_v2_controllers(dir: &Path) -> Result<(), String> {
+pub(super) fn enable_v2_controllers(dir: &Path) -> Result<(), SandboxError> {
     let file = dir.join("cgroup.subtree_control");
     let on = std::fs::read_to_string(&file).unwrap_or_default();
     for c in ["cpu", "memory", "pids"] {
         if !on.split_whitespace().any(|x| x == c) {
             std::fs::write(&file, format!("+{c}"))
-                .map_err(|e| format!("{}: +{c}: {e}", file.display()))?;
+                .map_err(|e| refused!("{}: +{c}: {e}", file.display()))?;
         }
     }
     Ok(())
@@ -133,18 +135,18 @@ impl Host {
         id: &str,
         spec: &PlacementSpec,
         gpus: &[Gpu],
-    ) -> Result<Vec<PathBuf>, String> {
+    ) -> Result<Vec<PathBuf>, SandboxError> {
         let cpu_quota_us = spec.resources.cpu.0 * CPU_PERIOD_US / 1000;
         let memory = spec.resources.memory.0;
-        let write = |dir: &Path, file: &str, value: String| -> Result<(), String> {
+        let write = |dir: &Path, file: &str, value: String| -> Result<(), SandboxError> {
             std::fs::write(dir.join(file), &value)
-                .map_err(|e| format!("{}/{file} = {value}: {e}", dir.display()))
+                .map_err(|e| refused!("{}/{file} = {value}: {e}", dir.display()))
         };
         let mut procs = Vec::new();
         match &self.cgroups {
             Cgroups::V2 { base } => {
                 let dir = base.join(id);
-                std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+                std::fs::create_dir_all(&dir).map_err(|e| SandboxError::at(&dir, e))?;
                 if cpu_quota_us > 0 {
                     write(&dir, "cpu.max", format!("{cpu_quota_us} {CPU_PERIOD_US}"))?;
                 }
@@ -159,7 +161,7 @@ impl Host {
             Cgroups::V1 { bases } => {
                 for (controller, base) in bases {
                     let dir = base.join(id);
-                    std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+                    std::fs::create_dir_all(&dir).map_err(|e| SandboxError::at(&dir, e))?;
                     match *controller {
                         "cpu" if cpu_quota_us > 0 => {
                             write(&dir, "cpu.cfs_period_us", CPU_PERIOD_US.to_string())?;

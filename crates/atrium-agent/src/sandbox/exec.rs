@@ -22,6 +22,8 @@ use std::process::Command;
 use rustix::fs::{FileType, Mode, OFlags};
 use rustix::mount::{MountFlags, MountPropagationFlags};
 
+use super::SandboxError;
+
 /// What `atrium sandbox-exec` is told.
 #[derive(Debug, Clone, Default)]
 pub struct ExecRequest {
@@ -77,20 +79,20 @@ impl ExecRequest {
     }
 
     /// Reads what [`ExecRequest::to_args`] writes.
-    pub fn parse(args: impl IntoIterator<Item = OsString>) -> Result<ExecRequest, String> {
+    pub fn parse(args: impl IntoIterator<Item = OsString>) -> Result<ExecRequest, SandboxError> {
         let mut args = args.into_iter();
         let mut req = ExecRequest::default();
         let value = |flag: &str, args: &mut dyn Iterator<Item = OsString>| {
-            args.next().ok_or_else(|| format!("{flag} needs a value"))
+            args.next().ok_or_else(|| refused!("{flag} needs a value"))
         };
         let id = |flag: &str, v: OsString| {
             v.to_str()
                 .and_then(|v| v.parse::<u32>().ok())
-                .ok_or_else(|| format!("{flag} {v:?} is not a number"))
+                .ok_or_else(|| refused!("{flag} {v:?} is not a number"))
         };
         loop {
             let Some(arg) = args.next() else {
-                return Err("give the program after --".into());
+                return Err(refused!("give the program after --"));
             };
             match arg.to_str() {
                 Some("--cgroup-procs") => req
@@ -100,7 +102,7 @@ impl ExecRequest {
                     let ns = value("--netns", &mut args)?;
                     req.netns = Some(
                         ns.into_string()
-                            .map_err(|ns| format!("--netns {ns:?} is not UTF-8"))?,
+                            .map_err(|ns| refused!("--netns {ns:?} is not UTF-8"))?,
                     );
                 }
                 Some("--ro-bind") => {
@@ -111,10 +113,12 @@ impl ExecRequest {
                 Some("--uid") => req.uid = Some(id("--uid", value("--uid", &mut args)?)?),
                 Some("--gid") => req.gid = Some(id("--gid", value("--gid", &mut args)?)?),
                 Some("--") => break,
-                _ => return Err(format!("unknown sandbox-exec argument {arg:?}")),
+                _ => return Err(refused!("unknown sandbox-exec argument {arg:?}")),
             }
         }
-        req.program = args.next().ok_or("give the program after --")?;
+        req.program = args
+            .next()
+            .ok_or_else(|| refused!("give the program after --"))?;
         req.args = args.collect();
         Ok(req)
     }

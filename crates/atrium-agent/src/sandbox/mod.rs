@@ -39,6 +39,39 @@ use std::time::Duration;
 use atrium_core::node::Gpu;
 use atrium_core::placement::PlacementSpec;
 
+/// Why a sandbox, or a host capability it needs, is not there. Its text
+/// is what an operator reads in the node's isolation summary and a tenant
+/// in its replica's status.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SandboxError {
+    /// A file or directory could not be made, changed or read.
+    #[error("{path}: {why}")]
+    Path { path: String, why: String },
+    /// A host tool (`ip`, `nft`) is missing or refused the change.
+    #[error("{0}")]
+    Tool(String),
+    /// Not allowed: a name, a path or a model source the sandbox will not
+    /// use, or a host that cannot enforce what is asked.
+    #[error("{0}")]
+    Refused(String),
+}
+
+impl SandboxError {
+    pub(crate) fn at(path: impl AsRef<Path>, why: impl std::fmt::Display) -> SandboxError {
+        SandboxError::Path {
+            path: path.as_ref().display().to_string(),
+            why: why.to_string(),
+        }
+    }
+}
+
+/// A refusal, as `format!` words it.
+macro_rules! refused {
+    ($($why:tt)*) => {
+        $crate::sandbox::SandboxError::Refused(format!($($why)*))
+    };
+}
+
 mod cgroup;
 mod exec;
 mod net;
@@ -91,11 +124,11 @@ pub struct Host {
     pub root: bool,
     pub cgroups: Cgroups,
     /// `Err(why)` when tenant network namespaces cannot be made.
-    pub netns: Result<(), String>,
+    pub netns: Result<(), SandboxError>,
     /// `Err(why)` when there is no firewall tool.
-    pub firewall: Result<(), String>,
+    pub firewall: Result<(), SandboxError>,
     /// `Err(why)` when a tenant's uid could not reach the engine binary.
-    pub uid: Result<(), String>,
+    pub uid: Result<(), SandboxError>,
     /// The `atrium` binary as a tenant's uid can run it: the agent's own
     /// when every directory above it lets others through, else a copy in
     /// the sandbox directory (`cargo install` puts it under `/root`).
@@ -121,11 +154,11 @@ pub struct Sandbox {
     pub isolation: String,
 }
 
-fn run(cmd: &str, args: &[&str]) -> Result<(), String> {
+fn run(cmd: &str, args: &[&str]) -> Result<(), SandboxError> {
     run_with_input(cmd, args, "")
 }
 
-fn run_with_input(cmd: &str, args: &[&str], input: &str) -> Result<(), String> {
+fn run_with_input(cmd: &str, args: &[&str], input: &str) -> Result<(), SandboxError> {
     use std::io::Write;
     let mut child = Command::new(cmd)
         .args(args)
@@ -133,19 +166,19 @@ fn run_with_input(cmd: &str, args: &[&str], input: &str) -> Result<(), String> {
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped())
         .spawn()
-        .map_err(|e| format!("{cmd}: {e}"))?;
+        .map_err(|e| SandboxError::Tool(format!("{cmd}: {e}")))?;
     if let Some(mut stdin) = child.stdin.take() {
         stdin
             .write_all(input.as_bytes())
-            .map_err(|e| format!("{cmd}: {e}"))?;
+            .map_err(|e| SandboxError::Tool(format!("{cmd}: {e}")))?;
     }
     let out = child
         .wait_with_output()
-        .map_err(|e| format!("{cmd}: {e}"))?;
+        .map_err(|e| SandboxError::Tool(format!("{cmd}: {e}")))?;
     if out.status.success() {
         Ok(())
     } else {
-        Err(format!(
+        Err(refused!(
             "{cmd} {}: {}",
             args.join(" "),
             String::from_utf8_lossy(&out.stderr).trim()
@@ -153,25 +186,25 @@ fn run_with_input(cmd: &str, args: &[&str], input: &str) -> Result<(), String> {
     }
 }
 
-fn found(tool: &str) -> Result<(), String> {
+fn found(tool: &str) -> Result<(), SandboxError> {
     Command::new(tool)
         .arg("--version")
         .output()
         .map(|_| ())
-        .map_err(|_| format!("{tool} not found"))
+        .map_err(|_| refused!("{tool} not found"))
 }
 
 /// Makes the sandbox directory: root's, searchable by all (tenants pass
 /// through to their own 0700 directories), listable by none.
-fn make_sandbox_root(root: &Path) -> Result<(), String> {
-    std::fs::create_dir_all(root).map_err(|e| format!("{}: {e}", root.display()))?;
+fn make_sandbox_root(root: &Path) -> Result<(), SandboxError> {
+    std::fs::create_dir_all(root).map_err(|e| SandboxError::at(root, e))?;
     std::fs::set_permissions(root, std::fs::Permissions::from_mode(0o711))
-        .map_err(|e| format!("{}: {e}", root.display()))?;
+        .map_err(|e| SandboxError::at(root, e))?;
     for dir in root.ancestors() {
         let searchable = dir.as_os_str().is_empty()
             || std::fs::metadata(dir).is_ok_and(|m| m.permissions().mode() & 0o001 != 0);
         if !searchable {
-            return Err(format!(
+            return Err(refused!(
                 "{} is not searchable by other users",
                 dir.display()
             ));
@@ -183,12 +216,12 @@ fn make_sandbox_root(root: &Path) -> Result<(), String> {
 /// The engine binary a tenant's uid can run: `binary` itself if it can,
 /// else a root-owned 0755 copy in `<sandbox root>/bin`, replaced by rename
 /// (engines running the old one keep it).
-fn binary_for_tenants(root: &Path, binary: &Path) -> Result<PathBuf, String> {
+fn binary_for_tenants(root: &Path, binary: &Path) -> Result<PathBuf, SandboxError> {
     if reachable_by_others(binary).is_ok() {
         return Ok(binary.to_path_buf());
     }
     let bin = root.join("bin");
-    let err = |p: &Path, e: io::Error| format!("{}: {e}", p.display());
+    let err = |p: &Path, e: io::Error| SandboxError::at(p, e);
     std::fs::create_dir_all(&bin).map_err(|e| err(&bin, e))?;
     std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755))
         .map_err(|e| err(&bin, e))?;
@@ -203,21 +236,24 @@ fn binary_for_tenants(root: &Path, binary: &Path) -> Result<PathBuf, String> {
 
 /// Whether every directory above `path` lets other users through, and
 /// `path` itself is readable by them: what a tenant's uid needs to run it.
-fn reachable_by_others(path: &Path) -> Result<(), String> {
-    let meta = std::fs::metadata(path).map_err(|e| format!("{}: {e}", path.display()))?;
+fn reachable_by_others(path: &Path) -> Result<(), SandboxError> {
+    let meta = std::fs::metadata(path).map_err(|e| SandboxError::at(path, e))?;
     if meta.permissions().mode() & 0o005 != 0o005 {
-        return Err(format!("{} is not readable by other users", path.display()));
+        return Err(refused!(
+            "{} is not readable by other users",
+            path.display()
+        ));
     }
     for dir in path.ancestors().skip(1) {
         if dir.as_os_str().is_empty() {
             continue;
         }
         let mode = std::fs::metadata(dir)
-            .map_err(|e| format!("{}: {e}", dir.display()))?
+            .map_err(|e| SandboxError::at(dir, e))?
             .permissions()
             .mode();
         if mode & 0o001 == 0 {
-            return Err(format!(
+            return Err(refused!(
                 "{} is not searchable by other users",
                 dir.display()
             ));
@@ -235,9 +271,9 @@ impl Host {
                 config,
                 root,
                 cgroups: Cgroups::Unavailable(why.clone()),
-                netns: Err(why.clone()),
-                firewall: Err(why.clone()),
-                uid: Err(why),
+                netns: Err(SandboxError::Refused(why.clone())),
+                firewall: Err(SandboxError::Refused(why.clone())),
+                uid: Err(SandboxError::Refused(why)),
                 tenant_binary: engine_binary.to_path_buf(),
             };
         }
@@ -246,7 +282,7 @@ impl Host {
         let (uid, tenant_binary) = match reachable {
             Ok(binary) => (Ok(()), binary),
             Err(e) => (
-                Err(format!(
+                Err(refused!(
                     "{e}; tenants' processes would not reach their files"
                 )),
                 engine_binary.to_path_buf(),
@@ -271,7 +307,7 @@ impl Host {
             Cgroups::V1 { .. } => "v1".to_string(),
             Cgroups::Unavailable(why) => format!("none ({why})"),
         };
-        let yes = |r: &Result<(), String>| match r {
+        let yes = |r: &Result<(), SandboxError>| match r {
             Ok(()) => "yes".to_string(),
             Err(why) => format!("no ({why})"),
         };
@@ -306,7 +342,7 @@ impl Host {
 
     /// Installs this agent's firewall table (replacing an older one in the
     /// same transaction) and its cgroup parents.
-    pub fn prepare(&self) -> Result<(), String> {
+    pub fn prepare(&self) -> Result<(), SandboxError> {
         if !self.root {
             return Ok(());
         }
@@ -317,13 +353,12 @@ impl Host {
             Cgroups::V2 { base } => {
                 let parent = base.parent().unwrap_or(base);
                 enable_v2_controllers(parent)?;
-                std::fs::create_dir_all(base).map_err(|e| format!("{}: {e}", base.display()))?;
+                std::fs::create_dir_all(base).map_err(|e| SandboxError::at(base, e))?;
                 enable_v2_controllers(base)?;
             }
             Cgroups::V1 { bases } => {
                 for (_, base) in bases {
-                    std::fs::create_dir_all(base)
-                        .map_err(|e| format!("{}: {e}", base.display()))?;
+                    std::fs::create_dir_all(base).map_err(|e| SandboxError::at(base, e))?;
                 }
             }
             Cgroups::Unavailable(_) => {}
@@ -353,11 +388,11 @@ impl Host {
     }
 
     /// A directory owned by the tenant, private to it.
-    fn private_dir(&self, dir: &Path, id: u32) -> Result<(), String> {
-        std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-        chown(dir, Some(id), Some(id)).map_err(|e| format!("chown {}: {e}", dir.display()))?;
+    fn private_dir(&self, dir: &Path, id: u32) -> Result<(), SandboxError> {
+        std::fs::create_dir_all(dir).map_err(|e| SandboxError::at(dir, e))?;
+        chown(dir, Some(id), Some(id)).map_err(|e| refused!("chown {}: {e}", dir.display()))?;
         std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
-            .map_err(|e| format!("chmod {}: {e}", dir.display()))
+            .map_err(|e| refused!("chmod {}: {e}", dir.display()))
     }
 
     /// Prepares the sandbox of workload `id`; `model` is the model path the
@@ -369,7 +404,7 @@ impl Host {
         spec: &PlacementSpec,
         gpus: &[Gpu],
         engine_args: &mut [String],
-    ) -> Result<Sandbox, String> {
+    ) -> Result<Sandbox, SandboxError> {
         let visible = visible_devices(spec, gpus);
         let mut env = vec![
             (
@@ -520,7 +555,7 @@ impl Host {
 
 /// Refuses a workload id or tenant name that could name anything but one
 /// path component, cgroup or namespace of its own.
-fn check_names(id: &str, tenant: &str) -> Result<(), String> {
+fn check_names(id: &str, tenant: &str) -> Result<(), SandboxError> {
     let plain = |s: &str| {
         !s.is_empty()
             && s.len() <= 64
@@ -528,7 +563,7 @@ fn check_names(id: &str, tenant: &str) -> Result<(), String> {
                 .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
     };
     if !plain(id) || atrium_core::name::validate_name(tenant).is_err() {
-        return Err(format!(
+        return Err(refused!(
             "workload {id:?} of tenant {tenant:?}: not a name the agent uses in paths"
         ));
     }
@@ -542,11 +577,11 @@ fn model_argument(args: &mut [String]) -> Option<&mut String> {
 }
 
 /// A directory of the agent's: root-owned, with `mode`.
-fn root_dir(dir: &Path, mode: u32) -> Result<(), String> {
-    std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-    chown(dir, Some(0), Some(0)).map_err(|e| format!("chown {}: {e}", dir.display()))?;
+fn root_dir(dir: &Path, mode: u32) -> Result<(), SandboxError> {
+    std::fs::create_dir_all(dir).map_err(|e| SandboxError::at(dir, e))?;
+    chown(dir, Some(0), Some(0)).map_err(|e| refused!("chown {}: {e}", dir.display()))?;
     std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode))
-        .map_err(|e| format!("chmod {}: {e}", dir.display()))
+        .map_err(|e| refused!("chmod {}: {e}", dir.display()))
 }
 
 pub fn kill(pid: u32) {
@@ -593,9 +628,9 @@ mod tests {
             },
             root: false,
             cgroups: Cgroups::Unavailable("test".into()),
-            netns: Err("test".into()),
-            firewall: Err("test".into()),
-            uid: Err("test".into()),
+            netns: Err(SandboxError::Refused("test".into())),
+            firewall: Err(SandboxError::Refused("test".into())),
+            uid: Err(SandboxError::Refused("test".into())),
             tenant_binary: PathBuf::from("/nonexistent/atrium"),
         }
     }

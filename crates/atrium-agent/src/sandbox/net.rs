@@ -6,7 +6,7 @@
 
 use std::path::Path;
 
-use super::{run, run_with_input, Host, TenantSlot};
+use super::{run, run_with_input, Host, SandboxError, TenantSlot};
 
 /// Replicas of one tenant start and stop concurrently: one at a time makes
 /// or removes a tenant's namespace, the others find it made.
@@ -38,7 +38,7 @@ impl Host {
 
     /// Installs this agent's firewall table, replacing an older one in the
     /// same transaction.
-    pub(super) fn install_firewall(&self) -> Result<(), String> {
+    pub(super) fn install_firewall(&self) -> Result<(), SandboxError> {
         let (table, ifaces) = (self.firewall_table(), format!("at{}t*", self.octet()));
         let rules = format!(
             "add table inet {table}\n\
@@ -63,7 +63,7 @@ impl Host {
         let _ = run("nft", &["delete", "table", "inet", &self.firewall_table()]);
     }
 
-    pub(super) fn ensure_network(&self, t: &TenantSlot) -> Result<(), String> {
+    pub(super) fn ensure_network(&self, t: &TenantSlot) -> Result<(), SandboxError> {
         let _one_at_a_time = NETWORK.lock().unwrap_or_else(|p| p.into_inner());
         let ns = self.netns_name(&t.tenant);
         let (host_if, ns_if) = self.veth_names(t.slot);

@@ -17,10 +17,12 @@
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
+use super::SandboxError;
+
 /// Where `source` resolves to, if that is inside one of `roots`.
-pub fn confine(source: &str, roots: &[PathBuf]) -> Result<PathBuf, String> {
+pub fn confine(source: &str, roots: &[PathBuf]) -> Result<PathBuf, SandboxError> {
     let resolved =
-        std::fs::canonicalize(source).map_err(|e| format!("model path {source}: {e}"))?;
+        std::fs::canonicalize(source).map_err(|e| refused!("model path {source}: {e}"))?;
     let inside = roots
         .iter()
         .filter_map(|r| std::fs::canonicalize(r).ok())
@@ -29,7 +31,7 @@ pub fn confine(source: &str, roots: &[PathBuf]) -> Result<PathBuf, String> {
         return Ok(resolved);
     }
     let roots: Vec<String> = roots.iter().map(|r| r.display().to_string()).collect();
-    Err(format!(
+    Err(refused!(
         "model path {source} (resolved to {}) is outside this node's model roots ({}): \
          the provider places models under a root, or adds one with --model-root",
         resolved.display(),
@@ -40,15 +42,14 @@ pub fn confine(source: &str, roots: &[PathBuf]) -> Result<PathBuf, String> {
 /// Checks that a tenant's uid can read what will be mounted: the source
 /// and, for a directory, everything directly in it. The files are not
 /// changed to make them readable; the provider makes them so.
-fn readable_by_tenants(source: &Path) -> Result<(), String> {
-    let check = |path: &Path| -> Result<(), String> {
-        let meta =
-            std::fs::symlink_metadata(path).map_err(|e| format!("{}: {e}", path.display()))?;
+fn readable_by_tenants(source: &Path) -> Result<(), SandboxError> {
+    let check = |path: &Path| -> Result<(), SandboxError> {
+        let meta = std::fs::symlink_metadata(path).map_err(|e| SandboxError::at(path, e))?;
         let need = if meta.is_dir() { 0o005 } else { 0o004 };
         if meta.file_type().is_symlink() || meta.mode() & need == need {
             return Ok(());
         }
-        Err(format!(
+        Err(refused!(
             "model file {} (mode {:o}) is not readable by tenants' processes; make it \
              world-readable",
             path.display(),
@@ -57,8 +58,8 @@ fn readable_by_tenants(source: &Path) -> Result<(), String> {
     };
     check(source)?;
     if source.is_dir() {
-        for entry in std::fs::read_dir(source).map_err(|e| format!("{}: {e}", source.display()))? {
-            let entry = entry.map_err(|e| format!("{}: {e}", source.display()))?;
+        for entry in std::fs::read_dir(source).map_err(|e| SandboxError::at(source, e))? {
+            let entry = entry.map_err(|e| SandboxError::at(source, e))?;
             check(&entry.path())?;
         }
     }
@@ -69,11 +70,11 @@ fn readable_by_tenants(source: &Path) -> Result<(), String> {
 /// root-owned file or directory under a directory named by the source's
 /// path (models of one name from different places must not share one).
 /// Returns the mount point, canonical: the path the engine is given.
-pub fn mount_point(views: &Path, source: &Path) -> Result<PathBuf, String> {
+pub fn mount_point(views: &Path, source: &Path) -> Result<PathBuf, SandboxError> {
     readable_by_tenants(source)?;
     let name = source
         .file_name()
-        .ok_or_else(|| format!("model path {} has no file name", source.display()))?;
+        .ok_or_else(|| refused!("model path {} has no file name", source.display()))?;
     let fnv = source
         .as_os_str()
         .as_encoded_bytes()
@@ -83,7 +84,7 @@ pub fn mount_point(views: &Path, source: &Path) -> Result<PathBuf, String> {
         });
     let holder = views.join(format!("{fnv:016x}"));
     let point = holder.join(name);
-    let err = |p: &Path, e: std::io::Error| format!("{}: {e}", p.display());
+    let err = |p: &Path, e: std::io::Error| SandboxError::at(p, e);
     let mode = |p: &Path, m: u32| {
         std::fs::set_permissions(p, std::fs::Permissions::from_mode(m)).map_err(|e| err(p, e))
     };
@@ -137,7 +138,7 @@ mod tests {
         ] {
             let e = confine(escape.as_str(), &roots).unwrap_err();
             assert!(
-                e.contains("model root") || e.contains("No such file"),
+                e.to_string().contains("model root") || e.to_string().contains("No such file"),
                 "{escape}: {e}"
             );
         }
@@ -174,7 +175,7 @@ mod tests {
         // A file its tenant could not read is refused with what to fix.
         std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600)).unwrap();
         let e = mount_point(&models, &file).unwrap_err();
-        assert!(e.contains("world-readable"), "{e}");
+        assert!(e.to_string().contains("world-readable"), "{e}");
         for d in [models.clone(), point.parent().unwrap().to_path_buf()] {
             std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o755)).unwrap();
         }
