@@ -25,10 +25,12 @@ pub struct Shape {
 }
 
 /// The typical shapes of a workload: shapes (CPU, GPU count, GPU share,
-/// GPU models; memory is not part of a shape) sorted by frequency, taken in
-/// steps of 10 until they cover `threshold_pct` of the pods, popularities
-/// renormalised to sum to 1 — the reference's `GetTypicalPods` with
-/// CPU-only pods included and a 95% threshold.
+/// GPU models; memory is not part of a shape) sorted by frequency, taken
+/// one at a time until they cover `threshold_pct` of the pods, popularities
+/// renormalised to sum to 1 — the reference's `GetTypicalPods` as its
+/// experiments configure it (CPU-only pods included, a 95% threshold,
+/// `podIncreaseStep: 1`; the function's own default step of 10 is not what
+/// the paper ran).
 pub fn typical_shapes(
     pods: &[Pod],
     model_index: &dyn Fn(&str) -> Option<usize>,
@@ -56,9 +58,8 @@ pub fn typical_shapes(
     let mut taken = 0usize;
     let mut covered = 0.0;
     while covered < expected && taken < sorted.len() {
-        let end = (taken + 10).min(sorted.len());
-        covered += sorted[taken..end].iter().map(|s| s.1).sum::<f64>();
-        taken = end;
+        covered += sorted[taken].1;
+        taken += 1;
     }
     sorted[..taken]
         .iter()
@@ -157,6 +158,21 @@ impl Pairing {
         };
         short(self.cpu_milli_per_gpu, cpu_left).max(short(self.memory_mib_per_gpu, mem_left))
     }
+
+    /// CPU and memory left beyond what the idle GPUs will want, each in
+    /// GPUs' worth, summed: how much room a node keeps for work that asks
+    /// no GPU. Negative where the idle GPUs are short of them.
+    pub fn surplus(&self, cpu_left: u32, mem_left: u32, gpu_left: &[u16]) -> f64 {
+        let idle_gpus = gpu_left.iter().map(|g| f64::from(*g)).sum::<f64>() / 1000.0;
+        let spare = |per_gpu: f64, left: u32| {
+            if per_gpu <= 0.0 {
+                0.0
+            } else {
+                f64::from(left) / per_gpu - idle_gpus
+            }
+        };
+        spare(self.cpu_milli_per_gpu, cpu_left) + spare(self.memory_mib_per_gpu, mem_left)
+    }
 }
 
 #[cfg(test)]
@@ -223,6 +239,11 @@ mod tests {
         // Memory short by a whole GPU's worth dominates.
         assert_eq!(pairing.stranded(16000, 32768, &[1000, 1000]), 1000.0);
         assert_eq!(pairing.stranded(16000, 65536, &[1000, 1000]), 0.0);
+        // 24 CPU and 64 GiB beside two idle GPUs: one GPU's worth of CPU
+        // to spare, none of memory; one idle GPU less spares one more each.
+        assert_eq!(pairing.surplus(24000, 65536, &[1000, 1000]), 1.0);
+        assert_eq!(pairing.surplus(24000, 65536, &[1000, 0]), 3.0);
+        assert_eq!(pairing.surplus(0, 0, &[1000]), -2.0);
     }
 
     #[test]
@@ -239,15 +260,12 @@ mod tests {
                 });
             }
         }
-        // 30 shapes with 30, 29, ... 1 pods (465): the first ten hold 255.
-        let shapes = typical_shapes(&pods, &|_| Some(0), 50.0);
-        assert_eq!(shapes.len(), 10, "ten cover 50%");
-        let shapes = typical_shapes(&pods, &|_| Some(0), 60.0);
-        assert_eq!(
-            shapes.len(),
-            20,
-            "taken in steps of ten until 60% is covered"
-        );
+        // 30 shapes with 30, 29, ... 1 pods (465): the first nine hold 234,
+        // the first ten 255, the first eleven 275.
+        let shapes = typical_shapes(&pods, &|_| Some(0), 51.0);
+        assert_eq!(shapes.len(), 10, "ten are the fewest that cover 51%");
+        let shapes = typical_shapes(&pods, &|_| Some(0), 59.0);
+        assert_eq!(shapes.len(), 11, "taken one at a time until 59% is covered");
         assert!((shapes.iter().map(|s| s.popularity).sum::<f64>() - 1.0).abs() < 1e-9);
         assert_eq!(shapes[0].cpu_milli, 1000, "most frequent first");
     }

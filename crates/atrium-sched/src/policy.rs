@@ -4,6 +4,7 @@
 use std::collections::HashMap;
 
 use rand::rngs::StdRng;
+use rand::seq::SliceRandom;
 use rand::Rng;
 
 use crate::frag::{node_fragmentation, typical_shapes, Pairing, Shape};
@@ -13,11 +14,14 @@ use crate::trace::{NodeSpec, Pod};
 pub const MILLI: u16 = 1000;
 
 /// How much a GPU-milli stranded for lack of CPU or memory weighs against
-/// one fragmented by share size, in the Atrium policy. Measured on the
-/// default trace (seeds 42–51): 0.1 → 95.79 %, 0.2 → 95.83 %, 0.3 →
-/// 95.90 %, 0.5 → 95.82 %, 1.0 → 95.83 %; flat enough that the exact value
-/// is not tuned to the seed set.
-pub const STRANDING_WEIGHT: f64 = 0.3;
+/// one fragmented by share size, in the Atrium policy. Measured at 130 %
+/// arrived, seeds 42–51 (default / cpu250 / multigpu40): 0.3 → 95.90 /
+/// 93.70 / 97.13, 1.0 → 95.92 / 93.71 / 97.28, 1.5 → 95.94 / 93.86 /
+/// 97.31, 3.0 → 95.92 / 93.08 / 97.31. Where CPU-only tasks crowd the GPU
+/// nodes, or whole-GPU tasks ask much CPU, CPU and memory decide which
+/// GPUs stay usable as much as share sizes do; much beyond that the
+/// packing of shares suffers.
+pub const STRANDING_WEIGHT: f64 = 1.5;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Policy {
@@ -36,8 +40,9 @@ pub enum Policy {
     Fgd,
     /// Atrium's own: FGD's score over the fragmentation decrease plus
     /// (weighted by `STRANDING_WEIGHT`) the decrease in GPUs stranded for
-    /// lack of the CPU or memory the workload pairs with a GPU; CPU-only
-    /// pods go where CPU is most in surplus of what the idle GPUs need.
+    /// lack of the CPU or memory the workload pairs with a GPU, for every
+    /// pod; of equal scores, CPU-only pods go where the most CPU and memory
+    /// stay spare beyond what the idle GPUs will want.
     Atrium,
 }
 
@@ -119,9 +124,9 @@ type FragKey = (u32, Option<usize>, Vec<u16>);
 
 pub struct Cluster {
     pub nodes: Vec<NodeState>,
-    names: Vec<String>,
-    /// Node indices in name order: ties go to the first, as the reference.
-    by_name: Vec<usize>,
+    /// The order nodes are visited in; of equal scores the first wins.
+    /// Name order until `shuffle_tie_order` draws another.
+    order: Vec<usize>,
     pub models: Vec<String>,
     shapes: Vec<Shape>,
     pairing: Pairing,
@@ -151,18 +156,26 @@ impl Cluster {
                 gpu_left: vec![MILLI; n.gpus as usize],
             })
             .collect();
-        let names: Vec<String> = specs.iter().map(|n| n.name.clone()).collect();
-        let mut by_name: Vec<usize> = (0..names.len()).collect();
-        by_name.sort_by(|a, b| names[*a].cmp(&names[*b]));
+        let mut order: Vec<usize> = (0..specs.len()).collect();
+        order.sort_by(|a, b| specs[*a].name.cmp(&specs[*b].name));
         Cluster {
             nodes,
-            names,
-            by_name,
+            order,
             models,
             shapes: Vec::new(),
             pairing: Pairing::of(&[]),
             frag_cache: HashMap::new(),
         }
+    }
+
+    /// Draws the order ties are broken in. The reference breaks ties by
+    /// the smallest node name, but its replay first prefixes every name
+    /// with its place in a random permutation (`syncClusterResourceList`),
+    /// so each run breaks ties in a random node order, not by the names the
+    /// trace gives — which group nodes of one type together and would pile
+    /// early pods onto whichever type sorts first.
+    pub fn shuffle_tie_order(&mut self, rng: &mut StdRng) {
+        self.order.shuffle(rng);
     }
 
     pub fn model_index(&self, name: &str) -> Option<usize> {
@@ -283,7 +296,7 @@ impl Cluster {
     /// Chooses a placement for `pod`, or None when no node fits.
     pub fn choose(&mut self, pod: &Pod, policy: Policy, rng: &mut StdRng) -> Option<Decision> {
         let feasible: Vec<usize> = self
-            .by_name
+            .order
             .iter()
             .copied()
             .filter(|i| self.fits(&self.nodes[*i], pod))
@@ -375,38 +388,21 @@ impl Cluster {
                 }
                 // The plugin has no score normalisation, and the reference's
                 // scheduler breaks ties by the smallest node name "for
-                // reproducibility" (its vendored selectHost).
+                // reproducibility" (its vendored selectHost): the first of
+                // the best in `order`.
                 let top = scored.iter().map(|s| s.0).max().unwrap_or(0);
-                let pick = scored
-                    .iter()
-                    .filter(|s| s.0 == top)
-                    .min_by(|a, b| self.names[a.1].cmp(&self.names[b.1]))?;
+                let pick = scored.iter().find(|s| s.0 == top)?;
                 Some(Decision {
                     node: pick.1,
                     gpus: pick.2.clone(),
                 })
             }
-            Policy::Atrium if pod.num_gpu == 0 => {
-                // CPU surplus after placing: CPU left beyond what the node's
-                // idle GPUs will want. Most surplus wins; ties by node order.
-                let surplus = |n: &NodeState| {
-                    f64::from(n.cpu_left - pod.cpu_milli)
-                        - n.gpu_left_total() as f64 / 1000.0 * self.pairing.cpu_milli_per_gpu
-                };
-                let node = feasible.iter().copied().reduce(|best, i| {
-                    if surplus(&self.nodes[i]) > surplus(&self.nodes[best]) {
-                        i
-                    } else {
-                        best
-                    }
-                })?;
-                Some(Decision {
-                    node,
-                    gpus: Vec::new(),
-                })
-            }
             Policy::Atrium => {
-                let mut best: Option<(i64, usize, Vec<usize>)> = None;
+                // (score, tie-break, node, GPUs): the best score wins; of
+                // equal scores, a CPU-only pod goes where the most CPU and
+                // memory stay spare beyond what idle GPUs will want, any
+                // other pod to the first in `order`.
+                let mut best: Option<(i64, f64, usize, Vec<usize>)> = None;
                 for &i in &feasible {
                     let node = self.nodes[i].clone();
                     let mem_after = node.mem_left.saturating_sub(pod.memory_mib);
@@ -421,15 +417,38 @@ impl Cluster {
                             + STRANDING_WEIGHT
                                 * self.pairing.stranded(cpu_after, mem_after, &gpu_after);
                         let score = (sigmoid((before - after) / 1000.0) * 100.0) as i64;
-                        // Nodes are visited in name order: the first of
-                        // equal scores wins, which packs as FGD's ties do.
-                        if best.as_ref().is_none_or(|b| score > b.0) {
-                            best = Some((score, i, gpus));
+                        let tie = if pod.num_gpu == 0 {
+                            self.pairing.surplus(cpu_after, mem_after, &gpu_after)
+                        } else {
+                            0.0
+                        };
+                        if best
+                            .as_ref()
+                            .is_none_or(|b| score > b.0 || (score == b.0 && tie > b.1))
+                        {
+                            best = Some((score, tie, i, gpus));
                         }
                     }
                 }
-                best.map(|(_, node, gpus)| Decision { node, gpus })
+                best.map(|(_, _, node, gpus)| Decision { node, gpus })
             }
+        }
+    }
+
+    /// Undoes a decision placed earlier: the pod has left.
+    pub fn release(&mut self, pod: &Pod, d: &Decision) {
+        let node = &mut self.nodes[d.node];
+        node.cpu_left = node
+            .cpu_left
+            .saturating_add(pod.cpu_milli)
+            .min(node.cpu_cap);
+        node.mem_left = node
+            .mem_left
+            .saturating_add(pod.memory_mib)
+            .min(node.mem_cap);
+        let take = u16::try_from(pod.gpu_milli).unwrap_or(MILLI);
+        for g in &d.gpus {
+            node.gpu_left[*g] = node.gpu_left[*g].saturating_add(take).min(MILLI);
         }
     }
 

@@ -58,9 +58,12 @@ pub fn simulate(
 ) -> SimResult {
     let mut rng = StdRng::seed_from_u64(seed);
     let mut cluster = Cluster::new(nodes);
+    cluster.shuffle_tie_order(&mut rng);
     let capacity = cluster.gpu_capacity().max(1);
     let workload = tuned_workload(pods, capacity, inflate, &mut rng);
-    cluster.set_workload(&workload);
+    // The reference learns typical pods from the trace as given, before
+    // shuffling and inflation (`sim.workloadPods`).
+    cluster.set_workload(pods);
 
     let mut allocation = Vec::with_capacity(STEPS);
     let mut fragmentation = Vec::with_capacity(STEPS);
