@@ -8,11 +8,16 @@
 //! (`trace`), the fragmentation measure of FGD ("Beware of Fragmentation",
 //! ATC'23) (`frag`), scoring policies — random, best-fit, packing,
 //! dot-product, FGD as its authors' simulator computes it, and Atrium's own
-//! (`policy`) — and the trace replay that compares them (`sim`).
+//! (`policy`) — and the trace replay that compares them (`sim`); `online`
+//! replays a trace with arrivals and departures (the policies and the
+//! fleet scheduler, preemption and gangs included), `sample` makes trace
+//! variants the way the paper's authors made theirs.
 
 pub mod fleet;
 pub mod frag;
 pub mod mig;
+pub mod online;
 pub mod policy;
+pub mod sample;
 pub mod sim;
 pub mod trace;

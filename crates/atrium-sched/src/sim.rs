@@ -114,15 +114,7 @@ pub fn simulate(
 mod tests {
     use super::*;
 
-    fn node(name: &str, gpus: u32) -> NodeSpec {
-        NodeSpec {
-            name: name.into(),
-            cpu_milli: 32000,
-            memory_mib: 65536,
-            gpus,
-            model: "T4".into(),
-        }
-    }
+    use crate::trace::t4_node as node;
 
     fn pod(cpu: u32, n: u32, milli: u32) -> Pod {
         Pod {

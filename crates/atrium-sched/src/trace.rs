@@ -143,6 +143,64 @@ pub fn parse_pods(csv: &str) -> Result<Vec<Pod>, ParseError> {
     Ok(out)
 }
 
+/// A pod with the trace's times, for the online replay.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TimedPod {
+    pub name: String,
+    pub pod: Pod,
+    /// The trace's QoS class (LS, BE, Burstable, Guaranteed; may be empty).
+    pub qos: String,
+    /// Seconds from the trace's origin.
+    pub created: u64,
+    /// Seconds it ran for (deletion − creation).
+    pub duration: u64,
+}
+
+/// Parses a pod list with `name`, `creation_time` and `deletion_time`
+/// columns besides the request's (and `qos` when present).
+pub fn parse_timed_pods(csv: &str) -> Result<Vec<TimedPod>, ParseError> {
+    let pods = parse_pods(csv)?;
+    let mut lines = csv.lines();
+    let header = lines.next().unwrap_or("");
+    let c = columns(header, &["name", "creation_time", "deletion_time"])?;
+    let qos = header.split(',').map(str::trim).position(|n| n == "qos");
+    let rows = lines.enumerate().filter(|(_, l)| !l.trim().is_empty());
+    let mut out = Vec::with_capacity(pods.len());
+    for ((i, l), pod) in rows.zip(pods) {
+        let line = i + 2;
+        let cells: Vec<&str> = l.split(',').collect();
+        let created: u64 = field(&cells, c[1], line, "creation_time")?;
+        let deleted: u64 = field(&cells, c[2], line, "deletion_time")?;
+        let duration = deleted.checked_sub(created).ok_or_else(|| ParseError {
+            line,
+            message: format!("deletion_time {deleted} is before creation_time {created}"),
+        })?;
+        out.push(TimedPod {
+            name: cells.get(c[0]).copied().unwrap_or("").trim().to_string(),
+            pod,
+            qos: qos
+                .and_then(|q| cells.get(q))
+                .map(|q| q.trim().to_string())
+                .unwrap_or_default(),
+            created,
+            duration,
+        });
+    }
+    Ok(out)
+}
+
+/// A 32-CPU, 64 GiB node with `gpus` T4s, for tests.
+#[cfg(test)]
+pub(crate) fn t4_node(name: &str, gpus: u32) -> NodeSpec {
+    NodeSpec {
+        name: name.into(),
+        cpu_milli: 32000,
+        memory_mib: 65536,
+        gpus,
+        model: "T4".into(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -176,5 +234,29 @@ mod tests {
         let no_spec =
             parse_pods("name,cpu_milli,memory_mib,num_gpu,gpu_milli\np,1000,1,1,1000\n").unwrap();
         assert!(no_spec[0].gpu_spec.is_empty());
+    }
+
+    #[test]
+    fn parses_times_and_refuses_a_task_that_ends_before_it_starts() {
+        let head =
+            "name,cpu_milli,memory_mib,num_gpu,gpu_milli,gpu_spec,qos,creation_time,deletion_time";
+        let timed = parse_timed_pods(&format!("{head}\np0,1000,1,0,0,,BE,10,70\n")).unwrap();
+        assert_eq!(
+            (
+                timed[0].name.as_str(),
+                timed[0].qos.as_str(),
+                timed[0].created,
+                timed[0].duration
+            ),
+            ("p0", "BE", 10, 60)
+        );
+        let bad = parse_timed_pods(&format!(
+            "{head}\np0,1000,1,0,0,,BE,10,70\np1,1,1,0,0,,LS,70,10\n"
+        ))
+        .unwrap_err();
+        assert_eq!(bad.line, 3);
+        assert!(
+            parse_timed_pods("name,cpu_milli,memory_mib,num_gpu,gpu_milli\np,1,1,0,0\n").is_err()
+        );
     }
 }

@@ -1,6 +1,7 @@
 //! The commands that run on this machine alone, with no control plane:
 //! `atrium engine` (one model over the OpenAI API; the agent runs it per
-//! replica) and `atrium sim` (a cluster trace replayed under a policy).
+//! replica), `atrium sim` (a cluster trace replayed under a policy) and
+//! `atrium sample-trace` (a trace variant drawn from a trace).
 
 #![allow(clippy::print_stdout)]
 
@@ -49,7 +50,8 @@ pub struct SimArgs {
     /// Pod list CSV (name,cpu_milli,memory_mib,num_gpu,gpu_milli,gpu_spec,...)
     #[arg(long)]
     pods: PathBuf,
-    /// random, bestfit, packing, dotprod, fgd or atrium
+    /// random, bestfit, packing, dotprod, fgd or atrium; with --online
+    /// also fleet (Atrium's fleet scheduler: preemption and gangs)
     #[arg(long, default_value = "atrium")]
     policy: String,
     /// Workload size as a multiple of cluster GPU capacity
@@ -57,6 +59,38 @@ pub struct SimArgs {
     inflate: f64,
     #[arg(long, default_value_t = 42)]
     seed: u64,
+    /// Tasks arrive and leave at their creation and deletion times
+    /// (the pod list's creation_time and deletion_time columns)
+    #[arg(long)]
+    online: bool,
+    /// With --online: arrival times are multiplied by this (durations
+    /// are kept), so the same tasks overlap more
+    #[arg(long, default_value_t = 1.0)]
+    time_scale: f64,
+}
+
+#[derive(Args)]
+pub struct SampleTraceArgs {
+    /// Pod list CSV to draw from (the default trace)
+    #[arg(long)]
+    pods: PathBuf,
+    /// Share of all tasks the CPU-only tasks should make up, in [0, 1)
+    #[arg(long)]
+    cpu_only_share: f64,
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Where to write the made pod list
+    #[arg(long)]
+    out: PathBuf,
+}
+
+pub fn sample_trace(args: SampleTraceArgs) -> Result<()> {
+    let csv = std::fs::read_to_string(&args.pods)
+        .with_context(|| format!("reading {}", args.pods.display()))?;
+    let made = atrium_sched::sample::with_cpu_only_share(&csv, args.cpu_only_share, args.seed)
+        .with_context(|| args.pods.display().to_string())?;
+    std::fs::write(&args.out, made).with_context(|| format!("writing {}", args.out.display()))?;
+    Ok(())
 }
 
 pub async fn engine(args: EngineArgs) -> Result<()> {
@@ -96,16 +130,27 @@ pub async fn engine(args: EngineArgs) -> Result<()> {
 }
 
 pub fn sim(args: SimArgs, output: Output) -> Result<()> {
-    let policy: atrium_sched::policy::Policy =
-        args.policy.parse().map_err(|e: String| anyhow!(e))?;
     if !(args.inflate > 0.0 && args.inflate <= 10.0) {
         bail!("--inflate {} must be in (0, 10]", args.inflate);
+    }
+    if !(args.time_scale > 0.0 && args.time_scale <= 1.0e6) {
+        bail!("--time-scale {} must be in (0, 1e6]", args.time_scale);
     }
     let read = |p: &PathBuf| {
         std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))
     };
     let nodes = atrium_sched::trace::parse_nodes(&read(&args.nodes)?)
         .with_context(|| args.nodes.display().to_string())?;
+    if args.online {
+        return sim_online(&args, &nodes, &read(&args.pods)?, output);
+    }
+    let policy: atrium_sched::policy::Policy = args.policy.parse().map_err(|e: String| {
+        if args.policy == "fleet" {
+            anyhow!("--policy fleet replays only --online")
+        } else {
+            anyhow!(e)
+        }
+    })?;
     let pods = atrium_sched::trace::parse_pods(&read(&args.pods)?)
         .with_context(|| args.pods.display().to_string())?;
     let result = atrium_sched::sim::simulate(&nodes, &pods, policy, args.inflate, args.seed);
@@ -129,6 +174,69 @@ pub fn sim(args: SimArgs, output: Output) -> Result<()> {
                 println!(
                     "{step:>8}  {:>12.2}  {:>16.2}",
                     result.allocation_pct[step], result.fragmentation_pct[step]
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+fn sim_online(
+    args: &SimArgs,
+    nodes: &[atrium_sched::trace::NodeSpec],
+    csv: &str,
+    output: Output,
+) -> Result<()> {
+    use atrium_sched::online::{replay, OnlineConfig, Scheduler};
+    let scheduler = if args.policy == "fleet" {
+        Scheduler::Fleet
+    } else {
+        Scheduler::Policy(
+            args.policy
+                .parse()
+                .map_err(|e: String| anyhow!("{e} or fleet"))?,
+        )
+    };
+    let pods = atrium_sched::trace::parse_timed_pods(csv)
+        .with_context(|| args.pods.display().to_string())?;
+    let config = OnlineConfig {
+        time_scale: args.time_scale,
+        inflate: args.inflate,
+        samples: 101,
+    };
+    let r = replay(nodes, &pods, scheduler, config, args.seed);
+    match output {
+        Output::Json => println!("{}", serde_json::to_string_pretty(&r)?),
+        Output::Table => {
+            println!(
+                "{} online, seed {}, inflate {}, time scale {}: {} tasks ({} gangs), offered load {:.3}",
+                r.scheduler, r.seed, r.inflate, r.time_scale, r.tasks, r.gangs, r.offered_load
+            );
+            println!(
+                "placed on arrival {}, after waiting {}, never {}; {} preempted; {:.0} decisions/s",
+                r.placed_on_arrival,
+                r.placed_after_waiting,
+                r.never_placed,
+                r.preemptions,
+                r.decisions_per_sec
+            );
+            let w = &r.wait_seconds;
+            println!(
+                "wait s: mean {:.1} p50 {:.1} p95 {:.1} p99 {:.1} max {:.1}",
+                w.mean, w.p50, w.p95, w.p99, w.max
+            );
+            println!(
+                "allocation %: mean {:.2} peak {:.2}; fragmentation % of idle: mean {:.2}",
+                r.mean_allocation_pct, r.peak_allocation_pct, r.mean_fragmentation_pct
+            );
+            println!(
+                "{:>10}  {:>12}  {:>16}  {:>8}",
+                "time s", "allocation%", "fragmentation%", "waiting"
+            );
+            for s in r.timeline.iter().step_by(10) {
+                println!(
+                    "{:>10.0}  {:>12.2}  {:>16.2}  {:>8}",
+                    s.t, s.allocation_pct, s.fragmentation_pct, s.waiting
                 );
             }
         }

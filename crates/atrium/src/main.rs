@@ -34,7 +34,7 @@ use commands::quota::QuotaCmd;
 use commands::site::SiteCmd;
 use commands::tenant::TenantCmd;
 use commands::Ctx;
-use local::{EngineArgs, SimArgs};
+use local::{EngineArgs, SampleTraceArgs, SimArgs};
 use planes::PlaneCmd;
 
 #[derive(Parser)]
@@ -117,6 +117,9 @@ enum Command {
     },
     /// Replay a GPU cluster trace under a placement policy (FGD's method).
     Sim(SimArgs),
+    /// Make a trace variant: the CPU-only tasks redrawn to a share of all
+    /// tasks, GPU tasks unchanged (how the FGD authors made theirs).
+    SampleTrace(SampleTraceArgs),
     /// Measure this machine: prints a table and writes JSON.
     #[command(subcommand)]
     Bench(BenchCmd),
@@ -181,6 +184,10 @@ enum BenchCmd {
         /// Directory with openb_node_list_gpu_node.csv and openb_pod_list_*.csv
         #[arg(long, default_value = "../shared/data/alibaba-gpu-v2023")]
         traces: PathBuf,
+        /// Directory with more pod lists: the variants sampled here
+        /// (data/traces/README.md)
+        #[arg(long, default_value = "data/traces")]
+        sampled: PathBuf,
         /// Seeds, first..=last
         #[arg(long, default_value = "42..=51")]
         seeds: String,
@@ -372,17 +379,19 @@ async fn run(cli: Cli) -> Result<()> {
         }
         Command::Bench(BenchCmd::Sched {
             traces,
+            sampled,
             seeds,
             skip_traces,
             out,
         }) => {
             let seeds = local::parse_seeds(&seeds)?;
             tokio::task::spawn_blocking(move || {
-                bench_sched::run(&traces, &seeds, skip_traces, &out)
+                bench_sched::run(&traces, &sampled, &seeds, skip_traces, &out)
             })
             .await?
         }
         Command::Sim(args) => local::sim(args, cli.global.output.unwrap_or(Output::Table)),
+        Command::SampleTrace(args) => local::sample_trace(args),
         Command::Node(NodeCmd::Isolation { tenant_network }) => {
             let octet =
                 atrium_agent::parse_tenant_network(&tenant_network).map_err(|e| anyhow!(e))?;
@@ -484,6 +493,7 @@ async fn client_command(ctx: &Ctx, command: Command) -> Result<()> {
         | Command::Agent(_)
         | Command::Gateway(_)
         | Command::Sim(_)
+        | Command::SampleTrace(_)
         | Command::Bench(_) => bail!("server commands are not client commands"),
     }
 }

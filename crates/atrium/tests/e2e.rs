@@ -469,30 +469,41 @@ fn cli_manages_a_tenant_end_to_end() {
     assert!(!ok && err.contains("quota_exceeded"), "{err}");
 }
 
+/// A node list and a pod list written in `dir`.
+fn trace_files(dir: &Path, nodes: &str, pods: &str) -> (PathBuf, PathBuf) {
+    let (n, p) = (dir.join("nodes.csv"), dir.join("pods.csv"));
+    std::fs::write(&n, nodes).unwrap();
+    std::fs::write(&p, pods).unwrap();
+    (n, p)
+}
+
+/// `atrium sim ARGS --nodes N --pods P`.
+fn sim(args: &[&str], nodes: &Path, pods: &Path) -> std::process::Output {
+    Command::new(BIN)
+        .arg("sim")
+        .args(args)
+        .arg("--nodes")
+        .arg(nodes)
+        .arg("--pods")
+        .arg(pods)
+        .output()
+        .unwrap()
+}
+
 #[test]
 fn sim_replays_a_trace_and_refuses_bad_input() {
     let dir = tempfile::tempdir().unwrap();
-    let nodes = dir.path().join("nodes.csv");
-    let pods = dir.path().join("pods.csv");
-    std::fs::write(
-        &nodes,
+    let (nodes, pods) = trace_files(
+        dir.path(),
         "sn,cpu_milli,memory_mib,gpu,model\nn0,32000,65536,4,T4\nn1,32000,65536,4,T4\n",
-    )
-    .unwrap();
-    std::fs::write(
-        &pods,
         "name,cpu_milli,memory_mib,num_gpu,gpu_milli,gpu_spec\np0,2000,1024,1,500,\np1,4000,1024,2,1000,T4\np2,1000,512,0,0,\n",
-    )
-    .unwrap();
+    );
     let run = |policy: &str| {
-        Command::new(BIN)
-            .args(["sim", "--policy", policy, "--seed", "7", "-o", "json"])
-            .arg("--nodes")
-            .arg(&nodes)
-            .arg("--pods")
-            .arg(&pods)
-            .output()
-            .unwrap()
+        sim(
+            &["--policy", policy, "--seed", "7", "-o", "json"],
+            &nodes,
+            &pods,
+        )
     };
     let out = run("fgd");
     assert!(
@@ -516,4 +527,95 @@ fn sim_replays_a_trace_and_refuses_bad_input() {
     let bad = run("nonsense");
     assert!(!bad.status.success());
     assert!(String::from_utf8_lossy(&bad.stderr).contains("unknown policy"));
+}
+
+#[test]
+fn sim_online_replays_arrivals_and_departures_and_sample_trace_draws_variants() {
+    let dir = tempfile::tempdir().unwrap();
+    // be holds the GPU from 0 to 100; ls (higher QoS) arrives at 10 for 30;
+    // c is CPU-only.
+    let (nodes, pods) = trace_files(
+        dir.path(),
+        "sn,cpu_milli,memory_mib,gpu,model\nn0,32000,65536,1,T4\n",
+        "name,cpu_milli,memory_mib,num_gpu,gpu_milli,gpu_spec,qos,pod_phase,creation_time,deletion_time,scheduled_time\n\
+         be,1000,1024,1,1000,,BE,Running,0,100,0\n\
+         ls,1000,1024,1,1000,,LS,Running,10,40,10\n\
+         c,4000,1024,0,0,,BE,Running,20,50,20\n",
+    );
+    let online = |extra: &[&str]| {
+        let args = [&["--online", "--inflate", "0.1", "-o", "json"][..], extra].concat();
+        sim(&args, &nodes, &pods)
+    };
+    let out = online(&["--policy", "fleet"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["tasks"], 3);
+    assert_eq!(v["preemptions"], 1, "ls evicts be");
+    assert_eq!(v["placed_after_waiting"], 1, "be runs again once ls leaves");
+    assert_eq!(v["wait_seconds"]["max"], 30.0);
+    assert_eq!(v["timeline"].as_array().unwrap().len(), 101);
+    let out = online(&["--policy", "fgd"]);
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        (v["preemptions"].as_u64(), v["wait_seconds"]["max"].as_f64()),
+        (Some(0), Some(90.0))
+    );
+    // Arrivals ten times closer: ls waits from 1 s to 100 s.
+    let out = online(&["--policy", "fgd", "--time-scale", "0.1"]);
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["wait_seconds"]["max"], 99.0);
+    for (args, says) in [
+        (
+            &["--policy", "fgd", "--time-scale", "0"][..],
+            "--time-scale 0 must be",
+        ),
+        (&["--policy", "nonsense"][..], "or fleet"),
+    ] {
+        let out = online(args);
+        assert!(!out.status.success());
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains(says),
+            "{args:?}"
+        );
+    }
+    let offline = sim(&["--policy", "fleet"], &nodes, &pods);
+    assert!(String::from_utf8_lossy(&offline.stderr).contains("only --online"));
+
+    // 40 % CPU-only: the two GPU tasks kept, two CPU tasks drawn (4/3,
+    // rounded up) from the one there is.
+    let made = dir.path().join("made.csv");
+    let sample = |share: &str| {
+        Command::new(BIN)
+            .args([
+                "sample-trace",
+                "--cpu-only-share",
+                share,
+                "--seed",
+                "3",
+                "--pods",
+            ])
+            .arg(&pods)
+            .arg("--out")
+            .arg(&made)
+            .output()
+            .unwrap()
+    };
+    let out = sample("0.4");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = std::fs::read_to_string(&made).unwrap();
+    let rows: Vec<&str> = text.lines().skip(1).collect();
+    assert_eq!(rows.len(), 4, "{text}");
+    assert_eq!(rows.iter().filter(|r| r.contains(",0,0,,")).count(), 2);
+    assert!(rows[0].starts_with("openb-pod-0000,"));
+    let out = sample("1");
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("must be in [0, 1)"));
 }
