@@ -89,9 +89,11 @@ pub struct OnlineResult {
     /// Tasks replayed, copies included.
     pub tasks: usize,
     pub gangs: usize,
+    /// Jobs (a gang counts once) placed as they arrived.
     pub placed_on_arrival: usize,
+    /// Jobs placed after waiting (an evicted task waits again as a job).
     pub placed_after_waiting: usize,
-    /// Still waiting when the last placed task left: they never fit.
+    /// Tasks still waiting when the last placed task left: they never fit.
     pub never_placed: usize,
     pub preemptions: usize,
     /// GPU allocation, time-weighted over the arrival span.
