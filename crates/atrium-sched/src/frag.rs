@@ -145,34 +145,41 @@ impl Pairing {
         }
     }
 
+    /// (what the workload pairs with one GPU, what is left) for CPU and
+    /// for memory; a resource the workload does not pair with GPUs is left
+    /// out.
+    fn paired(&self, cpu_left: u32, mem_left: u32) -> impl Iterator<Item = (f64, f64)> {
+        [
+            (self.cpu_milli_per_gpu, cpu_left),
+            (self.memory_mib_per_gpu, mem_left),
+        ]
+        .into_iter()
+        .filter(|(per_gpu, _)| *per_gpu > 0.0)
+        .map(|(per_gpu, left)| (per_gpu, f64::from(left)))
+    }
+
     /// Idle GPU-milli on a node that lacks the CPU or memory to go with it
     /// (the larger of the two shortfalls, in GPU-milli).
     pub fn stranded(&self, cpu_left: u32, mem_left: u32, gpu_left: &[u16]) -> f64 {
-        let idle_gpus = gpu_left.iter().map(|g| f64::from(*g)).sum::<f64>() / 1000.0;
-        let short = |per_gpu: f64, left: u32| {
-            if per_gpu <= 0.0 {
-                0.0
-            } else {
-                (idle_gpus * per_gpu - f64::from(left)).max(0.0) / per_gpu * 1000.0
-            }
-        };
-        short(self.cpu_milli_per_gpu, cpu_left).max(short(self.memory_mib_per_gpu, mem_left))
+        let idle_gpus = idle_gpus(gpu_left);
+        self.paired(cpu_left, mem_left)
+            .map(|(per_gpu, left)| (idle_gpus * per_gpu - left).max(0.0) / per_gpu * 1000.0)
+            .fold(0.0, f64::max)
     }
 
     /// CPU and memory left beyond what the idle GPUs will want, each in
     /// GPUs' worth, summed: how much room a node keeps for work that asks
     /// no GPU. Negative where the idle GPUs are short of them.
     pub fn surplus(&self, cpu_left: u32, mem_left: u32, gpu_left: &[u16]) -> f64 {
-        let idle_gpus = gpu_left.iter().map(|g| f64::from(*g)).sum::<f64>() / 1000.0;
-        let spare = |per_gpu: f64, left: u32| {
-            if per_gpu <= 0.0 {
-                0.0
-            } else {
-                f64::from(left) / per_gpu - idle_gpus
-            }
-        };
-        spare(self.cpu_milli_per_gpu, cpu_left) + spare(self.memory_mib_per_gpu, mem_left)
+        let idle_gpus = idle_gpus(gpu_left);
+        self.paired(cpu_left, mem_left)
+            .map(|(per_gpu, left)| left / per_gpu - idle_gpus)
+            .sum()
     }
+}
+
+fn idle_gpus(gpu_left: &[u16]) -> f64 {
+    gpu_left.iter().map(|g| f64::from(*g)).sum::<f64>() / 1000.0
 }
 
 #[cfg(test)]

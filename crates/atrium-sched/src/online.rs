@@ -24,11 +24,12 @@ use std::collections::{BTreeMap, BinaryHeap, HashMap};
 use std::time::Instant;
 
 use rand::rngs::StdRng;
-use rand::{Rng, SeedableRng};
+use rand::SeedableRng;
 use serde::Serialize;
 
 use crate::fleet::{Fleet, GpuAsk, GpuDevice, Node, Request, Slot, TenantPolicy};
 use crate::policy::{Cluster, Decision, Policy};
+use crate::sim::draw_until;
 use crate::trace::{NodeSpec, TimedPod};
 
 /// Which scheduler replays the trace.
@@ -200,7 +201,12 @@ struct FleetPlacer<'a> {
     fleet: Fleet,
     mirror: Mirror<'a>,
     node_index: HashMap<String, usize>,
-    task_index: HashMap<&'a str, usize>,
+}
+
+/// A task's request id in the fleet: its index, not its name — a pod
+/// list may repeat a name, and the fleet refuses a second binding of one.
+fn request_id(task: usize) -> String {
+    format!("{task:08}")
 }
 
 fn priority(qos: &str) -> i32 {
@@ -213,7 +219,7 @@ fn priority(qos: &str) -> i32 {
 }
 
 impl<'a> FleetPlacer<'a> {
-    fn new(nodes: &[NodeSpec], pods: &'a [TimedPod]) -> FleetPlacer<'a> {
+    fn new(nodes: &[NodeSpec], cluster: Cluster, pods: &'a [TimedPod]) -> FleetPlacer<'a> {
         let fleet_nodes = nodes
             .iter()
             .map(|n| Node {
@@ -238,16 +244,11 @@ impl<'a> FleetPlacer<'a> {
         let tenants = BTreeMap::from([(TENANT.to_string(), TenantPolicy::shared())]);
         FleetPlacer {
             fleet: Fleet::new(fleet_nodes, tenants),
-            mirror: Mirror::new(cluster_for(nodes, pods), pods),
+            mirror: Mirror::new(cluster, pods),
             node_index: nodes
                 .iter()
                 .enumerate()
                 .map(|(i, n)| (n.name.clone(), i))
-                .collect(),
-            task_index: pods
-                .iter()
-                .enumerate()
-                .map(|(i, p)| (p.name.as_str(), i))
                 .collect(),
         }
     }
@@ -255,7 +256,7 @@ impl<'a> FleetPlacer<'a> {
     fn request(&self, task: usize) -> Request {
         let t = &self.mirror.pods[task];
         Request {
-            id: t.name.clone(),
+            id: request_id(task),
             tenant: TENANT.into(),
             priority: priority(&t.qos),
             cpu_milli: u64::from(t.pod.cpu_milli),
@@ -287,7 +288,7 @@ impl<'a> Placer<'a> for FleetPlacer<'a> {
             let (b, evicted) = self.fleet.place_preempting(&self.request(*task)).ok()?;
             let evicted: Vec<usize> = evicted
                 .iter()
-                .filter_map(|e| self.task_index.get(e.request.as_str()).copied())
+                .filter_map(|e| e.request.parse().ok())
                 .collect();
             for e in &evicted {
                 self.mirror.release(*e);
@@ -304,7 +305,7 @@ impl<'a> Placer<'a> for FleetPlacer<'a> {
     }
 
     fn release(&mut self, task: usize) {
-        self.fleet.release(&self.mirror.pods[task].name);
+        self.fleet.release(&request_id(task));
         self.mirror.release(task);
     }
 
@@ -315,14 +316,6 @@ impl<'a> Placer<'a> for FleetPlacer<'a> {
     fn mirror_mut(&mut self) -> &mut Mirror<'a> {
         &mut self.mirror
     }
-}
-
-/// The replay's cluster model, looking ahead to the trace's shapes.
-fn cluster_for(nodes: &[NodeSpec], pods: &[TimedPod]) -> Cluster {
-    let mut cluster = Cluster::new(nodes);
-    let all: Vec<_> = pods.iter().map(|p| p.pod.clone()).collect();
-    cluster.set_workload(&all);
-    cluster
 }
 
 /// Gangs: tasks created in the same second with the same request and QoS
@@ -414,22 +407,21 @@ fn percentile(sorted: &[f64], q: f64) -> f64 {
     sorted[i.min(sorted.len() - 1)]
 }
 
-/// The trace and its copies: tasks drawn with replacement until the GPUs
-/// asked reach `inflate` × `capacity`, each copy named after its original.
+/// The trace and its copies (`sim::draw_until`), each copy named after
+/// its original.
 fn inflated(pods: &[TimedPod], capacity: u64, inflate: f64, rng: &mut StdRng) -> Vec<TimedPod> {
     let mut out = pods.to_vec();
-    let target = (inflate * capacity as f64) as u64;
-    let mut total: u64 = pods.iter().map(|p| p.pod.gpu_request()).sum();
-    if pods.iter().all(|p| p.pod.gpu_request() == 0) {
-        return out;
-    }
-    let mut copies = 0usize;
-    while total < target {
-        let mut copy = pods[rng.gen_range(0..pods.len())].clone();
-        copies += 1;
-        copy.name = format!("{}-copy{copies}", copy.name);
-        total += copy.pod.gpu_request();
-        out.push(copy);
+    let originals = out.len();
+    draw_until(
+        &mut out,
+        pods,
+        |p| p.pod.gpu_request(),
+        capacity,
+        inflate,
+        rng,
+    );
+    for (k, copy) in out[originals..].iter_mut().enumerate() {
+        copy.name = format!("{}-copy{}", copy.name, k + 1);
     }
     out
 }
@@ -443,12 +435,15 @@ pub fn replay(
     seed: u64,
 ) -> OnlineResult {
     let mut rng = StdRng::seed_from_u64(seed);
-    let capacity = Cluster::new(nodes).gpu_capacity().max(1);
+    // Typical pods come from the trace as given, as in the offline replay.
+    let mut cluster = Cluster::new(nodes);
+    let trace: Vec<_> = pods.iter().map(|p| p.pod.clone()).collect();
+    cluster.set_workload(&trace);
+    let capacity = cluster.gpu_capacity().max(1);
     let originals = pods.len();
     let pods = &inflated(pods, capacity, config.inflate, &mut rng)[..];
     let mut placer: Box<dyn Placer<'_> + '_> = match scheduler {
         Scheduler::Policy(policy) => {
-            let mut cluster = cluster_for(nodes, pods);
             cluster.shuffle_tie_order(&mut rng);
             Box::new(PolicyPlacer {
                 mirror: Mirror::new(cluster, pods),
@@ -456,7 +451,7 @@ pub fn replay(
                 rng: StdRng::seed_from_u64(seed),
             })
         }
-        Scheduler::Fleet => Box::new(FleetPlacer::new(nodes, pods)),
+        Scheduler::Fleet => Box::new(FleetPlacer::new(nodes, cluster, pods)),
     };
     let first = pods.iter().map(|p| p.created).min().unwrap_or(0);
     // A scale that is not a positive number means the trace's times.
@@ -735,6 +730,25 @@ mod tests {
         assert_eq!(last, Some(0), "sampled before the gang arrives");
         // Half the GPUs held over the span, never the gang's half alone.
         assert_eq!(r.mean_allocation_pct, 50.0);
+    }
+
+    #[test]
+    fn tasks_sharing_a_name_are_still_two_tasks_to_the_fleet() {
+        // A pod list may repeat a name (a sampled trace, a hand-made one):
+        // the second "x" must not wait for the first as if it were it.
+        let nodes = [node("n0", 2)];
+        let mut second = task("x", 1, "LS", 1, 100);
+        second.pod.cpu_milli = 2000;
+        let pods = [
+            task("x", 1, "LS", 0, 10),
+            second,
+            task("y", 2, "LS", 50, 10),
+        ];
+        let r = replay(&nodes, &pods, Scheduler::Fleet, config(1.0), 1);
+        assert_eq!((r.placed_on_arrival, r.placed_after_waiting), (2, 1));
+        // y waits from 50 until the second x leaves at 101.
+        assert_eq!(r.wait_seconds.max, 51.0);
+        assert_eq!(r.never_placed, 0);
     }
 
     #[test]

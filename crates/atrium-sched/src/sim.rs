@@ -36,17 +36,31 @@ pub struct SimResult {
 pub fn tuned_workload(pods: &[Pod], capacity: u64, inflate: f64, rng: &mut StdRng) -> Vec<Pod> {
     let mut out = pods.to_vec();
     out.shuffle(rng);
+    draw_until(&mut out, pods, Pod::gpu_request, capacity, inflate, rng);
+    out
+}
+
+/// Appends items drawn from `from` with replacement until the GPUs all of
+/// `out` asks reach `inflate` × `capacity` (the paper's "tune"); nothing is
+/// drawn when `from` asks no GPU.
+pub fn draw_until<T: Clone>(
+    out: &mut Vec<T>,
+    from: &[T],
+    gpu_request: impl Fn(&T) -> u64,
+    capacity: u64,
+    inflate: f64,
+    rng: &mut StdRng,
+) {
     let target = (inflate * capacity as f64) as u64;
-    let mut total: u64 = out.iter().map(Pod::gpu_request).sum();
-    if pods.iter().all(|p| p.gpu_request() == 0) {
-        return out;
+    let mut total: u64 = out.iter().map(&gpu_request).sum();
+    if from.iter().all(|p| gpu_request(p) == 0) {
+        return;
     }
     while total < target {
-        let p = pods[rng.gen_range(0..pods.len())].clone();
-        total += p.gpu_request();
+        let p = from[rng.gen_range(0..from.len())].clone();
+        total += gpu_request(&p);
         out.push(p);
     }
-    out
 }
 
 pub fn simulate(
