@@ -219,8 +219,12 @@ pub async fn run(
         _ = shutdown => {}
     }
     supervisor.stop_all().await;
-    if shared.state.read(|s| s.running.is_empty()) {
+    let still_running: Vec<String> = shared.state.read(|s| s.running.keys().cloned().collect());
+    if still_running.is_empty() {
         shared.host.teardown();
+    } else {
+        tracing::warn!(workloads = ?still_running,
+            "agent: stopped with workloads still recorded as running; their sandboxes stay for the next start to adopt");
     }
     Ok(())
 }

@@ -851,7 +851,26 @@ fn tenants_are_walled_off_and_hogs_meet_their_own_limits() {
     );
     assert_eq!(node.netns_left(), Vec::<String>::new());
     assert!(!node.firewall_left(), "the firewall table was left");
-    assert_eq!(node.cgroups_left(), Vec::<PathBuf>::new());
+    let left: Vec<(PathBuf, Vec<String>)> = node
+        .cgroups_left()
+        .into_iter()
+        .map(|dir| {
+            let children = std::fs::read_dir(&dir)
+                .map(|d| {
+                    d.flatten()
+                        .filter(|e| e.path().is_dir())
+                        .map(|e| e.file_name().to_string_lossy().into_owned())
+                        .collect()
+                })
+                .unwrap_or_default();
+            (dir, children)
+        })
+        .collect();
+    assert_eq!(
+        left,
+        Vec::new(),
+        "cgroups left, with the workloads below them"
+    );
     assert!(!sandboxes.exists(), "the sandbox directory was left");
 }
 

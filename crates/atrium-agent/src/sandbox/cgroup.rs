@@ -103,6 +103,44 @@ pub(super) fn kill_members(dirs: &[PathBuf]) {
     }
 }
 
+/// Kills what is left in each cgroup of `dirs` and removes it. An emptied
+/// cgroup can stay busy for a while after its last process is gone (the
+/// kernel unlinks an exiting task after it has switched out, later under
+/// load), so removal is retried for up to 5 s. Returns the cgroups that
+/// would not go, with why.
+pub(super) fn remove_cgroups(dirs: &[PathBuf]) -> Vec<(PathBuf, std::io::Error)> {
+    kill_members(dirs);
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let mut left = Vec::new();
+    for dir in dirs {
+        loop {
+            match std::fs::remove_dir(dir) {
+                Ok(()) => break,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => break,
+                Err(e) if std::time::Instant::now() > deadline => {
+                    left.push((dir.clone(), e));
+                    break;
+                }
+                Err(_) => std::thread::sleep(Duration::from_millis(20)),
+            }
+        }
+    }
+    left
+}
+
+/// The cgroups directly below `dir`.
+pub(super) fn child_cgroups(dir: &Path) -> Vec<PathBuf> {
+    std::fs::read_dir(dir)
+        .map(|entries| {
+            entries
+                .flatten()
+                .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+                .map(|e| e.path())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 pub(super) fn enable_v2_controllers(dir: &Path) -> Result<(), SandboxError> {
     let file = dir.join("cgroup.subtree_control");
     let on = std::fs::read_to_string(&file).unwrap_or_default();

@@ -34,7 +34,6 @@ use std::io;
 use std::os::unix::fs::{chown, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::Duration;
 
 use atrium_core::node::Gpu;
 use atrium_core::placement::PlacementSpec;
@@ -77,8 +76,8 @@ mod exec;
 mod net;
 mod views;
 
+use cgroup::{child_cgroups, enable_v2_controllers, kill_members, remove_cgroups};
 pub use cgroup::{detect_cgroups, CgroupStats, Cgroups, PIDS_LIMIT};
-use cgroup::{enable_v2_controllers, kill_members};
 pub use exec::{exec_sandboxed, ExecRequest};
 pub use views::confine;
 
@@ -374,8 +373,16 @@ impl Host {
         if self.firewall.is_ok() {
             self.remove_firewall();
         }
-        for dir in self.cgroup_dirs(None) {
-            let _ = std::fs::remove_dir(dir);
+        // Called with no workload running: whatever is still below the
+        // parents (a workload whose cgroup would not go when it stopped)
+        // is stale and goes first, or the parents cannot.
+        let bases = self.cgroup_dirs(None);
+        let stale: Vec<PathBuf> = bases.iter().flat_map(|b| child_cgroups(b)).collect();
+        for (dir, e) in remove_cgroups(&stale)
+            .into_iter()
+            .chain(remove_cgroups(&bases))
+        {
+            tracing::warn!(cgroup = %dir.display(), error = %e, "agent: a cgroup was left behind");
         }
         let bin = self.config.root.join("bin");
         let _ = std::fs::remove_file(bin.join("atrium"));
@@ -527,16 +534,9 @@ impl Host {
         if !self.root {
             return;
         }
-        let dirs = self.cgroup_dirs(Some(id));
-        kill_members(&dirs);
-        for dir in dirs {
-            // An emptied cgroup can take a moment to be removable.
-            for _ in 0..50 {
-                if std::fs::remove_dir(&dir).is_ok() || !dir.exists() {
-                    break;
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
+        for (dir, e) in remove_cgroups(&self.cgroup_dirs(Some(id))) {
+            tracing::warn!(placement = %id, cgroup = %dir.display(), error = %e,
+                "agent: a workload's cgroup would not go; the agent removes it when it stops");
         }
         if check_names(id, &tenant.tenant).is_err() {
             return;
@@ -633,6 +633,57 @@ mod tests {
             uid: Err(SandboxError::Refused("test".into())),
             tenant_binary: PathBuf::from("/nonexistent/atrium"),
         }
+    }
+
+    /// A workload whose cgroup would not go when it stopped (still busy,
+    /// still holding a process) must not outlive the agent: stopping with
+    /// nothing running removes it, what it held, and the parents.
+    #[test]
+    fn teardown_removes_a_stale_workload_cgroup_and_what_it_holds() {
+        assert!(
+            rustix::process::geteuid().is_root(),
+            "this test makes cgroups: run the tests as root, as CI does"
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let octet = 240;
+        let h = Host {
+            config: SandboxConfig {
+                root: dir.path().join("sandboxes"),
+                network_octet: octet,
+            },
+            root: true,
+            cgroups: cgroup::detect_cgroups(octet),
+            ..host(octet)
+        };
+        h.prepare().unwrap();
+        let mut held = Command::new("sleep").arg("600").spawn().unwrap();
+        for stale in h.cgroup_dirs(Some("rep_stale")) {
+            std::fs::create_dir(&stale).unwrap();
+            std::fs::write(stale.join("cgroup.procs"), held.id().to_string()).unwrap();
+        }
+
+        h.teardown();
+
+        let bases = h.cgroup_dirs(None);
+        let left: Vec<&PathBuf> = bases.iter().filter(|b| b.exists()).collect();
+        let mut exited = false;
+        for _ in 0..20 {
+            exited = held.try_wait().unwrap().is_some();
+            if exited {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        if !exited || !left.is_empty() {
+            let _ = held.kill();
+            let _ = held.wait();
+            for dir in h.cgroup_dirs(Some("rep_stale")).iter().chain(&bases) {
+                let _ = std::fs::remove_dir(dir);
+            }
+        }
+        assert!(!bases.is_empty());
+        assert!(left.is_empty(), "left behind: {left:?}");
+        assert!(exited, "the stale cgroup's process outlived the agent");
     }
 
     #[test]
