@@ -10,10 +10,11 @@ if [ -z "${ATRIUM_TEST_POSTGRES_URL:-}" ]; then
 fi
 export ATRIUM_TEST_POSTGRES_URL
 
-# The isolation tests (root) drive iproute2 and nftables, as the agent does.
-if ! command -v nft >/dev/null || ! command -v ip >/dev/null; then
+# The isolation tests (root) drive iproute2 and nftables, as the agent does;
+# the registry's tests push and pull with skopeo, a real OCI client.
+if ! command -v nft >/dev/null || ! command -v ip >/dev/null || ! command -v skopeo >/dev/null; then
   apt-get update -qq >&2
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nftables iproute2 >&2
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nftables iproute2 skopeo >&2
 fi
 
 python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore \

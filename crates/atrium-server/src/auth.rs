@@ -157,7 +157,11 @@ pub(crate) fn bearer(headers: &HeaderMap) -> Result<&str, ApiError> {
 
 /// Resolves the request's bearer token to a caller.
 pub async fn authenticate(store: &Store, headers: &HeaderMap) -> Result<Caller, ApiError> {
-    let token = bearer(headers)?;
+    authenticate_token(store, bearer(headers)?).await
+}
+
+/// Resolves an admin token, API key or plane credential to a caller.
+pub async fn authenticate_token(store: &Store, token: &str) -> Result<Caller, ApiError> {
     let invalid = || ApiError::Unauthenticated("invalid, expired or revoked token".into());
     if token.starts_with(ADMIN_TOKEN_PREFIX) {
         let stored = store

@@ -18,6 +18,7 @@ mod limit_ledger;
 mod metrics;
 mod openapi;
 mod planes;
+mod registry;
 mod stored;
 mod tenancy;
 
@@ -78,6 +79,8 @@ pub struct AppState {
     ledger: Arc<std::sync::Mutex<limit_ledger::Ledger>>,
     /// Watch streams open per tenant, against their quota's cap.
     watches: Arc<crud::OpenWatches>,
+    /// The image registry's content (`<data-dir>/registry`).
+    registry: Arc<registry::Storage>,
 }
 
 /// The id of the request being served, for logs, audit and the
@@ -93,6 +96,8 @@ pub enum StartError {
     Store(#[from] atrium_store::StoreError),
     #[error("cannot create the admin token: {0}")]
     AdminToken(String),
+    #[error("cannot open the image registry's directory {0}: {1}")]
+    Registry(PathBuf, std::io::Error),
     #[error("cannot listen on {0}: {1}")]
     Listen(SocketAddr, std::io::Error),
 }
@@ -164,7 +169,16 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, StartError> {
     let addr = listener
         .local_addr()
         .map_err(|e| StartError::Listen(config.listen, e))?;
+    let registry_dir = config.data_dir.join("registry");
+    let registry = Arc::new(
+        registry::Storage::open(registry_dir.clone())
+            .map_err(|e| StartError::Registry(registry_dir, e))?,
+    );
     let (shutdown, shutdown_rx) = watch::channel(false);
+    tokio::spawn(registry::collect_garbage_periodically(
+        registry.clone(),
+        shutdown_rx.clone(),
+    ));
     let state = AppState {
         store: store.clone(),
         metrics: Arc::new(Metrics::default()),
@@ -172,6 +186,7 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, StartError> {
         shutdown: shutdown_rx.clone(),
         ledger: Arc::default(),
         watches: Arc::default(),
+        registry,
     };
     let app = router(state);
     tokio::spawn(controller::run(store.clone(), shutdown_rx.clone()));
@@ -239,6 +254,7 @@ pub fn router(state: AppState) -> Router {
             get(tenancy::get_quota).put(tenancy::set_quota),
         )
         .route("/v1/audit", get(tenancy::list_audit))
+        .route("/v1/registry/gc", post(registry::collect_garbage))
         .route(
             "/v1/join-tokens",
             get(crud::list::<JoinToken>).post(planes::create_join_token),
@@ -282,6 +298,7 @@ pub fn router(state: AppState) -> Router {
             get(move || async move { Json(openapi.as_ref().clone()) }),
         )
         .merge(api)
+        .merge(registry::routes(Router::new()))
         .fallback(|req: Request| async move { ApiError::NoRoute(req.uri().path().to_string()) })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
         .layer(middleware::from_fn_with_state(state.clone(), observe))
@@ -357,7 +374,11 @@ async fn observe(State(state): State<AppState>, mut req: Request, next: Next) ->
     } else {
         tracing::debug!(request_id = %id, %method, %route, status = status.as_u16(), micros = elapsed.as_micros() as u64, "request");
     }
-    if status == StatusCode::UNAUTHORIZED {
+    if status == StatusCode::UNAUTHORIZED
+        && !response
+            .headers()
+            .contains_key(axum::http::header::WWW_AUTHENTICATE)
+    {
         response.headers_mut().insert(
             axum::http::header::WWW_AUTHENTICATE,
             HeaderValue::from_static("Bearer"),

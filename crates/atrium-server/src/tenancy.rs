@@ -6,6 +6,7 @@ use atrium_api::{
     UsageBatch,
 };
 use atrium_core::key::{KeySpec, KEY_PREFIX};
+use atrium_core::quantity::ByteSize;
 use atrium_core::quota::Counted;
 use atrium_store::{Object, TenantFilter, UsageRecord, Write};
 use axum::extract::{Path, State};
@@ -126,10 +127,19 @@ async fn quota_view(state: &AppState, tenant: &Object) -> Result<QuotaView, ApiE
     let own = TenantFilter::Exactly(Some(tenant.name.clone()));
     let deployments = state.store.list_all(Deployment::KIND, &own).await?;
     let placements = state.store.list_all(Placement::KIND, &own).await?;
+    let mut used = tenant_usage(&deployments, &held_by_deployment(&placements)?, None)?;
+    // Images count against the same storage quota (the registry refuses
+    // pushes past it).
+    let registry = state.registry.clone();
+    let name = tenant.name.clone();
+    let images = tokio::task::spawn_blocking(move || registry.namespace_bytes(&name))
+        .await
+        .map_err(|e| ApiError::Internal(format!("registry usage: {e}")))?;
+    used.storage = ByteSize(used.storage.0.saturating_add(images));
     Ok(QuotaView {
         tenant: tenant.name.clone(),
         quota: spec.quota,
-        used: tenant_usage(&deployments, &held_by_deployment(&placements)?, None)?,
+        used,
     })
 }
 
