@@ -61,7 +61,24 @@ struct FieldFault {
     message: String,
 }
 
+/// The image registry's refusal (`/v2/`), in the OCI shape.
+#[derive(serde::Deserialize)]
+struct RegistryErrors {
+    errors: Vec<RegistryError>,
+}
+
+#[derive(serde::Deserialize)]
+struct RegistryError {
+    code: String,
+    message: String,
+}
+
 fn refusal(status: u16, body: &str) -> String {
+    if let Ok(RegistryErrors { errors }) = serde_json::from_str::<RegistryErrors>(body) {
+        if let Some(first) = errors.first() {
+            return format!("{} ({status}): {}", first.code, first.message);
+        }
+    }
     let Ok(ErrorBody { error }) = serde_json::from_str::<ErrorBody>(body) else {
         return format!("control plane answered {status}: {body}");
     };
@@ -153,11 +170,7 @@ impl ControlPlane {
         path: &str,
         body: Option<bytes::Bytes>,
     ) -> Result<Value, ClientError> {
-        let limit = Some(Duration::from_secs(30));
-        let mut resp = self.send(method.clone(), path, body.clone(), limit).await?;
-        if resp.status().as_u16() == 401 && self.refresh() {
-            resp = self.send(method, path, body, limit).await?;
-        }
+        let resp = self.send_once_more_if_refused(method, path, body).await?;
         let status = resp.status().as_u16();
         let text = resp
             .text()
@@ -166,7 +179,45 @@ impl ControlPlane {
         if !(200..300).contains(&status) {
             return Err(ClientError::Status { status, body: text });
         }
+        if text.is_empty() {
+            // `202 Accepted` and `204 No Content` say all they have to say.
+            return Ok(Value::Null);
+        }
         serde_json::from_str(&text).map_err(|e| ClientError::Decode(e.to_string()))
+    }
+
+    /// A GET whose answer is kept as the bytes sent (a manifest is named by
+    /// the digest of exactly those bytes).
+    pub async fn get_bytes(&self, path: &str) -> Result<bytes::Bytes, ClientError> {
+        let resp = self
+            .send_once_more_if_refused(Method::GET, path, None)
+            .await?;
+        let status = resp.status().as_u16();
+        let bytes = resp
+            .bytes()
+            .await
+            .map_err(|e| ClientError::Unreachable(e.to_string()))?;
+        if !(200..300).contains(&status) {
+            let body = String::from_utf8_lossy(&bytes).into_owned();
+            return Err(ClientError::Status { status, body });
+        }
+        Ok(bytes)
+    }
+
+    /// Sends a call (30 s at most), and once more with a rotated
+    /// credential when the first is refused.
+    async fn send_once_more_if_refused(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<bytes::Bytes>,
+    ) -> Result<reqwest::Response, ClientError> {
+        let limit = Some(Duration::from_secs(30));
+        let resp = self.send(method.clone(), path, body.clone(), limit).await?;
+        if resp.status().as_u16() == 401 && self.refresh() {
+            return self.send(method, path, body, limit).await;
+        }
+        Ok(resp)
     }
 
     async fn send(

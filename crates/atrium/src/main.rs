@@ -98,6 +98,10 @@ enum Command {
     /// Manage deployments.
     #[command(subcommand)]
     Deploy(DeployCmd),
+    /// The images in the control plane's registry (push with any OCI
+    /// client, a tenant key as the password).
+    #[command(subcommand)]
+    Image(commands::image::ImageCmd),
     /// Read and set quotas.
     #[command(subcommand)]
     Quota(QuotaCmd),
@@ -478,6 +482,7 @@ async fn client_command(ctx: &Ctx, command: Command) -> Result<()> {
         Command::Model(cmd) => commands::model::run(ctx, cmd).await,
         Command::Deploy(cmd) => commands::deploy::run(ctx, cmd).await,
         Command::Quota(cmd) => commands::quota::run(ctx, cmd).await,
+        Command::Image(cmd) => commands::image::run(ctx, cmd).await,
         Command::Credential(cmd) => commands::credential::run(ctx, cmd).await,
         Command::Audit { tenant, after } => commands::audit::run(ctx, tenant, after).await,
         Command::Logs {

@@ -167,6 +167,13 @@ impl Registry {
         )
     }
 
+    /// Runs the CLI with `key`; whether it succeeded, and what it printed.
+    fn cli(&self, args: &[&str], key: &str) -> (bool, String) {
+        run(Command::new(common::BIN)
+            .args(args)
+            .args(["--server", &self.url, "--token", key]))
+    }
+
     fn send(&self, method: Method, path: &str, key: &str) -> reqwest::blocking::Response {
         self.call(method, path, key).send().unwrap()
     }
@@ -243,6 +250,35 @@ fn tenants_push_and_pull_with_real_clients_and_reach_only_their_own_images() {
     assert_eq!(named, manifest_digest);
     assert_eq!(inspected["Digest"], json!(manifest_digest), "{inspected:#}");
     assert_eq!(manifest_digest, layout_manifest);
+
+    // `atrium image list` shows it to acme, with the digest skopeo saw.
+    let (ok, out) = reg.cli(&["image", "list", "-o", "json"], &acme);
+    assert!(ok, "{out}");
+    let listed: Value = serde_json::from_str(&out).unwrap();
+    let config_and_layer: u64 = blobs
+        .iter()
+        .map(|b| {
+            std::fs::metadata(layout.join("blobs/sha256").join(&b[7..]))
+                .unwrap()
+                .len()
+        })
+        .sum();
+    assert_eq!(
+        listed["items"],
+        json!([{"repository": "acme/busybox", "tag": "1", "digest": manifest_digest,
+                "size": config_and_layer}])
+    );
+
+    // A tenant holding images cannot be deleted: one made later under its
+    // name would own them.
+    let delete = reg.send(Method::DELETE, "/v1/tenants/acme", &reg.admin);
+    assert_eq!(delete.status(), StatusCode::CONFLICT);
+    let refusal: Value = delete.json().unwrap();
+    assert_eq!(
+        refusal["error"]["details"]["names"],
+        json!(["acme/busybox"]),
+        "{refusal}"
+    );
 
     // Its bytes count against acme's storage quota.
     let layer_bytes = std::fs::metadata(layout.join("blobs/sha256").join(&blobs[1][7..]))
@@ -383,12 +419,11 @@ fn tenants_push_and_pull_with_real_clients_and_reach_only_their_own_images() {
     assert_eq!(tags.status(), StatusCode::NOT_FOUND, "gc: {gc}");
 
     // Deleted, the image's blobs are collected.
-    let deleted = reg.send(
-        Method::DELETE,
-        &format!("/v2/acme/busybox/manifests/{manifest_digest}"),
-        &acme,
-    );
-    assert_eq!(deleted.status(), StatusCode::ACCEPTED);
+    let (ok, out) = reg.cli(&["image", "delete", "acme/busybox:1"], &acme);
+    assert!(ok, "{out}");
+    assert!(out.contains(&manifest_digest), "{out}");
+    let (ok, out) = reg.cli(&["image", "delete", "acme/busybox:1"], &acme);
+    assert!(!ok && out.contains("MANIFEST_UNKNOWN (404)"), "{out}");
     let (ok, _) = reg.inspect("acme/busybox:1", &acme);
     assert!(!ok, "the deleted tag still resolves");
     let gc = reg.collect_garbage();
