@@ -440,4 +440,22 @@ fn tenants_push_and_pull_with_real_clients_and_reach_only_their_own_images() {
     assert_eq!(catalog["repositories"], json!([]));
     let refused = reg.send(Method::POST, "/v1/registry/gc", &acme);
     assert_eq!(refused.status(), StatusCode::FORBIDDEN);
+
+    // The provider publishes to library/: every tenant reads it, none
+    // changes it, and what a manifest uses survives garbage collection.
+    let (ok, out) = reg.push(&layout, "library/busybox:1", &reg.admin);
+    assert!(ok, "the provider's push: {out}");
+    let (ok, out) = reg.inspect("library/busybox:1", &globex);
+    assert!(ok, "a tenant reading library/: {out}");
+    assert_eq!(
+        reg.catalog(&acme)["repositories"],
+        json!(["library/busybox"])
+    );
+    let (ok, out) = reg.cli(&["image", "delete", "library/busybox:1"], &globex);
+    assert!(!ok && out.contains("DENIED (403)"), "{out}");
+    reg.collect_garbage();
+    for blob in blobs.iter().chain([&manifest_digest]) {
+        assert!(blobs_dir.join(&blob[7..]).exists(), "{blob} was collected");
+    }
+    assert_eq!(reg.storage_used("globex"), 0);
 }
