@@ -8,6 +8,7 @@
 
 mod bench;
 mod bench_gateway;
+mod bench_registry;
 mod bench_sched;
 mod client;
 mod commands;
@@ -180,6 +181,18 @@ enum BenchCmd {
         #[arg(long)]
         litellm: Option<PathBuf>,
         #[arg(long, default_value = "bench-gateway.json")]
+        out: PathBuf,
+    },
+    /// Image push and pull MB/s through the control plane's registry
+    /// beside Debian's docker-registry, skopeo as the client of both.
+    Registry {
+        /// Size of the image's one (incompressible) layer
+        #[arg(long, default_value_t = 50)]
+        megabytes: u64,
+        /// Pushes and pulls per registry, alternating which goes first
+        #[arg(long, default_value_t = 5)]
+        rounds: u32,
+        #[arg(long, default_value = "bench-registry.json")]
         out: PathBuf,
     },
     /// Fleet scheduler placements/s at 1,000 and 10,000 nodes, and GPU
@@ -375,6 +388,23 @@ async fn run(cli: Cli) -> Result<()> {
                 done = bench_gateway::run(bench_gateway::Args {
                     seconds,
                     litellm,
+                    out,
+                    output: cli.global.output.unwrap_or(Output::Table),
+                }) => done,
+                _ = shutdown_signal() => Err(anyhow!("interrupted; the processes the bench started are stopped")),
+            }
+        }
+        Command::Bench(BenchCmd::Registry {
+            megabytes,
+            rounds,
+            out,
+        }) => {
+            // As for the gateway bench: dropped on a signal, the bench's
+            // future stops the registries it started.
+            tokio::select! {
+                done = bench_registry::run(bench_registry::Args {
+                    megabytes,
+                    rounds,
                     out,
                     output: cli.global.output.unwrap_or(Output::Table),
                 }) => done,

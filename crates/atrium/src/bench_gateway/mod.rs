@@ -26,18 +26,17 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use anyhow::{anyhow, Context, Result};
-use atrium_client::ControlPlane;
 use serde::Serialize;
 
 use crate::client::Output;
 
 mod load;
-mod peers;
+pub(crate) mod peers;
 
 use load::{latency_rounds, measure, Target};
 use peers::{
-    atrium_tenant, find_litellm, free_port, litellm_config, nginx_config, pinned, wait_http,
-    wait_routed, Children, TempDir,
+    atrium_tenant, find_litellm, free_port, litellm_config, nginx_config, pinned,
+    start_control_plane, wait_http, wait_routed, Children, TempDir,
 };
 
 /// The p99 a throughput point must keep to count.
@@ -159,42 +158,16 @@ pub async fn run(args: Args) -> Result<()> {
     children.0.push(engine);
 
     // Atrium: control plane and gateway.
-    let server_port = free_port()?;
-    let server_url = format!("http://127.0.0.1:{server_port}");
     // The control plane is another machine's work in production: it runs
     // beside the load generator, off the proxy core, as SCHED_IDLE (it
     // only gets the CPU the load generator leaves, and gives it back the
     // moment the load generator wakes). At nice 10 its SQLite writes still
     // ran for up to 3 ms at a time while wrk waited to read an answer,
     // which showed up as atrium's p99. Its CPU per request is reported.
-    let mut server = pinned(load_core, Path::new("chrt"))
-        .args(["--idle", "0"])
-        .arg(&exe)
-        .args([
-            "server",
-            "--log",
-            "warn",
-            "--listen",
-            &format!("127.0.0.1:{server_port}"),
-        ])
-        .arg("--data-dir")
-        .arg(dir.path().join("server"))
-        .stdout(Stdio::null())
-        .spawn()
-        .context("cannot start the control plane")?;
-    wait_http(
-        &format!("{server_url}/healthz"),
-        &mut server,
-        "control plane",
-        Duration::from_secs(20),
-    )
-    .await?;
-    let server_pid = server.id();
-    children.0.push(server);
-    let token = std::fs::read_to_string(dir.path().join("server/admin.token"))?
-        .trim()
-        .to_string();
-    let cp = ControlPlane::new(&server_url, &token);
+    let mut launcher = pinned(load_core, Path::new("chrt"));
+    launcher.args(["--idle", "0"]).arg(&exe);
+    let (server_url, server_pid, cp) =
+        start_control_plane(launcher, &dir.path().join("server"), &mut children).await?;
     let key = atrium_tenant(&cp, &engine_url).await?;
     let gateway_port = free_port()?;
     let gateway_url = format!("http://127.0.0.1:{gateway_port}");

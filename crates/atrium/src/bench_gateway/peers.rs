@@ -26,10 +26,10 @@ use crate::bench::ChatRequest;
 use super::{LITELLM_KEY, MODEL};
 
 /// A scratch directory removed when the bench ends.
-pub(super) struct TempDir(pub(super) PathBuf);
+pub(crate) struct TempDir(pub(crate) PathBuf);
 
 impl TempDir {
-    pub(super) fn path(&self) -> &Path {
+    pub(crate) fn path(&self) -> &Path {
         &self.0
     }
 }
@@ -41,7 +41,7 @@ impl Drop for TempDir {
 }
 
 /// Children are killed when the bench ends, however it ends.
-pub(super) struct Children(pub(super) Vec<Child>);
+pub(crate) struct Children(pub(crate) Vec<Child>);
 
 impl Drop for Children {
     fn drop(&mut self) {
@@ -52,7 +52,42 @@ impl Drop for Children {
     }
 }
 
-pub(super) fn free_port() -> Result<u16> {
+/// Atrium's control plane, started by `launcher` (the `atrium` binary,
+/// maybe behind `chrt`/`taskset`) with its data in `data_dir`; its URL,
+/// pid, and a client holding the admin token.
+pub(crate) async fn start_control_plane(
+    mut launcher: Command,
+    data_dir: &Path,
+    children: &mut Children,
+) -> Result<(String, u32, ControlPlane)> {
+    let port = free_port()?;
+    let url = format!("http://127.0.0.1:{port}");
+    let mut server = launcher
+        .args(["server", "--log", "warn", "--listen"])
+        .arg(format!("127.0.0.1:{port}"))
+        .arg("--data-dir")
+        .arg(data_dir)
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .map_err(|e| anyhow!("cannot start the control plane: {e}"))?;
+    let started = wait_http(
+        &format!("{url}/healthz"),
+        &mut server,
+        "control plane",
+        Duration::from_secs(20),
+    )
+    .await;
+    let pid = server.id();
+    children.0.push(server);
+    started?;
+    let token = std::fs::read_to_string(data_dir.join("admin.token"))?
+        .trim()
+        .to_string();
+    let cp = ControlPlane::new(&url, &token);
+    Ok((url, pid, cp))
+}
+
+pub(crate) fn free_port() -> Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
         .port())
@@ -70,7 +105,7 @@ pub(super) fn pinned(core: Option<usize>, program: &Path) -> Command {
     }
 }
 
-pub(super) async fn wait_http(
+pub(crate) async fn wait_http(
     url: &str,
     child: &mut Child,
     what: &str,
