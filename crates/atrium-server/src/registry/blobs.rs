@@ -211,6 +211,7 @@ pub(super) async fn append(
         .append(true)
         .open(&path)
         .await?;
+    let mut hasher = state.registry.take_hash(id, size);
     let mut stream = body.into_data_stream();
     let mut written: u64 = 0;
     while let Some(chunk) = stream.next().await {
@@ -238,7 +239,14 @@ pub(super) async fn append(
             return Err(refusal);
         }
         file.write_all(&chunk).await?;
+        if let Some(h) = hasher.as_mut() {
+            sha2::Digest::update(h, &chunk);
+        }
     }
     file.flush().await?;
-    Ok(size.saturating_add(written))
+    let size = size.saturating_add(written);
+    if let Some(h) = hasher {
+        state.registry.keep_hash(id, size, h);
+    }
+    Ok(size)
 }

@@ -14,9 +14,10 @@
 //! is invisible to it even though its bytes are stored once. Names reach
 //! this module already checked ([`super::names`]).
 
-use std::collections::{BTreeSet, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 use std::time::{Duration, SystemTime};
 
 use super::error::RegistryError;
@@ -25,6 +26,11 @@ use super::names::{new_upload_id, Digest, Reference, Repo};
 
 pub struct Storage {
     root: PathBuf,
+    /// Per upload in progress: the SHA-256 of its first `n` bytes, kept
+    /// as they stream in so committing need not read the upload again.
+    /// Missing or behind the file (a chunk cut off, a restart), the upload
+    /// is hashed from disk instead.
+    hashed: Mutex<HashMap<String, (u64, sha2::Sha256)>>,
 }
 
 /// What one garbage collection removed.
@@ -41,7 +47,10 @@ impl Storage {
         for dir in ["blobs/sha256", "uploads", "repos", "tmp"] {
             std::fs::create_dir_all(root.join(dir))?;
         }
-        Ok(Storage { root })
+        Ok(Storage {
+            root,
+            hashed: Mutex::default(),
+        })
     }
 
     fn blob_path(&self, digest: &Digest) -> PathBuf {
@@ -123,7 +132,28 @@ impl Storage {
             .len())
     }
 
+    /// The running hash of upload `id` if it covers exactly its first
+    /// `size` bytes; taken out until [`Storage::keep_hash`] puts it back.
+    pub fn take_hash(&self, id: &str, size: u64) -> Option<sha2::Sha256> {
+        let mut hashed = self.hashed.lock().ok()?;
+        match hashed.remove(id) {
+            Some((n, hasher)) if n == size => Some(hasher),
+            None if size == 0 => Some(sha2::Sha256::default()),
+            _ => None,
+        }
+    }
+
+    /// Keeps the hash of upload `id`'s first `size` bytes.
+    pub fn keep_hash(&self, id: &str, size: u64, hasher: sha2::Sha256) {
+        if let Ok(mut hashed) = self.hashed.lock() {
+            hashed.insert(id.to_string(), (size, hasher));
+        }
+    }
+
     pub fn cancel_upload(&self, id: &str) {
+        if let Ok(mut hashed) = self.hashed.lock() {
+            hashed.remove(id);
+        }
         let _ = std::fs::remove_file(self.upload_path(id));
         let _ = std::fs::remove_file(self.upload_owner(id));
     }
@@ -138,7 +168,10 @@ impl Storage {
     ) -> Result<u64, RegistryError> {
         let size = self.upload_size(repo, id)?;
         let path = self.upload_path(id);
-        let actual = hash_file(&path)?;
+        let actual = match self.take_hash(id, size) {
+            Some(hasher) => Digest::from_hasher(hasher),
+            None => hash_file(&path)?,
+        };
         if actual != *digest {
             self.cancel_upload(id);
             return Err(RegistryError::digest_invalid(format!(
@@ -420,5 +453,49 @@ fn remove_if_present(path: &Path) -> std::io::Result<bool> {
         Ok(()) => Ok(true),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
         Err(e) => Err(e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hash_of(bytes: &[u8]) -> sha2::Sha256 {
+        sha2::Digest::new_with_prefix(bytes)
+    }
+
+    /// A running hash that does not cover the whole upload (a chunk was cut
+    /// off after part of it was written) is not trusted: the upload is
+    /// hashed from disk, and what was really uploaded decides.
+    #[test]
+    fn a_running_hash_behind_the_upload_is_not_trusted() {
+        let dir = tempfile::tempdir().unwrap();
+        let storage = Storage::open(dir.path().to_path_buf()).unwrap();
+        let repo = Repo::parse("acme/x").unwrap();
+
+        let id = storage.start_upload(&repo).unwrap();
+        std::fs::write(storage.upload_path(&id), b"abcdef").unwrap();
+        storage.keep_hash(&id, 3, hash_of(b"abc"));
+        assert!(storage
+            .commit_upload(&repo, &id, &Digest::of(b"abc"))
+            .is_err());
+
+        let id = storage.start_upload(&repo).unwrap();
+        std::fs::write(storage.upload_path(&id), b"abcdef").unwrap();
+        storage.keep_hash(&id, 3, hash_of(b"abc"));
+        assert_eq!(
+            storage
+                .commit_upload(&repo, &id, &Digest::of(b"abcdef"))
+                .unwrap(),
+            6
+        );
+
+        let id = storage.start_upload(&repo).unwrap();
+        std::fs::write(storage.upload_path(&id), b"xyz").unwrap();
+        storage.keep_hash(&id, 3, hash_of(b"xyz"));
+        storage
+            .commit_upload(&repo, &id, &Digest::of(b"xyz"))
+            .unwrap();
+        assert!(storage.blob_in(&repo, &Digest::of(b"xyz")).is_some());
     }
 }
