@@ -369,11 +369,12 @@ async fn dispatch(
             put_manifest(&state, repo, reference, &headers, body).await
         }
         (Route::Manifest(repo, reference), Method::DELETE) => {
-            let shown = format!("{reference:?}");
+            let shown = repo.image(&reference);
             let deleted = blocking(&state, move |s| s.delete_manifest(&repo, &reference)).await??;
             if !deleted {
                 return Err(RegistryError::manifest_unknown(&shown));
             }
+            tracing::info!(image = %shown, actor = %caller.actor, "registry: manifest deleted");
             Ok(respond(StatusCode::ACCEPTED, &[], Body::empty()))
         }
         (Route::Tags(repo), Method::GET) => {
@@ -404,10 +405,7 @@ async fn get_manifest(
     reference: Reference,
     head: bool,
 ) -> Result<Response, RegistryError> {
-    let shown = match &reference {
-        Reference::Tag(t) => t.clone(),
-        Reference::Digest(d) => d.to_string(),
-    };
+    let shown = repo.image(&reference);
     let found = blocking(state, move |s| s.get_manifest(&repo, &reference)).await?;
     let (media_type, digest, bytes) =
         found.ok_or_else(|| RegistryError::manifest_unknown(&shown))?;

@@ -55,6 +55,14 @@ impl Repo {
         &self.name
     }
 
+    /// `repo:tag` or `repo@digest`, as clients name an image.
+    pub fn image(&self, reference: &Reference) -> String {
+        match reference {
+            Reference::Tag(tag) => format!("{self}:{tag}"),
+            Reference::Digest(digest) => format!("{self}@{digest}"),
+        }
+    }
+
     /// Its components, each safe as one path component.
     pub fn components(&self) -> impl Iterator<Item = &str> {
         self.name.split('/')
@@ -225,6 +233,12 @@ mod tests {
         assert!(Repo::parse(&long).is_err());
         let repo = Repo::parse("acme/team/app").unwrap();
         assert_eq!(repo.namespace(), "acme");
+        assert_eq!(repo.image(&Reference::Tag("1".into())), "acme/team/app:1");
+        let digest = Digest::of(b"");
+        assert_eq!(
+            repo.image(&Reference::Digest(digest.clone())),
+            format!("acme/team/app@{digest}")
+        );
         assert_eq!(
             repo.components().collect::<Vec<_>>(),
             ["acme", "team", "app"]
