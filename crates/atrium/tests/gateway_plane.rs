@@ -585,7 +585,8 @@ fn metering_survives_kill_9_of_the_gateway() {
     wait_routed(&http, &gw.url, &key, "chat");
 
     // Eight clients send requests until the gateway dies under them.
-    let succeeded = Arc::new(Mutex::new(Vec::<String>::new()));
+    // (client, request id) of every answered request, in answer order.
+    let succeeded = Arc::new(Mutex::new(Vec::<(usize, String)>::new()));
     let failed = Arc::new(AtomicU64::new(0));
     let stop_at = Instant::now() + Duration::from_millis(2500);
     let clients: Vec<_> = (0..8)
@@ -606,7 +607,7 @@ fn metering_survives_kill_9_of_the_gateway() {
                         Ok(r) if r.status() == 200 => {
                             let id = r.headers()["x-request-id"].to_str().unwrap().to_string();
                             if r.json::<Value>().is_ok() {
-                                succeeded.lock().unwrap().push(id);
+                                succeeded.lock().unwrap().push((c, id));
                             } else {
                                 failed.fetch_add(1, Ordering::SeqCst);
                             }
@@ -626,8 +627,16 @@ fn metering_survives_kill_9_of_the_gateway() {
     for c in clients {
         c.join().unwrap();
     }
-    let succeeded = succeeded.lock().unwrap().clone();
-    assert!(succeeded.len() > 50, "load ran: {}", succeeded.len());
+    let answered = succeeded.lock().unwrap().clone();
+    assert!(answered.len() > 50, "load ran: {}", answered.len());
+    // Each client's last answer: the only ones the kill may have caught
+    // between sending and metering (ARCHITECTURE: "a whole answer is sent
+    // first and metered after").
+    let last_of_each: HashSet<&str> = (0..8)
+        .filter_map(|c| answered.iter().rev().find(|(client, _)| *client == c))
+        .map(|(_, id)| id.as_str())
+        .collect();
+    let succeeded: Vec<String> = answered.iter().map(|(_, id)| id.clone()).collect();
 
     // The restarted gateway ships what the dead one spooled.
     gw = plane.gateway(&data);
@@ -654,13 +663,20 @@ fn metering_survives_kill_9_of_the_gateway() {
         .filter(|id| !unique.contains(id.as_str()))
         .collect();
     assert!(
-        missing.is_empty(),
-        "every answered request is billed: {} missing",
-        missing.len()
+        missing.iter().all(|id| last_of_each.contains(id.as_str())),
+        "every answered request is billed, but for one per connection the kill \
+         caught between sending and metering: {} missing ({missing:?}), of which not \
+         a connection's last answer: {:?}",
+        missing.len(),
+        missing
+            .iter()
+            .filter(|id| !last_of_each.contains(id.as_str()))
+            .collect::<Vec<_>>()
     );
     // Records beyond the answered ones: requests the gateway finished as it
     // died, whose answers never reached their client — at most one per client.
-    let extra = ids.len() - succeeded.len();
+    let answered_ids: HashSet<&str> = succeeded.iter().map(String::as_str).collect();
+    let extra = ids.iter().filter(|id| !answered_ids.contains(**id)).count();
     println!(
         "metering: {} answered, {} recorded, {} extra (in flight at the kill), {} failed",
         succeeded.len(),
