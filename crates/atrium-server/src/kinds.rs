@@ -211,15 +211,12 @@ impl Kind for Tenant {
 
     async fn before_delete(state: &AppState, object: &Object) -> Result<(), ApiError> {
         // A tenant made later under the same name would own these.
-        let registry = state.registry.clone();
-        let repositories = tokio::task::spawn_blocking(move || registry.repositories())
-            .await
-            .map_err(|e| ApiError::Internal(format!("registry: {e}")))?;
-        let images: Vec<&str> = repositories
-            .iter()
-            .filter(|r| r.namespace() == object.name)
-            .map(|r| r.as_str())
-            .collect();
+        let (registry, ns) = (state.registry.clone(), object.name.clone());
+        let repositories =
+            tokio::task::spawn_blocking(move || registry.namespace_repositories(&ns))
+                .await
+                .map_err(|e| ApiError::Internal(format!("registry: {e}")))?;
+        let images: Vec<&str> = repositories.iter().map(|r| r.as_str()).collect();
         blocked_by("tenant", &object.name, "image repository", &images)?;
         let own = TenantFilter::Exactly(Some(object.name.clone()));
         for kind in [Deployment::KIND, Model::KIND, Key::KIND] {

@@ -344,12 +344,9 @@ async fn dispatch(
             finish_upload(&state, repo, id, digest).await
         }
         (Route::Upload(repo, id), Method::GET) => {
-            let size = blocking(&state, move |s| {
-                s.upload_size(&repo, &id).map(|n| (repo, id, n))
-            })
-            .await??;
-            let (repo, id, n) = size;
-            let mut r = upload_accepted(&repo, &id, n);
+            let (r, i) = (repo.clone(), id.clone());
+            let size = blocking(&state, move |s| s.upload_size(&r, &i)).await??;
+            let mut r = upload_accepted(&repo, &id, size);
             *r.status_mut() = StatusCode::NO_CONTENT;
             Ok(r)
         }

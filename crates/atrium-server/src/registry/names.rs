@@ -75,6 +75,11 @@ impl fmt::Display for Repo {
     }
 }
 
+/// Whether `s` can be a repository's first component (one path component).
+pub fn is_namespace(s: &str) -> bool {
+    valid_component(s)
+}
+
 /// `[a-z0-9]+((\.|_|__|-+)[a-z0-9]+)*`: alphanumeric runs joined by one
 /// separator each, so never empty, never `.`/`..`, never starting with `_`.
 fn valid_component(c: &str) -> bool {

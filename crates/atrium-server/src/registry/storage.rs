@@ -22,7 +22,7 @@ use std::time::{Duration, SystemTime};
 
 use super::error::RegistryError;
 use super::manifest;
-use super::names::{new_upload_id, Digest, Reference, Repo};
+use super::names::{is_namespace, new_upload_id, Digest, Reference, Repo};
 
 pub struct Storage {
     root: PathBuf,
@@ -285,8 +285,22 @@ impl Storage {
 
     /// Every repository, sorted.
     pub fn repositories(&self) -> Vec<Repo> {
+        self.repositories_from(self.root.join("repos"), String::new())
+    }
+
+    /// The repositories of namespace `ns` (a tenant's name or `library`),
+    /// sorted; none when `ns` is not a namespace.
+    pub fn namespace_repositories(&self, ns: &str) -> Vec<Repo> {
+        if !is_namespace(ns) {
+            return Vec::new();
+        }
+        self.repositories_from(self.root.join("repos").join(ns), ns.to_string())
+    }
+
+    /// The repositories at or below `dir`, whose name is `name`.
+    fn repositories_from(&self, dir: PathBuf, name: String) -> Vec<Repo> {
         let mut found = Vec::new();
-        let mut pending = vec![(self.root.join("repos"), String::new())];
+        let mut pending = vec![(dir, name)];
         while let Some((dir, name)) = pending.pop() {
             let Ok(entries) = std::fs::read_dir(&dir) else {
                 continue;
@@ -318,8 +332,8 @@ impl Storage {
     /// once, plus its uploads in progress.
     pub fn namespace_bytes(&self, ns: &str) -> u64 {
         let mut digests = HashSet::new();
-        for repo in self.repositories().iter().filter(|r| r.namespace() == ns) {
-            let dir = self.repo_dir(repo);
+        for repo in self.namespace_repositories(ns) {
+            let dir = self.repo_dir(&repo);
             for sub in ["_layers", "_manifests"] {
                 digests.extend(file_names(&dir.join(sub)));
             }
@@ -462,6 +476,49 @@ mod tests {
 
     fn hash_of(bytes: &[u8]) -> sha2::Sha256 {
         sha2::Digest::new_with_prefix(bytes)
+    }
+
+    /// A hostile tenant admin who learns another tenant's upload id, or the
+    /// digest of a blob another tenant stored, gets neither: uploads belong
+    /// to their repository, and a manifest may only name blobs its own
+    /// repository links, though the bytes are stored once for all.
+    #[test]
+    fn uploads_and_blobs_of_one_repository_are_not_reachable_from_another() {
+        let dir = tempfile::tempdir().unwrap();
+        let storage = Storage::open(dir.path().to_path_buf()).unwrap();
+        let (acme, globex) = (
+            Repo::parse("acme/x").unwrap(),
+            Repo::parse("globex/x").unwrap(),
+        );
+
+        let id = storage.start_upload(&acme).unwrap();
+        std::fs::write(storage.upload_path(&id), b"secret").unwrap();
+        assert!(storage.upload_size(&globex, &id).is_err());
+        assert!(storage
+            .commit_upload(&globex, &id, &Digest::of(b"secret"))
+            .is_err());
+        storage
+            .commit_upload(&acme, &id, &Digest::of(b"secret"))
+            .unwrap();
+
+        let secret = Digest::of(b"secret");
+        assert!(storage.blob_in(&globex, &secret).is_none());
+        let refs = manifest::References {
+            blobs: vec![secret.clone()],
+            manifests: Vec::new(),
+        };
+        let claimed = storage.put_manifest(
+            &globex,
+            &Reference::Tag("1".into()),
+            manifest::OCI_MANIFEST,
+            b"{}",
+            &refs,
+        );
+        assert!(claimed.is_err());
+        assert!(storage.blob_in(&globex, &secret).is_none());
+        assert_eq!(storage.namespace_bytes("globex"), 0);
+        assert_eq!(storage.namespace_bytes("acme"), 6);
+        assert_eq!(storage.namespace_bytes("../acme"), 0);
     }
 
     /// A running hash that does not cover the whole upload (a chunk was cut
