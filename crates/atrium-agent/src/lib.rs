@@ -12,6 +12,7 @@
 //! restarts itself.
 
 mod inventory;
+pub mod runtime;
 pub mod sandbox;
 pub mod state;
 mod supervisor;

@@ -21,6 +21,8 @@ use atrium_core::node::Gpu;
 use atrium_core::placement::{PlacementSpec, ReplicaStatus};
 use tokio::sync::watch;
 
+mod container;
+
 use crate::sandbox::{Host, TenantSlot};
 use crate::state::{self, Assignment, RunningEngine, StateFile};
 use crate::AgentConfig;
@@ -132,6 +134,7 @@ fn engine_args(config: &AgentConfig, spec: &PlacementSpec) -> Result<Vec<String>
         }
         EngineKind::Vllm => return Err("the vllm engine is not installed on this node".into()),
         EngineKind::External => return Err("external deployments run no replica".into()),
+        EngineKind::Container => return Err("a container placement names no container".into()),
         EngineKind::Embedded => {}
     }
     let path: PathBuf = if let Some(package) = spec.model_source.strip_prefix("pypi:") {
@@ -365,6 +368,9 @@ impl ReplicaCtx {
     /// Prepares the model and sandbox and starts the engine, returning it
     /// and what was recorded of it.
     async fn start(&self, restarts: u32) -> Result<(Engine, RunningEngine), String> {
+        if let Some(container) = self.spec().container.clone() {
+            return self.start_container(&container, restarts).await;
+        }
         self.report(Self::status(
             LifecycleState::Provisioning,
             "preparing the model",
@@ -391,14 +397,7 @@ impl ReplicaCtx {
             .reserve_port(&sandbox.listen_ip, &sandbox.isolation, restarts)
             .map_err(|e| format!("no free port: {e}"))?;
         let listen = running.endpoint.trim_start_matches("http://").to_string();
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.log_path);
-        let (out, err) = match log.and_then(|f| Ok((f.try_clone()?, f))) {
-            Ok((a, b)) => (Stdio::from(a), Stdio::from(b)),
-            Err(_) => (Stdio::null(), Stdio::null()),
-        };
+        let (out, err) = self.log_stdio();
         let binary = &self.shared.config.engine_binary;
         let mut cmd = tokio::process::Command::new(binary);
         if !sandbox.launcher.is_empty() {
@@ -420,11 +419,37 @@ impl ReplicaCtx {
             .stdout(out)
             .stderr(err)
             .kill_on_drop(true);
-        let child = match cmd.spawn() {
+        let child = self.started(cmd.spawn(), &mut running, "the engine")?;
+        let pid = running.pid;
+        tracing::info!(placement = %self.id, pid, isolation = %running.isolation, "agent: engine started");
+        Ok((Engine::Child(child), running))
+    }
+
+    /// The replica's log file as stdout and stderr (appended to).
+    fn log_stdio(&self) -> (Stdio, Stdio) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log_path);
+        match log.and_then(|f| Ok((f.try_clone()?, f))) {
+            Ok((a, b)) => (Stdio::from(a), Stdio::from(b)),
+            Err(_) => (Stdio::null(), Stdio::null()),
+        }
+    }
+
+    /// Records a spawned process (`what`) in the state, or forgets the
+    /// reservation made for it when it could not start.
+    fn started(
+        &self,
+        spawned: std::io::Result<tokio::process::Child>,
+        running: &mut RunningEngine,
+        what: &str,
+    ) -> Result<tokio::process::Child, String> {
+        let child = match spawned {
             Ok(c) => c,
             Err(e) => {
                 self.shared.state.update(|s| s.running.remove(&self.id));
-                return Err(format!("cannot start the engine: {e}"));
+                return Err(format!("cannot start {what}: {e}"));
             }
         };
         let pid = child.id().unwrap_or_default();
@@ -433,11 +458,13 @@ impl ReplicaCtx {
         self.shared.state.update(|s| {
             s.running.insert(self.id.clone(), running.clone());
         });
-        tracing::info!(placement = %self.id, pid, isolation = %running.isolation, "agent: engine started");
-        Ok((Engine::Child(child), running))
+        Ok(child)
     }
 
     async fn healthy(&self, endpoint: &str) -> bool {
+        if self.spec().container.is_some() {
+            return self.container_healthy(endpoint).await;
+        }
         let probe = self
             .http
             .get(format!("{endpoint}/healthz"))
@@ -594,6 +621,12 @@ impl ReplicaCtx {
                 .any(|(id, a)| *id != self.id && a.tenant == tenant.tenant);
             !runs_more && (shutting_down || !has_more)
         });
+        if self.spec().container.is_some() {
+            // runc's own state, and the cgroups it made beside the agent's.
+            self.runc().delete(&self.id);
+            let bundle = self.shared.config.data_dir.join("bundles").join(&self.id);
+            let _ = std::fs::remove_dir_all(bundle);
+        }
         self.shared
             .host
             .release(&self.id, &tenant, pid, tenant_done);

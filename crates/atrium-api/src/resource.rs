@@ -19,6 +19,7 @@ use atrium_core::placement::{PlacementSpec, ReplicaStatus};
 use atrium_core::plane::{CredentialSpec, JoinTokenSpec};
 use atrium_core::site::SiteSpec;
 use atrium_core::tenant::TenantSpec;
+use atrium_core::workload::WorkloadSpec;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
@@ -95,6 +96,10 @@ resource!(
 resource!(
     /// A tenant's served model: replicas, resources, routing.
     Deployment, "deployment", "deployments", "dep_", Tenant, DeploymentSpec, Status
+);
+resource!(
+    /// A tenant's own image run as containers: replicas, resources, ports.
+    Workload, "workload", "workloads", "wkl_", Tenant, WorkloadSpec, Status
 );
 resource!(
     /// A tenant's API key. Key ids are the `atr_<id>_…` token's middle part,

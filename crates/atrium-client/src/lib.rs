@@ -204,6 +204,38 @@ impl ControlPlane {
         Ok(bytes)
     }
 
+    /// A GET that asks for `accept` and hands back the answer itself, to
+    /// read as it streams (an image's layers): 2xx only, else the status
+    /// and body as an error. Sent once more with a rotated credential when
+    /// refused.
+    pub async fn get_streamed(
+        &self,
+        path: &str,
+        accept: &str,
+    ) -> Result<reqwest::Response, ClientError> {
+        let attempt = || {
+            self.http
+                .get(format!("{}{path}", self.base))
+                .bearer_auth(self.token())
+                .header(reqwest::header::ACCEPT, accept)
+                .send()
+        };
+        let mut resp = attempt()
+            .await
+            .map_err(|e| ClientError::Unreachable(e.to_string()))?;
+        if resp.status().as_u16() == 401 && self.refresh() {
+            resp = attempt()
+                .await
+                .map_err(|e| ClientError::Unreachable(e.to_string()))?;
+        }
+        let status = resp.status().as_u16();
+        if !(200..300).contains(&status) {
+            let body = resp.text().await.unwrap_or_default();
+            return Err(ClientError::Status { status, body });
+        }
+        Ok(resp)
+    }
+
     /// Sends a call (30 s at most), and once more with a rotated
     /// credential when the first is refused.
     async fn send_once_more_if_refused(

@@ -18,6 +18,9 @@ pub enum EngineKind {
     Vllm,
     /// An existing OpenAI-compatible URL; nothing is run.
     External,
+    /// A tenant's OCI image, run by the agent with runc: what a workload's
+    /// replicas run. A deployment may not name it.
+    Container,
 }
 
 /// What each replica needs.
@@ -100,6 +103,12 @@ impl DeploymentSpec {
         for (i, site) in self.sites.iter().enumerate() {
             errors.check(&format!("sites[{i}]"), crate::name::validate_name(site));
         }
+        if self.engine == EngineKind::Container {
+            errors.push(
+                "engine",
+                "\"container\" runs a workload's image: create it with POST /v1/workloads",
+            );
+        }
         match (self.engine, &self.external_url) {
             (EngineKind::External, Some(url)) => {
                 if let Err(why) = crate::url::UpstreamUrl::parse(url) {
@@ -132,14 +141,18 @@ impl DeploymentSpec {
         &self,
         placed: impl IntoIterator<Item = &'a Resources>,
     ) -> ResourceUsage {
-        let held = placed.into_iter().fold(ResourceUsage::default(), |sum, r| {
-            sum.saturating_add(r.times(1))
-        });
-        self.quota_usage().max(held)
+        self.quota_usage().max(Resources::sum(placed))
     }
 }
 
 impl Resources {
+    /// What `placed` replicas hold together.
+    pub fn sum<'a>(placed: impl IntoIterator<Item = &'a Resources>) -> ResourceUsage {
+        placed.into_iter().fold(ResourceUsage::default(), |sum, r| {
+            sum.saturating_add(r.times(1))
+        })
+    }
+
     /// `n` replicas' worth of these resources (no deployment counted).
     pub fn times(&self, n: u64) -> ResourceUsage {
         ResourceUsage {

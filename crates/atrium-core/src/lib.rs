@@ -23,5 +23,6 @@ pub mod site;
 pub mod tenant;
 pub mod url;
 pub mod validation;
+pub mod workload;
 
 pub use validation::{FieldError, FieldErrors};

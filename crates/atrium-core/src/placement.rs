@@ -7,14 +7,19 @@ use serde::{Deserialize, Serialize};
 use crate::deployment::{EngineKind, Resources};
 use crate::lifecycle::LifecycleState;
 use crate::model::ModelTask;
+use crate::workload::ContainerSpec;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PlacementSpec {
-    /// Id of the deployment this replica belongs to.
+    /// Id of the deployment (or workload) this replica belongs to.
     pub deployment: String,
     /// Its name: the `model` tenants call it by, and the engine serves.
     pub deployment_name: String,
+    /// For a workload's replica (`engine: container`), what it runs; its
+    /// `model` is then the image and `model_source` empty.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub container: Option<ContainerSpec>,
     /// Replica number within the deployment, from 0.
     pub replica: u32,
     /// Node that runs it.

@@ -16,6 +16,7 @@ use atrium_core::plane::{CredentialSpec, JoinTokenSpec, Plane};
 use atrium_core::quota::{Counted, ResourceUsage};
 use atrium_core::site::SiteSpec;
 use atrium_core::tenant::TenantSpec;
+use atrium_core::workload::{ImageRef, WorkloadSpec, PUBLIC_IMAGE_NAMESPACE};
 use atrium_core::FieldErrors;
 use atrium_store::{Object, Precondition, Selection, TenantFilter};
 use serde::{Deserialize, Serialize};
@@ -23,7 +24,7 @@ use serde_json::json;
 
 pub use atrium_api::{
     Credential, Deployment, JoinToken, Key, Model, Node, Ownership, Placement, Resource, Site,
-    Tenant,
+    Tenant, Workload,
 };
 
 use crate::auth::{Caller, Role};
@@ -219,7 +220,7 @@ impl Kind for Tenant {
         let images: Vec<&str> = repositories.iter().map(|r| r.as_str()).collect();
         blocked_by("tenant", &object.name, "image repository", &images)?;
         let own = TenantFilter::Exactly(Some(object.name.clone()));
-        for kind in [Deployment::KIND, Model::KIND, Key::KIND] {
+        for kind in [Deployment::KIND, Workload::KIND, Model::KIND, Key::KIND] {
             let held = state.store.list_all(kind, &own).await?;
             let names: Vec<&str> = held.iter().map(|o| o.name.as_str()).collect();
             blocked_by("tenant", &object.name, kind, &names)?;
@@ -299,19 +300,10 @@ impl Kind for Deployment {
         spec: &DeploymentSpec,
         replacing: Option<&str>,
     ) -> Result<Option<Precondition<ApiError>>, ApiError> {
-        let tenant = tenant
-            .ok_or_else(|| ApiError::field("tenant", "is required"))?
-            .to_string();
-        let tenant_obj = state
-            .store
-            .get_by_name(Tenant::KIND, None, &tenant)
-            .await?
-            .ok_or_else(|| ApiError::not_found(Tenant::KIND, &tenant))?;
-        let tenant_spec = stored::spec::<Tenant>(&tenant_obj)?;
-
+        let tenant = tenant.ok_or_else(|| ApiError::field("tenant", "is required"))?;
         let store = &state.store;
         if store
-            .get_by_name(Model::KIND, Some(&tenant), &spec.model)
+            .get_by_name(Model::KIND, Some(tenant), &spec.model)
             .await?
             .is_none()
             && store
@@ -327,72 +319,144 @@ impl Kind for Deployment {
                 ),
             ));
         }
-        let mut errors = FieldErrors::new();
-        for (i, site_name) in spec.sites.iter().enumerate() {
-            let field = format!("spec.sites[{i}]");
-            match store.get_by_name(Site::KIND, None, site_name).await? {
-                None => errors.push(field, format!("no site named {site_name:?}")),
-                Some(site) => {
-                    let site = stored::spec::<Site>(&site)?;
-                    if !tenant_spec.residency.allows(&site.jurisdiction) {
-                        errors.push(
-                            field,
-                            format!(
-                                "site {site_name:?} is in jurisdiction {}, outside tenant \
-                                 {tenant:?}'s residency policy",
-                                site.jurisdiction
-                            ),
-                        );
-                    }
-                }
-            }
-        }
-        errors.into_result().map_err(ApiError::InvalidFields)?;
-
+        sites_allowed(state, tenant, &spec.sites).await?;
         let spec = spec.clone();
-        let replacing = replacing.map(str::to_string);
-        let check_tenant = tenant.clone();
-        Ok(Some(Precondition {
-            reads: vec![
-                Selection {
-                    kind: Deployment::KIND.into(),
-                    tenant: TenantFilter::Exactly(Some(tenant.clone())),
-                    name: None,
-                },
-                Selection {
-                    kind: Placement::KIND.into(),
-                    tenant: TenantFilter::Exactly(Some(tenant.clone())),
-                    name: None,
-                },
-                Selection {
-                    kind: Tenant::KIND.into(),
-                    tenant: TenantFilter::Exactly(None),
-                    name: Some(tenant),
-                },
-            ],
-            check: Box::new(move |read: &[Vec<Object>]| {
-                let [deployments, placements, tenants] = read else {
-                    return Err(ApiError::Internal("precondition read mismatch".into()));
-                };
-                let tenant_obj = tenants
-                    .first()
-                    .ok_or_else(|| ApiError::not_found(Tenant::KIND, &check_tenant))?;
-                let quota = stored::spec::<Tenant>(tenant_obj)?.quota;
-                let held = held_by_deployment(placements)?;
-                let used = tenant_usage(deployments, &held, replacing.as_deref())?;
-                // The replaced deployment's replicas hold what they hold
-                // until they are gone, whatever the new spec asks.
-                let holding = replacing.as_deref().and_then(|id| held.get(id));
-                let requested = spec.quota_usage_holding(holding.into_iter().flatten());
-                quota
-                    .admit(&used, &requested)
-                    .map_err(ApiError::QuotaExceeded)
-            }),
-        }))
+        Ok(Some(resources_admitted(
+            tenant,
+            replacing,
+            move |holding| spec.quota_usage_holding(holding),
+        )))
     }
 }
 
-/// The resources each deployment's placements hold, by deployment id.
+impl Kind for Workload {
+    const TENANT_WRITABLE: bool = true;
+    const TENANT_READABLE: bool = true;
+
+    fn validate(spec: &WorkloadSpec) -> Result<(), FieldErrors> {
+        spec.validate()
+    }
+
+    fn initial_status(_spec: &WorkloadSpec) -> Option<Status> {
+        Some(Status::new(
+            LifecycleState::Pending,
+            "waiting for placement",
+        ))
+    }
+
+    async fn admit(
+        state: &AppState,
+        tenant: Option<&str>,
+        spec: &WorkloadSpec,
+        replacing: Option<&str>,
+    ) -> Result<Option<Precondition<ApiError>>, ApiError> {
+        let tenant = tenant.ok_or_else(|| ApiError::field("tenant", "is required"))?;
+        // Whether the image exists is the pull's to find out (the workload
+        // then says ErrImagePull); whose it may be is decided here.
+        let image = ImageRef::parse(&spec.container.image)
+            .map_err(|why| ApiError::field("spec.image", why))?;
+        if image.namespace() != tenant && image.namespace() != PUBLIC_IMAGE_NAMESPACE {
+            return Err(ApiError::field(
+                "spec.image",
+                format!(
+                    "{:?} is in namespace {:?}: a workload runs images of its own tenant \
+                     ({tenant}/…) or public ones ({PUBLIC_IMAGE_NAMESPACE}/…)",
+                    spec.container.image,
+                    image.namespace()
+                ),
+            ));
+        }
+        sites_allowed(state, tenant, &spec.sites).await?;
+        let spec = spec.clone();
+        Ok(Some(resources_admitted(
+            tenant,
+            replacing,
+            move |holding| spec.quota_usage_holding(holding),
+        )))
+    }
+}
+
+/// Refuses sites that do not exist or lie outside `tenant`'s residency.
+async fn sites_allowed(state: &AppState, tenant: &str, sites: &[String]) -> Result<(), ApiError> {
+    let store = &state.store;
+    let tenant_obj = store
+        .get_by_name(Tenant::KIND, None, tenant)
+        .await?
+        .ok_or_else(|| ApiError::not_found(Tenant::KIND, tenant))?;
+    let tenant_spec = stored::spec::<Tenant>(&tenant_obj)?;
+    let mut errors = FieldErrors::new();
+    for (i, site_name) in sites.iter().enumerate() {
+        let field = format!("spec.sites[{i}]");
+        match store.get_by_name(Site::KIND, None, site_name).await? {
+            None => errors.push(field, format!("no site named {site_name:?}")),
+            Some(site) => {
+                let site = stored::spec::<Site>(&site)?;
+                if !tenant_spec.residency.allows(&site.jurisdiction) {
+                    errors.push(
+                        field,
+                        format!(
+                            "site {site_name:?} is in jurisdiction {}, outside tenant \
+                             {tenant:?}'s residency policy",
+                            site.jurisdiction
+                        ),
+                    );
+                }
+            }
+        }
+    }
+    errors.into_result().map_err(ApiError::InvalidFields)
+}
+
+/// The rule that what `tenant`'s deployments and workloads hold, with the
+/// object being written (`requested`, given what its placements still
+/// hold) instead of the one it replaces, fits the tenant's quota —
+/// checked atomically with the write.
+fn resources_admitted(
+    tenant: &str,
+    replacing: Option<&str>,
+    requested: impl Fn(&mut dyn Iterator<Item = &Resources>) -> ResourceUsage + Send + Sync + 'static,
+) -> Precondition<ApiError> {
+    let replacing = replacing.map(str::to_string);
+    let check_tenant = tenant.to_string();
+    let own = |kind: &str| Selection {
+        kind: kind.into(),
+        tenant: TenantFilter::Exactly(Some(tenant.to_string())),
+        name: None,
+    };
+    Precondition {
+        reads: vec![
+            own(Deployment::KIND),
+            own(Workload::KIND),
+            own(Placement::KIND),
+            Selection {
+                kind: Tenant::KIND.into(),
+                tenant: TenantFilter::Exactly(None),
+                name: Some(tenant.to_string()),
+            },
+        ],
+        check: Box::new(move |read: &[Vec<Object>]| {
+            let [deployments, workloads, placements, tenants] = read else {
+                return Err(ApiError::Internal("precondition read mismatch".into()));
+            };
+            let tenant_obj = tenants
+                .first()
+                .ok_or_else(|| ApiError::not_found(Tenant::KIND, &check_tenant))?;
+            let quota = stored::spec::<Tenant>(tenant_obj)?.quota;
+            let held = held_by_deployment(placements)?;
+            let used = tenant_usage(deployments, workloads, &held, replacing.as_deref())?;
+            // The replaced object's replicas hold what they hold until
+            // they are gone, whatever the new spec asks.
+            let holding = replacing.as_deref().and_then(|id| held.get(id));
+            let requested = requested(&mut holding.into_iter().flatten());
+            quota
+                .admit(&used, &requested)
+                .map_err(ApiError::QuotaExceeded)
+        }),
+    }
+}
+
+/// The resources each deployment's (or workload's) placements hold, by
+/// its id.
 pub fn held_by_deployment(
     placements: &[Object],
 ) -> Result<HashMap<String, Vec<Resources>>, ApiError> {
@@ -406,21 +470,46 @@ pub fn held_by_deployment(
     Ok(held)
 }
 
-/// What a tenant's deployments hold against its quota, leaving out the one
-/// with id `except` (the one being replaced): each the larger of its
-/// spec's usage and what its placements still hold.
+/// What a tenant's deployments and workloads hold against its quota,
+/// leaving out the one with id `except` (the one being replaced): each
+/// the larger of its spec's usage and what its placements still hold.
 pub fn tenant_usage(
     deployments: &[Object],
+    workloads: &[Object],
     held: &HashMap<String, Vec<Resources>>,
     except: Option<&str>,
 ) -> Result<ResourceUsage, ApiError> {
     let mut used = ResourceUsage::default();
-    for d in deployments.iter().filter(|d| Some(d.id.as_str()) != except) {
+    let counted = |o: &&Object| Some(o.id.as_str()) != except;
+    for d in deployments.iter().filter(counted) {
         let spec = stored::spec::<Deployment>(d)?;
         let holding = held.get(&d.id).into_iter().flatten();
         used = used.saturating_add(spec.quota_usage_holding(holding));
     }
+    for w in workloads.iter().filter(counted) {
+        let spec = stored::spec::<Workload>(w)?;
+        let holding = held.get(&w.id).into_iter().flatten();
+        used = used.saturating_add(spec.quota_usage_holding(holding));
+    }
     Ok(used)
+}
+
+/// What `tenant`'s deployments and workloads hold now, read outside any
+/// write (for views and the registry's room).
+pub async fn tenant_resources_used(
+    state: &AppState,
+    tenant: &str,
+) -> Result<ResourceUsage, ApiError> {
+    let own = TenantFilter::Exactly(Some(tenant.to_string()));
+    let deployments = state.store.list_all(Deployment::KIND, &own).await?;
+    let workloads = state.store.list_all(Workload::KIND, &own).await?;
+    let placements = state.store.list_all(Placement::KIND, &own).await?;
+    tenant_usage(
+        &deployments,
+        &workloads,
+        &held_by_deployment(&placements)?,
+        None,
+    )
 }
 
 /// The rule that a tenant holds fewer `what` (objects of `kind`) than its

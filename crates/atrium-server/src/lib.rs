@@ -39,7 +39,9 @@ use tokio::sync::watch;
 
 pub use auth::{Role, ADMIN_TOKEN_PREFIX};
 use error::ApiError;
-use kinds::{Credential, Deployment, JoinToken, Key, Kind, Model, Node, Placement, Site, Tenant};
+use kinds::{
+    Credential, Deployment, JoinToken, Key, Kind, Model, Node, Placement, Site, Tenant, Workload,
+};
 use metrics::Metrics;
 
 /// Default limit on request bodies.
@@ -235,6 +237,7 @@ pub fn router(state: AppState) -> Router {
     api = resource_routes::<Tenant>(api);
     api = resource_routes::<Model>(api);
     api = resource_routes::<Deployment>(api);
+    api = resource_routes::<Workload>(api);
     api = resource_routes::<Placement>(api);
     // Keys are created by their own handler: the response carries the secret.
     api = api

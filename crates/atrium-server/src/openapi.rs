@@ -10,6 +10,7 @@ use utoipa::ToSchema;
 
 use crate::kinds::{
     Credential, Deployment, JoinToken, Key, Kind, Model, Node, Placement, Resource, Site, Tenant,
+    Workload,
 };
 
 fn schema_ref(name: &str) -> Value {
@@ -286,6 +287,7 @@ pub fn document() -> Value {
     add_kind::<Tenant>(&mut paths, &mut schemas, None);
     add_kind::<Model>(&mut paths, &mut schemas, None);
     add_kind::<Deployment>(&mut paths, &mut schemas, Some("Status"));
+    add_kind::<Workload>(&mut paths, &mut schemas, Some("Status"));
     add_kind::<Key>(&mut paths, &mut schemas, Some("KeyStatus"));
     add_kind::<Placement>(&mut paths, &mut schemas, Some("ReplicaStatus"));
     add_kind::<JoinToken>(&mut paths, &mut schemas, Some("JoinTokenStatus"));

@@ -23,8 +23,7 @@ use crate::crud::{
 use crate::error::ApiError;
 use crate::extract::{JsonBody, Params};
 use crate::kinds::{
-    held_by_deployment, one_more, tenant_usage, Access, Deployment, Key, KeyRecord, Placement,
-    Resource, Tenant,
+    one_more, tenant_resources_used, Access, Key, KeyRecord, Placement, Resource, Tenant,
 };
 use crate::stored;
 use crate::{AppState, RequestId};
@@ -124,10 +123,7 @@ pub async fn revoke_key(
 
 async fn quota_view(state: &AppState, tenant: &Object) -> Result<QuotaView, ApiError> {
     let spec = stored::spec::<Tenant>(tenant)?;
-    let own = TenantFilter::Exactly(Some(tenant.name.clone()));
-    let deployments = state.store.list_all(Deployment::KIND, &own).await?;
-    let placements = state.store.list_all(Placement::KIND, &own).await?;
-    let mut used = tenant_usage(&deployments, &held_by_deployment(&placements)?, None)?;
+    let mut used = tenant_resources_used(state, &tenant.name).await?;
     // Images count against the same storage quota (the registry refuses
     // pushes past it).
     let registry = state.registry.clone();

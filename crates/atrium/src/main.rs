@@ -99,6 +99,9 @@ enum Command {
     /// Manage deployments.
     #[command(subcommand)]
     Deploy(DeployCmd),
+    /// A tenant's own images run as containers.
+    #[command(subcommand)]
+    Workload(commands::workload::WorkloadCmd),
     /// The images in the control plane's registry (push with any OCI
     /// client, a tenant key as the password).
     #[command(subcommand)]
@@ -109,9 +112,10 @@ enum Command {
     /// The nodes' and gateways' credentials (provider).
     #[command(subcommand)]
     Credential(CredentialCmd),
-    /// Print the logs of a deployment's replicas that run on this machine.
+    /// Print the logs of a deployment's or workload's replicas that run on
+    /// this machine.
     Logs {
-        /// Deployment id or name
+        /// Deployment or workload, by id or name
         deployment: String,
         /// Tenant the name belongs to (provider admin)
         #[arg(long)]
@@ -513,6 +517,7 @@ async fn client_command(ctx: &Ctx, command: Command) -> Result<()> {
         Command::Deploy(cmd) => commands::deploy::run(ctx, cmd).await,
         Command::Quota(cmd) => commands::quota::run(ctx, cmd).await,
         Command::Image(cmd) => commands::image::run(ctx, cmd).await,
+        Command::Workload(cmd) => commands::workload::run(ctx, cmd).await,
         Command::Credential(cmd) => commands::credential::run(ctx, cmd).await,
         Command::Audit { tenant, after } => commands::audit::run(ctx, tenant, after).await,
         Command::Logs {

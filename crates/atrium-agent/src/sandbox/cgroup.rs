@@ -16,7 +16,7 @@ use super::SandboxError;
 /// Processes one workload may have at once (threads count too).
 pub const PIDS_LIMIT: u32 = 1024;
 
-const CPU_PERIOD_US: u64 = 100_000;
+pub const CPU_PERIOD_US: u64 = 100_000;
 /// Character-device major of `/dev/nvidia<minor>`; the driver numbers GPU
 /// device files by minor, which is the GPU's index on a node whose
 /// `nvidia-smi` order is the PCI order (the default).
@@ -72,6 +72,24 @@ pub fn detect_cgroups(octet: u8) -> Cgroups {
             missing.join(", ")
         ))
     }
+}
+
+/// This agent's directory in every mounted cgroup hierarchy where there
+/// is one: runc makes its containers' cgroups in all of them, not only in
+/// the controllers the agent sets limits with.
+pub(super) fn every_hierarchy(octet: u8) -> Vec<PathBuf> {
+    let mounts = std::fs::read_to_string("/proc/mounts").unwrap_or_default();
+    mounts
+        .lines()
+        .filter_map(|line| {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            let [_, mountpoint, fstype, ..] = f[..] else {
+                return None;
+            };
+            let dir = Path::new(mountpoint).join(format!("atrium-{octet}"));
+            (matches!(fstype, "cgroup" | "cgroup2") && dir.is_dir()).then_some(dir)
+        })
+        .collect()
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]

@@ -76,8 +76,8 @@ mod exec;
 mod net;
 mod views;
 
-use cgroup::{child_cgroups, enable_v2_controllers, kill_members, remove_cgroups};
-pub use cgroup::{detect_cgroups, CgroupStats, Cgroups, PIDS_LIMIT};
+use cgroup::{child_cgroups, enable_v2_controllers, every_hierarchy, kill_members, remove_cgroups};
+pub use cgroup::{detect_cgroups, CgroupStats, Cgroups, CPU_PERIOD_US, PIDS_LIMIT};
 pub use exec::{exec_sandboxed, ExecRequest};
 pub use views::confine;
 
@@ -151,6 +151,13 @@ pub struct Sandbox {
     /// Address the engine listens on.
     pub listen_ip: String,
     pub isolation: String,
+    /// What a container runtime needs of the same sandbox: the tenant's
+    /// namespace (`/var/run/netns/…`), uid, the replica's own directory
+    /// and its cgroup relative to each hierarchy's root.
+    pub netns_path: Option<PathBuf>,
+    pub uid: Option<u32>,
+    pub work_dir: Option<PathBuf>,
+    pub cgroup: Option<String>,
 }
 
 fn run(cmd: &str, args: &[&str]) -> Result<(), SandboxError> {
@@ -376,7 +383,12 @@ impl Host {
         // Called with no workload running: whatever is still below the
         // parents (a workload whose cgroup would not go when it stopped)
         // is stale and goes first, or the parents cannot.
-        let bases = self.cgroup_dirs(None);
+        let mut bases = self.cgroup_dirs(None);
+        for dir in every_hierarchy(self.octet()) {
+            if !bases.contains(&dir) {
+                bases.push(dir);
+            }
+        }
         let stale: Vec<PathBuf> = bases.iter().flat_map(|b| child_cgroups(b)).collect();
         for (dir, e) in remove_cgroups(&stale)
             .into_iter()
@@ -438,6 +450,10 @@ impl Host {
                 launcher: Vec::new(),
                 env,
                 listen_ip: "127.0.0.1".into(),
+                netns_path: None,
+                uid: None,
+                work_dir: None,
+                cgroup: None,
                 isolation: format!(
                     "none: not running as root (gpus={gpu_report} by environment only)"
                 ),
@@ -516,11 +532,20 @@ impl Host {
         let launcher = std::iter::once("sandbox-exec".into())
             .chain(exec.flags())
             .collect();
+        let cgroup = (!matches!(self.cgroups, Cgroups::Unavailable(_)))
+            .then(|| format!("/atrium-{}/{id}", self.octet()));
         Ok(Sandbox {
             launcher,
             env,
             listen_ip,
             isolation: report.join(" "),
+            netns_path: exec
+                .netns
+                .as_ref()
+                .map(|ns| Path::new("/var/run/netns").join(ns)),
+            uid: exec.uid,
+            work_dir: exec.uid.map(|_| work_dir),
+            cgroup,
         })
     }
 

@@ -1,6 +1,6 @@
-//! The placement controller: turns each deployment into replica placements
-//! on nodes with room, removes placements nobody wants, and rolls replica
-//! states up into the deployment's status.
+//! The placement controller: turns each deployment and workload into
+//! replica placements on nodes with room, removes placements nobody wants,
+//! and rolls replica states up into their owner's status.
 //!
 //! It is a reconcile loop (kube-rs style): `reconcile` reads the whole
 //! desired and observed state into a typed [`World`], [`plan`] (pure: no
@@ -24,7 +24,7 @@ pub use fleet_view::LEAF_LABEL;
 pub use plan::{plan, Action, Plan, World};
 
 use crate::crud::new_id;
-use crate::kinds::{Deployment, Model, Node, Placement, Resource, Site, Tenant};
+use crate::kinds::{Deployment, Model, Node, Placement, Resource, Site, Tenant, Workload};
 use crate::stored;
 
 /// What one pass did.
@@ -42,23 +42,24 @@ pub struct Outcome {
 async fn read_world(store: &Store) -> Result<(World, Vec<Object>), atrium_store::StoreError> {
     let all = TenantFilter::All;
     let deployments = store.list_all(Deployment::KIND, &all).await?;
+    let workloads = store.list_all(Workload::KIND, &all).await?;
     let world = World {
         deployments: stored::all::<Deployment>(&deployments),
+        workloads: stored::all::<Workload>(&workloads),
         placements: stored::all::<Placement>(&store.list_all(Placement::KIND, &all).await?),
         nodes: stored::all::<Node>(&store.list_all(Node::KIND, &all).await?),
         models: stored::all::<Model>(&store.list_all(Model::KIND, &all).await?),
         sites: stored::specs_by_name::<Site>(&store.list_all(Site::KIND, &all).await?),
         tenants: stored::specs_by_name::<Tenant>(&store.list_all(Tenant::KIND, &all).await?),
     };
-    Ok((world, deployments))
+    Ok((world, deployments.into_iter().chain(workloads).collect()))
 }
 
 /// One reconcile pass: read the world, plan, carry the plan out.
 pub async fn reconcile(store: &Store) -> Result<Outcome, atrium_store::StoreError> {
-    let (world, deployments) = read_world(store).await?;
+    let (world, owners) = read_world(store).await?;
     let plan = plan(&world);
-    let deployments: HashMap<&str, &Object> =
-        deployments.iter().map(|d| (d.id.as_str(), d)).collect();
+    let owners: HashMap<&str, &Object> = owners.iter().map(|d| (d.id.as_str(), d)).collect();
     let mut outcome = Outcome {
         unplaceable: plan.unplaceable,
         ..Outcome::default()
@@ -98,23 +99,26 @@ pub async fn reconcile(store: &Store) -> Result<Outcome, atrium_store::StoreErro
                 outcome.placed += usize::from(write(store, w, "placement.create").await);
             }
             Action::SetStatus {
+                kind,
                 deployment,
                 revision,
                 status,
             } => {
-                let Some(d) = deployments.get(deployment.as_str()) else {
+                let Some(d) = owners.get(deployment.as_str()) else {
                     continue;
                 };
+                // Deployments and workloads share the status type.
                 let Ok(body) = stored::with_status::<Deployment>(&d.body, &status) else {
                     continue;
                 };
                 let w = Write::Update {
-                    kind: Deployment::KIND.into(),
+                    kind: kind.into(),
                     id: deployment,
                     body,
                     if_revision: Some(revision),
                 };
-                outcome.statuses_updated += usize::from(write(store, w, "deployment.status").await);
+                let action = format!("{kind}.status");
+                outcome.statuses_updated += usize::from(write(store, w, &action).await);
             }
         }
     }

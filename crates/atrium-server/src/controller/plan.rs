@@ -8,13 +8,14 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use atrium_api::{Deployment, Model, Node, Object, Placement};
-use atrium_core::deployment::{DeploymentSpec, EngineKind};
+use atrium_api::{Deployment, Model, Node, Object, Placement, Resource, Workload};
+use atrium_core::deployment::{EngineKind, Resources};
 use atrium_core::lifecycle::{LifecycleState, Status};
-use atrium_core::model::ModelSpec;
+use atrium_core::model::{ModelSpec, ModelTask};
 use atrium_core::placement::{PlacementSpec, ReplicaStatus};
 use atrium_core::site::SiteSpec;
 use atrium_core::tenant::TenantSpec;
+use atrium_core::workload::WorkloadSpec;
 use atrium_sched::fleet;
 
 use super::fleet_view::{fleet_node, fleet_request, from_slots, tenant_policy, to_slots};
@@ -25,6 +26,7 @@ use super::fleet_view::{fleet_node, fleet_request, from_slots, tenant_policy, to
 #[derive(Debug, Default)]
 pub struct World {
     pub deployments: Vec<Object<Deployment>>,
+    pub workloads: Vec<Object<Workload>>,
     pub placements: Vec<Object<Placement>>,
     pub nodes: Vec<Object<Node>>,
     pub models: Vec<Object<Model>>,
@@ -46,8 +48,10 @@ pub enum Action {
         name_taken: bool,
         spec: Box<PlacementSpec>,
     },
-    /// The status a deployment's replicas add up to, when it changed.
+    /// The status a deployment's (or workload's, by `kind`) replicas add
+    /// up to, when it changed.
     SetStatus {
+        kind: &'static str,
         deployment: String,
         revision: i64,
         status: Status,
@@ -82,11 +86,13 @@ pub fn pending_replica() -> ReplicaStatus {
 pub fn plan(world: &World) -> Plan {
     let mut plan = Plan::default();
     // Placements of deployments that are gone are removed first, freeing room.
-    let live: HashMap<&str, &Object<Deployment>> = world
+    let owners: Vec<Owner> = world
         .deployments
         .iter()
-        .map(|d| (d.id.as_str(), d))
+        .map(|d| Owner::of_deployment(d, world))
+        .chain(world.workloads.iter().map(|w| Owner::of_workload(w, world)))
         .collect();
+    let live: HashMap<&str, &Owner> = owners.iter().map(|o| (o.id, o)).collect();
     let mut by_deployment: BTreeMap<&str, Vec<&Object<Placement>>> = BTreeMap::new();
     for p in &world.placements {
         if live.contains_key(p.spec.deployment.as_str()) {
@@ -115,15 +121,14 @@ pub fn plan(world: &World) -> Plan {
     // exactly what it holds: a deployment updated since keeps its old
     // replicas' amounts in the fleet until they are replaced.
     for (deployment, placements) in &by_deployment {
-        let Some(d) = live.get(deployment) else {
+        let Some(owner) = live.get(deployment) else {
             continue;
         };
-        let tenant = d.tenant.clone().unwrap_or_default();
         for p in placements {
             let request = fleet_request(
                 p.id.clone(),
-                &tenant,
-                priority(&tenant),
+                owner.tenant,
+                priority(owner.tenant),
                 &p.spec.resources,
                 &[],
             );
@@ -133,28 +138,19 @@ pub fn plan(world: &World) -> Plan {
         }
     }
 
-    for d in &world.deployments {
-        let tenant = d.tenant.clone().unwrap_or_default();
-        let existing: &[&Object<Placement>] = by_deployment
-            .get(d.id.as_str())
-            .map_or(&[], |v| v.as_slice());
-        let pass = DeploymentPass {
-            deployment: d,
-            tenant: &tenant,
-            tenant_spec: world.tenants.get(&tenant),
-            model: model_of(&world.models, &d.spec.model, &tenant),
-        };
-        let unplaced = pass.roll(existing, &mut fleet, &mut plan);
-        let status = rollup(
-            &d.spec,
-            pass.desired(),
-            &replica_statuses(existing, pass.desired()),
+    for owner in &owners {
+        let existing: &[&Object<Placement>] =
+            by_deployment.get(owner.id).map_or(&[], |v| v.as_slice());
+        let unplaced = owner.roll(existing, &mut fleet, &mut plan);
+        let status = owner.rollup(
+            &replica_statuses(existing, owner.desired),
             unplaced.as_deref(),
         );
-        if d.status.as_ref() != Some(&status) {
+        if owner.status != Some(&status) {
             plan.actions.push(Action::SetStatus {
-                deployment: d.id.clone(),
-                revision: d.revision,
+                kind: owner.kind,
+                deployment: owner.id.to_string(),
+                revision: owner.revision,
                 status,
             });
         }
@@ -196,103 +192,182 @@ fn replica_statuses(existing: &[&Object<Placement>], desired: usize) -> Vec<Repl
         .collect()
 }
 
-/// The deployment status that its replicas' states add up to.
-fn rollup(
-    spec: &DeploymentSpec,
-    desired: usize,
-    replicas: &[ReplicaStatus],
-    unplaced: Option<&str>,
-) -> Status {
-    if spec.engine == EngineKind::External {
-        return Status::new(LifecycleState::Running, "routes to an external endpoint");
-    }
-    let count = |state| replicas.iter().filter(|r| r.state == state).count();
-    let (running, failed) = (
-        count(LifecycleState::Running),
-        count(LifecycleState::Failed),
-    );
-    if let Some(why) = unplaced {
-        if running == 0 {
-            return Status::new(
-                LifecycleState::Pending,
-                format!("waiting for placement: {why}"),
-            );
+impl Owner<'_> {
+    /// The status that its replicas' states add up to.
+    fn rollup(&self, replicas: &[ReplicaStatus], unplaced: Option<&str>) -> Status {
+        let desired = self.desired;
+        if matches!(self.template, Template::External) {
+            return Status::new(LifecycleState::Running, "routes to an external endpoint");
         }
-    }
-    if running >= desired && desired > 0 {
-        Status::new(
-            LifecycleState::Running,
-            format!("{running}/{desired} replicas ready"),
-        )
-    } else if failed > 0 {
-        Status::new(
-            LifecycleState::Degraded,
-            format!("{running}/{desired} replicas ready, {failed} failed"),
-        )
-    } else {
-        Status::new(
-            LifecycleState::Provisioning,
-            format!("{running}/{desired} replicas ready"),
-        )
+        let count = |state| replicas.iter().filter(|r| r.state == state).count();
+        let (running, failed) = (
+            count(LifecycleState::Running),
+            count(LifecycleState::Failed),
+        );
+        if let Some(why) = unplaced {
+            if running == 0 {
+                return Status::new(
+                    LifecycleState::Pending,
+                    format!("waiting for placement: {why}"),
+                );
+            }
+        }
+        if running >= desired && desired > 0 {
+            Status::new(
+                LifecycleState::Running,
+                format!("{running}/{desired} replicas ready"),
+            )
+        } else if failed > 0 {
+            Status::new(
+                LifecycleState::Degraded,
+                format!("{running}/{desired} replicas ready, {failed} failed"),
+            )
+        } else {
+            Status::new(
+                LifecycleState::Provisioning,
+                format!("{running}/{desired} replicas ready"),
+            )
+        }
     }
 }
 
-/// One deployment in one pass.
-struct DeploymentPass<'a> {
-    deployment: &'a Object<Deployment>,
+/// What a deployment's replicas run, or a workload's.
+enum Template<'a> {
+    /// A model served by an engine; `None` when the model is gone.
+    Model(EngineKind, Option<&'a Object<Model>>),
+    /// An external upstream: nothing to run.
+    External,
+    Container(&'a WorkloadSpec),
+}
+
+/// One deployment or workload in one pass: what it wants, whatever kind.
+struct Owner<'a> {
+    kind: &'static str,
+    id: &'a str,
+    name: &'a str,
+    revision: i64,
+    status: Option<&'a Status>,
     tenant: &'a str,
     tenant_spec: Option<&'a TenantSpec>,
-    /// The model the deployment names (its tenant's, else the public one).
-    model: Option<&'a Object<Model>>,
+    resources: &'a Resources,
+    sites: &'a [String],
+    /// Replicas to run.
+    desired: usize,
+    template: Template<'a>,
 }
 
-impl DeploymentPass<'_> {
-    fn spec(&self) -> &DeploymentSpec {
-        &self.deployment.spec
-    }
-
-    /// Replicas to run: no autoscaler yet, so the minimum, at least one.
-    fn desired(&self) -> usize {
-        if self.spec().engine == EngineKind::External {
-            0
-        } else {
-            self.spec().replicas.min.max(1) as usize
+impl<'a> Owner<'a> {
+    fn of_deployment(d: &'a Object<Deployment>, world: &'a World) -> Owner<'a> {
+        let tenant = d.tenant.as_deref().unwrap_or_default();
+        let external = d.spec.engine == EngineKind::External;
+        Owner {
+            kind: Deployment::KIND,
+            id: &d.id,
+            name: &d.name,
+            revision: d.revision,
+            status: d.status.as_ref(),
+            tenant,
+            tenant_spec: world.tenants.get(tenant),
+            resources: &d.spec.resources,
+            sites: &d.spec.sites,
+            // No autoscaler yet: the minimum, at least one.
+            desired: if external {
+                0
+            } else {
+                d.spec.replicas.min.max(1) as usize
+            },
+            template: if external {
+                Template::External
+            } else {
+                Template::Model(
+                    d.spec.engine,
+                    model_of(&world.models, &d.spec.model, tenant),
+                )
+            },
         }
     }
 
-    /// What a replica of the current spec is placed as, where `binding`
-    /// (on a node of `site`) puts it.
+    fn of_workload(w: &'a Object<Workload>, world: &'a World) -> Owner<'a> {
+        let tenant = w.tenant.as_deref().unwrap_or_default();
+        Owner {
+            kind: Workload::KIND,
+            id: &w.id,
+            name: &w.name,
+            revision: w.revision,
+            status: w.status.as_ref(),
+            tenant,
+            tenant_spec: world.tenants.get(tenant),
+            resources: &w.spec.resources,
+            sites: &w.spec.sites,
+            desired: w.spec.replicas as usize,
+            template: Template::Container(&w.spec),
+        }
+    }
+
+    /// What replica `replica` of the current spec is placed as, where
+    /// `binding` (on a node of `site`) puts it; `None` when what it would
+    /// run is gone (its model was deleted).
     fn placement(
         &self,
-        model: &Object<Model>,
         replica: u32,
         binding: &fleet::Binding,
         site: String,
-    ) -> PlacementSpec {
-        let m: &ModelSpec = &model.spec;
-        PlacementSpec {
-            deployment: self.deployment.id.clone(),
-            deployment_name: self.deployment.name.clone(),
+    ) -> Option<PlacementSpec> {
+        let (engine, model, model_source, model_task, container) = match &self.template {
+            Template::Model(engine, model) => {
+                let m = (*model)?;
+                let spec: &ModelSpec = &m.spec;
+                (
+                    *engine,
+                    m.name.clone(),
+                    spec.source.clone(),
+                    spec.task,
+                    None,
+                )
+            }
+            Template::External => return None,
+            Template::Container(w) => (
+                EngineKind::Container,
+                w.container.image.clone(),
+                String::new(),
+                ModelTask::Chat,
+                Some(w.container.clone()),
+            ),
+        };
+        Some(PlacementSpec {
+            deployment: self.id.to_string(),
+            deployment_name: self.name.to_string(),
+            container,
             replica,
             node: binding.node.clone(),
             site,
-            engine: self.spec().engine,
-            model: model.name.clone(),
-            model_source: m.source.clone(),
-            model_task: m.task,
-            resources: self.spec().resources.clone(),
+            engine,
+            model,
+            model_source,
+            model_task,
+            resources: self.resources.clone(),
             gpus: from_slots(&binding.slots),
-        }
+        })
     }
 
     /// Whether a placement runs the current spec: the same engine, model
-    /// and resources. Anything else is rolled: a placement never changes
-    /// (its replica's sandbox was built from it), it is replaced.
+    /// (or container) and resources. Anything else is rolled: a placement
+    /// never changes (its replica's sandbox was built from it), it is
+    /// replaced.
     fn is_current(&self, p: &PlacementSpec) -> bool {
-        self.model.is_none_or(|m| {
-            p.model == m.name && p.model_source == m.spec.source && p.model_task == m.spec.task
-        }) && p.engine == self.spec().engine
-            && p.resources == self.spec().resources
+        let runs_it = match &self.template {
+            Template::Model(engine, model) => {
+                p.engine == *engine
+                    && model.is_none_or(|m| {
+                        p.model == m.name
+                            && p.model_source == m.spec.source
+                            && p.model_task == m.spec.task
+                    })
+            }
+            Template::External => true,
+            Template::Container(w) => p.container.as_ref() == Some(&w.container),
+        };
+        runs_it && p.resources == *self.resources
     }
 
     /// Brings the deployment's placements to its spec: replicas past the
@@ -307,7 +382,7 @@ impl DeploymentPass<'_> {
         fleet: &mut fleet::Fleet,
         plan: &mut Plan,
     ) -> Option<String> {
-        let desired = self.desired();
+        let desired = self.desired;
         let remove = |p: &Object<Placement>, fleet: &mut fleet::Fleet, plan: &mut Plan| {
             plan.remove(&p.id);
             fleet.release(&p.id);
@@ -336,15 +411,16 @@ impl DeploymentPass<'_> {
                 }
                 continue;
             }
-            let (Some(tenant_spec), Some(model)) = (self.tenant_spec, self.model) else {
+            let gone = matches!(self.template, Template::Model(_, None));
+            let (Some(tenant_spec), false) = (self.tenant_spec, gone) else {
                 return Some("its model or tenant no longer exists".to_string());
             };
             let request = fleet_request(
-                format!("{}/{replica}", self.deployment.id),
+                format!("{}/{replica}", self.id),
                 self.tenant,
                 tenant_spec.priority,
-                &self.spec().resources,
-                &self.spec().sites,
+                self.resources,
+                self.sites,
             );
             let mut placed = fleet.place(&request);
             if placed.is_err() && !outdated.is_empty() {
@@ -367,12 +443,15 @@ impl DeploymentPass<'_> {
                 .map(|n| n.site.clone())
                 .unwrap_or_default();
             // A replica's name is kept by its first placement.
-            let name = format!("{}-{replica}", self.deployment.name);
+            let Some(spec) = self.placement(replica, &binding, site) else {
+                return Some("its model no longer exists".to_string());
+            };
+            let name = format!("{}-{replica}", self.name);
             plan.actions.push(Action::Place {
                 tenant: self.tenant.to_string(),
                 name_taken: existing.iter().any(|p| p.name == name),
                 name,
-                spec: Box::new(self.placement(model, replica, &binding, site)),
+                spec: Box::new(spec),
             });
         }
         None

@@ -14,9 +14,8 @@ use super::names::{Digest, Repo, PUBLIC_NAMESPACE};
 use super::{authorize, blocking, digest_header, respond, MAX_BLOB_BYTES};
 use crate::auth::Caller;
 use crate::error::ApiError;
-use crate::kinds::{held_by_deployment, tenant_usage, Deployment, Placement, Resource, Tenant};
+use crate::kinds::{tenant_resources_used, Resource, Tenant};
 use crate::{stored, AppState};
-use atrium_store::TenantFilter;
 
 #[derive(Debug, Default, Deserialize)]
 pub(super) struct UploadQuery {
@@ -168,20 +167,7 @@ pub(super) async fn storage_left(
     let Some(limit) = stored::spec::<Tenant>(&tenant)?.quota.storage else {
         return Ok(None);
     };
-    let own = TenantFilter::Exactly(Some(ns.clone()));
-    let deployments = state
-        .store
-        .list_all(Deployment::KIND, &own)
-        .await
-        .map_err(ApiError::from)?;
-    let placements = state
-        .store
-        .list_all(Placement::KIND, &own)
-        .await
-        .map_err(ApiError::from)?;
-    let scratch = tenant_usage(&deployments, &held_by_deployment(&placements)?, None)?
-        .storage
-        .0;
+    let scratch = tenant_resources_used(state, &ns).await?.storage.0;
     let images = blocking(state, move |s| s.namespace_bytes(&ns)).await?;
     Ok(Some(limit.0.saturating_sub(scratch).saturating_sub(images)))
 }

@@ -32,9 +32,15 @@ use axum::{Extension, Json, Router};
 use base64::Engine as _;
 use serde::Deserialize;
 
+use atrium_core::plane::Plane;
+use atrium_core::workload::ImageRef;
+use atrium_store::TenantFilter;
+
 use crate::auth::{self, Caller, Role};
 use crate::error::ApiError;
 use crate::extract::Params;
+use crate::kinds::{Placement, Resource};
+use crate::stored;
 use crate::AppState;
 use blobs::{
     append, content_range_start, finish_upload, get_blob, start_upload, storage_left,
@@ -199,6 +205,32 @@ fn authorize(caller: &Caller, repo: &Repo, write: bool) -> Result<(), RegistryEr
     Ok(())
 }
 
+/// Whether `caller` is a node's agent with a workload placed on it that
+/// runs an image of `repo`: a node pulls exactly those, and nothing else
+/// of any tenant's.
+async fn node_runs_image_of(
+    state: &AppState,
+    caller: &Caller,
+    repo: &Repo,
+) -> Result<bool, RegistryError> {
+    let Some(plane) = caller.plane.as_ref().filter(|p| p.plane == Plane::Node) else {
+        return Ok(false);
+    };
+    let placements = state
+        .store
+        .list_all(Placement::KIND, &TenantFilter::All)
+        .await
+        .map_err(|e| RegistryError::internal(format!("placements: {e}")))?;
+    Ok(placements.iter().any(|p| {
+        stored::spec::<Placement>(p).is_ok_and(|spec| {
+            spec.node == plane.name
+                && spec.container.is_some_and(|c| {
+                    ImageRef::parse(&c.image).is_ok_and(|i| i.repository == repo.as_str())
+                })
+        })
+    }))
+}
+
 /// Runs storage work off the async threads.
 async fn blocking<T: Send + 'static>(
     state: &AppState,
@@ -314,7 +346,9 @@ async fn dispatch(
         | Route::Tags(r) => r.clone(),
     };
     let caller = caller(&state, &headers, Some((&repo, write))).await?;
-    authorize(&caller, &repo, write)?;
+    if write || !node_runs_image_of(&state, &caller, &repo).await? {
+        authorize(&caller, &repo, write)?;
+    }
     let query = query.unwrap_or_default();
     match (route, method) {
         (Route::Blob(repo, digest), m @ (Method::GET | Method::HEAD)) => {

@@ -1,6 +1,8 @@
 //! What the binary's end-to-end tests share.
 #![allow(dead_code, clippy::unwrap_used)]
 
+pub mod oci;
+
 /// The `atrium` binary under test.
 pub const BIN: &str = env!("CARGO_BIN_EXE_atrium");
 

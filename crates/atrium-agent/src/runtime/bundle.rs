@@ -1,0 +1,227 @@
+//! The OCI runtime bundle of one container: `config.json` beside a root
+//! that is the cached image, read-only. What it grants is the least a
+//! workload needs: the tenant's uid and gid with no supplementary groups,
+//! no capabilities at all (ports below 1024 are opened by lowering the
+//! namespace's unprivileged-port floor instead), no new privileges, its
+//! own pid/ipc/uts/mount namespaces in the tenant's network namespace, the
+//! agent's cgroup for the replica with its CPU, memory and pids limits,
+//! only the default device nodes, the kernel's sensitive paths masked.
+//! Writable: a tmpfs `/tmp` (counted in its memory) and `/scratch`, the
+//! replica's own directory.
+
+use std::path::PathBuf;
+
+use serde_json::{json, Value};
+
+/// Everything one container's `config.json` is made from.
+#[derive(Debug, Clone)]
+pub struct Bundle {
+    pub dir: PathBuf,
+    pub rootfs: PathBuf,
+    pub hostname: String,
+    pub args: Vec<String>,
+    pub env: Vec<String>,
+    pub cwd: String,
+    pub uid: u32,
+    /// `/var/run/netns/<name>` of the tenant's namespace, when there is one.
+    pub netns: Option<PathBuf>,
+    /// The replica's cgroup, relative to each hierarchy's root.
+    pub cgroup: Option<String>,
+    pub memory: u64,
+    pub cpu_quota_us: u64,
+    pub cpu_period_us: u64,
+    pub pids: u64,
+    pub scratch: PathBuf,
+}
+
+const MASKED: [&str; 9] = [
+    "/proc/acpi",
+    "/proc/asound",
+    "/proc/kcore",
+    "/proc/keys",
+    "/proc/latency_stats",
+    "/proc/timer_list",
+    "/proc/timer_stats",
+    "/proc/sched_debug",
+    "/sys/firmware",
+];
+const READ_ONLY: [&str; 6] = [
+    "/proc/bus",
+    "/proc/fs",
+    "/proc/irq",
+    "/proc/sys",
+    "/proc/sysrq-trigger",
+    "/proc/scsi",
+];
+
+impl Bundle {
+    /// The runtime spec, as runc 1.1 reads it.
+    pub fn config(&self) -> Value {
+        let mut namespaces = vec![
+            json!({"type": "pid"}),
+            json!({"type": "ipc"}),
+            json!({"type": "uts"}),
+            json!({"type": "mount"}),
+        ];
+        namespaces.push(match &self.netns {
+            Some(path) => json!({"type": "network", "path": path}),
+            // No tenant namespace on this host: a private, empty one
+            // rather than the host's.
+            None => json!({"type": "network"}),
+        });
+        let none: [&str; 0] = [];
+        let mut linux = json!({
+            "namespaces": namespaces,
+            "resources": {
+                "devices": [{"allow": false, "access": "rwm"}],
+                "memory": {"limit": self.memory, "swap": self.memory},
+                "cpu": {"quota": self.cpu_quota_us, "period": self.cpu_period_us},
+                "pids": {"limit": self.pids},
+            },
+            "sysctl": {"net.ipv4.ip_unprivileged_port_start": "0"},
+            "maskedPaths": MASKED,
+            "readonlyPaths": READ_ONLY,
+        });
+        if let Some(cgroup) = &self.cgroup {
+            linux["cgroupsPath"] = json!(cgroup);
+        }
+        json!({
+            "ociVersion": "1.0.2",
+            "process": {
+                "terminal": false,
+                "user": {"uid": self.uid, "gid": self.uid, "additionalGids": none},
+                "args": self.args,
+                "env": self.env,
+                "cwd": self.cwd,
+                "capabilities": {
+                    "bounding": none, "effective": none, "inheritable": none,
+                    "permitted": none, "ambient": none
+                },
+                "noNewPrivileges": true
+            },
+            "root": {"path": self.rootfs, "readonly": true},
+            "hostname": self.hostname,
+            "mounts": [
+                {"destination": "/proc", "type": "proc", "source": "proc",
+                 "options": ["nosuid", "noexec", "nodev"]},
+                {"destination": "/dev", "type": "tmpfs", "source": "tmpfs",
+                 "options": ["nosuid", "strictatime", "mode=755", "size=65536k"]},
+                {"destination": "/dev/pts", "type": "devpts", "source": "devpts",
+                 "options": ["nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620"]},
+                {"destination": "/dev/shm", "type": "tmpfs", "source": "shm",
+                 "options": ["nosuid", "noexec", "nodev", "mode=1777", "size=65536k"]},
+                {"destination": "/dev/mqueue", "type": "mqueue", "source": "mqueue",
+                 "options": ["nosuid", "noexec", "nodev"]},
+                {"destination": "/sys", "type": "sysfs", "source": "sysfs",
+                 "options": ["nosuid", "noexec", "nodev", "ro"]},
+                {"destination": "/tmp", "type": "tmpfs", "source": "tmpfs",
+                 "options": ["nosuid", "nodev", "mode=1777", "size=262144k"]},
+                {"destination": "/scratch", "type": "bind", "source": self.scratch,
+                 "options": ["rbind", "rw", "nosuid", "nodev"]},
+            ],
+            "linux": linux,
+        })
+    }
+
+    /// Writes `config.json` into the bundle directory (root only).
+    pub fn write(&self) -> Result<PathBuf, String> {
+        use std::os::unix::fs::PermissionsExt as _;
+        std::fs::create_dir_all(&self.dir).map_err(|e| format!("{}: {e}", self.dir.display()))?;
+        std::fs::set_permissions(&self.dir, std::fs::Permissions::from_mode(0o700))
+            .map_err(|e| format!("{}: {e}", self.dir.display()))?;
+        let path = self.dir.join("config.json");
+        let text = serde_json::to_vec_pretty(&self.config()).map_err(|e| e.to_string())?;
+        std::fs::write(&path, text).map_err(|e| format!("{}: {e}", path.display()))?;
+        Ok(self.dir.clone())
+    }
+}
+
+/// The command line a container starts with: the workload's `command`
+/// (else the image's entrypoint) followed by its `args` (else, when it
+/// gave no command either, the image's `Cmd`), as Kubernetes does.
+pub fn process_args(
+    command: &[String],
+    args: &[String],
+    entrypoint: Option<&[String]>,
+    cmd: Option<&[String]>,
+) -> Vec<String> {
+    let head: Vec<String> = if command.is_empty() {
+        entrypoint.unwrap_or_default().to_vec()
+    } else {
+        command.to_vec()
+    };
+    let tail: Vec<String> = if !args.is_empty() {
+        args.to_vec()
+    } else if command.is_empty() {
+        cmd.unwrap_or_default().to_vec()
+    } else {
+        Vec::new()
+    };
+    head.into_iter().chain(tail).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn s(v: &[&str]) -> Vec<String> {
+        v.iter().map(|x| x.to_string()).collect()
+    }
+
+    #[test]
+    fn command_and_args_combine_as_kubernetes_does() {
+        let (ep, cmd) = (s(&["/ep"]), s(&["default"]));
+        assert_eq!(
+            process_args(&[], &[], Some(&ep), Some(&cmd)),
+            s(&["/ep", "default"])
+        );
+        assert_eq!(
+            process_args(&[], &s(&["x"]), Some(&ep), Some(&cmd)),
+            s(&["/ep", "x"])
+        );
+        assert_eq!(
+            process_args(&s(&["/c"]), &[], Some(&ep), Some(&cmd)),
+            s(&["/c"])
+        );
+        assert_eq!(
+            process_args(&s(&["/c"]), &s(&["y"]), None, None),
+            s(&["/c", "y"])
+        );
+    }
+
+    #[test]
+    fn the_spec_grants_no_capability_and_no_new_privileges() {
+        let b = Bundle {
+            dir: "/b".into(),
+            rootfs: "/r".into(),
+            hostname: "w-0".into(),
+            args: s(&["/bin/sh"]),
+            env: vec![],
+            cwd: "/".into(),
+            uid: 2_000_001,
+            netns: Some("/var/run/netns/t".into()),
+            cgroup: Some("/atrium-1/rep".into()),
+            memory: 1 << 30,
+            cpu_quota_us: 50_000,
+            cpu_period_us: 100_000,
+            pids: 512,
+            scratch: "/s".into(),
+        };
+        let c = b.config();
+        assert_eq!(c["process"]["noNewPrivileges"], true);
+        for set in [
+            "bounding",
+            "effective",
+            "inheritable",
+            "permitted",
+            "ambient",
+        ] {
+            assert_eq!(c["process"]["capabilities"][set], json!([]), "{set}");
+        }
+        assert_eq!(c["process"]["user"]["uid"], 2_000_001);
+        assert_eq!(c["root"]["readonly"], true);
+        assert_eq!(c["linux"]["namespaces"][4]["path"], "/var/run/netns/t");
+        assert_eq!(c["linux"]["resources"]["devices"][0]["allow"], false);
+    }
+}

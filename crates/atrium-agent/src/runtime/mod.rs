@@ -1,0 +1,72 @@
+//! Containers: a workload's replica runs its tenant's OCI image with
+//! `runc`, in the sandbox the agent built for it (the cgroup under the
+//! agent's, the tenant's network namespace and uid). The engine process
+//! driver in `supervisor` runs everything else; a placement with a
+//! `container` comes here.
+
+mod bundle;
+pub mod image;
+mod unpack;
+
+use std::path::{Path, PathBuf};
+
+pub use bundle::{process_args, Bundle};
+pub use image::{ImageCache, Pulled};
+
+/// The runc binary, and where it keeps its containers' state (per agent).
+#[derive(Debug, Clone)]
+pub struct Runc {
+    pub binary: PathBuf,
+    pub state_dir: PathBuf,
+}
+
+impl Runc {
+    pub fn for_data_dir(data_dir: &Path) -> Runc {
+        Runc {
+            binary: PathBuf::from("runc"),
+            state_dir: data_dir.join("runc"),
+        }
+    }
+
+    /// The arguments that run container `id` from `bundle` in the
+    /// foreground: runc's PID is the replica's, its exit the container's.
+    pub fn run_args(&self, id: &str, bundle: &Path) -> Vec<std::ffi::OsString> {
+        vec![
+            "--root".into(),
+            self.state_dir.clone().into(),
+            "run".into(),
+            "--bundle".into(),
+            bundle.into(),
+            id.into(),
+        ]
+    }
+
+    /// Forgets container `id` (killed or exited): its state under runc's
+    /// root would refuse the next run of the same id.
+    pub fn delete(&self, id: &str) {
+        let out = std::process::Command::new(&self.binary)
+            .arg("--root")
+            .arg(&self.state_dir)
+            .args(["delete", "--force", id])
+            .stdin(std::process::Stdio::null())
+            .output();
+        if let Ok(o) = out {
+            if !o.status.success() {
+                let why = String::from_utf8_lossy(&o.stderr);
+                if !why.contains("does not exist") {
+                    tracing::debug!(container = id, %why, "runc delete");
+                }
+            }
+        }
+    }
+
+    /// Whether runc can be run at all (the agent says so at start).
+    pub fn available(&self) -> Result<String, String> {
+        let out = std::process::Command::new(&self.binary)
+            .arg("--version")
+            .output()
+            .map_err(|e| format!("runc is not installed ({e}): apt-get install runc"))?;
+        let version = String::from_utf8_lossy(&out.stdout);
+        Ok(version.lines().next().unwrap_or("runc").trim().to_string())
+    }
+}

@@ -1,0 +1,218 @@
+//! Starting a workload's replica: its image pulled (or found in the
+//! node's cache), a runc bundle built over the sandbox the agent made for
+//! it, and `runc run` supervised in the foreground like an engine.
+
+use std::process::Stdio;
+
+use atrium_core::lifecycle::LifecycleState;
+use atrium_core::workload::ContainerSpec;
+
+use super::{Engine, ReplicaCtx};
+use crate::runtime::{process_args, Bundle, ImageCache, Runc};
+use crate::sandbox::{CPU_PERIOD_US, PIDS_LIMIT};
+use crate::state::RunningEngine;
+
+impl ReplicaCtx {
+    pub(super) fn runc(&self) -> Runc {
+        Runc::for_data_dir(&self.shared.config.data_dir)
+    }
+
+    /// Pulls the image, builds the bundle and starts runc, returning it
+    /// and what was recorded of it. A pull that fails says
+    /// `ErrImagePull` and why.
+    pub(super) async fn start_container(
+        &self,
+        container: &ContainerSpec,
+        restarts: u32,
+    ) -> Result<(Engine, RunningEngine), String> {
+        if !self.shared.host.root {
+            return Err("containers run with runc, which needs the agent to run as root".into());
+        }
+        self.report(Self::status(
+            LifecycleState::Provisioning,
+            format!("pulling {}", container.image),
+            restarts,
+            None,
+        ))
+        .await;
+        let cache = ImageCache::new(self.shared.config.data_dir.join("images"));
+        let pulled = cache
+            .pull(&self.shared.cp, &container.image)
+            .await
+            .map_err(|why| format!("ErrImagePull: {}: {why}", container.image))?;
+        let shared = self.shared.clone();
+        let (id, spec, tenant) = (self.id.clone(), self.spec().clone(), self.tenant());
+        let sandbox = tokio::task::spawn_blocking(move || {
+            shared
+                .host
+                .enter(&id, &tenant, &spec, &shared.gpus, &mut [])
+                .map_err(|e| e.to_string())
+        })
+        .await
+        .map_err(|e| e.to_string())??;
+        let (Some(uid), Some(scratch)) = (sandbox.uid, sandbox.work_dir.clone()) else {
+            return Err(format!(
+                "a container runs only as its tenant's uid, which this node cannot give: {}",
+                sandbox.isolation
+            ));
+        };
+        let port = container.ports.first().copied();
+        let mut running = self.reserve_ports(
+            &sandbox.listen_ip,
+            &container.ports,
+            &sandbox.isolation,
+            restarts,
+        )?;
+        let image = &pulled.config;
+        let args = process_args(
+            &container.command,
+            &container.args,
+            image.entrypoint.as_deref(),
+            image.cmd.as_deref(),
+        );
+        if args.is_empty() {
+            self.shared.state.update(|s| s.running.remove(&self.id));
+            return Err(format!(
+                "{} names no entrypoint or command: give the workload a command",
+                container.image
+            ));
+        }
+        // The image's environment, the workload's over it, then what the
+        // sandbox decides (GPU visibility), which the tenant cannot override.
+        let mut env: Vec<(String, String)> = image
+            .env
+            .iter()
+            .flatten()
+            .filter_map(|kv| {
+                kv.split_once('=')
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+            })
+            .collect();
+        let mut set = |k: &str, v: &str| {
+            env.retain(|(key, _)| key != k);
+            env.push((k.to_string(), v.to_string()));
+        };
+        for (k, v) in &container.env {
+            set(k, v);
+        }
+        for (k, v) in sandbox
+            .env
+            .iter()
+            .filter(|(k, _)| k.ends_with("VISIBLE_DEVICES"))
+        {
+            set(k, v);
+        }
+        set("HOME", "/scratch");
+        if !env.iter().any(|(k, _)| k == "PATH") {
+            env.push((
+                "PATH".into(),
+                "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into(),
+            ));
+        }
+        let resources = &self.spec().resources;
+        let bundle = Bundle {
+            dir: self.shared.config.data_dir.join("bundles").join(&self.id),
+            rootfs: pulled.rootfs.clone(),
+            hostname: self.spec().deployment_name.clone(),
+            args,
+            env: env.into_iter().map(|(k, v)| format!("{k}={v}")).collect(),
+            cwd: image
+                .working_dir
+                .clone()
+                .filter(|d| d.starts_with('/'))
+                .unwrap_or_else(|| "/".into()),
+            uid,
+            netns: sandbox.netns_path.clone(),
+            cgroup: sandbox.cgroup.clone(),
+            memory: resources.memory.0,
+            cpu_quota_us: resources.cpu.0.saturating_mul(CPU_PERIOD_US) / 1000,
+            cpu_period_us: CPU_PERIOD_US,
+            pids: u64::from(PIDS_LIMIT),
+            scratch,
+        };
+        let written = tokio::task::spawn_blocking(move || bundle.write())
+            .await
+            .map_err(|e| e.to_string())
+            .and_then(|r| r);
+        let dir = match written {
+            Ok(dir) => dir,
+            Err(e) => {
+                self.shared.state.update(|s| s.running.remove(&self.id));
+                return Err(e);
+            }
+        };
+        let runc = self.runc();
+        runc.delete(&self.id);
+        let (out, err) = self.log_stdio();
+        let child = tokio::process::Command::new(&runc.binary)
+            .args(runc.run_args(&self.id, &dir))
+            .env_clear()
+            .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err)
+            .kill_on_drop(true)
+            .spawn();
+        running.isolation = format!("{} runtime=runc image={}", running.isolation, pulled.digest);
+        if port.is_none() {
+            running.endpoint = format!("tcp://{}", sandbox.listen_ip);
+        }
+        let child = self.started(child, &mut running, "runc")?;
+        let pid = running.pid;
+        tracing::info!(placement = %self.id, pid, image = %container.image, digest = %pulled.digest,
+            fetched = pulled.fetched, "agent: container started");
+        Ok((Engine::Child(child), running))
+    }
+
+    /// Records the replica with the ports it listens on, refusing ports
+    /// another replica in the same namespace holds.
+    fn reserve_ports(
+        &self,
+        ip: &str,
+        ports: &[u16],
+        isolation: &str,
+        restarts: u32,
+    ) -> Result<RunningEngine, String> {
+        let endpoints: Vec<String> = ports.iter().map(|p| format!("tcp://{ip}:{p}")).collect();
+        let engine_form = |e: &str| e.replace("tcp://", "http://");
+        self.shared.state.update(|s| {
+            let taken = s
+                .running
+                .iter()
+                .filter(|(id, _)| **id != self.id)
+                .find_map(|(id, r)| {
+                    endpoints
+                        .iter()
+                        .find(|e| r.endpoint == **e || r.endpoint == engine_form(e))
+                        .map(|e| (id.clone(), e.clone()))
+                });
+            if let Some((other, endpoint)) = taken {
+                return Err(format!(
+                    "{endpoint} is held by replica {other} of the same tenant on this node"
+                ));
+            }
+            let engine = RunningEngine {
+                pid: 0,
+                start_ticks: 0,
+                endpoint: endpoints.first().cloned().unwrap_or_default(),
+                isolation: isolation.to_string(),
+                restarts,
+            };
+            s.running.insert(self.id.clone(), engine.clone());
+            Ok(engine)
+        })
+    }
+
+    /// A container is healthy when its first port accepts a connection,
+    /// or, with no port, as long as it runs.
+    pub(super) async fn container_healthy(&self, endpoint: &str) -> bool {
+        let Some(addr) = endpoint.strip_prefix("tcp://").filter(|a| a.contains(':')) else {
+            return true;
+        };
+        let connect = tokio::net::TcpStream::connect(addr);
+        matches!(
+            tokio::time::timeout(std::time::Duration::from_secs(1), connect).await,
+            Ok(Ok(_))
+        )
+    }
+}

@@ -1,0 +1,115 @@
+//! `atrium workload`: a tenant's own images run as containers.
+
+use std::collections::BTreeMap;
+
+use anyhow::{anyhow, Result};
+use atrium_api::Workload;
+use atrium_core::deployment::Resources;
+use atrium_core::quantity::{ByteSize, CpuMillis, GpuRequest};
+use atrium_core::workload::{ContainerSpec, WorkloadSpec};
+use clap::Subcommand;
+
+use super::{create, read, Ctx, FromFile, ReadCmd};
+use crate::client::Columns;
+
+#[derive(Subcommand)]
+pub enum WorkloadCmd {
+    /// Run an image from the control plane's registry as a service:
+    /// `atrium workload run web --image acme/busybox:1 --port 8080 -- httpd -f -p 8080`
+    Run {
+        name: Option<String>,
+        /// `<tenant>/<repository>[:tag|@sha256:…]`, or `library/…`
+        #[arg(long)]
+        image: Option<String>,
+        /// Replaces the image's entrypoint (its args follow `--`)
+        #[arg(long)]
+        command: Option<String>,
+        /// KEY=VALUE, repeatable
+        #[arg(long = "env", value_parser = key_value)]
+        env: Vec<(String, String)>,
+        /// TCP port it listens on, repeatable; the first is health-checked
+        #[arg(long = "port")]
+        ports: Vec<u16>,
+        #[arg(long, default_value = "1")]
+        cpu: CpuMillis,
+        #[arg(long, default_value = "256Mi")]
+        memory: ByteSize,
+        /// Whole GPUs, a fraction (0.5) or a MIG profile (3g.40gb)
+        #[arg(long)]
+        gpu: Option<GpuRequest>,
+        #[arg(long, default_value_t = 1)]
+        replicas: u32,
+        /// Sites the replicas may run in (comma-separated)
+        #[arg(long, value_delimiter = ',')]
+        sites: Vec<String>,
+        #[arg(long)]
+        tenant: Option<String>,
+        #[command(flatten)]
+        from: FromFile,
+        /// Arguments: replace the image's `Cmd`
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
+    #[command(flatten)]
+    Read(ReadCmd),
+}
+
+fn key_value(s: &str) -> Result<(String, String), String> {
+    s.split_once('=')
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .ok_or_else(|| format!("{s:?} is not KEY=VALUE"))
+}
+
+pub const WORKLOAD_COLUMNS: Columns = &[
+    ("NAME", "/name"),
+    ("TENANT", "/tenant"),
+    ("IMAGE", "/spec/image"),
+    ("REPLICAS", "/spec/replicas"),
+    ("STATE", "/status/state"),
+    ("REASON", "/status/reason"),
+    ("ID", "/id"),
+];
+
+pub async fn run(ctx: &Ctx, cmd: WorkloadCmd) -> Result<()> {
+    match cmd {
+        WorkloadCmd::Run {
+            name,
+            image,
+            command,
+            env,
+            ports,
+            cpu,
+            memory,
+            gpu,
+            replicas,
+            sites,
+            tenant,
+            from,
+            args,
+        } => {
+            create::<Workload>(ctx, WORKLOAD_COLUMNS, &from, name, tenant, || {
+                Ok(WorkloadSpec {
+                    container: ContainerSpec {
+                        image: image.ok_or_else(|| anyhow!("--image is required"))?,
+                        command: command.into_iter().collect(),
+                        args,
+                        env: env.into_iter().collect::<BTreeMap<_, _>>(),
+                        ports,
+                    },
+                    resources: Resources {
+                        cpu,
+                        memory,
+                        gpu,
+                        gpu_memory: None,
+                        gpu_models: Vec::new(),
+                        storage: ByteSize::default(),
+                    },
+                    replicas,
+                    sites,
+                })
+            })
+            .await
+        }
+        WorkloadCmd::Read(c) => read::<Workload>(ctx, WORKLOAD_COLUMNS, &c).await,
+    }
+}
