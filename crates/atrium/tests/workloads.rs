@@ -135,6 +135,25 @@ impl Cloud {
         list["items"].as_array().cloned().unwrap_or_default()
     }
 
+    /// The status a GET of `path` on the registry gets with the agent's
+    /// own node credential.
+    fn node_get(&self, path: &str) -> u16 {
+        self.node_call(Method::GET, path)
+    }
+
+    fn node_call(&self, method: Method, path: &str) -> u16 {
+        let file = self.dir.path().join("agent/node.credential");
+        let credential: Value = serde_json::from_slice(&std::fs::read(file).unwrap()).unwrap();
+        let token = credential["token"].as_str().unwrap();
+        self.http
+            .request(method, format!("{}{path}", self.url))
+            .bearer_auth(token)
+            .send()
+            .unwrap()
+            .status()
+            .as_u16()
+    }
+
     fn push(&self, layout: &Path, image: &str, key: &str) {
         let out = Command::new("skopeo")
             .args(["copy", "--dest-tls-verify=false", "--dest-creds"])
@@ -209,7 +228,18 @@ fn a_service_runs_its_tenants_image_under_runc_in_the_tenants_sandbox() {
     let build = tempfile::tempdir().unwrap();
     busybox_layout(build.path());
     cloud.push(&build.path().join("oci"), "acme/busybox:1", &acme);
+    cloud.push(&build.path().join("oci"), "globex/private:1", &globex);
     cloud.start_agent();
+    wait_for("the agent's credential", 30, || {
+        cloud.dir.path().join("agent/node.credential").exists()
+    });
+    // A node pulls only what is placed on it: nothing yet.
+    let manifest = "/v2/acme/busybox/manifests/1";
+    assert_eq!(
+        cloud.node_get(manifest),
+        403,
+        "a node read an image nothing runs"
+    );
 
     // Another tenant may not name acme's image at all.
     let (ok, said) = cloud.cli(
@@ -271,6 +301,14 @@ fn a_service_runs_its_tenants_image_under_runc_in_the_tenants_sandbox() {
         .unwrap()
         .to_string();
     assert!(addr.starts_with(&format!("10.{OCTET}.")), "{addr}");
+
+    // Now that a replica of it is placed there, the node may pull it; still
+    // nothing else of any tenant's.
+    assert_eq!(cloud.node_get(manifest), 200);
+    assert_eq!(cloud.node_get("/v2/globex/private/manifests/1"), 403);
+    assert_eq!(cloud.node_get("/v2/acme/busybox/tags/list"), 200);
+    let push = cloud.node_call(Method::POST, "/v2/acme/busybox/blobs/uploads/");
+    assert_eq!(push, 403, "a node may never push");
 
     // It answers through the tenant network, as the tenant's uid.
     let page = http_get(&addr, "/index.html").expect("the service answers on its port");
