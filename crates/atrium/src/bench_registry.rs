@@ -41,14 +41,14 @@ struct Target {
     pull_mb_s: Vec<f64>,
 }
 
-fn require(program: &str, install: &str) -> Result<()> {
+pub(crate) fn require(program: &str, install: &str) -> Result<()> {
     match Command::new(program).arg("--version").output() {
         Ok(o) if o.status.success() => Ok(()),
         _ => bail!("{program} is needed: {install}"),
     }
 }
 
-fn sh(cmd: &mut Command) -> Result<()> {
+pub(crate) fn sh(cmd: &mut Command) -> Result<()> {
     let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
     if !out.status.success() {
         bail!(
@@ -69,18 +69,27 @@ fn sha256_file(path: &Path) -> Result<String> {
 
 /// An OCI layout at `dir` whose one layer is `megabytes` of random data,
 /// tarred and gzipped (gzip leaves random data at its size).
-fn layout(dir: &Path, megabytes: u64) -> Result<u64> {
-    std::fs::create_dir_all(dir.join("oci/blobs/sha256"))?;
+pub(crate) fn layout(dir: &Path, megabytes: u64) -> Result<u64> {
+    std::fs::create_dir_all(dir)?;
     let data = dir.join("data");
     sh(Command::new("head")
         .args(["-c", &(megabytes << 20).to_string(), "/dev/urandom"])
         .stdout(std::fs::File::create(&data)?))?;
+    let size = layout_of(dir, dir, "data")?;
+    std::fs::remove_file(&data)?;
+    Ok(size)
+}
+
+/// An OCI layout at `dir/oci` (image `1`) whose one layer is `entry` of
+/// directory `from`, tarred and gzipped; returns the layer's size.
+pub(crate) fn layout_of(dir: &Path, from: &Path, entry: &str) -> Result<u64> {
+    std::fs::create_dir_all(dir.join("oci/blobs/sha256"))?;
     sh(Command::new("tar")
         .arg("-C")
-        .arg(dir)
+        .arg(from)
         .arg("-cf")
         .arg(dir.join("layer.tar"))
-        .arg("data"))?;
+        .arg(entry))?;
     let diff_id = sha256_file(&dir.join("layer.tar"))?;
     sh(Command::new("gzip")
         .args(["-1", "-n"])
@@ -90,7 +99,6 @@ fn layout(dir: &Path, megabytes: u64) -> Result<u64> {
     let layer_size = std::fs::metadata(&layer)?.len();
     let blobs = dir.join("oci/blobs/sha256");
     std::fs::rename(&layer, blobs.join(&layer_digest[7..]))?;
-    std::fs::remove_file(&data)?;
     let put = |bytes: &[u8]| -> Result<String> {
         let digest = format!("sha256:{}", hex::encode(sha2::Sha256::digest(bytes)));
         std::fs::write(blobs.join(&digest[7..]), bytes)?;

@@ -10,6 +10,7 @@ mod bench;
 mod bench_gateway;
 mod bench_registry;
 mod bench_sched;
+mod bench_workloads;
 mod client;
 mod commands;
 mod config;
@@ -185,6 +186,18 @@ enum BenchCmd {
         #[arg(long)]
         litellm: Option<PathBuf>,
         #[arg(long, default_value = "bench-gateway.json")]
+        out: PathBuf,
+    },
+    /// A workload's create → running latency beside bare runc, and image
+    /// pull + unpack MB/s beside skopeo + umoci (root; runc, skopeo, umoci).
+    Workloads {
+        /// Workloads created, one at a time
+        #[arg(long, default_value_t = 100)]
+        workloads: u32,
+        /// Size of the pulled image's (incompressible) layer
+        #[arg(long, default_value_t = 50)]
+        megabytes: u64,
+        #[arg(long, default_value = "bench-workloads.json")]
         out: PathBuf,
     },
     /// Image push and pull MB/s through the control plane's registry
@@ -409,6 +422,22 @@ async fn run(cli: Cli) -> Result<()> {
                 done = bench_registry::run(bench_registry::Args {
                     megabytes,
                     rounds,
+                    out,
+                    output: cli.global.output.unwrap_or(Output::Table),
+                }) => done,
+                _ = shutdown_signal() => Err(anyhow!("interrupted; the processes the bench started are stopped")),
+            }
+        }
+        Command::Bench(BenchCmd::Workloads {
+            workloads,
+            megabytes,
+            out,
+        }) => {
+            // Dropped on a signal, the bench's future stops what it started.
+            tokio::select! {
+                done = bench_workloads::run(bench_workloads::Args {
+                    workloads,
+                    megabytes,
                     out,
                     output: cli.global.output.unwrap_or(Output::Table),
                 }) => done,

@@ -63,7 +63,8 @@ pub fn unpack_image(layers: &[(PathBuf, String)], tmp: &Path, target: &Path) -> 
                 ));
             }
             if media_type.ends_with("gzip") || media_type.is_empty() && is_gzip(path) {
-                unpack_layer(flate2::read::GzDecoder::new(file), tmp, &mut budget)?;
+                // Several gzip members in one layer (pgzip, as umoci writes) are one stream.
+                unpack_layer(flate2::read::MultiGzDecoder::new(file), tmp, &mut budget)?;
             } else {
                 unpack_layer(file, tmp, &mut budget)?;
             }
