@@ -143,6 +143,8 @@ pub async fn run(
         host.firewall = Err(why);
     }
     tracing::info!(isolation = %host.summary(), "agent: sandboxes");
+    let containers = runtime::Runc::for_data_dir(&config.data_dir).summary();
+    tracing::info!(%containers, "agent: workloads' containers");
     let shared = Arc::new(supervisor::Shared {
         cp: cp.clone(),
         config: config.clone(),

@@ -81,6 +81,8 @@ struct Check {
 #[derive(Debug, Serialize)]
 struct Report {
     node_enforces: String,
+    /// Whether workloads' containers can run here, and with what.
+    containers: String,
     checks: Vec<Check>,
     passed: usize,
     failed: usize,
@@ -361,6 +363,7 @@ pub fn report(data_dir: &Path, network_octet: u8, output: Output) -> Result<()> 
     let failed = checks.iter().filter(|c| !c.pass).count();
     let report = Report {
         node_enforces: host.summary(),
+        containers: atrium_agent::runtime::Runc::for_data_dir(data_dir).summary(),
         passed: checks.len() - failed,
         failed,
         checks,
@@ -386,8 +389,9 @@ fn print(report: &Report, output: Output) {
                 })
                 .collect();
             format!(
-                "node enforces: {}\n{}\n{} passed, {} failed",
+                "node enforces: {}\ncontainers: {}\n{}\n{} passed, {} failed",
                 report.node_enforces,
+                report.containers,
                 crate::client::render_table(
                     &rows,
                     &[

@@ -60,13 +60,22 @@ impl Runc {
         }
     }
 
-    /// Whether runc can be run at all (the agent says so at start).
-    pub fn available(&self) -> Result<String, String> {
+    /// What containers on this node get, or why they cannot run (for the
+    /// isolation report and the agent's start).
+    pub fn summary(&self) -> String {
         let out = std::process::Command::new(&self.binary)
             .arg("--version")
-            .output()
-            .map_err(|e| format!("runc is not installed ({e}): apt-get install runc"))?;
-        let version = String::from_utf8_lossy(&out.stdout);
-        Ok(version.lines().next().unwrap_or("runc").trim().to_string())
+            .output();
+        match out {
+            Ok(o) if o.status.success() => {
+                let version = String::from_utf8_lossy(&o.stdout);
+                format!(
+                    "{} (tenant uid, read-only root, no capabilities, no new privileges, \
+                     image layers confined on unpack)",
+                    version.lines().next().unwrap_or("runc").trim()
+                )
+            }
+            _ => "no: runc is not installed (apt-get install runc); workloads fail to start".into(),
+        }
     }
 }
