@@ -32,6 +32,44 @@ pub struct Bundle {
     pub cpu_period_us: u64,
     pub pids: u64,
     pub scratch: PathBuf,
+    /// Character devices the container may open: the GPUs its placement
+    /// holds (and the driver's control nodes), nothing else.
+    pub devices: Vec<Device>,
+}
+
+/// A character device node passed into a container.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Device {
+    pub path: PathBuf,
+    pub major: u64,
+    pub minor: u64,
+}
+
+/// The device nodes of `gpus` (indices on this node) and, when there is
+/// any, the NVIDIA driver's control nodes, as they exist on this host
+/// (simulated GPUs have none).
+pub fn gpu_devices(gpus: &[u32]) -> Vec<Device> {
+    use std::os::unix::fs::{FileTypeExt as _, MetadataExt as _};
+    if gpus.is_empty() {
+        return Vec::new();
+    }
+    let paths = gpus
+        .iter()
+        .map(|g| PathBuf::from(format!("/dev/nvidia{g}")))
+        .chain(["/dev/nvidiactl", "/dev/nvidia-uvm", "/dev/nvidia-uvm-tools"].map(PathBuf::from));
+    paths
+        .filter_map(|path| {
+            let meta = std::fs::metadata(&path).ok()?;
+            meta.file_type().is_char_device().then(|| {
+                let rdev = meta.rdev();
+                Device {
+                    major: rustix::fs::major(rdev).into(),
+                    minor: rustix::fs::minor(rdev).into(),
+                    path,
+                }
+            })
+        })
+        .collect()
 }
 
 const MASKED: [&str; 9] = [
@@ -70,10 +108,23 @@ impl Bundle {
             None => json!({"type": "network"}),
         });
         let none: [&str; 0] = [];
+        let mut allowed = vec![json!({"allow": false, "access": "rwm"})];
+        allowed.extend(self.devices.iter().map(|d| {
+            json!({"allow": true, "type": "c", "major": d.major, "minor": d.minor, "access": "rwm"})
+        }));
+        let nodes: Vec<Value> = self
+            .devices
+            .iter()
+            .map(|d| {
+                json!({"path": d.path, "type": "c", "major": d.major, "minor": d.minor,
+                       "fileMode": 0o666, "uid": 0, "gid": 0})
+            })
+            .collect();
         let mut linux = json!({
             "namespaces": namespaces,
+            "devices": nodes,
             "resources": {
-                "devices": [{"allow": false, "access": "rwm"}],
+                "devices": allowed,
                 "memory": {"limit": self.memory, "swap": self.memory},
                 "cpu": {"quota": self.cpu_quota_us, "period": self.cpu_period_us},
                 "pids": {"limit": self.pids},
@@ -207,6 +258,7 @@ mod tests {
             cpu_period_us: 100_000,
             pids: 512,
             scratch: "/s".into(),
+            devices: vec![],
         };
         let c = b.config();
         assert_eq!(c["process"]["noNewPrivileges"], true);
@@ -222,6 +274,51 @@ mod tests {
         assert_eq!(c["process"]["user"]["uid"], 2_000_001);
         assert_eq!(c["root"]["readonly"], true);
         assert_eq!(c["linux"]["namespaces"][4]["path"], "/var/run/netns/t");
-        assert_eq!(c["linux"]["resources"]["devices"][0]["allow"], false);
+        assert_eq!(
+            c["linux"]["resources"]["devices"],
+            json!([{"allow": false, "access": "rwm"}])
+        );
+        assert_eq!(c["linux"]["devices"], json!([]));
+    }
+
+    #[test]
+    fn a_gpu_placement_opens_its_own_gpu_device_and_no_other() {
+        let gpu = Device {
+            path: "/dev/nvidia3".into(),
+            major: 195,
+            minor: 3,
+        };
+        let b = Bundle {
+            dir: "/b".into(),
+            rootfs: "/r".into(),
+            hostname: "w-0".into(),
+            args: s(&["/bin/sh"]),
+            env: vec![],
+            cwd: "/".into(),
+            uid: 2_000_001,
+            netns: None,
+            cgroup: None,
+            memory: 1 << 30,
+            cpu_quota_us: 0,
+            cpu_period_us: 100_000,
+            pids: 512,
+            scratch: "/s".into(),
+            devices: vec![gpu],
+        };
+        let c = b.config();
+        let rules = c["linux"]["resources"]["devices"].as_array().unwrap();
+        assert_eq!(
+            rules[0],
+            json!({"allow": false, "access": "rwm"}),
+            "deny all first"
+        );
+        assert_eq!(rules[1]["minor"], 3);
+        assert_eq!(rules.len(), 2);
+        assert_eq!(c["linux"]["devices"][0]["path"], "/dev/nvidia3");
+        // Only nodes that exist are passed (simulated GPUs have none).
+        let node = std::path::Path::new("/dev/nvidia7");
+        let passed = gpu_devices(&[7]).iter().any(|d| d.path == node);
+        assert_eq!(passed, node.exists());
+        assert!(gpu_devices(&[]).is_empty());
     }
 }

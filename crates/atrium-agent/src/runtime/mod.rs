@@ -10,7 +10,7 @@ mod unpack;
 
 use std::path::{Path, PathBuf};
 
-pub use bundle::{process_args, Bundle};
+pub use bundle::{gpu_devices, process_args, Bundle};
 pub use image::{ImageCache, Pulled};
 
 /// The runc binary, and where it keeps its containers' state (per agent).

@@ -8,7 +8,7 @@ use atrium_core::lifecycle::LifecycleState;
 use atrium_core::workload::ContainerSpec;
 
 use super::{Engine, ReplicaCtx};
-use crate::runtime::{process_args, Bundle, ImageCache, Runc};
+use crate::runtime::{gpu_devices, process_args, Bundle, ImageCache, Runc};
 use crate::sandbox::{CPU_PERIOD_US, PIDS_LIMIT};
 use crate::state::RunningEngine;
 
@@ -110,6 +110,7 @@ impl ReplicaCtx {
             ));
         }
         let resources = &self.spec().resources;
+        let gpus: Vec<u32> = self.spec().gpus.iter().map(|g| g.gpu).collect();
         let bundle = Bundle {
             dir: self.shared.config.data_dir.join("bundles").join(&self.id),
             rootfs: pulled.rootfs.clone(),
@@ -129,6 +130,7 @@ impl ReplicaCtx {
             cpu_period_us: CPU_PERIOD_US,
             pids: u64::from(PIDS_LIMIT),
             scratch,
+            devices: gpu_devices(&gpus),
         };
         let written = tokio::task::spawn_blocking(move || bundle.write())
             .await
