@@ -233,6 +233,15 @@ impl ReplicaCtx {
         &self.assignment.spec
     }
 
+    /// What the replica runs, as its status names it.
+    fn runs(&self) -> &'static str {
+        if self.spec().container.is_some() {
+            "container"
+        } else {
+            "engine"
+        }
+    }
+
     fn tenant(&self) -> TenantSlot {
         let tenant = self.assignment.tenant.clone();
         let slot = self.shared.state.update(|s| s.tenant_slot(&tenant));
@@ -515,7 +524,7 @@ impl ReplicaCtx {
         if matches!(engine, Engine::Child(_)) {
             self.report(Self::status(
                 LifecycleState::Provisioning,
-                "engine starting",
+                format!("{} starting", self.runs()),
                 restarts,
                 Some(&running),
             ))
@@ -539,7 +548,8 @@ impl ReplicaCtx {
             end(&mut engine, &running).await;
             self.release(Some(running.pid), false);
             return failed(format!(
-                "engine did not become healthy; see {}",
+                "{} did not become healthy; see {}",
+                self.runs(),
                 self.log_path.display()
             ));
         }
@@ -586,9 +596,13 @@ impl ReplicaCtx {
         end(&mut engine, &running).await;
         self.release(Some(running.pid), false);
         let reason = match exit {
-            Some(Ok(s)) => format!("engine exited ({s}); see {}", self.log_path.display()),
-            Some(Err(e)) => format!("engine lost ({e})"),
-            None => format!("engine (pid {}) is gone", running.pid),
+            Some(Ok(s)) => format!(
+                "{} exited ({s}); see {}",
+                self.runs(),
+                self.log_path.display()
+            ),
+            Some(Err(e)) => format!("{} lost ({e})", self.runs()),
+            None => format!("{} (pid {}) is gone", self.runs(), running.pid),
         };
         Ended::Failed {
             reason,
