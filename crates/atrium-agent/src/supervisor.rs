@@ -194,6 +194,15 @@ fn free_port() -> std::io::Result<u16> {
         .port())
 }
 
+/// The port an engine (`http://ip:port`) or a container (`tcp://ip:port`)
+/// holds at `ip`, if its endpoint is there.
+fn port_at(endpoint: &str, ip: &str) -> Option<u16> {
+    let addr = endpoint
+        .strip_prefix("http://")
+        .or_else(|| endpoint.strip_prefix("tcp://"))?;
+    addr.strip_prefix(ip)?.strip_prefix(':')?.parse().ok()
+}
+
 /// Waits for `stop` to turn true, or `d` to pass. True when stopping.
 async fn sleep_or_stop(stop: &mut watch::Receiver<bool>, d: Duration) -> bool {
     tokio::select! {
@@ -301,8 +310,9 @@ impl ReplicaCtx {
 
     /// Reserves a port for a new engine at `ip` by recording the engine
     /// (pid still unknown) in the state: any free loopback port when it
-    /// runs unsandboxed, else the lowest one no other engine of the
-    /// tenant's namespace holds — replicas of one tenant start side by side.
+    /// runs unsandboxed, else the lowest one no other engine or container
+    /// of the tenant's namespace holds — replicas of one tenant start side
+    /// by side.
     fn reserve_port(
         &self,
         ip: &str,
@@ -314,13 +324,12 @@ impl ReplicaCtx {
         } else {
             None
         };
-        let prefix = format!("http://{ip}:");
         self.shared.state.update(|s| {
             let used: Vec<u16> = s
                 .running
                 .iter()
                 .filter(|(id, _)| **id != self.id)
-                .filter_map(|(_, r)| r.endpoint.strip_prefix(&prefix)?.parse().ok())
+                .filter_map(|(_, r)| port_at(&r.endpoint, ip))
                 .collect();
             let port = loopback
                 .or_else(|| (FIRST_ENGINE_PORT..u16::MAX).find(|p| !used.contains(p)))
@@ -328,7 +337,7 @@ impl ReplicaCtx {
             let engine = RunningEngine {
                 pid: 0,
                 start_ticks: 0,
-                endpoint: format!("{prefix}{port}"),
+                endpoint: format!("http://{ip}:{port}"),
                 isolation: isolation.to_string(),
                 restarts,
             };
@@ -753,5 +762,19 @@ async fn replica_loop(
                 backoff = (backoff * 2).min(MAX_BACKOFF);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::port_at;
+
+    #[test]
+    fn engines_and_containers_hold_ports_of_their_own_address_only() {
+        assert_eq!(port_at("http://10.200.7.2:8100", "10.200.7.2"), Some(8100));
+        assert_eq!(port_at("tcp://10.200.7.2:8080", "10.200.7.2"), Some(8080));
+        assert_eq!(port_at("tcp://10.200.7.23:8080", "10.200.7.2"), None);
+        assert_eq!(port_at("tcp://10.200.7.2", "10.200.7.2"), None);
+        assert_eq!(port_at("unix:///x", "10.200.7.2"), None);
     }
 }

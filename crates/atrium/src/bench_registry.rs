@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use atrium_api::{CreatedKey, Key, Tenant};
-use atrium_client::Api;
+use atrium_client::{Api, ControlPlane};
 use atrium_core::key::{KeySpec, Scope};
 use atrium_core::limits::RequestLimits;
 use atrium_core::tenant::TenantSpec;
@@ -156,14 +156,20 @@ async fn start_atrium(dir: &Path, children: &mut Children) -> Result<(String, St
     let exe = std::env::current_exe().context("cannot find the atrium binary")?;
     let (url, _, cp) =
         start_control_plane(Command::new(exe), &dir.join("server"), children).await?;
-    Api::<Tenant>::all(&cp)
+    let key = bench_tenant(&cp).await?;
+    Ok((url.trim_start_matches("http://").to_string(), key))
+}
+
+/// Creates the benches' tenant, `bench`, and returns an admin key of it.
+pub(crate) async fn bench_tenant(cp: &ControlPlane) -> Result<String> {
+    Api::<Tenant>::all(cp)
         .create("bench", &TenantSpec::default())
         .await?;
     let spec = KeySpec::new(vec![Scope::Admin], None, RequestLimits::default());
-    let key: CreatedKey = Api::<Key>::of_tenant(&cp, Some("bench"))
-        .create_as("push", &spec)
+    let key: CreatedKey = Api::<Key>::of_tenant(cp, Some("bench"))
+        .create_as("bench", &spec)
         .await?;
-    Ok((url.trim_start_matches("http://").to_string(), key.secret))
+    Ok(key.secret)
 }
 
 async fn start_peer(dir: &Path, children: &mut Children) -> Result<String> {

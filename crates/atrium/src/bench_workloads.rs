@@ -20,20 +20,17 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 use atrium_agent::runtime::ImageCache;
-use atrium_api::{CreatedKey, Key, Placement, Site, Tenant, Workload};
+use atrium_api::{Placement, Site, Workload};
 use atrium_client::{Api, ControlPlane};
 use atrium_core::deployment::Resources;
-use atrium_core::key::{KeySpec, Scope};
 use atrium_core::lifecycle::LifecycleState;
-use atrium_core::limits::RequestLimits;
 use atrium_core::quantity::{ByteSize, CpuMillis};
 use atrium_core::site::SiteSpec;
-use atrium_core::tenant::TenantSpec;
 use atrium_core::workload::{ContainerSpec, WorkloadSpec};
 use serde_json::json;
 
 use crate::bench_gateway::peers::{start_control_plane, Children, TempDir};
-use crate::bench_registry::{layout, layout_of, require, sh};
+use crate::bench_registry::{bench_tenant, layout, layout_of, require, sh};
 use crate::client::Output;
 
 pub struct Args {
@@ -230,22 +227,16 @@ pub async fn run(args: Args) -> Result<()> {
             &serde_json::from_value::<SiteSpec>(json!({"kind": "edge", "jurisdiction": "LOCAL"}))?,
         )
         .await?;
-    Api::<Tenant>::all(&cp)
-        .create("bench", &TenantSpec::default())
-        .await?;
-    let spec = KeySpec::new(vec![Scope::Admin], None, RequestLimits::default());
-    let key: CreatedKey = Api::<Key>::of_tenant(&cp, Some("bench"))
-        .create_as("bench", &spec)
-        .await?;
-    let tenant = ControlPlane::new(&url, &key.secret);
+    let key = bench_tenant(&cp).await?;
+    let tenant = ControlPlane::new(&url, &key);
     let host = url.trim_start_matches("http://").to_string();
 
     let small = dir.path().join("busybox");
     busybox_layout(&small)?;
-    push(&small.join("oci"), &host, "bench/busybox:1", &key.secret)?;
+    push(&small.join("oci"), &host, "bench/busybox:1", &key)?;
     let big = dir.path().join("big");
     let bytes = layout(&big, args.megabytes)?;
-    push(&big.join("oci"), &host, "bench/big:1", &key.secret)?;
+    push(&big.join("oci"), &host, "bench/big:1", &key)?;
 
     // Pull + unpack, cold each time, alternating which goes first.
     let mb = bytes as f64 / f64::from(1u32 << 20);
@@ -263,7 +254,7 @@ pub async fn run(args: Args) -> Result<()> {
         let started = Instant::now();
         sh(Command::new("skopeo")
             .args(["copy", "--src-tls-verify=false", "--src-creds"])
-            .arg(format!("bench:{}", key.secret))
+            .arg(format!("bench:{key}"))
             .arg(format!("docker://{host}/bench/big:1"))
             .arg(format!("oci:{}:1", layout_dir.join("oci").display())))?;
         sh(Command::new("umoci")

@@ -220,6 +220,27 @@ mod tests {
         v.iter().map(|x| x.to_string()).collect()
     }
 
+    /// A tenant's container with no network or cgroup of its own.
+    fn bundle(devices: Vec<Device>) -> Bundle {
+        Bundle {
+            dir: "/b".into(),
+            rootfs: "/r".into(),
+            hostname: "w-0".into(),
+            args: s(&["/bin/sh"]),
+            env: vec![],
+            cwd: "/".into(),
+            uid: 2_000_001,
+            netns: None,
+            cgroup: None,
+            memory: 1 << 30,
+            cpu_quota_us: 0,
+            cpu_period_us: 100_000,
+            pids: 512,
+            scratch: "/s".into(),
+            devices,
+        }
+    }
+
     #[test]
     fn command_and_args_combine_as_kubernetes_does() {
         let (ep, cmd) = (s(&["/ep"]), s(&["default"]));
@@ -244,21 +265,10 @@ mod tests {
     #[test]
     fn the_spec_grants_no_capability_and_no_new_privileges() {
         let b = Bundle {
-            dir: "/b".into(),
-            rootfs: "/r".into(),
-            hostname: "w-0".into(),
-            args: s(&["/bin/sh"]),
-            env: vec![],
-            cwd: "/".into(),
-            uid: 2_000_001,
             netns: Some("/var/run/netns/t".into()),
             cgroup: Some("/atrium-1/rep".into()),
-            memory: 1 << 30,
             cpu_quota_us: 50_000,
-            cpu_period_us: 100_000,
-            pids: 512,
-            scratch: "/s".into(),
-            devices: vec![],
+            ..bundle(vec![])
         };
         let c = b.config();
         assert_eq!(c["process"]["noNewPrivileges"], true);
@@ -288,23 +298,7 @@ mod tests {
             major: 195,
             minor: 3,
         };
-        let b = Bundle {
-            dir: "/b".into(),
-            rootfs: "/r".into(),
-            hostname: "w-0".into(),
-            args: s(&["/bin/sh"]),
-            env: vec![],
-            cwd: "/".into(),
-            uid: 2_000_001,
-            netns: None,
-            cgroup: None,
-            memory: 1 << 30,
-            cpu_quota_us: 0,
-            cpu_period_us: 100_000,
-            pids: 512,
-            scratch: "/s".into(),
-            devices: vec![gpu],
-        };
+        let b = bundle(vec![gpu]);
         let c = b.config();
         let rules = c["linux"]["resources"]["devices"].as_array().unwrap();
         assert_eq!(

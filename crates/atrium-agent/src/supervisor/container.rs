@@ -175,28 +175,27 @@ impl ReplicaCtx {
         isolation: &str,
         restarts: u32,
     ) -> Result<RunningEngine, String> {
-        let endpoints: Vec<String> = ports.iter().map(|p| format!("tcp://{ip}:{p}")).collect();
-        let engine_form = |e: &str| e.replace("tcp://", "http://");
         self.shared.state.update(|s| {
             let taken = s
                 .running
                 .iter()
                 .filter(|(id, _)| **id != self.id)
                 .find_map(|(id, r)| {
-                    endpoints
-                        .iter()
-                        .find(|e| r.endpoint == **e || r.endpoint == engine_form(e))
-                        .map(|e| (id.clone(), e.clone()))
+                    let port = super::port_at(&r.endpoint, ip)?;
+                    ports.contains(&port).then(|| (id.clone(), port))
                 });
-            if let Some((other, endpoint)) = taken {
+            if let Some((other, port)) = taken {
                 return Err(format!(
-                    "{endpoint} is held by replica {other} of the same tenant on this node"
+                    "{ip}:{port} is held by replica {other} of the same tenant on this node"
                 ));
             }
             let engine = RunningEngine {
                 pid: 0,
                 start_ticks: 0,
-                endpoint: endpoints.first().cloned().unwrap_or_default(),
+                endpoint: ports
+                    .first()
+                    .map(|p| format!("tcp://{ip}:{p}"))
+                    .unwrap_or_default(),
                 isolation: isolation.to_string(),
                 restarts,
             };
