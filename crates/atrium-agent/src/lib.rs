@@ -184,8 +184,11 @@ pub async fn run(
             let mut assigned = remembered;
             Api::<Placement>::all(&cp)
                 .follow(move |update| {
+                    // A finished job's replica stays placed (its record and
+                    // log) but runs nothing.
                     let mine = |o: &Object<Placement>| -> Option<(String, state::Assignment)> {
-                        (o.spec.node == node).then(|| {
+                        let finished = o.status.as_ref().is_some_and(|s| o.spec.finished(s));
+                        (o.spec.node == node && !finished).then(|| {
                             let tenant = o.tenant.clone().unwrap_or_default();
                             let spec = o.spec.clone();
                             (o.id.clone(), state::Assignment { tenant, spec })
@@ -195,11 +198,14 @@ pub async fn run(
                         Update::Snapshot(items) => {
                             assigned = items.iter().filter_map(mine).collect();
                         }
-                        Update::Added(o) | Update::Modified(o) => {
-                            if let Some((id, a)) = mine(&o) {
+                        Update::Added(o) | Update::Modified(o) => match mine(&o) {
+                            Some((id, a)) => {
                                 assigned.insert(id, a);
                             }
-                        }
+                            None => {
+                                assigned.remove(&o.id);
+                            }
+                        },
                         Update::Deleted(o) => {
                             assigned.remove(&o.id);
                         }

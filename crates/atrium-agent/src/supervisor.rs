@@ -215,6 +215,8 @@ async fn sleep_or_stop(stop: &mut watch::Receiver<bool>, d: Duration) -> bool {
 enum Ended {
     /// Told to stop: the process is gone, nothing more to do.
     Stopped,
+    /// A job's container exited 0: reported, released, never run again.
+    Succeeded,
     /// It failed or exited; `healthy` says whether it had served first.
     Failed { reason: String, healthy: bool },
 }
@@ -240,6 +242,11 @@ struct ReplicaCtx {
 impl ReplicaCtx {
     fn spec(&self) -> &PlacementSpec {
         &self.assignment.spec
+    }
+
+    /// A job's replica runs to completion, with at most this many retries.
+    fn retries(&self) -> Option<u32> {
+        self.spec().retries
     }
 
     /// What the replica runs, as its status names it.
@@ -539,10 +546,12 @@ impl ReplicaCtx {
             ))
             .await;
         }
-        // Healthy, or exited, or out of time, or told to stop.
+        // Healthy, or exited, or out of time, or told to stop. A job's
+        // container runs from the start: it may finish before any port
+        // would answer.
         let started = tokio::time::Instant::now();
-        let mut healthy = false;
-        while started.elapsed() < START_TIMEOUT && Self::alive(&mut engine, &running) {
+        let mut healthy = self.retries().is_some();
+        while !healthy && started.elapsed() < START_TIMEOUT && Self::alive(&mut engine, &running) {
             if self.healthy(&running.endpoint).await {
                 healthy = true;
                 break;
@@ -589,7 +598,12 @@ impl ReplicaCtx {
                 }
                 _ = tick.tick() => {
                     if !Self::alive(&mut engine, &running) {
-                        break None;
+                        // A child reaped by the liveness check keeps its
+                        // exit status: a job's success must not be lost.
+                        break match &mut engine {
+                            Engine::Child(c) => Some(c.wait().await),
+                            Engine::Adopted => None,
+                        };
                     }
                     let now = self.shared.host.stats(&self.id).oom_kills;
                     if now != oom_kills {
@@ -603,7 +617,22 @@ impl ReplicaCtx {
             }
         };
         end(&mut engine, &running).await;
-        self.release(Some(running.pid), false);
+        let succeeded =
+            self.retries().is_some() && matches!(&exit, Some(Ok(status)) if status.success());
+        self.release(Some(running.pid), succeeded);
+        if succeeded {
+            // Forgotten before it is reported: a restarted agent must not
+            // run a finished index again.
+            self.shared.state.update(|s| s.assigned.remove(&self.id));
+            self.report(Self::status(
+                LifecycleState::Succeeded,
+                "completed: the container exited 0",
+                restarts,
+                None,
+            ))
+            .await;
+            return Ended::Succeeded;
+        }
         let reason = match exit {
             Some(Ok(s)) => format!(
                 "{} exited ({s}); see {}",
@@ -740,14 +769,26 @@ async fn replica_loop(
     let mut backoff = Duration::from_secs(1);
     loop {
         match ctx.run_once(&mut stop, restarts).await {
-            Ended::Stopped => return,
+            Ended::Stopped | Ended::Succeeded => return,
             Ended::Failed { reason, healthy } => {
-                if healthy {
+                if healthy && ctx.retries().is_none() {
                     backoff = Duration::from_secs(1);
                 }
                 restarts += 1;
-                let reason = format!("{reason}; retrying in {}s", backoff.as_secs());
+                // A job's index with no retry left is done: released and
+                // forgotten before it is reported, never run again.
+                let out_of_retries = ctx.retries().filter(|l| restarts > *l);
+                let reason = match out_of_retries {
+                    Some(limit) => format!(
+                        "{reason}; failed {restarts} time(s), no retry left (backoff limit {limit})"
+                    ),
+                    None => format!("{reason}; retrying in {}s", backoff.as_secs()),
+                };
                 tracing::warn!(placement = %ctx.id, %reason, "agent: replica down");
+                if out_of_retries.is_some() {
+                    ctx.shared.state.update(|s| s.assigned.remove(&ctx.id));
+                    ctx.release(None, true);
+                }
                 ctx.report(ReplicaCtx::status(
                     LifecycleState::Failed,
                     reason,
@@ -755,6 +796,9 @@ async fn replica_loop(
                     None,
                 ))
                 .await;
+                if out_of_retries.is_some() {
+                    return;
+                }
                 if sleep_or_stop(&mut stop, backoff).await {
                     ctx.release(None, true);
                     return;

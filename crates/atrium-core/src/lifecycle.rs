@@ -14,6 +14,8 @@ pub enum LifecycleState {
     Stopped,
     Failed,
     Deleting,
+    /// A job (or one of its replicas) ran to completion.
+    Succeeded,
 }
 
 /// Observed state of a resource, written by controllers, never by clients.

@@ -38,6 +38,25 @@ pub struct PlacementSpec {
     /// replicas and placements made before the scheduler recorded them).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub gpus: Vec<GpuSlot>,
+    /// Set for a job's replica: it runs to a successful exit, is never
+    /// restarted after one, and after a failure is retried at most this
+    /// many times. A service's or deployment's replica (absent) is
+    /// restarted for as long as it is placed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retries: Option<u32>,
+}
+
+impl PlacementSpec {
+    /// Whether `status` is the last this replica will have: it succeeded,
+    /// or it is a job's and failed past its retries. A finished replica
+    /// runs nothing and holds no room; its record stays for its log.
+    pub fn finished(&self, status: &ReplicaStatus) -> bool {
+        match status.state {
+            LifecycleState::Succeeded => true,
+            LifecycleState::Failed => self.retries.is_some_and(|r| status.restarts > r),
+            _ => false,
+        }
+    }
 }
 
 /// One GPU (by its index on the node) or part of it held by a replica.

@@ -55,6 +55,43 @@ pub struct Quota {
     /// Requests in flight at once; enforced by the gateway.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_concurrent_requests: Option<u64>,
+    /// Usable beyond `gpus`, `cpu` and `memory` (the guarantee) while
+    /// other tenants leave it idle: admitted like the quota, but a replica
+    /// holding borrowed room is the first evicted when a tenant within its
+    /// own guarantee needs it.
+    #[serde(default, skip_serializing_if = "Borrowing::is_empty")]
+    pub borrowing: Borrowing,
+    /// The tenant's weight in the fair share among tenants of one
+    /// priority: pending work goes to the smallest dominant share divided
+    /// by weight first. 1 to 1000 [default: 1].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fair_share_weight: Option<u32>,
+}
+
+/// What a tenant may borrow beyond its guarantee; nothing when unset.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Borrowing {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<String>, example = "4")]
+    pub gpus: Option<GpuMilli>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<String>, example = "32")]
+    pub cpu: Option<CpuMillis>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<String>, example = "256Gi")]
+    pub memory: Option<ByteSize>,
+}
+
+impl Borrowing {
+    pub fn is_empty(&self) -> bool {
+        *self == Borrowing::default()
+    }
+}
+
+/// A guarantee plus what may be borrowed beyond it; unlimited stays so.
+fn with_borrowing(guarantee: Option<u64>, borrowing: Option<u64>) -> Option<u64> {
+    guarantee.map(|g| g.saturating_add(borrowing.unwrap_or(0)))
 }
 
 /// Resources a tenant holds (or asks for), in exact units.
@@ -166,6 +203,12 @@ impl Quota {
     pub fn validate(&self) -> Result<(), crate::FieldErrors> {
         let mut errors = crate::FieldErrors::new();
         self.request_limits().validate(&mut errors);
+        if self
+            .fair_share_weight
+            .is_some_and(|w| !(1..=1000).contains(&w))
+        {
+            errors.push("fair_share_weight", "must be 1 to 1000");
+        }
         errors.into_result()
     }
 
@@ -220,7 +263,11 @@ impl Quota {
             requested.deployments,
             |v| v,
         )?;
-        check("gpus", self.gpus, used.gpus, requested.gpus, |v| v.0)?;
+        let b = &self.borrowing;
+        let gpus = with_borrowing(self.gpus.map(|g| g.0), b.gpus.map(|g| g.0)).map(GpuMilli);
+        let cpu = with_borrowing(self.cpu.map(|c| c.0), b.cpu.map(|c| c.0)).map(CpuMillis);
+        let memory = with_borrowing(self.memory.map(|m| m.0), b.memory.map(|m| m.0)).map(ByteSize);
+        check("gpus", gpus, used.gpus, requested.gpus, |v| v.0)?;
         check(
             "gpu_memory",
             self.gpu_memory,
@@ -228,10 +275,8 @@ impl Quota {
             requested.gpu_memory,
             |v| v.0,
         )?;
-        check("cpu", self.cpu, used.cpu, requested.cpu, |v| v.0)?;
-        check("memory", self.memory, used.memory, requested.memory, |v| {
-            v.0
-        })?;
+        check("cpu", cpu, used.cpu, requested.cpu, |v| v.0)?;
+        check("memory", memory, used.memory, requested.memory, |v| v.0)?;
         check(
             "storage",
             self.storage,
@@ -276,6 +321,36 @@ mod tests {
             ("1", "4", "4")
         );
         assert_eq!(Quota::default().admit(&four, &four), Ok(()));
+    }
+
+    #[test]
+    fn borrowing_is_admitted_on_top_of_the_guarantee() {
+        let gpus = |n: u64| ResourceUsage {
+            gpus: GpuMilli(n * 1000),
+            ..Default::default()
+        };
+        let quota = Quota {
+            gpus: Some(GpuMilli(2000)),
+            borrowing: Borrowing {
+                gpus: Some(GpuMilli(2000)),
+                ..Borrowing::default()
+            },
+            ..Quota::default()
+        };
+        assert_eq!(quota.admit(&gpus(2), &gpus(2)), Ok(()));
+        let err = quota.admit(&gpus(2), &gpus(3)).unwrap_err();
+        assert_eq!(err.limit, GpuMilli(4000).to_string());
+        // Borrowing alone does not limit a tenant with no guarantee set.
+        let open = Quota {
+            borrowing: quota.borrowing.clone(),
+            ..Quota::default()
+        };
+        assert_eq!(open.admit(&gpus(100), &gpus(100)), Ok(()));
+        let heavy = Quota {
+            fair_share_weight: Some(0),
+            ..Quota::default()
+        };
+        assert!(heavy.validate().is_err());
     }
 
     #[test]

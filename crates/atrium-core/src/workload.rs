@@ -1,5 +1,7 @@
 //! Workloads: a tenant's own OCI image run as containers on its
-//! allocation — a `service` keeps `replicas` copies running. Images come
+//! allocation — a `service` keeps `replicas` copies running, a `job` runs
+//! `completions` copies to a successful exit, `parallelism` at a time,
+//! all at once when it is a `gang`. Images come
 //! from the control plane's registry only (`<namespace>/<repo>[:tag|@digest]`,
 //! the tenant's own namespace or the public `library/`): a workload never
 //! makes a node fetch from an address a tenant chose.
@@ -14,6 +16,15 @@ use crate::FieldErrors;
 
 /// The namespace of images every tenant may run.
 pub const PUBLIC_IMAGE_NAMESPACE: &str = "library";
+/// Most completions a job may ask for: each one keeps its replica's record
+/// (and log) until the job is deleted.
+pub const MAX_COMPLETIONS: u32 = 1000;
+/// Most retries of one completion, and longest deadline or time to live
+/// (a year), in seconds.
+pub const MAX_BACKOFF_LIMIT: u32 = 100;
+pub const MAX_SECONDS: u64 = 366 * 24 * 3600;
+/// Lowest priority a workload may ask for; the highest is its tenant's.
+pub const MIN_PRIORITY: i32 = -1_000_000;
 /// Most arguments (command and args together), environment variables and
 /// ports one container may have; longest single string.
 pub const MAX_ARGS: usize = 256;
@@ -44,22 +55,140 @@ pub struct ContainerSpec {
     pub ports: Vec<u16>,
 }
 
+/// Whether a workload runs for good or to completion.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum WorkloadKind {
+    /// `replicas` copies kept running, each restarted with backoff.
+    #[default]
+    Service,
+    /// Copies run until `job.completions` of them exit 0.
+    Job,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct WorkloadSpec {
     #[serde(flatten)]
     pub container: ContainerSpec,
     pub resources: Resources,
-    /// Copies kept running; each one restarted with backoff when it exits.
+    #[serde(default)]
+    pub kind: WorkloadKind,
+    /// A service's copies kept running; each one restarted with backoff
+    /// when it exits. A job runs `job.completions` instead.
     #[serde(default = "one")]
     pub replicas: u32,
+    /// How a job runs; only for `kind: job` (its defaults when absent).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub job: Option<JobSpec>,
+    /// Placement priority: a workload of a higher priority may evict ones
+    /// of a lower (and, within its tenant's guarantee, another tenant's
+    /// borrowed ones). At most the tenant's own priority, its default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub priority: Option<i32>,
     /// Sites the replicas may run in; any permitted site when empty.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub sites: Vec<String>,
 }
 
+/// A job's run: like Kubernetes' indexed jobs, each completion index is
+/// one replica, run (and retried) until it exits 0.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct JobSpec {
+    /// Successful exits the job needs, one per index.
+    #[serde(default = "one")]
+    pub completions: u32,
+    /// Indexes run at once; all of them for a gang, else 1 when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parallelism: Option<u32>,
+    /// Retries of one index after it fails before the job fails.
+    #[serde(default = "six")]
+    pub backoff_limit: u32,
+    /// The job fails when it has not completed this long after creation.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub active_deadline_seconds: Option<u64>,
+    /// A finished job (and its replicas' records and logs) is deleted this
+    /// long after it finished; kept until deleted when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ttl_seconds_after_finished: Option<u64>,
+    /// Every index starts at once or none does (distributed training):
+    /// the job waits, pending with the reason, until all of them fit.
+    #[serde(default)]
+    pub gang: bool,
+}
+
+impl Default for JobSpec {
+    fn default() -> Self {
+        JobSpec {
+            completions: 1,
+            parallelism: None,
+            backoff_limit: six(),
+            active_deadline_seconds: None,
+            ttl_seconds_after_finished: None,
+            gang: false,
+        }
+    }
+}
+
+impl JobSpec {
+    /// Indexes run at once.
+    pub fn parallelism(&self) -> u32 {
+        match self.parallelism {
+            Some(p) => p.min(self.completions),
+            None if self.gang => self.completions,
+            None => 1,
+        }
+    }
+
+    fn validate(&self, errors: &mut FieldErrors) {
+        if self.completions == 0 || self.completions > MAX_COMPLETIONS {
+            errors.push("job.completions", format!("must be 1 to {MAX_COMPLETIONS}"));
+        }
+        match self.parallelism {
+            Some(p) if p == 0 || p > MAX_REPLICAS => errors.push(
+                "job.parallelism",
+                format!("must be 1 to {MAX_REPLICAS}"),
+            ),
+            Some(p) if self.gang && p != self.completions => errors.push(
+                "job.parallelism",
+                "a gang runs every index at once: leave parallelism out or make it equal completions",
+            ),
+            None if self.gang && self.completions > MAX_REPLICAS => errors.push(
+                "job.completions",
+                format!("a gang runs every index at once: at most {MAX_REPLICAS}"),
+            ),
+            _ => {}
+        }
+        if self.backoff_limit > MAX_BACKOFF_LIMIT {
+            errors.push(
+                "job.backoff_limit",
+                format!("must be at most {MAX_BACKOFF_LIMIT}"),
+            );
+        }
+        for (field, value) in [
+            ("job.active_deadline_seconds", self.active_deadline_seconds),
+            (
+                "job.ttl_seconds_after_finished",
+                self.ttl_seconds_after_finished,
+            ),
+        ] {
+            if value.is_some_and(|s| s > MAX_SECONDS) {
+                errors.push(field, format!("must be at most {MAX_SECONDS} (a year)"));
+            }
+        }
+        if self.active_deadline_seconds == Some(0) {
+            errors.push("job.active_deadline_seconds", "must be at least 1");
+        }
+    }
+}
+
 fn one() -> u32 {
     1
+}
+
+fn six() -> u32 {
+    6
 }
 
 /// An image reference split into its parts.
@@ -208,6 +337,24 @@ impl WorkloadSpec {
         if self.replicas > MAX_REPLICAS {
             errors.push("replicas", format!("must be at most {MAX_REPLICAS}"));
         }
+        match (self.kind, &self.job) {
+            (WorkloadKind::Service, Some(_)) => {
+                errors.push("job", "only a workload of kind job has job settings")
+            }
+            (WorkloadKind::Job, job) => {
+                if self.replicas != 1 {
+                    errors.push(
+                        "replicas",
+                        "a job runs job.completions copies: leave replicas out",
+                    );
+                }
+                job.clone().unwrap_or_default().validate(&mut errors);
+            }
+            (WorkloadKind::Service, None) => {}
+        }
+        if self.priority.is_some_and(|p| p < MIN_PRIORITY) {
+            errors.push("priority", format!("must be at least {MIN_PRIORITY}"));
+        }
         if self.resources.memory.0 == 0 {
             errors.push("resources.memory", "must be more than zero");
         }
@@ -223,15 +370,39 @@ impl WorkloadSpec {
         errors.into_result()
     }
 
-    /// What this workload holds against its tenant's quota: its replicas,
-    /// or what its placements still hold when that is more (as a
-    /// deployment's, see `DeploymentSpec::quota_usage_holding`).
+    /// One replica of `container` kept running, anywhere.
+    pub fn service(container: ContainerSpec, resources: Resources) -> WorkloadSpec {
+        WorkloadSpec {
+            container,
+            resources,
+            kind: WorkloadKind::Service,
+            replicas: 1,
+            job: None,
+            priority: None,
+            sites: Vec::new(),
+        }
+    }
+
+    /// The job's settings, when it is one.
+    pub fn job(&self) -> Option<JobSpec> {
+        (self.kind == WorkloadKind::Job).then(|| self.job.clone().unwrap_or_default())
+    }
+
+    /// Replicas that run at once: a service's replicas, a job's
+    /// parallelism.
+    pub fn running_at_once(&self) -> u32 {
+        self.job().map_or(self.replicas, |j| j.parallelism())
+    }
+
+    /// What this workload holds against its tenant's quota: its replicas
+    /// running at once, or what its placements still hold when that is
+    /// more (as a deployment's, see `DeploymentSpec::quota_usage_holding`).
     pub fn quota_usage_holding<'a>(
         &self,
         placed: impl IntoIterator<Item = &'a Resources>,
     ) -> ResourceUsage {
         self.resources
-            .times(u64::from(self.replicas))
+            .times(u64::from(self.running_at_once()))
             .max(Resources::sum(placed))
     }
 }
@@ -270,6 +441,69 @@ mod tests {
         ] {
             assert!(ImageRef::parse(bad).is_err(), "{bad} was accepted");
         }
+    }
+
+    #[test]
+    fn job_settings_are_checked_and_defaulted_as_kubernetes_does() {
+        let job = |v: serde_json::Value| -> WorkloadSpec {
+            let mut spec = serde_json::json!({
+                "image": "acme/x", "resources": {"cpu": "1", "memory": "64Mi"}
+            });
+            spec.as_object_mut()
+                .unwrap()
+                .extend(v.as_object().unwrap().clone());
+            serde_json::from_value(spec).unwrap()
+        };
+        let plain = job(serde_json::json!({"kind": "job"}));
+        assert_eq!(plain.job().unwrap().completions, 1);
+        assert_eq!(plain.job().unwrap().backoff_limit, 6);
+        assert_eq!(plain.running_at_once(), 1);
+        let gang = job(serde_json::json!({"kind": "job", "job": {"completions": 4, "gang": true}}));
+        assert!(gang.validate().is_ok());
+        assert_eq!(gang.running_at_once(), 4);
+        let batch =
+            job(serde_json::json!({"kind": "job", "job": {"completions": 10, "parallelism": 3}}));
+        assert_eq!(batch.running_at_once(), 3);
+        assert!(
+            job(serde_json::json!({"job": {}})).job().is_none(),
+            "a service"
+        );
+
+        let fields = |v| -> Vec<String> {
+            job(v)
+                .validate()
+                .unwrap_err()
+                .0
+                .into_iter()
+                .map(|e| e.field)
+                .collect()
+        };
+        assert_eq!(fields(serde_json::json!({"job": {}})), ["job"]);
+        assert_eq!(
+            fields(serde_json::json!({"kind": "job", "replicas": 3})),
+            ["replicas"]
+        );
+        let bad = fields(
+            serde_json::json!({"kind": "job", "priority": i32::MIN, "job": {
+            "completions": 0, "parallelism": 0, "backoff_limit": 101,
+            "active_deadline_seconds": 0, "ttl_seconds_after_finished": u64::MAX}}),
+        );
+        for f in [
+            "job.completions",
+            "job.parallelism",
+            "job.backoff_limit",
+            "job.active_deadline_seconds",
+            "job.ttl_seconds_after_finished",
+            "priority",
+        ] {
+            assert!(bad.iter().any(|b| b == f), "{f} not reported in {bad:?}");
+        }
+        assert_eq!(
+            fields(
+                serde_json::json!({"kind": "job", "job": {"completions": 4, "parallelism": 2, "gang": true}})
+            ),
+            ["job.parallelism"]
+        );
     }
 
     #[test]

@@ -366,7 +366,29 @@ impl Kind for Workload {
                 ),
             ));
         }
-        sites_allowed(state, tenant, &spec.sites).await?;
+        let tenant_spec = sites_allowed(state, tenant, &spec.sites).await?;
+        if let Some(p) = spec.priority.filter(|p| *p > tenant_spec.priority) {
+            return Err(ApiError::field(
+                "spec.priority",
+                format!(
+                    "{p} is above tenant {tenant:?}'s priority {}: a workload may ask for \
+                     its tenant's priority or less",
+                    tenant_spec.priority
+                ),
+            ));
+        }
+        if let Some(id) = replacing {
+            let old = state.store.get(Workload::KIND, id).await?;
+            let old = old.map(|o| stored::spec::<Workload>(&o)).transpose()?;
+            let was_job = old.as_ref().is_some_and(|o| o.job().is_some());
+            if (was_job || spec.job().is_some()) && old.as_ref() != Some(spec) {
+                return Err(ApiError::field(
+                    "spec",
+                    "a job's spec does not change once created (nor does a service become \
+                     a job): delete it and create it anew",
+                ));
+            }
+        }
         let spec = spec.clone();
         Ok(Some(resources_admitted(
             tenant,
@@ -376,8 +398,13 @@ impl Kind for Workload {
     }
 }
 
-/// Refuses sites that do not exist or lie outside `tenant`'s residency.
-async fn sites_allowed(state: &AppState, tenant: &str, sites: &[String]) -> Result<(), ApiError> {
+/// Refuses sites that do not exist or lie outside `tenant`'s residency;
+/// returns the tenant's spec.
+async fn sites_allowed(
+    state: &AppState,
+    tenant: &str,
+    sites: &[String],
+) -> Result<TenantSpec, ApiError> {
     let store = &state.store;
     let tenant_obj = store
         .get_by_name(Tenant::KIND, None, tenant)
@@ -404,7 +431,8 @@ async fn sites_allowed(state: &AppState, tenant: &str, sites: &[String]) -> Resu
             }
         }
     }
-    errors.into_result().map_err(ApiError::InvalidFields)
+    errors.into_result().map_err(ApiError::InvalidFields)?;
+    Ok(tenant_spec)
 }
 
 /// The rule that what `tenant`'s deployments and workloads hold, with the
@@ -463,6 +491,10 @@ pub fn held_by_deployment(
     let mut held: HashMap<String, Vec<Resources>> = HashMap::new();
     for p in placements {
         let spec = stored::spec::<Placement>(p)?;
+        // A finished job's replica runs nothing and holds nothing.
+        if stored::status::<Placement>(p).is_some_and(|s| spec.finished(&s)) {
+            continue;
+        }
         held.entry(spec.deployment)
             .or_default()
             .push(spec.resources);
@@ -488,6 +520,11 @@ pub fn tenant_usage(
     }
     for w in workloads.iter().filter(counted) {
         let spec = stored::spec::<Workload>(w)?;
+        let finished = stored::status::<Workload>(w)
+            .is_some_and(|s| matches!(s.state, LifecycleState::Succeeded | LifecycleState::Failed));
+        if spec.job().is_some() && finished {
+            continue;
+        }
         let holding = held.get(&w.id).into_iter().flatten();
         used = used.saturating_add(spec.quota_usage_holding(holding));
     }

@@ -582,6 +582,10 @@ async fn openapi_document_is_valid_openapi_3() {
     ] {
         assert!(doc["paths"][path].is_object(), "missing {path}");
     }
+    for schema in ["WorkloadSpec", "JobSpec", "WorkloadKind", "Borrowing"] {
+        let schemas = &doc["components"]["schemas"];
+        assert!(schemas[schema].is_object(), "missing schema {schema}");
+    }
     let file = s._dir.path().join("openapi.json");
     std::fs::write(&file, doc.to_string()).unwrap();
     // The reference validator, installed by scripts/test.sh from requirements-test.txt.

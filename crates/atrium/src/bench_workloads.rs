@@ -135,15 +135,15 @@ async fn create_to_running(tenant: &ControlPlane, cp: &ControlPlane, n: u32) -> 
     let mut times = Vec::new();
     for i in 0..n {
         let port = FIRST_PORT + i as u16;
-        let spec = WorkloadSpec {
-            container: ContainerSpec {
+        let spec = WorkloadSpec::service(
+            ContainerSpec {
                 image: "bench/busybox:1".into(),
                 command: vec!["/bin/busybox".into()],
                 args: vec!["httpd".into(), "-f".into(), "-p".into(), port.to_string()],
                 env: Default::default(),
                 ports: vec![port],
             },
-            resources: Resources {
+            Resources {
                 cpu: CpuMillis(1000),
                 memory: ByteSize(16 << 20),
                 gpu: None,
@@ -151,9 +151,7 @@ async fn create_to_running(tenant: &ControlPlane, cp: &ControlPlane, n: u32) -> 
                 gpu_models: Vec::new(),
                 storage: ByteSize::default(),
             },
-            replicas: 1,
-            sites: Vec::new(),
-        };
+        );
         let name = format!("w{i}");
         let started = Instant::now();
         workloads.create(&name, &spec).await?;

@@ -3,6 +3,8 @@
 //! the tenant's network, as the tenant's uid in the tenant's namespace and
 //! cgroup, restarted when killed. Another tenant cannot run it; an image
 //! that is not there says ErrImagePull; a deleted workload leaves nothing.
+//! A gang `job` starts all its workers or none, each seeing only its GPU,
+//! and completes; a job that keeps failing fails at its backoff limit.
 #![allow(clippy::unwrap_used, clippy::panic, clippy::expect_used)]
 
 mod common;
@@ -17,8 +19,10 @@ use reqwest::blocking::Client;
 use reqwest::Method;
 use serde_json::{json, Value};
 
-/// This test's tenant network block, apart from the isolation tests'.
-const OCTET: u8 = 236;
+/// The tests' tenant network blocks, apart from the isolation tests' and
+/// each other's (they run side by side).
+const SERVICE_OCTET: u8 = 236;
+const JOB_OCTET: u8 = 237;
 
 struct Cloud {
     dir: tempfile::TempDir,
@@ -28,6 +32,7 @@ struct Cloud {
     http: Client,
     server: Child,
     agent: Option<Child>,
+    octet: u8,
 }
 
 impl Drop for Cloud {
@@ -40,7 +45,7 @@ impl Drop for Cloud {
 }
 
 impl Cloud {
-    fn start() -> Cloud {
+    fn start(octet: u8) -> Cloud {
         let dir = tempfile::tempdir().unwrap();
         let port = free_port();
         let server = spawn_server(&dir.path().join("server"), port, &[]);
@@ -58,6 +63,7 @@ impl Cloud {
             http,
             server,
             agent: None,
+            octet,
         };
         cloud.call(
             Method::POST,
@@ -85,11 +91,11 @@ impl Cloud {
         key["secret"].as_str().unwrap().to_string()
     }
 
-    fn start_agent(&mut self) {
+    fn start_agent(&mut self, gpus: &str) {
         let token = common::join_token(&self.url, &self.admin, "node", "n1");
         let agent = Command::new(BIN)
-            .args(["agent", "--simulate-gpus", "2xH100-80GB", "--log", "warn"])
-            .args(["--tenant-network", &format!("10.{OCTET}.0.0/16")])
+            .args(["agent", "--simulate-gpus", gpus, "--log", "warn"])
+            .args(["--tenant-network", &format!("10.{}.0.0/16", self.octet)])
             .args(["--server", &self.url, "--join-token", &token])
             .arg("--data-dir")
             .arg(self.dir.path().join("agent"))
@@ -184,9 +190,9 @@ fn require_root_and_runc() {
 }
 
 /// The processes in a replica's memory cgroup.
-fn container_pids(placement: &str) -> Vec<u32> {
+fn container_pids(octet: u8, placement: &str) -> Vec<u32> {
     let procs = PathBuf::from(format!(
-        "/sys/fs/cgroup/memory/atrium-{OCTET}/{placement}/cgroup.procs"
+        "/sys/fs/cgroup/memory/atrium-{octet}/{placement}/cgroup.procs"
     ));
     std::fs::read_to_string(procs)
         .unwrap_or_default()
@@ -222,14 +228,15 @@ fn http_get(addr: &str, path: &str) -> Option<String> {
 #[test]
 fn a_service_runs_its_tenants_image_under_runc_in_the_tenants_sandbox() {
     require_root_and_runc();
-    let mut cloud = Cloud::start();
+    const OCTET: u8 = SERVICE_OCTET;
+    let mut cloud = Cloud::start(OCTET);
     let acme = cloud.tenant("acme");
     let globex = cloud.tenant("globex");
     let build = tempfile::tempdir().unwrap();
     busybox_layout(build.path());
     cloud.push(&build.path().join("oci"), "acme/busybox:1", &acme);
     cloud.push(&build.path().join("oci"), "globex/private:1", &globex);
-    cloud.start_agent();
+    cloud.start_agent("2xH100-80GB");
     wait_for("the agent's credential", 30, || {
         cloud.dir.path().join("agent/node.credential").exists()
     });
@@ -313,7 +320,7 @@ fn a_service_runs_its_tenants_image_under_runc_in_the_tenants_sandbox() {
     // It answers through the tenant network, as the tenant's uid.
     let page = http_get(&addr, "/index.html").expect("the service answers on its port");
     let id = placement["id"].as_str().unwrap().to_string();
-    let pids = container_pids(&id);
+    let pids = container_pids(OCTET, &id);
     assert!(
         !pids.is_empty(),
         "the container runs in the replica's cgroup"
@@ -380,7 +387,7 @@ fn a_service_runs_its_tenants_image_under_runc_in_the_tenants_sandbox() {
         assert!(ok, "{said}");
     }
     wait_for("the replicas to go", 30, || {
-        container_pids(&id).is_empty()
+        container_pids(OCTET, &id).is_empty()
             && !Path::new(&format!("/sys/fs/cgroup/memory/atrium-{OCTET}/{id}")).exists()
     });
     assert!(pids
@@ -398,4 +405,170 @@ fn a_service_runs_its_tenants_image_under_runc_in_the_tenants_sandbox() {
         .map(|d| d.display().to_string())
         .collect();
     assert!(left.is_empty(), "cgroups left behind: {left:?}");
+}
+
+#[test]
+fn a_gang_job_starts_all_its_workers_or_none_and_each_sees_only_its_gpu() {
+    require_root_and_runc();
+    let mut cloud = Cloud::start(JOB_OCTET);
+    let acme = cloud.tenant("acme");
+    let build = tempfile::tempdir().unwrap();
+    busybox_layout(build.path());
+    cloud.push(&build.path().join("oci"), "acme/busybox:1", &acme);
+    cloud.start_agent("4xH100-80GB");
+    let run = |args: &[&str]| {
+        let mut all = vec!["workload", "run"];
+        all.extend_from_slice(args);
+        let (ok, said) = cloud.cli(&all, &acme);
+        assert!(ok, "{said}");
+    };
+    // One GPU held by a service: three free, the gang of four must wait.
+    run(&[
+        "hold",
+        "--image",
+        "acme/busybox:1",
+        "--gpu",
+        "1",
+        "--",
+        "/bin/busybox",
+        "sleep",
+        "3600",
+    ]);
+    wait_for("the service to run", 60, || {
+        cloud.workload("acme", "hold")["status"]["state"] == "running"
+    });
+    run(&[
+        "train",
+        "--image",
+        "acme/busybox:1",
+        "--gpu",
+        "1",
+        "--cpu",
+        "0.25",
+        "--job",
+        "--completions",
+        "4",
+        "--gang",
+        "--",
+        "/bin/busybox",
+        "sh",
+        "-c",
+        "echo worker $JOB_COMPLETION_INDEX sees $CUDA_VISIBLE_DEVICES",
+    ]);
+    let mut train = Value::Null;
+    wait_for("the gang to wait with a reason", 30, || {
+        train = cloud.workload("acme", "train");
+        train["status"]["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("gang"))
+    });
+    assert_eq!(train["status"]["state"], "pending", "{train}");
+    let workers = |cloud: &Cloud| {
+        cloud
+            .placements("acme")
+            .into_iter()
+            .filter(|p| p["name"].as_str().is_some_and(|n| n.starts_with("train-")))
+            .count()
+    };
+    assert_eq!(workers(&cloud), 0, "no worker starts before all can");
+
+    // The fourth GPU frees: all four start, and the job completes.
+    let (ok, said) = cloud.cli(&["workload", "delete", "hold"], &acme);
+    assert!(ok, "{said}");
+    wait_for("the gang to complete", 90, || {
+        train = cloud.workload("acme", "train");
+        train["status"]["state"] == "succeeded"
+    });
+    assert_eq!(workers(&cloud), 4, "finished workers keep their records");
+    assert_eq!(train["status"]["reason"], "4/4 completions");
+    let agent_dir = cloud.dir.path().join("agent");
+    let (ok, logs) = cloud.cli(
+        &["logs", "train", "--data-dir", agent_dir.to_str().unwrap()],
+        &acme,
+    );
+    assert!(ok, "{logs}");
+    let mut seen: Vec<(String, String)> = logs
+        .lines()
+        .filter_map(|l| {
+            let rest = l.split_once("] worker ")?.1;
+            let (index, gpu) = rest.split_once(" sees ")?;
+            Some((index.to_string(), gpu.to_string()))
+        })
+        .collect();
+    seen.sort();
+    assert_eq!(seen.len(), 4, "{logs}");
+    for (i, (index, gpu)) in seen.iter().enumerate() {
+        assert_eq!(index, &i.to_string(), "{logs}");
+        assert!(
+            gpu.starts_with("GPU-") && !gpu.contains(','),
+            "one GPU each: {logs}"
+        );
+    }
+    seen.dedup_by(|a, b| a.1 == b.1);
+    assert_eq!(seen.len(), 4, "each worker sees its own GPU: {logs}");
+
+    // A job that keeps failing fails at its backoff limit, and says why.
+    run(&[
+        "flaky",
+        "--image",
+        "acme/busybox:1",
+        "--job",
+        "--backoff-limit",
+        "1",
+        "--",
+        "/bin/busybox",
+        "false",
+    ]);
+    let mut flaky = Value::Null;
+    wait_for("the job to fail", 60, || {
+        flaky = cloud.workload("acme", "flaky");
+        flaky["status"]["state"] == "failed"
+    });
+    let reason = flaky["status"]["reason"].as_str().unwrap();
+    assert!(
+        reason.contains("0/1 completions") && reason.contains("backoff limit 1"),
+        "{reason}"
+    );
+
+    // A workload may not outrank its tenant.
+    let (ok, said) = cloud.cli(
+        &[
+            "workload",
+            "run",
+            "vip",
+            "--image",
+            "acme/busybox:1",
+            "--priority",
+            "5",
+            "--",
+            "/bin/busybox",
+            "true",
+        ],
+        &acme,
+    );
+    assert!(!ok && said.contains("spec.priority"), "{said}");
+
+    // A job's spec does not change once created.
+    let mut spec = flaky["spec"].clone();
+    spec["job"]["backoff_limit"] = json!(3);
+    let (status, said) = admin_call_status(
+        &cloud,
+        Method::PUT,
+        "/v1/workloads/flaky?tenant=acme",
+        json!({"spec": spec}),
+    );
+    assert_eq!(status, 400, "{said}");
+    assert!(said.contains("create it anew"), "{said}");
+}
+
+/// The status and body of an admin request (for the refusals).
+fn admin_call_status(cloud: &Cloud, method: Method, path: &str, body: Value) -> (u16, String) {
+    let resp = cloud
+        .http
+        .request(method, format!("{}{path}", cloud.url))
+        .bearer_auth(&cloud.admin)
+        .json(&body)
+        .send()
+        .unwrap();
+    (resp.status().as_u16(), resp.text().unwrap_or_default())
 }

@@ -102,6 +102,10 @@ impl ReplicaCtx {
         {
             set(k, v);
         }
+        if self.retries().is_some() {
+            // As Kubernetes' indexed jobs: which index this replica runs.
+            set("JOB_COMPLETION_INDEX", &self.spec().replica.to_string());
+        }
         set("HOME", "/scratch");
         if !env.iter().any(|(k, _)| k == "PATH") {
             env.push((

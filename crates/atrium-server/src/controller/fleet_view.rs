@@ -59,14 +59,18 @@ pub fn tenant_policy(t: &TenantSpec) -> fleet::TenantPolicy {
             Residency::Any => None,
             Residency::Only { jurisdictions } => Some(jurisdictions.clone()),
         },
-        // Quotas are guarantees; borrowing beyond them is not offered yet.
+        // The quota is the guarantee; borrowing is usable beyond it.
         guaranteed: fleet::Amount {
             cpu_milli: limit(t.quota.cpu.map(|c| c.0)),
             memory_mib: limit(t.quota.memory.map(|m| m.0 / MIB)),
             gpu_milli: limit(t.quota.gpus.map(|g| g.0)),
         },
-        borrowable: fleet::Amount::default(),
-        weight: 1,
+        borrowable: fleet::Amount {
+            cpu_milli: t.quota.borrowing.cpu.map_or(0, |c| c.0),
+            memory_mib: t.quota.borrowing.memory.map_or(0, |m| m.0 / MIB),
+            gpu_milli: t.quota.borrowing.gpus.map_or(0, |g| g.0),
+        },
+        weight: t.quota.fair_share_weight.unwrap_or(1),
     }
 }
 

@@ -1,6 +1,7 @@
 //! The placement controller: turns each deployment and workload into
 //! replica placements on nodes with room, removes placements nobody wants,
-//! and rolls replica states up into their owner's status.
+//! rolls replica states up into their owner's status, and runs jobs to
+//! completion (see `job`).
 //!
 //! It is a reconcile loop (kube-rs style): `reconcile` reads the whole
 //! desired and observed state into a typed [`World`], [`plan`] (pure: no
@@ -13,6 +14,8 @@
 //! already made, then places what is missing.
 
 mod fleet_view;
+mod job;
+mod owner;
 mod plan;
 
 use std::collections::HashMap;
@@ -33,6 +36,8 @@ pub struct Outcome {
     pub placed: usize,
     pub removed: usize,
     pub statuses_updated: usize,
+    /// Finished jobs deleted when their time to live ran out.
+    pub deleted: usize,
     /// Replicas that found no node.
     pub unplaceable: usize,
 }
@@ -51,6 +56,7 @@ async fn read_world(store: &Store) -> Result<(World, Vec<Object>), atrium_store:
         models: stored::all::<Model>(&store.list_all(Model::KIND, &all).await?),
         sites: stored::specs_by_name::<Site>(&store.list_all(Site::KIND, &all).await?),
         tenants: stored::specs_by_name::<Tenant>(&store.list_all(Tenant::KIND, &all).await?),
+        now: time::OffsetDateTime::now_utc().unix_timestamp(),
     };
     Ok((world, deployments.into_iter().chain(workloads).collect()))
 }
@@ -119,6 +125,14 @@ pub async fn reconcile(store: &Store) -> Result<Outcome, atrium_store::StoreErro
                 };
                 let action = format!("{kind}.status");
                 outcome.statuses_updated += usize::from(write(store, w, &action).await);
+            }
+            Action::Delete { kind, id } => {
+                let w = Write::Delete {
+                    kind: kind.into(),
+                    id,
+                };
+                let action = format!("{kind}.expire");
+                outcome.deleted += usize::from(write(store, w, &action).await);
             }
         }
     }

@@ -1,6 +1,7 @@
 //! What one placement pass should do, computed from typed state alone: no
-//! store, no clock, no randomness. `plan(&World)` is what the tests
-//! snapshot; the executor in `mod.rs` only carries its actions out.
+//! store, no clock (the world says what time it is), no randomness.
+//! `plan(&World)` is what the tests snapshot; the executor in `mod.rs` only
+//! carries its actions out.
 //!
 //! The plan assumes each of its writes succeeds. One that does not (a
 //! tenant deleted the deployment meanwhile) leaves the store as it was,
@@ -8,21 +9,19 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use atrium_api::{Deployment, Model, Node, Object, Placement, Resource, Workload};
-use atrium_core::deployment::{EngineKind, Resources};
+use atrium_api::{Deployment, Model, Node, Object, Placement, Workload};
 use atrium_core::lifecycle::{LifecycleState, Status};
-use atrium_core::model::{ModelSpec, ModelTask};
 use atrium_core::placement::{PlacementSpec, ReplicaStatus};
 use atrium_core::site::SiteSpec;
 use atrium_core::tenant::TenantSpec;
-use atrium_core::workload::WorkloadSpec;
 use atrium_sched::fleet;
 
-use super::fleet_view::{fleet_node, fleet_request, from_slots, tenant_policy, to_slots};
+use super::fleet_view::{fleet_node, fleet_request, tenant_policy, to_slots};
+use super::owner::Owner;
 
-/// Everything a pass reads: the desired state (deployments, models,
-/// tenants) and the observed one (placements and their replicas' status,
-/// nodes, sites).
+/// Everything a pass reads: the desired state (deployments, workloads,
+/// models, tenants), the observed one (placements and their replicas'
+/// status, nodes, sites), and the time.
 #[derive(Debug, Default)]
 pub struct World {
     pub deployments: Vec<Object<Deployment>>,
@@ -32,12 +31,16 @@ pub struct World {
     pub models: Vec<Object<Model>>,
     pub sites: HashMap<String, SiteSpec>,
     pub tenants: HashMap<String, TenantSpec>,
+    /// Seconds since the Unix epoch: jobs' deadlines and times to live
+    /// are measured against it.
+    pub now: i64,
 }
 
 /// One write the pass makes.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Action {
-    /// A placement nobody wants any more, or one replaced by a successor.
+    /// A placement nobody wants any more, one replaced by a successor, or
+    /// one evicted for a higher priority.
     Remove { placement: String },
     /// A new placement for replica `spec.replica`. Its id is the
     /// executor's to mint; `name` is taken by an existing placement when
@@ -56,6 +59,8 @@ pub enum Action {
         revision: i64,
         status: Status,
     },
+    /// A finished job whose time to live has run out.
+    Delete { kind: &'static str, id: String },
 }
 
 /// What a pass decided.
@@ -78,14 +83,74 @@ pub fn pending_replica() -> ReplicaStatus {
     }
 }
 
-/// One pass over every deployment. Where a replica goes is the fleet
-/// scheduler's decision (the Atrium policy): the fleet is rebuilt from the
-/// world — ready nodes, tenants' residency, isolation, quotas and
-/// priorities — the placements already made are restored, then what is
-/// missing is placed.
+/// Whether a placement's replica has finished (a job's index): it runs
+/// nothing and holds no room.
+pub(super) fn finished(p: &Object<Placement>) -> bool {
+    p.status.as_ref().is_some_and(|s| p.spec.finished(s))
+}
+
+/// What one pass has decided so far: the fleet as placed, the plan, and
+/// who lost a replica to whom.
+pub(super) struct Pass<'w> {
+    pub fleet: fleet::Fleet,
+    pub plan: Plan,
+    /// The owner of each placement in the world.
+    owner_of: HashMap<&'w str, &'w str>,
+    /// Owners that lost a replica to a higher priority in this pass, and
+    /// to whom.
+    preempted: HashMap<String, String>,
+}
+
+impl Pass<'_> {
+    pub fn remove(&mut self, placement: &str) {
+        self.plan.actions.push(Action::Remove {
+            placement: placement.to_string(),
+        });
+        self.fleet.release(placement);
+    }
+
+    /// Places `request` for `owner`, evicting replicas of lower priority
+    /// (or borrowed ones, see `Fleet::place_preempting`) when that is the
+    /// only way. Each evicted replica is removed, and its owner, requeued,
+    /// says who preempted it.
+    pub fn place(
+        &mut self,
+        request: &fleet::Request,
+        owner: &Owner,
+    ) -> Result<fleet::Binding, fleet::Refusal> {
+        let (binding, evicted) = self.fleet.place_preempting(request)?;
+        for victim in evicted {
+            let why = format!(
+                "preempted by {}/{} (priority {})",
+                owner.tenant, owner.name, request.priority
+            );
+            if let Some(victim_owner) = self.owner_of.get(victim.request.as_str()) {
+                // Released by the fleet already: only the write remains.
+                self.plan.actions.push(Action::Remove {
+                    placement: victim.request.clone(),
+                });
+                self.preempted.insert(victim_owner.to_string(), why);
+            } else if let Some((victim_owner, replica)) = victim.request.rsplit_once('/') {
+                // Placed earlier in this pass: not placed after all.
+                self.plan.actions.retain(|a| {
+                    !matches!(a, Action::Place { spec, .. }
+                        if spec.deployment == victim_owner && spec.replica.to_string() == replica)
+                });
+                self.preempted.insert(victim_owner.to_string(), why);
+            }
+        }
+        Ok(binding)
+    }
+}
+
+/// One pass over every deployment and workload. Where a replica goes is
+/// the fleet scheduler's decision (the Atrium policy): the fleet is
+/// rebuilt from the world — ready nodes, tenants' residency, isolation,
+/// quotas and priorities — the placements already made are restored, then
+/// what is missing is placed: higher priorities first, and among equal
+/// ones the tenant with the smallest weighted dominant share next.
 pub fn plan(world: &World) -> Plan {
     let mut plan = Plan::default();
-    // Placements of deployments that are gone are removed first, freeing room.
     let owners: Vec<Owner> = world
         .deployments
         .iter()
@@ -93,15 +158,18 @@ pub fn plan(world: &World) -> Plan {
         .chain(world.workloads.iter().map(|w| Owner::of_workload(w, world)))
         .collect();
     let live: HashMap<&str, &Owner> = owners.iter().map(|o| (o.id, o)).collect();
-    let mut by_deployment: BTreeMap<&str, Vec<&Object<Placement>>> = BTreeMap::new();
+    // Placements of owners that are gone are removed first, freeing room.
+    let mut by_owner: BTreeMap<&str, Vec<&Object<Placement>>> = BTreeMap::new();
     for p in &world.placements {
         if live.contains_key(p.spec.deployment.as_str()) {
-            by_deployment
+            by_owner
                 .entry(p.spec.deployment.as_str())
                 .or_default()
                 .push(p);
         } else {
-            plan.remove(&p.id);
+            plan.actions.push(Action::Remove {
+                placement: p.id.clone(),
+            });
         }
     }
 
@@ -116,19 +184,19 @@ pub fn plan(world: &World) -> Plan {
         .map(|(name, t)| (name.clone(), tenant_policy(t)))
         .collect();
     let mut fleet = fleet::Fleet::new(nodes, policies);
-    let priority = |tenant: &str| world.tenants.get(tenant).map_or(0, |t| t.priority);
     // What is already placed holds its room, exactly where it is, and
     // exactly what it holds: a deployment updated since keeps its old
-    // replicas' amounts in the fleet until they are replaced.
-    for (deployment, placements) in &by_deployment {
-        let Some(owner) = live.get(deployment) else {
+    // replicas' amounts in the fleet until they are replaced. A finished
+    // job's replica holds nothing.
+    for (id, placements) in &by_owner {
+        let Some(owner) = live.get(id) else {
             continue;
         };
-        for p in placements {
+        for p in placements.iter().filter(|p| !finished(p)) {
             let request = fleet_request(
                 p.id.clone(),
                 owner.tenant,
-                priority(owner.tenant),
+                owner.priority,
                 &p.spec.resources,
                 &[],
             );
@@ -137,17 +205,52 @@ pub fn plan(world: &World) -> Plan {
             }
         }
     }
+    let mut pass = Pass {
+        fleet,
+        plan,
+        owner_of: world
+            .placements
+            .iter()
+            .map(|p| (p.id.as_str(), p.spec.deployment.as_str()))
+            .collect(),
+        preempted: HashMap::new(),
+    };
+
+    let mut queue: Vec<&Owner> = owners.iter().collect();
+    queue.sort_by_key(|o| std::cmp::Reverse(o.priority));
+    let mut statuses: HashMap<&str, Status> = HashMap::new();
+    while let Some(top) = queue.first().map(|o| o.priority) {
+        let next = queue
+            .iter()
+            .enumerate()
+            .take_while(|(_, o)| o.priority == top)
+            .min_by(|(_, a), (_, b)| {
+                pass.fleet
+                    .weighted_share(a.tenant)
+                    .total_cmp(&pass.fleet.weighted_share(b.tenant))
+            })
+            .map_or(0, |(i, _)| i);
+        let owner = queue.remove(next);
+        let existing: &[&Object<Placement>] = by_owner.get(owner.id).map_or(&[], |v| v.as_slice());
+        let status = match &owner.job {
+            Some(job) => owner.run_job(job, existing, &mut pass, world.now),
+            None => {
+                let unplaced = owner.roll(existing, &mut pass);
+                owner.rollup(existing, unplaced.as_deref())
+            }
+        };
+        statuses.insert(owner.id, status);
+    }
 
     for owner in &owners {
-        let existing: &[&Object<Placement>] =
-            by_deployment.get(owner.id).map_or(&[], |v| v.as_slice());
-        let unplaced = owner.roll(existing, &mut fleet, &mut plan);
-        let status = owner.rollup(
-            &replica_statuses(existing, owner.desired),
-            unplaced.as_deref(),
-        );
+        let Some(mut status) = statuses.remove(owner.id) else {
+            continue;
+        };
+        if let Some(why) = pass.preempted.get(owner.id) {
+            status = Status::new(LifecycleState::Pending, format!("{why}; requeued"));
+        }
         if owner.status != Some(&status) {
-            plan.actions.push(Action::SetStatus {
+            pass.plan.actions.push(Action::SetStatus {
                 kind: owner.kind,
                 deployment: owner.id.to_string(),
                 revision: owner.revision,
@@ -155,19 +258,11 @@ pub fn plan(world: &World) -> Plan {
             });
         }
     }
-    plan
-}
-
-impl Plan {
-    fn remove(&mut self, placement: &str) {
-        self.actions.push(Action::Remove {
-            placement: placement.to_string(),
-        });
-    }
+    pass.plan
 }
 
 /// The model a deployment of `tenant` names: its own, else the public one.
-fn model_of<'a>(
+pub(super) fn model_of<'a>(
     models: &'a [Object<Model>],
     name: &str,
     tenant: &str,
@@ -178,282 +273,9 @@ fn model_of<'a>(
         .max_by_key(|m| m.tenant.is_some())
 }
 
-/// One status per replica number: a running copy (old or new) counts
-/// before one still starting.
-fn replica_statuses(existing: &[&Object<Placement>], desired: usize) -> Vec<ReplicaStatus> {
-    (0..desired as u32)
-        .filter_map(|r| {
-            existing
-                .iter()
-                .filter(|p| p.spec.replica == r)
-                .filter_map(|p| p.status.clone())
-                .max_by_key(|s| s.state == LifecycleState::Running)
-        })
-        .collect()
-}
-
-impl Owner<'_> {
-    /// The status that its replicas' states add up to.
-    fn rollup(&self, replicas: &[ReplicaStatus], unplaced: Option<&str>) -> Status {
-        let desired = self.desired;
-        if matches!(self.template, Template::External) {
-            return Status::new(LifecycleState::Running, "routes to an external endpoint");
-        }
-        let count = |state| replicas.iter().filter(|r| r.state == state).count();
-        let (running, failed) = (
-            count(LifecycleState::Running),
-            count(LifecycleState::Failed),
-        );
-        if let Some(why) = unplaced {
-            if running == 0 {
-                return Status::new(
-                    LifecycleState::Pending,
-                    format!("waiting for placement: {why}"),
-                );
-            }
-        }
-        if running >= desired && desired > 0 {
-            Status::new(
-                LifecycleState::Running,
-                format!("{running}/{desired} replicas ready"),
-            )
-        } else if failed > 0 {
-            Status::new(
-                LifecycleState::Degraded,
-                format!("{running}/{desired} replicas ready, {failed} failed"),
-            )
-        } else {
-            Status::new(
-                LifecycleState::Provisioning,
-                format!("{running}/{desired} replicas ready"),
-            )
-        }
-    }
-}
-
-/// What a deployment's replicas run, or a workload's.
-enum Template<'a> {
-    /// A model served by an engine; `None` when the model is gone.
-    Model(EngineKind, Option<&'a Object<Model>>),
-    /// An external upstream: nothing to run.
-    External,
-    Container(&'a WorkloadSpec),
-}
-
-/// One deployment or workload in one pass: what it wants, whatever kind.
-struct Owner<'a> {
-    kind: &'static str,
-    id: &'a str,
-    name: &'a str,
-    revision: i64,
-    status: Option<&'a Status>,
-    tenant: &'a str,
-    tenant_spec: Option<&'a TenantSpec>,
-    resources: &'a Resources,
-    sites: &'a [String],
-    /// Replicas to run.
-    desired: usize,
-    template: Template<'a>,
-}
-
-impl<'a> Owner<'a> {
-    fn of_deployment(d: &'a Object<Deployment>, world: &'a World) -> Owner<'a> {
-        let tenant = d.tenant.as_deref().unwrap_or_default();
-        let external = d.spec.engine == EngineKind::External;
-        Owner {
-            kind: Deployment::KIND,
-            id: &d.id,
-            name: &d.name,
-            revision: d.revision,
-            status: d.status.as_ref(),
-            tenant,
-            tenant_spec: world.tenants.get(tenant),
-            resources: &d.spec.resources,
-            sites: &d.spec.sites,
-            // No autoscaler yet: the minimum, at least one.
-            desired: if external {
-                0
-            } else {
-                d.spec.replicas.min.max(1) as usize
-            },
-            template: if external {
-                Template::External
-            } else {
-                Template::Model(
-                    d.spec.engine,
-                    model_of(&world.models, &d.spec.model, tenant),
-                )
-            },
-        }
-    }
-
-    fn of_workload(w: &'a Object<Workload>, world: &'a World) -> Owner<'a> {
-        let tenant = w.tenant.as_deref().unwrap_or_default();
-        Owner {
-            kind: Workload::KIND,
-            id: &w.id,
-            name: &w.name,
-            revision: w.revision,
-            status: w.status.as_ref(),
-            tenant,
-            tenant_spec: world.tenants.get(tenant),
-            resources: &w.spec.resources,
-            sites: &w.spec.sites,
-            desired: w.spec.replicas as usize,
-            template: Template::Container(&w.spec),
-        }
-    }
-
-    /// What replica `replica` of the current spec is placed as, where
-    /// `binding` (on a node of `site`) puts it; `None` when what it would
-    /// run is gone (its model was deleted).
-    fn placement(
-        &self,
-        replica: u32,
-        binding: &fleet::Binding,
-        site: String,
-    ) -> Option<PlacementSpec> {
-        let (engine, model, model_source, model_task, container) = match &self.template {
-            Template::Model(engine, model) => {
-                let m = (*model)?;
-                let spec: &ModelSpec = &m.spec;
-                (
-                    *engine,
-                    m.name.clone(),
-                    spec.source.clone(),
-                    spec.task,
-                    None,
-                )
-            }
-            Template::External => return None,
-            Template::Container(w) => (
-                EngineKind::Container,
-                w.container.image.clone(),
-                String::new(),
-                ModelTask::Chat,
-                Some(w.container.clone()),
-            ),
-        };
-        Some(PlacementSpec {
-            deployment: self.id.to_string(),
-            deployment_name: self.name.to_string(),
-            container,
-            replica,
-            node: binding.node.clone(),
-            site,
-            engine,
-            model,
-            model_source,
-            model_task,
-            resources: self.resources.clone(),
-            gpus: from_slots(&binding.slots),
-        })
-    }
-
-    /// Whether a placement runs the current spec: the same engine, model
-    /// (or container) and resources. Anything else is rolled: a placement
-    /// never changes (its replica's sandbox was built from it), it is
-    /// replaced.
-    fn is_current(&self, p: &PlacementSpec) -> bool {
-        let runs_it = match &self.template {
-            Template::Model(engine, model) => {
-                p.engine == *engine
-                    && model.is_none_or(|m| {
-                        p.model == m.name
-                            && p.model_source == m.spec.source
-                            && p.model_task == m.spec.task
-                    })
-            }
-            Template::External => true,
-            Template::Container(w) => p.container.as_ref() == Some(&w.container),
-        };
-        runs_it && p.resources == *self.resources
-    }
-
-    /// Brings the deployment's placements to its spec: replicas past the
-    /// desired count go; each missing or outdated replica gets a new
-    /// placement first, and an outdated one is removed once its successor
-    /// runs — or at once when the successor finds no room beside it (a
-    /// tenant at its quota, a full fleet), so a change is never stuck.
-    /// Returns why a replica could not be placed, if one could not.
-    fn roll(
-        &self,
-        existing: &[&Object<Placement>],
-        fleet: &mut fleet::Fleet,
-        plan: &mut Plan,
-    ) -> Option<String> {
-        let desired = self.desired;
-        let remove = |p: &Object<Placement>, fleet: &mut fleet::Fleet, plan: &mut Plan| {
-            plan.remove(&p.id);
-            fleet.release(&p.id);
-        };
-        for p in existing {
-            if p.spec.replica as usize >= desired {
-                remove(p, fleet, plan);
-            }
-        }
-        for replica in 0..desired as u32 {
-            let of_replica = || existing.iter().filter(move |p| p.spec.replica == replica);
-            let current = of_replica().find(|p| self.is_current(&p.spec));
-            let outdated: Vec<&Object<Placement>> = of_replica()
-                .filter(|p| !self.is_current(&p.spec))
-                .copied()
-                .collect();
-            if let Some(p) = current {
-                let running = p
-                    .status
-                    .as_ref()
-                    .is_some_and(|s| s.state == LifecycleState::Running);
-                if running {
-                    for old in &outdated {
-                        remove(old, fleet, plan);
-                    }
-                }
-                continue;
-            }
-            let gone = matches!(self.template, Template::Model(_, None));
-            let (Some(tenant_spec), false) = (self.tenant_spec, gone) else {
-                return Some("its model or tenant no longer exists".to_string());
-            };
-            let request = fleet_request(
-                format!("{}/{replica}", self.id),
-                self.tenant,
-                tenant_spec.priority,
-                self.resources,
-                self.sites,
-            );
-            let mut placed = fleet.place(&request);
-            if placed.is_err() && !outdated.is_empty() {
-                // No room beside the old replica: replace it in place.
-                for old in &outdated {
-                    remove(old, fleet, plan);
-                }
-                placed = fleet.place(&request);
-            }
-            let binding = match placed {
-                Ok(b) => b,
-                Err(why) => {
-                    plan.unplaceable += 1;
-                    return Some(why.to_string());
-                }
-            };
-            let site = fleet
-                .nodes()
-                .get(binding.node_index())
-                .map(|n| n.site.clone())
-                .unwrap_or_default();
-            // A replica's name is kept by its first placement.
-            let Some(spec) = self.placement(replica, &binding, site) else {
-                return Some("its model no longer exists".to_string());
-            };
-            let name = format!("{}-{replica}", self.name);
-            plan.actions.push(Action::Place {
-                tenant: self.tenant.to_string(),
-                name_taken: existing.iter().any(|p| p.name == name),
-                name,
-                spec: Box::new(spec),
-            });
-        }
-        None
-    }
+/// Seconds since the Unix epoch of an RFC 3339 time, if it is one.
+pub(super) fn unix_seconds(rfc3339: &str) -> Option<i64> {
+    time::OffsetDateTime::parse(rfc3339, &time::format_description::well_known::Rfc3339)
+        .ok()
+        .map(|t| t.unix_timestamp())
 }

@@ -6,16 +6,17 @@ use anyhow::{anyhow, Result};
 use atrium_api::Workload;
 use atrium_core::deployment::Resources;
 use atrium_core::quantity::{ByteSize, CpuMillis, GpuRequest};
-use atrium_core::workload::{ContainerSpec, WorkloadSpec};
-use clap::Subcommand;
+use atrium_core::workload::{ContainerSpec, JobSpec, WorkloadKind, WorkloadSpec};
+use clap::{Args, Subcommand};
 
 use super::{create, read, Ctx, FromFile, ReadCmd};
 use crate::client::Columns;
 
 #[derive(Subcommand)]
 pub enum WorkloadCmd {
-    /// Run an image from the control plane's registry as a service:
-    /// `atrium workload run web --image acme/busybox:1 --port 8080 -- httpd -f -p 8080`
+    /// Run an image from the control plane's registry as a service,
+    /// `atrium workload run web --image acme/busybox:1 --port 8080 -- httpd -f -p 8080`,
+    /// or as a job: `atrium workload run train --job --completions 4 --gang --gpu 1 …`
     Run {
         name: Option<String>,
         /// `<tenant>/<repository>[:tag|@sha256:…]`, or `library/…`
@@ -39,6 +40,11 @@ pub enum WorkloadCmd {
         gpu: Option<GpuRequest>,
         #[arg(long, default_value_t = 1)]
         replicas: u32,
+        #[command(flatten)]
+        job: JobArgs,
+        /// Placement priority, at most the tenant's (its default)
+        #[arg(long, allow_negative_numbers = true)]
+        priority: Option<i32>,
         /// Sites the replicas may run in (comma-separated)
         #[arg(long, value_delimiter = ',')]
         sites: Vec<String>,
@@ -54,6 +60,53 @@ pub enum WorkloadCmd {
     Read(ReadCmd),
 }
 
+/// A job's settings; any of them makes the workload a job.
+#[derive(Args)]
+pub struct JobArgs {
+    /// Run to completion instead of for good
+    #[arg(long)]
+    job: bool,
+    /// Successful exits needed, one per index (default 1)
+    #[arg(long)]
+    completions: Option<u32>,
+    /// Indexes run at once (default 1; all for a gang)
+    #[arg(long)]
+    parallelism: Option<u32>,
+    /// Every index starts at once or none does
+    #[arg(long)]
+    gang: bool,
+    /// Retries of one index before the job fails (default 6)
+    #[arg(long)]
+    backoff_limit: Option<u32>,
+    /// Seconds after creation the job fails if not complete
+    #[arg(long)]
+    deadline: Option<u64>,
+    /// Seconds after it finishes that the job is deleted
+    #[arg(long)]
+    ttl: Option<u64>,
+}
+
+impl JobArgs {
+    fn spec(self) -> Option<JobSpec> {
+        let any = self.job
+            || self.gang
+            || self.completions.is_some()
+            || self.parallelism.is_some()
+            || self.backoff_limit.is_some()
+            || self.deadline.is_some()
+            || self.ttl.is_some();
+        let default = JobSpec::default();
+        any.then(|| JobSpec {
+            completions: self.completions.unwrap_or(default.completions),
+            parallelism: self.parallelism,
+            backoff_limit: self.backoff_limit.unwrap_or(default.backoff_limit),
+            active_deadline_seconds: self.deadline,
+            ttl_seconds_after_finished: self.ttl,
+            gang: self.gang,
+        })
+    }
+}
+
 fn key_value(s: &str) -> Result<(String, String), String> {
     s.split_once('=')
         .map(|(k, v)| (k.to_string(), v.to_string()))
@@ -64,6 +117,7 @@ pub const WORKLOAD_COLUMNS: Columns = &[
     ("NAME", "/name"),
     ("TENANT", "/tenant"),
     ("IMAGE", "/spec/image"),
+    ("KIND", "/spec/kind"),
     ("REPLICAS", "/spec/replicas"),
     ("STATE", "/status/state"),
     ("REASON", "/status/reason"),
@@ -82,11 +136,14 @@ pub async fn run(ctx: &Ctx, cmd: WorkloadCmd) -> Result<()> {
             memory,
             gpu,
             replicas,
+            job,
+            priority,
             sites,
             tenant,
             from,
             args,
         } => {
+            let job = job.spec();
             create::<Workload>(ctx, WORKLOAD_COLUMNS, &from, name, tenant, || {
                 Ok(WorkloadSpec {
                     container: ContainerSpec {
@@ -104,7 +161,14 @@ pub async fn run(ctx: &Ctx, cmd: WorkloadCmd) -> Result<()> {
                         gpu_models: Vec::new(),
                         storage: ByteSize::default(),
                     },
+                    kind: if job.is_some() {
+                        WorkloadKind::Job
+                    } else {
+                        WorkloadKind::Service
+                    },
                     replicas,
+                    job,
+                    priority,
                     sites,
                 })
             })
