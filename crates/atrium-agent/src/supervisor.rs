@@ -22,6 +22,7 @@ use atrium_core::placement::{PlacementSpec, ReplicaStatus};
 use tokio::sync::watch;
 
 mod container;
+mod ports;
 
 use crate::sandbox::{Host, TenantSlot};
 use crate::state::{self, Assignment, RunningEngine, StateFile};
@@ -33,8 +34,6 @@ const MAX_BACKOFF: Duration = Duration::from_secs(30);
 /// How often an engine's liveness and cgroup events are looked at, and an
 /// unsent status report is tried again.
 const WATCH_INTERVAL: Duration = Duration::from_millis(500);
-/// Ports engines listen on inside their tenant's namespace.
-const FIRST_ENGINE_PORT: u16 = 8000;
 
 struct Replica {
     assignment: Assignment,
@@ -188,21 +187,6 @@ fn pulled(config: &AgentConfig, package: &str) -> Result<PathBuf, String> {
         .ok_or_else(|| format!("{} is not in the model cache after pulling it", entry.name))
 }
 
-fn free_port() -> std::io::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
-}
-
-/// The port an engine (`http://ip:port`) or a container (`tcp://ip:port`)
-/// holds at `ip`, if its endpoint is there.
-fn port_at(endpoint: &str, ip: &str) -> Option<u16> {
-    let addr = endpoint
-        .strip_prefix("http://")
-        .or_else(|| endpoint.strip_prefix("tcp://"))?;
-    addr.strip_prefix(ip)?.strip_prefix(':')?.parse().ok()
-}
-
 /// Waits for `stop` to turn true, or `d` to pass. True when stopping.
 async fn sleep_or_stop(stop: &mut watch::Receiver<bool>, d: Duration) -> bool {
     tokio::select! {
@@ -271,6 +255,13 @@ impl ReplicaCtx {
         self.flush().await;
     }
 
+    /// Reports a job's replica's last status. It is forgotten first: a
+    /// restarted agent must never run a finished index again.
+    async fn finish(&self, status: ReplicaStatus) {
+        self.shared.state.update(|s| s.assigned.remove(&self.id));
+        self.report(status).await;
+    }
+
     /// Sends the last status unless the control plane has it already. The
     /// control plane may be away; the replica keeps running regardless and
     /// the report is tried again at the next watch tick.
@@ -313,44 +304,6 @@ impl ReplicaCtx {
             isolation: running.map(|r| r.isolation.clone()),
             pid: running.map(|r| r.pid),
         }
-    }
-
-    /// Reserves a port for a new engine at `ip` by recording the engine
-    /// (pid still unknown) in the state: any free loopback port when it
-    /// runs unsandboxed, else the lowest one no other engine or container
-    /// of the tenant's namespace holds — replicas of one tenant start side
-    /// by side.
-    fn reserve_port(
-        &self,
-        ip: &str,
-        isolation: &str,
-        restarts: u32,
-    ) -> std::io::Result<RunningEngine> {
-        let loopback = if ip == "127.0.0.1" {
-            Some(free_port()?)
-        } else {
-            None
-        };
-        self.shared.state.update(|s| {
-            let used: Vec<u16> = s
-                .running
-                .iter()
-                .filter(|(id, _)| **id != self.id)
-                .filter_map(|(_, r)| port_at(&r.endpoint, ip))
-                .collect();
-            let port = loopback
-                .or_else(|| (FIRST_ENGINE_PORT..u16::MAX).find(|p| !used.contains(p)))
-                .ok_or_else(|| std::io::Error::other("no free port in the tenant's namespace"))?;
-            let engine = RunningEngine {
-                pid: 0,
-                start_ticks: 0,
-                endpoint: format!("http://{ip}:{port}"),
-                isolation: isolation.to_string(),
-                restarts,
-            };
-            s.running.insert(self.id.clone(), engine.clone());
-            Ok(engine)
-        })
     }
 
     /// Waits until the GPUs of this placement that were released by an
@@ -621,10 +574,7 @@ impl ReplicaCtx {
             self.retries().is_some() && matches!(&exit, Some(Ok(status)) if status.success());
         self.release(Some(running.pid), succeeded);
         if succeeded {
-            // Forgotten before it is reported: a restarted agent must not
-            // run a finished index again.
-            self.shared.state.update(|s| s.assigned.remove(&self.id));
-            self.report(Self::status(
+            self.finish(Self::status(
                 LifecycleState::Succeeded,
                 "completed: the container exited 0",
                 restarts,
@@ -775,8 +725,7 @@ async fn replica_loop(
                     backoff = Duration::from_secs(1);
                 }
                 restarts += 1;
-                // A job's index with no retry left is done: released and
-                // forgotten before it is reported, never run again.
+                // A job's index with no retry left is done for good.
                 let out_of_retries = ctx.retries().filter(|l| restarts > *l);
                 let reason = match out_of_retries {
                     Some(limit) => format!(
@@ -785,20 +734,13 @@ async fn replica_loop(
                     None => format!("{reason}; retrying in {}s", backoff.as_secs()),
                 };
                 tracing::warn!(placement = %ctx.id, %reason, "agent: replica down");
+                let status = ReplicaCtx::status(LifecycleState::Failed, reason, restarts, None);
                 if out_of_retries.is_some() {
-                    ctx.shared.state.update(|s| s.assigned.remove(&ctx.id));
                     ctx.release(None, true);
-                }
-                ctx.report(ReplicaCtx::status(
-                    LifecycleState::Failed,
-                    reason,
-                    restarts,
-                    None,
-                ))
-                .await;
-                if out_of_retries.is_some() {
+                    ctx.finish(status).await;
                     return;
                 }
+                ctx.report(status).await;
                 if sleep_or_stop(&mut stop, backoff).await {
                     ctx.release(None, true);
                     return;
@@ -806,19 +748,5 @@ async fn replica_loop(
                 backoff = (backoff * 2).min(MAX_BACKOFF);
             }
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::port_at;
-
-    #[test]
-    fn engines_and_containers_hold_ports_of_their_own_address_only() {
-        assert_eq!(port_at("http://10.200.7.2:8100", "10.200.7.2"), Some(8100));
-        assert_eq!(port_at("tcp://10.200.7.2:8080", "10.200.7.2"), Some(8080));
-        assert_eq!(port_at("tcp://10.200.7.23:8080", "10.200.7.2"), None);
-        assert_eq!(port_at("tcp://10.200.7.2", "10.200.7.2"), None);
-        assert_eq!(port_at("unix:///x", "10.200.7.2"), None);
     }
 }

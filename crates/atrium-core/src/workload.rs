@@ -11,6 +11,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 use crate::deployment::{Resources, MAX_REPLICAS};
+use crate::lifecycle::{LifecycleState, Status};
 use crate::quota::ResourceUsage;
 use crate::FieldErrors;
 
@@ -181,6 +182,15 @@ impl JobSpec {
             errors.push("job.active_deadline_seconds", "must be at least 1");
         }
     }
+}
+
+/// Whether a job's status is its last: it succeeded or failed. (A
+/// service's replicas fail and recover; only a job ends.)
+pub fn job_finished(status: &Status) -> bool {
+    matches!(
+        status.state,
+        LifecycleState::Succeeded | LifecycleState::Failed
+    )
 }
 
 fn one() -> u32 {

@@ -16,7 +16,7 @@ use atrium_core::plane::{CredentialSpec, JoinTokenSpec, Plane};
 use atrium_core::quota::{Counted, ResourceUsage};
 use atrium_core::site::SiteSpec;
 use atrium_core::tenant::TenantSpec;
-use atrium_core::workload::{ImageRef, WorkloadSpec, PUBLIC_IMAGE_NAMESPACE};
+use atrium_core::workload::{job_finished, ImageRef, WorkloadSpec, PUBLIC_IMAGE_NAMESPACE};
 use atrium_core::FieldErrors;
 use atrium_store::{Object, Precondition, Selection, TenantFilter};
 use serde::{Deserialize, Serialize};
@@ -520,8 +520,7 @@ pub fn tenant_usage(
     }
     for w in workloads.iter().filter(counted) {
         let spec = stored::spec::<Workload>(w)?;
-        let finished = stored::status::<Workload>(w)
-            .is_some_and(|s| matches!(s.state, LifecycleState::Succeeded | LifecycleState::Failed));
+        let finished = stored::status::<Workload>(w).is_some_and(|s| job_finished(&s));
         if spec.job().is_some() && finished {
             continue;
         }

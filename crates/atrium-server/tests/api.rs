@@ -601,3 +601,65 @@ async fn openapi_document_is_valid_openapi_3() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// A hostile tenant admin tries to outrank the tenant its provider set:
+/// on create, on replace, and by turning a service into a job.
+#[tokio::test]
+async fn a_workload_never_outranks_its_tenant() {
+    let s = TestServer::start(TestBackend::Sqlite).await;
+    s.create_tenant("acme", json!({"priority": 3})).await;
+    let key = s.create_key("acme", "k", &["admin"]).await;
+    let spec = |priority: Value| {
+        json!({"image": "acme/x:1", "resources": {"cpu": "1", "memory": "64Mi"},
+               "priority": priority})
+    };
+    let (status, v) = s
+        .call(
+            Method::POST,
+            "/v1/workloads",
+            Some(&key),
+            Some(&json!({"name": "w", "spec": spec(json!(4))})),
+        )
+        .await;
+    assert_eq!(status, 400, "{v}");
+    assert!(v.to_string().contains("spec.priority"), "{v}");
+    let (status, v) = s
+        .call(
+            Method::POST,
+            "/v1/workloads",
+            Some(&key),
+            Some(&json!({"name": "w", "spec": spec(json!(3))})),
+        )
+        .await;
+    assert!(status < 300, "its tenant's own priority is allowed: {v}");
+    for (attempt, field) in [
+        (spec(json!(i32::MAX)), "spec.priority"),
+        (spec(json!(-1)), ""),
+    ] {
+        let (status, v) = s
+            .call(
+                Method::PUT,
+                "/v1/workloads/w",
+                Some(&key),
+                Some(&json!({"spec": attempt})),
+            )
+            .await;
+        if field.is_empty() {
+            assert!(status < 300, "a lower priority is allowed: {v}");
+        } else {
+            assert_eq!(status, 400, "{v}");
+            assert!(v.to_string().contains(field), "{v}");
+        }
+    }
+    let mut job = spec(json!(0));
+    job["kind"] = json!("job");
+    let (status, v) = s
+        .call(
+            Method::PUT,
+            "/v1/workloads/w",
+            Some(&key),
+            Some(&json!({"spec": job})),
+        )
+        .await;
+    assert_eq!(status, 400, "a service does not become a job: {v}");
+}

@@ -170,44 +170,6 @@ impl ReplicaCtx {
         Ok((Engine::Child(child), running))
     }
 
-    /// Records the replica with the ports it listens on, refusing ports
-    /// another replica in the same namespace holds.
-    fn reserve_ports(
-        &self,
-        ip: &str,
-        ports: &[u16],
-        isolation: &str,
-        restarts: u32,
-    ) -> Result<RunningEngine, String> {
-        self.shared.state.update(|s| {
-            let taken = s
-                .running
-                .iter()
-                .filter(|(id, _)| **id != self.id)
-                .find_map(|(id, r)| {
-                    let port = super::port_at(&r.endpoint, ip)?;
-                    ports.contains(&port).then(|| (id.clone(), port))
-                });
-            if let Some((other, port)) = taken {
-                return Err(format!(
-                    "{ip}:{port} is held by replica {other} of the same tenant on this node"
-                ));
-            }
-            let engine = RunningEngine {
-                pid: 0,
-                start_ticks: 0,
-                endpoint: ports
-                    .first()
-                    .map(|p| format!("tcp://{ip}:{p}"))
-                    .unwrap_or_default(),
-                isolation: isolation.to_string(),
-                restarts,
-            };
-            s.running.insert(self.id.clone(), engine.clone());
-            Ok(engine)
-        })
-    }
-
     /// A container is healthy when its first port accepts a connection,
     /// or, with no port, as long as it runs.
     pub(super) async fn container_healthy(&self, endpoint: &str) -> bool {

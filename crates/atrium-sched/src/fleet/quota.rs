@@ -58,23 +58,37 @@ impl Fleet {
         }
         let mut out = Vec::with_capacity(pending.len());
         loop {
-            let next = queues
+            let heads = queues
                 .iter()
-                .filter_map(|(t, q)| q.front().map(|r| (*t, r.priority)))
-                .min_by(|a, b| {
-                    b.1.cmp(&a.1)
-                        .then(
-                            self.weighted_share(a.0)
-                                .total_cmp(&self.weighted_share(b.0)),
-                        )
-                        .then(a.0.cmp(b.0))
-                });
-            let Some((tenant, _)) = next else { break };
+                .filter_map(|(t, q)| q.front().map(|r| (*t, r.priority)));
+            let Some(tenant) = self.fairest_next(heads) else {
+                break;
+            };
             let Some(r) = queues.get_mut(tenant).and_then(|q| q.pop_front()) else {
                 break;
             };
             out.push((r.id.clone(), self.place(r)));
         }
         out
+    }
+
+    /// Which tenant's next request goes first, given each waiting
+    /// tenant's next priority: the highest priority, then the smallest
+    /// weighted dominant share, then the tenant's name.
+    pub fn fairest_next<'a>(
+        &self,
+        heads: impl IntoIterator<Item = (&'a str, i32)>,
+    ) -> Option<&'a str> {
+        heads
+            .into_iter()
+            .min_by(|a, b| {
+                b.1.cmp(&a.1)
+                    .then(
+                        self.weighted_share(a.0)
+                            .total_cmp(&self.weighted_share(b.0)),
+                    )
+                    .then(a.0.cmp(b.0))
+            })
+            .map(|(tenant, _)| tenant)
     }
 }

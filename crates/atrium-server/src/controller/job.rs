@@ -12,7 +12,7 @@ use std::collections::BTreeSet;
 
 use atrium_api::{Object, Placement};
 use atrium_core::lifecycle::{LifecycleState, Status};
-use atrium_core::workload::JobSpec;
+use atrium_core::workload::{job_finished, JobSpec};
 
 use super::owner::Owner;
 use super::plan::{finished, unix_seconds, Action, Pass};
@@ -125,10 +125,7 @@ impl Owner<'_> {
         succeeded: &BTreeSet<u32>,
         now: i64,
     ) -> Option<Status> {
-        if let Some(s) = self
-            .status
-            .filter(|s| matches!(s.state, LifecycleState::Succeeded | LifecycleState::Failed))
-        {
+        if let Some(s) = self.status.filter(|s| job_finished(s)) {
             return Some(s.clone());
         }
         let progress = format!("{}/{} completions", succeeded.len(), job.completions);

@@ -7,7 +7,7 @@
 //! tenant deleted the deployment meanwhile) leaves the store as it was,
 //! and the next pass, reading it again, plans from there.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 
 use atrium_api::{Deployment, Model, Node, Object, Placement, Workload};
 use atrium_core::lifecycle::{LifecycleState, Status};
@@ -148,7 +148,8 @@ impl Pass<'_> {
 /// rebuilt from the world — ready nodes, tenants' residency, isolation,
 /// quotas and priorities — the placements already made are restored, then
 /// what is missing is placed: higher priorities first, and among equal
-/// ones the tenant with the smallest weighted dominant share next.
+/// ones the tenant with the smallest weighted dominant share next
+/// (`Fleet::fairest_next`).
 pub fn plan(world: &World) -> Plan {
     let mut plan = Plan::default();
     let owners: Vec<Owner> = world
@@ -216,21 +217,28 @@ pub fn plan(world: &World) -> Plan {
         preempted: HashMap::new(),
     };
 
-    let mut queue: Vec<&Owner> = owners.iter().collect();
-    queue.sort_by_key(|o| std::cmp::Reverse(o.priority));
+    // One queue per tenant, highest priority first; the fleet's fair
+    // order (as `place_fairly`) picks whose owner goes next.
+    let mut queues: BTreeMap<&str, VecDeque<&Owner>> = BTreeMap::new();
+    for owner in &owners {
+        queues.entry(owner.tenant).or_default().push_back(owner);
+    }
+    for queue in queues.values_mut() {
+        queue
+            .make_contiguous()
+            .sort_by_key(|o| std::cmp::Reverse(o.priority));
+    }
     let mut statuses: HashMap<&str, Status> = HashMap::new();
-    while let Some(top) = queue.first().map(|o| o.priority) {
-        let next = queue
+    loop {
+        let heads = queues
             .iter()
-            .enumerate()
-            .take_while(|(_, o)| o.priority == top)
-            .min_by(|(_, a), (_, b)| {
-                pass.fleet
-                    .weighted_share(a.tenant)
-                    .total_cmp(&pass.fleet.weighted_share(b.tenant))
-            })
-            .map_or(0, |(i, _)| i);
-        let owner = queue.remove(next);
+            .filter_map(|(t, q)| q.front().map(|o| (*t, o.priority)));
+        let Some(tenant) = pass.fleet.fairest_next(heads) else {
+            break;
+        };
+        let Some(owner) = queues.get_mut(tenant).and_then(|q| q.pop_front()) else {
+            break;
+        };
         let existing: &[&Object<Placement>] = by_owner.get(owner.id).map_or(&[], |v| v.as_slice());
         let status = match &owner.job {
             Some(job) => owner.run_job(job, existing, &mut pass, world.now),
