@@ -12,6 +12,7 @@
 //! restarts itself.
 
 mod inventory;
+mod janitor;
 pub mod runtime;
 pub mod sandbox;
 pub mod state;
@@ -151,8 +152,10 @@ pub async fn run(
         host,
         state,
         gpus: inventory.gpus.clone(),
+        volumes: runtime::VolumeStore::for_data_dir(&config.data_dir),
         shutting_down: Default::default(),
     });
+    tracing::info!(volumes = %runtime::volume::summary(), "agent: tenants' volumes");
     let supervisor = Arc::new(supervisor::Supervisor::new(shared.clone()));
     let remembered: HashMap<String, state::Assignment> = shared
         .state
@@ -225,9 +228,12 @@ pub async fn run(
     };
     tokio::select! {
         _ = work => {}
+        _ = janitor::run(shared.clone()) => {}
         _ = shutdown => {}
     }
     supervisor.stop_all().await;
+    let volumes = shared.clone();
+    let _ = tokio::task::spawn_blocking(move || volumes.volumes.unmount_all()).await;
     let still_running: Vec<String> = shared.state.read(|s| s.running.keys().cloned().collect());
     if still_running.is_empty() {
         shared.host.teardown();

@@ -48,6 +48,8 @@ pub struct Shared {
     pub host: Host,
     pub state: StateFile,
     pub gpus: Vec<Gpu>,
+    /// The tenants' volumes on this node.
+    pub volumes: crate::runtime::VolumeStore,
     /// Set while the agent stops every replica on its way out.
     pub shutting_down: AtomicBool,
 }

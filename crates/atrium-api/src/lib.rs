@@ -10,7 +10,7 @@ mod resource;
 
 pub use resource::{
     Credential, Deployment, JoinToken, Key, Model, NoStatus, Node, Object, Ownership, Placement,
-    Resource, Site, Tenant, Workload,
+    Resource, Site, Tenant, Volume, Workload,
 };
 use serde::{Deserialize, Serialize};
 use serde_json::Value;

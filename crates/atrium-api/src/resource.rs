@@ -19,6 +19,7 @@ use atrium_core::placement::{PlacementSpec, ReplicaStatus};
 use atrium_core::plane::{CredentialSpec, JoinTokenSpec};
 use atrium_core::site::SiteSpec;
 use atrium_core::tenant::TenantSpec;
+use atrium_core::volume::{VolumeSpec, VolumeStatus};
 use atrium_core::workload::WorkloadSpec;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
@@ -100,6 +101,11 @@ resource!(
 resource!(
     /// A tenant's own image run as containers: replicas, resources, ports.
     Workload, "workload", "workloads", "wkl_", Tenant, WorkloadSpec, Status
+);
+resource!(
+    /// A tenant's persistent disk of a hard size, on the node of its first
+    /// user, mounted into its workloads.
+    Volume, "volume", "volumes", "vol_", Tenant, VolumeSpec, VolumeStatus
 );
 resource!(
     /// A tenant's API key. Key ids are the `atr_<id>_…` token's middle part,

@@ -23,6 +23,7 @@ pub mod site;
 pub mod tenant;
 pub mod url;
 pub mod validation;
+pub mod volume;
 pub mod workload;
 
 pub use validation::{FieldError, FieldErrors};

@@ -7,6 +7,7 @@ use serde::{Deserialize, Serialize};
 use crate::deployment::{EngineKind, Resources};
 use crate::lifecycle::LifecycleState;
 use crate::model::ModelTask;
+use crate::volume::VolumeAttachment;
 use crate::workload::ContainerSpec;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
@@ -44,6 +45,9 @@ pub struct PlacementSpec {
     /// restarted for as long as it is placed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retries: Option<u32>,
+    /// The volumes a workload's replica mounts, all of them on `node`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub volumes: Vec<VolumeAttachment>,
 }
 
 impl PlacementSpec {

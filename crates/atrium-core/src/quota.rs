@@ -37,6 +37,10 @@ pub struct Quota {
     /// Private models held at once [default: 100].
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub models: Option<u64>,
+    /// Volumes held at once [default: 100]; their sizes count against
+    /// `storage`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub volumes: Option<u64>,
     /// API keys held at once, revoked ones included [default: 100].
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub keys: Option<u64>,
@@ -152,6 +156,7 @@ pub enum Counted {
     Models,
     Keys,
     Watches,
+    Volumes,
 }
 
 impl Counted {
@@ -162,13 +167,14 @@ impl Counted {
             Counted::Models => "models",
             Counted::Keys => "keys",
             Counted::Watches => "watches",
+            Counted::Volumes => "volumes",
         }
     }
 
     /// The cap when the quota names none: far above what a tenant uses.
     pub fn default_cap(self) -> u64 {
         match self {
-            Counted::Deployments | Counted::Models | Counted::Keys => 100,
+            Counted::Deployments | Counted::Models | Counted::Keys | Counted::Volumes => 100,
             Counted::Watches => 32,
         }
     }
@@ -182,6 +188,7 @@ impl Quota {
             Counted::Models => self.models,
             Counted::Keys => self.keys,
             Counted::Watches => self.watches,
+            Counted::Volumes => self.volumes,
         };
         set.unwrap_or(what.default_cap())
     }

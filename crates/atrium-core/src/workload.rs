@@ -13,6 +13,7 @@ use serde::{Deserialize, Serialize};
 use crate::deployment::{Resources, MAX_REPLICAS};
 use crate::lifecycle::{LifecycleState, Status};
 use crate::quota::ResourceUsage;
+use crate::volume::{validate_mounts, VolumeMount};
 use crate::FieldErrors;
 
 /// The namespace of images every tenant may run.
@@ -90,6 +91,10 @@ pub struct WorkloadSpec {
     /// Sites the replicas may run in; any permitted site when empty.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub sites: Vec<String>,
+    /// The tenant's volumes each replica mounts. Every replica then runs
+    /// on the node holding them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub volumes: Vec<VolumeMount>,
 }
 
 /// A job's run: like Kubernetes' indexed jobs, each completion index is
@@ -377,6 +382,7 @@ impl WorkloadSpec {
         for (i, site) in self.sites.iter().enumerate() {
             errors.check(&format!("sites[{i}]"), crate::name::validate_name(site));
         }
+        validate_mounts(&self.volumes, &mut errors);
         errors.into_result()
     }
 
@@ -390,6 +396,7 @@ impl WorkloadSpec {
             job: None,
             priority: None,
             sites: Vec::new(),
+            volumes: Vec::new(),
         }
     }
 

@@ -271,6 +271,7 @@ impl<'a> FleetPlacer<'a> {
             gpu_memory_mib: 0,
             models: t.pod.gpu_spec.clone(),
             sites: Vec::new(),
+            nodes: Vec::new(),
         }
     }
 

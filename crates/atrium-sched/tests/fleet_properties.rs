@@ -105,6 +105,7 @@ fn request() -> impl Strategy<Value = Request> {
                 1 => vec!["fra1".into()],
                 _ => vec!["iad1".into()],
             },
+            nodes: vec![],
         },
     )
 }
@@ -346,7 +347,7 @@ proptest! {
         let mut asks = HashMap::new();
         let mk = |id: String, t: usize, priority: i32, n: u32| Request {
             id, tenant: TENANTS[t].into(), priority, cpu_milli: 1000, memory_mib: 1024,
-            gpu: GpuAsk::Whole(n), gpu_memory_mib: 0, models: vec![], sites: vec![],
+            gpu: GpuAsk::Whole(n), gpu_memory_mib: 0, models: vec![], sites: vec![], nodes: vec![],
         };
         for (k, (t, p, n)) in fill.into_iter().enumerate() {
             let r = mk(format!("f{k:02}"), t, p, n);
@@ -475,6 +476,7 @@ fn fair_share_follows_weights() {
                 gpu_memory_mib: 0,
                 models: vec![],
                 sites: vec![],
+                nodes: vec![],
             });
         }
     }

@@ -66,6 +66,7 @@ fn req(id: &str, tenant: &str, gpu: &str) -> Request {
         gpu_memory_mib: 0,
         models: vec![],
         sites: vec![],
+        nodes: vec![],
     }
 }
 

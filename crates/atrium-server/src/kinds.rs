@@ -13,7 +13,8 @@ use atrium_core::lifecycle::{LifecycleState, Status};
 use atrium_core::model::ModelSpec;
 use atrium_core::node::NodeSpec;
 use atrium_core::plane::{CredentialSpec, JoinTokenSpec, Plane};
-use atrium_core::quota::{Counted, ResourceUsage};
+use atrium_core::quantity::ByteSize;
+use atrium_core::quota::{Counted, Quota, ResourceUsage};
 use atrium_core::site::SiteSpec;
 use atrium_core::tenant::TenantSpec;
 use atrium_core::workload::{job_finished, ImageRef, WorkloadSpec, PUBLIC_IMAGE_NAMESPACE};
@@ -24,12 +25,13 @@ use serde_json::json;
 
 pub use atrium_api::{
     Credential, Deployment, JoinToken, Key, Model, Node, Ownership, Placement, Resource, Site,
-    Tenant, Workload,
+    Tenant, Volume, Workload,
 };
 
 use crate::auth::{Caller, Role};
 use crate::error::ApiError;
 use crate::stored;
+use crate::volumes::volume_bytes;
 use crate::AppState;
 
 /// Read or write.
@@ -102,7 +104,7 @@ pub fn permits<K: Kind>(role: Role, access: Access) -> bool {
         // Its own node (registration), and the placements on it.
         Role::Node => matches!(
             (K::KIND, access),
-            (Node::KIND, _) | (Placement::KIND, Access::Read)
+            (Node::KIND, _) | (Placement::KIND | Volume::KIND, Access::Read)
         ),
         // What routing needs: keys, deployments, tenants' limits and the
         // placements of its site.
@@ -124,6 +126,9 @@ pub fn plane_sees<K: Kind>(plane: &CredentialSpec, object: &Object) -> bool {
     match (plane.plane, K::KIND) {
         (Plane::Node, Node::KIND) => object.name == plane.name,
         (Plane::Node, Placement::KIND) => placement().is_some_and(|p| p.node == plane.name),
+        // The volumes it holds: the agent scrubs what is no longer among them.
+        (Plane::Node, Volume::KIND) => stored::status::<Volume>(object)
+            .is_some_and(|v| v.node.as_deref() == Some(plane.name.as_str())),
         // Placements made before they recorded their site are every
         // gateway's.
         (Plane::Gateway, Placement::KIND) => {
@@ -220,7 +225,13 @@ impl Kind for Tenant {
         let images: Vec<&str> = repositories.iter().map(|r| r.as_str()).collect();
         blocked_by("tenant", &object.name, "image repository", &images)?;
         let own = TenantFilter::Exactly(Some(object.name.clone()));
-        for kind in [Deployment::KIND, Workload::KIND, Model::KIND, Key::KIND] {
+        for kind in [
+            Deployment::KIND,
+            Workload::KIND,
+            Volume::KIND,
+            Model::KIND,
+            Key::KIND,
+        ] {
             let held = state.store.list_all(kind, &own).await?;
             let names: Vec<&str> = held.iter().map(|o| o.name.as_str()).collect();
             blocked_by("tenant", &object.name, kind, &names)?;
@@ -377,6 +388,24 @@ impl Kind for Workload {
                 ),
             ));
         }
+        let mut missing = FieldErrors::new();
+        for (i, m) in spec.volumes.iter().enumerate() {
+            if state
+                .store
+                .get_by_name(Volume::KIND, Some(tenant), &m.volume)
+                .await?
+                .is_none()
+            {
+                missing.push(
+                    format!("spec.volumes[{i}].volume"),
+                    format!(
+                        "tenant {tenant:?} has no volume named {:?}: create it first                          (POST /v1/volumes)",
+                        m.volume
+                    ),
+                );
+            }
+        }
+        missing.into_result().map_err(ApiError::InvalidFields)?;
         if let Some(id) = replacing {
             let old = state.store.get(Workload::KIND, id).await?;
             let old = old.map(|o| stored::spec::<Workload>(&o)).transpose()?;
@@ -435,9 +464,62 @@ async fn sites_allowed(
     Ok(tenant_spec)
 }
 
-/// The rule that what `tenant`'s deployments and workloads hold, with the
-/// object being written (`requested`, given what its placements still
-/// hold) instead of the one it replaces, fits the tenant's quota —
+/// The kinds whose objects hold a tenant's resources, in the order
+/// [`held_in`] takes them.
+pub(crate) const HOLDING: [&str; 4] = [
+    Deployment::KIND,
+    Workload::KIND,
+    Placement::KIND,
+    Volume::KIND,
+];
+
+/// What a precondition reads of `tenant`: its objects of each of `kinds`,
+/// then the tenant itself (last, for [`quota_read`]).
+pub(crate) fn tenant_reads(tenant: &str, kinds: &[&str]) -> Vec<Selection> {
+    let mut reads: Vec<Selection> = kinds
+        .iter()
+        .map(|kind| Selection {
+            kind: (*kind).into(),
+            tenant: TenantFilter::Exactly(Some(tenant.to_string())),
+            name: None,
+        })
+        .collect();
+    reads.push(Selection {
+        kind: Tenant::KIND.into(),
+        tenant: TenantFilter::Exactly(None),
+        name: Some(tenant.to_string()),
+    });
+    reads
+}
+
+/// The quota of `tenant`, read last by [`tenant_reads`].
+pub(crate) fn quota_read(read: &[Vec<Object>], tenant: &str) -> Result<Quota, ApiError> {
+    let tenant_obj = read
+        .last()
+        .and_then(|t| t.first())
+        .ok_or_else(|| ApiError::not_found(Tenant::KIND, tenant))?;
+    Ok(stored::spec::<Tenant>(tenant_obj)?.quota)
+}
+
+/// What a tenant's objects of the [`HOLDING`] kinds (`read`, in that
+/// order) hold against its quota, leaving out the one with id `except`;
+/// and what each owner's placements hold.
+pub(crate) fn held_in(
+    read: &[Vec<Object>],
+    except: Option<&str>,
+) -> Result<(ResourceUsage, HashMap<String, Vec<Resources>>), ApiError> {
+    let [deployments, workloads, placements, volumes, ..] = read else {
+        return Err(ApiError::Internal("precondition read mismatch".into()));
+    };
+    let held = held_by_deployment(placements)?;
+    let mut used = tenant_usage(deployments, workloads, &held, except)?;
+    used.storage = ByteSize(used.storage.0.saturating_add(volume_bytes(volumes)?));
+    Ok((used, held))
+}
+
+/// The rule that what `tenant`'s deployments, workloads and volumes hold,
+/// with the object being written (`requested`, given what its placements
+/// still hold) instead of the one it replaces, fits the tenant's quota —
 /// checked atomically with the write.
 fn resources_admitted(
     tenant: &str,
@@ -446,32 +528,11 @@ fn resources_admitted(
 ) -> Precondition<ApiError> {
     let replacing = replacing.map(str::to_string);
     let check_tenant = tenant.to_string();
-    let own = |kind: &str| Selection {
-        kind: kind.into(),
-        tenant: TenantFilter::Exactly(Some(tenant.to_string())),
-        name: None,
-    };
     Precondition {
-        reads: vec![
-            own(Deployment::KIND),
-            own(Workload::KIND),
-            own(Placement::KIND),
-            Selection {
-                kind: Tenant::KIND.into(),
-                tenant: TenantFilter::Exactly(None),
-                name: Some(tenant.to_string()),
-            },
-        ],
+        reads: tenant_reads(tenant, &HOLDING),
         check: Box::new(move |read: &[Vec<Object>]| {
-            let [deployments, workloads, placements, tenants] = read else {
-                return Err(ApiError::Internal("precondition read mismatch".into()));
-            };
-            let tenant_obj = tenants
-                .first()
-                .ok_or_else(|| ApiError::not_found(Tenant::KIND, &check_tenant))?;
-            let quota = stored::spec::<Tenant>(tenant_obj)?.quota;
-            let held = held_by_deployment(placements)?;
-            let used = tenant_usage(deployments, workloads, &held, replacing.as_deref())?;
+            let quota = quota_read(read, &check_tenant)?;
+            let (used, held) = held_in(read, replacing.as_deref())?;
             // The replaced object's replicas hold what they hold until
             // they are gone, whatever the new spec asks.
             let holding = replacing.as_deref().and_then(|id| held.get(id));
@@ -530,22 +591,18 @@ pub fn tenant_usage(
     Ok(used)
 }
 
-/// What `tenant`'s deployments and workloads hold now, read outside any
-/// write (for views and the registry's room).
+/// What `tenant`'s deployments, workloads and volumes hold now, read
+/// outside any write (for views and the registry's room).
 pub async fn tenant_resources_used(
     state: &AppState,
     tenant: &str,
 ) -> Result<ResourceUsage, ApiError> {
     let own = TenantFilter::Exactly(Some(tenant.to_string()));
-    let deployments = state.store.list_all(Deployment::KIND, &own).await?;
-    let workloads = state.store.list_all(Workload::KIND, &own).await?;
-    let placements = state.store.list_all(Placement::KIND, &own).await?;
-    tenant_usage(
-        &deployments,
-        &workloads,
-        &held_by_deployment(&placements)?,
-        None,
-    )
+    let mut read = Vec::with_capacity(HOLDING.len());
+    for kind in HOLDING {
+        read.push(state.store.list_all(kind, &own).await?);
+    }
+    Ok(held_in(&read, None)?.0)
 }
 
 /// The rule that a tenant holds fewer `what` (objects of `kind`) than its
@@ -553,28 +610,10 @@ pub async fn tenant_resources_used(
 pub fn one_more(kind: &str, tenant: &str, what: Counted) -> Precondition<ApiError> {
     let check_tenant = tenant.to_string();
     Precondition {
-        reads: vec![
-            Selection {
-                kind: kind.into(),
-                tenant: TenantFilter::Exactly(Some(tenant.to_string())),
-                name: None,
-            },
-            Selection {
-                kind: Tenant::KIND.into(),
-                tenant: TenantFilter::Exactly(None),
-                name: Some(tenant.to_string()),
-            },
-        ],
+        reads: tenant_reads(tenant, &[kind]),
         check: Box::new(move |read: &[Vec<Object>]| {
-            let [held, tenants] = read else {
-                return Err(ApiError::Internal("precondition read mismatch".into()));
-            };
-            let tenant_obj = tenants
-                .first()
-                .ok_or_else(|| ApiError::not_found(Tenant::KIND, &check_tenant))?;
-            stored::spec::<Tenant>(tenant_obj)?
-                .quota
-                .admit_one(what, held.len() as u64)
+            quota_read(read, &check_tenant)?
+                .admit_one(what, read.first().map_or(0, Vec::len) as u64)
                 .map_err(ApiError::QuotaExceeded)
         }),
     }
@@ -699,7 +738,12 @@ pub async fn site_exists(state: &AppState, field: &str, site: &str) -> Result<()
     }
 }
 
-fn blocked_by(kind: &str, name: &str, by_kind: &str, by: &[&str]) -> Result<(), ApiError> {
+pub(crate) fn blocked_by(
+    kind: &str,
+    name: &str,
+    by_kind: &str,
+    by: &[&str],
+) -> Result<(), ApiError> {
     if by.is_empty() {
         return Ok(());
     }

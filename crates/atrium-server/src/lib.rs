@@ -21,6 +21,7 @@ mod planes;
 mod registry;
 mod stored;
 mod tenancy;
+mod volumes;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -40,7 +41,8 @@ use tokio::sync::watch;
 pub use auth::{Role, ADMIN_TOKEN_PREFIX};
 use error::ApiError;
 use kinds::{
-    Credential, Deployment, JoinToken, Key, Kind, Model, Node, Placement, Site, Tenant, Workload,
+    Credential, Deployment, JoinToken, Key, Kind, Model, Node, Placement, Site, Tenant, Volume,
+    Workload,
 };
 use metrics::Metrics;
 
@@ -238,6 +240,7 @@ pub fn router(state: AppState) -> Router {
     api = resource_routes::<Model>(api);
     api = resource_routes::<Deployment>(api);
     api = resource_routes::<Workload>(api);
+    api = resource_routes::<Volume>(api);
     api = resource_routes::<Placement>(api);
     // Keys are created by their own handler: the response carries the secret.
     api = api

@@ -10,7 +10,7 @@ use utoipa::ToSchema;
 
 use crate::kinds::{
     Credential, Deployment, JoinToken, Key, Kind, Model, Node, Placement, Resource, Site, Tenant,
-    Workload,
+    Volume, Workload,
 };
 
 fn schema_ref(name: &str) -> Value {
@@ -288,6 +288,7 @@ pub fn document() -> Value {
     add_kind::<Model>(&mut paths, &mut schemas, None);
     add_kind::<Deployment>(&mut paths, &mut schemas, Some("Status"));
     add_kind::<Workload>(&mut paths, &mut schemas, Some("Status"));
+    add_kind::<Volume>(&mut paths, &mut schemas, Some("VolumeStatus"));
     add_kind::<Key>(&mut paths, &mut schemas, Some("KeyStatus"));
     add_kind::<Placement>(&mut paths, &mut schemas, Some("ReplicaStatus"));
     add_kind::<JoinToken>(&mut paths, &mut schemas, Some("JoinTokenStatus"));
@@ -295,6 +296,7 @@ pub fn document() -> Value {
     plane_credentials(&mut paths, &mut schemas);
     add_schema::<atrium_core::placement::ReplicaStatus>(&mut schemas);
     add_schema::<Status>(&mut schemas);
+    add_schema::<atrium_core::volume::VolumeStatus>(&mut schemas);
     add_schema::<Quota>(&mut schemas);
     add_schema::<ResourceUsage>(&mut schemas);
     schemas.insert(

@@ -663,3 +663,68 @@ async fn a_workload_never_outranks_its_tenant() {
         .await;
     assert_eq!(status, 400, "a service does not become a job: {v}");
 }
+
+#[tokio::test]
+async fn volumes_count_against_storage_keep_their_size_and_stay_while_mounted() {
+    let s = TestServer::start(TestBackend::Sqlite).await;
+    s.create_tenant("acme", json!({"quota": {"storage": "100Mi", "volumes": 2}}))
+        .await;
+    s.create_tenant("globex", json!({})).await;
+    let acme = s.create_key("acme", "k", &["admin"]).await;
+    let globex = s.create_key("globex", "k", &["admin"]).await;
+    let call = |method: Method, path: &'static str, key: &str, body: Value| {
+        let key = key.to_string();
+        let s = &s;
+        async move { s.call(method, path, Some(&key), Some(&body)).await }
+    };
+    let volume = |name: &str, size: &str| json!({"name": name, "spec": {"size": size}});
+    let (status, v) = call(Method::POST, "/v1/volumes", &acme, volume("tiny", "1Mi")).await;
+    assert_eq!(status, 400, "{v}");
+    assert!(v.to_string().contains("spec.size"), "{v}");
+    let (status, v) = call(Method::POST, "/v1/volumes", &acme, volume("data", "64Mi")).await;
+    assert_eq!(status, 201, "{v}");
+    assert_eq!(v["status"]["node"], Value::Null, "bound by its first user");
+    let (status, v) = call(Method::POST, "/v1/volumes", &acme, volume("more", "64Mi")).await;
+    assert_eq!(status, 409, "{v}");
+    assert!(v.to_string().contains("quota exceeded for storage"), "{v}");
+    let (status, _) = call(Method::POST, "/v1/volumes", &acme, volume("more", "16Mi")).await;
+    assert_eq!(status, 201);
+    let (status, v) = call(Method::POST, "/v1/volumes", &acme, volume("third", "16Mi")).await;
+    assert_eq!(status, 409, "{v}");
+    assert!(v.to_string().contains("quota exceeded for volumes"), "{v}");
+    let (_, q) = call(Method::GET, "/v1/quotas/acme", &acme, Value::Null).await;
+    assert_eq!(q["used"]["storage"], "80Mi", "{q}");
+    // A size never changes.
+    let (status, v) = call(
+        Method::PUT,
+        "/v1/volumes/data",
+        &acme,
+        json!({"spec": {"size": "128Mi"}}),
+    )
+    .await;
+    assert_eq!(status, 400, "{v}");
+    assert!(v.to_string().contains("does not change"), "{v}");
+
+    // Workloads mount their own tenant's volumes only.
+    let workload = |volume: &str| {
+        json!({"name": "w", "spec": {"image": "library/x", "resources": {"cpu": "1", "memory": "64Mi"},
+               "volumes": [{"volume": volume, "path": "/data"}]}})
+    };
+    let (status, v) = call(Method::POST, "/v1/workloads", &globex, workload("data")).await;
+    assert_eq!(status, 400, "{v}");
+    assert!(v.to_string().contains("spec.volumes[0].volume"), "{v}");
+    let (status, _) = call(Method::GET, "/v1/volumes/data", &globex, Value::Null).await;
+    assert_eq!(
+        status, 404,
+        "another tenant's volume does not exist for globex"
+    );
+    let (status, v) = call(Method::POST, "/v1/workloads", &acme, workload("data")).await;
+    assert_eq!(status, 201, "{v}");
+    let (status, v) = call(Method::DELETE, "/v1/volumes/data", &acme, Value::Null).await;
+    assert_eq!(status, 409, "{v}");
+    assert!(v.to_string().contains("in_use"), "{v}");
+    let (status, _) = call(Method::DELETE, "/v1/workloads/w", &acme, Value::Null).await;
+    assert_eq!(status, 200);
+    let (status, v) = call(Method::DELETE, "/v1/volumes/data", &acme, Value::Null).await;
+    assert_eq!(status, 200, "{v}");
+}

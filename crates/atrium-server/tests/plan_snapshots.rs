@@ -8,9 +8,12 @@
 
 use std::fmt::Write;
 
-use atrium_api::{Deployment, Model, Node, Object, Placement, Resource, ResourceView, Workload};
+use atrium_api::{
+    Deployment, Model, Node, Object, Placement, Resource, ResourceView, Volume, Workload,
+};
 use atrium_core::lifecycle::LifecycleState;
 use atrium_core::placement::ReplicaStatus;
+use atrium_core::volume::VolumeStatus;
 use atrium_server::controller::{plan, Action, World};
 use serde_json::{json, Value};
 
@@ -42,7 +45,7 @@ fn world(nodes_per_site: usize) -> World {
                 &format!("nod_{name}"),
                 &name,
                 None,
-                json!({"site": site, "capacity": {"cpu": "4", "memory": "16Gi"}}),
+                json!({"site": site, "capacity": {"cpu": "4", "memory": "16Gi", "disk": "100Gi"}}),
             ));
         }
     }
@@ -126,6 +129,14 @@ fn pass(w: &mut World, out: &mut String) {
             Action::Delete { kind, id } => {
                 writeln!(out, "  delete {kind} {id}").unwrap();
                 w.workloads.retain(|j| j.id != id);
+            }
+            Action::BindVolume { id, node, .. } => {
+                writeln!(out, "  bind {id} to {node}").unwrap();
+                let v = w.volumes.iter_mut().find(|v| v.id == id).unwrap();
+                v.status = Some(VolumeStatus {
+                    node: Some(node),
+                    reason: String::new(),
+                });
             }
         }
     }
@@ -473,4 +484,66 @@ fn pending_jobs_of_one_priority_go_to_the_smallest_weighted_share_first() {
         .any(|p| p.spec.deployment == "wkl_y-first"));
     assert!(status_of(&w, "wkl_x-more").starts_with("Pending"));
     assert_snapshot("plan_fair_share", &out);
+}
+
+#[test]
+fn a_volume_lies_on_its_first_users_node_and_every_later_user_follows() {
+    let mut w = world(2);
+    for (id, size) in [
+        ("vol_data", "10Gi"),
+        ("vol_big", "200Gi"),
+        ("vol_other", "10Gi"),
+    ] {
+        let name = id.replace("vol_", "");
+        w.volumes.push(object::<Volume>(
+            id,
+            &name,
+            Some("beta"),
+            json!({"size": size}),
+        ));
+    }
+    let mount = |names: &[&str]| {
+        let v: Vec<Value> = names.iter().map(|n| json!({"volume": n})).collect();
+        json!({"volumes": v})
+    };
+    workload(&mut w, "wkl_first", "beta", "1", mount(&["data"]));
+    let mut out = String::new();
+    pass(&mut w, &mut out);
+    let home = w.placements[0].spec.node.clone();
+    let attached = &w.placements[0].spec.volumes;
+    assert_eq!(attached.len(), 1);
+    assert_eq!(
+        (attached[0].id.as_str(), attached[0].path.as_str()),
+        ("vol_data", "/volumes/data")
+    );
+    // A gang mounting it follows it, every worker; a 3-CPU job that fits
+    // beside the first only on another node waits instead.
+    let mut gang = mount(&["data"]);
+    gang["kind"] = json!("job");
+    gang["job"] = json!({"completions": 3, "gang": true});
+    workload(&mut w, "wkl_gang", "beta", "1", gang);
+    workload(&mut w, "wkl_wide", "beta", "3", mount(&["data"]));
+    // Too big for any node; on two nodes at once; not there at all.
+    workload(&mut w, "wkl_big", "beta", "1", mount(&["big"]));
+    w.volumes[2].status = Some(VolumeStatus {
+        node: Some(if home == "us1-n1" { "us1-n0" } else { "us1-n1" }.into()),
+        reason: String::new(),
+    });
+    workload(&mut w, "wkl_split", "beta", "1", mount(&["data", "other"]));
+    workload(&mut w, "wkl_ghost", "beta", "1", mount(&["ghost"]));
+    pass(&mut w, &mut out);
+    let on = |owner: &str| -> Vec<String> {
+        w.placements
+            .iter()
+            .filter(|p| p.spec.deployment == owner)
+            .map(|p| p.spec.node.clone())
+            .collect()
+    };
+    assert_eq!(on("wkl_gang"), vec![home.clone(); 3]);
+    assert!(on("wkl_wide").is_empty());
+    assert!(status_of(&w, "wkl_wide").contains("not a node that holds"));
+    assert!(status_of(&w, "wkl_big").contains("no node has 200Gi"));
+    assert!(status_of(&w, "wkl_split").contains("different nodes"));
+    assert!(status_of(&w, "wkl_ghost").contains("\"ghost\" does not exist"));
+    assert_snapshot("plan_volumes", &out);
 }

@@ -141,6 +141,7 @@ fn fleet_request(i: usize, rng: &mut StdRng) -> Request {
         gpu_memory_mib: 0,
         models: Vec::new(),
         sites: Vec::new(),
+        nodes: Vec::new(),
     }
 }
 

@@ -83,6 +83,8 @@ struct Report {
     node_enforces: String,
     /// Whether workloads' containers can run here, and with what.
     containers: String,
+    /// How tenants' volumes are made, and scrubbed when deleted.
+    volumes: String,
     checks: Vec<Check>,
     passed: usize,
     failed: usize,
@@ -364,6 +366,7 @@ pub fn report(data_dir: &Path, network_octet: u8, output: Output) -> Result<()> 
     let report = Report {
         node_enforces: host.summary(),
         containers: atrium_agent::runtime::Runc::for_data_dir(data_dir).summary(),
+        volumes: atrium_agent::runtime::volume::summary(),
         passed: checks.len() - failed,
         failed,
         checks,
@@ -389,9 +392,10 @@ fn print(report: &Report, output: Output) {
                 })
                 .collect();
             format!(
-                "node enforces: {}\ncontainers: {}\n{}\n{} passed, {} failed",
+                "node enforces: {}\ncontainers: {}\nvolumes: {}\n{}\n{} passed, {} failed",
                 report.node_enforces,
                 report.containers,
+                report.volumes,
                 crate::client::render_table(
                     &rows,
                     &[

@@ -103,6 +103,9 @@ enum Command {
     /// A tenant's own images run as containers.
     #[command(subcommand)]
     Workload(commands::workload::WorkloadCmd),
+    /// A tenant's volumes: persistent disks of a hard size
+    #[command(subcommand)]
+    Volume(commands::volume::VolumeCmd),
     /// The images in the control plane's registry (push with any OCI
     /// client, a tenant key as the password).
     #[command(subcommand)]
@@ -547,6 +550,7 @@ async fn client_command(ctx: &Ctx, command: Command) -> Result<()> {
         Command::Quota(cmd) => commands::quota::run(ctx, cmd).await,
         Command::Image(cmd) => commands::image::run(ctx, cmd).await,
         Command::Workload(cmd) => commands::workload::run(ctx, cmd).await,
+        Command::Volume(cmd) => commands::volume::run(ctx, cmd).await,
         Command::Credential(cmd) => commands::credential::run(ctx, cmd).await,
         Command::Audit { tenant, after } => commands::audit::run(ctx, tenant, after).await,
         Command::Logs {

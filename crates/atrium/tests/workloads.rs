@@ -9,13 +9,14 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::Duration;
+use std::path::Path;
+use std::process::Command;
 
+use common::cloud::{
+    admin_call_status, container_pids, http_get, require_root_and_runc, uid_of, Cloud,
+};
 use common::oci::busybox_layout;
-use common::{admin_call, admin_token, free_port, spawn_server, stop, wait_for, BIN};
-use reqwest::blocking::Client;
+use common::{stop, wait_for};
 use reqwest::Method;
 use serde_json::{json, Value};
 
@@ -23,207 +24,7 @@ use serde_json::{json, Value};
 /// each other's (they run side by side).
 const SERVICE_OCTET: u8 = 236;
 const JOB_OCTET: u8 = 237;
-
-struct Cloud {
-    dir: tempfile::TempDir,
-    url: String,
-    host: String,
-    admin: String,
-    http: Client,
-    server: Child,
-    agent: Option<Child>,
-    octet: u8,
-}
-
-impl Drop for Cloud {
-    fn drop(&mut self) {
-        if let Some(agent) = &mut self.agent {
-            stop(agent);
-        }
-        stop(&mut self.server);
-    }
-}
-
-impl Cloud {
-    fn start(octet: u8) -> Cloud {
-        let dir = tempfile::tempdir().unwrap();
-        let port = free_port();
-        let server = spawn_server(&dir.path().join("server"), port, &[]);
-        let url = format!("http://127.0.0.1:{port}");
-        let admin = admin_token(&dir.path().join("server"));
-        let http = Client::builder()
-            .timeout(Duration::from_secs(30))
-            .build()
-            .unwrap();
-        let cloud = Cloud {
-            dir,
-            url,
-            host: format!("127.0.0.1:{port}"),
-            admin,
-            http,
-            server,
-            agent: None,
-            octet,
-        };
-        cloud.call(
-            Method::POST,
-            "/v1/sites",
-            json!({"name": "local", "spec": {"kind": "edge", "jurisdiction": "LOCAL"}}),
-        );
-        cloud
-    }
-
-    fn call(&self, method: Method, path: &str, body: Value) -> Value {
-        admin_call(&self.http, &self.url, &self.admin, method, path, body)
-    }
-
-    fn tenant(&self, name: &str) -> String {
-        self.call(
-            Method::POST,
-            "/v1/tenants",
-            json!({"name": name, "spec": {}}),
-        );
-        let key = self.call(
-            Method::POST,
-            "/v1/keys",
-            json!({"name": "k", "tenant": name, "spec": {"scopes": ["admin"]}}),
-        );
-        key["secret"].as_str().unwrap().to_string()
-    }
-
-    fn start_agent(&mut self, gpus: &str) {
-        let token = common::join_token(&self.url, &self.admin, "node", "n1");
-        let agent = Command::new(BIN)
-            .args(["agent", "--simulate-gpus", gpus, "--log", "warn"])
-            .args(["--tenant-network", &format!("10.{}.0.0/16", self.octet)])
-            .args(["--server", &self.url, "--join-token", &token])
-            .arg("--data-dir")
-            .arg(self.dir.path().join("agent"))
-            .stdout(Stdio::null())
-            .spawn()
-            .unwrap();
-        self.agent = Some(agent);
-    }
-
-    /// Runs the CLI with `key`; whether it succeeded, and what it printed.
-    fn cli(&self, args: &[&str], key: &str) -> (bool, String) {
-        // The connection flags go before `--`, after which come the
-        // container's own arguments.
-        let split = args.iter().position(|a| *a == "--").unwrap_or(args.len());
-        let out = Command::new(BIN)
-            .args(&args[..split])
-            .args(["--server", &self.url, "--token", key])
-            .args(&args[split..])
-            .output()
-            .unwrap();
-        let text = format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        (out.status.success(), text)
-    }
-
-    fn workload(&self, tenant: &str, name: &str) -> Value {
-        self.call(
-            Method::GET,
-            &format!("/v1/workloads/{name}?tenant={tenant}"),
-            Value::Null,
-        )
-    }
-
-    fn placements(&self, tenant: &str) -> Vec<Value> {
-        let list = self.call(
-            Method::GET,
-            &format!("/v1/placements?tenant={tenant}"),
-            Value::Null,
-        );
-        list["items"].as_array().cloned().unwrap_or_default()
-    }
-
-    /// The status a GET of `path` on the registry gets with the agent's
-    /// own node credential.
-    fn node_get(&self, path: &str) -> u16 {
-        self.node_call(Method::GET, path)
-    }
-
-    fn node_call(&self, method: Method, path: &str) -> u16 {
-        let file = self.dir.path().join("agent/node.credential");
-        let credential: Value = serde_json::from_slice(&std::fs::read(file).unwrap()).unwrap();
-        let token = credential["token"].as_str().unwrap();
-        self.http
-            .request(method, format!("{}{path}", self.url))
-            .bearer_auth(token)
-            .send()
-            .unwrap()
-            .status()
-            .as_u16()
-    }
-
-    fn push(&self, layout: &Path, image: &str, key: &str) {
-        let out = Command::new("skopeo")
-            .args(["copy", "--dest-tls-verify=false", "--dest-creds"])
-            .arg(format!("anyone:{key}"))
-            .arg(format!("oci:{}:1", layout.display()))
-            .arg(format!("docker://{}/{image}", self.host))
-            .output()
-            .expect("skopeo (scripts/test.sh installs it)");
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-}
-
-fn require_root_and_runc() {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap();
-    assert!(
-        status.lines().any(|l| l.starts_with("Uid:\t0\t")),
-        "workloads run under runc as root: run the tests as root"
-    );
-    let runc = Command::new("runc").arg("--version").output();
-    assert!(
-        runc.is_ok_and(|o| o.status.success()),
-        "runc is not installed: scripts/test.sh installs it (apt-get install runc)"
-    );
-}
-
-/// The processes in a replica's memory cgroup.
-fn container_pids(octet: u8, placement: &str) -> Vec<u32> {
-    let procs = PathBuf::from(format!(
-        "/sys/fs/cgroup/memory/atrium-{octet}/{placement}/cgroup.procs"
-    ));
-    std::fs::read_to_string(procs)
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| l.trim().parse().ok())
-        .collect()
-}
-
-fn uid_of(pid: u32) -> Option<u32> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("Uid:"))?
-        .split_whitespace()
-        .next()?
-        .parse()
-        .ok()
-}
-
-fn http_get(addr: &str, path: &str) -> Option<String> {
-    let resp = Client::builder()
-        .timeout(Duration::from_secs(2))
-        .build()
-        .unwrap()
-        .get(format!("http://{addr}{path}"))
-        .send()
-        .ok()?;
-    resp.status()
-        .is_success()
-        .then(|| resp.text().unwrap_or_default())
-}
+const VOLUME_OCTET: u8 = 239;
 
 #[test]
 fn a_service_runs_its_tenants_image_under_runc_in_the_tenants_sandbox() {
@@ -561,14 +362,179 @@ fn a_gang_job_starts_all_its_workers_or_none_and_each_sees_only_its_gpu() {
     assert!(said.contains("create it anew"), "{said}");
 }
 
-/// The status and body of an admin request (for the refusals).
-fn admin_call_status(cloud: &Cloud, method: Method, path: &str, body: Value) -> (u16, String) {
-    let resp = cloud
-        .http
-        .request(method, format!("{}{path}", cloud.url))
-        .bearer_auth(&cloud.admin)
-        .json(&body)
-        .send()
-        .unwrap();
-    (resp.status().as_u16(), resp.text().unwrap_or_default())
+#[test]
+fn a_volume_keeps_one_jobs_output_for_the_next_holds_its_size_and_is_zeroed_when_deleted() {
+    require_root_and_runc();
+    let mut cloud = Cloud::start(VOLUME_OCTET);
+    let acme = cloud.tenant("acme");
+    let globex = cloud.tenant("globex");
+    let build = tempfile::tempdir().unwrap();
+    busybox_layout(build.path());
+    cloud.push(&build.path().join("oci"), "acme/busybox:1", &acme);
+    cloud.push(&build.path().join("oci"), "globex/busybox:1", &globex);
+    cloud.start_agent("1xH100-80GB");
+    let cli_ok = |args: &[&str], key: &str| {
+        let (ok, said) = cloud.cli(args, key);
+        assert!(ok, "{args:?}: {said}");
+    };
+    cli_ok(&["volume", "create", "data", "--size", "32Mi"], &acme);
+    cli_ok(&["volume", "create", "mine", "--size", "32Mi"], &globex);
+    // Sizes count against the storage quota, with the images.
+    cloud.call(
+        Method::PUT,
+        "/v1/quotas/globex",
+        json!({"quota": {"storage": "40Mi"}}),
+    );
+    let (ok, said) = cloud.cli(&["volume", "create", "more", "--size", "16Mi"], &globex);
+    assert!(!ok && said.contains("quota exceeded for storage"), "{said}");
+    // Another tenant cannot name acme's volume.
+    let job = |name: &str, image: &str, volume: &str, script: &str| -> Vec<String> {
+        [
+            "workload",
+            "run",
+            name,
+            "--image",
+            image,
+            "--job",
+            "--backoff-limit",
+            "0",
+            "--memory",
+            "64Mi",
+            "--volume",
+            volume,
+            "--",
+            "/bin/busybox",
+            "sh",
+            "-c",
+            script,
+        ]
+        .map(str::to_string)
+        .to_vec()
+    };
+    let steal = job("steal", "globex/busybox:1", "data", "cat /volumes/data/*");
+    let (ok, said) = cloud.cli(&args(&steal), &globex);
+    assert!(!ok && said.contains("spec.volumes[0].volume"), "{said}");
+
+    // A job writes its result, then writes past the volume's size.
+    let write = "echo result-42 > /volumes/data/out.txt && \
+                 /bin/busybox dd if=/dev/urandom of=/volumes/data/fill bs=1M count=64; \
+                 echo dd-exit=$?";
+    cli_ok(
+        &args(&job("writer", "acme/busybox:1", "data", write)),
+        &acme,
+    );
+    let finished = |name: &str, tenant: &str| {
+        let mut w = Value::Null;
+        wait_for(&format!("job {name} to finish"), 90, || {
+            w = cloud.workload(tenant, name);
+            matches!(w["status"]["state"].as_str(), Some("succeeded" | "failed"))
+        });
+        w
+    };
+    let w = finished("writer", "acme");
+    assert_eq!(w["status"]["state"], "succeeded", "{w}");
+    let agent_dir = cloud.dir.path().join("agent");
+    let logs = |name: &str, key: &str| {
+        let (ok, logs) = cloud.cli(
+            &["logs", name, "--data-dir", agent_dir.to_str().unwrap()],
+            key,
+        );
+        assert!(ok, "{logs}");
+        logs
+    };
+    let wrote = logs("writer", &acme);
+    assert!(
+        wrote.contains("No space left on device") && wrote.contains("dd-exit=1"),
+        "{wrote}"
+    );
+    // Another tenant's volume on the same node is untouched by it.
+    let other = "/bin/busybox dd if=/dev/urandom of=/volumes/mine/f bs=1M count=8 && echo wrote-8";
+    cli_ok(
+        &args(&job("fill", "globex/busybox:1", "mine", other)),
+        &globex,
+    );
+    assert_eq!(finished("fill", "globex")["status"]["state"], "succeeded");
+    assert!(logs("fill", &globex).contains("wrote-8"));
+
+    // The next job of the tenant reads the first one's output, read-only.
+    let read = "cat /volumes/in/out.txt; touch /volumes/in/x 2>/dev/null || echo read-only";
+    cli_ok(
+        &args(&job(
+            "reader",
+            "acme/busybox:1",
+            "data:/volumes/in:ro",
+            read,
+        )),
+        &acme,
+    );
+    assert_eq!(finished("reader", "acme")["status"]["state"], "succeeded");
+    let read = logs("reader", &acme);
+    assert!(
+        read.contains("result-42") && read.contains("read-only"),
+        "{read}"
+    );
+    // A mount point the image lacks is refused, not made in the shared image.
+    cli_ok(
+        &args(&job("odd", "acme/busybox:1", "data:/nowhere", "true")),
+        &acme,
+    );
+    let odd = finished("odd", "acme");
+    assert!(
+        odd["status"]["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("not a directory of the image")),
+        "{odd}"
+    );
+
+    // It lies on the node, and is not deleted while workloads mount it.
+    let volume = cloud.call(Method::GET, "/v1/volumes/data?tenant=acme", Value::Null);
+    assert_eq!(volume["status"]["node"], "n1", "{volume}");
+    let (ok, said) = cloud.cli(&["volume", "delete", "data"], &acme);
+    assert!(!ok && said.contains("in_use"), "{said}");
+
+    // Its blocks held the tenant's bytes; after the delete they are zeros.
+    let id = volume["id"].as_str().unwrap();
+    let image = agent_dir.join(format!("volumes/{id}.ext4"));
+    let mut held = std::fs::File::open(&image).unwrap();
+    let mut bytes = Vec::new();
+    std::io::Read::read_to_end(&mut held, &mut bytes).unwrap();
+    assert!(
+        bytes.windows(9).any(|w| w == b"result-42"),
+        "the image holds the job's output"
+    );
+    for name in ["writer", "reader", "odd"] {
+        cli_ok(&["workload", "delete", name], &acme);
+    }
+    wait_for("the volume's delete", 30, || {
+        cloud.cli(&["volume", "delete", "data"], &acme).0
+    });
+    wait_for("the image to be scrubbed and removed", 30, || {
+        !image.exists()
+    });
+    std::io::Seek::rewind(&mut held).unwrap();
+    let mut after = Vec::new();
+    std::io::Read::read_to_end(&mut held, &mut after).unwrap();
+    assert_eq!(after.len(), bytes.len());
+    assert!(
+        after.iter().all(|b| *b == 0),
+        "a byte of the volume survived its delete"
+    );
+    // The other tenant's volume stays, mounted.
+    let mine = cloud.call(Method::GET, "/v1/volumes/mine?tenant=globex", Value::Null);
+    let mine = agent_dir.join(format!("volumes/{}.ext4", mine["id"].as_str().unwrap()));
+    assert!(mine.exists());
+
+    // Stopped, the agent unmounts every volume and keeps their data.
+    stop(cloud.agent.as_mut().unwrap());
+    cloud.agent = None;
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    assert!(
+        !mounts.contains(agent_dir.join("volumes").to_str().unwrap()),
+        "{mounts}"
+    );
+    assert!(mine.exists());
+}
+
+fn args(v: &[String]) -> Vec<&str> {
+    v.iter().map(String::as_str).collect()
 }

@@ -7,10 +7,13 @@
 //! agent's cgroup for the replica with its CPU, memory and pids limits,
 //! only the default device nodes, the kernel's sensitive paths masked.
 //! Writable: a tmpfs `/tmp` (counted in its memory) and `/scratch`, the
-//! replica's own directory.
+//! replica's own directory, and the tenant's volumes it mounts (`nosuid`,
+//! `nodev`; those under `/volumes` sit on a tmpfs of their own, so no
+//! mount point is ever made in the shared image).
 
 use std::path::PathBuf;
 
+use atrium_core::volume::VOLUMES_DIR;
 use serde_json::{json, Value};
 
 /// Everything one container's `config.json` is made from.
@@ -35,6 +38,16 @@ pub struct Bundle {
     /// Character devices the container may open: the GPUs its placement
     /// holds (and the driver's control nodes), nothing else.
     pub devices: Vec<Device>,
+    /// The tenant's volumes, bound in.
+    pub volumes: Vec<VolumeBind>,
+}
+
+/// A volume mounted on the host at `source`, bound at `destination`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VolumeBind {
+    pub source: PathBuf,
+    pub destination: String,
+    pub read_only: bool,
 }
 
 /// A character device node passed into a container.
@@ -136,6 +149,42 @@ impl Bundle {
         if let Some(cgroup) = &self.cgroup {
             linux["cgroupsPath"] = json!(cgroup);
         }
+        let mut mounts = json!([
+            {"destination": "/proc", "type": "proc", "source": "proc",
+             "options": ["nosuid", "noexec", "nodev"]},
+            {"destination": "/dev", "type": "tmpfs", "source": "tmpfs",
+             "options": ["nosuid", "strictatime", "mode=755", "size=65536k"]},
+            {"destination": "/dev/pts", "type": "devpts", "source": "devpts",
+             "options": ["nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620"]},
+            {"destination": "/dev/shm", "type": "tmpfs", "source": "shm",
+             "options": ["nosuid", "noexec", "nodev", "mode=1777", "size=65536k"]},
+            {"destination": "/dev/mqueue", "type": "mqueue", "source": "mqueue",
+             "options": ["nosuid", "noexec", "nodev"]},
+            {"destination": "/sys", "type": "sysfs", "source": "sysfs",
+             "options": ["nosuid", "noexec", "nodev", "ro"]},
+            {"destination": "/tmp", "type": "tmpfs", "source": "tmpfs",
+             "options": ["nosuid", "nodev", "mode=1777", "size=262144k"]},
+            {"destination": "/scratch", "type": "bind", "source": self.scratch,
+             "options": ["rbind", "rw", "nosuid", "nodev"]},
+        ]);
+        if let Some(list) = mounts.as_array_mut() {
+            let under = format!("{VOLUMES_DIR}/");
+            if self
+                .volumes
+                .iter()
+                .any(|v| v.destination.starts_with(&under))
+            {
+                list.push(
+                    json!({"destination": VOLUMES_DIR, "type": "tmpfs", "source": "tmpfs",
+                    "options": ["nosuid", "nodev", "noexec", "mode=755", "size=64k"]}),
+                );
+            }
+            list.extend(self.volumes.iter().map(|v| {
+                let mode = if v.read_only { "ro" } else { "rw" };
+                json!({"destination": v.destination, "type": "bind", "source": v.source,
+                       "options": ["rbind", mode, "nosuid", "nodev"]})
+            }));
+        }
         json!({
             "ociVersion": "1.0.2",
             "process": {
@@ -152,24 +201,7 @@ impl Bundle {
             },
             "root": {"path": self.rootfs, "readonly": true},
             "hostname": self.hostname,
-            "mounts": [
-                {"destination": "/proc", "type": "proc", "source": "proc",
-                 "options": ["nosuid", "noexec", "nodev"]},
-                {"destination": "/dev", "type": "tmpfs", "source": "tmpfs",
-                 "options": ["nosuid", "strictatime", "mode=755", "size=65536k"]},
-                {"destination": "/dev/pts", "type": "devpts", "source": "devpts",
-                 "options": ["nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620"]},
-                {"destination": "/dev/shm", "type": "tmpfs", "source": "shm",
-                 "options": ["nosuid", "noexec", "nodev", "mode=1777", "size=65536k"]},
-                {"destination": "/dev/mqueue", "type": "mqueue", "source": "mqueue",
-                 "options": ["nosuid", "noexec", "nodev"]},
-                {"destination": "/sys", "type": "sysfs", "source": "sysfs",
-                 "options": ["nosuid", "noexec", "nodev", "ro"]},
-                {"destination": "/tmp", "type": "tmpfs", "source": "tmpfs",
-                 "options": ["nosuid", "nodev", "mode=1777", "size=262144k"]},
-                {"destination": "/scratch", "type": "bind", "source": self.scratch,
-                 "options": ["rbind", "rw", "nosuid", "nodev"]},
-            ],
+            "mounts": mounts,
             "linux": linux,
         })
     }
@@ -238,6 +270,7 @@ mod tests {
             pids: 512,
             scratch: "/s".into(),
             devices,
+            volumes: vec![],
         }
     }
 
@@ -289,6 +322,48 @@ mod tests {
             json!([{"allow": false, "access": "rwm"}])
         );
         assert_eq!(c["linux"]["devices"], json!([]));
+    }
+
+    #[test]
+    fn volumes_are_bound_nosuid_and_those_under_volumes_sit_on_a_fresh_tmpfs() {
+        let bind = |dest: &str, read_only| VolumeBind {
+            source: format!("/host{dest}").into(),
+            destination: dest.into(),
+            read_only,
+        };
+        let b = Bundle {
+            volumes: vec![bind("/volumes/data", false), bind("/srv", true)],
+            ..bundle(vec![])
+        };
+        let c = b.config();
+        let mounts = c["mounts"].as_array().unwrap();
+        let at = |dest: &str| {
+            mounts
+                .iter()
+                .position(|m| m["destination"] == dest)
+                .unwrap()
+        };
+        assert_eq!(mounts[at("/volumes")]["type"], "tmpfs");
+        assert!(at("/volumes") < at("/volumes/data"), "the tmpfs first");
+        assert_eq!(
+            mounts[at("/volumes/data")]["options"],
+            json!(["rbind", "rw", "nosuid", "nodev"])
+        );
+        assert_eq!(mounts[at("/srv")]["options"][1], "ro");
+        assert_eq!(mounts[at("/srv")]["source"], "/host/srv");
+        // Without volumes under /volumes, no tmpfs there.
+        let plain = Bundle {
+            volumes: vec![bind("/srv", false)],
+            ..bundle(vec![])
+        }
+        .config();
+        let dests: Vec<&Value> = plain["mounts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| &m["destination"])
+            .collect();
+        assert!(!dests.contains(&&json!("/volumes")));
     }
 
     #[test]

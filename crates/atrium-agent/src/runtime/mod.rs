@@ -7,11 +7,13 @@
 mod bundle;
 pub mod image;
 mod unpack;
+pub mod volume;
 
 use std::path::{Path, PathBuf};
 
-pub use bundle::{gpu_devices, process_args, Bundle};
+pub use bundle::{gpu_devices, process_args, Bundle, VolumeBind};
 pub use image::{ImageCache, Pulled};
+pub use volume::VolumeStore;
 
 /// The runc binary, and where it keeps its containers' state (per agent).
 #[derive(Debug, Clone)]

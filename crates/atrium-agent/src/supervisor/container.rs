@@ -2,13 +2,15 @@
 //! node's cache), a runc bundle built over the sandbox the agent made for
 //! it, and `runc run` supervised in the foreground like an engine.
 
+use std::path::Path;
 use std::process::Stdio;
 
 use atrium_core::lifecycle::LifecycleState;
+use atrium_core::volume::{check_path, VolumeAttachment, VOLUMES_DIR};
 use atrium_core::workload::ContainerSpec;
 
 use super::{Engine, ReplicaCtx};
-use crate::runtime::{gpu_devices, process_args, Bundle, ImageCache, Runc};
+use crate::runtime::{gpu_devices, process_args, Bundle, ImageCache, Runc, VolumeBind};
 use crate::sandbox::{CPU_PERIOD_US, PIDS_LIMIT};
 use crate::state::RunningEngine;
 
@@ -56,6 +58,7 @@ impl ReplicaCtx {
                 sandbox.isolation
             ));
         };
+        let volumes = self.bind_volumes(uid, &pulled.rootfs).await?;
         let port = container.ports.first().copied();
         let mut running = self.reserve_ports(
             &sandbox.listen_ip,
@@ -135,6 +138,7 @@ impl ReplicaCtx {
             pids: u64::from(PIDS_LIMIT),
             scratch,
             devices: gpu_devices(&gpus),
+            volumes,
         };
         let written = tokio::task::spawn_blocking(move || bundle.write())
             .await
@@ -170,6 +174,37 @@ impl ReplicaCtx {
         Ok((Engine::Child(child), running))
     }
 
+    /// The placement's volumes, made and mounted on this node, as binds
+    /// into the container. A mount point outside `/volumes` must be a
+    /// directory the image has.
+    async fn bind_volumes(&self, uid: u32, rootfs: &Path) -> Result<Vec<VolumeBind>, String> {
+        let attachments = self.spec().volumes.clone();
+        if attachments.is_empty() {
+            return Ok(Vec::new());
+        }
+        let (shared, rootfs) = (self.shared.clone(), rootfs.to_path_buf());
+        let bind = move |a: &VolumeAttachment| -> Result<VolumeBind, String> {
+            check_path(&a.path)?;
+            if !a.path.starts_with(&format!("{VOLUMES_DIR}/")) {
+                image_dir(&rootfs, &a.path)?;
+            }
+            let source = shared.volumes.ensure(&a.id, a.size.0, uid)?;
+            Ok(VolumeBind {
+                source,
+                destination: a.path.clone(),
+                read_only: a.read_only,
+            })
+        };
+        tokio::task::spawn_blocking(move || {
+            attachments
+                .iter()
+                .map(|a| bind(a).map_err(|why| format!("volume {}: {why}", a.name)))
+                .collect()
+        })
+        .await
+        .map_err(|e| e.to_string())?
+    }
+
     /// A container is healthy when its first port accepts a connection,
     /// or, with no port, as long as it runs.
     pub(super) async fn container_healthy(&self, endpoint: &str) -> bool {
@@ -182,4 +217,22 @@ impl ReplicaCtx {
             Ok(Ok(_))
         )
     }
+}
+
+/// Checks that `path` is a directory of the image at `rootfs`, reached
+/// without a symlink: runc would otherwise make the mount point in the
+/// cached image, which other tenants' containers share.
+fn image_dir(rootfs: &Path, path: &str) -> Result<(), String> {
+    let mut at = rootfs.to_path_buf();
+    for part in path.trim_start_matches('/').split('/') {
+        at.push(part);
+        let is_dir = std::fs::symlink_metadata(&at).is_ok_and(|m| m.is_dir());
+        if !is_dir {
+            return Err(format!(
+                "{path} is not a directory of the image (symlinks are not followed): \
+                 mount it under {VOLUMES_DIR}/ or at a directory the image has"
+            ));
+        }
+    }
+    Ok(())
 }

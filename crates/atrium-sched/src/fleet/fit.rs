@@ -64,6 +64,16 @@ pub(super) fn static_allows(node: &Node, r: &Request, policy: &TenantPolicy) -> 
     Ok(())
 }
 
+/// Whether `node` is one `r` is restricted to, if it is restricted: a
+/// node's own, not its class's, so never cached with the static verdict.
+pub(super) fn on_its_nodes(node: &Node, r: &Request) -> Result<(), NoFit> {
+    if r.nodes.is_empty() || r.nodes.contains(&node.name) {
+        Ok(())
+    } else {
+        Err(NoFit::NotItsNodes)
+    }
+}
+
 pub(super) fn sigmoid(x: f64) -> f64 {
     1.0 / (1.0 + (-x).exp())
 }
@@ -412,6 +422,7 @@ impl Fleet {
                     })
                 })
                 .unwrap_or(Err(NoFit::UnknownClass))
+                .and_then(|()| on_its_nodes(node, r))
                 .and_then(|()| self.summary[i].admits(r))
                 .and_then(|()| self.summary[i].tenancy_allows(t, policy.isolation));
             if let Err(why) = verdict {

@@ -307,6 +307,7 @@ mod tests {
             gpu_memory_mib: 0,
             models: vec![],
             sites: vec![],
+            nodes: vec![],
         }
     }
 

@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 
-use super::fit::{static_allows, Choice};
+use super::fit::{on_its_nodes, static_allows, Choice};
 use super::types::{Binding, Refusal, Request, TenantPolicy};
 use super::Fleet;
 
@@ -118,6 +118,7 @@ impl Fleet {
             self.apply(&mut u, node, &self.held_by(v), &v.slots, false);
         }
         static_allows(&self.nodes[node], r, policy).ok()?;
+        on_its_nodes(&self.nodes[node], r).ok()?;
         self.summary_of(node, &u)
             .tenancy_allows(t, policy.isolation)
             .ok()?;

@@ -155,6 +155,8 @@ pub struct Request {
     pub models: Vec<String>,
     /// Acceptable sites; any when empty.
     pub sites: Vec<String>,
+    /// Acceptable nodes (those holding its volumes); any when empty.
+    pub nodes: Vec<String>,
 }
 
 impl Request {
@@ -257,6 +259,7 @@ pub enum NoFit {
     SharedNode,
     DedicatedToAnother,
     NotInSites,
+    NotItsNodes,
     OutsideResidency,
     OutsideLeaf,
     UnknownClass,
@@ -285,6 +288,7 @@ impl NoFit {
             NoFit::SharedNode => "shared with another tenant (tenant is dedicated-node)",
             NoFit::DedicatedToAnother => "dedicated to another tenant",
             NoFit::NotInSites => "not in the requested sites",
+            NoFit::NotItsNodes => "not a node that holds (or has disk for) its volumes",
             NoFit::OutsideResidency => "outside the tenant's residency",
             NoFit::OutsideLeaf => "outside the gang's leaf group",
             NoFit::UnknownClass => "unknown node class",

@@ -100,6 +100,7 @@ pub fn fleet_request(
         gpu_memory_mib: r.gpu_memory.map(|m| m.0.div_ceil(MIB)).unwrap_or(0),
         models: r.gpu_models.clone(),
         sites: sites.to_vec(),
+        nodes: Vec::new(),
     }
 }
 

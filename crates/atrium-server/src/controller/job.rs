@@ -166,8 +166,39 @@ impl Owner<'_> {
         let members: Vec<u32> = (0..job.completions)
             .filter(|i| !succeeded.contains(i))
             .collect();
-        let requests: Vec<_> = members.iter().map(|i| self.request(*i)).collect();
-        match pass.fleet.place_gang(&requests, false) {
+        let requests: Result<Vec<_>, String> =
+            members.iter().map(|i| self.request(*i, pass)).collect();
+        let requests = match requests {
+            Ok(r) => r,
+            Err(why) => {
+                pass.plan.unplaceable += members.len();
+                return Some(why);
+            }
+        };
+        // Volumes not yet on a node take the gang to one node that holds
+        // all of it, tried in name order.
+        let choices: Vec<Vec<String>> = match requests.first() {
+            Some(r) if pass.volumes.any_unbound(&self.volumes) => {
+                r.nodes.iter().map(|n| vec![n.clone()]).collect()
+            }
+            Some(r) => vec![r.nodes.clone()],
+            None => Vec::new(),
+        };
+        let mut placed = Err(atrium_sched::fleet::Refusal::Gang("no node to try".into()));
+        for nodes in choices {
+            let on: Vec<_> = requests
+                .iter()
+                .map(|r| atrium_sched::fleet::Request {
+                    nodes: nodes.clone(),
+                    ..r.clone()
+                })
+                .collect();
+            placed = pass.fleet.place_gang(&on, false);
+            if placed.is_ok() {
+                break;
+            }
+        }
+        match placed {
             Ok(bindings) => {
                 for (index, binding) in members.iter().zip(&bindings) {
                     if let Err(why) = self.push_place(*index, binding, existing, pass) {
@@ -195,7 +226,13 @@ impl Owner<'_> {
         pass: &mut Pass,
     ) -> Option<String> {
         for index in next {
-            let request = self.request(*index);
+            let request = match self.request(*index, pass) {
+                Ok(r) => r,
+                Err(why) => {
+                    pass.plan.unplaceable += 1;
+                    return Some(why);
+                }
+            };
             match pass.place(&request, self) {
                 Ok(binding) => {
                     if let Err(why) = self.push_place(*index, &binding, existing, pass) {

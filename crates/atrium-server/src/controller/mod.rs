@@ -17,17 +17,19 @@ mod fleet_view;
 mod job;
 mod owner;
 mod plan;
+mod volume;
 
 use std::collections::HashMap;
 use std::time::Duration;
 
+use atrium_core::volume::VolumeStatus;
 use atrium_store::{AuditContext, Object, Store, TenantFilter, Write, WriteError};
 
 pub use fleet_view::LEAF_LABEL;
 pub use plan::{plan, Action, Plan, World};
 
 use crate::crud::new_id;
-use crate::kinds::{Deployment, Model, Node, Placement, Resource, Site, Tenant, Workload};
+use crate::kinds::{Deployment, Model, Node, Placement, Resource, Site, Tenant, Volume, Workload};
 use crate::stored;
 
 /// What one pass did.
@@ -38,16 +40,20 @@ pub struct Outcome {
     pub statuses_updated: usize,
     /// Finished jobs deleted when their time to live ran out.
     pub deleted: usize,
+    /// Volumes given a node.
+    pub volumes_bound: usize,
     /// Replicas that found no node.
     pub unplaceable: usize,
 }
 
-/// Reads the world from the store: every object the plan needs, typed.
+/// Reads the world from the store: every object the plan needs, typed,
+/// and the raw objects whose status a pass may write (owners, volumes).
 /// Objects whose stored spec does not parse are left out (and logged).
 async fn read_world(store: &Store) -> Result<(World, Vec<Object>), atrium_store::StoreError> {
     let all = TenantFilter::All;
     let deployments = store.list_all(Deployment::KIND, &all).await?;
     let workloads = store.list_all(Workload::KIND, &all).await?;
+    let volumes = store.list_all(Volume::KIND, &all).await?;
     let world = World {
         deployments: stored::all::<Deployment>(&deployments),
         workloads: stored::all::<Workload>(&workloads),
@@ -56,9 +62,11 @@ async fn read_world(store: &Store) -> Result<(World, Vec<Object>), atrium_store:
         models: stored::all::<Model>(&store.list_all(Model::KIND, &all).await?),
         sites: stored::specs_by_name::<Site>(&store.list_all(Site::KIND, &all).await?),
         tenants: stored::specs_by_name::<Tenant>(&store.list_all(Tenant::KIND, &all).await?),
+        volumes: stored::all::<Volume>(&volumes),
         now: time::OffsetDateTime::now_utc().unix_timestamp(),
     };
-    Ok((world, deployments.into_iter().chain(workloads).collect()))
+    let written = deployments.into_iter().chain(workloads).chain(volumes);
+    Ok((world, written.collect()))
 }
 
 /// One reconcile pass: read the world, plan, carry the plan out.
@@ -133,6 +141,25 @@ pub async fn reconcile(store: &Store) -> Result<Outcome, atrium_store::StoreErro
                 };
                 let action = format!("{kind}.expire");
                 outcome.deleted += usize::from(write(store, w, &action).await);
+            }
+            Action::BindVolume { id, revision, node } => {
+                let Some(v) = owners.get(id.as_str()) else {
+                    continue;
+                };
+                let status = VolumeStatus {
+                    reason: format!("on node {node}"),
+                    node: Some(node),
+                };
+                let Ok(body) = stored::with_status::<Volume>(&v.body, &status) else {
+                    continue;
+                };
+                let w = Write::Update {
+                    kind: Volume::KIND.into(),
+                    id,
+                    body,
+                    if_revision: Some(revision),
+                };
+                outcome.volumes_bound += usize::from(write(store, w, "volume.bind").await);
             }
         }
     }

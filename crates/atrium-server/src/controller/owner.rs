@@ -7,11 +7,13 @@ use atrium_core::lifecycle::{LifecycleState, Status};
 use atrium_core::model::{ModelSpec, ModelTask};
 use atrium_core::placement::{PlacementSpec, ReplicaStatus};
 use atrium_core::tenant::TenantSpec;
+use atrium_core::volume::VolumeAttachment;
 use atrium_core::workload::{JobSpec, WorkloadSpec};
 use atrium_sched::fleet;
 
 use super::fleet_view::{fleet_request, from_slots};
 use super::plan::{model_of, Action, Pass, World};
+use super::volume::{volume_named, Mount};
 
 /// One status per replica number: a running copy (old or new) counts
 /// before one still starting.
@@ -106,6 +108,8 @@ pub(super) struct Owner<'a> {
     template: Template<'a>,
     /// Set for a job.
     pub job: Option<JobSpec>,
+    /// The volumes each replica mounts (a workload's).
+    pub volumes: Vec<Mount<'a>>,
     pub created_at: &'a str,
     pub updated_at: &'a str,
 }
@@ -141,6 +145,7 @@ impl<'a> Owner<'a> {
                 )
             },
             job: None,
+            volumes: Vec::new(),
             created_at: &d.created_at,
             updated_at: &d.updated_at,
         }
@@ -167,6 +172,12 @@ impl<'a> Owner<'a> {
             desired: w.spec.replicas as usize,
             template: Template::Container(&w.spec),
             job: w.spec.job(),
+            volumes: w
+                .spec
+                .volumes
+                .iter()
+                .map(|m| (m, volume_named(&world.volumes, tenant, &m.volume)))
+                .collect(),
             created_at: &w.created_at,
             updated_at: &w.updated_at,
         }
@@ -180,6 +191,7 @@ impl<'a> Owner<'a> {
         replica: u32,
         binding: &fleet::Binding,
         site: String,
+        volumes: Vec<VolumeAttachment>,
     ) -> Option<PlacementSpec> {
         let (engine, model, model_source, model_task, container) = match &self.template {
             Template::Model(engine, model) => {
@@ -216,6 +228,7 @@ impl<'a> Owner<'a> {
             resources: self.resources.clone(),
             gpus: from_slots(&binding.slots),
             retries: self.job.as_ref().map(|j| j.backoff_limit),
+            volumes,
         })
     }
 
@@ -234,7 +247,13 @@ impl<'a> Owner<'a> {
                     })
             }
             Template::External => true,
-            Template::Container(w) => p.container.as_ref() == Some(&w.container),
+            Template::Container(w) => {
+                p.container.as_ref() == Some(&w.container)
+                    && p.volumes.len() == w.volumes.len()
+                    && p.volumes.iter().zip(&w.volumes).all(|(a, m)| {
+                        a.name == m.volume && a.path == m.mount_path() && a.read_only == m.read_only
+                    })
+            }
         };
         runs_it && p.resources == *self.resources
     }
@@ -275,7 +294,13 @@ impl<'a> Owner<'a> {
             let (Some(_), false) = (self.tenant_spec, gone) else {
                 return Some("its model or tenant no longer exists".to_string());
             };
-            let request = self.request(replica);
+            let request = match self.request(replica, pass) {
+                Ok(r) => r,
+                Err(why) => {
+                    pass.plan.unplaceable += 1;
+                    return Some(why);
+                }
+            };
             let mut placed = pass.place(&request, self);
             if placed.is_err() && !outdated.is_empty() {
                 // No room beside the old replica: replace it in place.
@@ -298,15 +323,18 @@ impl<'a> Owner<'a> {
         None
     }
 
-    /// The scheduler's request for replica (or job index) `replica`.
-    pub(super) fn request(&self, replica: u32) -> fleet::Request {
-        fleet_request(
+    /// The scheduler's request for replica (or job index) `replica`, on
+    /// the nodes its volumes allow; `Err` says why no node does.
+    pub(super) fn request(&self, replica: u32, pass: &Pass) -> Result<fleet::Request, String> {
+        let mut request = fleet_request(
             format!("{}/{replica}", self.id),
             self.tenant,
             self.priority,
             self.resources,
             self.sites,
-        )
+        );
+        request.nodes = pass.volumes.nodes_for(&self.volumes)?;
+        Ok(request)
     }
 
     /// Plans the placement of `replica` where `binding` puts it. A
@@ -325,7 +353,10 @@ impl<'a> Owner<'a> {
             .get(binding.node_index())
             .map(|n| n.site.clone())
             .unwrap_or_default();
-        let Some(spec) = self.placement(replica, binding, site) else {
+        let volumes = pass
+            .volumes
+            .attach(&self.volumes, &binding.node, &mut pass.plan);
+        let Some(spec) = self.placement(replica, binding, site, volumes) else {
             return Err("its model no longer exists".to_string());
         };
         let name = format!("{}-{replica}", self.name);

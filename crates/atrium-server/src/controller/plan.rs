@@ -9,7 +9,7 @@
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 
-use atrium_api::{Deployment, Model, Node, Object, Placement, Workload};
+use atrium_api::{Deployment, Model, Node, Object, Placement, Volume, Workload};
 use atrium_core::lifecycle::{LifecycleState, Status};
 use atrium_core::placement::{PlacementSpec, ReplicaStatus};
 use atrium_core::site::SiteSpec;
@@ -18,6 +18,7 @@ use atrium_sched::fleet;
 
 use super::fleet_view::{fleet_node, fleet_request, tenant_policy, to_slots};
 use super::owner::Owner;
+use super::volume::VolumeMap;
 
 /// Everything a pass reads: the desired state (deployments, workloads,
 /// models, tenants), the observed one (placements and their replicas'
@@ -31,6 +32,7 @@ pub struct World {
     pub models: Vec<Object<Model>>,
     pub sites: HashMap<String, SiteSpec>,
     pub tenants: HashMap<String, TenantSpec>,
+    pub volumes: Vec<Object<Volume>>,
     /// Seconds since the Unix epoch: jobs' deadlines and times to live
     /// are measured against it.
     pub now: i64,
@@ -61,6 +63,12 @@ pub enum Action {
     },
     /// A finished job whose time to live has run out.
     Delete { kind: &'static str, id: String },
+    /// A volume made on `node`, where the first replica mounting it went.
+    BindVolume {
+        id: String,
+        revision: i64,
+        node: String,
+    },
 }
 
 /// What a pass decided.
@@ -99,6 +107,7 @@ pub(super) struct Pass<'w> {
     /// Owners that lost a replica to a higher priority in this pass, and
     /// to whom.
     preempted: HashMap<String, String>,
+    pub volumes: VolumeMap,
 }
 
 impl Pass<'_> {
@@ -206,6 +215,7 @@ pub fn plan(world: &World) -> Plan {
             }
         }
     }
+    let volumes = VolumeMap::of(world, &mut plan);
     let mut pass = Pass {
         fleet,
         plan,
@@ -215,6 +225,7 @@ pub fn plan(world: &World) -> Plan {
             .map(|p| (p.id.as_str(), p.spec.deployment.as_str()))
             .collect(),
         preempted: HashMap::new(),
+        volumes,
     };
 
     // One queue per tenant, highest priority first; the fleet's fair

@@ -14,6 +14,7 @@ pub mod node;
 pub mod quota;
 pub mod site;
 pub mod tenant;
+pub mod volume;
 pub mod workload;
 
 use std::path::PathBuf;

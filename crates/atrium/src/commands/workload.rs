@@ -6,9 +6,11 @@ use anyhow::{anyhow, Result};
 use atrium_api::Workload;
 use atrium_core::deployment::Resources;
 use atrium_core::quantity::{ByteSize, CpuMillis, GpuRequest};
+use atrium_core::volume::VolumeMount;
 use atrium_core::workload::{ContainerSpec, JobSpec, WorkloadKind, WorkloadSpec};
 use clap::{Args, Subcommand};
 
+use super::volume::parse_mount;
 use super::{create, read, Ctx, FromFile, ReadCmd};
 use crate::client::Columns;
 
@@ -48,6 +50,10 @@ pub enum WorkloadCmd {
         /// Sites the replicas may run in (comma-separated)
         #[arg(long, value_delimiter = ',')]
         sites: Vec<String>,
+        /// A volume of the tenant to mount, NAME[:/PATH][:ro] (at
+        /// /volumes/NAME by default), repeatable
+        #[arg(long = "volume", value_parser = parse_mount)]
+        volumes: Vec<VolumeMount>,
         #[arg(long)]
         tenant: Option<String>,
         #[command(flatten)]
@@ -139,6 +145,7 @@ pub async fn run(ctx: &Ctx, cmd: WorkloadCmd) -> Result<()> {
             job,
             priority,
             sites,
+            volumes,
             tenant,
             from,
             args,
@@ -170,6 +177,7 @@ pub async fn run(ctx: &Ctx, cmd: WorkloadCmd) -> Result<()> {
                     job,
                     priority,
                     sites,
+                    volumes,
                 })
             })
             .await

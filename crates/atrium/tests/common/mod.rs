@@ -1,6 +1,7 @@
 //! What the binary's end-to-end tests share.
-#![allow(dead_code, clippy::unwrap_used)]
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+pub mod cloud;
 pub mod oci;
 
 /// The `atrium` binary under test.
