@@ -5,6 +5,9 @@
 //! that is not there says ErrImagePull; a deleted workload leaves nothing.
 //! A gang `job` starts all its workers or none, each seeing only its GPU,
 //! and completes; a job that keeps failing fails at its backoff limit.
+//! A higher-priority job within its tenant's guarantee evicts a borrower,
+//! which is requeued and completes later. A volume keeps one job's output
+//! for the next, holds its size, and is zeroed when deleted.
 #![allow(clippy::unwrap_used, clippy::panic, clippy::expect_used)]
 
 mod common;
@@ -25,6 +28,7 @@ use serde_json::{json, Value};
 const SERVICE_OCTET: u8 = 236;
 const JOB_OCTET: u8 = 237;
 const VOLUME_OCTET: u8 = 239;
+const PREEMPT_OCTET: u8 = 240;
 
 #[test]
 fn a_service_runs_its_tenants_image_under_runc_in_the_tenants_sandbox() {
@@ -537,4 +541,113 @@ fn a_volume_keeps_one_jobs_output_for_the_next_holds_its_size_and_is_zeroed_when
 
 fn args(v: &[String]) -> Vec<&str> {
     v.iter().map(String::as_str).collect()
+}
+
+#[test]
+fn a_job_within_its_guarantee_preempts_a_borrower_which_completes_later() {
+    require_root_and_runc();
+    let mut cloud = Cloud::start(PREEMPT_OCTET);
+    let low = cloud.tenant("low");
+    cloud.call(
+        Method::POST,
+        "/v1/tenants",
+        json!({"name": "high", "spec": {"priority": 10}}),
+    );
+    let high = cloud.call(
+        Method::POST,
+        "/v1/keys",
+        json!({"name": "k", "tenant": "high", "spec": {"scopes": ["admin"]}}),
+    )["secret"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let build = tempfile::tempdir().unwrap();
+    busybox_layout(build.path());
+    cloud.push(&build.path().join("oci"), "library/busybox:1", &cloud.admin);
+    cloud.start_agent("1xH100-80GB");
+    let mut node = Value::Null;
+    wait_for("the node", 30, || {
+        node = cloud.call(Method::GET, "/v1/nodes", Value::Null)["items"][0].clone();
+        !node.is_null()
+    });
+    // Each job asks three quarters of the node's CPUs: two never fit.
+    let cpus: f64 = node["spec"]["capacity"]["cpu"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let share = format!("{}m", (cpus * 750.0) as u64);
+    // low is guaranteed a tenth of a CPU and borrows the rest; high is
+    // guaranteed all of it.
+    for (tenant, quota) in [
+        (
+            "low",
+            json!({"cpu": "100m", "borrowing": {"cpu": format!("{cpus}")}}),
+        ),
+        ("high", json!({"cpu": format!("{cpus}")})),
+    ] {
+        cloud.call(
+            Method::PUT,
+            &format!("/v1/quotas/{tenant}"),
+            json!({"quota": quota}),
+        );
+    }
+    let job = |name: &str, key: &str, seconds: u32| {
+        let script = format!("sleep {seconds}; echo {name}-done");
+        let (ok, said) = cloud.cli(
+            &[
+                "workload",
+                "run",
+                name,
+                "--image",
+                "library/busybox:1",
+                "--job",
+                "--cpu",
+                &share,
+                "--memory",
+                "32Mi",
+                "--",
+                "/bin/busybox",
+                "sh",
+                "-c",
+                &script,
+            ],
+            key,
+        );
+        assert!(ok, "{said}");
+    };
+    job("batch", &low, 3);
+    wait_for("the borrower to run", 60, || {
+        cloud.workload("low", "batch")["status"]["state"] == "running"
+    });
+    job("urgent", &high, 3);
+    let mut batch = Value::Null;
+    wait_for("the borrower to be preempted", 30, || {
+        batch = cloud.workload("low", "batch");
+        batch["status"]["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("preempted by high/urgent (priority 10)"))
+    });
+    assert_eq!(batch["status"]["state"], "pending", "{batch}");
+    wait_for("the urgent job to run", 60, || {
+        cloud.workload("high", "urgent")["status"]["state"] == "running"
+    });
+    // Requeued, the borrower waits: it never evicts the higher priority.
+    assert_eq!(cloud.workload("low", "batch")["status"]["state"], "pending");
+    assert!(
+        cloud.placements("low").is_empty(),
+        "no replica of the borrower runs"
+    );
+    wait_for("the urgent job to complete", 60, || {
+        cloud.workload("high", "urgent")["status"]["state"] == "succeeded"
+    });
+    wait_for("the borrower to complete later", 90, || {
+        cloud.workload("low", "batch")["status"]["state"] == "succeeded"
+    });
+    let agent_dir = cloud.dir.path().join("agent");
+    let (ok, logs) = cloud.cli(
+        &["logs", "batch", "--data-dir", agent_dir.to_str().unwrap()],
+        &low,
+    );
+    assert!(ok && logs.contains("batch-done"), "{logs}");
 }
