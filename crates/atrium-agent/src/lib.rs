@@ -11,6 +11,7 @@
 //! on while the control plane is away and re-adopts its engines when it
 //! restarts itself.
 
+mod execs;
 mod inventory;
 mod janitor;
 pub mod runtime;
@@ -229,6 +230,7 @@ pub async fn run(
     tokio::select! {
         _ = work => {}
         _ = janitor::run(shared.clone()) => {}
+        _ = execs::run(shared.clone()) => {}
         _ = shutdown => {}
     }
     supervisor.stop_all().await;

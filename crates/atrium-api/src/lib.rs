@@ -9,8 +9,8 @@
 mod resource;
 
 pub use resource::{
-    Credential, Deployment, JoinToken, Key, Model, NoStatus, Node, Object, Ownership, Placement,
-    Resource, Site, Tenant, Volume, Workload,
+    Credential, Deployment, Exec, JoinToken, Key, Model, NoStatus, Node, Object, Ownership,
+    Placement, Resource, Site, Tenant, Volume, Workload,
 };
 use serde::{Deserialize, Serialize};
 use serde_json::Value;

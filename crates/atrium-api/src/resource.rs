@@ -11,6 +11,7 @@
 use std::fmt::Debug;
 
 use atrium_core::deployment::DeploymentSpec;
+use atrium_core::exec::{ExecSpec, ExecStatus};
 use atrium_core::key::KeySpec;
 use atrium_core::lifecycle::Status;
 use atrium_core::model::ModelSpec;
@@ -106,6 +107,10 @@ resource!(
     /// A tenant's persistent disk of a hard size, on the node of its first
     /// user, mounted into its workloads.
     Volume, "volume", "volumes", "vol_", Tenant, VolumeSpec, VolumeStatus
+);
+resource!(
+    /// A command run in one of a workload's containers, and what came of it.
+    Exec, "exec", "execs", "exe_", Tenant, ExecSpec, ExecStatus
 );
 resource!(
     /// A tenant's API key. Key ids are the `atr_<id>_…` token's middle part,

@@ -8,6 +8,7 @@
 //! document is generated from these very types.
 
 pub mod deployment;
+pub mod exec;
 pub mod histogram;
 pub mod key;
 pub mod lifecycle;

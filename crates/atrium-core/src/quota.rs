@@ -41,6 +41,10 @@ pub struct Quota {
     /// `storage`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub volumes: Option<u64>,
+    /// Execs kept at once [default: 20]: the CLI deletes each one it has
+    /// read; delete finished ones to run more.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub execs: Option<u64>,
     /// API keys held at once, revoked ones included [default: 100].
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub keys: Option<u64>,
@@ -157,6 +161,7 @@ pub enum Counted {
     Keys,
     Watches,
     Volumes,
+    Execs,
 }
 
 impl Counted {
@@ -168,6 +173,7 @@ impl Counted {
             Counted::Keys => "keys",
             Counted::Watches => "watches",
             Counted::Volumes => "volumes",
+            Counted::Execs => "execs",
         }
     }
 
@@ -176,6 +182,7 @@ impl Counted {
         match self {
             Counted::Deployments | Counted::Models | Counted::Keys | Counted::Volumes => 100,
             Counted::Watches => 32,
+            Counted::Execs => 20,
         }
     }
 }
@@ -189,6 +196,7 @@ impl Quota {
             Counted::Keys => self.keys,
             Counted::Watches => self.watches,
             Counted::Volumes => self.volumes,
+            Counted::Execs => self.execs,
         };
         set.unwrap_or(what.default_cap())
     }

@@ -24,8 +24,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 pub use atrium_api::{
-    Credential, Deployment, JoinToken, Key, Model, Node, Ownership, Placement, Resource, Site,
-    Tenant, Volume, Workload,
+    Credential, Deployment, Exec, JoinToken, Key, Model, Node, Ownership, Placement, Resource,
+    Site, Tenant, Volume, Workload,
 };
 
 use crate::auth::{Caller, Role};
@@ -104,7 +104,7 @@ pub fn permits<K: Kind>(role: Role, access: Access) -> bool {
         // Its own node (registration), and the placements on it.
         Role::Node => matches!(
             (K::KIND, access),
-            (Node::KIND, _) | (Placement::KIND | Volume::KIND, Access::Read)
+            (Node::KIND, _) | (Placement::KIND | Volume::KIND | Exec::KIND, Access::Read)
         ),
         // What routing needs: keys, deployments, tenants' limits and the
         // placements of its site.
@@ -127,6 +127,10 @@ pub fn plane_sees<K: Kind>(plane: &CredentialSpec, object: &Object) -> bool {
         (Plane::Node, Node::KIND) => object.name == plane.name,
         (Plane::Node, Placement::KIND) => placement().is_some_and(|p| p.node == plane.name),
         // The volumes it holds: the agent scrubs what is no longer among them.
+        // The commands to run in its containers.
+        (Plane::Node, Exec::KIND) => {
+            stored::spec::<Exec>(object).is_ok_and(|e| e.node == plane.name)
+        }
         (Plane::Node, Volume::KIND) => stored::status::<Volume>(object)
             .is_some_and(|v| v.node.as_deref() == Some(plane.name.as_str())),
         // Placements made before they recorded their site are every
@@ -229,6 +233,7 @@ impl Kind for Tenant {
             Deployment::KIND,
             Workload::KIND,
             Volume::KIND,
+            Exec::KIND,
             Model::KIND,
             Key::KIND,
         ] {

@@ -12,6 +12,7 @@ mod auth;
 pub mod controller;
 mod crud;
 pub mod error;
+mod exec;
 mod extract;
 mod kinds;
 mod limit_ledger;
@@ -41,8 +42,8 @@ use tokio::sync::watch;
 pub use auth::{Role, ADMIN_TOKEN_PREFIX};
 use error::ApiError;
 use kinds::{
-    Credential, Deployment, JoinToken, Key, Kind, Model, Node, Placement, Site, Tenant, Volume,
-    Workload,
+    Credential, Deployment, Exec, JoinToken, Key, Kind, Model, Node, Placement, Site, Tenant,
+    Volume, Workload,
 };
 use metrics::Metrics;
 
@@ -284,8 +285,18 @@ pub fn router(state: AppState) -> Router {
         )
         .route(
             "/v1/placements/{ident}/status",
-            axum::routing::put(tenancy::set_replica_status),
+            axum::routing::put(tenancy::set_status::<Placement>),
         )
+        .route("/v1/execs", get(crud::list::<Exec>))
+        .route(
+            "/v1/execs/{ident}",
+            get(crud::get::<Exec>).delete(crud::delete::<Exec>),
+        )
+        .route(
+            "/v1/execs/{ident}/status",
+            axum::routing::put(tenancy::set_status::<Exec>),
+        )
+        .route("/v1/workloads/{ident}/exec", post(exec::run))
         .route(
             "/v1/usage",
             get(tenancy::list_usage).post(tenancy::record_usage),

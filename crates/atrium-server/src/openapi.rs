@@ -9,8 +9,8 @@ use utoipa::openapi::{RefOr, Schema};
 use utoipa::ToSchema;
 
 use crate::kinds::{
-    Credential, Deployment, JoinToken, Key, Kind, Model, Node, Placement, Resource, Site, Tenant,
-    Volume, Workload,
+    Credential, Deployment, Exec, JoinToken, Key, Kind, Model, Node, Placement, Resource, Site,
+    Tenant, Volume, Workload,
 };
 
 fn schema_ref(name: &str) -> Value {
@@ -289,6 +289,7 @@ pub fn document() -> Value {
     add_kind::<Deployment>(&mut paths, &mut schemas, Some("Status"));
     add_kind::<Workload>(&mut paths, &mut schemas, Some("Status"));
     add_kind::<Volume>(&mut paths, &mut schemas, Some("VolumeStatus"));
+    add_kind::<Exec>(&mut paths, &mut schemas, Some("ExecStatus"));
     add_kind::<Key>(&mut paths, &mut schemas, Some("KeyStatus"));
     add_kind::<Placement>(&mut paths, &mut schemas, Some("ReplicaStatus"));
     add_kind::<JoinToken>(&mut paths, &mut schemas, Some("JoinTokenStatus"));
@@ -297,6 +298,8 @@ pub fn document() -> Value {
     add_schema::<atrium_core::placement::ReplicaStatus>(&mut schemas);
     add_schema::<Status>(&mut schemas);
     add_schema::<atrium_core::volume::VolumeStatus>(&mut schemas);
+    add_schema::<atrium_core::exec::ExecStatus>(&mut schemas);
+    add_schema::<atrium_core::exec::ExecRequest>(&mut schemas);
     add_schema::<Quota>(&mut schemas);
     add_schema::<ResourceUsage>(&mut schemas);
     schemas.insert(
@@ -369,14 +372,48 @@ pub fn document() -> Value {
                 json!({"type": "object", "required": ["quota"], "properties": {"quota": schema_ref("Quota")}}))
         }),
     );
+    // What nodes report: a replica's state, an exec's result.
+    for (plural, operation_id, summary, object, status) in [
+        (
+            "placements",
+            "set_replica_status",
+            "a replica's observed state",
+            "Placement",
+            "ReplicaStatus",
+        ),
+        (
+            "execs",
+            "set_exec_status",
+            "what came of an exec",
+            "Exec",
+            "ExecStatus",
+        ),
+    ] {
+        paths.insert(
+            format!("/v1/{plural}/{{ident}}/status"),
+            json!({"put": with_params(with_body(operation(operation_id.into(), plural,
+                format!("Report {summary} (the node's agent)"),
+                ("200", json_response("updated", schema_ref(object))), &["400", "401", "403", "404"]),
+                schema_ref(status)),
+                json!([{"name": "ident", "in": "path", "required": true, "schema": {"type": "string"}}]))}),
+        );
+    }
     paths.insert(
-        "/v1/placements/{ident}/status".into(),
-        json!({"put": with_params(with_body(operation("set_replica_status".into(), "placements",
-            "Report a replica's observed state (the node's agent)".into(),
-            ("200", json_response("updated", schema_ref("Placement"))), &["400", "401", "403", "404"]),
-            schema_ref("ReplicaStatus")),
-            json!([{"name": "ident", "in": "path", "required": true, "schema": {"type": "string"}}]))}),
+        "/v1/workloads/{ident}/exec".into(),
+        json!({"post": with_params(with_body(operation("exec_workload".into(), "workloads",
+            "Run a command in a running replica of a workload; poll the exec for its result".into(),
+            ("201", json_response("the exec, pending", schema_ref("Exec"))), &["400", "401", "403", "404", "409"]),
+            schema_ref("ExecRequest")),
+            json!([{"name": "ident", "in": "path", "required": true, "schema": {"type": "string"}},
+                   query("tenant", "string", "provider admin: the tenant a name belongs to")]))}),
     );
+    // Execs are made through their workload and never replaced.
+    if let Some(Value::Object(list)) = paths.get_mut("/v1/execs") {
+        list.remove("post");
+    }
+    if let Some(Value::Object(item)) = paths.get_mut("/v1/execs/{ident}") {
+        item.remove("put");
+    }
     paths.insert(
         "/v1/usage".into(),
         json!({

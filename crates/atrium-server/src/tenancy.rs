@@ -23,7 +23,7 @@ use crate::crud::{
 use crate::error::ApiError;
 use crate::extract::{JsonBody, Params};
 use crate::kinds::{
-    one_more, tenant_resources_used, Access, Key, KeyRecord, Placement, Resource, Tenant,
+    one_more, tenant_resources_used, Access, Key, KeyRecord, Kind, Resource, Tenant,
 };
 use crate::stored;
 use crate::{AppState, RequestId};
@@ -278,35 +278,38 @@ pub async fn list_audit(
     }))
 }
 
-/// `PUT /v1/placements/{id}/status`: the node's agent reports what it
-/// observes of a replica.
-pub async fn set_replica_status(
+/// `PUT /v1/placements/{id}/status` and `PUT /v1/execs/{id}/status`: the
+/// node's agent reports what it observed of a replica, or what came of an
+/// exec. Only the node an object is on (others are not visible to it:
+/// 404) and the provider write these; a tenant never writes its own.
+pub async fn set_status<K: Kind>(
     State(state): State<AppState>,
     Extension(caller): Extension<Caller>,
     Extension(rid): Extension<RequestId>,
     Path(ident): Path<String>,
-    JsonBody(status): JsonBody<atrium_core::placement::ReplicaStatus>,
+    JsonBody(status): JsonBody<K::Status>,
 ) -> Result<Json<Value>, ApiError> {
-    // A node's agent reports on its own node's placements only: others
-    // are not visible to it (404).
-    if caller.role != Role::Node {
-        require::<Placement>(&caller, Access::Write)?;
+    if !matches!(caller.role, Role::Node | Role::ProviderAdmin) {
+        return Err(ApiError::Forbidden(format!(
+            "only the node running it reports a {}'s status",
+            K::KIND
+        )));
     }
-    let object = resolve::<Placement>(&state, &caller, &ident, None).await?;
-    if stored::status::<Placement>(&object).as_ref() == Some(&status) {
+    let object = resolve::<K>(&state, &caller, &ident, None).await?;
+    if stored::status::<K>(&object).as_ref() == Some(&status) {
         return Ok(Json(view(&object)));
     }
-    let body = stored::with_status::<Placement>(&object.body, &status)?;
+    let body = stored::with_status::<K>(&object.body, &status)?;
     let updated = write(
         &state,
         Write::Update {
-            kind: Placement::KIND.into(),
+            kind: K::KIND.into(),
             id: object.id,
             body,
             if_revision: None,
         },
         None,
-        audit(&caller, &rid, "placement.status".into()),
+        audit(&caller, &rid, format!("{}.status", K::KIND)),
     )
     .await?;
     Ok(Json(view(&updated)))

@@ -728,3 +728,50 @@ async fn volumes_count_against_storage_keep_their_size_and_stay_while_mounted() 
     let (status, v) = call(Method::DELETE, "/v1/volumes/data", &acme, Value::Null).await;
     assert_eq!(status, 200, "{v}");
 }
+
+#[tokio::test]
+async fn an_exec_needs_a_running_replica_and_only_a_node_reports_one() {
+    let s = TestServer::start(TestBackend::Sqlite).await;
+    s.create_tenant("acme", json!({})).await;
+    let acme = s.create_key("acme", "k", &["admin"]).await;
+    let workload = json!({"name": "w", "spec": {"image": "library/x",
+        "resources": {"cpu": "1", "memory": "64Mi"}}});
+    let (status, _) = s
+        .call(Method::POST, "/v1/workloads", Some(&acme), Some(&workload))
+        .await;
+    assert_eq!(status, 201);
+    let ask = |command: Value| json!({"command": command});
+    let (status, v) = s
+        .call(
+            Method::POST,
+            "/v1/workloads/w/exec",
+            Some(&acme),
+            Some(&ask(json!(["--user=0", "id"]))),
+        )
+        .await;
+    assert_eq!(status, 400, "{v}");
+    let (status, v) = s
+        .call(
+            Method::POST,
+            "/v1/workloads/w/exec",
+            Some(&acme),
+            Some(&ask(json!(["/bin/id"]))),
+        )
+        .await;
+    assert_eq!(status, 409, "nothing runs yet: {v}");
+    assert!(v.to_string().contains("not_running"), "{v}");
+    // Execs are made through their workload only, and reported by nodes.
+    let (status, _) = s
+        .call(Method::POST, "/v1/execs", Some(&acme), Some(&json!({})))
+        .await;
+    assert_eq!(status, 405);
+    let (status, _) = s
+        .call(
+            Method::PUT,
+            "/v1/execs/exe_0000000000000000/status",
+            Some(&acme),
+            Some(&json!({"state": "succeeded", "stdout": "forged"})),
+        )
+        .await;
+    assert_eq!(status, 403);
+}

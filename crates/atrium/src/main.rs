@@ -128,6 +128,24 @@ enum Command {
         #[arg(long, short = 'f')]
         follow: bool,
     },
+    /// Run a command in a running container of a workload (through its
+    /// node's agent) and print its output: `atrium exec web -- ls /scratch`.
+    Exec {
+        /// Workload, by id or name
+        workload: String,
+        /// The replica (job index) to run in; the first running one if absent
+        #[arg(long)]
+        replica: Option<u32>,
+        /// Seconds before the command is stopped (at most 600)
+        #[arg(long, default_value_t = 30)]
+        timeout: u32,
+        /// Tenant the name belongs to (provider admin)
+        #[arg(long)]
+        tenant: Option<String>,
+        /// The program and its arguments (no shell)
+        #[arg(last = true, required = true)]
+        command: Vec<String>,
+    },
     /// Replay a GPU cluster trace under a placement policy (FGD's method).
     Sim(SimArgs),
     /// Make a trace variant: the CPU-only tasks redrawn to a share of all
@@ -558,6 +576,24 @@ async fn client_command(ctx: &Ctx, command: Command) -> Result<()> {
             tenant,
             follow,
         } => commands::logs::run(ctx, &deployment, tenant.as_deref(), follow).await,
+        Command::Exec {
+            workload,
+            replica,
+            timeout,
+            tenant,
+            command,
+        } => {
+            let request = atrium_core::exec::ExecRequest {
+                command,
+                replica,
+                timeout_seconds: timeout,
+            };
+            let code = commands::exec::run(ctx, &workload, tenant.as_deref(), request).await?;
+            if code != 0 {
+                std::process::exit(code);
+            }
+            Ok(())
+        }
         Command::Server(_)
         | Command::Up(_)
         | Command::Engine(_)

@@ -133,6 +133,30 @@ fn a_service_runs_its_tenants_image_under_runc_in_the_tenants_sandbox() {
     let uid = uid_of(pids[0]).unwrap();
     assert!(uid >= 2_000_000, "uid {uid} is not a tenant's");
     assert_eq!(page.trim(), format!("hello-from-{uid}"));
+
+    // A command runs in it through its node's agent, as the tenant's uid,
+    // its argv untouched (runc takes the command's `-u` for none of its own).
+    let exec = |args: &[&str], key: &str| {
+        let mut all = vec!["exec", "web", "--tenant", "acme", "--"];
+        all.extend_from_slice(args);
+        cloud.cli(&all, key)
+    };
+    let (ok, out) = exec(&["/bin/busybox", "id", "-u"], &acme);
+    assert!(ok && out.trim() == uid.to_string(), "{out}");
+    let (ok, out) = exec(&["/bin/busybox", "cat", "/scratch/index.html"], &acme);
+    assert!(ok && out.contains(&format!("hello-from-{uid}")), "{out}");
+    let (ok, out) = exec(
+        &["/bin/busybox", "sh", "-c", "echo oops >&2; exit 3"],
+        &acme,
+    );
+    assert!(
+        !ok && out.contains("oops"),
+        "a failing command fails the CLI: {out}"
+    );
+    let (ok, said) = exec(&["/bin/busybox", "true"], &globex);
+    assert!(!ok && said.contains("not_found"), "{said}");
+    let (ok, said) = exec(&["--user=0", "id"], &acme);
+    assert!(!ok && said.contains("command[0]"), "{said}");
     let netns = std::fs::read_link(format!("/proc/{}/ns/net", pids[0])).unwrap();
     assert_ne!(
         netns,

@@ -43,6 +43,20 @@ impl Runc {
         ]
     }
 
+    /// The arguments that run `command` in container `id`, as its own
+    /// process's user and privileges. The command follows the id: runc
+    /// takes nothing after it as an option of its own.
+    pub fn exec_args(&self, id: &str, command: &[String]) -> Vec<std::ffi::OsString> {
+        let mut args: Vec<std::ffi::OsString> = vec![
+            "--root".into(),
+            self.state_dir.clone().into(),
+            "exec".into(),
+            id.into(),
+        ];
+        args.extend(command.iter().map(Into::into));
+        args
+    }
+
     /// Forgets container `id` (killed or exited): its state under runc's
     /// root would refuse the next run of the same id.
     pub fn delete(&self, id: &str) {

@@ -6,6 +6,7 @@
 pub mod audit;
 pub mod credential;
 pub mod deploy;
+pub mod exec;
 pub mod image;
 pub mod key;
 pub mod logs;

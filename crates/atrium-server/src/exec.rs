@@ -1,0 +1,115 @@
+//! Execs: `POST /v1/workloads/{ident}/exec` resolves one running replica
+//! of the caller's workload and records the command for that replica's
+//! node; the node's agent runs it in the container and writes the result
+//! to the exec's status (`PUT /v1/execs/{ident}/status`, nodes only). A
+//! tenant reads (`GET /v1/execs/{ident}`) and deletes its own execs; no
+//! one else sees them.
+//!
+//! The control plane never reaches a node: the command travels the way
+//! placements do, through the node's watch.
+
+use atrium_core::exec::{ExecRequest, ExecSpec, ExecStatus};
+use atrium_core::lifecycle::LifecycleState;
+use atrium_core::quota::Counted;
+use atrium_core::FieldErrors;
+use atrium_store::{TenantFilter, Write};
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::{Extension, Json};
+use serde_json::Value;
+
+use crate::auth::Caller;
+use crate::crud::{audit, new_id, require, resolve, view, write, ObjectParams};
+use crate::error::ApiError;
+use crate::extract::{JsonBody, Params};
+use crate::kinds::{one_more, Access, Exec, Kind, Placement, Resource, Workload};
+use crate::stored;
+use crate::{AppState, RequestId};
+
+impl Kind for Exec {
+    /// Created through its workload's `exec` route only; deleted by its
+    /// tenant.
+    const TENANT_WRITABLE: bool = true;
+    const TENANT_READABLE: bool = true;
+
+    fn validate(spec: &ExecSpec) -> Result<(), FieldErrors> {
+        spec.validate()
+    }
+}
+
+/// `POST /v1/workloads/{ident}/exec`: runs `command` in one running
+/// replica of the workload; answers the exec (pending) at once.
+pub async fn run(
+    State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    Extension(rid): Extension<RequestId>,
+    Path(ident): Path<String>,
+    Params(params): Params<ObjectParams>,
+    JsonBody(req): JsonBody<ExecRequest>,
+) -> Result<(StatusCode, Json<Value>), ApiError> {
+    require::<Exec>(&caller, Access::Write)?;
+    req.validate().map_err(ApiError::InvalidFields)?;
+    let workload = resolve::<Workload>(&state, &caller, &ident, params.tenant.as_deref()).await?;
+    let tenant = workload.tenant.clone().unwrap_or_default();
+    let placements = state
+        .store
+        .list_all(
+            Placement::KIND,
+            &TenantFilter::Exactly(Some(tenant.clone())),
+        )
+        .await?;
+    let running = |p: &&atrium_store::Object| {
+        stored::status::<Placement>(p).is_some_and(|s| s.state == LifecycleState::Running)
+    };
+    let mut replicas: Vec<(u32, &atrium_store::Object, String)> = placements
+        .iter()
+        .filter(running)
+        .filter_map(|p| {
+            let spec = stored::spec::<Placement>(p).ok()?;
+            (spec.deployment == workload.id && spec.container.is_some()).then_some((
+                spec.replica,
+                p,
+                spec.node,
+            ))
+        })
+        .filter(|(replica, _, _)| req.replica.is_none_or(|r| r == *replica))
+        .collect();
+    replicas.sort_by_key(|(replica, _, _)| *replica);
+    let Some((_, placement, node)) = replicas.into_iter().next() else {
+        let which = req.replica.map_or_else(
+            || "no replica".to_string(),
+            |r| format!("replica {r} is not"),
+        );
+        return Err(ApiError::Conflict {
+            code: "not_running",
+            message: format!(
+                "{which} of workload {:?} is running: an exec runs in a running container",
+                workload.name
+            ),
+            details: Value::Null,
+        });
+    };
+    let spec = ExecSpec {
+        workload: workload.id.clone(),
+        placement: placement.id.clone(),
+        node,
+        command: req.command,
+        timeout_seconds: req.timeout_seconds,
+    };
+    let id = new_id(Exec::ID_PREFIX);
+    let body = stored::body::<Exec>(&spec, Some(&ExecStatus::pending()))?;
+    let created = write(
+        &state,
+        Write::Create {
+            kind: Exec::KIND.into(),
+            name: id.clone(),
+            id,
+            tenant: Some(tenant.clone()),
+            body,
+        },
+        Some(one_more(Exec::KIND, &tenant, Counted::Execs)),
+        audit(&caller, &rid, "exec.create".into()),
+    )
+    .await?;
+    Ok((StatusCode::CREATED, Json(view(&created))))
+}
