@@ -95,6 +95,9 @@ struct Workload {
     assignment: Assignment,
     engine: RunningEngine,
     slot: u32,
+    /// The process the checks read: the engine, or the container's first
+    /// process (runc's child, in the container's namespaces).
+    pid: u32,
 }
 
 impl Workload {
@@ -105,12 +108,41 @@ impl Workload {
         )
     }
 
-    fn address(&self) -> String {
-        self.engine
-            .endpoint
-            .trim_start_matches("http://")
-            .to_string()
+    fn is_container(&self) -> bool {
+        self.assignment.spec.container.is_some()
     }
+
+    /// `engine` or `container`, as the checks name what they read.
+    fn what(&self) -> &'static str {
+        if self.is_container() {
+            "container"
+        } else {
+            "engine"
+        }
+    }
+
+    /// Where it listens, if it does: a container without ports does not.
+    fn address(&self) -> Option<String> {
+        let endpoint = &self.engine.endpoint;
+        let addr = endpoint
+            .strip_prefix("http://")
+            .or_else(|| endpoint.strip_prefix("tcp://"))
+            .unwrap_or(endpoint);
+        addr.contains(':').then(|| addr.to_string())
+    }
+}
+
+/// The first process of container `id`, as runc records it.
+fn container_pid(data_dir: &Path, id: &str) -> Option<u32> {
+    let runc = atrium_agent::runtime::Runc::for_data_dir(data_dir);
+    let out = Command::new(&runc.binary)
+        .arg("--root")
+        .arg(&runc.state_dir)
+        .args(["state", id])
+        .output()
+        .ok()?;
+    let state: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+    state["pid"].as_u64().and_then(|p| u32::try_from(p).ok())
 }
 
 /// Runs the checks against the agent whose data directory is `data_dir`;
@@ -133,11 +165,16 @@ pub fn report(data_dir: &Path, network_octet: u8, output: Output) -> Result<()> 
         .filter_map(|(id, engine)| {
             let assignment = assigned.get(&id)?.clone();
             let slot = *slots.get(&assignment.tenant)?;
+            let pid = match assignment.spec.container {
+                Some(_) => container_pid(data_dir, &id)?,
+                None => engine.pid,
+            };
             Some(Workload {
                 id,
                 assignment,
                 engine,
                 slot,
+                pid,
             })
         })
         .collect();
@@ -202,13 +239,14 @@ pub fn report(data_dir: &Path, network_octet: u8, output: Output) -> Result<()> 
     );
 
     for w in &workloads {
-        let pid = w.engine.pid;
+        let pid = w.pid;
         let subject = w.name();
+        let what = w.what();
         // cgroup: the process is in the workload's cgroup, whose limits are
         // the placement's.
         let cg = cgroup_of(&host, &w.id, pid);
         check(
-            "engine in its own cgroup",
+            &format!("{what} in its own cgroup"),
             subject.clone(),
             "yes",
             yes_no(cg.holds_engine),
@@ -243,7 +281,7 @@ pub fn report(data_dir: &Path, network_octet: u8, output: Output) -> Result<()> 
         let same_ns = inode(&format!("/proc/{pid}/ns/net")).is_some()
             && inode(&format!("/proc/{pid}/ns/net")) == inode(&format!("/run/netns/{ns}"));
         check(
-            "engine in its tenant's network namespace",
+            &format!("{what} in its tenant's network namespace"),
             subject.clone(),
             &ns,
             yes_no(same_ns),
@@ -252,7 +290,7 @@ pub fn report(data_dir: &Path, network_octet: u8, output: Output) -> Result<()> 
         let want_uid = host.tenant_id(w.slot);
         let uid = process_uid(pid);
         check(
-            "engine runs as its tenant's uid",
+            &format!("{what} runs as its tenant's uid"),
             subject.clone(),
             &want_uid.to_string(),
             uid.map_or("unreadable".into(), |u| u.to_string()),
@@ -289,21 +327,30 @@ pub fn report(data_dir: &Path, network_octet: u8, output: Output) -> Result<()> 
             visible.unwrap_or_else(|| "unset".into()),
             gpu_ok,
         );
-        let reach = probe(&ProbeCmd::Connect {
-            address: w.address(),
-        });
-        check(
-            "host (gateway) reaches engine",
-            subject.clone(),
-            "connects",
-            outcome(&reach),
-            reach.is_ok(),
-        );
+        if w.is_container() {
+            for (name, expected, observed, pass) in container_checks(pid) {
+                check(name, subject.clone(), expected, observed, pass);
+            }
+        }
+        if let Some(address) = w.address() {
+            let reach = probe(&ProbeCmd::Connect { address });
+            check(
+                &format!("host (gateway) reaches {what}"),
+                subject.clone(),
+                "connects",
+                outcome(&reach),
+                reach.is_ok(),
+            );
+        }
     }
     // Every tenant's sandbox against every other tenant's engine and data.
+    // Each tenant is represented by a workload that listens, if it has one.
     let mut by_tenant: BTreeMap<&str, &Workload> = BTreeMap::new();
     for w in &workloads {
-        by_tenant.entry(w.assignment.tenant.as_str()).or_insert(w);
+        let entry = by_tenant.entry(w.assignment.tenant.as_str()).or_insert(w);
+        if entry.address().is_none() {
+            *entry = w;
+        }
     }
     // And against the host: a service listening on every address (as the
     // control plane or an operator's tool might), reached through the
@@ -315,16 +362,18 @@ pub fn report(data_dir: &Path, network_octet: u8, output: Output) -> Result<()> 
         // Controls: from inside, the probe reaches what is the tenant's own;
         // without them a broken probe would pass every attack below.
         let own_dir = host.tenant_dir(tenant).display().to_string();
-        for (name, probe) in [
-            (
-                "sandbox reaches its own engine",
-                ["connect", &from.address()],
-            ),
-            ("sandbox reads its own directory", ["read", &own_dir]),
-        ] {
-            let seen = in_sandbox(&exe, &host, from, &probe);
+        let mut controls = vec![(
+            "sandbox reads its own directory".to_string(),
+            ["read".to_string(), own_dir],
+        )];
+        if let Some(address) = from.address() {
+            let name = format!("sandbox reaches its own {}", from.what());
+            controls.insert(0, (name, ["connect".into(), address]));
+        }
+        for (name, probe) in controls {
+            let seen = in_sandbox(&exe, &host, from, &[&probe[0], &probe[1]]);
             let pass = matches!(seen, Probe::Succeeded(_));
-            check(name, tenant.to_string(), "works", seen.said(), pass);
+            check(&name, tenant.to_string(), "works", seen.said(), pass);
         }
         let host_side = host.addresses(from.slot).0;
         attacks.push((
@@ -339,13 +388,15 @@ pub fn report(data_dir: &Path, network_octet: u8, output: Output) -> Result<()> 
         for (b, to) in &by_tenant {
             if a != b {
                 let dir = host.tenant_dir(b).display().to_string();
-                attacks.push((
-                    "cross-tenant TCP blocked",
-                    format!("{a} -> {}", to.name()),
-                    "blocked",
-                    from,
-                    ["connect".into(), to.address()],
-                ));
+                if let Some(address) = to.address() {
+                    attacks.push((
+                        "cross-tenant TCP blocked",
+                        format!("{a} -> {}", to.name()),
+                        "blocked",
+                        from,
+                        ["connect".into(), address],
+                    ));
+                }
                 attacks.push((
                     "cross-tenant data unreadable",
                     format!("{a} -> {dir}"),
@@ -527,4 +578,61 @@ fn in_sandbox(exe: &Path, host: &Host, from: &Workload, probe: &[&str]) -> Probe
         Some(1) => Probe::Refused(said),
         _ => Probe::Broken(said),
     }
+}
+
+/// What the kernel says of a container's first process beyond what every
+/// workload gets: no capabilities in any set, no new privileges, a
+/// read-only root, a mount namespace of its own.
+fn container_checks(pid: u32) -> Vec<(&'static str, &'static str, String, bool)> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .map(|v| v.trim().to_string())
+    };
+    let caps: Vec<String> = ["CapInh:", "CapPrm:", "CapEff:", "CapBnd:", "CapAmb:"]
+        .iter()
+        .map(|c| field(c).unwrap_or_else(|| "unreadable".into()))
+        .collect();
+    let no_caps = caps
+        .iter()
+        .all(|c| c.chars().all(|d| d == '0') && !c.is_empty());
+    let nnp = field("NoNewPrivs:");
+    let mounts = std::fs::read_to_string(format!("/proc/{pid}/mountinfo")).unwrap_or_default();
+    let root_options = mounts.lines().find_map(|l| {
+        let f: Vec<&str> = l.split(' ').collect();
+        (f.get(4) == Some(&"/")).then(|| f.get(5).map(|o| o.to_string()))?
+    });
+    let read_only = root_options
+        .as_deref()
+        .is_some_and(|o| o.split(',').any(|x| x == "ro"));
+    let own_mounts = inode(&format!("/proc/{pid}/ns/mnt")).is_some()
+        && inode(&format!("/proc/{pid}/ns/mnt")) != inode("/proc/self/ns/mnt");
+    vec![
+        (
+            "container has no capabilities",
+            "all sets 0",
+            caps.join(" "),
+            no_caps,
+        ),
+        (
+            "container has no new privileges",
+            "NoNewPrivs 1",
+            nnp.clone().unwrap_or_else(|| "unreadable".into()),
+            nnp.as_deref() == Some("1"),
+        ),
+        (
+            "container root read-only",
+            "ro",
+            root_options.unwrap_or_else(|| "no root mount".into()),
+            read_only,
+        ),
+        (
+            "container in its own mount namespace",
+            "yes",
+            yes_no(own_mounts),
+            own_mounts,
+        ),
+    ]
 }

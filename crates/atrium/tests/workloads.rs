@@ -157,6 +157,67 @@ fn a_service_runs_its_tenants_image_under_runc_in_the_tenants_sandbox() {
     assert!(!ok && said.contains("not_found"), "{said}");
     let (ok, said) = exec(&["--user=0", "id"], &acme);
     assert!(!ok && said.contains("command[0]"), "{said}");
+
+    // The node's own report covers containers: what the kernel says of
+    // each, and attacks between two tenants' containers.
+    let (ok, said) = cloud.cli(
+        &[
+            "workload",
+            "run",
+            "other",
+            "--image",
+            "globex/private:1",
+            "--port",
+            "8080",
+            "--memory",
+            "64Mi",
+            "--",
+            "/bin/busybox",
+            "httpd",
+            "-f",
+            "-p",
+            "8080",
+        ],
+        &globex,
+    );
+    assert!(ok, "{said}");
+    wait_for("the other tenant's service", 60, || {
+        cloud.workload("globex", "other")["status"]["state"] == "running"
+    });
+    let out = Command::new(common::BIN)
+        .args(["node", "isolation", "-o", "json", "--tenant-network"])
+        .arg(format!("10.{OCTET}.0.0/16"))
+        .arg("--data-dir")
+        .arg(cloud.dir.path().join("agent"))
+        .output()
+        .unwrap();
+    let report: Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|_| panic!("{}", String::from_utf8_lossy(&out.stderr)));
+    assert_eq!(report["failed"], 0, "{report:#}");
+    let passed = |name: &str| {
+        report["checks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|c| c["check"] == name && c["pass"] == true)
+            .count()
+    };
+    for name in [
+        "container runs as its tenant's uid",
+        "container in its tenant's network namespace",
+        "container in its own cgroup",
+        "container has no capabilities",
+        "container has no new privileges",
+        "container root read-only",
+        "container in its own mount namespace",
+        "host (gateway) reaches container",
+        "cross-tenant TCP blocked",
+        "cross-tenant data unreadable",
+    ] {
+        assert_eq!(passed(name), 2, "{name}: {report:#}");
+    }
+    let (ok, said) = cloud.cli(&["workload", "delete", "other"], &globex);
+    assert!(ok, "{said}");
     let netns = std::fs::read_link(format!("/proc/{}/ns/net", pids[0])).unwrap();
     assert_ne!(
         netns,
