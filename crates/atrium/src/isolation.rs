@@ -582,7 +582,7 @@ fn in_sandbox(exe: &Path, host: &Host, from: &Workload, probe: &[&str]) -> Probe
 
 /// What the kernel says of a container's first process beyond what every
 /// workload gets: no capabilities in any set, no new privileges, a
-/// read-only root, a mount namespace of its own.
+/// seccomp filter, a read-only root, a mount namespace of its own.
 fn container_checks(pid: u32) -> Vec<(&'static str, &'static str, String, bool)> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
     let field = |name: &str| {
@@ -599,6 +599,7 @@ fn container_checks(pid: u32) -> Vec<(&'static str, &'static str, String, bool)>
         .iter()
         .all(|c| c.chars().all(|d| d == '0') && !c.is_empty());
     let nnp = field("NoNewPrivs:");
+    let seccomp = field("Seccomp:");
     let mounts = std::fs::read_to_string(format!("/proc/{pid}/mountinfo")).unwrap_or_default();
     let root_options = mounts.lines().find_map(|l| {
         let f: Vec<&str> = l.split(' ').collect();
@@ -621,6 +622,12 @@ fn container_checks(pid: u32) -> Vec<(&'static str, &'static str, String, bool)>
             "NoNewPrivs 1",
             nnp.clone().unwrap_or_else(|| "unreadable".into()),
             nnp.as_deref() == Some("1"),
+        ),
+        (
+            "container under a seccomp filter",
+            "Seccomp 2",
+            seccomp.clone().unwrap_or_else(|| "unreadable".into()),
+            seccomp.as_deref() == Some("2"),
         ),
         (
             "container root read-only",

@@ -157,6 +157,16 @@ fn a_service_runs_its_tenants_image_under_runc_in_the_tenants_sandbox() {
     assert!(!ok && said.contains("not_found"), "{said}");
     let (ok, said) = exec(&["--user=0", "id"], &acme);
     assert!(!ok && said.contains("command[0]"), "{said}");
+    // No user namespace for it (the host's unprivileged users may make
+    // one, and in it a process holds every capability over new kernel
+    // objects): seccomp refuses unshare and clone with namespace flags.
+    for attempt in [
+        vec!["/bin/busybox", "unshare", "-U", "/bin/busybox", "true"],
+        vec!["/bin/busybox", "unshare", "-r", "/bin/busybox", "id"],
+    ] {
+        let (ok, said) = exec(&attempt, &acme);
+        assert!(!ok && said.contains("not permitted"), "{attempt:?}: {said}");
+    }
 
     // The node's own report covers containers: what the kernel says of
     // each, and attacks between two tenants' containers.
@@ -208,6 +218,7 @@ fn a_service_runs_its_tenants_image_under_runc_in_the_tenants_sandbox() {
         "container in its own cgroup",
         "container has no capabilities",
         "container has no new privileges",
+        "container under a seccomp filter",
         "container root read-only",
         "container in its own mount namespace",
         "host (gateway) reaches container",

@@ -5,7 +5,9 @@
 //! namespace's unprivileged-port floor instead), no new privileges, its
 //! own pid/ipc/uts/mount namespaces in the tenant's network namespace, the
 //! agent's cgroup for the replica with its CPU, memory and pids limits,
-//! only the default device nodes, the kernel's sensitive paths masked.
+//! only the default device nodes, the kernel's sensitive paths masked,
+//! and a seccomp filter (`seccomp.rs`) over what an unprivileged process
+//! could still reach.
 //! Writable: a tmpfs `/tmp` (counted in its memory) and `/scratch`, the
 //! replica's own directory, and the tenant's volumes it mounts (`nosuid`,
 //! `nodev`; those under `/volumes` sit on a tmpfs of their own, so no
@@ -149,6 +151,7 @@ impl Bundle {
         if let Some(cgroup) = &self.cgroup {
             linux["cgroupsPath"] = json!(cgroup);
         }
+        linux["seccomp"] = super::seccomp::profile();
         let mut mounts = json!([
             {"destination": "/proc", "type": "proc", "source": "proc",
              "options": ["nosuid", "noexec", "nodev"]},

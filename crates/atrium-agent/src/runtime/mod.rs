@@ -6,6 +6,7 @@
 
 mod bundle;
 pub mod image;
+mod seccomp;
 mod unpack;
 pub mod volume;
 
