@@ -17,6 +17,7 @@ rules=(
   "atrium-api|$io|$ml|$control|atrium-client"
   "atrium-sched|$io|$ml|$control|atrium-api|atrium-client"
   "atrium-pull|$io|$ml|$control"
+  "atrium-kube|$io|$ml|$control|atrium-api|atrium-client"
   "atrium-client|$ml|$control|atrium-engine|atrium-agent|atrium-gateway"
   "atrium-agent|$ml|$control|atrium-engine|atrium-gateway"
   "atrium-gateway|$ml|$control|atrium-engine|atrium-agent"

@@ -9,8 +9,8 @@
 mod resource;
 
 pub use resource::{
-    Credential, Deployment, Exec, JoinToken, Key, Model, NoStatus, Node, Object, Ownership,
-    Placement, Resource, Site, Tenant, Volume, Workload,
+    Cluster, Credential, Deployment, Exec, JoinToken, Key, Model, NoStatus, Node, Object,
+    Ownership, Placement, Resource, Site, Tenant, Volume, Workload,
 };
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -112,6 +112,16 @@ pub struct KeyStatus {
     /// When the key was revoked; it authenticates nothing after that.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub revoked_at: Option<String>,
+}
+
+/// Where tenant clusters' Kubernetes clients connect (`GET
+/// /v1/kube/endpoint`): the control plane's TLS listener and the CA that
+/// issued its certificate, as a kubeconfig's `certificate-authority-data`
+/// (base64 of the PEM).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KubeEndpoint {
+    pub server: String,
+    pub certificate_authority_data: String,
 }
 
 /// A key just created: the only response that carries its secret.

@@ -10,6 +10,7 @@
 
 use std::fmt::Debug;
 
+use atrium_core::cluster::ClusterSpec;
 use atrium_core::deployment::DeploymentSpec;
 use atrium_core::exec::{ExecSpec, ExecStatus};
 use atrium_core::key::KeySpec;
@@ -111,6 +112,10 @@ resource!(
 resource!(
     /// A command run in one of a workload's containers, and what came of it.
     Exec, "exec", "execs", "exe_", Tenant, ExecSpec, ExecStatus
+);
+resource!(
+    /// A tenant's own Kubernetes API, served by the control plane.
+    Cluster, "cluster", "clusters", "clu_", Tenant, ClusterSpec, NoStatus
 );
 resource!(
     /// A tenant's API key. Key ids are the `atr_<id>_…` token's middle part,

@@ -138,6 +138,11 @@ impl ControlPlane {
         }
     }
 
+    /// The control plane's URL.
+    pub fn base(&self) -> &str {
+        &self.base
+    }
+
     fn token(&self) -> String {
         self.token.read().map(|t| t.clone()).unwrap_or_default()
     }

@@ -41,6 +41,9 @@ pub struct Quota {
     /// `storage`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub volumes: Option<u64>,
+    /// Kubernetes clusters held at once [default: 10].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub clusters: Option<u64>,
     /// Execs kept at once [default: 20]: the CLI deletes each one it has
     /// read; delete finished ones to run more.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -162,6 +165,7 @@ pub enum Counted {
     Watches,
     Volumes,
     Execs,
+    Clusters,
 }
 
 impl Counted {
@@ -174,6 +178,7 @@ impl Counted {
             Counted::Watches => "watches",
             Counted::Volumes => "volumes",
             Counted::Execs => "execs",
+            Counted::Clusters => "clusters",
         }
     }
 
@@ -183,6 +188,7 @@ impl Counted {
             Counted::Deployments | Counted::Models | Counted::Keys | Counted::Volumes => 100,
             Counted::Watches => 32,
             Counted::Execs => 20,
+            Counted::Clusters => 10,
         }
     }
 }
@@ -197,6 +203,7 @@ impl Quota {
             Counted::Watches => self.watches,
             Counted::Volumes => self.volumes,
             Counted::Execs => self.execs,
+            Counted::Clusters => self.clusters,
         };
         set.unwrap_or(what.default_cap())
     }

@@ -286,6 +286,7 @@ pub async fn create<K: Kind>(
         audit(&caller, &rid, format!("{}.create", K::KIND)),
     )
     .await?;
+    K::after_create(&state, &created).await?;
     Ok((StatusCode::CREATED, Json(view(&created))))
 }
 

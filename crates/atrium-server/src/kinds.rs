@@ -24,8 +24,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 pub use atrium_api::{
-    Credential, Deployment, Exec, JoinToken, Key, Model, Node, Ownership, Placement, Resource,
-    Site, Tenant, Volume, Workload,
+    Cluster, Credential, Deployment, Exec, JoinToken, Key, Model, Node, Ownership, Placement,
+    Resource, Site, Tenant, Volume, Workload,
 };
 
 use crate::auth::{Caller, Role};
@@ -79,6 +79,15 @@ pub trait Kind: Resource<Spec: utoipa::ToSchema> {
         _new: Option<&Self::Spec>,
     ) -> Result<(), ApiError> {
         Ok(())
+    }
+
+    /// What a new object brings with it (a cluster's default namespaces),
+    /// once it is stored.
+    fn after_create(
+        _state: &AppState,
+        _object: &Object,
+    ) -> impl Future<Output = Result<(), ApiError>> + Send {
+        async { Ok(()) }
     }
 
     /// Refuses deletes that would leave dangling references.

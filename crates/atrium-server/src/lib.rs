@@ -15,6 +15,7 @@ pub mod error;
 mod exec;
 mod extract;
 mod kinds;
+mod kube;
 mod limit_ledger;
 mod metrics;
 mod openapi;
@@ -22,6 +23,7 @@ mod planes;
 mod registry;
 mod stored;
 mod tenancy;
+mod tls;
 mod volumes;
 
 use std::net::SocketAddr;
@@ -42,8 +44,8 @@ use tokio::sync::watch;
 pub use auth::{Role, ADMIN_TOKEN_PREFIX};
 use error::ApiError;
 use kinds::{
-    Credential, Deployment, Exec, JoinToken, Key, Kind, Model, Node, Placement, Site, Tenant,
-    Volume, Workload,
+    Cluster, Credential, Deployment, Exec, JoinToken, Key, Kind, Model, Node, Placement, Site,
+    Tenant, Volume, Workload,
 };
 use metrics::Metrics;
 
@@ -61,6 +63,12 @@ pub struct ServerConfig {
     /// `sqlite://...` or `postgres://...`; SQLite in `data_dir` when absent.
     pub database_url: Option<String>,
     pub body_limit: usize,
+    /// A second listener, over TLS with the control plane's own CA, for
+    /// clients that send credentials only over TLS (kubectl).
+    pub tls_listen: Option<SocketAddr>,
+    /// Names the TLS certificate carries besides `localhost` and the
+    /// loopback addresses.
+    pub tls_names: Vec<String>,
 }
 
 impl ServerConfig {
@@ -84,6 +92,9 @@ pub struct AppState {
     ledger: Arc<std::sync::Mutex<limit_ledger::Ledger>>,
     /// Watch streams open per tenant, against their quota's cap.
     watches: Arc<crud::OpenWatches>,
+    /// Where tenant clusters' clients connect, and the CA they trust
+    /// (none without a TLS listener).
+    kube_endpoint: Option<Arc<kube::Endpoint>>,
     /// The image registry's content (`<data-dir>/registry`).
     registry: Arc<registry::Storage>,
 }
@@ -105,11 +116,15 @@ pub enum StartError {
     Registry(PathBuf, std::io::Error),
     #[error("cannot listen on {0}: {1}")]
     Listen(SocketAddr, std::io::Error),
+    #[error(transparent)]
+    Tls(#[from] tls::TlsError),
 }
 
 /// A started control plane.
 pub struct RunningServer {
     pub addr: SocketAddr,
+    /// The TLS listener's address, when there is one.
+    pub tls_addr: Option<SocketAddr>,
     /// Set when this start created the admin token: show it once.
     pub new_admin_token: Option<String>,
     pub admin_token_path: PathBuf,
@@ -179,6 +194,25 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, StartError> {
         registry::Storage::open(registry_dir.clone())
             .map_err(|e| StartError::Registry(registry_dir, e))?,
     );
+    let tls = match config.tls_listen {
+        Some(at) => {
+            let material = tls::load(&config.data_dir.join("tls"), &config.tls_names)?;
+            let tcp = tokio::net::TcpListener::bind(at)
+                .await
+                .map_err(|e| StartError::Listen(at, e))?;
+            let listener =
+                tls::TlsListener::new(tcp, &material).map_err(|e| StartError::Listen(at, e))?;
+            Some((listener, material.ca_pem))
+        }
+        None => None,
+    };
+    let tls_addr = tls
+        .as_ref()
+        .and_then(|(l, _)| axum::serve::Listener::local_addr(l).ok());
+    let kube_endpoint = tls
+        .as_ref()
+        .zip(tls_addr)
+        .map(|((_, ca), addr)| Arc::new(kube::Endpoint::new(addr, &config.tls_names, ca)));
     let (shutdown, shutdown_rx) = watch::channel(false);
     tokio::spawn(registry::collect_garbage_periodically(
         registry.clone(),
@@ -191,10 +225,24 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, StartError> {
         shutdown: shutdown_rx.clone(),
         ledger: Arc::default(),
         watches: Arc::default(),
+        kube_endpoint,
         registry,
     };
     let app = router(state);
     tokio::spawn(controller::run(store.clone(), shutdown_rx.clone()));
+    if let Some((listener, _)) = tls {
+        let (app, mut stop) = (app.clone(), shutdown_rx.clone());
+        tokio::spawn(async move {
+            let served = axum::serve(listener, app)
+                .with_graceful_shutdown(async move {
+                    let _ = stop.wait_for(|s| *s).await;
+                })
+                .await;
+            if let Err(e) = served {
+                tracing::error!(error = %e, "TLS listener stopped");
+            }
+        });
+    }
     let mut stop = shutdown_rx;
     let task = tokio::spawn(async move {
         // Watch events are small writes: no waiting for delayed ACKs.
@@ -207,9 +255,10 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, StartError> {
             })
             .await
     });
-    tracing::info!(%addr, "control plane listening");
+    tracing::info!(%addr, tls = ?tls_addr, "control plane listening");
     Ok(RunningServer {
         addr,
+        tls_addr,
         new_admin_token,
         admin_token_path,
         shutdown,
@@ -242,6 +291,7 @@ pub fn router(state: AppState) -> Router {
     api = resource_routes::<Deployment>(api);
     api = resource_routes::<Workload>(api);
     api = resource_routes::<Volume>(api);
+    api = resource_routes::<Cluster>(api);
     api = resource_routes::<Placement>(api);
     // Keys are created by their own handler: the response carries the secret.
     api = api
@@ -297,6 +347,8 @@ pub fn router(state: AppState) -> Router {
             axum::routing::put(tenancy::set_status::<Exec>),
         )
         .route("/v1/workloads/{ident}/exec", post(exec::run))
+        .route("/k8s/{cluster}/{*rest}", axum::routing::any(kube::serve))
+        .route("/v1/kube/endpoint", get(kube::endpoint))
         .route(
             "/v1/usage",
             get(tenancy::list_usage).post(tenancy::record_usage),

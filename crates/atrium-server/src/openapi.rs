@@ -9,8 +9,8 @@ use utoipa::openapi::{RefOr, Schema};
 use utoipa::ToSchema;
 
 use crate::kinds::{
-    Credential, Deployment, Exec, JoinToken, Key, Kind, Model, Node, Placement, Resource, Site,
-    Tenant, Volume, Workload,
+    Cluster, Credential, Deployment, Exec, JoinToken, Key, Kind, Model, Node, Placement, Resource,
+    Site, Tenant, Volume, Workload,
 };
 
 fn schema_ref(name: &str) -> Value {
@@ -290,6 +290,7 @@ pub fn document() -> Value {
     add_kind::<Workload>(&mut paths, &mut schemas, Some("Status"));
     add_kind::<Volume>(&mut paths, &mut schemas, Some("VolumeStatus"));
     add_kind::<Exec>(&mut paths, &mut schemas, Some("ExecStatus"));
+    add_kind::<Cluster>(&mut paths, &mut schemas, None);
     add_kind::<Key>(&mut paths, &mut schemas, Some("KeyStatus"));
     add_kind::<Placement>(&mut paths, &mut schemas, Some("ReplicaStatus"));
     add_kind::<JoinToken>(&mut paths, &mut schemas, Some("JoinTokenStatus"));
@@ -406,6 +407,15 @@ pub fn document() -> Value {
             schema_ref("ExecRequest")),
             json!([{"name": "ident", "in": "path", "required": true, "schema": {"type": "string"}},
                    query("tenant", "string", "provider admin: the tenant a name belongs to")]))}),
+    );
+    paths.insert(
+        "/v1/kube/endpoint".into(),
+        json!({"get": operation("kube_endpoint".into(), "clusters",
+            "Where tenant clusters' Kubernetes clients connect (the TLS listener) and the CA they trust".into(),
+            ("200", json_response("the endpoint", json!({"type": "object", "required": ["server", "certificate_authority_data"],
+                "properties": {"server": {"type": "string"}, "certificate_authority_data": {"type": "string",
+                    "description": "base64 of the CA's PEM, as a kubeconfig carries it"}}}))),
+            &["401", "403", "409"])}),
     );
     // Execs are made through their workload and never replaced.
     if let Some(Value::Object(list)) = paths.get_mut("/v1/execs") {

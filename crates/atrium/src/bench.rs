@@ -101,6 +101,8 @@ async fn deploy_to_first_token() -> Result<f64> {
         data_dir: dir.clone(),
         database_url: None,
         body_limit: atrium_server::DEFAULT_BODY_LIMIT,
+        tls_listen: None,
+        tls_names: Vec::new(),
     };
     let stack = Stack::start(
         config,

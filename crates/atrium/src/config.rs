@@ -110,6 +110,8 @@ pub fn server_config(
             data_dir,
             database_url,
             body_limit,
+            tls_listen: None,
+            tls_names: Vec::new(),
         }),
         _ => Err(errors),
     }

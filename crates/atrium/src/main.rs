@@ -103,6 +103,9 @@ enum Command {
     /// A tenant's own images run as containers.
     #[command(subcommand)]
     Workload(commands::workload::WorkloadCmd),
+    /// A tenant's own Kubernetes API (served by the control plane)
+    #[command(subcommand)]
+    Cluster(commands::cluster::ClusterCmd),
     /// A tenant's volumes: persistent disks of a hard size
     #[command(subcommand)]
     Volume(commands::volume::VolumeCmd),
@@ -184,6 +187,15 @@ struct ServerArgs {
     /// Largest accepted request body, in bytes [default: 1048576]
     #[arg(long, env = "ATRIUM_BODY_LIMIT")]
     body_limit: Option<usize>,
+    /// Also serve over TLS here, with the control plane's own CA (kubectl
+    /// sends credentials to tenant clusters only over TLS), e.g.
+    /// 127.0.0.1:7443
+    #[arg(long, env = "ATRIUM_TLS_LISTEN")]
+    tls_listen: Option<std::net::SocketAddr>,
+    /// A name (or address) the TLS certificate carries besides localhost
+    /// and loopback, repeatable
+    #[arg(long = "tls-name")]
+    tls_names: Vec<String>,
     /// Log level: error, warn, info, debug, trace
     #[arg(long, env = "ATRIUM_LOG", default_value = "info")]
     log: tracing::Level,
@@ -569,6 +581,7 @@ async fn client_command(ctx: &Ctx, command: Command) -> Result<()> {
         Command::Image(cmd) => commands::image::run(ctx, cmd).await,
         Command::Workload(cmd) => commands::workload::run(ctx, cmd).await,
         Command::Volume(cmd) => commands::volume::run(ctx, cmd).await,
+        Command::Cluster(cmd) => commands::cluster::run(ctx, cmd).await,
         Command::Credential(cmd) => commands::credential::run(ctx, cmd).await,
         Command::Audit { tenant, after } => commands::audit::run(ctx, tenant, after).await,
         Command::Logs {
@@ -743,7 +756,7 @@ async fn serve(
     file: &config::FileConfig,
 ) -> Result<()> {
     crate::init_logging(args.log);
-    let config = config::server_config(
+    let mut config = config::server_config(
         args.listen,
         data_dir,
         args.database_url,
@@ -751,12 +764,20 @@ async fn serve(
         &file.server,
     )
     .map_err(|errors| anyhow!("invalid configuration:\n  {}", errors.join("\n  ")))?;
+    config.tls_listen = args.tls_listen;
+    config.tls_names = args.tls_names;
     let mut server = atrium_server::start(config.clone()).await?;
     let url = format!("http://{}", server.addr);
     let mut banner = format!(
         "Atrium control plane: {url}  (data: {})\n",
         config.data_dir.display()
     );
+    if let Some(tls) = server.tls_addr {
+        banner.push_str(&format!(
+            "Over TLS (tenant clusters' kubectl): https://{tls}  (CA: {})\n",
+            config.data_dir.join("tls/ca.pem").display()
+        ));
+    }
     match &server.new_admin_token {
         Some(token) => banner.push_str(&format!(
             "Admin token (shown once; also in {}):\n  {token}\n",

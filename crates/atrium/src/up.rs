@@ -327,7 +327,7 @@ impl Stack {
 
 pub async fn run(args: UpArgs, data_dir: Option<PathBuf>, file: &config::FileConfig) -> Result<()> {
     crate::init_logging(args.server.log);
-    let server_config = config::server_config(
+    let mut server_config = config::server_config(
         args.server.listen,
         data_dir,
         args.server.database_url,
@@ -335,6 +335,8 @@ pub async fn run(args: UpArgs, data_dir: Option<PathBuf>, file: &config::FileCon
         &file.server,
     )
     .map_err(|errors| anyhow!("invalid configuration:\n  {}", errors.join("\n  ")))?;
+    server_config.tls_listen = args.server.tls_listen;
+    server_config.tls_names = args.server.tls_names.clone();
     let gateway_listen = args.gateway_listen.parse().map_err(|_| {
         anyhow!(
             "--gateway-listen: {:?} is not an address",

@@ -28,6 +28,8 @@ impl TestServer {
             data_dir: dir.path().to_path_buf(),
             database_url,
             body_limit,
+            tls_listen: None,
+            tls_names: Vec::new(),
         };
         let server = atrium_server::start(config).await.unwrap();
         let admin = server

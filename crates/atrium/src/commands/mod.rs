@@ -4,6 +4,7 @@
 //! built from flags or read from a file; only printing sees the wire format.
 
 pub mod audit;
+pub mod cluster;
 pub mod credential;
 pub mod deploy;
 pub mod exec;

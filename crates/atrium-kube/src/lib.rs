@@ -1,0 +1,26 @@
+//! The Kubernetes API of a tenant cluster, as pure parts. Atrium serves
+//! each tenant cluster as a logical cluster of one Kubernetes-compatible
+//! API inside the control plane (`/k8s/{cluster}/…`): no process and no
+//! memory per cluster beyond its objects. This crate knows what that API
+//! is — the resources served (`resource`), discovery (`discovery`),
+//! errors as `Status` objects (`status`), what the server sets in an
+//! object's metadata (`meta`), label and field selectors (`selector`),
+//! merge and JSON patches (`patch`) and `Table` output (`table`) — and
+//! does no IO: the control plane's `kube` module serves and stores.
+//!
+//! This is compatibility with what kubectl and client libraries send, not
+//! upstream conformance.
+
+pub mod discovery;
+pub mod meta;
+pub mod patch;
+pub mod resource;
+pub mod selector;
+pub mod status;
+pub mod table;
+
+pub use resource::{find, ResourceType, SERVED};
+pub use status::KubeError;
+
+/// The Kubernetes version the API reports (`/version`).
+pub const KUBERNETES_VERSION: (&str, &str) = ("1", "37");

@@ -1,0 +1,102 @@
+//! The resources a tenant cluster serves: their group, version, kind,
+//! names and scope. Everything else about them (discovery, paths, tables)
+//! is read from this one list.
+
+/// One resource type of the API.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ResourceType {
+    /// `""` for the core group.
+    pub group: &'static str,
+    pub version: &'static str,
+    pub kind: &'static str,
+    pub plural: &'static str,
+    pub singular: &'static str,
+    pub namespaced: bool,
+    pub short_names: &'static [&'static str],
+}
+
+const VERBS: &[&str] = &[
+    "create", "delete", "get", "list", "patch", "update", "watch",
+];
+
+impl ResourceType {
+    /// `v1` or `apps/v1`, as `apiVersion` says it.
+    pub fn api_version(&self) -> String {
+        if self.group.is_empty() {
+            self.version.to_string()
+        } else {
+            format!("{}/{}", self.group, self.version)
+        }
+    }
+
+    /// `configmaps` or `deployments.apps`: unique across groups.
+    pub fn qualified(&self) -> String {
+        if self.group.is_empty() {
+            self.plural.to_string()
+        } else {
+            format!("{}.{}", self.plural, self.group)
+        }
+    }
+
+    pub fn verbs(&self) -> &'static [&'static str] {
+        VERBS
+    }
+}
+
+/// Every resource served, core group first.
+pub const SERVED: &[ResourceType] = &[
+    ResourceType {
+        group: "",
+        version: "v1",
+        kind: "Namespace",
+        plural: "namespaces",
+        singular: "namespace",
+        namespaced: false,
+        short_names: &["ns"],
+    },
+    ResourceType {
+        group: "",
+        version: "v1",
+        kind: "ConfigMap",
+        plural: "configmaps",
+        singular: "configmap",
+        namespaced: true,
+        short_names: &["cm"],
+    },
+    ResourceType {
+        group: "",
+        version: "v1",
+        kind: "Secret",
+        plural: "secrets",
+        singular: "secret",
+        namespaced: true,
+        short_names: &[],
+    },
+    ResourceType {
+        group: "",
+        version: "v1",
+        kind: "ServiceAccount",
+        plural: "serviceaccounts",
+        singular: "serviceaccount",
+        namespaced: true,
+        short_names: &["sa"],
+    },
+];
+
+/// The resource `plural` of `group`/`version`, if it is served.
+pub fn find(group: &str, version: &str, plural: &str) -> Option<&'static ResourceType> {
+    SERVED
+        .iter()
+        .find(|r| r.group == group && r.version == version && r.plural == plural)
+}
+
+/// The groups other than core, each once, in the order served.
+pub fn groups() -> Vec<(&'static str, &'static str)> {
+    let mut seen: Vec<(&str, &str)> = Vec::new();
+    for r in SERVED.iter().filter(|r| !r.group.is_empty()) {
+        if !seen.contains(&(r.group, r.version)) {
+            seen.push((r.group, r.version));
+        }
+    }
+    seen
+}

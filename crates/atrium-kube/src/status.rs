@@ -1,0 +1,122 @@
+//! Errors as the Kubernetes API gives them: a `Status` object with the
+//! HTTP code, a machine-readable reason and a message kubectl prints as
+//! `Error from server (Reason): message`.
+
+use serde_json::{json, Value};
+
+/// One refusal.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KubeError {
+    pub code: u16,
+    pub reason: &'static str,
+    pub message: String,
+    /// The object it concerns: its name and the resource's plural.
+    pub name: Option<String>,
+    pub kind: Option<String>,
+}
+
+impl KubeError {
+    fn new(code: u16, reason: &'static str, message: String) -> KubeError {
+        KubeError {
+            code,
+            reason,
+            message,
+            name: None,
+            kind: None,
+        }
+    }
+
+    fn about(mut self, plural: &str, name: &str) -> KubeError {
+        self.kind = Some(plural.to_string());
+        self.name = Some(name.to_string());
+        self
+    }
+
+    pub fn not_found(plural: &str, name: &str) -> KubeError {
+        KubeError::new(404, "NotFound", format!("{plural} {name:?} not found")).about(plural, name)
+    }
+
+    pub fn already_exists(plural: &str, name: &str) -> KubeError {
+        KubeError::new(
+            409,
+            "AlreadyExists",
+            format!("{plural} {name:?} already exists"),
+        )
+        .about(plural, name)
+    }
+
+    /// A write against a resourceVersion that is no longer the object's.
+    pub fn conflict(plural: &str, name: &str) -> KubeError {
+        KubeError::new(
+            409,
+            "Conflict",
+            format!(
+                "Operation cannot be fulfilled on {plural} {name:?}: the object has been \
+                 modified; please apply your changes to the latest version and try again"
+            ),
+        )
+        .about(plural, name)
+    }
+
+    pub fn invalid(kind: &str, name: &str, why: impl Into<String>) -> KubeError {
+        KubeError::new(
+            422,
+            "Invalid",
+            format!("{kind} {name:?} is invalid: {}", why.into()),
+        )
+        .about(kind, name)
+    }
+
+    pub fn bad_request(why: impl Into<String>) -> KubeError {
+        KubeError::new(400, "BadRequest", why.into())
+    }
+
+    pub fn no_route(path: &str) -> KubeError {
+        KubeError::new(
+            404,
+            "NotFound",
+            format!("the server could not find the requested resource ({path})"),
+        )
+    }
+
+    pub fn method_not_allowed(what: &str) -> KubeError {
+        KubeError::new(405, "MethodNotAllowed", format!("{what} is not supported"))
+    }
+
+    pub fn unsupported_media_type(content_type: &str) -> KubeError {
+        KubeError::new(
+            415,
+            "UnsupportedMediaType",
+            format!("the body of the request was in an unknown format ({content_type}): accepted media types are application/json, application/merge-patch+json, application/json-patch+json and application/strategic-merge-patch+json"),
+        )
+    }
+
+    pub fn internal(why: impl Into<String>) -> KubeError {
+        KubeError::new(500, "InternalError", why.into())
+    }
+
+    /// The `Status` object a client reads.
+    pub fn to_status(&self) -> Value {
+        let mut status = json!({
+            "kind": "Status",
+            "apiVersion": "v1",
+            "metadata": {},
+            "status": "Failure",
+            "message": self.message,
+            "reason": self.reason,
+            "code": self.code,
+        });
+        if self.name.is_some() || self.kind.is_some() {
+            status["details"] = json!({"name": self.name, "kind": self.kind});
+        }
+        status
+    }
+}
+
+impl std::fmt::Display for KubeError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} ({}): {}", self.reason, self.code, self.message)
+    }
+}
+
+impl std::error::Error for KubeError {}

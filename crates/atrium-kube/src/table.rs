@@ -1,0 +1,157 @@
+//! `Table` output: what `kubectl get` prints, with the columns upstream
+//! prints for each kind.
+
+use serde_json::{json, Value};
+
+use crate::meta::age;
+use crate::resource::ResourceType;
+
+/// How a row carries its object: `includeObject=None|Metadata|Object`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Include {
+    None,
+    Metadata,
+    Object,
+}
+
+impl Include {
+    pub fn parse(s: Option<&str>) -> Include {
+        match s {
+            Some("None") => Include::None,
+            Some("Object") => Include::Object,
+            _ => Include::Metadata,
+        }
+    }
+}
+
+fn column(name: &str, ty: &str, format: &str, description: &str) -> Value {
+    json!({"name": name, "type": ty, "format": format, "description": description, "priority": 0})
+}
+
+fn count(obj: &Value, field: &str) -> usize {
+    let len = |f: &str| obj.get(f).and_then(Value::as_object).map_or(0, |m| m.len());
+    if field == "data" {
+        len("data") + len("binaryData")
+    } else {
+        obj.get(field).and_then(Value::as_array).map_or(0, Vec::len)
+    }
+}
+
+/// The kind's own columns between Name and Age, and each object's cells
+/// for them.
+fn middle(r: &ResourceType, obj: &Value) -> Vec<(Value, Value)> {
+    let text = |p: &str| json!(obj.pointer(p).and_then(Value::as_str).unwrap_or(""));
+    match r.kind {
+        "Namespace" => vec![(
+            column("Status", "string", "", "The status of the namespace"),
+            text("/status/phase"),
+        )],
+        "ConfigMap" => vec![(
+            column("Data", "integer", "", "Number of entries in the data"),
+            json!(count(obj, "data")),
+        )],
+        "Secret" => vec![
+            (
+                column("Type", "string", "", "The type of the secret"),
+                text("/type"),
+            ),
+            (
+                column("Data", "integer", "", "Number of entries in the data"),
+                json!(count(obj, "data")),
+            ),
+        ],
+        "ServiceAccount" => vec![(
+            column("Secrets", "integer", "", "Number of secrets"),
+            json!(count(obj, "secrets")),
+        )],
+        _ => Vec::new(),
+    }
+}
+
+/// Seconds from an RFC 3339 time to `now` (Unix seconds).
+fn seconds_since(created: &str, now: i64) -> i64 {
+    time::OffsetDateTime::parse(created, &time::format_description::well_known::Rfc3339)
+        .map_or(0, |t| now - t.unix_timestamp())
+}
+
+/// The Table of `objects` (each already carrying its resourceVersion).
+pub fn table(
+    r: &ResourceType,
+    objects: &[Value],
+    resource_version: i64,
+    continue_token: Option<&str>,
+    include: Include,
+    now: i64,
+) -> Value {
+    let sample = objects.first().cloned().unwrap_or(json!({}));
+    let mut columns = vec![column(
+        "Name",
+        "string",
+        "name",
+        "Name must be unique within a namespace.",
+    )];
+    columns.extend(middle(r, &sample).into_iter().map(|(c, _)| c));
+    columns.push(column(
+        "Age",
+        "string",
+        "",
+        "CreationTimestamp is a timestamp representing the server time when this object was created.",
+    ));
+    let rows: Vec<Value> = objects
+        .iter()
+        .map(|obj| {
+            let mut cells = vec![json!(obj
+                .pointer("/metadata/name")
+                .cloned()
+                .unwrap_or(json!("")))];
+            cells.extend(middle(r, obj).into_iter().map(|(_, v)| v));
+            let created = obj
+                .pointer("/metadata/creationTimestamp")
+                .and_then(Value::as_str)
+                .unwrap_or("");
+            cells.push(json!(age(seconds_since(created, now))));
+            let object = match include {
+                Include::None => Value::Null,
+                Include::Metadata => json!({"kind": "PartialObjectMetadata",
+                    "apiVersion": "meta.k8s.io/v1", "metadata": obj["metadata"]}),
+                Include::Object => obj.clone(),
+            };
+            json!({"cells": cells, "object": object})
+        })
+        .collect();
+    let mut metadata = json!({"resourceVersion": resource_version.to_string()});
+    if let Some(token) = continue_token {
+        metadata["continue"] = json!(token);
+    }
+    json!({
+        "kind": "Table",
+        "apiVersion": "meta.k8s.io/v1",
+        "metadata": metadata,
+        "columnDefinitions": columns,
+        "rows": rows,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::find;
+
+    #[test]
+    fn configmaps_show_their_data_count_and_age() {
+        let cm = find("", "v1", "configmaps").unwrap();
+        let obj = json!({"metadata": {"name": "cfg", "creationTimestamp": "2026-01-01T00:00:00Z"},
+            "data": {"a": "1", "b": "2"}});
+        let now = 1_767_225_600 + 90;
+        let t = table(cm, &[obj], 7, None, Include::Metadata, now);
+        let names: Vec<&str> = t["columnDefinitions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| c["name"].as_str().unwrap())
+            .collect();
+        assert_eq!(names, ["Name", "Data", "Age"]);
+        assert_eq!(t["rows"][0]["cells"], json!(["cfg", 2, "90s"]));
+        assert_eq!(t["rows"][0]["object"]["kind"], "PartialObjectMetadata");
+    }
+}

@@ -1,0 +1,593 @@
+//! A tenant cluster's objects in the control plane's store: each resource
+//! type of each cluster is one store kind (`k8s:<cluster-id>:<plural>`),
+//! an object's store name is `<namespace>/<name>` (or `<name>`), its id
+//! its `uid`, its tenant the cluster's. The store's revision is the
+//! object's `resourceVersion`, so optimistic concurrency is the store's
+//! `if_revision` and a watch is its change log. Every write is audited.
+
+use atrium_kube::meta::{self, with_resource_version};
+use atrium_kube::selector::{FieldSelector, LabelSelector};
+use atrium_kube::table::{table, Include};
+use atrium_kube::{patch, KubeError, ResourceType, SERVED};
+use atrium_store::{AuditContext, Object, StoreError, TenantFilter, Write, WriteError};
+use axum::http::{header, Method, StatusCode};
+use serde_json::{json, Value};
+
+use super::path::At;
+use super::{from_api, watch, KubeResponse, Request};
+use crate::error::ApiError;
+use crate::AppState;
+
+/// Namespaces every cluster starts with; the first three cannot be
+/// deleted, as upstream.
+const DEFAULT_NAMESPACES: [&str; 4] = ["default", "kube-system", "kube-public", "kube-node-lease"];
+const PROTECTED_NAMESPACES: [&str; 3] = ["default", "kube-system", "kube-public"];
+
+/// Most objects one list answers with.
+const MAX_LIMIT: usize = 1000;
+
+/// The cluster a request is in.
+#[derive(Clone)]
+pub(super) struct Scope {
+    pub id: String,
+    pub tenant: String,
+}
+
+impl Scope {
+    pub fn of(cluster: &Object) -> Scope {
+        Scope {
+            id: cluster.id.clone(),
+            tenant: cluster.tenant.clone().unwrap_or_default(),
+        }
+    }
+
+    pub fn kind(&self, r: &ResourceType) -> String {
+        format!("k8s:{}:{}", self.id, r.qualified())
+    }
+
+    pub fn filter(&self) -> TenantFilter {
+        TenantFilter::Exactly(Some(self.tenant.clone()))
+    }
+}
+
+fn key(r: &ResourceType, namespace: Option<&str>, name: &str) -> String {
+    match (r.namespaced, namespace) {
+        (true, Some(ns)) => format!("{ns}/{name}"),
+        _ => name.to_string(),
+    }
+}
+
+fn store_error(e: StoreError) -> KubeError {
+    from_api(ApiError::from(e))
+}
+
+/// A random version-4 UUID: an object's `uid`.
+fn uid() -> String {
+    let r: u128 = rand::random();
+    let hex = format!(
+        "{:032x}",
+        (r & !(0xf << 76) & !(0x3 << 62)) | (0x4 << 76) | (0x2 << 62)
+    );
+    format!(
+        "{}-{}-{}-{}-{}",
+        &hex[..8],
+        &hex[8..12],
+        &hex[12..16],
+        &hex[16..20],
+        &hex[20..]
+    )
+}
+
+/// Five characters completing a `generateName`, as upstream's.
+fn name_suffix() -> String {
+    const ALPHABET: &[u8] = b"bcdfghjklmnpqrstvwxz2456789";
+    (0..5)
+        .map(|_| ALPHABET[rand::random::<usize>() % ALPHABET.len()] as char)
+        .collect()
+}
+
+fn stored(o: &Object) -> Value {
+    with_resource_version(o.body.clone(), o.revision)
+}
+
+async fn find(
+    state: &AppState,
+    scope: &Scope,
+    r: &ResourceType,
+    key: &str,
+) -> Result<Option<Object>, KubeError> {
+    state
+        .store
+        .get_by_name(&scope.kind(r), Some(&scope.tenant), key)
+        .await
+        .map_err(store_error)
+}
+
+async fn write(state: &AppState, w: Write, audit: AuditContext) -> Result<Object, StoreError> {
+    match state.store.write::<()>(w, None, audit).await {
+        Ok(change) => Ok(change.object),
+        Err(WriteError::Store(e)) => Err(e),
+        Err(WriteError::Rejected(())) => Err(StoreError::Corrupt("write rejected".into())),
+    }
+}
+
+/// Deletes `o`; one already gone is fine.
+async fn remove(state: &AppState, o: &Object, audit: AuditContext) -> Result<(), StoreError> {
+    let w = Write::Delete {
+        kind: o.kind.clone(),
+        id: o.id.clone(),
+    };
+    match write(state, w, audit).await {
+        Ok(_) | Err(StoreError::NotFound { .. }) => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+/// Makes a new cluster's default namespaces.
+pub async fn create_defaults(state: &AppState, cluster: &Object) -> Result<(), ApiError> {
+    let scope = Scope::of(cluster);
+    let Some(ns) = atrium_kube::find("", "v1", "namespaces") else {
+        return Ok(());
+    };
+    for name in DEFAULT_NAMESPACES {
+        let mut obj = json!({"metadata": {"name": name}});
+        let made = meta::prepare_create(ns, &mut obj, None, &uid(), &timestamp(), name_suffix);
+        let Ok(name) = made else { continue };
+        let w = Write::Create {
+            kind: scope.kind(ns),
+            id: uid_of(&obj),
+            tenant: Some(scope.tenant.clone()),
+            name,
+            body: obj,
+        };
+        match write(state, w, system_audit("kube.namespace.create")).await {
+            Ok(_) | Err(StoreError::NameTaken { .. }) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(())
+}
+
+/// Now, as Kubernetes writes times: RFC 3339 to the second.
+fn timestamp() -> String {
+    let now = time::OffsetDateTime::now_utc();
+    let whole = now.replace_nanosecond(0).unwrap_or(now);
+    whole
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_else(|_| "1970-01-01T00:00:00Z".into())
+}
+
+fn system_audit(action: &str) -> AuditContext {
+    AuditContext {
+        actor: "atrium".into(),
+        role: "system".into(),
+        action: action.into(),
+        request_id: String::new(),
+    }
+}
+
+fn uid_of(obj: &Value) -> String {
+    obj.pointer("/metadata/uid")
+        .and_then(Value::as_str)
+        .unwrap_or_default()
+        .to_string()
+}
+
+/// Deletes every object of `cluster` (which is being deleted).
+pub async fn delete_cluster_objects(state: &AppState, cluster: &Object) -> Result<(), ApiError> {
+    let scope = Scope::of(cluster);
+    for r in SERVED {
+        for o in state
+            .store
+            .list_all(&scope.kind(r), &scope.filter())
+            .await?
+        {
+            let audit = system_audit(&format!("kube.{}.delete", r.singular));
+            remove(state, &o, audit).await?;
+        }
+    }
+    Ok(())
+}
+
+/// Serves one request for a resource of `cluster`.
+pub(super) async fn serve(
+    state: &AppState,
+    cluster: &Object,
+    at: &At,
+    req: &Request,
+) -> Result<KubeResponse, KubeError> {
+    let scope = Scope::of(cluster);
+    let r = at.resource;
+    match at.subresource.as_deref() {
+        None => {}
+        // A namespace's status is part of it, read-only here.
+        Some("status") if req.method == Method::GET => {}
+        Some(sub) => {
+            return Err(KubeError::method_not_allowed(&format!(
+                "{} of {}/{sub}",
+                req.method, r.plural
+            )))
+        }
+    }
+    let name = at.name.as_deref();
+    match (&req.method, name) {
+        (&Method::GET, None) if req.param("watch").is_some_and(|w| w == "true" || w == "1") => {
+            watch::serve(state, scope, at, req).await
+        }
+        (&Method::GET, None) => list(state, &scope, at, req).await,
+        (&Method::POST, None) => create(state, &scope, at, req).await,
+        (&Method::GET, Some(n)) => get(state, &scope, at, n, req).await,
+        (&Method::PUT, Some(n)) => update(state, &scope, at, n, req).await,
+        (&Method::PATCH, Some(n)) => patch(state, &scope, at, n, req).await,
+        (&Method::DELETE, Some(n)) => delete(state, &scope, at, n, req).await,
+        (m, _) => Err(KubeError::method_not_allowed(&format!(
+            "{m} on {}",
+            r.plural
+        ))),
+    }
+}
+
+/// The selectors of a list or watch.
+pub(super) struct Selection {
+    labels: LabelSelector,
+    fields: FieldSelector,
+    namespace: Option<String>,
+}
+
+impl Selection {
+    pub fn of(at: &At, req: &Request) -> Result<Selection, KubeError> {
+        Ok(Selection {
+            labels: LabelSelector::parse(req.param("labelSelector").unwrap_or(""))?,
+            fields: FieldSelector::parse(req.param("fieldSelector").unwrap_or(""))?,
+            namespace: at.namespace.clone(),
+        })
+    }
+
+    pub fn matches(&self, obj: &Value) -> bool {
+        let ns = obj.pointer("/metadata/namespace").and_then(Value::as_str);
+        self.namespace
+            .as_deref()
+            .is_none_or(|want| ns == Some(want))
+            && self.labels.matches(obj)
+            && self.fields.matches(obj)
+    }
+}
+
+fn now_unix() -> i64 {
+    time::OffsetDateTime::now_utc().unix_timestamp()
+}
+
+async fn list(
+    state: &AppState,
+    scope: &Scope,
+    at: &At,
+    req: &Request,
+) -> Result<KubeResponse, KubeError> {
+    let r = at.resource;
+    let selection = Selection::of(at, req)?;
+    let head = state.store.head();
+    let mut objects = state
+        .store
+        .list_all(&scope.kind(r), &scope.filter())
+        .await
+        .map_err(store_error)?;
+    objects.sort_by(|a, b| a.name.cmp(&b.name));
+    let after = req.param("continue").unwrap_or("");
+    let limit = req
+        .param("limit")
+        .and_then(|l| l.parse::<usize>().ok())
+        .filter(|l| *l > 0)
+        .map_or(MAX_LIMIT, |l| l.min(MAX_LIMIT));
+    // The continue token is the store name of the last object answered.
+    let mut items: Vec<Value> = Vec::new();
+    let (mut last, mut more) = (None, None);
+    for o in objects.iter().filter(|o| o.name.as_str() > after) {
+        let obj = stored(o);
+        if !selection.matches(&obj) {
+            continue;
+        }
+        if items.len() == limit {
+            more = last.take();
+            break;
+        }
+        items.push(obj);
+        last = Some(o.name.clone());
+    }
+    let ok = |v| Ok(KubeResponse::Json(StatusCode::OK, v));
+    if req.wants_table() {
+        let include = Include::parse(req.param("includeObject"));
+        return ok(table(r, &items, head, more.as_deref(), include, now_unix()));
+    }
+    let mut metadata = json!({"resourceVersion": head.to_string()});
+    if let Some(token) = more {
+        metadata["continue"] = json!(token);
+    }
+    ok(json!({
+        "kind": format!("{}List", r.kind),
+        "apiVersion": r.api_version(),
+        "metadata": metadata,
+        "items": items,
+    }))
+}
+
+async fn existing(
+    state: &AppState,
+    scope: &Scope,
+    at: &At,
+    name: &str,
+) -> Result<Object, KubeError> {
+    find(
+        state,
+        scope,
+        at.resource,
+        &key(at.resource, at.namespace.as_deref(), name),
+    )
+    .await?
+    .ok_or_else(|| KubeError::not_found(at.resource.plural, name))
+}
+
+async fn get(
+    state: &AppState,
+    scope: &Scope,
+    at: &At,
+    name: &str,
+    req: &Request,
+) -> Result<KubeResponse, KubeError> {
+    let o = existing(state, scope, at, name).await?;
+    let obj = stored(&o);
+    if req.wants_table() {
+        let include = Include::parse(req.param("includeObject"));
+        let t = table(at.resource, &[obj], o.revision, None, include, now_unix());
+        return Ok(KubeResponse::Json(StatusCode::OK, t));
+    }
+    Ok(KubeResponse::Json(StatusCode::OK, obj))
+}
+
+/// The request's media type, without parameters.
+fn content_type(req: &Request) -> String {
+    req.headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_string()
+}
+
+/// The JSON body. Protobuf (client-go's first choice for built-in types)
+/// gets 415, on which clients fall back to JSON.
+fn body(req: &Request) -> Result<Value, KubeError> {
+    let media = content_type(req);
+    if !(media.is_empty() || media.ends_with("json")) {
+        return Err(KubeError::unsupported_media_type(&media));
+    }
+    serde_json::from_slice(&req.body)
+        .map_err(|e| KubeError::bad_request(format!("the body is not JSON: {e}")))
+}
+
+/// `dryRun=All` as a parameter, or (on deletes) in the `DeleteOptions`
+/// body kubectl sends.
+fn dry_run(req: &Request) -> bool {
+    let in_body = || {
+        req.method == Method::DELETE
+            && serde_json::from_slice::<Value>(&req.body).is_ok_and(|o| {
+                o.get("dryRun")
+                    .and_then(Value::as_array)
+                    .is_some_and(|d| d.iter().any(|v| v == "All"))
+            })
+    };
+    req.param("dryRun") == Some("All") || in_body()
+}
+
+async fn create(
+    state: &AppState,
+    scope: &Scope,
+    at: &At,
+    req: &Request,
+) -> Result<KubeResponse, KubeError> {
+    let r = at.resource;
+    let mut obj = body(req)?;
+    let name = meta::prepare_create(
+        r,
+        &mut obj,
+        at.namespace.as_deref(),
+        &uid(),
+        &timestamp(),
+        name_suffix,
+    )?;
+    if let (true, Some(ns)) = (r.namespaced, at.namespace.as_deref()) {
+        let namespaces = atrium_kube::find("", "v1", "namespaces")
+            .ok_or_else(|| KubeError::internal("namespaces are not served"))?;
+        if find(state, scope, namespaces, ns).await?.is_none() {
+            return Err(KubeError::not_found("namespaces", ns));
+        }
+    }
+    if dry_run(req) {
+        return Ok(KubeResponse::Json(StatusCode::CREATED, obj));
+    }
+    let w = Write::Create {
+        kind: scope.kind(r),
+        id: uid_of(&obj),
+        tenant: Some(scope.tenant.clone()),
+        name: key(r, at.namespace.as_deref(), &name),
+        body: obj,
+    };
+    match write(state, w, req.audit(format!("kube.{}.create", r.singular))).await {
+        Ok(o) => Ok(KubeResponse::Json(StatusCode::CREATED, stored(&o))),
+        Err(StoreError::NameTaken { .. }) => Err(KubeError::already_exists(r.plural, &name)),
+        Err(e) => Err(store_error(e)),
+    }
+}
+
+/// Writes `new` over `old`, if `old` is still at `revision`.
+async fn replace(
+    state: &AppState,
+    at: &At,
+    old: &Object,
+    mut new: Value,
+    revision: i64,
+    req: &Request,
+) -> Result<KubeResponse, KubeError> {
+    let r = at.resource;
+    meta::prepare_update(r, &old.body, &mut new)?;
+    if let Some(m) = new.get_mut("metadata").and_then(Value::as_object_mut) {
+        m.remove("resourceVersion");
+    }
+    if dry_run(req) {
+        return Ok(KubeResponse::Json(
+            StatusCode::OK,
+            with_resource_version(new, old.revision),
+        ));
+    }
+    let name = meta::name_of(&old.body).unwrap_or_default().to_string();
+    let w = Write::Update {
+        kind: old.kind.clone(),
+        id: old.id.clone(),
+        body: new,
+        if_revision: Some(revision),
+    };
+    match write(state, w, req.audit(format!("kube.{}.update", r.singular))).await {
+        Ok(o) => Ok(KubeResponse::Json(StatusCode::OK, stored(&o))),
+        Err(StoreError::RevisionMismatch { .. }) => Err(KubeError::conflict(r.plural, &name)),
+        Err(StoreError::NotFound { .. }) => Err(KubeError::not_found(r.plural, &name)),
+        Err(e) => Err(store_error(e)),
+    }
+}
+
+async fn update(
+    state: &AppState,
+    scope: &Scope,
+    at: &At,
+    name: &str,
+    req: &Request,
+) -> Result<KubeResponse, KubeError> {
+    let old = existing(state, scope, at, name).await?;
+    let new = body(req)?;
+    // A stated resourceVersion must still be the object's; none means
+    // "whatever it is now".
+    let revision = match new
+        .pointer("/metadata/resourceVersion")
+        .and_then(Value::as_str)
+    {
+        Some(rv) => rv.parse().map_err(|_| {
+            KubeError::bad_request(format!(
+                "resourceVersion {rv:?} is not one this server gave"
+            ))
+        })?,
+        None => old.revision,
+    };
+    replace(state, at, &old, new, revision, req).await
+}
+
+async fn patch(
+    state: &AppState,
+    scope: &Scope,
+    at: &At,
+    name: &str,
+    req: &Request,
+) -> Result<KubeResponse, KubeError> {
+    let content_type = content_type(req);
+    let given = body(req)?;
+    let old = existing(state, scope, at, name).await?;
+    let current = old.body.clone();
+    let new = match content_type.as_str() {
+        "application/merge-patch+json" => {
+            let mut doc = current;
+            patch::merge(&mut doc, &given);
+            doc
+        }
+        "application/strategic-merge-patch+json" => {
+            let mut doc = current;
+            patch::strategic(&mut doc, &given)?;
+            doc
+        }
+        "application/json-patch+json" => patch::json_patch(current, &given)?,
+        other => return Err(KubeError::unsupported_media_type(other)),
+    };
+    replace(state, at, &old, new, old.revision, req).await
+}
+
+async fn delete(
+    state: &AppState,
+    scope: &Scope,
+    at: &At,
+    name: &str,
+    req: &Request,
+) -> Result<KubeResponse, KubeError> {
+    let r = at.resource;
+    let old = existing(state, scope, at, name).await?;
+    if r.kind == "Namespace" {
+        if PROTECTED_NAMESPACES.contains(&name) {
+            return Err(KubeError {
+                code: 403,
+                reason: "Forbidden",
+                message: format!(
+                    "namespace {name:?} is forbidden: this namespace may not be deleted"
+                ),
+                name: Some(name.to_string()),
+                kind: Some("namespaces".into()),
+            });
+        }
+        if !dry_run(req) {
+            empty_namespace(state, scope, name, req).await?;
+        }
+    }
+    if !dry_run(req) {
+        remove(
+            state,
+            &old,
+            req.audit(format!("kube.{}.delete", r.singular)),
+        )
+        .await
+        .map_err(store_error)?;
+    }
+    Ok(KubeResponse::Json(
+        StatusCode::OK,
+        json!({
+            "kind": "Status",
+            "apiVersion": "v1",
+            "metadata": {},
+            "status": "Success",
+            "details": {"name": name, "kind": r.plural, "uid": uid_of(&old.body)},
+        }),
+    ))
+}
+
+/// Deletes everything in namespace `ns`.
+async fn empty_namespace(
+    state: &AppState,
+    scope: &Scope,
+    ns: &str,
+    req: &Request,
+) -> Result<(), KubeError> {
+    let prefix = format!("{ns}/");
+    for r in SERVED.iter().filter(|r| r.namespaced) {
+        let objects = state
+            .store
+            .list_all(&scope.kind(r), &scope.filter())
+            .await
+            .map_err(store_error)?;
+        for o in objects.iter().filter(|o| o.name.starts_with(&prefix)) {
+            remove(state, o, req.audit(format!("kube.{}.delete", r.singular)))
+                .await
+                .map_err(store_error)?;
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn uids_are_version_4() {
+        let u = uid();
+        assert_eq!(u.len(), 36);
+        assert_eq!(&u[14..15], "4");
+        assert!(matches!(&u[19..20], "8" | "9" | "a" | "b"), "{u}");
+        assert_ne!(uid(), u);
+    }
+}

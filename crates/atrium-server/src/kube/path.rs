@@ -1,0 +1,209 @@
+//! What a path under `/k8s/{cluster}/` names: discovery, the OpenAPI
+//! index, or a resource — a collection or one object, in a namespace or
+//! not, perhaps a subresource — of a served type.
+
+use atrium_kube::{find, KubeError, ResourceType};
+use serde_json::{json, Value};
+
+/// A resource path, resolved against the served types.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct At {
+    pub resource: &'static ResourceType,
+    pub namespace: Option<String>,
+    pub name: Option<String>,
+    pub subresource: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Target {
+    Version,
+    Api,
+    Apis,
+    Group(String),
+    GroupVersion(String, String),
+    OpenApi,
+    OpenApiDocument,
+    Resource(At),
+}
+
+/// Parses `rest` (the path after `/k8s/{cluster}/`).
+pub fn parse(rest: &str) -> Result<Target, KubeError> {
+    let parts: Vec<&str> = rest.trim_end_matches('/').split('/').collect();
+    let unknown = || KubeError::no_route(&format!("/{rest}"));
+    let (group, version, tail) = match parts.as_slice() {
+        ["version"] => return Ok(Target::Version),
+        ["api"] => return Ok(Target::Api),
+        ["apis"] => return Ok(Target::Apis),
+        ["openapi", "v3"] => return Ok(Target::OpenApi),
+        ["openapi", "v3", ..] => return Ok(Target::OpenApiDocument),
+        ["apis", g] => return Ok(Target::Group(g.to_string())),
+        ["api", v] => return Ok(Target::GroupVersion(String::new(), v.to_string())),
+        ["apis", g, v] => return Ok(Target::GroupVersion(g.to_string(), v.to_string())),
+        ["api", v, tail @ ..] => ("", *v, tail),
+        ["apis", g, v, tail @ ..] => (*g, *v, tail),
+        _ => return Err(unknown()),
+    };
+    let resource = |plural: &str| find(group, version, plural).ok_or_else(unknown);
+    let at = |r: &'static ResourceType, ns: Option<&str>, name: Option<&str>, sub: Option<&str>| {
+        Target::Resource(At {
+            resource: r,
+            namespace: ns.map(str::to_string),
+            name: name.map(str::to_string),
+            subresource: sub.map(str::to_string),
+        })
+    };
+    // `namespaces/{ns}/{plural}…` is a namespaced resource when {plural}
+    // is one; otherwise `namespaces/{name}/{subresource}`.
+    if let ["namespaces", ns, plural, rest @ ..] = tail {
+        if let Ok(r) = resource(plural) {
+            if !r.namespaced {
+                return Err(unknown());
+            }
+            return match rest {
+                [] => Ok(at(r, Some(ns), None, None)),
+                [name] => Ok(at(r, Some(ns), Some(name), None)),
+                [name, sub] => Ok(at(r, Some(ns), Some(name), Some(sub))),
+                _ => Err(unknown()),
+            };
+        }
+    }
+    match tail {
+        [plural] => Ok(at(resource(plural)?, None, None, None)),
+        [plural, name] => {
+            let r = resource(plural)?;
+            if r.namespaced {
+                return Err(unknown());
+            }
+            Ok(at(r, None, Some(name), None))
+        }
+        [plural, name, sub] => {
+            let r = resource(plural)?;
+            if r.namespaced {
+                return Err(unknown());
+            }
+            Ok(at(r, None, Some(name), Some(sub)))
+        }
+        _ => Err(unknown()),
+    }
+}
+
+/// `/openapi/v3`: one document per group version served.
+pub fn openapi_index() -> Value {
+    let mut paths = serde_json::Map::new();
+    for gv in group_versions() {
+        paths.insert(
+            gv.clone(),
+            json!({"serverRelativeURL": format!("/openapi/v3/{gv}")}),
+        );
+    }
+    json!({"paths": paths})
+}
+
+/// `api/v1`, then `apis/<group>/<version>` of each named group.
+fn group_versions() -> Vec<String> {
+    let mut out = vec!["api/v1".to_string()];
+    for (g, v) in atrium_kube::resource::groups() {
+        out.push(format!("apis/{g}/{v}"));
+    }
+    out
+}
+
+/// `/openapi/v3/<group version>`: each resource's paths, their operations
+/// tagged with the kind they serve and the query parameters they take.
+/// No schemas yet: `fieldValidation` on every write tells clients the
+/// server validates (kubectl then skips its own schema validation).
+pub fn openapi_document(rest: &str) -> Option<Value> {
+    let gv = rest.strip_prefix("openapi/v3/")?.trim_end_matches('/');
+    let (group, version) = match gv.split('/').collect::<Vec<_>>().as_slice() {
+        ["api", v] => (String::new(), v.to_string()),
+        ["apis", g, v] => (g.to_string(), v.to_string()),
+        _ => return None,
+    };
+    let mut paths = serde_json::Map::new();
+    for r in atrium_kube::SERVED
+        .iter()
+        .filter(|r| r.group == group && r.version == version)
+    {
+        let gvk = json!({"group": r.group, "version": r.version, "kind": r.kind});
+        let query = |name: &str| json!({"name": name, "in": "query", "schema": {"type": "string"}});
+        let write_params = json!([
+            query("dryRun"),
+            query("fieldManager"),
+            query("fieldValidation")
+        ]);
+        let op = |verb: &str, params: Value| {
+            json!({"operationId": format!("{verb}{}", r.kind), "parameters": params,
+                   "x-kubernetes-group-version-kind": gvk, "x-kubernetes-action": verb,
+                   "responses": {"200": {"description": "OK"}}})
+        };
+        let base = if r.namespaced {
+            format!("/{gv}/namespaces/{{namespace}}/{}", r.plural)
+        } else {
+            format!("/{gv}/{}", r.plural)
+        };
+        paths.insert(
+            base.clone(),
+            json!({"get": op("list", json!([query("labelSelector"), query("fieldSelector"),
+                       query("watch"), query("resourceVersion"), query("limit"), query("continue")])),
+                   "post": op("post", write_params.clone())}),
+        );
+        paths.insert(
+            format!("{base}/{{name}}"),
+            json!({"get": op("get", json!([])), "put": op("put", write_params.clone()),
+                   "patch": op("patch", write_params.clone()),
+                   "delete": op("delete", json!([query("dryRun")]))}),
+        );
+    }
+    if paths.is_empty() {
+        return None;
+    }
+    let (major, minor) = atrium_kube::KUBERNETES_VERSION;
+    Some(json!({
+        "openapi": "3.0.0",
+        "info": {"title": "Atrium tenant cluster", "version": format!("v{major}.{minor}.0")},
+        "paths": paths,
+        "components": {"schemas": {}},
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn resource(rest: &str) -> At {
+        match parse(rest).unwrap() {
+            Target::Resource(at) => at,
+            other => panic!("{rest}: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn paths_name_collections_objects_and_subresources() {
+        let ns = resource("api/v1/namespaces");
+        assert_eq!((ns.resource.plural, ns.name), ("namespaces", None));
+        let one = resource("api/v1/namespaces/demo");
+        assert_eq!(one.name.as_deref(), Some("demo"));
+        let cms = resource("api/v1/namespaces/demo/configmaps");
+        assert_eq!(
+            (cms.resource.plural, cms.namespace.as_deref(), cms.name),
+            ("configmaps", Some("demo"), None)
+        );
+        let all = resource("api/v1/configmaps");
+        assert_eq!(all.namespace, None);
+        let cm = resource("api/v1/namespaces/demo/configmaps/cfg");
+        assert_eq!(cm.name.as_deref(), Some("cfg"));
+        let status = resource("api/v1/namespaces/demo/status");
+        assert_eq!(status.subresource.as_deref(), Some("status"));
+        for bad in [
+            "api/v1/widgets",
+            "api/v1/configmaps/cfg",
+            "api/v1/namespaces/demo/namespaces",
+            "apis/apps/v1/deployments",
+            "nope",
+            "api/v1/namespaces/demo/configmaps/a/b/c",
+        ] {
+            assert!(parse(bad).is_err(), "{bad}");
+        }
+        assert_eq!(parse("version").unwrap(), Target::Version);
+    }
+}

