@@ -171,6 +171,9 @@ impl ImageCache {
             let config: ConfigFile = serde_json::from_slice(&config_bytes)
                 .map_err(|e| format!("the image config does not parse: {e}"))?;
             let rootfs = self.rootfs_path(&digest)?;
+            // One unpacking of a manifest at a time; whoever waited finds
+            // it done.
+            let _unpacking = held(&rootfs).await;
             if !rootfs.is_dir() {
                 let mut layers = Vec::new();
                 for layer in &manifest.layers {
@@ -203,6 +206,9 @@ impl ImageCache {
         digest: &str,
     ) -> Result<(PathBuf, u64), String> {
         let path = self.blob_path(digest)?;
+        // One download of a blob at a time on this node: two replicas
+        // starting together would write the same partial file.
+        let _fetching = held(&path).await;
         if path.is_file() {
             return Ok((path, 0));
         }
@@ -248,6 +254,27 @@ impl ImageCache {
 }
 
 /// A small document (manifest, config) read whole, bounded in size and time.
+/// Holds the lock of `path` (a blob or a rootfs) for as long as the guard
+/// lives. Locks nobody holds are dropped as the next one is taken.
+async fn held(path: &std::path::Path) -> tokio::sync::OwnedMutexGuard<()> {
+    type Locks = std::collections::HashMap<PathBuf, std::sync::Weak<tokio::sync::Mutex<()>>>;
+    static LOCKS: std::sync::LazyLock<std::sync::Mutex<Locks>> =
+        std::sync::LazyLock::new(Default::default);
+    let lock = {
+        let mut locks = LOCKS.lock().unwrap_or_else(|p| p.into_inner());
+        locks.retain(|_, l| l.strong_count() > 0);
+        match locks.get(path).and_then(std::sync::Weak::upgrade) {
+            Some(l) => l,
+            None => {
+                let l = std::sync::Arc::new(tokio::sync::Mutex::new(()));
+                locks.insert(path.to_path_buf(), std::sync::Arc::downgrade(&l));
+                l
+            }
+        }
+    };
+    lock.lock_owned().await
+}
+
 async fn document(cp: &ControlPlane, path: &str, accept: &str) -> Result<Vec<u8>, String> {
     let read = async {
         let resp = cp
