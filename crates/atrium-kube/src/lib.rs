@@ -5,7 +5,9 @@
 //! is — the resources served (`resource`), discovery (`discovery`),
 //! errors as `Status` objects (`status`), what the server sets in an
 //! object's metadata (`meta`), label and field selectors (`selector`),
-//! merge and JSON patches (`patch`) and `Table` output (`table`) — and
+//! merge and JSON patches (`patch`), how a pod runs as an Atrium
+//! workload and reads its status back (`pod`) and `Table` output
+//! (`table`) — and
 //! does no IO: the control plane's `kube` module serves and stores.
 //!
 //! This is compatibility with what kubectl and client libraries send, not
@@ -14,6 +16,7 @@
 pub mod discovery;
 pub mod meta;
 pub mod patch;
+pub mod pod;
 pub mod resource;
 pub mod selector;
 pub mod status;

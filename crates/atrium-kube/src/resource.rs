@@ -75,6 +75,15 @@ pub const SERVED: &[ResourceType] = &[
     ResourceType {
         group: "",
         version: "v1",
+        kind: "Pod",
+        plural: "pods",
+        singular: "pod",
+        namespaced: true,
+        short_names: &["po"],
+    },
+    ResourceType {
+        group: "",
+        version: "v1",
         kind: "ServiceAccount",
         plural: "serviceaccounts",
         singular: "serviceaccount",

@@ -109,6 +109,16 @@ impl KubeError {
         if self.name.is_some() || self.kind.is_some() {
             status["details"] = json!({"name": self.name, "kind": self.kind});
         }
+        // kubectl prints an Invalid refusal's causes, `field: message`.
+        if self.reason == "Invalid" {
+            let why = self
+                .message
+                .split_once(" is invalid: ")
+                .map_or("", |(_, w)| w);
+            let (field, message) = why.split_once(": ").unwrap_or(("", why));
+            status["details"]["causes"] =
+                json!([{"reason": "FieldValueInvalid", "message": message, "field": field}]);
+        }
         status
     }
 }

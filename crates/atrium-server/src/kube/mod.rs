@@ -12,6 +12,7 @@
 
 mod objects;
 mod path;
+pub mod pods;
 mod watch;
 
 use atrium_core::cluster::ClusterSpec;

@@ -404,6 +404,12 @@ async fn create(
             return Err(KubeError::not_found("namespaces", ns));
         }
     }
+    if r.kind == "Pod" {
+        // Refused now, not later in its status: a pod that cannot run as
+        // a workload of the tenant.
+        atrium_kube::pod::workload_of(&obj)?;
+        obj["status"] = json!({"phase": "Pending"});
+    }
     if dry_run(req) {
         return Ok(KubeResponse::Json(StatusCode::CREATED, obj));
     }
@@ -432,6 +438,18 @@ async fn replace(
 ) -> Result<KubeResponse, KubeError> {
     let r = at.resource;
     meta::prepare_update(r, &old.body, &mut new)?;
+    if r.kind == "Pod" {
+        // A pod's spec is what its workload runs, and its status the
+        // controller's.
+        if new.get("spec") != old.body.get("spec") {
+            return Err(KubeError::invalid(
+                "Pod",
+                meta::name_of(&old.body).unwrap_or_default(),
+                "spec: Forbidden: pod updates may not change the spec; delete the pod and create it anew",
+            ));
+        }
+        new["status"] = old.body.get("status").cloned().unwrap_or(json!({}));
+    }
     if let Some(m) = new.get_mut("metadata").and_then(Value::as_object_mut) {
         m.remove("resourceVersion");
     }

@@ -33,9 +33,14 @@ impl Drop for Cloud {
 
 impl Cloud {
     pub fn start(octet: u8) -> Cloud {
+        Cloud::start_with(octet, &[])
+    }
+
+    /// A cloud whose control plane gets `extra` flags (`--tls-listen …`).
+    pub fn start_with(octet: u8, extra: &[&str]) -> Cloud {
         let dir = tempfile::tempdir().unwrap();
         let port = free_port();
-        let server = spawn_server(&dir.path().join("server"), port, &[]);
+        let server = spawn_server(&dir.path().join("server"), port, extra);
         let url = format!("http://127.0.0.1:{port}");
         let admin = admin_token(&dir.path().join("server"));
         let http = Client::builder()
