@@ -8,6 +8,7 @@
 
 mod bench;
 mod bench_gateway;
+mod bench_kube;
 mod bench_registry;
 mod bench_sched;
 mod bench_workloads;
@@ -231,6 +232,17 @@ enum BenchCmd {
         #[arg(long, default_value_t = 50)]
         megabytes: u64,
         #[arg(long, default_value = "bench-workloads.json")]
+        out: PathBuf,
+    },
+    /// Tenant clusters: MiB per idle cluster, create → ready, list and
+    /// watch latency with many clusters and objects.
+    Kube {
+        #[arg(long, default_value_t = 1000)]
+        clusters: u32,
+        /// Config maps created, spread over the clusters
+        #[arg(long, default_value_t = 100_000)]
+        objects: u32,
+        #[arg(long, default_value = "bench-kube.json")]
         out: PathBuf,
     },
     /// Image push and pull MB/s through the control plane's registry
@@ -471,6 +483,21 @@ async fn run(cli: Cli) -> Result<()> {
                 done = bench_workloads::run(bench_workloads::Args {
                     workloads,
                     megabytes,
+                    out,
+                    output: cli.global.output.unwrap_or(Output::Table),
+                }) => done,
+                _ = shutdown_signal() => Err(anyhow!("interrupted; the processes the bench started are stopped")),
+            }
+        }
+        Command::Bench(BenchCmd::Kube {
+            clusters,
+            objects,
+            out,
+        }) => {
+            tokio::select! {
+                done = bench_kube::run(bench_kube::Args {
+                    clusters,
+                    objects,
                     out,
                     output: cli.global.output.unwrap_or(Output::Table),
                 }) => done,

@@ -8,7 +8,7 @@
 //! workload's and its replica's; a workload whose pod is gone is deleted.
 //!
 //! A reconcile loop, as the placement controller: after every change to
-//! the store (debounced) and every few seconds.
+//! pods, workloads or placements (debounced) and every 30 seconds.
 
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
@@ -155,25 +155,54 @@ pub async fn reconcile(state: &AppState) -> Result<(), StoreError> {
     Ok(())
 }
 
-/// Runs `reconcile` after changes and every few seconds, until the server
-/// stops.
+/// Whether changes after `seen` touch pods, workloads or placements (a
+/// flood of other objects — config maps — wakes no pass that would list
+/// every cluster's pods).
+async fn relevant(store: &Store, seen: i64, head: i64) -> bool {
+    const LOOK: u32 = 1000;
+    match store
+        .changes(seen, head, None, &TenantFilter::All, LOOK)
+        .await
+    {
+        Ok(changes) => {
+            changes.len() == LOOK as usize
+                || changes.iter().any(|c| {
+                    let kind = c.object.kind.as_str();
+                    kind == Workload::KIND || kind == Placement::KIND || kind.ends_with(":pods")
+                })
+        }
+        Err(_) => true,
+    }
+}
+
+/// Runs `reconcile` after relevant changes and every 30 seconds, until
+/// the server stops.
 pub async fn run(state: AppState) {
     let mut heads = state.store.subscribe();
     let mut stop = state.shutdown.clone();
     loop {
+        let mut seen = *heads.borrow_and_update();
         if let Err(e) = reconcile(&state).await {
             tracing::warn!(error = %e, "pod controller pass failed; retrying");
         }
-        let _ = heads.borrow_and_update();
-        tokio::select! {
-            changed = heads.changed() => {
-                if changed.is_err() {
-                    return;
+        let tick = tokio::time::sleep(Duration::from_secs(30));
+        tokio::pin!(tick);
+        loop {
+            tokio::select! {
+                changed = heads.changed() => {
+                    if changed.is_err() {
+                        return;
+                    }
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    let head = *heads.borrow_and_update();
+                    if relevant(&state.store, seen, head).await {
+                        break;
+                    }
+                    seen = head;
                 }
-                tokio::time::sleep(Duration::from_millis(50)).await;
+                _ = &mut tick => break,
+                _ = stop.changed() => return,
             }
-            _ = tokio::time::sleep(Duration::from_secs(5)) => {}
-            _ = stop.changed() => return,
         }
     }
 }
