@@ -25,6 +25,7 @@ use std::process::Command;
 
 use crate::bench_gateway::peers::{start_control_plane, Children, TempDir};
 use crate::bench_registry::bench_tenant;
+use crate::bench_workloads::percentile;
 use crate::client::Output;
 
 pub struct Args {
@@ -37,13 +38,6 @@ pub struct Args {
 /// What the peers publish per cluster, MiB (see the sources).
 const KCP_MIB: f64 = 7.4;
 const VCLUSTER_MIB: f64 = 256.0;
-
-fn percentile(xs: &[f64], p: f64) -> f64 {
-    let mut v = xs.to_vec();
-    v.sort_by(f64::total_cmp);
-    let i = ((v.len() as f64 - 1.0) * p).round() as usize;
-    v.get(i).copied().unwrap_or(f64::NAN)
-}
 
 fn rss_kib(pid: u32) -> Result<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;

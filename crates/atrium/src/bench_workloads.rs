@@ -44,7 +44,8 @@ pub struct Args {
 const OCTET: u8 = 238;
 const FIRST_PORT: u16 = 20000;
 
-fn percentile(xs: &[f64], p: f64) -> f64 {
+/// The `p` quantile of `xs` (unsorted), nearest rank.
+pub(crate) fn percentile(xs: &[f64], p: f64) -> f64 {
     let mut v = xs.to_vec();
     v.sort_by(f64::total_cmp);
     let i = ((v.len() as f64 - 1.0) * p).round() as usize;
