@@ -95,6 +95,8 @@ pub struct AppState {
     /// Where tenant clusters' clients connect, and the CA they trust
     /// (none without a TLS listener).
     kube_endpoint: Option<Arc<kube::Endpoint>>,
+    /// Seals tenant clusters' secrets at rest.
+    sealer: Arc<kube::sealed::Sealer>,
     /// The image registry's content (`<data-dir>/registry`).
     registry: Arc<registry::Storage>,
 }
@@ -118,6 +120,8 @@ pub enum StartError {
     Listen(SocketAddr, std::io::Error),
     #[error(transparent)]
     Tls(#[from] tls::TlsError),
+    #[error(transparent)]
+    SecretsKey(#[from] kube::sealed::KeyError),
 }
 
 /// A started control plane.
@@ -226,6 +230,9 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, StartError> {
         ledger: Arc::default(),
         watches: Arc::default(),
         kube_endpoint,
+        sealer: Arc::new(kube::sealed::Sealer::load(
+            &config.data_dir.join("kube-secrets.key"),
+        )?),
         registry,
     };
     tokio::spawn(kube::pods::run(state.clone()));

@@ -13,6 +13,7 @@
 mod objects;
 mod path;
 pub mod pods;
+pub mod sealed;
 mod watch;
 
 use atrium_core::cluster::ClusterSpec;

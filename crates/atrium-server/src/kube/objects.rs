@@ -26,19 +26,52 @@ const PROTECTED_NAMESPACES: [&str; 3] = ["default", "kube-system", "kube-public"
 /// Most objects one list answers with.
 const MAX_LIMIT: usize = 1000;
 
-/// The cluster a request is in.
+/// The cluster a request is in, and the key its secrets are sealed with.
 #[derive(Clone)]
 pub(super) struct Scope {
     pub id: String,
     pub tenant: String,
+    sealer: std::sync::Arc<super::sealed::Sealer>,
 }
 
 impl Scope {
-    pub fn of(cluster: &Object) -> Scope {
+    pub fn of(state: &AppState, cluster: &Object) -> Scope {
         Scope {
             id: cluster.id.clone(),
             tenant: cluster.tenant.clone().unwrap_or_default(),
+            sealer: state.sealer.clone(),
         }
+    }
+
+    /// Where an object is, as its sealed values are bound to it.
+    fn place(&self, key: &str) -> String {
+        format!("{}/{key}", self.id)
+    }
+
+    /// A stored body as clients see it: a secret's values opened.
+    pub fn plain(&self, r: &ResourceType, key: &str, body: Value) -> Result<Value, KubeError> {
+        if r.kind == "Secret" {
+            self.sealer.open(&self.tenant, &self.place(key), body)
+        } else {
+            Ok(body)
+        }
+    }
+
+    /// A body as it is stored: a secret's values sealed.
+    fn sealed(&self, r: &ResourceType, key: &str, body: Value) -> Result<Value, KubeError> {
+        if r.kind == "Secret" {
+            self.sealer.seal(&self.tenant, &self.place(key), body)
+        } else {
+            Ok(body)
+        }
+    }
+
+    /// A stored object as it leaves the server.
+    pub fn shown(&self, r: &ResourceType, o: &Object) -> Result<Value, KubeError> {
+        Ok(with_resource_version(
+            self.plain(r, &o.name, o.body.clone())?,
+            o.revision,
+        ))
     }
 
     pub fn kind(&self, r: &ResourceType) -> String {
@@ -86,10 +119,6 @@ fn name_suffix() -> String {
         .collect()
 }
 
-fn stored(o: &Object) -> Value {
-    with_resource_version(o.body.clone(), o.revision)
-}
-
 async fn find(
     state: &AppState,
     scope: &Scope,
@@ -125,7 +154,7 @@ async fn remove(state: &AppState, o: &Object, audit: AuditContext) -> Result<(),
 
 /// Makes a new cluster's default namespaces.
 pub async fn create_defaults(state: &AppState, cluster: &Object) -> Result<(), ApiError> {
-    let scope = Scope::of(cluster);
+    let scope = Scope::of(state, cluster);
     let Some(ns) = atrium_kube::find("", "v1", "namespaces") else {
         return Ok(());
     };
@@ -175,7 +204,7 @@ fn uid_of(obj: &Value) -> String {
 
 /// Deletes every object of `cluster` (which is being deleted).
 pub async fn delete_cluster_objects(state: &AppState, cluster: &Object) -> Result<(), ApiError> {
-    let scope = Scope::of(cluster);
+    let scope = Scope::of(state, cluster);
     for r in SERVED {
         for o in state
             .store
@@ -196,7 +225,7 @@ pub(super) async fn serve(
     at: &At,
     req: &Request,
 ) -> Result<KubeResponse, KubeError> {
-    let scope = Scope::of(cluster);
+    let scope = Scope::of(state, cluster);
     let r = at.resource;
     match at.subresource.as_deref() {
         None => {}
@@ -282,7 +311,7 @@ async fn list(
     let mut items: Vec<Value> = Vec::new();
     let (mut last, mut more) = (None, None);
     for o in objects.iter().filter(|o| o.name.as_str() > after) {
-        let obj = stored(o);
+        let obj = scope.shown(r, o)?;
         if !selection.matches(&obj) {
             continue;
         }
@@ -334,7 +363,7 @@ async fn get(
     req: &Request,
 ) -> Result<KubeResponse, KubeError> {
     let o = existing(state, scope, at, name).await?;
-    let obj = stored(&o);
+    let obj = scope.shown(at.resource, &o)?;
     if req.wants_table() {
         let include = Include::parse(req.param("includeObject"));
         let t = table(at.resource, &[obj], o.revision, None, include, now_unix());
@@ -413,15 +442,16 @@ async fn create(
     if dry_run(req) {
         return Ok(KubeResponse::Json(StatusCode::CREATED, obj));
     }
+    let key = key(r, at.namespace.as_deref(), &name);
     let w = Write::Create {
         kind: scope.kind(r),
         id: uid_of(&obj),
         tenant: Some(scope.tenant.clone()),
-        name: key(r, at.namespace.as_deref(), &name),
-        body: obj,
+        body: scope.sealed(r, &key, obj)?,
+        name: key,
     };
     match write(state, w, req.audit(format!("kube.{}.create", r.singular))).await {
-        Ok(o) => Ok(KubeResponse::Json(StatusCode::CREATED, stored(&o))),
+        Ok(o) => Ok(KubeResponse::Json(StatusCode::CREATED, scope.shown(r, &o)?)),
         Err(StoreError::NameTaken { .. }) => Err(KubeError::already_exists(r.plural, &name)),
         Err(e) => Err(store_error(e)),
     }
@@ -430,6 +460,7 @@ async fn create(
 /// Writes `new` over `old`, if `old` is still at `revision`.
 async fn replace(
     state: &AppState,
+    scope: &Scope,
     at: &At,
     old: &Object,
     mut new: Value,
@@ -437,18 +468,19 @@ async fn replace(
     req: &Request,
 ) -> Result<KubeResponse, KubeError> {
     let r = at.resource;
-    meta::prepare_update(r, &old.body, &mut new)?;
+    let was = scope.plain(r, &old.name, old.body.clone())?;
+    meta::prepare_update(r, &was, &mut new)?;
     if r.kind == "Pod" {
         // A pod's spec is what its workload runs, and its status the
         // controller's.
-        if new.get("spec") != old.body.get("spec") {
+        if new.get("spec") != was.get("spec") {
             return Err(KubeError::invalid(
                 "Pod",
-                meta::name_of(&old.body).unwrap_or_default(),
+                meta::name_of(&was).unwrap_or_default(),
                 "spec: Forbidden: pod updates may not change the spec; delete the pod and create it anew",
             ));
         }
-        new["status"] = old.body.get("status").cloned().unwrap_or(json!({}));
+        new["status"] = was.get("status").cloned().unwrap_or(json!({}));
     }
     if let Some(m) = new.get_mut("metadata").and_then(Value::as_object_mut) {
         m.remove("resourceVersion");
@@ -463,11 +495,11 @@ async fn replace(
     let w = Write::Update {
         kind: old.kind.clone(),
         id: old.id.clone(),
-        body: new,
+        body: scope.sealed(r, &old.name, new)?,
         if_revision: Some(revision),
     };
     match write(state, w, req.audit(format!("kube.{}.update", r.singular))).await {
-        Ok(o) => Ok(KubeResponse::Json(StatusCode::OK, stored(&o))),
+        Ok(o) => Ok(KubeResponse::Json(StatusCode::OK, scope.shown(r, &o)?)),
         Err(StoreError::RevisionMismatch { .. }) => Err(KubeError::conflict(r.plural, &name)),
         Err(StoreError::NotFound { .. }) => Err(KubeError::not_found(r.plural, &name)),
         Err(e) => Err(store_error(e)),
@@ -496,7 +528,7 @@ async fn update(
         })?,
         None => old.revision,
     };
-    replace(state, at, &old, new, revision, req).await
+    replace(state, scope, at, &old, new, revision, req).await
 }
 
 async fn patch(
@@ -509,7 +541,7 @@ async fn patch(
     let content_type = content_type(req);
     let given = body(req)?;
     let old = existing(state, scope, at, name).await?;
-    let current = old.body.clone();
+    let current = scope.plain(at.resource, &old.name, old.body.clone())?;
     let new = match content_type.as_str() {
         "application/merge-patch+json" => {
             let mut doc = current;
@@ -524,7 +556,7 @@ async fn patch(
         "application/json-patch+json" => patch::json_patch(current, &given)?,
         other => return Err(KubeError::unsupported_media_type(other)),
     };
-    replace(state, at, &old, new, old.revision, req).await
+    replace(state, scope, at, &old, new, old.revision, req).await
 }
 
 async fn delete(

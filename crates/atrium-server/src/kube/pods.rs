@@ -102,7 +102,7 @@ pub async fn reconcile(state: &AppState) -> Result<(), StoreError> {
     };
     let mut wanted: HashSet<(String, String)> = HashSet::new();
     for cluster in &clusters {
-        let scope = Scope::of(cluster);
+        let scope = Scope::of(state, cluster);
         for pod in store
             .list_all(&scope.kind(pods_type), &scope.filter())
             .await?

@@ -80,12 +80,9 @@ pub(super) async fn serve(
         objects.sort_by(|a, b| a.name.cmp(&b.name));
         initial = objects
             .iter()
-            .map(|o| {
-                (
-                    with_resource_version(o.body.clone(), o.revision),
-                    o.revision,
-                )
-            })
+            .map(|o| Ok((scope.shown(r, o)?, o.revision)))
+            .collect::<Result<Vec<_>, KubeError>>()?
+            .into_iter()
             .filter(|(o, _)| selection.matches(o))
             .collect();
     }
@@ -128,7 +125,13 @@ pub(super) async fn serve(
                 };
                 let full = batch.len() == BATCH as usize;
                 for change in &batch {
-                    let obj = with_resource_version(change.object.body.clone(), change.revision);
+                    let Ok(obj) = scope
+                        .plain(r, &change.object.name, change.object.body.clone())
+                        .map(|o| with_resource_version(o, change.revision))
+                    else {
+                        tracing::warn!(object = %change.object.id, "kube watch: a stored secret does not open");
+                        continue;
+                    };
                     if !selection.matches(&obj) {
                         continue;
                     }
