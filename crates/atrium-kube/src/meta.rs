@@ -134,6 +134,10 @@ pub fn prepare_create(
     }
     meta.insert("uid".into(), json!(uid));
     meta.insert("creationTimestamp".into(), json!(now));
+    if obj.get("spec").is_some() {
+        obj["metadata"]["generation"] = json!(1);
+    }
+    let meta = metadata(obj)?;
     for server_only in [
         "resourceVersion",
         "selfLink",
@@ -178,6 +182,18 @@ pub fn prepare_update(r: &ResourceType, old: &Value, new: &mut Value) -> Result<
             .get("status")
             .cloned()
             .unwrap_or(json!({"phase": "Active"}));
+    }
+    if crate::resource::CONTROLLED_STATUS.contains(&r.kind) {
+        new["status"] = old.get("status").cloned().unwrap_or(json!({}));
+    }
+    // The generation counts changes of the spec.
+    if let Some(generation) = old.pointer("/metadata/generation").and_then(Value::as_i64) {
+        let next = if new.get("spec") == old.get("spec") {
+            generation
+        } else {
+            generation.saturating_add(1)
+        };
+        new["metadata"]["generation"] = json!(next);
     }
     defaults(r, new)
 }

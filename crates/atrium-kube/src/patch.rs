@@ -1,8 +1,6 @@
-//! Patches: JSON merge patch (RFC 7386) and JSON patch (RFC 6902, `test`
-//! included). A strategic merge patch is applied as a merge patch: for the
-//! types served so far (maps of strings, no lists with merge keys) the two
-//! agree; the directives (`$patch`, `$retainKeys`) are refused rather
-//! than stored.
+//! Patches: JSON merge patch (RFC 7386), JSON patch (RFC 6902, `test`
+//! included) and strategic merge patch, with the merge keys of the
+//! built-in types served and the directives kubectl sends.
 
 use serde_json::{Map, Value};
 
@@ -29,29 +27,138 @@ pub fn merge(target: &mut Value, patch: &Value) {
     }
 }
 
-/// A strategic merge patch, for the types served (see the module).
+/// The merge key of a list field, as the built-in types declare it
+/// (`patchMergeKey`): its elements are merged by that key rather than the
+/// list replaced. Lists not named here are replaced, as upstream's atomic
+/// lists are.
+fn merge_key(field: &str) -> Option<&'static str> {
+    Some(match field {
+        "containers"
+        | "initContainers"
+        | "ephemeralContainers"
+        | "env"
+        | "volumes"
+        | "imagePullSecrets"
+        | "envFrom" => "name",
+        "volumeMounts" => "mountPath",
+        "volumeDevices" => "devicePath",
+        "ports" => "containerPort",
+        "conditions" => "type",
+        "ownerReferences" => "uid",
+        _ => return None,
+    })
+}
+
+/// A strategic merge patch (as kubectl computes one for built-in types):
+/// maps merge as in a merge patch; lists with a merge key merge element
+/// by element (`$patch: delete` removes one, `$patch: replace` replaces
+/// the list); `$deleteFromPrimitiveList/<field>` removes values from a
+/// list of scalars; `$retainKeys` keeps only the keys it names;
+/// `$setElementOrder/<field>` orders a merged list.
 pub fn strategic(target: &mut Value, patch: &Value) -> Result<(), KubeError> {
-    if let Some(key) = directive(patch) {
-        return Err(KubeError::bad_request(format!(
-            "strategic merge patch directive {key} is not supported; send a JSON merge patch"
-        )));
+    let Value::Object(p) = patch else {
+        *target = patch.clone();
+        return Ok(());
+    };
+    if p.get("$patch").and_then(Value::as_str) == Some("replace") {
+        let mut replaced = patch.clone();
+        if let Value::Object(m) = &mut replaced {
+            m.remove("$patch");
+        }
+        *target = replaced;
+        return Ok(());
     }
-    merge(target, patch);
+    if !target.is_object() {
+        *target = Value::Object(Map::new());
+    }
+    let Value::Object(t) = target else {
+        return Ok(());
+    };
+    for (k, v) in p {
+        if let Some(field) = k.strip_prefix("$deleteFromPrimitiveList/") {
+            if let (Some(Value::Array(list)), Value::Array(gone)) = (t.get_mut(field), v) {
+                list.retain(|x| !gone.contains(x));
+            }
+            continue;
+        }
+        if k.starts_with("$setElementOrder/") || k == "$patch" {
+            continue;
+        }
+        if k == "$retainKeys" {
+            let keep: Vec<&str> = v
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(Value::as_str)
+                .collect();
+            t.retain(|key, _| keep.contains(&key.as_str()) || p.contains_key(key));
+            continue;
+        }
+        if k.starts_with('$') {
+            return Err(KubeError::bad_request(format!(
+                "strategic merge patch directive {k} is not supported"
+            )));
+        }
+        if v.is_null() {
+            t.remove(k);
+            continue;
+        }
+        match (merge_key(k), v) {
+            (Some(key), Value::Array(items)) => {
+                let base = t.entry(k.clone()).or_insert(Value::Array(Vec::new()));
+                merge_list(base, items, key)?;
+                if let Some(Value::Array(order)) = p.get(&format!("$setElementOrder/{k}")) {
+                    reorder(base, order, key);
+                }
+            }
+            _ => strategic(t.entry(k.clone()).or_insert(Value::Null), v)?,
+        }
+    }
     Ok(())
 }
 
-fn directive(v: &Value) -> Option<String> {
-    match v {
-        Value::Object(m) => m.iter().find_map(|(k, v)| {
-            if k.starts_with('$') {
-                Some(k.clone())
-            } else {
-                directive(v)
-            }
-        }),
-        Value::Array(a) => a.iter().find_map(directive),
-        _ => None,
+/// Merges `items` into the list `base` element by `key`.
+fn merge_list(base: &mut Value, items: &[Value], key: &str) -> Result<(), KubeError> {
+    if !base.is_array() {
+        *base = Value::Array(Vec::new());
     }
+    let Value::Array(list) = base else {
+        return Ok(());
+    };
+    for item in items {
+        let directive = item.get("$patch").and_then(Value::as_str);
+        if directive == Some("replace") {
+            list.clear();
+            continue;
+        }
+        let id = item.get(key);
+        let at = id.and_then(|id| list.iter().position(|x| x.get(key) == Some(id)));
+        match (directive, at) {
+            (Some("delete"), Some(i)) => {
+                list.remove(i);
+            }
+            (Some("delete"), None) => {}
+            (_, Some(i)) => strategic(&mut list[i], item)?,
+            (_, None) => {
+                let mut fresh = Value::Null;
+                strategic(&mut fresh, item)?;
+                list.push(fresh);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Orders `list` as `order` (elements named by `key`); the rest after.
+fn reorder(list: &mut Value, order: &[Value], key: &str) {
+    let Value::Array(items) = list else { return };
+    let rank = |x: &Value| {
+        order
+            .iter()
+            .position(|o| o.get(key) == x.get(key))
+            .unwrap_or(order.len())
+    };
+    items.sort_by_key(rank);
 }
 
 fn unescape(token: &str) -> String {
@@ -208,10 +315,29 @@ mod tests {
     }
 
     #[test]
-    fn strategic_directives_are_refused_not_stored() {
-        let mut doc = json!({"data": {}});
-        assert!(strategic(&mut doc, &json!({"data": {"$patch": "replace"}})).is_err());
-        strategic(&mut doc, &json!({"data": {"k": "v"}})).unwrap();
-        assert_eq!(doc["data"]["k"], "v");
+    fn strategic_patches_merge_containers_by_name_as_kubectl_sends_them() {
+        let mut deploy = json!({"spec": {"template": {"spec": {"containers": [
+            {"name": "main", "image": "acme/x:1", "env": [{"name": "A", "value": "1"}]},
+            {"name": "side", "image": "acme/y:1"}]}}}});
+        // What `kubectl apply` sends for a changed env of one container.
+        let patch = json!({"spec": {"template": {"spec": {
+            "$setElementOrder/containers": [{"name": "side"}, {"name": "main"}],
+            "containers": [{"name": "main", "env": [{"name": "B", "value": "2"}]},
+                           {"name": "side", "$patch": "delete"}]}}}});
+        strategic(&mut deploy, &patch).unwrap();
+        let containers = &deploy["spec"]["template"]["spec"]["containers"];
+        assert_eq!(containers.as_array().unwrap().len(), 1);
+        assert_eq!(
+            containers[0]["image"], "acme/x:1",
+            "the rest of the element stays"
+        );
+        assert_eq!(
+            containers[0]["env"],
+            json!([{"name": "A", "value": "1"}, {"name": "B", "value": "2"}])
+        );
+        let mut args = json!({"args": ["a", "b", "c"]});
+        strategic(&mut args, &json!({"$deleteFromPrimitiveList/args": ["b"]})).unwrap();
+        assert_eq!(args["args"], json!(["a", "c"]));
+        assert!(strategic(&mut args, &json!({"$unknown": 1})).is_err());
     }
 }

@@ -90,7 +90,31 @@ pub const SERVED: &[ResourceType] = &[
         namespaced: true,
         short_names: &["sa"],
     },
+    ResourceType {
+        group: "apps",
+        version: "v1",
+        kind: "Deployment",
+        plural: "deployments",
+        singular: "deployment",
+        namespaced: true,
+        short_names: &["deploy"],
+    },
+    ResourceType {
+        group: "apps",
+        version: "v1",
+        kind: "ReplicaSet",
+        plural: "replicasets",
+        singular: "replicaset",
+        namespaced: true,
+        short_names: &["rs"],
+    },
 ];
+
+/// Kinds whose `status` is their controller's: a client's writes keep it.
+pub const CONTROLLED_STATUS: &[&str] = &["Pod", "Deployment", "ReplicaSet"];
+
+/// Kinds with a `/scale` subresource.
+pub const SCALABLE: &[&str] = &["Deployment", "ReplicaSet"];
 
 /// The resource `plural` of `group`/`version`, if it is served.
 pub fn find(group: &str, version: &str, plural: &str) -> Option<&'static ResourceType> {

@@ -99,6 +99,40 @@ fn middle(r: &ResourceType, obj: &Value) -> Vec<(Value, Value)> {
                 ),
             ]
         }
+        "Deployment" => {
+            let n = |p: &str| obj.pointer(p).and_then(Value::as_u64).unwrap_or(0);
+            vec![
+                (
+                    column("Ready", "string", "", "Number of the pod with ready state"),
+                    json!(format!("{}/{}", n("/status/readyReplicas"), n("/spec/replicas"))),
+                ),
+                (
+                    column("Up-to-date", "integer", "", "Total number of non-terminated pods targeted by this deployment that have the desired template spec."),
+                    json!(n("/status/updatedReplicas")),
+                ),
+                (
+                    column("Available", "integer", "", "Total number of available pods (ready for at least minReadySeconds) targeted by this deployment."),
+                    json!(n("/status/availableReplicas")),
+                ),
+            ]
+        }
+        "ReplicaSet" => {
+            let n = |p: &str| obj.pointer(p).and_then(Value::as_u64).unwrap_or(0);
+            vec![
+                (
+                    column("Desired", "integer", "", "Number of desired pods"),
+                    json!(n("/spec/replicas")),
+                ),
+                (
+                    column("Current", "integer", "", "Number of actual replicas"),
+                    json!(n("/status/replicas")),
+                ),
+                (
+                    column("Ready", "integer", "", "Number of ready replicas"),
+                    json!(n("/status/readyReplicas")),
+                ),
+            ]
+        }
         "ServiceAccount" => vec![(
             column("Secrets", "integer", "", "Number of secrets"),
             json!(count(obj, "secrets")),

@@ -815,7 +815,17 @@ spec:
         "{table}"
     );
     let web = table.lines().find(|l| l.starts_with("web")).unwrap();
-    assert!(web.contains("1/1") && web.contains("Running"), "{table}");
+    if !(web.contains("1/1") && web.contains("Running")) {
+        // What the containers said, to see why.
+        let agent_dir = cloud.dir.path().join("agent");
+        let logs: Vec<String> = std::fs::read_dir(agent_dir.join("logs"))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|f| std::fs::read_to_string(f.path()).unwrap_or_default())
+            .collect();
+        panic!("{table}\n{}", logs.join("\n---\n"));
+    }
     // It is the tenant's workload, running in the tenant network.
     let ip = kube.ok(&["get", "pod", "web", "-o", "jsonpath={.status.podIP}"]);
     assert!(ip.starts_with(&format!("10.{POD_OCTET}.")), "{ip}");
@@ -864,6 +874,84 @@ spec:
             .1
             .contains("namespace")
     });
+
+    // A deployment rolls out through its replica set, scales, rolls to a
+    // new template, and takes its pods with it when deleted.
+    let deployment = |mode: &str| {
+        format!(
+            "apiVersion: apps/v1
+kind: Deployment
+metadata: {{name: api, namespace: default}}
+spec:
+  replicas: 2
+  selector: {{matchLabels: {{app: api}}}}
+  template:
+    metadata: {{labels: {{app: api}}}}
+    spec:
+      containers:
+      - name: main
+        image: acme/busybox:1
+        command: [/bin/busybox, sleep, \"3600\"]
+        env: [{{name: MODE, value: {mode}}}]
+        resources: {{limits: {{cpu: 100m, memory: 16Mi}}}}
+"
+        )
+    };
+    let first = write(build.path(), "deploy.yaml", &deployment("one"));
+    kube.ok(&["apply", "-f", first.to_str().unwrap()]);
+    let (ok, rolled) = kube.run(&["rollout", "status", "deployment/api", "--timeout=30s"]);
+    if !ok {
+        let state = kube
+            .run(&["get", "deployments,replicasets,pods", "-o", "json"])
+            .1;
+        panic!("{rolled}\n{state}");
+    }
+    assert!(rolled.contains("successfully rolled out"), "{rolled}");
+    let deploys = kube.ok(&["get", "deployments"]);
+    assert!(
+        deploys.lines().next().unwrap().contains("UP-TO-DATE"),
+        "{deploys}"
+    );
+    assert!(deploys.contains("2/2"), "{deploys}");
+    let api_pods = |kube: &Kube| {
+        kube.ok(&["get", "pods", "-l", "app=api", "-o", "name"])
+            .lines()
+            .count()
+    };
+    assert_eq!(api_pods(&kube), 2);
+    kube.ok(&["scale", "deployment", "api", "--replicas=1"]);
+    wait_for("the scale-down", 60, || api_pods(&kube) == 1);
+    let second = write(
+        build.path(),
+        "deploy2.yaml",
+        &deployment("two").replace("replicas: 2", "replicas: 1"),
+    );
+    let applied = kube.ok(&["apply", "-f", second.to_str().unwrap()]);
+    assert!(applied.contains("configured"), "{applied}");
+    let rolled = kube.ok(&["rollout", "status", "deployment/api", "--timeout=90s"]);
+    assert!(rolled.contains("successfully rolled out"), "{rolled}");
+    let sets = kube.ok(&["get", "replicasets"]);
+    assert_eq!(
+        sets.lines().count(),
+        3,
+        "two templates, two replica sets: {sets}"
+    );
+    // The old template's pod goes once the new one is ready.
+    let modes = || {
+        kube.ok(&[
+            "get",
+            "pods",
+            "-l",
+            "app=api",
+            "-o",
+            "jsonpath={.items[*].spec.containers[0].env[0].value}",
+        ])
+    };
+    wait_for("the old template's pod to go", 60, || {
+        modes().trim() == "two"
+    });
+    kube.ok(&["delete", "deployment", "api"]);
+    wait_for("the deployment's pods to go", 60, || api_pods(&kube) == 0);
 
     // Deleted, a pod's workload goes, and its container with it.
     kube.ok(&["delete", "pod", "web", "once", "foreign"]);

@@ -22,7 +22,7 @@ use std::path::{Component, Path, PathBuf};
 
 /// Directories every rootfs gets, for runc's mounts and the scratch bind:
 /// made here so that runc never writes into the shared, cached tree.
-pub const MOUNT_POINTS: [&str; 5] = ["proc", "dev", "sys", "tmp", "scratch"];
+pub const MOUNT_POINTS: [&str; 6] = ["proc", "dev", "sys", "tmp", "scratch", "volumes"];
 /// Most bytes and entries one image may unpack to.
 const MAX_UNPACKED: u64 = 64 << 30;
 const MAX_ENTRIES: u64 = 1_000_000;

@@ -10,6 +10,7 @@
 //! reads, and another tenant's key finds no cluster at all (404), exactly
 //! as for every other kind.
 
+mod apps;
 mod objects;
 mod path;
 pub mod pods;

@@ -202,6 +202,64 @@ fn uid_of(obj: &Value) -> String {
         .to_string()
 }
 
+/// What a cluster's controllers write: created, replaced or deleted as
+/// the pod, replica set and deployment controllers, audited as such.
+pub(super) mod controlled {
+    use super::*;
+
+    fn audit(r: &ResourceType, verb: &str) -> AuditContext {
+        AuditContext {
+            actor: "kube-controller".into(),
+            role: "system".into(),
+            action: format!("kube.{}.{verb}", r.singular),
+            request_id: String::new(),
+        }
+    }
+
+    /// Creates `obj` of type `r` in namespace `ns`.
+    pub async fn create(
+        state: &AppState,
+        scope: &Scope,
+        r: &ResourceType,
+        ns: &str,
+        mut obj: Value,
+    ) -> Result<(), KubeError> {
+        let name = meta::prepare_create(r, &mut obj, Some(ns), &uid(), &timestamp(), name_suffix)?;
+        if r.kind == "Pod" {
+            atrium_kube::pod::workload_of(&obj)?;
+            obj["status"] = json!({"phase": "Pending"});
+        }
+        let key = key(r, Some(ns), &name);
+        let w = Write::Create {
+            kind: scope.kind(r),
+            id: uid_of(&obj),
+            tenant: Some(scope.tenant.clone()),
+            body: scope.sealed(r, &key, obj)?,
+            name: key,
+        };
+        write(state, w, audit(r, "create"))
+            .await
+            .map(|_| ())
+            .map_err(store_error)
+    }
+
+    /// Writes `body` over `o`, unless `o` changed since it was read (the
+    /// next pass then sees the change).
+    pub async fn replace(state: &AppState, r: &ResourceType, o: &Object, body: Value) {
+        let w = Write::Update {
+            kind: o.kind.clone(),
+            id: o.id.clone(),
+            body,
+            if_revision: Some(o.revision),
+        };
+        let _ = write(state, w, audit(r, "update")).await;
+    }
+
+    pub async fn delete(state: &AppState, r: &ResourceType, o: &Object) {
+        let _ = remove(state, o, audit(r, "delete")).await;
+    }
+}
+
 /// Deletes every object of `cluster` (which is being deleted).
 pub async fn delete_cluster_objects(state: &AppState, cluster: &Object) -> Result<(), ApiError> {
     let scope = Scope::of(state, cluster);
@@ -231,6 +289,10 @@ pub(super) async fn serve(
         None => {}
         // A namespace's status is part of it, read-only here.
         Some("status") if req.method == Method::GET => {}
+        Some("scale") if atrium_kube::resource::SCALABLE.contains(&r.kind) => {
+            let name = at.name.as_deref().unwrap_or_default();
+            return scale(state, &scope, at, name, req).await;
+        }
         Some(sub) => {
             return Err(KubeError::method_not_allowed(&format!(
                 "{} of {}/{sub}",
@@ -471,8 +533,7 @@ async fn replace(
     let was = scope.plain(r, &old.name, old.body.clone())?;
     meta::prepare_update(r, &was, &mut new)?;
     if r.kind == "Pod" {
-        // A pod's spec is what its workload runs, and its status the
-        // controller's.
+        // A pod's spec is what its workload runs.
         if new.get("spec") != was.get("spec") {
             return Err(KubeError::invalid(
                 "Pod",
@@ -480,7 +541,6 @@ async fn replace(
                 "spec: Forbidden: pod updates may not change the spec; delete the pod and create it anew",
             ));
         }
-        new["status"] = was.get("status").cloned().unwrap_or(json!({}));
     }
     if let Some(m) = new.get_mut("metadata").and_then(Value::as_object_mut) {
         m.remove("resourceVersion");
@@ -626,6 +686,75 @@ async fn empty_namespace(
         }
     }
     Ok(())
+}
+
+/// The `Scale` of a deployment or replica set.
+fn scale_of(obj: &Value) -> Value {
+    let labels: Vec<String> = obj
+        .pointer("/spec/selector/matchLabels")
+        .and_then(Value::as_object)
+        .map(|m| {
+            m.iter()
+                .map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or_default()))
+                .collect()
+        })
+        .unwrap_or_default();
+    json!({
+        "apiVersion": "autoscaling/v1",
+        "kind": "Scale",
+        "metadata": {
+            "name": obj.pointer("/metadata/name"),
+            "namespace": obj.pointer("/metadata/namespace"),
+            "uid": obj.pointer("/metadata/uid"),
+            "resourceVersion": obj.pointer("/metadata/resourceVersion"),
+            "creationTimestamp": obj.pointer("/metadata/creationTimestamp"),
+        },
+        "spec": {"replicas": obj.pointer("/spec/replicas").cloned().unwrap_or(json!(1))},
+        "status": {
+            "replicas": obj.pointer("/status/replicas").cloned().unwrap_or(json!(0)),
+            "selector": labels.join(","),
+        },
+    })
+}
+
+/// `GET`, `PUT` or `PATCH` of `…/{name}/scale`: the replicas of a
+/// deployment or replica set, as `kubectl scale` reads and sets them.
+async fn scale(
+    state: &AppState,
+    scope: &Scope,
+    at: &At,
+    name: &str,
+    req: &Request,
+) -> Result<KubeResponse, KubeError> {
+    let old = existing(state, scope, at, name).await?;
+    let current = scope.shown(at.resource, &old)?;
+    let mut wanted = scale_of(&current);
+    match req.method {
+        Method::GET => return Ok(KubeResponse::Json(StatusCode::OK, wanted)),
+        Method::PUT => wanted = body(req)?,
+        Method::PATCH => match content_type(req).as_str() {
+            "application/json-patch+json" => wanted = patch::json_patch(wanted, &body(req)?)?,
+            _ => patch::merge(&mut wanted, &body(req)?),
+        },
+        ref m => {
+            return Err(KubeError::method_not_allowed(&format!(
+                "{m} of {}/scale",
+                at.resource.plural
+            )))
+        }
+    }
+    let replicas = wanted
+        .pointer("/spec/replicas")
+        .and_then(Value::as_u64)
+        .filter(|n| *n <= 1000)
+        .ok_or_else(|| KubeError::invalid("Scale", name, "spec.replicas: must be 0 to 1000"))?;
+    let mut new = scope.plain(at.resource, &old.name, old.body.clone())?;
+    new["spec"]["replicas"] = json!(replicas);
+    let replaced = replace(state, scope, at, &old, new, old.revision, req).await?;
+    match replaced {
+        KubeResponse::Json(status, obj) => Ok(KubeResponse::Json(status, scale_of(&obj))),
+        other => Ok(other),
+    }
 }
 
 #[cfg(test)]

@@ -198,7 +198,7 @@ mod tests {
             "api/v1/widgets",
             "api/v1/configmaps/cfg",
             "api/v1/namespaces/demo/namespaces",
-            "apis/apps/v1/deployments",
+            "apis/apps/v1/widgets",
             "nope",
             "api/v1/namespaces/demo/configmaps/a/b/c",
         ] {

@@ -1,4 +1,5 @@
-//! The pod controller: every pod of every tenant cluster runs as one
+//! The pod controller (and, before each of its passes over a cluster,
+//! the deployment and replica set controllers of `apps`): every pod of every tenant cluster runs as one
 //! Atrium workload of the cluster's tenant, named `k8s.<hash>` of the
 //! cluster, namespace and pod (a name no tenant can give: tenants' names
 //! have no dots, so the controller never takes or deletes a workload of
@@ -103,6 +104,7 @@ pub async fn reconcile(state: &AppState) -> Result<(), StoreError> {
     let mut wanted: HashSet<(String, String)> = HashSet::new();
     for cluster in &clusters {
         let scope = Scope::of(state, cluster);
+        super::apps::reconcile(state, &scope).await?;
         for pod in store
             .list_all(&scope.kind(pods_type), &scope.filter())
             .await?
@@ -168,7 +170,11 @@ async fn relevant(store: &Store, seen: i64, head: i64) -> bool {
             changes.len() == LOOK as usize
                 || changes.iter().any(|c| {
                     let kind = c.object.kind.as_str();
-                    kind == Workload::KIND || kind == Placement::KIND || kind.ends_with(":pods")
+                    kind == Workload::KIND
+                        || kind == Placement::KIND
+                        || [":pods", ":deployments.apps", ":replicasets.apps"]
+                            .iter()
+                            .any(|k| kind.ends_with(k))
                 })
         }
         Err(_) => true,

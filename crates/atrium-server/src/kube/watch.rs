@@ -1,8 +1,10 @@
 //! Watches of a tenant cluster's objects: the store's change log for one
 //! resource type of one cluster, filtered by namespace and selectors, as
 //! the newline-delimited `{"type", "object"}` events clients read. From a
-//! `resourceVersion`, changes after it; without one (or `0`), the current
-//! objects as `ADDED` first. Bookmarks when asked for; the stream ends at
+//! `resourceVersion`, changes after it; without one (or `0`), or as a
+//! watch-list (`sendInitialEvents=true`), the current objects as `ADDED`
+//! first — a watch-list's then closed by the `initial-events-end`
+//! bookmark. Bookmarks when asked for; the stream ends at
 //! `timeoutSeconds`, when the client goes, or when the server stops.
 //!
 //! The change log is never compacted yet, so no watch is ever too old
@@ -50,9 +52,12 @@ pub(super) async fn serve(
     let r = at.resource;
     let selection = Selection::of(at, req)?;
     let head = state.store.head();
+    // A watch-list (`sendInitialEvents=true`) starts from the current
+    // objects whatever version it names, and marks where they end.
+    let watch_list = req.param("sendInitialEvents") == Some("true");
     let since = match req
         .param("resourceVersion")
-        .filter(|v| !v.is_empty() && *v != "0")
+        .filter(|v| !v.is_empty() && *v != "0" && !watch_list)
     {
         Some(v) => Some(v.parse::<i64>().map_err(|_| {
             KubeError::bad_request(format!("resourceVersion {v:?} is not one this server gave"))
@@ -104,6 +109,14 @@ pub(super) async fn serve(
                 .await
                 .is_err()
             {
+                return;
+            }
+        }
+        if watch_list {
+            let end = json!({"kind": type_kind, "apiVersion": api_version,
+                "metadata": {"resourceVersion": head.to_string(),
+                             "annotations": {"k8s.io/initial-events-end": "true"}}});
+            if tx.send(Ok(line("BOOKMARK", end))).await.is_err() {
                 return;
             }
         }
