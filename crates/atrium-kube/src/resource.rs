@@ -108,10 +108,19 @@ pub const SERVED: &[ResourceType] = &[
         namespaced: true,
         short_names: &["rs"],
     },
+    ResourceType {
+        group: "batch",
+        version: "v1",
+        kind: "Job",
+        plural: "jobs",
+        singular: "job",
+        namespaced: true,
+        short_names: &[],
+    },
 ];
 
 /// Kinds whose `status` is their controller's: a client's writes keep it.
-pub const CONTROLLED_STATUS: &[&str] = &["Pod", "Deployment", "ReplicaSet"];
+pub const CONTROLLED_STATUS: &[&str] = &["Pod", "Deployment", "ReplicaSet", "Job"];
 
 /// Kinds with a `/scale` subresource.
 pub const SCALABLE: &[&str] = &["Deployment", "ReplicaSet"];

@@ -133,6 +133,32 @@ fn middle(r: &ResourceType, obj: &Value) -> Vec<(Value, Value)> {
                 ),
             ]
         }
+        "Job" => {
+            let n = |p: &str| obj.pointer(p).and_then(Value::as_u64);
+            let condition = |kind: &str| {
+                obj.pointer("/status/conditions")
+                    .and_then(Value::as_array)
+                    .is_some_and(|c| c.iter().any(|c| c["type"] == kind && c["status"] == "True"))
+            };
+            let status = if condition("Complete") {
+                "Complete"
+            } else if condition("Failed") {
+                "Failed"
+            } else {
+                "Running"
+            };
+            vec![
+                (column("Status", "string", "", "Status of the job."), json!(status)),
+                (
+                    column("Completions", "string", "", "The desired number of successfully finished pods the job should be run with."),
+                    json!(format!(
+                        "{}/{}",
+                        n("/status/succeeded").unwrap_or(0),
+                        n("/spec/completions").unwrap_or(1)
+                    )),
+                ),
+            ]
+        }
         "ServiceAccount" => vec![(
             column("Secrets", "integer", "", "Number of secrets"),
             json!(count(obj, "secrets")),

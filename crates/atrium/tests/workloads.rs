@@ -953,6 +953,56 @@ spec:
     kube.ok(&["delete", "deployment", "api"]);
     wait_for("the deployment's pods to go", 60, || api_pods(&kube) == 0);
 
+    // A job runs its pods to completion, two at a time.
+    let job = write(
+        build.path(),
+        "job.yaml",
+        "apiVersion: batch/v1
+kind: Job
+metadata: {name: batch, namespace: default}
+spec:
+  completions: 2
+  parallelism: 2
+  template:
+    spec:
+      restartPolicy: Never
+      containers:
+      - name: main
+        image: acme/busybox:1
+        command: [/bin/busybox, sh, -c, \"echo job-done\"]
+",
+    );
+    kube.ok(&["apply", "-f", job.to_str().unwrap()]);
+    let (ok, waited) = kube.run(&[
+        "wait",
+        "--for=condition=complete",
+        "job/batch",
+        "--timeout=60s",
+    ]);
+    if !ok {
+        let state = kube.run(&["get", "jobs,pods", "-o", "json"]).1;
+        panic!("{waited}\n{state}");
+    }
+    let jobs = kube.ok(&["get", "jobs"]);
+    let row = jobs.lines().find(|l| l.starts_with("batch")).unwrap();
+    assert!(row.contains("Complete") && row.contains("2/2"), "{jobs}");
+    let job_pods = || {
+        kube.ok(&[
+            "get",
+            "pods",
+            "-l",
+            "job-name=batch",
+            "-o",
+            "jsonpath={.items[*].status.phase}",
+        ])
+    };
+    assert_eq!(
+        job_pods().split_whitespace().collect::<Vec<_>>(),
+        ["Succeeded", "Succeeded"]
+    );
+    kube.ok(&["delete", "job", "batch"]);
+    wait_for("the job's pods to go", 60, || job_pods().trim().is_empty());
+
     // Deleted, a pod's workload goes, and its container with it.
     kube.ok(&["delete", "pod", "web", "once", "foreign"]);
     wait_for("the pods' workloads to go", 30, || {

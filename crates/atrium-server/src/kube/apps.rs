@@ -19,7 +19,7 @@ use super::objects::{controlled, Scope};
 use crate::AppState;
 
 /// The uid of the controller owning `obj`, if any.
-fn owner(obj: &Value) -> Option<&str> {
+pub(super) fn owner(obj: &Value) -> Option<&str> {
     obj.pointer("/metadata/ownerReferences")?
         .as_array()?
         .iter()
@@ -28,7 +28,7 @@ fn owner(obj: &Value) -> Option<&str> {
         .as_str()
 }
 
-fn text<'a>(obj: &'a Value, pointer: &str) -> &'a str {
+pub(super) fn text<'a>(obj: &'a Value, pointer: &str) -> &'a str {
     obj.pointer(pointer)
         .and_then(Value::as_str)
         .unwrap_or_default()
@@ -45,8 +45,8 @@ fn replicas(obj: &Value) -> u64 {
         .unwrap_or(1)
 }
 
-fn owner_reference(kind: &str, obj: &Value) -> Value {
-    json!([{"apiVersion": "apps/v1", "kind": kind, "name": text(obj, "/metadata/name"),
+pub(super) fn owner_reference(api_version: &str, kind: &str, obj: &Value) -> Value {
+    json!([{"apiVersion": api_version, "kind": kind, "name": text(obj, "/metadata/name"),
             "uid": text(obj, "/metadata/uid"), "controller": true, "blockOwnerDeletion": true}])
 }
 
@@ -64,16 +64,18 @@ fn pod_ready(pod: &Value) -> bool {
     pod.pointer("/status/containerStatuses/0/ready") == Some(&json!(true))
 }
 
-struct Types {
+pub(super) struct Types {
     deployment: &'static ResourceType,
     replica_set: &'static ResourceType,
-    pod: &'static ResourceType,
+    pub job: &'static ResourceType,
+    pub pod: &'static ResourceType,
 }
 
 fn types() -> Option<Types> {
     Some(Types {
         deployment: find("apps", "v1", "deployments")?,
         replica_set: find("apps", "v1", "replicasets")?,
+        job: find("batch", "v1", "jobs")?,
         pod: find("", "v1", "pods")?,
     })
 }
@@ -86,11 +88,13 @@ async fn list(
     state.store.list_all(&scope.kind(r), &scope.filter()).await
 }
 
-/// One pass over one cluster's deployments, replica sets and their pods.
+/// One pass over one cluster's deployments, replica sets and jobs, and
+/// their pods.
 pub async fn reconcile(state: &AppState, scope: &Scope) -> Result<(), StoreError> {
     let Some(t) = types() else { return Ok(()) };
     let deployments = list(state, scope, t.deployment).await?;
     let sets = list(state, scope, t.replica_set).await?;
+    let jobs = list(state, scope, t.job).await?;
     let pods = list(state, scope, t.pod).await?;
     let uids = |objects: &[Object]| -> HashSet<String> {
         objects
@@ -99,6 +103,8 @@ pub async fn reconcile(state: &AppState, scope: &Scope) -> Result<(), StoreError
             .collect()
     };
     let (deployment_uids, mut set_uids) = (uids(&deployments), uids(&sets));
+    // Pods are owned by replica sets or jobs.
+    set_uids.extend(uids(&jobs));
     // What lost its owner goes: a deleted deployment's replica sets, and
     // in the same pass their pods.
     for rs in &sets {
@@ -111,6 +117,9 @@ pub async fn reconcile(state: &AppState, scope: &Scope) -> Result<(), StoreError
         if owner(&pod.body).is_some_and(|u| !set_uids.contains(u)) {
             controlled::delete(state, t.pod, pod).await;
         }
+    }
+    for job in &jobs {
+        super::batch::job(state, scope, &t, job, &pods).await;
     }
     for d in &deployments {
         deployment(state, scope, &t, d, &sets).await;
@@ -162,7 +171,7 @@ async fn deployment(state: &AppState, scope: &Scope, t: &Types, d: &Object, sets
             );
             let rs = json!({
                 "metadata": {"name": current_name, "labels": pod_template["metadata"]["labels"],
-                             "ownerReferences": owner_reference("Deployment", body)},
+                             "ownerReferences": owner_reference("apps/v1", "Deployment", body)},
                 "spec": {"replicas": desired, "selector": {"matchLabels": selector}, "template": pod_template},
             });
             if let Err(e) = controlled::create(state, scope, t.replica_set, ns, rs).await {
@@ -235,7 +244,7 @@ async fn replica_set(state: &AppState, scope: &Scope, t: &Types, rs: &Object, po
         let pod = json!({
             "metadata": {"generateName": format!("{name}-"),
                          "labels": template.pointer("/metadata/labels").cloned().unwrap_or(json!({})),
-                         "ownerReferences": owner_reference("ReplicaSet", body)},
+                         "ownerReferences": owner_reference("apps/v1", "ReplicaSet", body)},
             "spec": template.get("spec").cloned().unwrap_or(json!({})),
         });
         if let Err(e) = controlled::create(state, scope, t.pod, ns, pod).await {

@@ -11,6 +11,7 @@
 //! as for every other kind.
 
 mod apps;
+mod batch;
 mod objects;
 mod path;
 pub mod pods;

@@ -172,9 +172,14 @@ async fn relevant(store: &Store, seen: i64, head: i64) -> bool {
                     let kind = c.object.kind.as_str();
                     kind == Workload::KIND
                         || kind == Placement::KIND
-                        || [":pods", ":deployments.apps", ":replicasets.apps"]
-                            .iter()
-                            .any(|k| kind.ends_with(k))
+                        || [
+                            ":pods",
+                            ":deployments.apps",
+                            ":replicasets.apps",
+                            ":jobs.batch",
+                        ]
+                        .iter()
+                        .any(|k| kind.ends_with(k))
                 })
         }
         Err(_) => true,
