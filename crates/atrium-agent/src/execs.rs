@@ -7,6 +7,9 @@
 //! stream. The command is argv, never a shell line; it follows the
 //! container id, where runc reads no more options of its own.
 //!
+//! An exec that asks for the replica's log (`log: true`, `kubectl logs`)
+//! reads the end of its log file instead of running anything.
+//!
 //! An exec pending when the agent restarts is run then (at least once).
 
 use std::collections::HashSet;
@@ -77,9 +80,42 @@ fn failed(reason: String) -> ExecStatus {
     }
 }
 
+/// The end of replica `id`'s log on this node, as a finished exec.
+fn read_log(shared: &Shared, id: &str) -> ExecStatus {
+    // An id from the control plane, checked before it becomes a path.
+    let safe = id
+        .strip_prefix("rep_")
+        .is_some_and(|rest| !rest.is_empty() && rest.bytes().all(|b| b.is_ascii_alphanumeric()));
+    if !safe {
+        return failed(format!("{id:?} is not a replica id"));
+    }
+    let path = shared
+        .config
+        .data_dir
+        .join("logs")
+        .join(format!("{id}.log"));
+    match std::fs::read(&path) {
+        Ok(bytes) => {
+            let start = bytes.len().saturating_sub(MAX_EXEC_OUTPUT);
+            ExecStatus {
+                state: LifecycleState::Succeeded,
+                reason: String::new(),
+                exit_code: Some(0),
+                stdout: String::from_utf8_lossy(&bytes[start..]).into_owned(),
+                stderr: String::new(),
+                truncated: start > 0,
+            }
+        }
+        Err(_) => failed(format!("replica {id} has written no log on this node")),
+    }
+}
+
 /// Runs the exec in its replica's container and says what came of it.
 async fn execute(shared: &Shared, spec: &ExecSpec) -> ExecStatus {
     let id = &spec.placement;
+    if spec.log {
+        return read_log(shared, id);
+    }
     let here = shared.state.read(|s| {
         s.assigned
             .get(id)

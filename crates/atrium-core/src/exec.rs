@@ -81,10 +81,21 @@ pub struct ExecSpec {
     pub node: String,
     pub command: Vec<String>,
     pub timeout_seconds: u32,
+    /// Instead of running a command, read the replica's log on its node
+    /// (its last `MAX_EXEC_OUTPUT` bytes, as stdout).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub log: bool,
 }
 
 impl ExecSpec {
     pub fn validate(&self) -> Result<(), FieldErrors> {
+        if self.log {
+            let mut errors = FieldErrors::new();
+            if !self.command.is_empty() {
+                errors.push("command", "a log read runs no command");
+            }
+            return errors.into_result();
+        }
         ExecRequest {
             command: self.command.clone(),
             replica: None,

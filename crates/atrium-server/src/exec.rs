@@ -95,6 +95,7 @@ pub async fn run(
         node,
         command: req.command,
         timeout_seconds: req.timeout_seconds,
+        log: false,
     };
     let id = new_id(Exec::ID_PREFIX);
     let body = stored::body::<Exec>(&spec, Some(&ExecStatus::pending()))?;
@@ -112,4 +113,96 @@ pub async fn run(
     )
     .await?;
     Ok((StatusCode::CREATED, Json(view(&created))))
+}
+
+/// Most a log read waits for the node to answer.
+const LOG_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// The log of workload `workload`'s newest replica, read on its node
+/// through an exec (the control plane never reaches a node directly).
+pub(crate) async fn node_log(
+    state: &AppState,
+    tenant: &str,
+    workload: &atrium_store::Object,
+    audit: atrium_store::AuditContext,
+) -> Result<String, ApiError> {
+    let placements = state
+        .store
+        .list_all(
+            Placement::KIND,
+            &TenantFilter::Exactly(Some(tenant.to_string())),
+        )
+        .await?;
+    let newest = placements
+        .iter()
+        .filter_map(|p| Some((p, stored::spec::<Placement>(p).ok()?)))
+        .filter(|(_, spec)| spec.deployment == workload.id)
+        .max_by(|a, b| a.0.id.cmp(&b.0.id));
+    let Some((placement, spec)) = newest else {
+        return Err(ApiError::Conflict {
+            code: "not_running",
+            message: format!("no replica of {:?} has been placed yet", workload.name),
+            details: Value::Null,
+        });
+    };
+    let ask = ExecSpec {
+        workload: workload.id.clone(),
+        placement: placement.id.clone(),
+        node: spec.node,
+        command: Vec::new(),
+        timeout_seconds: LOG_WAIT.as_secs() as u32,
+        log: true,
+    };
+    let id = new_id(Exec::ID_PREFIX);
+    let body = stored::body::<Exec>(&ask, Some(&ExecStatus::pending()))?;
+    write(
+        state,
+        Write::Create {
+            kind: Exec::KIND.into(),
+            name: id.clone(),
+            id: id.clone(),
+            tenant: Some(tenant.to_string()),
+            body,
+        },
+        Some(one_more(Exec::KIND, tenant, Counted::Execs)),
+        audit,
+    )
+    .await?;
+    let started = std::time::Instant::now();
+    let answer = loop {
+        let done = state
+            .store
+            .get(Exec::KIND, &id)
+            .await?
+            .and_then(|o| stored::status::<Exec>(&o))
+            .filter(ExecStatus::done);
+        if let Some(status) = done {
+            break Ok(status);
+        }
+        if started.elapsed() > LOG_WAIT {
+            break Err(ApiError::Unavailable(format!(
+                "the node {} did not answer within {}s",
+                ask.node,
+                LOG_WAIT.as_secs()
+            )));
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    };
+    let gone = Write::Delete {
+        kind: Exec::KIND.into(),
+        id,
+    };
+    let _ = state
+        .store
+        .write::<()>(gone, None, crate::kube::system_audit("exec.delete"))
+        .await;
+    let status = answer?;
+    match status.state {
+        LifecycleState::Succeeded => Ok(status.stdout),
+        _ => Err(ApiError::Conflict {
+            code: "no_log",
+            message: status.reason,
+            details: Value::Null,
+        }),
+    }
 }

@@ -986,6 +986,18 @@ spec:
     let jobs = kube.ok(&["get", "jobs"]);
     let row = jobs.lines().find(|l| l.starts_with("batch")).unwrap();
     assert!(row.contains("Complete") && row.contains("2/2"), "{jobs}");
+    // Its pods' logs, read on the node through the agent.
+    let names = kube.ok(&[
+        "get",
+        "pods",
+        "-l",
+        "job-name=batch",
+        "-o",
+        "jsonpath={.items[0].metadata.name}",
+    ]);
+    let logged = kube.ok(&["logs", names.trim()]);
+    assert_eq!(logged.trim(), "job-done", "{logged}");
+    assert_eq!(kube.ok(&["logs", "once"]).trim(), "done");
     let job_pods = || {
         kube.ok(&[
             "get",

@@ -38,6 +38,7 @@ use crate::kinds::{one_more, Access, Cluster, Kind, Resource};
 use crate::{AppState, RequestId};
 
 pub use objects::delete_cluster_objects;
+pub(crate) use objects::system_audit;
 use path::Target;
 
 impl Kind for Cluster {

@@ -186,7 +186,7 @@ fn timestamp() -> String {
         .unwrap_or_else(|_| "1970-01-01T00:00:00Z".into())
 }
 
-fn system_audit(action: &str) -> AuditContext {
+pub(crate) fn system_audit(action: &str) -> AuditContext {
     AuditContext {
         actor: "atrium".into(),
         role: "system".into(),
@@ -289,6 +289,10 @@ pub(super) async fn serve(
         None => {}
         // A namespace's status is part of it, read-only here.
         Some("status") if req.method == Method::GET => {}
+        Some("log") if r.kind == "Pod" && req.method == Method::GET => {
+            let name = at.name.as_deref().unwrap_or_default();
+            return pod_log(state, &scope, at, name, req).await;
+        }
         Some("scale") if atrium_kube::resource::SCALABLE.contains(&r.kind) => {
             let name = at.name.as_deref().unwrap_or_default();
             return scale(state, &scope, at, name, req).await;
@@ -755,6 +759,44 @@ async fn scale(
         KubeResponse::Json(status, obj) => Ok(KubeResponse::Json(status, scale_of(&obj))),
         other => Ok(other),
     }
+}
+
+/// `GET …/pods/{name}/log`: the pod's container log, read on its node
+/// (`kubectl logs`), as text.
+async fn pod_log(
+    state: &AppState,
+    scope: &Scope,
+    at: &At,
+    name: &str,
+    req: &Request,
+) -> Result<KubeResponse, KubeError> {
+    let pod = existing(state, scope, at, name).await?;
+    let workload_name = super::pods::workload_name(&scope.id, &pod.name);
+    let workload = state
+        .store
+        .get_by_name(
+            <crate::kinds::Workload as crate::kinds::Resource>::KIND,
+            Some(&scope.tenant),
+            &workload_name,
+        )
+        .await
+        .map_err(store_error)?
+        .ok_or_else(|| {
+            KubeError::bad_request(format!(
+                "container \"main\" in pod {name:?} is waiting to start"
+            ))
+        })?;
+    let text = crate::exec::node_log(
+        state,
+        &scope.tenant,
+        &workload,
+        req.audit("kube.pod.log".into()),
+    )
+    .await
+    .map_err(|e| KubeError::bad_request(format!("the log of pod {name:?}: {e}")))?;
+    let response =
+        axum::response::IntoResponse::into_response(([(header::CONTENT_TYPE, "text/plain")], text));
+    Ok(KubeResponse::Stream(response))
 }
 
 #[cfg(test)]
