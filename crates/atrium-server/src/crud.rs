@@ -469,7 +469,7 @@ pub struct WatchSlot {
 }
 
 impl OpenWatches {
-    async fn open(state: &AppState, tenant: &str) -> Result<WatchSlot, ApiError> {
+    pub(crate) async fn open(state: &AppState, tenant: &str) -> Result<WatchSlot, ApiError> {
         let quota = match state.store.get_by_name(Tenant::KIND, None, tenant).await? {
             Some(t) => stored::spec::<Tenant>(&t)?.quota,
             None => return Err(ApiError::not_found(Tenant::KIND, tenant)),

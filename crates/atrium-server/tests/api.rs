@@ -854,3 +854,31 @@ async fn a_clusters_secrets_never_reach_the_disk_in_clear() {
         "a secret's value is on disk"
     );
 }
+
+#[tokio::test]
+async fn a_clusters_watches_count_against_its_tenants_open_streams() {
+    let s = TestServer::start(TestBackend::Sqlite).await;
+    s.create_tenant("acme", json!({"quota": {"watches": 1}}))
+        .await;
+    let acme = s.create_key("acme", "k", &["admin"]).await;
+    let (_, cluster) = s
+        .call(
+            Method::POST,
+            "/v1/clusters",
+            Some(&acme),
+            Some(&json!({"name": "dev", "spec": {}})),
+        )
+        .await;
+    let url = format!(
+        "{}/k8s/{}/api/v1/namespaces?watch=true",
+        s.base,
+        cluster["id"].as_str().unwrap()
+    );
+    let open = s.http.get(&url).bearer_auth(&acme).send().await.unwrap();
+    assert_eq!(open.status(), 200);
+    let refused = s.http.get(&url).bearer_auth(&acme).send().await.unwrap();
+    assert_eq!(refused.status(), 429);
+    let status: Value = refused.json().await.unwrap();
+    assert_eq!(status["reason"], "TooManyRequests", "{status}");
+    drop(open);
+}

@@ -106,6 +106,11 @@ pub(crate) fn from_api(e: ApiError) -> KubeError {
             "Conflict",
             "the request conflicts with the cluster's state".to_string(),
         ),
+        429 => (
+            "TooManyRequests",
+            "the tenant holds as many open watch streams as its quota allows; close one first"
+                .to_string(),
+        ),
         _ => (
             "InternalError",
             format!("the control plane failed ({code})"),

@@ -72,6 +72,10 @@ pub(super) async fn serve(
         .param("timeoutSeconds")
         .and_then(|t| t.parse::<u64>().ok())
         .map_or(LONGEST, |t| Duration::from_secs(t).min(LONGEST));
+    // A cluster's watches count against its tenant's open streams.
+    let slot = crate::crud::OpenWatches::open(state, &scope.tenant)
+        .await
+        .map_err(super::from_api)?;
     let kind = scope.kind(r);
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, Infallible>>(64);
     // Without a version: what exists now, then what changes after.
@@ -103,6 +107,7 @@ pub(super) async fn serve(
     let mut heads = state.store.subscribe();
     let mut shutdown = state.shutdown.clone();
     tokio::spawn(async move {
+        let _slot = slot;
         for (obj, revision) in initial {
             if tx
                 .send(Ok(line("ADDED", shape(obj, revision))))
