@@ -84,6 +84,15 @@ pub const SERVED: &[ResourceType] = &[
     ResourceType {
         group: "",
         version: "v1",
+        kind: "Event",
+        plural: "events",
+        singular: "event",
+        namespaced: true,
+        short_names: &["ev"],
+    },
+    ResourceType {
+        group: "",
+        version: "v1",
         kind: "ServiceAccount",
         plural: "serviceaccounts",
         singular: "serviceaccount",

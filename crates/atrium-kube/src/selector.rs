@@ -103,7 +103,24 @@ impl LabelSelector {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct FieldSelector(Vec<(String, bool, String)>);
 
-const FIELDS: &[&str] = &["metadata.name", "metadata.namespace"];
+/// The fields a selector may name: every object's name and namespace,
+/// and what upstream indexes of events and pods.
+const FIELDS: &[&str] = &[
+    "metadata.name",
+    "metadata.namespace",
+    "involvedObject.kind",
+    "involvedObject.namespace",
+    "involvedObject.name",
+    "involvedObject.uid",
+    "involvedObject.apiVersion",
+    "involvedObject.resourceVersion",
+    "involvedObject.fieldPath",
+    "reason",
+    "type",
+    "status.phase",
+    "spec.nodeName",
+    "spec.restartPolicy",
+];
 
 impl FieldSelector {
     pub fn parse(s: &str) -> Result<FieldSelector, KubeError> {
@@ -178,6 +195,6 @@ mod tests {
         assert!(!FieldSelector::parse("metadata.namespace!=demo")
             .unwrap()
             .matches(&obj));
-        assert!(FieldSelector::parse("spec.nodeName=x").is_err());
+        assert!(FieldSelector::parse("spec.containers=x").is_err());
     }
 }

@@ -139,6 +139,14 @@ fn kubectl_applies_reads_patches_watches_and_deletes_in_a_tenants_cluster() {
         "{configured}"
     );
 
+    // `describe` reads the object and lists its events.
+    let described = kube.ok(&["describe", "configmap", "settings", "-n", "demo"]);
+    assert!(
+        described.contains("Name:") && described.contains("settings"),
+        "{described}"
+    );
+    assert!(described.contains("Events:"), "{described}");
+
     // Upstream's columns, and the objects as stored.
     let table = kube.ok(&["get", "configmaps", "-n", "demo"]);
     let header: Vec<&str> = table.lines().next().unwrap().split_whitespace().collect();
