@@ -199,8 +199,34 @@ pub fn prepare_update(r: &ResourceType, old: &Value, new: &mut Value) -> Result<
 }
 
 /// What each kind gets when it does not say.
+/// Most replicas (or job pods) one object may ask for: each one is a pod,
+/// a workload and a placement, made by the controllers on the tenant's
+/// behalf, so the bound is Atrium's own for workloads.
+const MAX_COUNT: u64 = atrium_core::deployment::MAX_REPLICAS as u64;
+
+/// Refuses a count field that is not a whole number up to [`MAX_COUNT`].
+fn bounded(r: &ResourceType, obj: &Value, field: &str) -> Result<(), KubeError> {
+    let Some(v) = obj.pointer(&format!("/spec/{field}")) else {
+        return Ok(());
+    };
+    if v.as_u64().is_some_and(|n| n <= MAX_COUNT) {
+        return Ok(());
+    }
+    Err(KubeError::invalid(
+        r.kind,
+        name_of(obj).unwrap_or_default(),
+        format!("spec.{field}: Invalid value: {v}: must be a whole number from 0 to {MAX_COUNT}"),
+    ))
+}
+
 fn defaults(r: &ResourceType, obj: &mut Value) -> Result<(), KubeError> {
     match r.kind {
+        "Deployment" | "ReplicaSet" => bounded(r, obj, "replicas")?,
+        "Job" => {
+            for field in ["completions", "parallelism", "backoffLimit"] {
+                bounded(r, obj, field)?;
+            }
+        }
         "Namespace" => {
             if obj.pointer("/spec/finalizers").is_none() {
                 obj["spec"] = json!({"finalizers": ["kubernetes"]});

@@ -882,3 +882,71 @@ async fn a_clusters_watches_count_against_its_tenants_open_streams() {
     assert_eq!(status["reason"], "TooManyRequests", "{status}");
     drop(open);
 }
+
+#[tokio::test]
+async fn a_hostile_replica_count_in_a_tenant_cluster_is_refused_not_run() {
+    let s = TestServer::start(TestBackend::Sqlite).await;
+    s.create_tenant("acme", json!({})).await;
+    let acme = s.create_key("acme", "k", &["admin"]).await;
+    let (_, cluster) = s
+        .call(
+            Method::POST,
+            "/v1/clusters",
+            Some(&acme),
+            Some(&json!({"name": "dev", "spec": {}})),
+        )
+        .await;
+    let id = cluster["id"].as_str().unwrap().to_string();
+    let template = json!({"metadata": {"labels": {"app": "x"}},
+        "spec": {"containers": [{"name": "main", "image": "acme/x:1"}]}});
+    let deployment = |replicas: Value| {
+        json!({"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "flood"},
+               "spec": {"replicas": replicas, "selector": {"matchLabels": {"app": "x"}},
+                        "template": template}})
+    };
+    let job = |completions: Value| {
+        json!({"apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": "flood"},
+               "spec": {"completions": completions, "parallelism": completions, "template": template}})
+    };
+    let deployments = format!("/k8s/{id}/apis/apps/v1/namespaces/default/deployments");
+    let jobs = format!("/k8s/{id}/apis/batch/v1/namespaces/default/jobs");
+    for (path, body) in [
+        (&deployments, deployment(json!(1_000_000))),
+        (&deployments, deployment(json!(-1))),
+        (&deployments, deployment(json!("many"))),
+        (&jobs, job(json!(1_000_000))),
+    ] {
+        let (status, v) = s.call(Method::POST, path, Some(&acme), Some(&body)).await;
+        assert_eq!(status, 422, "{body}: {v}");
+        assert_eq!(v["reason"], "Invalid", "{v}");
+    }
+    let (status, v) = s
+        .call(
+            Method::POST,
+            &deployments,
+            Some(&acme),
+            Some(&deployment(json!(3))),
+        )
+        .await;
+    assert_eq!(status, 201, "{v}");
+    // Nor can an update or a scale raise it past the bound.
+    let scale = format!("{deployments}/flood/scale");
+    let (status, v) = s
+        .call(
+            Method::PUT,
+            &scale,
+            Some(&acme),
+            Some(&json!({"spec": {"replicas": 5000}})),
+        )
+        .await;
+    assert_eq!(status, 422, "{v}");
+    let (status, v) = s
+        .call(
+            Method::PUT,
+            &format!("{deployments}/flood"),
+            Some(&acme),
+            Some(&deployment(json!(5000))),
+        )
+        .await;
+    assert_eq!(status, 422, "{v}");
+}
