@@ -16,6 +16,7 @@ mod objects;
 mod path;
 pub mod pods;
 pub mod sealed;
+mod subresources;
 mod watch;
 
 use atrium_core::cluster::ClusterSpec;

@@ -90,7 +90,7 @@ fn key(r: &ResourceType, namespace: Option<&str>, name: &str) -> String {
     }
 }
 
-fn store_error(e: StoreError) -> KubeError {
+pub(super) fn store_error(e: StoreError) -> KubeError {
     from_api(ApiError::from(e))
 }
 
@@ -291,11 +291,11 @@ pub(super) async fn serve(
         Some("status") if req.method == Method::GET => {}
         Some("log") if r.kind == "Pod" && req.method == Method::GET => {
             let name = at.name.as_deref().unwrap_or_default();
-            return pod_log(state, &scope, at, name, req).await;
+            return super::subresources::pod_log(state, &scope, at, name, req).await;
         }
         Some("scale") if atrium_kube::resource::SCALABLE.contains(&r.kind) => {
             let name = at.name.as_deref().unwrap_or_default();
-            return scale(state, &scope, at, name, req).await;
+            return super::subresources::scale(state, &scope, at, name, req).await;
         }
         Some(sub) => {
             return Err(KubeError::method_not_allowed(&format!(
@@ -405,7 +405,7 @@ async fn list(
     }))
 }
 
-async fn existing(
+pub(super) async fn existing(
     state: &AppState,
     scope: &Scope,
     at: &At,
@@ -439,7 +439,7 @@ async fn get(
 }
 
 /// The request's media type, without parameters.
-fn content_type(req: &Request) -> String {
+pub(super) fn content_type(req: &Request) -> String {
     req.headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
@@ -453,7 +453,7 @@ fn content_type(req: &Request) -> String {
 
 /// The JSON body. Protobuf (client-go's first choice for built-in types)
 /// gets 415, on which clients fall back to JSON.
-fn body(req: &Request) -> Result<Value, KubeError> {
+pub(super) fn body(req: &Request) -> Result<Value, KubeError> {
     let media = content_type(req);
     if !(media.is_empty() || media.ends_with("json")) {
         return Err(KubeError::unsupported_media_type(&media));
@@ -524,7 +524,7 @@ async fn create(
 }
 
 /// Writes `new` over `old`, if `old` is still at `revision`.
-async fn replace(
+pub(super) async fn replace(
     state: &AppState,
     scope: &Scope,
     at: &At,
@@ -690,113 +690,6 @@ async fn empty_namespace(
         }
     }
     Ok(())
-}
-
-/// The `Scale` of a deployment or replica set.
-fn scale_of(obj: &Value) -> Value {
-    let labels: Vec<String> = obj
-        .pointer("/spec/selector/matchLabels")
-        .and_then(Value::as_object)
-        .map(|m| {
-            m.iter()
-                .map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or_default()))
-                .collect()
-        })
-        .unwrap_or_default();
-    json!({
-        "apiVersion": "autoscaling/v1",
-        "kind": "Scale",
-        "metadata": {
-            "name": obj.pointer("/metadata/name"),
-            "namespace": obj.pointer("/metadata/namespace"),
-            "uid": obj.pointer("/metadata/uid"),
-            "resourceVersion": obj.pointer("/metadata/resourceVersion"),
-            "creationTimestamp": obj.pointer("/metadata/creationTimestamp"),
-        },
-        "spec": {"replicas": obj.pointer("/spec/replicas").cloned().unwrap_or(json!(1))},
-        "status": {
-            "replicas": obj.pointer("/status/replicas").cloned().unwrap_or(json!(0)),
-            "selector": labels.join(","),
-        },
-    })
-}
-
-/// `GET`, `PUT` or `PATCH` of `…/{name}/scale`: the replicas of a
-/// deployment or replica set, as `kubectl scale` reads and sets them.
-async fn scale(
-    state: &AppState,
-    scope: &Scope,
-    at: &At,
-    name: &str,
-    req: &Request,
-) -> Result<KubeResponse, KubeError> {
-    let old = existing(state, scope, at, name).await?;
-    let current = scope.shown(at.resource, &old)?;
-    let mut wanted = scale_of(&current);
-    match req.method {
-        Method::GET => return Ok(KubeResponse::Json(StatusCode::OK, wanted)),
-        Method::PUT => wanted = body(req)?,
-        Method::PATCH => match content_type(req).as_str() {
-            "application/json-patch+json" => wanted = patch::json_patch(wanted, &body(req)?)?,
-            _ => patch::merge(&mut wanted, &body(req)?),
-        },
-        ref m => {
-            return Err(KubeError::method_not_allowed(&format!(
-                "{m} of {}/scale",
-                at.resource.plural
-            )))
-        }
-    }
-    let replicas = wanted
-        .pointer("/spec/replicas")
-        .and_then(Value::as_u64)
-        .filter(|n| *n <= 1000)
-        .ok_or_else(|| KubeError::invalid("Scale", name, "spec.replicas: must be 0 to 1000"))?;
-    let mut new = scope.plain(at.resource, &old.name, old.body.clone())?;
-    new["spec"]["replicas"] = json!(replicas);
-    let replaced = replace(state, scope, at, &old, new, old.revision, req).await?;
-    match replaced {
-        KubeResponse::Json(status, obj) => Ok(KubeResponse::Json(status, scale_of(&obj))),
-        other => Ok(other),
-    }
-}
-
-/// `GET …/pods/{name}/log`: the pod's container log, read on its node
-/// (`kubectl logs`), as text.
-async fn pod_log(
-    state: &AppState,
-    scope: &Scope,
-    at: &At,
-    name: &str,
-    req: &Request,
-) -> Result<KubeResponse, KubeError> {
-    let pod = existing(state, scope, at, name).await?;
-    let workload_name = super::pods::workload_name(&scope.id, &pod.name);
-    let workload = state
-        .store
-        .get_by_name(
-            <crate::kinds::Workload as crate::kinds::Resource>::KIND,
-            Some(&scope.tenant),
-            &workload_name,
-        )
-        .await
-        .map_err(store_error)?
-        .ok_or_else(|| {
-            KubeError::bad_request(format!(
-                "container \"main\" in pod {name:?} is waiting to start"
-            ))
-        })?;
-    let text = crate::exec::node_log(
-        state,
-        &scope.tenant,
-        &workload,
-        req.audit("kube.pod.log".into()),
-    )
-    .await
-    .map_err(|e| KubeError::bad_request(format!("the log of pod {name:?}: {e}")))?;
-    let response =
-        axum::response::IntoResponse::into_response(([(header::CONTENT_TYPE, "text/plain")], text));
-    Ok(KubeResponse::Stream(response))
 }
 
 #[cfg(test)]
