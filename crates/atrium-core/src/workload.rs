@@ -55,6 +55,11 @@ pub struct ContainerSpec {
     /// first is its health check: running means it accepts connections.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub ports: Vec<u16>,
+    /// The container's host name (and its `/etc/hostname`): lowercase
+    /// letters, digits, '-' and '.', at most 63; the workload's name
+    /// when not given.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hostname: Option<String>,
 }
 
 /// Whether a workload runs for good or to completion.
@@ -291,6 +296,17 @@ impl ImageRef {
     }
 }
 
+/// Whether `h` may name a host: what the UTS namespace and
+/// `/etc/hostname` are given, so never a path or a control character.
+pub fn is_hostname(h: &str) -> bool {
+    let edge = |b: Option<&u8>| b.is_some_and(|b| b.is_ascii_lowercase() || b.is_ascii_digit());
+    (1..=63).contains(&h.len())
+        && edge(h.as_bytes().first())
+        && edge(h.as_bytes().last())
+        && h.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
+}
+
 impl ContainerSpec {
     pub fn validate(&self, errors: &mut FieldErrors) {
         errors.check("image", ImageRef::parse(&self.image));
@@ -328,6 +344,12 @@ impl ContainerSpec {
                     format!("must be at most {MAX_STRING} bytes, without NUL"),
                 );
             }
+        }
+        if let Some(h) = self.hostname.as_deref().filter(|h| !is_hostname(h)) {
+            errors.push(
+                "hostname",
+                format!("{h:?}: must be 1 to 63 lowercase letters, digits, '-' or '.', starting and ending with a letter or digit"),
+            );
         }
         if self.ports.len() > MAX_PORTS {
             errors.push("ports", format!("at most {MAX_PORTS} ports"));
@@ -545,5 +567,33 @@ mod tests {
         ] {
             assert!(fields.contains(&f), "{f} not reported in {fields:?}");
         }
+    }
+
+    #[test]
+    fn a_hostname_is_a_name_never_a_path_or_a_line() {
+        for ok in ["web", "api-7d9f8-x2k", "db.internal", "0"] {
+            assert!(is_hostname(ok), "{ok}");
+        }
+        let long = "a".repeat(64);
+        for bad in [
+            "",
+            "../../etc",
+            "a/b",
+            "Web",
+            "-a",
+            "a-",
+            "a\nb",
+            "a b",
+            &long,
+        ] {
+            assert!(!is_hostname(bad), "{bad:?}");
+        }
+        let spec: WorkloadSpec = serde_json::from_value(serde_json::json!({
+            "image": "acme/x:1", "hostname": "x\n127.0.0.1 bank",
+            "resources": {"cpu": "1", "memory": "64Mi"}
+        }))
+        .unwrap();
+        let errors = spec.validate().unwrap_err();
+        assert_eq!(errors.0[0].field, "hostname", "{errors:?}");
     }
 }

@@ -6,9 +6,9 @@
 //! errors as `Status` objects (`status`), what the server sets in an
 //! object's metadata (`meta`), label and field selectors (`selector`),
 //! merge and JSON patches (`patch`), how a pod runs as an Atrium
-//! workload and reads its status back (`pod`) and `Table` output
-//! (`table`) — and
-//! does no IO: the control plane's `kube` module serves and stores.
+//! workload and reads its status back (`pod`), what `kubectl exec`
+//! speaks (`remotecommand`) and `Table` output (`table`) — and does no IO: the control plane's `kube` module
+//! serves and stores.
 //!
 //! This is compatibility with what kubectl and client libraries send, not
 //! upstream conformance.
@@ -17,6 +17,7 @@ pub mod discovery;
 pub mod meta;
 pub mod patch;
 pub mod pod;
+pub mod remotecommand;
 pub mod resource;
 pub mod selector;
 pub mod status;

@@ -89,6 +89,19 @@ where
         .map_err(|e| invalid(pod, format!("{field}: {e}")))
 }
 
+/// A pod's host name, as the kubelet gives it: `spec.hostname`, else
+/// the pod's name cut to 63 bytes without a trailing '-' or '.'.
+fn hostname_of(pod: &Value) -> String {
+    let given = pod.pointer("/spec/hostname").and_then(Value::as_str);
+    let name = pod
+        .pointer("/metadata/name")
+        .and_then(Value::as_str)
+        .unwrap_or_default();
+    let name = given.unwrap_or(name);
+    let cut: String = name.chars().take(63).collect();
+    cut.trim_end_matches(['-', '.']).to_string()
+}
+
 /// The workload a pod runs as.
 pub fn workload_of(pod: &Value) -> Result<WorkloadSpec, KubeError> {
     refuse_privileges(pod)?;
@@ -193,6 +206,7 @@ pub fn workload_of(pod: &Value) -> Result<WorkloadSpec, KubeError> {
                 args: strings(c.get("args")),
                 env,
                 ports,
+                hostname: Some(hostname_of(pod)),
             },
             Resources {
                 cpu,

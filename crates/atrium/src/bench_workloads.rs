@@ -143,6 +143,7 @@ async fn create_to_running(tenant: &ControlPlane, cp: &ControlPlane, n: u32) -> 
                 args: vec!["httpd".into(), "-f".into(), "-p".into(), port.to_string()],
                 env: Default::default(),
                 ports: vec![port],
+                hostname: None,
             },
             Resources {
                 cpu: CpuMillis(1000),

@@ -19,7 +19,7 @@ use std::process::Command;
 use common::cloud::{
     admin_call_status, container_pids, http_get, require_root_and_runc, uid_of, Cloud,
 };
-use common::kubectl::{kubectl, write, Kube};
+use common::kubectl::{kubectl, with_token, write, Kube};
 use common::oci::busybox_layout;
 use common::{stop, wait_for};
 use reqwest::Method;
@@ -834,6 +834,38 @@ spec:
         std::time::Duration::from_secs(2),
     );
     assert!(connect.is_ok(), "the pod answers on its port: {connect:?}");
+
+    // kubectl exec runs in the pod's container (over WebSocket), whose
+    // host name is the pod's; the command's exit code and stderr come back.
+    let hostname = kube.ok(&["exec", "web", "--", "cat", "/etc/hostname"]);
+    assert_eq!(hostname.trim(), "web");
+    let (code, said) = kube.code(&[
+        "exec",
+        "web",
+        "--",
+        "/bin/busybox",
+        "sh",
+        "-c",
+        "echo oops >&2; exit 3",
+    ]);
+    assert_eq!(code, Some(3), "{said}");
+    assert!(said.contains("oops"), "{said}");
+    let (ok, said) = kube.run(&["exec", "-it", "web", "--", "/bin/busybox", "sh"]);
+    assert!(!ok && said.contains("drop -i and -t"), "{said}");
+    let viewer = cloud.call(
+        Method::POST,
+        "/v1/keys",
+        json!({"name": "ro", "tenant": "acme", "spec": {"scopes": ["read"]}}),
+    );
+    let viewing = Kube::new(
+        &kubectl(),
+        build.path(),
+        "viewer.kubeconfig",
+        &with_token(&config, viewer["secret"].as_str().unwrap()),
+    );
+    assert!(viewing.ok(&["get", "pod", "web"]).contains("Running"));
+    let (ok, said) = viewing.run(&["exec", "web", "--", "cat", "/etc/hostname"]);
+    assert!(!ok && said.contains("role may not"), "{said}");
     let workloads = cloud.call(Method::GET, "/v1/workloads?tenant=acme", Value::Null);
     let names: Vec<&str> = workloads["items"]
         .as_array()

@@ -8,6 +8,7 @@
 //! only the default device nodes, the kernel's sensitive paths masked,
 //! and a seccomp filter (`seccomp.rs`) over what an unprivileged process
 //! could still reach.
+//! `/etc/hostname` holds the container's host name (read-only).
 //! Writable: a tmpfs `/tmp` (counted in its memory) and `/scratch`, the
 //! replica's own directory, and the tenant's volumes it mounts (`nosuid`,
 //! `nodev`; those under `/volumes` sit on a tmpfs of their own, so no
@@ -16,6 +17,8 @@
 use std::path::PathBuf;
 
 use atrium_core::volume::VOLUMES_DIR;
+
+use super::unpack::HOSTNAME_FILE;
 use serde_json::{json, Value};
 
 /// Everything one container's `config.json` is made from.
@@ -171,6 +174,24 @@ impl Bundle {
              "options": ["rbind", "rw", "nosuid", "nodev"]},
         ]);
         if let Some(list) = mounts.as_array_mut() {
+            // Over the empty file unpacking made; an image whose /etc is
+            // not a plain directory goes without.
+            let plain = |p: &str, dir: bool| {
+                self.rootfs.join(p).symlink_metadata().is_ok_and(|m| {
+                    if dir {
+                        m.is_dir()
+                    } else {
+                        m.is_file()
+                    }
+                })
+            };
+            if plain("etc", true) && plain(HOSTNAME_FILE, false) {
+                list.push(
+                    json!({"destination": format!("/{HOSTNAME_FILE}"), "type": "bind",
+                    "source": self.dir.join("hostname"),
+                    "options": ["rbind", "ro", "nosuid", "nodev", "noexec"]}),
+                );
+            }
             let under = format!("{VOLUMES_DIR}/");
             if self
                 .volumes
@@ -215,6 +236,9 @@ impl Bundle {
         std::fs::create_dir_all(&self.dir).map_err(|e| format!("{}: {e}", self.dir.display()))?;
         std::fs::set_permissions(&self.dir, std::fs::Permissions::from_mode(0o700))
             .map_err(|e| format!("{}: {e}", self.dir.display()))?;
+        let hostname = self.dir.join("hostname");
+        std::fs::write(&hostname, format!("{}\n", self.hostname))
+            .map_err(|e| format!("{}: {e}", hostname.display()))?;
         let path = self.dir.join("config.json");
         let text = serde_json::to_vec_pretty(&self.config()).map_err(|e| e.to_string())?;
         std::fs::write(&path, text).map_err(|e| format!("{}: {e}", path.display()))?;

@@ -23,6 +23,9 @@ use std::path::{Component, Path, PathBuf};
 /// Directories every rootfs gets, for runc's mounts and the scratch bind:
 /// made here so that runc never writes into the shared, cached tree.
 pub const MOUNT_POINTS: [&str; 6] = ["proc", "dev", "sys", "tmp", "scratch", "volumes"];
+/// The file each container's host name is bound over, made empty here
+/// for the same reason.
+pub const HOSTNAME_FILE: &str = "etc/hostname";
 /// Most bytes and entries one image may unpack to.
 const MAX_UNPACKED: u64 = 64 << 30;
 const MAX_ENTRIES: u64 = 1_000_000;
@@ -76,6 +79,7 @@ pub fn unpack_image(layers: &[(PathBuf, String)], tmp: &Path, target: &Path) -> 
             }
             std::fs::create_dir_all(&at).map_err(|e| format!("{}: {e}", at.display()))?;
         }
+        hostname_mount_point(tmp)?;
         std::fs::set_permissions(tmp, std::fs::Permissions::from_mode(0o755))
             .map_err(|e| format!("{}: {e}", tmp.display()))
     })();
@@ -92,6 +96,23 @@ pub fn unpack_image(layers: &[(PathBuf, String)], tmp: &Path, target: &Path) -> 
         }
         Err(e) => Err(format!("{}: {e}", target.display())),
     }
+}
+
+/// Makes `etc/hostname` an empty regular file, when `etc` is a plain
+/// directory (or absent): a layer's `etc` symlink could point anywhere,
+/// even out of the tree, so it is never followed.
+fn hostname_mount_point(root: &Path) -> Result<(), String> {
+    let etc = root.join("etc");
+    match std::fs::symlink_metadata(&etc) {
+        Ok(m) if !m.is_dir() => return Ok(()),
+        Ok(_) => {}
+        Err(_) => std::fs::create_dir(&etc).map_err(|e| format!("{}: {e}", etc.display()))?,
+    }
+    let file = root.join(HOSTNAME_FILE);
+    if std::fs::symlink_metadata(&file).is_ok_and(|m| !m.is_file()) {
+        remove(&file)?;
+    }
+    std::fs::write(&file, b"").map_err(|e| format!("{}: {e}", file.display()))
 }
 
 fn is_gzip(path: &Path) -> bool {
@@ -375,6 +396,23 @@ mod tests {
         for dir in MOUNT_POINTS {
             assert!(target.join(dir).is_dir());
         }
+        assert_eq!(std::fs::read(target.join(HOSTNAME_FILE)).unwrap(), b"");
+    }
+
+    #[test]
+    fn an_etc_symlink_is_never_followed_to_make_the_hostname_file() {
+        let t = tempfile::tempdir().unwrap();
+        let outside = t.path().join("outside");
+        std::fs::create_dir(&outside).unwrap();
+        let evil = layer(
+            t.path(),
+            "1.tar",
+            &[("etc", S, outside.to_str().unwrap(), 0o777)],
+        );
+        let target = t.path().join("rootfs");
+        unpack_image(&[evil], &t.path().join("tmp"), &target).unwrap();
+        assert!(!outside.join("hostname").exists());
+        assert!(target.join("etc").symlink_metadata().unwrap().is_symlink());
     }
 
     #[test]

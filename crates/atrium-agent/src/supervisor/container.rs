@@ -116,12 +116,21 @@ impl ReplicaCtx {
                 "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into(),
             ));
         }
+        // Checked by the control plane; checked again because it becomes
+        // a file's content and the UTS name.
+        let hostname = container
+            .hostname
+            .clone()
+            .filter(|h| atrium_core::workload::is_hostname(h))
+            .unwrap_or_else(|| self.spec().deployment_name.clone());
+        env.retain(|(k, _)| k != "HOSTNAME");
+        env.push(("HOSTNAME".into(), hostname.clone()));
         let resources = &self.spec().resources;
         let gpus: Vec<u32> = self.spec().gpus.iter().map(|g| g.gpu).collect();
         let bundle = Bundle {
             dir: self.shared.config.data_dir.join("bundles").join(&self.id),
             rootfs: pulled.rootfs.clone(),
-            hostname: self.spec().deployment_name.clone(),
+            hostname,
             args,
             env: env.into_iter().map(|(k, v)| format!("{k}={v}")).collect(),
             cwd: image

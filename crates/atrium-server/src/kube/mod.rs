@@ -12,6 +12,7 @@
 
 mod apps;
 mod batch;
+mod exec;
 mod objects;
 mod path;
 pub mod pods;
@@ -26,7 +27,8 @@ use atrium_kube::discovery;
 use atrium_kube::KubeError;
 use atrium_store::{Object, Precondition};
 use axum::body::Bytes;
-use axum::extract::{Path, State};
+use axum::extract::ws::WebSocketUpgrade;
+use axum::extract::{FromRequestParts, Path, State};
 use axum::http::{header, HeaderMap, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Extension;
@@ -134,6 +136,8 @@ pub(crate) struct Request {
     pub body: Bytes,
     caller: Caller,
     rid: RequestId,
+    /// A WebSocket upgrade the client asked for (only `exec` takes it).
+    upgrade: std::sync::Mutex<Option<WebSocketUpgrade>>,
 }
 
 impl Request {
@@ -147,6 +151,10 @@ impl Request {
     /// Who did `action`, for the audit log.
     pub fn audit(&self, action: String) -> atrium_store::AuditContext {
         crate::crud::audit(&self.caller, &self.rid, action)
+    }
+
+    pub fn take_upgrade(&self) -> Option<WebSocketUpgrade> {
+        self.upgrade.lock().ok()?.take()
     }
 
     /// Whether the client asked for a `Table` (as `kubectl get` does).
@@ -168,11 +176,16 @@ pub async fn serve(
     Extension(caller): Extension<Caller>,
     Extension(rid): Extension<RequestId>,
     Path((cluster, rest)): Path<(String, String)>,
-    parts: axum::http::request::Parts,
+    mut parts: axum::http::request::Parts,
     body: Bytes,
 ) -> Response {
+    let upgrade = WebSocketUpgrade::from_request_parts(&mut parts, &state)
+        .await
+        .ok();
     let (method, headers, query) = (parts.method, parts.headers, parts.uri.query());
-    let access = if matches!(method, Method::GET | Method::HEAD) {
+    // Running a command in a pod is a write, though it is a GET.
+    let runs_a_command = matches!(path::parse(&rest), Ok(Target::Resource(at)) if at.subresource.as_deref() == Some("exec"));
+    let access = if matches!(method, Method::GET | Method::HEAD) && !runs_a_command {
         Access::Read
     } else {
         Access::Write
@@ -192,6 +205,7 @@ pub async fn serve(
         query: parse_query(query),
         headers,
         body,
+        upgrade: std::sync::Mutex::new(upgrade),
     };
     match route(&state, &cluster, &rest, &request).await {
         Ok(r) => r.into_response(),

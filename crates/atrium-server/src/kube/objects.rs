@@ -293,6 +293,10 @@ pub(super) async fn serve(
             let name = at.name.as_deref().unwrap_or_default();
             return super::subresources::pod_log(state, &scope, at, name, req).await;
         }
+        Some("exec") if r.kind == "Pod" && matches!(req.method, Method::GET | Method::POST) => {
+            let name = at.name.as_deref().unwrap_or_default();
+            return super::exec::pod_exec(state, &scope, at, name, req).await;
+        }
         Some("scale") if atrium_kube::resource::SCALABLE.contains(&r.kind) => {
             let name = at.name.as_deref().unwrap_or_default();
             return super::subresources::scale(state, &scope, at, name, req).await;

@@ -89,6 +89,27 @@ pub(super) async fn pod_log(
     name: &str,
     req: &Request,
 ) -> Result<KubeResponse, KubeError> {
+    let workload = pod_workload(state, scope, at, name).await?.1;
+    let text = crate::exec::node_log(
+        state,
+        &scope.tenant,
+        &workload,
+        req.audit("kube.pod.log".into()),
+    )
+    .await
+    .map_err(|e| KubeError::bad_request(format!("the log of pod {name:?}: {e}")))?;
+    let response =
+        axum::response::IntoResponse::into_response(([(header::CONTENT_TYPE, "text/plain")], text));
+    Ok(KubeResponse::Stream(response))
+}
+
+/// Pod `name` and the Atrium workload that runs it.
+pub(super) async fn pod_workload(
+    state: &AppState,
+    scope: &Scope,
+    at: &At,
+    name: &str,
+) -> Result<(atrium_store::Object, atrium_store::Object), KubeError> {
     let pod = existing(state, scope, at, name).await?;
     let workload_name = super::pods::workload_name(&scope.id, &pod.name);
     let workload = state
@@ -105,15 +126,5 @@ pub(super) async fn pod_log(
                 "container \"main\" in pod {name:?} is waiting to start"
             ))
         })?;
-    let text = crate::exec::node_log(
-        state,
-        &scope.tenant,
-        &workload,
-        req.audit("kube.pod.log".into()),
-    )
-    .await
-    .map_err(|e| KubeError::bad_request(format!("the log of pod {name:?}: {e}")))?;
-    let response =
-        axum::response::IntoResponse::into_response(([(header::CONTENT_TYPE, "text/plain")], text));
-    Ok(KubeResponse::Stream(response))
+    Ok((pod, workload))
 }

@@ -159,6 +159,7 @@ pub async fn run(ctx: &Ctx, cmd: WorkloadCmd) -> Result<()> {
                         args,
                         env: env.into_iter().collect::<BTreeMap<_, _>>(),
                         ports,
+                        hostname: None,
                     },
                     resources: Resources {
                         cpu,

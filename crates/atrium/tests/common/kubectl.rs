@@ -44,6 +44,12 @@ impl Kube {
 
     /// Runs kubectl; whether it succeeded, and stdout then stderr.
     pub fn run(&self, args: &[&str]) -> (bool, String) {
+        let (code, text) = self.code(args);
+        (code == Some(0), text)
+    }
+
+    /// Runs kubectl; its exit code, and stdout then stderr.
+    pub fn code(&self, args: &[&str]) -> (Option<i32>, String) {
         let out = Command::new(&self.bin)
             .arg("--kubeconfig")
             .arg(&self.config)
@@ -55,7 +61,7 @@ impl Kube {
             String::from_utf8_lossy(&out.stdout),
             String::from_utf8_lossy(&out.stderr)
         );
-        (out.status.success(), text)
+        (out.status.code(), text)
     }
 
     pub fn ok(&self, args: &[&str]) -> String {

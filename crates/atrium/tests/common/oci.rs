@@ -17,6 +17,10 @@ pub fn busybox_layout(dir: &Path) -> (String, Vec<String>) {
     let rootfs = dir.join("rootfs");
     std::fs::create_dir_all(rootfs.join("bin")).unwrap();
     std::fs::copy("/bin/busybox", rootfs.join("bin/busybox")).unwrap();
+    // The applets a test execs by name, as an image's would be.
+    for applet in ["cat", "sh"] {
+        std::os::unix::fs::symlink("busybox", rootfs.join("bin").join(applet)).unwrap();
+    }
     let layer_tar = dir.join("layer.tar");
     let tar = Command::new("tar")
         .args(["--sort=name", "--owner=0", "--group=0", "--mtime=@0", "-C"])
