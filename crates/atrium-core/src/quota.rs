@@ -44,6 +44,10 @@ pub struct Quota {
     /// Kubernetes clusters held at once [default: 10].
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub clusters: Option<u64>,
+    /// Kubernetes objects one of its clusters holds at once, of every
+    /// resource type together [default: 10000].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster_objects: Option<u64>,
     /// Execs kept at once [default: 20]: the CLI deletes each one it has
     /// read; delete finished ones to run more.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -166,6 +170,7 @@ pub enum Counted {
     Volumes,
     Execs,
     Clusters,
+    ClusterObjects,
 }
 
 impl Counted {
@@ -179,6 +184,7 @@ impl Counted {
             Counted::Volumes => "volumes",
             Counted::Execs => "execs",
             Counted::Clusters => "clusters",
+            Counted::ClusterObjects => "cluster_objects",
         }
     }
 
@@ -189,6 +195,7 @@ impl Counted {
             Counted::Watches => 32,
             Counted::Execs => 20,
             Counted::Clusters => 10,
+            Counted::ClusterObjects => 10_000,
         }
     }
 }
@@ -204,6 +211,7 @@ impl Quota {
             Counted::Volumes => self.volumes,
             Counted::Execs => self.execs,
             Counted::Clusters => self.clusters,
+            Counted::ClusterObjects => self.cluster_objects,
         };
         set.unwrap_or(what.default_cap())
     }

@@ -45,6 +45,17 @@ impl KubeError {
         .about(plural, name)
     }
 
+    /// A create past a quota, worded as upstream's quota admission words
+    /// it (`exceeded quota: …`), then what to do.
+    pub fn exceeded_quota(plural: &str, name: &str, why: &str) -> KubeError {
+        KubeError::new(
+            403,
+            "Forbidden",
+            format!("{plural} {name:?} is forbidden: exceeded quota: {why}"),
+        )
+        .about(plural, name)
+    }
+
     /// A write against a resourceVersion that is no longer the object's.
     pub fn conflict(plural: &str, name: &str) -> KubeError {
         KubeError::new(

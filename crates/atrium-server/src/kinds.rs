@@ -544,7 +544,8 @@ fn resources_admitted(
     let check_tenant = tenant.to_string();
     Precondition {
         reads: tenant_reads(tenant, &HOLDING),
-        check: Box::new(move |read: &[Vec<Object>]| {
+        counts: Vec::new(),
+        check: Box::new(move |read: &[Vec<Object>], _: &[u64]| {
             let quota = quota_read(read, &check_tenant)?;
             let (used, held) = held_in(read, replacing.as_deref())?;
             // The replaced object's replicas hold what they hold until
@@ -625,7 +626,8 @@ pub fn one_more(kind: &str, tenant: &str, what: Counted) -> Precondition<ApiErro
     let check_tenant = tenant.to_string();
     Precondition {
         reads: tenant_reads(tenant, &[kind]),
-        check: Box::new(move |read: &[Vec<Object>]| {
+        counts: Vec::new(),
+        check: Box::new(move |read: &[Vec<Object>], _: &[u64]| {
             quota_read(read, &check_tenant)?
                 .admit_one(what, read.first().map_or(0, Vec::len) as u64)
                 .map_err(ApiError::QuotaExceeded)

@@ -115,7 +115,8 @@ fn volume_admitted(tenant: &str, size: ByteSize, images: u64) -> Precondition<Ap
     let check_tenant = tenant.to_string();
     Precondition {
         reads: tenant_reads(tenant, &HOLDING),
-        check: Box::new(move |read: &[Vec<Object>]| {
+        counts: Vec::new(),
+        check: Box::new(move |read: &[Vec<Object>], _: &[u64]| {
             let quota = quota_read(read, &check_tenant)?;
             // `HOLDING` reads volumes fourth.
             let volumes = read.get(3).map_or(0, Vec::len);

@@ -18,7 +18,7 @@ mod migrate;
 mod types;
 
 pub use types::{
-    AuditContext, AuditEvent, Backend, Change, ChangeOp, Check, Object, Page, Precondition,
+    AuditContext, AuditEvent, Backend, Change, ChangeOp, Check, Count, Object, Page, Precondition,
     Selection, StoreError, TenantFilter, UsageRecord, Write, WriteError,
 };
 
@@ -401,7 +401,11 @@ impl Store {
             for sel in &p.reads {
                 read.push(select_all(&mut tx, &sel.kind, &sel.tenant, sel.name.as_deref()).await?);
             }
-            (p.check)(&read).map_err(WriteError::Rejected)?;
+            let mut counted = Vec::with_capacity(p.counts.len());
+            for c in &p.counts {
+                counted.push(count_kinds(&mut tx, &c.kind_prefix, &c.tenant).await?);
+            }
+            (p.check)(&read, &counted).map_err(WriteError::Rejected)?;
         }
         let at = now();
         let change = match write {
@@ -627,6 +631,36 @@ async fn select_all(
     rows.iter()
         .map(|r| object_from_row(r, Some(kind)))
         .collect()
+}
+
+/// How many objects of `tenant` have a kind starting with `prefix`: a
+/// range over the leading column of the `(kind, tenant, id)` index, so
+/// it reads no bodies.
+async fn count_kinds(
+    conn: &mut sqlx::AnyConnection,
+    prefix: &str,
+    tenant: &TenantFilter,
+) -> Result<u64, StoreError> {
+    let (cond, bind) = tenant.sql(3);
+    let sql = format!("SELECT COUNT(*) FROM objects WHERE kind >= $1 AND kind < $2 AND {cond}");
+    // Every kind with the prefix sorts below the prefix with its last
+    // byte raised; a prefix ending in 0xFF is never made (kinds are ASCII).
+    let mut end = prefix.as_bytes().to_vec();
+    match end.last_mut() {
+        Some(b) if *b < 0x7f => *b += 1,
+        _ => {
+            return Err(StoreError::Corrupt(format!(
+                "kind prefix {prefix:?} is not counted"
+            )))
+        }
+    }
+    let end = String::from_utf8(end).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+    let mut q = sqlx::query(&sql).bind(prefix).bind(end);
+    if let Some(b) = bind {
+        q = q.bind(b);
+    }
+    let n: i64 = q.fetch_one(&mut *conn).await?.try_get(0)?;
+    Ok(u64::try_from(n).unwrap_or(0))
 }
 
 #[cfg(feature = "testing")]

@@ -157,14 +157,25 @@ pub struct Selection {
     pub name: Option<String>,
 }
 
-/// The pure rule of a [`Precondition`].
-pub type Check<E> = Box<dyn FnOnce(&[Vec<Object>]) -> Result<(), E> + Send>;
+/// Objects a precondition counts without reading them: those of every
+/// kind that starts with `kind_prefix`, of `tenant`.
+#[derive(Debug, Clone)]
+pub struct Count {
+    pub kind_prefix: String,
+    pub tenant: TenantFilter,
+}
+
+/// The pure rule of a [`Precondition`]: what `reads` selected, then what
+/// `counts` counted.
+pub type Check<E> = Box<dyn FnOnce(&[Vec<Object>], &[u64]) -> Result<(), E> + Send>;
 
 /// A check that must hold for a write to commit, evaluated inside the write
-/// transaction (after writers are serialised) over what `reads` selects:
-/// `check` gets one vector per selection, in order.
+/// transaction (after writers are serialised) over what `reads` selects
+/// and `counts` counts: `check` gets one vector per selection and one
+/// number per count, in order.
 pub struct Precondition<E> {
     pub reads: Vec<Selection>,
+    pub counts: Vec<Count>,
     pub check: Check<E>,
 }
 

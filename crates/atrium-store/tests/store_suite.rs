@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use atrium_store::testing::{fresh_database_url, TestBackend, BOTH};
 use atrium_store::{
-    AuditContext, ChangeOp, Precondition, Selection, Store, StoreError, TenantFilter, Write,
+    AuditContext, ChangeOp, Count, Precondition, Selection, Store, StoreError, TenantFilter, Write,
     WriteError,
 };
 use serde_json::json;
@@ -253,7 +253,8 @@ async fn precondition_is_atomic_under_concurrency() {
                         tenant: TenantFilter::Exactly(Some("acme".into())),
                         name: None,
                     }],
-                    check: Box::new(|read: &[Vec<atrium_store::Object>]| {
+                    counts: Vec::new(),
+                    check: Box::new(|read: &[Vec<atrium_store::Object>], _: &[u64]| {
                         if read[0].len() < 7 {
                             Ok(())
                         } else {
@@ -292,6 +293,55 @@ async fn precondition_is_atomic_under_concurrency() {
                 .len(),
             7
         );
+    }
+}
+
+#[tokio::test]
+async fn counts_take_every_kind_with_the_prefix_of_one_tenant_only() {
+    for backend in BOTH {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(backend, &dir).await;
+        let objects = [
+            ("k8s:c1:configmaps", "acme"),
+            ("k8s:c1:pods", "acme"),
+            ("k8s:c1:pods", "globex"),
+            // Sorts right after the prefix's range: not in it.
+            ("k8s:c1;x", "acme"),
+            ("k8s:c10:pods", "acme"),
+            ("k8s:c2:pods", "acme"),
+        ];
+        for (i, (kind, tenant)) in objects.iter().enumerate() {
+            write(&store, create(kind, &format!("o{i}"), Some(tenant), "n"))
+                .await
+                .unwrap();
+        }
+        let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let into = seen.clone();
+        let pre = Precondition {
+            reads: Vec::new(),
+            counts: vec![
+                Count {
+                    kind_prefix: "k8s:c1:".into(),
+                    tenant: TenantFilter::Exactly(Some("acme".into())),
+                },
+                Count {
+                    kind_prefix: "k8s:".into(),
+                    tenant: TenantFilter::All,
+                },
+            ],
+            check: Box::new(move |_: &[Vec<atrium_store::Object>], counts: &[u64]| {
+                *into.lock().unwrap() = counts.to_vec();
+                Err("just counting")
+            }),
+        };
+        let refused = store
+            .write(create("x", "x", None, "x"), Some(pre), audit("create"))
+            .await;
+        assert!(matches!(
+            refused,
+            Err(WriteError::Rejected("just counting"))
+        ));
+        assert_eq!(*seen.lock().unwrap(), [2, 6], "{backend:?}");
     }
 }
 

@@ -4,12 +4,18 @@
 //! its `uid`, its tenant the cluster's. The store's revision is the
 //! object's `resourceVersion`, so optimistic concurrency is the store's
 //! `if_revision` and a watch is its change log. Every write is audited.
+//! A cluster holds at most its tenant's `quota.cluster_objects` objects,
+//! counted in each create's transaction (so one cluster cannot fill the
+//! store every tenant shares).
 
+use atrium_core::quota::Counted;
 use atrium_kube::meta::{self, with_resource_version};
 use atrium_kube::selector::{FieldSelector, LabelSelector};
 use atrium_kube::table::{table, Include};
 use atrium_kube::{patch, KubeError, ResourceType, SERVED};
-use atrium_store::{AuditContext, Object, StoreError, TenantFilter, Write, WriteError};
+use atrium_store::{
+    AuditContext, Count, Object, Precondition, StoreError, TenantFilter, Write, WriteError,
+};
 use axum::http::{header, Method, StatusCode};
 use serde_json::{json, Value};
 
@@ -75,7 +81,12 @@ impl Scope {
     }
 
     pub fn kind(&self, r: &ResourceType) -> String {
-        format!("k8s:{}:{}", self.id, r.qualified())
+        format!("{}{}", self.kind_prefix(), r.qualified())
+    }
+
+    /// What every one of this cluster's store kinds starts with.
+    pub fn kind_prefix(&self) -> String {
+        format!("k8s:{}:", self.id)
     }
 
     pub fn filter(&self) -> TenantFilter {
@@ -137,6 +148,53 @@ async fn write(state: &AppState, w: Write, audit: AuditContext) -> Result<Object
         Ok(change) => Ok(change.object),
         Err(WriteError::Store(e)) => Err(e),
         Err(WriteError::Rejected(())) => Err(StoreError::Corrupt("write rejected".into())),
+    }
+}
+
+/// Creates `w`, object `name` of type `r`, if the cluster holds fewer
+/// objects than its tenant's `cluster_objects` quota: counted in the
+/// write's own transaction, over every resource type of the cluster.
+async fn insert(
+    state: &AppState,
+    scope: &Scope,
+    r: &ResourceType,
+    name: &str,
+    w: Write,
+    audit: AuditContext,
+) -> Result<Object, KubeError> {
+    let tenant = scope.tenant.clone();
+    let precondition = Precondition {
+        reads: crate::kinds::tenant_reads(&tenant, &[]),
+        counts: vec![Count {
+            kind_prefix: scope.kind_prefix(),
+            tenant: scope.filter(),
+        }],
+        check: Box::new(move |read: &[Vec<Object>], counts: &[u64]| {
+            crate::kinds::quota_read(read, &tenant)?
+                .admit_one(
+                    Counted::ClusterObjects,
+                    counts.first().copied().unwrap_or(0),
+                )
+                .map_err(ApiError::QuotaExceeded)
+        }),
+    };
+    match state.store.write(w, Some(precondition), audit).await {
+        Ok(change) => Ok(change.object),
+        Err(WriteError::Store(StoreError::NameTaken { .. })) => {
+            Err(KubeError::already_exists(r.plural, name))
+        }
+        Err(WriteError::Store(e)) => Err(store_error(e)),
+        Err(WriteError::Rejected(ApiError::QuotaExceeded(q))) => Err(KubeError::exceeded_quota(
+            r.plural,
+            name,
+            &format!(
+                "cluster_objects, requested: {}, used: {}, limited: {}: this cluster holds as \
+                 many objects as its tenant's quota allows; delete some, or ask the provider \
+                 to raise quota.cluster_objects",
+                q.requested, q.used, q.limit
+            ),
+        )),
+        Err(WriteError::Rejected(e)) => Err(from_api(e)),
     }
 }
 
@@ -237,10 +295,9 @@ pub(super) mod controlled {
             body: scope.sealed(r, &key, obj)?,
             name: key,
         };
-        write(state, w, audit(r, "create"))
+        insert(state, scope, r, &name, w, audit(r, "create"))
             .await
             .map(|_| ())
-            .map_err(store_error)
     }
 
     /// Writes `body` over `o`, unless `o` changed since it was read (the
@@ -520,11 +577,9 @@ async fn create(
         body: scope.sealed(r, &key, obj)?,
         name: key,
     };
-    match write(state, w, req.audit(format!("kube.{}.create", r.singular))).await {
-        Ok(o) => Ok(KubeResponse::Json(StatusCode::CREATED, scope.shown(r, &o)?)),
-        Err(StoreError::NameTaken { .. }) => Err(KubeError::already_exists(r.plural, &name)),
-        Err(e) => Err(store_error(e)),
-    }
+    let audit = req.audit(format!("kube.{}.create", r.singular));
+    let o = insert(state, scope, r, &name, w, audit).await?;
+    Ok(KubeResponse::Json(StatusCode::CREATED, scope.shown(r, &o)?))
 }
 
 /// Writes `new` over `old`, if `old` is still at `revision`.

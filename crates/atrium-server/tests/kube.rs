@@ -1,0 +1,222 @@
+//! Tenant clusters' Kubernetes API against a real server: what a hostile
+//! tenant might try through it — secrets on disk, watches, replica
+//! counts, object floods — and what it gets.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+
+use atrium_store::testing::TestBackend;
+use common::TestServer;
+use reqwest::Method;
+use serde_json::{json, Value};
+
+/// Makes cluster `name` for `key`'s tenant; answers its id.
+async fn cluster(s: &TestServer, key: &str, name: &str) -> String {
+    let (status, cluster) = s
+        .call(
+            Method::POST,
+            "/v1/clusters",
+            Some(key),
+            Some(&json!({"name": name, "spec": {}})),
+        )
+        .await;
+    assert_eq!(status, 201, "{cluster}");
+    cluster["id"].as_str().unwrap().to_string()
+}
+
+/// Every byte the control plane keeps on disk (the database, its WAL).
+fn disk_bytes(dir: &std::path::Path) -> Vec<u8> {
+    let mut all = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap().flatten() {
+        if entry.path().is_file() {
+            all.extend(std::fs::read(entry.path()).unwrap_or_default());
+        }
+    }
+    all
+}
+
+#[tokio::test]
+async fn a_clusters_secrets_never_reach_the_disk_in_clear() {
+    let s = TestServer::start(TestBackend::Sqlite).await;
+    s.create_tenant("acme", json!({})).await;
+    let acme = s.create_key("acme", "k", &["admin"]).await;
+    let id = cluster(&s, &acme, "dev").await;
+    let base = format!("/k8s/{id}/api/v1/namespaces/default");
+    // "correct-horse-battery" in base64, and a config map's value in clear.
+    let secret = json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "db"},
+        "stringData": {"password": "correct-horse-battery"}});
+    let (status, made) = s
+        .call(
+            Method::POST,
+            &format!("{base}/secrets"),
+            Some(&acme),
+            Some(&secret),
+        )
+        .await;
+    assert_eq!(status, 201, "{made}");
+    let config = json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "cfg"},
+        "data": {"note": "plainly-visible-config"}});
+    let (status, _) = s
+        .call(
+            Method::POST,
+            &format!("{base}/configmaps"),
+            Some(&acme),
+            Some(&config),
+        )
+        .await;
+    assert_eq!(status, 201);
+    let (status, read) = s
+        .call(
+            Method::GET,
+            &format!("{base}/secrets/db"),
+            Some(&acme),
+            None,
+        )
+        .await;
+    assert_eq!(status, 200);
+    assert_eq!(read["data"]["password"], "Y29ycmVjdC1ob3JzZS1iYXR0ZXJ5");
+    assert!(read.get("encryptedData").is_none());
+    let disk = disk_bytes(s._dir.path());
+    let holds = |needle: &[u8]| disk.windows(needle.len()).any(|w| w == needle);
+    assert!(
+        holds(b"plainly-visible-config"),
+        "the search sees what is stored"
+    );
+    assert!(
+        !holds(b"Y29ycmVjdC1ob3JzZS1iYXR0ZXJ5"),
+        "a secret's value is on disk"
+    );
+    assert!(
+        !holds(b"correct-horse-battery"),
+        "a secret's value is on disk"
+    );
+}
+
+#[tokio::test]
+async fn a_clusters_watches_count_against_its_tenants_open_streams() {
+    let s = TestServer::start(TestBackend::Sqlite).await;
+    s.create_tenant("acme", json!({"quota": {"watches": 1}}))
+        .await;
+    let acme = s.create_key("acme", "k", &["admin"]).await;
+    let id = cluster(&s, &acme, "dev").await;
+    let url = format!("{}/k8s/{id}/api/v1/namespaces?watch=true", s.base);
+    let open = s.http.get(&url).bearer_auth(&acme).send().await.unwrap();
+    assert_eq!(open.status(), 200);
+    let refused = s.http.get(&url).bearer_auth(&acme).send().await.unwrap();
+    assert_eq!(refused.status(), 429);
+    let status: Value = refused.json().await.unwrap();
+    assert_eq!(status["reason"], "TooManyRequests", "{status}");
+    drop(open);
+}
+
+#[tokio::test]
+async fn a_hostile_replica_count_in_a_tenant_cluster_is_refused_not_run() {
+    let s = TestServer::start(TestBackend::Sqlite).await;
+    s.create_tenant("acme", json!({})).await;
+    let acme = s.create_key("acme", "k", &["admin"]).await;
+    let id = cluster(&s, &acme, "dev").await;
+    let template = json!({"metadata": {"labels": {"app": "x"}},
+        "spec": {"containers": [{"name": "main", "image": "acme/x:1"}]}});
+    let deployment = |replicas: Value| {
+        json!({"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "flood"},
+               "spec": {"replicas": replicas, "selector": {"matchLabels": {"app": "x"}},
+                        "template": template}})
+    };
+    let job = |completions: Value| {
+        json!({"apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": "flood"},
+               "spec": {"completions": completions, "parallelism": completions, "template": template}})
+    };
+    let deployments = format!("/k8s/{id}/apis/apps/v1/namespaces/default/deployments");
+    let jobs = format!("/k8s/{id}/apis/batch/v1/namespaces/default/jobs");
+    for (path, body) in [
+        (&deployments, deployment(json!(1_000_000))),
+        (&deployments, deployment(json!(-1))),
+        (&deployments, deployment(json!("many"))),
+        (&jobs, job(json!(1_000_000))),
+    ] {
+        let (status, v) = s.call(Method::POST, path, Some(&acme), Some(&body)).await;
+        assert_eq!(status, 422, "{body}: {v}");
+        assert_eq!(v["reason"], "Invalid", "{v}");
+    }
+    let (status, v) = s
+        .call(
+            Method::POST,
+            &deployments,
+            Some(&acme),
+            Some(&deployment(json!(3))),
+        )
+        .await;
+    assert_eq!(status, 201, "{v}");
+    // Nor can an update or a scale raise it past the bound.
+    let scale = format!("{deployments}/flood/scale");
+    let (status, v) = s
+        .call(
+            Method::PUT,
+            &scale,
+            Some(&acme),
+            Some(&json!({"spec": {"replicas": 5000}})),
+        )
+        .await;
+    assert_eq!(status, 422, "{v}");
+    let (status, v) = s
+        .call(
+            Method::PUT,
+            &format!("{deployments}/flood"),
+            Some(&acme),
+            Some(&deployment(json!(5000))),
+        )
+        .await;
+    assert_eq!(status, 422, "{v}");
+}
+
+#[tokio::test]
+async fn a_flood_of_objects_stops_at_the_clusters_quota_and_leaves_room_after_deletes() {
+    let s = TestServer::start(TestBackend::Sqlite).await;
+    s.create_tenant("acme", json!({"quota": {"cluster_objects": 12}}))
+        .await;
+    let acme = s.create_key("acme", "k", &["admin"]).await;
+    let id = cluster(&s, &acme, "dev").await;
+    let configmaps = format!("/k8s/{id}/api/v1/namespaces/default/configmaps");
+    let make = |i: usize| json!({"metadata": {"name": format!("flood-{i}")}, "data": {"k": "v"}});
+    let mut made = 0;
+    let refusal = loop {
+        let (status, v) = s
+            .call(Method::POST, &configmaps, Some(&acme), Some(&make(made)))
+            .await;
+        if status != 201 {
+            break (status, v);
+        }
+        made += 1;
+        assert!(made <= 12, "no cap: {made} config maps made");
+    };
+    let (status, v) = refusal;
+    assert_eq!(status, 403, "{v}");
+    assert_eq!(v["reason"], "Forbidden", "{v}");
+    let message = v["message"].as_str().unwrap();
+    assert!(
+        message.contains("exceeded quota: cluster_objects") && message.contains("limited: 12"),
+        "{message}"
+    );
+    // The cluster's own namespaces count too: fewer than 12 were made.
+    assert!((1..12).contains(&made), "{made}");
+    let (status, v) = s
+        .call(
+            Method::DELETE,
+            &format!("{configmaps}/flood-0"),
+            Some(&acme),
+            None,
+        )
+        .await;
+    assert_eq!(status, 200, "{v}");
+    let (status, v) = s
+        .call(Method::POST, &configmaps, Some(&acme), Some(&make(100)))
+        .await;
+    assert_eq!(status, 201, "a delete makes room again: {v}");
+    // Another cluster of the tenant has its own count.
+    let other = cluster(&s, &acme, "other").await;
+    let theirs = format!("/k8s/{other}/api/v1/namespaces/default/configmaps");
+    let (status, v) = s
+        .call(Method::POST, &theirs, Some(&acme), Some(&make(0)))
+        .await;
+    assert_eq!(status, 201, "{v}");
+}
