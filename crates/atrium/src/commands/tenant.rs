@@ -60,6 +60,15 @@ pub struct QuotaFlags {
     /// Watch streams open at once [default: 32]
     #[arg(long)]
     quota_watches: Option<u64>,
+    /// Volumes held at once [default: 100]
+    #[arg(long)]
+    quota_volumes: Option<u64>,
+    /// Kubernetes clusters held at once [default: 10]
+    #[arg(long)]
+    quota_clusters: Option<u64>,
+    /// Objects one Kubernetes cluster holds at once [default: 10000]
+    #[arg(long)]
+    quota_cluster_objects: Option<u64>,
     #[arg(long)]
     quota_requests_per_minute: Option<u64>,
     #[arg(long)]
@@ -82,6 +91,9 @@ impl QuotaFlags {
             models: self.quota_models,
             keys: self.quota_keys,
             watches: self.quota_watches,
+            volumes: self.quota_volumes,
+            clusters: self.quota_clusters,
+            cluster_objects: self.quota_cluster_objects,
             ..Quota::default()
         };
         quota.set_request_limits(RequestLimits {
