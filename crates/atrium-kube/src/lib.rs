@@ -3,18 +3,20 @@
 //! API inside the control plane (`/k8s/{cluster}/…`): no process and no
 //! memory per cluster beyond its objects. This crate knows what that API
 //! is — the resources served (`resource`), discovery (`discovery`),
-//! errors as `Status` objects (`status`), what the server sets in an
-//! object's metadata (`meta`), label and field selectors (`selector`),
-//! merge and JSON patches (`patch`), how a pod runs as an Atrium
-//! workload and reads its status back (`pod`), what `kubectl exec`
-//! speaks (`remotecommand`) and `Table` output (`table`) — and does no IO: the control plane's `kube` module
-//! serves and stores.
+//! OpenAPI v3 documents with upstream's schemas (`openapi`), errors as
+//! `Status` objects (`status`), what the server sets in an object's
+//! metadata (`meta`), label and field selectors (`selector`), merge and
+//! JSON patches (`patch`), how a pod runs as an Atrium workload and reads
+//! its status back (`pod`), what `kubectl exec` speaks (`remotecommand`)
+//! and `Table` output (`table`) — and does no IO: the control plane's
+//! `kube` module serves and stores.
 //!
 //! This is compatibility with what kubectl and client libraries send, not
 //! upstream conformance.
 
 pub mod discovery;
 pub mod meta;
+pub mod openapi;
 pub mod patch;
 pub mod pod;
 pub mod remotecommand;

@@ -117,6 +117,21 @@ fn kubectl_applies_reads_patches_watches_and_deletes_in_a_tenants_cluster() {
     }
     assert!(namespaces.starts_with("NAME"), "{namespaces}");
 
+    // explain reads upstream's schemas from the cluster's OpenAPI v3.
+    let explained = kube.ok(&["explain", "deployment.spec"]);
+    for line in [
+        "GROUP:      apps",
+        "KIND:       Deployment",
+        "FIELD: spec <DeploymentSpec>",
+        "desired behavior of the Deployment",
+        "replicas\t<integer>",
+        "template\t<PodTemplateSpec> -required-",
+    ] {
+        assert!(explained.contains(line), "{line:?} in {explained}");
+    }
+    let fields = kube.ok(&["explain", "pod.spec.containers.image"]);
+    assert!(fields.contains("FIELD: image <string>"), "{fields}");
+
     let manifest = write(dir.path(), "app.yaml", MANIFEST);
     let applied = kube.ok(&["apply", "-f", manifest.to_str().unwrap()]);
     for line in [

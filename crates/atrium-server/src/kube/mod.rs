@@ -23,8 +23,8 @@ mod watch;
 use atrium_core::cluster::ClusterSpec;
 use atrium_core::quota::Counted;
 use atrium_core::FieldErrors;
-use atrium_kube::discovery;
 use atrium_kube::KubeError;
+use atrium_kube::{discovery, openapi};
 use atrium_store::{Object, Precondition};
 use axum::body::Bytes;
 use axum::extract::ws::WebSocketUpgrade;
@@ -238,9 +238,9 @@ async fn route(
         Target::GroupVersion(g, v) => {
             discovery::api_resource_list(&g, &v).map_or_else(|| Err(KubeError::no_route(rest)), ok)
         }
-        Target::OpenApi => ok(path::openapi_index()),
-        Target::OpenApiDocument => {
-            path::openapi_document(rest).map_or_else(|| Err(KubeError::no_route(rest)), ok)
+        Target::OpenApi => ok(openapi::index()),
+        Target::OpenApiDocument(gv) => {
+            openapi::document(&gv).map_or_else(|| Err(KubeError::no_route(rest)), |d| ok(d.clone()))
         }
         Target::Resource(at) => objects::serve(state, cluster, &at, req).await,
     }

@@ -3,7 +3,6 @@
 //! not, perhaps a subresource — of a served type.
 
 use atrium_kube::{find, KubeError, ResourceType};
-use serde_json::{json, Value};
 
 /// A resource path, resolved against the served types.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -22,7 +21,8 @@ pub enum Target {
     Group(String),
     GroupVersion(String, String),
     OpenApi,
-    OpenApiDocument,
+    /// `api/v1` or `apis/<group>/<version>`.
+    OpenApiDocument(String),
     Resource(At),
 }
 
@@ -35,7 +35,7 @@ pub fn parse(rest: &str) -> Result<Target, KubeError> {
         ["api"] => return Ok(Target::Api),
         ["apis"] => return Ok(Target::Apis),
         ["openapi", "v3"] => return Ok(Target::OpenApi),
-        ["openapi", "v3", ..] => return Ok(Target::OpenApiDocument),
+        ["openapi", "v3", gv @ ..] => return Ok(Target::OpenApiDocument(gv.join("/"))),
         ["apis", g] => return Ok(Target::Group(g.to_string())),
         ["api", v] => return Ok(Target::GroupVersion(String::new(), v.to_string())),
         ["apis", g, v] => return Ok(Target::GroupVersion(g.to_string(), v.to_string())),
@@ -85,85 +85,6 @@ pub fn parse(rest: &str) -> Result<Target, KubeError> {
         }
         _ => Err(unknown()),
     }
-}
-
-/// `/openapi/v3`: one document per group version served.
-pub fn openapi_index() -> Value {
-    let mut paths = serde_json::Map::new();
-    for gv in group_versions() {
-        paths.insert(
-            gv.clone(),
-            json!({"serverRelativeURL": format!("/openapi/v3/{gv}")}),
-        );
-    }
-    json!({"paths": paths})
-}
-
-/// `api/v1`, then `apis/<group>/<version>` of each named group.
-fn group_versions() -> Vec<String> {
-    let mut out = vec!["api/v1".to_string()];
-    for (g, v) in atrium_kube::resource::groups() {
-        out.push(format!("apis/{g}/{v}"));
-    }
-    out
-}
-
-/// `/openapi/v3/<group version>`: each resource's paths, their operations
-/// tagged with the kind they serve and the query parameters they take.
-/// No schemas yet: `fieldValidation` on every write tells clients the
-/// server validates (kubectl then skips its own schema validation).
-pub fn openapi_document(rest: &str) -> Option<Value> {
-    let gv = rest.strip_prefix("openapi/v3/")?.trim_end_matches('/');
-    let (group, version) = match gv.split('/').collect::<Vec<_>>().as_slice() {
-        ["api", v] => (String::new(), v.to_string()),
-        ["apis", g, v] => (g.to_string(), v.to_string()),
-        _ => return None,
-    };
-    let mut paths = serde_json::Map::new();
-    for r in atrium_kube::SERVED
-        .iter()
-        .filter(|r| r.group == group && r.version == version)
-    {
-        let gvk = json!({"group": r.group, "version": r.version, "kind": r.kind});
-        let query = |name: &str| json!({"name": name, "in": "query", "schema": {"type": "string"}});
-        let write_params = json!([
-            query("dryRun"),
-            query("fieldManager"),
-            query("fieldValidation")
-        ]);
-        let op = |verb: &str, params: Value| {
-            json!({"operationId": format!("{verb}{}", r.kind), "parameters": params,
-                   "x-kubernetes-group-version-kind": gvk, "x-kubernetes-action": verb,
-                   "responses": {"200": {"description": "OK"}}})
-        };
-        let base = if r.namespaced {
-            format!("/{gv}/namespaces/{{namespace}}/{}", r.plural)
-        } else {
-            format!("/{gv}/{}", r.plural)
-        };
-        paths.insert(
-            base.clone(),
-            json!({"get": op("list", json!([query("labelSelector"), query("fieldSelector"),
-                       query("watch"), query("resourceVersion"), query("limit"), query("continue")])),
-                   "post": op("post", write_params.clone())}),
-        );
-        paths.insert(
-            format!("{base}/{{name}}"),
-            json!({"get": op("get", json!([])), "put": op("put", write_params.clone()),
-                   "patch": op("patch", write_params.clone()),
-                   "delete": op("delete", json!([query("dryRun")]))}),
-        );
-    }
-    if paths.is_empty() {
-        return None;
-    }
-    let (major, minor) = atrium_kube::KUBERNETES_VERSION;
-    Some(json!({
-        "openapi": "3.0.0",
-        "info": {"title": "Atrium tenant cluster", "version": format!("v{major}.{minor}.0")},
-        "paths": paths,
-        "components": {"schemas": {}},
-    }))
 }
 
 #[cfg(test)]

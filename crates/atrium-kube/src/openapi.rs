@@ -1,0 +1,211 @@
+//! `/openapi/v3`: the index of group versions, and for each one a document
+//! of its paths and the schemas of the types it serves, generated from
+//! k8s-openapi's v1.37 types (the same definitions, descriptions and
+//! names — `io.k8s.api.apps.v1.DeploymentSpec` — as upstream's). kubectl
+//! reads it for `explain` and to check fields before `apply`.
+//!
+//! A `$ref` beside a description is wrapped in `allOf`, as upstream's
+//! documents do (OpenAPI 3.0 ignores a `$ref`'s siblings). The documents
+//! depend on nothing but the served types: each is built once.
+
+use std::sync::OnceLock;
+
+use k8s_openapi::api::{apps::v1 as apps, batch::v1 as batch, core::v1 as core};
+use schemars::generate::SchemaSettings;
+use schemars::{JsonSchema, SchemaGenerator};
+use serde_json::{json, Map, Value};
+
+use crate::resource::{groups, ResourceType, SERVED};
+
+/// `api/v1`, then `apis/<group>/<version>` of each named group.
+fn group_versions() -> Vec<String> {
+    let mut out = vec!["api/v1".to_string()];
+    for (g, v) in groups() {
+        out.push(format!("apis/{g}/{v}"));
+    }
+    out
+}
+
+/// `/openapi/v3`: one document per group version served.
+pub fn index() -> Value {
+    let mut paths = Map::new();
+    for gv in group_versions() {
+        let url = format!("/openapi/v3/{gv}?hash={}", hash_of(&gv));
+        paths.insert(gv, json!({"serverRelativeURL": url}));
+    }
+    json!({"paths": paths})
+}
+
+/// A stable tag of a document's content, so a client's cache of it is
+/// kept until the server's types change (they change with a release).
+fn hash_of(gv: &str) -> String {
+    let text = document(gv).map(|d| d.to_string()).unwrap_or_default();
+    // FNV-1a: a cache key, not a security boundary.
+    let h = text.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    });
+    format!("{h:016X}")
+}
+
+/// The document of `gv` (`api/v1` or `apis/apps/v1`), if it is served.
+pub fn document(gv: &str) -> Option<&'static Value> {
+    static DOCS: OnceLock<Vec<(String, Value)>> = OnceLock::new();
+    let docs = DOCS.get_or_init(|| {
+        group_versions()
+            .into_iter()
+            .filter_map(|gv| build(&gv).map(|d| (gv, d)))
+            .collect()
+    });
+    docs.iter()
+        .find(|(g, _)| g == gv.trim_end_matches('/'))
+        .map(|(_, d)| d)
+}
+
+/// The schema of `r`'s kind, registered in `gen`'s definitions.
+fn schema_of(gen: &mut SchemaGenerator, r: &ResourceType) -> Option<Value> {
+    fn of<T: JsonSchema>(gen: &mut SchemaGenerator) -> Value {
+        gen.subschema_for::<T>().to_value()
+    }
+    Some(match (r.group, r.kind) {
+        ("", "Namespace") => of::<core::Namespace>(gen),
+        ("", "ConfigMap") => of::<core::ConfigMap>(gen),
+        ("", "Secret") => of::<core::Secret>(gen),
+        ("", "Pod") => of::<core::Pod>(gen),
+        ("", "Event") => of::<core::Event>(gen),
+        ("", "ServiceAccount") => of::<core::ServiceAccount>(gen),
+        ("apps", "Deployment") => of::<apps::Deployment>(gen),
+        ("apps", "ReplicaSet") => of::<apps::ReplicaSet>(gen),
+        ("batch", "Job") => of::<batch::Job>(gen),
+        _ => return None,
+    })
+}
+
+fn build(gv: &str) -> Option<Value> {
+    let (group, version) = match gv.split('/').collect::<Vec<_>>().as_slice() {
+        ["api", v] => ("", *v),
+        ["apis", g, v] => (*g, *v),
+        _ => return None,
+    };
+    let mut gen = SchemaSettings::openapi3().into_generator();
+    let mut paths = Map::new();
+    let mut kinds = Vec::new();
+    for r in SERVED
+        .iter()
+        .filter(|r| r.group == group && r.version == version)
+    {
+        let schema = schema_of(&mut gen, r)?;
+        paths.extend(paths_of(gv, r, &schema));
+        kinds.push((schema, r));
+    }
+    if paths.is_empty() {
+        return None;
+    }
+    let mut schemas = gen.take_definitions(true);
+    for (schema, r) in kinds {
+        let name = schema["$ref"]
+            .as_str()
+            .and_then(|s| s.rsplit('/').next())
+            .unwrap_or_default();
+        if let Some(Value::Object(def)) = schemas.get_mut(name) {
+            def.insert(
+                "x-kubernetes-group-version-kind".into(),
+                json!([{"group": r.group, "version": r.version, "kind": r.kind}]),
+            );
+        }
+    }
+    let (major, minor) = crate::KUBERNETES_VERSION;
+    Some(json!({
+        "openapi": "3.0.0",
+        "info": {"title": "Atrium tenant cluster", "version": format!("v{major}.{minor}.0")},
+        "paths": paths,
+        "components": {"schemas": schemas},
+    }))
+}
+
+/// Each resource's collection and object paths, their operations tagged
+/// with the kind they serve, the query parameters they take and the
+/// schema they answer with.
+fn paths_of(gv: &str, r: &ResourceType, schema: &Value) -> Map<String, Value> {
+    let gvk = json!({"group": r.group, "version": r.version, "kind": r.kind});
+    let query = |name: &str| json!({"name": name, "in": "query", "schema": {"type": "string"}});
+    let write_params = json!([
+        query("dryRun"),
+        query("fieldManager"),
+        query("fieldValidation")
+    ]);
+    let answer = json!({"200": {"description": "OK",
+        "content": {"application/json": {"schema": schema}}}});
+    let op = |verb: &str, params: Value| {
+        json!({"operationId": format!("{verb}{}", r.kind), "parameters": params,
+               "x-kubernetes-group-version-kind": gvk, "x-kubernetes-action": verb,
+               "responses": answer})
+    };
+    let base = if r.namespaced {
+        format!("/{gv}/namespaces/{{namespace}}/{}", r.plural)
+    } else {
+        format!("/{gv}/{}", r.plural)
+    };
+    let mut paths = Map::new();
+    paths.insert(
+        base.clone(),
+        json!({"get": op("list", json!([query("labelSelector"), query("fieldSelector"),
+                   query("watch"), query("resourceVersion"), query("limit"), query("continue")])),
+               "post": op("post", write_params.clone())}),
+    );
+    paths.insert(
+        format!("{base}/{{name}}"),
+        json!({"get": op("get", json!([])), "put": op("put", write_params.clone()),
+               "patch": op("patch", write_params),
+               "delete": op("delete", json!([query("dryRun")]))}),
+    );
+    paths
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_served_kind_has_its_schema_tagged_with_its_kind() {
+        for r in SERVED {
+            let gv = if r.group.is_empty() {
+                format!("api/{}", r.version)
+            } else {
+                format!("apis/{}/{}", r.group, r.version)
+            };
+            let doc = document(&gv).unwrap();
+            let tagged = doc["components"]["schemas"]
+                .as_object()
+                .unwrap()
+                .values()
+                .filter(|s| s["x-kubernetes-group-version-kind"][0]["kind"] == r.kind)
+                .count();
+            assert_eq!(tagged, 1, "{}", r.kind);
+        }
+        assert!(index()["paths"]["apis/apps/v1"]["serverRelativeURL"]
+            .as_str()
+            .unwrap()
+            .starts_with("/openapi/v3/apis/apps/v1?hash="));
+        assert!(document("apis/widgets/v1").is_none());
+    }
+
+    #[test]
+    fn a_deployments_spec_is_upstreams_with_refs_wrapped_as_upstream_wraps_them() {
+        let doc = document("apis/apps/v1").unwrap();
+        let schemas = &doc["components"]["schemas"];
+        let spec = &schemas["io.k8s.api.apps.v1.DeploymentSpec"];
+        assert!(spec["description"]
+            .as_str()
+            .unwrap()
+            .contains("desired behavior of the Deployment"));
+        let selector = &spec["properties"]["selector"];
+        assert_eq!(
+            selector["allOf"][0]["$ref"],
+            "#/components/schemas/io.k8s.apimachinery.pkg.apis.meta.v1.LabelSelector"
+        );
+        assert!(selector.get("$ref").is_none(), "{selector}");
+        assert!(schemas["io.k8s.api.core.v1.PodTemplateSpec"].is_object());
+        let replicas = &spec["properties"]["replicas"];
+        assert_eq!(replicas["type"], "integer");
+    }
+}
