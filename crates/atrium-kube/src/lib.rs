@@ -5,7 +5,8 @@
 //! is — the resources served (`resource`), discovery (`discovery`),
 //! OpenAPI v3 documents with upstream's schemas (`openapi`), errors as
 //! `Status` objects (`status`), what the server sets in an object's
-//! metadata (`meta`), label and field selectors (`selector`), merge and
+//! metadata (`meta`), who set which field and server-side apply
+//! (`managed`), label and field selectors (`selector`), merge and
 //! JSON patches (`patch`), how a pod runs as an Atrium workload and reads
 //! its status back (`pod`), what `kubectl exec` speaks (`remotecommand`)
 //! and `Table` output (`table`) — and does no IO: the control plane's
@@ -15,6 +16,7 @@
 //! upstream conformance.
 
 pub mod discovery;
+pub mod managed;
 pub mod meta;
 pub mod openapi;
 pub mod patch;

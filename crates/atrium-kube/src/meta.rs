@@ -138,12 +138,8 @@ pub fn prepare_create(
         obj["metadata"]["generation"] = json!(1);
     }
     let meta = metadata(obj)?;
-    for server_only in [
-        "resourceVersion",
-        "selfLink",
-        "deletionTimestamp",
-        "managedFields",
-    ] {
+    // `managedFields` is `managed`'s to write, before this.
+    for server_only in ["resourceVersion", "selfLink", "deletionTimestamp"] {
         meta.remove(server_only);
     }
     defaults(r, obj)?;
@@ -173,9 +169,7 @@ pub fn prepare_update(r: &ResourceType, old: &Value, new: &mut Value) -> Result<
             }
         }
     }
-    for server_only in ["selfLink", "managedFields"] {
-        meta.remove(server_only);
-    }
+    meta.remove("selfLink");
     if r.kind == "Namespace" {
         // A namespace's phase is the server's.
         new["status"] = old

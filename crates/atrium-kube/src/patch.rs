@@ -31,7 +31,7 @@ pub fn merge(target: &mut Value, patch: &Value) {
 /// (`patchMergeKey`): its elements are merged by that key rather than the
 /// list replaced. Lists not named here are replaced, as upstream's atomic
 /// lists are.
-fn merge_key(field: &str) -> Option<&'static str> {
+pub(crate) fn merge_key(field: &str) -> Option<&'static str> {
     Some(match field {
         "containers"
         | "initContainers"

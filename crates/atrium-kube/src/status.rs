@@ -13,16 +13,19 @@ pub struct KubeError {
     /// The object it concerns: its name and the resource's plural.
     pub name: Option<String>,
     pub kind: Option<String>,
+    /// Field-level causes beyond the message: (message, field).
+    pub causes: Vec<(String, String)>,
 }
 
 impl KubeError {
-    fn new(code: u16, reason: &'static str, message: String) -> KubeError {
+    pub(crate) fn new(code: u16, reason: &'static str, message: String) -> KubeError {
         KubeError {
             code,
             reason,
             message,
             name: None,
             kind: None,
+            causes: Vec::new(),
         }
     }
 
@@ -98,7 +101,7 @@ impl KubeError {
         KubeError::new(
             415,
             "UnsupportedMediaType",
-            format!("the body of the request was in an unknown format ({content_type}): accepted media types are application/json, application/merge-patch+json, application/json-patch+json and application/strategic-merge-patch+json"),
+            format!("the body of the request was in an unknown format ({content_type}): accepted media types are application/json, application/merge-patch+json, application/json-patch+json, application/strategic-merge-patch+json and application/apply-patch+yaml"),
         )
     }
 
@@ -119,6 +122,16 @@ impl KubeError {
         });
         if self.name.is_some() || self.kind.is_some() {
             status["details"] = json!({"name": self.name, "kind": self.kind});
+        }
+        if !self.causes.is_empty() {
+            let causes: Vec<Value> = self
+                .causes
+                .iter()
+                .map(|(message, field)| {
+                    json!({"type": "FieldManagerConflict", "message": message, "field": field})
+                })
+                .collect();
+            status["details"]["causes"] = Value::Array(causes);
         }
         // kubectl prints an Invalid refusal's causes, `field: message`.
         if self.reason == "Invalid" {

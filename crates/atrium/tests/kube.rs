@@ -154,6 +154,61 @@ fn kubectl_applies_reads_patches_watches_and_deletes_in_a_tenants_cluster() {
         "{configured}"
     );
 
+    // Server-side apply: a second manager changing the first one's field
+    // is a conflict kubectl reports, until it forces the change.
+    let flags = |level: &str| {
+        format!(
+            "apiVersion: v1\nkind: ConfigMap\nmetadata: {{name: flags, namespace: default}}\n\
+             data: {{level: \"{level}\", owner: ops}}\n"
+        )
+    };
+    let alice = write(dir.path(), "alice.yaml", &flags("1"));
+    let bob = write(dir.path(), "bob.yaml", &flags("2"));
+    let ssa = |file: &std::path::Path, manager: &str, extra: &[&str]| {
+        let manager = format!("--field-manager={manager}");
+        let mut args = vec!["apply", "--server-side", manager.as_str(), "-f"];
+        args.push(file.to_str().unwrap());
+        args.extend_from_slice(extra);
+        kube.run(&args)
+    };
+    let (ok, said) = ssa(&alice, "alice", &[]);
+    assert!(
+        ok && said.contains("configmap/flags serverside-applied"),
+        "{said}"
+    );
+    let (ok, said) = ssa(&bob, "bob", &[]);
+    assert!(!ok, "{said}");
+    assert!(
+        said.contains("conflict with \"alice\": .data.level"),
+        "{said}"
+    );
+    let level = || {
+        kube.ok(&[
+            "get",
+            "cm",
+            "flags",
+            "-n",
+            "default",
+            "-o",
+            "jsonpath={.data.level}",
+        ])
+    };
+    assert_eq!(level(), "1");
+    let (ok, said) = ssa(&bob, "bob", &["--force-conflicts"]);
+    assert!(ok, "{said}");
+    assert_eq!(level(), "2");
+    let owners = kube.ok(&[
+        "get",
+        "cm",
+        "flags",
+        "-n",
+        "default",
+        "--show-managed-fields",
+        "-o",
+        "jsonpath={range .metadata.managedFields[*]}{.manager}/{.operation} {end}",
+    ]);
+    assert_eq!(owners.trim(), "alice/Apply bob/Apply", "{owners}");
+
     // `describe` reads the object and lists its events.
     let described = kube.ok(&["describe", "configmap", "settings", "-n", "demo"]);
     assert!(

@@ -10,6 +10,7 @@
 //! reads, and another tenant's key finds no cluster at all (404), exactly
 //! as for every other kind.
 
+mod apply;
 mod apps;
 mod batch;
 mod exec;
@@ -125,6 +126,7 @@ pub(crate) fn from_api(e: ApiError) -> KubeError {
         message,
         name: None,
         kind: None,
+        causes: Vec::new(),
     }
 }
 

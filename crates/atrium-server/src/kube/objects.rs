@@ -9,6 +9,7 @@
 //! store every tenant shares).
 
 use atrium_core::quota::Counted;
+use atrium_kube::managed;
 use atrium_kube::meta::{self, with_resource_version};
 use atrium_kube::selector::{FieldSelector, LabelSelector};
 use atrium_kube::table::{table, Include};
@@ -94,7 +95,7 @@ impl Scope {
     }
 }
 
-fn key(r: &ResourceType, namespace: Option<&str>, name: &str) -> String {
+pub(super) fn key(r: &ResourceType, namespace: Option<&str>, name: &str) -> String {
     match (r.namespaced, namespace) {
         (true, Some(ns)) => format!("{ns}/{name}"),
         _ => name.to_string(),
@@ -130,7 +131,7 @@ fn name_suffix() -> String {
         .collect()
 }
 
-async fn find(
+pub(super) async fn find(
     state: &AppState,
     scope: &Scope,
     r: &ResourceType,
@@ -236,7 +237,7 @@ pub async fn create_defaults(state: &AppState, cluster: &Object) -> Result<(), A
 }
 
 /// Now, as Kubernetes writes times: RFC 3339 to the second.
-fn timestamp() -> String {
+pub(super) fn timestamp() -> String {
     let now = time::OffsetDateTime::now_utc();
     let whole = now.replace_nanosecond(0).unwrap_or(now);
     whole
@@ -283,6 +284,7 @@ pub(super) mod controlled {
         mut obj: Value,
     ) -> Result<(), KubeError> {
         let name = meta::prepare_create(r, &mut obj, Some(ns), &uid(), &timestamp(), name_suffix)?;
+        managed::record_update(None, &mut obj, "atrium-controller", &timestamp());
         if r.kind == "Pod" {
             atrium_kube::pod::workload_of(&obj)?;
             obj["status"] = json!({"phase": "Pending"});
@@ -543,8 +545,36 @@ async fn create(
     at: &At,
     req: &Request,
 ) -> Result<KubeResponse, KubeError> {
-    let r = at.resource;
     let mut obj = body(req)?;
+    managed::record_update(None, &mut obj, &field_manager(req)?, &timestamp());
+    create_object(state, scope, at, obj, req).await
+}
+
+/// Who a write's fields are recorded as set by: its `fieldManager`, else
+/// the client's program, as its User-Agent names it (upstream's default).
+pub(super) fn field_manager(req: &Request) -> Result<String, KubeError> {
+    if let Some(m) = req.param("fieldManager") {
+        managed::check_manager(m)?;
+        return Ok(m.to_string());
+    }
+    let agent = req
+        .headers
+        .get(header::USER_AGENT)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|a| a.split('/').next())
+        .filter(|a| managed::check_manager(a).is_ok());
+    Ok(agent.unwrap_or("unknown").to_string())
+}
+
+/// Creates `obj` (its `managedFields` already recorded).
+pub(super) async fn create_object(
+    state: &AppState,
+    scope: &Scope,
+    at: &At,
+    mut obj: Value,
+    req: &Request,
+) -> Result<KubeResponse, KubeError> {
+    let r = at.resource;
     let name = meta::prepare_create(
         r,
         &mut obj,
@@ -595,6 +625,10 @@ pub(super) async fn replace(
     let r = at.resource;
     let was = scope.plain(r, &old.name, old.body.clone())?;
     meta::prepare_update(r, &was, &mut new)?;
+    // An apply recorded its own fields.
+    if content_type(req) != super::apply::MEDIA_TYPE {
+        managed::record_update(Some(&was), &mut new, &field_manager(req)?, &timestamp());
+    }
     if r.kind == "Pod" {
         // A pod's spec is what its workload runs.
         if new.get("spec") != was.get("spec") {
@@ -662,6 +696,9 @@ async fn patch(
     req: &Request,
 ) -> Result<KubeResponse, KubeError> {
     let content_type = content_type(req);
+    if content_type == super::apply::MEDIA_TYPE {
+        return super::apply::serve(state, scope, at, name, req).await;
+    }
     let given = body(req)?;
     let old = existing(state, scope, at, name).await?;
     let current = scope.plain(at.resource, &old.name, old.body.clone())?;
@@ -701,6 +738,7 @@ async fn delete(
                 ),
                 name: Some(name.to_string()),
                 kind: Some("namespaces".into()),
+                causes: Vec::new(),
             });
         }
         if !dry_run(req) {
