@@ -15,7 +15,8 @@ use atrium_store::{Object, StoreError};
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 
-use super::objects::{controlled, Scope};
+use super::controlled;
+use super::objects::Scope;
 use crate::AppState;
 
 /// The uid of the controller owning `obj`, if any.

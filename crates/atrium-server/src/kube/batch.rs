@@ -8,7 +8,8 @@ use atrium_store::Object;
 use serde_json::{json, Value};
 
 use super::apps::{owner, owner_reference, text, Types};
-use super::objects::{controlled, Scope};
+use super::controlled;
+use super::objects::Scope;
 use crate::AppState;
 
 fn phase(pod: &Value) -> &str {

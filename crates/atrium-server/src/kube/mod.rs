@@ -13,6 +13,7 @@
 mod apply;
 mod apps;
 mod batch;
+mod controlled;
 mod exec;
 mod objects;
 mod path;

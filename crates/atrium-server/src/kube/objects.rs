@@ -65,7 +65,7 @@ impl Scope {
     }
 
     /// A body as it is stored: a secret's values sealed.
-    fn sealed(&self, r: &ResourceType, key: &str, body: Value) -> Result<Value, KubeError> {
+    pub fn sealed(&self, r: &ResourceType, key: &str, body: Value) -> Result<Value, KubeError> {
         if r.kind == "Secret" {
             self.sealer.seal(&self.tenant, &self.place(key), body)
         } else {
@@ -107,7 +107,7 @@ pub(super) fn store_error(e: StoreError) -> KubeError {
 }
 
 /// A random version-4 UUID: an object's `uid`.
-fn uid() -> String {
+pub(super) fn uid() -> String {
     let r: u128 = rand::random();
     let hex = format!(
         "{:032x}",
@@ -124,7 +124,7 @@ fn uid() -> String {
 }
 
 /// Five characters completing a `generateName`, as upstream's.
-fn name_suffix() -> String {
+pub(super) fn name_suffix() -> String {
     const ALPHABET: &[u8] = b"bcdfghjklmnpqrstvwxz2456789";
     (0..5)
         .map(|_| ALPHABET[rand::random::<usize>() % ALPHABET.len()] as char)
@@ -144,7 +144,11 @@ pub(super) async fn find(
         .map_err(store_error)
 }
 
-async fn write(state: &AppState, w: Write, audit: AuditContext) -> Result<Object, StoreError> {
+pub(super) async fn write(
+    state: &AppState,
+    w: Write,
+    audit: AuditContext,
+) -> Result<Object, StoreError> {
     match state.store.write::<()>(w, None, audit).await {
         Ok(change) => Ok(change.object),
         Err(WriteError::Store(e)) => Err(e),
@@ -155,7 +159,7 @@ async fn write(state: &AppState, w: Write, audit: AuditContext) -> Result<Object
 /// Creates `w`, object `name` of type `r`, if the cluster holds fewer
 /// objects than its tenant's `cluster_objects` quota: counted in the
 /// write's own transaction, over every resource type of the cluster.
-async fn insert(
+pub(super) async fn insert(
     state: &AppState,
     scope: &Scope,
     r: &ResourceType,
@@ -200,7 +204,11 @@ async fn insert(
 }
 
 /// Deletes `o`; one already gone is fine.
-async fn remove(state: &AppState, o: &Object, audit: AuditContext) -> Result<(), StoreError> {
+pub(super) async fn remove(
+    state: &AppState,
+    o: &Object,
+    audit: AuditContext,
+) -> Result<(), StoreError> {
     let w = Write::Delete {
         kind: o.kind.clone(),
         id: o.id.clone(),
@@ -254,69 +262,11 @@ pub(crate) fn system_audit(action: &str) -> AuditContext {
     }
 }
 
-fn uid_of(obj: &Value) -> String {
+pub(super) fn uid_of(obj: &Value) -> String {
     obj.pointer("/metadata/uid")
         .and_then(Value::as_str)
         .unwrap_or_default()
         .to_string()
-}
-
-/// What a cluster's controllers write: created, replaced or deleted as
-/// the pod, replica set and deployment controllers, audited as such.
-pub(super) mod controlled {
-    use super::*;
-
-    fn audit(r: &ResourceType, verb: &str) -> AuditContext {
-        AuditContext {
-            actor: "kube-controller".into(),
-            role: "system".into(),
-            action: format!("kube.{}.{verb}", r.singular),
-            request_id: String::new(),
-        }
-    }
-
-    /// Creates `obj` of type `r` in namespace `ns`.
-    pub async fn create(
-        state: &AppState,
-        scope: &Scope,
-        r: &ResourceType,
-        ns: &str,
-        mut obj: Value,
-    ) -> Result<(), KubeError> {
-        let name = meta::prepare_create(r, &mut obj, Some(ns), &uid(), &timestamp(), name_suffix)?;
-        managed::record_update(None, &mut obj, "atrium-controller", &timestamp());
-        if r.kind == "Pod" {
-            atrium_kube::pod::workload_of(&obj)?;
-            obj["status"] = json!({"phase": "Pending"});
-        }
-        let key = key(r, Some(ns), &name);
-        let w = Write::Create {
-            kind: scope.kind(r),
-            id: uid_of(&obj),
-            tenant: Some(scope.tenant.clone()),
-            body: scope.sealed(r, &key, obj)?,
-            name: key,
-        };
-        insert(state, scope, r, &name, w, audit(r, "create"))
-            .await
-            .map(|_| ())
-    }
-
-    /// Writes `body` over `o`, unless `o` changed since it was read (the
-    /// next pass then sees the change).
-    pub async fn replace(state: &AppState, r: &ResourceType, o: &Object, body: Value) {
-        let w = Write::Update {
-            kind: o.kind.clone(),
-            id: o.id.clone(),
-            body,
-            if_revision: Some(o.revision),
-        };
-        let _ = write(state, w, audit(r, "update")).await;
-    }
-
-    pub async fn delete(state: &AppState, r: &ResourceType, o: &Object) {
-        let _ = remove(state, o, audit(r, "delete")).await;
-    }
 }
 
 /// Deletes every object of `cluster` (which is being deleted).

@@ -1,0 +1,61 @@
+//! What a cluster's controllers write: created, replaced or deleted as
+//! the pod, replica set and deployment controllers, audited as such.
+
+use atrium_kube::{managed, meta, KubeError, ResourceType};
+use atrium_store::{AuditContext, Object, Write};
+use serde_json::{json, Value};
+
+use super::objects::{insert, key, name_suffix, remove, timestamp, uid, uid_of, write, Scope};
+use crate::AppState;
+
+fn audit(r: &ResourceType, verb: &str) -> AuditContext {
+    AuditContext {
+        actor: "kube-controller".into(),
+        role: "system".into(),
+        action: format!("kube.{}.{verb}", r.singular),
+        request_id: String::new(),
+    }
+}
+
+/// Creates `obj` of type `r` in namespace `ns`.
+pub async fn create(
+    state: &AppState,
+    scope: &Scope,
+    r: &ResourceType,
+    ns: &str,
+    mut obj: Value,
+) -> Result<(), KubeError> {
+    let name = meta::prepare_create(r, &mut obj, Some(ns), &uid(), &timestamp(), name_suffix)?;
+    managed::record_update(None, &mut obj, "atrium-controller", &timestamp());
+    if r.kind == "Pod" {
+        atrium_kube::pod::workload_of(&obj)?;
+        obj["status"] = json!({"phase": "Pending"});
+    }
+    let key = key(r, Some(ns), &name);
+    let w = Write::Create {
+        kind: scope.kind(r),
+        id: uid_of(&obj),
+        tenant: Some(scope.tenant.clone()),
+        body: scope.sealed(r, &key, obj)?,
+        name: key,
+    };
+    insert(state, scope, r, &name, w, audit(r, "create"))
+        .await
+        .map(|_| ())
+}
+
+/// Writes `body` over `o`, unless `o` changed since it was read (the
+/// next pass then sees the change).
+pub async fn replace(state: &AppState, r: &ResourceType, o: &Object, body: Value) {
+    let w = Write::Update {
+        kind: o.kind.clone(),
+        id: o.id.clone(),
+        body,
+        if_revision: Some(o.revision),
+    };
+    let _ = write(state, w, audit(r, "update")).await;
+}
+
+pub async fn delete(state: &AppState, r: &ResourceType, o: &Object) {
+    let _ = remove(state, o, audit(r, "delete")).await;
+}
