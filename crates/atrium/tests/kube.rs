@@ -3,8 +3,9 @@
 //! kubeconfig`, over the control plane's TLS listener, `apply -f` of a
 //! multi-document manifest, `get` as upstream prints it, `-o yaml`,
 //! patches, labels, `get -w`, server-side dry runs, deletes; and another
-//! tenant's key finding nothing of it. This is compatibility with what
-//! kubectl sends, not upstream conformance.
+//! tenant's key finding nothing of it; and the official Python
+//! `kubernetes` client (tests/kube_client.py). This is compatibility with
+//! what those clients send, not upstream conformance.
 #![allow(clippy::unwrap_used, clippy::panic, clippy::expect_used)]
 
 mod common;
@@ -57,44 +58,47 @@ stringData:
   password: hunter2
 ";
 
-#[test]
-fn kubectl_applies_reads_patches_watches_and_deletes_in_a_tenants_cluster() {
-    let bin = kubectl();
-    let dir = tempfile::tempdir().unwrap();
+/// A control plane with a TLS listener, tenants `acme` and `globex` with
+/// admin keys, acme's viewer key, and acme's cluster `dev`.
+struct Fixture {
+    _server: Stopped,
+    url: String,
+    tls_listen: String,
+    keys: std::collections::HashMap<&'static str, String>,
+    viewer: String,
+    /// acme's kubeconfig for `dev`.
+    config: String,
+}
+
+fn fixture(dir: &std::path::Path) -> Fixture {
     let (port, tls) = (free_port(), free_port());
     let tls_listen = format!("127.0.0.1:{tls}");
-    let _server = Stopped(spawn_server(
-        &dir.path().join("server"),
+    let server = Stopped(spawn_server(
+        &dir.join("server"),
         port,
         &["--tls-listen", &tls_listen],
     ));
     let url = format!("http://127.0.0.1:{port}");
-    let admin = admin_token(&dir.path().join("server"));
+    let admin = admin_token(&dir.join("server"));
     let http = Client::new();
+    let call = |method: Method, path: &str, body: Value| {
+        admin_call(&http, &url, &admin, method, path, body)
+    };
     let mut keys = std::collections::HashMap::new();
-    for (tenant, scope) in [("acme", "admin"), ("globex", "admin")] {
-        admin_call(
-            &http,
-            &url,
-            &admin,
+    for tenant in ["acme", "globex"] {
+        call(
             Method::POST,
             "/v1/tenants",
             json!({"name": tenant, "spec": {}}),
         );
-        let key = admin_call(
-            &http,
-            &url,
-            &admin,
+        let key = call(
             Method::POST,
             "/v1/keys",
-            json!({"name": "k", "tenant": tenant, "spec": {"scopes": [scope]}}),
+            json!({"name": "k", "tenant": tenant, "spec": {"scopes": ["admin"]}}),
         );
         keys.insert(tenant, key["secret"].as_str().unwrap().to_string());
     }
-    let viewer = admin_call(
-        &http,
-        &url,
-        &admin,
+    let viewer = call(
         Method::POST,
         "/v1/keys",
         json!({"name": "ro", "tenant": "acme", "spec": {"scopes": ["read"]}}),
@@ -104,11 +108,49 @@ fn kubectl_applies_reads_patches_watches_and_deletes_in_a_tenants_cluster() {
         .to_string();
     cli(&url, &keys["acme"], &["cluster", "create", "dev"]);
     let config = cli(&url, &keys["acme"], &["cluster", "kubeconfig", "dev"]);
+    Fixture {
+        _server: server,
+        url,
+        tls_listen,
+        keys,
+        viewer,
+        config,
+    }
+}
+
+#[test]
+fn the_python_kubernetes_client_works_against_a_tenants_cluster() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = fixture(dir.path());
+    let config = write(dir.path(), "acme.kubeconfig", &f.config);
+    let script =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/kube_client.py");
+    let out = Command::new("python3")
+        .arg(&script)
+        .arg(&config)
+        .output()
+        .unwrap();
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "{said}");
+    assert!(said.contains("all checks passed"), "{said}");
+}
+
+#[test]
+fn kubectl_applies_reads_patches_watches_and_deletes_in_a_tenants_cluster() {
+    let bin = kubectl();
+    let dir = tempfile::tempdir().unwrap();
+    let f = fixture(dir.path());
+    let (url, tls_listen, keys, viewer, config) =
+        (&f.url, &f.tls_listen, &f.keys, &f.viewer, &f.config);
     assert!(
         config.contains(&format!("server: https://{tls_listen}/k8s/clu_")),
         "{config}"
     );
-    let kube = Kube::new(&bin, dir.path(), "acme.kubeconfig", &config);
+    let kube = Kube::new(&bin, dir.path(), "acme.kubeconfig", config);
 
     // A new cluster has upstream's namespaces.
     let namespaces = kube.ok(&["get", "namespaces"]);
@@ -342,7 +384,7 @@ fn kubectl_applies_reads_patches_watches_and_deletes_in_a_tenants_cluster() {
         &bin,
         dir.path(),
         "viewer.kubeconfig",
-        &with_token(&config, &viewer),
+        &with_token(config, viewer),
     );
     assert!(viewing.ok(&["get", "secrets", "-n", "demo"]).contains("db"));
     let (ok, said) = viewing.run(&["delete", "secret", "db", "-n", "demo"]);
@@ -353,12 +395,12 @@ fn kubectl_applies_reads_patches_watches_and_deletes_in_a_tenants_cluster() {
         &bin,
         dir.path(),
         "globex-on-acme.kubeconfig",
-        &with_token(&config, &keys["globex"]),
+        &with_token(config, &keys["globex"]),
     );
     let (ok, said) = stranger.run(&["get", "secrets", "-A"]);
     assert!(!ok && !said.contains("db"), "{said}");
-    cli(&url, &keys["globex"], &["cluster", "create", "dev"]);
-    let own = cli(&url, &keys["globex"], &["cluster", "kubeconfig", "dev"]);
+    cli(url, &keys["globex"], &["cluster", "create", "dev"]);
+    let own = cli(url, &keys["globex"], &["cluster", "kubeconfig", "dev"]);
     let globex = Kube::new(&bin, dir.path(), "globex.kubeconfig", &own);
     let theirs = globex.ok(&["get", "secrets", "-A"]);
     assert!(!theirs.contains("db"), "{theirs}");
