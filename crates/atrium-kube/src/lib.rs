@@ -7,7 +7,8 @@
 //! `Status` objects (`status`), what the server sets in an object's
 //! metadata (`meta`), who set which field and server-side apply
 //! (`managed`), label and field selectors (`selector`), merge and
-//! JSON patches (`patch`), how a pod runs as an Atrium workload and reads
+//! JSON patches (`patch`), services' addresses and endpoints
+//! (`service`), how a pod runs as an Atrium workload and reads
 //! its status back (`pod`), what `kubectl exec` speaks (`remotecommand`)
 //! and `Table` output (`table`) — and does no IO: the control plane's
 //! `kube` module serves and stores.
@@ -24,6 +25,7 @@ pub mod pod;
 pub mod remotecommand;
 pub mod resource;
 pub mod selector;
+pub mod service;
 pub mod status;
 pub mod table;
 

@@ -73,6 +73,8 @@ fn schema_of(gen: &mut SchemaGenerator, r: &ResourceType) -> Option<Value> {
         ("", "Pod") => of::<core::Pod>(gen),
         ("", "Event") => of::<core::Event>(gen),
         ("", "ServiceAccount") => of::<core::ServiceAccount>(gen),
+        ("", "Service") => of::<core::Service>(gen),
+        ("", "Endpoints") => of::<core::Endpoints>(gen),
         ("apps", "Deployment") => of::<apps::Deployment>(gen),
         ("apps", "ReplicaSet") => of::<apps::ReplicaSet>(gen),
         ("batch", "Job") => of::<batch::Job>(gen),

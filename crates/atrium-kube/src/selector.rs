@@ -83,6 +83,16 @@ impl LabelSelector {
         Ok(LabelSelector(reqs))
     }
 
+    /// `key=value` for each entry (a service's `selector`).
+    pub fn equal(labels: &std::collections::BTreeMap<String, String>) -> LabelSelector {
+        LabelSelector(
+            labels
+                .iter()
+                .map(|(k, v)| Requirement::In(k.clone(), vec![v.clone()]))
+                .collect(),
+        )
+    }
+
     /// Whether `obj`'s labels satisfy every requirement.
     pub fn matches(&self, obj: &Value) -> bool {
         let label = |k: &str| {

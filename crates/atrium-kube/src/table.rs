@@ -159,6 +159,44 @@ fn middle(r: &ResourceType, obj: &Value) -> Vec<(Value, Value)> {
                 ),
             ]
         }
+        "Service" => {
+            let ip = |p: &str| {
+                let v = obj.pointer(p).and_then(Value::as_str).unwrap_or("");
+                json!(if v.is_empty() { "<none>" } else { v })
+            };
+            vec![
+                (
+                    column("Type", "string", "", "The type of service."),
+                    text("/spec/type"),
+                ),
+                (
+                    column(
+                        "Cluster-IP",
+                        "string",
+                        "",
+                        "The cluster IP address of the service.",
+                    ),
+                    ip("/spec/clusterIP"),
+                ),
+                (
+                    column(
+                        "External-IP",
+                        "string",
+                        "",
+                        "The external IP addresses of the service.",
+                    ),
+                    json!("<none>"),
+                ),
+                (
+                    column("Port(s)", "string", "", "The ports the service listens on."),
+                    json!(crate::service::ports_column(obj)),
+                ),
+            ]
+        }
+        "Endpoints" => vec![(
+            column("Endpoints", "string", "", "Endpoints of the service."),
+            json!(crate::service::endpoints_column(obj)),
+        )],
         "ServiceAccount" => vec![(
             column("Secrets", "integer", "", "Number of secrets"),
             json!(count(obj, "secrets")),

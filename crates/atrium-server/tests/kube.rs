@@ -220,3 +220,103 @@ async fn a_flood_of_objects_stops_at_the_clusters_quota_and_leaves_room_after_de
         .await;
     assert_eq!(status, 201, "{v}");
 }
+
+#[tokio::test]
+async fn services_get_addresses_of_their_own_once_each_even_when_raced() {
+    let s = TestServer::start(TestBackend::Sqlite).await;
+    s.create_tenant("acme", json!({})).await;
+    let acme = s.create_key("acme", "k", &["admin"]).await;
+    let id = cluster(&s, &acme, "dev").await;
+    let services = format!("/k8s/{id}/api/v1/namespaces/default/services");
+    let svc = |name: &str, spec: Value| json!({"metadata": {"name": name}, "spec": spec});
+    let ports = json!([{"port": 80, "targetPort": "http"}]);
+    let (status, web) = s
+        .call(
+            Method::POST,
+            &services,
+            Some(&acme),
+            Some(&svc(
+                "web",
+                json!({"selector": {"app": "web"}, "ports": ports}),
+            )),
+        )
+        .await;
+    assert_eq!(status, 201, "{web}");
+    assert_eq!(web["spec"]["clusterIP"], "10.96.0.1", "{web}");
+    assert_eq!(web["spec"]["type"], "ClusterIP");
+    // The same address asked for twice at once: one gets it.
+    let wanted = json!({"clusterIP": "10.96.0.50", "ports": [{"port": 53, "protocol": "UDP"}]});
+    let (body_a, body_b) = (svc("dns-a", wanted.clone()), svc("dns-b", wanted));
+    let (a, b) = tokio::join!(
+        s.call(Method::POST, &services, Some(&acme), Some(&body_a)),
+        s.call(Method::POST, &services, Some(&acme), Some(&body_b))
+    );
+    let mut codes = [a.0, b.0];
+    codes.sort_unstable();
+    assert_eq!(codes, [201, 422], "{} / {}", a.1, b.1);
+    let refused = if a.0 == 422 { &a.1 } else { &b.1 };
+    assert!(
+        refused["message"]
+            .as_str()
+            .unwrap()
+            .contains("already allocated"),
+        "{refused}"
+    );
+    // A tenant cluster opens no port on the provider's nodes; an address
+    // stays its service's.
+    let (status, v) = s
+        .call(
+            Method::POST,
+            &services,
+            Some(&acme),
+            Some(&svc(
+                "open",
+                json!({"type": "NodePort", "ports": [{"port": 80}]}),
+            )),
+        )
+        .await;
+    assert_eq!(status, 422, "{v}");
+    let mut moved = web.clone();
+    moved["spec"]["clusterIP"] = json!("10.96.0.99");
+    let (status, v) = s
+        .call(
+            Method::PUT,
+            &format!("{services}/web"),
+            Some(&acme),
+            Some(&moved),
+        )
+        .await;
+    assert_eq!(status, 422, "{v}");
+    assert!(v["message"].as_str().unwrap().contains("immutable"), "{v}");
+    // Its endpoints object is the controller's, made for it (no pod yet).
+    let endpoints = format!("/k8s/{id}/api/v1/namespaces/default/endpoints/web");
+    let mut made = Value::Null;
+    for _ in 0..100 {
+        let (status, v) = s.call(Method::GET, &endpoints, Some(&acme), None).await;
+        if status == 200 {
+            made = v;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert_eq!(made["subsets"], json!([]), "{made}");
+    // And it goes with its service.
+    let (status, _) = s
+        .call(
+            Method::DELETE,
+            &format!("{services}/web"),
+            Some(&acme),
+            None,
+        )
+        .await;
+    assert_eq!(status, 200);
+    let mut gone = false;
+    for _ in 0..100 {
+        if s.call(Method::GET, &endpoints, Some(&acme), None).await.0 == 404 {
+            gone = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert!(gone, "the endpoints outlived their service");
+}

@@ -835,6 +835,34 @@ spec:
     );
     assert!(connect.is_ok(), "the pod answers on its port: {connect:?}");
 
+    // A service selecting it has an address of the cluster's range and
+    // lists the pod's address and port as its endpoint.
+    let labelled = kube.ok(&["label", "pod", "web", "app=web"]);
+    assert!(labelled.contains("labeled"), "{labelled}");
+    let service = write(
+        build.path(),
+        "svc.yaml",
+        "apiVersion: v1
+kind: Service
+metadata: {name: web}
+spec:
+  selector: {app: web}
+  ports: [{name: http, port: 80, targetPort: 8080}]
+",
+    );
+    kube.ok(&["apply", "-f", service.to_str().unwrap()]);
+    let services = kube.ok(&["get", "svc", "web"]);
+    assert!(
+        services.contains("ClusterIP")
+            && services.contains("10.96.0.1")
+            && services.contains("80/TCP"),
+        "{services}"
+    );
+    let endpoint = format!("{}:8080", ip.trim());
+    wait_for("the service's endpoint", 30, || {
+        kube.run(&["get", "endpoints", "web"]).1.contains(&endpoint)
+    });
+
     // kubectl exec runs in the pod's container (over WebSocket), whose
     // host name is the pod's; the command's exit code and stderr come back.
     let hostname = kube.ok(&["exec", "web", "--", "cat", "/etc/hostname"]);

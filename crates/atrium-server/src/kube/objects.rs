@@ -168,8 +168,20 @@ pub(super) async fn insert(
     audit: AuditContext,
 ) -> Result<Object, KubeError> {
     let tenant = scope.tenant.clone();
+    // A service's address is its own: checked against the cluster's other
+    // services inside the same transaction.
+    let address = match &w {
+        Write::Create { body, .. } if r.kind == "Service" => body
+            .pointer("/spec/clusterIP")
+            .and_then(Value::as_str)
+            .filter(|ip| *ip != "None")
+            .map(str::to_string),
+        _ => None,
+    };
+    let services = address.as_ref().map(|_| scope.kind(r));
+    let kinds: Vec<&str> = services.iter().map(String::as_str).collect();
     let precondition = Precondition {
-        reads: crate::kinds::tenant_reads(&tenant, &[]),
+        reads: crate::kinds::tenant_reads(&tenant, &kinds),
         counts: vec![Count {
             kind_prefix: scope.kind_prefix(),
             tenant: scope.filter(),
@@ -180,7 +192,23 @@ pub(super) async fn insert(
                     Counted::ClusterObjects,
                     counts.first().copied().unwrap_or(0),
                 )
-                .map_err(ApiError::QuotaExceeded)
+                .map_err(ApiError::QuotaExceeded)?;
+            let taken = |ip: &String| {
+                read.first()
+                    .into_iter()
+                    .flatten()
+                    .any(|o| o.body.pointer("/spec/clusterIP").and_then(Value::as_str) == Some(ip))
+            };
+            match address.filter(|_| read.len() > 1) {
+                Some(ip) if taken(&ip) => Err(ApiError::Conflict {
+                    code: "cluster_ip_taken",
+                    message: format!(
+                        "spec.clusterIP: Invalid value: {ip:?}: provided IP is already allocated"
+                    ),
+                    details: Value::Null,
+                }),
+                _ => Ok(()),
+            }
         }),
     };
     match state.store.write(w, Some(precondition), audit).await {
@@ -199,6 +227,11 @@ pub(super) async fn insert(
                 q.requested, q.used, q.limit
             ),
         )),
+        Err(WriteError::Rejected(ApiError::Conflict {
+            code: "cluster_ip_taken",
+            message,
+            ..
+        })) => Err(KubeError::invalid(r.kind, name, message)),
         Err(WriteError::Rejected(e)) => Err(from_api(e)),
     }
 }
@@ -540,6 +573,17 @@ pub(super) async fn create_object(
             return Err(KubeError::not_found("namespaces", ns));
         }
     }
+    if r.kind == "Service" {
+        let taken = state
+            .store
+            .list_all(&scope.kind(r), &scope.filter())
+            .await
+            .map_err(store_error)?
+            .iter()
+            .filter_map(|o| o.body.pointer("/spec/clusterIP")?.as_str()?.parse().ok())
+            .collect();
+        atrium_kube::service::prepare_create(&mut obj, &taken)?;
+    }
     if r.kind == "Pod" {
         // Refused now, not later in its status: a pod that cannot run as
         // a workload of the tenant.
@@ -578,6 +622,9 @@ pub(super) async fn replace(
     // An apply recorded its own fields.
     if content_type(req) != super::apply::MEDIA_TYPE {
         managed::record_update(Some(&was), &mut new, &field_manager(req)?, &timestamp());
+    }
+    if r.kind == "Service" {
+        atrium_kube::service::prepare_update(&was, &mut new)?;
     }
     if r.kind == "Pod" {
         // A pod's spec is what its workload runs.

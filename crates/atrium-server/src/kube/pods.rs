@@ -1,5 +1,6 @@
 //! The pod controller (and, before each of its passes over a cluster,
-//! the deployment and replica set controllers of `apps`): every pod of every tenant cluster runs as one
+//! the deployment and replica set controllers of `apps`; after it, the
+//! endpoints controller): every pod of every tenant cluster runs as one
 //! Atrium workload of the cluster's tenant, named `k8s.<hash>` of the
 //! cluster, namespace and pod (a name no tenant can give: tenants' names
 //! have no dots, so the controller never takes or deletes a workload of
@@ -142,6 +143,7 @@ pub async fn reconcile(state: &AppState) -> Result<(), StoreError> {
                 let _ = store.write::<()>(w, None, audit("kube.pod.status")).await;
             }
         }
+        super::endpoints::reconcile(state, &scope).await?;
     }
     for (key, w) in &workloads {
         if !wanted.contains(key) {
@@ -177,6 +179,7 @@ async fn relevant(store: &Store, seen: i64, head: i64) -> bool {
                             ":deployments.apps",
                             ":replicasets.apps",
                             ":jobs.batch",
+                            ":services",
                         ]
                         .iter()
                         .any(|k| kind.ends_with(k))
