@@ -469,6 +469,10 @@ impl Routes {
     fn apply_replica(&mut self, update: Update<Object<Placement>>) {
         self.version += 1;
         let entry = |o: &Object<Placement>| -> Option<(String, ReplicaEntry)> {
+            // A workload's container is no model server: not the gateway's.
+            if o.spec.container.is_some() {
+                return None;
+            }
             let status = o.status.as_ref()?;
             Some((
                 o.id.clone(),
@@ -681,6 +685,14 @@ mod tests {
             r.target("t3", "chat", 7, &[]).is_none(),
             "no such deployment"
         );
+
+        // A tenant's container workload is never a route, nor warned of.
+        let mut container = replica("w1", "d1", "running");
+        container.spec.container = serde_json::from_value(json!({"image": "t/x:1"})).ok();
+        container.status.as_mut().unwrap().endpoint = Some("tcp://10.0.0.2:80".into());
+        r.apply_replica(Update::Added(container));
+        assert!(!r.replicas.contains_key("w1"));
+        assert_eq!(chosen(&r, "t1", &["p1"]), None);
 
         r.apply_replica(Update::Modified(replica("p3", "d1", "running")));
         assert_eq!(chosen(&r, "t1", &["p1"]).as_deref(), Some("p3"));

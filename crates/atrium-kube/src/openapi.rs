@@ -78,6 +78,14 @@ fn schema_of(gen: &mut SchemaGenerator, r: &ResourceType) -> Option<Value> {
         ("apps", "Deployment") => of::<apps::Deployment>(gen),
         ("apps", "ReplicaSet") => of::<apps::ReplicaSet>(gen),
         ("batch", "Job") => of::<batch::Job>(gen),
+        ("atrium.dev", "InferenceService") => {
+            // Its own schema beside the metadata it refers to.
+            gen.subschema_for::<k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta>();
+            let name = "dev.atrium.v1.InferenceService";
+            gen.definitions_mut()
+                .insert(name.into(), crate::inference::schema());
+            json!({"$ref": format!("#/components/schemas/{name}")})
+        }
         _ => return None,
     })
 }

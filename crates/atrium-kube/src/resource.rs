@@ -144,10 +144,20 @@ pub const SERVED: &[ResourceType] = &[
         namespaced: true,
         short_names: &[],
     },
+    ResourceType {
+        group: "atrium.dev",
+        version: "v1",
+        kind: "InferenceService",
+        plural: "inferenceservices",
+        singular: "inferenceservice",
+        namespaced: true,
+        short_names: &["isvc"],
+    },
 ];
 
 /// Kinds whose `status` is their controller's: a client's writes keep it.
-pub const CONTROLLED_STATUS: &[&str] = &["Pod", "Deployment", "ReplicaSet", "Job"];
+pub const CONTROLLED_STATUS: &[&str] =
+    &["Pod", "Deployment", "ReplicaSet", "Job", "InferenceService"];
 
 /// Kinds with a `/scale` subresource.
 pub const SCALABLE: &[&str] = &["Deployment", "ReplicaSet"];

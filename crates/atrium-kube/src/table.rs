@@ -197,6 +197,25 @@ fn middle(r: &ResourceType, obj: &Value) -> Vec<(Value, Value)> {
             column("Endpoints", "string", "", "Endpoints of the service."),
             json!(crate::service::endpoints_column(obj)),
         )],
+        "InferenceService" => vec![
+            (
+                column(
+                    "Model",
+                    "string",
+                    "",
+                    "The model name a client asks the gateway for.",
+                ),
+                text("/status/model"),
+            ),
+            (
+                column("Ready", "string", "", "Whether the deployment serves."),
+                text("/status/conditions/0/status"),
+            ),
+            (
+                column("State", "string", "", "The deployment's state."),
+                text("/status/state"),
+            ),
+        ],
         "ServiceAccount" => vec![(
             column("Secrets", "integer", "", "Number of secrets"),
             json!(count(obj, "secrets")),

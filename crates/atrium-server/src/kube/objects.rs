@@ -573,6 +573,11 @@ pub(super) async fn create_object(
             return Err(KubeError::not_found("namespaces", ns));
         }
     }
+    if r.kind == "InferenceService" {
+        // Refused now when it could never be a deployment; what only
+        // admission knows (quota, the model) comes back in its status.
+        atrium_kube::inference::deployment_of(&obj)?;
+    }
     if r.kind == "Service" {
         let taken = state
             .store
@@ -625,6 +630,9 @@ pub(super) async fn replace(
     }
     if r.kind == "Service" {
         atrium_kube::service::prepare_update(&was, &mut new)?;
+    }
+    if r.kind == "InferenceService" {
+        atrium_kube::inference::deployment_of(&new)?;
     }
     if r.kind == "Pod" {
         // A pod's spec is what its workload runs.

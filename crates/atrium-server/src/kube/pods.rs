@@ -1,6 +1,6 @@
 //! The pod controller (and, before each of its passes over a cluster,
 //! the deployment and replica set controllers of `apps`; after it, the
-//! endpoints controller): every pod of every tenant cluster runs as one
+//! endpoints and inference service controllers): every pod of every tenant cluster runs as one
 //! Atrium workload of the cluster's tenant, named `k8s.<hash>` of the
 //! cluster, namespace and pod (a name no tenant can give: tenants' names
 //! have no dots, so the controller never takes or deletes a workload of
@@ -22,7 +22,7 @@ use sha2::{Digest, Sha256};
 
 use super::objects::Scope;
 use crate::error::ApiError;
-use crate::kinds::{Cluster, Kind, Placement, Resource, Workload};
+use crate::kinds::{Cluster, Deployment, Kind, Placement, Resource, Workload};
 use crate::{stored, AppState};
 
 /// The workload a pod runs as, by its cluster and store name
@@ -86,9 +86,11 @@ pub async fn reconcile(state: &AppState) -> Result<(), StoreError> {
         .filter(|w| w.name.starts_with("k8s."))
         .map(|w| ((w.tenant.clone().unwrap_or_default(), w.name.clone()), w))
         .collect();
-    if clusters.is_empty() && workloads.is_empty() {
+    let served = super::inference::made_by_services(state).await?;
+    if clusters.is_empty() && workloads.is_empty() && served.is_empty() {
         return Ok(());
     }
+    let mut serving = HashSet::new();
     let mut replicas: HashMap<String, Object> = HashMap::new();
     for p in store.list_all(Placement::KIND, &all).await? {
         if let Ok(spec) = stored::spec::<Placement>(&p) {
@@ -144,7 +146,9 @@ pub async fn reconcile(state: &AppState) -> Result<(), StoreError> {
             }
         }
         super::endpoints::reconcile(state, &scope).await?;
+        super::inference::reconcile(state, &scope, &cluster.name, &served, &mut serving).await?;
     }
+    super::inference::sweep(state, &served, &serving).await;
     for (key, w) in &workloads {
         if !wanted.contains(key) {
             let gone = Write::Delete {
@@ -174,12 +178,14 @@ async fn relevant(store: &Store, seen: i64, head: i64) -> bool {
                     let kind = c.object.kind.as_str();
                     kind == Workload::KIND
                         || kind == Placement::KIND
+                        || kind == Deployment::KIND
                         || [
                             ":pods",
                             ":deployments.apps",
                             ":replicasets.apps",
                             ":jobs.batch",
                             ":services",
+                            ":inferenceservices.atrium.dev",
                         ]
                         .iter()
                         .any(|k| kind.ends_with(k))
