@@ -13,25 +13,8 @@ mod common;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use common::kubectl::{kubectl, with_token, write, Kube};
-use common::{admin_call, admin_token, free_port, spawn_server, stop, BIN};
-use reqwest::blocking::Client;
-use reqwest::Method;
-use serde_json::{json, Value};
-
-fn cli(url: &str, token: &str, args: &[&str]) -> String {
-    let out = Command::new(BIN)
-        .args(args)
-        .args(["--server", url, "--token", token])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "atrium {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).to_string()
-}
+use common::kubectl::{cli, fixture, kubectl, with_token, write, Kube};
+use serde_json::Value;
 
 const MANIFEST: &str = "\
 apiVersion: v1
@@ -57,66 +40,6 @@ metadata:
 stringData:
   password: hunter2
 ";
-
-/// A control plane with a TLS listener, tenants `acme` and `globex` with
-/// admin keys, acme's viewer key, and acme's cluster `dev`.
-struct Fixture {
-    _server: Stopped,
-    url: String,
-    tls_listen: String,
-    keys: std::collections::HashMap<&'static str, String>,
-    viewer: String,
-    /// acme's kubeconfig for `dev`.
-    config: String,
-}
-
-fn fixture(dir: &std::path::Path) -> Fixture {
-    let (port, tls) = (free_port(), free_port());
-    let tls_listen = format!("127.0.0.1:{tls}");
-    let server = Stopped(spawn_server(
-        &dir.join("server"),
-        port,
-        &["--tls-listen", &tls_listen],
-    ));
-    let url = format!("http://127.0.0.1:{port}");
-    let admin = admin_token(&dir.join("server"));
-    let http = Client::new();
-    let call = |method: Method, path: &str, body: Value| {
-        admin_call(&http, &url, &admin, method, path, body)
-    };
-    let mut keys = std::collections::HashMap::new();
-    for tenant in ["acme", "globex"] {
-        call(
-            Method::POST,
-            "/v1/tenants",
-            json!({"name": tenant, "spec": {}}),
-        );
-        let key = call(
-            Method::POST,
-            "/v1/keys",
-            json!({"name": "k", "tenant": tenant, "spec": {"scopes": ["admin"]}}),
-        );
-        keys.insert(tenant, key["secret"].as_str().unwrap().to_string());
-    }
-    let viewer = call(
-        Method::POST,
-        "/v1/keys",
-        json!({"name": "ro", "tenant": "acme", "spec": {"scopes": ["read"]}}),
-    )["secret"]
-        .as_str()
-        .unwrap()
-        .to_string();
-    cli(&url, &keys["acme"], &["cluster", "create", "dev"]);
-    let config = cli(&url, &keys["acme"], &["cluster", "kubeconfig", "dev"]);
-    Fixture {
-        _server: server,
-        url,
-        tls_listen,
-        keys,
-        viewer,
-        config,
-    }
-}
 
 #[test]
 fn the_python_kubernetes_client_works_against_a_tenants_cluster() {
@@ -409,13 +332,4 @@ fn kubectl_applies_reads_patches_watches_and_deletes_in_a_tenants_cluster() {
     // Deleting the namespace deletes what is in it.
     kube.ok(&["delete", "namespace", "demo"]);
     assert!(!kube.ok(&["get", "secrets", "-A"]).contains("db"));
-}
-
-/// A server stopped however the test ends.
-struct Stopped(std::process::Child);
-
-impl Drop for Stopped {
-    fn drop(&mut self) {
-        stop(&mut self.0);
-    }
 }

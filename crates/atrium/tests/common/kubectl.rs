@@ -4,6 +4,12 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use reqwest::blocking::Client;
+use reqwest::Method;
+use serde_json::{json, Value};
+
+use super::{admin_call, admin_token, free_port, spawn_server, stop, BIN};
+
 /// kubectl 1.37 from the PyPI wheel, wherever pip put its scripts.
 pub fn kubectl() -> PathBuf {
     let scripts = Command::new("python3")
@@ -89,4 +95,88 @@ pub fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
     let path = dir.join(name);
     std::fs::write(&path, text).unwrap();
     path
+}
+
+/// The CLI with `token`; panics unless it succeeds; what it printed.
+pub fn cli(url: &str, token: &str, args: &[&str]) -> String {
+    let out = Command::new(BIN)
+        .args(args)
+        .args(["--server", url, "--token", token])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "atrium {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).to_string()
+}
+
+/// A control plane with a TLS listener, tenants `acme` and `globex` with
+/// admin keys, acme's viewer key, and acme's cluster `dev`.
+pub struct Fixture {
+    _server: Stopped,
+    pub url: String,
+    pub tls_listen: String,
+    pub keys: std::collections::HashMap<&'static str, String>,
+    pub viewer: String,
+    /// acme's kubeconfig for `dev`.
+    pub config: String,
+}
+
+pub fn fixture(dir: &std::path::Path) -> Fixture {
+    let (port, tls) = (free_port(), free_port());
+    let tls_listen = format!("127.0.0.1:{tls}");
+    let server = Stopped(spawn_server(
+        &dir.join("server"),
+        port,
+        &["--tls-listen", &tls_listen],
+    ));
+    let url = format!("http://127.0.0.1:{port}");
+    let admin = admin_token(&dir.join("server"));
+    let http = Client::new();
+    let call = |method: Method, path: &str, body: Value| {
+        admin_call(&http, &url, &admin, method, path, body)
+    };
+    let mut keys = std::collections::HashMap::new();
+    for tenant in ["acme", "globex"] {
+        call(
+            Method::POST,
+            "/v1/tenants",
+            json!({"name": tenant, "spec": {}}),
+        );
+        let key = call(
+            Method::POST,
+            "/v1/keys",
+            json!({"name": "k", "tenant": tenant, "spec": {"scopes": ["admin"]}}),
+        );
+        keys.insert(tenant, key["secret"].as_str().unwrap().to_string());
+    }
+    let viewer = call(
+        Method::POST,
+        "/v1/keys",
+        json!({"name": "ro", "tenant": "acme", "spec": {"scopes": ["read"]}}),
+    )["secret"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    cli(&url, &keys["acme"], &["cluster", "create", "dev"]);
+    let config = cli(&url, &keys["acme"], &["cluster", "kubeconfig", "dev"]);
+    Fixture {
+        _server: server,
+        url,
+        tls_listen,
+        keys,
+        viewer,
+        config,
+    }
+}
+
+/// A server stopped however the test ends.
+struct Stopped(std::process::Child);
+
+impl Drop for Stopped {
+    fn drop(&mut self) {
+        stop(&mut self.0);
+    }
 }
