@@ -159,7 +159,15 @@ pub fn prepare_update(r: &ResourceType, old: &Value, new: &mut Value) -> Result<
             )));
         }
     }
-    for kept in ["name", "namespace", "uid", "creationTimestamp"] {
+    check_finalizers(r, old, meta)?;
+    for kept in [
+        "name",
+        "namespace",
+        "uid",
+        "creationTimestamp",
+        "deletionTimestamp",
+        "deletionGracePeriodSeconds",
+    ] {
         match old.pointer(&format!("/metadata/{kept}")) {
             Some(v) => {
                 meta.insert(kept.into(), v.clone());
@@ -294,6 +302,74 @@ fn is_base64(s: &str) -> bool {
 
 /// The object as it leaves the server: its `resourceVersion` the store's
 /// revision.
+fn finalizers(meta: &Map<String, Value>) -> Vec<&str> {
+    meta.get("finalizers")
+        .and_then(Value::as_array)
+        .map(|f| f.iter().filter_map(Value::as_str).collect())
+        .unwrap_or_default()
+}
+
+/// Finalizers are names (at most 64 of them), and an object being deleted
+/// may lose finalizers but gain none, as upstream.
+fn check_finalizers(
+    r: &ResourceType,
+    old: &Value,
+    new: &Map<String, Value>,
+) -> Result<(), KubeError> {
+    let name = name_of(old).unwrap_or_default();
+    if let Some(f) = new.get("finalizers").filter(|f| !f.is_null()) {
+        let ok = f.as_array().is_some_and(|list| {
+            list.len() <= 64
+                && list
+                    .iter()
+                    .all(|x| x.as_str().is_some_and(|s| !s.is_empty() && s.len() <= 316))
+        });
+        if !ok {
+            return Err(KubeError::invalid(
+                r.kind,
+                name,
+                "metadata.finalizers: at most 64 names of 1 to 316 characters",
+            ));
+        }
+    }
+    let deleting = old.pointer("/metadata/deletionTimestamp").is_some();
+    let before: Vec<&str> = old["metadata"]
+        .as_object()
+        .map(finalizers)
+        .unwrap_or_default();
+    if deleting && finalizers(new).iter().any(|f| !before.contains(f)) {
+        return Err(KubeError::forbidden(
+            r.plural,
+            name,
+            "no new finalizers can be added if the object is being deleted",
+        ));
+    }
+    Ok(())
+}
+
+/// Whether a delete only marks `obj`: it holds finalizers.
+pub fn has_finalizers(obj: &Value) -> bool {
+    obj["metadata"]
+        .as_object()
+        .is_some_and(|m| !finalizers(m).is_empty())
+}
+
+/// Marks `obj` as being deleted at `now`; whether it was not already.
+pub fn mark_deleting(obj: &mut Value, now: &str) -> bool {
+    if obj.pointer("/metadata/deletionTimestamp").is_some() {
+        return false;
+    }
+    obj["metadata"]["deletionTimestamp"] = json!(now);
+    obj["metadata"]["deletionGracePeriodSeconds"] = json!(0);
+    true
+}
+
+/// Whether `obj` was being deleted and its last finalizer is gone: the
+/// write that made it so deletes it.
+pub fn finalized(obj: &Value) -> bool {
+    obj.pointer("/metadata/deletionTimestamp").is_some() && !has_finalizers(obj)
+}
+
 pub fn with_resource_version(mut obj: Value, revision: i64) -> Value {
     if let Some(meta) = obj.get_mut("metadata").and_then(Value::as_object_mut) {
         meta.insert("resourceVersion".into(), json!(revision.to_string()));

@@ -48,15 +48,19 @@ impl KubeError {
         .about(plural, name)
     }
 
-    /// A create past a quota, worded as upstream's quota admission words
-    /// it (`exceeded quota: …`), then what to do.
-    pub fn exceeded_quota(plural: &str, name: &str, why: &str) -> KubeError {
+    pub fn forbidden(plural: &str, name: &str, why: &str) -> KubeError {
         KubeError::new(
             403,
             "Forbidden",
-            format!("{plural} {name:?} is forbidden: exceeded quota: {why}"),
+            format!("{plural} {name:?} is forbidden: {why}"),
         )
         .about(plural, name)
+    }
+
+    /// A create past a quota, worded as upstream's quota admission words
+    /// it (`exceeded quota: …`), then what to do.
+    pub fn exceeded_quota(plural: &str, name: &str, why: &str) -> KubeError {
+        KubeError::forbidden(plural, name, &format!("exceeded quota: {why}"))
     }
 
     /// A write against a resourceVersion that is no longer the object's.

@@ -377,3 +377,57 @@ async fn an_inference_service_is_refused_what_its_tenant_could_not_deploy() {
         .await;
     assert_eq!(deployments["items"], json!([]), "{deployments}");
 }
+
+#[tokio::test]
+async fn a_finalizer_holds_a_delete_until_it_is_removed() {
+    let s = TestServer::start(TestBackend::Sqlite).await;
+    s.create_tenant("acme", json!({})).await;
+    let acme = s.create_key("acme", "k", &["admin"]).await;
+    let id = cluster(&s, &acme, "dev").await;
+    let cm = format!("/k8s/{id}/api/v1/namespaces/default/configmaps");
+    let body = json!({"metadata": {"name": "held", "finalizers": ["example.com/hold"]},
+                      "data": {"k": "v"}});
+    let (status, _) = s.call(Method::POST, &cm, Some(&acme), Some(&body)).await;
+    assert_eq!(status, 201);
+    let one = format!("{cm}/held");
+    let (status, marked) = s.call(Method::DELETE, &one, Some(&acme), None).await;
+    assert_eq!(status, 200, "{marked}");
+    assert!(
+        marked["metadata"]["deletionTimestamp"].is_string(),
+        "{marked}"
+    );
+    let (status, still) = s.call(Method::GET, &one, Some(&acme), None).await;
+    assert_eq!(status, 200, "{still}");
+    assert_eq!(
+        still["metadata"]["deletionTimestamp"],
+        marked["metadata"]["deletionTimestamp"]
+    );
+    // Nothing new may hold it once it is going, and the mark stays.
+    let merge = |patch: Value| {
+        let (s, one, acme) = (&s, one.clone(), acme.clone());
+        async move {
+            let resp = s
+                .http
+                .patch(format!("{}{one}", s.base))
+                .bearer_auth(&acme)
+                .header("content-type", "application/merge-patch+json")
+                .body(patch.to_string())
+                .send()
+                .await
+                .unwrap();
+            (resp.status().as_u16(), resp.json::<Value>().await.unwrap())
+        }
+    };
+    let (status, v) =
+        merge(json!({"metadata": {"finalizers": ["example.com/hold", "x.io/more"]}})).await;
+    assert_eq!(status, 403, "{v}");
+    let (status, v) =
+        merge(json!({"metadata": {"deletionTimestamp": null}, "data": {"k": "w"}})).await;
+    assert_eq!(status, 200, "{v}");
+    assert!(v["metadata"]["deletionTimestamp"].is_string(), "{v}");
+    // Removing the last finalizer completes the delete.
+    let (status, v) = merge(json!({"metadata": {"finalizers": null}})).await;
+    assert_eq!(status, 200, "{v}");
+    let (status, _) = s.call(Method::GET, &one, Some(&acme), None).await;
+    assert_eq!(status, 404);
+}

@@ -14,6 +14,7 @@ mod apply;
 mod apps;
 mod batch;
 mod controlled;
+mod delete;
 mod endpoints;
 mod exec;
 mod inference;

@@ -28,7 +28,7 @@ use crate::AppState;
 /// Namespaces every cluster starts with; the first three cannot be
 /// deleted, as upstream.
 const DEFAULT_NAMESPACES: [&str; 4] = ["default", "kube-system", "kube-public", "kube-node-lease"];
-const PROTECTED_NAMESPACES: [&str; 3] = ["default", "kube-system", "kube-public"];
+pub(super) const PROTECTED_NAMESPACES: [&str; 3] = ["default", "kube-system", "kube-public"];
 
 /// Most objects one list answers with.
 const MAX_LIMIT: usize = 1000;
@@ -360,7 +360,7 @@ pub(super) async fn serve(
         (&Method::GET, Some(n)) => get(state, &scope, at, n, req).await,
         (&Method::PUT, Some(n)) => update(state, &scope, at, n, req).await,
         (&Method::PATCH, Some(n)) => patch(state, &scope, at, n, req).await,
-        (&Method::DELETE, Some(n)) => delete(state, &scope, at, n, req).await,
+        (&Method::DELETE, Some(n)) => super::delete::delete(state, &scope, at, n, req).await,
         (m, _) => Err(KubeError::method_not_allowed(&format!(
             "{m} on {}",
             r.plural
@@ -510,7 +510,7 @@ pub(super) fn body(req: &Request) -> Result<Value, KubeError> {
 
 /// `dryRun=All` as a parameter, or (on deletes) in the `DeleteOptions`
 /// body kubectl sends.
-fn dry_run(req: &Request) -> bool {
+pub(super) fn dry_run(req: &Request) -> bool {
     let in_body = || {
         req.method == Method::DELETE
             && serde_json::from_slice::<Value>(&req.body).is_ok_and(|o| {
@@ -654,6 +654,7 @@ pub(super) async fn replace(
         ));
     }
     let name = meta::name_of(&old.body).unwrap_or_default().to_string();
+    let finished = meta::finalized(&new);
     let w = Write::Update {
         kind: old.kind.clone(),
         id: old.id.clone(),
@@ -661,6 +662,14 @@ pub(super) async fn replace(
         if_revision: Some(revision),
     };
     match write(state, w, req.audit(format!("kube.{}.update", r.singular))).await {
+        Ok(o) if finished => {
+            // Its last finalizer is gone: the delete it waited for.
+            let shown = scope.shown(r, &o)?;
+            remove(state, &o, req.audit(format!("kube.{}.delete", r.singular)))
+                .await
+                .map_err(store_error)?;
+            Ok(KubeResponse::Json(StatusCode::OK, shown))
+        }
         Ok(o) => Ok(KubeResponse::Json(StatusCode::OK, scope.shown(r, &o)?)),
         Err(StoreError::RevisionMismatch { .. }) => Err(KubeError::conflict(r.plural, &name)),
         Err(StoreError::NotFound { .. }) => Err(KubeError::not_found(r.plural, &name)),
@@ -722,76 +731,6 @@ async fn patch(
         other => return Err(KubeError::unsupported_media_type(other)),
     };
     replace(state, scope, at, &old, new, old.revision, req).await
-}
-
-async fn delete(
-    state: &AppState,
-    scope: &Scope,
-    at: &At,
-    name: &str,
-    req: &Request,
-) -> Result<KubeResponse, KubeError> {
-    let r = at.resource;
-    let old = existing(state, scope, at, name).await?;
-    if r.kind == "Namespace" {
-        if PROTECTED_NAMESPACES.contains(&name) {
-            return Err(KubeError {
-                code: 403,
-                reason: "Forbidden",
-                message: format!(
-                    "namespace {name:?} is forbidden: this namespace may not be deleted"
-                ),
-                name: Some(name.to_string()),
-                kind: Some("namespaces".into()),
-                causes: Vec::new(),
-            });
-        }
-        if !dry_run(req) {
-            empty_namespace(state, scope, name, req).await?;
-        }
-    }
-    if !dry_run(req) {
-        remove(
-            state,
-            &old,
-            req.audit(format!("kube.{}.delete", r.singular)),
-        )
-        .await
-        .map_err(store_error)?;
-    }
-    Ok(KubeResponse::Json(
-        StatusCode::OK,
-        json!({
-            "kind": "Status",
-            "apiVersion": "v1",
-            "metadata": {},
-            "status": "Success",
-            "details": {"name": name, "kind": r.plural, "uid": uid_of(&old.body)},
-        }),
-    ))
-}
-
-/// Deletes everything in namespace `ns`.
-async fn empty_namespace(
-    state: &AppState,
-    scope: &Scope,
-    ns: &str,
-    req: &Request,
-) -> Result<(), KubeError> {
-    let prefix = format!("{ns}/");
-    for r in SERVED.iter().filter(|r| r.namespaced) {
-        let objects = state
-            .store
-            .list_all(&scope.kind(r), &scope.filter())
-            .await
-            .map_err(store_error)?;
-        for o in objects.iter().filter(|o| o.name.starts_with(&prefix)) {
-            remove(state, o, req.audit(format!("kube.{}.delete", r.singular)))
-                .await
-                .map_err(store_error)?;
-        }
-    }
-    Ok(())
 }
 
 #[cfg(test)]

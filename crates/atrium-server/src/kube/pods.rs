@@ -112,6 +112,10 @@ pub async fn reconcile(state: &AppState) -> Result<(), StoreError> {
             .list_all(&scope.kind(pods_type), &scope.filter())
             .await?
         {
+            if pod.body.pointer("/metadata/deletionTimestamp").is_some() {
+                // Being deleted (its finalizers hold it): it runs no more.
+                continue;
+            }
             let name = workload_name(&cluster.id, &pod.name);
             let key = (scope.tenant.clone(), name.clone());
             wanted.insert(key.clone());
