@@ -9,7 +9,8 @@
 //! (`managed`), label and field selectors (`selector`), merge and
 //! JSON patches (`patch`), services' addresses and endpoints
 //! (`service`), how a pod runs as an Atrium workload and reads
-//! its status back (`pod`), an `InferenceService` as an Atrium deployment
+//! its status back (`pod`), the fleet's nodes as a cluster shows them
+//! (`node`), an `InferenceService` as an Atrium deployment
 //! (`inference`), what `kubectl exec` speaks (`remotecommand`)
 //! and `Table` output (`table`) — and does no IO: the control plane's
 //! `kube` module serves and stores.
@@ -21,6 +22,7 @@ pub mod discovery;
 pub mod inference;
 pub mod managed;
 pub mod meta;
+pub mod node;
 pub mod openapi;
 pub mod patch;
 pub mod pod;

@@ -68,6 +68,7 @@ fn schema_of(gen: &mut SchemaGenerator, r: &ResourceType) -> Option<Value> {
     }
     Some(match (r.group, r.kind) {
         ("", "Namespace") => of::<core::Namespace>(gen),
+        ("", "Node") => of::<core::Node>(gen),
         ("", "ConfigMap") => of::<core::ConfigMap>(gen),
         ("", "Secret") => of::<core::Secret>(gen),
         ("", "Pod") => of::<core::Pod>(gen),
@@ -156,6 +157,17 @@ fn paths_of(gv: &str, r: &ResourceType, schema: &Value) -> Map<String, Value> {
         format!("/{gv}/{}", r.plural)
     };
     let mut paths = Map::new();
+    if crate::resource::READ_ONLY.contains(&r.kind) {
+        paths.insert(
+            base.clone(),
+            json!({"get": op("list", json!([query("labelSelector")]))}),
+        );
+        paths.insert(
+            format!("{base}/{{name}}"),
+            json!({"get": op("get", json!([]))}),
+        );
+        return paths;
+    }
     paths.insert(
         base.clone(),
         json!({"get": op("list", json!([query("labelSelector"), query("fieldSelector"),

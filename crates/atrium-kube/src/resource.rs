@@ -39,7 +39,11 @@ impl ResourceType {
     }
 
     pub fn verbs(&self) -> &'static [&'static str] {
-        VERBS
+        if READ_ONLY.contains(&self.kind) {
+            &["get", "list"]
+        } else {
+            VERBS
+        }
     }
 }
 
@@ -53,6 +57,15 @@ pub const SERVED: &[ResourceType] = &[
         singular: "namespace",
         namespaced: false,
         short_names: &["ns"],
+    },
+    ResourceType {
+        group: "",
+        version: "v1",
+        kind: "Node",
+        plural: "nodes",
+        singular: "node",
+        namespaced: false,
+        short_names: &["no"],
     },
     ResourceType {
         group: "",
@@ -154,6 +167,9 @@ pub const SERVED: &[ResourceType] = &[
         short_names: &["isvc"],
     },
 ];
+
+/// Kinds a cluster shows but does not store: read, never written.
+pub const READ_ONLY: &[&str] = &["Node"];
 
 /// Kinds whose `status` is their controller's: a client's writes keep it.
 pub const CONTROLLED_STATUS: &[&str] =

@@ -216,9 +216,38 @@ fn middle(r: &ResourceType, obj: &Value) -> Vec<(Value, Value)> {
                 text("/status/state"),
             ),
         ],
+        "Node" => vec![
+            (
+                column("Status", "string", "", "The status of the node"),
+                json!(crate::node::status_word(obj)),
+            ),
+            (
+                column("Roles", "string", "", "The roles of the node"),
+                json!("<none>"),
+            ),
+        ],
         "ServiceAccount" => vec![(
             column("Secrets", "integer", "", "Number of secrets"),
             json!(count(obj, "secrets")),
+        )],
+        _ => Vec::new(),
+    }
+}
+
+/// The kind's columns after Age (a node's version).
+fn after_age(r: &ResourceType, obj: &Value) -> Vec<(Value, Value)> {
+    match r.kind {
+        "Node" => vec![(
+            column(
+                "Version",
+                "string",
+                "",
+                "Kubelet Version reported by the node.",
+            ),
+            json!(obj
+                .pointer("/status/nodeInfo/kubeletVersion")
+                .and_then(Value::as_str)
+                .unwrap_or("")),
         )],
         _ => Vec::new(),
     }
@@ -253,6 +282,7 @@ pub fn table(
         "",
         "CreationTimestamp is a timestamp representing the server time when this object was created.",
     ));
+    columns.extend(after_age(r, &sample).into_iter().map(|(c, _)| c));
     let rows: Vec<Value> = objects
         .iter()
         .map(|obj| {
@@ -266,6 +296,7 @@ pub fn table(
                 .and_then(Value::as_str)
                 .unwrap_or("");
             cells.push(json!(age(seconds_since(created, now))));
+            cells.extend(after_age(r, obj).into_iter().map(|(_, v)| v));
             let object = match include {
                 Include::None => Value::Null,
                 Include::Metadata => json!({"kind": "PartialObjectMetadata",

@@ -431,3 +431,53 @@ async fn a_finalizer_holds_a_delete_until_it_is_removed() {
     let (status, _) = s.call(Method::GET, &one, Some(&acme), None).await;
     assert_eq!(status, 404);
 }
+
+#[tokio::test]
+async fn a_clusters_nodes_are_the_fleets_its_residency_allows_and_read_only() {
+    let s = TestServer::start(TestBackend::Sqlite).await;
+    s.create_site("fra", "EU").await;
+    s.create_site("nyc", "US").await;
+    for (name, site) in [("eu-node", "fra"), ("us-node", "nyc")] {
+        let body = json!({"name": name, "spec": {"site": site,
+            "capacity": {"cpu": "8", "memory": "32Gi"},
+            "gpus": [{"index": 0, "model": "H100-80GB", "memory": "80Gi"}]}});
+        s.admin(Method::POST, "/v1/nodes", body).await;
+    }
+    s.create_tenant(
+        "acme",
+        json!({"residency": {"policy": "only", "jurisdictions": ["EU"]}}),
+    )
+    .await;
+    let acme = s.create_key("acme", "k", &["admin"]).await;
+    let id = cluster(&s, &acme, "dev").await;
+    let nodes = format!("/k8s/{id}/api/v1/nodes");
+    let (status, list) = s.call(Method::GET, &nodes, Some(&acme), None).await;
+    assert_eq!(status, 200, "{list}");
+    let names: Vec<&str> = list["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| n["metadata"]["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["eu-node"], "{list}");
+    let eu = &list["items"][0];
+    assert_eq!(eu["status"]["capacity"]["nvidia.com/gpu"], "1");
+    assert_eq!(
+        eu["metadata"]["labels"]["topology.kubernetes.io/region"],
+        "EU"
+    );
+    let (status, _) = s
+        .call(Method::GET, &format!("{nodes}/us-node"), Some(&acme), None)
+        .await;
+    assert_eq!(status, 404);
+    for method in [Method::POST, Method::DELETE] {
+        let path = if method == Method::POST {
+            nodes.clone()
+        } else {
+            format!("{nodes}/eu-node")
+        };
+        let body = json!({"metadata": {"name": "mine"}});
+        let (status, v) = s.call(method, &path, Some(&acme), Some(&body)).await;
+        assert_eq!(status, 405, "{v}");
+    }
+}

@@ -835,6 +835,19 @@ spec:
     );
     assert!(connect.is_ok(), "the pod answers on its port: {connect:?}");
 
+    // The node it runs on is one of the cluster's nodes, as kubectl prints them.
+    let nodes = kube.ok(&["get", "nodes"]);
+    let header: Vec<&str> = nodes.lines().next().unwrap().split_whitespace().collect();
+    assert_eq!(
+        header,
+        ["NAME", "STATUS", "ROLES", "AGE", "VERSION"],
+        "{nodes}"
+    );
+    assert!(
+        nodes.contains("n1") && nodes.contains("Ready") && nodes.contains("v1.37.0-atrium"),
+        "{nodes}"
+    );
+
     // A service selecting it has an address of the cluster's range and
     // lists the pod's address and port as its endpoint.
     let labelled = kube.ok(&["label", "pod", "web", "app=web"]);

@@ -18,6 +18,7 @@ mod delete;
 mod endpoints;
 mod exec;
 mod inference;
+mod nodes;
 mod objects;
 mod path;
 pub mod pods;

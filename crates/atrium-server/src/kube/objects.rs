@@ -327,6 +327,9 @@ pub(super) async fn serve(
 ) -> Result<KubeResponse, KubeError> {
     let scope = Scope::of(state, cluster);
     let r = at.resource;
+    if atrium_kube::resource::READ_ONLY.contains(&r.kind) {
+        return super::nodes::serve(state, &scope, at, req).await;
+    }
     match at.subresource.as_deref() {
         None => {}
         // A namespace's status is part of it, read-only here.
