@@ -8,7 +8,7 @@
 //! metadata (`meta`), who set which field and server-side apply
 //! (`managed`), label and field selectors (`selector`), merge and
 //! JSON patches (`patch`), services' addresses and endpoints
-//! (`service`), how a pod runs as an Atrium workload and reads
+//! (`service`), stateful sets' ordered steps (`statefulset`), how a pod runs as an Atrium workload and reads
 //! its status back (`pod`), the fleet's nodes as a cluster shows them
 //! (`node`), an `InferenceService` as an Atrium deployment
 //! (`inference`), what `kubectl exec` speaks (`remotecommand`)
@@ -30,6 +30,7 @@ pub mod remotecommand;
 pub mod resource;
 pub mod selector;
 pub mod service;
+pub mod statefulset;
 pub mod status;
 pub mod table;
 

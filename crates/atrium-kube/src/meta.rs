@@ -200,7 +200,6 @@ pub fn prepare_update(r: &ResourceType, old: &Value, new: &mut Value) -> Result<
     defaults(r, new)
 }
 
-/// What each kind gets when it does not say.
 /// Most replicas (or job pods) one object may ask for: each one is a pod,
 /// a workload and a placement, made by the controllers on the tenant's
 /// behalf, so the bound is Atrium's own for workloads.
@@ -221,9 +220,27 @@ fn bounded(r: &ResourceType, obj: &Value, field: &str) -> Result<(), KubeError> 
     ))
 }
 
+/// What each kind gets when it does not say.
 fn defaults(r: &ResourceType, obj: &mut Value) -> Result<(), KubeError> {
     match r.kind {
         "Deployment" | "ReplicaSet" => bounded(r, obj, "replicas")?,
+        "StatefulSet" => {
+            bounded(r, obj, "replicas")?;
+            if !obj["spec"].is_object() {
+                obj["spec"] = json!({});
+            }
+            let spec = &mut obj["spec"];
+            if spec.pointer("/updateStrategy/type").is_none() {
+                spec["updateStrategy"] =
+                    json!({"type": "RollingUpdate", "rollingUpdate": {"partition": 0}});
+            }
+            if spec.get("podManagementPolicy").is_none() {
+                spec["podManagementPolicy"] = json!("OrderedReady");
+            }
+            if spec.get("replicas").is_none() {
+                spec["replicas"] = json!(1);
+            }
+        }
         "Job" => {
             for field in ["completions", "parallelism", "backoffLimit"] {
                 bounded(r, obj, field)?;

@@ -78,6 +78,7 @@ fn schema_of(gen: &mut SchemaGenerator, r: &ResourceType) -> Option<Value> {
         ("", "Endpoints") => of::<core::Endpoints>(gen),
         ("apps", "Deployment") => of::<apps::Deployment>(gen),
         ("apps", "ReplicaSet") => of::<apps::ReplicaSet>(gen),
+        ("apps", "StatefulSet") => of::<apps::StatefulSet>(gen),
         ("batch", "Job") => of::<batch::Job>(gen),
         ("atrium.dev", "InferenceService") => {
             // Its own schema beside the metadata it refers to.

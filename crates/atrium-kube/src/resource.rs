@@ -149,6 +149,15 @@ pub const SERVED: &[ResourceType] = &[
         short_names: &["rs"],
     },
     ResourceType {
+        group: "apps",
+        version: "v1",
+        kind: "StatefulSet",
+        plural: "statefulsets",
+        singular: "statefulset",
+        namespaced: true,
+        short_names: &["sts"],
+    },
+    ResourceType {
         group: "batch",
         version: "v1",
         kind: "Job",
@@ -176,7 +185,7 @@ pub const CONTROLLED_STATUS: &[&str] =
     &["Pod", "Deployment", "ReplicaSet", "Job", "InferenceService"];
 
 /// Kinds with a `/scale` subresource.
-pub const SCALABLE: &[&str] = &["Deployment", "ReplicaSet"];
+pub const SCALABLE: &[&str] = &["Deployment", "ReplicaSet", "StatefulSet"];
 
 /// The resource `plural` of `group`/`version`, if it is served.
 pub fn find(group: &str, version: &str, plural: &str) -> Option<&'static ResourceType> {

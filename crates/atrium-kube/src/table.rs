@@ -226,6 +226,17 @@ fn middle(r: &ResourceType, obj: &Value) -> Vec<(Value, Value)> {
                 json!("<none>"),
             ),
         ],
+        "StatefulSet" => {
+            let n = |p: &str| obj.pointer(p).and_then(Value::as_u64).unwrap_or(0);
+            vec![(
+                column("Ready", "string", "", "Number of the pod with ready state"),
+                json!(format!(
+                    "{}/{}",
+                    n("/status/readyReplicas"),
+                    n("/spec/replicas")
+                )),
+            )]
+        }
         "ServiceAccount" => vec![(
             column("Secrets", "integer", "", "Number of secrets"),
             json!(count(obj, "secrets")),

@@ -1099,6 +1099,47 @@ spec:
     kube.ok(&["delete", "deployment", "api"]);
     wait_for("the deployment's pods to go", 60, || api_pods(&kube) == 0);
 
+    // A stateful set makes its pods in order, each named and host-named by
+    // its ordinal, shrinks from the top, and takes its pods when deleted.
+    let sts = write(
+        build.path(),
+        "sts.yaml",
+        "apiVersion: apps/v1
+kind: StatefulSet
+metadata: {name: db}
+spec:
+  serviceName: db
+  replicas: 2
+  selector: {matchLabels: {app: db}}
+  template:
+    metadata: {labels: {app: db}}
+    spec:
+      containers:
+      - name: main
+        image: acme/busybox:1
+        command: [/bin/busybox, sleep, \"3600\"]
+        resources: {limits: {cpu: 100m, memory: 16Mi}}
+",
+    );
+    kube.ok(&["apply", "-f", sts.to_str().unwrap()]);
+    let (ok, rolled) = kube.run(&["rollout", "status", "statefulset/db", "--timeout=90s"]);
+    assert!(ok, "{rolled}");
+    let db_pods = |kube: &Kube| kube.ok(&["get", "pods", "-l", "app=db", "-o", "name"]);
+    assert_eq!(db_pods(&kube).trim(), "pod/db-0\npod/db-1");
+    assert_eq!(
+        kube.ok(&["exec", "db-1", "--", "cat", "/etc/hostname"])
+            .trim(),
+        "db-1"
+    );
+    let listed = kube.ok(&["get", "statefulsets"]);
+    assert!(listed.contains("2/2"), "{listed}");
+    kube.ok(&["scale", "statefulset", "db", "--replicas=1"]);
+    wait_for("db-1 to go", 60, || db_pods(&kube).trim() == "pod/db-0");
+    kube.ok(&["delete", "statefulset", "db"]);
+    wait_for("the stateful set's pods to go", 60, || {
+        db_pods(&kube).trim().is_empty()
+    });
+
     // A job runs its pods to completion, two at a time.
     let job = write(
         build.path(),

@@ -4,7 +4,8 @@
 //! its replicas and the older ones to zero once the current one is
 //! ready (a rolling update, one step); a replica set keeps its number of
 //! pods, each owned by it; what has lost its owner is deleted (garbage
-//! collection by `ownerReferences`). Statuses are written back as
+//! collection by `ownerReferences`); stateful sets are `statefulsets`'.
+//! Statuses are written back as
 //! `kubectl rollout status` reads them: observed generation, replica
 //! counts, conditions.
 
@@ -61,13 +62,14 @@ fn with_label(labels: Option<&Value>, key: &str, value: &str) -> Value {
     labels
 }
 
-fn pod_ready(pod: &Value) -> bool {
+pub(super) fn pod_ready(pod: &Value) -> bool {
     pod.pointer("/status/containerStatuses/0/ready") == Some(&json!(true))
 }
 
 pub(super) struct Types {
     deployment: &'static ResourceType,
     replica_set: &'static ResourceType,
+    pub stateful_set: &'static ResourceType,
     pub job: &'static ResourceType,
     pub pod: &'static ResourceType,
 }
@@ -76,6 +78,7 @@ fn types() -> Option<Types> {
     Some(Types {
         deployment: find("apps", "v1", "deployments")?,
         replica_set: find("apps", "v1", "replicasets")?,
+        stateful_set: find("apps", "v1", "statefulsets")?,
         job: find("batch", "v1", "jobs")?,
         pod: find("", "v1", "pods")?,
     })
@@ -96,6 +99,7 @@ pub async fn reconcile(state: &AppState, scope: &Scope) -> Result<(), StoreError
     let deployments = list(state, scope, t.deployment).await?;
     let sets = list(state, scope, t.replica_set).await?;
     let jobs = list(state, scope, t.job).await?;
+    let stateful = list(state, scope, t.stateful_set).await?;
     let pods = list(state, scope, t.pod).await?;
     let uids = |objects: &[Object]| -> HashSet<String> {
         objects
@@ -104,8 +108,9 @@ pub async fn reconcile(state: &AppState, scope: &Scope) -> Result<(), StoreError
             .collect()
     };
     let (deployment_uids, mut set_uids) = (uids(&deployments), uids(&sets));
-    // Pods are owned by replica sets or jobs.
+    // Pods are owned by replica sets, jobs or stateful sets.
     set_uids.extend(uids(&jobs));
+    set_uids.extend(uids(&stateful));
     // What lost its owner goes: a deleted deployment's replica sets, and
     // in the same pass their pods.
     for rs in &sets {
@@ -125,6 +130,9 @@ pub async fn reconcile(state: &AppState, scope: &Scope) -> Result<(), StoreError
     for d in &deployments {
         deployment(state, scope, &t, d, &sets).await;
     }
+    for sts in &stateful {
+        super::statefulsets::stateful_set(state, scope, &t, sts, &pods).await;
+    }
     for rs in &sets {
         if owner(&rs.body).is_none_or(|u| deployment_uids.contains(u)) {
             replica_set(state, scope, &t, rs, &pods).await;
@@ -134,7 +142,7 @@ pub async fn reconcile(state: &AppState, scope: &Scope) -> Result<(), StoreError
 }
 
 /// The template's hash: its replica set's name suffix.
-fn template_hash(template: &Value) -> String {
+pub(super) fn template_hash(template: &Value) -> String {
     let digest = Sha256::digest(template.to_string().as_bytes());
     hex::encode(digest)[..10].to_string()
 }

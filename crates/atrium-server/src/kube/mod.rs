@@ -23,6 +23,7 @@ mod objects;
 mod path;
 pub mod pods;
 pub mod sealed;
+mod statefulsets;
 mod subresources;
 mod watch;
 

@@ -552,6 +552,18 @@ pub(super) fn field_manager(req: &Request) -> Result<String, KubeError> {
     Ok(agent.unwrap_or("unknown").to_string())
 }
 
+/// Refuses, when written, what its controller could never carry out:
+/// an inference service that could be no deployment, a stateful set
+/// asking for what is not served. What only admission knows (quota, the
+/// model) comes back in the object's status instead.
+fn refuse_unservable(r: &ResourceType, obj: &Value) -> Result<(), KubeError> {
+    match r.kind {
+        "InferenceService" => atrium_kube::inference::deployment_of(obj).map(|_| ()),
+        "StatefulSet" => atrium_kube::statefulset::policy(obj).map(|_| ()),
+        _ => Ok(()),
+    }
+}
+
 /// Creates `obj` (its `managedFields` already recorded).
 pub(super) async fn create_object(
     state: &AppState,
@@ -576,11 +588,7 @@ pub(super) async fn create_object(
             return Err(KubeError::not_found("namespaces", ns));
         }
     }
-    if r.kind == "InferenceService" {
-        // Refused now when it could never be a deployment; what only
-        // admission knows (quota, the model) comes back in its status.
-        atrium_kube::inference::deployment_of(&obj)?;
-    }
+    refuse_unservable(r, &obj)?;
     if r.kind == "Service" {
         let taken = state
             .store
@@ -634,9 +642,7 @@ pub(super) async fn replace(
     if r.kind == "Service" {
         atrium_kube::service::prepare_update(&was, &mut new)?;
     }
-    if r.kind == "InferenceService" {
-        atrium_kube::inference::deployment_of(&new)?;
-    }
+    refuse_unservable(r, &new)?;
     if r.kind == "Pod" {
         // A pod's spec is what its workload runs.
         if new.get("spec") != was.get("spec") {

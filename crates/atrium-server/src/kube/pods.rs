@@ -187,6 +187,7 @@ async fn relevant(store: &Store, seen: i64, head: i64) -> bool {
                             ":pods",
                             ":deployments.apps",
                             ":replicasets.apps",
+                            ":statefulsets.apps",
                             ":jobs.batch",
                             ":services",
                             ":inferenceservices.atrium.dev",
