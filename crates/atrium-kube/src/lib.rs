@@ -5,11 +5,12 @@
 //! is — the resources served (`resource`), discovery (`discovery`),
 //! OpenAPI v3 documents with upstream's schemas (`openapi`), errors as
 //! `Status` objects (`status`), what the server sets in an object's
-//! metadata (`meta`), who set which field and server-side apply
+//! metadata (`meta`), RBAC for service accounts (`rbac`), who set which field and server-side apply
 //! (`managed`), label and field selectors (`selector`), merge and
 //! JSON patches (`patch`), services' addresses and endpoints
 //! (`service`), stateful sets' ordered steps (`statefulset`), how a pod runs as an Atrium workload and reads
-//! its status back (`pod`), the fleet's nodes as a cluster shows them
+//! its status back (`pod`), the protobuf of the few requests kubectl sends
+//! only so (`protobuf`), the fleet's nodes as a cluster shows them
 //! (`node`), an `InferenceService` as an Atrium deployment
 //! (`inference`), what `kubectl exec` speaks (`remotecommand`)
 //! and `Table` output (`table`) — and does no IO: the control plane's
@@ -26,6 +27,8 @@ pub mod node;
 pub mod openapi;
 pub mod patch;
 pub mod pod;
+pub mod protobuf;
+pub mod rbac;
 pub mod remotecommand;
 pub mod resource;
 pub mod selector;

@@ -10,7 +10,7 @@
 
 use std::sync::OnceLock;
 
-use k8s_openapi::api::{apps::v1 as apps, batch::v1 as batch, core::v1 as core};
+use k8s_openapi::api::{apps::v1 as apps, batch::v1 as batch, core::v1 as core, rbac::v1 as rbac};
 use schemars::generate::SchemaSettings;
 use schemars::{JsonSchema, SchemaGenerator};
 use serde_json::{json, Map, Value};
@@ -80,6 +80,10 @@ fn schema_of(gen: &mut SchemaGenerator, r: &ResourceType) -> Option<Value> {
         ("apps", "ReplicaSet") => of::<apps::ReplicaSet>(gen),
         ("apps", "StatefulSet") => of::<apps::StatefulSet>(gen),
         ("batch", "Job") => of::<batch::Job>(gen),
+        ("rbac.authorization.k8s.io", "Role") => of::<rbac::Role>(gen),
+        ("rbac.authorization.k8s.io", "ClusterRole") => of::<rbac::ClusterRole>(gen),
+        ("rbac.authorization.k8s.io", "RoleBinding") => of::<rbac::RoleBinding>(gen),
+        ("rbac.authorization.k8s.io", "ClusterRoleBinding") => of::<rbac::ClusterRoleBinding>(gen),
         ("atrium.dev", "InferenceService") => {
             // Its own schema beside the metadata it refers to.
             gen.subschema_for::<k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta>();

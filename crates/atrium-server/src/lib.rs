@@ -355,7 +355,6 @@ pub fn router(state: AppState) -> Router {
             axum::routing::put(tenancy::set_status::<Exec>),
         )
         .route("/v1/workloads/{ident}/exec", post(exec::run))
-        .route("/k8s/{cluster}/{*rest}", axum::routing::any(kube::serve))
         .route("/v1/kube/endpoint", get(kube::endpoint))
         .route(
             "/v1/usage",
@@ -375,6 +374,15 @@ pub fn router(state: AppState) -> Router {
             get(move || async move { Json(openapi.as_ref().clone()) }),
         )
         .merge(api)
+        // Tenant clusters also take their service accounts' tokens.
+        .merge(
+            Router::new()
+                .route("/k8s/{cluster}/{*rest}", axum::routing::any(kube::serve))
+                .route_layer(middleware::from_fn_with_state(
+                    state.clone(),
+                    kube::authenticate,
+                )),
+        )
         .merge(registry::routes(Router::new()))
         .fallback(|req: Request| async move { ApiError::NoRoute(req.uri().path().to_string()) })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })

@@ -481,3 +481,84 @@ async fn a_clusters_nodes_are_the_fleets_its_residency_allows_and_read_only() {
         assert_eq!(status, 405, "{v}");
     }
 }
+
+#[tokio::test]
+async fn a_service_account_token_opens_its_own_cluster_only_and_never_grants_rbac() {
+    let s = TestServer::start(TestBackend::Sqlite).await;
+    s.create_tenant("acme", json!({})).await;
+    let acme = s.create_key("acme", "k", &["admin"]).await;
+    let id = cluster(&s, &acme, "dev").await;
+    let other = cluster(&s, &acme, "other").await;
+    let core = format!("/k8s/{id}/api/v1/namespaces/default");
+    let rbac = format!("/k8s/{id}/apis/rbac.authorization.k8s.io/v1");
+    let post = |path: String, body: Value| {
+        let (s, acme) = (&s, acme.clone());
+        async move { s.call(Method::POST, &path, Some(&acme), Some(&body)).await }
+    };
+    post(
+        format!("{core}/serviceaccounts"),
+        json!({"metadata": {"name": "ops"}}),
+    )
+    .await;
+    // Every verb on every resource, cluster-wide.
+    post(
+        format!("{rbac}/clusterroles"),
+        json!({"metadata": {"name": "all"},
+               "rules": [{"apiGroups": ["*"], "resources": ["*"], "verbs": ["*"]}]}),
+    )
+    .await;
+    let (status, v) = post(
+        format!("{rbac}/clusterrolebindings"),
+        json!({"metadata": {"name": "ops-all"},
+               "subjects": [{"kind": "ServiceAccount", "name": "ops", "namespace": "default"}],
+               "roleRef": {"kind": "ClusterRole", "name": "all", "apiGroup": "rbac.authorization.k8s.io"}}),
+    )
+    .await;
+    assert_eq!(status, 201, "{v}");
+    let (status, v) = post(
+        format!("{core}/serviceaccounts/ops/token"),
+        json!({"spec": {"expirationSeconds": 60}}),
+    )
+    .await;
+    assert_eq!(status, 422, "too short a life: {v}");
+    let (status, v) = post(format!("{core}/serviceaccounts/ops/token"), json!({})).await;
+    assert_eq!(status, 201, "{v}");
+    let token = v["status"]["token"].as_str().unwrap().to_string();
+    let as_ops = |method: Method, path: String, body: Option<Value>| {
+        let (s, token) = (&s, token.clone());
+        async move { s.call(method, &path, Some(&token), body.as_ref()).await }
+    };
+    let (status, v) = as_ops(
+        Method::POST,
+        format!("{core}/configmaps"),
+        Some(json!({"metadata": {"name": "made-by-ops"}})),
+    )
+    .await;
+    assert_eq!(status, 201, "its role lets it: {v}");
+    // Granting is a tenant administrator's, whatever the account holds.
+    let (status, v) = as_ops(
+        Method::POST,
+        format!("{rbac}/clusterrolebindings"),
+        Some(json!({"metadata": {"name": "more"}, "subjects": [],
+                    "roleRef": {"kind": "ClusterRole", "name": "all"}})),
+    )
+    .await;
+    assert_eq!(status, 403, "{v}");
+    // Its cluster only; not the Atrium API; not forged.
+    let (status, _) = as_ops(Method::GET, format!("/k8s/{other}/api/v1/namespaces"), None).await;
+    assert_eq!(status, 401);
+    let (status, _) = as_ops(Method::GET, "/v1/clusters".into(), None).await;
+    assert_eq!(status, 401);
+    // Its claims changed under the same signature.
+    let forged = token.replacen("atrium-sa.e", "atrium-sa.f", 1);
+    assert_ne!(forged, token);
+    let (status, _) = s
+        .call(
+            Method::GET,
+            &format!("{core}/configmaps"),
+            Some(&forged),
+            None,
+        )
+        .await;
+    assert_eq!(status, 401);
+}

@@ -302,6 +302,74 @@ fn kubectl_applies_reads_patches_watches_and_deletes_in_a_tenants_cluster() {
     let (ok, said) = kube.run(&["delete", "namespace", "default"]);
     assert!(!ok && said.contains("Forbidden"), "{said}");
 
+    // A service account's token does what the cluster's RBAC grants it,
+    // in its own cluster only, and while the account exists.
+    let rbac = write(
+        dir.path(),
+        "rbac.yaml",
+        "apiVersion: v1
+kind: ServiceAccount
+metadata: {name: bot, namespace: demo}
+---
+apiVersion: v1
+kind: ConfigMap
+metadata: {name: shared, namespace: demo}
+data: {k: v}
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: Role
+metadata: {name: config-reader, namespace: demo}
+rules:
+- apiGroups: [\"\"]
+  resources: [configmaps]
+  verbs: [get, list, watch]
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: RoleBinding
+metadata: {name: bot-reads-config, namespace: demo}
+subjects: [{kind: ServiceAccount, name: bot, namespace: demo}]
+roleRef: {kind: Role, name: config-reader, apiGroup: rbac.authorization.k8s.io}
+",
+    );
+    kube.ok(&["apply", "-f", rbac.to_str().unwrap()]);
+    let token = kube.ok(&["create", "token", "bot", "-n", "demo"]);
+    let token = token.trim();
+    assert!(token.starts_with("atrium-sa."), "{token}");
+    let bot = Kube::new(
+        &bin,
+        dir.path(),
+        "bot.kubeconfig",
+        &with_token(config, token),
+    );
+    assert!(bot
+        .ok(&["get", "configmaps", "-n", "demo"])
+        .contains("shared"));
+    for (args, why) in [
+        (vec!["get", "secrets", "-n", "demo"], "cannot list secrets"),
+        (
+            vec!["get", "configmaps", "-n", "default"],
+            "in the namespace \"default\"",
+        ),
+        (
+            vec!["delete", "configmap", "settings", "-n", "demo"],
+            "cannot delete",
+        ),
+        (vec!["get", "configmaps", "-A"], "at the cluster scope"),
+    ] {
+        let (ok, said) = bot.run(&args);
+        assert!(
+            !ok && said.contains("Forbidden") && said.contains(why),
+            "{args:?}: {said}"
+        );
+    }
+    // It may not grant itself more.
+    let (ok, said) = bot.run(&["apply", "-f", rbac.to_str().unwrap()]);
+    assert!(!ok && said.contains("Forbidden"), "{said}");
+    // Deleting the account revokes its tokens.
+    kube.ok(&["delete", "serviceaccount", "bot", "-n", "demo"]);
+    let (ok, said) = bot.run(&["get", "configmaps", "-n", "demo"]);
+    assert!(!ok && said.contains("no longer exists"), "{said}");
+
     // A viewer key reads and writes nothing.
     let viewing = Kube::new(
         &bin,

@@ -5,11 +5,13 @@
 //! is `atrium-kube`'s; this module authenticates, finds the cluster,
 //! routes, and stores.
 //!
-//! Who may do what: the caller's Atrium role, over the cluster's tenant.
-//! A tenant's admin key reads and writes its clusters, a viewer key only
-//! reads, and another tenant's key finds no cluster at all (404), exactly
-//! as for every other kind.
+//! Who may do what (`access`): an Atrium key by its role over the
+//! cluster's tenant — a tenant's admin key reads and writes its clusters,
+//! a viewer key only reads, another tenant's key finds no cluster at all
+//! (404), exactly as for every other kind — and a service account's token
+//! (`tokens`) by the cluster's RBAC.
 
+mod access;
 mod apply;
 mod apps;
 mod batch;
@@ -25,6 +27,7 @@ pub mod pods;
 pub mod sealed;
 mod statefulsets;
 mod subresources;
+mod tokens;
 mod watch;
 
 use atrium_core::cluster::ClusterSpec;
@@ -42,11 +45,12 @@ use axum::Extension;
 use serde_json::Value;
 
 use crate::auth::Caller;
-use crate::crud::{require, resolve};
+use crate::crud::require;
 use crate::error::ApiError;
 use crate::kinds::{one_more, Access, Cluster, Kind, Resource};
 use crate::{AppState, RequestId};
 
+pub use access::{authenticate, Who};
 pub use objects::delete_cluster_objects;
 pub(crate) use objects::system_audit;
 use path::Target;
@@ -181,7 +185,7 @@ fn parse_query(raw: Option<&str>) -> Vec<(String, String)> {
 /// `ANY /k8s/{cluster}/{*rest}`.
 pub async fn serve(
     State(state): State<AppState>,
-    Extension(caller): Extension<Caller>,
+    Extension(who): Extension<Who>,
     Extension(rid): Extension<RequestId>,
     Path((cluster, rest)): Path<(String, String)>,
     mut parts: axum::http::request::Parts,
@@ -190,27 +194,18 @@ pub async fn serve(
     let upgrade = WebSocketUpgrade::from_request_parts(&mut parts, &state)
         .await
         .ok();
-    let (method, headers, query) = (parts.method, parts.headers, parts.uri.query());
-    // Running a command in a pod is a write, though it is a GET.
-    let runs_a_command = matches!(path::parse(&rest), Ok(Target::Resource(at)) if at.subresource.as_deref() == Some("exec"));
-    let access = if matches!(method, Method::GET | Method::HEAD) && !runs_a_command {
-        Access::Read
-    } else {
-        Access::Write
-    };
-    let cluster = match require::<Cluster>(&caller, access) {
-        Ok(()) => resolve::<Cluster>(&state, &caller, &cluster, None).await,
-        Err(e) => Err(e),
-    };
-    let cluster = match cluster {
-        Ok(c) => c,
-        Err(e) => return refusal(from_api(e)),
+    let (method, headers) = (parts.method, parts.headers);
+    let query = parse_query(parts.uri.query());
+    let (cluster, caller) = match access::admit(&state, who, &cluster, &rest, &method, &query).await
+    {
+        Ok(admitted) => admitted,
+        Err(e) => return refusal(e),
     };
     let request = Request {
         caller,
         rid,
         method,
-        query: parse_query(query),
+        query,
         headers,
         body,
         upgrade: std::sync::Mutex::new(upgrade),

@@ -342,6 +342,10 @@ pub(super) async fn serve(
             let name = at.name.as_deref().unwrap_or_default();
             return super::exec::pod_exec(state, &scope, at, name, req).await;
         }
+        Some("token") if r.kind == "ServiceAccount" && req.method == Method::POST => {
+            let name = at.name.as_deref().unwrap_or_default();
+            return super::tokens::token_request(state, &scope, at, name, req).await;
+        }
         Some("scale") if atrium_kube::resource::SCALABLE.contains(&r.kind) => {
             let name = at.name.as_deref().unwrap_or_default();
             return super::subresources::scale(state, &scope, at, name, req).await;

@@ -25,6 +25,7 @@ use serde_json::{json, Value};
 use atrium_kube::KubeError;
 
 const SALT: &[u8] = b"atrium kube secrets v1";
+const TOKEN_SALT: &[u8] = b"atrium kube service account tokens v1";
 const VERSION: &str = "v1:";
 const B64: base64::engine::GeneralPurpose = base64::engine::general_purpose::STANDARD;
 
@@ -83,6 +84,18 @@ impl Sealer {
             .map_err(|_| KubeError::internal("cannot derive the tenant's key"))?;
         let key = UnboundKey::from(okm);
         Ok(LessSafeKey::new(key))
+    }
+
+    /// The key service account tokens are signed with: derived from the
+    /// master key under a salt of its own, so it is no tenant's key.
+    pub fn token_key(&self) -> ring::hmac::Key {
+        let prk = Salt::new(HKDF_SHA256, TOKEN_SALT).extract(&self.master);
+        let okm = prk.expand(&[b"hmac"], ring::hmac::HMAC_SHA256);
+        match okm {
+            Ok(okm) => ring::hmac::Key::from(okm),
+            // The length is HMAC-SHA256's own: expand cannot refuse it.
+            Err(_) => ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &self.master),
+        }
     }
 
     /// `secret` with its `data` sealed into `encryptedData`, bound to
