@@ -5,7 +5,7 @@
 //! is — the resources served (`resource`), discovery (`discovery`),
 //! OpenAPI v3 documents with upstream's schemas (`openapi`), errors as
 //! `Status` objects (`status`), what the server sets in an object's
-//! metadata (`meta`), RBAC for service accounts (`rbac`), who set which field and server-side apply
+//! metadata (`meta`), namespaces' resource quotas (`quota`), RBAC for service accounts (`rbac`), who set which field and server-side apply
 //! (`managed`), label and field selectors (`selector`), merge and
 //! JSON patches (`patch`), services' addresses and endpoints
 //! (`service`), stateful sets' ordered steps (`statefulset`), how a pod runs as an Atrium workload and reads
@@ -28,6 +28,7 @@ pub mod openapi;
 pub mod patch;
 pub mod pod;
 pub mod protobuf;
+pub mod quota;
 pub mod rbac;
 pub mod remotecommand;
 pub mod resource;

@@ -75,6 +75,7 @@ fn schema_of(gen: &mut SchemaGenerator, r: &ResourceType) -> Option<Value> {
         ("", "Event") => of::<core::Event>(gen),
         ("", "ServiceAccount") => of::<core::ServiceAccount>(gen),
         ("", "Service") => of::<core::Service>(gen),
+        ("", "ResourceQuota") => of::<core::ResourceQuota>(gen),
         ("", "Endpoints") => of::<core::Endpoints>(gen),
         ("apps", "Deployment") => of::<apps::Deployment>(gen),
         ("apps", "ReplicaSet") => of::<apps::ReplicaSet>(gen),

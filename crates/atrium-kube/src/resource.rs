@@ -115,6 +115,15 @@ pub const SERVED: &[ResourceType] = &[
     ResourceType {
         group: "",
         version: "v1",
+        kind: "ResourceQuota",
+        plural: "resourcequotas",
+        singular: "resourcequota",
+        namespaced: true,
+        short_names: &["quota"],
+    },
+    ResourceType {
+        group: "",
+        version: "v1",
         kind: "Service",
         plural: "services",
         singular: "service",

@@ -260,6 +260,44 @@ fn after_age(r: &ResourceType, obj: &Value) -> Vec<(Value, Value)> {
                 .and_then(Value::as_str)
                 .unwrap_or("")),
         )],
+        "ResourceQuota" => {
+            // `used/hard` of each limit, as upstream prints them.
+            let pairs = |limits: bool| {
+                let hard = obj.pointer("/status/hard").and_then(Value::as_object);
+                hard.into_iter()
+                    .flatten()
+                    .filter(|(k, _)| k.starts_with("limits.") == limits)
+                    .map(|(k, h)| {
+                        let used = obj
+                            .pointer(&format!("/status/used/{}", k.replace('/', "~1")))
+                            .and_then(Value::as_str)
+                            .unwrap_or("0");
+                        format!("{k}: {used}/{}", h.as_str().unwrap_or(""))
+                    })
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            };
+            vec![
+                (
+                    column(
+                        "Request",
+                        "string",
+                        "",
+                        "Quota requests and what is used of them.",
+                    ),
+                    json!(pairs(false)),
+                ),
+                (
+                    column(
+                        "Limit",
+                        "string",
+                        "",
+                        "Quota limits and what is used of them.",
+                    ),
+                    json!(pairs(true)),
+                ),
+            ]
+        }
         _ => Vec::new(),
     }
 }

@@ -562,3 +562,103 @@ async fn a_service_account_token_opens_its_own_cluster_only_and_never_grants_rba
         .await;
     assert_eq!(status, 401);
 }
+
+#[tokio::test]
+async fn a_namespaces_quota_holds_for_its_tenant_and_its_controllers() {
+    let s = TestServer::start(TestBackend::Sqlite).await;
+    s.create_tenant("acme", json!({})).await;
+    let acme = s.create_key("acme", "k", &["admin"]).await;
+    let id = cluster(&s, &acme, "dev").await;
+    let core = format!("/k8s/{id}/api/v1/namespaces/default");
+    let post = |path: String, body: Value| {
+        let (s, acme) = (&s, acme.clone());
+        async move { s.call(Method::POST, &path, Some(&acme), Some(&body)).await }
+    };
+    let (status, v) = post(
+        format!("{core}/resourcequotas"),
+        json!({"metadata": {"name": "small"},
+               "spec": {"hard": {"configmaps": "2", "pods": "1", "requests.cpu": "200m"}}}),
+    )
+    .await;
+    assert_eq!(status, 201, "{v}");
+    for i in 0..2 {
+        let (status, v) = post(
+            format!("{core}/configmaps"),
+            json!({"metadata": {"name": format!("c{i}")}}),
+        )
+        .await;
+        assert_eq!(status, 201, "{v}");
+    }
+    let (status, v) = post(
+        format!("{core}/configmaps"),
+        json!({"metadata": {"name": "c2"}}),
+    )
+    .await;
+    assert_eq!(status, 403, "{v}");
+    assert_eq!(
+        v["message"],
+        "configmaps \"c2\" is forbidden: exceeded quota: small, requested: configmaps=1, used: configmaps=2, limited: configmaps=2"
+    );
+    // A pod asking for more CPU than is left is refused; so are the pods
+    // a replica set would make past the count, in its status.
+    let pod = |name: &str, cpu: &str| {
+        json!({"metadata": {"name": name, "labels": {"app": "x"}}, "spec": {"containers": [
+            {"name": "main", "image": "acme/x:1", "resources": {"requests": {"cpu": cpu}}}]}})
+    };
+    let (status, v) = post(format!("{core}/pods"), pod("big", "300m")).await;
+    assert_eq!(status, 403, "{v}");
+    assert!(
+        v["message"].as_str().unwrap().contains("requests.cpu=300m"),
+        "{v}"
+    );
+    let (status, v) = post(format!("{core}/pods"), pod("one", "100m")).await;
+    assert_eq!(status, 201, "{v}");
+    let template = json!({"metadata": {"labels": {"app": "rs"}}, "spec": {"containers": [
+        {"name": "main", "image": "acme/x:1", "resources": {"requests": {"cpu": "50m"}}}]}});
+    let (status, v) = post(
+        format!("/k8s/{id}/apis/apps/v1/namespaces/default/replicasets"),
+        json!({"metadata": {"name": "rs"},
+               "spec": {"replicas": 1, "selector": {"matchLabels": {"app": "rs"}}, "template": template}}),
+    )
+    .await;
+    assert_eq!(status, 201, "{v}");
+    let rs = format!("/k8s/{id}/apis/apps/v1/namespaces/default/replicasets/rs");
+    let mut said = Value::Null;
+    for _ in 0..100 {
+        let (_, v) = s.call(Method::GET, &rs, Some(&acme), None).await;
+        said = v["status"]["conditions"][0].clone();
+        if said["reason"] == "FailedCreate" {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert!(
+        said["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("exceeded quota: small"),
+        "{said}"
+    );
+    // The quota's status says what is used.
+    let mut used = Value::Null;
+    for _ in 0..100 {
+        let (_, v) = s
+            .call(
+                Method::GET,
+                &format!("{core}/resourcequotas/small"),
+                Some(&acme),
+                None,
+            )
+            .await;
+        used = v["status"]["used"].clone();
+        if used["pods"] == "1" && used["configmaps"] == "2" {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        used,
+        json!({"configmaps": "2", "pods": "1", "requests.cpu": "100m"}),
+        "{used}"
+    );
+}

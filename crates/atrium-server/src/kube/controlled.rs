@@ -27,6 +27,8 @@ pub async fn create(
 ) -> Result<(), KubeError> {
     let name = meta::prepare_create(r, &mut obj, Some(ns), &uid(), &timestamp(), name_suffix)?;
     managed::record_update(None, &mut obj, "atrium-controller", &timestamp());
+    // The namespace's quotas hold for what the controllers make too.
+    super::quotas::admit(state, scope, r, ns, &obj).await?;
     if r.kind == "Pod" {
         atrium_kube::pod::workload_of(&obj)?;
         obj["status"] = json!({"phase": "Pending"});

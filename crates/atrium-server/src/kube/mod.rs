@@ -24,6 +24,7 @@ mod nodes;
 mod objects;
 mod path;
 pub mod pods;
+mod quotas;
 pub mod sealed;
 mod statefulsets;
 mod subresources;

@@ -591,6 +591,7 @@ pub(super) async fn create_object(
         if find(state, scope, namespaces, ns).await?.is_none() {
             return Err(KubeError::not_found("namespaces", ns));
         }
+        super::quotas::admit(state, scope, r, ns, &obj).await?;
     }
     refuse_unservable(r, &obj)?;
     if r.kind == "Service" {

@@ -150,6 +150,7 @@ pub async fn reconcile(state: &AppState) -> Result<(), StoreError> {
             }
         }
         super::endpoints::reconcile(state, &scope).await?;
+        super::quotas::reconcile(state, &scope).await?;
         super::inference::reconcile(state, &scope, &cluster.name, &served, &mut serving).await?;
     }
     super::inference::sweep(state, &served, &serving).await;
@@ -190,6 +191,7 @@ async fn relevant(store: &Store, seen: i64, head: i64) -> bool {
                             ":statefulsets.apps",
                             ":jobs.batch",
                             ":services",
+                            ":resourcequotas",
                             ":inferenceservices.atrium.dev",
                         ]
                         .iter()
