@@ -1,7 +1,8 @@
 //! Discovery: `/version`, `/api`, `/apis` and each group version's
 //! resource list, in the legacy (unaggregated) shapes every client
-//! understands. A client that asks for aggregated discovery first gets
-//! these and falls back, as kubectl does.
+//! understands, and aggregated (`apidiscovery.k8s.io/v2`): every group's
+//! resources in one answer to `/api` and one to `/apis`, which kubectl
+//! asks for first — two requests instead of one per group version.
 
 use serde_json::{json, Value};
 
@@ -52,15 +53,104 @@ pub fn api_group(name: &str) -> Option<Value> {
     Some(doc)
 }
 
-fn resource(r: &ResourceType) -> Value {
-    json!({
+/// A served subresource: its name, what it answers with (group,
+/// version, kind) and its verbs.
+type Subresource = (
+    &'static str,
+    (&'static str, &'static str, &'static str),
+    &'static [&'static str],
+);
+
+/// The subresources of `r`'s kind.
+fn subresources(r: &ResourceType) -> Vec<Subresource> {
+    let own = (r.group, r.version, r.kind);
+    let mut out: Vec<Subresource> = Vec::new();
+    if crate::resource::CONTROLLED_STATUS.contains(&r.kind) {
+        out.push(("status", own, &["get"]));
+    }
+    if crate::resource::SCALABLE.contains(&r.kind) {
+        out.push((
+            "scale",
+            ("autoscaling", "v1", "Scale"),
+            &["get", "patch", "update"],
+        ));
+    }
+    match r.kind {
+        "Pod" => {
+            out.push(("log", ("", "v1", "Pod"), &["get"]));
+            out.push(("exec", ("", "v1", "PodExecOptions"), &["create", "get"]));
+        }
+        "ServiceAccount" => {
+            out.push((
+                "token",
+                ("authentication.k8s.io", "v1", "TokenRequest"),
+                &["create"],
+            ));
+        }
+        _ => {}
+    }
+    out
+}
+
+/// `r` and its subresources, as a legacy resource list has them.
+fn resource(r: &ResourceType) -> Vec<Value> {
+    let mut out = vec![json!({
         "name": r.plural,
         "singularName": r.singular,
         "namespaced": r.namespaced,
         "kind": r.kind,
         "verbs": r.verbs(),
         "shortNames": r.short_names,
-    })
+    })];
+    for (sub, (group, version, kind), verbs) in subresources(r) {
+        let mut entry = json!({"name": format!("{}/{sub}", r.plural), "singularName": "",
+            "namespaced": r.namespaced, "kind": kind, "verbs": verbs});
+        if (group, version) != (r.group, r.version) {
+            entry["group"] = json!(group);
+            entry["version"] = json!(version);
+        }
+        out.push(entry);
+    }
+    out
+}
+
+/// The media type of aggregated discovery, as answered.
+pub const AGGREGATED: &str = "application/json;g=apidiscovery.k8s.io;v=v2;as=APIGroupDiscoveryList";
+
+/// `/api` (`core`) or `/apis` as one aggregated document.
+pub fn aggregated(core: bool) -> Value {
+    let wanted: Vec<(&str, &str)> = if core { vec![("", "v1")] } else { groups() };
+    let items: Vec<Value> = wanted
+        .into_iter()
+        .map(|(group, version)| {
+            let resources: Vec<Value> = SERVED
+                .iter()
+                .filter(|r| r.group == group && r.version == version)
+                .map(|r| {
+                    let subs: Vec<Value> = subresources(r)
+                        .into_iter()
+                        .map(|(sub, (g, v, k), verbs)| {
+                            json!({"subresource": sub, "verbs": verbs,
+                                   "responseKind": {"group": g, "version": v, "kind": k}})
+                        })
+                        .collect();
+                    json!({
+                        "resource": r.plural,
+                        "responseKind": {"group": r.group, "version": r.version, "kind": r.kind},
+                        "scope": if r.namespaced { "Namespaced" } else { "Cluster" },
+                        "singularResource": r.singular,
+                        "verbs": r.verbs(),
+                        "shortNames": r.short_names,
+                        "subresources": subs,
+                    })
+                })
+                .collect();
+            json!({"metadata": {"name": group},
+                   "versions": [{"version": version, "resources": resources, "freshness": "Current"}]})
+        })
+        .collect();
+    json!({"kind": "APIGroupDiscoveryList", "apiVersion": "apidiscovery.k8s.io/v2",
+           "metadata": {}, "items": items})
 }
 
 /// `/api/v1` or `/apis/{group}/{version}`: its resources, if served.
@@ -68,7 +158,7 @@ pub fn api_resource_list(group: &str, version: &str) -> Option<Value> {
     let resources: Vec<Value> = SERVED
         .iter()
         .filter(|r| r.group == group && r.version == version)
-        .map(resource)
+        .flat_map(resource)
         .collect();
     if resources.is_empty() {
         return None;
@@ -103,5 +193,50 @@ mod tests {
         assert_eq!(cm["shortNames"], json!(["cm"]));
         assert_eq!(cm["namespaced"], true);
         assert!(api_resource_list("", "v2").is_none());
+        let log = list["resources"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["name"] == "pods/log")
+            .unwrap();
+        assert_eq!(log["kind"], "Pod");
+    }
+
+    #[test]
+    fn aggregated_discovery_has_every_group_with_its_subresources() {
+        let apis = aggregated(false);
+        let names: Vec<&str> = apis["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|i| i["metadata"]["name"].as_str().unwrap())
+            .collect();
+        assert!(
+            names.contains(&"apps") && names.contains(&"batch"),
+            "{names:?}"
+        );
+        let apps = apis["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|i| i["metadata"]["name"] == "apps")
+            .unwrap();
+        let deployments = apps["versions"][0]["resources"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["resource"] == "deployments")
+            .unwrap();
+        assert_eq!(deployments["scope"], "Namespaced");
+        let scale = deployments["subresources"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s["subresource"] == "scale")
+            .unwrap();
+        assert_eq!(scale["responseKind"]["kind"], "Scale");
+        let core = aggregated(true);
+        assert_eq!(core["items"][0]["metadata"]["name"], "");
+        assert_eq!(core["items"][0]["versions"][0]["version"], "v1");
     }
 }

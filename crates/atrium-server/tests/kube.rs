@@ -662,3 +662,45 @@ async fn a_namespaces_quota_holds_for_its_tenant_and_its_controllers() {
         "{used}"
     );
 }
+
+#[tokio::test]
+async fn discovery_is_aggregated_for_a_client_that_asks_as_kubectl_does() {
+    let s = TestServer::start(TestBackend::Sqlite).await;
+    s.create_tenant("acme", json!({})).await;
+    let acme = s.create_key("acme", "k", &["admin"]).await;
+    let id = cluster(&s, &acme, "dev").await;
+    let accept = "application/json;g=apidiscovery.k8s.io;v=v2;as=APIGroupDiscoveryList,\
+                  application/json;g=apidiscovery.k8s.io;v=v2beta1;as=APIGroupDiscoveryList,\
+                  application/json";
+    for (path, group) in [("api", ""), ("apis", "apps")] {
+        let resp = s
+            .http
+            .get(format!("{}/k8s/{id}/{path}", s.base))
+            .bearer_auth(&acme)
+            .header("accept", accept)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200);
+        let media = resp.headers()["content-type"].to_str().unwrap().to_string();
+        assert_eq!(
+            media,
+            "application/json;g=apidiscovery.k8s.io;v=v2;as=APIGroupDiscoveryList"
+        );
+        let doc: Value = resp.json().await.unwrap();
+        assert!(
+            doc["items"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|i| i["metadata"]["name"] == group),
+            "{doc}"
+        );
+    }
+    // A client that does not ask gets the legacy documents.
+    let (status, legacy) = s
+        .call(Method::GET, &format!("/k8s/{id}/api"), Some(&acme), None)
+        .await;
+    assert_eq!(status, 200);
+    assert_eq!(legacy["kind"], "APIVersions");
+}

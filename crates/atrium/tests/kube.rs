@@ -82,6 +82,22 @@ fn kubectl_applies_reads_patches_watches_and_deletes_in_a_tenants_cluster() {
     }
     assert!(namespaces.starts_with("NAME"), "{namespaces}");
 
+    // Discovery is aggregated: /api and /apis, no request per group version.
+    let cache = dir.path().join("fresh-cache");
+    let cache_flag = format!("--cache-dir={}", cache.display());
+    let (ok, said) = kube.run(&["get", "deployments", "-A", "-v=6", &cache_flag]);
+    assert!(ok, "{said}");
+    let asked: Vec<&str> = said
+        .lines()
+        .filter(|l| l.contains("verb=\"GET\" url=\"https://"))
+        .collect();
+    assert_eq!(asked.len(), 3, "/api, /apis and the list: {said}");
+    assert!(asked.iter().any(|l| l.contains("/apis?")), "{said}");
+    assert!(
+        !asked.iter().any(|l| l.contains("/apis/apps/v1?")),
+        "{said}"
+    );
+
     // explain reads upstream's schemas from the cluster's OpenAPI v3.
     let explained = kube.ok(&["explain", "deployment.spec"]);
     for line in [

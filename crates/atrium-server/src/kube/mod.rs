@@ -170,6 +170,15 @@ impl Request {
         self.upgrade.lock().ok()?.take()
     }
 
+    /// Whether the client asked for aggregated discovery (v2), as kubectl
+    /// does first.
+    pub fn wants_aggregated_discovery(&self) -> bool {
+        self.headers
+            .get(header::ACCEPT)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|a| a.contains("g=apidiscovery.k8s.io;v=v2;as=APIGroupDiscoveryList"))
+    }
+
     /// Whether the client asked for a `Table` (as `kubectl get` does).
     pub fn wants_table(&self) -> bool {
         self.headers
@@ -234,6 +243,15 @@ async fn route(
     }
     match target {
         Target::Version => ok(discovery::version()),
+        Target::Api | Target::Apis if req.wants_aggregated_discovery() => {
+            let doc = discovery::aggregated(target == Target::Api);
+            let response = (
+                [(header::CONTENT_TYPE, discovery::AGGREGATED)],
+                axum::Json(doc),
+            )
+                .into_response();
+            Ok(KubeResponse::Stream(response))
+        }
         Target::Api => ok(discovery::api_versions()),
         Target::Apis => ok(discovery::api_group_list()),
         Target::Group(g) => {
