@@ -158,6 +158,8 @@ pub(crate) async fn on_node(
         timeout_seconds: ask.timeout_seconds,
         log,
     };
+    // Whoever asked checked it; checked again where it becomes a node's work.
+    spec.validate().map_err(ApiError::InvalidFields)?;
     let id = new_id(Exec::ID_PREFIX);
     let body = stored::body::<Exec>(&spec, Some(&ExecStatus::pending()))?;
     write(

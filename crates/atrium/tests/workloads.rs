@@ -964,6 +964,8 @@ spec:
     ]);
     assert_eq!(code, Some(3), "{said}");
     assert!(said.contains("oops"), "{said}");
+    let (ok, said) = kube.run(&["exec", "web", "--", "--user=0", "id"]);
+    assert!(!ok && said.contains("must name a program"), "{said}");
     let (ok, said) = kube.run(&["exec", "-it", "web", "--", "/bin/busybox", "sh"]);
     assert!(!ok && said.contains("drop -i and -t"), "{said}");
     let viewer = cloud.call(

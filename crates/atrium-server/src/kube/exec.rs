@@ -8,7 +8,7 @@
 //! Running a command is a write: a viewer key, which may read the pod,
 //! may not exec into it (`serve` asks for write access).
 
-use atrium_core::exec::MAX_EXEC_SECONDS;
+use atrium_core::exec::{ExecRequest, MAX_EXEC_SECONDS};
 use atrium_kube::remotecommand::{self, ExecOptions, ERROR, STDERR, STDOUT};
 use atrium_kube::KubeError;
 use axum::extract::ws::{CloseFrame, Message, WebSocket};
@@ -29,6 +29,15 @@ pub(super) async fn pod_exec(
     req: &Request,
 ) -> Result<KubeResponse, KubeError> {
     let options = ExecOptions::parse(&req.query)?;
+    // The same rules as `atrium exec`: argv of bounded strings, no NUL,
+    // a program first (never something runc could read as an option).
+    ExecRequest {
+        command: options.command.clone(),
+        replica: None,
+        timeout_seconds: MAX_EXEC_SECONDS,
+    }
+    .validate()
+    .map_err(|e| KubeError::bad_request(format!("the command cannot run: {e}")))?;
     let (pod, workload) = pod_workload(state, scope, at, name).await?;
     let container = pod
         .body
