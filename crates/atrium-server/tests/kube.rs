@@ -704,3 +704,87 @@ async fn discovery_is_aggregated_for_a_client_that_asks_as_kubectl_does() {
     assert_eq!(status, 200);
     assert_eq!(legacy["kind"], "APIVersions");
 }
+
+#[tokio::test]
+async fn deleting_an_owner_takes_its_dependents_of_any_kind_unless_they_are_orphaned() {
+    let s = TestServer::start(TestBackend::Sqlite).await;
+    s.create_tenant("acme", json!({})).await;
+    let acme = s.create_key("acme", "k", &["admin"]).await;
+    let id = cluster(&s, &acme, "dev").await;
+    let core = format!("/k8s/{id}/api/v1/namespaces/default");
+    let make = |path: String, body: Value| {
+        let (s, acme) = (&s, acme.clone());
+        async move {
+            let (status, v) = s.call(Method::POST, &path, Some(&acme), Some(&body)).await;
+            assert_eq!(status, 201, "{v}");
+            v["metadata"]["uid"].as_str().unwrap().to_string()
+        }
+    };
+    let owned_by = |name: &str, uid: &str| {
+        json!({"metadata": {"name": name, "ownerReferences": [
+            {"apiVersion": "v1", "kind": "ConfigMap", "name": "x", "uid": uid}]}})
+    };
+    // owner ← child (config map) ← grandchild (secret); a bystander.
+    let owner = make(
+        format!("{core}/configmaps"),
+        json!({"metadata": {"name": "owner"}}),
+    )
+    .await;
+    let child = make(format!("{core}/configmaps"), owned_by("child", &owner)).await;
+    make(format!("{core}/secrets"), owned_by("grandchild", &child)).await;
+    make(
+        format!("{core}/configmaps"),
+        json!({"metadata": {"name": "bystander"}}),
+    )
+    .await;
+    let (status, _) = s
+        .call(
+            Method::DELETE,
+            &format!("{core}/configmaps/owner"),
+            Some(&acme),
+            None,
+        )
+        .await;
+    assert_eq!(status, 200);
+    for gone in ["configmaps/child", "secrets/grandchild"] {
+        let (status, _) = s
+            .call(Method::GET, &format!("{core}/{gone}"), Some(&acme), None)
+            .await;
+        assert_eq!(status, 404, "{gone}");
+    }
+    let (status, _) = s
+        .call(
+            Method::GET,
+            &format!("{core}/configmaps/bystander"),
+            Some(&acme),
+            None,
+        )
+        .await;
+    assert_eq!(status, 200);
+    // Orphaned: the dependent stays, owned by no one.
+    let keeper = make(
+        format!("{core}/configmaps"),
+        json!({"metadata": {"name": "keeper"}}),
+    )
+    .await;
+    make(format!("{core}/configmaps"), owned_by("kept", &keeper)).await;
+    let (status, _) = s
+        .call(
+            Method::DELETE,
+            &format!("{core}/configmaps/keeper"),
+            Some(&acme),
+            Some(&json!({"propagationPolicy": "Orphan"})),
+        )
+        .await;
+    assert_eq!(status, 200);
+    let (status, kept) = s
+        .call(
+            Method::GET,
+            &format!("{core}/configmaps/kept"),
+            Some(&acme),
+            None,
+        )
+        .await;
+    assert_eq!(status, 200);
+    assert_eq!(kept["metadata"]["ownerReferences"], json!([]), "{kept}");
+}

@@ -14,7 +14,7 @@ use std::time::Duration;
 use common::kubectl::fixture;
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::ConfigMap;
-use kube::api::{ObjectMeta, Patch, PatchParams, PostParams};
+use kube::api::{DeleteParams, ObjectMeta, Patch, PatchParams, PostParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::watcher;
@@ -117,5 +117,8 @@ async fn a_kube_rs_controller_reconciles_in_a_tenants_cluster() {
     api.create(&PostParams::default(), &other).await.unwrap();
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert!(api.get_opt("plain-copy").await.unwrap().is_none());
+    // The copy it owns goes with its source.
     running.abort();
+    api.delete("src", &DeleteParams::default()).await.unwrap();
+    assert!(api.get_opt("src-copy").await.unwrap().is_none());
 }

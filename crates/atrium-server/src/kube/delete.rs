@@ -2,8 +2,10 @@
 //! empty is only marked (`deletionTimestamp`) and stays, read and updated
 //! as any other, until the last finalizer is removed — then the update
 //! that removed it deletes it (`objects::replace`). A namespace takes its
-//! objects with it.
+//! objects with it; any object takes its dependents (by owner reference,
+//! of every kind) unless the delete orphans them.
 
+use atrium_kube::resource::READ_ONLY;
 use atrium_kube::{meta, KubeError, ResourceType, SERVED};
 use axum::http::StatusCode;
 use serde_json::json;
@@ -30,22 +32,23 @@ pub(super) async fn delete(
     }
     if r.kind == "Namespace" {
         if PROTECTED_NAMESPACES.contains(&name) {
-            return Err(KubeError {
-                code: 403,
-                reason: "Forbidden",
-                message: format!(
-                    "namespace {name:?} is forbidden: this namespace may not be deleted"
-                ),
-                name: Some(name.to_string()),
-                kind: Some("namespaces".into()),
-                causes: Vec::new(),
-            });
+            return Err(KubeError::forbidden(
+                "namespaces",
+                name,
+                "this namespace may not be deleted",
+            ));
         }
         if !dry_run(req) {
             empty_namespace(state, scope, name, req).await?;
         }
     }
     if !dry_run(req) {
+        let orphan = orphans(req);
+        // Dependents let go before their owner goes, so no controller
+        // collects them between the two.
+        if orphan {
+            cascade(state, scope, vec![uid_of(&old.body)], true, req).await?;
+        }
         remove(
             state,
             &old,
@@ -53,6 +56,9 @@ pub(super) async fn delete(
         )
         .await
         .map_err(store_error)?;
+        if !orphan {
+            cascade(state, scope, vec![uid_of(&old.body)], false, req).await?;
+        }
     }
     Ok(KubeResponse::Json(
         StatusCode::OK,
@@ -63,6 +69,111 @@ pub(super) async fn delete(
             "status": "Success",
             "details": {"name": name, "kind": r.plural, "uid": uid_of(&old.body)},
         }),
+    ))
+}
+
+/// Whether the delete asks its object's dependents be kept, without it as
+/// owner (`propagationPolicy: Orphan`, `kubectl delete --cascade=orphan`),
+/// rather than deleted after it.
+fn orphans(req: &Request) -> bool {
+    let options = serde_json::from_slice::<serde_json::Value>(&req.body).unwrap_or_default();
+    req.param("propagationPolicy") == Some("Orphan")
+        || options["propagationPolicy"] == "Orphan"
+        || options["orphanDependents"] == true
+}
+
+/// How many generations of dependents a delete follows.
+const MAX_GENERATIONS: usize = 8;
+
+/// Garbage collection by owner references, for every kind: deletes the
+/// dependents of the objects whose uids are `gone` — those all of whose
+/// owners are gone — then theirs; or, orphaning, drops `gone` from their
+/// owner references.
+async fn cascade(
+    state: &AppState,
+    scope: &Scope,
+    mut gone: Vec<String>,
+    orphan: bool,
+    req: &Request,
+) -> Result<(), KubeError> {
+    for _ in 0..MAX_GENERATIONS {
+        if gone.is_empty() {
+            break;
+        }
+        let mut next = Vec::new();
+        for r in SERVED.iter().filter(|r| !READ_ONLY.contains(&r.kind)) {
+            let objects = state
+                .store
+                .list_all(&scope.kind(r), &scope.filter())
+                .await
+                .map_err(store_error)?;
+            for o in objects {
+                let owners: Vec<String> = o.body["metadata"]["ownerReferences"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|r| r["uid"].as_str().map(str::to_string))
+                    .collect();
+                if !owners.iter().any(|u| gone.contains(u)) {
+                    continue;
+                }
+                if orphan {
+                    let_go(state, scope, r, o, &gone, req).await?;
+                } else if owners.iter().all(|u| gone.contains(u)) {
+                    remove(state, &o, req.audit(format!("kube.{}.delete", r.singular)))
+                        .await
+                        .map_err(store_error)?;
+                    next.push(uid_of(&o.body));
+                }
+            }
+        }
+        if orphan {
+            break;
+        }
+        gone = next;
+    }
+    Ok(())
+}
+
+/// Drops the owner references to `gone` from `o`, read again and retried
+/// when a controller wrote it meanwhile.
+async fn let_go(
+    state: &AppState,
+    scope: &Scope,
+    r: &ResourceType,
+    mut o: atrium_store::Object,
+    gone: &[String],
+    req: &Request,
+) -> Result<(), KubeError> {
+    for _ in 0..5 {
+        let mut kept = scope.plain(r, &o.name, o.body.clone())?;
+        if let Some(refs) = kept["metadata"]["ownerReferences"].as_array_mut() {
+            refs.retain(|x| {
+                !x["uid"]
+                    .as_str()
+                    .is_some_and(|u| gone.iter().any(|g| g == u))
+            });
+        }
+        let w = atrium_store::Write::Update {
+            kind: o.kind.clone(),
+            id: o.id.clone(),
+            body: scope.sealed(r, &o.name, kept)?,
+            if_revision: Some(o.revision),
+        };
+        match write(state, w, req.audit(format!("kube.{}.orphan", r.singular))).await {
+            Err(atrium_store::StoreError::RevisionMismatch { .. }) => {
+                match state.store.get(&o.kind, &o.id).await.map_err(store_error)? {
+                    Some(now) => o = now,
+                    None => return Ok(()),
+                }
+            }
+            Ok(_) | Err(atrium_store::StoreError::NotFound { .. }) => return Ok(()),
+            Err(e) => return Err(store_error(e)),
+        }
+    }
+    Err(KubeError::conflict(
+        r.plural,
+        meta::name_of(&o.body).unwrap_or_default(),
     ))
 }
 
