@@ -8,7 +8,7 @@ use serde_json::{json, Value};
 use super::objects::{insert, key, name_suffix, remove, timestamp, uid, uid_of, write, Scope};
 use crate::AppState;
 
-fn audit(r: &ResourceType, verb: &str) -> AuditContext {
+pub(super) fn audit(r: &ResourceType, verb: &str) -> AuditContext {
     AuditContext {
         actor: "kube-controller".into(),
         role: "system".into(),

@@ -1,15 +1,18 @@
 //! Deletes, and finalizers: an object whose `metadata.finalizers` is not
 //! empty is only marked (`deletionTimestamp`) and stays, read and updated
 //! as any other, until the last finalizer is removed — then the update
-//! that removed it deletes it (`objects::replace`). A namespace takes its
-//! objects with it; any object takes its dependents (by owner reference,
+//! that removed it deletes it (`objects::replace`). A namespace is marked
+//! terminating, and the controller's next pass deletes its objects, then
+//! it (`finish_terminating`); any object takes its dependents (by owner reference,
 //! of every kind) unless the delete orphans them.
 
 use atrium_kube::resource::READ_ONLY;
 use atrium_kube::{meta, KubeError, ResourceType, SERVED};
+use atrium_store::StoreError;
 use axum::http::StatusCode;
 use serde_json::json;
 
+use super::controlled;
 use super::objects::{
     dry_run, existing, remove, store_error, timestamp, uid_of, write, Scope, PROTECTED_NAMESPACES,
 };
@@ -38,9 +41,11 @@ pub(super) async fn delete(
                 "this namespace may not be deleted",
             ));
         }
-        if !dry_run(req) {
-            empty_namespace(state, scope, name, req).await?;
-        }
+        // Terminating: its content goes in the controller's next pass,
+        // then the namespace, as upstream's namespace controller does.
+        let mut terminating = current;
+        terminating["status"]["phase"] = json!("Terminating");
+        return mark(state, scope, r, &old, terminating, req).await;
     }
     if !dry_run(req) {
         let orphan = orphans(req);
@@ -209,24 +214,36 @@ async fn mark(
     }
 }
 
-/// Deletes everything in namespace `ns`.
-async fn empty_namespace(
-    state: &AppState,
-    scope: &Scope,
-    ns: &str,
-    req: &Request,
-) -> Result<(), KubeError> {
-    let prefix = format!("{ns}/");
-    for r in SERVED.iter().filter(|r| r.namespaced) {
-        let objects = state
-            .store
-            .list_all(&scope.kind(r), &scope.filter())
-            .await
-            .map_err(store_error)?;
-        for o in objects.iter().filter(|o| o.name.starts_with(&prefix)) {
-            remove(state, o, req.audit(format!("kube.{}.delete", r.singular)))
-                .await
-                .map_err(store_error)?;
+/// The namespace controller's part of a pass: each terminating
+/// namespace's content is deleted, then the namespace (unless finalizers
+/// of its own still hold it).
+pub(super) async fn finish_terminating(state: &AppState, scope: &Scope) -> Result<(), StoreError> {
+    let Some(namespaces) = atrium_kube::find("", "v1", "namespaces") else {
+        return Ok(());
+    };
+    let all = state
+        .store
+        .list_all(&scope.kind(namespaces), &scope.filter())
+        .await?;
+    let audit = |r: &ResourceType| controlled::audit(r, "delete");
+    for ns in all
+        .iter()
+        .filter(|n| n.body.pointer("/metadata/deletionTimestamp").is_some())
+    {
+        let prefix = format!("{}/", ns.name);
+        for r in SERVED.iter().filter(|r| r.namespaced) {
+            for o in state
+                .store
+                .list_all(&scope.kind(r), &scope.filter())
+                .await?
+                .iter()
+                .filter(|o| o.name.starts_with(&prefix))
+            {
+                remove(state, o, audit(r)).await?;
+            }
+        }
+        if !meta::has_finalizers(&ns.body) {
+            remove(state, ns, audit(namespaces)).await?;
         }
     }
     Ok(())

@@ -588,8 +588,21 @@ pub(super) async fn create_object(
     if let (true, Some(ns)) = (r.namespaced, at.namespace.as_deref()) {
         let namespaces = atrium_kube::find("", "v1", "namespaces")
             .ok_or_else(|| KubeError::internal("namespaces are not served"))?;
-        if find(state, scope, namespaces, ns).await?.is_none() {
+        let Some(namespace) = find(state, scope, namespaces, ns).await? else {
             return Err(KubeError::not_found("namespaces", ns));
+        };
+        if namespace
+            .body
+            .pointer("/metadata/deletionTimestamp")
+            .is_some()
+        {
+            return Err(KubeError::forbidden(
+                r.plural,
+                &name,
+                &format!(
+                    "unable to create new content in namespace {ns} because it is being terminated"
+                ),
+            ));
         }
         super::quotas::admit(state, scope, r, ns, &obj).await?;
     }

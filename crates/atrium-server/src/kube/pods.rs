@@ -151,6 +151,7 @@ pub async fn reconcile(state: &AppState) -> Result<(), StoreError> {
         }
         super::endpoints::reconcile(state, &scope).await?;
         super::quotas::reconcile(state, &scope).await?;
+        super::delete::finish_terminating(state, &scope).await?;
         super::inference::reconcile(state, &scope, &cluster.name, &served, &mut serving).await?;
     }
     super::inference::sweep(state, &served, &serving).await;
@@ -191,6 +192,7 @@ async fn relevant(store: &Store, seen: i64, head: i64) -> bool {
                             ":statefulsets.apps",
                             ":jobs.batch",
                             ":services",
+                            ":namespaces",
                             ":resourcequotas",
                             ":inferenceservices.atrium.dev",
                         ]
