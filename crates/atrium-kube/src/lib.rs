@@ -1,25 +1,27 @@
 //! The Kubernetes API of a tenant cluster, as pure parts. Atrium serves
 //! each tenant cluster as a logical cluster of one Kubernetes-compatible
 //! API inside the control plane (`/k8s/{cluster}/…`): no process and no
-//! memory per cluster beyond its objects. This crate knows what that API
-//! is — the resources served (`resource`), discovery (`discovery`),
-//! OpenAPI v3 documents with upstream's schemas (`openapi`), errors as
-//! `Status` objects (`status`), what the server sets in an object's
-//! metadata (`meta`), namespaces' resource quotas (`quota`), RBAC for service accounts (`rbac`), who set which field and server-side apply
-//! (`managed`), label and field selectors (`selector`), merge and
-//! JSON patches (`patch`), services' addresses and endpoints
-//! (`service`), stateful sets' ordered steps (`statefulset`), how a pod runs as an Atrium workload and reads
-//! its status back (`pod`), the protobuf of the few requests kubectl sends
-//! only so (`protobuf`), the fleet's nodes as a cluster shows them
-//! (`node`), an `InferenceService` as an Atrium deployment
-//! (`inference`), what `kubectl exec` speaks (`remotecommand`)
-//! and `Table` output (`table`) — and does no IO: the control plane's
-//! `kube` module serves and stores.
+//! memory per cluster beyond its objects. This crate knows what that API is
+//! — the resources served (`resource`), discovery (`discovery`), OpenAPI v3
+//! documents with upstream's schemas (`openapi`), the events controllers
+//! emit (`events`), errors as `Status` objects (`status`), what the server
+//! sets in an object's metadata (`meta`), namespaces' resource quotas
+//! (`quota`), RBAC for service accounts (`rbac`), who set which field and
+//! server-side apply (`managed`), label and field selectors (`selector`),
+//! merge and JSON patches (`patch`), services' addresses and endpoints
+//! (`service`), stateful sets' ordered steps (`statefulset`), how a pod
+//! runs as an Atrium workload and reads its status back (`pod`), the
+//! protobuf of the few requests kubectl sends only so (`protobuf`), the
+//! fleet's nodes as a cluster shows them (`node`), an `InferenceService` as
+//! an Atrium deployment (`inference`), what `kubectl exec` speaks
+//! (`remotecommand`) and `Table` output (`table`) — and does no IO: the
+//! control plane's `kube` module serves and stores.
 //!
 //! This is compatibility with what kubectl and client libraries send, not
 //! upstream conformance.
 
 pub mod discovery;
+pub mod events;
 pub mod inference;
 pub mod managed;
 pub mod meta;

@@ -217,6 +217,12 @@ spec:
             .collect();
         panic!("{table}\n{}", logs.join("\n---\n"));
     }
+    // What happened to it reads as upstream's events in describe.
+    wait_for("the pod's events", 30, || {
+        let described = kube.run(&["describe", "pod", "web"]).1;
+        described.contains("Scheduled") && described.contains("Started container main")
+    });
+
     // It is the tenant's workload, running in the tenant network.
     let ip = kube.ok(&["get", "pod", "web", "-o", "jsonpath={.status.podIP}"]);
     assert!(ip.starts_with(&format!("10.{POD_OCTET}.")), "{ip}");

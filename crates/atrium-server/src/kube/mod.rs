@@ -18,6 +18,7 @@ mod batch;
 mod controlled;
 mod delete;
 mod endpoints;
+mod events;
 mod exec;
 mod inference;
 mod nodes;

@@ -137,6 +137,15 @@ pub async fn reconcile(state: &AppState) -> Result<(), StoreError> {
                 }
             };
             if pod.body.get("status") != Some(&status) {
+                let happened = atrium_kube::events::of_pod(
+                    pod.body["metadata"]["name"].as_str().unwrap_or_default(),
+                    pod.body["metadata"]["namespace"]
+                        .as_str()
+                        .unwrap_or_default(),
+                    pod.body.get("status"),
+                    &status,
+                );
+                super::events::record_for_pod(state, &scope, &pod.body, &happened).await;
                 let mut body = pod.body.clone();
                 body["status"] = status;
                 let w = Write::Update {
@@ -152,6 +161,7 @@ pub async fn reconcile(state: &AppState) -> Result<(), StoreError> {
         super::endpoints::reconcile(state, &scope).await?;
         super::quotas::reconcile(state, &scope).await?;
         super::delete::finish_terminating(state, &scope).await?;
+        super::events::sweep(state, &scope).await?;
         super::inference::reconcile(state, &scope, &cluster.name, &served, &mut serving).await?;
     }
     super::inference::sweep(state, &served, &serving).await;
@@ -192,12 +202,15 @@ async fn relevant(store: &Store, seen: i64, head: i64) -> bool {
                             ":statefulsets.apps",
                             ":jobs.batch",
                             ":services",
-                            ":namespaces",
                             ":resourcequotas",
                             ":inferenceservices.atrium.dev",
                         ]
                         .iter()
                         .any(|k| kind.ends_with(k))
+                        // A namespace wakes a pass only when it terminates:
+                        // every new cluster makes four.
+                        || kind.ends_with(":namespaces")
+                            && c.object.body.pointer("/metadata/deletionTimestamp").is_some()
                 })
         }
         Err(_) => true,
