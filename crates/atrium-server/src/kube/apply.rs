@@ -7,20 +7,14 @@
 use atrium_kube::{managed, KubeError};
 use serde_json::Value;
 
-use super::objects::{create_object, find, key, replace, timestamp, Scope};
-use super::path::At;
-use super::{KubeResponse, Request};
-use crate::AppState;
+use super::objects::{create_object, find, key, replace, timestamp, Call};
+use super::KubeResponse;
 
 pub(super) const MEDIA_TYPE: &str = "application/apply-patch+yaml";
 
-pub(super) async fn serve(
-    state: &AppState,
-    scope: &Scope,
-    at: &At,
-    name: &str,
-    req: &Request,
-) -> Result<KubeResponse, KubeError> {
+pub(super) async fn serve(call: &Call<'_>) -> Result<KubeResponse, KubeError> {
+    let (state, scope, at, req) = call.parts();
+    let name = call.name();
     let r = at.resource;
     let manager = req.param("fieldManager").ok_or_else(|| {
         KubeError::bad_request("PatchOptions.meta.k8s.io \"\" is invalid: fieldManager: Required value: is required for apply patch")

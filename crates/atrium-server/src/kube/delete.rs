@@ -14,19 +14,15 @@ use serde_json::json;
 
 use super::controlled;
 use super::objects::{
-    dry_run, existing, remove, store_error, timestamp, uid_of, write, Scope, PROTECTED_NAMESPACES,
+    dry_run, existing, remove, store_error, timestamp, uid_of, write, Call, Scope,
+    PROTECTED_NAMESPACES,
 };
-use super::path::At;
 use super::{KubeResponse, Request};
 use crate::AppState;
 
-pub(super) async fn delete(
-    state: &AppState,
-    scope: &Scope,
-    at: &At,
-    name: &str,
-    req: &Request,
-) -> Result<KubeResponse, KubeError> {
+pub(super) async fn delete(call: &Call<'_>) -> Result<KubeResponse, KubeError> {
+    let (state, scope, at, req) = call.parts();
+    let name = call.name();
     let r = at.resource;
     let old = existing(state, scope, at, name).await?;
     let current = scope.plain(r, &old.name, old.body.clone())?;

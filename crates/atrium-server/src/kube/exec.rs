@@ -14,20 +14,14 @@ use atrium_kube::KubeError;
 use axum::extract::ws::{CloseFrame, Message, WebSocket};
 use serde_json::Value;
 
-use super::objects::Scope;
-use super::path::At;
+use super::objects::Call;
 use super::subresources::pod_workload;
-use super::{KubeResponse, Request};
+use super::KubeResponse;
 use crate::exec::{on_node, running_replica, Ask};
-use crate::AppState;
 
-pub(super) async fn pod_exec(
-    state: &AppState,
-    scope: &Scope,
-    at: &At,
-    name: &str,
-    req: &Request,
-) -> Result<KubeResponse, KubeError> {
+pub(super) async fn pod_exec(call: &Call<'_>) -> Result<KubeResponse, KubeError> {
+    let (state, scope, at, req) = call.parts();
+    let name = call.name();
     let options = ExecOptions::parse(&req.query)?;
     // The same rules as `atrium exec`: argv of bounded strings, no NUL,
     // a program first (never something runc could read as an option).

@@ -33,6 +33,28 @@ pub(super) const PROTECTED_NAMESPACES: [&str; 3] = ["default", "kube-system", "k
 /// Most objects one list answers with.
 const MAX_LIMIT: usize = 1000;
 
+/// One request for a resource of a cluster: what every handler of one
+/// takes.
+#[derive(Clone, Copy)]
+pub(super) struct Call<'a> {
+    pub state: &'a AppState,
+    pub scope: &'a Scope,
+    pub at: &'a At,
+    pub req: &'a Request,
+}
+
+impl<'a> Call<'a> {
+    /// Its state, scope, target and request, for a handler to take apart.
+    pub fn parts(&self) -> (&'a AppState, &'a Scope, &'a At, &'a Request) {
+        (self.state, self.scope, self.at, self.req)
+    }
+
+    /// The object the path names (empty for a collection).
+    pub fn name(&self) -> &'a str {
+        self.at.name.as_deref().unwrap_or_default()
+    }
+}
+
 /// The cluster a request is in, and the key its secrets are sealed with.
 #[derive(Clone)]
 pub(super) struct Scope {
@@ -326,6 +348,12 @@ pub(super) async fn serve(
     req: &Request,
 ) -> Result<KubeResponse, KubeError> {
     let scope = Scope::of(state, cluster);
+    let call = Call {
+        state,
+        scope: &scope,
+        at,
+        req,
+    };
     let r = at.resource;
     if atrium_kube::resource::READ_ONLY.contains(&r.kind) {
         return super::nodes::serve(state, &scope, at, req).await;
@@ -335,20 +363,16 @@ pub(super) async fn serve(
         // A namespace's status is part of it, read-only here.
         Some("status") if req.method == Method::GET => {}
         Some("log") if r.kind == "Pod" && req.method == Method::GET => {
-            let name = at.name.as_deref().unwrap_or_default();
-            return super::subresources::pod_log(state, &scope, at, name, req).await;
+            return super::subresources::pod_log(&call).await;
         }
         Some("exec") if r.kind == "Pod" && matches!(req.method, Method::GET | Method::POST) => {
-            let name = at.name.as_deref().unwrap_or_default();
-            return super::exec::pod_exec(state, &scope, at, name, req).await;
+            return super::exec::pod_exec(&call).await;
         }
         Some("token") if r.kind == "ServiceAccount" && req.method == Method::POST => {
-            let name = at.name.as_deref().unwrap_or_default();
-            return super::tokens::token_request(state, &scope, at, name, req).await;
+            return super::tokens::token_request(&call).await;
         }
         Some("scale") if atrium_kube::resource::SCALABLE.contains(&r.kind) => {
-            let name = at.name.as_deref().unwrap_or_default();
-            return super::subresources::scale(state, &scope, at, name, req).await;
+            return super::subresources::scale(&call).await;
         }
         Some(sub) => {
             return Err(KubeError::method_not_allowed(&format!(
@@ -364,10 +388,10 @@ pub(super) async fn serve(
         }
         (&Method::GET, None) => list(state, &scope, at, req).await,
         (&Method::POST, None) => create(state, &scope, at, req).await,
-        (&Method::GET, Some(n)) => get(state, &scope, at, n, req).await,
-        (&Method::PUT, Some(n)) => update(state, &scope, at, n, req).await,
-        (&Method::PATCH, Some(n)) => patch(state, &scope, at, n, req).await,
-        (&Method::DELETE, Some(n)) => super::delete::delete(state, &scope, at, n, req).await,
+        (&Method::GET, Some(_)) => get(&call).await,
+        (&Method::PUT, Some(_)) => update(&call).await,
+        (&Method::PATCH, Some(_)) => patch(&call).await,
+        (&Method::DELETE, Some(_)) => super::delete::delete(&call).await,
         (m, _) => Err(KubeError::method_not_allowed(&format!(
             "{m} on {}",
             r.plural
@@ -474,13 +498,9 @@ pub(super) async fn existing(
     .ok_or_else(|| KubeError::not_found(at.resource.plural, name))
 }
 
-async fn get(
-    state: &AppState,
-    scope: &Scope,
-    at: &At,
-    name: &str,
-    req: &Request,
-) -> Result<KubeResponse, KubeError> {
+async fn get(call: &Call<'_>) -> Result<KubeResponse, KubeError> {
+    let (state, scope, at, req) = call.parts();
+    let name = call.name();
     let o = existing(state, scope, at, name).await?;
     let obj = scope.shown(at.resource, &o)?;
     if req.wants_table() {
@@ -704,13 +724,9 @@ pub(super) async fn replace(
     }
 }
 
-async fn update(
-    state: &AppState,
-    scope: &Scope,
-    at: &At,
-    name: &str,
-    req: &Request,
-) -> Result<KubeResponse, KubeError> {
+async fn update(call: &Call<'_>) -> Result<KubeResponse, KubeError> {
+    let (state, scope, at, req) = call.parts();
+    let name = call.name();
     let old = existing(state, scope, at, name).await?;
     let new = body(req)?;
     // A stated resourceVersion must still be the object's; none means
@@ -729,16 +745,12 @@ async fn update(
     replace(state, scope, at, &old, new, revision, req).await
 }
 
-async fn patch(
-    state: &AppState,
-    scope: &Scope,
-    at: &At,
-    name: &str,
-    req: &Request,
-) -> Result<KubeResponse, KubeError> {
+async fn patch(call: &Call<'_>) -> Result<KubeResponse, KubeError> {
+    let (state, scope, at, req) = call.parts();
+    let name = call.name();
     let content_type = content_type(req);
     if content_type == super::apply::MEDIA_TYPE {
-        return super::apply::serve(state, scope, at, name, req).await;
+        return super::apply::serve(call).await;
     }
     let given = body(req)?;
     let old = existing(state, scope, at, name).await?;

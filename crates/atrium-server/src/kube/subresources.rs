@@ -6,9 +6,9 @@ use atrium_kube::{patch, KubeError};
 use axum::http::{header, Method, StatusCode};
 use serde_json::{json, Value};
 
-use super::objects::{body, content_type, existing, replace, store_error, Scope};
+use super::objects::{body, content_type, existing, replace, store_error, Call, Scope};
 use super::path::At;
-use super::{KubeResponse, Request};
+use super::KubeResponse;
 use crate::AppState;
 
 /// The `Scale` of a deployment or replica set.
@@ -42,13 +42,9 @@ fn scale_of(obj: &Value) -> Value {
 
 /// `GET`, `PUT` or `PATCH` of `…/{name}/scale`: the replicas of a
 /// deployment or replica set, as `kubectl scale` reads and sets them.
-pub(super) async fn scale(
-    state: &AppState,
-    scope: &Scope,
-    at: &At,
-    name: &str,
-    req: &Request,
-) -> Result<KubeResponse, KubeError> {
+pub(super) async fn scale(call: &Call<'_>) -> Result<KubeResponse, KubeError> {
+    let (state, scope, at, req) = call.parts();
+    let name = call.name();
     let old = existing(state, scope, at, name).await?;
     let current = scope.shown(at.resource, &old)?;
     let mut wanted = scale_of(&current);
@@ -82,13 +78,9 @@ pub(super) async fn scale(
 
 /// `GET …/pods/{name}/log`: the pod's container log, read on its node
 /// (`kubectl logs`), as text.
-pub(super) async fn pod_log(
-    state: &AppState,
-    scope: &Scope,
-    at: &At,
-    name: &str,
-    req: &Request,
-) -> Result<KubeResponse, KubeError> {
+pub(super) async fn pod_log(call: &Call<'_>) -> Result<KubeResponse, KubeError> {
+    let (state, scope, at, req) = call.parts();
+    let name = call.name();
     let workload = pod_workload(state, scope, at, name).await?.1;
     let text = crate::exec::node_log(
         state,

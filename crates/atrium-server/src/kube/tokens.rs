@@ -13,10 +13,8 @@ use serde_json::{json, Value};
 use atrium_kube::KubeError;
 use axum::http::StatusCode;
 
-use super::objects::{existing, Scope};
-use super::path::At;
-use super::{KubeResponse, Request};
-use crate::AppState;
+use super::objects::{existing, Call};
+use super::KubeResponse;
 
 pub const PREFIX: &str = "atrium-sa.";
 const B64: base64::engine::GeneralPurpose = base64::engine::general_purpose::URL_SAFE_NO_PAD;
@@ -61,13 +59,9 @@ fn now() -> i64 {
 }
 
 /// `POST …/serviceaccounts/{name}/token`: a token for the account.
-pub(super) async fn token_request(
-    state: &AppState,
-    scope: &Scope,
-    at: &At,
-    name: &str,
-    req: &Request,
-) -> Result<KubeResponse, KubeError> {
+pub(super) async fn token_request(call: &Call<'_>) -> Result<KubeResponse, KubeError> {
+    let (state, scope, at, req) = call.parts();
+    let name = call.name();
     let account = existing(state, scope, at, name).await?;
     // kubectl sends it as protobuf; other clients as JSON.
     let (audiences, asked) = if req.body.is_empty() {
