@@ -461,6 +461,11 @@ spec:
     assert_eq!(api_pods(&kube), 2);
     kube.ok(&["scale", "deployment", "api", "--replicas=1"]);
     wait_for("the scale-down", 60, || api_pods(&kube) == 1);
+    let described = kube.ok(&["describe", "deployment", "api"]);
+    assert!(
+        described.contains("ScalingReplicaSet") && described.contains("from 2 to 1"),
+        "{described}"
+    );
     let second = write(
         build.path(),
         "deploy2.yaml",

@@ -11,6 +11,7 @@
 
 use std::collections::HashSet;
 
+use atrium_kube::events::Event;
 use atrium_kube::{find, ResourceType};
 use atrium_store::{Object, StoreError};
 use serde_json::{json, Value};
@@ -183,14 +184,24 @@ async fn deployment(state: &AppState, scope: &Scope, t: &Types, d: &Object, sets
                              "ownerReferences": owner_reference("apps/v1", "Deployment", body)},
                 "spec": {"replicas": desired, "selector": {"matchLabels": selector}, "template": pod_template},
             });
-            if let Err(e) = controlled::create(state, scope, t.replica_set, ns, rs).await {
-                tracing::debug!(deployment = name, error = %e, "replica set not created");
+            match controlled::create(state, scope, t.replica_set, ns, rs).await {
+                Ok(()) => scaled(state, scope, body, &current_name, 0, desired).await,
+                Err(e) => tracing::debug!(deployment = name, error = %e, "replica set not created"),
             }
         }
         Some(rs) if replicas(&rs.body) != desired => {
             let mut new = rs.body.clone();
             new["spec"]["replicas"] = json!(desired);
             controlled::replace(state, t.replica_set, rs, new).await;
+            scaled(
+                state,
+                scope,
+                body,
+                &current_name,
+                replicas(&rs.body),
+                desired,
+            )
+            .await;
         }
         Some(_) => {}
     }
@@ -205,6 +216,8 @@ async fn deployment(state: &AppState, scope: &Scope, t: &Types, d: &Object, sets
                 let mut new = old.body.clone();
                 new["spec"]["replicas"] = json!(0);
                 controlled::replace(state, t.replica_set, old, new).await;
+                let old_name = text(&old.body, "/metadata/name");
+                scaled(state, scope, body, old_name, replicas(&old.body), 0).await;
             }
         }
     }
@@ -232,6 +245,19 @@ async fn deployment(state: &AppState, scope: &Scope, t: &Types, d: &Object, sets
         new["status"] = status;
         controlled::replace(state, t.deployment, d, new).await;
     }
+}
+
+/// Records deployment `d` scaling replica set `rs` from `from` to `to`,
+/// as upstream words it.
+async fn scaled(state: &AppState, scope: &Scope, d: &Value, rs: &str, from: u64, to: u64) {
+    let way = if to > from { "up" } else { "down" };
+    let event = Event {
+        warning: false,
+        reason: "ScalingReplicaSet",
+        message: format!("Scaled {way} replica set {rs} from {from} to {to}"),
+    };
+    let kind = ("Deployment", "apps/v1");
+    super::events::record(state, scope, d, kind, &[event]).await;
 }
 
 async fn replica_set(state: &AppState, scope: &Scope, t: &Types, rs: &Object, pods: &[Object]) {

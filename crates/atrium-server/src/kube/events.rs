@@ -1,4 +1,5 @@
-//! Events the controllers emit (`atrium_kube::events`): recorded in the
+//! Events the controllers emit (`atrium_kube::events`) — a pod's, a
+//! deployment's scaling of its replica sets — recorded in the
 //! involved object's namespace as the controllers' writes, one per object
 //! and reason with its count raised on a repeat; each pass deletes the
 //! events that last happened more than an hour ago.
@@ -12,8 +13,16 @@ use super::controlled;
 use super::objects::{find as find_object, timestamp, Scope};
 use crate::AppState;
 
-/// Records `events` about pod `pod`.
-pub(super) async fn record_for_pod(state: &AppState, scope: &Scope, pod: &Value, events: &[Event]) {
+/// Records `events` about `involved`, an object of `kind`
+/// (`api_version`).
+pub(super) async fn record(
+    state: &AppState,
+    scope: &Scope,
+    involved: &Value,
+    (kind, api_version): (&str, &str),
+    events: &[Event],
+) {
+    let pod = involved;
     let Some(events_t) = find("", "v1", "events") else {
         return;
     };
@@ -27,7 +36,7 @@ pub(super) async fn record_for_pod(state: &AppState, scope: &Scope, pod: &Value,
                 controlled::replace(state, events_t, &existing, repeated).await;
             }
             Ok(None) => {
-                let made = object(pod, "Pod", "v1", e, &now);
+                let made = object(pod, kind, api_version, e, &now);
                 if let Err(err) = controlled::create(state, scope, events_t, ns, made).await {
                     tracing::debug!(reason = e.reason, error = %err, "event not recorded");
                 }

@@ -145,7 +145,7 @@ pub async fn reconcile(state: &AppState) -> Result<(), StoreError> {
                     pod.body.get("status"),
                     &status,
                 );
-                super::events::record_for_pod(state, &scope, &pod.body, &happened).await;
+                super::events::record(state, &scope, &pod.body, ("Pod", "v1"), &happened).await;
                 let mut body = pod.body.clone();
                 body["status"] = status;
                 let w = Write::Update {
