@@ -101,6 +101,7 @@ fn resource(r: &ResourceType) -> Vec<Value> {
         "kind": r.kind,
         "verbs": r.verbs(),
         "shortNames": r.short_names,
+        "categories": r.categories(),
     })];
     for (sub, (group, version, kind), verbs) in subresources(r) {
         let mut entry = json!({"name": format!("{}/{sub}", r.plural), "singularName": "",
@@ -141,6 +142,7 @@ pub fn aggregated(core: bool) -> Value {
                         "singularResource": r.singular,
                         "verbs": r.verbs(),
                         "shortNames": r.short_names,
+                        "categories": r.categories(),
                         "subresources": subs,
                     })
                 })

@@ -222,6 +222,27 @@ pub const SERVED: &[ResourceType] = &[
     },
 ];
 
+/// Kinds in the `all` category (`kubectl get all`), as upstream's.
+pub const ALL_CATEGORY: &[&str] = &[
+    "Pod",
+    "Service",
+    "Deployment",
+    "ReplicaSet",
+    "StatefulSet",
+    "Job",
+];
+
+impl ResourceType {
+    /// The categories it is listed under.
+    pub fn categories(&self) -> &'static [&'static str] {
+        if ALL_CATEGORY.contains(&self.kind) {
+            &["all"]
+        } else {
+            &[]
+        }
+    }
+}
+
 /// Kinds a cluster shows but does not store: read, never written.
 pub const READ_ONLY: &[&str] = &["Node"];
 

@@ -145,6 +145,18 @@ fn one_manifest_of_every_kind_applies_runs_and_deletes() {
         ])
         .1 == "True"
     });
+    // `get all` lists the workloads and the service, as upstream's does.
+    let (ok, all) = shop(&["get", "all"]);
+    assert!(ok, "{all}");
+    for listed in [
+        "deployment.apps/web",
+        "service/web",
+        "job.batch/once",
+        "pod/web-",
+    ] {
+        assert!(all.contains(listed), "{listed}: {all}");
+    }
+
     // Applying it again changes nothing; deleting it deletes all of it.
     let again = kube.ok(&["apply", "-f", file]);
     assert!(again.contains("deployment.apps/web unchanged"), "{again}");
