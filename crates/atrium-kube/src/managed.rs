@@ -328,7 +328,46 @@ pub fn record_update(old: Option<&Value>, new: &mut Value, manager: &str, now: &
             }),
         }
     }
+    merge_ancient_updates(&mut entries);
     set_entries(new, entries);
+}
+
+/// Most update managers an object records, as upstream: past it, the
+/// oldest are merged into one, `ancient-changes`, so no run of writes
+/// under new `fieldManager` names grows an object without end.
+const MAX_UPDATE_MANAGERS: usize = 10;
+/// Most appliers an object records: one more is refused.
+const MAX_APPLY_MANAGERS: usize = 32;
+const ANCIENT: &str = "ancient-changes";
+
+fn merge_ancient_updates(entries: &mut Vec<Entry>) {
+    let updates = entries.iter().filter(|e| !e.apply).count();
+    if updates <= MAX_UPDATE_MANAGERS {
+        return;
+    }
+    // Oldest first (RFC 3339 times sort as text), the merged one among them.
+    let mut order: Vec<usize> = (0..entries.len()).filter(|i| !entries[*i].apply).collect();
+    order.sort_by(|a, b| entries[*a].time.cmp(&entries[*b].time));
+    let merged: Vec<usize> = order[..updates - MAX_UPDATE_MANAGERS + 1].to_vec();
+    let mut ancient = Entry {
+        manager: ANCIENT.into(),
+        apply: false,
+        api_version: String::new(),
+        time: String::new(),
+        fields: BTreeSet::new(),
+    };
+    for i in &merged {
+        let e = &entries[*i];
+        ancient.fields.extend(e.fields.iter().cloned());
+        ancient.time = ancient.time.clone().max(e.time.clone());
+        ancient.api_version.clone_from(&e.api_version);
+    }
+    let rest = std::mem::take(entries)
+        .into_iter()
+        .enumerate()
+        .filter(|(i, _)| !merged.contains(i))
+        .map(|(_, e)| e);
+    *entries = std::iter::once(ancient).chain(rest).collect();
 }
 
 /// Server-side apply of `applied` by `manager` over `live` (none: the
@@ -341,6 +380,12 @@ pub fn apply(
     now: &str,
 ) -> Result<Value, KubeError> {
     let mut entries = live.map(entries_of).unwrap_or_default();
+    let appliers = entries.iter().filter(|e| e.apply).count();
+    if appliers >= MAX_APPLY_MANAGERS && !entries.iter().any(|e| e.same_owner(manager, true)) {
+        return Err(KubeError::bad_request(format!(
+            "the object already has {MAX_APPLY_MANAGERS} field managers applying to it: apply as one of them"
+        )));
+    }
     let wanted = fields_of(applied);
     let mut conflicts = Vec::new();
     if let Some(live) = live {
@@ -523,6 +568,36 @@ mod tests {
             "{}",
             e.message
         );
+    }
+
+    #[test]
+    fn a_run_of_new_manager_names_does_not_grow_an_object_without_end() {
+        let mut obj = apply(None, &config("0"), "alice", false, T0).unwrap();
+        for i in 1..=50 {
+            let mut next = obj.clone();
+            next["data"][format!("k{i}")] = json!(i.to_string());
+            let at = format!("2026-01-01T00:00:{:02}Z", i);
+            record_update(Some(&obj), &mut next, &format!("writer-{i}"), &at);
+            obj = next;
+        }
+        let owners = managers(&obj);
+        let updates = owners.iter().filter(|(_, op)| op == "Update").count();
+        assert_eq!(updates, MAX_UPDATE_MANAGERS, "{owners:?}");
+        assert!(
+            owners.iter().any(|(m, _)| m == "ancient-changes"),
+            "{owners:?}"
+        );
+        assert!(
+            owners.iter().any(|(m, _)| m == "writer-50"),
+            "the newest is kept"
+        );
+        // Appliers are bounded too (alice is one): one past the bound is refused.
+        for i in 1..MAX_APPLY_MANAGERS {
+            obj = apply(Some(&obj), &config("0"), &format!("applier-{i}"), false, T0).unwrap();
+        }
+        let e = apply(Some(&obj), &config("0"), "one-more", false, T0).unwrap_err();
+        assert_eq!(e.code, 400);
+        assert!(apply(Some(&obj), &config("0"), "applier-1", false, T0).is_ok());
     }
 
     #[test]
