@@ -442,6 +442,53 @@ mod tests {
     }
 
     #[test]
+    fn finalizers_are_bounded_and_none_is_added_to_an_object_going_away() {
+        let old = json!({"apiVersion": "v1", "kind": "ConfigMap",
+            "metadata": {"name": "c", "finalizers": ["a.io/x"]}});
+        let with = |f: Value| {
+            let mut new = old.clone();
+            new["metadata"]["finalizers"] = f;
+            new
+        };
+        let many: Vec<String> = (0..65).map(|i| format!("x.io/{i}")).collect();
+        assert_eq!(
+            prepare_update(cm(), &old, &mut with(json!(many)))
+                .unwrap_err()
+                .code,
+            422
+        );
+        let long = "x".repeat(317);
+        assert_eq!(
+            prepare_update(cm(), &old, &mut with(json!([long])))
+                .unwrap_err()
+                .code,
+            422
+        );
+        assert_eq!(
+            prepare_update(cm(), &old, &mut with(json!([7])))
+                .unwrap_err()
+                .code,
+            422
+        );
+        let mut going = old.clone();
+        assert!(mark_deleting(&mut going, "2026-01-01T00:00:00Z"));
+        assert!(
+            !mark_deleting(&mut going, "2026-01-02T00:00:00Z"),
+            "marked once"
+        );
+        let mut more = going.clone();
+        more["metadata"]["finalizers"] = json!(["a.io/x", "b.io/y"]);
+        assert_eq!(
+            prepare_update(cm(), &going, &mut more).unwrap_err().code,
+            403
+        );
+        let mut fewer = going.clone();
+        fewer["metadata"]["finalizers"] = json!([]);
+        prepare_update(cm(), &going, &mut fewer).unwrap();
+        assert!(finalized(&fewer));
+    }
+
+    #[test]
     fn names_follow_rfc_1123() {
         let ns = find("", "v1", "namespaces").unwrap();
         for bad in ["", "UPPER", "-a", "a-", "a_b", "../x", &"a".repeat(64)] {
