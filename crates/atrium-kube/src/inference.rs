@@ -45,20 +45,12 @@ fn quantity<T: std::str::FromStr>(isvc: &Value, field: &str) -> Result<Option<T>
 where
     T::Err: std::fmt::Display,
 {
-    let text = match isvc.pointer(&format!("/spec/resources/{field}")) {
-        None | Some(Value::Null) => return Ok(None),
-        Some(Value::String(s)) => s.clone(),
-        Some(Value::Number(n)) => n.to_string(),
-        Some(_) => {
-            return Err(invalid(
-                isvc,
-                format!("spec.resources.{field}: not a quantity"),
-            ))
-        }
-    };
-    text.parse()
-        .map(Some)
-        .map_err(|e| invalid(isvc, format!("spec.resources.{field}: {e}")))
+    match isvc.pointer(&format!("/spec/resources/{field}")) {
+        None | Some(Value::Null) => Ok(None),
+        Some(v) => crate::parse_quantity(v)
+            .map(Some)
+            .map_err(|e| invalid(isvc, format!("spec.resources.{field}: {e}"))),
+    }
 }
 
 /// The deployment an inference service is.

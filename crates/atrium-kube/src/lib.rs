@@ -45,3 +45,17 @@ pub use status::KubeError;
 
 /// The Kubernetes version the API reports (`/version`).
 pub const KUBERNETES_VERSION: (&str, &str) = ("1", "37");
+
+/// A Kubernetes quantity (`"250m"`, `2Gi`, `1`), as a string or a number,
+/// read into an Atrium one.
+pub(crate) fn parse_quantity<T: std::str::FromStr>(v: &serde_json::Value) -> Result<T, String>
+where
+    T::Err: std::fmt::Display,
+{
+    let text = match v {
+        serde_json::Value::String(s) => s.clone(),
+        serde_json::Value::Number(n) => n.to_string(),
+        _ => return Err("not a quantity".into()),
+    };
+    text.parse().map_err(|e: T::Err| e.to_string())
+}

@@ -80,13 +80,7 @@ fn quantity<T: std::str::FromStr>(pod: &Value, field: &str, v: &Value) -> Result
 where
     T::Err: std::fmt::Display,
 {
-    let text = match v {
-        Value::String(s) => s.clone(),
-        Value::Number(n) => n.to_string(),
-        _ => return Err(invalid(pod, format!("{field}: not a quantity"))),
-    };
-    text.parse()
-        .map_err(|e| invalid(pod, format!("{field}: {e}")))
+    crate::parse_quantity(v).map_err(|e| invalid(pod, format!("{field}: {e}")))
 }
 
 /// A pod's host name, as the kubelet gives it: `spec.hostname`, else

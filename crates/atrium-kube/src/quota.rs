@@ -37,15 +37,10 @@ fn unit_of(resource: &str) -> Unit {
 }
 
 fn parse(resource: &str, v: &Value) -> Option<u64> {
-    let text = match v {
-        Value::String(s) => s.clone(),
-        Value::Number(n) => n.to_string(),
-        _ => return None,
-    };
     match unit_of(resource) {
-        Unit::Millicores => text.parse::<CpuMillis>().ok().map(|c| c.0),
-        Unit::Bytes => text.parse::<ByteSize>().ok().map(|b| b.0),
-        Unit::Count => text.parse().ok(),
+        Unit::Millicores => crate::parse_quantity::<CpuMillis>(v).ok().map(|c| c.0),
+        Unit::Bytes => crate::parse_quantity::<ByteSize>(v).ok().map(|b| b.0),
+        Unit::Count => crate::parse_quantity(v).ok(),
     }
 }
 

@@ -21,7 +21,7 @@ use axum::http::Method;
 use axum::middleware::Next;
 use axum::response::Response;
 
-use super::objects::{find as find_object, store_error, Scope};
+use super::objects::{find as find_object, now_unix, store_error, Scope};
 use super::path::{self, Target};
 use super::tokens::{self, Claims};
 use super::{from_api, refusal};
@@ -55,8 +55,11 @@ pub async fn authenticate(
         Err(e) => return refusal(from_api(e)),
     };
     let who = if token.starts_with(tokens::PREFIX) {
-        let now = time::OffsetDateTime::now_utc().unix_timestamp();
-        match tokens::verify(&state.sealer.token_key(), &token, now) {
+        let key = match state.sealer.token_key() {
+            Ok(key) => key,
+            Err(e) => return refusal(e),
+        };
+        match tokens::verify(&key, &token, now_unix()) {
             Some(claims) => Who::ServiceAccount(claims),
             None => {
                 return refusal(unauthorized(
@@ -203,20 +206,14 @@ async fn authorize(
         list("rolebindings").await?,
         list("clusterrolebindings").await?,
     );
-    let bodies = |objects: &[Object]| -> Vec<serde_json::Value> {
-        objects.iter().map(|o| o.body.clone()).collect()
-    };
-    let (roles, cluster_roles, bindings, cluster_bindings) = (
-        bodies(&roles),
-        bodies(&cluster_roles),
-        bodies(&bindings),
-        bodies(&cluster_bindings),
-    );
+    fn bodies(objects: &[Object]) -> Vec<&serde_json::Value> {
+        objects.iter().map(|o| &o.body).collect()
+    }
     let policy = rbac::Policy {
-        roles: roles.iter().collect(),
-        cluster_roles: cluster_roles.iter().collect(),
-        role_bindings: bindings.iter().collect(),
-        cluster_role_bindings: cluster_bindings.iter().collect(),
+        roles: bodies(&roles),
+        cluster_roles: bodies(&cluster_roles),
+        role_bindings: bodies(&bindings),
+        cluster_role_bindings: bodies(&cluster_bindings),
     };
     if policy.allows(subject, attributes) {
         Ok(())

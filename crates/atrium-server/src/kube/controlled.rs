@@ -3,9 +3,9 @@
 
 use atrium_kube::{managed, meta, KubeError, ResourceType};
 use atrium_store::{AuditContext, Object, Write};
-use serde_json::{json, Value};
+use serde_json::Value;
 
-use super::objects::{insert, key, name_suffix, remove, timestamp, uid, uid_of, write, Scope};
+use super::objects::{insert, name_suffix, pending_pod, remove, timestamp, uid, write, Scope};
 use crate::AppState;
 
 pub(super) fn audit(r: &ResourceType, verb: &str) -> AuditContext {
@@ -29,19 +29,8 @@ pub async fn create(
     managed::record_update(None, &mut obj, "atrium-controller", &timestamp());
     // The namespace's quotas hold for what the controllers make too.
     super::quotas::admit(state, scope, r, ns, &obj).await?;
-    if r.kind == "Pod" {
-        atrium_kube::pod::workload_of(&obj)?;
-        obj["status"] = json!({"phase": "Pending"});
-    }
-    let key = key(r, Some(ns), &name);
-    let w = Write::Create {
-        kind: scope.kind(r),
-        id: uid_of(&obj),
-        tenant: Some(scope.tenant.clone()),
-        body: scope.sealed(r, &key, obj)?,
-        name: key,
-    };
-    insert(state, scope, r, &name, w, audit(r, "create"))
+    pending_pod(r, &mut obj)?;
+    insert(state, scope, r, (Some(ns), &name), obj, audit(r, "create"))
         .await
         .map(|_| ())
 }

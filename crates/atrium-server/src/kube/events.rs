@@ -10,7 +10,7 @@ use atrium_store::StoreError;
 use serde_json::Value;
 
 use super::controlled;
-use super::objects::{find as find_object, timestamp, Scope};
+use super::objects::{find as find_object, now_unix, timestamp, Scope};
 use crate::AppState;
 
 /// Records `events` about `involved`, an object of `kind`
@@ -22,21 +22,22 @@ pub(super) async fn record(
     (kind, api_version): (&str, &str),
     events: &[Event],
 ) {
-    let pod = involved;
     let Some(events_t) = find("", "v1", "events") else {
         return;
     };
-    let ns = pod["metadata"]["namespace"].as_str().unwrap_or_default();
+    let ns = involved["metadata"]["namespace"]
+        .as_str()
+        .unwrap_or_default();
     let now = timestamp();
     for e in events {
-        let key = format!("{ns}/{}", name_of(pod, e.reason));
+        let key = format!("{ns}/{}", name_of(involved, e.reason));
         match find_object(state, scope, events_t, &key).await {
             Ok(Some(existing)) => {
                 let repeated = again(&existing.body, &e.message, &now);
                 controlled::replace(state, events_t, &existing, repeated).await;
             }
             Ok(None) => {
-                let made = object(pod, kind, api_version, e, &now);
+                let made = object(involved, kind, api_version, e, &now);
                 if let Err(err) = controlled::create(state, scope, events_t, ns, made).await {
                     tracing::debug!(reason = e.reason, error = %err, "event not recorded");
                 }
@@ -51,7 +52,7 @@ pub(super) async fn sweep(state: &AppState, scope: &Scope) -> Result<(), StoreEr
     let Some(events_t) = find("", "v1", "events") else {
         return Ok(());
     };
-    let now = time::OffsetDateTime::now_utc().unix_timestamp();
+    let now = now_unix();
     let last = |e: &Value| {
         let at = e["lastTimestamp"]
             .as_str()

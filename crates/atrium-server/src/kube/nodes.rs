@@ -12,9 +12,8 @@ use atrium_store::TenantFilter;
 use axum::http::{Method, StatusCode};
 use serde_json::{json, Value};
 
-use super::objects::{store_error, Scope};
-use super::path::At;
-use super::{from_api, KubeResponse, Request};
+use super::objects::{now_unix, store_error, Call};
+use super::{from_api, KubeResponse};
 use crate::kinds::{Node, Resource, Site, Tenant};
 use crate::{stored, AppState};
 
@@ -61,12 +60,8 @@ async fn visible(state: &AppState, tenant: &str) -> Result<Vec<Value>, KubeError
     Ok(nodes)
 }
 
-pub(super) async fn serve(
-    state: &AppState,
-    scope: &Scope,
-    at: &At,
-    req: &Request,
-) -> Result<KubeResponse, KubeError> {
+pub(super) async fn serve(call: &Call<'_>) -> Result<KubeResponse, KubeError> {
+    let (state, scope, at, req) = call.parts();
     let r = at.resource;
     if req.method != Method::GET || at.subresource.is_some() {
         return Err(KubeError::method_not_allowed(&format!(
@@ -92,10 +87,9 @@ pub(super) async fn serve(
     nodes.retain(|n| selector.matches(n));
     if req.wants_table() {
         let include = Include::parse(req.param("includeObject"));
-        let now = time::OffsetDateTime::now_utc().unix_timestamp();
         return Ok(KubeResponse::Json(
             StatusCode::OK,
-            table(r, &nodes, head, None, include, now),
+            table(r, &nodes, head, None, include, now_unix()),
         ));
     }
     Ok(KubeResponse::Json(

@@ -185,20 +185,25 @@ pub(super) async fn insert(
     state: &AppState,
     scope: &Scope,
     r: &ResourceType,
-    name: &str,
-    w: Write,
+    (namespace, name): (Option<&str>, &str),
+    obj: Value,
     audit: AuditContext,
 ) -> Result<Object, KubeError> {
     let tenant = scope.tenant.clone();
     // A service's address is its own: checked against the cluster's other
     // services inside the same transaction.
-    let address = match &w {
-        Write::Create { body, .. } if r.kind == "Service" => body
-            .pointer("/spec/clusterIP")
-            .and_then(Value::as_str)
-            .filter(|ip| *ip != "None")
-            .map(str::to_string),
-        _ => None,
+    let address = obj
+        .pointer("/spec/clusterIP")
+        .and_then(Value::as_str)
+        .filter(|ip| r.kind == "Service" && *ip != "None")
+        .map(str::to_string);
+    let key = key(r, namespace, name);
+    let w = Write::Create {
+        kind: scope.kind(r),
+        id: uid_of(&obj),
+        tenant: Some(scope.tenant.clone()),
+        body: scope.sealed(r, &key, obj)?,
+        name: key,
     };
     let services = address.as_ref().map(|_| scope.kind(r));
     let kinds: Vec<&str> = services.iter().map(String::as_str).collect();
@@ -356,7 +361,7 @@ pub(super) async fn serve(
     };
     let r = at.resource;
     if atrium_kube::resource::READ_ONLY.contains(&r.kind) {
-        return super::nodes::serve(state, &scope, at, req).await;
+        return super::nodes::serve(&call).await;
     }
     match at.subresource.as_deref() {
         None => {}
@@ -386,8 +391,8 @@ pub(super) async fn serve(
         (&Method::GET, None) if req.param("watch").is_some_and(|w| w == "true" || w == "1") => {
             watch::serve(state, scope, at, req).await
         }
-        (&Method::GET, None) => list(state, &scope, at, req).await,
-        (&Method::POST, None) => create(state, &scope, at, req).await,
+        (&Method::GET, None) => list(&call).await,
+        (&Method::POST, None) => create(&call).await,
         (&Method::GET, Some(_)) => get(&call).await,
         (&Method::PUT, Some(_)) => update(&call).await,
         (&Method::PATCH, Some(_)) => patch(&call).await,
@@ -425,16 +430,12 @@ impl Selection {
     }
 }
 
-fn now_unix() -> i64 {
+pub(super) fn now_unix() -> i64 {
     time::OffsetDateTime::now_utc().unix_timestamp()
 }
 
-async fn list(
-    state: &AppState,
-    scope: &Scope,
-    at: &At,
-    req: &Request,
-) -> Result<KubeResponse, KubeError> {
+async fn list(call: &Call<'_>) -> Result<KubeResponse, KubeError> {
+    let (state, scope, at, req) = call.parts();
     let r = at.resource;
     let selection = Selection::of(at, req)?;
     let head = state.store.head();
@@ -549,12 +550,8 @@ pub(super) fn dry_run(req: &Request) -> bool {
     req.param("dryRun") == Some("All") || in_body()
 }
 
-async fn create(
-    state: &AppState,
-    scope: &Scope,
-    at: &At,
-    req: &Request,
-) -> Result<KubeResponse, KubeError> {
+async fn create(call: &Call<'_>) -> Result<KubeResponse, KubeError> {
+    let (state, scope, at, req) = call.parts();
     let mut obj = body(req)?;
     managed::record_update(None, &mut obj, &field_manager(req)?, &timestamp());
     create_object(state, scope, at, obj, req).await
@@ -574,6 +571,16 @@ pub(super) fn field_manager(req: &Request) -> Result<String, KubeError> {
         .and_then(|a| a.split('/').next())
         .filter(|a| managed::check_manager(a).is_ok());
     Ok(agent.unwrap_or("unknown").to_string())
+}
+
+/// A pod, however made, is refused now — not later in its status — when
+/// it cannot run as a workload of the tenant, and starts pending.
+pub(super) fn pending_pod(r: &ResourceType, obj: &mut Value) -> Result<(), KubeError> {
+    if r.kind == "Pod" {
+        atrium_kube::pod::workload_of(obj)?;
+        obj["status"] = json!({"phase": "Pending"});
+    }
+    Ok(())
 }
 
 /// Refuses, when written, what its controller could never carry out:
@@ -638,25 +645,20 @@ pub(super) async fn create_object(
             .collect();
         atrium_kube::service::prepare_create(&mut obj, &taken)?;
     }
-    if r.kind == "Pod" {
-        // Refused now, not later in its status: a pod that cannot run as
-        // a workload of the tenant.
-        atrium_kube::pod::workload_of(&obj)?;
-        obj["status"] = json!({"phase": "Pending"});
-    }
+    pending_pod(r, &mut obj)?;
     if dry_run(req) {
         return Ok(KubeResponse::Json(StatusCode::CREATED, obj));
     }
-    let key = key(r, at.namespace.as_deref(), &name);
-    let w = Write::Create {
-        kind: scope.kind(r),
-        id: uid_of(&obj),
-        tenant: Some(scope.tenant.clone()),
-        body: scope.sealed(r, &key, obj)?,
-        name: key,
-    };
     let audit = req.audit(format!("kube.{}.create", r.singular));
-    let o = insert(state, scope, r, &name, w, audit).await?;
+    let o = insert(
+        state,
+        scope,
+        r,
+        (at.namespace.as_deref(), &name),
+        obj,
+        audit,
+    )
+    .await?;
     Ok(KubeResponse::Json(StatusCode::CREATED, scope.shown(r, &o)?))
 }
 

@@ -88,14 +88,11 @@ impl Sealer {
 
     /// The key service account tokens are signed with: derived from the
     /// master key under a salt of its own, so it is no tenant's key.
-    pub fn token_key(&self) -> ring::hmac::Key {
+    pub fn token_key(&self) -> Result<ring::hmac::Key, KubeError> {
         let prk = Salt::new(HKDF_SHA256, TOKEN_SALT).extract(&self.master);
-        let okm = prk.expand(&[b"hmac"], ring::hmac::HMAC_SHA256);
-        match okm {
-            Ok(okm) => ring::hmac::Key::from(okm),
-            // The length is HMAC-SHA256's own: expand cannot refuse it.
-            Err(_) => ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &self.master),
-        }
+        prk.expand(&[b"hmac"], ring::hmac::HMAC_SHA256)
+            .map(ring::hmac::Key::from)
+            .map_err(|_| KubeError::internal("cannot derive the token key"))
     }
 
     /// `secret` with its `data` sealed into `encryptedData`, bound to

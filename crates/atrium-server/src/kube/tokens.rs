@@ -13,7 +13,7 @@ use serde_json::{json, Value};
 use atrium_kube::KubeError;
 use axum::http::StatusCode;
 
-use super::objects::{existing, Call};
+use super::objects::{existing, now_unix, Call};
 use super::KubeResponse;
 
 pub const PREFIX: &str = "atrium-sa.";
@@ -52,10 +52,6 @@ pub fn verify(key: &ring::hmac::Key, token: &str, now: i64) -> Option<Claims> {
     ring::hmac::verify(key, body.as_bytes(), &tag).ok()?;
     let claims: Claims = serde_json::from_slice(&B64.decode(body).ok()?).ok()?;
     (claims.expires > now).then_some(claims)
-}
-
-fn now() -> i64 {
-    time::OffsetDateTime::now_utc().unix_timestamp()
 }
 
 /// `POST …/serviceaccounts/{name}/token`: a token for the account.
@@ -99,7 +95,7 @@ pub(super) async fn token_request(call: &Call<'_>) -> Result<KubeResponse, KubeE
                 )
             })?,
     };
-    let expires = now().saturating_add(seconds);
+    let expires = now_unix().saturating_add(seconds);
     let claims = Claims {
         cluster: scope.id.clone(),
         namespace: at.namespace.clone().unwrap_or_default(),
@@ -110,7 +106,7 @@ pub(super) async fn token_request(call: &Call<'_>) -> Result<KubeResponse, KubeE
             .to_string(),
         expires,
     };
-    let token = issue(&state.sealer.token_key(), &claims);
+    let token = issue(&state.sealer.token_key()?, &claims);
     let expiry = time::OffsetDateTime::from_unix_timestamp(expires)
         .ok()
         .and_then(|t| {

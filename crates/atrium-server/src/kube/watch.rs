@@ -22,14 +22,10 @@ use axum::http::header;
 use axum::response::IntoResponse;
 use serde_json::{json, Value};
 
-use super::objects::{Scope, Selection};
+use super::objects::{now_unix, Scope, Selection};
 use super::path::At;
 use super::{KubeResponse, Request};
 use crate::AppState;
-
-fn now() -> i64 {
-    time::OffsetDateTime::now_utc().unix_timestamp()
-}
 
 const BOOKMARK_EVERY: Duration = Duration::from_secs(10);
 const BATCH: u32 = 500;
@@ -100,7 +96,7 @@ pub(super) async fn serve(
         .wants_table()
         .then(|| Include::parse(req.param("includeObject")));
     let shape = move |obj: Value, revision: i64| match as_table {
-        Some(include) => table(r, &[obj], revision, None, include, now()),
+        Some(include) => table(r, &[obj], revision, None, include, now_unix()),
         None => obj,
     };
     let (state, api_version, type_kind) = (state.clone(), r.api_version(), r.kind);
