@@ -6,7 +6,7 @@
 
 use serde_json::{json, Value};
 
-use crate::resource::{groups, ResourceType, SERVED};
+use crate::resource::{Catalog, ResourceType};
 use crate::KUBERNETES_VERSION;
 
 pub fn version() -> Value {
@@ -33,21 +33,26 @@ pub fn api_versions() -> Value {
     })
 }
 
-fn group(name: &str, version: &str) -> Value {
-    let gv = json!({"groupVersion": format!("{name}/{version}"), "version": version});
-    json!({"name": name, "versions": [gv], "preferredVersion": gv})
+fn group(name: &str, versions: &[&str]) -> Value {
+    let gv = |v: &str| json!({"groupVersion": format!("{name}/{v}"), "version": v});
+    let all: Vec<Value> = versions.iter().map(|v| gv(v)).collect();
+    json!({"name": name, "versions": all, "preferredVersion": gv(versions.first().copied().unwrap_or_default())})
 }
 
 /// `/apis`: every named group.
-pub fn api_group_list() -> Value {
-    let groups: Vec<Value> = groups().into_iter().map(|(g, v)| group(g, v)).collect();
+pub fn api_group_list(catalog: &Catalog) -> Value {
+    let groups: Vec<Value> = catalog
+        .groups()
+        .into_iter()
+        .map(|(g, v)| group(g, &v))
+        .collect();
     json!({"kind": "APIGroupList", "apiVersion": "v1", "groups": groups})
 }
 
 /// `/apis/{group}`: one group, if served.
-pub fn api_group(name: &str) -> Option<Value> {
-    let (g, v) = groups().into_iter().find(|(g, _)| *g == name)?;
-    let mut doc = group(g, v);
+pub fn api_group(catalog: &Catalog, name: &str) -> Option<Value> {
+    let (g, v) = catalog.groups().into_iter().find(|(g, _)| *g == name)?;
+    let mut doc = group(g, &v);
     doc["kind"] = json!("APIGroup");
     doc["apiVersion"] = json!("v1");
     Some(doc)
@@ -55,32 +60,37 @@ pub fn api_group(name: &str) -> Option<Value> {
 
 /// A served subresource: its name, what it answers with (group,
 /// version, kind) and its verbs.
-type Subresource = (
+type Subresource<'a> = (
     &'static str,
-    (&'static str, &'static str, &'static str),
+    (&'a str, &'a str, &'a str),
     &'static [&'static str],
 );
 
 /// The subresources of `r`'s kind.
-fn subresources(r: &ResourceType) -> Vec<Subresource> {
-    let own = (r.group, r.version, r.kind);
+fn subresources(r: &ResourceType) -> Vec<Subresource<'_>> {
+    let own = (r.group.as_ref(), r.version.as_ref(), r.kind.as_ref());
     let mut out: Vec<Subresource> = Vec::new();
-    if crate::resource::CONTROLLED_STATUS.contains(&r.kind) {
-        out.push(("status", own, &["get"]));
+    if r.status_is_separate() {
+        let verbs: &[&str] = if r.custom.is_some() {
+            &["get", "patch", "update"]
+        } else {
+            &["get"]
+        };
+        out.push(("status", own, verbs));
     }
-    if crate::resource::SCALABLE.contains(&r.kind) {
+    if r.scalable() {
         out.push((
             "scale",
             ("autoscaling", "v1", "Scale"),
             &["get", "patch", "update"],
         ));
     }
-    match r.kind {
-        "Pod" => {
+    match (r.custom.is_none(), r.kind.as_ref()) {
+        (true, "Pod") => {
             out.push(("log", ("", "v1", "Pod"), &["get"]));
             out.push(("exec", ("", "v1", "PodExecOptions"), &["create", "get"]));
         }
-        "ServiceAccount" => {
+        (true, "ServiceAccount") => {
             out.push((
                 "token",
                 ("authentication.k8s.io", "v1", "TokenRequest"),
@@ -100,13 +110,13 @@ fn resource(r: &ResourceType) -> Vec<Value> {
         "namespaced": r.namespaced,
         "kind": r.kind,
         "verbs": r.verbs(),
-        "shortNames": r.short_names,
+        "shortNames": r.short_names(),
         "categories": r.categories(),
     })];
     for (sub, (group, version, kind), verbs) in subresources(r) {
         let mut entry = json!({"name": format!("{}/{sub}", r.plural), "singularName": "",
             "namespaced": r.namespaced, "kind": kind, "verbs": verbs});
-        if (group, version) != (r.group, r.version) {
+        if (group, version) != (r.group.as_ref(), r.version.as_ref()) {
             entry["group"] = json!(group);
             entry["version"] = json!(version);
         }
@@ -118,37 +128,48 @@ fn resource(r: &ResourceType) -> Vec<Value> {
 /// The media type of aggregated discovery, as answered.
 pub const AGGREGATED: &str = "application/json;g=apidiscovery.k8s.io;v=v2;as=APIGroupDiscoveryList";
 
+fn aggregated_resource(r: &ResourceType) -> Value {
+    let subs: Vec<Value> = subresources(r)
+        .into_iter()
+        .map(|(sub, (g, v, k), verbs)| {
+            json!({"subresource": sub, "verbs": verbs,
+                   "responseKind": {"group": g, "version": v, "kind": k}})
+        })
+        .collect();
+    json!({
+        "resource": r.plural,
+        "responseKind": {"group": r.group, "version": r.version, "kind": r.kind},
+        "scope": if r.namespaced { "Namespaced" } else { "Cluster" },
+        "singularResource": r.singular,
+        "verbs": r.verbs(),
+        "shortNames": r.short_names(),
+        "categories": r.categories(),
+        "subresources": subs,
+    })
+}
+
 /// `/api` (`core`) or `/apis` as one aggregated document.
-pub fn aggregated(core: bool) -> Value {
-    let wanted: Vec<(&str, &str)> = if core { vec![("", "v1")] } else { groups() };
+pub fn aggregated(catalog: &Catalog, core: bool) -> Value {
+    let wanted: Vec<(&str, Vec<&str>)> = if core {
+        vec![("", vec!["v1"])]
+    } else {
+        catalog.groups()
+    };
     let items: Vec<Value> = wanted
         .into_iter()
-        .map(|(group, version)| {
-            let resources: Vec<Value> = SERVED
-                .iter()
-                .filter(|r| r.group == group && r.version == version)
-                .map(|r| {
-                    let subs: Vec<Value> = subresources(r)
-                        .into_iter()
-                        .map(|(sub, (g, v, k), verbs)| {
-                            json!({"subresource": sub, "verbs": verbs,
-                                   "responseKind": {"group": g, "version": v, "kind": k}})
-                        })
+        .map(|(group, versions)| {
+            let versions: Vec<Value> = versions
+                .into_iter()
+                .map(|version| {
+                    let resources: Vec<Value> = catalog
+                        .all()
+                        .filter(|r| r.group == group && r.version == version)
+                        .map(aggregated_resource)
                         .collect();
-                    json!({
-                        "resource": r.plural,
-                        "responseKind": {"group": r.group, "version": r.version, "kind": r.kind},
-                        "scope": if r.namespaced { "Namespaced" } else { "Cluster" },
-                        "singularResource": r.singular,
-                        "verbs": r.verbs(),
-                        "shortNames": r.short_names,
-                        "categories": r.categories(),
-                        "subresources": subs,
-                    })
+                    json!({"version": version, "resources": resources, "freshness": "Current"})
                 })
                 .collect();
-            json!({"metadata": {"name": group},
-                   "versions": [{"version": version, "resources": resources, "freshness": "Current"}]})
+            json!({"metadata": {"name": group}, "versions": versions})
         })
         .collect();
     json!({"kind": "APIGroupDiscoveryList", "apiVersion": "apidiscovery.k8s.io/v2",
@@ -156,9 +177,9 @@ pub fn aggregated(core: bool) -> Value {
 }
 
 /// `/api/v1` or `/apis/{group}/{version}`: its resources, if served.
-pub fn api_resource_list(group: &str, version: &str) -> Option<Value> {
-    let resources: Vec<Value> = SERVED
-        .iter()
+pub fn api_resource_list(catalog: &Catalog, group: &str, version: &str) -> Option<Value> {
+    let resources: Vec<Value> = catalog
+        .all()
         .filter(|r| r.group == group && r.version == version)
         .flat_map(resource)
         .collect();
@@ -184,7 +205,7 @@ mod tests {
 
     #[test]
     fn the_core_group_lists_its_resources_with_short_names() {
-        let list = api_resource_list("", "v1").unwrap();
+        let list = api_resource_list(&Catalog::default(), "", "v1").unwrap();
         assert_eq!(list["groupVersion"], "v1");
         let cm = list["resources"]
             .as_array()
@@ -194,7 +215,7 @@ mod tests {
             .unwrap();
         assert_eq!(cm["shortNames"], json!(["cm"]));
         assert_eq!(cm["namespaced"], true);
-        assert!(api_resource_list("", "v2").is_none());
+        assert!(api_resource_list(&Catalog::default(), "", "v2").is_none());
         let log = list["resources"]
             .as_array()
             .unwrap()
@@ -206,7 +227,7 @@ mod tests {
 
     #[test]
     fn aggregated_discovery_has_every_group_with_its_subresources() {
-        let apis = aggregated(false);
+        let apis = aggregated(&Catalog::default(), false);
         let names: Vec<&str> = apis["items"]
             .as_array()
             .unwrap()
@@ -237,7 +258,7 @@ mod tests {
             .find(|s| s["subresource"] == "scale")
             .unwrap();
         assert_eq!(scale["responseKind"]["kind"], "Scale");
-        let core = aggregated(true);
+        let core = aggregated(&Catalog::default(), true);
         assert_eq!(core["items"][0]["metadata"]["name"], "");
         assert_eq!(core["items"][0]["versions"][0]["version"], "v1");
     }

@@ -2,7 +2,8 @@
 //! each tenant cluster as a logical cluster of one Kubernetes-compatible
 //! API inside the control plane (`/k8s/{cluster}/…`): no process and no
 //! memory per cluster beyond its objects. This crate knows what that API is
-//! — the resources served (`resource`), discovery (`discovery`), OpenAPI v3
+//! — the resources served (`resource`), tenants' own types (`crd`) and
+//! their schemas (`schema`), discovery (`discovery`), OpenAPI v3
 //! documents with upstream's schemas (`openapi`), the events controllers
 //! emit (`events`), errors as `Status` objects (`status`), what the server
 //! sets in an object's metadata (`meta`), namespaces' resource quotas
@@ -20,6 +21,7 @@
 //! This is compatibility with what kubectl and client libraries send, not
 //! upstream conformance.
 
+pub mod crd;
 pub mod discovery;
 pub mod events;
 pub mod inference;
@@ -34,13 +36,14 @@ pub mod quota;
 pub mod rbac;
 pub mod remotecommand;
 pub mod resource;
+pub mod schema;
 pub mod selector;
 pub mod service;
 pub mod statefulset;
 pub mod status;
 pub mod table;
 
-pub use resource::{find, ResourceType, SERVED};
+pub use resource::{find, Catalog, ResourceType, SERVED};
 pub use status::KubeError;
 
 /// The Kubernetes version the API reports (`/version`).

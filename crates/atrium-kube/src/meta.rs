@@ -10,7 +10,7 @@ use crate::resource::ResourceType;
 use crate::status::KubeError;
 
 /// A DNS-1123 label: what a namespace's name must be.
-fn dns_label(name: &str) -> bool {
+pub(crate) fn dns_label(name: &str) -> bool {
     let b = name.as_bytes();
     !b.is_empty()
         && b.len() <= 63
@@ -27,15 +27,19 @@ fn dns_subdomain(name: &str) -> bool {
 
 /// Refuses a name the resource cannot have, with upstream's wording.
 pub fn check_name(r: &ResourceType, name: &str) -> Result<(), KubeError> {
-    let ok = if r.namespaced {
-        dns_subdomain(name)
-    } else {
+    // A namespace's name becomes part of others' names: a label, as
+    // upstream's. Every other object's is a subdomain (a definition's is
+    // `<plural>.<group>`).
+    let label = r.builtin_kind() == "Namespace";
+    let ok = if label {
         dns_label(name)
+    } else {
+        dns_subdomain(name)
     };
     if ok {
         return Ok(());
     }
-    let rule = if r.namespaced {
+    let rule = if !label {
         "a lowercase RFC 1123 subdomain must consist of lower case alphanumeric characters, \
          '-' or '.', and must start and end with an alphanumeric character"
     } else {
@@ -43,7 +47,7 @@ pub fn check_name(r: &ResourceType, name: &str) -> Result<(), KubeError> {
          '-', and must start and end with an alphanumeric character (at most 63)"
     };
     Err(KubeError::invalid(
-        r.kind,
+        &r.kind,
         name,
         format!("metadata.name: Invalid value: {name:?}: {rule}"),
     ))
@@ -67,7 +71,7 @@ pub fn name_of(obj: &Value) -> Option<&str> {
 /// (filling them in when absent).
 fn check_type(r: &ResourceType, obj: &mut Value) -> Result<(), KubeError> {
     let api_version = r.api_version();
-    for (field, want) in [("apiVersion", api_version.as_str()), ("kind", r.kind)] {
+    for (field, want) in [("apiVersion", api_version.as_str()), ("kind", &r.kind)] {
         match obj.get(field).and_then(Value::as_str) {
             None => obj[field] = json!(want),
             Some(got) if got == want => {}
@@ -99,7 +103,7 @@ pub fn prepare_create(
             Some(prefix) if !prefix.is_empty() => format!("{prefix}{}", suffix()),
             _ => {
                 return Err(KubeError::invalid(
-                    r.kind,
+                    &r.kind,
                     "",
                     "metadata.name: Required value: name or generateName is required",
                 ))
@@ -134,8 +138,14 @@ pub fn prepare_create(
     }
     meta.insert("uid".into(), json!(uid));
     meta.insert("creationTimestamp".into(), json!(now));
-    if obj.get("spec").is_some() {
+    if obj.get("spec").is_some() || r.custom.is_some() {
         obj["metadata"]["generation"] = json!(1);
+    }
+    // A custom object's status is written only through `/status`.
+    if r.custom.is_some() && r.status_is_separate() {
+        if let Some(root) = obj.as_object_mut() {
+            root.remove("status");
+        }
     }
     let meta = metadata(obj)?;
     // `managedFields` is `managed`'s to write, before this.
@@ -178,19 +188,31 @@ pub fn prepare_update(r: &ResourceType, old: &Value, new: &mut Value) -> Result<
         }
     }
     meta.remove("selfLink");
-    if r.kind == "Namespace" {
+    if r.builtin_kind() == "Namespace" {
         // A namespace's phase is the server's.
         new["status"] = old
             .get("status")
             .cloned()
             .unwrap_or(json!({"phase": "Active"}));
     }
-    if crate::resource::CONTROLLED_STATUS.contains(&r.kind) {
+    if r.status_is_separate() {
         new["status"] = old.get("status").cloned().unwrap_or(json!({}));
     }
-    // The generation counts changes of the spec.
+    // The generation counts changes of the spec (of a custom object:
+    // of anything but its metadata and status).
     if let Some(generation) = old.pointer("/metadata/generation").and_then(Value::as_i64) {
-        let next = if new.get("spec") == old.get("spec") {
+        let same = if r.custom.is_some() {
+            let content = |o: &Value| {
+                let mut o = o.as_object().cloned().unwrap_or_default();
+                o.remove("metadata");
+                o.remove("status");
+                o
+            };
+            content(new) == content(old)
+        } else {
+            new.get("spec") == old.get("spec")
+        };
+        let next = if same {
             generation
         } else {
             generation.saturating_add(1)
@@ -198,6 +220,20 @@ pub fn prepare_update(r: &ResourceType, old: &Value, new: &mut Value) -> Result<
         new["metadata"]["generation"] = json!(next);
     }
     defaults(r, new)
+}
+
+/// A write of `/status`: the object as it was, with the status given.
+pub fn prepare_status_update(old: &Value, new: &mut Value) {
+    let status = new.get("status").cloned();
+    *new = old.clone();
+    match status {
+        Some(s) => new["status"] = s,
+        None => {
+            if let Some(o) = new.as_object_mut() {
+                o.remove("status");
+            }
+        }
+    }
 }
 
 /// Most replicas (or job pods) one object may ask for: each one is a pod,
@@ -214,7 +250,7 @@ fn bounded(r: &ResourceType, obj: &Value, field: &str) -> Result<(), KubeError> 
         return Ok(());
     }
     Err(KubeError::invalid(
-        r.kind,
+        &r.kind,
         name_of(obj).unwrap_or_default(),
         format!("spec.{field}: Invalid value: {v}: must be a whole number from 0 to {MAX_COUNT}"),
     ))
@@ -222,7 +258,7 @@ fn bounded(r: &ResourceType, obj: &Value, field: &str) -> Result<(), KubeError> 
 
 /// What each kind gets when it does not say.
 fn defaults(r: &ResourceType, obj: &mut Value) -> Result<(), KubeError> {
-    match r.kind {
+    match r.builtin_kind() {
         "Deployment" | "ReplicaSet" => bounded(r, obj, "replicas")?,
         "StatefulSet" => {
             bounded(r, obj, "replicas")?;
@@ -343,7 +379,7 @@ fn check_finalizers(
         });
         if !ok {
             return Err(KubeError::invalid(
-                r.kind,
+                &r.kind,
                 name,
                 "metadata.finalizers: at most 64 names of 1 to 316 characters",
             ));
@@ -356,7 +392,7 @@ fn check_finalizers(
         .unwrap_or_default();
     if deleting && finalizers(new).iter().any(|f| !before.contains(f)) {
         return Err(KubeError::forbidden(
-            r.plural,
+            &r.plural,
             name,
             "no new finalizers can be added if the object is being deleted",
         ));

@@ -8,38 +8,44 @@
 //! documents do (OpenAPI 3.0 ignores a `$ref`'s siblings). The documents
 //! depend on nothing but the served types: each is built once.
 
+use std::borrow::Cow;
 use std::sync::OnceLock;
 
 use k8s_openapi::api::{apps::v1 as apps, batch::v1 as batch, core::v1 as core, rbac::v1 as rbac};
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1 as apiextensions;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use schemars::generate::SchemaSettings;
 use schemars::{JsonSchema, SchemaGenerator};
 use serde_json::{json, Map, Value};
 
-use crate::resource::{groups, ResourceType, SERVED};
+use crate::crd::Custom;
+use crate::resource::{Catalog, ResourceType};
 
-/// `api/v1`, then `apis/<group>/<version>` of each named group.
-fn group_versions() -> Vec<String> {
+/// `api/v1`, then `apis/<group>/<version>` of each named group's versions.
+fn group_versions(catalog: &Catalog) -> Vec<String> {
     let mut out = vec!["api/v1".to_string()];
-    for (g, v) in groups() {
-        out.push(format!("apis/{g}/{v}"));
+    for (g, versions) in catalog.groups() {
+        out.extend(versions.into_iter().map(|v| format!("apis/{g}/{v}")));
     }
     out
 }
 
 /// `/openapi/v3`: one document per group version served.
-pub fn index() -> Value {
+pub fn index(catalog: &Catalog) -> Value {
     let mut paths = Map::new();
-    for gv in group_versions() {
-        let url = format!("/openapi/v3/{gv}?hash={}", hash_of(&gv));
+    for gv in group_versions(catalog) {
+        let url = format!("/openapi/v3/{gv}?hash={}", hash_of(catalog, &gv));
         paths.insert(gv, json!({"serverRelativeURL": url}));
     }
     json!({"paths": paths})
 }
 
 /// A stable tag of a document's content, so a client's cache of it is
-/// kept until the server's types change (they change with a release).
-fn hash_of(gv: &str) -> String {
-    let text = document(gv).map(|d| d.to_string()).unwrap_or_default();
+/// kept until the types change (a release, or a definition's update).
+fn hash_of(catalog: &Catalog, gv: &str) -> String {
+    let text = document(catalog, gv)
+        .map(|d| d.to_string())
+        .unwrap_or_default();
     // FNV-1a: a cache key, not a security boundary.
     let h = text.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
         (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
@@ -47,18 +53,55 @@ fn hash_of(gv: &str) -> String {
     format!("{h:016X}")
 }
 
-/// The document of `gv` (`api/v1` or `apis/apps/v1`), if it is served.
-pub fn document(gv: &str) -> Option<&'static Value> {
+/// The document of `gv` (`api/v1` or `apis/apps/v1`), if it is served:
+/// a built-in group's built once, a definition's each time asked.
+pub fn document(catalog: &Catalog, gv: &str) -> Option<Cow<'static, Value>> {
     static DOCS: OnceLock<Vec<(String, Value)>> = OnceLock::new();
+    let gv = gv.trim_end_matches('/');
     let docs = DOCS.get_or_init(|| {
-        group_versions()
+        group_versions(&Catalog::default())
             .into_iter()
-            .filter_map(|gv| build(&gv).map(|d| (gv, d)))
+            .filter_map(|gv| build(&Catalog::default(), &gv).map(|d| (gv, d)))
             .collect()
     });
-    docs.iter()
-        .find(|(g, _)| g == gv.trim_end_matches('/'))
-        .map(|(_, d)| d)
+    if let Some((_, d)) = docs.iter().find(|(g, _)| g == gv) {
+        return Some(Cow::Borrowed(d));
+    }
+    build(catalog, gv).map(Cow::Owned)
+}
+
+/// A custom resource's schema as upstream publishes it: its definition's,
+/// with `apiVersion`, `kind` and the standard `metadata`.
+fn custom_schema(gen: &mut SchemaGenerator, r: &ResourceType, custom: &Custom) -> Value {
+    let meta = gen.subschema_for::<ObjectMeta>().to_value();
+    let mut schema = custom.schema.clone();
+    let described = |d: &str| json!({"description": d, "type": "string"});
+    if let Some(props) = schema
+        .as_object_mut()
+        .map(|s| s.entry("properties").or_insert_with(|| json!({})))
+        .and_then(Value::as_object_mut)
+    {
+        props.insert(
+            "apiVersion".into(),
+            described(
+                "APIVersion defines the versioned schema of this representation of an object.",
+            ),
+        );
+        props.insert(
+            "kind".into(),
+            described(
+                "Kind is a string value representing the REST resource this object represents.",
+            ),
+        );
+        props.insert(
+            "metadata".into(),
+            json!({"allOf": [meta], "description": "Standard object's metadata."}),
+        );
+    }
+    let reversed: Vec<&str> = r.group.rsplit('.').collect();
+    let name = format!("{}.{}.{}", reversed.join("."), r.version, r.kind);
+    gen.definitions_mut().insert(name.clone(), schema);
+    json!({"$ref": format!("#/components/schemas/{name}")})
 }
 
 /// The schema of `r`'s kind, registered in `gen`'s definitions.
@@ -66,7 +109,10 @@ fn schema_of(gen: &mut SchemaGenerator, r: &ResourceType) -> Option<Value> {
     fn of<T: JsonSchema>(gen: &mut SchemaGenerator) -> Value {
         gen.subschema_for::<T>().to_value()
     }
-    Some(match (r.group, r.kind) {
+    if let Some(custom) = &r.custom {
+        return Some(custom_schema(gen, r, custom));
+    }
+    Some(match (r.group.as_ref(), r.kind.as_ref()) {
         ("", "Namespace") => of::<core::Namespace>(gen),
         ("", "Node") => of::<core::Node>(gen),
         ("", "ConfigMap") => of::<core::ConfigMap>(gen),
@@ -85,9 +131,12 @@ fn schema_of(gen: &mut SchemaGenerator, r: &ResourceType) -> Option<Value> {
         ("rbac.authorization.k8s.io", "ClusterRole") => of::<rbac::ClusterRole>(gen),
         ("rbac.authorization.k8s.io", "RoleBinding") => of::<rbac::RoleBinding>(gen),
         ("rbac.authorization.k8s.io", "ClusterRoleBinding") => of::<rbac::ClusterRoleBinding>(gen),
+        ("apiextensions.k8s.io", "CustomResourceDefinition") => {
+            of::<apiextensions::CustomResourceDefinition>(gen)
+        }
         ("atrium.dev", "InferenceService") => {
             // Its own schema beside the metadata it refers to.
-            gen.subschema_for::<k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta>();
+            gen.subschema_for::<ObjectMeta>();
             let name = "dev.atrium.v1.InferenceService";
             gen.definitions_mut()
                 .insert(name.into(), crate::inference::schema());
@@ -97,7 +146,7 @@ fn schema_of(gen: &mut SchemaGenerator, r: &ResourceType) -> Option<Value> {
     })
 }
 
-fn build(gv: &str) -> Option<Value> {
+fn build(catalog: &Catalog, gv: &str) -> Option<Value> {
     let (group, version) = match gv.split('/').collect::<Vec<_>>().as_slice() {
         ["api", v] => ("", *v),
         ["apis", g, v] => (*g, *v),
@@ -106,8 +155,8 @@ fn build(gv: &str) -> Option<Value> {
     let mut gen = SchemaSettings::openapi3().into_generator();
     let mut paths = Map::new();
     let mut kinds = Vec::new();
-    for r in SERVED
-        .iter()
+    for r in catalog
+        .all()
         .filter(|r| r.group == group && r.version == version)
     {
         let schema = schema_of(&mut gen, r)?;
@@ -163,7 +212,7 @@ fn paths_of(gv: &str, r: &ResourceType, schema: &Value) -> Map<String, Value> {
         format!("/{gv}/{}", r.plural)
     };
     let mut paths = Map::new();
-    if crate::resource::READ_ONLY.contains(&r.kind) {
+    if r.read_only() {
         paths.insert(
             base.clone(),
             json!({"get": op("list", json!([query("labelSelector")]))}),
@@ -195,31 +244,33 @@ mod tests {
 
     #[test]
     fn every_served_kind_has_its_schema_tagged_with_its_kind() {
-        for r in SERVED {
+        for r in crate::SERVED {
             let gv = if r.group.is_empty() {
                 format!("api/{}", r.version)
             } else {
                 format!("apis/{}/{}", r.group, r.version)
             };
-            let doc = document(&gv).unwrap();
+            let doc = document(&Catalog::default(), &gv).unwrap();
             let tagged = doc["components"]["schemas"]
                 .as_object()
                 .unwrap()
                 .values()
-                .filter(|s| s["x-kubernetes-group-version-kind"][0]["kind"] == r.kind)
+                .filter(|s| s["x-kubernetes-group-version-kind"][0]["kind"] == r.kind.as_ref())
                 .count();
             assert_eq!(tagged, 1, "{}", r.kind);
         }
-        assert!(index()["paths"]["apis/apps/v1"]["serverRelativeURL"]
-            .as_str()
-            .unwrap()
-            .starts_with("/openapi/v3/apis/apps/v1?hash="));
-        assert!(document("apis/widgets/v1").is_none());
+        assert!(
+            index(&Catalog::default())["paths"]["apis/apps/v1"]["serverRelativeURL"]
+                .as_str()
+                .unwrap()
+                .starts_with("/openapi/v3/apis/apps/v1?hash=")
+        );
+        assert!(document(&Catalog::default(), "apis/widgets/v1").is_none());
     }
 
     #[test]
     fn a_deployments_spec_is_upstreams_with_refs_wrapped_as_upstream_wraps_them() {
-        let doc = document("apis/apps/v1").unwrap();
+        let doc = document(&Catalog::default(), "apis/apps/v1").unwrap();
         let schemas = &doc["components"]["schemas"];
         let spec = &schemas["io.k8s.api.apps.v1.DeploymentSpec"];
         assert!(spec["description"]

@@ -111,10 +111,15 @@ pub fn usage_of(r: &ResourceType, obj: &Value) -> Amounts {
         format!("count/{}.{}", r.plural, r.group)
     };
     out.insert(count, 1);
-    if r.group.is_empty() && matches!(r.plural, "pods" | "services" | "configmaps" | "secrets") {
+    if r.group.is_empty()
+        && matches!(
+            r.plural.as_ref(),
+            "pods" | "services" | "configmaps" | "secrets"
+        )
+    {
         out.insert(r.plural.to_string(), 1);
     }
-    if r.kind == "Pod" {
+    if r.builtin_kind() == "Pod" {
         pod_compute(obj, &mut out);
     }
     out

@@ -41,7 +41,7 @@ fn count(obj: &Value, field: &str) -> usize {
 /// for them.
 fn middle(r: &ResourceType, obj: &Value) -> Vec<(Value, Value)> {
     let text = |p: &str| json!(obj.pointer(p).and_then(Value::as_str).unwrap_or(""));
-    match r.kind {
+    match r.builtin_kind() {
         "Namespace" => vec![(
             column("Status", "string", "", "The status of the namespace"),
             text("/status/phase"),
@@ -247,7 +247,7 @@ fn middle(r: &ResourceType, obj: &Value) -> Vec<(Value, Value)> {
 
 /// The kind's columns after Age (a node's version).
 fn after_age(r: &ResourceType, obj: &Value) -> Vec<(Value, Value)> {
-    match r.kind {
+    match r.builtin_kind() {
         "Node" => vec![(
             column(
                 "Version",
@@ -317,6 +317,13 @@ pub fn table(
     include: Include,
     now: i64,
 ) -> Value {
+    if let Some(custom) = r.custom.as_ref().filter(|c| !c.columns.is_empty()) {
+        return with_rows(
+            custom_table(&custom.columns, objects, include, now),
+            resource_version,
+            continue_token,
+        );
+    }
     let sample = objects.first().cloned().unwrap_or(json!({}));
     let mut columns = vec![column(
         "Name",
@@ -346,15 +353,64 @@ pub fn table(
                 .unwrap_or("");
             cells.push(json!(age(seconds_since(created, now))));
             cells.extend(after_age(r, obj).into_iter().map(|(_, v)| v));
-            let object = match include {
-                Include::None => Value::Null,
-                Include::Metadata => json!({"kind": "PartialObjectMetadata",
-                    "apiVersion": "meta.k8s.io/v1", "metadata": obj["metadata"]}),
-                Include::Object => obj.clone(),
-            };
-            json!({"cells": cells, "object": object})
+            json!({"cells": cells, "object": row_object(obj, include)})
         })
         .collect();
+    with_rows((columns, rows), resource_version, continue_token)
+}
+
+/// What a row carries of its object.
+fn row_object(obj: &Value, include: Include) -> Value {
+    match include {
+        Include::None => Value::Null,
+        Include::Metadata => json!({"kind": "PartialObjectMetadata",
+            "apiVersion": "meta.k8s.io/v1", "metadata": obj["metadata"]}),
+        Include::Object => obj.clone(),
+    }
+}
+
+/// A custom type's own columns, as its definition's printer columns say:
+/// Name, then each (a `date` shown as an age), as upstream prints them.
+fn custom_table(
+    printer: &[crate::crd::Column],
+    objects: &[Value],
+    include: Include,
+    now: i64,
+) -> (Vec<Value>, Vec<Value>) {
+    let mut columns = vec![column(
+        "Name",
+        "string",
+        "name",
+        "Name must be unique within a namespace.",
+    )];
+    for c in printer {
+        let mut def = column(&c.name, &c.kind, &c.format, &c.description);
+        def["priority"] = json!(c.priority);
+        columns.push(def);
+    }
+    let rows = objects
+        .iter()
+        .map(|obj| {
+            let mut cells = vec![obj.pointer("/metadata/name").cloned().unwrap_or(json!(""))];
+            for c in printer {
+                let v = crate::crd::at_path(obj, &c.json_path).cloned();
+                cells.push(match (c.kind.as_str(), v) {
+                    ("date", Some(Value::String(t))) => json!(age(seconds_since(&t, now))),
+                    (_, Some(v)) => v,
+                    (_, None) => Value::Null,
+                });
+            }
+            json!({"cells": cells, "object": row_object(obj, include)})
+        })
+        .collect();
+    (columns, rows)
+}
+
+fn with_rows(
+    (columns, rows): (Vec<Value>, Vec<Value>),
+    resource_version: i64,
+    continue_token: Option<&str>,
+) -> Value {
     let mut metadata = json!({"resourceVersion": resource_version.to_string()});
     if let Some(token) = continue_token {
         metadata["continue"] = json!(token);

@@ -10,20 +10,6 @@ use common::TestServer;
 use reqwest::Method;
 use serde_json::{json, Value};
 
-/// Makes cluster `name` for `key`'s tenant; answers its id.
-async fn cluster(s: &TestServer, key: &str, name: &str) -> String {
-    let (status, cluster) = s
-        .call(
-            Method::POST,
-            "/v1/clusters",
-            Some(key),
-            Some(&json!({"name": name, "spec": {}})),
-        )
-        .await;
-    assert_eq!(status, 201, "{cluster}");
-    cluster["id"].as_str().unwrap().to_string()
-}
-
 /// Every byte the control plane keeps on disk (the database, its WAL).
 fn disk_bytes(dir: &std::path::Path) -> Vec<u8> {
     let mut all = Vec::new();
@@ -40,7 +26,7 @@ async fn a_clusters_secrets_never_reach_the_disk_in_clear() {
     let s = TestServer::start(TestBackend::Sqlite).await;
     s.create_tenant("acme", json!({})).await;
     let acme = s.create_key("acme", "k", &["admin"]).await;
-    let id = cluster(&s, &acme, "dev").await;
+    let id = s.create_cluster(&acme, "dev").await;
     let base = format!("/k8s/{id}/api/v1/namespaces/default");
     // "correct-horse-battery" in base64, and a config map's value in clear.
     let secret = json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "db"},
@@ -98,7 +84,7 @@ async fn a_clusters_watches_count_against_its_tenants_open_streams() {
     s.create_tenant("acme", json!({"quota": {"watches": 1}}))
         .await;
     let acme = s.create_key("acme", "k", &["admin"]).await;
-    let id = cluster(&s, &acme, "dev").await;
+    let id = s.create_cluster(&acme, "dev").await;
     let url = format!("{}/k8s/{id}/api/v1/namespaces?watch=true", s.base);
     let open = s.http.get(&url).bearer_auth(&acme).send().await.unwrap();
     assert_eq!(open.status(), 200);
@@ -114,7 +100,7 @@ async fn a_hostile_replica_count_in_a_tenant_cluster_is_refused_not_run() {
     let s = TestServer::start(TestBackend::Sqlite).await;
     s.create_tenant("acme", json!({})).await;
     let acme = s.create_key("acme", "k", &["admin"]).await;
-    let id = cluster(&s, &acme, "dev").await;
+    let id = s.create_cluster(&acme, "dev").await;
     let template = json!({"metadata": {"labels": {"app": "x"}},
         "spec": {"containers": [{"name": "main", "image": "acme/x:1"}]}});
     let deployment = |replicas: Value| {
@@ -175,7 +161,7 @@ async fn a_flood_of_objects_stops_at_the_clusters_quota_and_leaves_room_after_de
     s.create_tenant("acme", json!({"quota": {"cluster_objects": 12}}))
         .await;
     let acme = s.create_key("acme", "k", &["admin"]).await;
-    let id = cluster(&s, &acme, "dev").await;
+    let id = s.create_cluster(&acme, "dev").await;
     let configmaps = format!("/k8s/{id}/api/v1/namespaces/default/configmaps");
     let make = |i: usize| json!({"metadata": {"name": format!("flood-{i}")}, "data": {"k": "v"}});
     let mut made = 0;
@@ -213,7 +199,7 @@ async fn a_flood_of_objects_stops_at_the_clusters_quota_and_leaves_room_after_de
         .await;
     assert_eq!(status, 201, "a delete makes room again: {v}");
     // Another cluster of the tenant has its own count.
-    let other = cluster(&s, &acme, "other").await;
+    let other = s.create_cluster(&acme, "other").await;
     let theirs = format!("/k8s/{other}/api/v1/namespaces/default/configmaps");
     let (status, v) = s
         .call(Method::POST, &theirs, Some(&acme), Some(&make(0)))
@@ -226,7 +212,7 @@ async fn services_get_addresses_of_their_own_once_each_even_when_raced() {
     let s = TestServer::start(TestBackend::Sqlite).await;
     s.create_tenant("acme", json!({})).await;
     let acme = s.create_key("acme", "k", &["admin"]).await;
-    let id = cluster(&s, &acme, "dev").await;
+    let id = s.create_cluster(&acme, "dev").await;
     let services = format!("/k8s/{id}/api/v1/namespaces/default/services");
     let svc = |name: &str, spec: Value| json!({"metadata": {"name": name}, "spec": spec});
     let ports = json!([{"port": 80, "targetPort": "http"}]);
@@ -328,7 +314,7 @@ async fn an_inference_service_is_refused_what_its_tenant_could_not_deploy() {
         .await;
     let acme = s.create_key("acme", "k", &["admin"]).await;
     s.create_model(None, "m").await;
-    let id = cluster(&s, &acme, "dev").await;
+    let id = s.create_cluster(&acme, "dev").await;
     let isvcs = format!("/k8s/{id}/apis/atrium.dev/v1/namespaces/default/inferenceservices");
     let isvc = |name: &str, spec: Value| {
         json!({"apiVersion": "atrium.dev/v1", "kind": "InferenceService",
@@ -383,7 +369,7 @@ async fn a_finalizer_holds_a_delete_until_it_is_removed() {
     let s = TestServer::start(TestBackend::Sqlite).await;
     s.create_tenant("acme", json!({})).await;
     let acme = s.create_key("acme", "k", &["admin"]).await;
-    let id = cluster(&s, &acme, "dev").await;
+    let id = s.create_cluster(&acme, "dev").await;
     let cm = format!("/k8s/{id}/api/v1/namespaces/default/configmaps");
     let body = json!({"metadata": {"name": "held", "finalizers": ["example.com/hold"]},
                       "data": {"k": "v"}});
@@ -449,7 +435,7 @@ async fn a_clusters_nodes_are_the_fleets_its_residency_allows_and_read_only() {
     )
     .await;
     let acme = s.create_key("acme", "k", &["admin"]).await;
-    let id = cluster(&s, &acme, "dev").await;
+    let id = s.create_cluster(&acme, "dev").await;
     let nodes = format!("/k8s/{id}/api/v1/nodes");
     let (status, list) = s.call(Method::GET, &nodes, Some(&acme), None).await;
     assert_eq!(status, 200, "{list}");
@@ -487,8 +473,8 @@ async fn a_service_account_token_opens_its_own_cluster_only_and_never_grants_rba
     let s = TestServer::start(TestBackend::Sqlite).await;
     s.create_tenant("acme", json!({})).await;
     let acme = s.create_key("acme", "k", &["admin"]).await;
-    let id = cluster(&s, &acme, "dev").await;
-    let other = cluster(&s, &acme, "other").await;
+    let id = s.create_cluster(&acme, "dev").await;
+    let other = s.create_cluster(&acme, "other").await;
     let core = format!("/k8s/{id}/api/v1/namespaces/default");
     let rbac = format!("/k8s/{id}/apis/rbac.authorization.k8s.io/v1");
     let post = |path: String, body: Value| {
@@ -568,7 +554,7 @@ async fn a_namespaces_quota_holds_for_its_tenant_and_its_controllers() {
     let s = TestServer::start(TestBackend::Sqlite).await;
     s.create_tenant("acme", json!({})).await;
     let acme = s.create_key("acme", "k", &["admin"]).await;
-    let id = cluster(&s, &acme, "dev").await;
+    let id = s.create_cluster(&acme, "dev").await;
     let core = format!("/k8s/{id}/api/v1/namespaces/default");
     let post = |path: String, body: Value| {
         let (s, acme) = (&s, acme.clone());
@@ -668,7 +654,7 @@ async fn discovery_is_aggregated_for_a_client_that_asks_as_kubectl_does() {
     let s = TestServer::start(TestBackend::Sqlite).await;
     s.create_tenant("acme", json!({})).await;
     let acme = s.create_key("acme", "k", &["admin"]).await;
-    let id = cluster(&s, &acme, "dev").await;
+    let id = s.create_cluster(&acme, "dev").await;
     let accept = "application/json;g=apidiscovery.k8s.io;v=v2;as=APIGroupDiscoveryList,\
                   application/json;g=apidiscovery.k8s.io;v=v2beta1;as=APIGroupDiscoveryList,\
                   application/json";
@@ -710,7 +696,7 @@ async fn deleting_an_owner_takes_its_dependents_of_any_kind_unless_they_are_orph
     let s = TestServer::start(TestBackend::Sqlite).await;
     s.create_tenant("acme", json!({})).await;
     let acme = s.create_key("acme", "k", &["admin"]).await;
-    let id = cluster(&s, &acme, "dev").await;
+    let id = s.create_cluster(&acme, "dev").await;
     let core = format!("/k8s/{id}/api/v1/namespaces/default");
     let make = |path: String, body: Value| {
         let (s, acme) = (&s, acme.clone());

@@ -14,14 +14,14 @@
 //! Bad credentials get a 401 `Status`, as kubectl expects.
 
 use atrium_kube::rbac::{self, Attributes, Subject};
-use atrium_kube::{find, KubeError, ResourceType};
+use atrium_kube::{find, Catalog, KubeError, ResourceType};
 use atrium_store::Object;
 use axum::extract::{Request as HttpRequest, State};
 use axum::http::Method;
 use axum::middleware::Next;
 use axum::response::Response;
 
-use super::objects::{find as find_object, now_unix, store_error, Scope};
+use super::objects::{catalog_for, find as find_object, now_unix, store_error, Scope};
 use super::path::{self, Target};
 use super::tokens::{self, Claims};
 use super::{from_api, refusal};
@@ -77,6 +77,25 @@ pub async fn authenticate(
     next.run(req).await
 }
 
+/// A request let in: its cluster, the caller to audit, what it asks for
+/// and the types the cluster serves.
+pub(super) struct Admitted {
+    pub cluster: Object,
+    pub caller: Caller,
+    pub target: Target,
+    pub catalog: Catalog,
+}
+
+/// What `rest` names in `cluster`, among the types it serves.
+async fn target_of(
+    state: &AppState,
+    cluster: &Object,
+    rest: &str,
+) -> Result<(Target, Catalog), KubeError> {
+    let catalog = catalog_for(state, &Scope::of(state, cluster), rest).await?;
+    Ok((path::parse(rest, &catalog)?, catalog))
+}
+
 /// The cluster `ident` names, and the caller to audit, if `who` may make
 /// this request.
 pub(super) async fn admit(
@@ -86,22 +105,25 @@ pub(super) async fn admit(
     rest: &str,
     method: &Method,
     query: &[(String, String)],
-) -> Result<(Object, Caller), KubeError> {
-    let target = path::parse(rest);
+) -> Result<Admitted, KubeError> {
     match who {
         Who::Atrium(caller) => {
-            // Running a command in a pod is a write, though it is a GET.
-            let exec = matches!(&target, Ok(Target::Resource(at)) if at.subresource.as_deref() == Some("exec"));
-            let access = if matches!(*method, Method::GET | Method::HEAD) && !exec {
-                Access::Read
-            } else {
-                Access::Write
-            };
-            require::<Cluster>(&caller, access).map_err(from_api)?;
+            require::<Cluster>(&caller, Access::Read).map_err(from_api)?;
             let cluster = resolve::<Cluster>(state, &caller, ident, None)
                 .await
                 .map_err(from_api)?;
-            Ok((cluster, caller))
+            let (target, catalog) = target_of(state, &cluster, rest).await?;
+            // Running a command in a pod is a write, though it is a GET.
+            let exec = matches!(&target, Target::Resource(at) if at.subresource.as_deref() == Some("exec"));
+            if !matches!(*method, Method::GET | Method::HEAD) || exec {
+                require::<Cluster>(&caller, Access::Write).map_err(from_api)?;
+            }
+            Ok(Admitted {
+                cluster,
+                caller,
+                target,
+                catalog,
+            })
         }
         Who::ServiceAccount(claims) => {
             let cluster = state
@@ -134,7 +156,8 @@ pub(super) async fn admit(
                 namespace: claims.namespace.clone(),
                 name: claims.name.clone(),
             };
-            if let Target::Resource(at) = target? {
+            let (target, catalog) = target_of(state, &cluster, rest).await?;
+            if let Target::Resource(at) = &target {
                 let watching = query
                     .iter()
                     .any(|(k, v)| k == "watch" && (v == "true" || v == "1"));
@@ -150,7 +173,7 @@ pub(super) async fn admit(
                     name: at.name.clone(),
                     namespace: at.namespace.clone(),
                 };
-                authorize(state, &scope, &subject, at.resource, &attributes).await?;
+                authorize(state, &scope, &subject, &at.resource, &attributes).await?;
             }
             let caller = Caller {
                 role: Role::Viewer,
@@ -158,7 +181,12 @@ pub(super) async fn admit(
                 actor: subject.user(),
                 plane: None,
             };
-            Ok((cluster, caller))
+            Ok(Admitted {
+                cluster,
+                caller,
+                target,
+                catalog,
+            })
         }
     }
 }
@@ -173,7 +201,7 @@ async fn authorize(
 ) -> Result<(), KubeError> {
     let forbidden = |why: &str| {
         KubeError::forbidden(
-            resource.plural,
+            &resource.plural,
             attributes.name.as_deref().unwrap_or_default(),
             &format!(
                 "User {:?} cannot {}{why}",

@@ -15,7 +15,7 @@ pub(super) const MEDIA_TYPE: &str = "application/apply-patch+yaml";
 pub(super) async fn serve(call: &Call<'_>) -> Result<KubeResponse, KubeError> {
     let (state, scope, at, req) = call.parts();
     let name = call.name();
-    let r = at.resource;
+    let r = &at.resource;
     let manager = req.param("fieldManager").ok_or_else(|| {
         KubeError::bad_request("PatchOptions.meta.k8s.io \"\" is invalid: fieldManager: Required value: is required for apply patch")
     })?;
@@ -36,7 +36,7 @@ pub(super) async fn serve(call: &Call<'_>) -> Result<KubeResponse, KubeError> {
             "the apply configuration must be sent as JSON (YAML proper is not read): {e}"
         ))
     })?;
-    if applied["apiVersion"] != r.api_version().as_str() || applied["kind"] != r.kind {
+    if applied["apiVersion"] != r.api_version().as_str() || applied["kind"] != r.kind.as_ref() {
         return Err(KubeError::bad_request(format!(
             "the apply configuration must say apiVersion: {} and kind: {}",
             r.api_version(),

@@ -6,16 +6,15 @@
 //! it (`finish_terminating`); any object takes its dependents (by owner reference,
 //! of every kind) unless the delete orphans them.
 
-use atrium_kube::resource::READ_ONLY;
-use atrium_kube::{meta, KubeError, ResourceType, SERVED};
+use atrium_kube::{meta, KubeError, ResourceType};
 use atrium_store::StoreError;
 use axum::http::StatusCode;
 use serde_json::json;
 
 use super::controlled;
 use super::objects::{
-    dry_run, existing, remove, store_error, timestamp, uid_of, write, Call, Scope,
-    PROTECTED_NAMESPACES,
+    catalog_of, delete_custom_objects, dry_run, existing, remove, store_error, timestamp, uid_of,
+    write, Call, Scope, PROTECTED_NAMESPACES,
 };
 use super::{KubeResponse, Request};
 use crate::AppState;
@@ -23,13 +22,13 @@ use crate::AppState;
 pub(super) async fn delete(call: &Call<'_>) -> Result<KubeResponse, KubeError> {
     let (state, scope, at, req) = call.parts();
     let name = call.name();
-    let r = at.resource;
+    let r = &at.resource;
     let old = existing(state, scope, at, name).await?;
     let current = scope.plain(r, &old.name, old.body.clone())?;
     if meta::has_finalizers(&current) {
         return mark(state, scope, r, &old, current, req).await;
     }
-    if r.kind == "Namespace" {
+    if r.builtin_kind() == "Namespace" {
         if PROTECTED_NAMESPACES.contains(&name) {
             return Err(KubeError::forbidden(
                 "namespaces",
@@ -57,6 +56,11 @@ pub(super) async fn delete(call: &Call<'_>) -> Result<KubeResponse, KubeError> {
         )
         .await
         .map_err(store_error)?;
+        if r.builtin_kind() == "CustomResourceDefinition" {
+            delete_custom_objects(state, scope, &old.body)
+                .await
+                .map_err(store_error)?;
+        }
         if !orphan {
             cascade(state, scope, vec![uid_of(&old.body)], false, req).await?;
         }
@@ -97,12 +101,13 @@ async fn cascade(
     orphan: bool,
     req: &Request,
 ) -> Result<(), KubeError> {
+    let catalog = catalog_of(state, scope).await.map_err(store_error)?;
     for _ in 0..MAX_GENERATIONS {
         if gone.is_empty() {
             break;
         }
         let mut next = Vec::new();
-        for r in SERVED.iter().filter(|r| !READ_ONLY.contains(&r.kind)) {
+        for r in catalog.stored().filter(|r| !r.read_only()) {
             let objects = state
                 .store
                 .list_all(&scope.kind(r), &scope.filter())
@@ -173,7 +178,7 @@ async fn let_go(
         }
     }
     Err(KubeError::conflict(
-        r.plural,
+        &r.plural,
         meta::name_of(&o.body).unwrap_or_default(),
     ))
 }
@@ -204,7 +209,7 @@ async fn mark(
     match write(state, w, req.audit(format!("kube.{}.delete", r.singular))).await {
         Ok(o) => Ok(KubeResponse::Json(StatusCode::OK, scope.shown(r, &o)?)),
         Err(atrium_store::StoreError::RevisionMismatch { .. }) => {
-            Err(KubeError::conflict(r.plural, &name))
+            Err(KubeError::conflict(&r.plural, &name))
         }
         Err(e) => Err(store_error(e)),
     }
@@ -222,12 +227,17 @@ pub(super) async fn finish_terminating(state: &AppState, scope: &Scope) -> Resul
         .list_all(&scope.kind(namespaces), &scope.filter())
         .await?;
     let audit = |r: &ResourceType| controlled::audit(r, "delete");
-    for ns in all
+    let terminating: Vec<_> = all
         .iter()
         .filter(|n| n.body.pointer("/metadata/deletionTimestamp").is_some())
-    {
+        .collect();
+    if terminating.is_empty() {
+        return Ok(());
+    }
+    let catalog = catalog_of(state, scope).await?;
+    for ns in terminating {
         let prefix = format!("{}/", ns.name);
-        for r in SERVED.iter().filter(|r| r.namespaced) {
+        for r in catalog.stored().filter(|r| r.namespaced) {
             for o in state
                 .store
                 .list_all(&scope.kind(r), &scope.filter())

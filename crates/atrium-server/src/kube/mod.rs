@@ -35,8 +35,8 @@ mod watch;
 use atrium_core::cluster::ClusterSpec;
 use atrium_core::quota::Counted;
 use atrium_core::FieldErrors;
-use atrium_kube::KubeError;
 use atrium_kube::{discovery, openapi};
+use atrium_kube::{Catalog, KubeError};
 use atrium_store::{Object, Precondition};
 use axum::body::Bytes;
 use axum::extract::ws::WebSocketUpgrade;
@@ -207,11 +207,16 @@ pub async fn serve(
         .ok();
     let (method, headers) = (parts.method, parts.headers);
     let query = parse_query(parts.uri.query());
-    let (cluster, caller) = match access::admit(&state, who, &cluster, &rest, &method, &query).await
-    {
+    let admitted = match access::admit(&state, who, &cluster, &rest, &method, &query).await {
         Ok(admitted) => admitted,
         Err(e) => return refusal(e),
     };
+    let access::Admitted {
+        cluster,
+        caller,
+        target,
+        catalog,
+    } = admitted;
     let request = Request {
         caller,
         rid,
@@ -221,7 +226,7 @@ pub async fn serve(
         body,
         upgrade: std::sync::Mutex::new(upgrade),
     };
-    match route(&state, &cluster, &rest, &request).await {
+    match route(&state, &cluster, (&rest, target, &catalog), &request).await {
         Ok(r) => r.into_response(),
         Err(e) => refusal(e),
     }
@@ -230,11 +235,10 @@ pub async fn serve(
 async fn route(
     state: &AppState,
     cluster: &Object,
-    rest: &str,
+    (rest, target, catalog): (&str, Target, &Catalog),
     req: &Request,
 ) -> Result<KubeResponse, KubeError> {
     let ok = |v: Value| Ok(KubeResponse::Json(StatusCode::OK, v));
-    let target = path::parse(rest)?;
     let discovery_only = !matches!(target, Target::Resource(_));
     if discovery_only && req.method != Method::GET {
         return Err(KubeError::method_not_allowed(&format!(
@@ -245,7 +249,7 @@ async fn route(
     match target {
         Target::Version => ok(discovery::version()),
         Target::Api | Target::Apis if req.wants_aggregated_discovery() => {
-            let doc = discovery::aggregated(target == Target::Api);
+            let doc = discovery::aggregated(catalog, target == Target::Api);
             let response = (
                 [(header::CONTENT_TYPE, discovery::AGGREGATED)],
                 axum::Json(doc),
@@ -254,17 +258,15 @@ async fn route(
             Ok(KubeResponse::Stream(response))
         }
         Target::Api => ok(discovery::api_versions()),
-        Target::Apis => ok(discovery::api_group_list()),
+        Target::Apis => ok(discovery::api_group_list(catalog)),
         Target::Group(g) => {
-            discovery::api_group(&g).map_or_else(|| Err(KubeError::no_route(rest)), ok)
+            discovery::api_group(catalog, &g).map_or_else(|| Err(KubeError::no_route(rest)), ok)
         }
-        Target::GroupVersion(g, v) => {
-            discovery::api_resource_list(&g, &v).map_or_else(|| Err(KubeError::no_route(rest)), ok)
-        }
-        Target::OpenApi => ok(openapi::index()),
-        Target::OpenApiDocument(gv) => {
-            openapi::document(&gv).map_or_else(|| Err(KubeError::no_route(rest)), |d| ok(d.clone()))
-        }
+        Target::GroupVersion(g, v) => discovery::api_resource_list(catalog, &g, &v)
+            .map_or_else(|| Err(KubeError::no_route(rest)), ok),
+        Target::OpenApi => ok(openapi::index(catalog)),
+        Target::OpenApiDocument(gv) => openapi::document(catalog, &gv)
+            .map_or_else(|| Err(KubeError::no_route(rest)), |d| ok(d.into_owned())),
         Target::Resource(at) => objects::serve(state, cluster, &at, req).await,
     }
 }

@@ -62,7 +62,7 @@ async fn visible(state: &AppState, tenant: &str) -> Result<Vec<Value>, KubeError
 
 pub(super) async fn serve(call: &Call<'_>) -> Result<KubeResponse, KubeError> {
     let (state, scope, at, req) = call.parts();
-    let r = at.resource;
+    let r = &at.resource;
     if req.method != Method::GET || at.subresource.is_some() {
         return Err(KubeError::method_not_allowed(&format!(
             "{} of nodes: a tenant cluster's nodes are the provider's, read-only",

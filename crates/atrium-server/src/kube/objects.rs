@@ -9,11 +9,11 @@
 //! store every tenant shares).
 
 use atrium_core::quota::Counted;
-use atrium_kube::managed;
 use atrium_kube::meta::{self, with_resource_version};
 use atrium_kube::selector::{FieldSelector, LabelSelector};
 use atrium_kube::table::{table, Include};
-use atrium_kube::{patch, KubeError, ResourceType, SERVED};
+use atrium_kube::{crd, managed};
+use atrium_kube::{patch, Catalog, KubeError, ResourceType};
 use atrium_store::{
     AuditContext, Count, Object, Precondition, StoreError, TenantFilter, Write, WriteError,
 };
@@ -79,7 +79,7 @@ impl Scope {
 
     /// A stored body as clients see it: a secret's values opened.
     pub fn plain(&self, r: &ResourceType, key: &str, body: Value) -> Result<Value, KubeError> {
-        if r.kind == "Secret" {
+        if r.builtin_kind() == "Secret" {
             self.sealer.open(&self.tenant, &self.place(key), body)
         } else {
             Ok(body)
@@ -88,19 +88,31 @@ impl Scope {
 
     /// A body as it is stored: a secret's values sealed.
     pub fn sealed(&self, r: &ResourceType, key: &str, body: Value) -> Result<Value, KubeError> {
-        if r.kind == "Secret" {
+        if r.builtin_kind() == "Secret" {
             self.sealer.seal(&self.tenant, &self.place(key), body)
         } else {
             Ok(body)
         }
     }
 
-    /// A stored object as it leaves the server.
+    /// A stored object as it leaves the server: a custom object in the
+    /// version it was asked for (its versions share one stored form).
     pub fn shown(&self, r: &ResourceType, o: &Object) -> Result<Value, KubeError> {
-        Ok(with_resource_version(
-            self.plain(r, &o.name, o.body.clone())?,
-            o.revision,
-        ))
+        self.shown_at(r, o, o.revision)
+    }
+
+    /// `o` as it leaves the server at `revision` (a watch event's).
+    pub fn shown_at(
+        &self,
+        r: &ResourceType,
+        o: &Object,
+        revision: i64,
+    ) -> Result<Value, KubeError> {
+        let mut body = self.plain(r, &o.name, o.body.clone())?;
+        if r.custom.is_some() {
+            body["apiVersion"] = json!(r.api_version());
+        }
+        Ok(with_resource_version(body, revision))
     }
 
     pub fn kind(&self, r: &ResourceType) -> String {
@@ -195,7 +207,7 @@ pub(super) async fn insert(
     let address = obj
         .pointer("/spec/clusterIP")
         .and_then(Value::as_str)
-        .filter(|ip| r.kind == "Service" && *ip != "None")
+        .filter(|ip| r.builtin_kind() == "Service" && *ip != "None")
         .map(str::to_string);
     let key = key(r, namespace, name);
     let w = Write::Create {
@@ -241,11 +253,11 @@ pub(super) async fn insert(
     match state.store.write(w, Some(precondition), audit).await {
         Ok(change) => Ok(change.object),
         Err(WriteError::Store(StoreError::NameTaken { .. })) => {
-            Err(KubeError::already_exists(r.plural, name))
+            Err(KubeError::already_exists(&r.plural, name))
         }
         Err(WriteError::Store(e)) => Err(store_error(e)),
         Err(WriteError::Rejected(ApiError::QuotaExceeded(q))) => Err(KubeError::exceeded_quota(
-            r.plural,
+            &r.plural,
             name,
             &format!(
                 "cluster_objects, requested: {}, used: {}, limited: {}: this cluster holds as \
@@ -258,7 +270,7 @@ pub(super) async fn insert(
             code: "cluster_ip_taken",
             message,
             ..
-        })) => Err(KubeError::invalid(r.kind, name, message)),
+        })) => Err(KubeError::invalid(&r.kind, name, message)),
         Err(WriteError::Rejected(e)) => Err(from_api(e)),
     }
 }
@@ -329,10 +341,73 @@ pub(super) fn uid_of(obj: &Value) -> String {
         .to_string()
 }
 
+/// The definitions of the cluster's own types.
+async fn definitions(state: &AppState, scope: &Scope) -> Result<Vec<Object>, StoreError> {
+    let Some(crds) = atrium_kube::find("apiextensions.k8s.io", "v1", "customresourcedefinitions")
+    else {
+        return Ok(Vec::new());
+    };
+    state
+        .store
+        .list_all(&scope.kind(crds), &scope.filter())
+        .await
+}
+
+/// Every type the cluster serves: the built-in ones and its definitions'.
+pub(super) async fn catalog_of(state: &AppState, scope: &Scope) -> Result<Catalog, StoreError> {
+    let crds = definitions(state, scope).await?;
+    Ok(Catalog::new(crds.iter().map(|o| &o.body)))
+}
+
+/// Deletes every object of the types definition `crd` served, which is
+/// gone: its objects go with it, as upstream's.
+pub(super) async fn delete_custom_objects(
+    state: &AppState,
+    scope: &Scope,
+    crd: &Value,
+) -> Result<(), StoreError> {
+    for r in crd::types_of(crd).iter().take(1) {
+        for o in state
+            .store
+            .list_all(&scope.kind(r), &scope.filter())
+            .await?
+        {
+            remove(
+                state,
+                &o,
+                system_audit(&format!("kube.{}.delete", r.singular)),
+            )
+            .await?;
+        }
+    }
+    Ok(())
+}
+
+/// The types a request for `rest` may name: its definitions are read
+/// only when it asks for discovery or a group that is not built in.
+pub(super) async fn catalog_for(
+    state: &AppState,
+    scope: &Scope,
+    rest: &str,
+) -> Result<Catalog, KubeError> {
+    let parts: Vec<&str> = rest.trim_end_matches('/').split('/').collect();
+    let builtin_only = match parts.as_slice() {
+        ["version"] | ["api", ..] => true,
+        ["apis", group, _, _, ..] => atrium_kube::resource::builtin_group(group),
+        _ => false,
+    };
+    if builtin_only {
+        Ok(Catalog::default())
+    } else {
+        catalog_of(state, scope).await.map_err(store_error)
+    }
+}
+
 /// Deletes every object of `cluster` (which is being deleted).
 pub async fn delete_cluster_objects(state: &AppState, cluster: &Object) -> Result<(), ApiError> {
     let scope = Scope::of(state, cluster);
-    for r in SERVED {
+    let catalog = catalog_of(state, &scope).await?;
+    for r in catalog.stored() {
         for o in state
             .store
             .list_all(&scope.kind(r), &scope.filter())
@@ -359,24 +434,31 @@ pub(super) async fn serve(
         at,
         req,
     };
-    let r = at.resource;
-    if atrium_kube::resource::READ_ONLY.contains(&r.kind) {
+    let r = &at.resource;
+    if r.read_only() {
         return super::nodes::serve(&call).await;
     }
     match at.subresource.as_deref() {
         None => {}
-        // A namespace's status is part of it, read-only here.
+        // A built-in object's status is its controller's: read-only here.
         Some("status") if req.method == Method::GET => {}
-        Some("log") if r.kind == "Pod" && req.method == Method::GET => {
+        // A custom object's is written through `/status` only.
+        Some("status")
+            if r.custom.is_some()
+                && r.status_is_separate()
+                && matches!(req.method, Method::PUT | Method::PATCH) => {}
+        Some("log") if r.builtin_kind() == "Pod" && req.method == Method::GET => {
             return super::subresources::pod_log(&call).await;
         }
-        Some("exec") if r.kind == "Pod" && matches!(req.method, Method::GET | Method::POST) => {
+        Some("exec")
+            if r.builtin_kind() == "Pod" && matches!(req.method, Method::GET | Method::POST) =>
+        {
             return super::exec::pod_exec(&call).await;
         }
-        Some("token") if r.kind == "ServiceAccount" && req.method == Method::POST => {
+        Some("token") if r.builtin_kind() == "ServiceAccount" && req.method == Method::POST => {
             return super::tokens::token_request(&call).await;
         }
-        Some("scale") if atrium_kube::resource::SCALABLE.contains(&r.kind) => {
+        Some("scale") if r.scalable() => {
             return super::subresources::scale(&call).await;
         }
         Some(sub) => {
@@ -436,7 +518,7 @@ pub(super) fn now_unix() -> i64 {
 
 async fn list(call: &Call<'_>) -> Result<KubeResponse, KubeError> {
     let (state, scope, at, req) = call.parts();
-    let r = at.resource;
+    let r = &at.resource;
     let selection = Selection::of(at, req)?;
     let head = state.store.head();
     let mut objects = state
@@ -492,21 +574,21 @@ pub(super) async fn existing(
     find(
         state,
         scope,
-        at.resource,
-        &key(at.resource, at.namespace.as_deref(), name),
+        &at.resource,
+        &key(&at.resource, at.namespace.as_deref(), name),
     )
     .await?
-    .ok_or_else(|| KubeError::not_found(at.resource.plural, name))
+    .ok_or_else(|| KubeError::not_found(&at.resource.plural, name))
 }
 
 async fn get(call: &Call<'_>) -> Result<KubeResponse, KubeError> {
     let (state, scope, at, req) = call.parts();
     let name = call.name();
     let o = existing(state, scope, at, name).await?;
-    let obj = scope.shown(at.resource, &o)?;
+    let obj = scope.shown(&at.resource, &o)?;
     if req.wants_table() {
         let include = Include::parse(req.param("includeObject"));
-        let t = table(at.resource, &[obj], o.revision, None, include, now_unix());
+        let t = table(&at.resource, &[obj], o.revision, None, include, now_unix());
         return Ok(KubeResponse::Json(StatusCode::OK, t));
     }
     Ok(KubeResponse::Json(StatusCode::OK, obj))
@@ -576,7 +658,7 @@ pub(super) fn field_manager(req: &Request) -> Result<String, KubeError> {
 /// A pod, however made, is refused now — not later in its status — when
 /// it cannot run as a workload of the tenant, and starts pending.
 pub(super) fn pending_pod(r: &ResourceType, obj: &mut Value) -> Result<(), KubeError> {
-    if r.kind == "Pod" {
+    if r.builtin_kind() == "Pod" {
         atrium_kube::pod::workload_of(obj)?;
         obj["status"] = json!({"phase": "Pending"});
     }
@@ -588,7 +670,7 @@ pub(super) fn pending_pod(r: &ResourceType, obj: &mut Value) -> Result<(), KubeE
 /// asking for what is not served. What only admission knows (quota, the
 /// model) comes back in the object's status instead.
 fn refuse_unservable(r: &ResourceType, obj: &Value) -> Result<(), KubeError> {
-    match r.kind {
+    match r.builtin_kind() {
         "InferenceService" => atrium_kube::inference::deployment_of(obj).map(|_| ()),
         "StatefulSet" => atrium_kube::statefulset::policy(obj).map(|_| ()),
         _ => Ok(()),
@@ -603,7 +685,7 @@ pub(super) async fn create_object(
     mut obj: Value,
     req: &Request,
 ) -> Result<KubeResponse, KubeError> {
-    let r = at.resource;
+    let r = &at.resource;
     let name = meta::prepare_create(
         r,
         &mut obj,
@@ -624,7 +706,7 @@ pub(super) async fn create_object(
             .is_some()
         {
             return Err(KubeError::forbidden(
-                r.plural,
+                &r.plural,
                 &name,
                 &format!(
                     "unable to create new content in namespace {ns} because it is being terminated"
@@ -634,7 +716,7 @@ pub(super) async fn create_object(
         super::quotas::admit(state, scope, r, ns, &obj).await?;
     }
     refuse_unservable(r, &obj)?;
-    if r.kind == "Service" {
+    if r.builtin_kind() == "Service" {
         let taken = state
             .store
             .list_all(&scope.kind(r), &scope.filter())
@@ -646,8 +728,9 @@ pub(super) async fn create_object(
         atrium_kube::service::prepare_create(&mut obj, &taken)?;
     }
     pending_pod(r, &mut obj)?;
+    let warnings = custom_types(state, scope, r, &mut obj, None, req).await?;
     if dry_run(req) {
-        return Ok(KubeResponse::Json(StatusCode::CREATED, obj));
+        return Ok(warned(StatusCode::CREATED, obj, &warnings));
     }
     let audit = req.audit(format!("kube.{}.create", r.singular));
     let o = insert(
@@ -659,7 +742,47 @@ pub(super) async fn create_object(
         audit,
     )
     .await?;
-    Ok(KubeResponse::Json(StatusCode::CREATED, scope.shown(r, &o)?))
+    Ok(warned(StatusCode::CREATED, scope.shown(r, &o)?, &warnings))
+}
+
+/// A tenant's own types: a definition checked (its kind not another's of
+/// its group) and given its status; a custom object checked against its
+/// version's schema. Returns the warnings for the client.
+async fn custom_types(
+    state: &AppState,
+    scope: &Scope,
+    r: &ResourceType,
+    obj: &mut Value,
+    old: Option<&Value>,
+    req: &Request,
+) -> Result<Vec<String>, KubeError> {
+    if r.builtin_kind() == "CustomResourceDefinition" {
+        crd::prepare(obj, old)?;
+        let others = definitions(state, scope).await.map_err(store_error)?;
+        let bodies: Vec<&Value> = others.iter().map(|o| &o.body).collect();
+        if let Some(why) = crd::kind_conflict(obj, &bodies) {
+            let name = meta::name_of(obj).unwrap_or_default();
+            return Err(KubeError::invalid(&r.kind, name, why));
+        }
+        return Ok(Vec::new());
+    }
+    let validation = crd::FieldValidation::parse(req.param("fieldValidation"))?;
+    crd::admit(r, obj, validation)
+}
+
+/// A JSON answer, with a `Warning` header for each warning.
+fn warned(status: StatusCode, body: Value, warnings: &[String]) -> KubeResponse {
+    if warnings.is_empty() {
+        return KubeResponse::Json(status, body);
+    }
+    let mut response = axum::response::IntoResponse::into_response((status, axum::Json(body)));
+    for w in warnings {
+        let text = format!("299 - {:?}", w.replace(['\r', '\n'], " "));
+        if let Ok(v) = header::HeaderValue::from_str(&text) {
+            response.headers_mut().append(header::WARNING, v);
+        }
+    }
+    KubeResponse::Stream(response)
 }
 
 /// Writes `new` over `old`, if `old` is still at `revision`.
@@ -672,18 +795,22 @@ pub(super) async fn replace(
     revision: i64,
     req: &Request,
 ) -> Result<KubeResponse, KubeError> {
-    let r = at.resource;
+    let r = &at.resource;
     let was = scope.plain(r, &old.name, old.body.clone())?;
-    meta::prepare_update(r, &was, &mut new)?;
+    if at.subresource.as_deref() == Some("status") {
+        meta::prepare_status_update(&was, &mut new);
+    } else {
+        meta::prepare_update(r, &was, &mut new)?;
+    }
     // An apply recorded its own fields.
     if content_type(req) != super::apply::MEDIA_TYPE {
         managed::record_update(Some(&was), &mut new, &field_manager(req)?, &timestamp());
     }
-    if r.kind == "Service" {
+    if r.builtin_kind() == "Service" {
         atrium_kube::service::prepare_update(&was, &mut new)?;
     }
     refuse_unservable(r, &new)?;
-    if r.kind == "Pod" {
+    if r.builtin_kind() == "Pod" {
         // A pod's spec is what its workload runs.
         if new.get("spec") != was.get("spec") {
             return Err(KubeError::invalid(
@@ -696,11 +823,10 @@ pub(super) async fn replace(
     if let Some(m) = new.get_mut("metadata").and_then(Value::as_object_mut) {
         m.remove("resourceVersion");
     }
+    let warnings = custom_types(state, scope, r, &mut new, Some(&was), req).await?;
     if dry_run(req) {
-        return Ok(KubeResponse::Json(
-            StatusCode::OK,
-            with_resource_version(new, old.revision),
-        ));
+        let shown = with_resource_version(new, old.revision);
+        return Ok(warned(StatusCode::OK, shown, &warnings));
     }
     let name = meta::name_of(&old.body).unwrap_or_default().to_string();
     let finished = meta::finalized(&new);
@@ -717,11 +843,16 @@ pub(super) async fn replace(
             remove(state, &o, req.audit(format!("kube.{}.delete", r.singular)))
                 .await
                 .map_err(store_error)?;
+            if r.builtin_kind() == "CustomResourceDefinition" {
+                delete_custom_objects(state, scope, &o.body)
+                    .await
+                    .map_err(store_error)?;
+            }
             Ok(KubeResponse::Json(StatusCode::OK, shown))
         }
-        Ok(o) => Ok(KubeResponse::Json(StatusCode::OK, scope.shown(r, &o)?)),
-        Err(StoreError::RevisionMismatch { .. }) => Err(KubeError::conflict(r.plural, &name)),
-        Err(StoreError::NotFound { .. }) => Err(KubeError::not_found(r.plural, &name)),
+        Ok(o) => Ok(warned(StatusCode::OK, scope.shown(r, &o)?, &warnings)),
+        Err(StoreError::RevisionMismatch { .. }) => Err(KubeError::conflict(&r.plural, &name)),
+        Err(StoreError::NotFound { .. }) => Err(KubeError::not_found(&r.plural, &name)),
         Err(e) => Err(store_error(e)),
     }
 }
@@ -756,7 +887,7 @@ async fn patch(call: &Call<'_>) -> Result<KubeResponse, KubeError> {
     }
     let given = body(req)?;
     let old = existing(state, scope, at, name).await?;
-    let current = scope.plain(at.resource, &old.name, old.body.clone())?;
+    let current = scope.plain(&at.resource, &old.name, old.body.clone())?;
     let new = match content_type.as_str() {
         "application/merge-patch+json" => {
             let mut doc = current;

@@ -2,18 +2,20 @@
 //! index, or a resource — a collection or one object, in a namespace or
 //! not, perhaps a subresource — of a served type.
 
-use atrium_kube::{find, KubeError, ResourceType};
+use std::borrow::Cow;
+
+use atrium_kube::{Catalog, KubeError, ResourceType};
 
 /// A resource path, resolved against the served types.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct At {
-    pub resource: &'static ResourceType,
+    pub resource: Cow<'static, ResourceType>,
     pub namespace: Option<String>,
     pub name: Option<String>,
     pub subresource: Option<String>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum Target {
     Version,
     Api,
@@ -26,8 +28,9 @@ pub enum Target {
     Resource(At),
 }
 
-/// Parses `rest` (the path after `/k8s/{cluster}/`).
-pub fn parse(rest: &str) -> Result<Target, KubeError> {
+/// Parses `rest` (the path after `/k8s/{cluster}/`) against the types
+/// the cluster serves.
+pub fn parse(rest: &str, catalog: &Catalog) -> Result<Target, KubeError> {
     let parts: Vec<&str> = rest.trim_end_matches('/').split('/').collect();
     let unknown = || KubeError::no_route(&format!("/{rest}"));
     let (group, version, tail) = match parts.as_slice() {
@@ -43,15 +46,16 @@ pub fn parse(rest: &str) -> Result<Target, KubeError> {
         ["apis", g, v, tail @ ..] => (*g, *v, tail),
         _ => return Err(unknown()),
     };
-    let resource = |plural: &str| find(group, version, plural).ok_or_else(unknown);
-    let at = |r: &'static ResourceType, ns: Option<&str>, name: Option<&str>, sub: Option<&str>| {
-        Target::Resource(At {
-            resource: r,
-            namespace: ns.map(str::to_string),
-            name: name.map(str::to_string),
-            subresource: sub.map(str::to_string),
-        })
-    };
+    let resource = |plural: &str| catalog.find(group, version, plural).ok_or_else(unknown);
+    let at =
+        |r: Cow<'static, ResourceType>, ns: Option<&str>, name: Option<&str>, sub: Option<&str>| {
+            Target::Resource(At {
+                resource: r,
+                namespace: ns.map(str::to_string),
+                name: name.map(str::to_string),
+                subresource: sub.map(str::to_string),
+            })
+        };
     // `namespaces/{ns}/{plural}…` is a namespaced resource when {plural}
     // is one; otherwise `namespaces/{name}/{subresource}`.
     if let ["namespaces", ns, plural, rest @ ..] = tail {
@@ -92,7 +96,7 @@ mod tests {
     use super::*;
 
     fn resource(rest: &str) -> At {
-        match parse(rest).unwrap() {
+        match parse(rest, &Catalog::default()).unwrap() {
             Target::Resource(at) => at,
             other => panic!("{rest}: {other:?}"),
         }
@@ -101,12 +105,16 @@ mod tests {
     #[test]
     fn paths_name_collections_objects_and_subresources() {
         let ns = resource("api/v1/namespaces");
-        assert_eq!((ns.resource.plural, ns.name), ("namespaces", None));
+        assert_eq!((ns.resource.plural.as_ref(), ns.name), ("namespaces", None));
         let one = resource("api/v1/namespaces/demo");
         assert_eq!(one.name.as_deref(), Some("demo"));
         let cms = resource("api/v1/namespaces/demo/configmaps");
         assert_eq!(
-            (cms.resource.plural, cms.namespace.as_deref(), cms.name),
+            (
+                cms.resource.plural.as_ref(),
+                cms.namespace.as_deref(),
+                cms.name
+            ),
             ("configmaps", Some("demo"), None)
         );
         let all = resource("api/v1/configmaps");
@@ -123,8 +131,11 @@ mod tests {
             "nope",
             "api/v1/namespaces/demo/configmaps/a/b/c",
         ] {
-            assert!(parse(bad).is_err(), "{bad}");
+            assert!(parse(bad, &Catalog::default()).is_err(), "{bad}");
         }
-        assert_eq!(parse("version").unwrap(), Target::Version);
+        assert_eq!(
+            parse("version", &Catalog::default()).unwrap(),
+            Target::Version
+        );
     }
 }

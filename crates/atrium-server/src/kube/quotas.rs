@@ -26,7 +26,7 @@ fn quotas_type() -> Option<&'static ResourceType> {
 
 /// A finished pod uses nothing, as upstream counts.
 fn counts(r: &ResourceType, obj: &Value) -> bool {
-    r.kind != "Pod"
+    r.builtin_kind() != "Pod"
         || !matches!(
             obj.pointer("/status/phase").and_then(Value::as_str),
             Some("Succeeded" | "Failed")
@@ -64,7 +64,7 @@ pub(super) async fn admit(
     let quotas = in_namespace(state, scope, quotas_t, ns)
         .await
         .map_err(store_error)?;
-    if quotas.is_empty() || r.kind == "ResourceQuota" {
+    if quotas.is_empty() || r.builtin_kind() == "ResourceQuota" {
         return Ok(());
     }
     let adding = usage_of(r, obj);
@@ -82,7 +82,7 @@ pub(super) async fn admit(
         let limits = hard(&q.body)?;
         let quota_name = q.body["metadata"]["name"].as_str().unwrap_or_default();
         admit_one(quota_name, &limits, &used, &adding)
-            .map_err(|why| KubeError::exceeded_quota(r.plural, name, &why))?;
+            .map_err(|why| KubeError::exceeded_quota(&r.plural, name, &why))?;
     }
     Ok(())
 }
@@ -121,14 +121,14 @@ pub(super) async fn reconcile(state: &AppState, scope: &Scope) -> Result<(), Sto
         let Ok(h) = hard(&q.body) else { continue };
         for key in h.keys() {
             if let Some(t) = counted_type(key) {
-                wanted.insert(t.plural);
+                wanted.insert(&t.plural);
             }
         }
         limits.push((q, h));
     }
     // Usage by namespace, over the types some quota counts.
     let mut used: BTreeMap<String, Amounts> = BTreeMap::new();
-    for t in SERVED.iter().filter(|t| wanted.contains(t.plural)) {
+    for t in SERVED.iter().filter(|t| wanted.contains(t.plural.as_ref())) {
         for o in state
             .store
             .list_all(&scope.kind(t), &scope.filter())

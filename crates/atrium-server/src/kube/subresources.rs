@@ -1,8 +1,8 @@
-//! Subresources beyond an object itself: `/scale` of deployments and
-//! replica sets (`kubectl scale`), and `/log` of pods (`kubectl logs`,
+//! Subresources beyond an object itself: `/scale` of deployments,
+//! replica sets, stateful sets and scalable custom objects (`kubectl scale`), and `/log` of pods (`kubectl logs`,
 //! read on the pod's node through the agent).
 
-use atrium_kube::{patch, KubeError};
+use atrium_kube::{crd, patch, KubeError, ResourceType};
 use axum::http::{header, Method, StatusCode};
 use serde_json::{json, Value};
 
@@ -11,17 +11,40 @@ use super::path::At;
 use super::KubeResponse;
 use crate::AppState;
 
-/// The `Scale` of a deployment or replica set.
-fn scale_of(obj: &Value) -> Value {
-    let labels: Vec<String> = obj
-        .pointer("/spec/selector/matchLabels")
-        .and_then(Value::as_object)
-        .map(|m| {
-            m.iter()
-                .map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or_default()))
-                .collect()
-        })
-        .unwrap_or_default();
+/// Where a type keeps its replicas: `.spec.replicas` and
+/// `.status.replicas` for the built-in ones, what a definition names for a
+/// custom one (and its selector, as a string).
+fn replica_paths(r: &ResourceType) -> (&str, &str, Option<&str>) {
+    match r.custom.as_ref().and_then(|c| c.scale.as_ref()) {
+        Some(s) => (
+            &s.spec_replicas,
+            &s.status_replicas,
+            s.label_selector.as_deref(),
+        ),
+        None => (".spec.replicas", ".status.replicas", None),
+    }
+}
+
+/// The `Scale` of an object of `r`.
+fn scale_of(r: &ResourceType, obj: &Value) -> Value {
+    let (spec, status, selector_path) = replica_paths(r);
+    let selector = match selector_path {
+        Some(p) => crd::at_path(obj, p)
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_string(),
+        None => obj
+            .pointer("/spec/selector/matchLabels")
+            .and_then(Value::as_object)
+            .map(|m| {
+                m.iter()
+                    .map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or_default()))
+                    .collect::<Vec<_>>()
+                    .join(",")
+            })
+            .unwrap_or_default(),
+    };
+    let default = if r.custom.is_some() { 0 } else { 1 };
     json!({
         "apiVersion": "autoscaling/v1",
         "kind": "Scale",
@@ -32,22 +55,24 @@ fn scale_of(obj: &Value) -> Value {
             "resourceVersion": obj.pointer("/metadata/resourceVersion"),
             "creationTimestamp": obj.pointer("/metadata/creationTimestamp"),
         },
-        "spec": {"replicas": obj.pointer("/spec/replicas").cloned().unwrap_or(json!(1))},
+        "spec": {"replicas": crd::at_path(obj, spec).cloned().unwrap_or(json!(default))},
         "status": {
-            "replicas": obj.pointer("/status/replicas").cloned().unwrap_or(json!(0)),
-            "selector": labels.join(","),
+            "replicas": crd::at_path(obj, status).cloned().unwrap_or(json!(0)),
+            "selector": selector,
         },
     })
 }
 
 /// `GET`, `PUT` or `PATCH` of `…/{name}/scale`: the replicas of a
-/// deployment or replica set, as `kubectl scale` reads and sets them.
+/// deployment, replica set, stateful set or scalable custom object, as
+/// `kubectl scale` reads and sets them.
 pub(super) async fn scale(call: &Call<'_>) -> Result<KubeResponse, KubeError> {
     let (state, scope, at, req) = call.parts();
+    let r = &at.resource;
     let name = call.name();
     let old = existing(state, scope, at, name).await?;
-    let current = scope.shown(at.resource, &old)?;
-    let mut wanted = scale_of(&current);
+    let current = scope.shown(r, &old)?;
+    let mut wanted = scale_of(r, &current);
     match req.method {
         Method::GET => return Ok(KubeResponse::Json(StatusCode::OK, wanted)),
         Method::PUT => wanted = body(req)?,
@@ -58,20 +83,32 @@ pub(super) async fn scale(call: &Call<'_>) -> Result<KubeResponse, KubeError> {
         ref m => {
             return Err(KubeError::method_not_allowed(&format!(
                 "{m} of {}/scale",
-                at.resource.plural
+                r.plural
             )))
         }
     }
+    // A built-in type's replicas are workloads Atrium runs; a custom
+    // type's are its controller's to read (an int32, as upstream's).
+    let most = if r.custom.is_some() {
+        i32::MAX as u64
+    } else {
+        1000
+    };
     let replicas = wanted
         .pointer("/spec/replicas")
         .and_then(Value::as_u64)
-        .filter(|n| *n <= 1000)
-        .ok_or_else(|| KubeError::invalid("Scale", name, "spec.replicas: must be 0 to 1000"))?;
-    let mut new = scope.plain(at.resource, &old.name, old.body.clone())?;
-    new["spec"]["replicas"] = json!(replicas);
+        .filter(|n| *n <= most)
+        .ok_or_else(|| {
+            KubeError::invalid("Scale", name, format!("spec.replicas: must be 0 to {most}"))
+        })?;
+    let mut new = scope.plain(r, &old.name, old.body.clone())?;
+    let spec_path = replica_paths(r).0;
+    let slot = crd::at_path_mut(&mut new, spec_path)
+        .ok_or_else(|| KubeError::internal(format!("{spec_path} cannot hold the replicas")))?;
+    *slot = json!(replicas);
     let replaced = replace(state, scope, at, &old, new, old.revision, req).await?;
     match replaced {
-        KubeResponse::Json(status, obj) => Ok(KubeResponse::Json(status, scale_of(&obj))),
+        KubeResponse::Json(status, obj) => Ok(KubeResponse::Json(status, scale_of(r, &obj))),
         other => Ok(other),
     }
 }

