@@ -392,16 +392,9 @@ async fn a_finalizer_holds_a_delete_until_it_is_removed() {
     let merge = |patch: Value| {
         let (s, one, acme) = (&s, one.clone(), acme.clone());
         async move {
-            let resp = s
-                .http
-                .patch(format!("{}{one}", s.base))
-                .bearer_auth(&acme)
-                .header("content-type", "application/merge-patch+json")
-                .body(patch.to_string())
-                .send()
+            let media = "application/merge-patch+json";
+            s.call_with(Method::PATCH, &one, Some(&acme), media, &patch)
                 .await
-                .unwrap();
-            (resp.status().as_u16(), resp.json::<Value>().await.unwrap())
         }
     };
     let (status, v) =

@@ -205,3 +205,55 @@ async fn custom_objects_count_against_the_clusters_quota_and_stay_in_their_clust
     let (status, list) = s.call(Method::GET, &widgets, Some(&acme), None).await;
     assert_eq!((status, list["items"].clone()), (200, json!([])), "{list}");
 }
+
+#[tokio::test]
+async fn a_write_that_changes_nothing_makes_no_new_version_so_a_controller_does_not_wake_itself() {
+    let s = TestServer::start(TestBackend::Sqlite).await;
+    s.create_tenant("acme", json!({})).await;
+    let acme = s.create_key("acme", "k", &["admin"]).await;
+    let id = s.create_cluster(&acme, "dev").await;
+    let mut crd = definition("example.com", "Widget", "widgets");
+    crd["spec"]["versions"][0]["subresources"] = json!({"status": {}});
+    let (status, v) = define(&s, &acme, &id, &crd).await;
+    assert_eq!(status, 201, "{v}");
+    let widgets = format!("/k8s/{id}/apis/example.com/v1/namespaces/default/widgets");
+    let body = json!({"metadata": {"name": "w"}, "spec": {"size": 1}});
+    let (status, made) = s
+        .call(Method::POST, &widgets, Some(&acme), Some(&body))
+        .await;
+    assert_eq!(status, 201, "{made}");
+    let status_path = format!("{widgets}/w/status");
+    let patch = |size: i64| json!({"status": {"observed": size}});
+    let write = |size: i64| {
+        let (s, path, key) = (&s, status_path.clone(), acme.clone());
+        async move {
+            let (code, v) = s
+                .call_with(
+                    Method::PATCH,
+                    &path,
+                    Some(&key),
+                    "application/merge-patch+json",
+                    &patch(size),
+                )
+                .await;
+            assert_eq!(code, 200, "{v}");
+            v["metadata"]["resourceVersion"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        }
+    };
+    let first = write(1).await;
+    assert_ne!(first, made["metadata"]["resourceVersion"].as_str().unwrap());
+    assert_eq!(
+        write(1).await,
+        first,
+        "the same status again is no new version"
+    );
+    let (_, w) = s
+        .call(Method::GET, &format!("{widgets}/w"), Some(&acme), None)
+        .await;
+    assert_eq!(w["status"]["observed"], 1, "{w}");
+    assert_eq!(w["metadata"]["generation"], 1, "{w}");
+    assert_ne!(write(2).await, first);
+}

@@ -1,7 +1,9 @@
 //! A kube-rs `Controller` (kube 5, k8s-openapi 0.29, v1.37) against a
 //! tenant cluster, over the kubeconfig `atrium cluster kubeconfig`
 //! writes: its watcher lists and watches, its reconciler reads, applies
-//! server-side and reacts to changes. Compatibility with what kube-rs
+//! server-side and reacts to changes; and an operator of the tenant's own
+//! type: a definition created and awaited, the type found by discovery,
+//! its objects' status written through `/status`. Compatibility with what kube-rs
 //! sends, not upstream conformance.
 #![allow(clippy::unwrap_used, clippy::panic, clippy::expect_used)]
 
@@ -11,12 +13,16 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::kubectl::fixture;
+use common::kubectl::{fixture, Fixture};
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::ConfigMap;
-use kube::api::{DeleteParams, ObjectMeta, Patch, PatchParams, PostParams};
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::api::{
+    DeleteParams, DynamicObject, GroupVersionKind, ObjectMeta, Patch, PatchParams, PostParams,
+};
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::runtime::controller::{Action, Controller};
+use kube::runtime::wait::{await_condition, conditions};
 use kube::runtime::watcher;
 use kube::{Api, Client, Config, Resource, ResourceExt};
 
@@ -54,11 +60,10 @@ async fn copy_of(api: &Api<ConfigMap>, name: &str, want: &str) -> ConfigMap {
     panic!("{name} never held k={want}");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_kube_rs_controller_reconciles_in_a_tenants_cluster() {
-    let dir = tempfile::tempdir().unwrap();
+/// A control plane with acme's cluster, and a kube-rs client of it.
+async fn cluster(dir: &std::path::Path) -> (Fixture, Client) {
     let f = tokio::task::spawn_blocking({
-        let path = dir.path().to_path_buf();
+        let path = dir.to_path_buf();
         move || fixture(&path)
     })
     .await
@@ -68,6 +73,13 @@ async fn a_kube_rs_controller_reconciles_in_a_tenants_cluster() {
         .await
         .unwrap();
     let client = Client::try_from(config).unwrap();
+    (f, client)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kube_rs_controller_reconciles_in_a_tenants_cluster() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_f, client) = cluster(dir.path()).await;
     let version = client.apiserver_version().await.unwrap();
     assert_eq!(
         (version.major.as_str(), version.minor.as_str()),
@@ -121,4 +133,93 @@ async fn a_kube_rs_controller_reconciles_in_a_tenants_cluster() {
     running.abort();
     api.delete("src", &DeleteParams::default()).await.unwrap();
     assert!(api.get_opt("src-copy").await.unwrap().is_none());
+}
+
+/// Writes each widget's `spec.size` into its status, through `/status`,
+/// as an operator of a custom type does.
+async fn observe(
+    w: Arc<DynamicObject>,
+    api: Arc<Api<DynamicObject>>,
+) -> Result<Action, kube::Error> {
+    let size = w.data["spec"]["size"].clone();
+    let status = Patch::Merge(serde_json::json!({"status": {"observedSize": size}}));
+    api.patch_status(&w.name_any(), &PatchParams::default(), &status)
+        .await?;
+    Ok(Action::await_change())
+}
+
+fn retry_widget(_: Arc<DynamicObject>, _: &kube::Error, _: Arc<Api<DynamicObject>>) -> Action {
+    Action::requeue(Duration::from_millis(200))
+}
+
+async fn observed(api: &Api<DynamicObject>, want: i64) -> DynamicObject {
+    for _ in 0..150 {
+        let w = api.get("w").await.unwrap();
+        if w.data["status"]["observedSize"].as_i64() == Some(want) {
+            return w;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("the widget's status never observed size {want}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kube_rs_operator_defines_a_type_and_writes_its_objects_status() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_f, client) = cluster(dir.path()).await;
+    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
+    let crd: CustomResourceDefinition = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": "widgets.example.com"},
+        "spec": {"group": "example.com", "scope": "Namespaced",
+            "names": {"plural": "widgets", "kind": "Widget"},
+            "versions": [{"name": "v1", "served": true, "storage": true,
+                "subresources": {"status": {}},
+                "schema": {"openAPIV3Schema": {"type": "object", "properties": {
+                    "spec": {"type": "object", "properties": {
+                        "size": {"type": "integer"},
+                        "color": {"type": "string", "default": "red"}}},
+                    "status": {"type": "object", "properties": {
+                        "observedSize": {"type": "integer"}}}}}}}]}
+    }))
+    .unwrap();
+    crds.create(&PostParams::default(), &crd).await.unwrap();
+    let established = await_condition(
+        crds,
+        "widgets.example.com",
+        conditions::is_crd_established(),
+    );
+    tokio::time::timeout(Duration::from_secs(20), established)
+        .await
+        .unwrap()
+        .unwrap();
+
+    // kube-rs finds the type by discovery, as for any cluster's.
+    let gvk = GroupVersionKind::gvk("example.com", "v1", "Widget");
+    let (ar, caps) = kube::discovery::pinned_kind(&client, &gvk).await.unwrap();
+    assert_eq!(ar.plural, "widgets");
+    assert_eq!(caps.scope, kube::discovery::Scope::Namespaced);
+    let api: Api<DynamicObject> = Api::namespaced_with(client.clone(), "default", &ar);
+    let controller = Controller::new_with(api.clone(), watcher::Config::default(), ar.clone())
+        .run(observe, retry_widget, Arc::new(api.clone()))
+        .for_each(|_| async {});
+    let running = tokio::spawn(controller);
+
+    let widget = DynamicObject::new("w", &ar).data(serde_json::json!({"spec": {"size": 3}}));
+    let made = api.create(&PostParams::default(), &widget).await.unwrap();
+    assert_eq!(made.data["spec"]["color"], "red", "defaulted by the schema");
+    let w = observed(&api, 3).await;
+    assert_eq!(
+        w.metadata.generation,
+        Some(1),
+        "a status write is no new generation"
+    );
+
+    let mut bigger = w.clone();
+    bigger.data["spec"]["size"] = serde_json::json!(5);
+    api.replace("w", &PostParams::default(), &bigger)
+        .await
+        .unwrap();
+    let w = observed(&api, 5).await;
+    assert_eq!(w.metadata.generation, Some(2));
+    running.abort();
 }

@@ -824,6 +824,12 @@ pub(super) async fn replace(
         m.remove("resourceVersion");
     }
     let warnings = custom_types(state, scope, r, &mut new, Some(&was), req).await?;
+    // A write that changes nothing is no write, as upstream: no new
+    // resourceVersion and no watch event, so a controller that writes
+    // what is already there does not wake itself again.
+    if revision == old.revision && new == was {
+        return Ok(warned(StatusCode::OK, scope.shown(r, old)?, &warnings));
+    }
     if dry_run(req) {
         let shown = with_resource_version(new, old.revision);
         return Ok(warned(StatusCode::OK, shown, &warnings));

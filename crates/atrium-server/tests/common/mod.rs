@@ -57,13 +57,40 @@ impl TestServer {
         token: Option<&str>,
         body: Option<&Value>,
     ) -> (u16, Value) {
-        let mut req = self.http.request(method, format!("{}{path}", self.base));
-        if let Some(t) = token {
-            req = req.bearer_auth(t);
+        match body {
+            Some(b) => {
+                self.call_with(method, path, token, "application/json", b)
+                    .await
+            }
+            None => self.send(self.request(method, path, token)).await,
         }
-        if let Some(b) = body {
-            req = req.json(b);
+    }
+
+    /// A call whose body is sent as `content_type` (a patch's).
+    pub async fn call_with(
+        &self,
+        method: Method,
+        path: &str,
+        token: Option<&str>,
+        content_type: &str,
+        body: &Value,
+    ) -> (u16, Value) {
+        let req = self
+            .request(method, path, token)
+            .header(reqwest::header::CONTENT_TYPE, content_type)
+            .body(body.to_string());
+        self.send(req).await
+    }
+
+    fn request(&self, method: Method, path: &str, token: Option<&str>) -> reqwest::RequestBuilder {
+        let req = self.http.request(method, format!("{}{path}", self.base));
+        match token {
+            Some(t) => req.bearer_auth(t),
+            None => req,
         }
+    }
+
+    async fn send(&self, req: reqwest::RequestBuilder) -> (u16, Value) {
         let resp = req.send().await.unwrap();
         let status = resp.status().as_u16();
         let text = resp.text().await.unwrap();
