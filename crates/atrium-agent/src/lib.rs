@@ -14,6 +14,7 @@
 mod execs;
 mod inventory;
 mod janitor;
+mod routes;
 pub mod runtime;
 pub mod sandbox;
 pub mod state;
@@ -77,7 +78,15 @@ pub fn parse_tenant_network(cidr: &str) -> Result<u8, String> {
         .strip_prefix("10.")
         .and_then(|rest| rest.strip_suffix(".0.0/16"))
         .and_then(|x| x.parse::<u8>().ok());
-    octet.ok_or_else(|| format!("--tenant-network {cidr:?} must be a 10.X.0.0/16 block"))
+    let octet =
+        octet.ok_or_else(|| format!("--tenant-network {cidr:?} must be a 10.X.0.0/16 block"))?;
+    // Tenant clusters' services have 10.96.0.0/16 in every tenant network.
+    if octet == atrium_core::service_route::SERVICE_NETWORK.0.octets()[1] {
+        return Err(format!(
+            "--tenant-network {cidr:?} is the service network (10.96.0.0/16): choose another block"
+        ));
+    }
+    Ok(octet)
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -231,6 +240,7 @@ pub async fn run(
         _ = work => {}
         _ = janitor::run(shared.clone()) => {}
         _ = execs::run(shared.clone()) => {}
+        _ = routes::run(shared.clone()) => {}
         _ = shutdown => {}
     }
     supervisor.stop_all().await;
@@ -244,4 +254,22 @@ pub async fn run(
             "agent: stopped with workloads still recorded as running; their sandboxes stay for the next start to adopt");
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_tenant_network_is_a_10_x_block_other_than_the_service_network() {
+        assert_eq!(parse_tenant_network("10.241.0.0/16"), Ok(241));
+        for bad in [
+            "10.96.0.0/16",
+            "10.241.0.0/24",
+            "192.168.0.0/16",
+            "10.300.0.0/16",
+        ] {
+            assert!(parse_tenant_network(bad).is_err(), "{bad}");
+        }
+    }
 }

@@ -10,7 +10,7 @@ mod resource;
 
 pub use resource::{
     Cluster, Credential, Deployment, Exec, JoinToken, Key, Model, NoStatus, Node, Object,
-    Ownership, Placement, Resource, Site, Tenant, Volume, Workload,
+    Ownership, Placement, Resource, ServiceRoute, Site, Tenant, Volume, Workload,
 };
 use serde::{Deserialize, Serialize};
 use serde_json::Value;

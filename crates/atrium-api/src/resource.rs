@@ -19,6 +19,7 @@ use atrium_core::model::ModelSpec;
 use atrium_core::node::NodeSpec;
 use atrium_core::placement::{PlacementSpec, ReplicaStatus};
 use atrium_core::plane::{CredentialSpec, JoinTokenSpec};
+use atrium_core::service_route::ServiceRouteSpec;
 use atrium_core::site::SiteSpec;
 use atrium_core::tenant::TenantSpec;
 use atrium_core::volume::{VolumeSpec, VolumeStatus};
@@ -116,6 +117,11 @@ resource!(
 resource!(
     /// A tenant's own Kubernetes API, served by the control plane.
     Cluster, "cluster", "clusters", "clu_", Tenant, ClusterSpec, NoStatus
+);
+resource!(
+    /// A tenant cluster's service as its tenant's network carries it:
+    /// written by the control plane, read by the nodes it names.
+    ServiceRoute, "service_route", "service-routes", "srt_", Tenant, ServiceRouteSpec, NoStatus
 );
 resource!(
     /// A tenant's API key. Key ids are the `atr_<id>_…` token's middle part,

@@ -21,6 +21,7 @@ pub mod placement;
 pub mod plane;
 pub mod quantity;
 pub mod quota;
+pub mod service_route;
 pub mod site;
 pub mod tenant;
 pub mod url;

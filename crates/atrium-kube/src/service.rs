@@ -1,7 +1,9 @@
 //! Services and their Endpoints. A tenant cluster serves `ClusterIP`
 //! services (and headless ones, `clusterIP: None`): each gets a virtual
-//! address of its cluster's own range, [`SERVICE_CIDR`] (every cluster has
-//! the whole range, as every upstream cluster does), fixed for its life.
+//! address of [`SERVICE_NETWORK`], fixed for its life and unique across
+//! its tenant's clusters — a tenant's pods on a node share one network,
+//! where each address is routed (`route_of`) to the service's ready
+//! endpoints.
 //! The endpoints controller lists, for each service with a selector, the
 //! pods it selects — ready ones as addresses, the others as not ready —
 //! with each port's `targetPort` resolved against the pod's named ports.
@@ -14,13 +16,15 @@ use std::net::Ipv4Addr;
 
 use serde_json::{json, Value};
 
+use atrium_core::service_route::{
+    self, is_service_address, Backend, RoutePort, RouteProtocol, SERVICE_NETWORK,
+};
+
 use crate::selector::LabelSelector;
 use crate::KubeError;
 
-/// The range services' addresses come from: `10.96.0.0/16`.
-pub const SERVICE_CIDR: (Ipv4Addr, u8) = (Ipv4Addr::new(10, 96, 0, 0), 16);
 /// Most ports one service lists.
-const MAX_PORTS: usize = 100;
+const MAX_PORTS: usize = service_route::MAX_PORTS;
 
 fn invalid(svc: &Value, why: impl Into<String>) -> KubeError {
     let name = svc
@@ -30,16 +34,10 @@ fn invalid(svc: &Value, why: impl Into<String>) -> KubeError {
     KubeError::invalid("Service", name, why)
 }
 
-fn in_range(ip: Ipv4Addr) -> bool {
-    let (net, bits) = SERVICE_CIDR;
-    let mask = u32::MAX << (32 - u32::from(bits));
-    u32::from(ip) & mask == u32::from(net)
-}
-
 /// The lowest address of the range no other service holds (neither the
 /// network's nor its broadcast address).
 fn allocate(taken: &HashSet<Ipv4Addr>) -> Option<Ipv4Addr> {
-    let (net, bits) = SERVICE_CIDR;
+    let (net, bits) = SERVICE_NETWORK;
     let first = u32::from(net) + 1;
     let last = u32::from(net) + (1u32 << (32 - u32::from(bits))) - 2;
     (first..=last)
@@ -65,7 +63,7 @@ pub fn prepare_create(svc: &mut Value, taken: &HashSet<Ipv4Addr>) -> Result<(), 
             let ip: Ipv4Addr = given.parse().map_err(|_| {
                 invalid(svc, format!("spec.clusterIP: Invalid value: {given:?}: must be a valid IP address or None"))
             })?;
-            if !in_range(ip) {
+            if !is_service_address(ip) {
                 return Err(invalid(
                     svc,
                     format!("spec.clusterIP: Invalid value: {given:?}: provided IP is not in the valid range; the range of valid IPs is 10.96.0.0/16"),
@@ -333,6 +331,63 @@ pub fn endpoints_column(ep: &Value) -> String {
     }
 }
 
+/// What `svc` routes to, by its `Endpoints` `ep`: its address and, for
+/// each TCP or UDP port, the ready endpoints' addresses and resolved
+/// ports. `None` for a service without an address (headless).
+pub fn route_of(svc: &Value, ep: &Value) -> Option<(Ipv4Addr, Vec<RoutePort>)> {
+    let address: Ipv4Addr = svc.pointer("/spec/clusterIP")?.as_str()?.parse().ok()?;
+    if !is_service_address(address) {
+        return None;
+    }
+    let subsets = ep["subsets"]
+        .as_array()
+        .map(Vec::as_slice)
+        .unwrap_or_default();
+    let ports = svc.pointer("/spec/ports").and_then(Value::as_array)?;
+    let routes = ports
+        .iter()
+        .filter_map(|p| {
+            let protocol = match p["protocol"].as_str().unwrap_or("TCP") {
+                "TCP" => RouteProtocol::Tcp,
+                "UDP" => RouteProtocol::Udp,
+                _ => return None,
+            };
+            let port = u16::try_from(p["port"].as_u64()?).ok()?;
+            let name = p["name"].as_str().unwrap_or("");
+            let mut backends: Vec<Backend> = subsets
+                .iter()
+                .flat_map(|subset| {
+                    let target = subset["ports"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .find(|sp| sp["name"].as_str().unwrap_or("") == name)
+                        .and_then(|sp| u16::try_from(sp["port"].as_u64()?).ok());
+                    let ready = subset["addresses"]
+                        .as_array()
+                        .map(Vec::as_slice)
+                        .unwrap_or_default();
+                    ready.iter().filter_map(move |a| {
+                        Some(Backend {
+                            address: a["ip"].as_str()?.parse().ok()?,
+                            port: target?,
+                        })
+                    })
+                })
+                .collect();
+            backends.sort_by_key(|b| (b.address, b.port));
+            backends.dedup();
+            backends.truncate(service_route::MAX_BACKENDS);
+            Some(RoutePort {
+                protocol,
+                port,
+                backends,
+            })
+        })
+        .collect();
+    Some((address, routes))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -427,5 +482,22 @@ mod tests {
         assert_eq!(ep["subsets"].as_array().unwrap().len(), 1);
         assert_eq!(endpoints_column(&ep), "10.1.0.2:8080");
         assert_eq!(ports_column(&s), "80/TCP");
+
+        // Its route: the address's port to the ready pod's resolved port.
+        let (address, ports) = route_of(&s, &ep).unwrap();
+        assert_eq!(address, Ipv4Addr::new(10, 96, 0, 1));
+        assert_eq!(ports.len(), 1);
+        assert_eq!((ports[0].protocol, ports[0].port), (RouteProtocol::Tcp, 80));
+        let backends: Vec<(Ipv4Addr, u16)> = ports[0]
+            .backends
+            .iter()
+            .map(|b| (b.address, b.port))
+            .collect();
+        assert_eq!(backends, [(Ipv4Addr::new(10, 1, 0, 2), 8080)]);
+        // Without endpoints it still routes, to nothing: refused, not lost.
+        assert!(route_of(&s, &Value::Null).unwrap().1[0].backends.is_empty());
+        let mut headless = s.clone();
+        headless["spec"]["clusterIP"] = json!("None");
+        assert!(route_of(&headless, &ep).is_none());
     }
 }

@@ -25,7 +25,7 @@ use serde_json::json;
 
 pub use atrium_api::{
     Cluster, Credential, Deployment, Exec, JoinToken, Key, Model, Node, Ownership, Placement,
-    Resource, Site, Tenant, Volume, Workload,
+    Resource, ServiceRoute, Site, Tenant, Volume, Workload,
 };
 
 use crate::auth::{Caller, Role};
@@ -113,7 +113,11 @@ pub fn permits<K: Kind>(role: Role, access: Access) -> bool {
         // Its own node (registration), and the placements on it.
         Role::Node => matches!(
             (K::KIND, access),
-            (Node::KIND, _) | (Placement::KIND | Volume::KIND | Exec::KIND, Access::Read)
+            (Node::KIND, _)
+                | (
+                    Placement::KIND | Volume::KIND | Exec::KIND | ServiceRoute::KIND,
+                    Access::Read
+                )
         ),
         // What routing needs: keys, deployments, tenants' limits and the
         // placements of its site.
@@ -139,6 +143,10 @@ pub fn plane_sees<K: Kind>(plane: &CredentialSpec, object: &Object) -> bool {
         // The commands to run in its containers.
         (Plane::Node, Exec::KIND) => {
             stored::spec::<Exec>(object).is_ok_and(|e| e.node == plane.name)
+        }
+        // The services of the tenant clusters whose pods it runs.
+        (Plane::Node, ServiceRoute::KIND) => {
+            stored::spec::<ServiceRoute>(object).is_ok_and(|r| r.nodes.contains(&plane.name))
         }
         (Plane::Node, Volume::KIND) => stored::status::<Volume>(object)
             .is_some_and(|v| v.node.as_deref() == Some(plane.name.as_str())),

@@ -44,8 +44,8 @@ use tokio::sync::watch;
 pub use auth::{Role, ADMIN_TOKEN_PREFIX};
 use error::ApiError;
 use kinds::{
-    Cluster, Credential, Deployment, Exec, JoinToken, Key, Kind, Model, Node, Placement, Site,
-    Tenant, Volume, Workload,
+    Cluster, Credential, Deployment, Exec, JoinToken, Key, Kind, Model, Node, Placement,
+    ServiceRoute, Site, Tenant, Volume, Workload,
 };
 use metrics::Metrics;
 
@@ -345,6 +345,8 @@ pub fn router(state: AppState) -> Router {
             "/v1/placements/{ident}/status",
             axum::routing::put(tenancy::set_status::<Placement>),
         )
+        .route("/v1/service-routes", get(crud::list::<ServiceRoute>))
+        .route("/v1/service-routes/{ident}", get(crud::get::<ServiceRoute>))
         .route("/v1/execs", get(crud::list::<Exec>))
         .route(
             "/v1/execs/{ident}",

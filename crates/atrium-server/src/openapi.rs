@@ -10,7 +10,7 @@ use utoipa::ToSchema;
 
 use crate::kinds::{
     Cluster, Credential, Deployment, Exec, JoinToken, Key, Kind, Model, Node, Placement, Resource,
-    Site, Tenant, Volume, Workload,
+    ServiceRoute, Site, Tenant, Volume, Workload,
 };
 
 fn schema_ref(name: &str) -> Value {
@@ -291,6 +291,7 @@ pub fn document() -> Value {
     add_kind::<Volume>(&mut paths, &mut schemas, Some("VolumeStatus"));
     add_kind::<Exec>(&mut paths, &mut schemas, Some("ExecStatus"));
     add_kind::<Cluster>(&mut paths, &mut schemas, None);
+    add_kind::<ServiceRoute>(&mut paths, &mut schemas, None);
     add_kind::<Key>(&mut paths, &mut schemas, Some("KeyStatus"));
     add_kind::<Placement>(&mut paths, &mut schemas, Some("ReplicaStatus"));
     add_kind::<JoinToken>(&mut paths, &mut schemas, Some("JoinTokenStatus"));

@@ -284,6 +284,34 @@ spec:
     wait_for("the service's endpoint", 30, || {
         kube.run(&["get", "endpoints", "web"]).1.contains(&endpoint)
     });
+    // The service's address reaches it from inside the tenant's network:
+    // port 80 of 10.96.0.1 is the pod's 8080, wherever the pod runs.
+    // (Debian's busybox wget crashes on -T: timeout bounds it instead.)
+    let reach = |url: &str| {
+        let (ok, said) = kube.run(&[
+            "exec",
+            "web",
+            "--",
+            "/bin/busybox",
+            "timeout",
+            "5",
+            "/bin/busybox",
+            "wget",
+            "-q",
+            "-O",
+            "/dev/null",
+            url,
+        ]);
+        (ok, said)
+    };
+    wait_for("the service's address to reach the pod", 30, || {
+        reach("http://10.96.0.1:80/busybox").0
+    });
+    // A port or address of no service is refused at once.
+    for nowhere in ["http://10.96.0.1:81/", "http://10.96.0.77:80/"] {
+        let (ok, said) = reach(nowhere);
+        assert!(!ok && said.contains("refused"), "{nowhere}: {said}");
+    }
 
     // An InferenceService is a deployment of the tenant's, served by its
     // gateway under the name its status gives.

@@ -74,6 +74,7 @@ macro_rules! refused {
 mod cgroup;
 mod exec;
 mod net;
+pub mod services;
 mod views;
 
 use cgroup::{child_cgroups, enable_v2_controllers, every_hierarchy, kill_members, remove_cgroups};

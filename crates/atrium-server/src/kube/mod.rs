@@ -26,6 +26,7 @@ mod objects;
 mod path;
 pub mod pods;
 mod quotas;
+mod routes;
 pub mod sealed;
 mod statefulsets;
 mod subresources;

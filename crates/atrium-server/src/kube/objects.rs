@@ -217,7 +217,10 @@ pub(super) async fn insert(
         body: scope.sealed(r, &key, obj)?,
         name: key,
     };
-    let services = address.as_ref().map(|_| scope.kind(r));
+    let services = match address {
+        Some(_) => service_kinds(state, scope).await?,
+        None => Vec::new(),
+    };
     let kinds: Vec<&str> = services.iter().map(String::as_str).collect();
     let precondition = Precondition {
         reads: crate::kinds::tenant_reads(&tenant, &kinds),
@@ -232,9 +235,10 @@ pub(super) async fn insert(
                     counts.first().copied().unwrap_or(0),
                 )
                 .map_err(ApiError::QuotaExceeded)?;
+            // Each cluster's services, then (last) the tenant.
             let taken = |ip: &String| {
-                read.first()
-                    .into_iter()
+                read.iter()
+                    .take(read.len().saturating_sub(1))
                     .flatten()
                     .any(|o| o.body.pointer("/spec/clusterIP").and_then(Value::as_str) == Some(ip))
             };
@@ -273,6 +277,22 @@ pub(super) async fn insert(
         })) => Err(KubeError::invalid(&r.kind, name, message)),
         Err(WriteError::Rejected(e)) => Err(from_api(e)),
     }
+}
+
+/// The store kinds of the services of every cluster of the tenant: a
+/// service's address is unique among them all, since a tenant's pods on
+/// a node share one network.
+async fn service_kinds(state: &AppState, scope: &Scope) -> Result<Vec<String>, KubeError> {
+    use crate::kinds::{Cluster, Resource};
+    let clusters = state
+        .store
+        .list_all(Cluster::KIND, &scope.filter())
+        .await
+        .map_err(store_error)?;
+    Ok(clusters
+        .iter()
+        .map(|c| format!("k8s:{}:services", c.id))
+        .collect())
 }
 
 /// Deletes `o`; one already gone is fine.
@@ -406,6 +426,7 @@ pub(super) async fn catalog_for(
 /// Deletes every object of `cluster` (which is being deleted).
 pub async fn delete_cluster_objects(state: &AppState, cluster: &Object) -> Result<(), ApiError> {
     let scope = Scope::of(state, cluster);
+    super::routes::delete_all(state, &scope).await?;
     let catalog = catalog_of(state, &scope).await?;
     for r in catalog.stored() {
         for o in state
@@ -717,14 +738,17 @@ pub(super) async fn create_object(
     }
     refuse_unservable(r, &obj)?;
     if r.builtin_kind() == "Service" {
-        let taken = state
-            .store
-            .list_all(&scope.kind(r), &scope.filter())
-            .await
-            .map_err(store_error)?
-            .iter()
-            .filter_map(|o| o.body.pointer("/spec/clusterIP")?.as_str()?.parse().ok())
-            .collect();
+        let mut taken = std::collections::HashSet::new();
+        for kind in service_kinds(state, scope).await? {
+            let services = state.store.list_all(&kind, &scope.filter()).await;
+            taken.extend(services.map_err(store_error)?.iter().filter_map(|o| {
+                o.body
+                    .pointer("/spec/clusterIP")?
+                    .as_str()?
+                    .parse::<std::net::Ipv4Addr>()
+                    .ok()
+            }));
+        }
         atrium_kube::service::prepare_create(&mut obj, &taken)?;
     }
     pending_pod(r, &mut obj)?;

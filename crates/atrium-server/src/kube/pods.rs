@@ -108,6 +108,8 @@ pub async fn reconcile(state: &AppState) -> Result<(), StoreError> {
     for cluster in &clusters {
         let scope = Scope::of(state, cluster);
         super::apps::reconcile(state, &scope).await?;
+        // Where the cluster's pods run: where its services are routed.
+        let mut nodes = std::collections::BTreeSet::new();
         for pod in store
             .list_all(&scope.kind(pods_type), &scope.filter())
             .await?
@@ -132,7 +134,11 @@ pub async fn reconcile(state: &AppState) -> Result<(), StoreError> {
                 },
                 Some(w) => {
                     let workload_status = stored::status::<Workload>(w);
-                    let replica = replicas.get(&w.id).and_then(stored::status::<Placement>);
+                    let placed = replicas.get(&w.id);
+                    if let Some(p) = placed.and_then(|p| stored::spec::<Placement>(p).ok()) {
+                        nodes.insert(p.node);
+                    }
+                    let replica = placed.and_then(stored::status::<Placement>);
                     status_of(Ok(workload_status.as_ref()), replica.as_ref(), &started)
                 }
             };
@@ -159,6 +165,7 @@ pub async fn reconcile(state: &AppState) -> Result<(), StoreError> {
             }
         }
         super::endpoints::reconcile(state, &scope).await?;
+        super::routes::reconcile(state, &scope, &nodes).await?;
         super::quotas::reconcile(state, &scope).await?;
         super::delete::finish_terminating(state, &scope).await?;
         super::events::sweep(state, &scope).await?;
