@@ -341,7 +341,8 @@ impl ControlPlane {
         let url = format!("{}{list}&watch=true&since={since}", self.base);
         let resp = match self.http.get(url).bearer_auth(self.token()).send().await {
             Ok(r) if r.status().is_success() => r,
-            Ok(r) if r.status().as_u16() == 400 => {
+            // 410: the change log was compacted past `since`.
+            Ok(r) if matches!(r.status().as_u16(), 400 | 410) => {
                 tracing::warn!(plural, since, "watch position refused; relisting");
                 return None;
             }

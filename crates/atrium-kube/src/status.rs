@@ -85,6 +85,16 @@ impl KubeError {
         .about(kind, name)
     }
 
+    /// A watch from a `resourceVersion` the change log no longer keeps:
+    /// the client lists again.
+    pub fn expired(requested: i64, oldest: i64) -> KubeError {
+        KubeError::new(
+            410,
+            "Expired",
+            format!("too old resource version: {requested} ({oldest})"),
+        )
+    }
+
     pub fn bad_request(why: impl Into<String>) -> KubeError {
         KubeError::new(400, "BadRequest", why.into())
     }

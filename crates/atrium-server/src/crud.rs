@@ -406,6 +406,15 @@ pub async fn list<K: Kind>(
             Some(tenant) => Some(OpenWatches::open(&state, tenant).await?),
             None => None,
         };
+        if let Some(since) = params.since {
+            let oldest = state.store.compacted().await?;
+            if since < oldest {
+                return Err(ApiError::Expired {
+                    requested: since,
+                    oldest,
+                });
+            }
+        }
         return watch::<K>(state, caller, filter, only_name, params.since, slot);
     }
     if params.since.is_some() {
@@ -513,7 +522,8 @@ fn watch_line(event: &WatchEvent<Value>) -> Bytes {
 /// Streams every change to objects the caller may see, after `since`, in
 /// revision order, as newline-delimited JSON, with periodic bookmarks. A
 /// client that reconnects with `since` = the last revision it saw misses
-/// nothing and sees nothing twice.
+/// nothing and sees nothing twice — or, when the change log was compacted
+/// past it, gets 410 `expired` and lists again.
 fn watch<K: Kind>(
     state: AppState,
     caller: Caller,
@@ -546,6 +556,8 @@ fn watch<K: Kind>(
                     .await
                 {
                     Ok(b) => b,
+                    // Compacted past this stream (a slow reader): its
+                    // client reconnects, gets 410, and lists again.
                     Err(e) => {
                         tracing::warn!(error = %e, "watch: cannot read changes; closing stream");
                         return;

@@ -56,6 +56,9 @@ pub enum ApiError {
     /// once one closes.
     #[error("{0}; close a stream first")]
     TooManyOpen(QuotaExceeded),
+    /// A watch from a revision the change log no longer keeps.
+    #[error("revision {requested} is older than the change log keeps (it starts after {oldest}): list again, then watch from the list's revision")]
+    Expired { requested: i64, oldest: i64 },
     /// The store cannot be reached; the request may be retried.
     #[error("the store is unavailable: {0}")]
     Unavailable(String),
@@ -129,6 +132,11 @@ impl ApiError {
                 "quota_exceeded",
                 json!({"resource": q.resource, "requested": q.requested, "used": q.used, "limit": q.limit}),
             ),
+            ApiError::Expired { requested, oldest } => (
+                StatusCode::GONE,
+                "expired",
+                json!({"requested": requested, "oldest": oldest}),
+            ),
             ApiError::Unavailable(_) => {
                 (StatusCode::SERVICE_UNAVAILABLE, "unavailable", Value::Null)
             }
@@ -176,6 +184,7 @@ impl From<StoreError> for ApiError {
                 ),
                 details: json!({"expected": expected, "actual": actual}),
             },
+            StoreError::Compacted { requested, oldest } => ApiError::Expired { requested, oldest },
             StoreError::Database(e) => ApiError::Unavailable(e.to_string()),
             e @ (StoreError::UnsupportedUrl(_) | StoreError::Corrupt(_)) => {
                 ApiError::Internal(e.to_string())

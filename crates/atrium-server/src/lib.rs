@@ -69,7 +69,17 @@ pub struct ServerConfig {
     /// Names the TLS certificate carries besides `localhost` and the
     /// loopback addresses.
     pub tls_names: Vec<String>,
+    /// How many of the newest revisions the change log keeps, and how
+    /// often older ones are deleted: a watch from before them gets 410
+    /// and lists again.
+    pub changes_kept: i64,
+    pub compact_every: std::time::Duration,
 }
+
+/// The change log's window by default: a day of a busy control plane's
+/// writes, minutes of a very busy one.
+pub const DEFAULT_CHANGES_KEPT: i64 = 100_000;
+pub const DEFAULT_COMPACT_EVERY: std::time::Duration = std::time::Duration::from_secs(60);
 
 impl ServerConfig {
     pub fn database_url(&self) -> String {
@@ -238,6 +248,11 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, StartError> {
     tokio::spawn(kube::pods::run(state.clone()));
     let app = router(state);
     tokio::spawn(controller::run(store.clone(), shutdown_rx.clone()));
+    tokio::spawn(compact_periodically(
+        store.clone(),
+        (config.changes_kept, config.compact_every),
+        shutdown_rx.clone(),
+    ));
     if let Some((listener, _)) = tls {
         let (app, mut stop) = (app.clone(), shutdown_rx.clone());
         tokio::spawn(async move {
@@ -472,4 +487,22 @@ async fn observe(State(state): State<AppState>, mut req: Request, next: Next) ->
         );
     }
     response
+}
+
+/// Keeps the change log to its window until shutdown.
+async fn compact_periodically(
+    store: Store,
+    (kept, every): (i64, std::time::Duration),
+    mut shutdown: watch::Receiver<bool>,
+) {
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(every) => {}
+            _ = shutdown.changed() => return,
+        }
+        match store.compact(kept).await {
+            Ok(up_to) => tracing::debug!(up_to, "store: change log compacted"),
+            Err(e) => tracing::warn!(error = %e, "store: cannot compact the change log"),
+        }
+    }
 }

@@ -13,6 +13,7 @@
 //! whenever the head moves; the head moves in-process after each commit and,
 //! on PostgreSQL, across processes through LISTEN/NOTIFY.
 
+mod compact;
 mod ledger;
 mod migrate;
 mod types;
@@ -322,7 +323,8 @@ impl Store {
     }
 
     /// Changes after revision `after` up to and including `up_to`, oldest
-    /// first, at most `limit`, optionally of one kind and tenant filter.
+    /// first, at most `limit`, optionally of one kind and tenant filter;
+    /// [`StoreError::Compacted`] when some are gone (`compact`).
     pub async fn changes(
         &self,
         after: i64,
@@ -347,6 +349,8 @@ impl Store {
             q = q.bind(b);
         }
         let rows = q.fetch_all(&self.inner.pool).await?;
+        // After the read: a compaction it raced is seen here.
+        self.check_not_compacted(after).await?;
         rows.iter()
             .map(|r| {
                 let op: String = r.try_get("op")?;

@@ -28,6 +28,10 @@ pub enum StoreError {
     /// or by an incompatible version.
     #[error("corrupt stored data: {0}")]
     Corrupt(String),
+    /// Changes after `requested` were asked for, but the change log keeps
+    /// only those after `oldest`: list again, then follow from there.
+    #[error("changes after revision {requested} were compacted (the log keeps those after {oldest}): list again")]
+    Compacted { requested: i64, oldest: i64 },
     /// The database failed or could not be reached.
     #[error("database error: {0}")]
     Database(#[from] sqlx::Error),

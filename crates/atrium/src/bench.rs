@@ -103,6 +103,8 @@ async fn deploy_to_first_token() -> Result<f64> {
         body_limit: atrium_server::DEFAULT_BODY_LIMIT,
         tls_listen: None,
         tls_names: Vec::new(),
+        changes_kept: atrium_server::DEFAULT_CHANGES_KEPT,
+        compact_every: atrium_server::DEFAULT_COMPACT_EVERY,
     };
     let stack = Stack::start(
         config,

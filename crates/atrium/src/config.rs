@@ -112,6 +112,8 @@ pub fn server_config(
             body_limit,
             tls_listen: None,
             tls_names: Vec::new(),
+            changes_kept: atrium_server::DEFAULT_CHANGES_KEPT,
+            compact_every: atrium_server::DEFAULT_COMPACT_EVERY,
         }),
         _ => Err(errors),
     }

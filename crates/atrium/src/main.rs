@@ -197,6 +197,10 @@ struct ServerArgs {
     /// and loopback, repeatable
     #[arg(long = "tls-name")]
     tls_names: Vec<String>,
+    /// How many of the newest revisions the change log keeps; a watch
+    /// from before them gets 410 and lists again [default: 100000]
+    #[arg(long, env = "ATRIUM_CHANGES_KEPT", value_parser = clap::value_parser!(i64).range(1..))]
+    changes_kept: Option<i64>,
     /// Log level: error, warn, info, debug, trace
     #[arg(long, env = "ATRIUM_LOG", default_value = "info")]
     log: tracing::Level,
@@ -793,6 +797,7 @@ async fn serve(
     .map_err(|errors| anyhow!("invalid configuration:\n  {}", errors.join("\n  ")))?;
     config.tls_listen = args.tls_listen;
     config.tls_names = args.tls_names;
+    config.changes_kept = args.changes_kept.unwrap_or(config.changes_kept);
     let mut server = atrium_server::start(config.clone()).await?;
     let url = format!("http://{}", server.addr);
     let mut banner = format!(

@@ -337,6 +337,10 @@ pub async fn run(args: UpArgs, data_dir: Option<PathBuf>, file: &config::FileCon
     .map_err(|errors| anyhow!("invalid configuration:\n  {}", errors.join("\n  ")))?;
     server_config.tls_listen = args.server.tls_listen;
     server_config.tls_names = args.server.tls_names.clone();
+    server_config.changes_kept = args
+        .server
+        .changes_kept
+        .unwrap_or(server_config.changes_kept);
     let gateway_listen = args.gateway_listen.parse().map_err(|_| {
         anyhow!(
             "--gateway-listen: {:?} is not an address",

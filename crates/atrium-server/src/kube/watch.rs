@@ -7,8 +7,9 @@
 //! bookmark. Bookmarks when asked for; the stream ends at
 //! `timeoutSeconds`, when the client goes, or when the server stops.
 //!
-//! The change log is never compacted yet, so no watch is ever too old
-//! (no 410).
+//! From a `resourceVersion` the compacted change log no longer reaches,
+//! 410 `Expired` — at once, or as an `ERROR` event when a slow stream
+//! falls behind — on which clients list again, as with upstream.
 
 use std::convert::Infallible;
 use std::time::Duration;
@@ -62,6 +63,16 @@ pub(super) async fn serve(
     };
     if since.is_some_and(|s| s > head) {
         return Err(KubeError::bad_request("resourceVersion is in the future"));
+    }
+    if let Some(s) = since {
+        let oldest = state
+            .store
+            .compacted()
+            .await
+            .map_err(super::objects::store_error)?;
+        if s < oldest {
+            return Err(KubeError::expired(s, oldest));
+        }
     }
     let bookmarks = req.param("allowWatchBookmarks") == Some("true");
     let until = req
@@ -133,6 +144,11 @@ pub(super) async fn serve(
                     .await
                 {
                     Ok(b) => b,
+                    Err(atrium_store::StoreError::Compacted { requested, oldest }) => {
+                        let gone = KubeError::expired(requested, oldest).to_status();
+                        let _ = tx.send(Ok(line("ERROR", gone))).await;
+                        return;
+                    }
                     Err(e) => {
                         tracing::warn!(error = %e, "kube watch: cannot read changes; closing");
                         return;

@@ -21,16 +21,33 @@ impl TestServer {
     }
 
     pub async fn start_with_limit(backend: TestBackend, body_limit: usize) -> TestServer {
+        Self::start_with(backend, |c| c.body_limit = body_limit).await
+    }
+
+    /// A server whose change log keeps only the newest `kept` revisions,
+    /// compacted every 100 ms.
+    pub async fn start_compacting(backend: TestBackend, kept: i64) -> TestServer {
+        Self::start_with(backend, |c| {
+            c.changes_kept = kept;
+            c.compact_every = std::time::Duration::from_millis(100);
+        })
+        .await
+    }
+
+    async fn start_with(backend: TestBackend, tune: impl FnOnce(&mut ServerConfig)) -> TestServer {
         let dir = tempfile::tempdir().unwrap();
         let database_url = Some(fresh_database_url(backend, dir.path()).await);
-        let config = ServerConfig {
+        let mut config = ServerConfig {
             listen: "127.0.0.1:0".parse().unwrap(),
             data_dir: dir.path().to_path_buf(),
             database_url,
-            body_limit,
+            body_limit: atrium_server::DEFAULT_BODY_LIMIT,
             tls_listen: None,
             tls_names: Vec::new(),
+            changes_kept: atrium_server::DEFAULT_CHANGES_KEPT,
+            compact_every: atrium_server::DEFAULT_COMPACT_EVERY,
         };
+        tune(&mut config);
         let server = atrium_server::start(config).await.unwrap();
         let admin = server
             .new_admin_token
