@@ -403,24 +403,39 @@ pub(super) async fn delete_custom_objects(
     Ok(())
 }
 
-/// The types a request for `rest` may name: its definitions are read
-/// only when it asks for discovery or a group that is not built in.
+/// The types a request for `rest` may name. A built-in group's request
+/// reads no definition; a custom resource's reads only the one or two
+/// its path can name (`<plural>.<group>`), so its cost does not grow with
+/// the cluster's definitions; discovery reads them all.
 pub(super) async fn catalog_for(
     state: &AppState,
     scope: &Scope,
     rest: &str,
 ) -> Result<Catalog, KubeError> {
     let parts: Vec<&str> = rest.trim_end_matches('/').split('/').collect();
-    let builtin_only = match parts.as_slice() {
-        ["version"] | ["api", ..] => true,
-        ["apis", group, _, _, ..] => atrium_kube::resource::builtin_group(group),
-        _ => false,
+    let candidates: Vec<&str> = match parts.as_slice() {
+        ["version"] | ["api", ..] => return Ok(Catalog::default()),
+        ["apis", group, _, _, ..] if atrium_kube::resource::builtin_group(group) => {
+            return Ok(Catalog::default())
+        }
+        ["apis", _, _, "namespaces", _, plural, ..] => vec!["namespaces", plural],
+        ["apis", _, _, plural, ..] => vec![plural],
+        _ => return catalog_of(state, scope).await.map_err(store_error),
     };
-    if builtin_only {
-        Ok(Catalog::default())
-    } else {
-        catalog_of(state, scope).await.map_err(store_error)
+    let (Some(group), Some(crds)) = (
+        parts.get(1),
+        atrium_kube::find("apiextensions.k8s.io", "v1", "customresourcedefinitions"),
+    ) else {
+        return Ok(Catalog::default());
+    };
+    let mut bodies = Vec::new();
+    for plural in candidates {
+        let name = format!("{plural}.{group}");
+        if let Some(o) = find(state, scope, crds, &name).await? {
+            bodies.push(o.body);
+        }
     }
+    Ok(Catalog::new(bodies.iter()))
 }
 
 /// Deletes every object of `cluster` (which is being deleted).
