@@ -360,12 +360,9 @@ impl Catalog {
 
     /// One type per store kind: a definition's versions share theirs.
     pub fn stored(&self) -> impl Iterator<Item = &ResourceType> {
-        self.all().enumerate().filter_map(|(i, r)| {
-            let first = self
-                .all()
-                .position(|o| o.group == r.group && o.plural == r.plural);
-            (first == Some(i)).then_some(r)
-        })
+        let mut seen = std::collections::HashSet::new();
+        self.all()
+            .filter(move |r| seen.insert((r.group.clone(), r.plural.clone())))
     }
 
     /// The named groups (not core), each once with its versions, the

@@ -6,7 +6,7 @@
 //! `fieldValidation=Strict` —, defaults filled in, values validated.
 //!
 //! A definition is a tenant's, and so is every object: the schema is
-//! bounded (depth, nodes, pattern size) before anything walks or compiles
+//! bounded (depth, nodes, patterns and their size) before anything walks or compiles
 //! it, and patterns run on `regex`, linear in the text, never
 //! backtracking. What is deliberately absent: CEL rules
 //! (`x-kubernetes-validations`) are refused, not ignored, since a rule the
@@ -22,6 +22,9 @@ const MAX_NODES: usize = 4096;
 /// Longest pattern, and the most memory one may compile to.
 const MAX_PATTERN: usize = 1024;
 const PATTERN_MEMORY: usize = 1 << 20;
+/// Most patterns one schema may hold: each is compiled at each write of
+/// an object, so their number bounds what one write costs.
+const MAX_PATTERNS: usize = 64;
 
 const TYPES: &[&str] = &["object", "array", "string", "integer", "number", "boolean"];
 
@@ -103,6 +106,7 @@ fn pattern(p: &str) -> Result<regex::Regex, String> {
 
 struct Checker {
     nodes: usize,
+    patterns: usize,
     errors: Vec<String>,
 }
 
@@ -111,6 +115,7 @@ struct Checker {
 pub fn check(schema: &Value) -> Result<(), Vec<String>> {
     let mut c = Checker {
         nodes: 0,
+        patterns: 0,
         errors: Vec::new(),
     };
     c.node(schema, "openAPIV3Schema", 0, false);
@@ -275,6 +280,13 @@ impl Checker {
             }
         }
         if let Some(p) = s.get("pattern") {
+            self.patterns += 1;
+            if self.patterns == MAX_PATTERNS + 1 {
+                self.fail(
+                    &field(path, "pattern"),
+                    format!("Too many: a schema holds at most {MAX_PATTERNS} patterns"),
+                );
+            }
             match p.as_str().map(pattern) {
                 Some(Ok(_)) => {}
                 Some(Err(why)) => self.fail(&field(path, "pattern"), why),
@@ -883,6 +895,18 @@ mod tests {
         refused(
             json!({"type": "object", "properties": wide}),
             "more than 4096 nodes",
+        );
+        let patterned: serde_json::Map<String, Value> = (0..65)
+            .map(|i| {
+                (
+                    format!("f{i}"),
+                    json!({"type": "string", "pattern": "^a+$"}),
+                )
+            })
+            .collect();
+        refused(
+            json!({"type": "object", "properties": patterned}),
+            "at most 64 patterns",
         );
     }
 

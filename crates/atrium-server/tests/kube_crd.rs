@@ -257,3 +257,57 @@ async fn a_write_that_changes_nothing_makes_no_new_version_so_a_controller_does_
     assert_eq!(w["metadata"]["generation"], 1, "{w}");
     assert_ne!(write(2).await, first);
 }
+
+#[tokio::test]
+async fn a_custom_objects_scale_and_field_validation_take_only_what_they_can_hold() {
+    let s = TestServer::start(TestBackend::Sqlite).await;
+    s.create_tenant("acme", json!({})).await;
+    let acme = s.create_key("acme", "k", &["admin"]).await;
+    let id = s.create_cluster(&acme, "dev").await;
+    let mut crd = definition("example.com", "Widget", "widgets");
+    crd["spec"]["versions"][0]["subresources"] = json!({"scale": {
+        "specReplicasPath": ".spec.replicas", "statusReplicasPath": ".status.replicas"}});
+    let (status, v) = define(&s, &acme, &id, &crd).await;
+    assert_eq!(status, 201, "{v}");
+    let widgets = format!("/k8s/{id}/apis/example.com/v1/namespaces/default/widgets");
+    let body = json!({"metadata": {"name": "w"}, "spec": {"replicas": 1}});
+    let (status, v) = s
+        .call(
+            Method::POST,
+            &format!("{widgets}?fieldValidation=Loose"),
+            Some(&acme),
+            Some(&body),
+        )
+        .await;
+    assert_eq!(status, 400, "an unknown fieldValidation is refused: {v}");
+    let (status, v) = s
+        .call(Method::POST, &widgets, Some(&acme), Some(&body))
+        .await;
+    assert_eq!(status, 201, "{v}");
+    // Replicas past an int32, or negative, are refused; the object keeps its own.
+    for replicas in [json!(1u64 << 40), json!(-1), json!("3")] {
+        let scale = json!({"spec": {"replicas": replicas}});
+        let (status, v) = s
+            .call(
+                Method::PUT,
+                &format!("{widgets}/w/scale"),
+                Some(&acme),
+                Some(&scale),
+            )
+            .await;
+        assert_eq!(status, 422, "{replicas}: {v}");
+    }
+    let (status, v) = s
+        .call(
+            Method::PUT,
+            &format!("{widgets}/w/scale"),
+            Some(&acme),
+            Some(&json!({"spec": {"replicas": 7}})),
+        )
+        .await;
+    assert_eq!((status, &v["spec"]["replicas"]), (200, &json!(7)), "{v}");
+    let (_, w) = s
+        .call(Method::GET, &format!("{widgets}/w"), Some(&acme), None)
+        .await;
+    assert_eq!(w["spec"]["replicas"], 7, "{w}");
+}

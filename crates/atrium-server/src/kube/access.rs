@@ -21,7 +21,8 @@ use axum::http::Method;
 use axum::middleware::Next;
 use axum::response::Response;
 
-use super::objects::{catalog_for, find as find_object, now_unix, store_error, Scope};
+use super::custom::catalog_for;
+use super::objects::{find as find_object, now_unix, store_error, Scope};
 use super::path::{self, Target};
 use super::tokens::{self, Claims};
 use super::{from_api, refusal};

@@ -12,9 +12,10 @@ use axum::http::StatusCode;
 use serde_json::json;
 
 use super::controlled;
+use super::custom::{catalog_of, delete_custom_objects};
 use super::objects::{
-    catalog_of, delete_custom_objects, dry_run, existing, remove, store_error, timestamp, uid_of,
-    write, Call, Scope, PROTECTED_NAMESPACES,
+    dry_run, existing, remove, store_error, timestamp, uid_of, write, Call, Scope,
+    PROTECTED_NAMESPACES,
 };
 use super::{KubeResponse, Request};
 use crate::AppState;

@@ -16,6 +16,7 @@ mod apply;
 mod apps;
 mod batch;
 mod controlled;
+mod custom;
 mod delete;
 mod endpoints;
 mod events;

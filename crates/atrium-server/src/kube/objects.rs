@@ -9,17 +9,18 @@
 //! store every tenant shares).
 
 use atrium_core::quota::Counted;
+use atrium_kube::managed;
 use atrium_kube::meta::{self, with_resource_version};
 use atrium_kube::selector::{FieldSelector, LabelSelector};
 use atrium_kube::table::{table, Include};
-use atrium_kube::{crd, managed};
-use atrium_kube::{patch, Catalog, KubeError, ResourceType};
+use atrium_kube::{patch, KubeError, ResourceType};
 use atrium_store::{
     AuditContext, Count, Object, Precondition, StoreError, TenantFilter, Write, WriteError,
 };
 use axum::http::{header, Method, StatusCode};
 use serde_json::{json, Value};
 
+use super::custom::{catalog_of, custom_types, delete_custom_objects, warned};
 use super::path::At;
 use super::{from_api, watch, KubeResponse, Request};
 use crate::error::ApiError;
@@ -116,7 +117,7 @@ impl Scope {
     }
 
     pub fn kind(&self, r: &ResourceType) -> String {
-        format!("{}{}", self.kind_prefix(), r.qualified())
+        kind_in(&self.id, r)
     }
 
     /// What every one of this cluster's store kinds starts with.
@@ -127,6 +128,11 @@ impl Scope {
     pub fn filter(&self) -> TenantFilter {
         TenantFilter::Exactly(Some(self.tenant.clone()))
     }
+}
+
+/// The store kind of type `r` in cluster `cluster_id`.
+fn kind_in(cluster_id: &str, r: &ResourceType) -> String {
+    format!("k8s:{cluster_id}:{}", r.qualified())
 }
 
 pub(super) fn key(r: &ResourceType, namespace: Option<&str>, name: &str) -> String {
@@ -289,10 +295,9 @@ async fn service_kinds(state: &AppState, scope: &Scope) -> Result<Vec<String>, K
         .list_all(Cluster::KIND, &scope.filter())
         .await
         .map_err(store_error)?;
-    Ok(clusters
-        .iter()
-        .map(|c| format!("k8s:{}:services", c.id))
-        .collect())
+    let services = atrium_kube::find("", "v1", "services")
+        .ok_or_else(|| KubeError::internal("services are not served"))?;
+    Ok(clusters.iter().map(|c| kind_in(&c.id, services)).collect())
 }
 
 /// Deletes `o`; one already gone is fine.
@@ -359,83 +364,6 @@ pub(super) fn uid_of(obj: &Value) -> String {
         .and_then(Value::as_str)
         .unwrap_or_default()
         .to_string()
-}
-
-/// The definitions of the cluster's own types.
-async fn definitions(state: &AppState, scope: &Scope) -> Result<Vec<Object>, StoreError> {
-    let Some(crds) = atrium_kube::find("apiextensions.k8s.io", "v1", "customresourcedefinitions")
-    else {
-        return Ok(Vec::new());
-    };
-    state
-        .store
-        .list_all(&scope.kind(crds), &scope.filter())
-        .await
-}
-
-/// Every type the cluster serves: the built-in ones and its definitions'.
-pub(super) async fn catalog_of(state: &AppState, scope: &Scope) -> Result<Catalog, StoreError> {
-    let crds = definitions(state, scope).await?;
-    Ok(Catalog::new(crds.iter().map(|o| &o.body)))
-}
-
-/// Deletes every object of the types definition `crd` served, which is
-/// gone: its objects go with it, as upstream's.
-pub(super) async fn delete_custom_objects(
-    state: &AppState,
-    scope: &Scope,
-    crd: &Value,
-) -> Result<(), StoreError> {
-    for r in crd::types_of(crd).iter().take(1) {
-        for o in state
-            .store
-            .list_all(&scope.kind(r), &scope.filter())
-            .await?
-        {
-            remove(
-                state,
-                &o,
-                system_audit(&format!("kube.{}.delete", r.singular)),
-            )
-            .await?;
-        }
-    }
-    Ok(())
-}
-
-/// The types a request for `rest` may name. A built-in group's request
-/// reads no definition; a custom resource's reads only the one or two
-/// its path can name (`<plural>.<group>`), so its cost does not grow with
-/// the cluster's definitions; discovery reads them all.
-pub(super) async fn catalog_for(
-    state: &AppState,
-    scope: &Scope,
-    rest: &str,
-) -> Result<Catalog, KubeError> {
-    let parts: Vec<&str> = rest.trim_end_matches('/').split('/').collect();
-    let candidates: Vec<&str> = match parts.as_slice() {
-        ["version"] | ["api", ..] => return Ok(Catalog::default()),
-        ["apis", group, _, _, ..] if atrium_kube::resource::builtin_group(group) => {
-            return Ok(Catalog::default())
-        }
-        ["apis", _, _, "namespaces", _, plural, ..] => vec!["namespaces", plural],
-        ["apis", _, _, plural, ..] => vec![plural],
-        _ => return catalog_of(state, scope).await.map_err(store_error),
-    };
-    let (Some(group), Some(crds)) = (
-        parts.get(1),
-        atrium_kube::find("apiextensions.k8s.io", "v1", "customresourcedefinitions"),
-    ) else {
-        return Ok(Catalog::default());
-    };
-    let mut bodies = Vec::new();
-    for plural in candidates {
-        let name = format!("{plural}.{group}");
-        if let Some(o) = find(state, scope, crds, &name).await? {
-            bodies.push(o.body);
-        }
-    }
-    Ok(Catalog::new(bodies.iter()))
 }
 
 /// Deletes every object of `cluster` (which is being deleted).
@@ -782,46 +710,6 @@ pub(super) async fn create_object(
     )
     .await?;
     Ok(warned(StatusCode::CREATED, scope.shown(r, &o)?, &warnings))
-}
-
-/// A tenant's own types: a definition checked (its kind not another's of
-/// its group) and given its status; a custom object checked against its
-/// version's schema. Returns the warnings for the client.
-async fn custom_types(
-    state: &AppState,
-    scope: &Scope,
-    r: &ResourceType,
-    obj: &mut Value,
-    old: Option<&Value>,
-    req: &Request,
-) -> Result<Vec<String>, KubeError> {
-    if r.builtin_kind() == "CustomResourceDefinition" {
-        crd::prepare(obj, old)?;
-        let others = definitions(state, scope).await.map_err(store_error)?;
-        let bodies: Vec<&Value> = others.iter().map(|o| &o.body).collect();
-        if let Some(why) = crd::kind_conflict(obj, &bodies) {
-            let name = meta::name_of(obj).unwrap_or_default();
-            return Err(KubeError::invalid(&r.kind, name, why));
-        }
-        return Ok(Vec::new());
-    }
-    let validation = crd::FieldValidation::parse(req.param("fieldValidation"))?;
-    crd::admit(r, obj, validation)
-}
-
-/// A JSON answer, with a `Warning` header for each warning.
-fn warned(status: StatusCode, body: Value, warnings: &[String]) -> KubeResponse {
-    if warnings.is_empty() {
-        return KubeResponse::Json(status, body);
-    }
-    let mut response = axum::response::IntoResponse::into_response((status, axum::Json(body)));
-    for w in warnings {
-        let text = format!("299 - {:?}", w.replace(['\r', '\n'], " "));
-        if let Ok(v) = header::HeaderValue::from_str(&text) {
-            response.headers_mut().append(header::WARNING, v);
-        }
-    }
-    KubeResponse::Stream(response)
 }
 
 /// Writes `new` over `old`, if `old` is still at `revision`.
