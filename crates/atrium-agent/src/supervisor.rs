@@ -159,6 +159,14 @@ fn engine_args(config: &AgentConfig, spec: &PlacementSpec) -> Result<Vec<String>
         "--model".into(),
         path.display().to_string(),
     ]);
+    // The engine fits its key/value cache and prefill copy under the
+    // sandbox's memory limit rather than being OOM-killed at it.
+    if spec.resources.memory.0 > 0 {
+        args.extend([
+            "--memory-mib".into(),
+            (spec.resources.memory.0 >> 20).max(1).to_string(),
+        ]);
+    }
     Ok(args)
 }
 

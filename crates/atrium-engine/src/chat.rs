@@ -2,19 +2,16 @@
 //!
 //! The tokenizer is rebuilt from the GGUF metadata (`tokenizer.ggml.*`:
 //! byte-level BPE vocabulary and merges), so a single `.gguf` file is the
-//! whole model. Generation runs on one dedicated thread that owns the model;
-//! requests wait in a bounded queue and are refused with `Busy` when it is
-//! full, so overload is a clear 429 rather than a pile of slow requests.
+//! whole model. Generation runs on one thread that owns the model and
+//! batches every admitted request into each step (see `batcher`); requests
+//! beyond the queue limit are refused with `Busy`, so overload is a clear 429
+//! rather than a pile of slow requests.
 
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Instant;
 
 use candle_core::quantized::gguf_file;
-use candle_core::{Device, Tensor};
-use candle_transformers::generation::{LogitsProcessor, Sampling};
-use candle_transformers::models::quantized_llama::ModelWeights;
 use tokenizers::decoders::byte_level::ByteLevel as ByteLevelDecoder;
 use tokenizers::models::bpe::BPE;
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
@@ -23,6 +20,9 @@ use tokenizers::pre_tokenizers::sequence::Sequence;
 use tokenizers::{AddedToken, Tokenizer};
 use tokio::sync::mpsc;
 
+use crate::batcher::{blocks_for, BatchLimits, Batcher, Job};
+use crate::kv::{KvPool, BLOCK_TOKENS};
+use crate::llama::{plan_memory, Llama};
 use crate::metrics::EngineMetrics;
 use crate::EngineError;
 
@@ -82,6 +82,9 @@ pub struct SamplingParams {
     pub seed: u64,
     pub max_tokens: usize,
     pub stop: Vec<String>,
+    /// Requests share cached prompt blocks only under the same salt (the
+    /// gateway sets one per tenant).
+    pub cache_salt: Option<String>,
 }
 
 /// What a generation job reports, in order: deltas, then one `Done`.
@@ -96,12 +99,6 @@ pub enum GenerationEvent {
     Failed(String),
 }
 
-struct Job {
-    prompt: Vec<u32>,
-    params: SamplingParams,
-    events: mpsc::Sender<GenerationEvent>,
-}
-
 /// A loaded chat model and its generation thread.
 pub struct ChatModel {
     tokenizer: Tokenizer,
@@ -109,8 +106,37 @@ pub struct ChatModel {
     jobs: std::sync::mpsc::SyncSender<Job>,
     queued: Arc<AtomicU64>,
     queue_limit: u64,
+    kv_blocks: usize,
     metrics: Arc<EngineMetrics>,
 }
+
+/// How much a chat replica may take on.
+#[derive(Debug, Clone, Copy)]
+pub struct ChatLimits {
+    /// Requests running or waiting before more get 429.
+    pub max_queue: usize,
+    /// Memory for keys and values of every sequence, in MiB.
+    pub kv_cache_mib: usize,
+    /// The replica's memory limit, when it has one: the cache and the
+    /// dense prefill copy are fitted under it.
+    pub memory_mib: Option<usize>,
+    pub batch: BatchLimits,
+}
+
+impl ChatLimits {
+    pub fn new(max_queue: usize, kv_cache_mib: usize) -> ChatLimits {
+        ChatLimits {
+            max_queue,
+            kv_cache_mib,
+            memory_mib: None,
+            batch: BatchLimits::default(),
+        }
+    }
+}
+
+/// The default key/value budget of a chat replica: SmolLM2-135M needs
+/// 45 KiB per position, so this holds about 11,000 positions in flight.
+pub const DEFAULT_KV_CACHE_MIB: usize = 512;
 
 /// The ChatML template SmolLM2 and many others use, with the default system
 /// prompt taken from the model's own template.
@@ -253,10 +279,10 @@ fn tokenizer_from_gguf(content: &gguf_file::Content) -> Result<(Tokenizer, Vec<u
 }
 
 impl ChatModel {
-    /// Loads a GGUF file and starts the generation thread.
+    /// Loads a GGUF file and starts the batching thread.
     pub fn load(
         path: &Path,
-        queue_limit: usize,
+        limits: ChatLimits,
         metrics: Arc<EngineMetrics>,
     ) -> Result<ChatModel, EngineError> {
         let mut file = std::fs::File::open(path)
@@ -271,28 +297,54 @@ impl ChatModel {
         }
         let (tokenizer, eos) = tokenizer_from_gguf(&content)?;
         let template = ChatTemplate::from_gguf(metadata_str(&content, "tokenizer.chat_template"))?;
-        let device = Device::Cpu;
-        let model = ModelWeights::from_gguf(content, &mut file, &device)
-            .map_err(|e| EngineError::Load(e.to_string()))?;
-        let (jobs, rx) = std::sync::mpsc::sync_channel::<Job>(queue_limit.max(1));
+        let (resident, dense) = Llama::footprint(&content);
+        let plan = plan_memory(
+            limits.memory_mib.map(|m| m.saturating_mul(1 << 20)),
+            resident,
+            dense,
+            limits.kv_cache_mib.saturating_mul(1 << 20),
+        );
+        let model = Llama::load(content, &mut file, plan.dense)?;
+        let shape = model.kv_shape();
+        let kv_blocks = plan.kv_bytes / shape.block_bytes().max(1);
+        if kv_blocks == 0 {
+            return Err(EngineError::Load(format!(
+                "a key/value cache of {} bytes holds no block of {} bytes",
+                plan.kv_bytes,
+                shape.block_bytes()
+            )));
+        }
+        tracing::info!(
+            dense_prefill = plan.dense,
+            kv_cache_mib = plan.kv_bytes >> 20,
+            kv_positions = kv_blocks * BLOCK_TOKENS,
+            "chat model loaded"
+        );
+        metrics
+            .kv_blocks_capacity
+            .store(kv_blocks as u64, Ordering::Relaxed);
+        let (jobs, rx) = std::sync::mpsc::sync_channel::<Job>(limits.max_queue.max(1));
         let queued = Arc::new(AtomicU64::new(0));
-        let worker = Worker {
+        let batcher = Batcher {
             model,
+            kv: KvPool::new(shape, kv_blocks),
             tokenizer: tokenizer.clone(),
             eos,
+            limits: limits.batch,
             queued: queued.clone(),
             metrics: metrics.clone(),
         };
         std::thread::Builder::new()
             .name("atrium-generate".into())
-            .spawn(move || worker.run(rx))
+            .spawn(move || batcher.run(rx))
             .map_err(|e| EngineError::Load(format!("cannot start the generation thread: {e}")))?;
         Ok(ChatModel {
             tokenizer,
             template,
             jobs,
             queued,
-            queue_limit: queue_limit as u64,
+            queue_limit: limits.max_queue as u64,
+            kv_blocks,
             metrics,
         })
     }
@@ -343,6 +395,18 @@ impl ChatModel {
                 params.max_tokens
             )));
         }
+        // A request the whole cache cannot hold would wait forever.
+        let needed = blocks_for(prompt.len() + params.max_tokens);
+        if needed > self.kv_blocks {
+            return Err(EngineError::BadRequest(format!(
+                "prompt ({} tokens) + max_tokens ({}) needs {} positions of key/value cache; \
+                 this replica holds {}: lower max_tokens",
+                prompt.len(),
+                params.max_tokens,
+                needed * BLOCK_TOKENS,
+                self.kv_blocks * BLOCK_TOKENS
+            )));
+        }
         // Counted before sending so the depth never under-reports.
         if self.queued.fetch_add(1, Ordering::SeqCst) >= self.queue_limit {
             self.queued.fetch_sub(1, Ordering::SeqCst);
@@ -352,7 +416,9 @@ impl ChatModel {
                 self.queue_limit
             )));
         }
-        let (tx, rx) = mpsc::channel(256);
+        // Room for every event a generation can send: the batcher never waits
+        // on a slow client.
+        let (tx, rx) = mpsc::channel(params.max_tokens + 4);
         self.jobs
             .try_send(Job {
                 prompt,
@@ -368,157 +434,5 @@ impl ChatModel {
 
     pub fn queue_depth(&self) -> u64 {
         self.queued.load(Ordering::Relaxed)
-    }
-}
-
-struct Worker {
-    model: ModelWeights,
-    tokenizer: Tokenizer,
-    eos: Vec<u32>,
-    queued: Arc<AtomicU64>,
-    metrics: Arc<EngineMetrics>,
-}
-
-/// Turns a growing list of generated tokens into text deltas, holding back
-/// bytes that do not yet form whole characters and text that could still
-/// become a stop sequence.
-struct Detokenizer {
-    tokens: Vec<u32>,
-    emitted: usize,
-    stop: Vec<String>,
-    hold_back: usize,
-}
-
-impl Detokenizer {
-    fn new(stop: Vec<String>) -> Self {
-        let hold_back = stop.iter().map(|s| s.len()).max().unwrap_or(0);
-        Detokenizer {
-            tokens: Vec::new(),
-            emitted: 0,
-            stop,
-            hold_back,
-        }
-    }
-
-    /// Adds a token; returns (delta to emit, whether a stop sequence ended
-    /// the text).
-    fn push(&mut self, tokenizer: &Tokenizer, token: u32) -> (String, bool) {
-        self.tokens.push(token);
-        let text = tokenizer.decode(&self.tokens, true).unwrap_or_default();
-        if text.ends_with('\u{FFFD}') {
-            return (String::new(), false);
-        }
-        if let Some(cut) = self.stop.iter().filter_map(|s| text.find(s.as_str())).min() {
-            let delta = text.get(self.emitted..cut).unwrap_or("").to_string();
-            self.emitted = cut.max(self.emitted);
-            return (delta, true);
-        }
-        let mut safe = text.len().saturating_sub(self.hold_back).max(self.emitted);
-        while !text.is_char_boundary(safe) {
-            safe -= 1;
-        }
-        let delta = text.get(self.emitted..safe).unwrap_or("").to_string();
-        self.emitted = safe.max(self.emitted);
-        (delta, false)
-    }
-
-    /// The text still held back, at the end.
-    fn flush(&mut self, tokenizer: &Tokenizer) -> String {
-        let text = tokenizer.decode(&self.tokens, true).unwrap_or_default();
-        let rest = text
-            .get(self.emitted..)
-            .unwrap_or("")
-            .trim_end_matches('\u{FFFD}')
-            .to_string();
-        self.emitted = text.len();
-        rest
-    }
-}
-
-impl Worker {
-    fn run(mut self, jobs: std::sync::mpsc::Receiver<Job>) {
-        while let Ok(job) = jobs.recv() {
-            self.metrics.running.fetch_add(1, Ordering::Relaxed);
-            let events = job.events.clone();
-            if let Err(e) = self.generate(job) {
-                let _ = events.blocking_send(GenerationEvent::Failed(e.to_string()));
-            }
-            self.metrics.running.fetch_sub(1, Ordering::Relaxed);
-            self.queued.fetch_sub(1, Ordering::SeqCst);
-        }
-    }
-
-    fn generate(&mut self, job: Job) -> candle_core::Result<()> {
-        let Job {
-            prompt,
-            params,
-            events,
-        } = job;
-        let sampling = if params.temperature <= 0.0 {
-            Sampling::ArgMax
-        } else {
-            match params.top_p {
-                Some(p) if p > 0.0 && p < 1.0 => Sampling::TopP {
-                    p,
-                    temperature: params.temperature,
-                },
-                _ => Sampling::All {
-                    temperature: params.temperature,
-                },
-            }
-        };
-        let mut logits_processor = LogitsProcessor::from_sampling(params.seed, sampling);
-        let device = Device::Cpu;
-        let started = Instant::now();
-        let input = Tensor::new(prompt.as_slice(), &device)?.unsqueeze(0)?;
-        let logits = self.model.forward(&input, 0)?.squeeze(0)?;
-        let mut next = logits_processor.sample(&logits)?;
-        let prefill = started.elapsed();
-        self.metrics.record_prefill(prompt.len(), prefill);
-        let decode_started = Instant::now();
-        let mut detok = Detokenizer::new(params.stop.clone());
-        let mut completion = 0usize;
-        let mut finish_reason = "length";
-        let mut hit_stop_sequence = false;
-        while completion < params.max_tokens {
-            if self.eos.contains(&next) {
-                finish_reason = "stop";
-                break;
-            }
-            completion += 1;
-            let (delta, stopped) = detok.push(&self.tokenizer, next);
-            if !delta.is_empty() && events.blocking_send(GenerationEvent::Delta(delta)).is_err() {
-                // The client went away: stop spending compute on it.
-                return Ok(());
-            }
-            if stopped {
-                finish_reason = "stop";
-                hit_stop_sequence = true;
-                break;
-            }
-            if completion == params.max_tokens {
-                break;
-            }
-            let input = Tensor::new(&[next], &device)?.unsqueeze(0)?;
-            let logits = self
-                .model
-                .forward(&input, prompt.len() + completion - 1)?
-                .squeeze(0)?;
-            next = logits_processor.sample(&logits)?;
-        }
-        if !hit_stop_sequence {
-            let rest = detok.flush(&self.tokenizer);
-            if !rest.is_empty() {
-                let _ = events.blocking_send(GenerationEvent::Delta(rest));
-            }
-        }
-        self.metrics
-            .record_decode(completion, decode_started.elapsed());
-        let _ = events.blocking_send(GenerationEvent::Done {
-            finish_reason,
-            prompt_tokens: prompt.len(),
-            completion_tokens: completion,
-        });
-        Ok(())
     }
 }

@@ -6,8 +6,12 @@
 //! safetensors), and `simulated` (timing only, for load tests). The engine
 //! knows nothing of tenants: the agent runs it, the gateway fronts it.
 
+mod batcher;
 pub mod chat;
+mod detokenize;
 pub mod embed;
+pub mod kv;
+mod llama;
 pub mod metrics;
 pub mod requantize;
 mod server;
@@ -44,8 +48,13 @@ pub enum EngineError {
 /// Which model the engine serves.
 #[derive(Debug, Clone)]
 pub enum EngineKind {
-    Chat { gguf: PathBuf, max_queue: usize },
-    Embedding { dir: PathBuf },
+    Chat {
+        gguf: PathBuf,
+        limits: chat::ChatLimits,
+    },
+    Embedding {
+        dir: PathBuf,
+    },
     Simulated(simulated::SimulatedConfig),
 }
 
@@ -78,8 +87,8 @@ pub struct Engine {
 pub fn load(kind: &EngineKind, served_name: &str) -> Result<Engine, EngineError> {
     let metrics = Arc::new(metrics::EngineMetrics::default());
     let loaded = match kind {
-        EngineKind::Chat { gguf, max_queue } => {
-            Loaded::Chat(chat::ChatModel::load(gguf, *max_queue, metrics.clone())?)
+        EngineKind::Chat { gguf, limits } => {
+            Loaded::Chat(chat::ChatModel::load(gguf, *limits, metrics.clone())?)
         }
         EngineKind::Embedding { dir } => {
             Loaded::Embedding(embed::EmbeddingModel::load(dir, metrics.clone())?)

@@ -13,6 +13,15 @@ pub struct EngineMetrics {
     pub prompt_tokens: AtomicU64,
     pub generated_tokens: AtomicU64,
     pub embedded_inputs: AtomicU64,
+    /// Requests whose client went away before the end.
+    pub cancelled: AtomicU64,
+    /// Sequences sent back to wait for key/value memory.
+    pub preempted: AtomicU64,
+    /// Prompt positions served from the prefix cache instead of computed.
+    pub prefix_cached_tokens: AtomicU64,
+    pub kv_blocks_capacity: AtomicU64,
+    pub kv_blocks_used: AtomicU64,
+    pub kv_blocks_cached: AtomicU64,
     prefill_micros: AtomicU64,
     decode_micros: AtomicU64,
     /// f64 bits of the decode tokens/s of the last generation.
@@ -98,6 +107,46 @@ impl EngineMetrics {
             "Inputs embedded.",
             get(&self.embedded_inputs).to_string(),
         );
+        for (name, kind, help, value) in [
+            (
+                "atrium_engine_cancelled_total",
+                "counter",
+                "Requests whose client went away.",
+                &self.cancelled,
+            ),
+            (
+                "atrium_engine_preempted_total",
+                "counter",
+                "Sequences sent back to wait for key/value memory.",
+                &self.preempted,
+            ),
+            (
+                "atrium_engine_prefix_cached_tokens_total",
+                "counter",
+                "Prompt tokens reused from the prefix cache.",
+                &self.prefix_cached_tokens,
+            ),
+            (
+                "atrium_engine_kv_blocks_capacity",
+                "gauge",
+                "Key/value cache blocks this replica may use.",
+                &self.kv_blocks_capacity,
+            ),
+            (
+                "atrium_engine_kv_blocks_used",
+                "gauge",
+                "Key/value cache blocks held by running sequences.",
+                &self.kv_blocks_used,
+            ),
+            (
+                "atrium_engine_kv_blocks_cached",
+                "gauge",
+                "Idle key/value blocks kept for prefix reuse.",
+                &self.kv_blocks_cached,
+            ),
+        ] {
+            metric(name, kind, help, get(value).to_string());
+        }
         metric(
             "atrium_engine_prefill_seconds_total",
             "counter",

@@ -119,6 +119,7 @@ struct Sampling {
     stream: bool,
     stream_options: Option<StreamOptions>,
     n: Option<u32>,
+    cache_salt: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -201,7 +202,13 @@ fn sampling_params(s: &Sampling, default_max: usize) -> Result<SamplingParams, E
             "stop takes up to 4 non-empty strings".into(),
         ));
     }
+    if s.cache_salt.as_ref().is_some_and(|salt| salt.len() > 256) {
+        return Err(EngineError::BadRequest(
+            "cache_salt is longer than 256 bytes".into(),
+        ));
+    }
     Ok(SamplingParams {
+        cache_salt: s.cache_salt.clone(),
         temperature,
         top_p: s.top_p,
         seed: s.seed.unwrap_or_else(rand::random),

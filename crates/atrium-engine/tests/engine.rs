@@ -63,7 +63,7 @@ async fn smollm2_chats_streams_and_stops() {
     let base = serve(
         EngineKind::Chat {
             gguf: model.path,
-            max_queue: 1,
+            limits: atrium_engine::chat::ChatLimits::new(1, 64),
         },
         "smol",
     )

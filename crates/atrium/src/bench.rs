@@ -59,6 +59,7 @@ async fn generation_rates(chat: &atrium_engine::chat::ChatModel) -> Result<(f64,
             seed: 1,
             max_tokens: 128,
             stop: Vec::new(),
+            cache_salt: None,
         };
         let mut rx = chat.generate(tokens.clone(), params)?;
         let started = Instant::now();
@@ -238,7 +239,11 @@ pub async fn engine(out: PathBuf) -> Result<()> {
     .await??;
     let metrics = std::sync::Arc::new(atrium_engine::metrics::EngineMetrics::default());
     let chat = tokio::task::spawn_blocking(move || {
-        atrium_engine::chat::ChatModel::load(&smollm, 4, metrics)
+        atrium_engine::chat::ChatModel::load(
+            &smollm,
+            atrium_engine::chat::ChatLimits::new(64, atrium_engine::chat::DEFAULT_KV_CACHE_MIB),
+            metrics,
+        )
     })
     .await??;
     let (prefill, decode) = generation_rates(&chat).await?;

@@ -26,9 +26,16 @@ pub struct EngineArgs {
     name: String,
     #[arg(long, default_value = "127.0.0.1:0")]
     listen: String,
-    /// Requests that may wait for the model before 429s
-    #[arg(long, default_value_t = 16)]
+    /// Requests running or waiting before more get 429
+    #[arg(long, default_value_t = 64)]
     max_queue: usize,
+    /// Chat: memory for the key/value cache of all sequences, MiB
+    #[arg(long, default_value_t = atrium_engine::chat::DEFAULT_KV_CACHE_MIB)]
+    kv_cache_mib: usize,
+    /// Chat: the replica's memory limit, MiB; the cache and the prefill
+    /// copy of the weights are fitted under it
+    #[arg(long)]
+    memory_mib: Option<usize>,
     /// Simulated: time to first token, ms
     #[arg(long, default_value_t = 0)]
     sim_ttft_ms: u64,
@@ -107,7 +114,10 @@ pub async fn engine(args: EngineArgs) -> Result<()> {
     let kind = match args.kind.as_str() {
         "chat" => atrium_engine::EngineKind::Chat {
             gguf: model()?,
-            max_queue: args.max_queue,
+            limits: atrium_engine::chat::ChatLimits {
+                memory_mib: args.memory_mib,
+                ..atrium_engine::chat::ChatLimits::new(args.max_queue, args.kv_cache_mib)
+            },
         },
         "embedding" => atrium_engine::EngineKind::Embedding { dir: model()? },
         "simulated" => {

@@ -1,0 +1,410 @@
+//! Continuous batching: one thread owns the model and the key/value pool and
+//! runs steps. Between steps it takes in new requests and drops those whose
+//! client has gone; each step batches one row for every sequence that is
+//! generating plus chunks of waiting prompts, up to a token budget, so a
+//! long prompt never stalls the streams already running (chunked prefill).
+//!
+//! Memory is the key/value pool. A request is admitted when its prompt
+//! fits beside a reserve of one block per running sequence; when a growing
+//! sequence still finds the pool empty, the most recently admitted sequence
+//! is preempted: its blocks go back and it waits at the head of the queue,
+//! to be recomputed from its prompt and what it has generated so far (its
+//! client sees only a pause). vLLM makes the same choice; swapping to host
+//! memory buys nothing on a CPU engine.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use candle_core::{Device, Tensor};
+use candle_transformers::generation::{LogitsProcessor, Sampling};
+use tokenizers::Tokenizer;
+use tokio::sync::mpsc;
+
+use crate::chat::{GenerationEvent, SamplingParams};
+use crate::detokenize::Detokenizer;
+use crate::kv::{KvPool, BLOCK_TOKENS};
+use crate::llama::{Llama, Segment};
+use crate::metrics::EngineMetrics;
+
+/// Limits of one replica's batching.
+#[derive(Debug, Clone, Copy)]
+pub struct BatchLimits {
+    /// Rows in one step: every generating sequence's row, then prompt chunks.
+    pub step_tokens: usize,
+    /// Sequences computed together.
+    pub max_running: usize,
+}
+
+impl Default for BatchLimits {
+    fn default() -> Self {
+        BatchLimits {
+            step_tokens: 256,
+            max_running: 32,
+        }
+    }
+}
+
+/// Blocks that hold `tokens` positions.
+pub fn blocks_for(tokens: usize) -> usize {
+    tokens.div_ceil(BLOCK_TOKENS)
+}
+
+pub(crate) struct Job {
+    pub prompt: Vec<u32>,
+    pub params: SamplingParams,
+    pub events: mpsc::Sender<GenerationEvent>,
+}
+
+struct Sequence {
+    /// Prompt, then every generated token; the last may not be computed yet.
+    tokens: Vec<u32>,
+    prompt_len: usize,
+    /// Leading tokens whose keys and values are in `blocks`.
+    computed: usize,
+    blocks: Vec<usize>,
+    /// Leading blocks that are in the prefix cache.
+    shared: usize,
+    /// False once a block of ours duplicated a cached one: the chain of
+    /// cached blocks cannot continue from a private block.
+    sharing: bool,
+    params: SamplingParams,
+    sampler: LogitsProcessor,
+    detok: Detokenizer,
+    events: mpsc::Sender<GenerationEvent>,
+    completion: usize,
+    arrived: Instant,
+    first_token: Option<Instant>,
+}
+
+impl Sequence {
+    fn new(job: Job) -> Sequence {
+        let Job {
+            prompt,
+            params,
+            events,
+        } = job;
+        let sampling = if params.temperature <= 0.0 {
+            Sampling::ArgMax
+        } else {
+            match params.top_p {
+                Some(p) if p > 0.0 && p < 1.0 => Sampling::TopP {
+                    p,
+                    temperature: params.temperature,
+                },
+                _ => Sampling::All {
+                    temperature: params.temperature,
+                },
+            }
+        };
+        Sequence {
+            prompt_len: prompt.len(),
+            tokens: prompt,
+            computed: 0,
+            blocks: Vec::new(),
+            shared: 0,
+            sharing: true,
+            sampler: LogitsProcessor::from_sampling(params.seed, sampling),
+            detok: Detokenizer::new(params.stop.clone()),
+            params,
+            events,
+            completion: 0,
+            arrived: Instant::now(),
+            first_token: None,
+        }
+    }
+
+    /// One generated row rather than a chunk of prompt (or of recompute).
+    fn generating(&self) -> bool {
+        self.tokens.len() - self.computed == 1 && self.computed >= self.prompt_len
+    }
+}
+
+pub(crate) struct Batcher {
+    pub model: Llama,
+    pub kv: KvPool,
+    pub tokenizer: Tokenizer,
+    pub eos: Vec<u32>,
+    pub limits: BatchLimits,
+    pub queued: Arc<AtomicU64>,
+    pub metrics: Arc<EngineMetrics>,
+}
+
+struct State {
+    waiting: VecDeque<Sequence>,
+    running: Vec<Sequence>,
+}
+
+/// What became of a sequence after a sampled token.
+enum Outcome {
+    Continue,
+    /// With whether the held-back text is still to be sent (not after a
+    /// stop sequence, which cuts it).
+    Finished(&'static str, bool),
+    Gone,
+}
+
+impl Batcher {
+    pub fn run(mut self, jobs: std::sync::mpsc::Receiver<Job>) {
+        let mut state = State {
+            waiting: VecDeque::new(),
+            running: Vec::new(),
+        };
+        loop {
+            if state.running.is_empty() && state.waiting.is_empty() {
+                match jobs.recv() {
+                    Ok(job) => state.waiting.push_back(Sequence::new(job)),
+                    Err(_) => return,
+                }
+            }
+            while let Ok(job) = jobs.try_recv() {
+                state.waiting.push_back(Sequence::new(job));
+            }
+            self.drop_cancelled(&mut state);
+            self.admit(&mut state);
+            if let Err(e) = self.step(&mut state) {
+                for seq in state.running.drain(..) {
+                    let _ = seq.events.try_send(GenerationEvent::Failed(e.to_string()));
+                    self.kv.release(&seq.blocks);
+                    self.queued.fetch_sub(1, Ordering::SeqCst);
+                }
+            }
+            self.publish(&state);
+        }
+    }
+
+    fn publish(&self, state: &State) {
+        let usage = self.kv.usage();
+        let m = &self.metrics;
+        m.running
+            .store(state.running.len() as u64, Ordering::Relaxed);
+        m.kv_blocks_used
+            .store(usage.used_blocks as u64, Ordering::Relaxed);
+        m.kv_blocks_cached
+            .store(usage.cached_blocks as u64, Ordering::Relaxed);
+    }
+
+    /// A client that went away stops costing compute and memory.
+    fn drop_cancelled(&mut self, state: &mut State) {
+        let before = state.running.len() + state.waiting.len();
+        let kv = &mut self.kv;
+        state.running.retain(|s| {
+            let gone = s.events.is_closed();
+            if gone {
+                kv.release(&s.blocks);
+            }
+            !gone
+        });
+        state.waiting.retain(|s| {
+            let gone = s.events.is_closed();
+            if gone {
+                kv.release(&s.blocks);
+            }
+            !gone
+        });
+        let dropped = before - state.running.len() - state.waiting.len();
+        if dropped > 0 {
+            self.queued.fetch_sub(dropped as u64, Ordering::SeqCst);
+            self.metrics
+                .cancelled
+                .fetch_add(dropped as u64, Ordering::Relaxed);
+        }
+    }
+
+    fn admit(&mut self, state: &mut State) {
+        while state.running.len() < self.limits.max_running {
+            let Some(seq) = state.waiting.front() else {
+                return;
+            };
+            let need = blocks_for(seq.tokens.len() + 1).saturating_sub(seq.blocks.len());
+            if self.kv.available() < need + state.running.len() && !state.running.is_empty() {
+                return;
+            }
+            let Some(mut seq) = state.waiting.pop_front() else {
+                return;
+            };
+            if seq.computed == 0 {
+                // Reuse whole cached blocks, but always compute the last
+                // token: its logits give the first sample.
+                let most = (seq.tokens.len() - 1) / BLOCK_TOKENS;
+                let salt = seq.params.cache_salt.clone();
+                let found = self.kv.lookup(salt.as_deref(), &seq.tokens, most);
+                seq.computed = found.len() * BLOCK_TOKENS;
+                seq.shared = found.len();
+                seq.blocks = found;
+                self.metrics
+                    .prefix_cached_tokens
+                    .fetch_add(seq.computed as u64, Ordering::Relaxed);
+            }
+            state.running.push(seq);
+        }
+    }
+
+    /// Sends the most recently admitted sequence back to wait, keeping what
+    /// it generated; it will be recomputed when memory allows.
+    fn preempt(&mut self, state: &mut State) {
+        if let Some(mut seq) = state.running.pop() {
+            self.kv.release(&seq.blocks);
+            seq.blocks.clear();
+            seq.computed = 0;
+            seq.shared = 0;
+            seq.sharing = true;
+            self.metrics.preempted.fetch_add(1, Ordering::Relaxed);
+            state.waiting.push_front(seq);
+        }
+    }
+
+    /// Plans and runs one step.
+    fn step(&mut self, state: &mut State) -> candle_core::Result<()> {
+        let generating = state.running.iter().filter(|s| s.generating()).count();
+        let mut prompt_budget = self.limits.step_tokens.saturating_sub(generating);
+        let mut rows = Vec::with_capacity(state.running.len());
+        let mut i = 0;
+        while i < state.running.len() {
+            let seq = &state.running[i];
+            let len = if seq.generating() {
+                1
+            } else {
+                (seq.tokens.len() - seq.computed).min(prompt_budget)
+            };
+            let end = seq.computed + len;
+            while len > 0
+                && state.running.len() > i
+                && state.running[i].blocks.len() * BLOCK_TOKENS < end
+            {
+                match self.kv.allocate() {
+                    Some(b) => state.running[i].blocks.push(b),
+                    None => self.preempt(state),
+                }
+            }
+            if i >= state.running.len() {
+                break;
+            }
+            if !state.running[i].generating() {
+                prompt_budget -= len;
+            }
+            rows.push(len);
+            i += 1;
+        }
+        let order: Vec<usize> = (0..rows.len())
+            .filter(|&i| rows[i] > 0 && state.running[i].generating())
+            .chain((0..rows.len()).filter(|&i| rows[i] > 0 && !state.running[i].generating()))
+            .collect();
+        if order.is_empty() {
+            return Ok(());
+        }
+        let segments: Vec<Segment<'_>> = order
+            .iter()
+            .map(|&i| {
+                let s = &state.running[i];
+                let end = s.computed + rows[i];
+                Segment {
+                    tokens: &s.tokens[s.computed..end],
+                    start: s.computed,
+                    blocks: &s.blocks,
+                    prompt: !s.generating(),
+                    logits: end == s.tokens.len(),
+                }
+            })
+            .collect();
+        let logits = self.model.forward(&segments, &mut self.kv)?;
+        drop(segments);
+        let mut logits = logits.into_iter();
+        let mut finished = Vec::new();
+        for &i in &order {
+            let seq = &mut state.running[i];
+            seq.computed += rows[i];
+            self.share_prompt_blocks(seq);
+            if seq.computed < seq.tokens.len() {
+                continue;
+            }
+            let Some(row) = logits.next() else {
+                candle_core::bail!("the model returned too few logits");
+            };
+            let len = row.len();
+            let next = seq
+                .sampler
+                .sample(&Tensor::from_vec(row, len, &Device::Cpu)?)?;
+            match self.accept(seq, next) {
+                Outcome::Continue => {}
+                Outcome::Finished(reason, flush) => finished.push((i, Some((reason, flush)))),
+                Outcome::Gone => finished.push((i, None)),
+            }
+        }
+        finished.sort_unstable_by_key(|f| std::cmp::Reverse(f.0));
+        for (i, reason) in finished {
+            let seq = state.running.remove(i);
+            self.finish(seq, reason);
+        }
+        Ok(())
+    }
+
+    /// Offers the sequence's newly completed prompt blocks to the prefix cache.
+    fn share_prompt_blocks(&mut self, seq: &mut Sequence) {
+        let complete = seq.computed.min(seq.prompt_len) / BLOCK_TOKENS;
+        while seq.sharing && seq.shared < complete {
+            let n = seq.shared;
+            let previous = n.checked_sub(1).map(|p| seq.blocks[p]);
+            let tokens = &seq.tokens[n * BLOCK_TOKENS..(n + 1) * BLOCK_TOKENS];
+            let salt = seq.params.cache_salt.as_deref();
+            if self.kv.register(seq.blocks[n], previous, salt, tokens) {
+                seq.shared += 1;
+            } else {
+                seq.sharing = false;
+            }
+        }
+    }
+
+    /// Applies a sampled token: end of text, stop sequence, length, or on.
+    fn accept(&self, seq: &mut Sequence, next: u32) -> Outcome {
+        let now = Instant::now();
+        if seq.first_token.is_none() {
+            seq.first_token = Some(now);
+            self.metrics
+                .record_prefill(seq.prompt_len, now.duration_since(seq.arrived));
+        }
+        if self.eos.contains(&next) {
+            return Outcome::Finished("stop", true);
+        }
+        seq.completion += 1;
+        let (delta, stopped) = seq.detok.push(&self.tokenizer, next);
+        // The channel holds max_tokens + a few events, so it is never full.
+        if !delta.is_empty() && seq.events.try_send(GenerationEvent::Delta(delta)).is_err() {
+            return Outcome::Gone;
+        }
+        if stopped {
+            return Outcome::Finished("stop", false);
+        }
+        if seq.completion >= seq.params.max_tokens {
+            return Outcome::Finished("length", true);
+        }
+        seq.tokens.push(next);
+        Outcome::Continue
+    }
+
+    fn finish(&mut self, mut seq: Sequence, reason: Option<(&'static str, bool)>) {
+        self.kv.release(&seq.blocks);
+        self.queued.fetch_sub(1, Ordering::SeqCst);
+        let Some((finish_reason, flush)) = reason else {
+            self.metrics.cancelled.fetch_add(1, Ordering::Relaxed);
+            return;
+        };
+        let rest = if flush {
+            seq.detok.flush(&self.tokenizer)
+        } else {
+            String::new()
+        };
+        if !rest.is_empty() {
+            let _ = seq.events.try_send(GenerationEvent::Delta(rest));
+        }
+        if let Some(first) = seq.first_token {
+            self.metrics.record_decode(seq.completion, first.elapsed());
+        }
+        let _ = seq.events.try_send(GenerationEvent::Done {
+            finish_reason,
+            prompt_tokens: seq.prompt_len,
+            completion_tokens: seq.completion,
+        });
+    }
+}

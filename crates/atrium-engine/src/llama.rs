@@ -1,0 +1,568 @@
+//! The llama architecture, written for continuous batching: one forward pass
+//! takes rows from many sequences at once (each at its own position, with
+//! its keys and values in the paged cache), so every weight is read once
+//! per step rather than once per sequence.
+//!
+//! Every row's arithmetic is independent of the others in its step: the
+//! matrix products are row by row (verified bitwise for candle's quantised
+//! and dense kernels at any row count), and attention is computed per row
+//! over exactly that row's positions. A request's output therefore does not
+//! depend on who else was being served, which the batching tests check.
+//!
+//! Two kernels, picked by what a row is, never by how full the step is:
+//! prompt rows go through dense f32 weights (a GEMM over many rows runs
+//! about five times the quantised kernel's throughput here), generated rows
+//! through the quantised weights (one row reads each weight once, so
+//! bytes, not flops, bound it). The dense copy is kept only when it fits
+//! [`DENSE_LIMIT_BYTES`]; larger models prefill on the quantised kernel.
+
+use candle_core::quantized::{gguf_file, QMatMul, QTensor};
+use candle_core::{Device, Module, Tensor};
+use rayon::prelude::*;
+
+use crate::kv::{KvPool, KvShape, BLOCK_TOKENS};
+use crate::EngineError;
+
+/// Largest dense (f32) copy of the weights kept for prefill.
+pub const DENSE_LIMIT_BYTES: usize = 2 << 30;
+
+/// What a replica's memory goes to, decided before loading.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MemoryPlan {
+    pub dense: bool,
+    pub kv_bytes: usize,
+}
+
+/// Memory for the process beyond weights and cache: tokenizer, runtime,
+/// buffers of a step.
+const OVERHEAD_BYTES: usize = 128 << 20;
+/// The dense copy is worth keeping only if this much cache is left beside it.
+const KV_FLOOR_BYTES: usize = 256 << 20;
+const KV_MIN_BYTES: usize = 16 << 20;
+
+/// Splits a memory limit (the replica's cgroup limit) between the dense
+/// prefill copy and the key/value cache: the cache gets what was asked for
+/// when it fits, and the dense copy only where the cache keeps
+/// [`KV_FLOOR_BYTES`] beside it. Without a limit, the copy is kept up to
+/// [`DENSE_LIMIT_BYTES`].
+pub fn plan_memory(
+    limit: Option<usize>,
+    resident: usize,
+    dense: usize,
+    kv_requested: usize,
+) -> MemoryPlan {
+    let Some(limit) = limit else {
+        return MemoryPlan {
+            dense: dense <= DENSE_LIMIT_BYTES,
+            kv_bytes: kv_requested,
+        };
+    };
+    let spare = limit.saturating_sub(resident.saturating_add(OVERHEAD_BYTES));
+    let with_dense = spare.saturating_sub(dense);
+    let dense = dense <= DENSE_LIMIT_BYTES && with_dense >= KV_FLOOR_BYTES.min(kv_requested);
+    let left = if dense { with_dense } else { spare };
+    MemoryPlan {
+        dense,
+        kv_bytes: kv_requested.min(left).max(KV_MIN_BYTES),
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct Config {
+    pub layers: usize,
+    pub hidden: usize,
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+    pub rope_dim: usize,
+    pub rope_base: f32,
+    pub eps: f32,
+    pub vocab: usize,
+}
+
+/// A weight matrix: quantised, plus its dense transpose where kept.
+struct Linear {
+    quant: QMatMul,
+    dense: Option<Tensor>,
+    inputs: usize,
+}
+
+impl Linear {
+    fn new(q: QTensor, dense: bool) -> candle_core::Result<Linear> {
+        let (_, inputs) = q.shape().dims2()?;
+        let dense = if dense {
+            Some(q.dequantize(&Device::Cpu)?.t()?.contiguous()?)
+        } else {
+            None
+        };
+        Ok(Linear {
+            quant: QMatMul::from_qtensor(q)?,
+            dense,
+            inputs,
+        })
+    }
+
+    /// `x` holds rows of `inputs` values; the first `quant_rows` take the
+    /// quantised kernel, the rest the dense one.
+    fn apply(&self, x: &[f32], quant_rows: usize) -> candle_core::Result<Vec<f32>> {
+        let rows = x.len() / self.inputs;
+        let split = quant_rows.min(rows) * self.inputs;
+        let mut out = Vec::new();
+        if split > 0 {
+            let t = Tensor::from_slice(
+                &x[..split],
+                (split / self.inputs, self.inputs),
+                &Device::Cpu,
+            )?;
+            out.extend(self.quant.forward(&t)?.flatten_all()?.to_vec1::<f32>()?);
+        }
+        if split < x.len() {
+            let rest = &x[split..];
+            let t =
+                Tensor::from_slice(rest, (rest.len() / self.inputs, self.inputs), &Device::Cpu)?;
+            let y = match &self.dense {
+                Some(w) => t.matmul(w)?,
+                None => self.quant.forward(&t)?,
+            };
+            out.extend(y.flatten_all()?.to_vec1::<f32>()?);
+        }
+        Ok(out)
+    }
+}
+
+struct Layer {
+    attn_norm: Vec<f32>,
+    ffn_norm: Vec<f32>,
+    q: Linear,
+    k: Linear,
+    v: Linear,
+    o: Linear,
+    gate: Linear,
+    up: Linear,
+    down: Linear,
+}
+
+pub struct Llama {
+    config: Config,
+    embedding: Vec<f32>,
+    layers: Vec<Layer>,
+    norm: Vec<f32>,
+    output: QMatMul,
+    /// `theta_i` of each rotary pair.
+    inv_freq: Vec<f32>,
+}
+
+/// One sequence's rows in a step: `tokens` at positions `start..`, whose
+/// keys and values go into `blocks` (already covering every position).
+pub struct Segment<'a> {
+    pub tokens: &'a [u32],
+    pub start: usize,
+    pub blocks: &'a [usize],
+    /// Prompt rows (dense kernel) rather than one generated row.
+    pub prompt: bool,
+    /// Whether the last row's logits are wanted.
+    pub logits: bool,
+}
+
+fn md<'a>(c: &'a gguf_file::Content, key: &str) -> Result<&'a gguf_file::Value, EngineError> {
+    c.metadata
+        .get(key)
+        .ok_or_else(|| EngineError::Load(format!("GGUF metadata has no {key}")))
+}
+
+fn md_usize(c: &gguf_file::Content, key: &str) -> Result<usize, EngineError> {
+    md(c, key)?
+        .to_u32()
+        .map(|v| v as usize)
+        .map_err(|e| EngineError::Load(format!("{key}: {e}")))
+}
+
+fn load_err(e: candle_core::Error) -> EngineError {
+    EngineError::Load(e.to_string())
+}
+
+impl Llama {
+    /// Bytes of the quantised weights and the f32 embedding table, and of
+    /// the dense copy of the layers' weights.
+    pub fn footprint(content: &gguf_file::Content) -> (usize, usize) {
+        let mut resident = 0usize;
+        let mut dense = 0usize;
+        for (name, info) in &content.tensor_infos {
+            let elems = info.shape.elem_count();
+            let bytes = elems / info.ggml_dtype.block_size() * info.ggml_dtype.type_size();
+            resident = resident.saturating_add(bytes);
+            if name == "token_embd.weight" {
+                resident = resident.saturating_add(elems * 4);
+            } else if name.starts_with("blk.") && info.shape.dims().len() == 2 {
+                dense = dense.saturating_add(elems * 4);
+            }
+        }
+        (resident, dense)
+    }
+
+    pub fn load(
+        content: gguf_file::Content,
+        file: &mut std::fs::File,
+        dense: bool,
+    ) -> Result<Llama, EngineError> {
+        let heads = md_usize(&content, "llama.attention.head_count")?;
+        let hidden = md_usize(&content, "llama.embedding_length")?;
+        let config = Config {
+            layers: md_usize(&content, "llama.block_count")?,
+            hidden,
+            heads,
+            kv_heads: md_usize(&content, "llama.attention.head_count_kv")?,
+            head_dim: hidden / heads.max(1),
+            rope_dim: md_usize(&content, "llama.rope.dimension_count")?,
+            rope_base: md(&content, "llama.rope.freq_base")
+                .and_then(|v| v.to_f32().map_err(|e| EngineError::Load(e.to_string())))
+                .unwrap_or(10_000.0),
+            eps: md(&content, "llama.attention.layer_norm_rms_epsilon")?
+                .to_f32()
+                .map_err(|e| EngineError::Load(e.to_string()))?,
+            vocab: 0,
+        };
+        if config.heads == 0
+            || config.kv_heads == 0
+            || !config.heads.is_multiple_of(config.kv_heads)
+            || config.head_dim * config.heads != hidden
+            || config.rope_dim > config.head_dim
+            || !config.rope_dim.is_multiple_of(2)
+        {
+            return Err(EngineError::Load(format!(
+                "unsupported attention shape {config:?}"
+            )));
+        }
+        let dev = Device::Cpu;
+        let mut tensor = |name: &str| content.tensor(file, name, &dev).map_err(load_err);
+        let mut per_layer = Vec::with_capacity(config.layers);
+        for i in 0..config.layers {
+            let names = [
+                "attn_q",
+                "attn_k",
+                "attn_v",
+                "attn_output",
+                "ffn_gate",
+                "ffn_up",
+                "ffn_down",
+            ];
+            let mut mats = Vec::with_capacity(names.len());
+            for n in names {
+                mats.push(tensor(&format!("blk.{i}.{n}.weight"))?);
+            }
+            let attn_norm = tensor(&format!("blk.{i}.attn_norm.weight"))?;
+            let ffn_norm = tensor(&format!("blk.{i}.ffn_norm.weight"))?;
+            per_layer.push((mats, attn_norm, ffn_norm));
+        }
+        let embedding_q = tensor("token_embd.weight")?;
+        let (vocab, embd_width) = embedding_q.shape().dims2().map_err(load_err)?;
+        if embd_width != hidden {
+            return Err(EngineError::Load(
+                "token_embd width differs from the embedding length".into(),
+            ));
+        }
+        let output = match tensor("output.weight") {
+            Ok(t) => t,
+            Err(_) => tensor("token_embd.weight")?,
+        };
+        let norm = tensor("output_norm.weight")?;
+        let vector = |q: QTensor| -> Result<Vec<f32>, EngineError> {
+            q.dequantize(&dev)
+                .and_then(|t| t.flatten_all()?.to_vec1::<f32>())
+                .map_err(load_err)
+        };
+        let mut layers = Vec::with_capacity(config.layers);
+        for (mats, attn_norm, ffn_norm) in per_layer {
+            let mut m = mats
+                .into_iter()
+                .map(|q| Linear::new(q, dense).map_err(load_err));
+            let mut next = || {
+                m.next()
+                    .unwrap_or_else(|| Err(EngineError::Load("missing layer weight".into())))
+            };
+            layers.push(Layer {
+                q: next()?,
+                k: next()?,
+                v: next()?,
+                o: next()?,
+                gate: next()?,
+                up: next()?,
+                down: next()?,
+                attn_norm: vector(attn_norm)?,
+                ffn_norm: vector(ffn_norm)?,
+            });
+        }
+        let inv_freq = (0..config.rope_dim / 2)
+            .map(|i| {
+                1.0 / config
+                    .rope_base
+                    .powf((2 * i) as f32 / config.rope_dim as f32)
+            })
+            .collect();
+        Ok(Llama {
+            config: Config { vocab, ..config },
+            embedding: vector(embedding_q)?,
+            layers,
+            norm: vector(norm)?,
+            output: QMatMul::from_qtensor(output).map_err(load_err)?,
+            inv_freq,
+        })
+    }
+
+    pub fn kv_shape(&self) -> KvShape {
+        KvShape {
+            layers: self.config.layers,
+            kv_heads: self.config.kv_heads,
+            head_dim: self.config.head_dim,
+        }
+    }
+
+    /// Runs one step. Generated rows must come before prompt rows. Returns
+    /// the logits of each segment that asked for them, in segment order.
+    pub fn forward(
+        &self,
+        segments: &[Segment<'_>],
+        kv: &mut KvPool,
+    ) -> candle_core::Result<Vec<Vec<f32>>> {
+        let c = self.config;
+        let (h, hd) = (c.hidden, c.head_dim);
+        // Per row: its segment and absolute position.
+        let mut rows: Vec<(usize, usize)> = Vec::new();
+        let mut quant_rows = 0;
+        for (s, seg) in segments.iter().enumerate() {
+            let end = seg.start + seg.tokens.len();
+            if seg.tokens.is_empty() || end > seg.blocks.len() * BLOCK_TOKENS {
+                candle_core::bail!("segment {s} is empty or outruns its blocks");
+            }
+            if !seg.prompt {
+                if quant_rows != rows.len() {
+                    candle_core::bail!("generated rows must precede prompt rows");
+                }
+                quant_rows += seg.tokens.len();
+            }
+            rows.extend((seg.start..end).map(|pos| (s, pos)));
+        }
+        let mut x = Vec::with_capacity(rows.len() * h);
+        for seg in segments {
+            for &t in seg.tokens {
+                let t = t as usize;
+                if t >= c.vocab {
+                    candle_core::bail!("token {t} is outside the vocabulary");
+                }
+                x.extend_from_slice(&self.embedding[t * h..(t + 1) * h]);
+            }
+        }
+        for (l, layer) in self.layers.iter().enumerate() {
+            let normed = rms_norm(&x, &layer.attn_norm, c.eps);
+            let mut q = layer.q.apply(&normed, quant_rows)?;
+            let mut k = layer.k.apply(&normed, quant_rows)?;
+            let v = layer.v.apply(&normed, quant_rows)?;
+            let kvw = c.kv_heads * hd;
+            for (r, &(_, pos)) in rows.iter().enumerate() {
+                self.rope(&mut q[r * h..(r + 1) * h], pos);
+                self.rope(&mut k[r * kvw..(r + 1) * kvw], pos);
+            }
+            for (r, &(s, pos)) in rows.iter().enumerate() {
+                let block = segments[s].blocks[pos / BLOCK_TOKENS];
+                for g in 0..c.kv_heads {
+                    let o = r * kvw + g * hd;
+                    kv.write(
+                        block,
+                        pos % BLOCK_TOKENS,
+                        l,
+                        g,
+                        &k[o..o + hd],
+                        &v[o..o + hd],
+                    );
+                }
+            }
+            let mut attended = vec![0.0f32; rows.len() * h];
+            let pool = &*kv;
+            attended
+                .par_chunks_mut(hd)
+                .enumerate()
+                .for_each(|(i, out)| {
+                    let (r, head) = (i / c.heads, i % c.heads);
+                    let (s, pos) = rows[r];
+                    let group = head / (c.heads / c.kv_heads);
+                    let query = &q[r * h + head * hd..r * h + (head + 1) * hd];
+                    attend(pool, segments[s].blocks, l, group, pos, query, out);
+                });
+            let o = layer.o.apply(&attended, quant_rows)?;
+            add(&mut x, &o);
+            let normed = rms_norm(&x, &layer.ffn_norm, c.eps);
+            let gate = layer.gate.apply(&normed, quant_rows)?;
+            let up = layer.up.apply(&normed, quant_rows)?;
+            let act: Vec<f32> = gate
+                .iter()
+                .zip(&up)
+                .map(|(g, u)| g / (1.0 + (-g).exp()) * u)
+                .collect();
+            let down = layer.down.apply(&act, quant_rows)?;
+            add(&mut x, &down);
+        }
+        // The last row of each segment that wants logits.
+        let mut last_rows = Vec::new();
+        let mut end = 0;
+        for seg in segments {
+            end += seg.tokens.len();
+            if seg.logits {
+                last_rows.extend_from_slice(&x[(end - 1) * h..end * h]);
+            }
+        }
+        if last_rows.is_empty() {
+            return Ok(Vec::new());
+        }
+        let normed = rms_norm(&last_rows, &self.norm, c.eps);
+        let n = normed.len() / h;
+        let t = Tensor::from_vec(normed, (n, h), &Device::Cpu)?;
+        self.output.forward(&t)?.to_vec2::<f32>()
+    }
+
+    /// Rotates each head's interleaved pairs by its position (GGUF stores
+    /// llama's q/k weights permuted for this layout).
+    fn rope(&self, x: &mut [f32], pos: usize) {
+        let hd = self.config.head_dim;
+        for head in x.chunks_exact_mut(hd) {
+            for (i, f) in self.inv_freq.iter().enumerate() {
+                let (sin, cos) = (pos as f32 * f).sin_cos();
+                let (a, b) = (head[2 * i], head[2 * i + 1]);
+                head[2 * i] = a * cos - b * sin;
+                head[2 * i + 1] = a * sin + b * cos;
+            }
+        }
+    }
+}
+
+/// Causal attention of one query over positions `0..=pos` of its sequence.
+fn attend(
+    kv: &KvPool,
+    blocks: &[usize],
+    layer: usize,
+    group: usize,
+    pos: usize,
+    query: &[f32],
+    out: &mut [f32],
+) {
+    let scale = 1.0 / (query.len() as f32).sqrt();
+    let mut scores = Vec::with_capacity(pos + 1);
+    for t in 0..=pos {
+        let key = kv.vector(
+            blocks[t / BLOCK_TOKENS],
+            t % BLOCK_TOKENS,
+            layer,
+            group,
+            false,
+        );
+        scores.push(dot(query, key) * scale);
+    }
+    let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let mut sum = 0.0;
+    for s in &mut scores {
+        *s = (*s - max).exp();
+        sum += *s;
+    }
+    out.fill(0.0);
+    for (t, p) in scores.iter().enumerate() {
+        let value = kv.vector(
+            blocks[t / BLOCK_TOKENS],
+            t % BLOCK_TOKENS,
+            layer,
+            group,
+            true,
+        );
+        let w = p / sum;
+        for (o, v) in out.iter_mut().zip(value) {
+            *o += w * v;
+        }
+    }
+}
+
+/// Eight independent sums so the compiler keeps them in one AVX register.
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0.0f32; 8];
+    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    let tail: f32 = ca
+        .remainder()
+        .iter()
+        .zip(cb.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
+    for (x, y) in ca.zip(cb) {
+        for i in 0..8 {
+            acc[i] += x[i] * y[i];
+        }
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
+fn rms_norm(x: &[f32], weight: &[f32], eps: f32) -> Vec<f32> {
+    let mut out = Vec::with_capacity(x.len());
+    for row in x.chunks_exact(weight.len()) {
+        let mean = row.iter().map(|v| v * v).sum::<f32>() / row.len() as f32;
+        let scale = 1.0 / (mean + eps).sqrt();
+        out.extend(row.iter().zip(weight).map(|(v, w)| v * scale * w));
+    }
+    out
+}
+
+fn add(x: &mut [f32], y: &[f32]) {
+    for (a, b) in x.iter_mut().zip(y) {
+        *a += b;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MIB: usize = 1 << 20;
+
+    #[test]
+    fn memory_goes_to_the_cache_first_and_the_dense_copy_only_beside_enough_of_it() {
+        // SmolLM2-135M: ~260 MiB resident, ~410 MiB dense.
+        let (resident, dense) = (260 * MIB, 410 * MIB);
+        let small = plan_memory(Some(1024 * MIB), resident, dense, 512 * MIB);
+        assert_eq!(
+            small,
+            MemoryPlan {
+                dense: false,
+                kv_bytes: 512 * MIB
+            }
+        );
+        let cramped = plan_memory(Some(700 * MIB), resident, dense, 512 * MIB);
+        assert_eq!(
+            cramped,
+            MemoryPlan {
+                dense: false,
+                kv_bytes: (700 - 260 - 128) * MIB
+            }
+        );
+        let roomy = plan_memory(Some(2048 * MIB), resident, dense, 512 * MIB);
+        assert_eq!(
+            roomy,
+            MemoryPlan {
+                dense: true,
+                kv_bytes: 512 * MIB
+            }
+        );
+        let tight = plan_memory(Some(300 * MIB), resident, dense, 512 * MIB);
+        assert_eq!(
+            tight,
+            MemoryPlan {
+                dense: false,
+                kv_bytes: KV_MIN_BYTES
+            }
+        );
+        let unlimited = plan_memory(None, resident, dense, 64 * MIB);
+        assert_eq!(
+            unlimited,
+            MemoryPlan {
+                dense: true,
+                kv_bytes: 64 * MIB
+            }
+        );
+        let huge = plan_memory(Some(usize::MAX), usize::MAX, usize::MAX, usize::MAX);
+        assert!(!huge.dense, "sums saturate, never wrap");
+    }
+}
