@@ -11,12 +11,12 @@ use atrium_client::Api;
 use atrium_core::key::{KeySpec, Scope};
 use atrium_core::model::{ModelFormat, ModelTask};
 use atrium_core::tenant::TenantSpec;
-use atrium_engine::chat::{GenerationEvent, SamplingParams};
 use atrium_engine::requantize::Q8_0;
 use atrium_pull as pull;
 use futures::StreamExt;
 use serde::Serialize;
 
+use crate::bench_chat;
 use crate::up::Stack;
 
 fn model(name: &str) -> Result<PathBuf> {
@@ -41,56 +41,6 @@ fn embeddings_per_second(
         done += batch;
     }
     Ok(done as f64 / started.elapsed().as_secs_f64())
-}
-
-/// Prefill and decode tokens/s of a greedy, fixed-length generation,
-/// measured on the second of two runs (the first warms caches up).
-async fn generation_rates(chat: &atrium_engine::chat::ChatModel) -> Result<(f64, f64)> {
-    let prompt =
-        "Explain, in detail and step by step, how a multi-tenant GPU cloud keeps each customer's \
-                  requests, data and models apart, and why that matters to people who rent GPUs. "
-            .repeat(2);
-    let tokens = chat.encode(&prompt)?;
-    let mut rates = None;
-    for _ in 0..2 {
-        let params = SamplingParams {
-            temperature: 0.0,
-            top_p: None,
-            seed: 1,
-            max_tokens: 128,
-            stop: Vec::new(),
-            cache_salt: None,
-        };
-        let mut rx = chat.generate(tokens.clone(), params)?;
-        let started = Instant::now();
-        let mut first_token = None;
-        let mut generated = 0usize;
-        while let Some(ev) = rx.recv().await {
-            match ev {
-                GenerationEvent::Delta(_) => {
-                    first_token.get_or_insert_with(|| started.elapsed());
-                }
-                GenerationEvent::Done {
-                    completion_tokens, ..
-                } => {
-                    generated = completion_tokens;
-                    break;
-                }
-                GenerationEvent::Failed(e) => return Err(anyhow!(e)),
-            }
-        }
-        let total = started.elapsed();
-        // The first delta follows the prompt's forward pass and one sample.
-        let prefill = first_token.unwrap_or(total);
-        let decode = total.saturating_sub(prefill);
-        if generated > 1 && !decode.is_zero() {
-            rates = Some((
-                tokens.len() as f64 / prefill.as_secs_f64(),
-                (generated - 1) as f64 / decode.as_secs_f64(),
-            ));
-        }
-    }
-    rates.ok_or_else(|| anyhow!("generation produced too few tokens to measure"))
 }
 
 /// Seconds from `POST /v1/deployments` to the first streamed token through
@@ -141,7 +91,7 @@ async fn deploy_to_first_token() -> Result<f64> {
     {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    let chat = crate::up::local_deployment("smollm2", "500m", "1Gi")?;
+    let chat = crate::up::local_deployment("smollm2", "500m", crate::up::CHAT_DEMO_MEMORY)?;
     let started = Instant::now();
     Api::<Deployment>::of_tenant(cp, Some("bench"))
         .create("chat", &chat)
@@ -189,8 +139,13 @@ pub(crate) fn tempfile_dir() -> Result<PathBuf> {
 struct EngineReport {
     embeddings_per_second_batch_1: f64,
     embeddings_per_second_batch_32: f64,
-    prefill_tokens_per_second: f64,
+    prefill_40_tokens_per_second: f64,
+    prefill_400_tokens_per_second: f64,
     decode_tokens_per_second: f64,
+    /// Concurrent streams → generated tokens/s of all of them.
+    aggregate_decode_tokens_per_second: Vec<(usize, f64)>,
+    llama_cpp: Option<crate::bench_chat::LlamaCppRates>,
+    llama_cpp_error: Option<String>,
     deploy_to_first_token_seconds: f64,
     threads: usize,
 }
@@ -237,58 +192,102 @@ pub async fn engine(out: PathBuf) -> Result<()> {
         ))
     })
     .await??;
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
     let metrics = std::sync::Arc::new(atrium_engine::metrics::EngineMetrics::default());
+    let gguf = smollm.clone();
     let chat = tokio::task::spawn_blocking(move || {
         atrium_engine::chat::ChatModel::load(
-            &smollm,
+            &gguf,
             atrium_engine::chat::ChatLimits::new(64, atrium_engine::chat::DEFAULT_KV_CACHE_MIB),
             metrics,
         )
     })
     .await??;
-    let (prefill, decode) = generation_rates(&chat).await?;
+    let chat = std::sync::Arc::new(chat);
+    let prefill_40 = bench_chat::prefill_rate(&chat, 40).await?;
+    let prefill_400 = bench_chat::prefill_rate(&chat, 400).await?;
+    let decode = bench_chat::decode_rate(&chat).await?;
+    let mut aggregate = Vec::new();
+    for streams in [1, 4, 8, 16] {
+        aggregate.push((streams, bench_chat::aggregate_rate(&chat, streams).await?));
+    }
     drop(chat);
+    let peer =
+        tokio::task::spawn_blocking(move || bench_chat::llama_cpp_rates(&smollm, threads)).await?;
     let first_token = deploy_to_first_token().await?;
 
-    let rows: Vec<(&str, String, &str)> = vec![
+    let peer_cell = |f: fn(&bench_chat::LlamaCppRates) -> f64| match &peer {
+        Ok(p) => format!("{:.1}", f(p)),
+        Err(_) => "-".to_string(),
+    };
+    let single = aggregate
+        .first()
+        .map_or(1.0, |a| a.1.max(f64::MIN_POSITIVE));
+    let mut rows: Vec<(String, String, String)> = vec![
         (
-            "embeddings/s, batch 1 (MiniLM-L6)",
+            "embeddings/s, batch 1 (MiniLM-L6)".into(),
             format!("{emb1:.1}"),
-            "inputs/s",
+            "inputs/s".into(),
         ),
         (
-            "embeddings/s, batch 32 (MiniLM-L6)",
+            "embeddings/s, batch 32 (MiniLM-L6)".into(),
             format!("{emb32:.1}"),
-            "inputs/s",
+            "inputs/s".into(),
         ),
         (
-            "prefill (SmolLM2-135M Q8_0)",
-            format!("{prefill:.1}"),
-            "tokens/s",
+            "prefill 40 tokens (SmolLM2-135M Q8_0)".into(),
+            format!("{prefill_40:.1}"),
+            format!("tokens/s; llama.cpp {}", peer_cell(|p| p.prefill_40)),
         ),
         (
-            "decode (SmolLM2-135M Q8_0)",
+            "prefill 400 tokens".into(),
+            format!("{prefill_400:.1}"),
+            format!("tokens/s; llama.cpp {}", peer_cell(|p| p.prefill_400)),
+        ),
+        (
+            "decode, one stream".into(),
             format!("{decode:.1}"),
-            "tokens/s",
-        ),
-        (
-            "deploy create -> first token",
-            format!("{first_token:.2}"),
-            "s (goal <= 5)",
+            format!("tokens/s; llama.cpp {}", peer_cell(|p| p.decode)),
         ),
     ];
+    for (streams, rate) in &aggregate {
+        rows.push((
+            format!("decode, {streams} concurrent streams"),
+            format!("{rate:.1}"),
+            format!(
+                "tokens/s in all; {:.2}x one stream (goal at 8: >= 3x)",
+                rate / single
+            ),
+        ));
+    }
+    rows.push((
+        "deploy create -> first token".into(),
+        format!("{first_token:.2}"),
+        "s (goal <= 5)".into(),
+    ));
     let width = rows.iter().map(|r| r.0.len()).max().unwrap_or(0);
     println!("{:<width$}  {:>10}  unit", "measure", "value");
     for (name, value, unit) in &rows {
         println!("{name:<width$}  {value:>10}  {unit}");
     }
+    if let Err(e) = &peer {
+        println!("\nllama.cpp row skipped: {e:#}");
+    }
+    let (llama_cpp, llama_cpp_error) = match peer {
+        Ok(p) => (Some(p), None),
+        Err(e) => (None, Some(format!("{e:#}"))),
+    };
     let doc = EngineReport {
         embeddings_per_second_batch_1: emb1,
         embeddings_per_second_batch_32: emb32,
-        prefill_tokens_per_second: prefill,
+        prefill_40_tokens_per_second: prefill_40,
+        prefill_400_tokens_per_second: prefill_400,
         decode_tokens_per_second: decode,
+        aggregate_decode_tokens_per_second: aggregate,
+        llama_cpp,
+        llama_cpp_error,
         deploy_to_first_token_seconds: first_token,
-        threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
+        threads,
     };
     std::fs::write(&out, serde_json::to_vec_pretty(&doc)?)
         .with_context(|| format!("writing {}", out.display()))?;

@@ -7,6 +7,7 @@
 #![allow(clippy::large_enum_variant)]
 
 mod bench;
+mod bench_chat;
 mod bench_gateway;
 mod bench_kube;
 mod bench_registry;

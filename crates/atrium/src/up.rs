@@ -46,6 +46,12 @@ pub(crate) fn model(source: &str, format: ModelFormat, task: ModelTask) -> Model
     }
 }
 
+/// The demo chat replica's memory: the weights (~260 MiB with the f32
+/// embedding table), their dense prefill copy (~410 MiB), a 512 MiB
+/// key/value cache and the process. At 1 GiB the engine drops the dense
+/// copy and prefills about 4x slower.
+pub const CHAT_DEMO_MEMORY: &str = "2Gi";
+
 /// One replica of `model` in this machine's site.
 pub(crate) fn local_deployment(model: &str, cpu: &str, memory: &str) -> Result<DeploymentSpec> {
     Ok(DeploymentSpec {
@@ -144,7 +150,7 @@ async fn demo(cp: &ControlPlane, bars: &indicatif::MultiProgress) -> Result<Vec<
             .await?;
         let chat = format!("{name}-chat");
         let embed = format!("{name}-embed");
-        let chat_spec = local_deployment("smollm2", "500m", "1Gi")?;
+        let chat_spec = local_deployment("smollm2", "500m", CHAT_DEMO_MEMORY)?;
         ensure::<Deployment>(cp, &chat, Some(name), chat_spec).await?;
         let embed_spec = local_deployment("minilm", "250m", "512Mi")?;
         ensure::<Deployment>(cp, &embed, Some(name), embed_spec).await?;
