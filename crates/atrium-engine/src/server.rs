@@ -5,7 +5,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use axum::body::{Body, Bytes};
-use axum::extract::State;
+use axum::extract::{Path, State};
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -32,6 +32,7 @@ pub fn router(engine: Shared) -> Router {
         .route("/v1/completions", post(completions))
         .route("/v1/embeddings", post(embeddings))
         .route("/v1/models", get(models))
+        .route("/v1/models/{id}", get(model))
         .route("/healthz", get(|| async { Json(json!({"status": "ok"})) }))
         .route("/metrics", get(metrics))
         .fallback(|| async {
@@ -523,6 +524,15 @@ async fn models(State(engine): State<Shared>) -> Json<Value> {
     Json(json!({"object": "list", "data": [
         {"id": engine.served_name, "object": "model", "created": engine.created, "owned_by": "atrium"}
     ]}))
+}
+
+/// `GET /v1/models/{id}`, as the OpenAI SDK's `models.retrieve` asks.
+async fn model(State(engine): State<Shared>, Path(id): Path<String>) -> Response {
+    if id != engine.served_name {
+        return EngineError::ModelNotFound(id).into_response();
+    }
+    Json(json!({"id": engine.served_name, "object": "model", "created": engine.created, "owned_by": "atrium"}))
+        .into_response()
 }
 
 async fn metrics(State(engine): State<Shared>) -> Response {

@@ -78,6 +78,21 @@ async fn smollm2_chats_streams_and_stops() {
     assert_eq!(status, 200, "{v}");
     let answer = v["choices"][0]["message"]["content"].as_str().unwrap();
     assert!(answer.contains("Paris"), "{answer}");
+
+    let http = reqwest::Client::new();
+    let one = http
+        .get(format!("{base}/v1/models/smol"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(one.status(), 200);
+    assert_eq!(one.json::<Value>().await.unwrap()["id"], "smol");
+    let missing = http
+        .get(format!("{base}/v1/models/other"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(missing.status(), 404);
     assert_eq!(v["object"], "chat.completion");
     let usage = &v["usage"];
     assert!(usage["prompt_tokens"].as_u64().unwrap() > 10);

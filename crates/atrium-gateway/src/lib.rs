@@ -380,6 +380,13 @@ async fn handle(g: Arc<Gateway>, request: Request) -> Response {
             }
         };
         (route, answer)
+    } else if let Some(id) = path.strip_prefix("/v1/models/") {
+        let answer = if matches!(method, Method::Get | Method::Head) {
+            model(&g, authorization, id)
+        } else {
+            Err(Refusal::MethodNotAllowed { allow: "GET, HEAD" })
+        };
+        ("/v1/models/{id}", answer)
     } else {
         ("other", Err(Refusal::NoRoute))
     };
@@ -457,6 +464,29 @@ fn models(g: &Gateway, authorization: Option<&str>) -> Result<Response, Refusal>
         &ModelList {
             object: "list",
             data,
+        },
+    ))
+}
+
+/// `GET /v1/models/{id}`: one of the caller's models. Another tenant's
+/// deployment answers exactly as a missing one does.
+fn model(g: &Gateway, authorization: Option<&str>, id: &str) -> Result<Response, Refusal> {
+    let caller = authenticate(g, authorization)?;
+    let known = g
+        .routes
+        .read()
+        .map(|r| r.models_of(&caller.tenant))
+        .unwrap_or_default();
+    if !known.iter().any(|m| m == id) {
+        return Err(Refusal::ModelNotFound(id.to_string()));
+    }
+    Ok(Response::json(
+        200,
+        &ModelEntry {
+            id: id.to_string(),
+            object: "model",
+            created: 0,
+            owned_by: caller.tenant,
         },
     ))
 }

@@ -238,6 +238,34 @@ fn gateway_routes_isolates_and_meters() {
         .map(|m| m["id"].as_str().unwrap())
         .collect();
     assert_eq!(ids, ["ext", "sim"]);
+    // One model by id, as the OpenAI SDK's models.retrieve asks; another
+    // tenant's deployment looks exactly like one that does not exist.
+    let one = |id: &str, key: &str| {
+        let r = up
+            .http
+            .get(format!("{}/v1/models/{id}", up.gateway))
+            .bearer_auth(key)
+            .send()
+            .unwrap();
+        (r.status().as_u16(), r.json::<Value>().unwrap())
+    };
+    let (status, sim) = one("sim", &keys[0]);
+    assert_eq!(status, 200, "{sim}");
+    assert_eq!(
+        (sim["id"].as_str(), sim["object"].as_str()),
+        (Some("sim"), Some("model"))
+    );
+    assert_eq!(sim["owned_by"], "t1");
+    for (id, key) in [
+        ("sim", &keys[1]),
+        ("nope", &keys[0]),
+        ("", &keys[0]),
+        ("sim/x", &keys[0]),
+    ] {
+        let (status, err) = one(id, key);
+        assert_eq!(status, 404, "{id}: {err}");
+        assert!(err["error"]["message"].is_string(), "{err}");
+    }
 
     // Streamed: SSE passes through, and is metered too.
     let mut streamed = chat.clone();
