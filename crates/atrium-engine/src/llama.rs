@@ -5,7 +5,8 @@
 //!
 //! Every row's arithmetic is independent of the others in its step: the
 //! matrix products are row by row (verified bitwise for candle's quantised
-//! and dense kernels at any row count), and attention is computed per row
+//! kernel at any row count, and for its dense one from two rows up: a
+//! single row is padded), and attention is computed per row
 //! over exactly that row's positions. A request's output therefore does not
 //! depend on who else was being served, which the batching tests check.
 //!
@@ -25,6 +26,9 @@ use crate::EngineError;
 
 /// Largest dense (f32) copy of the weights kept for prefill.
 pub const DENSE_LIMIT_BYTES: usize = 2 << 30;
+
+/// Fewest rows a dense product is computed with (see `Linear::apply`).
+const MIN_DENSE_ROWS: usize = 4;
 
 /// What a replica's memory goes to, decided before loading.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -118,11 +122,23 @@ impl Linear {
         }
         if split < x.len() {
             let rest = &x[split..];
-            let t =
-                Tensor::from_slice(rest, (rest.len() / self.inputs, self.inputs), &Device::Cpu)?;
+            let n = rest.len() / self.inputs;
             let y = match &self.dense {
-                Some(w) => t.matmul(w)?,
-                None => self.quant.forward(&t)?,
+                Some(w) if n < MIN_DENSE_ROWS => {
+                    // The GEMM takes another path for a single row, whose
+                    // sums differ in the last bits: pad so a prompt row's
+                    // result never depends on how many rows share its step.
+                    let mut padded = rest.to_vec();
+                    padded.resize(MIN_DENSE_ROWS * self.inputs, 0.0);
+                    let t = Tensor::from_vec(padded, (MIN_DENSE_ROWS, self.inputs), &Device::Cpu)?;
+                    t.matmul(w)?.narrow(0, 0, n)?
+                }
+                Some(w) => Tensor::from_slice(rest, (n, self.inputs), &Device::Cpu)?.matmul(w)?,
+                None => self.quant.forward(&Tensor::from_slice(
+                    rest,
+                    (n, self.inputs),
+                    &Device::Cpu,
+                )?)?,
             };
             out.extend(y.flatten_all()?.to_vec1::<f32>()?);
         }
@@ -517,6 +533,48 @@ mod tests {
     use super::*;
 
     const MIB: usize = 1 << 20;
+
+    /// Rows computed alone and among others, through both kernels.
+    fn alone_and_together(linear: &Linear, x: &[f32], quant_rows: usize) -> (Vec<f32>, Vec<f32>) {
+        let together = linear.apply(x, quant_rows).unwrap();
+        let alone = x
+            .chunks(linear.inputs)
+            .flat_map(|row| linear.apply(row, quant_rows).unwrap())
+            .collect();
+        (alone, together)
+    }
+
+    #[test]
+    fn a_row_gets_the_same_bits_alone_as_in_a_step_of_many() {
+        // The shape of SmolLM2's ffn_down, where candle's dense GEMM once
+        // summed a lone row differently from the same row among others.
+        let (outputs, inputs, rows) = (576, 1536, 5);
+        let noise = |n: usize, seed: u32| -> Vec<f32> {
+            (0..n)
+                .map(|i| {
+                    let h = (i as u32 ^ seed).wrapping_mul(2_654_435_761);
+                    (h >> 8) as f32 / (1u32 << 24) as f32 - 0.5
+                })
+                .collect()
+        };
+        let w =
+            Tensor::from_vec(noise(outputs * inputs, 1), (outputs, inputs), &Device::Cpu).unwrap();
+        let q = QTensor::quantize(&w, candle_core::quantized::GgmlDType::Q8_0).unwrap();
+        let linear = Linear::new(q, true).unwrap();
+        let x = noise(rows * inputs, 2);
+        for quant_rows in [0, rows] {
+            let (alone, together) = alone_and_together(&linear, &x, quant_rows);
+            assert_eq!(alone.len(), rows * outputs);
+            let same = alone
+                .iter()
+                .zip(&together)
+                .all(|(a, b)| a.to_bits() == b.to_bits());
+            assert!(
+                same,
+                "rows differ alone vs together (quantised rows: {quant_rows})"
+            );
+        }
+    }
 
     #[test]
     fn memory_goes_to_the_cache_first_and_the_dense_copy_only_beside_enough_of_it() {

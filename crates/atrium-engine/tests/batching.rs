@@ -16,15 +16,14 @@ use atrium_engine::EngineError;
 use atrium_pull as pull;
 
 fn load(kv_cache_mib: usize) -> (Arc<ChatModel>, Arc<EngineMetrics>) {
+    load_with(ChatLimits::new(64, kv_cache_mib))
+}
+
+fn load_with(limits: ChatLimits) -> (Arc<ChatModel>, Arc<EngineMetrics>) {
     let entry = pull::lookup("smollm2-135m-instruct").unwrap();
     let model = pull::pull(&pull::default_cache_dir(), entry, Some(&Q8_0), |_| {}).unwrap();
     let metrics = Arc::new(EngineMetrics::default());
-    let chat = ChatModel::load(
-        &model.path,
-        ChatLimits::new(64, kv_cache_mib),
-        metrics.clone(),
-    )
-    .unwrap();
+    let chat = ChatModel::load(&model.path, limits, metrics.clone()).unwrap();
     (Arc::new(chat), metrics)
 }
 
@@ -216,4 +215,31 @@ async fn a_request_the_whole_cache_cannot_hold_is_refused_up_front() {
         other => panic!("expected a bad request, got {:?}", other.map(|_| ())),
     }
     assert_eq!(chat.queue_depth(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn how_a_prompt_is_chunked_does_not_change_its_answer() {
+    // Steps of 7 rows cut each prompt into chunks of 7 and a remainder,
+    // some of them a single row: every chunk must write and read the cache
+    // at its own positions. (That a lone row gets the same bits from the
+    // kernels is checked in llama.rs, where a one-bit difference shows.)
+    let (whole, _) = load(64);
+    let mut limits = ChatLimits::new(64, 64);
+    limits.batch.step_tokens = 7;
+    let (chunked, _) = load_with(limits);
+    let prompts = prompts(&whole);
+    assert!(
+        prompts.iter().any(|p| p.len() % 7 == 1),
+        "no prompt leaves a one-row chunk"
+    );
+    for (i, p) in prompts.iter().enumerate() {
+        let a = run(&whole, p.clone(), greedy(24, None)).await;
+        let b = run(&chunked, p.clone(), greedy(24, None)).await;
+        assert_eq!(
+            a,
+            b,
+            "prompt {i} ({} tokens) answered differently in chunks",
+            p.len()
+        );
+    }
 }
