@@ -363,3 +363,52 @@ async fn simulated_engine_keeps_its_timing_and_limits() {
         "{statuses:?}"
     );
 }
+
+/// `atrium up`, `atrium model pull` and parallel tests may pull the same
+/// model into one cache at once; each must get a whole, loadable file.
+#[test]
+fn concurrent_pulls_into_one_cache_all_get_the_model() {
+    let source = pulled("smollm2-135m-instruct");
+    let entry = pull::lookup("smollm2-135m-instruct").unwrap();
+    let original = source
+        .path
+        .with_file_name("SmolLM2-135M-Instruct.Q4_1.gguf");
+    let cache = std::env::temp_dir().join(format!("atrium-pull-race-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&cache);
+    let dir = cache.join(entry.name);
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::copy(&original, dir.join("SmolLM2-135M-Instruct.Q4_1.gguf")).unwrap();
+    let results: Vec<_> = std::thread::scope(|s| {
+        let pulls: Vec<_> = (0..3)
+            .map(|_| s.spawn(|| pull::pull(&cache, entry, Some(&Q8_0), |_| {})))
+            .collect();
+        pulls.into_iter().map(|p| p.join().unwrap()).collect()
+    });
+    for r in results {
+        let model = r.expect("every concurrent pull succeeds");
+        assert_eq!(
+            tensors(&model.path),
+            tensors(&source.path),
+            "a pull raced into a different file"
+        );
+    }
+    std::fs::remove_dir_all(&cache).unwrap();
+}
+
+/// Each tensor's name and stored bytes (metadata order is not kept).
+fn tensors(path: &std::path::Path) -> Vec<(String, Vec<u8>)> {
+    use candle_core::quantized::gguf_file::Content;
+    let mut file = std::fs::File::open(path).unwrap();
+    let content = Content::read(&mut file).unwrap();
+    let mut names: Vec<String> = content.tensor_infos.keys().cloned().collect();
+    names.sort();
+    names
+        .into_iter()
+        .map(|n| {
+            let t = content
+                .tensor(&mut file, &n, &candle_core::Device::Cpu)
+                .unwrap();
+            (n, t.data().unwrap().into_owned())
+        })
+        .collect()
+}

@@ -187,6 +187,17 @@ pub fn pull(
     }
     let dir = model_dir(cache, entry);
     std::fs::create_dir_all(&dir).map_err(|e| PullError(format!("{}: {e}", dir.display())))?;
+    // One pull per model at a time, across processes: another pull's
+    // download, unpack and requantise share these paths. Whoever waited
+    // finds the model cached; the lock goes with the file handle.
+    let lock_path = dir.join(".pull.lock");
+    let lock = std::fs::File::create(&lock_path)
+        .and_then(|f| f.lock().map(|()| f))
+        .map_err(|e| PullError(format!("cannot lock {}: {e}", lock_path.display())))?;
+    if let Some(m) = cached(cache, entry, requantize.is_some()) {
+        progress(PullStep::Cached);
+        return Ok(m);
+    }
     let weights = dir.join(file_name(entry.weights));
     let verified = weights.exists() && sha256_file(&weights)? == entry.sha256;
     if !verified {
@@ -261,6 +272,8 @@ pub fn pull(
     }
     std::fs::write(dir.join("VERIFIED"), entry.sha256).map_err(|e| PullError(e.to_string()))?;
     progress(PullStep::Ready);
-    cached(cache, entry, requantize.is_some())
-        .ok_or_else(|| PullError("model missing after pull".into()))
+    let pulled = cached(cache, entry, requantize.is_some())
+        .ok_or_else(|| PullError("model missing after pull".into()));
+    drop(lock);
+    pulled
 }
