@@ -334,9 +334,16 @@ impl ChatModel {
             queued: queued.clone(),
             metrics: metrics.clone(),
         };
+        // The loop runs on a worker of its own pool, so each step's parallel
+        // products start on the calling thread instead of waking another
+        // and sleeping until it is done (hundreds of times per token).
+        let pool = rayon::ThreadPoolBuilder::new()
+            .thread_name(|i| format!("atrium-generate-{i}"))
+            .build()
+            .map_err(|e| EngineError::Load(format!("cannot start the generation threads: {e}")))?;
         std::thread::Builder::new()
             .name("atrium-generate".into())
-            .spawn(move || batcher.run(rx))
+            .spawn(move || pool.install(move || batcher.run(rx)))
             .map_err(|e| EngineError::Load(format!("cannot start the generation thread: {e}")))?;
         Ok(ChatModel {
             tokenizer,

@@ -13,6 +13,7 @@ pub mod embed;
 pub mod kv;
 mod llama;
 pub mod metrics;
+mod q8;
 pub mod requantize;
 mod server;
 pub mod simulated;

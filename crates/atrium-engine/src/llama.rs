@@ -4,9 +4,10 @@
 //! per step rather than once per sequence.
 //!
 //! Every row's arithmetic is independent of the others in its step: the
-//! matrix products are row by row (verified bitwise for candle's quantised
-//! kernel at any row count, and for its dense one from two rows up: a
-//! single row is padded), and attention is computed per row
+//! matrix products are row by row (our Q8_0 kernel, `q8.rs`, sums each row
+//! in one fixed order; verified bitwise for candle's other quantised
+//! kernels at any row count, and for its dense one from four rows up: fewer
+//! rows are padded), and attention is computed per row
 //! over exactly that row's positions. A request's output therefore does not
 //! depend on who else was being served, which the batching tests check.
 //!
@@ -17,11 +18,12 @@
 //! bytes, not flops, bound it). The dense copy is kept only when it fits
 //! [`DENSE_LIMIT_BYTES`]; larger models prefill on the quantised kernel.
 
-use candle_core::quantized::{gguf_file, QMatMul, QTensor};
+use candle_core::quantized::{gguf_file, GgmlDType, QMatMul, QTensor};
 use candle_core::{Device, Module, Tensor};
 use rayon::prelude::*;
 
 use crate::kv::{KvPool, KvShape, BLOCK_TOKENS};
+use crate::q8::Q8Matrix;
 use crate::EngineError;
 
 /// Largest dense (f32) copy of the weights kept for prefill.
@@ -84,9 +86,36 @@ pub struct Config {
     pub vocab: usize,
 }
 
+/// A quantised weight matrix's kernel: our own for Q8_0 (many rows per
+/// pass over the weights), candle's for the other types.
+enum Quantised {
+    Q8(Q8Matrix),
+    Candle(QMatMul),
+}
+
+impl Quantised {
+    fn new(q: QTensor) -> candle_core::Result<Quantised> {
+        Ok(match Q8Matrix::from_qtensor(&q)? {
+            Some(m) => Quantised::Q8(m),
+            None => Quantised::Candle(QMatMul::from_qtensor(q)?),
+        })
+    }
+
+    /// `x` holds rows of `inputs` values.
+    fn forward(&self, x: &[f32], inputs: usize) -> candle_core::Result<Vec<f32>> {
+        match self {
+            Quantised::Q8(m) => Ok(m.matmul(x)),
+            Quantised::Candle(m) => {
+                let t = Tensor::from_slice(x, (x.len() / inputs, inputs), &Device::Cpu)?;
+                m.forward(&t)?.flatten_all()?.to_vec1::<f32>()
+            }
+        }
+    }
+}
+
 /// A weight matrix: quantised, plus its dense transpose where kept.
 struct Linear {
-    quant: QMatMul,
+    quant: Quantised,
     dense: Option<Tensor>,
     inputs: usize,
 }
@@ -100,7 +129,7 @@ impl Linear {
             None
         };
         Ok(Linear {
-            quant: QMatMul::from_qtensor(q)?,
+            quant: Quantised::new(q)?,
             dense,
             inputs,
         })
@@ -113,12 +142,7 @@ impl Linear {
         let split = quant_rows.min(rows) * self.inputs;
         let mut out = Vec::new();
         if split > 0 {
-            let t = Tensor::from_slice(
-                &x[..split],
-                (split / self.inputs, self.inputs),
-                &Device::Cpu,
-            )?;
-            out.extend(self.quant.forward(&t)?.flatten_all()?.to_vec1::<f32>()?);
+            out = self.quant.forward(&x[..split], self.inputs)?;
         }
         if split < x.len() {
             let rest = &x[split..];
@@ -134,11 +158,10 @@ impl Linear {
                     t.matmul(w)?.narrow(0, 0, n)?
                 }
                 Some(w) => Tensor::from_slice(rest, (n, self.inputs), &Device::Cpu)?.matmul(w)?,
-                None => self.quant.forward(&Tensor::from_slice(
-                    rest,
-                    (n, self.inputs),
-                    &Device::Cpu,
-                )?)?,
+                None => {
+                    out.extend(self.quant.forward(rest, self.inputs)?);
+                    return Ok(out);
+                }
             };
             out.extend(y.flatten_all()?.to_vec1::<f32>()?);
         }
@@ -163,7 +186,7 @@ pub struct Llama {
     embedding: Vec<f32>,
     layers: Vec<Layer>,
     norm: Vec<f32>,
-    output: QMatMul,
+    output: Quantised,
     /// `theta_i` of each rotary pair.
     inv_freq: Vec<f32>,
 }
@@ -205,7 +228,13 @@ impl Llama {
         let mut dense = 0usize;
         for (name, info) in &content.tensor_infos {
             let elems = info.shape.elem_count();
-            let bytes = elems / info.ggml_dtype.block_size() * info.ggml_dtype.type_size();
+            let blocks = elems / info.ggml_dtype.block_size();
+            // Our Q8_0 kernel keeps each block's scale as f32, two bytes more.
+            let bytes = if info.ggml_dtype == GgmlDType::Q8_0 {
+                blocks * (info.ggml_dtype.type_size() + 2)
+            } else {
+                blocks * info.ggml_dtype.type_size()
+            };
             resident = resident.saturating_add(bytes);
             if name == "token_embd.weight" {
                 resident = resident.saturating_add(elems * 4);
@@ -320,7 +349,7 @@ impl Llama {
             embedding: vector(embedding_q)?,
             layers,
             norm: vector(norm)?,
-            output: QMatMul::from_qtensor(output).map_err(load_err)?,
+            output: Quantised::new(output).map_err(load_err)?,
             inv_freq,
         })
     }
@@ -430,9 +459,10 @@ impl Llama {
             return Ok(Vec::new());
         }
         let normed = rms_norm(&last_rows, &self.norm, c.eps);
-        let n = normed.len() / h;
-        let t = Tensor::from_vec(normed, (n, h), &Device::Cpu)?;
-        self.output.forward(&t)?.to_vec2::<f32>()
+        let rows = normed.len() / h;
+        let logits = self.output.forward(&normed, h)?;
+        let width = logits.len() / rows;
+        Ok(logits.chunks_exact(width).map(<[f32]>::to_vec).collect())
     }
 
     /// Rotates each head's interleaved pairs by its position (GGUF stores
