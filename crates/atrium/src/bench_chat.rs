@@ -134,18 +134,75 @@ out["decode"] = rates[-1]
 print(json.dumps(out))
 "#;
 
-/// The virtual environment holding llama-cpp-python, built on first use.
+/// The x86 features llama.cpp's CPU backend can be built for: `/proc/cpuinfo`
+/// flags each needs, and its CMake option.
+const GGML_FEATURES: &[(&[&str], &str)] = &[
+    (&["sse4_2"], "GGML_SSE42"),
+    (&["f16c"], "GGML_F16C"),
+    (&["fma"], "GGML_FMA"),
+    (&["bmi2"], "GGML_BMI2"),
+    (&["avx"], "GGML_AVX"),
+    (&["avx2"], "GGML_AVX2"),
+    (&["avx_vnni"], "GGML_AVX_VNNI"),
+    (
+        &["avx512f", "avx512cd", "avx512vl", "avx512dq", "avx512bw"],
+        "GGML_AVX512",
+    ),
+    (&["avx512vbmi"], "GGML_AVX512_VBMI"),
+    (&["avx512_vnni"], "GGML_AVX512_VNNI"),
+    (&["avx512_bf16"], "GGML_AVX512_BF16"),
+];
+
+/// llama.cpp's CMake flags for the CPU whose `/proc/cpuinfo` flags are
+/// given: every vector feature it has, as `GGML_NATIVE` would pick, but AMX
+/// never: ggml's AMX matmul segfaults on this project's Sapphire Rapids VMs
+/// (in `ggml_backend_amx_mul_mat`, on the Q8_0 and Q4_1 SmolLM2 files).
+fn llama_cpp_cmake_args(cpu_flags: &str) -> String {
+    let has: std::collections::HashSet<&str> = cpu_flags.split_whitespace().collect();
+    let mut args = vec!["-DGGML_NATIVE=OFF".to_string()];
+    for (needs, option) in GGML_FEATURES {
+        let on = needs.iter().all(|f| has.contains(f));
+        args.push(format!("-D{option}={}", if on { "ON" } else { "OFF" }));
+    }
+    args.extend(
+        [
+            "-DGGML_AMX_TILE=OFF",
+            "-DGGML_AMX_INT8=OFF",
+            "-DGGML_AMX_BF16=OFF",
+        ]
+        .map(String::from),
+    );
+    args.join(" ")
+}
+
+fn cpu_flags() -> String {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("flags")
+                .and_then(|r| r.split_once(':'))
+                .map(|(_, f)| f.to_string())
+        })
+        .unwrap_or_default()
+}
+
+/// The virtual environment holding llama-cpp-python, built on first use for
+/// this CPU (and again when the CPU's flags change: a cache can move).
 fn llama_cpp_python() -> Result<PathBuf> {
     let venv = atrium_pull::default_cache_dir()
         .parent()
         .ok_or_else(|| anyhow!("the model cache has no parent directory"))?
         .join("llama-cpp");
     let python = venv.join("bin/python");
+    let recipe = venv.join("atrium-cmake-args");
+    let cmake_args = llama_cpp_cmake_args(&cpu_flags());
     let ready = |p: &Path| {
-        std::process::Command::new(p)
-            .args(["-c", "import llama_cpp"])
-            .output()
-            .is_ok_and(|o| o.status.success())
+        std::fs::read_to_string(&recipe).is_ok_and(|r| r == cmake_args)
+            && std::process::Command::new(p)
+                .args(["-c", "import llama_cpp"])
+                .output()
+                .is_ok_and(|o| o.status.success())
     };
     if ready(&python) {
         return Ok(python);
@@ -155,7 +212,7 @@ fn llama_cpp_python() -> Result<PathBuf> {
         venv.display()
     );
     let status = std::process::Command::new("python3")
-        .args(["-m", "venv"])
+        .args(["-m", "venv", "--clear"])
         .arg(&venv)
         .status()
         .context("python3 -m venv")?;
@@ -169,9 +226,10 @@ fn llama_cpp_python() -> Result<PathBuf> {
             "--no-cache-dir",
             "llama-cpp-python==0.3.36",
         ])
-        .env("CMAKE_ARGS", "-DGGML_NATIVE=ON")
+        .env("CMAKE_ARGS", &cmake_args)
         .status()
         .context("pip install llama-cpp-python")?;
+    std::fs::write(&recipe, &cmake_args).with_context(|| recipe.display().to_string())?;
     if !status.success() || !ready(&python) {
         bail!("installing llama-cpp-python failed (it needs cmake and a C++ compiler)");
     }
@@ -201,4 +259,38 @@ pub fn llama_cpp_rates(gguf: &Path, threads: usize) -> Result<LlamaCppRates> {
         .unwrap_or_default()
         .to_string();
     serde_json::from_str(&last).with_context(|| format!("llama-cpp-python printed {last:?}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn llama_cpp_gets_the_cpus_vector_features_and_never_amx() {
+        let sapphire = "fpu sse4_2 avx f16c fma bmi2 avx2 avx512f avx512cd avx512vl \
+                        avx512dq avx512bw avx512_vnni amx_tile amx_int8 amx_bf16";
+        let args = llama_cpp_cmake_args(sapphire);
+        for on in [
+            "GGML_AVX2=ON",
+            "GGML_AVX512=ON",
+            "GGML_AVX512_VNNI=ON",
+            "GGML_NATIVE=OFF",
+        ] {
+            assert!(args.contains(on), "{on} missing from {args}");
+        }
+        for off in [
+            "GGML_AMX_INT8=OFF",
+            "GGML_AVX512_BF16=OFF",
+            "GGML_AVX_VNNI=OFF",
+        ] {
+            assert!(args.contains(off), "{off} missing from {args}");
+        }
+        // An AVX2 machine lacking one of AVX-512's parts gets no AVX-512.
+        let epyc = "sse4_2 avx f16c fma bmi2 avx2 avx512f avx512cd";
+        let args = llama_cpp_cmake_args(epyc);
+        assert!(
+            args.contains("GGML_AVX2=ON") && args.contains("GGML_AVX512=OFF"),
+            "{args}"
+        );
+    }
 }
