@@ -56,7 +56,40 @@ pub struct Replicas {
     pub max: u32,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+/// What a chat or completion request that leaves a field out (or sends it
+/// as `null`) is given, as vLLM takes a model's generation config: a small
+/// model sampled at OpenAI's default temperature of 1 rambles.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SamplingDefaults {
+    /// 0 to 2.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub temperature: Option<f64>,
+    /// Above 0, at most 1.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub top_p: Option<f64>,
+}
+
+impl SamplingDefaults {
+    pub fn is_empty(&self) -> bool {
+        *self == SamplingDefaults::default()
+    }
+
+    fn validate(&self, errors: &mut FieldErrors) {
+        if let Some(t) = self.temperature {
+            if !(0.0..=2.0).contains(&t) {
+                errors.push("sampling.temperature", format!("{t} is outside 0 to 2"));
+            }
+        }
+        if let Some(p) = self.top_p {
+            if !(p > 0.0 && p <= 1.0) {
+                errors.push("sampling.top_p", format!("{p} is outside (0, 1]"));
+            }
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct DeploymentSpec {
     /// Name of a model in the caller's tenant or the public catalogue.
@@ -70,6 +103,9 @@ pub struct DeploymentSpec {
     /// Upstream base URL, for `engine: external` only.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub external_url: Option<String>,
+    /// Sampling fields a request leaves out get these, whatever the engine.
+    #[serde(default, skip_serializing_if = "SamplingDefaults::is_empty")]
+    pub sampling: SamplingDefaults,
 }
 
 /// Most replicas one deployment may ask for.
@@ -109,6 +145,7 @@ impl DeploymentSpec {
                 "\"container\" runs a workload's image: create it with POST /v1/workloads",
             );
         }
+        self.sampling.validate(&mut errors);
         match (self.engine, &self.external_url) {
             (EngineKind::External, Some(url)) => {
                 if let Err(why) = crate::url::UpstreamUrl::parse(url) {
@@ -205,5 +242,28 @@ mod tests {
         assert!(format!("{errors:?}").contains("external_url"));
         s.external_url = Some("https://api.example.com/v1".into());
         assert!(s.validate().is_ok());
+    }
+
+    #[test]
+    fn sampling_defaults_are_checked_and_misspellings_refused() {
+        let mut s = spec(None, 1);
+        s.sampling.temperature = Some(2.5);
+        s.sampling.top_p = Some(0.0);
+        let errors = format!("{:?}", s.validate().unwrap_err());
+        assert!(
+            errors.contains("sampling.temperature") && errors.contains("sampling.top_p"),
+            "{errors}"
+        );
+        s.sampling = SamplingDefaults {
+            temperature: Some(0.2),
+            top_p: Some(0.9),
+        };
+        assert!(s.validate().is_ok());
+        let typo = serde_json::json!({"model": "m", "engine": "simulated", "replicas": {"min": 1, "max": 1},
+            "resources": {"cpu": "1", "memory": "1Gi"}, "sampling": {"temprature": 0.2}});
+        let err = serde_json::from_value::<DeploymentSpec>(typo)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("temprature"), "{err}");
     }
 }

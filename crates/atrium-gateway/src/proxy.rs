@@ -9,6 +9,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use atrium_core::deployment::SamplingDefaults;
 use bytes::Bytes;
 use tokio::sync::mpsc;
 
@@ -175,12 +176,19 @@ async fn send(
     let mut upstream_time = Duration::ZERO;
     let mut encoded: Option<Bytes> = None;
     loop {
-        let target = g
-            .routes
-            .read()
-            .map_err(|_| Refusal::Internal("route table unavailable"))?
-            .target(&a.caller.tenant, &a.model, affinity, &tried)
-            .ok_or_else(|| Refusal::ModelNotFound(a.model.clone()))?;
+        let (target, sampling) = {
+            let routes = g
+                .routes
+                .read()
+                .map_err(|_| Refusal::Internal("route table unavailable"))?;
+            let target = routes
+                .target(&a.caller.tenant, &a.model, affinity, &tried)
+                .ok_or_else(|| Refusal::ModelNotFound(a.model.clone()))?;
+            (target, routes.sampling(&a.caller.tenant, &a.model))
+        };
+        if a.kind != Kind::Embedding {
+            fill_sampling(&mut a.body, sampling);
+        }
         let dest = destination(g, a, &salt, target, &tried).await?;
         let text = encoded.get_or_insert_with(|| a.body.encode()).clone();
         let peer = match &dest {
@@ -229,6 +237,21 @@ async fn send(
                     "replica {replica_name} unreachable: {e}"
                 )));
             }
+        }
+    }
+}
+
+/// The deployment's sampling defaults for the fields the client left out
+/// or sent as `null` (OpenAI's clients send `null` for "not given").
+fn fill_sampling(body: &mut Outgoing<'_>, sampling: SamplingDefaults) {
+    let fields = [
+        ("temperature", sampling.temperature),
+        ("top_p", sampling.top_p),
+    ];
+    for (key, default) in fields {
+        let Some(value) = default else { continue };
+        if body.request().get(key).is_none_or(|v| v.get() == "null") {
+            body.set(key, &value);
         }
     }
 }

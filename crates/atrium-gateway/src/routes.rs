@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use atrium_api::{Deployment, Key, Object, Placement, Tenant};
 use atrium_client::{Api, ControlPlane, Update};
-use atrium_core::deployment::EngineKind;
+use atrium_core::deployment::{EngineKind, SamplingDefaults};
 use atrium_core::key::{split_key_token, Scope};
 use atrium_core::lifecycle::LifecycleState;
 use atrium_core::limits::RequestLimits;
@@ -41,6 +41,8 @@ struct DeploymentEntry {
     /// The model name an external upstream knows (the deployment's model).
     model: String,
     state: String,
+    #[serde(default)]
+    sampling: SamplingDefaults,
     /// `external_url` parsed, for an external deployment (derived, not
     /// saved).
     #[serde(skip)]
@@ -360,6 +362,16 @@ impl Routes {
     /// affinity key prefers (rendezvous hashing), unless it has more than
     /// `AFFINITY_SLACK` requests in flight beyond the least loaded, which
     /// then gets it.
+    /// What `tenant`'s deployment `model` gives requests that leave
+    /// sampling fields out.
+    pub fn sampling(&self, tenant: &str, model: &str) -> SamplingDefaults {
+        self.deployments
+            .get(tenant)
+            .and_then(|d| d.get(model))
+            .map(|d| d.sampling)
+            .unwrap_or_default()
+    }
+
     pub fn target(
         &self,
         tenant: &str,
@@ -435,6 +447,7 @@ impl Routes {
                     .status
                     .as_ref()
                     .map_or_else(|| "pending".to_string(), |s| s.reason.clone()),
+                sampling: o.spec.sampling,
                 external: None,
             };
             d.derive_external(&tenant);

@@ -18,7 +18,7 @@
 //!   resources: {cpu: "1", memory: 2Gi, gpu: "1"}   # 1 CPU, 1Gi by default
 //! ```
 
-use atrium_core::deployment::{DeploymentSpec, EngineKind, Replicas, Resources};
+use atrium_core::deployment::{DeploymentSpec, EngineKind, Replicas, Resources, SamplingDefaults};
 use atrium_core::lifecycle::{LifecycleState, Status};
 use atrium_core::quantity::{ByteSize, CpuMillis};
 use serde_json::{json, Value};
@@ -117,6 +117,17 @@ pub fn deployment_of(isvc: &Value) -> Result<DeploymentSpec, KubeError> {
                 .collect()
         })
         .unwrap_or_default();
+    let sampling_field = |field: &str| match isvc.pointer(&format!("/spec/sampling/{field}")) {
+        None | Some(Value::Null) => Ok(None),
+        Some(v) => v
+            .as_f64()
+            .map(Some)
+            .ok_or_else(|| invalid(isvc, format!("spec.sampling.{field}: must be a number"))),
+    };
+    let sampling = SamplingDefaults {
+        temperature: sampling_field("temperature")?,
+        top_p: sampling_field("topP")?,
+    };
     let deployment = DeploymentSpec {
         model,
         engine,
@@ -124,6 +135,7 @@ pub fn deployment_of(isvc: &Value) -> Result<DeploymentSpec, KubeError> {
         replicas,
         sites,
         external_url: None,
+        sampling,
     };
     deployment
         .validate()
@@ -176,6 +188,9 @@ pub fn schema() -> Value {
                                   "type": "object", "additionalProperties": {"type": "string"}},
                     "sites": {"description": "Sites the replicas may run in; any permitted site when empty.",
                               "type": "array", "items": {"type": "string"}},
+                    "sampling": {"description": "What requests that leave them out get: temperature (0 to 2), topP (above 0, at most 1).",
+                                 "type": "object",
+                                 "properties": {"temperature": {"type": "number"}, "topP": {"type": "number"}}},
                 },
             },
             "status": {
@@ -215,6 +230,13 @@ mod tests {
             "replicas": {"min": 1, "max": 3}})))
         .unwrap();
         assert_eq!((ranged.replicas.min, ranged.replicas.max), (1, 3));
+        let tuned = deployment_of(&isvc(json!({"model": "m",
+            "sampling": {"temperature": 0.2, "topP": 0.9}})))
+        .unwrap();
+        assert_eq!(
+            (tuned.sampling.temperature, tuned.sampling.top_p),
+            (Some(0.2), Some(0.9))
+        );
         assert_eq!(
             deployment_name("chat", "default", "dev"),
             "chat.default.dev"
@@ -232,6 +254,14 @@ mod tests {
             (
                 json!({"model": "m", "resources": {"cpu": "lots"}}),
                 "spec.resources.cpu",
+            ),
+            (
+                json!({"model": "m", "sampling": {"temperature": "hot"}}),
+                "spec.sampling.temperature",
+            ),
+            (
+                json!({"model": "m", "sampling": {"topP": 2}}),
+                "sampling.top_p",
             ),
         ] {
             let e = deployment_of(&isvc(spec.clone())).unwrap_err();

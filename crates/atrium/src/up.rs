@@ -8,7 +8,7 @@ use std::time::Duration;
 use anyhow::{anyhow, Context, Result};
 use atrium_api::{CreatedKey, Deployment, Key, Model, Object, Resource, Site, Tenant};
 use atrium_client::{Api, ControlPlane, CredentialFile};
-use atrium_core::deployment::{DeploymentSpec, EngineKind, Replicas, Resources};
+use atrium_core::deployment::{DeploymentSpec, EngineKind, Replicas, Resources, SamplingDefaults};
 use atrium_core::key::{KeySpec, Scope};
 use atrium_core::lifecycle::LifecycleState;
 use atrium_core::model::{ModelFormat, ModelSpec, ModelTask};
@@ -52,6 +52,13 @@ pub(crate) fn model(source: &str, format: ModelFormat, task: ModelTask) -> Model
 /// copy and prefills about 4x slower.
 pub const CHAT_DEMO_MEMORY: &str = "2Gi";
 
+/// What SmolLM2's model card samples with; at OpenAI's default temperature
+/// of 1 the 135M model answers "Hello!" with nonsense.
+pub const SMOLLM2_SAMPLING: SamplingDefaults = SamplingDefaults {
+    temperature: Some(0.2),
+    top_p: Some(0.9),
+};
+
 /// One replica of `model` in this machine's site.
 pub(crate) fn local_deployment(model: &str, cpu: &str, memory: &str) -> Result<DeploymentSpec> {
     Ok(DeploymentSpec {
@@ -68,6 +75,7 @@ pub(crate) fn local_deployment(model: &str, cpu: &str, memory: &str) -> Result<D
         replicas: Replicas { min: 1, max: 1 },
         sites: vec![LOCAL_SITE.to_string()],
         external_url: None,
+        sampling: SamplingDefaults::default(),
     })
 }
 
@@ -150,7 +158,8 @@ async fn demo(cp: &ControlPlane, bars: &indicatif::MultiProgress) -> Result<Vec<
             .await?;
         let chat = format!("{name}-chat");
         let embed = format!("{name}-embed");
-        let chat_spec = local_deployment("smollm2", "500m", CHAT_DEMO_MEMORY)?;
+        let mut chat_spec = local_deployment("smollm2", "500m", CHAT_DEMO_MEMORY)?;
+        chat_spec.sampling = SMOLLM2_SAMPLING;
         ensure::<Deployment>(cp, &chat, Some(name), chat_spec).await?;
         let embed_spec = local_deployment("minilm", "250m", "512Mi")?;
         ensure::<Deployment>(cp, &embed, Some(name), embed_spec).await?;

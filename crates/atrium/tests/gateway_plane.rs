@@ -189,13 +189,21 @@ impl Plane {
     /// Deploys `name` with one replica per endpoint and reports each
     /// replica running at its endpoint, as an agent would.
     fn deploy(&self, tenant: &str, name: &str, endpoints: &[String]) {
+        self.deploy_with(tenant, name, endpoints, json!({}));
+    }
+
+    /// `deploy`, with `extra`'s fields added to the spec.
+    fn deploy_with(&self, tenant: &str, name: &str, endpoints: &[String], extra: Value) {
         let n = endpoints.len();
+        let mut spec = json!({"model": "m", "engine": "simulated",
+            "resources": {"cpu": "100m", "memory": "64Mi"}, "replicas": {"min": n, "max": n}});
+        for (k, v) in extra.as_object().unwrap() {
+            spec[k] = v.clone();
+        }
         self.admin(
             reqwest::Method::POST,
             "/v1/deployments",
-            json!({"name": name, "tenant": tenant, "spec": {
-            "model": "m", "engine": "simulated", "resources": {"cpu": "100m", "memory": "64Mi"},
-            "replicas": {"min": n, "max": n}}}),
+            json!({"name": name, "tenant": tenant, "spec": spec}),
         );
         let deadline = Instant::now() + Duration::from_secs(20);
         let placements = loop {
@@ -828,4 +836,58 @@ fn a_restarted_gateway_serves_its_saved_table_while_the_control_plane_is_down() 
         .map(|e| std::fs::read_to_string(e.path()).unwrap())
         .collect();
     assert!(spool.contains(id), "request {id} is spooled");
+}
+
+#[test]
+fn a_deployments_sampling_defaults_fill_only_what_requests_leave_out() {
+    let plane = Plane::start();
+    let (tuned, plain) = (Upstream::start(), Upstream::start());
+    let key = plane.tenant("acme", json!({}), json!({}));
+    let defaults = json!({"sampling": {"temperature": 0.2, "top_p": 0.9}});
+    plane.deploy_with("acme", "tuned", std::slice::from_ref(&tuned.url), defaults);
+    plane.deploy("acme", "plain", std::slice::from_ref(&plain.url));
+    let gw = plane.gateway(&plane.dir.path().join("gw"));
+    let http = reqwest::blocking::Client::new();
+    wait_routed(&http, &gw.url, &key, "tuned");
+    wait_routed(&http, &gw.url, &key, "plain");
+    let messages = json!([{"role": "user", "content": "Hello!"}]);
+    for body in [
+        json!({"model": "tuned", "messages": messages}),
+        json!({"model": "tuned", "messages": messages, "temperature": 1.3, "top_p": null}),
+        json!({"model": "plain", "messages": messages}),
+    ] {
+        let (status, v, _) = chat(&http, &gw.url, &key, &body);
+        assert_eq!(status, 200, "{v}");
+    }
+    let sent = tuned.bodies();
+    assert_eq!(
+        (&sent[0]["temperature"], &sent[0]["top_p"]),
+        (&json!(0.2), &json!(0.9))
+    );
+    // The client's own value stays; its null means "not given".
+    assert_eq!(
+        (&sent[1]["temperature"], &sent[1]["top_p"]),
+        (&json!(1.3), &json!(0.9))
+    );
+    let sent = plain.bodies();
+    assert!(
+        sent[0].get("temperature").is_none() && sent[0].get("top_p").is_none(),
+        "{}",
+        sent[0]
+    );
+    // Out-of-range defaults are refused by field.
+    let refused = plane
+        .http
+        .post(format!("{}/v1/deployments", plane.server))
+        .bearer_auth(&plane.token)
+        .json(
+            &json!({"name": "hot", "tenant": "acme", "spec": {"model": "m", "engine": "simulated",
+            "resources": {"cpu": "100m", "memory": "64Mi"}, "replicas": {"min": 1, "max": 1},
+            "sampling": {"temperature": 7}}}),
+        )
+        .send()
+        .unwrap();
+    assert_eq!(refused.status(), 400);
+    let why = refused.text().unwrap();
+    assert!(why.contains("sampling.temperature"), "{why}");
 }

@@ -238,6 +238,7 @@ pub(super) async fn atrium_tenant(cp: &ControlPlane, engine_url: &str) -> Result
         replicas: Replicas { min: 1, max: 1 },
         sites: Vec::new(),
         external_url: None,
+        sampling: Default::default(),
     };
     Api::<Deployment>::of_tenant(cp, Some("bench"))
         .create(MODEL, &deployment)

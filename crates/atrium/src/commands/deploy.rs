@@ -2,7 +2,7 @@
 
 use anyhow::{anyhow, Result};
 use atrium_api::Deployment;
-use atrium_core::deployment::{DeploymentSpec, Replicas, Resources};
+use atrium_core::deployment::{DeploymentSpec, Replicas, Resources, SamplingDefaults};
 use atrium_core::quantity::{ByteSize, CpuMillis, GpuRequest};
 use clap::Subcommand;
 
@@ -36,6 +36,12 @@ pub enum DeployCmd {
         sites: Vec<String>,
         #[arg(long)]
         external_url: Option<String>,
+        /// Temperature for requests that leave it out (0 to 2)
+        #[arg(long)]
+        temperature: Option<f64>,
+        /// top_p for requests that leave it out (above 0, at most 1)
+        #[arg(long)]
+        top_p: Option<f64>,
         #[arg(long)]
         tenant: Option<String>,
         #[command(flatten)]
@@ -71,6 +77,8 @@ pub async fn run(ctx: &Ctx, cmd: DeployCmd) -> Result<()> {
             max,
             sites,
             external_url,
+            temperature,
+            top_p,
             tenant,
             from,
         } => {
@@ -89,6 +97,7 @@ pub async fn run(ctx: &Ctx, cmd: DeployCmd) -> Result<()> {
                     replicas: Replicas { min, max },
                     sites,
                     external_url,
+                    sampling: SamplingDefaults { temperature, top_p },
                 })
             })
             .await
