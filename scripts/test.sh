@@ -13,11 +13,13 @@ export ATRIUM_TEST_POSTGRES_URL
 # The isolation tests (root) drive iproute2 and nftables, as the agent does;
 # the registry's tests push and pull with skopeo, a real OCI client; the
 # agent runs workloads' containers with runc and makes volumes with
-# mkfs.ext4 (e2fsprogs) and loop mounts (mount).
+# mkfs.ext4 (e2fsprogs) and loop mounts (mount); the tests' own images are
+# busybox (busybox-static's /bin/busybox).
 if ! command -v nft >/dev/null || ! command -v ip >/dev/null || ! command -v skopeo >/dev/null \
-  || ! command -v runc >/dev/null || ! command -v mkfs.ext4 >/dev/null; then
+  || ! command -v runc >/dev/null || ! command -v mkfs.ext4 >/dev/null || [ ! -x /bin/busybox ]; then
   apt-get update -qq >&2
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nftables iproute2 skopeo runc e2fsprogs mount >&2
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nftables iproute2 skopeo runc e2fsprogs mount \
+    busybox-static >&2
 fi
 
 python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore \
