@@ -12,7 +12,7 @@
 //! client sees only a pause). vLLM makes the same choice; swapping to host
 //! memory buys nothing on a CPU engine.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
@@ -79,6 +79,24 @@ struct Sequence {
 }
 
 impl Sequence {
+    /// Lowers the logits of tokens already generated, as OpenAI's presence
+    /// and frequency penalties do (the prompt's tokens are not counted).
+    fn penalise(&self, logits: &mut [f32]) {
+        let (presence, frequency) = (self.params.presence_penalty, self.params.frequency_penalty);
+        if presence == 0.0 && frequency == 0.0 {
+            return;
+        }
+        let mut counts: HashMap<u32, u32> = HashMap::new();
+        for &t in self.tokens.get(self.prompt_len..).unwrap_or_default() {
+            *counts.entry(t).or_default() += 1;
+        }
+        for (t, n) in counts {
+            if let Some(l) = logits.get_mut(t as usize) {
+                *l -= presence + frequency * n as f32;
+            }
+        }
+    }
+
     fn new(job: Job) -> Sequence {
         let Job {
             prompt,
@@ -322,6 +340,8 @@ impl Batcher {
             let Some(row) = logits.next() else {
                 candle_core::bail!("the model returned too few logits");
             };
+            let mut row = row;
+            seq.penalise(&mut row);
             let len = row.len();
             let next = seq
                 .sampler

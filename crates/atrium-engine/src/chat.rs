@@ -82,6 +82,10 @@ pub struct SamplingParams {
     pub seed: u64,
     pub max_tokens: usize,
     pub stop: Vec<String>,
+    /// OpenAI's penalties (-2 to 2): each generated token's logit loses
+    /// `presence` once it has appeared and `frequency` per appearance.
+    pub presence_penalty: f32,
+    pub frequency_penalty: f32,
     /// Requests share cached prompt blocks only under the same salt (the
     /// gateway sets one per tenant).
     pub cache_salt: Option<String>,

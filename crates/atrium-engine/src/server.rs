@@ -120,6 +120,8 @@ struct Sampling {
     stream: bool,
     stream_options: Option<StreamOptions>,
     n: Option<u32>,
+    presence_penalty: Option<f64>,
+    frequency_penalty: Option<f64>,
     cache_salt: Option<String>,
 }
 
@@ -203,6 +205,14 @@ fn sampling_params(s: &Sampling, default_max: usize) -> Result<SamplingParams, E
             "stop takes up to 4 non-empty strings".into(),
         ));
     }
+    let penalty = |name: &str, v: Option<f64>| match v {
+        Some(p) if !(-2.0..=2.0).contains(&p) => Err(EngineError::BadRequest(format!(
+            "{name} {p} is outside -2..2"
+        ))),
+        v => Ok(v.unwrap_or(0.0) as f32),
+    };
+    let presence_penalty = penalty("presence_penalty", s.presence_penalty)?;
+    let frequency_penalty = penalty("frequency_penalty", s.frequency_penalty)?;
     if s.cache_salt.as_ref().is_some_and(|salt| salt.len() > 256) {
         return Err(EngineError::BadRequest(
             "cache_salt is longer than 256 bytes".into(),
@@ -215,6 +225,8 @@ fn sampling_params(s: &Sampling, default_max: usize) -> Result<SamplingParams, E
         seed: s.seed.unwrap_or_else(rand::random),
         max_tokens,
         stop,
+        presence_penalty,
+        frequency_penalty,
     })
 }
 

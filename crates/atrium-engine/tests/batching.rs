@@ -34,6 +34,8 @@ fn greedy(max_tokens: usize, salt: Option<&str>) -> SamplingParams {
         seed: 7,
         max_tokens,
         stop: Vec::new(),
+        presence_penalty: 0.0,
+        frequency_penalty: 0.0,
         cache_salt: salt.map(str::to_string),
     }
 }

@@ -364,6 +364,46 @@ async fn simulated_engine_keeps_its_timing_and_limits() {
     );
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn penalties_discourage_repeating_what_was_generated() {
+    let model = pulled("smollm2-135m-instruct");
+    let limits = atrium_engine::chat::ChatLimits::new(4, 64);
+    let base = serve(
+        EngineKind::Chat {
+            gguf: model.path,
+            limits,
+        },
+        "smol",
+    )
+    .await;
+    let ask = |extra: Value| {
+        let body = chat_body("Write the word hello twenty times.", extra);
+        let base = base.clone();
+        async move { post(&base, "/v1/chat/completions", body).await }
+    };
+    let hellos = |v: &Value| {
+        let text = v["choices"][0]["message"]["content"]
+            .as_str()
+            .unwrap()
+            .to_lowercase();
+        text.matches("hello").count()
+    };
+    let (status, plain) = ask(json!({"max_tokens": 40})).await;
+    assert_eq!(status, 200, "{plain}");
+    let (status, penalised) = ask(json!({"max_tokens": 40, "frequency_penalty": 2.0})).await;
+    assert_eq!(status, 200, "{penalised}");
+    assert!(
+        hellos(&penalised) < hellos(&plain),
+        "{plain}\nvs with frequency_penalty 2:\n{penalised}"
+    );
+    let (status, presence) = ask(json!({"max_tokens": 40, "presence_penalty": 2.0})).await;
+    assert_eq!(status, 200, "{presence}");
+    assert!(hellos(&presence) < hellos(&plain), "{presence}");
+    let (status, v) = ask(json!({"presence_penalty": 2.5})).await;
+    assert_eq!(status, 400, "{v}");
+    assert!(v.to_string().contains("presence_penalty"), "{v}");
+}
+
 /// `atrium up`, `atrium model pull` and parallel tests may pull the same
 /// model into one cache at once; each must get a whole, loadable file.
 #[test]

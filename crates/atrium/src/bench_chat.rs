@@ -20,6 +20,8 @@ fn params(max_tokens: usize) -> SamplingParams {
         seed: 1,
         max_tokens,
         stop: Vec::new(),
+        presence_penalty: 0.0,
+        frequency_penalty: 0.0,
         cache_salt: Some(format!("bench-{}", rand::random::<u64>())),
     }
 }
