@@ -68,6 +68,11 @@ pub struct SamplingDefaults {
     /// Above 0, at most 1.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub top_p: Option<f64>,
+    /// -2 to 2, as OpenAI defines them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub presence_penalty: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub frequency_penalty: Option<f64>,
 }
 
 impl SamplingDefaults {
@@ -84,6 +89,15 @@ impl SamplingDefaults {
         if let Some(p) = self.top_p {
             if !(p > 0.0 && p <= 1.0) {
                 errors.push("sampling.top_p", format!("{p} is outside (0, 1]"));
+            }
+        }
+        let penalties = [
+            ("sampling.presence_penalty", self.presence_penalty),
+            ("sampling.frequency_penalty", self.frequency_penalty),
+        ];
+        for (field, penalty) in penalties {
+            if let Some(p) = penalty.filter(|p| !(-2.0..=2.0).contains(p)) {
+                errors.push(field, format!("{p} is outside -2 to 2"));
             }
         }
     }
@@ -249,14 +263,20 @@ mod tests {
         let mut s = spec(None, 1);
         s.sampling.temperature = Some(2.5);
         s.sampling.top_p = Some(0.0);
+        s.sampling.frequency_penalty = Some(-2.5);
         let errors = format!("{:?}", s.validate().unwrap_err());
-        assert!(
-            errors.contains("sampling.temperature") && errors.contains("sampling.top_p"),
-            "{errors}"
-        );
+        for field in [
+            "sampling.temperature",
+            "sampling.top_p",
+            "sampling.frequency_penalty",
+        ] {
+            assert!(errors.contains(field), "{field} missing from {errors}");
+        }
         s.sampling = SamplingDefaults {
             temperature: Some(0.2),
             top_p: Some(0.9),
+            presence_penalty: Some(0.5),
+            frequency_penalty: None,
         };
         assert!(s.validate().is_ok());
         let typo = serde_json::json!({"model": "m", "engine": "simulated", "replicas": {"min": 1, "max": 1},

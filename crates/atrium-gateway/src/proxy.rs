@@ -247,6 +247,8 @@ fn fill_sampling(body: &mut Outgoing<'_>, sampling: SamplingDefaults) {
     let fields = [
         ("temperature", sampling.temperature),
         ("top_p", sampling.top_p),
+        ("presence_penalty", sampling.presence_penalty),
+        ("frequency_penalty", sampling.frequency_penalty),
     ];
     for (key, default) in fields {
         let Some(value) = default else { continue };

@@ -127,6 +127,8 @@ pub fn deployment_of(isvc: &Value) -> Result<DeploymentSpec, KubeError> {
     let sampling = SamplingDefaults {
         temperature: sampling_field("temperature")?,
         top_p: sampling_field("topP")?,
+        presence_penalty: sampling_field("presencePenalty")?,
+        frequency_penalty: sampling_field("frequencyPenalty")?,
     };
     let deployment = DeploymentSpec {
         model,
@@ -188,9 +190,10 @@ pub fn schema() -> Value {
                                   "type": "object", "additionalProperties": {"type": "string"}},
                     "sites": {"description": "Sites the replicas may run in; any permitted site when empty.",
                               "type": "array", "items": {"type": "string"}},
-                    "sampling": {"description": "What requests that leave them out get: temperature (0 to 2), topP (above 0, at most 1).",
+                    "sampling": {"description": "What requests that leave them out get: temperature (0 to 2), topP (above 0, at most 1), presencePenalty and frequencyPenalty (-2 to 2).",
                                  "type": "object",
-                                 "properties": {"temperature": {"type": "number"}, "topP": {"type": "number"}}},
+                                 "properties": {"temperature": {"type": "number"}, "topP": {"type": "number"},
+                                                "presencePenalty": {"type": "number"}, "frequencyPenalty": {"type": "number"}}},
                 },
             },
             "status": {

@@ -57,6 +57,8 @@ pub const CHAT_DEMO_MEMORY: &str = "2Gi";
 pub const SMOLLM2_SAMPLING: SamplingDefaults = SamplingDefaults {
     temperature: Some(0.2),
     top_p: Some(0.9),
+    presence_penalty: None,
+    frequency_penalty: None,
 };
 
 /// One replica of `model` in this machine's site.

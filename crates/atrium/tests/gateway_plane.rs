@@ -843,7 +843,8 @@ fn a_deployments_sampling_defaults_fill_only_what_requests_leave_out() {
     let plane = Plane::start();
     let (tuned, plain) = (Upstream::start(), Upstream::start());
     let key = plane.tenant("acme", json!({}), json!({}));
-    let defaults = json!({"sampling": {"temperature": 0.2, "top_p": 0.9}});
+    let defaults =
+        json!({"sampling": {"temperature": 0.2, "top_p": 0.9, "frequency_penalty": -0.5}});
     plane.deploy_with("acme", "tuned", std::slice::from_ref(&tuned.url), defaults);
     plane.deploy("acme", "plain", std::slice::from_ref(&plain.url));
     let gw = plane.gateway(&plane.dir.path().join("gw"));
@@ -864,6 +865,8 @@ fn a_deployments_sampling_defaults_fill_only_what_requests_leave_out() {
         (&sent[0]["temperature"], &sent[0]["top_p"]),
         (&json!(0.2), &json!(0.9))
     );
+    assert_eq!(sent[0]["frequency_penalty"], json!(-0.5));
+    assert!(sent[0].get("presence_penalty").is_none(), "{}", sent[0]);
     // The client's own value stays; its null means "not given".
     assert_eq!(
         (&sent[1]["temperature"], &sent[1]["top_p"]),

@@ -42,6 +42,12 @@ pub enum DeployCmd {
         /// top_p for requests that leave it out (above 0, at most 1)
         #[arg(long)]
         top_p: Option<f64>,
+        /// presence_penalty for requests that leave it out (-2 to 2)
+        #[arg(long, allow_negative_numbers = true)]
+        presence_penalty: Option<f64>,
+        /// frequency_penalty for requests that leave it out (-2 to 2)
+        #[arg(long, allow_negative_numbers = true)]
+        frequency_penalty: Option<f64>,
         #[arg(long)]
         tenant: Option<String>,
         #[command(flatten)]
@@ -79,6 +85,8 @@ pub async fn run(ctx: &Ctx, cmd: DeployCmd) -> Result<()> {
             external_url,
             temperature,
             top_p,
+            presence_penalty,
+            frequency_penalty,
             tenant,
             from,
         } => {
@@ -97,7 +105,12 @@ pub async fn run(ctx: &Ctx, cmd: DeployCmd) -> Result<()> {
                     replicas: Replicas { min, max },
                     sites,
                     external_url,
-                    sampling: SamplingDefaults { temperature, top_p },
+                    sampling: SamplingDefaults {
+                        temperature,
+                        top_p,
+                        presence_penalty,
+                        frequency_penalty,
+                    },
                 })
             })
             .await
