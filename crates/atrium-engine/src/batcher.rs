@@ -337,10 +337,9 @@ impl Batcher {
             if seq.computed < seq.tokens.len() {
                 continue;
             }
-            let Some(row) = logits.next() else {
+            let Some(mut row) = logits.next() else {
                 candle_core::bail!("the model returned too few logits");
             };
-            let mut row = row;
             seq.penalise(&mut row);
             let len = row.len();
             let next = seq

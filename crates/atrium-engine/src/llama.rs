@@ -138,6 +138,9 @@ impl Linear {
     /// `x` holds rows of `inputs` values; the first `quant_rows` take the
     /// quantised kernel, the rest the dense one.
     fn apply(&self, x: &[f32], quant_rows: usize) -> candle_core::Result<Vec<f32>> {
+        let Some(w) = &self.dense else {
+            return self.quant.forward(x, self.inputs);
+        };
         let rows = x.len() / self.inputs;
         let split = quant_rows.min(rows) * self.inputs;
         let mut out = Vec::new();
@@ -147,21 +150,16 @@ impl Linear {
         if split < x.len() {
             let rest = &x[split..];
             let n = rest.len() / self.inputs;
-            let y = match &self.dense {
-                Some(w) if n < MIN_DENSE_ROWS => {
-                    // The GEMM takes another path for a single row, whose
-                    // sums differ in the last bits: pad so a prompt row's
-                    // result never depends on how many rows share its step.
-                    let mut padded = rest.to_vec();
-                    padded.resize(MIN_DENSE_ROWS * self.inputs, 0.0);
-                    let t = Tensor::from_vec(padded, (MIN_DENSE_ROWS, self.inputs), &Device::Cpu)?;
-                    t.matmul(w)?.narrow(0, 0, n)?
-                }
-                Some(w) => Tensor::from_slice(rest, (n, self.inputs), &Device::Cpu)?.matmul(w)?,
-                None => {
-                    out.extend(self.quant.forward(rest, self.inputs)?);
-                    return Ok(out);
-                }
+            let y = if n < MIN_DENSE_ROWS {
+                // The GEMM takes another path for a single row, whose
+                // sums differ in the last bits: pad so a prompt row's
+                // result never depends on how many rows share its step.
+                let mut padded = rest.to_vec();
+                padded.resize(MIN_DENSE_ROWS * self.inputs, 0.0);
+                let t = Tensor::from_vec(padded, (MIN_DENSE_ROWS, self.inputs), &Device::Cpu)?;
+                t.matmul(w)?.narrow(0, 0, n)?
+            } else {
+                Tensor::from_slice(rest, (n, self.inputs), &Device::Cpu)?.matmul(w)?
             };
             out.extend(y.flatten_all()?.to_vec1::<f32>()?);
         }

@@ -34,7 +34,7 @@ pub struct Q8Matrix {
 }
 
 /// Input rows quantised to blocks of 32 with one scale each.
-struct Quantised {
+struct QuantisedInput {
     quants: Vec<[i8; BLOCK]>,
     scales: Vec<f32>,
 }
@@ -179,7 +179,7 @@ fn lanes_sum(acc: [f32; 8]) -> f32 {
 }
 
 /// ggml's `quantize_row_q8_0`, keeping the scale in f32.
-fn quantise(x: &[f32], inputs: usize) -> Quantised {
+fn quantise(x: &[f32], inputs: usize) -> QuantisedInput {
     let mut quants = Vec::with_capacity(x.len());
     let mut scales = Vec::with_capacity(x.len() / BLOCK);
     debug_assert!(x.len().is_multiple_of(inputs));
@@ -193,7 +193,7 @@ fn quantise(x: &[f32], inputs: usize) -> Quantised {
             (block[i] * inv).round().clamp(-127.0, 127.0) as i8
         }));
     }
-    Quantised { quants, scales }
+    QuantisedInput { quants, scales }
 }
 
 #[cfg(test)]

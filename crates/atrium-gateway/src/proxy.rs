@@ -176,17 +176,14 @@ async fn send(
     let mut upstream_time = Duration::ZERO;
     let mut encoded: Option<Bytes> = None;
     loop {
-        let (target, sampling) = {
-            let routes = g
-                .routes
-                .read()
-                .map_err(|_| Refusal::Internal("route table unavailable"))?;
-            let target = routes
-                .target(&a.caller.tenant, &a.model, affinity, &tried)
-                .ok_or_else(|| Refusal::ModelNotFound(a.model.clone()))?;
-            (target, routes.sampling(&a.caller.tenant, &a.model))
-        };
-        if a.kind != Kind::Embedding {
+        let (target, sampling) = g
+            .routes
+            .read()
+            .map_err(|_| Refusal::Internal("route table unavailable"))?
+            .target(&a.caller.tenant, &a.model, affinity, &tried)
+            .ok_or_else(|| Refusal::ModelNotFound(a.model.clone()))?;
+        // Once: a retry goes to another replica of the same deployment.
+        if tried.is_empty() && a.kind != Kind::Embedding {
             fill_sampling(&mut a.body, sampling);
         }
         let dest = destination(g, a, &salt, target, &tried).await?;

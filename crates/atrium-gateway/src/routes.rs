@@ -361,27 +361,20 @@ impl Routes {
     /// ready replicas (not in `exclude`, breaker closed): the one the
     /// affinity key prefers (rendezvous hashing), unless it has more than
     /// `AFFINITY_SLACK` requests in flight beyond the least loaded, which
-    /// then gets it.
-    /// What `tenant`'s deployment `model` gives requests that leave
-    /// sampling fields out.
-    pub fn sampling(&self, tenant: &str, model: &str) -> SamplingDefaults {
-        self.deployments
-            .get(tenant)
-            .and_then(|d| d.get(model))
-            .map(|d| d.sampling)
-            .unwrap_or_default()
-    }
-
+    /// then gets it. With it, the deployment's sampling defaults.
     pub fn target(
         &self,
         tenant: &str,
         model: &str,
         affinity: u64,
         exclude: &[String],
-    ) -> Option<Target> {
+    ) -> Option<(Target, SamplingDefaults)> {
         let d = self.deployments.get(tenant)?.get(model)?;
         if d.engine == EngineKind::External {
-            return d.external.clone().map(Target::External);
+            return d
+                .external
+                .clone()
+                .map(|e| (Target::External(e), d.sampling));
         }
         let serving = self.serving.get(&d.id).map_or(&[][..], Vec::as_slice);
         let usable = |r: &&Arc<Serving>| !exclude.contains(&r.id);
@@ -399,7 +392,7 @@ impl Routes {
             .max_by_key(|r| crate::affinity::rendezvous_weight(affinity, &r.id))
             .filter(|r| least.is_some_and(|l| r.load() <= l + AFFINITY_SLACK))
             .or_else(|| candidates().min_by_key(|r| r.load()));
-        Some(match best {
+        let target = match best {
             Some(r) => Target::Replica {
                 replica: r.clone(),
                 takes_cache_salt: d.engine != EngineKind::External,
@@ -408,7 +401,8 @@ impl Routes {
                 deployment: model.to_string(),
                 state: d.state.clone(),
             },
-        })
+        };
+        Some((target, d.sampling))
     }
 
     fn apply_key(&mut self, update: Update<Object<Key>>, digests: &HashMap<String, String>) {
@@ -672,7 +666,7 @@ mod tests {
     /// The replica `target` picks, or `None` when none is ready.
     fn chosen(r: &Routes, tenant: &str, exclude: &[&str]) -> Option<String> {
         let exclude: Vec<String> = exclude.iter().map(|s| s.to_string()).collect();
-        match r.target(tenant, "chat", 7, &exclude) {
+        match r.target(tenant, "chat", 7, &exclude).map(|(t, _)| t) {
             Some(Target::Replica { replica, .. }) => Some(replica.id.clone()),
             Some(Target::NoneReady { .. }) => None,
             other => panic!("unexpected target: {}", other.is_some()),
