@@ -894,3 +894,33 @@ fn a_deployments_sampling_defaults_fill_only_what_requests_leave_out() {
     let why = refused.text().unwrap();
     assert!(why.contains("sampling.temperature"), "{why}");
 }
+
+/// A tenant's sampling defaults are its own: another tenant's deployment of
+/// the same name gets none of them (hot-and-rambling defaults set by one
+/// tenant must not reach another's requests).
+#[test]
+fn another_tenants_sampling_defaults_never_reach_my_requests() {
+    let plane = Plane::start();
+    let (theirs, mine) = (Upstream::start(), Upstream::start());
+    plane.tenant("acme", json!({}), json!({}));
+    let globex = plane.tenant("globex", json!({}), json!({}));
+    let hot = json!({"sampling": {"temperature": 2.0, "presence_penalty": 2.0}});
+    plane.deploy_with("acme", "chat", std::slice::from_ref(&theirs.url), hot);
+    plane.deploy("globex", "chat", std::slice::from_ref(&mine.url));
+    let gw = plane.gateway(&plane.dir.path().join("gw"));
+    let http = reqwest::blocking::Client::new();
+    wait_routed(&http, &gw.url, &globex, "chat");
+    let body = json!({"model": "chat", "messages": [{"role": "user", "content": "Hello!"}]});
+    let (status, v, _) = chat(&http, &gw.url, &globex, &body);
+    assert_eq!(status, 200, "{v}");
+    let sent = mine.bodies();
+    assert!(
+        sent[0].get("temperature").is_none() && sent[0].get("presence_penalty").is_none(),
+        "{}",
+        sent[0]
+    );
+    assert!(
+        theirs.bodies().is_empty(),
+        "globex's request reached acme's replica"
+    );
+}
