@@ -571,10 +571,16 @@ pub(super) fn content_type(req: &Request) -> String {
         .to_string()
 }
 
-/// The JSON body. Protobuf (client-go's first choice for built-in types)
-/// gets 415, on which clients fall back to JSON.
+/// The body as JSON. Protobuf (client-go's first choice for built-in
+/// types, and kubectl's only one for what its generators make) is read for
+/// the kinds `atrium_kube::protobuf` knows; any other gets 415, naming JSON.
 pub(super) fn body(req: &Request) -> Result<Value, KubeError> {
     let media = content_type(req);
+    if media == "application/vnd.kubernetes.protobuf" {
+        if let Some(object) = atrium_kube::protobuf::object(&req.body)? {
+            return Ok(object);
+        }
+    }
     if !(media.is_empty() || media.ends_with("json")) {
         return Err(KubeError::unsupported_media_type(&media));
     }
