@@ -2,7 +2,8 @@
 //! of its paths and the schemas of the types it serves, generated from
 //! k8s-openapi's v1.37 types (the same definitions, descriptions and
 //! names — `io.k8s.api.apps.v1.DeploymentSpec` — as upstream's). kubectl
-//! reads it for `explain` and to check fields before `apply`.
+//! reads it for `explain` and to check fields before `apply`. `/openapi/v2`
+//! is the same, rewritten as one Swagger 2.0 document.
 //!
 //! A `$ref` beside a description is wrapped in `allOf`, as upstream's
 //! documents do (OpenAPI 3.0 ignores a `$ref`'s siblings). The documents
@@ -188,6 +189,113 @@ fn build(catalog: &Catalog, gv: &str) -> Option<Value> {
     }))
 }
 
+/// `/openapi/v2`: one Swagger 2.0 document of every group version served,
+/// for the clients that still read it (kubectl reads v3 first). It is the
+/// v3 documents rewritten: schemas under `definitions`, a response's
+/// schema beside its description, a parameter's type on the parameter;
+/// what 2.0 cannot say (`nullable`, `oneOf`, `anyOf`, `not`) is left out,
+/// as upstream leaves it out of its own v2, so the document describes no
+/// more than the v3 one and the server still checks every write.
+pub fn swagger(catalog: &Catalog) -> Value {
+    static BUILT_IN: OnceLock<Value> = OnceLock::new();
+    if catalog.all().all(|r| r.custom.is_none()) {
+        return BUILT_IN.get_or_init(|| build_swagger(catalog)).clone();
+    }
+    build_swagger(catalog)
+}
+
+fn build_swagger(catalog: &Catalog) -> Value {
+    let mut paths = Map::new();
+    let mut definitions = Map::new();
+    for gv in group_versions(catalog) {
+        let Some(doc) = document(catalog, &gv) else {
+            continue;
+        };
+        let mut doc = doc.into_owned();
+        if let Some(schemas) = doc["components"]["schemas"].as_object_mut() {
+            schemas.values_mut().for_each(swagger_schema);
+            definitions.append(schemas);
+        }
+        if let Some(p) = doc["paths"].as_object_mut() {
+            for item in p.values_mut().filter_map(Value::as_object_mut) {
+                for (key, part) in item.iter_mut() {
+                    match key.as_str() {
+                        "parameters" => swagger_parameters(part),
+                        _ => swagger_operation(part),
+                    }
+                }
+            }
+            paths.append(p);
+        }
+    }
+    let (major, minor) = crate::KUBERNETES_VERSION;
+    json!({
+        "swagger": "2.0",
+        "info": {"title": "Atrium tenant cluster", "version": format!("v{major}.{minor}.0")},
+        "consumes": ["application/json"],
+        "produces": ["application/json"],
+        "paths": paths,
+        "definitions": definitions,
+    })
+}
+
+/// Rewrites a v3 schema into 2.0's terms, in place: the keywords, then
+/// each schema inside it (never a property merely named `not`).
+fn swagger_schema(schema: &mut Value) {
+    let Value::Object(map) = schema else {
+        return;
+    };
+    for gone in ["nullable", "oneOf", "anyOf", "not"] {
+        map.remove(gone);
+    }
+    if let Some(Value::String(r)) = map.get_mut("$ref") {
+        if let Some(name) = r.strip_prefix("#/components/schemas/") {
+            *r = format!("#/definitions/{name}");
+        }
+    }
+    for (key, inner) in map.iter_mut() {
+        match (key.as_str(), inner) {
+            ("properties" | "patternProperties", Value::Object(props)) => {
+                props.values_mut().for_each(swagger_schema);
+            }
+            ("allOf", Value::Array(all)) => all.iter_mut().for_each(swagger_schema),
+            ("items" | "additionalProperties", inner) => swagger_schema(inner),
+            _ => {}
+        }
+    }
+}
+
+/// v3 parameters as 2.0 writes them: the type on the parameter.
+fn swagger_parameters(params: &mut Value) {
+    let Value::Array(params) = params else {
+        return;
+    };
+    for p in params.iter_mut().filter_map(Value::as_object_mut) {
+        if let Some(Value::Object(schema)) = p.remove("schema") {
+            p.extend(schema);
+        }
+    }
+}
+
+/// A v3 operation as 2.0 writes it.
+fn swagger_operation(op: &mut Value) {
+    let Value::Object(op) = op else {
+        return;
+    };
+    if let Some(params) = op.get_mut("parameters") {
+        swagger_parameters(params);
+    }
+    if let Some(responses) = op.get_mut("responses").and_then(Value::as_object_mut) {
+        for answer in responses.values_mut().filter_map(Value::as_object_mut) {
+            if let Some(mut content) = answer.remove("content") {
+                let mut schema = content["application/json"]["schema"].take();
+                swagger_schema(&mut schema);
+                answer.insert("schema".into(), schema);
+            }
+        }
+    }
+}
+
 /// Each resource's collection and object paths, their operations tagged
 /// with the kind they serve, the query parameters they take and the
 /// schema they answer with.
@@ -211,30 +319,35 @@ fn paths_of(gv: &str, r: &ResourceType, schema: &Value) -> Map<String, Value> {
     } else {
         format!("/{gv}/{}", r.plural)
     };
-    let mut paths = Map::new();
-    if r.read_only() {
-        paths.insert(
-            base.clone(),
-            json!({"get": op("list", json!([query("labelSelector")]))}),
-        );
-        paths.insert(
-            format!("{base}/{{name}}"),
-            json!({"get": op("get", json!([]))}),
-        );
-        return paths;
+    // The names in a path, declared once per path as upstream does.
+    let in_path = |name: &str| json!({"name": name, "in": "path", "required": true, "schema": {"type": "string"}});
+    let (mut collection_params, mut object_params) = (Vec::new(), vec![in_path("name")]);
+    if r.namespaced {
+        collection_params.push(in_path("namespace"));
+        object_params.push(in_path("namespace"));
     }
-    paths.insert(
-        base.clone(),
-        json!({"get": op("list", json!([query("labelSelector"), query("fieldSelector"),
-                   query("watch"), query("resourceVersion"), query("limit"), query("continue")])),
-               "post": op("post", write_params.clone())}),
-    );
-    paths.insert(
-        format!("{base}/{{name}}"),
-        json!({"get": op("get", json!([])), "put": op("put", write_params.clone()),
-               "patch": op("patch", write_params),
-               "delete": op("delete", json!([query("dryRun")]))}),
-    );
+    let (mut collection, mut object) = if r.read_only() {
+        (
+            json!({"get": op("list", json!([query("labelSelector")]))}),
+            json!({"get": op("get", json!([]))}),
+        )
+    } else {
+        (
+            json!({"get": op("list", json!([query("labelSelector"), query("fieldSelector"),
+                       query("watch"), query("resourceVersion"), query("limit"), query("continue")])),
+                   "post": op("post", write_params.clone())}),
+            json!({"get": op("get", json!([])), "put": op("put", write_params.clone()),
+                   "patch": op("patch", write_params),
+                   "delete": op("delete", json!([query("dryRun")]))}),
+        )
+    };
+    if !collection_params.is_empty() {
+        collection["parameters"] = Value::Array(collection_params);
+    }
+    object["parameters"] = Value::Array(object_params);
+    let mut paths = Map::new();
+    paths.insert(base.clone(), collection);
+    paths.insert(format!("{base}/{{name}}"), object);
     paths
 }
 
@@ -266,6 +379,76 @@ mod tests {
                 .starts_with("/openapi/v3/apis/apps/v1?hash=")
         );
         assert!(document(&Catalog::default(), "apis/widgets/v1").is_none());
+    }
+
+    #[test]
+    fn the_v2_document_is_swagger_with_every_kind_and_no_v3_left_in_it() {
+        let doc = swagger(&Catalog::default());
+        assert_eq!(doc["swagger"], "2.0");
+        assert!(!doc.to_string().contains("#/components/"));
+        let definitions = doc["definitions"].as_object().unwrap();
+        let mut v3_words = Vec::new();
+        definitions
+            .values()
+            .for_each(|s| keywords(s, &mut v3_words));
+        assert_eq!(v3_words, Vec::<String>::new(), "2.0 has no such keywords");
+        // Properties of those names are properties, and stay.
+        let props = &definitions
+            ["io.k8s.apiextensions-apiserver.pkg.apis.apiextensions.v1.JSONSchemaProps"]
+            ["properties"];
+        assert!(props["not"].is_object() && props["nullable"].is_object());
+        for r in crate::SERVED {
+            let tagged = definitions
+                .values()
+                .filter(|s| s["x-kubernetes-group-version-kind"][0]["kind"] == r.kind.as_ref())
+                .count();
+            assert_eq!(tagged, 1, "{}", r.kind);
+        }
+        // Every reference resolves inside the document.
+        let mut refs = Vec::new();
+        collect_refs(&doc, &mut refs);
+        assert!(refs.len() > 100);
+        for r in refs {
+            let name = r.strip_prefix("#/definitions/").unwrap();
+            assert!(definitions.contains_key(name), "{r}");
+        }
+        let create = &doc["paths"]["/apis/apps/v1/namespaces/{namespace}/deployments"]["post"];
+        assert_eq!(create["parameters"][0]["type"], "string");
+        assert_eq!(
+            create["responses"]["200"]["schema"]["$ref"],
+            "#/definitions/io.k8s.api.apps.v1.Deployment"
+        );
+    }
+
+    /// The 3.0-only keywords used anywhere in `schema`.
+    fn keywords(schema: &Value, out: &mut Vec<String>) {
+        let Value::Object(map) = schema else { return };
+        for word in ["nullable", "oneOf", "anyOf", "not"] {
+            if map.contains_key(word) {
+                out.push(word.into());
+            }
+        }
+        for (key, inner) in map {
+            match (key.as_str(), inner) {
+                ("properties", Value::Object(p)) => p.values().for_each(|s| keywords(s, out)),
+                ("allOf", Value::Array(a)) => a.iter().for_each(|s| keywords(s, out)),
+                ("items" | "additionalProperties", s) => keywords(s, out),
+                _ => {}
+            }
+        }
+    }
+
+    fn collect_refs(v: &Value, out: &mut Vec<String>) {
+        match v {
+            Value::Object(m) => {
+                if let Some(Value::String(r)) = m.get("$ref") {
+                    out.push(r.clone());
+                }
+                m.values().for_each(|v| collect_refs(v, out));
+            }
+            Value::Array(a) => a.iter().for_each(|v| collect_refs(v, out)),
+            _ => {}
+        }
     }
 
     #[test]

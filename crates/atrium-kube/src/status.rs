@@ -111,11 +111,15 @@ impl KubeError {
         KubeError::new(405, "MethodNotAllowed", format!("{what} is not supported"))
     }
 
+    pub fn not_acceptable(why: &str) -> KubeError {
+        KubeError::new(406, "NotAcceptable", why.into())
+    }
+
     pub fn unsupported_media_type(content_type: &str) -> KubeError {
         KubeError::new(
             415,
             "UnsupportedMediaType",
-            format!("the body of the request was in an unknown format ({content_type}): accepted media types are application/json, application/merge-patch+json, application/json-patch+json, application/strategic-merge-patch+json and application/apply-patch+yaml"),
+            format!("the body of the request was in an unknown format ({content_type}): accepted media types are application/json, application/merge-patch+json, application/json-patch+json, application/strategic-merge-patch+json and application/apply-patch+yaml (and application/vnd.kubernetes.protobuf for the kinds kubectl's generators make)"),
         )
     }
 

@@ -311,3 +311,79 @@ async fn a_custom_objects_scale_and_field_validation_take_only_what_they_can_hol
         .await;
     assert_eq!(w["spec"]["replicas"], 7, "{w}");
 }
+
+/// `/openapi/v2` is one Swagger 2.0 document, valid to the reference
+/// validator, with a tenant's own types beside the built-in ones; what
+/// 2.0 cannot say is left out of a schema, but a property that is merely
+/// named like such a keyword stays. A client asking for protobuf only
+/// (as client-go does) gets 406, on which it goes on without it.
+#[tokio::test]
+async fn openapi_v2_is_valid_swagger_with_the_clusters_own_types() {
+    let s = TestServer::start(TestBackend::Sqlite).await;
+    s.create_tenant("acme", json!({})).await;
+    let acme = s.create_key("acme", "k", &["admin"]).await;
+    let id = s.create_cluster(&acme, "dev").await;
+    let mut crd = definition("example.com", "Widget", "widgets");
+    crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"] = json!({"type": "object",
+        "properties": {"spec": {"type": "object", "properties": {
+            "not": {"type": "string", "nullable": true},
+            "size": {"type": "integer", "oneOf": [{"minimum": 1}, {"maximum": -1}]}}}}});
+    let (status, v) = define(&s, &acme, &id, &crd).await;
+    assert_eq!(status, 201, "{v}");
+
+    let (status, doc) = s
+        .call(
+            Method::GET,
+            &format!("/k8s/{id}/openapi/v2"),
+            Some(&acme),
+            None,
+        )
+        .await;
+    assert_eq!(status, 200, "{doc}");
+    assert_eq!(doc["swagger"], "2.0");
+    let spec = &doc["definitions"]["com.example.v1.Widget"]["properties"]["spec"]["properties"];
+    assert_eq!(spec["not"], json!({"type": "string"}), "{spec}");
+    assert_eq!(spec["size"], json!({"type": "integer"}), "{spec}");
+    assert!(doc["paths"]["/apis/example.com/v1/namespaces/{namespace}/widgets"].is_object());
+    assert!(doc["definitions"]["io.k8s.api.apps.v1.Deployment"].is_object());
+
+    // The reference validator (scripts/test.sh installs it) on this
+    // document and on the v3 one of the tenant's group beside it.
+    let (_, v3) = s
+        .call(
+            Method::GET,
+            &format!("/k8s/{id}/openapi/v3/apis/example.com/v1"),
+            Some(&acme),
+            None,
+        )
+        .await;
+    common::assert_valid_openapi(s._dir.path(), &doc, "2.0");
+    common::assert_valid_openapi(s._dir.path(), &v3, "3.0");
+
+    let resp = s
+        .http
+        .get(format!("{}/k8s/{id}/openapi/v2", s.base))
+        .bearer_auth(&acme)
+        .header(
+            "accept",
+            "application/com.github.proto-openapi.spec.v2@v1.0+protobuf",
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 406);
+    // Another tenant's key finds no cluster to describe.
+    let globex = {
+        s.create_tenant("globex", json!({})).await;
+        s.create_key("globex", "k", &["admin"]).await
+    };
+    let (status, _) = s
+        .call(
+            Method::GET,
+            &format!("/k8s/{id}/openapi/v2"),
+            Some(&globex),
+            None,
+        )
+        .await;
+    assert_eq!(status, 404);
+}

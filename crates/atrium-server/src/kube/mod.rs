@@ -182,6 +182,20 @@ impl Request {
             .is_some_and(|a| a.contains("g=apidiscovery.k8s.io;v=v2;as=APIGroupDiscoveryList"))
     }
 
+    /// Whether the client takes JSON: it says so, takes anything, or
+    /// says nothing.
+    pub fn accepts_json(&self) -> bool {
+        let Some(accept) = self.headers.get(header::ACCEPT) else {
+            return true;
+        };
+        accept.to_str().is_ok_and(|a| {
+            a.split(',').any(|m| {
+                let media = m.split(';').next().unwrap_or("").trim();
+                matches!(media, "application/json" | "application/*" | "*/*" | "")
+            })
+        })
+    }
+
     /// Whether the client asked for a `Table` (as `kubectl get` does).
     pub fn wants_table(&self) -> bool {
         self.headers
@@ -266,6 +280,12 @@ async fn route(
         }
         Target::GroupVersion(g, v) => discovery::api_resource_list(catalog, &g, &v)
             .map_or_else(|| Err(KubeError::no_route(rest)), ok),
+        // client-go asks for v2 as protobuf only, and on 406 goes on
+        // without it; JSON is what is served.
+        Target::OpenApiV2 if !req.accepts_json() => Err(KubeError::not_acceptable(
+            "/openapi/v2 is served as application/json only",
+        )),
+        Target::OpenApiV2 => ok(openapi::swagger(catalog)),
         Target::OpenApi => ok(openapi::index(catalog)),
         Target::OpenApiDocument(gv) => openapi::document(catalog, &gv)
             .map_or_else(|| Err(KubeError::no_route(rest)), |d| ok(d.into_owned())),

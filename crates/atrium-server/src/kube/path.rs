@@ -23,6 +23,8 @@ pub enum Target {
     Group(String),
     GroupVersion(String, String),
     OpenApi,
+    /// `/openapi/v2`, the Swagger 2.0 document.
+    OpenApiV2,
     /// `api/v1` or `apis/<group>/<version>`.
     OpenApiDocument(String),
     Resource(At),
@@ -37,6 +39,7 @@ pub fn parse(rest: &str, catalog: &Catalog) -> Result<Target, KubeError> {
         ["version"] => return Ok(Target::Version),
         ["api"] => return Ok(Target::Api),
         ["apis"] => return Ok(Target::Apis),
+        ["openapi", "v2"] => return Ok(Target::OpenApiV2),
         ["openapi", "v3"] => return Ok(Target::OpenApi),
         ["openapi", "v3", gv @ ..] => return Ok(Target::OpenApiDocument(gv.join("/"))),
         ["apis", g] => return Ok(Target::Group(g.to_string())),

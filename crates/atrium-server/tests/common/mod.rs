@@ -201,3 +201,22 @@ pub fn deployment_body(
     }
     body
 }
+
+/// Fails unless the reference validator (openapi-spec-validator, which
+/// scripts/test.sh installs) takes `doc` as an OpenAPI `version` ("2.0",
+/// "3.0" or "detect") document.
+pub fn assert_valid_openapi(dir: &std::path::Path, doc: &serde_json::Value, version: &str) {
+    let file = dir.join(format!("openapi-{version}.json"));
+    std::fs::write(&file, doc.to_string()).unwrap();
+    let out = std::process::Command::new("python3")
+        .args(["-m", "openapi_spec_validator", "--schema", version])
+        .arg(&file)
+        .output()
+        .expect("python3 runs (scripts/test.sh installs the validator)");
+    assert!(
+        out.status.success(),
+        "openapi-spec-validator rejected the {version} document:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
