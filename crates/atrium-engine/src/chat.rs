@@ -24,6 +24,7 @@ use crate::batcher::{blocks_for, BatchLimits, Batcher, Job};
 use crate::kv::{KvPool, BLOCK_TOKENS};
 use crate::llama::{plan_memory, Llama};
 use crate::metrics::EngineMetrics;
+use crate::template::ChatTemplate;
 use crate::EngineError;
 
 /// Longest sequence (prompt + completion) the model code supports.
@@ -142,50 +143,6 @@ impl ChatLimits {
 /// 45 KiB per position, so this holds about 11,000 positions in flight.
 pub const DEFAULT_KV_CACHE_MIB: usize = 512;
 
-/// The ChatML template SmolLM2 and many others use, with the default system
-/// prompt taken from the model's own template.
-#[derive(Debug, Clone)]
-struct ChatTemplate {
-    default_system: Option<String>,
-}
-
-impl ChatTemplate {
-    fn from_gguf(template: Option<&str>) -> Result<Self, EngineError> {
-        let Some(t) = template else {
-            return Ok(ChatTemplate {
-                default_system: None,
-            });
-        };
-        if !t.contains("<|im_start|>") {
-            return Err(EngineError::Load(
-                "the model's chat template is not ChatML (<|im_start|>); only ChatML is supported"
-                    .into(),
-            ));
-        }
-        // `{{ '<|im_start|>system\n<default prompt><|im_end|>\n' }}`
-        let marker = "'<|im_start|>system\n";
-        let default_system = t.find(marker).and_then(|i| {
-            let rest = &t[i + marker.len()..];
-            rest.find("<|im_end|>").map(|j| rest[..j].to_string())
-        });
-        Ok(ChatTemplate { default_system })
-    }
-
-    fn render(&self, messages: &[(String, String)]) -> String {
-        let mut out = String::new();
-        if let (Some(system), Some((role, _))) = (&self.default_system, messages.first()) {
-            if role != "system" {
-                out.push_str(&format!("<|im_start|>system\n{system}<|im_end|>\n"));
-            }
-        }
-        for (role, content) in messages {
-            out.push_str(&format!("<|im_start|>{role}\n{content}<|im_end|>\n"));
-        }
-        out.push_str("<|im_start|>assistant\n");
-        out
-    }
-}
-
 fn metadata_str<'a>(content: &'a gguf_file::Content, key: &str) -> Option<&'a str> {
     content
         .metadata
@@ -300,7 +257,19 @@ impl ChatModel {
             )));
         }
         let (tokenizer, eos) = tokenizer_from_gguf(&content)?;
-        let template = ChatTemplate::from_gguf(metadata_str(&content, "tokenizer.chat_template"))?;
+        let token_text = |key: &str| {
+            content
+                .metadata
+                .get(key)
+                .and_then(|v| v.to_u32().ok())
+                .and_then(|id| tokenizer.id_to_token(id))
+                .unwrap_or_default()
+        };
+        let template = ChatTemplate::new(
+            metadata_str(&content, "tokenizer.chat_template"),
+            &token_text("tokenizer.ggml.bos_token_id"),
+            &token_text("tokenizer.ggml.eos_token_id"),
+        )?;
         let (resident, dense) = Llama::footprint(&content);
         let plan = plan_memory(
             limits.memory_mib.map(|m| m.saturating_mul(1 << 20)),
@@ -379,7 +348,7 @@ impl ChatModel {
             };
             turns.push((role, m.content.text()?));
         }
-        Ok(self.template.render(&turns))
+        self.template.render(&turns)
     }
 
     pub fn encode(&self, text: &str) -> Result<Vec<u32>, EngineError> {

@@ -17,6 +17,7 @@ mod q8;
 pub mod requantize;
 mod server;
 pub mod simulated;
+mod template;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
