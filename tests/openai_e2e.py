@@ -1,8 +1,8 @@
 """End-to-end check of a running `atrium up --demo` with the official OpenAI
 Python SDK. Usage: python3 tests/openai_e2e.py <data-dir>/demo.json
 
-Tenant A uses its key for chat (streamed and not), completions and
-embeddings; it can neither list, call nor detect tenant B's deployments; and
+Tenant A uses its key for chat (streamed and not, and structured output
+through the SDK's `parse` helper), completions and embeddings; it can neither list, call nor detect tenant B's deployments; and
 a key revoked through the control plane stops working within 2 seconds.
 Exits non-zero, with the reason, on the first failure.
 """
@@ -11,8 +11,19 @@ import json
 import sys
 import time
 import urllib.request
+from typing import Annotated
 
 import openai
+from pydantic import BaseModel, Field
+
+
+class City(BaseModel):
+    """What the SDK's structured-output helper asks the model for."""
+
+    name: Annotated[str, Field(max_length=30)]
+    country: Annotated[str, Field(max_length=30)]
+    population: int
+    capital: bool
 
 
 def control_plane(demo, method, path, body=None):
@@ -64,6 +75,19 @@ def main():
             pieces.append(chunk.choices[0].delta.content)
     assert "".join(pieces) == answer, (pieces, answer)
     assert len(pieces) > 3, pieces
+
+    # Structured output through the SDK's own helper: it sends the Pydantic
+    # model as a strict json_schema and parses the answer back into it.
+    parsed = ca.chat.completions.parse(
+        model=a["chat_model"],
+        messages=[{"role": "user", "content": "Describe Paris as JSON."}],
+        response_format=City,
+        temperature=1,
+        max_tokens=200,
+    )
+    city = parsed.choices[0].message.parsed
+    assert isinstance(city, City), parsed
+    assert parsed.choices[0].finish_reason == "stop", parsed
 
     # Completions on a raw prompt.
     completion = ca.completions.create(model=a["chat_model"], prompt="The capital of France is", max_tokens=8, temperature=0)

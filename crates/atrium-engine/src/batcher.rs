@@ -27,6 +27,8 @@ use crate::detokenize::Detokenizer;
 use crate::kv::{KvPool, BLOCK_TOKENS};
 use crate::llama::{Llama, Segment};
 use crate::metrics::EngineMetrics;
+use crate::structured::Matcher;
+use crate::vocab::Vocab;
 
 /// Limits of one replica's batching.
 #[derive(Debug, Clone, Copy)]
@@ -71,6 +73,8 @@ struct Sequence {
     sharing: bool,
     params: SamplingParams,
     sampler: LogitsProcessor,
+    /// Where the output stands against `params.grammar`, if it has one.
+    matcher: Option<Matcher>,
     detok: Detokenizer,
     events: mpsc::Sender<GenerationEvent>,
     completion: usize,
@@ -124,6 +128,7 @@ impl Sequence {
             shared: 0,
             sharing: true,
             sampler: LogitsProcessor::from_sampling(params.seed, sampling),
+            matcher: params.grammar.as_ref().map(|g| g.start()),
             detok: Detokenizer::new(params.stop.clone()),
             params,
             events,
@@ -144,6 +149,7 @@ pub(crate) struct Batcher {
     pub kv: KvPool,
     pub tokenizer: Tokenizer,
     pub eos: Vec<u32>,
+    pub vocab: Vocab,
     pub limits: BatchLimits,
     pub queued: Arc<AtomicU64>,
     pub metrics: Arc<EngineMetrics>,
@@ -341,10 +347,10 @@ impl Batcher {
                 candle_core::bail!("the model returned too few logits");
             };
             seq.penalise(&mut row);
-            let len = row.len();
-            let next = seq
-                .sampler
-                .sample(&Tensor::from_vec(row, len, &Device::Cpu)?)?;
+            let Some(next) = self.sample(seq, row)? else {
+                finished.push((i, Some(("stop", true))));
+                continue;
+            };
             match self.accept(seq, next) {
                 Outcome::Continue => {}
                 Outcome::Finished(reason, flush) => finished.push((i, Some((reason, flush)))),
@@ -375,6 +381,63 @@ impl Batcher {
         }
     }
 
+    /// The next token, as the sampler picks it from `row` among those the
+    /// sequence's grammar allows; `None` when the grammar allows none.
+    ///
+    /// The sampler picks from the whole row; a pick the grammar refuses is
+    /// struck out and the sampler picks again, a few times, before every
+    /// token the grammar allows is found and the rest masked out. Either
+    /// way each allowed token gets its share of the allowed mass, as
+    /// masking first would (exactly so without top_p, whose nucleus is
+    /// taken from the row as it stands), and the vocabulary is walked only
+    /// when the model keeps reaching outside the grammar.
+    fn sample(&self, seq: &mut Sequence, mut row: Vec<f32>) -> candle_core::Result<Option<u32>> {
+        const STRIKES: usize = 8;
+        let len = row.len();
+        let Some((grammar, matcher)) = seq.params.grammar.clone().zip(seq.matcher.take()) else {
+            return seq
+                .sampler
+                .sample(&Tensor::from_vec(row, len, &Device::Cpu)?)
+                .map(Some);
+        };
+        let after = |token: u32| -> Option<Matcher> {
+            if self.eos.contains(&token) {
+                return matcher.can_end().then(|| matcher.clone());
+            }
+            matcher.feed(&grammar, self.vocab.bytes(token)?)
+        };
+        for _ in 0..STRIKES {
+            let pick = seq
+                .sampler
+                .sample(&Tensor::from_vec(row.clone(), len, &Device::Cpu)?)?;
+            if let Some(next) = after(pick) {
+                seq.matcher = Some(next);
+                return Ok(Some(pick));
+            }
+            if let Some(l) = row.get_mut(pick as usize) {
+                *l = f32::NEG_INFINITY;
+            }
+        }
+        let mut allowed = self.vocab.allowed(&grammar, &matcher);
+        if matcher.can_end() {
+            allowed.extend_from_slice(&self.eos);
+        }
+        let mut masked = vec![f32::NEG_INFINITY; len];
+        for &t in &allowed {
+            if let (Some(m), Some(l)) = (masked.get_mut(t as usize), row.get(t as usize)) {
+                *m = *l;
+            }
+        }
+        if masked.iter().all(|l| l.is_infinite()) {
+            return Ok(None);
+        }
+        let pick = seq
+            .sampler
+            .sample(&Tensor::from_vec(masked, len, &Device::Cpu)?)?;
+        seq.matcher = after(pick);
+        Ok(seq.matcher.is_some().then_some(pick))
+    }
+
     /// Applies a sampled token: end of text, stop sequence, length, or on.
     fn accept(&self, seq: &mut Sequence, next: u32) -> Outcome {
         let now = Instant::now();
@@ -397,6 +460,12 @@ impl Batcher {
         }
         if seq.completion >= seq.params.max_tokens {
             return Outcome::Finished("length", true);
+        }
+        // A whole document that nothing may follow ends the output.
+        if let (Some(g), Some(m)) = (&seq.params.grammar, &seq.matcher) {
+            if m.must_end(g) {
+                return Outcome::Finished("stop", true);
+            }
         }
         seq.tokens.push(next);
         Outcome::Continue

@@ -24,7 +24,9 @@ use crate::batcher::{blocks_for, BatchLimits, Batcher, Job};
 use crate::kv::{KvPool, BLOCK_TOKENS};
 use crate::llama::{plan_memory, Llama};
 use crate::metrics::EngineMetrics;
+use crate::structured::Grammar;
 use crate::template::ChatTemplate;
+use crate::vocab::Vocab;
 use crate::EngineError;
 
 /// Longest sequence (prompt + completion) the model code supports.
@@ -90,6 +92,26 @@ pub struct SamplingParams {
     /// Requests share cached prompt blocks only under the same salt (the
     /// gateway sets one per tenant).
     pub cache_salt: Option<String>,
+    /// `response_format`'s grammar: only tokens it allows are taken.
+    pub grammar: Option<Arc<Grammar>>,
+}
+
+impl SamplingParams {
+    /// Greedy decoding of up to `max_tokens`, nothing else asked: what
+    /// benchmarks and equality checks run.
+    pub fn greedy(max_tokens: usize) -> SamplingParams {
+        SamplingParams {
+            temperature: 0.0,
+            top_p: None,
+            seed: 0,
+            max_tokens,
+            stop: Vec::new(),
+            presence_penalty: 0.0,
+            frequency_penalty: 0.0,
+            cache_salt: None,
+            grammar: None,
+        }
+    }
 }
 
 /// What a generation job reports, in order: deltas, then one `Done`.
@@ -170,7 +192,10 @@ fn metadata_strings(content: &gguf_file::Content, key: &str) -> Result<Vec<Strin
 }
 
 /// Rebuilds the byte-level BPE tokenizer stored in GGUF metadata.
-fn tokenizer_from_gguf(content: &gguf_file::Content) -> Result<(Tokenizer, Vec<u32>), EngineError> {
+/// The tokenizer, the end-of-text tokens, and each token's bytes.
+fn tokenizer_from_gguf(
+    content: &gguf_file::Content,
+) -> Result<(Tokenizer, Vec<u32>, Vocab), EngineError> {
     let model = metadata_str(content, "tokenizer.ggml.model").unwrap_or("");
     if model != "gpt2" {
         return Err(EngineError::Load(format!(
@@ -236,7 +261,8 @@ fn tokenizer_from_gguf(content: &gguf_file::Content) -> Result<(Tokenizer, Vec<u
     }
     eos.sort_unstable();
     eos.dedup();
-    Ok((tokenizer, eos))
+    let vocab = Vocab::new(&tokens, &types);
+    Ok((tokenizer, eos, vocab))
 }
 
 impl ChatModel {
@@ -256,7 +282,7 @@ impl ChatModel {
                 "architecture {arch:?} is not supported; only llama is"
             )));
         }
-        let (tokenizer, eos) = tokenizer_from_gguf(&content)?;
+        let (tokenizer, eos, vocab) = tokenizer_from_gguf(&content)?;
         let token_text = |key: &str| {
             content
                 .metadata
@@ -303,6 +329,7 @@ impl ChatModel {
             kv: KvPool::new(shape, kv_blocks),
             tokenizer: tokenizer.clone(),
             eos,
+            vocab,
             limits: limits.batch,
             queued: queued.clone(),
             metrics: metrics.clone(),

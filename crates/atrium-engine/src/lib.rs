@@ -17,7 +17,9 @@ mod q8;
 pub mod requantize;
 mod server;
 pub mod simulated;
+pub mod structured;
 mod template;
+mod vocab;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;

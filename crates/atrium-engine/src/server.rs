@@ -17,6 +17,7 @@ use tokio::sync::mpsc;
 
 use crate::chat::{GenerationEvent, Message, SamplingParams};
 use crate::simulated::SimulatedEngine;
+use crate::structured::Grammar;
 use crate::{Engine, EngineError, Loaded};
 
 type Shared = Arc<Engine>;
@@ -128,8 +129,43 @@ struct Sampling {
 #[derive(Debug, Deserialize)]
 struct ChatRequest {
     messages: Vec<Message>,
+    response_format: Option<ResponseFormat>,
     #[serde(flatten)]
     sampling: Sampling,
+}
+
+/// OpenAI's `response_format`: free text, any JSON object, or JSON that
+/// validates against a schema.
+#[derive(Debug, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+enum ResponseFormat {
+    Text,
+    JsonObject,
+    JsonSchema { json_schema: JsonSchemaFormat },
+}
+
+#[derive(Debug, Deserialize)]
+struct JsonSchemaFormat {
+    /// The schema; without one, any JSON object.
+    schema: Option<Value>,
+}
+
+impl ResponseFormat {
+    fn grammar(&self) -> Result<Option<Arc<Grammar>>, EngineError> {
+        Ok(match self {
+            ResponseFormat::Text => None,
+            ResponseFormat::JsonObject
+            | ResponseFormat::JsonSchema {
+                json_schema: JsonSchemaFormat { schema: None },
+            } => Some(Arc::new(Grammar::any_object())),
+            ResponseFormat::JsonSchema {
+                json_schema:
+                    JsonSchemaFormat {
+                        schema: Some(schema),
+                    },
+            } => Some(Arc::new(Grammar::from_schema(schema)?)),
+        })
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -227,6 +263,7 @@ fn sampling_params(s: &Sampling, default_max: usize) -> Result<SamplingParams, E
         stop,
         presence_penalty,
         frequency_penalty,
+        grammar: None,
     })
 }
 
@@ -284,7 +321,17 @@ async fn chat_completions(State(engine): State<Shared>, body: Bytes) -> Response
                 ))
             }
         };
-        let params = sampling_params(&req.sampling, DEFAULT_MAX_TOKENS)?;
+        let mut params = sampling_params(&req.sampling, DEFAULT_MAX_TOKENS)?;
+        if let Some(format) = &req.response_format {
+            params.grammar = format.grammar()?;
+            if params.grammar.is_some() && !matches!(engine.loaded, Loaded::Chat(_)) {
+                return Err(EngineError::BadRequest(
+                    "response_format: this engine writes no model's text, so it cannot keep \
+                     to a format; send type \"text\""
+                        .into(),
+                ));
+            }
+        }
         let rx = start(&engine, &prompt, params)?;
         Ok((rx, req.sampling))
     }

@@ -29,14 +29,8 @@ fn load_with(limits: ChatLimits) -> (Arc<ChatModel>, Arc<EngineMetrics>) {
 
 fn greedy(max_tokens: usize, salt: Option<&str>) -> SamplingParams {
     SamplingParams {
-        temperature: 0.0,
-        top_p: None,
-        seed: 7,
-        max_tokens,
-        stop: Vec::new(),
-        presence_penalty: 0.0,
-        frequency_penalty: 0.0,
         cache_salt: salt.map(str::to_string),
+        ..SamplingParams::greedy(max_tokens)
     }
 }
 

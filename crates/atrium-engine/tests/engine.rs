@@ -404,6 +404,109 @@ async fn penalties_discourage_repeating_what_was_generated() {
     assert!(v.to_string().contains("presence_penalty"), "{v}");
 }
 
+/// `response_format` `json_schema`: 100 answers sampled at temperature 1,
+/// 16 at a time, every one parses and fits the schema; `json_object` gives
+/// an object; what a schema asks that cannot be enforced is a 400.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn structured_output_always_parses_and_fits_its_schema() {
+    let model = pulled("smollm2-135m-instruct");
+    let limits = atrium_engine::chat::ChatLimits::new(64, 256);
+    let base = serve(
+        EngineKind::Chat {
+            gguf: model.path,
+            limits,
+        },
+        "smol",
+    )
+    .await;
+    let schema = json!({"type": "object",
+        "properties": {
+            "city": {"type": "string", "maxLength": 30},
+            "country": {"type": "string", "maxLength": 30},
+            "population": {"type": "integer"},
+            "languages": {"type": "array", "items": {"type": "string", "maxLength": 20},
+                          "maxItems": 3},
+            "capital": {"type": "boolean"},
+            "continent": {"enum": ["Europe", "Asia", "Africa", "America", "Oceania"]}},
+        "required": ["city", "country", "population", "capital", "continent"],
+        "additionalProperties": false});
+    let format = json!({"type": "json_schema",
+        "json_schema": {"name": "city", "strict": true, "schema": schema}});
+    let ask = |seed: u64| {
+        let body = chat_body(
+            "Describe Paris as JSON: city, country, population, languages, capital, continent.",
+            json!({"temperature": 1.0, "seed": seed, "max_tokens": 400,
+                   "response_format": format}),
+        );
+        let base = base.clone();
+        async move { post(&base, "/v1/chat/completions", body).await }
+    };
+    let mut answers = Vec::new();
+    for wave in 0..100u64 / 16 + 1 {
+        let seeds = (wave * 16..(wave * 16 + 16).min(100)).map(ask);
+        answers.extend(futures::future::join_all(seeds).await);
+    }
+    assert_eq!(answers.len(), 100);
+    for (status, v) in &answers {
+        assert_eq!(*status, 200, "{v}");
+        assert_eq!(v["choices"][0]["finish_reason"], "stop", "{v}");
+        let text = v["choices"][0]["message"]["content"].as_str().unwrap();
+        let doc: Value = serde_json::from_str(text).unwrap_or_else(|e| panic!("{e}: {text}"));
+        let o = doc.as_object().unwrap_or_else(|| panic!("{text}"));
+        for key in ["city", "country", "population", "capital", "continent"] {
+            assert!(o.contains_key(key), "{key} missing: {text}");
+        }
+        for (key, value) in o {
+            let fits = match key.as_str() {
+                "city" | "country" => value.as_str().is_some_and(|s| s.chars().count() <= 30),
+                "population" => value.is_i64() || value.is_u64(),
+                "languages" => value.as_array().is_some_and(|l| {
+                    l.len() <= 3
+                        && l.iter()
+                            .all(|s| s.as_str().is_some_and(|s| s.chars().count() <= 20))
+                }),
+                "capital" => value.is_boolean(),
+                "continent" => ["Europe", "Asia", "Africa", "America", "Oceania"]
+                    .iter()
+                    .any(|c| value == c),
+                _ => false,
+            };
+            assert!(fits, "{key}: {value} does not fit, in {text}");
+        }
+    }
+    let distinct: std::collections::HashSet<&str> = answers
+        .iter()
+        .filter_map(|(_, v)| v["choices"][0]["message"]["content"].as_str())
+        .collect();
+    assert!(
+        distinct.len() > 10,
+        "temperature 1 should vary: {distinct:?}"
+    );
+
+    let body = chat_body(
+        "Give me a JSON object about cats.",
+        json!({"max_tokens": 300, "response_format": {"type": "json_object"}}),
+    );
+    let (status, v) = post(&base, "/v1/chat/completions", body).await;
+    assert_eq!(status, 200, "{v}");
+    let text = v["choices"][0]["message"]["content"].as_str().unwrap();
+    if v["choices"][0]["finish_reason"] == "stop" {
+        let doc: Value = serde_json::from_str(text).unwrap_or_else(|e| panic!("{e}: {text}"));
+        assert!(doc.is_object(), "{text}");
+    } else {
+        assert!(text.starts_with('{'), "{text}");
+    }
+
+    let body = chat_body(
+        "Hi",
+        json!({"response_format": {"type": "json_schema", "json_schema": {"name": "x",
+            "schema": {"type": "string", "pattern": "^a+$"}}}}),
+    );
+    let (status, v) = post(&base, "/v1/chat/completions", body).await;
+    assert_eq!(status, 400, "{v}");
+    assert!(v.to_string().contains("pattern"), "{v}");
+}
+
 /// `atrium up`, `atrium model pull` and parallel tests may pull the same
 /// model into one cache at once; each must get a whole, loadable file.
 #[test]

@@ -15,14 +15,8 @@ const FILLER: &str = "The quick brown fox jumps over the lazy dog near the river
 /// Each run gets its own cache salt, so no run reuses another's prompt blocks.
 fn params(max_tokens: usize) -> SamplingParams {
     SamplingParams {
-        temperature: 0.0,
-        top_p: None,
-        seed: 1,
-        max_tokens,
-        stop: Vec::new(),
-        presence_penalty: 0.0,
-        frequency_penalty: 0.0,
         cache_salt: Some(format!("bench-{}", rand::random::<u64>())),
+        ..SamplingParams::greedy(max_tokens)
     }
 }
 
