@@ -31,6 +31,13 @@ async fn serve(kind: EngineKind, name: &str) -> String {
     format!("http://{addr}")
 }
 
+/// SmolLM2 served as `smol` under `limits`.
+async fn serve_smollm2(limits: atrium_engine::chat::ChatLimits) -> String {
+    let model = pulled("smollm2-135m-instruct");
+    let gguf = model.path;
+    serve(EngineKind::Chat { gguf, limits }, "smol").await
+}
+
 async fn post(base: &str, path: &str, body: Value) -> (u16, Value) {
     let resp = reqwest::Client::new()
         .post(format!("{base}{path}"))
@@ -366,16 +373,7 @@ async fn simulated_engine_keeps_its_timing_and_limits() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn penalties_discourage_repeating_what_was_generated() {
-    let model = pulled("smollm2-135m-instruct");
-    let limits = atrium_engine::chat::ChatLimits::new(4, 64);
-    let base = serve(
-        EngineKind::Chat {
-            gguf: model.path,
-            limits,
-        },
-        "smol",
-    )
-    .await;
+    let base = serve_smollm2(atrium_engine::chat::ChatLimits::new(4, 64)).await;
     let ask = |extra: Value| {
         let body = chat_body("Write the word hello twenty times.", extra);
         let base = base.clone();
@@ -409,16 +407,7 @@ async fn penalties_discourage_repeating_what_was_generated() {
 /// an object; what a schema asks that cannot be enforced is a 400.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn structured_output_always_parses_and_fits_its_schema() {
-    let model = pulled("smollm2-135m-instruct");
-    let limits = atrium_engine::chat::ChatLimits::new(64, 256);
-    let base = serve(
-        EngineKind::Chat {
-            gguf: model.path,
-            limits,
-        },
-        "smol",
-    )
-    .await;
+    let base = serve_smollm2(atrium_engine::chat::ChatLimits::new(64, 256)).await;
     let schema = json!({"type": "object",
         "properties": {
             "city": {"type": "string", "maxLength": 30},
