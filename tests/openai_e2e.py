@@ -1,8 +1,8 @@
 """End-to-end check of a running `atrium up --demo` with the official OpenAI
 Python SDK. Usage: python3 tests/openai_e2e.py <data-dir>/demo.json
 
-Tenant A uses its key for chat (streamed and not, and structured output
-through the SDK's `parse` helper), completions and embeddings; it can neither list, call nor detect tenant B's deployments; and
+Tenant A uses its key for chat (streamed and not, structured output
+through the SDK's `parse` helper, and log-probabilities), completions and embeddings; it can neither list, call nor detect tenant B's deployments; and
 a key revoked through the control plane stops working within 2 seconds.
 Exits non-zero, with the reason, on the first failure.
 """
@@ -88,6 +88,12 @@ def main():
     city = parsed.choices[0].message.parsed
     assert isinstance(city, City), parsed
     assert parsed.choices[0].finish_reason == "stop", parsed
+
+    # Log-probabilities: each generated token scored, with alternatives.
+    scored = ca.chat.completions.create(model=a["chat_model"], messages=question, temperature=0, max_tokens=5, logprobs=True, top_logprobs=2)
+    tokens = scored.choices[0].logprobs.content
+    assert len(tokens) == scored.usage.completion_tokens, scored
+    assert all(len(t.top_logprobs) == 2 and t.logprob <= 0 for t in tokens), tokens
 
     # Completions on a raw prompt.
     completion = ca.completions.create(model=a["chat_model"], prompt="The capital of France is", max_tokens=8, temperature=0)

@@ -26,6 +26,7 @@ use crate::chat::{GenerationEvent, SamplingParams};
 use crate::detokenize::Detokenizer;
 use crate::kv::{KvPool, BLOCK_TOKENS};
 use crate::llama::{Llama, Segment};
+use crate::logprobs::{self, TokenLogprob};
 use crate::metrics::EngineMetrics;
 use crate::structured::Matcher;
 use crate::vocab::Vocab;
@@ -75,6 +76,8 @@ struct Sequence {
     sampler: LogitsProcessor,
     /// Where the output stands against `params.grammar`, if it has one.
     matcher: Option<Matcher>,
+    /// Scores of tokens not yet sent with a delta.
+    scored: Vec<TokenLogprob>,
     detok: Detokenizer,
     events: mpsc::Sender<GenerationEvent>,
     completion: usize,
@@ -129,6 +132,7 @@ impl Sequence {
             sharing: true,
             sampler: LogitsProcessor::from_sampling(params.seed, sampling),
             matcher: params.grammar.as_ref().map(|g| g.start()),
+            scored: Vec::new(),
             detok: Detokenizer::new(params.stop.clone()),
             params,
             events,
@@ -347,10 +351,14 @@ impl Batcher {
                 candle_core::bail!("the model returned too few logits");
             };
             seq.penalise(&mut row);
-            let Some(next) = self.sample(seq, row)? else {
+            let Some(next) = self.sample(seq, &row)? else {
                 finished.push((i, Some(("stop", true))));
                 continue;
             };
+            if let (Some(top), false) = (seq.params.logprobs, self.eos.contains(&next)) {
+                let scored = logprobs::score(&row, next, top, |id| self.token_bytes(id));
+                seq.scored.push(scored);
+            }
             match self.accept(seq, next) {
                 Outcome::Continue => {}
                 Outcome::Finished(reason, flush) => finished.push((i, Some((reason, flush)))),
@@ -391,15 +399,16 @@ impl Batcher {
     /// masking first would (exactly so without top_p, whose nucleus is
     /// taken from the row as it stands), and the vocabulary is walked only
     /// when the model keeps reaching outside the grammar.
-    fn sample(&self, seq: &mut Sequence, mut row: Vec<f32>) -> candle_core::Result<Option<u32>> {
+    fn sample(&self, seq: &mut Sequence, row: &[f32]) -> candle_core::Result<Option<u32>> {
         const STRIKES: usize = 8;
         let len = row.len();
         let Some((grammar, matcher)) = seq.params.grammar.clone().zip(seq.matcher.take()) else {
             return seq
                 .sampler
-                .sample(&Tensor::from_vec(row, len, &Device::Cpu)?)
+                .sample(&Tensor::from_slice(row, len, &Device::Cpu)?)
                 .map(Some);
         };
+        let mut row = row.to_vec();
         let after = |token: u32| -> Option<Matcher> {
             if self.eos.contains(&token) {
                 return matcher.can_end().then(|| matcher.clone());
@@ -438,6 +447,30 @@ impl Batcher {
         Ok(seq.matcher.is_some().then_some(pick))
     }
 
+    /// What a token writes, for its logprobs: its bytes, or a control
+    /// token's name.
+    fn token_bytes(&self, id: u32) -> Vec<u8> {
+        match self.vocab.bytes(id) {
+            Some(b) => b.to_vec(),
+            None => self
+                .tokenizer
+                .id_to_token(id)
+                .unwrap_or_default()
+                .into_bytes(),
+        }
+    }
+
+    /// Sends the scores of the tokens so far, before the text they make.
+    fn send_scores(seq: &mut Sequence) -> Result<(), ()> {
+        if seq.scored.is_empty() {
+            return Ok(());
+        }
+        let scored = std::mem::take(&mut seq.scored);
+        seq.events
+            .try_send(GenerationEvent::Logprobs(scored))
+            .map_err(|_| ())
+    }
+
     /// Applies a sampled token: end of text, stop sequence, length, or on.
     fn accept(&self, seq: &mut Sequence, next: u32) -> Outcome {
         let now = Instant::now();
@@ -452,7 +485,10 @@ impl Batcher {
         seq.completion += 1;
         let (delta, stopped) = seq.detok.push(&self.tokenizer, next);
         // The channel holds max_tokens + a few events, so it is never full.
-        if !delta.is_empty() && seq.events.try_send(GenerationEvent::Delta(delta)).is_err() {
+        if !delta.is_empty()
+            && (Self::send_scores(seq).is_err()
+                || seq.events.try_send(GenerationEvent::Delta(delta)).is_err())
+        {
             return Outcome::Gone;
         }
         if stopped {
@@ -483,6 +519,7 @@ impl Batcher {
         } else {
             String::new()
         };
+        let _ = Self::send_scores(&mut seq);
         if !rest.is_empty() {
             let _ = seq.events.try_send(GenerationEvent::Delta(rest));
         }

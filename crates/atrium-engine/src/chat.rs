@@ -23,6 +23,7 @@ use tokio::sync::mpsc;
 use crate::batcher::{blocks_for, BatchLimits, Batcher, Job};
 use crate::kv::{KvPool, BLOCK_TOKENS};
 use crate::llama::{plan_memory, Llama};
+use crate::logprobs::TokenLogprob;
 use crate::metrics::EngineMetrics;
 use crate::structured::Grammar;
 use crate::template::ChatTemplate;
@@ -94,6 +95,8 @@ pub struct SamplingParams {
     pub cache_salt: Option<String>,
     /// `response_format`'s grammar: only tokens it allows are taken.
     pub grammar: Option<Arc<Grammar>>,
+    /// Report each token's log-probability and this many alternatives.
+    pub logprobs: Option<usize>,
 }
 
 impl SamplingParams {
@@ -110,6 +113,7 @@ impl SamplingParams {
             frequency_penalty: 0.0,
             cache_salt: None,
             grammar: None,
+            logprobs: None,
         }
     }
 }
@@ -117,6 +121,9 @@ impl SamplingParams {
 /// What a generation job reports, in order: deltas, then one `Done`.
 #[derive(Debug)]
 pub enum GenerationEvent {
+    /// The scores of the tokens of the delta that follows (or, last, of
+    /// tokens whose text was cut or never shown).
+    Logprobs(Vec<TokenLogprob>),
     Delta(String),
     Done {
         finish_reason: &'static str,
@@ -425,7 +432,9 @@ impl ChatModel {
         }
         // Room for every event a generation can send: the batcher never waits
         // on a slow client.
-        let (tx, rx) = mpsc::channel(params.max_tokens + 4);
+        // A delta per token at most, each after its logprobs when asked.
+        let per_token = if params.logprobs.is_some() { 2 } else { 1 };
+        let (tx, rx) = mpsc::channel(params.max_tokens * per_token + 4);
         self.jobs
             .try_send(Job {
                 prompt,

@@ -12,6 +12,7 @@ mod detokenize;
 pub mod embed;
 pub mod kv;
 mod llama;
+pub mod logprobs;
 pub mod metrics;
 mod q8;
 pub mod requantize;

@@ -16,6 +16,7 @@ use serde_json::{json, Value};
 use tokio::sync::mpsc;
 
 use crate::chat::{GenerationEvent, Message, SamplingParams};
+use crate::logprobs::{self, TokenLogprob, MAX_COMPLETION_LOGPROBS, MAX_TOP_LOGPROBS};
 use crate::simulated::SimulatedEngine;
 use crate::structured::Grammar;
 use crate::{Engine, EngineError, Loaded};
@@ -130,6 +131,9 @@ struct Sampling {
 struct ChatRequest {
     messages: Vec<Message>,
     response_format: Option<ResponseFormat>,
+    #[serde(default)]
+    logprobs: bool,
+    top_logprobs: Option<usize>,
     #[serde(flatten)]
     sampling: Sampling,
 }
@@ -178,6 +182,7 @@ enum Prompt {
 #[derive(Debug, Deserialize)]
 struct CompletionRequest {
     prompt: Prompt,
+    logprobs: Option<usize>,
     #[serde(flatten)]
     sampling: Sampling,
 }
@@ -264,6 +269,7 @@ fn sampling_params(s: &Sampling, default_max: usize) -> Result<SamplingParams, E
         presence_penalty,
         frequency_penalty,
         grammar: None,
+        logprobs: None,
     })
 }
 
@@ -322,6 +328,20 @@ async fn chat_completions(State(engine): State<Shared>, body: Bytes) -> Response
             }
         };
         let mut params = sampling_params(&req.sampling, DEFAULT_MAX_TOKENS)?;
+        params.logprobs = match (req.logprobs, req.top_logprobs) {
+            (_, Some(n)) if n > MAX_TOP_LOGPROBS => {
+                return Err(EngineError::BadRequest(format!(
+                    "top_logprobs {n} is more than {MAX_TOP_LOGPROBS}"
+                )))
+            }
+            (false, Some(_)) => {
+                return Err(EngineError::BadRequest(
+                    "top_logprobs needs logprobs: true".into(),
+                ))
+            }
+            (true, n) => Some(n.unwrap_or(0)),
+            (false, None) => None,
+        };
         if let Some(format) = &req.response_format {
             params.grammar = format.grammar()?;
             if params.grammar.is_some() && !matches!(engine.loaded, Loaded::Chat(_)) {
@@ -332,12 +352,13 @@ async fn chat_completions(State(engine): State<Shared>, body: Bytes) -> Response
                 ));
             }
         }
+        let logprobs = params.logprobs.is_some();
         let rx = start(&engine, &prompt, params)?;
-        Ok((rx, req.sampling))
+        Ok((rx, req.sampling, logprobs))
     }
     .await;
     match result {
-        Ok((rx, sampling)) => respond(engine, rx, sampling, Shape::Chat).await,
+        Ok((rx, sampling, logprobs)) => respond(engine, rx, sampling, Shape::Chat, logprobs).await,
         Err(e) => e.into_response(),
     }
 }
@@ -355,19 +376,70 @@ async fn completions(State(engine): State<Shared>, body: Bytes) -> Response {
                 ))
             }
         };
-        let params = sampling_params(&req.sampling, 16)?;
+        let mut params = sampling_params(&req.sampling, 16)?;
+        if let Some(n) = req.logprobs.filter(|n| *n > MAX_COMPLETION_LOGPROBS) {
+            return Err(EngineError::BadRequest(format!(
+                "logprobs {n} is more than {MAX_COMPLETION_LOGPROBS}"
+            )));
+        }
+        params.logprobs = req.logprobs;
         let rx = start(&engine, &prompt, params)?;
-        Ok((rx, req.sampling))
+        Ok((rx, req.sampling, req.logprobs.is_some()))
     }
     .await;
     match result {
-        Ok((rx, sampling)) => respond(engine, rx, sampling, Shape::Completion).await,
+        Ok((rx, sampling, logprobs)) => {
+            respond(engine, rx, sampling, Shape::Completion, logprobs).await
+        }
         Err(e) => e.into_response(),
     }
 }
 
 fn usage(prompt: usize, completion: usize) -> Value {
     json!({"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion})
+}
+
+/// Where a response stands: its id, and for logprobs the scores not yet
+/// sent and (completions) the bytes of text before them.
+struct Reply {
+    shape: Shape,
+    id: String,
+    created: u64,
+    model: String,
+    logprobs: bool,
+    scored: Vec<TokenLogprob>,
+    offset: usize,
+}
+
+impl Reply {
+    /// The logprobs of the scores held, now sent with `text`.
+    fn take_logprobs(&mut self, text: &str) -> Value {
+        if !self.logprobs {
+            return Value::Null;
+        }
+        let scored = std::mem::take(&mut self.scored);
+        let v = match self.shape {
+            Shape::Chat => logprobs::chat_json(&scored),
+            Shape::Completion => logprobs::completion_json(&scored, self.offset),
+        };
+        self.offset += text.len();
+        v
+    }
+
+    fn chunk(&mut self, text: Option<&str>, finish: Option<&str>, first: bool) -> Value {
+        let logprobs = self.take_logprobs(text.unwrap_or(""));
+        let mut c = chunk(
+            self.shape,
+            &self.id,
+            self.created,
+            &self.model,
+            text,
+            finish,
+            first,
+        );
+        c["choices"][0]["logprobs"] = logprobs;
+        c
+    }
 }
 
 fn chunk(
@@ -407,15 +479,22 @@ async fn respond(
     mut rx: mpsc::Receiver<GenerationEvent>,
     sampling: Sampling,
     shape: Shape,
+    logprobs: bool,
 ) -> Response {
     engine.metrics.requests.fetch_add(1, Ordering::Relaxed);
-    let id = request_id(if shape == Shape::Chat {
-        "chatcmpl"
-    } else {
-        "cmpl"
-    });
-    let created = now_secs();
-    let model = sampling.model.clone();
+    let mut reply = Reply {
+        shape,
+        id: request_id(if shape == Shape::Chat {
+            "chatcmpl"
+        } else {
+            "cmpl"
+        }),
+        created: now_secs(),
+        model: sampling.model.clone(),
+        logprobs,
+        scored: Vec::new(),
+        offset: 0,
+    };
     if sampling.stream {
         let include_usage = sampling
             .stream_options
@@ -426,48 +505,39 @@ async fn respond(
             let mut first = true;
             if shape == Shape::Chat {
                 // The role arrives first, as OpenAI sends it.
-                let _ = tx
-                    .send(Ok(sse(&chunk(
-                        shape,
-                        &id,
-                        created,
-                        &model,
-                        Some(""),
-                        None,
-                        true,
-                    ))))
-                    .await;
+                let role = chunk(
+                    shape,
+                    &reply.id,
+                    reply.created,
+                    &reply.model,
+                    Some(""),
+                    None,
+                    true,
+                );
+                let _ = tx.send(Ok(sse(&role))).await;
                 first = false;
             }
             while let Some(event) = rx.recv().await {
                 let line = match event {
-                    GenerationEvent::Delta(text) => sse(&chunk(
-                        shape,
-                        &id,
-                        created,
-                        &model,
-                        Some(&text),
-                        None,
-                        first,
-                    )),
+                    GenerationEvent::Logprobs(scored) => {
+                        reply.scored.extend(scored);
+                        continue;
+                    }
+                    GenerationEvent::Delta(text) => sse(&reply.chunk(Some(&text), None, first)),
                     GenerationEvent::Done {
                         finish_reason,
                         prompt_tokens,
                         completion_tokens,
                     } => {
-                        let mut out = sse(&chunk(
-                            shape,
-                            &id,
-                            created,
-                            &model,
-                            None,
-                            Some(finish_reason),
-                            first,
-                        ))
-                        .to_vec();
+                        let mut out = Vec::new();
+                        // Scores of tokens whose text was never shown.
+                        if !reply.scored.is_empty() {
+                            out.extend_from_slice(&sse(&reply.chunk(Some(""), None, first)));
+                        }
+                        out.extend_from_slice(&sse(&reply.chunk(None, Some(finish_reason), first)));
                         if include_usage {
-                            let u = json!({"id": id, "object": if shape == Shape::Chat { "chat.completion.chunk" } else { "text_completion" },
-                                           "created": created, "model": model, "choices": [], "usage": usage(prompt_tokens, completion_tokens)});
+                            let u = json!({"id": reply.id, "object": if shape == Shape::Chat { "chat.completion.chunk" } else { "text_completion" },
+                                           "created": reply.created, "model": reply.model, "choices": [], "usage": usage(prompt_tokens, completion_tokens)});
                             out.extend_from_slice(&sse(&u));
                         }
                         out.extend_from_slice(b"data: [DONE]\n\n");
@@ -499,19 +569,21 @@ async fn respond(
     let mut text = String::new();
     while let Some(event) = rx.recv().await {
         match event {
+            GenerationEvent::Logprobs(scored) => reply.scored.extend(scored),
             GenerationEvent::Delta(t) => text.push_str(&t),
             GenerationEvent::Done {
                 finish_reason,
                 prompt_tokens,
                 completion_tokens,
             } => {
+                let logprobs = reply.take_logprobs(&text);
                 let choice = match shape {
                     Shape::Chat => {
                         json!({"index": 0, "message": {"role": "assistant", "content": text},
-                                          "logprobs": null, "finish_reason": finish_reason})
+                                          "logprobs": logprobs, "finish_reason": finish_reason})
                     }
                     Shape::Completion => {
-                        json!({"index": 0, "text": text, "logprobs": null, "finish_reason": finish_reason})
+                        json!({"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish_reason})
                     }
                 };
                 let object = if shape == Shape::Chat {
@@ -519,7 +591,7 @@ async fn respond(
                 } else {
                     "text_completion"
                 };
-                return Json(json!({"id": id, "object": object, "created": created, "model": model,
+                return Json(json!({"id": reply.id, "object": object, "created": reply.created, "model": reply.model,
                                    "choices": [choice], "usage": usage(prompt_tokens, completion_tokens)}))
                 .into_response();
             }

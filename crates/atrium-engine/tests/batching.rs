@@ -61,6 +61,7 @@ async fn run(chat: &ChatModel, prompt: Vec<u32>, params: SamplingParams) -> (Str
     while let Some(ev) = rx.recv().await {
         match ev {
             GenerationEvent::Delta(d) => text.push_str(&d),
+            GenerationEvent::Logprobs(_) => panic!("logprobs were not asked for"),
             GenerationEvent::Done { finish_reason, .. } => {
                 return (text, finish_reason.to_string())
             }

@@ -496,6 +496,123 @@ async fn structured_output_always_parses_and_fits_its_schema() {
     assert!(v.to_string().contains("pattern"), "{v}");
 }
 
+/// The data events of a server-sent event stream, before `[DONE]`.
+async fn stream_events(base: &str, path: &str, body: Value) -> Vec<Value> {
+    let text = reqwest::Client::new()
+        .post(format!("{base}{path}"))
+        .json(&body)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    text.split("\n\n")
+        .filter_map(|e| e.strip_prefix("data: "))
+        .filter(|e| *e != "[DONE]")
+        .map(|e| serde_json::from_str(e).unwrap())
+        .collect()
+}
+
+/// `logprobs`: each generated token scored with its alternatives, the
+/// tokens' bytes making up the text; the same scores streamed; the
+/// completions shape with text offsets; and out-of-range asks refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn logprobs_score_each_generated_token_with_its_alternatives() {
+    let base = serve_smollm2(atrium_engine::chat::ChatLimits::new(4, 64)).await;
+    let body = chat_body(
+        "Name three colours.",
+        json!({"max_tokens": 12, "logprobs": true, "top_logprobs": 3}),
+    );
+    let (status, v) = post(&base, "/v1/chat/completions", body.clone()).await;
+    assert_eq!(status, 200, "{v}");
+    let content = v["choices"][0]["message"]["content"].as_str().unwrap();
+    let scored = v["choices"][0]["logprobs"]["content"].as_array().unwrap();
+    assert_eq!(
+        scored.len() as u64,
+        v["usage"]["completion_tokens"].as_u64().unwrap()
+    );
+    let bytes: Vec<u8> = scored
+        .iter()
+        .flat_map(|t| {
+            t["bytes"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|b| b.as_u64().unwrap() as u8)
+        })
+        .collect();
+    assert_eq!(String::from_utf8(bytes).unwrap(), content);
+    for t in scored {
+        let top = t["top_logprobs"].as_array().unwrap();
+        assert_eq!(top.len(), 3, "{t}");
+        let lp = |v: &Value| v["logprob"].as_f64().unwrap();
+        assert!(lp(t) <= 0.0 && lp(&top[0]) >= lp(&top[1]) && lp(&top[1]) >= lp(&top[2]));
+        // Greedy: the token taken is the most likely one.
+        assert_eq!(t["token"], top[0]["token"], "{t}");
+        assert!((lp(t) - lp(&top[0])).abs() < 1e-6, "{t}");
+    }
+
+    let mut streamed = Vec::new();
+    let mut stream = body.clone();
+    stream["stream"] = json!(true);
+    for event in stream_events(&base, "/v1/chat/completions", stream).await {
+        if let Some(c) = event["choices"][0]["logprobs"]["content"].as_array() {
+            streamed.extend(c.iter().cloned());
+        }
+    }
+    assert_eq!(&streamed, scored, "the stream scores the same tokens");
+
+    let (status, c) = post(
+        &base,
+        "/v1/completions",
+        json!({"model": "smol", "prompt": "The colours of the rainbow are", "max_tokens": 6,
+               "temperature": 0, "logprobs": 2}),
+    )
+    .await;
+    assert_eq!(status, 200, "{c}");
+    let lp = &c["choices"][0]["logprobs"];
+    let tokens: String = lp["tokens"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t.as_str().unwrap())
+        .collect();
+    assert_eq!(tokens, c["choices"][0]["text"].as_str().unwrap());
+    let offsets: Vec<u64> = lp["text_offset"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|o| o.as_u64().unwrap())
+        .collect();
+    assert_eq!(offsets[0], 0);
+    assert!(offsets.windows(2).all(|w| w[0] < w[1]), "{offsets:?}");
+    assert!(lp["top_logprobs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|t| t.as_object().unwrap().len() <= 2));
+
+    for (path, extra) in [
+        (
+            "/v1/chat/completions",
+            json!({"logprobs": true, "top_logprobs": 21}),
+        ),
+        ("/v1/chat/completions", json!({"top_logprobs": 2})),
+    ] {
+        let (status, v) = post(&base, path, chat_body("Hi", extra)).await;
+        assert_eq!(status, 400, "{v}");
+        assert!(v.to_string().contains("top_logprobs"), "{v}");
+    }
+    let (status, v) = post(
+        &base,
+        "/v1/completions",
+        json!({"model": "smol", "prompt": "Hi", "logprobs": 6}),
+    )
+    .await;
+    assert_eq!(status, 400, "{v}");
+}
+
 /// `atrium up`, `atrium model pull` and parallel tests may pull the same
 /// model into one cache at once; each must get a whole, loadable file.
 #[test]

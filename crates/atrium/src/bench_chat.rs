@@ -34,6 +34,7 @@ async fn generate(
             GenerationEvent::Delta(_) => {
                 first.get_or_insert_with(|| started.elapsed().as_secs_f64());
             }
+            GenerationEvent::Logprobs(_) => {}
             GenerationEvent::Done {
                 completion_tokens, ..
             } => {
