@@ -15,6 +15,7 @@ mod llama;
 pub mod logprobs;
 pub mod metrics;
 mod q8;
+mod reply;
 pub mod requantize;
 mod server;
 pub mod simulated;

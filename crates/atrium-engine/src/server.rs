@@ -1,10 +1,9 @@
 //! The OpenAI-compatible HTTP surface of one engine.
 
-use std::convert::Infallible;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use axum::body::{Body, Bytes};
+use axum::body::Bytes;
 use axum::extract::{Path, State};
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -16,12 +15,13 @@ use serde_json::{json, Value};
 use tokio::sync::mpsc;
 
 use crate::chat::{GenerationEvent, Message, SamplingParams};
-use crate::logprobs::{self, TokenLogprob, MAX_COMPLETION_LOGPROBS, MAX_TOP_LOGPROBS};
+use crate::logprobs::{MAX_COMPLETION_LOGPROBS, MAX_TOP_LOGPROBS};
+use crate::reply::{self, Asked, Shape};
 use crate::simulated::SimulatedEngine;
 use crate::structured::Grammar;
 use crate::{Engine, EngineError, Loaded};
 
-type Shared = Arc<Engine>;
+pub(crate) type Shared = Arc<Engine>;
 
 /// Largest request body the engine reads.
 const BODY_LIMIT: usize = 4 << 20;
@@ -210,8 +210,10 @@ fn check_model(engine: &Engine, model: &str) -> Result<(), EngineError> {
 }
 
 fn sampling_params(s: &Sampling, default_max: usize) -> Result<SamplingParams, EngineError> {
-    if s.n.is_some_and(|n| n != 1) {
-        return Err(EngineError::BadRequest("n must be 1".into()));
+    if s.n.is_some_and(|n| n == 0 || n > MAX_CHOICES) {
+        return Err(EngineError::BadRequest(format!(
+            "n must be 1 to {MAX_CHOICES}"
+        )));
     }
     let temperature = s.temperature.unwrap_or(1.0);
     if !(0.0..=2.0).contains(&temperature) {
@@ -273,39 +275,56 @@ fn sampling_params(s: &Sampling, default_max: usize) -> Result<SamplingParams, E
     })
 }
 
-fn now_secs() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
-}
+/// The most choices one request may ask for (`n`).
+const MAX_CHOICES: u32 = 16;
 
-fn request_id(prefix: &str) -> String {
-    format!("{prefix}-{:016x}", rand::random::<u64>())
-}
-
-/// Starts generation for a rendered prompt on whichever engine is loaded.
+/// Starts a request's `n` generations of a rendered prompt on whichever
+/// engine is loaded, choice `i` sampling with the seed plus `i` (so the
+/// first is what the request alone would give), their events merged.
 fn start(
     engine: &Engine,
     prompt: &str,
     params: SamplingParams,
-) -> Result<mpsc::Receiver<GenerationEvent>, EngineError> {
-    match &engine.loaded {
-        Loaded::Chat(m) => m.generate(m.encode(prompt)?, params),
-        Loaded::Simulated(s) => {
-            s.generate(SimulatedEngine::count_tokens(prompt), params.max_tokens)
-        }
-        Loaded::Embedding(_) => Err(EngineError::WrongKind(
-            "this engine serves an embedding model; use /v1/embeddings".into(),
-        )),
+    n: usize,
+) -> Result<mpsc::Receiver<(usize, GenerationEvent)>, EngineError> {
+    let tokens = match &engine.loaded {
+        Loaded::Chat(m) => Some(m.encode(prompt)?),
+        _ => None,
+    };
+    let mut receivers = Vec::with_capacity(n);
+    for i in 0..n {
+        let params = SamplingParams {
+            seed: params.seed.wrapping_add(i as u64),
+            ..params.clone()
+        };
+        receivers.push(match (&engine.loaded, &tokens) {
+            (Loaded::Chat(m), Some(tokens)) => m.generate(tokens.clone(), params)?,
+            (Loaded::Simulated(s), _) => {
+                s.generate(SimulatedEngine::count_tokens(prompt), params.max_tokens)?
+            }
+            _ => {
+                return Err(EngineError::WrongKind(
+                    "this engine serves an embedding model; use /v1/embeddings".into(),
+                ))
+            }
+        });
     }
+    Ok(reply::merge(receivers))
 }
 
-/// Which response shape a generation is streamed or collected into.
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Shape {
-    Chat,
-    Completion,
+/// How many choices the request asked for (checked by `sampling_params`).
+fn choices(s: &Sampling) -> usize {
+    s.n.unwrap_or(1) as usize
+}
+
+/// What the request asked of its answer's form.
+fn asked(s: &Sampling, logprobs: bool) -> Asked {
+    Asked {
+        model: s.model.clone(),
+        stream: s.stream,
+        include_usage: s.stream_options.as_ref().is_some_and(|o| o.include_usage),
+        logprobs,
+    }
 }
 
 async fn chat_completions(State(engine): State<Shared>, body: Bytes) -> Response {
@@ -353,12 +372,13 @@ async fn chat_completions(State(engine): State<Shared>, body: Bytes) -> Response
             }
         }
         let logprobs = params.logprobs.is_some();
-        let rx = start(&engine, &prompt, params)?;
-        Ok((rx, req.sampling, logprobs))
+        let n = choices(&req.sampling);
+        let rx = start(&engine, &prompt, params, n)?;
+        Ok((rx, n, asked(&req.sampling, logprobs)))
     }
     .await;
     match result {
-        Ok((rx, sampling, logprobs)) => respond(engine, rx, sampling, Shape::Chat, logprobs).await,
+        Ok((rx, n, asked)) => reply::respond(engine, rx, n, Shape::Chat, asked).await,
         Err(e) => e.into_response(),
     }
 }
@@ -383,224 +403,15 @@ async fn completions(State(engine): State<Shared>, body: Bytes) -> Response {
             )));
         }
         params.logprobs = req.logprobs;
-        let rx = start(&engine, &prompt, params)?;
-        Ok((rx, req.sampling, req.logprobs.is_some()))
+        let n = choices(&req.sampling);
+        let rx = start(&engine, &prompt, params, n)?;
+        Ok((rx, n, asked(&req.sampling, req.logprobs.is_some())))
     }
     .await;
     match result {
-        Ok((rx, sampling, logprobs)) => {
-            respond(engine, rx, sampling, Shape::Completion, logprobs).await
-        }
+        Ok((rx, n, asked)) => reply::respond(engine, rx, n, Shape::Completion, asked).await,
         Err(e) => e.into_response(),
     }
-}
-
-fn usage(prompt: usize, completion: usize) -> Value {
-    json!({"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion})
-}
-
-/// Where a response stands: its id, and for logprobs the scores not yet
-/// sent and (completions) the bytes of text before them.
-struct Reply {
-    shape: Shape,
-    id: String,
-    created: u64,
-    model: String,
-    logprobs: bool,
-    scored: Vec<TokenLogprob>,
-    offset: usize,
-}
-
-impl Reply {
-    /// The logprobs of the scores held, now sent with `text`.
-    fn take_logprobs(&mut self, text: &str) -> Value {
-        if !self.logprobs {
-            return Value::Null;
-        }
-        let scored = std::mem::take(&mut self.scored);
-        let v = match self.shape {
-            Shape::Chat => logprobs::chat_json(&scored),
-            Shape::Completion => logprobs::completion_json(&scored, self.offset),
-        };
-        self.offset += text.len();
-        v
-    }
-
-    fn chunk(&mut self, text: Option<&str>, finish: Option<&str>, first: bool) -> Value {
-        let logprobs = self.take_logprobs(text.unwrap_or(""));
-        let mut c = chunk(
-            self.shape,
-            &self.id,
-            self.created,
-            &self.model,
-            text,
-            finish,
-            first,
-        );
-        c["choices"][0]["logprobs"] = logprobs;
-        c
-    }
-}
-
-fn chunk(
-    shape: Shape,
-    id: &str,
-    created: u64,
-    model: &str,
-    text: Option<&str>,
-    finish: Option<&str>,
-    first: bool,
-) -> Value {
-    match shape {
-        Shape::Chat => {
-            let mut delta = json!({});
-            if first {
-                delta["role"] = json!("assistant");
-            }
-            if let Some(t) = text {
-                delta["content"] = json!(t);
-            }
-            json!({"id": id, "object": "chat.completion.chunk", "created": created, "model": model,
-                   "choices": [{"index": 0, "delta": delta, "logprobs": null, "finish_reason": finish}]})
-        }
-        Shape::Completion => {
-            json!({"id": id, "object": "text_completion", "created": created, "model": model,
-                   "choices": [{"index": 0, "text": text.unwrap_or(""), "logprobs": null, "finish_reason": finish}]})
-        }
-    }
-}
-
-fn sse(value: &Value) -> Bytes {
-    Bytes::from(format!("data: {value}\n\n"))
-}
-
-async fn respond(
-    engine: Shared,
-    mut rx: mpsc::Receiver<GenerationEvent>,
-    sampling: Sampling,
-    shape: Shape,
-    logprobs: bool,
-) -> Response {
-    engine.metrics.requests.fetch_add(1, Ordering::Relaxed);
-    let mut reply = Reply {
-        shape,
-        id: request_id(if shape == Shape::Chat {
-            "chatcmpl"
-        } else {
-            "cmpl"
-        }),
-        created: now_secs(),
-        model: sampling.model.clone(),
-        logprobs,
-        scored: Vec::new(),
-        offset: 0,
-    };
-    if sampling.stream {
-        let include_usage = sampling
-            .stream_options
-            .map(|o| o.include_usage)
-            .unwrap_or(false);
-        let (tx, body_rx) = mpsc::channel::<Result<Bytes, Infallible>>(64);
-        tokio::spawn(async move {
-            let mut first = true;
-            if shape == Shape::Chat {
-                // The role arrives first, as OpenAI sends it.
-                let role = chunk(
-                    shape,
-                    &reply.id,
-                    reply.created,
-                    &reply.model,
-                    Some(""),
-                    None,
-                    true,
-                );
-                let _ = tx.send(Ok(sse(&role))).await;
-                first = false;
-            }
-            while let Some(event) = rx.recv().await {
-                let line = match event {
-                    GenerationEvent::Logprobs(scored) => {
-                        reply.scored.extend(scored);
-                        continue;
-                    }
-                    GenerationEvent::Delta(text) => sse(&reply.chunk(Some(&text), None, first)),
-                    GenerationEvent::Done {
-                        finish_reason,
-                        prompt_tokens,
-                        completion_tokens,
-                    } => {
-                        let mut out = Vec::new();
-                        // Scores of tokens whose text was never shown.
-                        if !reply.scored.is_empty() {
-                            out.extend_from_slice(&sse(&reply.chunk(Some(""), None, first)));
-                        }
-                        out.extend_from_slice(&sse(&reply.chunk(None, Some(finish_reason), first)));
-                        if include_usage {
-                            let u = json!({"id": reply.id, "object": if shape == Shape::Chat { "chat.completion.chunk" } else { "text_completion" },
-                                           "created": reply.created, "model": reply.model, "choices": [], "usage": usage(prompt_tokens, completion_tokens)});
-                            out.extend_from_slice(&sse(&u));
-                        }
-                        out.extend_from_slice(b"data: [DONE]\n\n");
-                        let _ = tx.send(Ok(Bytes::from(out))).await;
-                        return;
-                    }
-                    GenerationEvent::Failed(message) => {
-                        let err = json!({"error": {"message": message, "type": "server_error", "param": null, "code": null}});
-                        let _ = tx.send(Ok(sse(&err))).await;
-                        return;
-                    }
-                };
-                first = false;
-                if tx.send(Ok(line)).await.is_err() {
-                    return;
-                }
-            }
-        });
-        let body = Body::from_stream(tokio_stream::wrappers::ReceiverStream::new(body_rx));
-        return (
-            [
-                (header::CONTENT_TYPE, "text/event-stream"),
-                (header::CACHE_CONTROL, "no-cache"),
-            ],
-            body,
-        )
-            .into_response();
-    }
-    let mut text = String::new();
-    while let Some(event) = rx.recv().await {
-        match event {
-            GenerationEvent::Logprobs(scored) => reply.scored.extend(scored),
-            GenerationEvent::Delta(t) => text.push_str(&t),
-            GenerationEvent::Done {
-                finish_reason,
-                prompt_tokens,
-                completion_tokens,
-            } => {
-                let logprobs = reply.take_logprobs(&text);
-                let choice = match shape {
-                    Shape::Chat => {
-                        json!({"index": 0, "message": {"role": "assistant", "content": text},
-                                          "logprobs": logprobs, "finish_reason": finish_reason})
-                    }
-                    Shape::Completion => {
-                        json!({"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish_reason})
-                    }
-                };
-                let object = if shape == Shape::Chat {
-                    "chat.completion"
-                } else {
-                    "text_completion"
-                };
-                return Json(json!({"id": reply.id, "object": object, "created": reply.created, "model": reply.model,
-                                   "choices": [choice], "usage": usage(prompt_tokens, completion_tokens)}))
-                .into_response();
-            }
-            GenerationEvent::Failed(message) => {
-                return EngineError::Internal(message).into_response()
-            }
-        }
-    }
-    EngineError::Internal("generation ended without a result".into()).into_response()
 }
 
 async fn embeddings(State(engine): State<Shared>, body: Bytes) -> Response {

@@ -178,13 +178,16 @@ async fn smollm2_chats_streams_and_stops() {
         (status, v["error"]["code"].as_str()),
         (404, Some("model_not_found"))
     );
-    let (status, v) = post(
-        &base,
-        "/v1/chat/completions",
-        chat_body("hi", json!({"n": 2})),
-    )
-    .await;
-    assert_eq!(status, 400, "{v}");
+    for n in [0, 17] {
+        let (status, v) = post(
+            &base,
+            "/v1/chat/completions",
+            chat_body("hi", json!({"n": n})),
+        )
+        .await;
+        assert_eq!(status, 400, "{v}");
+        assert!(v.to_string().contains("n must be 1 to 16"), "{v}");
+    }
     // More than the context holds, however large the number (no sum wraps).
     for max_tokens in [json!(5000), json!(u64::MAX)] {
         let (status, v) = post(
@@ -611,6 +614,49 @@ async fn logprobs_score_each_generated_token_with_its_alternatives() {
     )
     .await;
     assert_eq!(status, 400, "{v}");
+}
+
+/// `n` choices: each sampled on its own (choice `i` with the seed plus
+/// `i`, so the first is what the request alone gives), counted together
+/// in the usage, and streamed by index with the same texts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn n_choices_are_sampled_apart_and_streamed_by_index() {
+    let base = serve_smollm2(atrium_engine::chat::ChatLimits::new(8, 64)).await;
+    let body = |n: u32, stream: bool| {
+        chat_body(
+            "Tell me a short story.",
+            json!({"n": n, "temperature": 1.0, "seed": 5, "max_tokens": 12, "stream": stream}),
+        )
+    };
+    let (status, v) = post(&base, "/v1/chat/completions", body(3, false)).await;
+    assert_eq!(status, 200, "{v}");
+    let choices = v["choices"].as_array().unwrap();
+    assert_eq!(choices.len(), 3);
+    let texts: Vec<&str> = choices
+        .iter()
+        .enumerate()
+        .map(|(i, c)| {
+            assert_eq!(c["index"], i);
+            c["message"]["content"].as_str().unwrap()
+        })
+        .collect();
+    assert!(texts[0] != texts[1] || texts[1] != texts[2], "{texts:?}");
+    let (_, alone) = post(&base, "/v1/chat/completions", body(1, false)).await;
+    assert_eq!(alone["choices"][0]["message"]["content"], texts[0]);
+    let completion: u64 = v["usage"]["completion_tokens"].as_u64().unwrap();
+    assert!(completion > alone["usage"]["completion_tokens"].as_u64().unwrap());
+    assert_eq!(v["usage"]["prompt_tokens"], alone["usage"]["prompt_tokens"]);
+
+    let mut streamed = vec![String::new(); 3];
+    let mut finished = 0;
+    for event in stream_events(&base, "/v1/chat/completions", body(3, true)).await {
+        let c = &event["choices"][0];
+        let i = c["index"].as_u64().unwrap() as usize;
+        streamed[i].push_str(c["delta"]["content"].as_str().unwrap_or(""));
+        finished += usize::from(c["finish_reason"].is_string());
+    }
+    assert_eq!(streamed, texts);
+    assert_eq!(finished, 3);
 }
 
 /// `atrium up`, `atrium model pull` and parallel tests may pull the same
