@@ -64,7 +64,8 @@ impl MessageContent {
                 let mut out = String::new();
                 for p in parts {
                     match (p.kind.as_str(), &p.text) {
-                        ("text", Some(t)) => out.push_str(t),
+                        // Chat's parts, and the Responses API's.
+                        ("text" | "input_text" | "output_text", Some(t)) => out.push_str(t),
                         (kind, _) => {
                             return Err(EngineError::BadRequest(format!(
                                 "content part of type {kind:?} is not supported; send text"

@@ -17,6 +17,7 @@ pub mod metrics;
 mod q8;
 mod reply;
 pub mod requantize;
+mod responses;
 mod server;
 pub mod simulated;
 pub mod structured;

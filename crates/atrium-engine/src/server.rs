@@ -17,6 +17,7 @@ use tokio::sync::mpsc;
 use crate::chat::{GenerationEvent, Message, SamplingParams};
 use crate::logprobs::{MAX_COMPLETION_LOGPROBS, MAX_TOP_LOGPROBS};
 use crate::reply::{self, Asked, Shape};
+use crate::responses::{self, ResponsesFields, TextFormat};
 use crate::simulated::SimulatedEngine;
 use crate::structured::Grammar;
 use crate::{Engine, EngineError, Loaded};
@@ -32,6 +33,7 @@ pub fn router(engine: Shared) -> Router {
     Router::new()
         .route("/v1/chat/completions", post(chat_completions))
         .route("/v1/completions", post(completions))
+        .route("/v1/responses", post(responses))
         .route("/v1/embeddings", post(embeddings))
         .route("/v1/models", get(models))
         .route("/v1/models/{id}", get(model))
@@ -156,19 +158,13 @@ struct JsonSchemaFormat {
 
 impl ResponseFormat {
     fn grammar(&self) -> Result<Option<Arc<Grammar>>, EngineError> {
-        Ok(match self {
-            ResponseFormat::Text => None,
-            ResponseFormat::JsonObject
-            | ResponseFormat::JsonSchema {
-                json_schema: JsonSchemaFormat { schema: None },
-            } => Some(Arc::new(Grammar::any_object())),
-            ResponseFormat::JsonSchema {
-                json_schema:
-                    JsonSchemaFormat {
-                        schema: Some(schema),
-                    },
-            } => Some(Arc::new(Grammar::from_schema(schema)?)),
-        })
+        match self {
+            ResponseFormat::Text => Ok(None),
+            ResponseFormat::JsonObject => Grammar::for_json(None).map(Some),
+            ResponseFormat::JsonSchema { json_schema } => {
+                Grammar::for_json(json_schema.schema.as_ref()).map(Some)
+            }
+        }
     }
 }
 
@@ -379,6 +375,48 @@ async fn chat_completions(State(engine): State<Shared>, body: Bytes) -> Response
     .await;
     match result {
         Ok((rx, n, asked)) => reply::respond(engine, rx, n, Shape::Chat, asked).await,
+        Err(e) => e.into_response(),
+    }
+}
+
+/// `POST /v1/responses`: the Responses API on a chat model (`responses`).
+#[derive(Debug, Deserialize)]
+struct ResponsesRequest {
+    #[serde(flatten)]
+    fields: ResponsesFields,
+    #[serde(flatten)]
+    sampling: Sampling,
+}
+
+async fn responses(State(engine): State<Shared>, body: Bytes) -> Response {
+    let result = async {
+        let mut req: ResponsesRequest = parse(&body)?;
+        check_model(&engine, &req.sampling.model)?;
+        let Loaded::Chat(m) = &engine.loaded else {
+            return Err(EngineError::WrongKind(
+                "the Responses API is served by chat models".into(),
+            ));
+        };
+        let prompt = m.render_chat(&req.fields.messages()?)?;
+        req.sampling.max_tokens = req.fields.max_output_tokens;
+        let mut params = sampling_params(&req.sampling, DEFAULT_MAX_TOKENS)?;
+        params.grammar = match req.fields.text.as_ref().and_then(|t| t.format.as_ref()) {
+            None | Some(TextFormat::Text) => None,
+            Some(TextFormat::JsonObject) => Some(Grammar::for_json(None)?),
+            Some(TextFormat::JsonSchema { schema }) => Some(Grammar::for_json(schema.as_ref())?),
+        };
+        let echo = responses::echo(
+            &req.sampling.model,
+            &req.fields,
+            params.temperature,
+            params.top_p,
+        );
+        let rx = start(&engine, &prompt, params, 1)?;
+        Ok((rx, echo, req.sampling.stream))
+    }
+    .await;
+    match result {
+        Ok((rx, echo, stream)) => responses::respond(engine, rx, echo, stream).await,
         Err(e) => e.into_response(),
     }
 }

@@ -137,6 +137,16 @@ impl Grammar {
         Ok(g)
     }
 
+    /// The grammar of JSON output: of `schema`, or any object without one
+    /// (`json_object`, or `json_schema` that gives no schema).
+    pub fn for_json(schema: Option<&Value>) -> Result<std::sync::Arc<Grammar>, EngineError> {
+        let g = match schema {
+            Some(s) => Grammar::from_schema(s)?,
+            None => Grammar::any_object(),
+        };
+        Ok(std::sync::Arc::new(g))
+    }
+
     fn push(&mut self, node: Node) -> NodeId {
         self.nodes.push(node);
         (self.nodes.len() - 1) as NodeId

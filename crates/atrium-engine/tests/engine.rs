@@ -499,7 +499,7 @@ async fn structured_output_always_parses_and_fits_its_schema() {
     assert!(v.to_string().contains("pattern"), "{v}");
 }
 
-/// The data events of a server-sent event stream, before `[DONE]`.
+/// The data of each server-sent event (named or not), before `[DONE]`.
 async fn stream_events(base: &str, path: &str, body: Value) -> Vec<Value> {
     let text = reqwest::Client::new()
         .post(format!("{base}{path}"))
@@ -511,7 +511,7 @@ async fn stream_events(base: &str, path: &str, body: Value) -> Vec<Value> {
         .await
         .unwrap();
     text.split("\n\n")
-        .filter_map(|e| e.strip_prefix("data: "))
+        .filter_map(|e| e.lines().find_map(|l| l.strip_prefix("data: ")))
         .filter(|e| *e != "[DONE]")
         .map(|e| serde_json::from_str(e).unwrap())
         .collect()
@@ -657,6 +657,109 @@ async fn n_choices_are_sampled_apart_and_streamed_by_index() {
     }
     assert_eq!(streamed, texts);
     assert_eq!(finished, 3);
+}
+
+/// The Responses API on the chat model: the same answer as chat for the
+/// same turns, its events in the API's order when streamed, text.format
+/// kept to, and what is not served refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_responses_api_answers_as_chat_does_plain_and_streamed() {
+    let base = serve_smollm2(atrium_engine::chat::ChatLimits::new(4, 64)).await;
+    let (status, chat) = post(
+        &base,
+        "/v1/chat/completions",
+        chat_body("What is the capital of France?", json!({"max_tokens": 20})),
+    )
+    .await;
+    assert_eq!(status, 200, "{chat}");
+    let request = json!({"model": "smol", "instructions": "You are a helpful assistant.",
+        "input": [{"role": "user", "content": [{"type": "input_text",
+                   "text": "What is the capital of France?"}]}],
+        "temperature": 0, "max_output_tokens": 20});
+    let (status, r) = post(&base, "/v1/responses", request.clone()).await;
+    assert_eq!(status, 200, "{r}");
+    assert_eq!(r["object"], "response");
+    let text = r["output"][0]["content"][0]["text"].as_str().unwrap();
+    assert_eq!(
+        text,
+        chat["choices"][0]["message"]["content"].as_str().unwrap()
+    );
+    assert_eq!(r["usage"]["input_tokens"], chat["usage"]["prompt_tokens"]);
+    let cut = chat["choices"][0]["finish_reason"] == "length";
+    assert_eq!(
+        r["status"],
+        if cut { "incomplete" } else { "completed" },
+        "{r}"
+    );
+
+    let mut streamed = request.clone();
+    streamed["stream"] = json!(true);
+    let events = stream_events(&base, "/v1/responses", streamed).await;
+    let kinds: Vec<&str> = events.iter().map(|e| e["type"].as_str().unwrap()).collect();
+    assert_eq!(
+        kinds[..4],
+        [
+            "response.created",
+            "response.in_progress",
+            "response.output_item.added",
+            "response.content_part.added"
+        ]
+    );
+    let last = if cut {
+        "response.incomplete"
+    } else {
+        "response.completed"
+    };
+    assert_eq!(
+        kinds[kinds.len() - 4..],
+        [
+            "response.output_text.done",
+            "response.content_part.done",
+            "response.output_item.done",
+            last
+        ]
+    );
+    let deltas: String = events
+        .iter()
+        .filter(|e| e["type"] == "response.output_text.delta")
+        .map(|e| e["delta"].as_str().unwrap())
+        .collect();
+    assert_eq!(deltas, text);
+    let numbers: Vec<u64> = events
+        .iter()
+        .map(|e| e["sequence_number"].as_u64().unwrap())
+        .collect();
+    assert!(numbers.windows(2).all(|w| w[1] == w[0] + 1), "{numbers:?}");
+    assert_eq!(
+        events.last().unwrap()["response"]["output"][0]["content"][0]["text"],
+        text
+    );
+
+    let shaped = json!({"model": "smol", "input": "A JSON object about Paris, please.",
+        "max_output_tokens": 200, "text": {"format": {"type": "json_schema", "name": "city",
+        "schema": {"type": "object", "properties": {"name": {"type": "string", "maxLength": 20}},
+                   "required": ["name"], "additionalProperties": false}}}});
+    let (status, r) = post(&base, "/v1/responses", shaped).await;
+    assert_eq!(status, 200, "{r}");
+    let doc: Value =
+        serde_json::from_str(r["output"][0]["content"][0]["text"].as_str().unwrap()).unwrap();
+    assert!(doc["name"].is_string(), "{doc}");
+
+    for (extra, word) in [
+        (
+            json!({"previous_response_id": "resp_1"}),
+            "previous_response_id",
+        ),
+        (json!({"tools": [{"type": "web_search"}]}), "tools"),
+    ] {
+        let mut body = request.clone();
+        for (k, v) in extra.as_object().unwrap() {
+            body[k] = v.clone();
+        }
+        let (status, v) = post(&base, "/v1/responses", body).await;
+        assert_eq!(status, 400, "{v}");
+        assert!(v.to_string().contains(word), "{v}");
+    }
 }
 
 /// `atrium up`, `atrium model pull` and parallel tests may pull the same
