@@ -2,7 +2,8 @@
 Python SDK. Usage: python3 tests/openai_e2e.py <data-dir>/demo.json
 
 Tenant A uses its key for chat (streamed and not, structured output
-through the SDK's `parse` helper, and log-probabilities), completions and embeddings; it can neither list, call nor detect tenant B's deployments; and
+through the SDK's `parse` helper, and log-probabilities), the Responses
+API (plain and streamed), completions and embeddings; it can neither list, call nor detect tenant B's deployments; and
 a key revoked through the control plane stops working within 2 seconds.
 Exits non-zero, with the reason, on the first failure.
 """
@@ -88,6 +89,18 @@ def main():
     city = parsed.choices[0].message.parsed
     assert isinstance(city, City), parsed
     assert parsed.choices[0].finish_reason == "stop", parsed
+
+    # The Responses API: the same answer as chat, plain and streamed.
+    resp = ca.responses.create(model=a["chat_model"], instructions="You are a helpful assistant.", input="What is the capital of France?", temperature=0, max_output_tokens=30)
+    assert resp.output_text == answer, (resp.output_text, answer)
+    assert resp.usage.input_tokens == chat.usage.prompt_tokens, resp.usage
+    deltas, final = [], None
+    for event in ca.responses.create(model=a["chat_model"], instructions="You are a helpful assistant.", input="What is the capital of France?", temperature=0, max_output_tokens=30, stream=True):
+        if event.type == "response.output_text.delta":
+            deltas.append(event.delta)
+        elif event.type in ("response.completed", "response.incomplete"):
+            final = event.response
+    assert "".join(deltas) == answer and final is not None and final.output_text == answer, (deltas, final)
 
     # Log-probabilities: each generated token scored, with alternatives.
     scored = ca.chat.completions.create(model=a["chat_model"], messages=question, temperature=0, max_tokens=5, logprobs=True, top_logprobs=2)

@@ -354,7 +354,12 @@ pub async fn start(config: GatewayConfig) -> Result<RunningGateway, GatewayError
 /// The gateway's routes; every answer is counted by route and status, with
 /// the time to the response head (streams continue after it).
 async fn handle(g: Arc<Gateway>, request: Request) -> Response {
-    const PROXIED: [&str; 3] = ["/v1/chat/completions", "/v1/completions", "/v1/embeddings"];
+    const PROXIED: [&str; 4] = [
+        "/v1/chat/completions",
+        "/v1/completions",
+        "/v1/embeddings",
+        "/v1/responses",
+    ];
     const READ_ONLY: [&str; 4] = ["/v1/models", "/healthz", "/readyz", "/metrics"];
     let started = Instant::now();
     let path = request.head.path.as_str();

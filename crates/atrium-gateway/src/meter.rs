@@ -47,11 +47,7 @@ impl UsageBound {
                 completion: 0,
             };
         }
-        let asked = request
-            .get("max_completion_tokens")
-            .or_else(|| request.get("max_tokens"))
-            .and_then(request::as_u64)
-            .or(set_max);
+        let asked = request.max_output().or(set_max);
         let choices = request
             .get("n")
             .and_then(request::as_u64)
@@ -81,21 +77,30 @@ impl UsageBound {
     }
 }
 
-/// The `usage` of an OpenAI response or stream chunk. Typed, so the rest
-/// of the document is skipped rather than built.
+/// The `usage` of an OpenAI response or stream chunk — chat's and
+/// completions' `prompt_tokens`/`completion_tokens`, or the Responses
+/// API's `input_tokens`/`output_tokens`, also inside the `response` its
+/// last stream event carries. Typed, so the rest of the document is
+/// skipped rather than built.
 pub fn usage_of(json: &[u8]) -> Option<(i64, i64)> {
     #[derive(serde::Deserialize)]
     struct Usage {
-        #[serde(default)]
+        #[serde(default, alias = "input_tokens")]
         prompt_tokens: i64,
-        #[serde(default)]
+        #[serde(default, alias = "output_tokens")]
         completion_tokens: i64,
+    }
+    #[derive(serde::Deserialize)]
+    struct Inner {
+        usage: Option<Usage>,
     }
     #[derive(serde::Deserialize)]
     struct WithUsage {
         usage: Option<Usage>,
+        response: Option<Inner>,
     }
-    let u = serde_json::from_slice::<WithUsage>(json).ok()?.usage?;
+    let w = serde_json::from_slice::<WithUsage>(json).ok()?;
+    let u = w.usage.or(w.response.and_then(|r| r.usage))?;
     Some((u.prompt_tokens, u.completion_tokens))
 }
 
@@ -195,6 +200,24 @@ mod tests {
         );
         let embed = serde_json::json!({"model": "e", "input": "x", "max_tokens": 9});
         assert_eq!(bound_of(Kind::Embedding, embed, None).completion, 0);
+    }
+
+    /// A response is bounded by `max_output_tokens` (never by a chat
+    /// field it does not have), and its usage is read in both of the
+    /// Responses API's places: the body, and its stream's last event.
+    #[test]
+    fn a_response_is_bounded_and_read_by_the_responses_apis_own_fields() {
+        let r = serde_json::json!({"model": "m", "input": "hi", "max_output_tokens": 12,
+            "max_completion_tokens": 99});
+        assert_eq!(bound_of(Kind::Response, r, None).completion, 12);
+        let body = br#"{"object":"response","usage":{"input_tokens":5,"output_tokens":7,"total_tokens":12}}"#;
+        assert_eq!(usage_of(body), Some((5, 7)));
+        let last = br#"{"type":"response.completed","response":{"usage":{"input_tokens":3,"output_tokens":4}}}"#;
+        assert_eq!(usage_of(last), Some((3, 4)));
+        let first = br#"{"type":"response.created","response":{"usage":null}}"#;
+        assert_eq!(usage_of(first), None);
+        let delta = br#"{"type":"response.output_text.delta","delta":"Hi"}"#;
+        assert_eq!(usage_of(delta), None);
     }
 
     #[test]

@@ -85,14 +85,16 @@ fn admit<'r>(
     let kind = match route {
         "/v1/embeddings" => Kind::Embedding,
         "/v1/completions" => Kind::Completion,
+        "/v1/responses" => Kind::Response,
         _ => Kind::Chat,
     };
     let parsed = ProxyRequest::parse(raw, kind).map_err(Refusal::BadRequest)?;
     let model = parsed.model().to_string();
     let mut body = Outgoing::new(raw.clone(), parsed);
     let streaming = body.request().streams();
-    // Metering needs the token counts of streamed answers too.
-    if streaming && kind != Kind::Embedding {
+    // Metering needs the token counts of streamed answers too (a
+    // response's stream ends with them anyway).
+    if streaming && matches!(kind, Kind::Chat | Kind::Completion) {
         body.set(
             "stream_options",
             &IncludeUsage {
@@ -110,7 +112,7 @@ fn admit<'r>(
         None => (0, None),
     };
     if let Some(m) = set_max {
-        body.set("max_tokens", &m);
+        body.set(kind.max_output_field(), &m);
     }
     let bound = UsageBound::of(raw.len(), body.request(), set_max);
     let scopes = [
@@ -247,7 +249,12 @@ fn fill_sampling(body: &mut Outgoing<'_>, sampling: SamplingDefaults) {
         ("presence_penalty", sampling.presence_penalty),
         ("frequency_penalty", sampling.frequency_penalty),
     ];
-    for (key, default) in fields {
+    // The Responses API has no penalties: a stricter upstream would refuse them.
+    let taken = match body.request().kind() {
+        Kind::Response => 2,
+        _ => fields.len(),
+    };
+    for (key, default) in fields.into_iter().take(taken) {
         let Some(value) = default else { continue };
         if body.request().get(key).is_none_or(|v| v.get() == "null") {
             body.set(key, &value);
@@ -465,10 +472,7 @@ pub fn token_estimate(body: &ProxyRequest<'_>, limits_cap: Option<u64>) -> (u64,
         (bytes, None) => bytes,
     };
     let choices = body.get("n").and_then(request::as_u64).unwrap_or(1).max(1);
-    let asked = body
-        .get("max_completion_tokens")
-        .or_else(|| body.get("max_tokens"))
-        .and_then(request::as_u64);
+    let asked = body.max_output();
     let is_embedding = body.kind() == Kind::Embedding;
     let (completion, set) = match (asked, is_embedding) {
         (_, true) => (0, None),

@@ -33,6 +33,19 @@ pub enum Kind {
     Completion,
     /// `/v1/embeddings`: the input is `input`; nothing is generated.
     Embedding,
+    /// `/v1/responses`: the prompt is `input` (text, or messages as chat's)
+    /// after `instructions`; at most `max_output_tokens` are generated.
+    Response,
+}
+
+impl Kind {
+    /// The field that bounds what is generated.
+    pub fn max_output_field(self) -> &'static str {
+        match self {
+            Kind::Response => "max_output_tokens",
+            _ => "max_tokens",
+        }
+    }
 }
 
 /// A proxied request's body: its fields, in the client's order, as the
@@ -74,10 +87,18 @@ impl PromptText {
         let field = match kind {
             Kind::Chat => "messages",
             Kind::Completion => "prompt",
-            Kind::Embedding => "input",
+            Kind::Embedding | Kind::Response => "input",
         };
+        if kind == Kind::Response {
+            // The instructions are the first thing the model reads.
+            if let Some(i) = last(fields, "instructions").and_then(as_str) {
+                prompt.bytes = i.len() as u64;
+                prompt.push(&i);
+            }
+        }
+        let messages_in = matches!(kind, Kind::Chat | Kind::Response);
         let read = match last(fields, field) {
-            Some(messages) if kind == Kind::Chat && messages.get().starts_with('[') => {
+            Some(messages) if messages_in && messages.get().starts_with('[') => {
                 let read = serde_json::from_str::<Vec<Message<'_>>>(messages.get());
                 read.map(|list| {
                     prompt.messages = Some(list.len() as u64);
@@ -92,7 +113,7 @@ impl PromptText {
             }
             Some(raw) => serde_json::from_str::<Content<'_>>(raw.get())
                 .map(|c| {
-                    prompt.bytes = c.bytes;
+                    prompt.bytes = prompt.bytes.saturating_add(c.bytes);
                     c.pieces.iter().for_each(|p| prompt.push(p));
                 })
                 .map_err(|_| raw),
@@ -205,6 +226,15 @@ impl<'a> ProxyRequest<'a> {
     /// Every field, in the client's order.
     pub fn fields(&self) -> &[(Cow<'a, str>, &'a RawValue)] {
         &self.fields
+    }
+
+    /// What bounds the output: `max_completion_tokens`, else the route's
+    /// own field (`max_tokens`, or a response's `max_output_tokens`).
+    pub fn max_output(&self) -> Option<u64> {
+        self.get("max_completion_tokens")
+            .filter(|_| self.kind != Kind::Response)
+            .or_else(|| self.get(self.kind.max_output_field()))
+            .and_then(as_u64)
     }
 
     /// Bytes of prompt text, and how many chat messages carry it (`None`
@@ -529,6 +559,30 @@ mod tests {
             messages,
             String::from_utf8_lossy(r.prompt_prefix()).into_owned(),
         )
+    }
+
+    /// A response's prompt is its instructions, then its input: text, or
+    /// messages with the Responses API's parts.
+    #[test]
+    fn a_responses_prompt_is_its_instructions_then_its_input() {
+        use serde_json::json;
+        let text = json!({"model": "m", "instructions": "Be brief.", "input": "Hi"});
+        assert_eq!(
+            prompt(Kind::Response, text),
+            (11, None, "Be brief.Hi".into())
+        );
+        let items = json!({"model": "m", "input": [
+            {"role": "user", "content": [{"type": "input_text", "text": "abc"}]}]});
+        assert_eq!(
+            prompt(Kind::Response, items),
+            (3, Some(1), "user\nabc".into())
+        );
+        let r = ProxyRequest::parse(
+            br#"{"model":"m","input":"x","max_output_tokens":5}"#,
+            Kind::Response,
+        )
+        .unwrap();
+        assert_eq!(r.max_output(), Some(5));
     }
 
     #[test]
