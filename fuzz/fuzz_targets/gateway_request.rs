@@ -46,7 +46,7 @@ fuzz_target!(|data: &[u8]| {
         }
     }
     // The route decides the kind; any body may arrive on any route.
-    let kind = [Kind::Chat, Kind::Completion, Kind::Embedding][data.len() % 3];
+    let kind = [Kind::Chat, Kind::Completion, Kind::Embedding, Kind::Response][data.len() % 4];
     let Ok(request) = ProxyRequest::parse(data, kind) else {
         return;
     };
