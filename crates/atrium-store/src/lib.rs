@@ -149,6 +149,26 @@ impl Store {
         Ok(store)
     }
 
+    /// Writes a consistent copy of a SQLite store to `path` (which must not
+    /// exist) while it serves: `VACUUM INTO` reads one snapshot, so writes
+    /// go on beside it and none is half in the copy. PostgreSQL is copied
+    /// with its own tools (`pg_dump`), not through here.
+    pub async fn backup_sqlite(&self, path: &std::path::Path) -> Result<(), StoreError> {
+        if self.inner.backend != Backend::Sqlite {
+            return Err(StoreError::UnsupportedUrl(
+                "a PostgreSQL store is backed up with pg_dump".into(),
+            ));
+        }
+        let path = path.to_str().ok_or_else(|| {
+            StoreError::UnsupportedUrl(format!("{}: not a UTF-8 path", path.display()))
+        })?;
+        sqlx::query("VACUUM INTO ?")
+            .bind(path)
+            .execute(&self.inner.pool)
+            .await?;
+        Ok(())
+    }
+
     pub fn backend(&self) -> Backend {
         self.inner.backend
     }

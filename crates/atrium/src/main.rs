@@ -6,6 +6,7 @@
 // Parsed once per process: the size of a command enum does not matter.
 #![allow(clippy::large_enum_variant)]
 
+mod backup;
 mod bench;
 mod bench_chat;
 mod bench_gateway;
@@ -159,6 +160,9 @@ enum Command {
     /// Measure this machine: prints a table and writes JSON.
     #[command(subcommand)]
     Bench(BenchCmd),
+    /// Back up and restore the control plane's database.
+    #[command(subcommand)]
+    Admin(backup::AdminCmd),
     /// Serve one model over the OpenAI API (the agent runs this per replica).
     Engine(EngineArgs),
     /// Run a command in a workload sandbox (the agent runs engines so).
@@ -523,6 +527,9 @@ async fn run(cli: Cli) -> Result<()> {
             .await?
         }
         Command::Sim(args) => local::sim(args, cli.global.output.unwrap_or(Output::Table)),
+        Command::Admin(cmd) => {
+            backup::run(cmd, &data_dir.unwrap_or_else(config::default_data_dir)).await
+        }
         Command::SampleTrace(args) => local::sample_trace(args),
         Command::Node(NodeCmd::Isolation { tenant_network }) => {
             let octet =
@@ -647,6 +654,7 @@ async fn client_command(ctx: &Ctx, command: Command) -> Result<()> {
         | Command::Agent(_)
         | Command::Gateway(_)
         | Command::Sim(_)
+        | Command::Admin(_)
         | Command::SampleTrace(_)
         | Command::Bench(_) => bail!("server commands are not client commands"),
     }
