@@ -73,7 +73,15 @@ pub struct SamplingDefaults {
     pub presence_penalty: Option<f64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub frequency_penalty: Option<f64>,
+    /// The most tokens an answer gets when its request sets no bound
+    /// (`max_tokens`, `max_completion_tokens`, a response's
+    /// `max_output_tokens`); 1 to 1,048,576.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_tokens: Option<u32>,
 }
+
+/// The largest `sampling.max_tokens` a deployment may set.
+pub const MAX_DEFAULT_MAX_TOKENS: u32 = 1 << 20;
 
 impl SamplingDefaults {
     pub fn is_empty(&self) -> bool {
@@ -99,6 +107,15 @@ impl SamplingDefaults {
             if let Some(p) = penalty.filter(|p| !(-2.0..=2.0).contains(p)) {
                 errors.push(field, format!("{p} is outside -2 to 2"));
             }
+        }
+        if let Some(m) = self
+            .max_tokens
+            .filter(|m| !(1..=MAX_DEFAULT_MAX_TOKENS).contains(m))
+        {
+            errors.push(
+                "sampling.max_tokens",
+                format!("{m} is outside 1 to {MAX_DEFAULT_MAX_TOKENS}"),
+            );
         }
     }
 }
@@ -264,11 +281,13 @@ mod tests {
         s.sampling.temperature = Some(2.5);
         s.sampling.top_p = Some(0.0);
         s.sampling.frequency_penalty = Some(-2.5);
+        s.sampling.max_tokens = Some(0);
         let errors = format!("{:?}", s.validate().unwrap_err());
         for field in [
             "sampling.temperature",
             "sampling.top_p",
             "sampling.frequency_penalty",
+            "sampling.max_tokens",
         ] {
             assert!(errors.contains(field), "{field} missing from {errors}");
         }
@@ -277,6 +296,7 @@ mod tests {
             top_p: Some(0.9),
             presence_penalty: Some(0.5),
             frequency_penalty: None,
+            max_tokens: Some(256),
         };
         assert!(s.validate().is_ok());
         let typo = serde_json::json!({"model": "m", "engine": "simulated", "replicas": {"min": 1, "max": 1},

@@ -65,6 +65,9 @@ struct Admitted<'r> {
     model: String,
     body: Outgoing<'r>,
     streaming: bool,
+    /// The output bound the gateway set under a token limit, when the
+    /// client set none.
+    set_max: Option<u64>,
     /// What the upstream's usage is checked against before it is billed.
     bound: UsageBound,
     ticket: Option<limits::Ticket>,
@@ -143,6 +146,7 @@ fn admit<'r>(
         model,
         body,
         streaming,
+        set_max,
         bound,
         ticket,
     })
@@ -186,7 +190,7 @@ async fn send(
             .ok_or_else(|| Refusal::ModelNotFound(a.model.clone()))?;
         // Once: a retry goes to another replica of the same deployment.
         if tried.is_empty() && a.kind != Kind::Embedding {
-            fill_sampling(&mut a.body, sampling);
+            fill_sampling(&mut a.body, sampling, a.set_max);
         }
         let dest = destination(g, a, &salt, target, &tried).await?;
         let text = encoded.get_or_insert_with(|| a.body.encode()).clone();
@@ -241,8 +245,15 @@ async fn send(
 }
 
 /// The deployment's sampling defaults for the fields the client left out
-/// or sent as `null` (OpenAI's clients send `null` for "not given").
-fn fill_sampling(body: &mut Outgoing<'_>, sampling: SamplingDefaults) {
+/// or sent as `null` (OpenAI's clients send `null` for "not given"). Its
+/// output bound applies where the client set none, within the one the
+/// gateway set (`set_max`) to reserve a token limit's budget.
+fn fill_sampling(body: &mut Outgoing<'_>, sampling: SamplingDefaults, set_max: Option<u64>) {
+    if let (Some(default), None) = (sampling.max_tokens, body.request().max_output()) {
+        let bound = set_max.map_or(u64::from(default), |m| m.min(u64::from(default)));
+        let field = body.request().kind().max_output_field();
+        body.set(field, &bound);
+    }
     let fields = [
         ("temperature", sampling.temperature),
         ("top_p", sampling.top_p),
@@ -494,6 +505,45 @@ pub fn token_estimate(body: &ProxyRequest<'_>, limits_cap: Option<u64>) -> (u64,
 mod tests {
     use super::*;
     use serde_json::{json, Value};
+
+    /// What goes upstream for `body` after the deployment's defaults, when
+    /// the gateway bounded it at `set_max` under a token limit.
+    fn filled(body: Value, set_max: Option<u64>) -> Value {
+        let kind = if body.get("input").is_some() {
+            Kind::Response
+        } else {
+            Kind::Chat
+        };
+        let raw = Bytes::from(body.to_string());
+        let request = ProxyRequest::parse(&raw, kind).unwrap();
+        let mut out = Outgoing::new(raw.clone(), request);
+        if let Some(m) = set_max {
+            out.set(kind.max_output_field(), &m);
+        }
+        let defaults = SamplingDefaults {
+            max_tokens: Some(64),
+            ..SamplingDefaults::default()
+        };
+        fill_sampling(&mut out, defaults, set_max);
+        serde_json::from_slice(&out.encode()).unwrap()
+    }
+
+    #[test]
+    fn a_deployments_output_bound_fills_only_unbounded_requests_within_the_gateways() {
+        let chat = json!({"model": "m", "messages": []});
+        assert_eq!(filled(chat.clone(), None)["max_tokens"], 64);
+        // Under a token limit the gateway bounded it already: the smaller wins.
+        assert_eq!(filled(chat.clone(), Some(4096))["max_tokens"], 64);
+        assert_eq!(filled(chat, Some(10))["max_tokens"], 10);
+        let asked = json!({"model": "m", "messages": [], "max_tokens": 500});
+        assert_eq!(filled(asked, None)["max_tokens"], 500);
+        let null = json!({"model": "m", "messages": [], "max_tokens": null});
+        assert_eq!(filled(null, None)["max_tokens"], 64);
+        let response = json!({"model": "m", "input": "hi"});
+        let sent = filled(response, None);
+        assert_eq!(sent["max_output_tokens"], 64);
+        assert!(sent.get("max_tokens").is_none(), "{sent}");
+    }
 
     fn estimate(body: Value, cap: Option<u64>) -> (u64, Option<u64>) {
         let text = body.to_string();

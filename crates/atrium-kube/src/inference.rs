@@ -124,11 +124,22 @@ pub fn deployment_of(isvc: &Value) -> Result<DeploymentSpec, KubeError> {
             .map(Some)
             .ok_or_else(|| invalid(isvc, format!("spec.sampling.{field}: must be a number"))),
     };
+    let max_tokens = match isvc.pointer("/spec/sampling/maxTokens") {
+        None | Some(Value::Null) => None,
+        Some(v) => Some(
+            v.as_u64()
+                .and_then(|n| u32::try_from(n).ok())
+                .ok_or_else(|| {
+                    invalid(isvc, "spec.sampling.maxTokens: must be a positive integer")
+                })?,
+        ),
+    };
     let sampling = SamplingDefaults {
         temperature: sampling_field("temperature")?,
         top_p: sampling_field("topP")?,
         presence_penalty: sampling_field("presencePenalty")?,
         frequency_penalty: sampling_field("frequencyPenalty")?,
+        max_tokens,
     };
     let deployment = DeploymentSpec {
         model,
@@ -190,10 +201,11 @@ pub fn schema() -> Value {
                                   "type": "object", "additionalProperties": {"type": "string"}},
                     "sites": {"description": "Sites the replicas may run in; any permitted site when empty.",
                               "type": "array", "items": {"type": "string"}},
-                    "sampling": {"description": "What requests that leave them out get: temperature (0 to 2), topP (above 0, at most 1), presencePenalty and frequencyPenalty (-2 to 2).",
+                    "sampling": {"description": "What requests that leave them out get: temperature (0 to 2), topP (above 0, at most 1), presencePenalty and frequencyPenalty (-2 to 2), maxTokens (the most tokens an answer gets when its request sets no bound).",
                                  "type": "object",
                                  "properties": {"temperature": {"type": "number"}, "topP": {"type": "number"},
-                                                "presencePenalty": {"type": "number"}, "frequencyPenalty": {"type": "number"}}},
+                                                "presencePenalty": {"type": "number"}, "frequencyPenalty": {"type": "number"},
+                                                "maxTokens": {"type": "integer"}}},
                 },
             },
             "status": {

@@ -59,6 +59,7 @@ pub const SMOLLM2_SAMPLING: SamplingDefaults = SamplingDefaults {
     top_p: Some(0.9),
     presence_penalty: None,
     frequency_penalty: None,
+    max_tokens: None,
 };
 
 /// One replica of `model` in this machine's site.

@@ -843,8 +843,8 @@ fn a_deployments_sampling_defaults_fill_only_what_requests_leave_out() {
     let plane = Plane::start();
     let (tuned, plain) = (Upstream::start(), Upstream::start());
     let key = plane.tenant("acme", json!({}), json!({}));
-    let defaults =
-        json!({"sampling": {"temperature": 0.2, "top_p": 0.9, "frequency_penalty": -0.5}});
+    let defaults = json!({"sampling": {"temperature": 0.2, "top_p": 0.9,
+        "frequency_penalty": -0.5, "max_tokens": 64}});
     plane.deploy_with("acme", "tuned", std::slice::from_ref(&tuned.url), defaults);
     plane.deploy("acme", "plain", std::slice::from_ref(&plain.url));
     let gw = plane.gateway(&plane.dir.path().join("gw"));
@@ -854,7 +854,8 @@ fn a_deployments_sampling_defaults_fill_only_what_requests_leave_out() {
     let messages = json!([{"role": "user", "content": "Hello!"}]);
     for body in [
         json!({"model": "tuned", "messages": messages}),
-        json!({"model": "tuned", "messages": messages, "temperature": 1.3, "top_p": null}),
+        json!({"model": "tuned", "messages": messages, "temperature": 1.3, "top_p": null,
+               "max_completion_tokens": 500}),
         json!({"model": "plain", "messages": messages}),
     ] {
         let (status, v, _) = chat(&http, &gw.url, &key, &body);
@@ -866,6 +867,10 @@ fn a_deployments_sampling_defaults_fill_only_what_requests_leave_out() {
         (&json!(0.2), &json!(0.9))
     );
     assert_eq!(sent[0]["frequency_penalty"], json!(-0.5));
+    // An answer's bound where the request set none; never over the client's.
+    assert_eq!(sent[0]["max_tokens"], json!(64));
+    assert!(sent[1].get("max_tokens").is_none(), "{}", sent[1]);
+    assert_eq!(sent[1]["max_completion_tokens"], json!(500));
     assert!(sent[0].get("presence_penalty").is_none(), "{}", sent[0]);
     // The client's own value stays; its null means "not given".
     assert_eq!(

@@ -48,6 +48,9 @@ pub enum DeployCmd {
         /// frequency_penalty for requests that leave it out (-2 to 2)
         #[arg(long, allow_negative_numbers = true)]
         frequency_penalty: Option<f64>,
+        /// The most tokens an answer gets when its request sets no bound
+        #[arg(long)]
+        max_tokens: Option<u32>,
         #[arg(long)]
         tenant: Option<String>,
         #[command(flatten)]
@@ -87,6 +90,7 @@ pub async fn run(ctx: &Ctx, cmd: DeployCmd) -> Result<()> {
             top_p,
             presence_penalty,
             frequency_penalty,
+            max_tokens,
             tenant,
             from,
         } => {
@@ -110,6 +114,7 @@ pub async fn run(ctx: &Ctx, cmd: DeployCmd) -> Result<()> {
                         top_p,
                         presence_penalty,
                         frequency_penalty,
+                        max_tokens,
                     },
                 })
             })
