@@ -124,6 +124,8 @@ def main():
     # Tenant A sees only its own models, and B's are invisible to it.
     listed = sorted(m.id for m in ca.models.list())
     assert listed == sorted([a["chat_model"], a["embedding_model"]]), listed
+    assert ca.models.retrieve(a["chat_model"]).id == a["chat_model"]
+    expect_not_found(lambda: ca.models.retrieve(b["chat_model"]), "retrieve")
     expect_not_found(lambda: ca.chat.completions.create(model=b["chat_model"], messages=question, max_tokens=5), "chat")
     expect_not_found(lambda: ca.embeddings.create(model=b["embedding_model"], input="x"), "embeddings")
     expect_not_found(lambda: ca.chat.completions.create(model="no-such-model", messages=question, max_tokens=5), "missing")
