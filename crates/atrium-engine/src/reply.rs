@@ -164,7 +164,7 @@ impl Reply {
     }
 }
 
-fn now_secs() -> u64 {
+pub(crate) fn now_secs() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs())
@@ -212,7 +212,7 @@ pub(crate) async fn respond(
         }
         return EngineError::Internal("generation ended without a result".into()).into_response();
     }
-    let (tx, body_rx) = mpsc::channel::<Result<Bytes, Infallible>>(64);
+    let (tx, response) = event_stream();
     tokio::spawn(async move {
         if shape == Shape::Chat {
             // Each choice's role arrives first, as OpenAI sends it.
@@ -269,15 +269,22 @@ pub(crate) async fn respond(
             }
         }
     });
+    response
+}
+
+/// A server-sent event stream: what is sent on the channel is the body.
+pub(crate) fn event_stream() -> (mpsc::Sender<Result<Bytes, Infallible>>, Response) {
+    let (tx, body_rx) = mpsc::channel::<Result<Bytes, Infallible>>(64);
     let body = Body::from_stream(tokio_stream::wrappers::ReceiverStream::new(body_rx));
-    (
+    let response = (
         [
             (header::CONTENT_TYPE, "text/event-stream"),
             (header::CACHE_CONTROL, "no-cache"),
         ],
         body,
     )
-        .into_response()
+        .into_response();
+    (tx, response)
 }
 
 impl Reply {

@@ -9,11 +9,9 @@
 //! conversation), and `store` is answered `false`. Tools are refused
 //! rather than ignored.
 
-use std::convert::Infallible;
 use std::sync::atomic::Ordering;
 
-use axum::body::{Body, Bytes};
-use axum::http::header;
+use axum::body::Bytes;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::Deserialize;
@@ -21,6 +19,7 @@ use serde_json::{json, Value};
 use tokio::sync::mpsc;
 
 use crate::chat::{GenerationEvent, Message, MessageContent};
+use crate::reply;
 use crate::server::Shared;
 use crate::EngineError;
 
@@ -210,14 +209,10 @@ pub(crate) async fn respond(
     stream: bool,
 ) -> Response {
     engine.metrics.requests.fetch_add(1, Ordering::Relaxed);
-    let created_at = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
     let mut answer = Answer {
         id: hex_id("resp"),
         item: hex_id("msg"),
-        created_at,
+        created_at: reply::now_secs(),
         echo,
         text: String::new(),
         sequence: 0,
@@ -240,7 +235,7 @@ pub(crate) async fn respond(
         }
         return EngineError::Internal("generation ended without a result".into()).into_response();
     }
-    let (tx, body_rx) = mpsc::channel::<Result<Bytes, Infallible>>(64);
+    let (tx, response) = reply::event_stream();
     tokio::spawn(async move {
         let mut start = Vec::new();
         let pending = json!({"response": answer.response(None)});
@@ -300,13 +295,5 @@ pub(crate) async fn respond(
             }
         }
     });
-    let body = Body::from_stream(tokio_stream::wrappers::ReceiverStream::new(body_rx));
-    (
-        [
-            (header::CONTENT_TYPE, "text/event-stream"),
-            (header::CACHE_CONTROL, "no-cache"),
-        ],
-        body,
-    )
-        .into_response()
+    response
 }
