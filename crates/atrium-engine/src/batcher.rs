@@ -78,6 +78,9 @@ struct Sequence {
     matcher: Option<Matcher>,
     /// Scores of tokens not yet sent with a delta.
     scored: Vec<TokenLogprob>,
+    /// How often each generated token appeared, kept as they come (only
+    /// when penalties ask for it) rather than recounted every step.
+    generated: HashMap<u32, u32>,
     detok: Detokenizer,
     events: mpsc::Sender<GenerationEvent>,
     completion: usize,
@@ -86,18 +89,15 @@ struct Sequence {
 }
 
 impl Sequence {
+    fn penalised(&self) -> bool {
+        self.params.presence_penalty != 0.0 || self.params.frequency_penalty != 0.0
+    }
+
     /// Lowers the logits of tokens already generated, as OpenAI's presence
     /// and frequency penalties do (the prompt's tokens are not counted).
     fn penalise(&self, logits: &mut [f32]) {
         let (presence, frequency) = (self.params.presence_penalty, self.params.frequency_penalty);
-        if presence == 0.0 && frequency == 0.0 {
-            return;
-        }
-        let mut counts: HashMap<u32, u32> = HashMap::new();
-        for &t in self.tokens.get(self.prompt_len..).unwrap_or_default() {
-            *counts.entry(t).or_default() += 1;
-        }
-        for (t, n) in counts {
+        for (&t, &n) in &self.generated {
             if let Some(l) = logits.get_mut(t as usize) {
                 *l -= presence + frequency * n as f32;
             }
@@ -133,6 +133,7 @@ impl Sequence {
             sampler: LogitsProcessor::from_sampling(params.seed, sampling),
             matcher: params.grammar.as_ref().map(|g| g.start()),
             scored: Vec::new(),
+            generated: HashMap::new(),
             detok: Detokenizer::new(params.stop.clone()),
             params,
             events,
@@ -351,7 +352,7 @@ impl Batcher {
                 candle_core::bail!("the model returned too few logits");
             };
             seq.penalise(&mut row);
-            let Some(next) = self.sample(seq, &row)? else {
+            let Some(next) = self.sample(seq, &mut row)? else {
                 finished.push((i, Some(("stop", true))));
                 continue;
             };
@@ -399,16 +400,20 @@ impl Batcher {
     /// masking first would (exactly so without top_p, whose nucleus is
     /// taken from the row as it stands), and the vocabulary is walked only
     /// when the model keeps reaching outside the grammar.
-    fn sample(&self, seq: &mut Sequence, row: &[f32]) -> candle_core::Result<Option<u32>> {
+    ///
+    /// `row` is taken (left empty) when nothing reads it afterwards: no
+    /// grammar and no logprobs, the common case, costs no copy of it.
+    fn sample(&self, seq: &mut Sequence, row: &mut Vec<f32>) -> candle_core::Result<Option<u32>> {
         const STRIKES: usize = 8;
         let len = row.len();
         let Some((grammar, matcher)) = seq.params.grammar.clone().zip(seq.matcher.take()) else {
-            return seq
-                .sampler
-                .sample(&Tensor::from_slice(row, len, &Device::Cpu)?)
-                .map(Some);
+            let logits = match seq.params.logprobs {
+                None => Tensor::from_vec(std::mem::take(row), len, &Device::Cpu)?,
+                Some(_) => Tensor::from_slice(row, len, &Device::Cpu)?,
+            };
+            return seq.sampler.sample(&logits).map(Some);
         };
-        let mut row = row.to_vec();
+        let mut row = row.clone();
         let after = |token: u32| -> Option<Matcher> {
             if self.eos.contains(&token) {
                 return matcher.can_end().then(|| matcher.clone());
@@ -484,7 +489,8 @@ impl Batcher {
         }
         seq.completion += 1;
         let (delta, stopped) = seq.detok.push(&self.tokenizer, next);
-        // The channel holds max_tokens + a few events, so it is never full.
+        // The channel holds a delta and a logprobs event per token and a few
+        // more (chat::generate), so it is never full.
         if !delta.is_empty()
             && (Self::send_scores(seq).is_err()
                 || seq.events.try_send(GenerationEvent::Delta(delta)).is_err())
@@ -504,6 +510,9 @@ impl Batcher {
             }
         }
         seq.tokens.push(next);
+        if seq.penalised() {
+            *seq.generated.entry(next).or_default() += 1;
+        }
         Outcome::Continue
     }
 
