@@ -254,19 +254,19 @@ fn fill_sampling(body: &mut Outgoing<'_>, sampling: SamplingDefaults, set_max: O
         let field = body.request().kind().max_output_field();
         body.set(field, &bound);
     }
+    // (field, default, whether the Responses API has it: it has no
+    // penalties, and a stricter upstream would refuse them).
     let fields = [
-        ("temperature", sampling.temperature),
-        ("top_p", sampling.top_p),
-        ("presence_penalty", sampling.presence_penalty),
-        ("frequency_penalty", sampling.frequency_penalty),
+        ("temperature", sampling.temperature, true),
+        ("top_p", sampling.top_p, true),
+        ("presence_penalty", sampling.presence_penalty, false),
+        ("frequency_penalty", sampling.frequency_penalty, false),
     ];
-    // The Responses API has no penalties: a stricter upstream would refuse them.
-    let taken = match body.request().kind() {
-        Kind::Response => 2,
-        _ => fields.len(),
-    };
-    for (key, default) in fields.into_iter().take(taken) {
-        let Some(value) = default else { continue };
+    let response = body.request().kind() == Kind::Response;
+    for (key, default, in_responses) in fields {
+        let Some(value) = default.filter(|_| in_responses || !response) else {
+            continue;
+        };
         if body.request().get(key).is_none_or(|v| v.get() == "null") {
             body.set(key, &value);
         }
@@ -506,9 +506,17 @@ mod tests {
     use super::*;
     use serde_json::{json, Value};
 
-    /// What goes upstream for `body` after the deployment's defaults, when
-    /// the gateway bounded it at `set_max` under a token limit.
     fn filled(body: Value, set_max: Option<u64>) -> Value {
+        let defaults = SamplingDefaults {
+            max_tokens: Some(64),
+            ..SamplingDefaults::default()
+        };
+        filled_with(body, set_max, defaults)
+    }
+
+    /// What goes upstream for `body` after the deployment's `defaults`,
+    /// when the gateway bounded it at `set_max` under a token limit.
+    fn filled_with(body: Value, set_max: Option<u64>, defaults: SamplingDefaults) -> Value {
         let kind = if body.get("input").is_some() {
             Kind::Response
         } else {
@@ -520,12 +528,27 @@ mod tests {
         if let Some(m) = set_max {
             out.set(kind.max_output_field(), &m);
         }
-        let defaults = SamplingDefaults {
-            max_tokens: Some(64),
-            ..SamplingDefaults::default()
-        };
         fill_sampling(&mut out, defaults, set_max);
         serde_json::from_slice(&out.encode()).unwrap()
+    }
+
+    /// A response gets the deployment's temperature but never a penalty:
+    /// the Responses API has none.
+    #[test]
+    fn a_response_gets_no_penalty_defaults() {
+        let defaults = SamplingDefaults {
+            temperature: Some(0.2),
+            presence_penalty: Some(1.0),
+            ..SamplingDefaults::default()
+        };
+        let chat = filled_with(json!({"model": "m", "messages": []}), None, defaults);
+        assert_eq!(
+            (&chat["temperature"], &chat["presence_penalty"]),
+            (&json!(0.2), &json!(1.0))
+        );
+        let response = filled_with(json!({"model": "m", "input": "hi"}), None, defaults);
+        assert_eq!(response["temperature"], json!(0.2));
+        assert!(response.get("presence_penalty").is_none(), "{response}");
     }
 
     #[test]
