@@ -27,6 +27,9 @@ type NodeId = u32;
 const MAX_NODES: usize = 1_000;
 const MAX_DEPTH: usize = 32;
 const MAX_LITERALS: usize = 256;
+/// Alternatives one value may open at its first byte (nested `anyOf`s over
+/// enums multiply), so no byte of output costs more than this to follow.
+const MAX_FAN_OUT: usize = 1024;
 /// Properties of one object: each is a bit of the matcher's state.
 const MAX_PROPERTIES: usize = 64;
 
@@ -134,7 +137,33 @@ impl Grammar {
     pub fn from_schema(schema: &Value) -> Result<Grammar, EngineError> {
         let mut g = Grammar::new();
         g.root = g.compile(schema, "json_schema.schema", 0)?;
+        if let Some(most) = (0..g.nodes.len()).map(|n| g.fan_out(n as NodeId)).max() {
+            if most > MAX_FAN_OUT {
+                return Err(refused(
+                    "json_schema.schema",
+                    format!(
+                        "its anyOf and enum alternatives at one place number {most}; at most \
+                         {MAX_FAN_OUT}"
+                    ),
+                ));
+            }
+        }
         Ok(g)
+    }
+
+    /// The alternatives a value of `node` opens at its first byte: an
+    /// enum's values, a boolean's two words, an `anyOf`'s children's, one
+    /// for the rest (an object, array or string opens one way).
+    fn fan_out(&self, node: NodeId) -> usize {
+        match &self.nodes[node as usize] {
+            Node::Literals(ids) => ids.len(),
+            Node::Boolean => 2,
+            Node::AnyOf(ids) => ids
+                .iter()
+                .map(|id| self.fan_out(*id))
+                .fold(0, usize::saturating_add),
+            _ => 1,
+        }
     }
 
     /// The grammar of JSON output: of `schema`, or any object without one
@@ -380,6 +409,26 @@ impl Grammar {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    /// A hostile tenant nests `anyOf` over large enums so that every byte
+    /// fans out into tens of thousands of alternatives (each step of each
+    /// token of its replica would pay for them): refused when compiled.
+    #[test]
+    fn a_schema_whose_alternatives_multiply_is_refused() {
+        let wide_enum = |c: char| {
+            let values: Vec<Value> = (0..256).map(|i| Value::from(format!("{c}{i}"))).collect();
+            json!({"enum": values})
+        };
+        let inner = |c| json!({"anyOf": (0..16).map(|_| wide_enum(c)).collect::<Vec<_>>()});
+        let hostile = json!({"anyOf": (0..16).map(|_| inner('a')).collect::<Vec<_>>()});
+        let Err(EngineError::BadRequest(said)) = Grammar::from_schema(&hostile) else {
+            panic!("65,536 alternatives at one byte compiled")
+        };
+        assert!(said.contains("alternatives"), "{said}");
+        // Four enums of 256 are as wide as a schema may be.
+        let widest = json!({"anyOf": (0..4).map(|_| wide_enum('a')).collect::<Vec<_>>()});
+        assert!(Grammar::from_schema(&widest).is_ok());
+    }
 
     #[test]
     fn what_a_schema_asks_that_cannot_be_enforced_is_refused_by_name() {

@@ -7,7 +7,8 @@
 use super::{Grammar, Node, NodeId};
 
 /// Alternatives a matcher follows at once (`anyOf`, keys in any order,
-/// enum values); past it the last found are dropped.
+/// enum values); past it no more are looked for. Every one kept is a way
+/// to a whole document, so dropping some never lets invalid output by.
 const MAX_ALTERNATIVES: usize = 64;
 /// Items on one alternative's stack: how deep the output may nest.
 const MAX_STACK: usize = 96;
@@ -128,9 +129,6 @@ impl Matcher {
             advance(g, stack.clone(), b, &mut out);
         }
         out.dedup();
-        if out.len() > MAX_ALTERNATIVES {
-            out.truncate(MAX_ALTERNATIVES);
-        }
         (!out.is_empty()).then_some(Matcher { stacks: out })
     }
 
@@ -159,7 +157,8 @@ fn is_ws(b: u8) -> bool {
 
 /// Every stack `stack` becomes on byte `b`, into `out`.
 fn advance(g: &Grammar, mut stack: Stack, b: u8, out: &mut Vec<Stack>) {
-    if stack.len() > MAX_STACK {
+    // Past the alternatives kept, more are not worth finding.
+    if stack.len() > MAX_STACK || out.len() >= MAX_ALTERNATIVES {
         return;
     }
     let Some(top) = stack.pop() else {
