@@ -11,11 +11,11 @@ use atrium_store::StoreError;
 use axum::http::StatusCode;
 use serde_json::json;
 
+use super::body::dry_run;
 use super::controlled;
 use super::custom::{catalog_of, delete_custom_objects};
 use super::objects::{
-    dry_run, existing, remove, store_error, timestamp, uid_of, write, Call, Scope,
-    PROTECTED_NAMESPACES,
+    existing, remove, store_error, timestamp, uid_of, write, Call, Scope, PROTECTED_NAMESPACES,
 };
 use super::{KubeResponse, Request};
 use crate::AppState;

@@ -15,6 +15,7 @@ mod access;
 mod apply;
 mod apps;
 mod batch;
+mod body;
 mod controlled;
 mod custom;
 mod delete;

@@ -6,7 +6,8 @@ use atrium_kube::{crd, patch, KubeError, ResourceType};
 use axum::http::{header, Method, StatusCode};
 use serde_json::{json, Value};
 
-use super::objects::{body, content_type, existing, replace, store_error, Call, Scope};
+use super::body::{body, content_type};
+use super::objects::{existing, replace, store_error, Call, Scope};
 use super::path::At;
 use super::KubeResponse;
 use crate::AppState;

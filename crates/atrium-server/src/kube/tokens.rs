@@ -62,7 +62,7 @@ pub(super) async fn token_request(call: &Call<'_>) -> Result<KubeResponse, KubeE
     // kubectl sends it as protobuf; other clients as JSON.
     let (audiences, asked) = if req.body.is_empty() {
         (Vec::new(), None)
-    } else if super::objects::content_type(req) == "application/vnd.kubernetes.protobuf" {
+    } else if super::body::content_type(req) == "application/vnd.kubernetes.protobuf" {
         atrium_kube::protobuf::token_request_spec(&req.body)?
     } else {
         let ask: Value = serde_json::from_slice(&req.body)
