@@ -197,26 +197,48 @@ fn build(catalog: &Catalog, gv: &str) -> Option<Value> {
 /// as upstream leaves it out of its own v2, so the document describes no
 /// more than the v3 one and the server still checks every write.
 pub fn swagger(catalog: &Catalog) -> Value {
-    static BUILT_IN: OnceLock<Value> = OnceLock::new();
-    if catalog.all().all(|r| r.custom.is_none()) {
-        return BUILT_IN.get_or_init(|| build_swagger(catalog)).clone();
-    }
-    build_swagger(catalog)
+    // The built-in groups' part is rewritten once; a cluster's own types
+    // (never in a built-in group) are added to a copy of it.
+    static BUILT_IN: OnceLock<(Vec<String>, Value)> = OnceLock::new();
+    let (built_in_groups, built_in) = BUILT_IN.get_or_init(|| {
+        let catalog = Catalog::default();
+        let groups = group_versions(&catalog);
+        let mut doc = json!({"paths": {}, "definitions": {}});
+        add_swagger_groups(&mut doc, &catalog, &groups);
+        (groups, doc)
+    });
+    let mut doc = built_in.clone();
+    let own: Vec<String> = group_versions(catalog)
+        .into_iter()
+        .filter(|gv| !built_in_groups.contains(gv))
+        .collect();
+    add_swagger_groups(&mut doc, catalog, &own);
+    let (major, minor) = crate::KUBERNETES_VERSION;
+    doc["swagger"] = json!("2.0");
+    doc["info"] =
+        json!({"title": "Atrium tenant cluster", "version": format!("v{major}.{minor}.0")});
+    doc["consumes"] = json!(["application/json"]);
+    doc["produces"] = json!(["application/json"]);
+    doc
 }
 
-fn build_swagger(catalog: &Catalog) -> Value {
-    let mut paths = Map::new();
-    let mut definitions = Map::new();
-    for gv in group_versions(catalog) {
-        let Some(doc) = document(catalog, &gv) else {
+/// The paths and definitions of group versions `gvs`, rewritten as 2.0's,
+/// into `doc`.
+fn add_swagger_groups(doc: &mut Value, catalog: &Catalog, gvs: &[String]) {
+    for gv in gvs {
+        let Some(v3) = document(catalog, gv) else {
             continue;
         };
-        let mut doc = doc.into_owned();
-        if let Some(schemas) = doc["components"]["schemas"].as_object_mut() {
+        let mut v3 = v3.into_owned();
+        if let (Some(schemas), Some(definitions)) = (
+            v3["components"]["schemas"].as_object_mut(),
+            doc["definitions"].as_object_mut(),
+        ) {
             schemas.values_mut().for_each(swagger_schema);
             definitions.append(schemas);
         }
-        if let Some(p) = doc["paths"].as_object_mut() {
+        if let (Some(p), Some(paths)) = (v3["paths"].as_object_mut(), doc["paths"].as_object_mut())
+        {
             for item in p.values_mut().filter_map(Value::as_object_mut) {
                 for (key, part) in item.iter_mut() {
                     match key.as_str() {
@@ -228,15 +250,6 @@ fn build_swagger(catalog: &Catalog) -> Value {
             paths.append(p);
         }
     }
-    let (major, minor) = crate::KUBERNETES_VERSION;
-    json!({
-        "swagger": "2.0",
-        "info": {"title": "Atrium tenant cluster", "version": format!("v{major}.{minor}.0")},
-        "consumes": ["application/json"],
-        "produces": ["application/json"],
-        "paths": paths,
-        "definitions": definitions,
-    })
 }
 
 /// Rewrites a v3 schema into 2.0's terms, in place: the keywords, then
