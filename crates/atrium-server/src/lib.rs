@@ -85,8 +85,13 @@ impl ServerConfig {
     pub fn database_url(&self) -> String {
         self.database_url
             .clone()
-            .unwrap_or_else(|| format!("sqlite://{}", self.data_dir.join("atrium.db").display()))
+            .unwrap_or_else(|| default_database_url(&self.data_dir))
     }
+}
+
+/// The embedded store of a control plane whose data dir is `data_dir`.
+pub fn default_database_url(data_dir: &std::path::Path) -> String {
+    format!("sqlite://{}", data_dir.join("atrium.db").display())
 }
 
 /// Shared state of the handlers.

@@ -46,7 +46,7 @@ pub struct RestoreArgs {
 }
 
 fn url_of(given: Option<String>, data_dir: &Path) -> String {
-    given.unwrap_or_else(|| format!("sqlite://{}", data_dir.join("atrium.db").display()))
+    given.unwrap_or_else(|| atrium_server::default_database_url(data_dir))
 }
 
 fn sqlite_path(url: &str) -> Option<PathBuf> {
@@ -150,35 +150,15 @@ fn without_password(url: &str) -> Result<(String, Option<String>)> {
     if !matches!(parsed.scheme(), "postgres" | "postgresql") {
         bail!("database-url: must start with sqlite:// or postgres://");
     }
-    let password = parsed.password().map(percent_decoded);
+    let password = parsed.password().map(|p| {
+        percent_encoding::percent_decode_str(p)
+            .decode_utf8_lossy()
+            .into_owned()
+    });
     parsed
         .set_password(None)
         .map_err(|()| anyhow!("database-url: cannot drop its password"))?;
     Ok((parsed.to_string(), password))
-}
-
-/// `%XX` escapes (as a URL's userinfo carries them) decoded.
-fn percent_decoded(text: &str) -> String {
-    let bytes = text.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        let hex = bytes
-            .get(i + 1..i + 3)
-            .and_then(|h| std::str::from_utf8(h).ok())
-            .and_then(|h| u8::from_str_radix(h, 16).ok());
-        match (bytes[i], hex) {
-            (b'%', Some(b)) => {
-                out.push(b);
-                i += 3;
-            }
-            (b, _) => {
-                out.push(b);
-                i += 1;
-            }
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
 }
 
 fn postgres_tool(cmd: &mut Command, password: Option<&str>) -> Result<()> {

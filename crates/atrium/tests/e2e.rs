@@ -644,10 +644,8 @@ fn backup_and_restore(backend: TestBackend) {
             .unwrap()
             .iter()
             .map(|s| {
-                let rv = s["revision"]
-                    .as_i64()
-                    .or_else(|| s["metadata"]["revision"].as_i64());
-                (s["name"].as_str().unwrap().to_string(), rv.unwrap_or(-1))
+                let name = s["name"].as_str().unwrap().to_string();
+                (name, s["revision"].as_i64().unwrap())
             })
             .collect();
         out.sort();
