@@ -19,6 +19,8 @@
 //! [`DENSE_LIMIT_BYTES`]; larger models prefill on the quantised kernel.
 
 use candle_core::quantized::{gguf_file, GgmlDType, QMatMul, QTensor};
+use std::sync::Arc;
+
 use candle_core::{Device, Module, Tensor};
 use rayon::prelude::*;
 
@@ -86,18 +88,56 @@ pub struct Config {
     pub vocab: usize,
 }
 
+/// A weight matrix as read from the file: straight into our Q8_0 layout,
+/// or a candle tensor for the other types.
+enum Weight {
+    Q8(Arc<Q8Matrix>),
+    Other(QTensor),
+}
+
+impl Weight {
+    /// The tensor `name` of `content`.
+    fn read(
+        content: &gguf_file::Content,
+        file: &mut std::fs::File,
+        name: &str,
+    ) -> Result<Weight, EngineError> {
+        let info = content
+            .tensor_infos
+            .get(name)
+            .ok_or_else(|| EngineError::Load(format!("the model file has no tensor {name}")))?;
+        match info.shape.dims2() {
+            Ok((outputs, inputs))
+                if info.ggml_dtype == GgmlDType::Q8_0 && inputs.is_multiple_of(32) =>
+            {
+                let offset = content
+                    .tensor_data_offset
+                    .checked_add(info.offset)
+                    .ok_or_else(|| EngineError::Load(format!("{name}: offset out of range")))?;
+                Q8Matrix::read(file, offset, outputs, inputs)
+                    .map(|m| Weight::Q8(Arc::new(m)))
+                    .map_err(|e| EngineError::Load(format!("{name}: {e}")))
+            }
+            _ => content
+                .tensor(file, name, &Device::Cpu)
+                .map(Weight::Other)
+                .map_err(load_err),
+        }
+    }
+}
+
 /// A quantised weight matrix's kernel: our own for Q8_0 (many rows per
 /// pass over the weights), candle's for the other types.
 enum Quantised {
-    Q8(Q8Matrix),
+    Q8(Arc<Q8Matrix>),
     Candle(QMatMul),
 }
 
 impl Quantised {
-    fn new(q: QTensor) -> candle_core::Result<Quantised> {
-        Ok(match Q8Matrix::from_qtensor(&q)? {
-            Some(m) => Quantised::Q8(m),
-            None => Quantised::Candle(QMatMul::from_qtensor(q)?),
+    fn new(w: Weight) -> candle_core::Result<Quantised> {
+        Ok(match w {
+            Weight::Q8(m) => Quantised::Q8(m),
+            Weight::Other(q) => Quantised::Candle(QMatMul::from_qtensor(q)?),
         })
     }
 
@@ -121,15 +161,22 @@ struct Linear {
 }
 
 impl Linear {
-    fn new(q: QTensor, dense: bool) -> candle_core::Result<Linear> {
-        let (_, inputs) = q.shape().dims2()?;
-        let dense = if dense {
-            Some(q.dequantize(&Device::Cpu)?.t()?.contiguous()?)
-        } else {
-            None
+    fn new(w: Weight, dense: bool) -> candle_core::Result<Linear> {
+        let (outputs, inputs) = match &w {
+            Weight::Q8(m) => (m.outputs(), m.inputs()),
+            Weight::Other(q) => q.shape().dims2()?,
+        };
+        let dense = match (&w, dense) {
+            (_, false) => None,
+            (Weight::Q8(m), true) => Some(Tensor::from_vec(
+                m.dense_transposed(),
+                (inputs, outputs),
+                &Device::Cpu,
+            )?),
+            (Weight::Other(q), true) => Some(q.dequantize(&Device::Cpu)?.t()?.contiguous()?),
         };
         Ok(Linear {
-            quant: Quantised::new(q)?,
+            quant: Quantised::new(w)?,
             dense,
             inputs,
         })
@@ -179,9 +226,17 @@ struct Layer {
     down: Linear,
 }
 
+/// The token embedding table: kept quantised (a row is dequantised when a
+/// token is looked up, exactly as a whole-table dequantisation would give
+/// it), or in f32 for types our kernel does not read.
+enum Embedding {
+    Q8(Arc<Q8Matrix>),
+    F32(Vec<f32>),
+}
+
 pub struct Llama {
     config: Config,
-    embedding: Vec<f32>,
+    embedding: Embedding,
     layers: Vec<Layer>,
     norm: Vec<f32>,
     output: Quantised,
@@ -219,7 +274,7 @@ fn load_err(e: candle_core::Error) -> EngineError {
 }
 
 impl Llama {
-    /// Bytes of the quantised weights and the f32 embedding table, and of
+    /// Bytes of the quantised weights (and of an f32 embedding table), and of
     /// the dense copy of the layers' weights.
     pub fn footprint(content: &gguf_file::Content) -> (usize, usize) {
         let mut resident = 0usize;
@@ -234,7 +289,8 @@ impl Llama {
                 blocks * info.ggml_dtype.type_size()
             };
             resident = resident.saturating_add(bytes);
-            if name == "token_embd.weight" {
+            // A Q8_0 table stays quantised; another is kept in f32.
+            if name == "token_embd.weight" && info.ggml_dtype != GgmlDType::Q8_0 {
                 resident = resident.saturating_add(elems * 4);
             } else if name.starts_with("blk.") && info.shape.dims().len() == 2 {
                 dense = dense.saturating_add(elems * 4);
@@ -277,7 +333,6 @@ impl Llama {
             )));
         }
         let dev = Device::Cpu;
-        let mut tensor = |name: &str| content.tensor(file, name, &dev).map_err(load_err);
         let mut per_layer = Vec::with_capacity(config.layers);
         for i in 0..config.layers {
             let names = [
@@ -291,24 +346,39 @@ impl Llama {
             ];
             let mut mats = Vec::with_capacity(names.len());
             for n in names {
-                mats.push(tensor(&format!("blk.{i}.{n}.weight"))?);
+                mats.push(Weight::read(
+                    &content,
+                    file,
+                    &format!("blk.{i}.{n}.weight"),
+                )?);
             }
+            let mut tensor = |name: &str| content.tensor(file, name, &dev).map_err(load_err);
             let attn_norm = tensor(&format!("blk.{i}.attn_norm.weight"))?;
             let ffn_norm = tensor(&format!("blk.{i}.ffn_norm.weight"))?;
             per_layer.push((mats, attn_norm, ffn_norm));
         }
-        let embedding_q = tensor("token_embd.weight")?;
-        let (vocab, embd_width) = embedding_q.shape().dims2().map_err(load_err)?;
+        let embedding_w = Weight::read(&content, file, "token_embd.weight")?;
+        let (vocab, embd_width) = match &embedding_w {
+            Weight::Q8(m) => (m.outputs(), m.inputs()),
+            Weight::Other(q) => q.shape().dims2().map_err(load_err)?,
+        };
         if embd_width != hidden {
             return Err(EngineError::Load(
                 "token_embd width differs from the embedding length".into(),
             ));
         }
-        let output = match tensor("output.weight") {
-            Ok(t) => t,
-            Err(_) => tensor("token_embd.weight")?,
+        // Tied embeddings (no output.weight) share the table's memory.
+        let output = if content.tensor_infos.contains_key("output.weight") {
+            Weight::read(&content, file, "output.weight")?
+        } else {
+            match &embedding_w {
+                Weight::Q8(m) => Weight::Q8(m.clone()),
+                Weight::Other(_) => Weight::read(&content, file, "token_embd.weight")?,
+            }
         };
-        let norm = tensor("output_norm.weight")?;
+        let norm = content
+            .tensor(file, "output_norm.weight", &dev)
+            .map_err(load_err)?;
         let vector = |q: QTensor| -> Result<Vec<f32>, EngineError> {
             q.dequantize(&dev)
                 .and_then(|t| t.flatten_all()?.to_vec1::<f32>())
@@ -344,7 +414,10 @@ impl Llama {
             .collect();
         Ok(Llama {
             config: Config { vocab, ..config },
-            embedding: vector(embedding_q)?,
+            embedding: match embedding_w {
+                Weight::Q8(m) => Embedding::Q8(m),
+                Weight::Other(q) => Embedding::F32(vector(q)?),
+            },
             layers,
             norm: vector(norm)?,
             output: Quantised::new(output).map_err(load_err)?,
@@ -392,7 +465,12 @@ impl Llama {
                 if t >= c.vocab {
                     candle_core::bail!("token {t} is outside the vocabulary");
                 }
-                x.extend_from_slice(&self.embedding[t * h..(t + 1) * h]);
+                match &self.embedding {
+                    Embedding::Q8(m) => {
+                        m.dequantize_row(t, &mut x);
+                    }
+                    Embedding::F32(table) => x.extend_from_slice(&table[t * h..(t + 1) * h]),
+                }
             }
         }
         for (l, layer) in self.layers.iter().enumerate() {
@@ -588,7 +666,9 @@ mod tests {
         let w =
             Tensor::from_vec(noise(outputs * inputs, 1), (outputs, inputs), &Device::Cpu).unwrap();
         let q = QTensor::quantize(&w, candle_core::quantized::GgmlDType::Q8_0).unwrap();
-        let linear = Linear::new(q, true).unwrap();
+        let mut file = std::io::Cursor::new(q.data().unwrap().to_vec());
+        let m = Q8Matrix::read(&mut file, 0, outputs, inputs).unwrap();
+        let linear = Linear::new(Weight::Q8(Arc::new(m)), true).unwrap();
         let x = noise(rows * inputs, 2);
         for quant_rows in [0, rows] {
             let (alone, together) = alone_and_together(&linear, &x, quant_rows);

@@ -10,7 +10,8 @@
 //! rows beside it: a row's result never depends on the rest of its step,
 //! which the batching invariant (see `llama.rs`) rests on.
 
-use candle_core::quantized::{GgmlDType, QTensor};
+use std::io::{self, Read, Seek, SeekFrom};
+
 use half::f16;
 use rayon::prelude::*;
 
@@ -24,6 +25,9 @@ const CHAINS: usize = 4;
 
 /// Output rows one parallel task computes.
 const OUTPUTS_PER_TASK: usize = 16;
+
+/// Blocks read from the file at a time.
+const READ_BLOCKS: usize = 4096;
 
 /// A Q8_0 weight matrix of `outputs` rows of `inputs` values.
 pub struct Q8Matrix {
@@ -40,33 +44,103 @@ struct QuantisedInput {
 }
 
 impl Q8Matrix {
-    /// The matrix of a Q8_0 tensor; `None` for any other type.
-    pub fn from_qtensor(q: &QTensor) -> candle_core::Result<Option<Q8Matrix>> {
-        let (outputs, inputs) = q.shape().dims2()?;
-        if q.dtype() != GgmlDType::Q8_0 || !inputs.is_multiple_of(BLOCK) {
-            return Ok(None);
+    /// Reads the Q8_0 matrix of `outputs` rows of `inputs` values stored at
+    /// `offset` of `file` straight into this layout: no copy of the file's
+    /// bytes is kept, so loading touches each weight's memory once (fresh
+    /// pages are what a replica's start costs, more than any arithmetic).
+    /// A shape larger than the file is an error before anything is
+    /// allocated: a model file may come from a tenant.
+    pub fn read<F: Read + Seek>(
+        file: &mut F,
+        offset: u64,
+        outputs: usize,
+        inputs: usize,
+    ) -> io::Result<Q8Matrix> {
+        let bad = |why: String| io::Error::new(io::ErrorKind::InvalidData, why);
+        if !inputs.is_multiple_of(BLOCK) {
+            return Err(bad(format!("{inputs} inputs are not whole Q8_0 blocks")));
         }
-        let data = q.data()?;
-        let blocks = outputs * inputs / BLOCK;
-        if data.len() != blocks * BLOCK_BYTES {
-            candle_core::bail!(
-                "Q8_0 tensor holds {} bytes, not {}",
-                data.len(),
-                blocks * BLOCK_BYTES
-            );
+        let blocks = outputs
+            .checked_mul(inputs / BLOCK)
+            .ok_or_else(|| bad("tensor too large".into()))?;
+        let bytes = (blocks as u64).saturating_mul(BLOCK_BYTES as u64);
+        let len = file.seek(SeekFrom::End(0))?;
+        if offset.checked_add(bytes).is_none_or(|end| end > len) {
+            return Err(bad(format!(
+                "a {outputs}x{inputs} Q8_0 tensor at byte {offset} runs past the file's {len} bytes"
+            )));
         }
-        let mut quants = Vec::with_capacity(blocks);
-        let mut scales = Vec::with_capacity(blocks);
-        for block in data.chunks_exact(BLOCK_BYTES) {
-            scales.push(f16::from_le_bytes([block[0], block[1]]).to_f32());
-            quants.push(std::array::from_fn(|i| block[2 + i] as i8));
-        }
-        Ok(Some(Q8Matrix {
+        file.seek(SeekFrom::Start(offset))?;
+        let mut m = Q8Matrix {
             outputs,
             inputs,
-            quants,
-            scales,
-        }))
+            quants: Vec::with_capacity(blocks),
+            scales: Vec::with_capacity(blocks),
+        };
+        let mut buf = vec![0u8; READ_BLOCKS * BLOCK_BYTES];
+        let mut left = blocks;
+        while left > 0 {
+            let n = left.min(READ_BLOCKS);
+            let chunk = &mut buf[..n * BLOCK_BYTES];
+            file.read_exact(chunk)?;
+            m.push_blocks(chunk);
+            left -= n;
+        }
+        Ok(m)
+    }
+
+    fn push_blocks(&mut self, data: &[u8]) {
+        for block in data.chunks_exact(BLOCK_BYTES) {
+            self.scales
+                .push(f16::from_le_bytes([block[0], block[1]]).to_f32());
+            self.quants
+                .push(std::array::from_fn(|i| block[2 + i] as i8));
+        }
+    }
+
+    pub fn outputs(&self) -> usize {
+        self.outputs
+    }
+
+    pub fn inputs(&self) -> usize {
+        self.inputs
+    }
+
+    /// Row `row` in f32 (as ggml dequantises: each value times its block's
+    /// scale), appended to `out`; `false` past the last row.
+    pub fn dequantize_row(&self, row: usize, out: &mut Vec<f32>) -> bool {
+        let per_row = self.inputs / BLOCK;
+        let Some(range) = row
+            .checked_mul(per_row)
+            .filter(|_| row < self.outputs)
+            .map(|start| start..start + per_row)
+        else {
+            return false;
+        };
+        for (q, d) in self.quants[range.clone()].iter().zip(&self.scales[range]) {
+            out.extend(q.iter().map(|v| f32::from(*v) * d));
+        }
+        true
+    }
+
+    /// The whole matrix in f32, transposed (`inputs` rows of `outputs`),
+    /// written once into its final place.
+    pub fn dense_transposed(&self) -> Vec<f32> {
+        let mut dense = vec![0.0f32; self.inputs * self.outputs];
+        let per_row = self.inputs / BLOCK;
+        for o in 0..self.outputs {
+            let row = o * per_row..(o + 1) * per_row;
+            for (b, (q, d)) in self.quants[row.clone()]
+                .iter()
+                .zip(&self.scales[row])
+                .enumerate()
+            {
+                for (j, v) in q.iter().enumerate() {
+                    dense[(b * BLOCK + j) * self.outputs + o] = f32::from(*v) * d;
+                }
+            }
+        }
+        dense
     }
 
     /// `x` holds rows of `inputs` values; returns rows of `outputs`.
@@ -199,6 +273,7 @@ fn quantise(x: &[f32], inputs: usize) -> QuantisedInput {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use candle_core::quantized::{GgmlDType, QTensor};
     use candle_core::{Device, Module, Tensor};
 
     fn noise(n: usize, seed: u32) -> Vec<f32> {
@@ -216,11 +291,19 @@ mod tests {
         QTensor::quantize(&w, GgmlDType::Q8_0).unwrap()
     }
 
+    /// `q` as a file would hold it (after 7 bytes of something else), read.
+    fn ours(q: &QTensor) -> Q8Matrix {
+        let (outputs, inputs) = q.shape().dims2().unwrap();
+        let mut file = vec![0xAAu8; 7];
+        file.extend_from_slice(&q.data().unwrap());
+        Q8Matrix::read(&mut io::Cursor::new(file), 7, outputs, inputs).unwrap()
+    }
+
     #[test]
     fn agrees_with_candles_kernel_and_gives_each_row_the_same_bits_at_any_row_count() {
         let (outputs, inputs, rows) = (72, 1536, 5);
         let q = matrix(outputs, inputs);
-        let ours = Q8Matrix::from_qtensor(&q).unwrap().unwrap();
+        let ours = ours(&q);
         let x = noise(rows * inputs, 2);
         let together = ours.matmul(&x);
         let t = Tensor::from_slice(&x, (rows, inputs), &Device::Cpu).unwrap();
@@ -250,9 +333,48 @@ mod tests {
     }
 
     #[test]
-    fn other_types_are_left_to_candle() {
-        let w = Tensor::from_vec(noise(64 * 64, 3), (64, 64), &Device::Cpu).unwrap();
-        let q = QTensor::quantize(&w, GgmlDType::Q4_0).unwrap();
-        assert!(Q8Matrix::from_qtensor(&q).unwrap().is_none());
+    fn dequantised_rows_and_the_dense_transpose_are_candles_bit_for_bit() {
+        let (outputs, inputs) = (40, 96);
+        let q = matrix(outputs, inputs);
+        let m = ours(&q);
+        let theirs = q.dequantize(&Device::Cpu).unwrap();
+        let rows = theirs.to_vec2::<f32>().unwrap();
+        for (o, expected) in rows.iter().enumerate() {
+            let mut row = Vec::new();
+            assert!(m.dequantize_row(o, &mut row));
+            assert!(row
+                .iter()
+                .zip(expected)
+                .all(|(a, b)| a.to_bits() == b.to_bits()));
+        }
+        assert!(!m.dequantize_row(outputs, &mut Vec::new()));
+        let transposed = theirs.t().unwrap().contiguous().unwrap();
+        let expected = transposed.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let dense = m.dense_transposed();
+        assert!(dense
+            .iter()
+            .zip(&expected)
+            .all(|(a, b)| a.to_bits() == b.to_bits()));
+    }
+
+    #[test]
+    fn a_shape_past_the_files_end_is_refused_before_allocating() {
+        let q = matrix(8, 64);
+        let bytes = q.data().unwrap().to_vec();
+        let mut file = io::Cursor::new(bytes);
+        assert!(Q8Matrix::read(&mut file, 0, 8, 64).is_ok());
+        for (offset, outputs, inputs) in [
+            (0, 9, 64),
+            (1, 8, 64),
+            (0, 8, 63),
+            (u64::MAX, 1, 32),
+            (0, usize::MAX, 64),
+            (0, 1 << 40, 1 << 20),
+        ] {
+            assert!(
+                Q8Matrix::read(&mut file, offset, outputs, inputs).is_err(),
+                "{offset} {outputs}x{inputs}"
+            );
+        }
     }
 }
