@@ -46,6 +46,9 @@ pub struct AgentConfig {
     pub engine_binary: PathBuf,
     /// e.g. `8xH100-80GB`: GPUs to report instead of discovering them.
     pub simulate_gpus: Option<String>,
+    /// Milliseconds between the tokens of this node's simulated engines
+    /// (load tests that need requests to last); 0 answers at once.
+    pub simulated_itl_ms: u64,
     /// Second octet of the `10.X.0.0/16` block tenant networks come from;
     /// it also names this agent's namespaces, cgroups and firewall table.
     pub network_octet: u8,

@@ -34,6 +34,10 @@ const MAX_BACKOFF: Duration = Duration::from_secs(30);
 /// How often an engine's liveness and cgroup events are looked at, and an
 /// unsent status report is tried again.
 const WATCH_INTERVAL: Duration = Duration::from_millis(500);
+/// How long a serving engine told to stop (its replica scaled away,
+/// moved or deleted) may finish the requests it has: gateways stop sending
+/// it new ones as soon as its placement is gone.
+const DRAIN_FOR: Duration = Duration::from_secs(30);
 
 struct Replica {
     assignment: Assignment,
@@ -131,6 +135,9 @@ fn engine_args(config: &AgentConfig, spec: &PlacementSpec) -> Result<Vec<String>
     match spec.engine {
         EngineKind::Simulated => {
             args.extend(["--kind".into(), "simulated".into()]);
+            if config.simulated_itl_ms > 0 {
+                args.extend(["--sim-itl-ms".into(), config.simulated_itl_ms.to_string()]);
+            }
             return Ok(args);
         }
         EngineKind::Vllm => return Err("the vllm engine is not installed on this node".into()),
@@ -555,6 +562,11 @@ impl ReplicaCtx {
             tokio::select! {
                 exit = exited => break exit,
                 _ = stop.changed() => {
+                    // A container's PID 1 may ignore SIGTERM: only an
+                    // engine, which handles it, is drained.
+                    if self.spec().container.is_none() {
+                        drain(&mut engine, &running).await;
+                    }
                     end(&mut engine, &running).await;
                     self.release(Some(running.pid), true);
                     return Ended::Stopped;
@@ -663,6 +675,30 @@ async fn end(engine: &mut Engine, running: &RunningEngine) {
             let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
             while state::is_alive(running) && tokio::time::Instant::now() < deadline {
                 tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    }
+}
+
+/// Asks a serving engine to end and waits, up to `DRAIN_FOR`, while it
+/// finishes the requests in flight (its server shuts down gracefully on
+/// SIGTERM); `end` then makes sure it is gone.
+async fn drain(engine: &mut Engine, running: &RunningEngine) {
+    match engine {
+        Engine::Child(c) => {
+            if let Some(pid) = c.id() {
+                crate::sandbox::terminate(pid);
+                let _ = tokio::time::timeout(DRAIN_FOR, c.wait()).await;
+            }
+        }
+        Engine::Adopted => {
+            // The recorded process, not another that took its pid.
+            if state::is_alive(running) {
+                crate::sandbox::terminate(running.pid);
+            }
+            let deadline = tokio::time::Instant::now() + DRAIN_FOR;
+            while state::is_alive(running) && tokio::time::Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(50)).await;
             }
         }
     }

@@ -235,6 +235,32 @@ pub struct ScopeTotals {
     pub tokens_day: u64,
 }
 
+/// Body of `POST /v1/load`: what one gateway saw of each deployment it
+/// routed to over its last interval, for the autoscaler. A deployment it
+/// leaves out had no requests there.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LoadReport {
+    /// The gateway's stable id (kept in its data directory).
+    pub gateway: String,
+    pub site: String,
+    #[serde(default)]
+    pub deployments: Vec<DeploymentLoad>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeploymentLoad {
+    /// The deployment's id.
+    pub deployment: String,
+    /// Mean requests in flight to its replicas over the interval.
+    pub in_flight: f64,
+    /// Requests that started in the interval.
+    pub requests: u64,
+    /// Requests held now because none of its replicas is ready.
+    pub waiting: u64,
+}
+
 /// Body of `POST /v1/join-tokens`: the provider lets one node or gateway
 /// join.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -49,11 +49,92 @@ pub struct Resources {
     pub storage: ByteSize,
 }
 
+/// How many replicas run: between `min` and `max`, as many as the
+/// requests in flight need at `target_in_flight` each (Knative/KServe's
+/// concurrency autoscaling). With `min: 0` an idle deployment scales to
+/// zero and the gateway holds the next request while a replica starts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Replicas {
     pub min: u32,
     pub max: u32,
+    /// Requests in flight per replica the autoscaler aims at (1 to
+    /// 10,000; 8 when left out).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_in_flight: Option<u32>,
+    /// How long load must stay low before replicas are removed — to
+    /// zero, with `min: 0` (1 to 86,400 seconds; 60 when left out).
+    /// Scaling up never waits.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scale_down_delay_seconds: Option<u32>,
+}
+
+/// Requests in flight per replica when a deployment does not say.
+pub const DEFAULT_TARGET_IN_FLIGHT: u32 = 8;
+/// Seconds of low load before scaling down, when a deployment does not say.
+pub const DEFAULT_SCALE_DOWN_DELAY_SECONDS: u32 = 60;
+const MAX_TARGET_IN_FLIGHT: u32 = 10_000;
+const MAX_SCALE_DOWN_DELAY_SECONDS: u32 = 86_400;
+
+impl Replicas {
+    /// Exactly `n` replicas, never scaled.
+    pub fn fixed(n: u32) -> Replicas {
+        Replicas {
+            min: n,
+            max: n,
+            target_in_flight: None,
+            scale_down_delay_seconds: None,
+        }
+    }
+
+    pub fn target_in_flight(&self) -> u32 {
+        self.target_in_flight.unwrap_or(DEFAULT_TARGET_IN_FLIGHT)
+    }
+
+    pub fn scale_down_delay_seconds(&self) -> u32 {
+        self.scale_down_delay_seconds
+            .unwrap_or(DEFAULT_SCALE_DOWN_DELAY_SECONDS)
+    }
+
+    /// The replicas a deployment runs before the autoscaler has said:
+    /// its minimum, but at least one, so a new deployment shows it can
+    /// start (Knative's initial scale) before it may idle to zero.
+    pub fn initial(&self) -> u32 {
+        self.min.max(1).min(self.max)
+    }
+
+    fn validate(&self, errors: &mut FieldErrors) {
+        if self.max == 0 {
+            errors.push("replicas.max", "must be at least 1");
+        }
+        if self.min > self.max {
+            errors.push(
+                "replicas.min",
+                format!("{} is more than replicas.max {}", self.min, self.max),
+            );
+        }
+        if self.max > MAX_REPLICAS {
+            errors.push("replicas.max", format!("must be at most {MAX_REPLICAS}"));
+        }
+        if let Some(t) = self
+            .target_in_flight
+            .filter(|t| !(1..=MAX_TARGET_IN_FLIGHT).contains(t))
+        {
+            errors.push(
+                "replicas.target_in_flight",
+                format!("{t} is outside 1 to {MAX_TARGET_IN_FLIGHT}"),
+            );
+        }
+        if let Some(s) = self
+            .scale_down_delay_seconds
+            .filter(|s| !(1..=MAX_SCALE_DOWN_DELAY_SECONDS).contains(s))
+        {
+            errors.push(
+                "replicas.scale_down_delay_seconds",
+                format!("{s} is outside 1 to {MAX_SCALE_DOWN_DELAY_SECONDS}"),
+            );
+        }
+    }
 }
 
 /// What a chat or completion request that leaves a field out (or sends it
@@ -146,21 +227,7 @@ impl DeploymentSpec {
     pub fn validate(&self) -> Result<(), FieldErrors> {
         let mut errors = FieldErrors::new();
         errors.check("model", crate::name::validate_name(&self.model));
-        if self.replicas.max == 0 {
-            errors.push("replicas.max", "must be at least 1");
-        }
-        if self.replicas.min > self.replicas.max {
-            errors.push(
-                "replicas.min",
-                format!(
-                    "{} is more than replicas.max {}",
-                    self.replicas.min, self.replicas.max
-                ),
-            );
-        }
-        if self.replicas.max > MAX_REPLICAS {
-            errors.push("replicas.max", format!("must be at most {MAX_REPLICAS}"));
-        }
+        self.replicas.validate(&mut errors);
         if self.engine != EngineKind::External && self.resources.memory.0 == 0 {
             errors.push("resources.memory", "must be more than zero");
         }

@@ -7,6 +7,7 @@
 //! The `utoipa::ToSchema` derives are schema metadata only, so the OpenAPI
 //! document is generated from these very types.
 
+pub mod autoscale;
 pub mod cluster;
 pub mod deployment;
 pub mod exec;

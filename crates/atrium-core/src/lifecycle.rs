@@ -24,6 +24,12 @@ pub struct Status {
     pub state: LifecycleState,
     /// Why the resource is in this state, e.g. "waiting for placement".
     pub reason: String,
+    /// A deployment's: how many replicas the autoscaler wants now
+    /// (within `replicas.min`..`max`). Kept here, not in the spec, so a
+    /// tenant's update never fights the autoscaler, and a restarted
+    /// server resumes at the same scale.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub desired_replicas: Option<u32>,
 }
 
 impl Status {
@@ -31,6 +37,7 @@ impl Status {
         Self {
             state,
             reason: reason.into(),
+            desired_replicas: None,
         }
     }
 }

@@ -16,6 +16,7 @@ pub mod affinity;
 pub mod egress;
 pub mod http1;
 pub mod limits;
+mod load;
 mod meter;
 mod metrics;
 pub mod outgoing;
@@ -69,7 +70,14 @@ pub struct GatewayConfig {
     pub metrics_token: Option<String>,
     /// Connection caps and the idle timeout.
     pub connections: ConnectionLimits,
+    /// How long a request waits for a replica to start before it is
+    /// refused with 503 and `Retry-After`.
+    pub hold_timeout: Duration,
 }
+
+/// `GatewayConfig::hold_timeout` unless set: an embedded model starts in
+/// seconds, a large one on a cold node can take a minute.
+pub const DEFAULT_HOLD_TIMEOUT: Duration = Duration::from_secs(60);
 
 pub use server::ConnectionLimits;
 
@@ -84,6 +92,10 @@ struct Gateway {
     limiter: Arc<limits::Limiter>,
     salter: Salter,
     site: String,
+    /// How long a request waits for a replica to start.
+    hold_timeout: Duration,
+    /// Rung when a request is held: the load report goes at once.
+    load_wake: Arc<tokio::sync::Notify>,
 }
 
 /// A started gateway.
@@ -300,6 +312,14 @@ pub async fn start(config: GatewayConfig) -> Result<RunningGateway, GatewayError
     background.push(tokio::spawn(sync_limits(
         cp.clone(),
         limiter.clone(),
+        gateway_id.clone(),
+        site.clone(),
+    )));
+    let load_wake = Arc::new(tokio::sync::Notify::new());
+    background.push(tokio::spawn(load::report(
+        cp.clone(),
+        routes.clone(),
+        load_wake.clone(),
         gateway_id,
         site.clone(),
     )));
@@ -332,6 +352,8 @@ pub async fn start(config: GatewayConfig) -> Result<RunningGateway, GatewayError
         limiter,
         salter: Salter::new(&secret),
         site,
+        hold_timeout: config.hold_timeout,
+        load_wake,
     });
     let task = tokio::spawn(server::serve(
         listener,

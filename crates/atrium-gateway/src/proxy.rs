@@ -15,6 +15,7 @@ use tokio::sync::mpsc;
 
 use crate::affinity::TenantSalt;
 use crate::limits;
+use crate::load;
 use crate::meter::{usage_of, Meter, UsageBound};
 use crate::outgoing::Outgoing;
 use crate::refusal::Refusal;
@@ -181,13 +182,36 @@ async fn send(
     let mut tried: Vec<String> = Vec::new();
     let mut upstream_time = Duration::ZERO;
     let mut encoded: Option<Bytes> = None;
+    let mut held: Option<(load::Counted, Instant)> = None;
     loop {
-        let (target, sampling) = g
-            .routes
-            .read()
-            .map_err(|_| Refusal::Internal("route table unavailable"))?
-            .target(&a.caller.tenant, &a.model, affinity, &tried)
-            .ok_or_else(|| Refusal::ModelNotFound(a.model.clone()))?;
+        let (target, sampling, changes) = {
+            let routes = g
+                .routes
+                .read()
+                .map_err(|_| Refusal::Internal("route table unavailable"))?;
+            let (target, sampling) = routes
+                .target(&a.caller.tenant, &a.model, affinity, &tried)
+                .ok_or_else(|| Refusal::ModelNotFound(a.model.clone()))?;
+            // Subscribed under the same lock the target was read under, so
+            // no replica can come between the two unseen.
+            let waits = matches!(target, Target::NoneReady { holds: true, .. }) && tried.is_empty();
+            (target, sampling, waits.then(|| routes.replica_changes()))
+        };
+        if let (Target::NoneReady { load, .. }, Some(mut changes)) = (&target, changes) {
+            // No replica yet (scaled to zero, or starting): wait for one,
+            // counted as held so the autoscaler starts one now.
+            let (_, deadline) = held.get_or_insert_with(|| {
+                let counted = load.hold();
+                g.load_wake.notify_one();
+                (counted, Instant::now() + g.hold_timeout)
+            });
+            let deadline = *deadline;
+            if Instant::now() < deadline {
+                let _ = tokio::time::timeout_at(deadline.into(), changes.changed()).await;
+                continue;
+            }
+        }
+        held = None;
         // Once: a retry goes to another replica of the same deployment.
         if tried.is_empty() && a.kind != Kind::Embedding {
             fill_sampling(&mut a.body, sampling, a.set_max);
@@ -294,6 +318,7 @@ async fn destination(
         Target::Replica {
             replica,
             takes_cache_salt,
+            load,
         } => {
             if takes_cache_salt && a.kind != Kind::Embedding {
                 a.body.set("cache_salt", &salt.hex);
@@ -301,21 +326,32 @@ async fn destination(
                 a.body.remove("cache_salt");
             }
             replica.outstanding.fetch_add(1, Ordering::Relaxed);
-            let in_flight = InFlight(replica.outstanding.clone());
+            let in_flight = InFlight {
+                replica: replica.outstanding.clone(),
+                _deployment: load.start(),
+            };
             Ok(Dest::Replica(replica, in_flight))
         }
-        Target::NoneReady { deployment, state } => {
-            Err(Refusal::NoReadyReplica(if tried.is_empty() {
-                format!(
-                    "deployment `{deployment}` has no ready replica yet ({state}); retry shortly"
-                )
+        Target::NoneReady {
+            deployment,
+            state,
+            holds,
+            ..
+        } => Err(Refusal::NoReadyReplica(if tried.is_empty() {
+            let waited = if holds {
+                format!(" after waiting {}s", g.hold_timeout.as_secs())
             } else {
-                format!(
-                    "no replica of `{deployment}` could be reached ({} tried)",
-                    tried.len()
-                )
-            }))
-        }
+                String::new()
+            };
+            format!(
+                "deployment `{deployment}` has no ready replica{waited} ({state}); retry shortly"
+            )
+        } else {
+            format!(
+                "no replica of `{deployment}` could be reached ({} tried)",
+                tried.len()
+            )
+        })),
     }
 }
 
@@ -456,11 +492,16 @@ async fn egress_for(
 
 /// Decrements a replica's in-flight count when the request is over,
 /// however it ends.
-struct InFlight(Arc<AtomicU64>);
+/// A request in flight to a replica: counted against the replica (for
+/// routing) and its deployment (for the autoscaler) while it lives.
+struct InFlight {
+    replica: Arc<AtomicU64>,
+    _deployment: load::Counted,
+}
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
+        self.replica.fetch_sub(1, Ordering::Relaxed);
     }
 }
 

@@ -148,6 +148,8 @@ impl Refusal {
             Refusal::RateLimited { exceeded, .. } => {
                 response.header("retry-after", exceeded.retry_after_secs().to_string())
             }
+            // A replica may be starting still, or back soon.
+            Refusal::NoReadyReplica(_) => response.header("retry-after", "5"),
             _ => {}
         }
         response

@@ -20,6 +20,7 @@ use subtle::ConstantTimeEq;
 use time::OffsetDateTime;
 
 use crate::egress::Resolved;
+use crate::load::DeploymentLoad;
 use crate::upstream;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -43,10 +44,18 @@ struct DeploymentEntry {
     state: String,
     #[serde(default)]
     sampling: SamplingDefaults,
+    /// Its state is `failed`: no replica is coming, so requests are not
+    /// held for one.
+    #[serde(default)]
+    failed: bool,
     /// `external_url` parsed, for an external deployment (derived, not
     /// saved).
     #[serde(skip)]
     external: Option<Arc<External>>,
+    /// Its load counters (derived: the table's, by id, so they outlive
+    /// updates of the deployment).
+    #[serde(skip)]
+    load: Arc<DeploymentLoad>,
 }
 
 /// An external deployment's upstream: its URL parsed once per change of
@@ -139,6 +148,7 @@ pub enum Target {
         replica: Arc<Serving>,
         /// vLLM/SGLang-style upstream that takes `cache_salt`.
         takes_cache_salt: bool,
+        load: Arc<DeploymentLoad>,
     },
     /// An existing OpenAI-compatible server; its `model` replaces the
     /// request's (the tenant's deployment name means nothing there).
@@ -146,6 +156,10 @@ pub enum Target {
     NoneReady {
         deployment: String,
         state: String,
+        /// Whether a replica may yet come (the deployment has not failed):
+        /// the request then waits for one.
+        holds: bool,
+        load: Arc<DeploymentLoad>,
     },
 }
 
@@ -204,6 +218,11 @@ pub struct Routes {
     breakers: HashMap<String, Arc<Breaker>>,
     /// tenant name → the limits of its quota.
     tenants: HashMap<String, RequestLimits>,
+    /// deployment id → its load counters.
+    load: HashMap<String, Arc<DeploymentLoad>>,
+    /// Told whenever the serving replicas change: requests held for a
+    /// replica wait on it.
+    replica_changes: tokio::sync::watch::Sender<()>,
     synced: Synced,
     /// Bumped by every change, so the table is saved only when it changed.
     version: u64,
@@ -286,6 +305,7 @@ impl Routes {
         self.deployments.clear();
         for ((tenant, name), mut d) in saved.deployments {
             d.derive_external(&tenant);
+            d.load = self.load.entry(d.id.clone()).or_default().clone();
             self.deployments.entry(tenant).or_default().insert(name, d);
         }
         self.replicas = saved.replicas;
@@ -346,6 +366,19 @@ impl Routes {
             .collect()
     }
 
+    /// Every deployment's load counters, by id.
+    pub fn loads(&self) -> Vec<(String, Arc<DeploymentLoad>)> {
+        self.load
+            .iter()
+            .map(|(id, l)| (id.clone(), l.clone()))
+            .collect()
+    }
+
+    /// A receiver told of every change of the serving replicas.
+    pub fn replica_changes(&self) -> tokio::sync::watch::Receiver<()> {
+        self.replica_changes.subscribe()
+    }
+
     /// The caller's deployment names, sorted.
     pub fn models_of(&self, tenant: &str) -> Vec<String> {
         let mut names: Vec<String> = self
@@ -396,10 +429,13 @@ impl Routes {
             Some(r) => Target::Replica {
                 replica: r.clone(),
                 takes_cache_salt: d.engine != EngineKind::External,
+                load: d.load.clone(),
             },
             None => Target::NoneReady {
                 deployment: model.to_string(),
                 state: d.state.clone(),
+                holds: !d.failed,
+                load: d.load.clone(),
             },
         };
         Some((target, d.sampling))
@@ -442,7 +478,12 @@ impl Routes {
                     .as_ref()
                     .map_or_else(|| "pending".to_string(), |s| s.reason.clone()),
                 sampling: o.spec.sampling,
+                failed: o
+                    .status
+                    .as_ref()
+                    .is_some_and(|s| s.state == LifecycleState::Failed),
                 external: None,
+                load: Arc::default(),
             };
             d.derive_external(&tenant);
             Some(((tenant, o.name.clone()), d))
@@ -450,17 +491,23 @@ impl Routes {
         match update {
             Update::Snapshot(items) => {
                 self.deployments.clear();
-                for ((tenant, name), d) in items.iter().filter_map(entry) {
+                for ((tenant, name), mut d) in items.iter().filter_map(entry) {
+                    d.load = self.load.entry(d.id.clone()).or_default().clone();
                     self.deployments.entry(tenant).or_default().insert(name, d);
                 }
+                let live: std::collections::HashSet<&str> =
+                    items.iter().map(|o| o.id.as_str()).collect();
+                self.load.retain(|id, _| live.contains(id.as_str()));
                 self.synced.deployments = true;
             }
             Update::Added(o) | Update::Modified(o) => {
-                if let Some(((tenant, name), d)) = entry(&o) {
+                if let Some(((tenant, name), mut d)) = entry(&o) {
+                    d.load = self.load.entry(d.id.clone()).or_default().clone();
                     self.deployments.entry(tenant).or_default().insert(name, d);
                 }
             }
             Update::Deleted(o) => {
+                self.load.remove(&o.id);
                 if let Some(((tenant, name), _)) = entry(&o) {
                     if let Some(names) = self.deployments.get_mut(&tenant) {
                         names.remove(&name);
@@ -513,6 +560,7 @@ impl Routes {
     /// Keeps what is derived from `replicas` current: every replica has an
     /// in-flight counter and a breaker, every deployment its serving list.
     fn replicas_changed(&mut self) {
+        self.replica_changes.send_replace(());
         self.serving.clear();
         for (id, r) in &self.replicas {
             let outstanding = self.outstanding.entry(id.clone()).or_default().clone();

@@ -14,7 +14,8 @@
 //! spec:
 //!   model: smollm2          # a model of the tenant's, or a public one
 //!   engine: embedded        # embedded (default), vllm or simulated
-//!   replicas: 1             # or {min: 1, max: 3}
+//!   replicas: 1             # or {min: 0, max: 3, targetInFlight: 8,
+//!                           #     scaleDownDelaySeconds: 60}
 //!   resources: {cpu: "1", memory: 2Gi, gpu: "1"}   # 1 CPU, 1Gi by default
 //! ```
 
@@ -73,13 +74,13 @@ pub fn deployment_of(isvc: &Value) -> Result<DeploymentSpec, KubeError> {
         }
     };
     let replicas = match &spec["replicas"] {
-        Value::Null => Replicas { min: 1, max: 1 },
+        Value::Null => Replicas::fixed(1),
         Value::Number(n) => {
             let n = n
                 .as_u64()
                 .and_then(|n| u32::try_from(n).ok())
                 .ok_or_else(|| invalid(isvc, "spec.replicas: must be a whole number"))?;
-            Replicas { min: n, max: n }
+            Replicas::fixed(n)
         }
         Value::Object(r) => {
             let bound = |k: &str| {
@@ -93,12 +94,23 @@ pub fn deployment_of(isvc: &Value) -> Result<DeploymentSpec, KubeError> {
                         )
                     })
             };
+            let optional = |k: &str| match r.get(k) {
+                None | Some(Value::Null) => Ok(None),
+                Some(_) => bound(k).map(Some),
+            };
             Replicas {
                 min: bound("min")?,
                 max: bound("max")?,
+                target_in_flight: optional("targetInFlight")?,
+                scale_down_delay_seconds: optional("scaleDownDelaySeconds")?,
             }
         }
-        _ => return Err(invalid(isvc, "spec.replicas: a number, or {min, max}")),
+        _ => {
+            return Err(invalid(
+                isvc,
+                "spec.replicas: a number, or {min, max, targetInFlight, scaleDownDelaySeconds}",
+            ))
+        }
     };
     let resources = Resources {
         cpu: quantity(isvc, "cpu")?.unwrap_or(CpuMillis(1000)),
@@ -195,7 +207,7 @@ pub fn schema() -> Value {
                 "properties": {
                     "model": string("A model of the tenant's, or of the public catalogue."),
                     "engine": string("embedded (default), vllm or simulated."),
-                    "replicas": {"description": "A number of replicas, or {min, max}.",
+                    "replicas": {"description": "A number of replicas, or {min, max, targetInFlight, scaleDownDelaySeconds}: scaled by requests in flight per replica; min 0 scales to zero when idle.",
                                  "x-kubernetes-int-or-string": true},
                     "resources": {"description": "What each replica needs: cpu, memory, gpu, gpuMemory (quantities).",
                                   "type": "object", "additionalProperties": {"type": "string"}},
@@ -245,6 +257,12 @@ mod tests {
             "replicas": {"min": 1, "max": 3}})))
         .unwrap();
         assert_eq!((ranged.replicas.min, ranged.replicas.max), (1, 3));
+        assert_eq!(ranged.replicas.target_in_flight, None);
+        let scaled = deployment_of(&isvc(json!({"model": "m", "engine": "simulated",
+            "replicas": {"min": 0, "max": 3, "targetInFlight": 2, "scaleDownDelaySeconds": 30}})))
+        .unwrap();
+        assert_eq!(scaled.replicas.target_in_flight, Some(2));
+        assert_eq!(scaled.replicas.scale_down_delay_seconds, Some(30));
         let tuned = deployment_of(&isvc(json!({"model": "m",
             "sampling": {"temperature": 0.2, "topP": 0.9}})))
         .unwrap();
@@ -266,6 +284,14 @@ mod tests {
             (json!({"model": "m", "engine": "container"}), "spec.engine"),
             (json!({"model": "m", "replicas": -1}), "spec.replicas"),
             (json!({"model": "m", "replicas": 5000}), "spec"),
+            (
+                json!({"model": "m", "replicas": {"min": 0, "max": 2, "targetInFlight": -1}}),
+                "spec.replicas.targetInFlight",
+            ),
+            (
+                json!({"model": "m", "replicas": {"min": 0, "max": 2, "targetInFlight": 0}}),
+                "replicas.target_in_flight",
+            ),
             (
                 json!({"model": "m", "resources": {"cpu": "lots"}}),
                 "spec.resources.cpu",

@@ -9,6 +9,7 @@
 //! edge error type; `openapi` describes the same routes.
 
 mod auth;
+mod autoscale;
 pub mod controller;
 mod crud;
 pub mod error;
@@ -114,6 +115,8 @@ pub struct AppState {
     sealer: Arc<kube::sealed::Sealer>,
     /// The image registry's content (`<data-dir>/registry`).
     registry: Arc<registry::Storage>,
+    /// The gateways' latest load reports, for the autoscaler.
+    load: Arc<autoscale::LoadBoard>,
 }
 
 /// The id of the request being served, for logs, audit and the
@@ -249,8 +252,14 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, StartError> {
             &config.data_dir.join("kube-secrets.key"),
         )?),
         registry,
+        load: Arc::default(),
     };
     tokio::spawn(kube::pods::run(state.clone()));
+    tokio::spawn(autoscale::run(
+        store.clone(),
+        state.load.clone(),
+        shutdown_rx.clone(),
+    ));
     let app = router(state);
     tokio::spawn(controller::run(store.clone(), shutdown_rx.clone()));
     tokio::spawn(compact_periodically(
@@ -333,6 +342,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/keys/{ident}/revoke", post(tenancy::revoke_key))
         .route("/v1/keys/digests", get(tenancy::key_digests))
         .route("/v1/limits/sync", post(tenancy::sync_limits))
+        .route("/v1/load", post(autoscale::report_load))
         .route("/v1/quotas", get(tenancy::list_quotas))
         .route(
             "/v1/quotas/{tenant}",

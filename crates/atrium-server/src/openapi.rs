@@ -446,6 +446,17 @@ pub fn document() -> Value {
             json!({"type": "object", "required": ["gateway", "site", "scopes"]}))}),
     );
     paths.insert(
+        "/v1/load".into(),
+        json!({"post": with_body(operation("report_load".into(), "usage",
+            "A gateway reports each deployment's requests in flight, started and held, for the autoscaler".into(),
+            ("200", json_response("how many deployments it named", json!({"type": "object", "required": ["deployments"]}))),
+            &["400", "401", "403"]),
+            json!({"type": "object", "required": ["gateway", "site"], "properties": {
+                "gateway": {"type": "string"}, "site": {"type": "string"},
+                "deployments": {"type": "array", "items": {"type": "object",
+                    "required": ["deployment", "in_flight", "requests", "waiting"]}}}}))}),
+    );
+    paths.insert(
         "/v1/audit".into(),
         json!({"get": with_params(operation("list_audit".into(), "audit", "Audit events, oldest first".into(),
             ("200", json_response("events", json!({"type": "object", "properties": {

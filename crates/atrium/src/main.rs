@@ -300,6 +300,9 @@ struct UpArgs {
     /// Report these simulated GPUs (e.g. 8xH100-80GB) instead of discovering them
     #[arg(long)]
     simulate_gpus: Option<String>,
+    /// Milliseconds between the tokens of simulated engines (load tests)
+    #[arg(long, default_value_t = 0)]
+    simulated_itl_ms: u64,
     /// Also create two demo tenants, each with a key and its own SmolLM2 chat
     /// and MiniLM embeddings deployments, and write <data-dir>/demo.json
     #[arg(long)]
@@ -320,6 +323,9 @@ struct AgentArgs {
     join_token: Option<String>,
     #[arg(long)]
     simulate_gpus: Option<String>,
+    /// Milliseconds between the tokens of simulated engines (load tests)
+    #[arg(long, default_value_t = 0)]
+    simulated_itl_ms: u64,
     #[arg(long, env = "ATRIUM_MODEL_CACHE")]
     model_cache: Option<PathBuf>,
     /// Directories `path:` model sources may resolve into (the model cache
@@ -750,6 +756,7 @@ async fn run_agent(
         model_roots: args.model_roots,
         engine_binary: std::env::current_exe().context("cannot find the atrium binary")?,
         simulate_gpus: args.simulate_gpus,
+        simulated_itl_ms: args.simulated_itl_ms,
         network_octet: atrium_agent::parse_tenant_network(&args.tenant_network)
             .map_err(|e| anyhow!(e))?,
     };

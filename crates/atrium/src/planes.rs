@@ -252,6 +252,10 @@ pub struct GatewayFlags {
     /// How long an idle keep-alive connection stays open
     #[arg(long, env = "ATRIUM_GATEWAY_IDLE_TIMEOUT", default_value = "60s", value_parser = parse_duration)]
     pub idle_timeout: Duration,
+    /// How long a request waits for a replica of its deployment to start
+    /// (from zero, say) before it gets 503 with Retry-After
+    #[arg(long, env = "ATRIUM_GATEWAY_HOLD_TIMEOUT", default_value = "60s", value_parser = parse_duration)]
+    pub hold_timeout: Duration,
 }
 
 impl Default for GatewayFlags {
@@ -264,6 +268,7 @@ impl Default for GatewayFlags {
             max_connections: limits.max_total,
             max_connections_per_ip: limits.max_per_ip,
             idle_timeout: limits.idle_timeout,
+            hold_timeout: atrium_gateway::DEFAULT_HOLD_TIMEOUT,
         }
     }
 }
@@ -290,6 +295,7 @@ impl GatewayFlags {
                 max_per_ip: self.max_connections_per_ip,
                 idle_timeout: self.idle_timeout,
             },
+            hold_timeout: self.hold_timeout,
         }
     }
 }

@@ -75,7 +75,7 @@ pub(crate) fn local_deployment(model: &str, cpu: &str, memory: &str) -> Result<D
             gpu_models: Vec::new(),
             storage: ByteSize::default(),
         },
-        replicas: Replicas { min: 1, max: 1 },
+        replicas: Replicas::fixed(1),
         sites: vec![LOCAL_SITE.to_string()],
         external_url: None,
         sampling: SamplingDefaults::default(),
@@ -224,6 +224,7 @@ pub struct StackOptions {
     pub gateway_listen: std::net::SocketAddr,
     pub node: Option<String>,
     pub simulate_gpus: Option<String>,
+    pub simulated_itl_ms: u64,
     pub gateway: planes::GatewayFlags,
     pub model_roots: Vec<PathBuf>,
 }
@@ -297,6 +298,7 @@ impl Stack {
             model_roots: options.model_roots,
             engine_binary: std::env::current_exe().context("cannot find the atrium binary")?,
             simulate_gpus: options.simulate_gpus,
+            simulated_itl_ms: options.simulated_itl_ms,
             network_octet: UP_TENANT_NETWORK_OCTET,
         };
         let agent = tokio::spawn(atrium_agent::run(agent_config, async move {
@@ -372,6 +374,7 @@ pub async fn run(args: UpArgs, data_dir: Option<PathBuf>, file: &config::FileCon
             gateway_listen,
             node: args.node,
             simulate_gpus: args.simulate_gpus,
+            simulated_itl_ms: args.simulated_itl_ms,
             gateway: args.gateway,
             model_roots: args.model_roots,
         },

@@ -1331,6 +1331,11 @@ fn plane_credentials_reach_only_their_own_node_or_site() {
             "/v1/limits/sync",
             json!({"gateway": "g", "site": "local"}),
         ),
+        (
+            Method::POST,
+            "/v1/load",
+            json!({"gateway": "g", "site": "local", "deployments": []}),
+        ),
     ] {
         let a = cloud.call(&n1, method.clone(), path, body.clone());
         assert_eq!(a.status, 403, "a node: {method} {path}: {}", a.body);
@@ -1357,8 +1362,17 @@ fn plane_credentials_reach_only_their_own_node_or_site() {
     let sync = json!({"gateway": "g", "site": "elsewhere"});
     assert_eq!(
         cloud
-            .call(&gw, Method::POST, "/v1/limits/sync", sync)
+            .call(&gw, Method::POST, "/v1/limits/sync", sync.clone())
             .status,
+        403
+    );
+    assert_eq!(cloud.call(&gw, Method::POST, "/v1/load", sync).status, 403);
+    // A tenant cannot fake load to scale deployments (its own or others').
+    let tenant = cloud.tenant("loadfaker", json!({}), &["admin"]);
+    let fake = json!({"gateway": "g", "site": "local", "deployments": [
+        {"deployment": "dep_x", "in_flight": 1000.0, "requests": 1, "waiting": 5}]});
+    assert_eq!(
+        cloud.call(&tenant, Method::POST, "/v1/load", fake).status,
         403
     );
 

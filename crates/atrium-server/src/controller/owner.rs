@@ -37,6 +37,13 @@ impl Owner<'_> {
         if matches!(self.template, Template::External) {
             return Status::new(LifecycleState::Running, "routes to an external endpoint");
         }
+        if desired == 0 && matches!(self.template, Template::Model(..)) {
+            // Knative's reading: serving, with nothing running while idle.
+            return Status::new(
+                LifecycleState::Running,
+                "scaled to zero while idle; the next request starts a replica",
+            );
+        }
         let count = |state| replicas.iter().filter(|r| r.state == state).count();
         let (running, failed) = (
             count(LifecycleState::Running),
@@ -130,11 +137,17 @@ impl<'a> Owner<'a> {
             priority: tenant_spec.map_or(0, |t| t.priority),
             resources: &d.spec.resources,
             sites: &d.spec.sites,
-            // No autoscaler yet: the minimum, at least one.
+            // The autoscaler's count (kept within the spec's bounds should
+            // the spec have changed since), or the initial one.
             desired: if external {
                 0
             } else {
-                d.spec.replicas.min.max(1) as usize
+                let r = &d.spec.replicas;
+                d.status
+                    .as_ref()
+                    .and_then(|s| s.desired_replicas)
+                    .map_or_else(|| r.initial(), |n| n.max(r.min).min(r.max))
+                    as usize
             },
             template: if external {
                 Template::External

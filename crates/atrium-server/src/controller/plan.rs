@@ -268,6 +268,8 @@ pub fn plan(world: &World) -> Plan {
         if let Some(why) = pass.preempted.get(owner.id) {
             status = Status::new(LifecycleState::Pending, format!("{why}; requeued"));
         }
+        // The autoscaler's to write; a pass keeps it.
+        status.desired_replicas = owner.status.and_then(|s| s.desired_replicas);
         if owner.status != Some(&status) {
             pass.plan.actions.push(Action::SetStatus {
                 kind: owner.kind,

@@ -235,7 +235,7 @@ pub(super) async fn atrium_tenant(cp: &ControlPlane, engine_url: &str) -> Result
             gpu_models: Vec::new(),
             storage: Default::default(),
         },
-        replicas: Replicas { min: 1, max: 1 },
+        replicas: Replicas::fixed(1),
         sites: Vec::new(),
         external_url: None,
         sampling: Default::default(),

@@ -31,6 +31,13 @@ pub enum DeployCmd {
         min: u32,
         #[arg(long, default_value_t = 1)]
         max: u32,
+        /// Requests in flight per replica the autoscaler aims at [default: 8]
+        #[arg(long)]
+        target_in_flight: Option<u32>,
+        /// Seconds load must stay low before replicas are removed (to zero
+        /// with --min 0) [default: 60]
+        #[arg(long)]
+        scale_down_delay: Option<u32>,
         /// Sites the replicas may run in (comma-separated)
         #[arg(long, value_delimiter = ',')]
         sites: Vec<String>,
@@ -67,6 +74,7 @@ pub const DEPLOY_COLUMNS: Columns = &[
     ("ENGINE", "/spec/engine"),
     ("MIN", "/spec/replicas/min"),
     ("MAX", "/spec/replicas/max"),
+    ("SCALE", "/status/desired_replicas"),
     ("STATE", "/status/state"),
     ("REASON", "/status/reason"),
     ("ID", "/id"),
@@ -84,6 +92,8 @@ pub async fn run(ctx: &Ctx, cmd: DeployCmd) -> Result<()> {
             gpu_memory,
             min,
             max,
+            target_in_flight,
+            scale_down_delay,
             sites,
             external_url,
             temperature,
@@ -106,7 +116,12 @@ pub async fn run(ctx: &Ctx, cmd: DeployCmd) -> Result<()> {
                         gpu_models: Vec::new(),
                         storage: ByteSize::default(),
                     },
-                    replicas: Replicas { min, max },
+                    replicas: Replicas {
+                        min,
+                        max,
+                        target_in_flight,
+                        scale_down_delay_seconds: scale_down_delay,
+                    },
                     sites,
                     external_url,
                     sampling: SamplingDefaults {

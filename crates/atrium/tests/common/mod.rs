@@ -48,6 +48,31 @@ pub fn admin_call(
     v
 }
 
+/// The placements of `tenant`'s deployment `deployment` (provider view).
+pub fn placements_of(
+    http: &reqwest::blocking::Client,
+    server: &str,
+    token: &str,
+    tenant: &str,
+    deployment: &str,
+) -> Vec<serde_json::Value> {
+    let all = admin_call(
+        http,
+        server,
+        token,
+        reqwest::Method::GET,
+        &format!("/v1/placements?tenant={tenant}"),
+        serde_json::Value::Null,
+    );
+    all["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|p| p["spec"]["deployment_name"] == deployment)
+        .cloned()
+        .collect()
+}
+
 /// A one-time join token for a node or gateway (`plane`) named `name` in
 /// site `local`, issued by the provider.
 pub fn join_token(server: &str, admin_token: &str, plane: &str, name: &str) -> String {
