@@ -38,6 +38,10 @@ const EVERY: Duration = Duration::from_secs(1);
 /// Most deployments one report may name, and the longest id in it.
 const MAX_REPORTED: usize = 100_000;
 const MAX_ID_LEN: usize = 128;
+/// Most gateways reporting within `FRESH_FOR`: a gateway names itself, so
+/// one stolen gateway credential inventing names must not grow the board
+/// without bound.
+const MAX_GATEWAYS: usize = 4096;
 
 /// Load per deployment id.
 type Seen = HashMap<String, Observation>;
@@ -77,10 +81,21 @@ impl LoadBoard {
             o.requests = o.requests.saturating_add(d.requests);
             o.waiting = o.waiting.saturating_add(d.waiting);
         }
-        self.reports
+        let mut reports = self
+            .reports
             .lock()
-            .map_err(|_| "the load board is unavailable".to_string())?
-            .insert(report.gateway, (now, seen));
+            .map_err(|_| "the load board is unavailable".to_string())?;
+        if !reports.contains_key(&report.gateway) && reports.len() >= MAX_GATEWAYS {
+            reports.retain(|_, (at, _)| now.saturating_duration_since(*at) < FRESH_FOR);
+            if reports.len() >= MAX_GATEWAYS {
+                return Err(format!(
+                    "{MAX_GATEWAYS} gateways already report load; gateway {:?} is one too many",
+                    report.gateway
+                ));
+            }
+        }
+        reports.insert(report.gateway, (now, seen));
+        drop(reports);
         if waiting {
             self.wake.notify_one();
         }
@@ -285,5 +300,26 @@ mod tests {
             assert!(board.report(bad, t0).is_err());
         }
         assert_eq!(board.observations(t0)["dep_a"].in_flight, 1.0);
+    }
+
+    #[test]
+    fn invented_gateway_names_cannot_grow_the_board_past_its_bound() {
+        let board = LoadBoard::default();
+        let t0 = Instant::now();
+        for i in 0..MAX_GATEWAYS {
+            board
+                .report(report(&format!("g{i}"), "dep_a", 0.0, 0), t0)
+                .unwrap();
+        }
+        assert!(board
+            .report(report("one-more", "dep_a", 1.0, 0), t0)
+            .is_err());
+        // A known gateway still reports, and stale names make room.
+        board.report(report("g0", "dep_a", 1.0, 0), t0).unwrap();
+        let later = t0 + FRESH_FOR;
+        board
+            .report(report("one-more", "dep_a", 1.0, 0), later)
+            .unwrap();
+        assert_eq!(board.observations(later)["dep_a"].in_flight, 1.0);
     }
 }
