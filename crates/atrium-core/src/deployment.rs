@@ -332,6 +332,36 @@ mod tests {
     }
 
     #[test]
+    fn autoscaling_numbers_out_of_range_are_refused_by_field() {
+        for (field, value) in [
+            ("target_in_flight", 0u64),
+            ("target_in_flight", 10_001),
+            ("target_in_flight", u64::from(u32::MAX)),
+            ("scale_down_delay_seconds", 0),
+            ("scale_down_delay_seconds", 86_401),
+        ] {
+            let s: DeploymentSpec = serde_json::from_value(serde_json::json!({
+                "model": "m", "engine": "simulated",
+                "replicas": {"min": 0, "max": 2, field: value},
+                "resources": {"cpu": "1", "memory": "1Gi"}
+            }))
+            .unwrap();
+            let errors = format!("{:?}", s.validate().unwrap_err());
+            assert!(errors.contains(&format!("replicas.{field}")), "{errors}");
+        }
+        // A number past u32 is a parse error, never a wrapped value.
+        assert!(serde_json::from_value::<DeploymentSpec>(serde_json::json!({
+            "model": "m", "replicas": {"min": 0, "max": 2, "target_in_flight": 1u64 << 32},
+            "resources": {"cpu": "1", "memory": "1Gi"}
+        }))
+        .is_err());
+        let mut ok = spec(None, 2);
+        ok.replicas.target_in_flight = Some(10_000);
+        ok.replicas.scale_down_delay_seconds = Some(86_400);
+        assert!(ok.validate().is_ok());
+    }
+
+    #[test]
     fn external_urls_must_parse() {
         let mut s = spec(None, 1);
         s.engine = EngineKind::External;
