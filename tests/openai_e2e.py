@@ -3,7 +3,8 @@ Python SDK. Usage: python3 tests/openai_e2e.py <data-dir>/demo.json
 
 Tenant A uses its key for chat (streamed and not, structured output
 through the SDK's `parse` helper, and log-probabilities), the Responses
-API (plain and streamed), completions and embeddings; it can neither list, call nor detect tenant B's deployments; and
+API (plain and streamed), the Batch API (files and batches, results read
+back, invisible to tenant B), completions and embeddings; it can neither list, call nor detect tenant B's deployments; and
 a key revoked through the control plane stops working within 2 seconds.
 Exits non-zero, with the reason, on the first failure.
 """
@@ -108,6 +109,41 @@ def main():
     assert len(tokens) == scored.usage.completion_tokens, scored
     assert all(len(t.top_logprobs) == 2 and t.logprob <= 0 for t in tokens), tokens
 
+    # The Batch API: a JSONL file of requests, run at low priority, its
+    # results file read back. At temperature 0 a batched answer is the
+    # same text as the interactive one.
+    lines = [
+        {"custom_id": f"q{i}", "method": "POST", "url": "/v1/chat/completions",
+         "body": {"model": a["chat_model"], "messages": question, "temperature": 0, "max_tokens": 30}}
+        for i in range(3)
+    ]
+    upload = ca.files.create(file=("questions.jsonl", "\n".join(json.dumps(l) for l in lines).encode()), purpose="batch")
+    assert upload.purpose == "batch" and upload.bytes > 0, upload
+    batch = ca.batches.create(input_file_id=upload.id, endpoint="/v1/chat/completions", completion_window="24h", metadata={"run": "e2e"})
+    assert batch.status == "validating" and batch.request_counts.total == 3, batch
+    deadline = time.time() + 120
+    while batch.status not in ("completed", "failed", "expired", "cancelled"):
+        assert time.time() < deadline, f"batch never finished: {batch}"
+        time.sleep(0.5)
+        batch = ca.batches.retrieve(batch.id)
+    assert batch.status == "completed", batch
+    assert (batch.request_counts.completed, batch.request_counts.failed) == (3, 0), batch
+    results = [json.loads(l) for l in ca.files.content(batch.output_file_id).text.splitlines()]
+    assert sorted(r["custom_id"] for r in results) == ["q0", "q1", "q2"], results
+    for r in results:
+        assert r["response"]["status_code"] == 200, r
+        assert r["response"]["body"]["choices"][0]["message"]["content"] == answer, (r, answer)
+    assert batch.id in [x.id for x in ca.batches.list()]
+    cb = client(demo, b["api_key"])
+    for what, call in [("batch", lambda: cb.batches.retrieve(batch.id)), ("file", lambda: cb.files.retrieve(upload.id)),
+                       ("results", lambda: cb.files.content(batch.output_file_id))]:
+        try:
+            call()
+            raise AssertionError(f"tenant B read tenant A's {what}")
+        except openai.NotFoundError:
+            pass
+    assert batch.id not in [x.id for x in cb.batches.list()]
+
     # Completions on a raw prompt.
     completion = ca.completions.create(model=a["chat_model"], prompt="The capital of France is", max_tokens=8, temperature=0)
     assert completion.choices[0].text.strip(), completion
@@ -159,6 +195,7 @@ def main():
     time.sleep(1.5)
     usage = control_plane(demo, "GET", "/v1/usage?tenant=" + a["name"])
     assert usage["totals"]["requests"] >= 5, usage["totals"]
+    assert sum(1 for u in usage["items"] if u.get("batch") == batch.id) == 3, usage["items"]
     assert all(u["site"] == "local" and u["tenant"] == a["name"] for u in usage["items"])
     print("openai e2e: all checks passed")
 

@@ -9,8 +9,8 @@
 mod resource;
 
 pub use resource::{
-    Cluster, Credential, Deployment, Exec, JoinToken, Key, Model, NoStatus, Node, Object,
-    Ownership, Placement, Resource, ServiceRoute, Site, Tenant, Volume, Workload,
+    Batch, Cluster, Credential, Deployment, Exec, File, JoinToken, Key, Model, NoStatus, Node,
+    Object, Ownership, Placement, Resource, ServiceRoute, Site, Tenant, Volume, Workload,
 };
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -189,6 +189,10 @@ pub struct UsageRecordView {
     /// was outside what the request could produce: says what it reported.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub flag: Option<String>,
+    /// The Batch API job (`batch_…`) the request ran for; absent for the
+    /// tenant's own requests.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub batch: Option<String>,
 }
 
 /// Body of `POST /v1/usage`: a batch, recorded at most once per id.

@@ -10,6 +10,7 @@
 
 use std::fmt::Debug;
 
+use atrium_core::batch::{BatchSpec, BatchStatus, FileSpec};
 use atrium_core::cluster::ClusterSpec;
 use atrium_core::deployment::DeploymentSpec;
 use atrium_core::exec::{ExecSpec, ExecStatus};
@@ -141,6 +142,17 @@ resource!(
     /// A node's or gateway's credential, issued by a join. Ids appear
     /// inside tokens (`atrn_<id>_<secret>`): no underscore.
     Credential, "credential", "credentials", "crd", Provider, CredentialSpec, CredentialStatus
+);
+
+resource!(
+    /// A tenant's file for the Batch API: a batch's input, or its results.
+    /// Served in OpenAI's shape at `/v1/files`.
+    File, "file", "files", "file-", Tenant, FileSpec, NoStatus
+);
+resource!(
+    /// A batch of requests run from a file at low priority. Served in
+    /// OpenAI's shape at `/v1/batches`.
+    Batch, "batch", "batches", "batch_", Tenant, BatchSpec, BatchStatus
 );
 
 #[cfg(test)]

@@ -218,13 +218,28 @@ impl ControlPlane {
         path: &str,
         accept: &str,
     ) -> Result<reqwest::Response, ClientError> {
-        let attempt = || {
-            self.http
-                .get(format!("{}{path}", self.base))
-                .bearer_auth(self.token())
-                .header(reqwest::header::ACCEPT, accept)
-                .send()
-        };
+        let resp = self
+            .with_token_once_more(|| {
+                self.http
+                    .get(format!("{}{path}", self.base))
+                    .header(reqwest::header::ACCEPT, accept)
+            })
+            .await?;
+        let status = resp.status().as_u16();
+        if !(200..300).contains(&status) {
+            let body = resp.text().await.unwrap_or_default();
+            return Err(ClientError::Status { status, body });
+        }
+        Ok(resp)
+    }
+
+    /// Sends what `request` builds with this client's token, and once more
+    /// with a rotated credential when the first is refused.
+    async fn with_token_once_more(
+        &self,
+        request: impl Fn() -> reqwest::RequestBuilder,
+    ) -> Result<reqwest::Response, ClientError> {
+        let attempt = || request().bearer_auth(self.token()).send();
         let mut resp = attempt()
             .await
             .map_err(|e| ClientError::Unreachable(e.to_string()))?;
@@ -233,12 +248,77 @@ impl ControlPlane {
                 .await
                 .map_err(|e| ClientError::Unreachable(e.to_string()))?;
         }
-        let status = resp.status().as_u16();
-        if !(200..300).contains(&status) {
-            let body = resp.text().await.unwrap_or_default();
-            return Err(ClientError::Status { status, body });
-        }
         Ok(resp)
+    }
+
+    /// Passes a tenant's own call on as it came (its `authorization`, not
+    /// this client's token): the control plane decides what the caller may
+    /// do. Gives back the status, content type and body, whatever they are.
+    pub async fn forward(
+        &self,
+        method: Method,
+        path_and_query: &str,
+        authorization: &str,
+        content_type: Option<&str>,
+        body: bytes::Bytes,
+    ) -> Result<(u16, Option<String>, bytes::Bytes), ClientError> {
+        let mut req = self
+            .http
+            .request(method, format!("{}{path_and_query}", self.base))
+            .header(reqwest::header::AUTHORIZATION, authorization)
+            .timeout(Duration::from_secs(120))
+            .body(body);
+        if let Some(ct) = content_type {
+            req = req.header(reqwest::header::CONTENT_TYPE, ct);
+        }
+        let resp = req
+            .send()
+            .await
+            .map_err(|e| ClientError::Unreachable(e.to_string()))?;
+        let status = resp.status().as_u16();
+        let content_type = resp
+            .headers()
+            .get(reqwest::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
+        let bytes = resp
+            .bytes()
+            .await
+            .map_err(|e| ClientError::Unreachable(e.to_string()))?;
+        Ok((status, content_type, bytes))
+    }
+
+    /// Posts `body` (any bytes, `content_type`) with this client's token and
+    /// reads a JSON answer; `None` for `204 No Content`.
+    pub async fn post_bytes<T: serde::de::DeserializeOwned>(
+        &self,
+        path: &str,
+        content_type: &str,
+        body: bytes::Bytes,
+    ) -> Result<Option<T>, ClientError> {
+        let resp = self
+            .with_token_once_more(|| {
+                self.http
+                    .post(format!("{}{path}", self.base))
+                    .header(reqwest::header::CONTENT_TYPE, content_type)
+                    .timeout(Duration::from_secs(120))
+                    .body(body.clone())
+            })
+            .await?;
+        let status = resp.status().as_u16();
+        let text = resp
+            .text()
+            .await
+            .map_err(|e| ClientError::Unreachable(e.to_string()))?;
+        if !(200..300).contains(&status) {
+            return Err(ClientError::Status { status, body: text });
+        }
+        if status == 204 || text.is_empty() {
+            return Ok(None);
+        }
+        serde_json::from_str(&text)
+            .map(Some)
+            .map_err(|e| ClientError::Decode(e.to_string()))
     }
 
     /// Sends a call (30 s at most), and once more with a rotated

@@ -8,6 +8,7 @@
 //! document is generated from these very types.
 
 pub mod autoscale;
+pub mod batch;
 pub mod cluster;
 pub mod deployment;
 pub mod exec;

@@ -52,6 +52,13 @@ pub struct Quota {
     /// read; delete finished ones to run more.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub execs: Option<u64>,
+    /// Batch API files held at once [default: 100]; their bytes count
+    /// against `storage`. Results files Atrium writes are not capped.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub files: Option<u64>,
+    /// Batches queued or running at once [default: 20].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub batches: Option<u64>,
     /// API keys held at once, revoked ones included [default: 100].
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub keys: Option<u64>,
@@ -171,6 +178,8 @@ pub enum Counted {
     Execs,
     Clusters,
     ClusterObjects,
+    Files,
+    Batches,
 }
 
 impl Counted {
@@ -185,13 +194,20 @@ impl Counted {
             Counted::Execs => "execs",
             Counted::Clusters => "clusters",
             Counted::ClusterObjects => "cluster_objects",
+            Counted::Files => "files",
+            Counted::Batches => "batches",
         }
     }
 
     /// The cap when the quota names none: far above what a tenant uses.
     pub fn default_cap(self) -> u64 {
         match self {
-            Counted::Deployments | Counted::Models | Counted::Keys | Counted::Volumes => 100,
+            Counted::Deployments
+            | Counted::Models
+            | Counted::Keys
+            | Counted::Volumes
+            | Counted::Files => 100,
+            Counted::Batches => 20,
             Counted::Watches => 32,
             Counted::Execs => 20,
             Counted::Clusters => 10,
@@ -212,6 +228,8 @@ impl Quota {
             Counted::Execs => self.execs,
             Counted::Clusters => self.clusters,
             Counted::ClusterObjects => self.cluster_objects,
+            Counted::Files => self.files,
+            Counted::Batches => self.batches,
         };
         set.unwrap_or(what.default_cap())
     }

@@ -54,7 +54,20 @@ pub enum Method {
     Get,
     Head,
     Post,
+    Delete,
     Other,
+}
+
+impl Method {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Method::Get => "GET",
+            Method::Head => "HEAD",
+            Method::Post => "POST",
+            Method::Delete => "DELETE",
+            Method::Other => "OTHER",
+        }
+    }
 }
 
 /// What the gateway needs of a request's head.
@@ -63,7 +76,10 @@ pub struct RequestHead {
     pub method: Method,
     /// The target's path, query removed.
     pub path: String,
+    /// The target's query, without its `?`, when it has one.
+    pub query: Option<String>,
     pub authorization: Option<String>,
+    pub content_type: Option<String>,
     pub framing: Framing,
     /// Whether the client wants the connection kept after the response.
     pub keep_alive: bool,
@@ -167,18 +183,26 @@ pub fn parse_request_head(buf: &[u8]) -> Result<Option<(RequestHead, usize)>, Ht
         "GET" => Method::Get,
         "HEAD" => Method::Head,
         "POST" => Method::Post,
+        "DELETE" => Method::Delete,
         _ => Method::Other,
     };
     let target = request.path.unwrap_or("");
-    let path = target.split(['?', '#']).next().unwrap_or("").to_string();
+    let without_fragment = target.split('#').next().unwrap_or("");
+    let (path, query) = match without_fragment.split_once('?') {
+        Some((p, q)) => (p.to_string(), Some(q.to_string())),
+        None => (without_fragment.to_string(), None),
+    };
     let version = request.version.unwrap_or(1);
     let mut delimiters = Delimiters::default();
     let mut authorization = None;
+    let mut content_type = None;
     let mut expect_continue = false;
     for h in request.headers.iter() {
         delimiters.take(h.name, h.value)?;
         if h.name.eq_ignore_ascii_case("authorization") {
             authorization = std::str::from_utf8(h.value).ok().map(str::to_string);
+        } else if h.name.eq_ignore_ascii_case("content-type") {
+            content_type = std::str::from_utf8(h.value).ok().map(str::to_string);
         } else if h.name.eq_ignore_ascii_case("expect") {
             if h.value.eq_ignore_ascii_case(b"100-continue") {
                 expect_continue = true;
@@ -210,7 +234,9 @@ pub fn parse_request_head(buf: &[u8]) -> Result<Option<(RequestHead, usize)>, Ht
         RequestHead {
             method,
             path,
+            query,
             authorization,
+            content_type,
             framing,
             keep_alive: delimiters.keep_alive(version),
             expect_continue: expect_continue && version >= 1,

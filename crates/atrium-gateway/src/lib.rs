@@ -13,6 +13,8 @@
 //! never touches the store.
 
 pub mod affinity;
+mod batch_api;
+mod batch_runner;
 pub mod egress;
 pub mod http1;
 pub mod limits;
@@ -47,6 +49,16 @@ pub use routes::Routes;
 
 /// Largest request body accepted.
 const BODY_LIMIT: usize = 8 << 20;
+
+/// The body limit for `path`: a Batch API file upload may be as large as
+/// a file may be (and its multipart framing).
+fn body_limit(path: &str) -> usize {
+    if path == "/v1/files" {
+        usize::try_from(atrium_core::batch::MAX_FILE_BYTES + (64 << 10)).unwrap_or(BODY_LIMIT)
+    } else {
+        BODY_LIMIT
+    }
+}
 
 #[derive(Debug, Clone)]
 pub struct GatewayConfig {
@@ -96,6 +108,8 @@ struct Gateway {
     hold_timeout: Duration,
     /// Rung when a request is held: the load report goes at once.
     load_wake: Arc<tokio::sync::Notify>,
+    /// The control plane, for the Batch API's files and batches.
+    cp: ControlPlane,
 }
 
 /// A started gateway.
@@ -354,11 +368,13 @@ pub async fn start(config: GatewayConfig) -> Result<RunningGateway, GatewayError
         site,
         hold_timeout: config.hold_timeout,
         load_wake,
+        cp: cp.clone(),
     });
+    background.push(tokio::spawn(batch_runner::run(gateway.clone(), cp)));
     let task = tokio::spawn(server::serve(
         listener,
         move |request| handle(gateway.clone(), request),
-        BODY_LIMIT,
+        body_limit,
         server::Timeouts {
             idle: config.connections.idle_timeout,
             ..server::Timeouts::default()
@@ -407,6 +423,8 @@ async fn handle(g: Arc<Gateway>, request: Request) -> Response {
             }
         };
         (route, answer)
+    } else if let Some(route) = batch_api::route_of(path) {
+        (route, batch_api::forward(&g.cp, route, request).await)
     } else if let Some(id) = path.strip_prefix("/v1/models/") {
         let answer = if matches!(method, Method::Get | Method::Head) {
             model(&g, authorization, id)

@@ -27,6 +27,8 @@ pub struct DeploymentLoad {
     in_flight: AtomicU64,
     started: AtomicU64,
     waiting: AtomicU64,
+    /// Of `in_flight`, those a batch sent.
+    batch: AtomicU64,
 }
 
 impl DeploymentLoad {
@@ -38,6 +40,28 @@ impl DeploymentLoad {
             load: self.clone(),
             field: Field::InFlight,
         }
+    }
+
+    /// Counts a batch's request sent to one of its replicas until the
+    /// guard drops: load like any other (a batch may start a replica),
+    /// and apart, so batches can yield to the tenant's own requests.
+    pub fn start_batch(self: &Arc<Self>) -> Counted {
+        self.started.fetch_add(1, Ordering::Relaxed);
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+        self.batch.fetch_add(1, Ordering::Relaxed);
+        Counted {
+            load: self.clone(),
+            field: Field::Batch,
+        }
+    }
+
+    /// Requests in flight or held that no batch sent.
+    pub fn interactive(&self) -> u64 {
+        let in_flight = self.in_flight.load(Ordering::Relaxed);
+        let batch = self.batch.load(Ordering::Relaxed);
+        in_flight
+            .saturating_sub(batch)
+            .saturating_add(self.waiting.load(Ordering::Relaxed))
     }
 
     /// Counts a request held for a replica until the guard drops.
@@ -54,6 +78,7 @@ impl DeploymentLoad {
 enum Field {
     InFlight,
     Waiting,
+    Batch,
 }
 
 /// A request counted in its deployment's load while it lives.
@@ -68,6 +93,10 @@ impl Drop for Counted {
         let counter = match self.field {
             Field::InFlight => &self.load.in_flight,
             Field::Waiting => &self.load.waiting,
+            Field::Batch => {
+                self.load.batch.fetch_sub(1, Ordering::Relaxed);
+                &self.load.in_flight
+            }
         };
         counter.fetch_sub(1, Ordering::Relaxed);
     }

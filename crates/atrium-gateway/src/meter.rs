@@ -113,6 +113,8 @@ pub struct Meter {
     replica: String,
     request_id: String,
     bound: UsageBound,
+    /// The Batch API job the request runs for.
+    batch: Option<String>,
 }
 
 impl Meter {
@@ -132,7 +134,14 @@ impl Meter {
             replica: replica.to_string(),
             request_id: request_id.to_string(),
             bound,
+            batch: None,
         }
+    }
+
+    /// Marks the record as a batch's (billed as batch usage).
+    pub fn for_batch(mut self, batch: Option<String>) -> Meter {
+        self.batch = batch;
+        self
     }
 
     /// Checks the upstream's counts, charges the limiter and spools the
@@ -159,6 +168,7 @@ impl Meter {
             completion_tokens: i64::try_from(completion).unwrap_or(i64::MAX),
             request_id: &self.request_id,
             flag: flag.as_deref(),
+            batch: self.batch.as_deref(),
         };
         if let Err(e) = self.usage.append(&record) {
             tracing::error!(error = %e, request_id = %self.request_id, "gateway: usage not spooled");

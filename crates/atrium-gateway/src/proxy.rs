@@ -31,7 +31,9 @@ pub async fn proxy(g: &Gateway, route: &str, request: Request) -> Response {
     let request_id = new_request_id();
     let raw = request.body;
     let authorization = request.head.authorization.as_deref();
-    let mut response = match admit(g, route, &raw, authorization) {
+    let admitted =
+        crate::authenticate(g, authorization).and_then(|caller| admit(g, route, &raw, caller));
+    let mut response = match admitted {
         Ok(mut admitted) => match send(g, route, &mut admitted, &request_id).await {
             Ok(sent) => respond(g, admitted, sent, &request_id).await,
             Err(refusal) => Err(refusal),
@@ -72,17 +74,19 @@ struct Admitted<'r> {
     /// What the upstream's usage is checked against before it is billed.
     bound: UsageBound,
     ticket: Option<limits::Ticket>,
+    /// The Batch API job it runs for, if any: metered as the batch's, and
+    /// counted apart so the batch can yield to the tenant's own requests.
+    batch: Option<String>,
 }
 
-/// Authenticates, parses and admits `raw` against the key's and the
+/// Parses and admits `raw` for `caller` against the key's and the
 /// tenant's limits (together).
 fn admit<'r>(
     g: &Gateway,
     route: &str,
     raw: &'r Bytes,
-    authorization: Option<&str>,
+    caller: Caller,
 ) -> Result<Admitted<'r>, Refusal> {
-    let caller = crate::authenticate(g, authorization)?;
     if !caller.may_infer {
         return Err(Refusal::NoInferenceScope);
     }
@@ -150,7 +154,48 @@ fn admit<'r>(
         set_max,
         bound,
         ticket,
+        batch: None,
     })
+}
+
+/// One request of a batch, run as the key that made the batch and
+/// answered whole: its status, request id and body. Metered as the
+/// batch's; a refusal is its answer like any client's.
+pub async fn run_for_batch(
+    g: &Gateway,
+    route: &str,
+    caller: Caller,
+    raw: Bytes,
+    batch: &str,
+) -> (u16, String, Bytes) {
+    let request_id = new_request_id();
+    let answered = match admit(g, route, &raw, caller) {
+        Ok(mut admitted) => {
+            admitted.batch = Some(batch.to_string());
+            match send(g, route, &mut admitted, &request_id).await {
+                Ok(sent) => respond(g, admitted, sent, &request_id)
+                    .await
+                    .map(|(r, _)| r),
+                Err(refusal) => Err(refusal),
+            }
+        }
+        Err(refusal) => Err(refusal),
+    };
+    let mut response = answered.unwrap_or_else(Refusal::into_response);
+    let body = match std::mem::replace(&mut response.body, ResponseBody::Full(Bytes::new())) {
+        ResponseBody::Full(b) => b,
+        ResponseBody::Stream(mut rx) => {
+            let mut all = Vec::new();
+            while let Some(chunk) = rx.recv().await {
+                all.extend_from_slice(&chunk);
+            }
+            Bytes::from(all)
+        }
+    };
+    if let Some(meter) = response.after_sent.take() {
+        meter();
+    }
+    (response.status, request_id, body)
 }
 
 /// `"stream_options": {"include_usage": true}`.
@@ -328,7 +373,11 @@ async fn destination(
             replica.outstanding.fetch_add(1, Ordering::Relaxed);
             let in_flight = InFlight {
                 replica: replica.outstanding.clone(),
-                _deployment: load.start(),
+                _deployment: if a.batch.is_some() {
+                    load.start_batch()
+                } else {
+                    load.start()
+                },
             };
             Ok(Dest::Replica(replica, in_flight))
         }
@@ -380,7 +429,8 @@ async fn respond(
         &replica_name,
         request_id,
         a.bound,
-    );
+    )
+    .for_batch(a.batch);
     let mut ticket = a.ticket;
     let mut after_sent: Option<server::AfterSent> = None;
     let body = if a.streaming && (200..300).contains(&status) {

@@ -327,6 +327,13 @@ impl Routes {
         {
             return Err(BAD);
         }
+        self.caller_for_key(id)
+    }
+
+    /// The caller key `id` makes while it is valid: a batch runs as the
+    /// key that made it, and stops when that key is revoked or expires.
+    pub fn caller_for_key(&self, id: &str) -> Result<Caller, &'static str> {
+        let key = self.keys.get(id).ok_or("This API key no longer exists.")?;
         if key.revoked {
             return Err("This API key has been revoked.");
         }
@@ -347,6 +354,14 @@ impl Routes {
             key_limits: key.limits,
             tenant_limits: self.tenants.get(&key.tenant).copied().unwrap_or_default(),
         })
+    }
+
+    /// A deployment's load counters and how many replicas are ready, for a
+    /// batch deciding whether there is room to send one more request.
+    pub fn batch_room(&self, tenant: &str, model: &str) -> Option<(Arc<DeploymentLoad>, usize)> {
+        let d = self.deployments.get(tenant)?.get(model)?;
+        let ready = self.serving.get(&d.id).map_or(0, Vec::len);
+        Some((d.load.clone(), ready))
     }
 
     /// Per replica name: requests in flight, and whether its breaker is open.

@@ -167,12 +167,15 @@ impl Response {
     }
 }
 
+/// The largest body a request to a path may carry.
+pub type BodyLimit = fn(&str) -> usize;
+
 /// Accepts connections forever, each served by its own task; a connection
 /// past a cap is closed at once.
 pub async fn serve<H, F>(
     listener: TcpListener,
     handler: H,
-    body_limit: usize,
+    body_limit: BodyLimit,
     timeouts: Timeouts,
     limits: ConnectionLimits,
 ) where
@@ -219,8 +222,12 @@ impl From<io::Error> for ReadError {
     }
 }
 
-async fn connection<H, F>(mut stream: TcpStream, handler: H, body_limit: usize, timeouts: Timeouts)
-where
+async fn connection<H, F>(
+    mut stream: TcpStream,
+    handler: H,
+    body_limit: BodyLimit,
+    timeouts: Timeouts,
+) where
     H: Fn(Request) -> F,
     F: Future<Output = Response>,
 {
@@ -315,7 +322,7 @@ async fn read_more(
 async fn read_request(
     stream: &mut TcpStream,
     buf: &mut BytesMut,
-    body_limit: usize,
+    body_limit: BodyLimit,
     within: Duration,
 ) -> Result<Request, ReadError> {
     let mut deadline = None;
@@ -326,6 +333,7 @@ async fn read_request(
         }
         read_more(stream, buf, &mut deadline, within).await?;
     };
+    let body_limit = body_limit(&head.path);
     let too_large = || {
         ReadError::Http(HttpError::new(
             413,
@@ -548,7 +556,7 @@ mod tests {
             );
             Response::new(200, "text/plain", text)
         };
-        tokio::spawn(serve(listener, handler, 64, timeouts, limits));
+        tokio::spawn(serve(listener, handler, |_| 64, timeouts, limits));
         addr
     }
 
@@ -782,7 +790,7 @@ mod tests {
         tokio::spawn(serve(
             listener,
             handler,
-            64,
+            |_| 64,
             Timeouts::default(),
             ConnectionLimits::default(),
         ));

@@ -69,6 +69,8 @@ pub struct UsageLine<'a> {
     pub request_id: &'a str,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub flag: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub batch: Option<&'a str>,
 }
 
 /// The append-only spool of usage records.
@@ -556,6 +558,7 @@ mod tests {
             completion_tokens: 1,
             request_id: format!("req_{i}"),
             flag: None,
+            batch: None,
         }
     }
 
@@ -570,15 +573,20 @@ mod tests {
             completion_tokens: r.completion_tokens,
             request_id: &r.request_id,
             flag: r.flag.as_deref(),
+            batch: r.batch.as_deref(),
         }
     }
 
     #[test]
     fn a_spooled_line_reads_back_as_the_record() {
-        for (request_id, flag) in [("req_1", None), ("", Some("replaced"))] {
+        for (request_id, flag, batch) in [
+            ("req_1", None, None),
+            ("", Some("replaced"), Some("batch_0123456789abcdef")),
+        ] {
             let record = UsageRecordView {
                 request_id: request_id.into(),
                 flag: flag.map(str::to_string),
+                batch: batch.map(str::to_string),
                 ..record(5)
             };
             let text = serde_json::to_vec(&line(&record)).unwrap();

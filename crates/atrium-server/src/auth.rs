@@ -97,6 +97,9 @@ pub struct Caller {
     pub actor: String,
     /// For the node and gateway roles: what their credential reaches.
     pub plane: Option<CredentialSpec>,
+    /// A tenant key that may call models (`inference` or `admin` scope):
+    /// what the Batch API asks, whatever the key's control-plane role.
+    pub may_infer: bool,
 }
 
 impl Caller {
@@ -174,6 +177,7 @@ pub async fn authenticate_token(store: &Store, token: &str) -> Result<Caller, Ap
                 tenant: None,
                 actor: "admin".into(),
                 plane: None,
+                may_infer: false,
             });
         }
         return Err(invalid());
@@ -212,6 +216,11 @@ pub async fn authenticate_token(store: &Store, token: &str) -> Result<Caller, Ap
         tenant: Some(tenant),
         actor: id.to_string(),
         plane: None,
+        may_infer: record
+            .spec
+            .scopes
+            .iter()
+            .any(|s| matches!(s, Scope::Inference | Scope::Admin)),
     })
 }
 
@@ -242,6 +251,7 @@ async fn authenticate_plane(store: &Store, plane: Plane, token: &str) -> Result<
         tenant: None,
         actor: format!("{}:{}", plane.as_str(), record.spec.name),
         plane: Some(record.spec),
+        may_infer: false,
     })
 }
 

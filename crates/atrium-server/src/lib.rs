@@ -10,6 +10,7 @@
 
 mod auth;
 mod autoscale;
+mod batches;
 pub mod controller;
 mod crud;
 pub mod error;
@@ -117,6 +118,8 @@ pub struct AppState {
     registry: Arc<registry::Storage>,
     /// The gateways' latest load reports, for the autoscaler.
     load: Arc<autoscale::LoadBoard>,
+    /// The Batch API's file bytes (`<data-dir>/files`).
+    files: Arc<batches::FileStore>,
 }
 
 /// The id of the request being served, for logs, audit and the
@@ -134,6 +137,8 @@ pub enum StartError {
     AdminToken(String),
     #[error("cannot open the image registry's directory {0}: {1}")]
     Registry(PathBuf, std::io::Error),
+    #[error("cannot open the Batch API's file directory {0}: {1}")]
+    Files(PathBuf, std::io::Error),
     #[error("cannot listen on {0}: {1}")]
     Listen(SocketAddr, std::io::Error),
     #[error(transparent)]
@@ -216,6 +221,10 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, StartError> {
         registry::Storage::open(registry_dir.clone())
             .map_err(|e| StartError::Registry(registry_dir, e))?,
     );
+    let files_dir = config.data_dir.join("files");
+    let files = Arc::new(
+        batches::FileStore::open(files_dir.clone()).map_err(|e| StartError::Files(files_dir, e))?,
+    );
     let tls = match config.tls_listen {
         Some(at) => {
             let material = tls::load(&config.data_dir.join("tls"), &config.tls_names)?;
@@ -253,6 +262,7 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, StartError> {
         )?),
         registry,
         load: Arc::default(),
+        files,
     };
     tokio::spawn(kube::pods::run(state.clone()));
     tokio::spawn(autoscale::run(
@@ -388,6 +398,7 @@ pub fn router(state: AppState) -> Router {
         )
         .route("/v1/workloads/{ident}/exec", post(exec::run))
         .route("/v1/kube/endpoint", get(kube::endpoint))
+        .merge(batches::routes(Router::new()))
         .route(
             "/v1/usage",
             get(tenancy::list_usage).post(tenancy::record_usage),

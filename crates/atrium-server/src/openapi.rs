@@ -279,6 +279,94 @@ fn plane_credentials(paths: &mut Map<String, Value>, schemas: &mut Map<String, V
 }
 
 /// Builds the document.
+/// OpenAI's Batch API (files and batches in OpenAI's own shapes), and the
+/// routes gateways run batches by.
+fn batch_api(paths: &mut Map<String, Value>, schemas: &mut Map<String, Value>) {
+    use atrium_core::batch::{BatchProgress, BatchSpec, BatchStatus, FileSpec};
+    add_schema::<BatchSpec>(schemas);
+    add_schema::<BatchStatus>(schemas);
+    add_schema::<BatchProgress>(schemas);
+    add_schema::<FileSpec>(schemas);
+    let object = |d: &str| json_response(d, json!({"type": "object"}));
+    let op = |id: &str, summary: &str, ok: Value| {
+        operation(
+            id.into(),
+            "batches",
+            summary.into(),
+            ("200", ok),
+            &["400", "401", "403", "404"],
+        )
+    };
+    let list_params = json!([
+        query("after", "string", "the id to list after"),
+        query("limit", "integer", "1 to 100 [20]"),
+        query("order", "string", "desc (newest first) or asc")
+    ]);
+    let mut file_params = list_params.clone();
+    if let Value::Array(p) = &mut file_params {
+        p.push(query("purpose", "string", "batch or batch_output"));
+    }
+    let upload = json!({"content": {"multipart/form-data": {"schema": {"type": "object", "required": ["purpose", "file"],
+        "properties": {"purpose": {"type": "string", "enum": ["batch"]}, "file": {"type": "string", "format": "binary"}}}}}});
+    let mut create_file = op(
+        "create_file",
+        "Upload a JSONL file of batch requests (at most 64 MiB)",
+        object("the file, in OpenAI's shape"),
+    );
+    create_file["requestBody"] = upload;
+    let entries = [
+        (
+            "/v1/files",
+            json!({"get": with_params(op("list_files", "The tenant's files", object("a page")), file_params),
+            "post": create_file}),
+        ),
+        (
+            "/v1/files/{id}",
+            json!({"get": op("get_file", "One file", object("the file")),
+            "delete": op("delete_file", "Delete a file no unfinished batch reads", object("deleted"))}),
+        ),
+        (
+            "/v1/files/{id}/content",
+            json!({"get": op("file_content", "A file's bytes (the tenant's, or a held batch's input for its gateway)",
+            json!({"description": "the bytes", "content": {"application/octet-stream": {}}}))}),
+        ),
+        (
+            "/v1/batches",
+            json!({"get": with_params(op("list_batches", "The tenant's batches", object("a page")), list_params),
+            "post": with_body(op("create_batch", "Run a file's requests at low priority within 24h", object("the batch, in OpenAI's shape")),
+                json!({"type": "object", "required": ["input_file_id", "endpoint", "completion_window"]}))}),
+        ),
+        (
+            "/v1/batches/{id}",
+            json!({"get": op("get_batch", "One batch", object("the batch"))}),
+        ),
+        (
+            "/v1/batches/{id}/cancel",
+            json!({"post": op("cancel_batch", "Cancel a batch; a running one is cancelling until its gateway stops", object("the batch"))}),
+        ),
+        (
+            "/v1/batches/claim",
+            json!({"post": op("claim_batch", "A gateway takes the oldest runnable batch under a lease (204: none)", object("the batch, as stored"))}),
+        ),
+        (
+            "/v1/batches/{id}/progress",
+            json!({"put": with_body(op("batch_progress", "The holding gateway's counts; renews its lease, or finishes the batch", object("the batch, as stored")),
+            schema_ref("BatchProgress"))}),
+        ),
+        (
+            "/v1/batches/{id}/results",
+            json!({"post": with_params(op("batch_results", "The holding gateway hands in a results file (JSONL)", object("the batch, as stored")),
+            json!([query("kind", "string", "output or error")]))}),
+        ),
+    ];
+    for (path, mut item) in entries {
+        if path.contains("{id}") {
+            item["parameters"] = json!([{"name": "id", "in": "path", "required": true, "schema": {"type": "string"}}]);
+        }
+        paths.insert(path.into(), item);
+    }
+}
+
 pub fn document() -> Value {
     let mut paths = Map::new();
     let mut schemas = Map::new();
@@ -297,6 +385,7 @@ pub fn document() -> Value {
     add_kind::<JoinToken>(&mut paths, &mut schemas, Some("JoinTokenStatus"));
     add_kind::<Credential>(&mut paths, &mut schemas, Some("CredentialStatus"));
     plane_credentials(&mut paths, &mut schemas);
+    batch_api(&mut paths, &mut schemas);
     add_schema::<atrium_core::placement::ReplicaStatus>(&mut schemas);
     add_schema::<Status>(&mut schemas);
     add_schema::<atrium_core::volume::VolumeStatus>(&mut schemas);

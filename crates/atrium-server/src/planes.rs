@@ -128,6 +128,7 @@ pub async fn join(
         tenant: None,
         actor: format!("{}:{}", spec.plane.as_str(), spec.name),
         plane: Some(spec.clone()),
+        may_infer: false,
     };
     // Used first, at the revision read: of two joins racing with one
     // token, exactly one gets past this write.

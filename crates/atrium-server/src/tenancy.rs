@@ -131,7 +131,9 @@ async fn quota_view(state: &AppState, tenant: &Object) -> Result<QuotaView, ApiE
     let images = tokio::task::spawn_blocking(move || registry.namespace_bytes(&name))
         .await
         .map_err(|e| ApiError::Internal(format!("registry usage: {e}")))?;
-    used.storage = ByteSize(used.storage.0.saturating_add(images));
+    // And the Batch API's files.
+    let files = crate::batches::file_bytes(state, &tenant.name).await?;
+    used.storage = ByteSize(used.storage.0.saturating_add(images).saturating_add(files));
     Ok(QuotaView {
         tenant: tenant.name.clone(),
         quota: spec.quota,
@@ -315,6 +317,12 @@ pub async fn set_status<K: Kind>(
     Ok(Json(view(&updated)))
 }
 
+/// Whether `s` has the shape of a batch's id (`crud::new_id`'s).
+fn is_batch_id(s: &str) -> bool {
+    s.strip_prefix(atrium_api::Batch::ID_PREFIX)
+        .is_some_and(|rest| rest.len() == 16 && rest.bytes().all(|b| b.is_ascii_alphanumeric()))
+}
+
 /// Most records one usage batch may carry.
 const MAX_USAGE_BATCH: usize = 10_000;
 
@@ -351,6 +359,12 @@ pub async fn record_usage(
                 );
             }
         }
+        if r.batch.as_deref().is_some_and(|b| !is_batch_id(b)) {
+            errors.push(
+                format!("records[{i}].batch"),
+                "must be a batch id (batch_…)",
+            );
+        }
     }
     errors.into_result().map_err(ApiError::InvalidFields)?;
     if let Some(site) = caller.gateway_site() {
@@ -374,6 +388,7 @@ pub async fn record_usage(
             completion_tokens: r.completion_tokens,
             request_id: r.request_id,
             flag: r.flag,
+            batch: r.batch,
         })
         .collect();
     let fresh = state.store.record_usage(&batch.batch_id, &records).await?;
@@ -420,6 +435,7 @@ pub async fn list_usage(
         next_page_token = rows.last().map(|(r, _)| r.to_string());
     }
     let (mut prompt, mut completion) = (0i64, 0i64);
+    let batch_requests = rows.iter().filter(|(_, r)| r.batch.is_some()).count();
     let items: Vec<Value> = rows
         .iter()
         .map(|(revision, r)| {
@@ -427,12 +443,14 @@ pub async fn list_usage(
             completion += r.completion_tokens;
             serde_json::json!({"revision": revision, "at": r.at, "tenant": r.tenant, "deployment": r.deployment,
                                "site": r.site, "replica": r.replica, "prompt_tokens": r.prompt_tokens,
-                               "completion_tokens": r.completion_tokens, "request_id": r.request_id, "flag": r.flag})
+                               "completion_tokens": r.completion_tokens, "request_id": r.request_id, "flag": r.flag,
+                               "batch": r.batch})
         })
         .collect();
     Ok(Json(serde_json::json!({
         "items": items,
-        "totals": {"requests": items.len(), "prompt_tokens": prompt, "completion_tokens": completion},
+        "totals": {"requests": items.len(), "batch_requests": batch_requests,
+                   "prompt_tokens": prompt, "completion_tokens": completion},
         "next_page_token": next_page_token,
     })))
 }

@@ -24,6 +24,11 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         "usage flags",
         include_str!("../migrations/0004_usage_flag.sql"),
     ),
+    (
+        5,
+        "usage batches",
+        include_str!("../migrations/0005_usage_batch.sql"),
+    ),
 ];
 
 pub(crate) async fn run(pool: &AnyPool, backend: Backend) -> Result<(), StoreError> {

@@ -223,6 +223,9 @@ pub struct UsageRecord {
     /// Why the gateway recorded its own count rather than the replica's.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub flag: Option<String>,
+    /// The Batch API job the request ran for.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub batch: Option<String>,
 }
 
 /// A page of objects and the revision the page was read at.

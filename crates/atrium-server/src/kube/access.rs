@@ -181,6 +181,7 @@ pub(super) async fn admit(
                 tenant: cluster.tenant.clone(),
                 actor: subject.user(),
                 plane: None,
+                may_infer: false,
             };
             Ok(Admitted {
                 cluster,

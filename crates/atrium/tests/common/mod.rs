@@ -4,6 +4,7 @@
 pub mod cloud;
 pub mod kubectl;
 pub mod oci;
+pub mod up;
 
 /// The `atrium` binary under test.
 pub const BIN: &str = env!("CARGO_BIN_EXE_atrium");

@@ -1,0 +1,156 @@
+//! `/v1/files` and `/v1/batches` as tenants call them: passed on to the
+//! control plane, which keeps files and batches, with the tenant's own key
+//! (the control plane decides what it may do). Only the Batch API's own
+//! shapes pass, checked segment by segment: a tenant's path never becomes
+//! another control-plane route (no `..`, no encoded slash, no other verb).
+
+use atrium_client::ControlPlane;
+
+use crate::http1::Method;
+use crate::refusal::Refusal;
+use crate::server::{Request, Response};
+
+/// Longest query passed on.
+const MAX_QUERY: usize = 512;
+
+/// Whether `path` is a Batch API route; its metrics label when it is.
+pub fn route_of(path: &str) -> Option<&'static str> {
+    let rest = path.strip_prefix("/v1/")?;
+    let segments: Vec<&str> = rest.split('/').collect();
+    match segments.as_slice() {
+        ["files"] => Some("/v1/files"),
+        ["files", _] => Some("/v1/files/{id}"),
+        ["files", _, "content"] => Some("/v1/files/{id}/content"),
+        ["batches"] => Some("/v1/batches"),
+        ["batches", _] => Some("/v1/batches/{id}"),
+        ["batches", _, "cancel"] => Some("/v1/batches/{id}/cancel"),
+        _ => None,
+    }
+}
+
+/// The methods each route takes.
+fn allowed(route: &str) -> &'static [Method] {
+    match route {
+        "/v1/files" | "/v1/batches" => &[Method::Get, Method::Post],
+        "/v1/files/{id}" => &[Method::Get, Method::Delete],
+        "/v1/batches/{id}/cancel" => &[Method::Post],
+        _ => &[Method::Get],
+    }
+}
+
+/// An id as the control plane makes them: letters, digits, `-` and `_`.
+fn plain_id(s: &str) -> bool {
+    (1..=64).contains(&s.len())
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
+
+/// A query of plain `name=value` pairs, percent-encoding allowed.
+fn plain_query(q: &str) -> bool {
+    q.len() <= MAX_QUERY
+        && q.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.~=&%".contains(&b))
+}
+
+/// Checks `request` against `route`'s shape and passes it on.
+pub async fn forward(
+    cp: &ControlPlane,
+    route: &'static str,
+    request: Request,
+) -> Result<Response, Refusal> {
+    let head = &request.head;
+    let methods = allowed(route);
+    if !methods.contains(&head.method) {
+        return Err(Refusal::MethodNotAllowed {
+            allow: match route {
+                "/v1/files" | "/v1/batches" => "GET, POST",
+                "/v1/files/{id}" => "GET, DELETE",
+                "/v1/batches/{id}/cancel" => "POST",
+                _ => "GET",
+            },
+        });
+    }
+    let ids_plain = head
+        .path
+        .split('/')
+        .skip(3)
+        .take(1)
+        .all(|id| plain_id(id) && id != "claim");
+    if !ids_plain {
+        return Err(Refusal::NoRoute);
+    }
+    let authorization = head.authorization.as_deref().ok_or(Refusal::MissingKey)?;
+    let mut target = head.path.clone();
+    if let Some(q) = head.query.as_deref().filter(|q| !q.is_empty()) {
+        if !plain_query(q) {
+            return Err(Refusal::BadRequest(
+                "the query may hold only name=value pairs of URL-safe characters".into(),
+            ));
+        }
+        target.push('?');
+        target.push_str(q);
+    }
+    let method = match head.method {
+        Method::Post => reqwest::Method::POST,
+        Method::Delete => reqwest::Method::DELETE,
+        _ => reqwest::Method::GET,
+    };
+    let (status, content_type, body) = cp
+        .forward(
+            method,
+            &target,
+            authorization,
+            head.content_type.as_deref(),
+            request.body,
+        )
+        .await
+        .map_err(|e| Refusal::Upstream(format!("the control plane is unreachable: {e}")))?;
+    Ok(Response::new(
+        status,
+        content_type.as_deref().unwrap_or("application/json"),
+        body,
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_the_batch_apis_own_shapes_are_routes() {
+        assert_eq!(route_of("/v1/files"), Some("/v1/files"));
+        assert_eq!(
+            route_of("/v1/files/file-abc/content"),
+            Some("/v1/files/{id}/content")
+        );
+        assert_eq!(
+            route_of("/v1/batches/batch_x/cancel"),
+            Some("/v1/batches/{id}/cancel")
+        );
+        for path in [
+            "/v1/keys",
+            "/v1/files/",
+            "/v1/files/a/b",
+            "/v1/batches/x/progress",
+            "/v1/batches/x/results",
+            "/v1/files/../keys",
+        ] {
+            let shaped = route_of(path).is_some();
+            let id_ok = path.split('/').nth(3).is_none_or(plain_id);
+            assert!(!shaped || !id_ok, "{path} would pass");
+        }
+    }
+
+    #[test]
+    fn ids_and_queries_are_plain() {
+        assert!(plain_id("file-0123456789abcdef"));
+        assert!(plain_id("batch_0123456789abcdef"));
+        for bad in ["", "..", "a%2Fb", "a.b", &"x".repeat(65)] {
+            assert!(!plain_id(bad), "{bad}");
+        }
+        assert!(plain_query("limit=2&after=batch_abc&order=asc"));
+        assert!(!plain_query("a=b/../c"));
+        assert!(!plain_query("a=b#c"));
+        assert!(!plain_query(&"a".repeat(MAX_QUERY + 1)));
+    }
+}

@@ -1,0 +1,127 @@
+//! OpenAI's Batch API on the control plane: `/v1/files` (`files.rs`),
+//! `/v1/batches` as tenants call them (`jobs.rs`, in OpenAI's shapes from
+//! `openai.rs`), and the routes a gateway runs batches by (`runner.rs`:
+//! claim one under a lease, read its input, report progress, hand in the
+//! results). The control plane never sends a batch's requests itself:
+//! those are tenant traffic, and go through a gateway's limits, routing
+//! and metering like any other.
+
+pub mod files;
+mod jobs;
+mod openai;
+mod runner;
+
+use atrium_api::{Batch, File, Resource, Tenant};
+use atrium_store::{Object, TenantFilter};
+use axum::extract::{Path as UrlPath, State};
+use axum::routing::{get, post, put};
+use axum::Router;
+use axum::{Extension, Json};
+use serde_json::Value;
+
+use crate::auth::{Caller, Role};
+use crate::error::ApiError;
+use crate::kinds::tenant_resources_used;
+use crate::{stored, AppState};
+
+pub use files::FileStore;
+use openai::Shaped;
+
+/// Adds the Batch API's routes.
+pub fn routes(router: Router<AppState>) -> Router<AppState> {
+    router
+        .route("/v1/files", get(files::list).post(files::upload))
+        .route("/v1/files/{id}", get(one::<File>).delete(files::delete))
+        .route("/v1/files/{id}/content", get(files::content))
+        .route("/v1/batches", get(jobs::list).post(jobs::create))
+        .route("/v1/batches/claim", post(runner::claim))
+        .route("/v1/batches/{id}", get(one::<Batch>))
+        .route("/v1/batches/{id}/cancel", post(jobs::cancel))
+        .route("/v1/batches/{id}/progress", put(runner::progress))
+        .route("/v1/batches/{id}/results", post(runner::results))
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Access {
+    Read,
+    Write,
+}
+
+/// The tenant a Batch API caller acts for: a tenant's key that may call
+/// its models (`inference` or `admin` scope) may create and read its
+/// tenant's files and batches; a `read` key may read them. The provider
+/// and the planes are not tenants here.
+fn tenant_caller(caller: &Caller, access: Access) -> Result<String, ApiError> {
+    let allowed = caller.may_infer || (access == Access::Read && caller.role == Role::Viewer);
+    match (&caller.tenant, allowed) {
+        (Some(t), true) => Ok(t.clone()),
+        _ => Err(ApiError::Forbidden(format!(
+            "the Batch API is a tenant's: call it with one of the tenant's API keys with the \
+             `inference` or `admin` scope{}; this caller ({}) may not",
+            if access == Access::Read {
+                " (or `read`, to read)"
+            } else {
+                ""
+            },
+            caller.role.as_str()
+        ))),
+    }
+}
+
+/// The tenant's object `id` of kind `R`, or 404: another tenant's answers
+/// exactly as a missing one does.
+async fn owned<R: Resource>(state: &AppState, tenant: &str, id: &str) -> Result<Object, ApiError> {
+    match state.store.get(R::KIND, id).await? {
+        Some(o) if o.tenant.as_deref() == Some(tenant) => Ok(o),
+        _ => Err(ApiError::not_found(R::KIND, id)),
+    }
+}
+
+/// `GET /v1/files/{id}`, `GET /v1/batches/{id}`.
+async fn one<R: Shaped>(
+    State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    UrlPath(id): UrlPath<String>,
+) -> Result<Json<Value>, ApiError> {
+    let tenant = tenant_caller(&caller, Access::Read)?;
+    Ok(Json(R::shape(&owned::<R>(&state, &tenant, &id).await?)?))
+}
+
+/// Every object of kind `R` the tenant holds.
+async fn all_of<R: Resource>(state: &AppState, tenant: &str) -> Result<Vec<Object>, ApiError> {
+    Ok(state
+        .store
+        .list_all(R::KIND, &TenantFilter::Exactly(Some(tenant.to_string())))
+        .await?)
+}
+
+/// The tenant's storage quota in bytes, when it sets one.
+async fn storage_limit(state: &AppState, tenant: &str) -> Result<Option<u64>, ApiError> {
+    let object = state
+        .store
+        .get_by_name(Tenant::KIND, None, tenant)
+        .await?
+        .ok_or_else(|| ApiError::not_found(Tenant::KIND, tenant))?;
+    Ok(stored::spec::<Tenant>(&object)?.quota.storage.map(|s| s.0))
+}
+
+/// What the tenant stores: volumes, images and files.
+async fn storage_used(state: &AppState, tenant: &str) -> Result<u64, ApiError> {
+    let held = tenant_resources_used(state, tenant).await?.storage.0;
+    let registry = state.registry.clone();
+    let name = tenant.to_string();
+    let images = tokio::task::spawn_blocking(move || registry.namespace_bytes(&name))
+        .await
+        .map_err(|e| ApiError::Internal(format!("registry usage: {e}")))?;
+    let files = file_bytes(state, tenant).await?;
+    Ok(held.saturating_add(images).saturating_add(files))
+}
+
+/// The bytes of the tenant's files, which count against its storage quota.
+pub(crate) async fn file_bytes(state: &AppState, tenant: &str) -> Result<u64, ApiError> {
+    Ok(all_of::<File>(state, tenant)
+        .await?
+        .iter()
+        .filter_map(|o| stored::spec::<File>(o).ok())
+        .fold(0u64, |sum, f| sum.saturating_add(f.bytes)))
+}

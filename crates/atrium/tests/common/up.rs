@@ -1,0 +1,155 @@
+//! `atrium up` with simulated engines and simulated GPUs, one at a time,
+//! for the tests that go through its gateway.
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use super::{free_port, terminate, BIN};
+
+/// One `atrium up` at a time: each names its tenant networks, cgroups and
+/// firewall table after the same address block, as `atrium up` does.
+static ONE_UP: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+pub struct Up {
+    pub child: std::process::Child,
+    pub server: String,
+    pub gateway: String,
+    pub token: String,
+    /// What the gateway's `/metrics` requires.
+    pub metrics_token: String,
+    pub http: reqwest::blocking::Client,
+    /// Released after `drop` has stopped the process.
+    _one_up: std::sync::MutexGuard<'static, ()>,
+}
+
+impl Drop for Up {
+    fn drop(&mut self) {
+        terminate(self.child.id());
+        let _ = self.child.wait();
+    }
+}
+
+impl Up {
+    pub fn admin(&self, method: reqwest::Method, path: &str, body: Value) -> Value {
+        super::admin_call(&self.http, &self.server, &self.token, method, path, body)
+    }
+
+    pub fn call(&self, key: &str, path: &str, body: Value) -> (u16, Value, Option<String>) {
+        let resp = self
+            .http
+            .post(format!("{}{path}", self.gateway))
+            .bearer_auth(key)
+            .json(&body)
+            .send()
+            .unwrap();
+        let status = resp.status().as_u16();
+        let replica = resp
+            .headers()
+            .get("x-atrium-replica")
+            .map(|v| v.to_str().unwrap().to_string());
+        (status, resp.json().unwrap(), replica)
+    }
+}
+
+pub fn start() -> (Up, tempfile::TempDir) {
+    start_with(&[])
+}
+
+pub fn start_with(extra: &[&str]) -> (Up, tempfile::TempDir) {
+    let one_up = ONE_UP
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    let dir = tempfile::tempdir().unwrap();
+    let (sp, gp) = (free_port(), free_port());
+    let child = Command::new(BIN)
+        .args([
+            "up",
+            "--log",
+            "warn",
+            "--node",
+            "sim-node",
+            "--simulate-gpus",
+            "8xH100-80GB",
+            // The external endpoint below is a replica in up's tenant
+            // network: the provider opens that range to tenants' upstreams.
+            "--external-allow",
+            "10.201.0.0/16",
+        ])
+        .args(extra)
+        .args([
+            "--listen",
+            &format!("127.0.0.1:{sp}"),
+            "--gateway-listen",
+            &format!("127.0.0.1:{gp}"),
+        ])
+        .arg("--data-dir")
+        .arg(dir.path())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let token_file = dir.path().join("admin.token");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while std::fs::read_to_string(&token_file)
+        .map(|t| t.trim().is_empty())
+        .unwrap_or(true)
+    {
+        assert!(Instant::now() < deadline, "atrium up did not start");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let mut up = Up {
+        child,
+        server: format!("http://127.0.0.1:{sp}"),
+        gateway: format!("http://127.0.0.1:{gp}"),
+        token: std::fs::read_to_string(&token_file)
+            .unwrap()
+            .trim()
+            .to_string(),
+        metrics_token: String::new(),
+        http: reqwest::blocking::Client::builder()
+            .timeout(Duration::from_secs(30))
+            .build()
+            .unwrap(),
+        _one_up: one_up,
+    };
+    // The node appears once the agent has registered it.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let r = up
+            .http
+            .get(format!("{}/v1/nodes/sim-node", up.server))
+            .bearer_auth(&up.token)
+            .send();
+        if r.is_ok_and(|r| r.status().is_success()) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the agent did not register its node"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    up.metrics_token = super::metrics_token(dir.path());
+    (up, dir)
+}
+
+pub fn wait_running(up: &Up, tenant: &str, name: &str) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let d = up.admin(
+            reqwest::Method::GET,
+            &format!("/v1/deployments/{name}?tenant={tenant}"),
+            Value::Null,
+        );
+        if d["status"]["state"] == "running" {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{name} not running: {}",
+            d["status"]
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
