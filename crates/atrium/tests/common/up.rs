@@ -36,6 +36,22 @@ impl Up {
         super::admin_call(&self.http, &self.server, &self.token, method, path, body)
     }
 
+    /// A new tenant (with `spec`) and the secret of an inference key of it.
+    pub fn tenant_with_key(&self, tenant: &str, spec: Value) -> String {
+        let m = reqwest::Method::POST;
+        self.admin(
+            m.clone(),
+            "/v1/tenants",
+            serde_json::json!({"name": tenant, "spec": spec}),
+        );
+        let key = self.admin(
+            m,
+            "/v1/keys",
+            serde_json::json!({"name": "k", "tenant": tenant, "spec": {"scopes": ["inference"]}}),
+        );
+        key["secret"].as_str().unwrap().to_string()
+    }
+
     pub fn call(&self, key: &str, path: &str, body: Value) -> (u16, Value, Option<String>) {
         let resp = self
             .http
