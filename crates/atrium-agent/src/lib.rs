@@ -11,6 +11,7 @@
 //! on while the control plane is away and re-adopts its engines when it
 //! restarts itself.
 
+pub mod engines;
 mod execs;
 mod inventory;
 mod janitor;
@@ -39,6 +40,9 @@ pub struct AgentConfig {
     /// Replica logs and scratch data live here.
     pub data_dir: PathBuf,
     pub model_cache: PathBuf,
+    /// Third-party engines' installs (llama-cpp-python's venv, made on
+    /// first use): root-owned and readable by tenants' uids.
+    pub engine_cache: PathBuf,
     /// Directories `path:` model sources may resolve into, beside the
     /// model cache.
     pub model_roots: Vec<PathBuf>,

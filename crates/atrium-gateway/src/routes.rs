@@ -148,6 +148,9 @@ pub enum Target {
         replica: Arc<Serving>,
         /// vLLM/SGLang-style upstream that takes `cache_salt`.
         takes_cache_salt: bool,
+        /// Whether it takes our `x-request-id` (llama-cpp-python's server
+        /// refuses, with 400, any that is not a UUID).
+        takes_request_id: bool,
         load: Arc<DeploymentLoad>,
     },
     /// An existing OpenAI-compatible server; its `model` replaces the
@@ -443,7 +446,13 @@ impl Routes {
         let target = match best {
             Some(r) => Target::Replica {
                 replica: r.clone(),
-                takes_cache_salt: d.engine != EngineKind::External,
+                // Engines that key their prefix cache by it; llama.cpp's
+                // server has none to share (a replica is one tenant's).
+                takes_cache_salt: matches!(
+                    d.engine,
+                    EngineKind::Embedded | EngineKind::Simulated | EngineKind::Vllm
+                ),
+                takes_request_id: d.engine != EngineKind::LlamaCpp,
                 load: d.load.clone(),
             },
             None => Target::NoneReady {

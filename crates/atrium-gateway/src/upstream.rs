@@ -207,12 +207,12 @@ impl Upstreams {
     }
 
     /// POSTs a JSON body to `peer` at its prefix + `path` and reads the
-    /// response head.
+    /// response head; `request_id`, when given, goes as `x-request-id`.
     pub async fn post(
         self: &Arc<Self>,
         peer: &Peer<'_>,
         path: &str,
-        request_id: &str,
+        request_id: Option<&str>,
         body: &[u8],
     ) -> Result<Response, UpstreamError> {
         let mut request = Vec::with_capacity(256 + body.len());
@@ -221,8 +221,11 @@ impl Upstreams {
         request.extend_from_slice(path.as_bytes());
         request.extend_from_slice(b" HTTP/1.1\r\nhost: ");
         request.extend_from_slice(peer.authority.as_bytes());
-        request.extend_from_slice(b"\r\ncontent-type: application/json\r\nx-request-id: ");
-        request.extend_from_slice(request_id.as_bytes());
+        request.extend_from_slice(b"\r\ncontent-type: application/json");
+        if let Some(id) = request_id {
+            request.extend_from_slice(b"\r\nx-request-id: ");
+            request.extend_from_slice(id.as_bytes());
+        }
         request.extend_from_slice(b"\r\ncontent-length: ");
         request.extend_from_slice(body.len().to_string().as_bytes());
         request.extend_from_slice(b"\r\n\r\n");
@@ -507,7 +510,7 @@ mod tests {
             prefix: &a.prefix,
             addrs: &[],
         };
-        pool.post(&peer, path, "req_1", b"{}").await
+        pool.post(&peer, path, Some("req_1"), b"{}").await
     }
 
     fn idle_in(pool: &Upstreams) -> usize {

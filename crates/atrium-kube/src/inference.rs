@@ -13,7 +13,7 @@
 //! metadata: {name: chat}
 //! spec:
 //!   model: smollm2          # a model of the tenant's, or a public one
-//!   engine: embedded        # embedded (default), vllm or simulated
+//!   engine: embedded        # embedded (default), llama-cpp, vllm, sglang or simulated
 //!   replicas: 1             # or {min: 0, max: 3, targetInFlight: 8,
 //!                           #     scaleDownDelaySeconds: 60}
 //!   resources: {cpu: "1", memory: 2Gi, gpu: "1"}   # 1 CPU, 1Gi by default
@@ -65,11 +65,13 @@ pub fn deployment_of(isvc: &Value) -> Result<DeploymentSpec, KubeError> {
     let engine = match spec["engine"].as_str().unwrap_or("embedded") {
         "embedded" => EngineKind::Embedded,
         "vllm" => EngineKind::Vllm,
+        "llama-cpp" => EngineKind::LlamaCpp,
+        "sglang" => EngineKind::Sglang,
         "simulated" => EngineKind::Simulated,
         other => {
             return Err(invalid(
                 isvc,
-                format!("spec.engine: Unsupported value: {other:?}: supported values: \"embedded\", \"vllm\", \"simulated\""),
+                format!("spec.engine: Unsupported value: {other:?}: supported values: \"embedded\", \"llama-cpp\", \"vllm\", \"sglang\", \"simulated\""),
             ))
         }
     };
@@ -206,7 +208,7 @@ pub fn schema() -> Value {
                 "required": ["model"],
                 "properties": {
                     "model": string("A model of the tenant's, or of the public catalogue."),
-                    "engine": string("embedded (default), vllm or simulated."),
+                    "engine": string("embedded (default), llama-cpp, vllm, sglang or simulated."),
                     "replicas": {"description": "A number of replicas, or {min, max, targetInFlight, scaleDownDelaySeconds}: scaled by requests in flight per replica; min 0 scales to zero when idle.",
                                  "x-kubernetes-int-or-string": true},
                     "resources": {"description": "What each replica needs: cpu, memory, gpu, gpuMemory (quantities).",

@@ -15,7 +15,7 @@ use crate::shutdown_signal;
 
 #[derive(Args)]
 pub struct EngineArgs {
-    /// chat | embedding | simulated
+    /// chat | embedding | simulated | llama-cpp | vllm | sglang
     #[arg(long)]
     kind: String,
     /// GGUF file (chat) or model directory (embedding)
@@ -45,6 +45,17 @@ pub struct EngineArgs {
     /// Simulated: sequences computed at once
     #[arg(long, default_value_t = 64)]
     sim_max_concurrent: usize,
+    /// llama-cpp, vllm, sglang: the engine's program (its venv's Python,
+    /// or `vllm`), which this process becomes
+    #[arg(long)]
+    program: Option<PathBuf>,
+    /// llama-cpp: CPU threads
+    #[arg(long, default_value_t = 1)]
+    threads: u32,
+    /// llama-cpp, vllm, sglang: the replica's GPU request (`1`, `0.5`,
+    /// `3g.40gb`)
+    #[arg(long)]
+    gpu: Option<String>,
     #[arg(long, default_value = "info")]
     log: tracing::Level,
 }
@@ -102,6 +113,9 @@ pub fn sample_trace(args: SampleTraceArgs) -> Result<()> {
 
 pub async fn engine(args: EngineArgs) -> Result<()> {
     crate::init_logging(args.log);
+    if matches!(args.kind.as_str(), "llama-cpp" | "vllm" | "sglang") {
+        return third_party(args);
+    }
     let listen = args
         .listen
         .parse()
@@ -137,6 +151,43 @@ pub async fn engine(args: EngineArgs) -> Result<()> {
     };
     atrium_engine::serve(config, shutdown_signal()).await?;
     Ok(())
+}
+
+/// Becomes a third-party engine (`exec`): same process, same sandbox, its
+/// address taken from `--listen`.
+fn third_party(args: EngineArgs) -> Result<()> {
+    use std::os::unix::process::CommandExt;
+    let engine = match args.kind.as_str() {
+        "llama-cpp" => atrium_core::deployment::EngineKind::LlamaCpp,
+        "vllm" => atrium_core::deployment::EngineKind::Vllm,
+        _ => atrium_core::deployment::EngineKind::Sglang,
+    };
+    let listen: std::net::SocketAddr = args
+        .listen
+        .parse()
+        .map_err(|_| anyhow!("--listen: {:?} is not an address", args.listen))?;
+    let gpu = args
+        .gpu
+        .as_deref()
+        .map(str::parse)
+        .transpose()
+        .map_err(|e| anyhow!("--gpu: {e}"))?;
+    let launch = atrium_agent::engines::Launch {
+        engine,
+        program: args
+            .program
+            .ok_or_else(|| anyhow!("--program is required for --kind {}", args.kind))?,
+        model: args
+            .model
+            .ok_or_else(|| anyhow!("--model is required for --kind {}", args.kind))?,
+        name: args.name,
+        threads: args.threads.max(1),
+        gpu,
+    };
+    let err = std::process::Command::new(&launch.program)
+        .args(launch.args(&listen.ip().to_string(), listen.port()))
+        .exec();
+    Err(anyhow!("cannot run {}: {err}", launch.program.display()))
 }
 
 pub fn sim(args: SimArgs, output: Output) -> Result<()> {

@@ -328,6 +328,11 @@ struct AgentArgs {
     simulated_itl_ms: u64,
     #[arg(long, env = "ATRIUM_MODEL_CACHE")]
     model_cache: Option<PathBuf>,
+    /// Where third-party engines are installed (llama-cpp-python on first
+    /// use; vLLM and SGLang by the operator, in venvs `vllm`, `sglang`)
+    /// [default: /var/cache/atrium/engines as root]
+    #[arg(long, env = "ATRIUM_ENGINE_CACHE")]
+    engine_cache: Option<PathBuf>,
     /// Directories `path:` model sources may resolve into (the model cache
     /// always may); anything else is refused
     #[arg(long = "model-root", env = "ATRIUM_MODEL_ROOTS", value_delimiter = ',')]
@@ -753,6 +758,9 @@ async fn run_agent(
         model_cache: args
             .model_cache
             .unwrap_or_else(atrium_pull::default_cache_dir),
+        engine_cache: args
+            .engine_cache
+            .unwrap_or_else(atrium_agent::engines::default_cache_dir),
         model_roots: args.model_roots,
         engine_binary: std::env::current_exe().context("cannot find the atrium binary")?,
         simulate_gpus: args.simulate_gpus,

@@ -295,6 +295,7 @@ impl Stack {
             credential_path,
             data_dir: data_dir.clone(),
             model_cache: atrium_pull::default_cache_dir(),
+            engine_cache: atrium_agent::engines::default_cache_dir(),
             model_roots: options.model_roots,
             engine_binary: std::env::current_exe().context("cannot find the atrium binary")?,
             simulate_gpus: options.simulate_gpus,

@@ -15,7 +15,7 @@ pub enum DeployCmd {
         name: Option<String>,
         #[arg(long)]
         model: Option<String>,
-        /// embedded | simulated | vllm | external
+        /// embedded | simulated | llama-cpp | vllm | sglang | external
         #[arg(long, default_value = "embedded")]
         engine: String,
         #[arg(long, default_value = "1")]
