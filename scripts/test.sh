@@ -22,6 +22,15 @@ if ! command -v nft >/dev/null || ! command -v ip >/dev/null || ! command -v sko
     busybox-static >&2
 fi
 
+# The llama-cpp engine test has the agent build llama-cpp-python (once per
+# machine, into /var/cache/atrium/engines) with the host's Python: venv,
+# cmake and a C++ compiler.
+if ! command -v cmake >/dev/null || ! command -v g++ >/dev/null \
+  || ! /usr/bin/python3 -c 'import ensurepip' 2>/dev/null; then
+  apt-get update -qq >&2
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq cmake g++ python3-venv >&2
+fi
+
 python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore \
   -r requirements-test.txt
 
