@@ -5,14 +5,15 @@
 //! `status.desired_replicas`, which the placement controller then brings
 //! the placements to.
 //!
-//! Reports live in memory only: they describe the last few seconds and are
-//! sent again every second. A gateway that stops reporting counts as no
-//! load after `FRESH_FOR`. The decision itself is stored, so a restarted
-//! server resumes at the same scale (and waits a whole delay before
-//! scaling down from it).
+//! Reports are kept in the database (`Store::put_load`, one row per
+//! gateway, outside the change log), since a gateway may report to any
+//! server and the autoscaler runs on the one that leads (`leader`). They
+//! describe the last few seconds and are sent again every second; a
+//! gateway that stops reporting counts as no load after `FRESH_FOR`. The
+//! decision itself is stored, so a restarted or new leader resumes at the
+//! same scale (and waits a whole delay before scaling down from it).
 
 use std::collections::HashMap;
-use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use atrium_api::{LoadReport, Resource as _};
@@ -22,6 +23,7 @@ use atrium_core::lifecycle::{LifecycleState, Status};
 use atrium_store::{AuditContext, Store, TenantFilter, Write, WriteError};
 use axum::extract::State;
 use axum::{Extension, Json};
+use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use tokio::sync::Notify;
 
@@ -46,80 +48,71 @@ const MAX_GATEWAYS: usize = 4096;
 /// Load per deployment id.
 type Seen = HashMap<String, Observation>;
 
-/// The latest report of each gateway, and when it came.
+/// One deployment's load as a report is kept in the database.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize)]
+struct Kept {
+    in_flight: f64,
+    requests: u64,
+    waiting: u64,
+}
+
+/// What wakes the autoscaler early: a report on this server that holds
+/// requests (a deployment at zero should not wait for the next tick to
+/// start a replica). Reports to other servers are seen at the next tick.
 #[derive(Default)]
 pub struct LoadBoard {
-    reports: Mutex<HashMap<String, (Instant, Seen)>>,
-    /// Rung by a report that holds requests: a deployment at zero should
-    /// not wait for the next tick to start a replica.
     wake: Notify,
 }
 
-impl LoadBoard {
-    /// Takes in `report`, or says what is wrong with it.
-    pub fn report(&self, report: LoadReport, now: Instant) -> Result<(), String> {
-        if report.gateway.is_empty() || report.gateway.len() > MAX_ID_LEN {
-            return Err(format!("gateway: 1 to {MAX_ID_LEN} characters"));
-        }
-        if report.deployments.len() > MAX_REPORTED {
-            return Err(format!("deployments: at most {MAX_REPORTED}"));
-        }
-        let mut seen = Seen::with_capacity(report.deployments.len());
-        let mut waiting = false;
-        for (i, d) in report.deployments.into_iter().enumerate() {
-            if d.deployment.len() > MAX_ID_LEN {
-                return Err(format!("deployments[{i}].deployment: too long"));
-            }
-            if !(d.in_flight.is_finite() && d.in_flight >= 0.0) {
-                return Err(format!(
-                    "deployments[{i}].in_flight: a finite number, at least 0"
-                ));
-            }
-            waiting |= d.waiting > 0;
-            let o: &mut Observation = seen.entry(d.deployment).or_default();
-            o.in_flight += d.in_flight;
-            o.requests = o.requests.saturating_add(d.requests);
-            o.waiting = o.waiting.saturating_add(d.waiting);
-        }
-        let mut reports = self
-            .reports
-            .lock()
-            .map_err(|_| "the load board is unavailable".to_string())?;
-        if !reports.contains_key(&report.gateway) && reports.len() >= MAX_GATEWAYS {
-            reports.retain(|_, (at, _)| now.saturating_duration_since(*at) < FRESH_FOR);
-            if reports.len() >= MAX_GATEWAYS {
-                return Err(format!(
-                    "{MAX_GATEWAYS} gateways already report load; gateway {:?} is one too many",
-                    report.gateway
-                ));
-            }
-        }
-        reports.insert(report.gateway, (now, seen));
-        drop(reports);
-        if waiting {
-            self.wake.notify_one();
-        }
-        Ok(())
+/// Checks `report` and sums it per deployment: the gateway, its load, and
+/// whether it holds requests.
+fn check(report: LoadReport) -> Result<(String, HashMap<String, Kept>, bool), String> {
+    if report.gateway.is_empty() || report.gateway.len() > MAX_ID_LEN {
+        return Err(format!("gateway: 1 to {MAX_ID_LEN} characters"));
     }
+    if report.deployments.len() > MAX_REPORTED {
+        return Err(format!("deployments: at most {MAX_REPORTED}"));
+    }
+    let mut seen = HashMap::with_capacity(report.deployments.len());
+    let mut waiting = false;
+    for (i, d) in report.deployments.into_iter().enumerate() {
+        if d.deployment.len() > MAX_ID_LEN {
+            return Err(format!("deployments[{i}].deployment: too long"));
+        }
+        if !(d.in_flight.is_finite() && d.in_flight >= 0.0) {
+            return Err(format!(
+                "deployments[{i}].in_flight: a finite number, at least 0"
+            ));
+        }
+        waiting |= d.waiting > 0;
+        let k: &mut Kept = seen.entry(d.deployment).or_default();
+        k.in_flight += d.in_flight;
+        k.requests = k.requests.saturating_add(d.requests);
+        k.waiting = k.waiting.saturating_add(d.waiting);
+    }
+    Ok((report.gateway, seen, waiting))
+}
 
-    /// Each deployment's load over the fresh reports, summed over gateways;
-    /// stale reports are dropped.
-    fn observations(&self, now: Instant) -> Seen {
-        let mut sum = Seen::new();
-        let Ok(mut reports) = self.reports.lock() else {
-            return sum;
+/// Each deployment's load over the fresh reports of every gateway, summed.
+async fn observations(store: &Store) -> Result<Seen, atrium_store::StoreError> {
+    let mut sum = Seen::new();
+    for (gateway, body) in store.fresh_loads(fresh_ms()).await? {
+        let Ok(kept) = serde_json::from_str::<HashMap<String, Kept>>(&body) else {
+            tracing::warn!(%gateway, "skipping an unreadable load report");
+            continue;
         };
-        reports.retain(|_, (at, _)| now.saturating_duration_since(*at) < FRESH_FOR);
-        for (_, seen) in reports.values() {
-            for (id, o) in seen {
-                let s = sum.entry(id.clone()).or_default();
-                s.in_flight += o.in_flight;
-                s.requests = s.requests.saturating_add(o.requests);
-                s.waiting = s.waiting.saturating_add(o.waiting);
-            }
+        for (id, k) in kept {
+            let s = sum.entry(id).or_default();
+            s.in_flight += k.in_flight;
+            s.requests = s.requests.saturating_add(k.requests);
+            s.waiting = s.waiting.saturating_add(k.waiting);
         }
-        sum
     }
+    Ok(sum)
+}
+
+fn fresh_ms() -> i64 {
+    i64::try_from(FRESH_FOR.as_millis()).unwrap_or(i64::MAX)
 }
 
 /// `POST /v1/load`: a gateway's load report; answers how many
@@ -144,10 +137,20 @@ pub async fn report_load(
         }
     }
     let named = report.deployments.len();
-    state
-        .load
-        .report(report, Instant::now())
-        .map_err(ApiError::MalformedJson)?;
+    let (gateway, seen, waiting) = check(report).map_err(ApiError::MalformedJson)?;
+    let body = serde_json::to_string(&seen).map_err(|e| ApiError::Internal(e.to_string()))?;
+    let kept = state
+        .store
+        .put_load(&gateway, &body, fresh_ms(), MAX_GATEWAYS)
+        .await?;
+    if !kept {
+        return Err(ApiError::MalformedJson(format!(
+            "{MAX_GATEWAYS} gateways already report load; gateway {gateway:?} is one too many"
+        )));
+    }
+    if waiting {
+        state.load.wake.notify_one();
+    }
     Ok(Json(json!({ "deployments": named })))
 }
 
@@ -161,7 +164,7 @@ pub async fn run(
     let mut recommenders: HashMap<String, Recommender> = HashMap::new();
     loop {
         let now = Instant::now();
-        let again = match pass(&store, &board, &mut recommenders, started, now).await {
+        let again = match pass(&store, &mut recommenders, started, now).await {
             Ok(true) => EVERY,
             // A write lost to a concurrent one: decide again soon.
             Ok(false) => Duration::from_millis(100),
@@ -181,12 +184,11 @@ pub async fn run(
 /// One decision for every deployment; `Ok(false)` when a write was lost.
 async fn pass(
     store: &Store,
-    board: &LoadBoard,
     recommenders: &mut HashMap<String, Recommender>,
     started: Instant,
     now: Instant,
 ) -> Result<bool, atrium_store::StoreError> {
-    let seen = board.observations(now);
+    let seen = observations(store).await?;
     let raw = store.list_all(Deployment::KIND, &TenantFilter::All).await?;
     let at = now.duration_since(started).as_secs_f64();
     let mut all_written = true;
@@ -268,28 +270,40 @@ mod tests {
         }
     }
 
-    #[test]
-    fn gateways_add_up_and_a_silent_one_stops_counting() {
-        let board = LoadBoard::default();
-        let t0 = Instant::now();
-        board.report(report("g1", "dep_a", 2.5, 0), t0).unwrap();
-        board.report(report("g2", "dep_a", 1.0, 1), t0).unwrap();
+    async fn put(store: &Store, r: LoadReport) -> bool {
+        let (gateway, seen, _) = check(r).unwrap();
+        let body = serde_json::to_string(&seen).unwrap();
+        store
+            .put_load(&gateway, &body, fresh_ms(), MAX_GATEWAYS)
+            .await
+            .unwrap()
+    }
+
+    async fn store() -> (Store, tempfile::TempDir) {
+        use atrium_store::testing::{fresh_database_url, TestBackend};
+        let dir = tempfile::tempdir().unwrap();
+        let url = fresh_database_url(TestBackend::Sqlite, dir.path()).await;
+        (Store::open(&url).await.unwrap(), dir)
+    }
+
+    #[tokio::test]
+    async fn gateways_add_up_and_a_silent_one_stops_counting() {
+        let (store, _dir) = store().await;
+        put(&store, report("g1", "dep_a", 2.5, 0)).await;
+        put(&store, report("g2", "dep_a", 1.0, 1)).await;
         // A gateway's newer report replaces its older one.
-        board.report(report("g2", "dep_a", 3.0, 0), t0).unwrap();
-        let seen = board.observations(t0);
+        put(&store, report("g2", "dep_a", 3.0, 0)).await;
+        let seen = observations(&store).await.unwrap();
         assert_eq!(seen["dep_a"].in_flight, 5.5);
         assert_eq!(seen["dep_a"].requests, 2);
         assert_eq!(seen["dep_a"].waiting, 0);
-        let later = t0 + FRESH_FOR + Duration::from_millis(1);
-        board.report(report("g1", "dep_a", 1.0, 0), later).unwrap();
-        assert_eq!(board.observations(later)["dep_a"].in_flight, 1.0);
+        tokio::time::sleep(FRESH_FOR + Duration::from_millis(50)).await;
+        put(&store, report("g1", "dep_a", 1.0, 0)).await;
+        assert_eq!(observations(&store).await.unwrap()["dep_a"].in_flight, 1.0);
     }
 
     #[test]
-    fn nonsense_reports_are_refused_and_change_nothing() {
-        let board = LoadBoard::default();
-        let t0 = Instant::now();
-        board.report(report("g1", "dep_a", 1.0, 0), t0).unwrap();
+    fn nonsense_reports_are_refused() {
         for bad in [
             report("g1", "dep_a", f64::NAN, 0),
             report("g1", "dep_a", -1.0, 0),
@@ -297,29 +311,35 @@ mod tests {
             report("", "dep_a", 1.0, 0),
             report("g1", &"x".repeat(MAX_ID_LEN + 1), 1.0, 0),
         ] {
-            assert!(board.report(bad, t0).is_err());
+            assert!(check(bad).is_err());
         }
-        assert_eq!(board.observations(t0)["dep_a"].in_flight, 1.0);
+        let (_, seen, waiting) = check(report("g1", "dep_a", 1.0, 2)).unwrap();
+        assert!(waiting && seen["dep_a"].waiting == 2);
     }
 
-    #[test]
-    fn invented_gateway_names_cannot_grow_the_board_past_its_bound() {
-        let board = LoadBoard::default();
-        let t0 = Instant::now();
-        for i in 0..MAX_GATEWAYS {
-            board
-                .report(report(&format!("g{i}"), "dep_a", 0.0, 0), t0)
-                .unwrap();
+    #[tokio::test]
+    async fn invented_gateway_names_cannot_grow_the_reports_past_their_bound() {
+        let (store, _dir) = store().await;
+        let body = serde_json::to_string(&HashMap::<String, Kept>::new()).unwrap();
+        let (minute, most) = (60_000, 8);
+        for i in 0..most {
+            assert!(store
+                .put_load(&format!("g{i}"), &body, minute, most)
+                .await
+                .unwrap());
         }
-        assert!(board
-            .report(report("one-more", "dep_a", 1.0, 0), t0)
-            .is_err());
+        assert!(!store
+            .put_load("one-more", &body, minute, most)
+            .await
+            .unwrap());
         // A known gateway still reports, and stale names make room.
-        board.report(report("g0", "dep_a", 1.0, 0), t0).unwrap();
-        let later = t0 + FRESH_FOR;
-        board
-            .report(report("one-more", "dep_a", 1.0, 0), later)
-            .unwrap();
-        assert_eq!(board.observations(later)["dep_a"].in_flight, 1.0);
+        assert!(store.put_load("g0", &body, minute, most).await.unwrap());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert!(store.put_load("one-more", &body, 10, most).await.unwrap());
+        assert_eq!(
+            store.fresh_loads(minute).await.unwrap().len(),
+            1,
+            "the stale ones are gone"
+        );
     }
 }

@@ -186,6 +186,9 @@ impl From<StoreError> for ApiError {
             },
             StoreError::Compacted { requested, oldest } => ApiError::Expired { requested, oldest },
             StoreError::Database(e) => ApiError::Unavailable(e.to_string()),
+            // Only controllers write through a fenced store: a deposed
+            // leader's write, refused, to be retried by the new leader.
+            e @ StoreError::Fenced { .. } => ApiError::Unavailable(e.to_string()),
             e @ (StoreError::UnsupportedUrl(_) | StoreError::Corrupt(_)) => {
                 ApiError::Internal(e.to_string())
             }

@@ -18,6 +18,7 @@ mod exec;
 mod extract;
 mod kinds;
 mod kube;
+mod leader;
 mod limit_ledger;
 mod metrics;
 mod openapi;
@@ -264,19 +265,13 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, StartError> {
         load: Arc::default(),
         files,
     };
-    tokio::spawn(kube::pods::run(state.clone()));
-    tokio::spawn(autoscale::run(
-        store.clone(),
-        state.load.clone(),
-        shutdown_rx.clone(),
-    ));
-    let app = router(state);
-    tokio::spawn(controller::run(store.clone(), shutdown_rx.clone()));
-    tokio::spawn(compact_periodically(
-        store.clone(),
+    tokio::spawn(leader::run(
+        state.clone(),
+        leader::holder_name(&config.data_dir),
         (config.changes_kept, config.compact_every),
         shutdown_rx.clone(),
     ));
+    let app = router(state);
     if let Some((listener, _)) = tls {
         let (app, mut stop) = (app.clone(), shutdown_rx.clone());
         tokio::spawn(async move {
@@ -431,6 +426,17 @@ pub fn router(state: AppState) -> Router {
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
         .layer(middleware::from_fn_with_state(state.clone(), observe))
         .with_state(state)
+}
+
+impl AppState {
+    /// This state with `store` in place of its own (the controllers' is
+    /// fenced to their lease).
+    fn with_store(&self, store: Store) -> AppState {
+        AppState {
+            store,
+            ..self.clone()
+        }
+    }
 }
 
 async fn readyz(State(state): State<AppState>) -> Response {

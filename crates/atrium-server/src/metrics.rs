@@ -20,6 +20,8 @@ pub struct Metrics {
     requests: Mutex<BTreeMap<(String, String, u16), u64>>,
     latency: Mutex<BTreeMap<String, Histogram>>,
     watch_streams: AtomicI64,
+    /// The controllers' lease term this server holds; 0 when it does not.
+    leading_term: AtomicI64,
 }
 
 /// Decrements the open-watch gauge when dropped.
@@ -47,6 +49,11 @@ impl Metrics {
     pub fn watch_started(self: &Arc<Self>) -> WatchGauge {
         self.watch_streams.fetch_add(1, Ordering::Relaxed);
         WatchGauge(self.clone())
+    }
+
+    /// Records the lease term held (0: not leading).
+    pub fn set_leading(&self, term: i64) {
+        self.leading_term.store(term, Ordering::Relaxed);
     }
 
     pub fn render(&self, store_revision: i64) -> String {
@@ -81,6 +88,15 @@ impl Metrics {
         );
         out.push_str("# HELP atrium_store_revision Latest committed store revision.\n# TYPE atrium_store_revision gauge\n");
         let _ = writeln!(out, "atrium_store_revision {store_revision}");
+        let term = self.leading_term.load(Ordering::Relaxed);
+        out.push_str("# HELP atrium_controllers_leading Whether this server runs the controllers (holds their lease).
+# TYPE atrium_controllers_leading gauge
+");
+        let _ = writeln!(out, "atrium_controllers_leading {}", i64::from(term > 0));
+        out.push_str("# HELP atrium_controllers_term The controllers' lease term this server holds; 0 when it holds none.
+# TYPE atrium_controllers_term gauge
+");
+        let _ = writeln!(out, "atrium_controllers_term {term}");
         out
     }
 }

@@ -14,10 +14,13 @@
 //! on PostgreSQL, across processes through LISTEN/NOTIFY.
 
 mod compact;
+mod lease;
 mod ledger;
+mod load;
 mod migrate;
 mod types;
 
+pub use lease::Fence;
 pub use types::{
     AuditContext, AuditEvent, Backend, Change, ChangeOp, Check, Count, Object, Page, Precondition,
     Selection, StoreError, TenantFilter, UsageRecord, Write, WriteError,
@@ -39,6 +42,8 @@ const NOTIFY_CHANNEL: &str = "atrium_changes";
 #[derive(Clone)]
 pub struct Store {
     inner: Arc<Inner>,
+    /// Set on a leader's store: its writes need its lease (see `lease`).
+    fence: Option<Arc<lease::Fence>>,
 }
 
 struct Inner {
@@ -142,6 +147,7 @@ impl Store {
                 head,
                 sqlite_writer: Mutex::new(()),
             }),
+            fence: None,
         };
         if backend == Backend::Postgres {
             store.spawn_postgres_listener(url.to_string());
@@ -195,7 +201,7 @@ impl Store {
                 }
                 loop {
                     let Some(inner) = weak.upgrade() else { return };
-                    let store = Store { inner };
+                    let store = Store { inner, fence: None };
                     if let Ok(h) = store.read_head().await {
                         store.advance_head(h);
                     }
@@ -408,6 +414,7 @@ impl Store {
         .fetch_one(&mut *tx)
         .await?
         .try_get(0)?;
+        self.check_fence(&mut tx).await?;
         Ok((writer, tx, revision))
     }
 

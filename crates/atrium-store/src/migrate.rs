@@ -29,6 +29,12 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         "usage batches",
         include_str!("../migrations/0005_usage_batch.sql"),
     ),
+    (6, "leases", include_str!("../migrations/0006_leases.sql")),
+    (
+        7,
+        "load reports",
+        include_str!("../migrations/0007_load_reports.sql"),
+    ),
 ];
 
 pub(crate) async fn run(pool: &AnyPool, backend: Backend) -> Result<(), StoreError> {

@@ -32,6 +32,15 @@ pub enum StoreError {
     /// only those after `oldest`: list again, then follow from there.
     #[error("changes after revision {requested} were compacted (the log keeps those after {oldest}): list again")]
     Compacted { requested: i64, oldest: i64 },
+    /// This store's writes are fenced to a lease term another holder
+    /// has since taken: it is no longer the leader.
+    #[error("lease {name:?} of term {term} is now {holder:?}'s in term {current}: this server no longer leads")]
+    Fenced {
+        name: String,
+        term: i64,
+        holder: String,
+        current: i64,
+    },
     /// The database failed or could not be reached.
     #[error("database error: {0}")]
     Database(#[from] sqlx::Error),

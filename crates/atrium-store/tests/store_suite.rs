@@ -462,3 +462,74 @@ async fn compaction_keeps_the_newest_changes_and_refuses_reads_from_before_them(
         assert_eq!(store.compact(100).await.unwrap(), head - 3);
     }
 }
+
+#[tokio::test]
+async fn a_deposed_leaders_writes_are_refused_by_its_fence() {
+    use atrium_store::Fence;
+    use std::time::Duration;
+    for backend in BOTH {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(backend, &dir).await;
+        let ttl = Duration::from_millis(300);
+        assert_eq!(store.lead("controllers", "a", ttl).await.unwrap(), Some(1));
+        assert_eq!(
+            store.lead("controllers", "b", ttl).await.unwrap(),
+            None,
+            "{backend:?}"
+        );
+        assert_eq!(
+            store.lead("controllers", "a", ttl).await.unwrap(),
+            Some(1),
+            "a renews"
+        );
+        let fence = |holder: &str, term| Fence {
+            name: "controllers".into(),
+            holder: holder.into(),
+            term,
+        };
+        let as_a = store.fenced(fence("a", 1));
+        write(&as_a, create("site", "s1", None, "one"))
+            .await
+            .unwrap();
+
+        // a stops renewing (paused, partitioned): b takes over in term 2,
+        // and a's next write is refused, whatever a believes.
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        assert_eq!(store.lead("controllers", "b", ttl).await.unwrap(), Some(2));
+        let refused = write(&as_a, create("site", "s2", None, "two")).await;
+        assert!(
+            matches!(
+                refused,
+                Err(WriteError::Store(StoreError::Fenced {
+                    term: 1,
+                    current: 2,
+                    ..
+                }))
+            ),
+            "{backend:?}: {refused:?}"
+        );
+        assert!(
+            store.get("site", "s2").await.unwrap().is_none(),
+            "nothing written"
+        );
+        let as_b = store.fenced(fence("b", 2));
+        write(&as_b, create("site", "s3", None, "three"))
+            .await
+            .unwrap();
+        // A stale term of the same holder is refused too.
+        assert!(write(
+            &store.fenced(fence("b", 1)),
+            create("site", "s4", None, "four")
+        )
+        .await
+        .is_err());
+
+        // A leader that stops gives the lease up at once.
+        store.resign("controllers", "b").await.unwrap();
+        assert_eq!(store.lead("controllers", "a", ttl).await.unwrap(), Some(3));
+        // The unfenced store (the API's) writes whoever leads.
+        write(&store, create("site", "s5", None, "five"))
+            .await
+            .unwrap();
+    }
+}
