@@ -189,6 +189,8 @@ struct EngineReport {
     aggregate_decode_tokens_per_second: Vec<(usize, f64)>,
     llama_cpp: Option<crate::bench_chat::LlamaCppRates>,
     llama_cpp_error: Option<String>,
+    /// Greedy answers compared with llama.cpp's, or why not.
+    greedy_agreement: Result<crate::bench_greedy::Agreement, String>,
     deploy_to_first_token_seconds: f64,
     scale_from_zero_to_first_token_seconds: f64,
     threads: usize,
@@ -255,6 +257,10 @@ pub async fn engine(out: PathBuf) -> Result<()> {
     for streams in [1, 4, 8, 16] {
         aggregate.push((streams, bench_chat::aggregate_rate(&chat, streams).await?));
     }
+    let greedy = match bench_chat::llama_cpp_python() {
+        Ok(python) => crate::bench_greedy::agreement(&chat, &python, &smollm, threads).await,
+        Err(e) => Err(e),
+    };
     drop(chat);
     let peer =
         tokio::task::spawn_blocking(move || bench_chat::llama_cpp_rates(&smollm, threads)).await?;
@@ -305,6 +311,13 @@ pub async fn engine(out: PathBuf) -> Result<()> {
         ));
     }
     rows.push((
+        "greedy answers equal to llama.cpp's".into(),
+        greedy
+            .as_ref()
+            .map_or("-".into(), |g| format!("{}/{}", g.identical, g.prompts)),
+        "chat prompts, 32 tokens, same token ids and GGUF (differences in the JSON)".into(),
+    ));
+    rows.push((
         "deploy create -> first token".into(),
         format!("{first_token:.2}"),
         "s (goal <= 5)".into(),
@@ -322,6 +335,14 @@ pub async fn engine(out: PathBuf) -> Result<()> {
     if let Err(e) = &peer {
         println!("\nllama.cpp row skipped: {e:#}");
     }
+    if let Ok(g) = &greedy {
+        for d in &g.differences {
+            println!(
+                "  differs at char {} of {:?}: ours {:?} / llama.cpp {:?}",
+                d.at_char, d.prompt, d.ours, d.llama_cpp
+            );
+        }
+    }
     let (llama_cpp, llama_cpp_error) = match peer {
         Ok(p) => (Some(p), None),
         Err(e) => (None, Some(format!("{e:#}"))),
@@ -335,6 +356,7 @@ pub async fn engine(out: PathBuf) -> Result<()> {
         aggregate_decode_tokens_per_second: aggregate,
         llama_cpp,
         llama_cpp_error,
+        greedy_agreement: greedy.map_err(|e| format!("{e:#}")),
         deploy_to_first_token_seconds: first_token,
         scale_from_zero_to_first_token_seconds: from_zero,
         threads,

@@ -186,7 +186,7 @@ fn cpu_flags() -> String {
 
 /// The virtual environment holding llama-cpp-python, built on first use for
 /// this CPU (and again when the CPU's flags change: a cache can move).
-fn llama_cpp_python() -> Result<PathBuf> {
+pub fn llama_cpp_python() -> Result<PathBuf> {
     let venv = atrium_pull::default_cache_dir()
         .parent()
         .ok_or_else(|| anyhow!("the model cache has no parent directory"))?

@@ -10,6 +10,7 @@ mod backup;
 mod bench;
 mod bench_chat;
 mod bench_gateway;
+mod bench_greedy;
 mod bench_kube;
 mod bench_registry;
 mod bench_sched;
