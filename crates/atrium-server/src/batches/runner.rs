@@ -5,7 +5,7 @@
 //! holder may do any of that; another gateway's writes are refused, and a
 //! batch past its window expires here, whoever held it.
 
-use atrium_api::{Batch, File, Resource};
+use atrium_api::{Batch, Deployment, File, Placement, Resource};
 use atrium_core::batch::{
     BatchProgress, BatchState, BatchStatus, FilePurpose, LEASE_SECONDS, MAX_RESULTS_BYTES,
 };
@@ -36,6 +36,31 @@ pub fn gateway_name(caller: &Caller) -> Option<&str> {
         .as_ref()
         .filter(|p| p.plane == Plane::Gateway)
         .map(|p| p.name.as_str())
+}
+
+/// Whether a gateway of `site` can serve `batch`: the deployment it names
+/// may run there (its `sites`), and has a replica there unless it has
+/// none anywhere (then the first request starts one). A deployment that
+/// is gone is every gateway's to answer (each line a 404).
+fn serves_here(batch: &Object, deployments: &[Object], placements: &[Object], site: &str) -> bool {
+    let Ok(spec) = stored::spec::<Batch>(batch) else {
+        return false;
+    };
+    let Some(deployment) = deployments
+        .iter()
+        .find(|d| d.tenant == batch.tenant && d.name == spec.model)
+    else {
+        return true;
+    };
+    let allowed = stored::spec::<Deployment>(deployment)
+        .is_ok_and(|d| d.sites.is_empty() || d.sites.iter().any(|s| s == site));
+    let sites: Vec<String> = placements
+        .iter()
+        .filter_map(|p| stored::spec::<Placement>(p).ok())
+        .filter(|p| p.deployment == deployment.id)
+        .map(|p| p.site)
+        .collect();
+    allowed && (sites.is_empty() || sites.iter().any(|s| s.is_empty() || s == site))
 }
 
 fn gateway_only(caller: &Caller) -> Result<&str, ApiError> {
@@ -129,10 +154,19 @@ pub async fn claim(
     Extension(rid): Extension<RequestId>,
 ) -> Result<Response, ApiError> {
     let gateway = gateway_only(&caller)?.to_string();
+    let site = caller.gateway_site().unwrap_or_default().to_string();
     let now = now();
     let mut batches = state
         .store
         .list_all(Batch::KIND, &TenantFilter::All)
+        .await?;
+    let deployments = state
+        .store
+        .list_all(Deployment::KIND, &TenantFilter::All)
+        .await?;
+    let placements = state
+        .store
+        .list_all(Placement::KIND, &TenantFilter::All)
         .await?;
     // Ids begin with their creation time: oldest first.
     batches.sort_by(|a, b| a.id.cmp(&b.id));
@@ -157,7 +191,7 @@ pub async fn claim(
         }
         let free = status.state == BatchState::Validating
             || status.lease_until.is_none_or(|until| until < now);
-        if !free {
+        if !free || !serves_here(&object, &deployments, &placements, &site) {
             continue;
         }
         if status.state == BatchState::Validating {
@@ -330,5 +364,71 @@ async fn remove_file(state: &AppState, caller: &Caller, rid: &RequestId, id: &st
     match deleted {
         Ok(_) | Err(ApiError::NotFound { .. }) => state.files.remove(id),
         Err(e) => tracing::warn!(file = id, error = %e, "replaced results file not removed"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn object(kind: &str, id: &str, name: &str, body: Value) -> Object {
+        Object {
+            kind: kind.into(),
+            id: id.into(),
+            tenant: Some("t1".into()),
+            name: name.into(),
+            body,
+            revision: 1,
+            created_at: String::new(),
+            updated_at: String::new(),
+        }
+    }
+
+    fn batch() -> Object {
+        object(
+            "batch",
+            "batch_1",
+            "batch_1",
+            json!({"spec": {"input_file_id": "file-1",
+            "endpoint": "/v1/chat/completions", "completion_window": "24h", "key": "k", "model": "chat"}}),
+        )
+    }
+
+    fn deployment(sites: &[&str]) -> Object {
+        object(
+            "deployment",
+            "dep_1",
+            "chat",
+            json!({"spec": {"model": "m", "engine": "simulated",
+            "replicas": {"min": 0, "max": 1}, "resources": {"cpu": "1", "memory": "1Gi"}, "sites": sites}}),
+        )
+    }
+
+    fn placement(site: &str) -> Object {
+        object(
+            "placement",
+            "rep_1",
+            "chat-0",
+            json!({"spec": {"deployment": "dep_1", "deployment_name": "chat",
+            "replica": 0, "node": "n", "site": site, "engine": "simulated", "model": "m", "model_source": "pypi:x",
+            "model_task": "chat", "resources": {"cpu": "1", "memory": "1Gi"}}}),
+        )
+    }
+
+    #[test]
+    fn a_gateway_claims_only_batches_its_site_can_serve() {
+        let b = batch();
+        // Its replica is in eu-1: eu-1's gateways, not us-1's.
+        let (d, p) = ([deployment(&[])], [placement("eu-1")]);
+        assert!(serves_here(&b, &d, &p, "eu-1"));
+        assert!(!serves_here(&b, &d, &p, "us-1"));
+        // No replica anywhere: any site the deployment may run in.
+        assert!(serves_here(&b, &d, &[], "us-1"));
+        let only_eu = [deployment(&["eu-1"])];
+        assert!(!serves_here(&b, &only_eu, &[], "us-1"));
+        assert!(serves_here(&b, &only_eu, &[], "eu-1"));
+        // The deployment is gone: anyone answers its lines with 404.
+        assert!(serves_here(&b, &[], &[], "us-1"));
     }
 }
