@@ -271,9 +271,13 @@ pub struct DeploymentLoad {
 #[serde(deny_unknown_fields)]
 pub struct JoinTokenRequest {
     pub plane: atrium_core::plane::Plane,
-    /// The node's (or gateway's) name.
+    /// The node's (or gateway's) name; absent: each joiner names itself.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub name: String,
     pub site: String,
+    /// Joins it admits [default: 1]; more than one only without a name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uses: Option<u32>,
     /// How long the token may wait to be used [default: 3600].
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ttl_seconds: Option<u64>,
@@ -282,9 +286,21 @@ pub struct JoinTokenRequest {
 /// Status of a join token.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct JoinTokenStatus {
-    /// When it was exchanged for a credential; it joins nothing after.
+    /// When it was last exchanged for a credential; once its uses are
+    /// spent it joins nothing after.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub used_at: Option<String>,
+    /// The names it joined, in order.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub joined: Vec<String>,
+}
+
+/// Body of `POST /v1/join` for a token without a name: the joiner's.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JoinRequest {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
 }
 
 /// A join token just issued: the only response that carries its secret.

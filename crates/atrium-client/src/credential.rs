@@ -63,8 +63,18 @@ impl CredentialFile {
     }
 
     /// Exchanges a one-time join token for a credential.
-    pub async fn join(server: &str, join_token: &str) -> Result<CredentialFile, ClientError> {
-        let issued = post_as(server, join_token, "/v1/join").await?;
+    /// `name`: the joiner's, for a join token that names none.
+    pub async fn join(
+        server: &str,
+        join_token: &str,
+        name: Option<&str>,
+    ) -> Result<CredentialFile, ClientError> {
+        let body = atrium_api::JoinRequest {
+            name: name.map(str::to_string),
+        };
+        let issued = crate::ControlPlane::new(server, join_token)
+            .request(reqwest::Method::POST, "/v1/join", Some(&body))
+            .await?;
         Ok(CredentialFile::from_issued(server, issued))
     }
 

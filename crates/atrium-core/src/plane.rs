@@ -55,18 +55,51 @@ impl Plane {
     }
 }
 
-/// Who a join token lets join: one node or one gateway, of one site.
+/// Most joins one token may admit (a DaemonSet's nodes, say).
+pub const MAX_JOIN_USES: u32 = 10_000;
+
+/// Who a join token lets join: one named node or gateway of one site, or
+/// — with no name — up to `uses` new ones, each naming itself when it
+/// joins (what a Kubernetes DaemonSet of agents needs). A token without a
+/// name never joins a name that already has a credential: it cannot take
+/// over an existing node.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct JoinTokenSpec {
     pub plane: Plane,
-    /// The node's (or gateway's) name.
+    /// The node's (or gateway's) name; empty: each joiner names itself.
     pub name: String,
     pub site: String,
     /// When the token stops working if unused (RFC 3339).
     #[serde(with = "time::serde::rfc3339")]
     #[schema(value_type = String, format = DateTime)]
     pub expires_at: OffsetDateTime,
+    /// Joins it admits [default: 1]; more than one only without a name.
+    #[serde(default = "one_use")]
+    pub uses: u32,
+}
+
+fn one_use() -> u32 {
+    1
+}
+
+impl JoinTokenSpec {
+    pub fn validate(&self) -> Result<(), FieldErrors> {
+        let mut errors = FieldErrors::new();
+        if !self.name.is_empty() {
+            errors.check("name", validate_name(&self.name));
+            if self.uses != 1 {
+                errors.push(
+                    "uses",
+                    "a token naming its node joins once; leave the name out to let several join",
+                );
+            }
+        } else if !(1..=MAX_JOIN_USES).contains(&self.uses) {
+            errors.push("uses", format!("must be 1 to {MAX_JOIN_USES}"));
+        }
+        errors.check("site", validate_name(&self.site));
+        errors.into_result()
+    }
 }
 
 /// What a plane credential may reach: its node, or its site.

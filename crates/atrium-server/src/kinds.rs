@@ -727,12 +727,7 @@ impl Kind for JoinToken {
     const TENANT_READABLE: bool = false;
 
     fn validate(spec: &JoinTokenSpec) -> Result<(), FieldErrors> {
-        CredentialSpec {
-            plane: spec.plane,
-            name: spec.name.clone(),
-            site: spec.site.clone(),
-        }
-        .validate()
+        spec.validate()
     }
 }
 

@@ -7,7 +7,8 @@
 //! and `kinds::plane_sees`.
 
 use atrium_api::{
-    CreatedJoinToken, CredentialStatus, IssuedCredential, JoinTokenRequest, JoinTokenStatus,
+    CreatedJoinToken, CredentialStatus, IssuedCredential, JoinRequest, JoinTokenRequest,
+    JoinTokenStatus,
 };
 use atrium_core::plane::{split_token, CredentialSpec, JoinTokenSpec, JOIN_TOKEN_PREFIX};
 use atrium_store::{Object, TenantFilter, Write};
@@ -54,6 +55,7 @@ pub async fn create_join_token(
         name: req.name,
         site: req.site,
         expires_at,
+        uses: req.uses.unwrap_or(1),
     };
     JoinToken::validate(&spec).map_err(ApiError::InvalidFields)?;
     site_exists(&state, "site", &spec.site).await?;
@@ -85,81 +87,132 @@ pub async fn create_join_token(
 }
 
 /// `POST /v1/join` with `Authorization: Bearer atrj_…`: exchanges a join
-/// token, once, for the plane's credential. Joining again under a name
-/// that has a credential replaces its secret (a node that lost its
-/// credential, re-provisioned).
+/// token for the plane's credential, as many times as it admits. A named
+/// token joining again under a name that has a credential replaces its
+/// secret (a node that lost its credential, re-provisioned); a token
+/// without a name joins only names that have none.
 pub async fn join(
     State(state): State<AppState>,
     Extension(rid): Extension<RequestId>,
     headers: HeaderMap,
+    body: axum::body::Bytes,
 ) -> Result<(StatusCode, Json<IssuedCredential>), ApiError> {
     let refused = || {
         ApiError::Unauthenticated(
-            "invalid, expired or already used join token: ask the provider for a new one \
+            "invalid, expired or used-up join token: ask the provider for a new one \
              (atrium node join-token / atrium gateway join-token)"
                 .into(),
         )
     };
+    let asked: JoinRequest = if body.iter().all(u8::is_ascii_whitespace) {
+        JoinRequest::default()
+    } else {
+        crate::extract::parse_json(&body)?
+    };
     let token = bearer(&headers)?;
     let (id, _) = split_token(JOIN_TOKEN_PREFIX, token).ok_or_else(refused)?;
-    let object = state
-        .store
-        .get(JoinToken::KIND, id)
-        .await?
-        .ok_or_else(refused)?;
-    let mut record: JoinTokenRecord =
-        serde_json::from_value(object.body.clone()).map_err(internal)?;
-    let fresh = record.status.used_at.is_none()
-        && record.spec.expires_at > OffsetDateTime::now_utc()
-        && crate::auth::digests_equal(&record.digest, &sha256_hex(token));
-    if !fresh {
-        return Err(refused());
+    // A token of several uses may be spent by joins racing each other:
+    // each takes one use at the revision it read, and a loser reads again.
+    for _ in 0..8 {
+        let object = state
+            .store
+            .get(JoinToken::KIND, id)
+            .await?
+            .ok_or_else(refused)?;
+        let mut record: JoinTokenRecord =
+            serde_json::from_value(object.body.clone()).map_err(internal)?;
+        let uses = usize::try_from(record.spec.uses).unwrap_or(1).max(1);
+        let spent = record
+            .status
+            .joined
+            .len()
+            .max(usize::from(record.status.used_at.is_some()));
+        let fresh = spent < uses
+            && record.spec.expires_at > OffsetDateTime::now_utc()
+            && crate::auth::digests_equal(&record.digest, &sha256_hex(token));
+        if !fresh {
+            return Err(refused());
+        }
+        let name = joiner_name(&record.spec, asked.name.as_deref())?;
+        let spec = CredentialSpec {
+            plane: record.spec.plane,
+            name: name.clone(),
+            site: record.spec.site.clone(),
+        };
+        let existing = state
+            .store
+            .list_all(Credential::KIND, &TenantFilter::All)
+            .await?
+            .into_iter()
+            .find(|c| {
+                serde_json::from_value::<CredentialRecord>(c.body.clone())
+                    .is_ok_and(|r| r.spec.plane == spec.plane && r.spec.name == spec.name)
+            });
+        if existing.is_some() && record.spec.name.is_empty() {
+            return Err(ApiError::Conflict {
+                code: "already_joined",
+                message: format!(
+                    "a {} named {name:?} has joined already; a token naming it re-provisions it",
+                    spec.plane.as_str()
+                ),
+                details: serde_json::Value::Null,
+            });
+        }
+        let as_plane = Caller {
+            role: match spec.plane {
+                atrium_core::plane::Plane::Node => Role::Node,
+                atrium_core::plane::Plane::Gateway => Role::Gateway,
+            },
+            tenant: None,
+            actor: format!("{}:{}", spec.plane.as_str(), spec.name),
+            plane: Some(spec.clone()),
+            may_infer: false,
+        };
+        // Used first, at the revision read: of two joins racing for the
+        // last use, exactly one gets past this write.
+        record.status.used_at = Some(now_rfc3339());
+        record.status.joined.push(name);
+        let used = write(
+            &state,
+            Write::Update {
+                kind: JoinToken::KIND.into(),
+                id: object.id.clone(),
+                body: serde_json::to_value(&record).map_err(internal)?,
+                if_revision: Some(object.revision),
+            },
+            None,
+            audit(&as_plane, &rid, "join_token.use".into()),
+        )
+        .await;
+        match used {
+            Ok(_) => {}
+            Err(ApiError::Conflict { .. }) => continue,
+            Err(e) => return Err(e),
+        }
+        let issued = issue(&state, &as_plane, &rid, spec, existing, "credential.join").await?;
+        return Ok((StatusCode::CREATED, Json(issued)));
     }
-    let spec = CredentialSpec {
-        plane: record.spec.plane,
-        name: record.spec.name.clone(),
-        site: record.spec.site.clone(),
-    };
-    let as_plane = Caller {
-        role: match spec.plane {
-            atrium_core::plane::Plane::Node => Role::Node,
-            atrium_core::plane::Plane::Gateway => Role::Gateway,
-        },
-        tenant: None,
-        actor: format!("{}:{}", spec.plane.as_str(), spec.name),
-        plane: Some(spec.clone()),
-        may_infer: false,
-    };
-    // Used first, at the revision read: of two joins racing with one
-    // token, exactly one gets past this write.
-    record.status.used_at = Some(now_rfc3339());
-    write(
-        &state,
-        Write::Update {
-            kind: JoinToken::KIND.into(),
-            id: object.id.clone(),
-            body: serde_json::to_value(&record).map_err(internal)?,
-            if_revision: Some(object.revision),
-        },
-        None,
-        audit(&as_plane, &rid, "join_token.use".into()),
-    )
-    .await
-    .map_err(|e| match e {
-        ApiError::Conflict { .. } => refused(),
-        e => e,
-    })?;
-    let existing = state
-        .store
-        .list_all(Credential::KIND, &TenantFilter::All)
-        .await?
-        .into_iter()
-        .find(|c| {
-            serde_json::from_value::<CredentialRecord>(c.body.clone())
-                .is_ok_and(|r| r.spec.plane == spec.plane && r.spec.name == spec.name)
-        });
-    let issued = issue(&state, &as_plane, &rid, spec, existing, "credential.join").await?;
-    Ok((StatusCode::CREATED, Json(issued)))
+    Err(refused())
+}
+
+/// The name a join takes: the token's, or — for a token without one —
+/// the joiner's, which must be a valid name.
+fn joiner_name(token: &JoinTokenSpec, asked: Option<&str>) -> Result<String, ApiError> {
+    match (token.name.as_str(), asked) {
+        ("", None) => Err(ApiError::field(
+            "name",
+            "this join token names no node: say which one is joining (--name)",
+        )),
+        ("", Some(name)) => {
+            atrium_core::name::validate_name(name).map_err(|e| ApiError::field("name", e))?;
+            Ok(name.to_string())
+        }
+        (named, Some(asked)) if named != asked => Err(ApiError::field(
+            "name",
+            format!("this join token is for {named:?}, not {asked:?}"),
+        )),
+        (named, _) => Ok(named.to_string()),
+    }
 }
 
 /// Writes a credential with a new secret: a new object, or `existing`

@@ -265,9 +265,10 @@ pub async fn run(args: Args) -> Result<()> {
     }
 
     // Create → running, through the agent.
-    let token = crate::planes::join_token(&cp, atrium_core::plane::Plane::Node, "n1", "local", 600)
-        .await?
-        .secret;
+    let token =
+        crate::planes::join_token(&cp, atrium_core::plane::Plane::Node, "n1", "local", 600, 1)
+            .await?
+            .secret;
     let agent = Command::new(&exe)
         .args([
             "agent",

@@ -322,6 +322,10 @@ struct AgentArgs {
     /// node credential yet (see `atrium node join`)
     #[arg(long, env = "ATRIUM_JOIN_TOKEN", hide_env_values = true)]
     join_token: Option<String>,
+    /// This node's name, for a join token that names none (in Kubernetes,
+    /// the node's: `spec.nodeName`)
+    #[arg(long, env = "ATRIUM_NODE_NAME")]
+    name: Option<String>,
     #[arg(long)]
     simulate_gpus: Option<String>,
     /// Milliseconds between the tokens of simulated engines (load tests)
@@ -360,6 +364,10 @@ struct GatewayArgs {
     /// names the site the gateway serves
     #[arg(long, env = "ATRIUM_JOIN_TOKEN", hide_env_values = true)]
     join_token: Option<String>,
+    /// This gateway's name, for a join token that names none (in
+    /// Kubernetes, the pod's: `metadata.name`)
+    #[arg(long, env = "ATRIUM_GATEWAY_NAME")]
+    name: Option<String>,
     /// Secret the per-tenant affinity and cache salts derive from; give the
     /// gateways of one site the same [default: <data-dir>/gateway/gateway.secret]
     #[arg(long, env = "ATRIUM_GATEWAY_SECRET", hide_env_values = true)]
@@ -703,18 +711,20 @@ async fn plane_command(
 ) -> Result<()> {
     let data_dir = data_dir.unwrap_or_else(config::default_data_dir);
     match cmd {
-        PlaneCmd::Join { join_token } => {
+        PlaneCmd::Join { join_token, name } => {
             let server = server_url(global, file)?;
-            planes::join_command(plane, &server, &join_token, &data_dir).await
+            planes::join_command(plane, &server, &join_token, name.as_deref(), &data_dir).await
         }
         PlaneCmd::RotateCredential => planes::rotate_command(plane, &data_dir).await,
         PlaneCmd::JoinToken {
             name,
             site,
             ttl_seconds,
+            uses,
         } => {
             let (cp, output) = connect(global, file)?;
-            planes::issue_join_token(&cp, output, plane, &name, &site, ttl_seconds).await
+            let name = name.unwrap_or_default();
+            planes::issue_join_token(&cp, output, plane, &name, &site, ttl_seconds, uses).await
         }
     }
 }
@@ -750,6 +760,7 @@ async fn run_agent(
         server,
         token,
         args.join_token.as_deref(),
+        args.name.as_deref(),
     )
     .await?;
     let config = atrium_agent::AgentConfig {
@@ -790,6 +801,7 @@ async fn run_gateway(
         server,
         token,
         args.join_token.as_deref(),
+        args.name.as_deref(),
     )
     .await?;
     let gateway = atrium_gateway::start(args.flags.config(

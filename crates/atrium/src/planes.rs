@@ -39,6 +39,7 @@ pub async fn credential(
     server: &str,
     token: Option<String>,
     join_token: Option<&str>,
+    name: Option<&str>,
 ) -> Result<(CredentialFile, PathBuf)> {
     let path = credential_path(plane, data_dir);
     let who = plane.as_str();
@@ -69,12 +70,18 @@ pub async fn credential(
             path.display()
         );
     };
-    Ok((join(plane, server, join_token, &path).await?, path))
+    Ok((join(plane, server, join_token, name, &path).await?, path))
 }
 
 /// Exchanges a join token and saves the credential.
-async fn join(plane: Plane, server: &str, join_token: &str, path: &Path) -> Result<CredentialFile> {
-    let file = CredentialFile::join(server, join_token)
+async fn join(
+    plane: Plane,
+    server: &str,
+    join_token: &str,
+    name: Option<&str>,
+    path: &Path,
+) -> Result<CredentialFile> {
+    let file = CredentialFile::join(server, join_token, name)
         .await
         .with_context(|| format!("joining the control plane at {server}"))?;
     if file.plane != plane {
@@ -94,10 +101,11 @@ pub async fn join_command(
     plane: Plane,
     server: &str,
     join_token: &str,
+    name: Option<&str>,
     data_dir: &Path,
 ) -> Result<()> {
     let path = credential_path(plane, data_dir);
-    let file = join(plane, server, join_token, &path).await?;
+    let file = join(plane, server, join_token, name, &path).await?;
     println!(
         "Joined as {} {:?} of site {:?}; credential saved to {} (0600).",
         plane.as_str(),
@@ -129,37 +137,43 @@ pub async fn issue_join_token(
     name: &str,
     site: &str,
     ttl_seconds: u64,
+    uses: u32,
 ) -> Result<()> {
-    let created = join_token(cp, plane, name, site, ttl_seconds).await?;
+    let created = join_token(cp, plane, name, site, ttl_seconds, uses).await?;
     match output {
         Output::Json => client::print(&serde_json::to_value(&created)?, output, JOIN_TOKEN_COLUMNS),
         Output::Table => {
             let token = serde_json::to_value(&created.join_token)?;
             client::print(&token, output, JOIN_TOKEN_COLUMNS);
             println!(
-                "\nJoin token (shown once, usable once):\n  {}\nOn the {}: atrium {} join --join-token <token>",
+                "\nJoin token (shown once, usable {}):\n  {}\nOn the {}: atrium {} join --join-token <token>{}",
+                if uses == 1 { "once".to_string() } else { format!("{uses} times") },
                 created.secret,
                 plane.as_str(),
-                plane.as_str()
+                plane.as_str(),
+                if name.is_empty() { " --name <its name>" } else { "" }
             );
         }
     }
     Ok(())
 }
 
-/// Issues a one-time join token for `plane` `name` of `site`.
+/// Issues a join token for `plane` `name` of `site` (an empty name: each
+/// joiner names itself, up to `uses` of them).
 pub async fn join_token(
     cp: &ControlPlane,
     plane: Plane,
     name: &str,
     site: &str,
     ttl_seconds: u64,
+    uses: u32,
 ) -> Result<CreatedJoinToken> {
     let body = JoinTokenRequest {
         plane,
         name: name.to_string(),
         site: site.to_string(),
         ttl_seconds: Some(ttl_seconds),
+        uses: Some(uses),
     };
     Ok(cp
         .request(Method::POST, "/v1/join-tokens", Some(&body))
@@ -174,16 +188,25 @@ pub enum PlaneCmd {
     Join {
         #[arg(long, env = "ATRIUM_JOIN_TOKEN", hide_env_values = true)]
         join_token: String,
+        /// This machine's name, for a join token that names none
+        #[arg(long)]
+        name: Option<String>,
     },
-    /// Issue a one-time join token (the provider)
+    /// Issue a join token (the provider): for one named node or gateway,
+    /// or — without a name — for up to --uses of them, each naming
+    /// itself when it joins (a Kubernetes DaemonSet's agents)
     JoinToken {
-        /// The node's (or gateway's) name
-        name: String,
+        /// The node's (or gateway's) name; leave it out for a token of
+        /// several uses
+        name: Option<String>,
         #[arg(long)]
         site: String,
         /// How long the token may wait to be used
         #[arg(long, default_value_t = 3600)]
         ttl_seconds: u64,
+        /// How many may join with it (only without a name)
+        #[arg(long, default_value_t = 1)]
+        uses: u32,
     },
     /// Replace this machine's credential with a new one; the old stops
     /// working at once (a running agent or gateway picks the new one up)

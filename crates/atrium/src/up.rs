@@ -239,10 +239,10 @@ async fn join_locally(
     name: &str,
     data_dir: &Path,
 ) -> Result<(CredentialFile, PathBuf)> {
-    let created = planes::join_token(cp, plane, name, LOCAL_SITE, 60)
+    let created = planes::join_token(cp, plane, name, LOCAL_SITE, 60, 1)
         .await
         .with_context(|| format!("issuing the local {}'s join token", plane.as_str()))?;
-    let file = CredentialFile::join(server_url, &created.secret)
+    let file = CredentialFile::join(server_url, &created.secret, None)
         .await
         .with_context(|| format!("joining the local {}", plane.as_str()))?;
     let path = planes::credential_path(plane, data_dir);

@@ -177,6 +177,7 @@ pub async fn run(args: Args) -> Result<()> {
         "bench",
         "local",
         3600,
+        1,
     )
     .await?;
     let mut gateway = pinned(proxy_core, &exe)
