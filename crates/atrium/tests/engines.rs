@@ -14,7 +14,6 @@
     clippy::print_stdout
 )]
 
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
@@ -73,16 +72,7 @@ pieces = [c.choices[0].delta.content or "" for c in client.chat.completions.crea
 print(json.dumps({"answer": chat.choices[0].message.content, "usage": chat.usage.total_tokens,
                   "replica": raw.headers.get("x-atrium-replica"), "streamed": "".join(pieces)}))
 "#;
-    let out = Command::new("python3")
-        .args(["-c", script, &up.gateway, &key])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let said: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let said = common::python_json(script, &[up.gateway.as_ref(), key.as_ref()]);
     println!("llama-cpp answered: {said}");
     assert!(said["answer"].as_str().unwrap().contains("Paris"), "{said}");
     assert_eq!(said["streamed"], said["answer"], "{said}");

@@ -261,3 +261,20 @@ pub fn isolation_report(data_dir: &std::path::Path, octet: u8) -> (bool, serde_j
         .unwrap_or_else(|_| panic!("{}", String::from_utf8_lossy(&out.stderr)));
     (out.status.success(), report)
 }
+
+/// Runs `python3 -c script args…`, which must succeed, and reads what it
+/// printed as JSON.
+pub fn python_json(script: &str, args: &[&std::ffi::OsStr]) -> serde_json::Value {
+    let out = std::process::Command::new("python3")
+        .arg("-c")
+        .arg(script)
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
