@@ -217,8 +217,10 @@ pub const JOIN_TOKEN_COLUMNS: Columns = &[
     ("PLANE", "/spec/plane"),
     ("NAME", "/spec/name"),
     ("SITE", "/spec/site"),
+    ("USES", "/spec/uses"),
     ("EXPIRES", "/spec/expires_at"),
     ("USED", "/status/used_at"),
+    ("JOINED", "/status/joined"),
     ("ID", "/id"),
 ];
 
