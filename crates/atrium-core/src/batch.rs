@@ -257,7 +257,33 @@ pub struct BatchStatus {
     pub lease_until: Option<i64>,
 }
 
+/// How long a finished batch, and the results files Atrium wrote for it,
+/// are kept (OpenAI keeps batch results 30 days).
+pub const RETAIN_SECONDS: i64 = 30 * 86_400;
+
 impl BatchStatus {
+    /// When it finished (Unix seconds), if it has.
+    pub fn finished_at(&self) -> Option<i64> {
+        if !self.state.is_final() {
+            return None;
+        }
+        [
+            self.completed_at,
+            self.failed_at,
+            self.expired_at,
+            self.cancelled_at,
+        ]
+        .into_iter()
+        .flatten()
+        .max()
+    }
+
+    /// Whether it finished more than `RETAIN_SECONDS` before `now`.
+    pub fn past_retention(&self, now: i64) -> bool {
+        self.finished_at()
+            .is_some_and(|at| now.saturating_sub(at) > RETAIN_SECONDS)
+    }
+
     /// A batch just created, checked or not.
     pub fn new(checked: &Result<CheckedInput, Vec<BatchError>>, now: i64) -> BatchStatus {
         let mut status = BatchStatus {
@@ -616,6 +642,22 @@ mod tests {
         assert_eq!(BatchEndpoint::parse("/v1/models"), None);
         assert_eq!(FilePurpose::parse("batch"), Some(FilePurpose::Batch));
         assert_eq!(FilePurpose::parse("fine-tune"), None);
+    }
+
+    #[test]
+    fn finished_batches_are_kept_for_their_retention_only() {
+        let ok = check_input(line("a", "m").as_bytes(), BatchEndpoint::ChatCompletions);
+        let mut status = BatchStatus::new(&ok, 0);
+        assert!(
+            !status.past_retention(i64::MAX),
+            "a batch not finished is kept"
+        );
+        status.state = BatchState::Completed;
+        status.completed_at = Some(1_000);
+        assert!(!status.past_retention(1_000 + RETAIN_SECONDS));
+        assert!(status.past_retention(1_001 + RETAIN_SECONDS));
+        let failed = BatchStatus::new(&Err(vec![]), 5);
+        assert_eq!(failed.finished_at(), Some(5));
     }
 
     #[test]

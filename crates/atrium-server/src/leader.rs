@@ -1,6 +1,7 @@
 //! Controllers on exactly one server. Any number of `atrium server`
 //! processes may share one database and serve the API; the controllers —
-//! placement, autoscaler, tenant clusters' pods, change-log compaction —
+//! placement, autoscaler, tenant clusters' pods, change-log compaction,
+//! batch retention —
 //! run only on the server holding the `controllers` lease, renewed every
 //! `RENEW` for `TTL`, and write through a store fenced to the lease's
 //! term: once another server takes the lease over, anything the deposed
@@ -18,7 +19,7 @@ use atrium_store::{Fence, Store};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use crate::{autoscale, compact_periodically, controller, kube, AppState};
+use crate::{autoscale, batches, compact_periodically, controller, kube, AppState};
 
 const LEASE: &str = "controllers";
 /// How long a lease lasts unless renewed: the longest the controllers
@@ -67,6 +68,11 @@ impl Leading {
                 stopped.clone(),
             )),
             tokio::spawn(controller::run(store.clone(), stopped.clone())),
+            tokio::spawn(batches::retention::run(
+                store.clone(),
+                state.files.clone(),
+                stopped.clone(),
+            )),
             tokio::spawn(compact_periodically(store, compaction, stopped)),
         ];
         Leading { term, stop, tasks }

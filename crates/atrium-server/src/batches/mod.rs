@@ -9,6 +9,7 @@
 pub mod files;
 mod jobs;
 mod openai;
+pub mod retention;
 mod runner;
 
 use atrium_api::{Batch, File, Resource, Tenant};
