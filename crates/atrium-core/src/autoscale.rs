@@ -17,7 +17,7 @@ use crate::deployment::Replicas;
 
 /// What the gateways saw of one deployment over their last interval,
 /// summed over gateways.
-#[derive(Debug, Clone, Copy, Default, PartialEq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Observation {
     /// Mean requests in flight to its replicas.
     pub in_flight: f64,

@@ -13,29 +13,35 @@ use crate::server::{Request, Response};
 /// Longest query passed on.
 const MAX_QUERY: usize = 512;
 
+/// The Batch API's routes: their metrics label, the methods each takes,
+/// and those as an `Allow` header says them.
+const ROUTES: [(&str, &[Method], &str); 6] = [
+    ("/v1/files", &[Method::Get, Method::Post], "GET, POST"),
+    (
+        "/v1/files/{id}",
+        &[Method::Get, Method::Delete],
+        "GET, DELETE",
+    ),
+    ("/v1/files/{id}/content", &[Method::Get], "GET"),
+    ("/v1/batches", &[Method::Get, Method::Post], "GET, POST"),
+    ("/v1/batches/{id}", &[Method::Get], "GET"),
+    ("/v1/batches/{id}/cancel", &[Method::Post], "POST"),
+];
+
 /// Whether `path` is a Batch API route; its metrics label when it is.
 pub fn route_of(path: &str) -> Option<&'static str> {
     let rest = path.strip_prefix("/v1/")?;
     let segments: Vec<&str> = rest.split('/').collect();
-    match segments.as_slice() {
-        ["files"] => Some("/v1/files"),
-        ["files", _] => Some("/v1/files/{id}"),
-        ["files", _, "content"] => Some("/v1/files/{id}/content"),
-        ["batches"] => Some("/v1/batches"),
-        ["batches", _] => Some("/v1/batches/{id}"),
-        ["batches", _, "cancel"] => Some("/v1/batches/{id}/cancel"),
-        _ => None,
-    }
-}
-
-/// The methods each route takes.
-fn allowed(route: &str) -> &'static [Method] {
-    match route {
-        "/v1/files" | "/v1/batches" => &[Method::Get, Method::Post],
-        "/v1/files/{id}" => &[Method::Get, Method::Delete],
-        "/v1/batches/{id}/cancel" => &[Method::Post],
-        _ => &[Method::Get],
-    }
+    let label = match segments.as_slice() {
+        ["files"] => "/v1/files",
+        ["files", _] => "/v1/files/{id}",
+        ["files", _, "content"] => "/v1/files/{id}/content",
+        ["batches"] => "/v1/batches",
+        ["batches", _] => "/v1/batches/{id}",
+        ["batches", _, "cancel"] => "/v1/batches/{id}/cancel",
+        _ => return None,
+    };
+    Some(label)
 }
 
 /// An id as the control plane makes them: letters, digits, `-` and `_`.
@@ -59,16 +65,10 @@ pub async fn forward(
     request: Request,
 ) -> Result<Response, Refusal> {
     let head = &request.head;
-    let methods = allowed(route);
-    if !methods.contains(&head.method) {
-        return Err(Refusal::MethodNotAllowed {
-            allow: match route {
-                "/v1/files" | "/v1/batches" => "GET, POST",
-                "/v1/files/{id}" => "GET, DELETE",
-                "/v1/batches/{id}/cancel" => "POST",
-                _ => "GET",
-            },
-        });
+    if let Some((_, methods, allow)) = ROUTES.iter().find(|r| r.0 == route) {
+        if !methods.contains(&head.method) {
+            return Err(Refusal::MethodNotAllowed { allow });
+        }
     }
     let ids_plain = head
         .path

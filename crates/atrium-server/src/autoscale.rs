@@ -23,7 +23,6 @@ use atrium_core::lifecycle::{LifecycleState, Status};
 use atrium_store::{AuditContext, Store, TenantFilter, Write, WriteError};
 use axum::extract::State;
 use axum::{Extension, Json};
-use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use tokio::sync::Notify;
 
@@ -48,14 +47,6 @@ const MAX_GATEWAYS: usize = 4096;
 /// Load per deployment id.
 type Seen = HashMap<String, Observation>;
 
-/// One deployment's load as a report is kept in the database.
-#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize)]
-struct Kept {
-    in_flight: f64,
-    requests: u64,
-    waiting: u64,
-}
-
 /// What wakes the autoscaler early: a report on this server that holds
 /// requests (a deployment at zero should not wait for the next tick to
 /// start a replica). Reports to other servers are seen at the next tick.
@@ -66,14 +57,14 @@ pub struct LoadBoard {
 
 /// Checks `report` and sums it per deployment: the gateway, its load, and
 /// whether it holds requests.
-fn check(report: LoadReport) -> Result<(String, HashMap<String, Kept>, bool), String> {
+fn check(report: LoadReport) -> Result<(String, Seen, bool), String> {
     if report.gateway.is_empty() || report.gateway.len() > MAX_ID_LEN {
         return Err(format!("gateway: 1 to {MAX_ID_LEN} characters"));
     }
     if report.deployments.len() > MAX_REPORTED {
         return Err(format!("deployments: at most {MAX_REPORTED}"));
     }
-    let mut seen = HashMap::with_capacity(report.deployments.len());
+    let mut seen = Seen::with_capacity(report.deployments.len());
     let mut waiting = false;
     for (i, d) in report.deployments.into_iter().enumerate() {
         if d.deployment.len() > MAX_ID_LEN {
@@ -85,7 +76,7 @@ fn check(report: LoadReport) -> Result<(String, HashMap<String, Kept>, bool), St
             ));
         }
         waiting |= d.waiting > 0;
-        let k: &mut Kept = seen.entry(d.deployment).or_default();
+        let k: &mut Observation = seen.entry(d.deployment).or_default();
         k.in_flight += d.in_flight;
         k.requests = k.requests.saturating_add(d.requests);
         k.waiting = k.waiting.saturating_add(d.waiting);
@@ -97,7 +88,7 @@ fn check(report: LoadReport) -> Result<(String, HashMap<String, Kept>, bool), St
 async fn observations(store: &Store) -> Result<Seen, atrium_store::StoreError> {
     let mut sum = Seen::new();
     for (gateway, body) in store.fresh_loads(fresh_ms()).await? {
-        let Ok(kept) = serde_json::from_str::<HashMap<String, Kept>>(&body) else {
+        let Ok(kept) = serde_json::from_str::<Seen>(&body) else {
             tracing::warn!(%gateway, "skipping an unreadable load report");
             continue;
         };
@@ -320,7 +311,7 @@ mod tests {
     #[tokio::test]
     async fn invented_gateway_names_cannot_grow_the_reports_past_their_bound() {
         let (store, _dir) = store().await;
-        let body = serde_json::to_string(&HashMap::<String, Kept>::new()).unwrap();
+        let body = serde_json::to_string(&Seen::new()).unwrap();
         let (minute, most) = (60_000, 8);
         for i in 0..most {
             assert!(store

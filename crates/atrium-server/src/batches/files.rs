@@ -103,7 +103,7 @@ pub(super) async fn store_file(
     state: &AppState,
     tenant: &str,
     spec_of: (String, FilePurpose),
-    bytes: &[u8],
+    bytes: Vec<u8>,
     capped: bool,
     audit_ctx: atrium_store::AuditContext,
 ) -> Result<Object, ApiError> {
@@ -113,11 +113,11 @@ pub(super) async fn store_file(
         filename,
         purpose,
         bytes: bytes.len() as u64,
-        sha256: hex::encode(Sha256::digest(bytes)),
+        sha256: hex::encode(Sha256::digest(&bytes)),
     };
     let files = state.files.clone();
-    let (put_id, owned) = (id.clone(), bytes.to_vec());
-    tokio::task::spawn_blocking(move || files.put(&put_id, &owned))
+    let put_id = id.clone();
+    tokio::task::spawn_blocking(move || files.put(&put_id, &bytes))
         .await
         .map_err(|e| ApiError::Internal(format!("file write: {e}")))??;
     let cap = capped.then(|| one_more(File::KIND, tenant, Counted::Files));
@@ -201,7 +201,7 @@ pub async fn upload(
         &state,
         &tenant,
         (filename, purpose),
-        &bytes,
+        bytes,
         true,
         audit(&caller, &rid, "file.create".into()),
     )

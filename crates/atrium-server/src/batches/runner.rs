@@ -320,7 +320,7 @@ pub async fn results(
         &state,
         &tenant,
         (name, FilePurpose::BatchOutput),
-        &bytes,
+        bytes,
         false,
         audit(&caller, &rid, "file.create".into()),
     )
