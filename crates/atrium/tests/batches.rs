@@ -314,6 +314,75 @@ fn batches_run_through_the_gateway_metered_and_invisible_to_other_tenants() {
     let (status, refused) = up.upload(k1, "big.jsonl", &vec![b'\n'; 3 << 19]);
     assert_eq!(status, 409, "{refused}");
     assert_eq!(refused["error"]["code"], "quota_exceeded", "{refused}");
+
+    // What a hostile tenant sends in a file upload or a batch is refused
+    // by field, and nothing is kept of it.
+    let post_form = |content_type: String, body: Vec<u8>| {
+        let resp = up
+            .http
+            .post(format!("{}/v1/files", up.gateway))
+            .bearer_auth(k2)
+            .header("content-type", content_type)
+            .body(body)
+            .send()
+            .unwrap();
+        (resp.status().as_u16(), resp.text().unwrap())
+    };
+    let line = chat_line("x", "chat", 4).into_bytes();
+    let (ct, body) = multipart("fine-tune", "x.jsonl", &line);
+    let (status, text) = post_form(ct, body);
+    assert!(status == 400 && text.contains("purpose"), "{status} {text}");
+    let (ct, body) = multipart("batch", "a\u{1}b.jsonl", &line);
+    let (status, text) = post_form(ct, body);
+    // (refused by the multipart reader itself, before the name is read)
+    assert_eq!(status, 400, "{text}");
+    let (ct, mut body) = multipart("batch", "x.jsonl", &line);
+    let boundary = ct.rsplit('=').next().unwrap().to_string();
+    body.truncate(body.len() - format!("--{boundary}--\r\n").len());
+    body.extend_from_slice(
+        format!("--{boundary}\r\nContent-Disposition: form-data; name=\"extra\"\r\n\r\nx\r\n--{boundary}--\r\n").as_bytes(),
+    );
+    let (status, text) = post_form(ct, body);
+    assert!(
+        status == 400 && text.contains("unknown field"),
+        "{status} {text}"
+    );
+    let (status, text) = post_form("application/json".into(), b"{}".to_vec());
+    assert!(
+        status == 400 && text.contains("multipart"),
+        "{status} {text}"
+    );
+    // One byte past the largest file: refused while it streams, before any
+    // quota is read.
+    let huge = vec![b'\n'; (atrium_core::batch::MAX_FILE_BYTES + 1) as usize];
+    let (ct, body) = multipart("batch", "huge.jsonl", &huge);
+    let (status, text) = post_form(ct, body);
+    assert_eq!(status, 413, "{text}");
+    let (_, listed) = up.batch_api(k2, M::GET, "/v1/files?purpose=batch", None);
+    let names: Vec<&str> = listed["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f["filename"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["b.jsonl"], "only B's one good upload is kept");
+    // Metadata past OpenAI's bounds.
+    let too_many: serde_json::Map<String, Value> =
+        (0..17).map(|i| (format!("k{i}"), json!("v"))).collect();
+    for metadata in [Value::Object(too_many), json!({"k": "v".repeat(513)})] {
+        let (status, e) = up.batch_api(
+            k2,
+            M::POST,
+            "/v1/batches",
+            Some(json!({
+            "input_file_id": b_file["id"], "endpoint": "/v1/chat/completions",
+            "completion_window": "24h", "metadata": metadata})),
+        );
+        assert!(
+            status == 400 && e.to_string().contains("metadata"),
+            "{status} {e}"
+        );
+    }
 }
 
 #[test]
