@@ -21,6 +21,7 @@ mod config;
 mod isolation;
 mod local;
 mod planes;
+mod planes_run;
 mod up;
 
 use std::path::PathBuf;
@@ -83,9 +84,9 @@ enum Command {
     /// and a gateway, on the embedded store.
     Up(UpArgs),
     /// Run the runtime agent of this node.
-    Agent(AgentArgs),
+    Agent(planes_run::AgentArgs),
     /// Run an OpenAI-compatible gateway.
-    Gateway(GatewayArgs),
+    Gateway(planes_run::GatewayArgs),
     /// Manage tenants.
     #[command(subcommand)]
     Tenant(TenantCmd),
@@ -316,74 +317,6 @@ struct UpArgs {
     gateway: planes::GatewayFlags,
 }
 
-#[derive(Args)]
-struct AgentArgs {
-    /// Join with this one-time token when the data directory holds no
-    /// node credential yet (see `atrium node join`)
-    #[arg(long, env = "ATRIUM_JOIN_TOKEN", hide_env_values = true)]
-    join_token: Option<String>,
-    /// This node's name, for a join token that names none (in Kubernetes,
-    /// the node's: `spec.nodeName`)
-    #[arg(long, env = "ATRIUM_NODE_NAME")]
-    name: Option<String>,
-    #[arg(long)]
-    simulate_gpus: Option<String>,
-    /// Milliseconds between the tokens of simulated engines (load tests)
-    #[arg(long, default_value_t = 0)]
-    simulated_itl_ms: u64,
-    #[arg(long, env = "ATRIUM_MODEL_CACHE")]
-    model_cache: Option<PathBuf>,
-    /// Where third-party engines are installed (llama-cpp-python on first
-    /// use; vLLM and SGLang by the operator, in venvs `vllm`, `sglang`)
-    /// [default: /var/cache/atrium/engines as root]
-    #[arg(long, env = "ATRIUM_ENGINE_CACHE")]
-    engine_cache: Option<PathBuf>,
-    /// Directories `path:` model sources may resolve into (the model cache
-    /// always may); anything else is refused
-    #[arg(long = "model-root", env = "ATRIUM_MODEL_ROOTS", value_delimiter = ',')]
-    model_roots: Vec<PathBuf>,
-    /// Address block of tenant networks on this node (10.X.0.0/16; one /30
-    /// per tenant); two agents on one host need different blocks
-    #[arg(long, default_value = DEFAULT_TENANT_NETWORK)]
-    tenant_network: String,
-    #[arg(long, env = "ATRIUM_LOG", default_value = "info")]
-    log: tracing::Level,
-}
-
-pub(crate) const DEFAULT_TENANT_NETWORK: &str = "10.201.0.0/16";
-
-#[derive(Args)]
-#[command(args_conflicts_with_subcommands = true)]
-struct GatewayArgs {
-    #[command(subcommand)]
-    command: Option<GatewayCmd>,
-    #[arg(long, default_value = "127.0.0.1:8080")]
-    listen: String,
-    /// Join with this one-time token when the data directory holds no
-    /// gateway credential yet (see `atrium gateway join`); the credential
-    /// names the site the gateway serves
-    #[arg(long, env = "ATRIUM_JOIN_TOKEN", hide_env_values = true)]
-    join_token: Option<String>,
-    /// This gateway's name, for a join token that names none (in
-    /// Kubernetes, the pod's: `metadata.name`)
-    #[arg(long, env = "ATRIUM_GATEWAY_NAME")]
-    name: Option<String>,
-    /// Secret the per-tenant affinity and cache salts derive from; give the
-    /// gateways of one site the same [default: <data-dir>/gateway/gateway.secret]
-    #[arg(long, env = "ATRIUM_GATEWAY_SECRET", hide_env_values = true)]
-    secret: Option<String>,
-    #[command(flatten)]
-    flags: planes::GatewayFlags,
-    #[arg(long, env = "ATRIUM_LOG", default_value = "info")]
-    log: tracing::Level,
-}
-
-#[derive(Subcommand)]
-enum GatewayCmd {
-    #[command(flatten)]
-    Plane(PlaneCmd),
-}
-
 /// mimalloc: the gateway's per-request allocations (JSON, headers, hyper's
 /// buffers) cost measurably less than with glibc malloc (`atrium bench
 /// gateway`).
@@ -451,10 +384,10 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Agent(args) => {
             let server = server_url(&cli.global, &file)?;
             let data_dir = data_dir.unwrap_or_else(config::default_data_dir);
-            run_agent(args, &server, cli.global.token.clone(), data_dir).await
+            planes_run::run_agent(args, &server, cli.global.token.clone(), data_dir).await
         }
-        Command::Gateway(GatewayArgs {
-            command: Some(GatewayCmd::Plane(cmd)),
+        Command::Gateway(planes_run::GatewayArgs {
+            command: Some(planes_run::GatewayCmd::Plane(cmd)),
             ..
         }) => plane_command(Plane::Gateway, cmd, &cli.global, &file, data_dir).await,
         Command::Node(NodeCmd::Plane(cmd)) => {
@@ -463,7 +396,7 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Gateway(args) => {
             let server = server_url(&cli.global, &file)?;
             let data_dir = data_dir.unwrap_or_else(config::default_data_dir);
-            run_gateway(args, &server, cli.global.token.clone(), data_dir).await
+            planes_run::run_gateway(args, &server, cli.global.token.clone(), data_dir).await
         }
         Command::Engine(args) => local::engine(args).await,
         Command::Bench(BenchCmd::Engine { out }) => bench::engine(out).await,
@@ -745,77 +678,6 @@ fn host_name() -> String {
         .ok()
         .filter(|h| atrium_core::name::validate_name(h).is_ok())
         .unwrap_or_else(|| "node-1".to_string())
-}
-
-async fn run_agent(
-    args: AgentArgs,
-    server: &str,
-    token: Option<String>,
-    data_dir: PathBuf,
-) -> Result<()> {
-    crate::init_logging(args.log);
-    let (credential, credential_path) = planes::credential(
-        Plane::Node,
-        &data_dir,
-        server,
-        token,
-        args.join_token.as_deref(),
-        args.name.as_deref(),
-    )
-    .await?;
-    let config = atrium_agent::AgentConfig {
-        credential,
-        credential_path,
-        data_dir,
-        model_cache: args
-            .model_cache
-            .unwrap_or_else(atrium_pull::default_cache_dir),
-        engine_cache: args
-            .engine_cache
-            .unwrap_or_else(atrium_agent::engines::default_cache_dir),
-        model_roots: args.model_roots,
-        engine_binary: std::env::current_exe().context("cannot find the atrium binary")?,
-        simulate_gpus: args.simulate_gpus,
-        simulated_itl_ms: args.simulated_itl_ms,
-        network_octet: atrium_agent::parse_tenant_network(&args.tenant_network)
-            .map_err(|e| anyhow!(e))?,
-    };
-    atrium_agent::run(config, shutdown_signal()).await?;
-    Ok(())
-}
-
-async fn run_gateway(
-    args: GatewayArgs,
-    server: &str,
-    token: Option<String>,
-    data_dir: PathBuf,
-) -> Result<()> {
-    crate::init_logging(args.log);
-    let listen = args
-        .listen
-        .parse()
-        .map_err(|_| anyhow!("--listen: {:?} is not an address", args.listen))?;
-    let (credential, credential_path) = planes::credential(
-        Plane::Gateway,
-        &data_dir,
-        server,
-        token,
-        args.join_token.as_deref(),
-        args.name.as_deref(),
-    )
-    .await?;
-    let gateway = atrium_gateway::start(args.flags.config(
-        credential,
-        credential_path,
-        listen,
-        data_dir.join("gateway"),
-        args.secret,
-    ))
-    .await?;
-    println!("Atrium gateway: http://{}", gateway.addr);
-    shutdown_signal().await;
-    gateway.abort();
-    Ok(())
 }
 
 async fn serve(

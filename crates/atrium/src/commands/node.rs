@@ -46,7 +46,7 @@ pub enum NodeCmd {
     /// each engine, and attacks between tenants (run as root on the node)
     Isolation {
         /// The tenant network block of the node's agent
-        #[arg(long, default_value = crate::DEFAULT_TENANT_NETWORK)]
+        #[arg(long, default_value = crate::planes_run::DEFAULT_TENANT_NETWORK)]
         tenant_network: String,
     },
     #[command(flatten)]
