@@ -8,9 +8,11 @@
 //! one still tries to write is refused by the database, not by its own
 //! belief that it leads.
 //!
-//! A server's holder name is kept in its data directory, so a server that
-//! restarts (even after `kill -9`) renews its own lease at once instead of
-//! waiting out the TTL; a stopping server resigns the lease.
+//! A server's holder name is kept in the data directory under its host's
+//! name, so a server that restarts on the same host (even after `kill -9`)
+//! renews its own lease at once instead of waiting out the TTL, while
+//! servers on several hosts may share the directory; a stopping server
+//! resigns the lease.
 
 use std::path::Path;
 use std::time::Duration;
@@ -27,17 +29,27 @@ const LEASE: &str = "controllers";
 const TTL: Duration = Duration::from_secs(10);
 const RENEW: Duration = Duration::from_secs(2);
 
-/// This server's name as a lease holder, made once per data directory.
+/// This server's name as a lease holder, made once per host and data
+/// directory: servers may share one data directory (the registry, the
+/// Batch API's files and the tenant clusters' sealing key live there), so
+/// the name is kept under the host's name, and each host's server holds
+/// its own.
 pub fn holder_name(data_dir: &Path) -> String {
-    let path = data_dir.join("server.id");
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+    let host: String = host
+        .trim()
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric() || *c == '-' || *c == '.')
+        .take(64)
+        .collect();
+    let path = data_dir.join(format!("server-{host}.id"));
     if let Ok(id) = std::fs::read_to_string(&path) {
         let id = id.trim();
         if !id.is_empty() {
             return id.to_string();
         }
     }
-    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
-    let id = format!("{}-{:016x}", host.trim(), rand::random::<u64>());
+    let id = format!("{host}-{:016x}", rand::random::<u64>());
     if let Err(e) = std::fs::write(&path, &id) {
         tracing::warn!(error = %e, path = %path.display(), "cannot keep the server's lease name; a restart will wait for its old lease");
     }
