@@ -21,11 +21,15 @@ impl GpuUse {
     /// Free capacity as the fragmentation measure sees it: a GPU in MIG
     /// mode only takes MIG requests, so count its free compute slices.
     pub(super) fn free_for_scoring(&self) -> u16 {
-        if self.mig.instances > 0 {
-            (u16::from(mig::COMPUTE_SLICES.saturating_sub(self.mig.compute)) * 1000) / 7
-        } else {
-            1000u16.saturating_sub(self.milli)
-        }
+        free_share(self.milli, self.mig.compute, self.mig.instances)
+    }
+}
+
+fn free_share(milli: u16, mig_compute: u8, mig_instances: u8) -> u16 {
+    if mig_instances > 0 {
+        (u16::from(mig::COMPUTE_SLICES.saturating_sub(mig_compute)) * 1000) / 7
+    } else {
+        1000u16.saturating_sub(milli)
     }
 }
 
@@ -48,6 +52,13 @@ pub(super) struct GpuKey {
     mig_instances: u8,
     /// Distinct tenant indices holding part of it, sorted.
     tenants: Vec<u32>,
+}
+
+impl GpuKey {
+    /// As `GpuUse::free_for_scoring`, from the key's copy of the use.
+    fn free_for_scoring(&self) -> u16 {
+        free_share(self.milli, self.mig_compute, self.mig_instances)
+    }
 }
 
 /// Everything a decision for a node depends on, so equal keys decide alike.
@@ -160,9 +171,39 @@ impl Fleet {
 
     pub(super) fn rekey(&mut self, i: usize) {
         let key = self.key_of(i);
-        let next = self.class_ids.len() as u32;
-        self.class_of[i] = *self.class_ids.entry(key).or_insert(next);
+        self.class_of[i] = match self.class_ids.get(&key) {
+            Some(id) => *id,
+            None => {
+                let id = self.class_keys.len() as u32;
+                self.class_cost.push(self.cost_of_class(&key));
+                self.class_keys.push(key.clone());
+                self.class_ids.insert(key, id);
+                id
+            }
+        };
         self.summary[i] = self.summary_of(i, &self.used[i]);
+    }
+
+    /// The cost of a node in the state `key` describes.
+    pub(super) fn cost_of_class(&self, key: &ClassKey) -> f64 {
+        let Some(node) = self
+            .static_node
+            .get(key.static_class as usize)
+            .and_then(|i| self.nodes.get(*i))
+        else {
+            return 0.0;
+        };
+        let left: Vec<u16> = key.gpus.iter().map(GpuKey::free_for_scoring).collect();
+        self.cost(node, key.cpu_milli, key.memory_mib, &left)
+    }
+
+    /// Every class's cost again, after the workload profile changed.
+    pub(super) fn recost_classes(&mut self) {
+        self.class_cost = self
+            .class_keys
+            .iter()
+            .map(|k| self.cost_of_class(k))
+            .collect();
     }
 
     pub(super) fn summary_of(&self, i: usize, u: &NodeUse) -> Summary {
@@ -183,7 +224,7 @@ impl Fleet {
                         let open = geometry
                             .iter()
                             .find(|s| s.profile == *spec)
-                            .is_some_and(|s| gu.mig.best_start(geometry, s).is_some());
+                            .is_some_and(|s| s.starts.iter().any(|st| gu.mig.allows(s, *st)));
                         if open {
                             mig_open |= 1 << k;
                         }

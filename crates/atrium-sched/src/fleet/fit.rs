@@ -104,6 +104,7 @@ impl Fleet {
             );
             self.pairing = Pairing::of(&self.seen);
             self.profiled_at = self.seen.len();
+            self.recost_classes();
         }
     }
 
@@ -323,7 +324,8 @@ impl Fleet {
         }
     }
 
-    /// The best choice on node `i` in use `u`, scored.
+    /// The best choice on node `i` in use `u`, scored; `before` is the
+    /// cost of `u` when the caller knows it (its class's).
     pub(super) fn best_on(
         &self,
         i: usize,
@@ -331,11 +333,12 @@ impl Fleet {
         r: &Request,
         t: u32,
         policy: &TenantPolicy,
+        before: Option<f64>,
     ) -> Result<Choice, NoFit> {
         let options = self.options(i, u, r, t, policy)?;
         let node = &self.nodes[i];
         let base: Vec<u16> = u.gpus.iter().map(GpuUse::free_for_scoring).collect();
-        let before = self.cost(node, u.cpu_milli, u.memory_mib, &base);
+        let before = before.unwrap_or_else(|| self.cost(node, u.cpu_milli, u.memory_mib, &base));
         let (cpu_after, memory_after) = (u.cpu_milli + r.cpu_milli, u.memory_mib + r.memory_mib);
         let mut best: Option<Choice> = None;
         let mut left = base.clone();
@@ -434,7 +437,8 @@ impl Fleet {
             if !scored.insert(self.class_of[i]) {
                 continue;
             }
-            match self.best_on(i, &self.used[i], r, t, policy) {
+            let before = self.class_cost.get(self.class_of[i] as usize).copied();
+            match self.best_on(i, &self.used[i], r, t, policy, before) {
                 Ok(c) => {
                     if best.as_ref().is_none_or(|b| c.score > b.score) {
                         best = Some(c);

@@ -54,6 +54,13 @@ pub struct Fleet {
     /// still take, both updated on every bind and release.
     class_ids: HashMap<ClassKey, u32>,
     class_of: Vec<u32>,
+    /// Each class's key and its cost (fragmentation plus stranding) under
+    /// the current workload profile: a candidate's cost before a request
+    /// is its class's, recomputed only when the profile is re-learnt.
+    class_keys: Vec<ClassKey>,
+    class_cost: Vec<f64>,
+    /// A node of each static class, for what a class key leaves out.
+    static_node: Vec<usize>,
     summary: Vec<Summary>,
     models: Vec<String>,
     tenants: BTreeMap<String, TenantPolicy>,
@@ -81,9 +88,11 @@ impl Fleet {
         models.sort();
         models.dedup();
         let mut statics: Vec<Node> = Vec::new();
+        let mut static_node: Vec<usize> = Vec::new();
         let static_class = nodes
             .iter()
-            .map(|n| {
+            .enumerate()
+            .map(|(at, n)| {
                 let stripped = Node {
                     name: String::new(),
                     ..n.clone()
@@ -93,6 +102,7 @@ impl Fleet {
                     .position(|s| *s == stripped)
                     .unwrap_or_else(|| {
                         statics.push(stripped);
+                        static_node.push(at);
                         statics.len() - 1
                     });
                 i as u32
@@ -119,6 +129,9 @@ impl Fleet {
             used,
             class_ids: HashMap::new(),
             class_of: Vec::new(),
+            class_keys: Vec::new(),
+            class_cost: Vec::new(),
+            static_node,
             summary: Vec::new(),
             models,
             tenants: BTreeMap::new(),
@@ -233,7 +246,7 @@ impl Fleet {
         // slots on that node now.
         if slots.is_empty() && r.gpu != GpuAsk::None {
             let c = static_allows(&self.nodes[i], r, &policy)
-                .and_then(|()| self.best_on(i, &self.used[i], r, t, &policy))
+                .and_then(|()| self.best_on(i, &self.used[i], r, t, &policy, None))
                 .map_err(|why| Refusal::NoNode(BTreeMap::from([(why, 1)])))?;
             return Ok(self.bind(r, t, borrowed, c));
         }

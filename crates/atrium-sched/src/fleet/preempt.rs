@@ -122,6 +122,6 @@ impl Fleet {
         self.summary_of(node, &u)
             .tenancy_allows(t, policy.isolation)
             .ok()?;
-        self.best_on(node, &u, r, t, policy).ok()
+        self.best_on(node, &u, r, t, policy, None).ok()
     }
 }
