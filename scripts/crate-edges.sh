@@ -16,6 +16,7 @@ rules=(
   "atrium-core|$io|$ml|$control|atrium-api|atrium-client"
   "atrium-api|$io|$ml|$control|atrium-client"
   "atrium-sched|$io|$ml|$control|atrium-api|atrium-client"
+  "atrium-vector|$io|$ml|$control|atrium-api|atrium-client"
   "atrium-pull|$io|$ml|$control"
   "atrium-kube|$io|$ml|$control|atrium-api|atrium-client"
   "atrium-client|$ml|$control|atrium-engine|atrium-agent|atrium-gateway"
