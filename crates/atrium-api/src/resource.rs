@@ -12,6 +12,7 @@ use std::fmt::Debug;
 
 use atrium_core::batch::{BatchSpec, BatchStatus, FileSpec};
 use atrium_core::cluster::ClusterSpec;
+use atrium_core::collection::{CollectionSpec, CollectionStatus};
 use atrium_core::deployment::DeploymentSpec;
 use atrium_core::exec::{ExecSpec, ExecStatus};
 use atrium_core::key::KeySpec;
@@ -153,6 +154,11 @@ resource!(
     /// A batch of requests run from a file at low priority. Served in
     /// OpenAI's shape at `/v1/batches`.
     Batch, "batch", "batches", "batch_", Tenant, BatchSpec, BatchStatus
+);
+resource!(
+    /// A tenant's vector collection; its points are in the control
+    /// plane's vector store, under the object's id.
+    Collection, "collection", "collections", "vec_", Tenant, CollectionSpec, CollectionStatus
 );
 
 #[cfg(test)]

@@ -59,6 +59,13 @@ pub struct Quota {
     /// Batches queued or running at once [default: 20].
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub batches: Option<u64>,
+    /// Vector collections held at once [default: 100].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub collections: Option<u64>,
+    /// Vector points held at once, all collections together
+    /// [default: 1000000].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vector_points: Option<u64>,
     /// API keys held at once, revoked ones included [default: 100].
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub keys: Option<u64>,
@@ -180,6 +187,8 @@ pub enum Counted {
     ClusterObjects,
     Files,
     Batches,
+    Collections,
+    VectorPoints,
 }
 
 impl Counted {
@@ -196,6 +205,8 @@ impl Counted {
             Counted::ClusterObjects => "cluster_objects",
             Counted::Files => "files",
             Counted::Batches => "batches",
+            Counted::Collections => "collections",
+            Counted::VectorPoints => "vector_points",
         }
     }
 
@@ -206,7 +217,9 @@ impl Counted {
             | Counted::Models
             | Counted::Keys
             | Counted::Volumes
-            | Counted::Files => 100,
+            | Counted::Files
+            | Counted::Collections => 100,
+            Counted::VectorPoints => 1_000_000,
             Counted::Batches => 20,
             Counted::Watches => 32,
             Counted::Execs => 20,
@@ -230,6 +243,8 @@ impl Quota {
             Counted::ClusterObjects => self.cluster_objects,
             Counted::Files => self.files,
             Counted::Batches => self.batches,
+            Counted::Collections => self.collections,
+            Counted::VectorPoints => self.vector_points,
         };
         set.unwrap_or(what.default_cap())
     }

@@ -13,7 +13,6 @@
 //! never touches the store.
 
 pub mod affinity;
-mod batch_api;
 mod batch_runner;
 pub mod egress;
 pub mod http1;
@@ -27,6 +26,7 @@ mod refusal;
 pub mod request;
 mod routes;
 mod server;
+mod tenant_api;
 mod upstream;
 mod usage;
 
@@ -423,8 +423,8 @@ async fn handle(g: Arc<Gateway>, request: Request) -> Response {
             }
         };
         (route, answer)
-    } else if let Some(route) = batch_api::route_of(path) {
-        (route, batch_api::forward(&g.cp, route, request).await)
+    } else if let Some(route) = tenant_api::route_of(path) {
+        (route, tenant_api::forward(&g.cp, route, request).await)
     } else if let Some(id) = path.strip_prefix("/v1/models/") {
         let answer = if matches!(method, Method::Get | Method::Head) {
             model(&g, authorization, id)

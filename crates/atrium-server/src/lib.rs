@@ -27,6 +27,7 @@ mod registry;
 mod stored;
 mod tenancy;
 mod tls;
+mod vectors;
 mod volumes;
 
 use std::net::SocketAddr;
@@ -97,6 +98,10 @@ pub fn default_database_url(data_dir: &std::path::Path) -> String {
     format!("sqlite://{}", data_dir.join("atrium.db").display())
 }
 
+/// A vector collection unused this long is dropped from memory (its
+/// files stay; the next use reads it back).
+const VECTOR_IDLE: std::time::Duration = std::time::Duration::from_secs(600);
+
 /// Shared state of the handlers.
 #[derive(Clone)]
 pub struct AppState {
@@ -121,6 +126,8 @@ pub struct AppState {
     load: Arc<autoscale::LoadBoard>,
     /// The Batch API's file bytes (`<data-dir>/files`).
     files: Arc<batches::FileStore>,
+    /// Tenants' vector collections (`<data-dir>/vectors`).
+    vectors: Arc<vectors::VectorStore>,
 }
 
 /// The id of the request being served, for logs, audit and the
@@ -138,6 +145,8 @@ pub enum StartError {
     AdminToken(String),
     #[error("cannot open the image registry's directory {0}: {1}")]
     Registry(PathBuf, std::io::Error),
+    #[error("cannot open the vector store's directory {0}: {1}")]
+    Vectors(PathBuf, std::io::Error),
     #[error("cannot open the Batch API's file directory {0}: {1}")]
     Files(PathBuf, std::io::Error),
     #[error("cannot listen on {0}: {1}")]
@@ -226,6 +235,11 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, StartError> {
     let files = Arc::new(
         batches::FileStore::open(files_dir.clone()).map_err(|e| StartError::Files(files_dir, e))?,
     );
+    let vectors_dir = config.data_dir.join("vectors");
+    let vectors = Arc::new(
+        vectors::VectorStore::open(vectors_dir.clone())
+            .map_err(|e| StartError::Vectors(vectors_dir, e))?,
+    );
     let tls = match config.tls_listen {
         Some(at) => {
             let material = tls::load(&config.data_dir.join("tls"), &config.tls_names)?;
@@ -264,7 +278,9 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, StartError> {
         registry,
         load: Arc::default(),
         files,
+        vectors: vectors.clone(),
     };
+    tokio::spawn(vectors::page_out_idle(vectors, VECTOR_IDLE));
     tokio::spawn(leader::run(
         state.clone(),
         leader::holder_name(&config.data_dir),
@@ -394,6 +410,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/workloads/{ident}/exec", post(exec::run))
         .route("/v1/kube/endpoint", get(kube::endpoint))
         .merge(batches::routes(Router::new()))
+        .merge(vectors::routes(Router::new()))
         .route(
             "/v1/usage",
             get(tenancy::list_usage).post(tenancy::record_usage),

@@ -367,6 +367,83 @@ fn batch_api(paths: &mut Map<String, Value>, schemas: &mut Map<String, Value>) {
     }
 }
 
+/// Vector collections and their points (`vectors`).
+fn vector_api(paths: &mut Map<String, Value>, schemas: &mut Map<String, Value>) {
+    use atrium_core::collection::{CollectionSpec, CollectionStatus};
+    add_schema::<CollectionSpec>(schemas);
+    add_schema::<CollectionStatus>(schemas);
+    let object = |d: &str| json_response(d, json!({"type": "object"}));
+    let op = |id: &str, summary: &str, ok: Value| {
+        operation(
+            id.into(),
+            "collections",
+            summary.into(),
+            ("200", ok),
+            &["400", "401", "403", "404", "409"],
+        )
+    };
+    let body = |required: &[&str], properties: Value| json!({"type": "object", "required": required, "properties": properties});
+    let filter = json!({"type": "object", "description": "must / should / must_not: conditions {key, match: {value|any|except}} or {key, range: {gt,gte,lt,lte}}, or nested {filter}; at most 64"});
+    let entries = [
+        (
+            "/v1/collections",
+            json!({"get": op("list_collections", "The tenant's collections", object("{collections: [...]}")),
+            "post": with_body(op("create_collection", "A collection: name, dimension (1 to 4096), metric (cosine, dot, l2), embedding_model", object("the collection")),
+                body(&["name", "dimension", "metric"], json!({"name": {"type": "string"}, "dimension": {"type": "integer"},
+                    "metric": {"type": "string", "enum": ["cosine", "dot", "l2"]}, "embedding_model": {"type": "string"}})))}),
+        ),
+        (
+            "/v1/collections/{name}",
+            json!({"get": op("get_collection", "One collection, by name or id", object("the collection")),
+            "delete": op("delete_collection", "Delete a collection and its points", object("deleted"))}),
+        ),
+        (
+            "/v1/collections/{name}/points",
+            json!({"post": with_body(op("upsert_points", "Add or replace 1 to 1000 points {id, vector, payload}; acknowledged once on disk", object("{points}")),
+                body(&["points"], json!({"points": {"type": "array", "items": {"type": "object"}}})))}),
+        ),
+        (
+            "/v1/collections/{name}/points/delete",
+            json!({"post": with_body(op("delete_points", "Delete 1 to 1000 points by id", object("{deleted, points}")),
+                body(&["ids"], json!({"ids": {"type": "array", "items": {}}})))}),
+        ),
+        (
+            "/v1/collections/{name}/points/search",
+            json!({"post": with_body(op("search_points", "The nearest points to a vector, optionally filtered", object("{result: [{id, score, payload}], plan}")),
+                body(&["vector"], json!({"vector": {"type": "array", "items": {"type": "number"}}, "limit": {"type": "integer"},
+                    "ef": {"type": "integer"}, "filter": filter.clone(), "with_payload": {"type": "boolean"}})))}),
+        ),
+        (
+            "/v1/collections/{name}/points/scroll",
+            json!({"post": with_body(op("scroll_points", "Points in id order, a page at a time", object("{points, next_offset}")),
+                body(&[], json!({"limit": {"type": "integer"}, "offset": {}, "filter": filter.clone()})))}),
+        ),
+        (
+            "/v1/collections/{name}/points/count",
+            json!({"post": with_body(op("count_points", "How many points the filter accepts", object("{count}")),
+                body(&[], json!({"filter": filter})))}),
+        ),
+        (
+            "/v1/collections/{name}/points/{id}",
+            json!({"get": op("get_point", "One point, by id", object("the point"))}),
+        ),
+    ];
+    for (path, mut item) in entries {
+        let mut params = vec![
+            json!({"name": "name", "in": "path", "required": true, "schema": {"type": "string"}}),
+        ];
+        if path.ends_with("{id}") {
+            params.push(
+                json!({"name": "id", "in": "path", "required": true, "schema": {"type": "string"}}),
+            );
+        }
+        if path.contains("{name}") {
+            item["parameters"] = Value::Array(params);
+        }
+        paths.insert(path.into(), item);
+    }
+}
+
 pub fn document() -> Value {
     let mut paths = Map::new();
     let mut schemas = Map::new();
@@ -386,6 +463,7 @@ pub fn document() -> Value {
     add_kind::<Credential>(&mut paths, &mut schemas, Some("CredentialStatus"));
     plane_credentials(&mut paths, &mut schemas);
     batch_api(&mut paths, &mut schemas);
+    vector_api(&mut paths, &mut schemas);
     add_schema::<atrium_core::placement::ReplicaStatus>(&mut schemas);
     add_schema::<Status>(&mut schemas);
     add_schema::<atrium_core::volume::VolumeStatus>(&mut schemas);

@@ -50,6 +50,7 @@ pub struct Shape {
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Point {
     pub id: PointId,
     pub vector: Vec<f32>,

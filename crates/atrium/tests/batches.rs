@@ -47,20 +47,7 @@ impl BatchApi for Up {
         path: &str,
         body: Option<Value>,
     ) -> (u16, Value) {
-        let mut req = self
-            .http
-            .request(method, format!("{}{path}", self.gateway))
-            .bearer_auth(key);
-        if let Some(b) = body {
-            req = req.json(&b);
-        }
-        let resp = req.send().unwrap();
-        let status = resp.status().as_u16();
-        let text = resp.text().unwrap();
-        (
-            status,
-            serde_json::from_str(&text).unwrap_or(Value::String(text)),
-        )
+        self.request(&self.gateway, key, method, path, body)
     }
 
     fn upload(&self, key: &str, filename: &str, content: &[u8]) -> (u16, Value) {

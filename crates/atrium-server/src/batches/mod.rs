@@ -43,21 +43,30 @@ pub fn routes(router: Router<AppState>) -> Router<AppState> {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Access {
+pub(crate) enum Access {
     Read,
     Write,
 }
 
-/// The tenant a Batch API caller acts for: a tenant's key that may call
-/// its models (`inference` or `admin` scope) may create and read its
-/// tenant's files and batches; a `read` key may read them. The provider
-/// and the planes are not tenants here.
+/// The tenant a Batch API caller acts for: see [`tenant_caller_for`].
 fn tenant_caller(caller: &Caller, access: Access) -> Result<String, ApiError> {
+    tenant_caller_for("the Batch API", caller, access)
+}
+
+/// The tenant a caller of a tenant's own API (`api`, for the message) acts
+/// for: a tenant's key that may call its models (`inference` or `admin`
+/// scope) may write, a `read` key may read. The provider and the planes
+/// are not tenants here.
+pub(crate) fn tenant_caller_for(
+    api: &str,
+    caller: &Caller,
+    access: Access,
+) -> Result<String, ApiError> {
     let allowed = caller.may_infer || (access == Access::Read && caller.role == Role::Viewer);
     match (&caller.tenant, allowed) {
         (Some(t), true) => Ok(t.clone()),
         _ => Err(ApiError::Forbidden(format!(
-            "the Batch API is a tenant's: call it with one of the tenant's API keys with the \
+            "{api} is a tenant's: call it with one of the tenant's API keys with the \
              `inference` or `admin` scope{}; this caller ({}) may not",
             if access == Access::Read {
                 " (or `read`, to read)"

@@ -52,6 +52,32 @@ impl Up {
         key["secret"].as_str().unwrap().to_string()
     }
 
+    /// `method path` at `base` (the server or the gateway) with `key`:
+    /// the status and the body, as JSON when it is.
+    pub fn request(
+        &self,
+        base: &str,
+        key: &str,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> (u16, Value) {
+        let mut req = self
+            .http
+            .request(method, format!("{base}{path}"))
+            .bearer_auth(key);
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
+        let resp = req.send().unwrap();
+        let status = resp.status().as_u16();
+        let text = resp.text().unwrap();
+        (
+            status,
+            serde_json::from_str(&text).unwrap_or(Value::String(text)),
+        )
+    }
+
     pub fn call(&self, key: &str, path: &str, body: Value) -> (u16, Value, Option<String>) {
         let resp = self
             .http
@@ -74,10 +100,15 @@ pub fn start() -> (Up, tempfile::TempDir) {
 }
 
 pub fn start_with(extra: &[&str]) -> (Up, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    (start_in(dir.path(), extra), dir)
+}
+
+/// `atrium up` on an existing data directory (a restart keeps its state).
+pub fn start_in(data_dir: &std::path::Path, extra: &[&str]) -> Up {
     let one_up = ONE_UP
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner());
-    let dir = tempfile::tempdir().unwrap();
     let (sp, gp) = (free_port(), free_port());
     let child = Command::new(BIN)
         .args([
@@ -101,11 +132,11 @@ pub fn start_with(extra: &[&str]) -> (Up, tempfile::TempDir) {
             &format!("127.0.0.1:{gp}"),
         ])
         .arg("--data-dir")
-        .arg(dir.path())
+        .arg(data_dir)
         .stdout(Stdio::null())
         .spawn()
         .unwrap();
-    let token_file = dir.path().join("admin.token");
+    let token_file = data_dir.join("admin.token");
     let deadline = Instant::now() + Duration::from_secs(30);
     while std::fs::read_to_string(&token_file)
         .map(|t| t.trim().is_empty())
@@ -146,8 +177,8 @@ pub fn start_with(extra: &[&str]) -> (Up, tempfile::TempDir) {
         );
         std::thread::sleep(Duration::from_millis(50));
     }
-    up.metrics_token = super::metrics_token(dir.path());
-    (up, dir)
+    up.metrics_token = super::metrics_token(data_dir);
+    up
 }
 
 pub fn wait_running(up: &Up, tenant: &str, name: &str) {

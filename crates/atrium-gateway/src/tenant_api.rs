@@ -1,6 +1,7 @@
-//! `/v1/files` and `/v1/batches` as tenants call them: passed on to the
-//! control plane, which keeps files and batches, with the tenant's own key
-//! (the control plane decides what it may do). Only the Batch API's own
+//! The tenant APIs the control plane serves — `/v1/files` and
+//! `/v1/batches` (the Batch API), `/v1/collections` (vector search) — as
+//! tenants call them through a gateway: passed on with the tenant's own
+//! key (the control plane decides what it may do). Only these APIs' own
 //! shapes pass, checked segment by segment: a tenant's path never becomes
 //! another control-plane route (no `..`, no encoded slash, no other verb).
 
@@ -13,9 +14,9 @@ use crate::server::{Request, Response};
 /// Longest query passed on.
 const MAX_QUERY: usize = 512;
 
-/// The Batch API's routes: their metrics label, the methods each takes,
-/// and those as an `Allow` header says them.
-const ROUTES: [(&str, &[Method], &str); 6] = [
+/// The routes: their metrics label, the methods each takes, and those as
+/// an `Allow` header says them.
+const ROUTES: [(&str, &[Method], &str); 14] = [
     ("/v1/files", &[Method::Get, Method::Post], "GET, POST"),
     (
         "/v1/files/{id}",
@@ -26,9 +27,37 @@ const ROUTES: [(&str, &[Method], &str); 6] = [
     ("/v1/batches", &[Method::Get, Method::Post], "GET, POST"),
     ("/v1/batches/{id}", &[Method::Get], "GET"),
     ("/v1/batches/{id}/cancel", &[Method::Post], "POST"),
+    ("/v1/collections", &[Method::Get, Method::Post], "GET, POST"),
+    (
+        "/v1/collections/{name}",
+        &[Method::Get, Method::Delete],
+        "GET, DELETE",
+    ),
+    ("/v1/collections/{name}/points", &[Method::Post], "POST"),
+    (
+        "/v1/collections/{name}/points/delete",
+        &[Method::Post],
+        "POST",
+    ),
+    (
+        "/v1/collections/{name}/points/search",
+        &[Method::Post],
+        "POST",
+    ),
+    (
+        "/v1/collections/{name}/points/scroll",
+        &[Method::Post],
+        "POST",
+    ),
+    (
+        "/v1/collections/{name}/points/count",
+        &[Method::Post],
+        "POST",
+    ),
+    ("/v1/collections/{name}/points/{id}", &[Method::Get], "GET"),
 ];
 
-/// Whether `path` is a Batch API route; its metrics label when it is.
+/// Whether `path` is one of these routes; its metrics label when it is.
 pub fn route_of(path: &str) -> Option<&'static str> {
     let rest = path.strip_prefix("/v1/")?;
     let segments: Vec<&str> = rest.split('/').collect();
@@ -39,6 +68,14 @@ pub fn route_of(path: &str) -> Option<&'static str> {
         ["batches"] => "/v1/batches",
         ["batches", _] => "/v1/batches/{id}",
         ["batches", _, "cancel"] => "/v1/batches/{id}/cancel",
+        ["collections"] => "/v1/collections",
+        ["collections", _] => "/v1/collections/{name}",
+        ["collections", _, "points"] => "/v1/collections/{name}/points",
+        ["collections", _, "points", "delete"] => "/v1/collections/{name}/points/delete",
+        ["collections", _, "points", "search"] => "/v1/collections/{name}/points/search",
+        ["collections", _, "points", "scroll"] => "/v1/collections/{name}/points/scroll",
+        ["collections", _, "points", "count"] => "/v1/collections/{name}/points/count",
+        ["collections", _, "points", _] => "/v1/collections/{name}/points/{id}",
         _ => return None,
     };
     Some(label)
@@ -70,12 +107,13 @@ pub async fn forward(
             return Err(Refusal::MethodNotAllowed { allow });
         }
     }
+    // The id or name, and a point's id: plain; `claim` is the runners'.
     let ids_plain = head
         .path
         .split('/')
-        .skip(3)
-        .take(1)
-        .all(|id| plain_id(id) && id != "claim");
+        .enumerate()
+        .filter(|(i, _)| *i == 3 || (*i == 5 && route.ends_with("{id}")))
+        .all(|(_, id)| plain_id(id) && id != "claim");
     if !ids_plain {
         return Err(Refusal::NoRoute);
     }
@@ -117,7 +155,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn only_the_batch_apis_own_shapes_are_routes() {
+    fn only_the_apis_own_shapes_are_routes() {
         assert_eq!(route_of("/v1/files"), Some("/v1/files"));
         assert_eq!(
             route_of("/v1/files/file-abc/content"),
@@ -127,6 +165,14 @@ mod tests {
             route_of("/v1/batches/batch_x/cancel"),
             Some("/v1/batches/{id}/cancel")
         );
+        assert_eq!(
+            route_of("/v1/collections/docs/points/search"),
+            Some("/v1/collections/{name}/points/search")
+        );
+        assert_eq!(
+            route_of("/v1/collections/docs/points/42"),
+            Some("/v1/collections/{name}/points/{id}")
+        );
         for path in [
             "/v1/keys",
             "/v1/files/",
@@ -134,6 +180,9 @@ mod tests {
             "/v1/batches/x/progress",
             "/v1/batches/x/results",
             "/v1/files/../keys",
+            "/v1/collections/a/points/b/c",
+            "/v1/collections/a/b",
+            "/v1/collections/../keys/points",
         ] {
             let shaped = route_of(path).is_some();
             let id_ok = path.split('/').nth(3).is_none_or(plain_id);

@@ -1,0 +1,146 @@
+//! The control plane's vector store: each collection a directory
+//! `<data-dir>/vectors/<collection id>` (`atrium_vector::durable`), opened
+//! on first use and kept in memory while used; one idle past the page-out
+//! age is dropped from memory (its files stay) and comes back on its next
+//! use. Paths come only from server-made ids, checked again here, so no
+//! tenant's text reaches the file system.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use atrium_api::{Collection, Resource};
+use atrium_vector::collection::Shape;
+use atrium_vector::durable::Durable;
+use atrium_vector::hnsw::Scratch;
+
+use crate::error::ApiError;
+
+/// One open collection: its data behind a lock (searches share it, writes
+/// take it alone), spare search scratch, and when it was last used.
+#[derive(Debug)]
+pub struct Open {
+    pub data: Arc<tokio::sync::RwLock<Durable>>,
+    scratches: Mutex<Vec<Scratch>>,
+    last_used: AtomicU64,
+}
+
+impl Open {
+    pub fn scratch(&self) -> Scratch {
+        self.scratches
+            .lock()
+            .ok()
+            .and_then(|mut s| s.pop())
+            .unwrap_or_default()
+    }
+
+    pub fn give_back(&self, s: Scratch) {
+        if let Ok(mut all) = self.scratches.lock() {
+            // One per concurrent search is plenty.
+            if all.len() < 8 {
+                all.push(s);
+            }
+        }
+    }
+}
+
+#[derive(Debug)]
+pub struct VectorStore {
+    root: PathBuf,
+    open: Mutex<HashMap<String, Arc<Open>>>,
+}
+
+fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+fn internal(what: &str) -> impl FnOnce(atrium_vector::durable::DurableError) -> ApiError + '_ {
+    move |e| ApiError::Internal(format!("vector store, {what}: {e}"))
+}
+
+impl VectorStore {
+    pub fn open(root: PathBuf) -> std::io::Result<VectorStore> {
+        std::fs::create_dir_all(&root)?;
+        Ok(VectorStore {
+            root,
+            open: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// The directory of collection `id`, a server-made id only.
+    fn dir(&self, id: &str) -> Result<PathBuf, ApiError> {
+        let made_here = id.strip_prefix(Collection::ID_PREFIX).is_some_and(|rest| {
+            !rest.is_empty()
+                && rest.len() <= 64
+                && rest
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+        });
+        if !made_here {
+            return Err(ApiError::Internal(format!("not a collection id: {id:?}")));
+        }
+        Ok(self.root.join(id))
+    }
+
+    fn map(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<Open>>> {
+        self.open.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Makes collection `id`'s directory (blocking).
+    pub fn create(&self, id: &str, shape: Shape) -> Result<(), ApiError> {
+        let dir = self.dir(id)?;
+        let durable = Durable::create(&dir, shape).map_err(internal("create"))?;
+        self.map().insert(id.to_string(), Arc::new(wrap(durable)));
+        Ok(())
+    }
+
+    /// Collection `id`, opened from disk if it is not in memory (blocking).
+    pub fn get(&self, id: &str) -> Result<Arc<Open>, ApiError> {
+        if let Some(o) = self.map().get(id) {
+            o.last_used.store(now(), Ordering::Relaxed);
+            return Ok(o.clone());
+        }
+        let dir = self.dir(id)?;
+        let durable = Durable::open(&dir).map_err(internal("open"))?;
+        let opened = Arc::new(wrap(durable));
+        // Two first uses at once: the first one in wins, the other's copy
+        // is dropped before anyone wrote through it.
+        Ok(self.map().entry(id.to_string()).or_insert(opened).clone())
+    }
+
+    /// Drops collection `id` from memory and disk (blocking).
+    pub fn remove(&self, id: &str) -> Result<(), ApiError> {
+        let dir = self.dir(id)?;
+        self.map().remove(id);
+        match std::fs::remove_dir_all(&dir) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(ApiError::Internal(format!(
+                "removing {}: {e}",
+                dir.display()
+            ))),
+        }
+    }
+
+    /// Drops from memory every collection unused for `idle` and not in use
+    /// now; returns how many.
+    pub fn page_out(&self, idle: Duration) -> usize {
+        let cutoff = now().saturating_sub(idle.as_secs());
+        let mut map = self.map();
+        let before = map.len();
+        map.retain(|_, o| o.last_used.load(Ordering::Relaxed) > cutoff || Arc::strong_count(o) > 1);
+        before - map.len()
+    }
+}
+
+fn wrap(durable: Durable) -> Open {
+    Open {
+        data: Arc::new(tokio::sync::RwLock::new(durable)),
+        scratches: Mutex::new(Vec::new()),
+        last_used: AtomicU64::new(now()),
+    }
+}
