@@ -12,6 +12,7 @@ Exits non-zero, with the reason, on the first failure.
 import json
 import sys
 import time
+import urllib.error
 import urllib.request
 from typing import Annotated
 
@@ -37,6 +38,21 @@ def control_plane(demo, method, path, body=None):
     )
     with urllib.request.urlopen(req, timeout=10) as resp:
         return json.loads(resp.read())
+
+
+def tenant_call(demo, key, method, path, body=None):
+    """A tenant API call through the gateway: (status, JSON body)."""
+    req = urllib.request.Request(
+        demo["gateway_url"] + path,
+        method=method,
+        data=None if body is None else json.dumps(body).encode(),
+        headers={"authorization": "Bearer " + key, "content-type": "application/json"},
+    )
+    try:
+        with urllib.request.urlopen(req, timeout=60) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read() or b"{}")
 
 
 def client(demo, key):
@@ -157,6 +173,27 @@ def main():
     assert abs(dot(vectors[0], vectors[0]) - 1) < 1e-3
     assert dot(vectors[0], vectors[1]) > dot(vectors[0], vectors[2])
 
+    # A vector collection whose text A's own MiniLM deployment embeds, through
+    # the gateway: each sentence finds itself first; B cannot reach it.
+    coll = "e2e-%d" % int(time.time() * 1000)
+    status, made = tenant_call(demo, a["api_key"], "POST", "/v1/collections",
+                               {"name": coll, "dimension": 384, "metric": "cosine", "embedding_model": a["embedding_model"]})
+    assert status == 200, made
+    docs = ["a cat on a mat", "a kitten on a rug", "stock market report", "the central bank raised interest rates"]
+    status, wrote = tenant_call(demo, a["api_key"], "POST", f"/v1/collections/{coll}/points",
+                                {"points": [{"id": i, "text": t} for i, t in enumerate(docs)]})
+    assert status == 200 and wrote["points"] == 4, wrote
+    for i, t in enumerate(docs):
+        status, found = tenant_call(demo, a["api_key"], "POST", f"/v1/collections/{coll}/points/search", {"text": t, "limit": 2})
+        assert status == 200, found
+        top = found["result"][0]
+        assert top["id"] == i and top["payload"]["text"] == t and top["score"] > 0.99, found
+    status, near = tenant_call(demo, a["api_key"], "POST", f"/v1/collections/{coll}/points/search", {"text": "a small cat", "limit": 2})
+    assert {h["id"] for h in near["result"]} == {0, 1}, near
+    status, _ = tenant_call(demo, b["api_key"], "POST", f"/v1/collections/{coll}/points/search", {"text": "a cat", "limit": 1})
+    assert status == 404, status
+    embedded_calls = 1 + 4 + 1  # the upsert and each search by text
+
     # Tenant A sees only its own models, and B's are invisible to it.
     listed = sorted(m.id for m in ca.models.list())
     assert listed == sorted([a["chat_model"], a["embedding_model"]]), listed
@@ -197,6 +234,8 @@ def main():
     assert usage["totals"]["requests"] >= 5, usage["totals"]
     assert sum(1 for u in usage["items"] if u.get("batch") == batch.id) == 3, usage["items"]
     assert all(u["site"] == "local" and u["tenant"] == a["name"] for u in usage["items"])
+    embedding_records = [u for u in usage["items"] if u["deployment"] == a["embedding_model"]]
+    assert len(embedding_records) >= 1 + embedded_calls, len(embedding_records)
     print("openai e2e: all checks passed")
 
 

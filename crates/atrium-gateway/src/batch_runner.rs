@@ -164,7 +164,7 @@ async fn send_line(
             Err(_) => return never_sent(index, "internal_error", "route table unavailable"),
         };
         let (status, request_id, body) =
-            crate::proxy::run_for_batch(g, route, caller, raw.clone(), batch).await;
+            crate::proxy::run_whole(g, route, caller, raw.clone(), Some(batch)).await;
         tries += 1;
         if matches!(status, 429 | 503) && tries < TRIES {
             tokio::time::sleep(Duration::from_millis(250 * u64::from(tries.min(8)))).await;

@@ -15,6 +15,7 @@
 pub mod affinity;
 mod batch_runner;
 pub mod egress;
+mod embed_text;
 pub mod http1;
 pub mod limits;
 mod load;
@@ -424,7 +425,16 @@ async fn handle(g: Arc<Gateway>, request: Request) -> Response {
         };
         (route, answer)
     } else if let Some(route) = tenant_api::route_of(path) {
-        (route, tenant_api::forward(&g.cp, route, request).await)
+        let mut request = request;
+        let embedded = if embed_text::carries_text(route) && method == Method::Post {
+            embed_text::embed(&g, route, &mut request).await
+        } else {
+            Ok(())
+        };
+        match embedded {
+            Ok(()) => (route, tenant_api::forward(&g.cp, route, request).await),
+            Err(response) => (route, Ok(response)),
+        }
     } else if let Some(id) = path.strip_prefix("/v1/models/") {
         let answer = if matches!(method, Method::Get | Method::Head) {
             model(&g, authorization, id)

@@ -158,20 +158,22 @@ fn admit<'r>(
     })
 }
 
-/// One request of a batch, run as the key that made the batch and
-/// answered whole: its status, request id and body. Metered as the
-/// batch's; a refusal is its answer like any client's.
-pub async fn run_for_batch(
+/// A request the gateway makes for a caller (one line of a batch, run as
+/// the key that made it; the embedding of a collection's text), answered
+/// whole: its status, request id and body. Metered as the caller's (and
+/// the batch's, when there is one); a refusal is its answer like any
+/// client's.
+pub async fn run_whole(
     g: &Gateway,
     route: &str,
     caller: Caller,
     raw: Bytes,
-    batch: &str,
+    batch: Option<&str>,
 ) -> (u16, String, Bytes) {
     let request_id = new_request_id();
     let answered = match admit(g, route, &raw, caller) {
         Ok(mut admitted) => {
-            admitted.batch = Some(batch.to_string());
+            admitted.batch = batch.map(str::to_string);
             match send(g, route, &mut admitted, &request_id).await {
                 Ok(sent) => respond(g, admitted, sent, &request_id)
                     .await
