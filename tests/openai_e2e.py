@@ -192,6 +192,17 @@ def main():
     assert {h["id"] for h in near["result"]} == {0, 1}, near
     status, _ = tenant_call(demo, b["api_key"], "POST", f"/v1/collections/{coll}/points/search", {"text": "a cat", "limit": 1})
     assert status == 404, status
+    # Hostile or careless text: refused before any embedding is made.
+    plain = coll + "-plain"
+    assert tenant_call(demo, a["api_key"], "POST", "/v1/collections", {"name": plain, "dimension": 384, "metric": "cosine"})[0] == 200
+    for path, body in [
+        (f"/v1/collections/{coll}/points", {"points": [{"id": 9, "text": "x", "vector": [0.0] * 384}]}),
+        (f"/v1/collections/{coll}/points", {"points": [{"id": 9, "text": "x" * 40000}]}),
+        (f"/v1/collections/{coll}/points/search", {"text": ""}),
+        (f"/v1/collections/{plain}/points/search", {"text": "a cat"}),
+    ]:
+        status, refused = tenant_call(demo, a["api_key"], "POST", path, body)
+        assert status == 400, (path, status, refused)
     embedded_calls = 1 + 4 + 1  # the upsert and each search by text
 
     # Tenant A sees only its own models, and B's are invisible to it.

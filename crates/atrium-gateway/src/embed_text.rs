@@ -36,6 +36,10 @@ fn bad(message: String) -> Response {
 /// instead when that cannot be done (the collection's own 404, a bad
 /// text, the embedding call's refusal).
 pub async fn embed(g: &Gateway, route: &str, request: &mut Request) -> Result<(), Response> {
+    // Most upserts and searches carry vectors: no parse for them.
+    if !request.body.windows(6).any(|w| w == b"\"text\"") {
+        return Ok(());
+    }
     let Ok(mut body) = serde_json::from_slice::<Value>(&request.body) else {
         return Ok(()); // the control plane says what is wrong with it
     };

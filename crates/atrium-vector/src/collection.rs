@@ -120,17 +120,6 @@ impl Collection {
         self.ids.is_empty()
     }
 
-    /// Bytes held in memory, roughly: the index plus ids and payloads.
-    pub fn bytes(&self) -> usize {
-        self.index.bytes()
-            + self.slot_ids.len() * (std::mem::size_of::<PointId>() + 16)
-            + self
-                .payloads
-                .iter()
-                .map(|p| if p.is_empty() { 0 } else { 64 * p.len() })
-                .sum::<usize>()
-    }
-
     /// Checks a point against the collection without changing anything.
     pub fn check(&self, p: &Point) -> Result<(), PointError> {
         if let PointId::Str(s) = &p.id {

@@ -9,8 +9,9 @@
 //! whose checksum fails ends the log, as a torn write would.
 //!
 //! The index itself is not stored: opening rebuilds it from the points
-//! (about 40 µs per point at M=16 on one core), which keeps the disk format
-//! independent of the graph's.
+//! (about 0.45 ms per point at M=16, ef_construction 200 on one core:
+//! `atrium bench vector` built 390,000 GloVe vectors in 174 s), which keeps
+//! the disk format independent of the graph's.
 
 use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, BufWriter, Write};

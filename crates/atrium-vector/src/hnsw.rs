@@ -161,19 +161,6 @@ impl Hnsw {
         &self.vectors[at..at + self.stride]
     }
 
-    /// Heap bytes the index holds.
-    pub fn bytes(&self) -> usize {
-        self.vectors.capacity() * 4
-            + self.base.capacity() * 4
-            + self
-                .upper
-                .iter()
-                .map(|u| u.capacity() * 4 + std::mem::size_of::<Vec<u32>>())
-                .sum::<usize>()
-            + self.levels.capacity()
-            + self.dead.capacity()
-    }
-
     fn m0(&self) -> usize {
         2 * self.params.m
     }

@@ -105,14 +105,22 @@ async fn all_of<R: Resource>(state: &AppState, tenant: &str) -> Result<Vec<Objec
         .await?)
 }
 
-/// The tenant's storage quota in bytes, when it sets one.
-async fn storage_limit(state: &AppState, tenant: &str) -> Result<Option<u64>, ApiError> {
+/// The tenant's quota.
+pub(crate) async fn tenant_quota(
+    state: &AppState,
+    tenant: &str,
+) -> Result<atrium_core::quota::Quota, ApiError> {
     let object = state
         .store
         .get_by_name(Tenant::KIND, None, tenant)
         .await?
         .ok_or_else(|| ApiError::not_found(Tenant::KIND, tenant))?;
-    Ok(stored::spec::<Tenant>(&object)?.quota.storage.map(|s| s.0))
+    Ok(stored::spec::<Tenant>(&object)?.quota)
+}
+
+/// The tenant's storage quota in bytes, when it sets one.
+async fn storage_limit(state: &AppState, tenant: &str) -> Result<Option<u64>, ApiError> {
+    Ok(tenant_quota(state, tenant).await?.storage.map(|s| s.0))
 }
 
 /// What the tenant stores: volumes, images and files.

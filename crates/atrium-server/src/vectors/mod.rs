@@ -28,7 +28,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use crate::auth::Caller;
-use crate::batches::{tenant_caller_for, Access};
+use crate::batches::{tenant_caller_for, tenant_quota, Access};
 use crate::crud::{audit, new_id, write};
 use crate::error::ApiError;
 use crate::extract::JsonBody;
@@ -242,18 +242,6 @@ async fn remove(
 #[serde(deny_unknown_fields)]
 struct UpsertBody {
     points: Vec<Point>,
-}
-
-async fn tenant_quota(
-    state: &AppState,
-    tenant: &str,
-) -> Result<atrium_core::quota::Quota, ApiError> {
-    let object = state
-        .store
-        .get_by_name(atrium_api::Tenant::KIND, None, tenant)
-        .await?
-        .ok_or_else(|| ApiError::not_found(atrium_api::Tenant::KIND, tenant))?;
-    Ok(stored::spec::<atrium_api::Tenant>(&object)?.quota)
 }
 
 /// Points the tenant holds in all its collections, as their last writes
