@@ -18,6 +18,7 @@ rules=(
   "atrium-sched|$io|$ml|$control|atrium-api|atrium-client"
   "atrium-vector|$io|$ml|$control|atrium-api|atrium-client"
   "atrium-pull|$io|$ml|$control"
+  "atrium-volume|tokio|reqwest|hyper|axum|sqlx|$ml|$control|atrium-api|atrium-client"
   "atrium-kube|$io|$ml|$control|atrium-api|atrium-client"
   "atrium-client|$ml|$control|atrium-engine|atrium-agent|atrium-gateway"
   "atrium-agent|$ml|$control|atrium-engine|atrium-gateway"

@@ -9,9 +9,9 @@
 mod resource;
 
 pub use resource::{
-    Batch, Cluster, Collection, Credential, Deployment, Exec, File, JoinToken, Key, Model,
-    NoStatus, Node, Object, Ownership, Placement, Resource, ServiceRoute, Site, Tenant, Volume,
-    Workload,
+    Batch, Cluster, Collection, Credential, Database, Deployment, Exec, File, JoinToken, Key,
+    Model, NoStatus, Node, Object, Ownership, Placement, Resource, ServiceRoute, Site, Tenant,
+    Volume, Workload,
 };
 use serde::{Deserialize, Serialize};
 use serde_json::Value;

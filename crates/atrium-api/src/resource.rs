@@ -13,6 +13,7 @@ use std::fmt::Debug;
 use atrium_core::batch::{BatchSpec, BatchStatus, FileSpec};
 use atrium_core::cluster::ClusterSpec;
 use atrium_core::collection::{CollectionSpec, CollectionStatus};
+use atrium_core::database::{DatabaseSpec, DatabaseStatus};
 use atrium_core::deployment::DeploymentSpec;
 use atrium_core::exec::{ExecSpec, ExecStatus};
 use atrium_core::key::KeySpec;
@@ -159,6 +160,11 @@ resource!(
     /// A tenant's vector collection; its points are in the control
     /// plane's vector store, under the object's id.
     Collection, "collection", "collections", "vec_", Tenant, CollectionSpec, CollectionStatus
+);
+resource!(
+    /// A tenant's PostgreSQL database on the provider's PostgreSQL; the
+    /// database, its role and its disk are named from the object's id.
+    Database, "database", "databases", "db_", Tenant, DatabaseSpec, DatabaseStatus
 );
 
 #[cfg(test)]

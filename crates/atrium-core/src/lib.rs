@@ -11,6 +11,7 @@ pub mod autoscale;
 pub mod batch;
 pub mod cluster;
 pub mod collection;
+pub mod database;
 pub mod deployment;
 pub mod exec;
 pub mod histogram;

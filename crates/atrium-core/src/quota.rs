@@ -66,6 +66,9 @@ pub struct Quota {
     /// [default: 1000000].
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vector_points: Option<u64>,
+    /// PostgreSQL databases held at once [default: 5].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub databases: Option<u64>,
     /// API keys held at once, revoked ones included [default: 100].
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub keys: Option<u64>,
@@ -189,6 +192,7 @@ pub enum Counted {
     Batches,
     Collections,
     VectorPoints,
+    Databases,
 }
 
 impl Counted {
@@ -207,6 +211,7 @@ impl Counted {
             Counted::Batches => "batches",
             Counted::Collections => "collections",
             Counted::VectorPoints => "vector_points",
+            Counted::Databases => "databases",
         }
     }
 
@@ -221,6 +226,7 @@ impl Counted {
             | Counted::Collections => 100,
             Counted::VectorPoints => 1_000_000,
             Counted::Batches => 20,
+            Counted::Databases => 5,
             Counted::Watches => 32,
             Counted::Execs => 20,
             Counted::Clusters => 10,
@@ -245,6 +251,7 @@ impl Quota {
             Counted::Batches => self.batches,
             Counted::Collections => self.collections,
             Counted::VectorPoints => self.vector_points,
+            Counted::Databases => self.databases,
         };
         set.unwrap_or(what.default_cap())
     }

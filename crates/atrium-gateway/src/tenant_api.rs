@@ -1,5 +1,6 @@
 //! The tenant APIs the control plane serves — `/v1/files` and
-//! `/v1/batches` (the Batch API), `/v1/collections` (vector search) — as
+//! `/v1/batches` (the Batch API), `/v1/collections` (vector search),
+//! `/v1/databases` (PostgreSQL databases) — as
 //! tenants call them through a gateway: passed on with the tenant's own
 //! key (the control plane decides what it may do). Only these APIs' own
 //! shapes pass, checked segment by segment: a tenant's path never becomes
@@ -16,7 +17,7 @@ const MAX_QUERY: usize = 512;
 
 /// The routes: their metrics label, the methods each takes, and those as
 /// an `Allow` header says them.
-const ROUTES: [(&str, &[Method], &str); 14] = [
+const ROUTES: [(&str, &[Method], &str); 17] = [
     ("/v1/files", &[Method::Get, Method::Post], "GET, POST"),
     (
         "/v1/files/{id}",
@@ -55,6 +56,13 @@ const ROUTES: [(&str, &[Method], &str); 14] = [
         "POST",
     ),
     ("/v1/collections/{name}/points/{id}", &[Method::Get], "GET"),
+    ("/v1/databases", &[Method::Get, Method::Post], "GET, POST"),
+    (
+        "/v1/databases/{name}",
+        &[Method::Get, Method::Delete],
+        "GET, DELETE",
+    ),
+    ("/v1/databases/{name}/rotate", &[Method::Post], "POST"),
 ];
 
 /// Whether `path` is one of these routes; its metrics label when it is.
@@ -76,6 +84,9 @@ pub fn route_of(path: &str) -> Option<&'static str> {
         ["collections", _, "points", "scroll"] => "/v1/collections/{name}/points/scroll",
         ["collections", _, "points", "count"] => "/v1/collections/{name}/points/count",
         ["collections", _, "points", _] => "/v1/collections/{name}/points/{id}",
+        ["databases"] => "/v1/databases",
+        ["databases", _] => "/v1/databases/{name}",
+        ["databases", _, "rotate"] => "/v1/databases/{name}/rotate",
         _ => return None,
     };
     Some(label)
@@ -173,6 +184,10 @@ mod tests {
             route_of("/v1/collections/docs/points/42"),
             Some("/v1/collections/{name}/points/{id}")
         );
+        assert_eq!(
+            route_of("/v1/databases/app/rotate"),
+            Some("/v1/databases/{name}/rotate")
+        );
         for path in [
             "/v1/keys",
             "/v1/files/",
@@ -183,6 +198,8 @@ mod tests {
             "/v1/collections/a/points/b/c",
             "/v1/collections/a/b",
             "/v1/collections/../keys/points",
+            "/v1/databases/app/credentials",
+            "/v1/databases/app/rotate/x",
         ] {
             let shaped = route_of(path).is_some();
             let id_ok = path.split('/').nth(3).is_none_or(plain_id);

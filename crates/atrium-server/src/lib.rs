@@ -13,6 +13,7 @@ mod autoscale;
 mod batches;
 pub mod controller;
 mod crud;
+mod databases;
 pub mod error;
 mod exec;
 mod extract;
@@ -46,6 +47,7 @@ use serde_json::json;
 use tokio::sync::watch;
 
 pub use auth::{Role, ADMIN_TOKEN_PREFIX};
+pub use databases::DatabasesConfig;
 use error::ApiError;
 use kinds::{
     Cluster, Credential, Deployment, Exec, JoinToken, Key, Kind, Model, Node, Placement,
@@ -78,6 +80,9 @@ pub struct ServerConfig {
     /// and lists again.
     pub changes_kept: i64,
     pub compact_every: std::time::Duration,
+    /// The provider's PostgreSQL for tenants' databases; none: the
+    /// database API answers 503.
+    pub databases: Option<DatabasesConfig>,
 }
 
 /// The change log's window by default: a day of a busy control plane's
@@ -128,6 +133,8 @@ pub struct AppState {
     files: Arc<batches::FileStore>,
     /// Tenants' vector collections (`<data-dir>/vectors`).
     vectors: Arc<vectors::VectorStore>,
+    /// The provider's PostgreSQL for tenants' databases, when offered.
+    databases: Option<Arc<databases::Provider>>,
 }
 
 /// The id of the request being served, for logs, audit and the
@@ -149,6 +156,8 @@ pub enum StartError {
     Vectors(PathBuf, std::io::Error),
     #[error("cannot open the Batch API's file directory {0}: {1}")]
     Files(PathBuf, std::io::Error),
+    #[error("{0}")]
+    Databases(String),
     #[error("cannot listen on {0}: {1}")]
     Listen(SocketAddr, std::io::Error),
     #[error(transparent)]
@@ -240,6 +249,14 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, StartError> {
         vectors::VectorStore::open(vectors_dir.clone())
             .map_err(|e| StartError::Vectors(vectors_dir, e))?,
     );
+    let databases = match &config.databases {
+        Some(c) => Some(Arc::new(
+            databases::Provider::connect(c)
+                .await
+                .map_err(StartError::Databases)?,
+        )),
+        None => None,
+    };
     let tls = match config.tls_listen {
         Some(at) => {
             let material = tls::load(&config.data_dir.join("tls"), &config.tls_names)?;
@@ -279,7 +296,11 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, StartError> {
         load: Arc::default(),
         files,
         vectors: vectors.clone(),
+        databases: databases.clone(),
     };
+    if let Some(p) = databases {
+        tokio::spawn(databases::run(state.clone(), p));
+    }
     tokio::spawn(vectors::page_out_idle(vectors, VECTOR_IDLE));
     tokio::spawn(leader::run(
         state.clone(),
@@ -411,6 +432,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/kube/endpoint", get(kube::endpoint))
         .merge(batches::routes(Router::new()))
         .merge(vectors::routes(Router::new()))
+        .merge(databases::routes(Router::new()))
         .route(
             "/v1/usage",
             get(tenancy::list_usage).post(tenancy::record_usage),

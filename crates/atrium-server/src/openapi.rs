@@ -444,6 +444,51 @@ fn vector_api(paths: &mut Map<String, Value>, schemas: &mut Map<String, Value>) 
     }
 }
 
+/// Tenants' PostgreSQL databases (`databases`).
+fn database_api(paths: &mut Map<String, Value>, schemas: &mut Map<String, Value>) {
+    use atrium_core::database::{DatabaseSpec, DatabaseStatus};
+    add_schema::<DatabaseSpec>(schemas);
+    add_schema::<DatabaseStatus>(schemas);
+    let object = |d: &str| json_response(d, json!({"type": "object"}));
+    let op = |id: &str, summary: &str, ok: (&str, Value)| {
+        operation(
+            id.into(),
+            "databases",
+            summary.into(),
+            ok,
+            &["400", "401", "403", "404", "409", "503"],
+        )
+    };
+    let shown = "{id, name, connection_limit, statement_timeout_ms, size, phase, host, port, database, user}";
+    let entries = [
+        (
+            "/v1/databases",
+            json!({"get": op("list_databases", "The tenant's databases (never their passwords)", ("200", object("{databases: [...]}"))),
+            "post": with_body(op("create_database", "A database on the provider's PostgreSQL; the answer holds its password and URL, shown this once",
+                    ("201", object(&format!("{shown} with password and url")))),
+                json!({"type": "object", "required": ["name"], "properties": {"name": {"type": "string"},
+                    "connection_limit": {"type": "integer", "default": 10}, "statement_timeout_ms": {"type": "integer", "default": 30000},
+                    "size": {"type": "string", "default": "1Gi"}}}))}),
+        ),
+        (
+            "/v1/databases/{name}",
+            json!({"get": op("get_database", "One database, by name or id", ("200", object(shown))),
+            "delete": op("delete_database", "Drop the database, its role and its disk (zeroed)", ("200", object("deleted")))}),
+        ),
+        (
+            "/v1/databases/{name}/rotate",
+            json!({"post": op("rotate_database_password", "A new password, shown this once; sessions opened with the old one end",
+                ("200", object(&format!("{shown} with password and url"))))}),
+        ),
+    ];
+    for (path, mut item) in entries {
+        if path.contains("{name}") {
+            item["parameters"] = json!([{"name": "name", "in": "path", "required": true, "schema": {"type": "string"}}]);
+        }
+        paths.insert(path.into(), item);
+    }
+}
+
 pub fn document() -> Value {
     let mut paths = Map::new();
     let mut schemas = Map::new();
@@ -464,6 +509,7 @@ pub fn document() -> Value {
     plane_credentials(&mut paths, &mut schemas);
     batch_api(&mut paths, &mut schemas);
     vector_api(&mut paths, &mut schemas);
+    database_api(&mut paths, &mut schemas);
     add_schema::<atrium_core::placement::ReplicaStatus>(&mut schemas);
     add_schema::<Status>(&mut schemas);
     add_schema::<atrium_core::volume::VolumeStatus>(&mut schemas);

@@ -57,6 +57,7 @@ async fn first_tokens() -> Result<(f64, f64)> {
         tls_names: Vec::new(),
         changes_kept: atrium_server::DEFAULT_CHANGES_KEPT,
         compact_every: atrium_server::DEFAULT_COMPACT_EVERY,
+        databases: None,
     };
     let stack = Stack::start(
         config,

@@ -114,6 +114,7 @@ pub fn server_config(
             tls_names: Vec::new(),
             changes_kept: atrium_server::DEFAULT_CHANGES_KEPT,
             compact_every: atrium_server::DEFAULT_COMPACT_EVERY,
+            databases: None,
         }),
         _ => Err(errors),
     }

@@ -185,6 +185,18 @@ enum Command {
     },
 }
 
+/// The database service's settings, when `--databases-url` asks for it.
+fn databases_config(
+    admin_url: Option<String>,
+    volumes: Option<PathBuf>,
+    data_dir: &std::path::Path,
+) -> Option<atrium_server::DatabasesConfig> {
+    Some(atrium_server::DatabasesConfig {
+        admin_url: admin_url?,
+        volumes: volumes.unwrap_or_else(|| data_dir.join("databases")),
+    })
+}
+
 #[derive(Args)]
 struct ServerArgs {
     /// Address to listen on [default: 127.0.0.1:7070]
@@ -209,6 +221,17 @@ struct ServerArgs {
     /// from before them gets 410 and lists again [default: 100000]
     #[arg(long, env = "ATRIUM_CHANGES_KEPT", value_parser = clap::value_parser!(i64).range(1..))]
     changes_kept: Option<i64>,
+    /// Offer tenants PostgreSQL databases (`/v1/databases`) on this
+    /// PostgreSQL, reached as a superuser: postgres://USER:PASSWORD@HOST:PORT/DB.
+    /// It must run on this host (each database's size is a disk mounted
+    /// here) and ask TCP clients for passwords
+    #[arg(long, env = "ATRIUM_DATABASES_URL", hide_env_values = true)]
+    databases_url: Option<String>,
+    /// Where tenants' databases' disks are made; PostgreSQL's user must be
+    /// able to pass through every directory above it [default:
+    /// <data-dir>/databases]
+    #[arg(long, env = "ATRIUM_DATABASE_VOLUMES")]
+    database_volumes: Option<PathBuf>,
     /// Log level: error, warn, info, debug, trace
     #[arg(long, env = "ATRIUM_LOG", default_value = "info")]
     log: tracing::Level,
@@ -707,6 +730,8 @@ async fn serve(
     config.tls_listen = args.tls_listen;
     config.tls_names = args.tls_names;
     config.changes_kept = args.changes_kept.unwrap_or(config.changes_kept);
+    config.databases =
+        databases_config(args.databases_url, args.database_volumes, &config.data_dir);
     let mut server = atrium_server::start(config.clone()).await?;
     let url = format!("http://{}", server.addr);
     let mut banner = format!(

@@ -362,6 +362,11 @@ pub async fn run(args: UpArgs, data_dir: Option<PathBuf>, file: &config::FileCon
         .server
         .changes_kept
         .unwrap_or(server_config.changes_kept);
+    server_config.databases = crate::databases_config(
+        args.server.databases_url.clone(),
+        args.server.database_volumes.clone(),
+        &server_config.data_dir,
+    );
     let gateway_listen = args.gateway_listen.parse().map_err(|_| {
         anyhow!(
             "--gateway-listen: {:?} is not an address",

@@ -14,22 +14,12 @@ mod common;
 
 use common::up::{start, start_in, Up};
 
-fn api(
-    up: &Up,
-    key: &str,
-    method: reqwest::Method,
-    path: &str,
-    body: Option<Value>,
-) -> (u16, Value) {
-    up.request(&up.server, key, method, path, body)
-}
-
 fn post(up: &Up, key: &str, path: &str, body: Value) -> (u16, Value) {
-    api(up, key, reqwest::Method::POST, path, Some(body))
+    up.api(key, reqwest::Method::POST, path, Some(body))
 }
 
 fn get(up: &Up, key: &str, path: &str) -> (u16, Value) {
-    api(up, key, reqwest::Method::GET, path, None)
+    up.api(key, reqwest::Method::GET, path, None)
 }
 
 fn ids(v: &Value) -> Vec<Value> {
@@ -182,8 +172,7 @@ fn a_tenants_collections_search_filter_and_stay_its_own() {
             json!({"points": [{"id": 1, "vector": [0.0, 0.0, 1.0]}]}),
         );
         assert_eq!(s, 404);
-        let (s, _) = api(
-            &up,
+        let (s, _) = up.api(
             &b,
             reqwest::Method::DELETE,
             &format!("/v1/collections/{target}"),
@@ -290,13 +279,7 @@ fn a_tenants_collections_search_filter_and_stay_its_own() {
     assert_eq!(s, 200, "replacing a point adds none");
 
     // Delete: the collection and its points are gone.
-    let (s, _) = api(
-        &up,
-        &a,
-        reqwest::Method::DELETE,
-        "/v1/collections/docs",
-        None,
-    );
+    let (s, _) = up.api(&a, reqwest::Method::DELETE, "/v1/collections/docs", None);
     assert_eq!(s, 200);
     assert_eq!(get(&up, &a, "/v1/collections/docs").0, 404);
 }

@@ -8,13 +8,13 @@ mod bundle;
 pub mod image;
 mod seccomp;
 mod unpack;
-pub mod volume;
 
 use std::path::{Path, PathBuf};
 
+pub use atrium_volume as volume;
+pub use atrium_volume::VolumeStore;
 pub use bundle::{gpu_devices, process_args, Bundle, VolumeBind};
 pub use image::{ImageCache, Pulled};
-pub use volume::VolumeStore;
 
 /// The runc binary, and where it keeps its containers' state (per agent).
 #[derive(Debug, Clone)]

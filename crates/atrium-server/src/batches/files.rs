@@ -316,16 +316,8 @@ pub async fn delete(
             details: json!({"batch": b.id}),
         });
     }
-    write(
-        &state,
-        Write::Delete {
-            kind: File::KIND.into(),
-            id: object.id.clone(),
-        },
-        None,
-        audit(&caller, &rid, "file.delete".into()),
-    )
-    .await?;
+    super::delete_found::<File>(&state, &object, audit(&caller, &rid, "file.delete".into()))
+        .await?;
     state.files.remove(&object.id);
     Ok(Json(
         json!({"id": object.id, "object": "file", "deleted": true}),

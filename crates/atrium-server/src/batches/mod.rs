@@ -13,7 +13,8 @@ pub mod retention;
 mod runner;
 
 use atrium_api::{Batch, File, Resource, Tenant};
-use atrium_store::{Object, TenantFilter};
+use atrium_core::quota::Counted;
+use atrium_store::{AuditContext, Object, TenantFilter, Write};
 use axum::extract::{Path as UrlPath, State};
 use axum::routing::{get, post, put};
 use axum::Router;
@@ -87,6 +88,22 @@ async fn owned<R: Resource>(state: &AppState, tenant: &str, id: &str) -> Result<
     }
 }
 
+/// The tenant's object of kind `R` called `name`, or whose id is `name`,
+/// or 404 (another tenant's by either, as a missing one).
+pub(crate) async fn named_or_owned<R: Resource>(
+    state: &AppState,
+    tenant: &str,
+    name: &str,
+) -> Result<Object, ApiError> {
+    if let Some(o) = state.store.get_by_name(R::KIND, Some(tenant), name).await? {
+        return Ok(o);
+    }
+    if name.starts_with(R::ID_PREFIX) {
+        return owned::<R>(state, tenant, name).await;
+    }
+    Err(ApiError::not_found(R::KIND, name))
+}
+
 /// `GET /v1/files/{id}`, `GET /v1/batches/{id}`.
 async fn one<R: Shaped>(
     State(state): State<AppState>,
@@ -97,8 +114,50 @@ async fn one<R: Shaped>(
     Ok(Json(R::shape(&owned::<R>(&state, &tenant, &id).await?)?))
 }
 
+/// Creates the tenant's object `id` of kind `R`, admitted only while the
+/// tenant holds fewer than its quota's `counted` (checked with the write).
+pub(crate) async fn create_counted<R: Resource>(
+    state: &AppState,
+    (id, tenant, name): (&str, &str, String),
+    (spec, status): (&R::Spec, &R::Status),
+    counted: Counted,
+    audit: AuditContext,
+) -> Result<Object, ApiError> {
+    crate::crud::write(
+        state,
+        Write::Create {
+            kind: R::KIND.into(),
+            id: id.to_string(),
+            tenant: Some(tenant.to_string()),
+            name,
+            body: stored::body::<R>(spec, Some(status))?,
+        },
+        Some(crate::kinds::one_more(R::KIND, tenant, counted)),
+        audit,
+    )
+    .await
+}
+
+/// Deletes object `o` of kind `R` (found by one of the lookups above).
+pub(crate) async fn delete_found<R: Resource>(
+    state: &AppState,
+    o: &Object,
+    audit: AuditContext,
+) -> Result<(), ApiError> {
+    let delete = Write::Delete {
+        kind: R::KIND.into(),
+        id: o.id.clone(),
+    };
+    crate::crud::write(state, delete, None, audit)
+        .await
+        .map(|_| ())
+}
+
 /// Every object of kind `R` the tenant holds.
-async fn all_of<R: Resource>(state: &AppState, tenant: &str) -> Result<Vec<Object>, ApiError> {
+pub(crate) async fn all_of<R: Resource>(
+    state: &AppState,
+    tenant: &str,
+) -> Result<Vec<Object>, ApiError> {
     Ok(state
         .store
         .list_all(R::KIND, &TenantFilter::Exactly(Some(tenant.to_string())))

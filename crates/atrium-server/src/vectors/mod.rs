@@ -28,11 +28,12 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use crate::auth::Caller;
-use crate::batches::{tenant_caller_for, tenant_quota, Access};
+use crate::batches::{
+    all_of, create_counted, delete_found, named_or_owned, tenant_caller_for, tenant_quota, Access,
+};
 use crate::crud::{audit, new_id, write};
 use crate::error::ApiError;
 use crate::extract::JsonBody;
-use crate::kinds::one_more;
 use crate::{stored, AppState, RequestId};
 
 pub use store::VectorStore;
@@ -75,20 +76,7 @@ fn shown(o: &Object) -> Result<Value, ApiError> {
 
 /// The tenant's collection called `name` (or with id `name`), or 404.
 async fn owned(state: &AppState, tenant: &str, name: &str) -> Result<Object, ApiError> {
-    let by_name = state
-        .store
-        .get_by_name(Collection::KIND, Some(tenant), name)
-        .await?;
-    let found = match by_name {
-        Some(o) => Some(o),
-        None if name.starts_with(Collection::ID_PREFIX) => state
-            .store
-            .get(Collection::KIND, name)
-            .await?
-            .filter(|o| o.tenant.as_deref() == Some(tenant)),
-        None => None,
-    };
-    found.ok_or_else(|| ApiError::not_found(Collection::KIND, name))
+    named_or_owned::<Collection>(state, tenant, name).await
 }
 
 /// The points of collection object `o`, opened if they are not in memory.
@@ -172,16 +160,11 @@ async fn create(
     let vectors = state.vectors.clone();
     let made = id.clone();
     blocking(move || vectors.create(&made, shape)).await?;
-    let created = write(
+    let created = create_counted::<Collection>(
         &state,
-        Write::Create {
-            kind: Collection::KIND.into(),
-            id: id.clone(),
-            tenant: Some(tenant.clone()),
-            name: body.name,
-            body: stored::body::<Collection>(&body.spec, Some(&CollectionStatus::default()))?,
-        },
-        Some(one_more(Collection::KIND, &tenant, Counted::Collections)),
+        (&id, &tenant, body.name),
+        (&body.spec, &CollectionStatus::default()),
+        Counted::Collections,
         audit(&caller, &rid, "collection.create".into()),
     )
     .await;
@@ -197,10 +180,7 @@ async fn list(
     Extension(caller): Extension<Caller>,
 ) -> Result<Json<Value>, ApiError> {
     let tenant = tenant_caller_for(API, &caller, Access::Read)?;
-    let all = state
-        .store
-        .list_all(Collection::KIND, &TenantFilter::Exactly(Some(tenant)))
-        .await?;
+    let all = all_of::<Collection>(&state, &tenant).await?;
     let shown: Vec<Value> = all.iter().map(shown).collect::<Result<_, _>>()?;
     Ok(Json(json!({"collections": shown})))
 }
@@ -222,16 +202,8 @@ async fn remove(
 ) -> Result<Json<Value>, ApiError> {
     let tenant = tenant_caller_for(API, &caller, Access::Write)?;
     let o = owned(&state, &tenant, &name).await?;
-    write(
-        &state,
-        Write::Delete {
-            kind: Collection::KIND.into(),
-            id: o.id.clone(),
-        },
-        None,
-        audit(&caller, &rid, "collection.delete".into()),
-    )
-    .await?;
+    delete_found::<Collection>(&state, &o, audit(&caller, &rid, "collection.delete".into()))
+        .await?;
     let vectors = state.vectors.clone();
     let id = o.id.clone();
     blocking(move || vectors.remove(&id)).await?;

@@ -46,6 +46,7 @@ impl TestServer {
             tls_names: Vec::new(),
             changes_kept: atrium_server::DEFAULT_CHANGES_KEPT,
             compact_every: atrium_server::DEFAULT_COMPACT_EVERY,
+            databases: None,
         };
         tune(&mut config);
         let server = atrium_server::start(config).await.unwrap();

@@ -78,6 +78,17 @@ impl Up {
         )
     }
 
+    /// `request` at the control plane.
+    pub fn api(
+        &self,
+        key: &str,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> (u16, Value) {
+        self.request(&self.server, key, method, path, body)
+    }
+
     pub fn call(&self, key: &str, path: &str, body: Value) -> (u16, Value, Option<String>) {
         let resp = self
             .http

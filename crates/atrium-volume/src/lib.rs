@@ -1,9 +1,11 @@
-//! Volumes on this node: each one an ext4 filesystem in an image file of
-//! its hard size (`<data>/volumes/<id>.ext4`, its blocks reserved with
+//! Hard-sized disks on this host: each one an ext4 filesystem in an image
+//! file of its size (`<dir>/<id>.ext4`, its blocks reserved with
 //! `fallocate`, so a full host disk cannot take them back), loop-mounted
-//! `nosuid,nodev` at `<data>/volumes/<id>/`, its root owned by the tenant's
-//! uid and bound into that tenant's containers only. Writing past the size
-//! is ENOSPC inside the workload; the host and other tenants see nothing.
+//! `nosuid,nodev` at `<dir>/<id>/`, its root owned by the uid that is to
+//! write it: a tenant's uid for a workload volume (bound into that
+//! tenant's containers only), PostgreSQL's for a database's tablespace.
+//! Writing past the size is ENOSPC for that writer alone; the host and
+//! other tenants see nothing.
 //!
 //! A deleted volume is scrubbed before its file is removed: every block
 //! of the image that holds data is overwritten with zeros and synced, so
@@ -11,8 +13,8 @@
 //! this tenant's bytes. (fscrypt with a destroyed key would do the same in
 //! constant time; the image files do not use it yet.)
 //!
-//! Volume ids come from the control plane; they are still checked before
-//! they become a path.
+//! Ids come from the control plane; each store takes only its own kind's
+//! (`vol_…`, `db_…`) and checks them again before they become a path.
 
 use std::fs::{File, OpenOptions};
 use std::io;
@@ -21,10 +23,15 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Mutex;
 
-/// What the janitor and the replicas share: one lock, so two replicas
-/// mounting one volume (a gang's workers) never make it twice.
+/// The disks of one kind in one directory. Its users share one lock, so
+/// two of them mounting one volume (a gang's workers) never make it twice.
 pub struct VolumeStore {
     dir: PathBuf,
+    /// The id prefix this store takes.
+    prefix: &'static str,
+    /// The directory's mode: 0700 unless another user (PostgreSQL) must
+    /// pass through it to reach its own disk's root.
+    dir_mode: u32,
     lock: Mutex<()>,
 }
 
@@ -52,25 +59,36 @@ fn which(tool: &str) -> bool {
         .any(|d| Path::new(d).join(tool).exists())
 }
 
-/// `vol_` and letters and digits: a volume id as the control plane mints
-/// them, nothing that could leave the volumes directory.
-fn check_id(id: &str) -> Result<(), String> {
-    let ok = id.strip_prefix("vol_").is_some_and(|rest| {
+/// `prefix` and letters and digits: an id as the control plane mints
+/// them, nothing that could leave the directory.
+fn check_id(prefix: &str, id: &str) -> Result<(), String> {
+    let ok = id.strip_prefix(prefix).is_some_and(|rest| {
         !rest.is_empty() && rest.len() <= 64 && rest.bytes().all(|b| b.is_ascii_alphanumeric())
     });
     if ok {
         Ok(())
     } else {
-        Err(format!("{id:?} is not a volume id"))
+        Err(format!("{id:?} is not an id of the form {prefix}…"))
     }
 }
 
 impl VolumeStore {
+    /// A node's workload volumes, `<data>/volumes`, reached by root alone.
     pub fn for_data_dir(data_dir: &Path) -> VolumeStore {
+        VolumeStore::new(data_dir.join("volumes"), "vol_", 0o700)
+    }
+
+    pub fn new(dir: PathBuf, prefix: &'static str, dir_mode: u32) -> VolumeStore {
         VolumeStore {
-            dir: data_dir.join("volumes"),
+            dir,
+            prefix,
+            dir_mode,
             lock: Mutex::new(()),
         }
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
     }
 
     pub fn image(&self, id: &str) -> PathBuf {
@@ -88,11 +106,11 @@ impl VolumeStore {
     /// The volume mounted and owned by `owner`, made first if this node
     /// has not got it: returns where it is mounted. Blocking.
     pub fn ensure(&self, id: &str, size: u64, owner: u32) -> Result<PathBuf, String> {
-        check_id(id)?;
+        check_id(self.prefix, id)?;
         let _held = self.locked();
         let at = |p: &Path, e: io::Error| format!("{}: {e}", p.display());
         std::fs::create_dir_all(&self.dir).map_err(|e| at(&self.dir, e))?;
-        std::fs::set_permissions(&self.dir, std::fs::Permissions::from_mode(0o700))
+        std::fs::set_permissions(&self.dir, std::fs::Permissions::from_mode(self.dir_mode))
             .map_err(|e| at(&self.dir, e))?;
         let (image, dir) = (self.image(id), self.mount_dir(id));
         if !mounted(&dir) {
@@ -130,7 +148,7 @@ impl VolumeStore {
             .filter_map(|e| {
                 let name = e.file_name().into_string().ok()?;
                 let id = name.strip_suffix(".ext4")?;
-                check_id(id).is_ok().then(|| id.to_string())
+                check_id(self.prefix, id).is_ok().then(|| id.to_string())
             })
             .collect()
     }
@@ -167,7 +185,7 @@ impl VolumeStore {
     /// container still holds it), its data blocks zeroed and synced, then
     /// its image removed. Blocking.
     pub fn scrub(&self, id: &str) -> Result<(), String> {
-        check_id(id)?;
+        check_id(self.prefix, id)?;
         let _held = self.locked();
         self.unmount(id)?;
         let image = self.image(id);
@@ -326,9 +344,10 @@ mod tests {
             "dep_abc",
             "vol_a.ext4",
         ] {
-            assert!(check_id(id).is_err(), "{id:?}");
+            assert!(check_id("vol_", id).is_err(), "{id:?}");
         }
-        assert!(check_id("vol_9aZ").is_ok());
+        assert!(check_id("vol_", "vol_9aZ").is_ok());
+        assert!(check_id("db_", "vol_9aZ").is_err());
     }
 
     #[test]
