@@ -15,6 +15,7 @@ pub mod engines;
 mod execs;
 mod inventory;
 mod janitor;
+mod relay;
 mod routes;
 pub mod runtime;
 pub mod sandbox;
@@ -56,6 +57,9 @@ pub struct AgentConfig {
     /// Second octet of the `10.X.0.0/16` block tenant networks come from;
     /// it also names this agent's namespaces, cgroups and firewall table.
     pub network_octet: u8,
+    /// The provider's PostgreSQL (tenants' databases), relayed to tenants'
+    /// workloads at the well-known database address; none: not reachable.
+    pub databases_at: Option<std::net::SocketAddr>,
 }
 
 impl AgentConfig {
@@ -109,6 +113,8 @@ pub enum AgentError {
     Register(String),
     #[error("cannot open the agent's state in {0}: {1}")]
     State(PathBuf, std::io::Error),
+    #[error("cannot listen for the database relay: {0}")]
+    Relay(std::io::Error),
 }
 
 /// Registers this node, creating it or refreshing its inventory.
@@ -155,10 +161,29 @@ pub async fn run(
     let cp = ControlPlane::with_credential(&config.credential, &config.credential_path);
     let state = state::StateFile::open(&config.state_dir())
         .map_err(|e| AgentError::State(config.state_dir(), e))?;
-    let mut host = sandbox::Host::detect(config.sandbox_config(), &config.engine_binary);
+    let mut sandbox = config.sandbox_config();
+    let relay = match config.databases_at {
+        Some(at) => Some(relay::start(at).await.map_err(AgentError::Relay)?),
+        None => None,
+    };
+    sandbox.database_relay = relay.as_ref().map(|r| r.port);
+    let mut host = sandbox::Host::detect(sandbox, &config.engine_binary);
     if let Err(why) = host.prepare() {
         tracing::error!(%why, "agent: cannot install the tenant firewall or cgroups");
         host.firewall = Err(why);
+    }
+    if let (Some(relay), Some(at)) = (relay, config.databases_at) {
+        // Without the firewall the relay's port would be open to anyone
+        // who can reach this host: it closes instead.
+        if host.firewall.is_ok() {
+            tracing::info!(%at, port = relay.port, "agent: tenants' workloads reach the provider's PostgreSQL");
+        } else {
+            relay.task.abort();
+            host.config.database_relay = None;
+            tracing::error!(
+                "agent: no firewall, so no database relay: workloads reach no database"
+            );
+        }
     }
     tracing::info!(isolation = %host.summary(), "agent: sandboxes");
     let containers = runtime::Runc::for_data_dir(&config.data_dir).summary();

@@ -8,6 +8,12 @@ use serde::{Deserialize, Serialize};
 use crate::quantity::ByteSize;
 use crate::FieldErrors;
 
+/// Where a tenant's workloads reach the provider's PostgreSQL, on every
+/// node whose agent relays to it: a link-local address each tenant's
+/// network namespace translates to its agent's relay.
+pub const WORKLOAD_HOST: std::net::Ipv4Addr = std::net::Ipv4Addr::new(169, 254, 100, 5);
+pub const WORKLOAD_PORT: u16 = 5432;
+
 /// Connections one database's role may hold at once, at most.
 pub const MAX_CONNECTIONS: u32 = 100;
 /// The statement timeout's bounds: a tenant may not turn it off.

@@ -39,6 +39,11 @@ pub struct AgentArgs {
     /// per tenant); two agents on one host need different blocks
     #[arg(long, default_value = DEFAULT_TENANT_NETWORK)]
     tenant_network: String,
+    /// The provider's PostgreSQL (HOST:PORT, as this node reaches it),
+    /// relayed to tenants' workloads at 169.254.100.5:5432 for their
+    /// databases; unset: workloads reach no database
+    #[arg(long, env = "ATRIUM_DATABASES_AT")]
+    databases_at: Option<std::net::SocketAddr>,
     #[arg(long, env = "ATRIUM_LOG", default_value = "info")]
     log: tracing::Level,
 }
@@ -109,6 +114,7 @@ pub async fn run_agent(
         simulated_itl_ms: args.simulated_itl_ms,
         network_octet: atrium_agent::parse_tenant_network(&args.tenant_network)
             .map_err(|e| anyhow!(e))?,
+        databases_at: args.databases_at,
     };
     atrium_agent::run(config, crate::shutdown_signal()).await?;
     Ok(())

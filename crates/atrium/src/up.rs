@@ -264,12 +264,31 @@ pub struct Stack {
     agent: tokio::task::JoinHandle<Result<(), atrium_agent::AgentError>>,
 }
 
+/// Where a `postgres://` URL's server is, for the agent's relay.
+fn postgres_address(url: &str) -> Result<std::net::SocketAddr> {
+    use std::net::ToSocketAddrs;
+    let parsed = reqwest::Url::parse(url).context("--databases-url")?;
+    let host = parsed
+        .host_str()
+        .ok_or_else(|| anyhow!("--databases-url names no host"))?;
+    let port = parsed.port().unwrap_or(5432);
+    (host.trim_matches(['[', ']']), port)
+        .to_socket_addrs()
+        .with_context(|| format!("--databases-url: cannot resolve {host}"))?
+        .next()
+        .ok_or_else(|| anyhow!("--databases-url: {host} has no address"))
+}
+
 impl Stack {
     pub async fn start(
         server_config: atrium_server::ServerConfig,
         options: StackOptions,
     ) -> Result<Stack> {
         let data_dir = server_config.data_dir.clone();
+        let databases_at = match &server_config.databases {
+            Some(d) => Some(postgres_address(&d.admin_url)?),
+            None => None,
+        };
         let server = atrium_server::start(server_config).await?;
         let server_url = format!("http://{}", server.addr);
         let admin_token = match &server.new_admin_token {
@@ -301,6 +320,7 @@ impl Stack {
             simulate_gpus: options.simulate_gpus,
             simulated_itl_ms: options.simulated_itl_ms,
             network_octet: UP_TENANT_NETWORK_OCTET,
+            databases_at,
         };
         let agent = tokio::spawn(atrium_agent::run(agent_config, async move {
             let _ = agent_stopped.await;

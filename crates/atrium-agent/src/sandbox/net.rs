@@ -3,6 +3,11 @@
 //! default route), and the agent's nftables table, which drops whatever a
 //! tenant interface sends to the host unless it answers a connection the
 //! host opened, and forwards nothing to or from tenant interfaces.
+//!
+//! One opening, when the agent relays to the provider's PostgreSQL
+//! (`relay`): new connections from tenant interfaces to the relay's port,
+//! which nothing else may reach; inside each namespace the well-known
+//! database address is routed to the host and translated to the relay.
 
 use std::path::Path;
 
@@ -40,6 +45,13 @@ impl Host {
     /// same transaction.
     pub(super) fn install_firewall(&self) -> Result<(), SandboxError> {
         let (table, ifaces) = (self.firewall_table(), format!("at{}t*", self.octet()));
+        let (relay_open, relay_closed) = match self.config.database_relay {
+            Some(port) => (
+                format!("iifname \"{ifaces}\" tcp dport {port} accept\n"),
+                format!("tcp dport {port} drop\n"),
+            ),
+            None => (String::new(), String::new()),
+        };
         let rules = format!(
             "add table inet {table}\n\
                  delete table inet {table}\n\
@@ -47,7 +59,9 @@ impl Host {
                  chain input {{\n\
                  type filter hook input priority -10; policy accept;\n\
                  iifname \"{ifaces}\" ct state established,related accept\n\
+                 {relay_open}\
                  iifname \"{ifaces}\" drop\n\
+                 {relay_closed}\
                  }}\n\
                  chain forward {{\n\
                  type filter hook forward priority -10; policy accept;\n\
@@ -71,7 +85,8 @@ impl Host {
         let complete = Path::new("/run/netns").join(&ns).exists()
             && Path::new("/sys/class/net").join(&host_if).exists();
         if complete {
-            return Ok(());
+            // The relay's port is new at each agent start.
+            return self.route_databases(&ns, &host_ip);
         }
         // Half-made by a crash: start over.
         let _ = run("ip", &["netns", "del", &ns]);
@@ -101,7 +116,45 @@ impl Host {
             ],
         )?;
         run("ip", &["-n", &ns, "link", "set", &ns_if, "up"])?;
-        run("ip", &["-n", &ns, "link", "set", "lo", "up"])
+        run("ip", &["-n", &ns, "link", "set", "lo", "up"])?;
+        self.route_databases(&ns, &host_ip)
+    }
+
+    /// Sends the namespace's connections to the well-known database
+    /// address to the agent's relay on the host side of its veth (nothing
+    /// when the agent relays to no PostgreSQL). Rendered from typed
+    /// addresses and ports only.
+    fn route_databases(&self, ns: &str, host_ip: &str) -> Result<(), SandboxError> {
+        let Some(port) = self.config.database_relay else {
+            return Ok(());
+        };
+        let (at, at_port) = (
+            atrium_core::database::WORKLOAD_HOST,
+            atrium_core::database::WORKLOAD_PORT,
+        );
+        run(
+            "ip",
+            &[
+                "-n",
+                ns,
+                "route",
+                "replace",
+                &format!("{at}/32"),
+                "via",
+                host_ip,
+            ],
+        )?;
+        let table = format!(
+            "add table ip atrium_databases\n\
+             delete table ip atrium_databases\n\
+             table ip atrium_databases {{\n\
+             chain output {{\n\
+             type nat hook output priority -100; policy accept;\n\
+             ip daddr {at} tcp dport {at_port} dnat ip to {host_ip}:{port}\n\
+             }}\n\
+             }}\n"
+        );
+        run_with_input("ip", &["netns", "exec", ns, "nft", "-f", "-"], &table)
     }
 
     /// Removes a tenant's namespace and veth (its last workload here ended).

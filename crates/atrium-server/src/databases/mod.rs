@@ -15,7 +15,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use atrium_api::{Database, Resource};
-use atrium_core::database::{DatabasePhase, DatabaseSpec, DatabaseStatus};
+use atrium_core::database::{
+    DatabasePhase, DatabaseSpec, DatabaseStatus, WORKLOAD_HOST, WORKLOAD_PORT,
+};
 use atrium_core::quota::Counted;
 use atrium_store::{AuditContext, Object, TenantFilter, Write};
 use axum::extract::{Path as UrlPath, State};
@@ -75,20 +77,27 @@ fn shown(o: &Object, p: &Provider) -> Result<Value, ApiError> {
         "phase": status.phase,
         "host": p.host,
         "port": p.port,
+        "workload_host": WORKLOAD_HOST.to_string(),
+        "workload_port": WORKLOAD_PORT,
         "database": name,
         "user": name,
         "created_at": o.created_at,
     }))
 }
 
-/// `shown` with the password and a URL holding it: only in the answer to
-/// the request that made them.
+/// `shown` with the password and URLs holding it (from the provider's
+/// network, and from the tenant's workloads): only in the answer to the
+/// request that made them.
 fn with_credentials(mut v: Value, p: &Provider, c: &provider::Credentials) -> Value {
     v["password"] = json!(c.password);
-    v["url"] = json!(format!(
-        "postgres://{}:{}@{}:{}/{}",
-        c.user, c.password, p.host, p.port, c.database
-    ));
+    let url = |host: &str, port: u16| {
+        format!(
+            "postgres://{}:{}@{host}:{port}/{}",
+            c.user, c.password, c.database
+        )
+    };
+    v["url"] = json!(url(&p.host, p.port));
+    v["workload_url"] = json!(url(&WORKLOAD_HOST.to_string(), WORKLOAD_PORT));
     v
 }
 

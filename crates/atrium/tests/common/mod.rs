@@ -174,6 +174,17 @@ pub fn read_request(reader: &mut impl std::io::BufRead) -> Option<Vec<u8>> {
 }
 
 /// Waits up to `secs` for `ok`, failing the test with `what` after.
+/// Whether a finished command succeeded, and what it printed (standard
+/// output, then errors).
+pub fn outcome(out: &std::process::Output) -> (bool, String) {
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
 pub fn wait_for(what: &str, secs: u64, mut ok: impl FnMut() -> bool) {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
     while !ok() {
