@@ -115,6 +115,12 @@ enum Command {
     /// A tenant's volumes: persistent disks of a hard size
     #[command(subcommand)]
     Volume(commands::volume::VolumeCmd),
+    /// A tenant's vector collections: upsert points, search them
+    #[command(subcommand)]
+    Collection(commands::collection::CollectionCmd),
+    /// A tenant's PostgreSQL databases on the provider's PostgreSQL
+    #[command(subcommand)]
+    Database(commands::database::DatabaseCmd),
     /// The images in the control plane's registry (push with any OCI
     /// client, a tenant key as the password).
     #[command(subcommand)]
@@ -606,6 +612,8 @@ async fn client_command(ctx: &Ctx, command: Command) -> Result<()> {
         Command::Image(cmd) => commands::image::run(ctx, cmd).await,
         Command::Workload(cmd) => commands::workload::run(ctx, cmd).await,
         Command::Volume(cmd) => commands::volume::run(ctx, cmd).await,
+        Command::Collection(cmd) => commands::collection::run(ctx, cmd).await,
+        Command::Database(cmd) => commands::database::run(ctx, cmd).await,
         Command::Cluster(cmd) => commands::cluster::run(ctx, cmd).await,
         Command::Credential(cmd) => commands::credential::run(ctx, cmd).await,
         Command::Audit { tenant, after } => commands::audit::run(ctx, tenant, after).await,

@@ -266,8 +266,27 @@ fn tenants_databases_are_their_own_bounded_and_dropped_on_delete() {
     let (ok, _) = psql(url_a, "SELECT 1");
     assert!(ok);
 
-    // Quota: two databases, not three.
-    create(&up, &a, json!({"name": "second", "size": "32Mi"}));
+    // Quota: two databases, not three. (The second through the CLI: its
+    // password printed once, never by `list`.)
+    let cli = |args: &[&str]| {
+        let out = Command::new(common::BIN)
+            .args(args)
+            .args(["--server", &up.server, "--token", &a, "-o", "json"])
+            .output()
+            .unwrap();
+        common::outcome(&out)
+    };
+    let (ok, said) = cli(&["database", "create", "second", "--size", "32Mi"]);
+    assert!(ok, "{said}");
+    let second: Value = serde_json::from_str(&said).unwrap();
+    let (ok, _) = psql(second["url"].as_str().unwrap(), "SELECT 1");
+    assert!(ok);
+    let (ok, said) = cli(&["database", "list"]);
+    assert!(ok && said.contains("second"), "{said}");
+    assert!(
+        !said.contains(second["password"].as_str().unwrap()),
+        "{said}"
+    );
     let (s, e) = up.api(
         &a,
         reqwest::Method::POST,

@@ -358,3 +358,81 @@ fn acknowledged_points_survive_kill_9_during_concurrent_upserts() {
     );
     assert_eq!(ids(&r), vec![json!(probe)], "searchable after restart");
 }
+
+/// `atrium collection` with a tenant key: create, upsert from a JSON-lines
+/// file, search, count with a filter; a bad line is named and its batch
+/// not sent.
+#[test]
+fn the_cli_makes_fills_and_searches_a_collection() {
+    let (up, dir) = start();
+    let key = up.tenant_with_key("vec-cli", json!({}));
+    let cli = |args: &[&str]| {
+        let out = std::process::Command::new(common::BIN)
+            .args(args)
+            .args(["--server", &up.server, "--token", &key])
+            .output()
+            .unwrap();
+        common::outcome(&out)
+    };
+    let (ok, said) = cli(&["collection", "create", "docs", "--dimension", "3"]);
+    assert!(
+        ok && said.contains("docs") && said.contains("cosine"),
+        "{said}"
+    );
+    let points = dir.path().join("points.jsonl");
+    let upsert = [
+        "collection",
+        "upsert",
+        "docs",
+        "-f",
+        points.to_str().unwrap(),
+    ];
+    std::fs::write(
+        &points,
+        "{\"id\": 1, \"vector\": [1, 0, 0], \"payload\": {\"lang\": \"de\"}}\n\
+         {\"id\": 2, \"vector\": [0.9, 0.1, 0], \"payload\": {\"lang\": \"de\"}}\n\n\
+         {\"id\": 3, \"vector\": [0, 0, 1], \"payload\": {\"lang\": \"en\"}}\n",
+    )
+    .unwrap();
+    let (ok, said) = cli(&upsert);
+    assert!(ok && said.contains('3'), "{said}");
+    let (ok, said) = cli(&[
+        "collection",
+        "search",
+        "docs",
+        "--vector",
+        "[1, 0, 0]",
+        "--limit",
+        "2",
+        "-o",
+        "json",
+    ]);
+    assert!(ok, "{said}");
+    let hits: Value = serde_json::from_str(&said).unwrap();
+    let order: Vec<&Value> = hits["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|h| &h["id"])
+        .collect();
+    assert_eq!(order, [&json!(1), &json!(2)], "{said}");
+    let de = r#"{"must": [{"key": "lang", "match": {"value": "de"}}]}"#;
+    let (ok, said) = cli(&["collection", "count", "docs", "--filter", de, "-o", "json"]);
+    assert!(ok, "{said}");
+    assert_eq!(serde_json::from_str::<Value>(&said).unwrap()["count"], 2);
+
+    std::fs::write(&points, "{\"id\": 4, \"vector\": [0, 1, 0]}\nnot json\n").unwrap();
+    let (ok, said) = cli(&upsert);
+    assert!(!ok && said.contains("line 2"), "{said}");
+    let (_, said) = cli(&["collection", "count", "docs", "-o", "json"]);
+    assert_eq!(
+        serde_json::from_str::<Value>(&said).unwrap()["count"],
+        3,
+        "nothing sent"
+    );
+    let (ok, said) = cli(&["collection", "list"]);
+    assert!(
+        ok && said.contains("docs") && said.contains("POINTS"),
+        "{said}"
+    );
+}

@@ -5,7 +5,9 @@
 
 pub mod audit;
 pub mod cluster;
+pub mod collection;
 pub mod credential;
+pub mod database;
 pub mod deploy;
 pub mod exec;
 pub mod image;
@@ -168,6 +170,31 @@ fn read_request<R: Resource>(path: &std::path::Path) -> Result<CreateRequest<R::
             e.path()
         )
     })
+}
+
+/// A call to one of the tenant APIs with shapes of their own
+/// (`/v1/collections`, `/v1/databases`): `path` under `/v1/<api>`, each
+/// segment encoded.
+pub async fn tenant_api(
+    ctx: &Ctx,
+    method: reqwest::Method,
+    segments: &[&str],
+    body: Option<serde_json::Value>,
+) -> Result<serde_json::Value> {
+    let path: Vec<String> = segments.iter().map(|s| client::encode(s)).collect();
+    let body = body
+        .map(|b| serde_json::to_vec(&b).map(bytes::Bytes::from))
+        .transpose()
+        .context("encoding the request")?;
+    Ok(ctx
+        .cp
+        .call_raw(method, &format!("/v1/{}", path.join("/")), body)
+        .await?)
+}
+
+/// A list answer (`{"<field>": [...]}`) as the table printer takes it.
+pub fn items(mut answer: serde_json::Value, field: &str) -> serde_json::Value {
+    serde_json::json!({"items": answer[field].take()})
 }
 
 /// A flag naming one of an API enum's values, spelled as the API spells
