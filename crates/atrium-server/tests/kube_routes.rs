@@ -124,3 +124,64 @@ async fn services_are_routed_in_their_tenants_network_and_nowhere_else() {
     assert_eq!(status, 200);
     routes(&s, &acme, 0).await;
 }
+
+/// A pass that listed a cluster's services just before the cluster was
+/// deleted may write a route after the deletion removed its routes (the
+/// race behind this file's flake): such a route, of a cluster that is no
+/// more, is swept by the next pass. The stale write is made here straight
+/// into the store, as the racing pass would have made it.
+#[tokio::test]
+async fn a_route_of_a_deleted_cluster_is_swept() {
+    let s = TestServer::start(TestBackend::Sqlite).await;
+    s.create_tenant("acme", json!({})).await;
+    let acme = s.create_key("acme", "k", &["admin"]).await;
+    let dev = s.create_cluster(&acme, "dev").await;
+    let (status, gone) = s
+        .call(
+            Method::POST,
+            "/v1/clusters",
+            Some(&acme),
+            Some(&json!({"name": "gone", "spec": {}})),
+        )
+        .await;
+    assert_eq!(status, 201, "{gone}");
+    let gone = gone["id"].as_str().unwrap().to_string();
+    let (status, _) = s
+        .call(
+            Method::DELETE,
+            &format!("/v1/clusters/{gone}"),
+            Some(&acme),
+            None,
+        )
+        .await;
+    assert_eq!(status, 200);
+    let stale = json!({"name": format!("{gone}.default.web"), "tenant": "acme",
+        "spec": {"cluster": gone, "address": "10.96.0.7",
+                 "ports": [{"protocol": "tcp", "port": 80, "backends": []}], "nodes": ["n1"]}});
+    let store = atrium_store::Store::open(&s.database_url).await.unwrap();
+    let write = atrium_store::Write::Create {
+        kind: "service_route".into(),
+        id: "srt_stale00000000000".into(),
+        tenant: Some("acme".into()),
+        name: stale["name"].as_str().unwrap().into(),
+        body: json!({"spec": stale["spec"]}),
+    };
+    let audit = atrium_store::AuditContext {
+        actor: "racing pass".into(),
+        role: "system".into(),
+        action: "kube.route.write".into(),
+        request_id: String::new(),
+    };
+    store.write::<()>(write, None, audit).await.unwrap();
+    // Any pass now: a service elsewhere wakes one.
+    create_service(&s, &acme, &dev, "web").await;
+    let mut left = Vec::new();
+    for _ in 0..100 {
+        left = routes(&s, &acme, 1).await;
+        if left[0]["spec"]["cluster"] == dev.as_str() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("the deleted cluster's route stayed: {left:?}");
+}

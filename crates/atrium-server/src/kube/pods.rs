@@ -88,7 +88,8 @@ pub async fn reconcile(state: &AppState) -> Result<(), StoreError> {
         .collect();
     let served = super::inference::made_by_services(state).await?;
     if clusters.is_empty() && workloads.is_empty() && served.is_empty() {
-        return Ok(());
+        // No cluster: any route left is an orphan.
+        return super::routes::sweep(state, &HashSet::new()).await;
     }
     let mut serving = HashSet::new();
     let mut replicas: HashMap<String, Object> = HashMap::new();
@@ -172,6 +173,8 @@ pub async fn reconcile(state: &AppState) -> Result<(), StoreError> {
         super::inference::reconcile(state, &scope, &cluster.name, &served, &mut serving).await?;
     }
     super::inference::sweep(state, &served, &serving).await;
+    let live: HashSet<&str> = clusters.iter().map(|c| c.id.as_str()).collect();
+    super::routes::sweep(state, &live).await?;
     for (key, w) in &workloads {
         if !wanted.contains(key) {
             let gone = Write::Delete {

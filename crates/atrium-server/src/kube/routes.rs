@@ -8,7 +8,7 @@
 //! Routes are the control plane's to write: a tenant reads its own, a
 //! node the ones naming it.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, HashSet};
 
 use atrium_core::service_route::ServiceRouteSpec;
 use atrium_core::FieldErrors;
@@ -118,6 +118,25 @@ pub(super) async fn reconcile(
     }
     for gone in existing.values() {
         let _ = super::objects::remove(state, gone, system_audit("kube.route.delete")).await;
+    }
+    Ok(())
+}
+
+/// Deletes every route whose cluster is not in `live`. A cluster's
+/// deletion removes its routes as it goes, but a pass that listed the
+/// cluster's services just before may still write one after: this sweep,
+/// at the end of every pass, removes what such a race left.
+pub(super) async fn sweep(state: &AppState, live: &HashSet<&str>) -> Result<(), StoreError> {
+    let all = state
+        .store
+        .list_all(ServiceRoute::KIND, &atrium_store::TenantFilter::All)
+        .await?;
+    for o in all {
+        let orphan =
+            stored::spec::<ServiceRoute>(&o).is_ok_and(|s| !live.contains(s.cluster.as_str()));
+        if orphan {
+            super::objects::remove(state, &o, system_audit("kube.route.delete")).await?;
+        }
     }
     Ok(())
 }

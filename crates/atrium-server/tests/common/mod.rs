@@ -12,6 +12,9 @@ pub struct TestServer {
     pub base: String,
     pub admin: String,
     pub http: reqwest::Client,
+    /// The store's URL: a test may open it beside the server, as a second
+    /// server would.
+    pub database_url: String,
     pub _dir: tempfile::TempDir,
 }
 
@@ -36,11 +39,11 @@ impl TestServer {
 
     async fn start_with(backend: TestBackend, tune: impl FnOnce(&mut ServerConfig)) -> TestServer {
         let dir = tempfile::tempdir().unwrap();
-        let database_url = Some(fresh_database_url(backend, dir.path()).await);
+        let database_url = fresh_database_url(backend, dir.path()).await;
         let mut config = ServerConfig {
             listen: "127.0.0.1:0".parse().unwrap(),
             data_dir: dir.path().to_path_buf(),
-            database_url,
+            database_url: Some(database_url.clone()),
             body_limit: atrium_server::DEFAULT_BODY_LIMIT,
             tls_listen: None,
             tls_names: Vec::new(),
@@ -64,6 +67,7 @@ impl TestServer {
             base,
             admin,
             http,
+            database_url,
             _dir: dir,
         }
     }
