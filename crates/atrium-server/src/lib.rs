@@ -54,6 +54,7 @@ use kinds::{
     ServiceRoute, Site, Tenant, Volume, Workload,
 };
 use metrics::Metrics;
+pub use vectors::MAX_OPEN as VECTOR_MAX_OPEN;
 
 /// Default limit on request bodies.
 pub const DEFAULT_BODY_LIMIT: usize = 1 << 20;
@@ -216,8 +217,25 @@ fn write_token_file(path: &Path, token: &str) -> std::io::Result<()> {
     f.sync_all()
 }
 
+/// Lifts the soft limit on open files to the hard one (at most 2^20): a
+/// control plane holds a socket per client and watch, a log per open
+/// vector collection (up to `vectors::MAX_OPEN`), and the default soft
+/// limit of 1,024 would run out first.
+fn raise_open_files_limit() {
+    use rustix::process::{getrlimit, setrlimit, Resource};
+    let mut limit = getrlimit(Resource::Nofile);
+    let want = limit.maximum.map_or(1 << 20, |m| m.min(1 << 20));
+    if limit.current.is_some_and(|c| c < want) {
+        limit.current = Some(want);
+        if let Err(e) = setrlimit(Resource::Nofile, limit) {
+            tracing::warn!(error = %e, "cannot raise the open-files limit");
+        }
+    }
+}
+
 /// Opens the store, makes the admin token on first start, binds and serves.
 pub async fn start(config: ServerConfig) -> Result<RunningServer, StartError> {
+    raise_open_files_limit();
     std::fs::create_dir_all(&config.data_dir)
         .map_err(|e| StartError::DataDir(config.data_dir.clone(), e))?;
     let store = Store::open(&config.database_url()).await?;
@@ -246,7 +264,7 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, StartError> {
     );
     let vectors_dir = config.data_dir.join("vectors");
     let vectors = Arc::new(
-        vectors::VectorStore::open(vectors_dir.clone())
+        vectors::VectorStore::open(vectors_dir.clone(), vectors::MAX_OPEN)
             .map_err(|e| StartError::Vectors(vectors_dir, e))?,
     );
     let databases = match &config.databases {
@@ -486,7 +504,15 @@ async fn readyz(State(state): State<AppState>) -> Response {
 }
 
 async fn render_metrics(State(state): State<AppState>) -> Response {
-    let body = state.metrics.render(state.store.head());
+    let mut body = state.metrics.render(state.store.head());
+    body.push_str(
+        "# HELP atrium_vector_collections_open Vector collections in memory (the rest are paged out).\n\
+         # TYPE atrium_vector_collections_open gauge\n",
+    );
+    body.push_str(&format!(
+        "atrium_vector_collections_open {}\n",
+        state.vectors.open_count()
+    ));
     (
         [(
             axum::http::header::CONTENT_TYPE,

@@ -39,7 +39,7 @@ pub struct Args {
 const KCP_MIB: f64 = 7.4;
 const VCLUSTER_MIB: f64 = 256.0;
 
-fn rss_kib(pid: u32) -> Result<u64> {
+pub(crate) fn rss_kib(pid: u32) -> Result<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
     status
         .lines()

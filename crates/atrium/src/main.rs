@@ -323,6 +323,9 @@ enum BenchCmd {
         #[arg(long, default_value = "bench-vector.json")]
         out: PathBuf,
     },
+    /// Control-plane memory with many tenants of one small collection
+    /// each, and search latency of collections in memory and paged out.
+    VectorTenants(bench_vector::tenants::Args),
 }
 
 #[derive(Args)]
@@ -517,6 +520,13 @@ async fn run(cli: Cli) -> Result<()> {
         }
         Command::Bench(BenchCmd::Vector { out }) => {
             tokio::task::spawn_blocking(move || bench_vector::run(&out)).await?
+        }
+        Command::Bench(BenchCmd::VectorTenants(args)) => {
+            let output = cli.global.output.unwrap_or(Output::Table);
+            tokio::select! {
+                done = bench_vector::tenants::run(args, output) => done,
+                _ = shutdown_signal() => Err(anyhow!("interrupted; the processes the bench started are stopped")),
+            }
         }
         Command::Sim(args) => local::sim(args, cli.global.output.unwrap_or(Output::Table)),
         Command::Admin(cmd) => {

@@ -36,7 +36,7 @@ use crate::error::ApiError;
 use crate::extract::JsonBody;
 use crate::{stored, AppState, RequestId};
 
-pub use store::VectorStore;
+pub use store::{VectorStore, MAX_OPEN};
 
 const API: &str = "the vector API";
 

@@ -2,8 +2,11 @@
 //! `<data-dir>/vectors/<collection id>` (`atrium_vector::durable`), opened
 //! on first use and kept in memory while used; one idle past the page-out
 //! age is dropped from memory (its files stay) and comes back on its next
-//! use. Paths come only from server-made ids, checked again here, so no
-//! tenant's text reaches the file system.
+//! use. At most `MAX_OPEN` are open at once, the least recently used idle
+//! ones paged out first: memory and open files (one log each) stay bounded
+//! however many tenants keep a collection. Paths come only from
+//! server-made ids, checked again here, so no tenant's text reaches the
+//! file system.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -46,16 +49,21 @@ impl Open {
     }
 }
 
+/// Collections open at once, at most (unless more are in use this moment).
+pub const MAX_OPEN: usize = 1024;
+
 #[derive(Debug)]
 pub struct VectorStore {
     root: PathBuf,
     open: Mutex<HashMap<String, Arc<Open>>>,
+    max_open: usize,
 }
 
+/// Milliseconds since the epoch: fine enough to order uses for paging out.
 fn now() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
 fn internal(what: &str) -> impl FnOnce(atrium_vector::durable::DurableError) -> ApiError + '_ {
@@ -63,11 +71,12 @@ fn internal(what: &str) -> impl FnOnce(atrium_vector::durable::DurableError) -> 
 }
 
 impl VectorStore {
-    pub fn open(root: PathBuf) -> std::io::Result<VectorStore> {
+    pub fn open(root: PathBuf, max_open: usize) -> std::io::Result<VectorStore> {
         std::fs::create_dir_all(&root)?;
         Ok(VectorStore {
             root,
             open: Mutex::new(HashMap::new()),
+            max_open,
         })
     }
 
@@ -94,7 +103,9 @@ impl VectorStore {
     pub fn create(&self, id: &str, shape: Shape) -> Result<(), ApiError> {
         let dir = self.dir(id)?;
         let durable = Durable::create(&dir, shape).map_err(internal("create"))?;
-        self.map().insert(id.to_string(), Arc::new(wrap(durable)));
+        let mut map = self.map();
+        map.insert(id.to_string(), Arc::new(wrap(durable)));
+        self.make_room(&mut map);
         Ok(())
     }
 
@@ -109,7 +120,33 @@ impl VectorStore {
         let opened = Arc::new(wrap(durable));
         // Two first uses at once: the first one in wins, the other's copy
         // is dropped before anyone wrote through it.
-        Ok(self.map().entry(id.to_string()).or_insert(opened).clone())
+        let mut map = self.map();
+        let open = map.entry(id.to_string()).or_insert(opened).clone();
+        self.make_room(&mut map);
+        Ok(open)
+    }
+
+    /// Pages out the least recently used collections not in use until at
+    /// most `max_open` remain (or every one left is in use).
+    fn make_room(&self, map: &mut HashMap<String, Arc<Open>>) {
+        let over = map.len().saturating_sub(self.max_open);
+        if over == 0 {
+            return;
+        }
+        let mut idle: Vec<(u64, String)> = map
+            .iter()
+            .filter(|(_, o)| Arc::strong_count(o) == 1)
+            .map(|(id, o)| (o.last_used.load(Ordering::Relaxed), id.clone()))
+            .collect();
+        idle.sort_unstable();
+        for (_, id) in idle.into_iter().take(over) {
+            map.remove(&id);
+        }
+    }
+
+    /// How many collections are in memory.
+    pub fn open_count(&self) -> usize {
+        self.map().len()
     }
 
     /// Drops collection `id` from memory and disk (blocking).
@@ -129,7 +166,8 @@ impl VectorStore {
     /// Drops from memory every collection unused for `idle` and not in use
     /// now; returns how many.
     pub fn page_out(&self, idle: Duration) -> usize {
-        let cutoff = now().saturating_sub(idle.as_secs());
+        let idle_ms = u64::try_from(idle.as_millis()).unwrap_or(u64::MAX);
+        let cutoff = now().saturating_sub(idle_ms);
         let mut map = self.map();
         let before = map.len();
         map.retain(|_, o| o.last_used.load(Ordering::Relaxed) > cutoff || Arc::strong_count(o) > 1);
@@ -142,5 +180,37 @@ fn wrap(durable: Durable) -> Open {
         data: Arc::new(tokio::sync::RwLock::new(durable)),
         scratches: Mutex::new(Vec::new()),
         last_used: AtomicU64::new(now()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use atrium_vector::distance::Metric;
+
+    #[test]
+    fn the_least_recently_used_idle_collections_page_out_past_the_cap() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = VectorStore::open(dir.path().join("v"), 2).unwrap();
+        let shape = || Shape {
+            dim: 2,
+            metric: Metric::L2,
+        };
+        store.create("vec_a", shape()).unwrap();
+        std::thread::sleep(Duration::from_millis(5));
+        store.create("vec_b", shape()).unwrap();
+        let held = store.get("vec_a").unwrap(); // in use, and now the newest
+        std::thread::sleep(Duration::from_millis(5));
+        store.create("vec_c", shape()).unwrap();
+        assert_eq!(store.open_count(), 2);
+        assert!(store.map().contains_key("vec_a"), "in use: kept");
+        assert!(
+            !store.map().contains_key("vec_b"),
+            "least recently used: out"
+        );
+        // Paged out, not lost: it comes back on its next use.
+        drop(held);
+        store.get("vec_b").unwrap();
+        assert_eq!(store.open_count(), 2);
     }
 }

@@ -20,6 +20,7 @@ use rand::SeedableRng;
 use serde::{Deserialize, Serialize};
 
 mod npy;
+pub mod tenants;
 
 const PEERS: &str = include_str!("peers.py");
 const PINS: [&str; 4] = [
