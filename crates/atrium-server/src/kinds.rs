@@ -31,7 +31,7 @@ pub use atrium_api::{
 use crate::auth::{Caller, Role};
 use crate::error::ApiError;
 use crate::stored;
-use crate::volumes::volume_bytes;
+use crate::volumes::{database_bytes, volume_bytes};
 use crate::AppState;
 
 /// Read or write.
@@ -488,11 +488,12 @@ async fn sites_allowed(
 
 /// The kinds whose objects hold a tenant's resources, in the order
 /// [`held_in`] takes them.
-pub(crate) const HOLDING: [&str; 4] = [
+pub(crate) const HOLDING: [&str; 5] = [
     Deployment::KIND,
     Workload::KIND,
     Placement::KIND,
     Volume::KIND,
+    atrium_api::Database::KIND,
 ];
 
 /// What a precondition reads of `tenant`: its objects of each of `kinds`,
@@ -530,12 +531,13 @@ pub(crate) fn held_in(
     read: &[Vec<Object>],
     except: Option<&str>,
 ) -> Result<(ResourceUsage, HashMap<String, Vec<Resources>>), ApiError> {
-    let [deployments, workloads, placements, volumes, ..] = read else {
+    let [deployments, workloads, placements, volumes, databases, ..] = read else {
         return Err(ApiError::Internal("precondition read mismatch".into()));
     };
     let held = held_by_deployment(placements)?;
     let mut used = tenant_usage(deployments, workloads, &held, except)?;
-    used.storage = ByteSize(used.storage.0.saturating_add(volume_bytes(volumes)?));
+    let disks = volume_bytes(volumes)?.saturating_add(database_bytes(databases)?);
+    used.storage = ByteSize(used.storage.0.saturating_add(disks));
     Ok((used, held))
 }
 

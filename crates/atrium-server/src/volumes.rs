@@ -42,7 +42,12 @@ impl Kind for Volume {
             return Ok(None);
         }
         let images = image_bytes(state, tenant).await?;
-        Ok(Some(volume_admitted(tenant, spec.size, images)))
+        Ok(Some(disk_admitted(
+            tenant,
+            Counted::Volumes,
+            spec.size,
+            images,
+        )))
     }
 
     /// The image on the node was made at its size: a volume does not grow
@@ -107,21 +112,35 @@ pub fn volume_bytes(objects: &[Object]) -> Result<u64, ApiError> {
     })
 }
 
-/// The rule that one more volume of `size` fits `tenant`'s volume count
-/// and storage quota beside its other volumes, its replicas' scratch space
-/// and its `images` bytes (read just before: pushes check the same sum),
-/// checked atomically with the create.
-fn volume_admitted(tenant: &str, size: ByteSize, images: u64) -> Precondition<ApiError> {
+/// Bytes the databases among `objects` hold (each its disk's size).
+pub fn database_bytes(objects: &[Object]) -> Result<u64, ApiError> {
+    objects.iter().try_fold(0u64, |sum, d| {
+        Ok(sum.saturating_add(stored::spec::<atrium_api::Database>(d)?.size.0))
+    })
+}
+
+/// The rule that one more disk of `size` — a volume or a database, `what`
+/// — fits `tenant`'s count of those and its storage quota beside its
+/// other disks, its replicas' scratch space and its `images` bytes (read
+/// just before: pushes check the same sum), checked atomically with the
+/// create.
+pub(crate) fn disk_admitted(
+    tenant: &str,
+    what: Counted,
+    size: ByteSize,
+    images: u64,
+) -> Precondition<ApiError> {
     let check_tenant = tenant.to_string();
+    // Where `HOLDING` reads the kind.
+    let index = if what == Counted::Databases { 4 } else { 3 };
     Precondition {
         reads: tenant_reads(tenant, &HOLDING),
         counts: Vec::new(),
         check: Box::new(move |read: &[Vec<Object>], _: &[u64]| {
             let quota = quota_read(read, &check_tenant)?;
-            // `HOLDING` reads volumes fourth.
-            let volumes = read.get(3).map_or(0, Vec::len);
+            let held = read.get(index).map_or(0, Vec::len);
             quota
-                .admit_one(Counted::Volumes, volumes as u64)
+                .admit_one(what, held as u64)
                 .map_err(ApiError::QuotaExceeded)?;
             let (mut used, _) = held_in(read, None)?;
             used.storage = ByteSize(used.storage.0.saturating_add(images));

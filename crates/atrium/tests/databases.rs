@@ -429,8 +429,17 @@ fn a_restart_mounts_the_disks_again() {
     let dirs = dirs();
     let (dir, volumes) = (&dirs.data, &dirs.volumes);
     let up = start_offering(dir.path(), volumes);
-    let key = up.tenant_with_key("pg-r", json!({}));
+    let key = up.tenant_with_key("pg-r", json!({"quota": {"storage": "48Mi"}}));
     let made = create(&up, &key, json!({"name": "kept", "size": "32Mi"}));
+    // Its disk counts against the storage quota, as a volume's does.
+    let (s, e) = up.api(
+        &key,
+        reqwest::Method::POST,
+        "/v1/databases",
+        Some(json!({"name": "more", "size": "32Mi"})),
+    );
+    assert_eq!(s, 409, "{e}");
+    assert!(e.to_string().contains("storage"), "{e}");
     let (id, url) = (made["id"].as_str().unwrap(), made["url"].as_str().unwrap());
     let (ok, e) = psql(url, "CREATE TABLE t AS SELECT 'still here' AS v");
     assert!(ok, "{e}");

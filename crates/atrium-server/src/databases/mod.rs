@@ -28,12 +28,11 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use crate::auth::Caller;
-use crate::batches::{
-    all_of, create_counted, delete_found, named_or_owned, tenant_caller_for, Access,
-};
+use crate::batches::{all_of, delete_found, named_or_owned, tenant_caller_for, Access};
 use crate::crud::{audit, new_id, write};
 use crate::error::ApiError;
 use crate::extract::JsonBody;
+use crate::volumes::disk_admitted;
 use crate::{stored, AppState, RequestId};
 
 pub use provider::{DatabasesConfig, Provider};
@@ -149,11 +148,23 @@ async fn create(
     let id = new_id(Database::ID_PREFIX);
     // Recorded first, its quota checked with the write: a crash midway
     // leaves an object the next start completes, never an orphan database.
-    create_counted::<Database>(
+    // Its disk counts against the tenant's storage, as a volume's does.
+    let images = crate::volumes::image_bytes(&state, &tenant).await?;
+    write(
         &state,
-        (&id, &tenant, body.name),
-        (&body.spec, &DatabaseStatus::default()),
-        Counted::Databases,
+        Write::Create {
+            kind: Database::KIND.into(),
+            id: id.clone(),
+            tenant: Some(tenant.clone()),
+            name: body.name,
+            body: stored::body::<Database>(&body.spec, Some(&DatabaseStatus::default()))?,
+        },
+        Some(disk_admitted(
+            &tenant,
+            Counted::Databases,
+            body.spec.size,
+            images,
+        )),
         audit(&caller, &rid, "database.create".into()),
     )
     .await?;
