@@ -54,6 +54,9 @@ impl CollectionSpec {
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct CollectionStatus {
     pub points: u64,
+    /// Its vectors' floats and its payloads' JSON, in bytes.
+    #[serde(default)]
+    pub bytes: u64,
 }
 
 #[cfg(test)]

@@ -66,6 +66,11 @@ pub struct Quota {
     /// [default: 1000000].
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vector_points: Option<u64>,
+    /// Bytes of vector points held at once, all collections together:
+    /// each vector's floats and each payload's JSON [default: 4Gi].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<String>, example = "4Gi")]
+    pub vector_bytes: Option<ByteSize>,
     /// PostgreSQL databases held at once [default: 5].
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub databases: Option<u64>,
@@ -192,6 +197,7 @@ pub enum Counted {
     Batches,
     Collections,
     VectorPoints,
+    VectorBytes,
     Databases,
 }
 
@@ -211,6 +217,7 @@ impl Counted {
             Counted::Batches => "batches",
             Counted::Collections => "collections",
             Counted::VectorPoints => "vector_points",
+            Counted::VectorBytes => "vector_bytes",
             Counted::Databases => "databases",
         }
     }
@@ -225,6 +232,7 @@ impl Counted {
             | Counted::Files
             | Counted::Collections => 100,
             Counted::VectorPoints => 1_000_000,
+            Counted::VectorBytes => 4 << 30,
             Counted::Batches => 20,
             Counted::Databases => 5,
             Counted::Watches => 32,
@@ -251,6 +259,7 @@ impl Quota {
             Counted::Batches => self.batches,
             Counted::Collections => self.collections,
             Counted::VectorPoints => self.vector_points,
+            Counted::VectorBytes => self.vector_bytes.map(|b| b.0),
             Counted::Databases => self.databases,
         };
         set.unwrap_or(what.default_cap())

@@ -94,6 +94,16 @@ pub struct Collection {
     /// (top-level key, scalar) → slots holding it (dead ones too, skipped
     /// on read).
     terms: HashMap<String, HashMap<Scalar, Vec<u32>>>,
+    /// The live points' payloads, as JSON bytes (for [`Collection::bytes`]).
+    payload_bytes: u64,
+}
+
+/// A payload's size as JSON: what a tenant's stored bytes count.
+pub fn payload_bytes(payload: &Map<String, Value>) -> u64 {
+    if payload.is_empty() {
+        return 0;
+    }
+    serde_json::to_vec(payload).map_or(0, |b| b.len() as u64)
 }
 
 impl Collection {
@@ -105,7 +115,15 @@ impl Collection {
             slot_ids: Vec::new(),
             payloads: Vec::new(),
             terms: HashMap::new(),
+            payload_bytes: 0,
         }
+    }
+
+    /// What the points hold, as a tenant is charged for it: each vector's
+    /// floats and each payload's JSON.
+    pub fn bytes(&self) -> u64 {
+        let vectors = (self.len() as u64).saturating_mul(self.shape.dim as u64 * 4);
+        vectors.saturating_add(self.payload_bytes)
     }
 
     pub fn shape(&self) -> Shape {
@@ -164,6 +182,7 @@ impl Collection {
         }
         self.ids.insert(p.id.clone(), slot);
         self.slot_ids.push(p.id);
+        self.payload_bytes = self.payload_bytes.saturating_add(payload_bytes(&p.payload));
         self.payloads.push(p.payload);
         Ok(())
     }
@@ -175,6 +194,7 @@ impl Collection {
         };
         self.index.remove(slot);
         if let Some(p) = self.payloads.get_mut(slot as usize) {
+            self.payload_bytes = self.payload_bytes.saturating_sub(payload_bytes(p));
             *p = Map::new();
         }
         true
@@ -347,6 +367,8 @@ mod tests {
         c.upsert(point(1, vec![0.0, 0.0, 1.0], json!({"lang": "en"})), &mut s)
             .unwrap();
         assert_eq!(c.len(), 2);
+        // Two vectors of 3 floats, and {"lang":"en"} and {"lang":"fr"}.
+        assert_eq!(c.bytes(), 2 * 12 + 2 * 13);
         let (hits, plan) = c.search(&[0.0, 0.0, 2.0], 1, 10, None, &mut s).unwrap();
         assert_eq!((hits[0].id.clone(), plan), (PointId::Num(1), Plan::Graph));
         assert!((hits[0].score - 1.0).abs() < 1e-6);
@@ -367,6 +389,7 @@ mod tests {
             .is_err());
         assert!(c.delete(&PointId::Num(2)));
         assert!(!c.delete(&PointId::Num(2)));
+        assert_eq!(c.bytes(), 12 + 13);
         assert_eq!(c.len(), 1);
         assert_eq!(c.get(&PointId::Num(1)).unwrap().vector.len(), 3);
     }

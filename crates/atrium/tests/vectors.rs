@@ -232,7 +232,7 @@ fn a_tenants_collections_search_filter_and_stay_its_own() {
     // Quotas: collections and points.
     let c = up.tenant_with_key(
         "vec-c",
-        json!({"quota": {"collections": 1, "vector_points": 3}}),
+        json!({"quota": {"collections": 1, "vector_points": 3, "vector_bytes": "64"}}),
     );
     let (s, _) = post(
         &up,
@@ -270,6 +270,14 @@ fn a_tenants_collections_search_filter_and_stay_its_own() {
     );
     assert_eq!(s, 409, "{e}");
     assert!(e.to_string().contains("vector_points"), "{e}");
+    // Bytes: 3 vectors of 2 floats hold 24; a 51-byte payload more is past 64.
+    let big =
+        json!({"points": [{"id": 1, "vector": [5.0, 1.0], "payload": {"note": "x".repeat(40)}}]});
+    let (s, e) = post(&up, &c, "/v1/collections/one/points", big);
+    assert_eq!(s, 409, "{e}");
+    assert!(e.to_string().contains("vector_bytes"), "{e}");
+    let (_, one) = get(&up, &c, "/v1/collections/one");
+    assert_eq!(one["bytes"], 24, "{one}");
     let (s, _) = post(
         &up,
         &c,

@@ -16,8 +16,8 @@ use atrium_core::collection::{
     MAX_POINTS_PER_WRITE, MAX_SEARCH_LIMIT,
 };
 use atrium_core::quota::{Counted, QuotaExceeded};
-use atrium_store::{Object, TenantFilter, Write};
-use atrium_vector::collection::{Point, PointId, Shape};
+use atrium_store::{Object, Write};
+use atrium_vector::collection::{payload_bytes, Point, PointId, Shape};
 use atrium_vector::distance::Metric;
 use atrium_vector::durable::Change;
 use atrium_vector::filter::Filter;
@@ -70,6 +70,7 @@ fn shown(o: &Object) -> Result<Value, ApiError> {
         "metric": spec.metric,
         "embedding_model": spec.embedding_model,
         "points": status.points,
+        "bytes": status.bytes,
         "created_at": o.created_at,
     }))
 }
@@ -120,8 +121,12 @@ async fn write_points(
         other => ApiError::Internal(format!("vector store: {other}")),
     })?;
     let after = guard.collection().len() as u64;
-    if after != before {
-        record_points(state, o, after, caller, rid).await?;
+    let held = CollectionStatus {
+        points: after,
+        bytes: guard.collection().bytes(),
+    };
+    if stored::status::<Collection>(o).as_ref() != Some(&held) {
+        record_points(state, o, held, caller, rid).await?;
     }
     drop(guard);
     Ok((before, after))
@@ -216,19 +221,30 @@ struct UpsertBody {
     points: Vec<Point>,
 }
 
-/// Points the tenant holds in all its collections, as their last writes
-/// recorded.
-async fn tenant_points(state: &AppState, tenant: &str) -> Result<u64, ApiError> {
-    Ok(state
-        .store
-        .list_all(
-            Collection::KIND,
-            &TenantFilter::Exactly(Some(tenant.into())),
-        )
+/// Points and bytes the tenant holds in all its collections, as their
+/// last writes recorded.
+async fn tenant_held(state: &AppState, tenant: &str) -> Result<(u64, u64), ApiError> {
+    Ok(all_of::<Collection>(state, tenant)
         .await?
         .iter()
         .filter_map(stored::status::<Collection>)
-        .fold(0u64, |sum, s| sum.saturating_add(s.points)))
+        .fold((0u64, 0u64), |(p, b), s| {
+            (p.saturating_add(s.points), b.saturating_add(s.bytes))
+        }))
+}
+
+/// Refuses `adding` more of `what` when the tenant holds `held` and may
+/// hold `cap`.
+fn within(what: Counted, held: u64, adding: u64, cap: u64) -> Result<(), ApiError> {
+    if held.saturating_add(adding) > cap {
+        return Err(ApiError::QuotaExceeded(QuotaExceeded {
+            resource: what.field().into(),
+            requested: adding.to_string(),
+            used: held.to_string(),
+            limit: cap.to_string(),
+        }));
+    }
+    Ok(())
 }
 
 async fn upsert(
@@ -251,23 +267,36 @@ async fn upsert(
     }
     let o = owned(&state, &tenant, &name).await?;
     let quota = tenant_quota(&state, &tenant).await?;
-    let held = tenant_points(&state, &tenant).await?;
+    let (held_points, held_bytes) = tenant_held(&state, &tenant).await?;
     let open = points_of(&state, &o).await?;
     let guard = open.data.clone().write_owned().await;
-    let adding = body
-        .points
-        .iter()
-        .filter(|p| guard.collection().get(&p.id).is_none())
-        .count() as u64;
-    let cap = quota.cap(Counted::VectorPoints);
-    if held.saturating_add(adding) > cap {
-        return Err(ApiError::QuotaExceeded(QuotaExceeded {
-            resource: Counted::VectorPoints.field().into(),
-            requested: adding.to_string(),
-            used: held.to_string(),
-            limit: cap.to_string(),
-        }));
+    let (mut adding_points, mut adding_bytes) = (0u64, 0u64);
+    let vector_bytes = u64::from(stored::spec::<Collection>(&o)?.dimension) * 4;
+    for p in &body.points {
+        let new = vector_bytes.saturating_add(payload_bytes(&p.payload));
+        match guard.collection().get(&p.id) {
+            None => {
+                adding_points += 1;
+                adding_bytes = adding_bytes.saturating_add(new);
+            }
+            Some(old) => {
+                let old = vector_bytes.saturating_add(payload_bytes(&old.payload));
+                adding_bytes = adding_bytes.saturating_add(new.saturating_sub(old));
+            }
+        }
     }
+    within(
+        Counted::VectorPoints,
+        held_points,
+        adding_points,
+        quota.cap(Counted::VectorPoints),
+    )?;
+    within(
+        Counted::VectorBytes,
+        held_bytes,
+        adding_bytes,
+        quota.cap(Counted::VectorBytes),
+    )?;
     let written = body.points.len();
     let changes: Vec<Change> = body.points.into_iter().map(Change::Upsert).collect();
     let (_, points) = write_points(&state, &o, guard, changes, (&caller, &rid)).await?;
@@ -281,7 +310,7 @@ async fn upsert(
 async fn record_points(
     state: &AppState,
     o: &Object,
-    points: u64,
+    held: CollectionStatus,
     caller: &Caller,
     rid: &RequestId,
 ) -> Result<(), ApiError> {
@@ -292,7 +321,7 @@ async fn record_points(
         Write::Update {
             kind: Collection::KIND.into(),
             id: o.id.clone(),
-            body: stored::with_status::<Collection>(&fresh.body, &CollectionStatus { points })?,
+            body: stored::with_status::<Collection>(&fresh.body, &held)?,
             if_revision: None,
         },
         None,
