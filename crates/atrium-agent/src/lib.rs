@@ -23,7 +23,7 @@ pub mod state;
 mod supervisor;
 
 use std::collections::HashMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use atrium_api::{Node, Object, Placement};
@@ -115,6 +115,50 @@ pub enum AgentError {
     State(PathBuf, std::io::Error),
     #[error("cannot listen for the database relay: {0}")]
     Relay(std::io::Error),
+    #[error(
+        "another agent on this host uses tenant network 10.{0}.0.0/16 (its namespaces, cgroups \
+         and firewall table would be torn down by each other's): give this one another \
+         --tenant-network, or stop the other"
+    )]
+    NetworkInUse(u8),
+}
+
+/// Where root agents claim their tenant network block.
+const CLAIMS_DIR: &str = "/run/atrium";
+
+/// Claims tenant network `10.<octet>.0.0/16` on this host for as long as
+/// the returned file stays open (an exclusive `flock`, released when the
+/// process ends however it ends). Two agents — or two `atrium up` — on one
+/// block would each replace the other's firewall table and remove its
+/// namespaces; the second is refused instead. Only root makes those, so
+/// only root claims; elsewhere there is nothing to collide on.
+fn claim_tenant_network(octet: u8) -> Result<Option<std::fs::File>, AgentError> {
+    if !rustix::process::geteuid().is_root() {
+        return Ok(None);
+    }
+    let path = Path::new(CLAIMS_DIR).join(format!("tenant-network-{octet}.lock"));
+    let opened = std::fs::create_dir_all(CLAIMS_DIR).and_then(|()| {
+        std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+    });
+    let file = match opened {
+        Ok(f) => f,
+        Err(e) => {
+            tracing::warn!(path = %path.display(), error = %e, "agent: cannot claim its tenant network");
+            return Ok(None);
+        }
+    };
+    match rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
+        Ok(()) => Ok(Some(file)),
+        Err(rustix::io::Errno::WOULDBLOCK) => Err(AgentError::NetworkInUse(octet)),
+        Err(e) => {
+            tracing::warn!(path = %path.display(), error = %e, "agent: cannot claim its tenant network");
+            Ok(None)
+        }
+    }
 }
 
 /// Registers this node, creating it or refreshing its inventory.
@@ -157,6 +201,7 @@ pub async fn run(
     {
         return Err(AgentError::NotANodeCredential);
     }
+    let _network = claim_tenant_network(config.network_octet)?;
     let inventory = discover(&config.data_dir, config.simulate_gpus.as_deref())?;
     let cp = ControlPlane::with_credential(&config.credential, &config.credential_path);
     let state = state::StateFile::open(&config.state_dir())
@@ -291,6 +336,29 @@ pub async fn run(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A second agent on the same block is refused while the first lives,
+    /// and admitted once it is gone (as root, where agents make networks).
+    #[test]
+    fn one_agent_per_tenant_network_on_a_host() {
+        assert!(
+            rustix::process::geteuid().is_root(),
+            "agents claim networks as root: run the tests as root, as CI does"
+        );
+        let first = claim_tenant_network(199).unwrap();
+        assert!(first.is_some());
+        let second = claim_tenant_network(199).unwrap_err().to_string();
+        assert!(
+            second.contains("10.199.0.0/16") && second.contains("--tenant-network"),
+            "{second}"
+        );
+        assert!(
+            claim_tenant_network(198).unwrap().is_some(),
+            "another block is free"
+        );
+        drop(first);
+        assert!(claim_tenant_network(199).unwrap().is_some());
+    }
 
     #[test]
     fn a_tenant_network_is_a_10_x_block_other_than_the_service_network() {

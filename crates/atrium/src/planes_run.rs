@@ -36,7 +36,8 @@ pub struct AgentArgs {
     #[arg(long = "model-root", env = "ATRIUM_MODEL_ROOTS", value_delimiter = ',')]
     model_roots: Vec<PathBuf>,
     /// Address block of tenant networks on this node (10.X.0.0/16; one /30
-    /// per tenant); two agents on one host need different blocks
+    /// per tenant); two agents on one host need different blocks (the
+    /// second on a block in use is refused)
     #[arg(long, default_value = DEFAULT_TENANT_NETWORK)]
     tenant_network: String,
     /// The provider's PostgreSQL (HOST:PORT, as this node reaches it),

@@ -261,7 +261,8 @@ pub struct Stack {
     pub admin_token: String,
     pub data_dir: PathBuf,
     stop_agent: tokio::sync::oneshot::Sender<()>,
-    agent: tokio::task::JoinHandle<Result<(), atrium_agent::AgentError>>,
+    /// None once it has ended (`agent_ended`).
+    agent: Option<tokio::task::JoinHandle<Result<(), atrium_agent::AgentError>>>,
 }
 
 /// Where a `postgres://` URL's server is, for the agent's relay.
@@ -345,17 +346,35 @@ impl Stack {
             admin_token,
             data_dir,
             stop_agent,
-            agent,
+            agent: Some(agent),
         })
+    }
+
+    /// Resolves when the node's agent ends by itself (it does not unless
+    /// it fails: another agent holds this host's tenant network, say),
+    /// with why.
+    pub async fn agent_ended(&mut self) -> String {
+        let Some(agent) = self.agent.as_mut() else {
+            return std::future::pending().await;
+        };
+        let why = match agent.await {
+            Ok(Ok(())) => "it stopped".to_string(),
+            Ok(Err(e)) => e.to_string(),
+            Err(e) => e.to_string(),
+        };
+        self.agent = None;
+        why
     }
 
     /// Stops the replicas (through the agent), the gateway, the control plane.
     pub async fn stop(self) -> Result<()> {
         let _ = self.stop_agent.send(());
-        match tokio::time::timeout(Duration::from_secs(20), self.agent).await {
-            Ok(Ok(Err(e))) => tracing::warn!(error = %e, "agent stopped with an error"),
-            Err(_) => tracing::warn!("agent did not stop in time"),
-            _ => {}
+        if let Some(agent) = self.agent {
+            match tokio::time::timeout(Duration::from_secs(20), agent).await {
+                Ok(Ok(Err(e))) => tracing::warn!(error = %e, "agent stopped with an error"),
+                Err(_) => tracing::warn!("agent did not stop in time"),
+                _ => {}
+            }
         }
         self.gateway.abort();
         self.server
@@ -464,7 +483,16 @@ pub async fn run(args: UpArgs, data_dir: Option<PathBuf>, file: &config::FileCon
     let _ = std::io::Write::write_all(&mut out, banner.as_bytes());
     let _ = std::io::Write::flush(&mut out);
 
-    shutdown_signal().await;
-    tracing::info!("stopping: replicas, gateway, control plane");
-    stack.stop().await
+    let mut stack = stack;
+    tokio::select! {
+        _ = shutdown_signal() => {
+            tracing::info!("stopping: replicas, gateway, control plane");
+            stack.stop().await
+        }
+        why = stack.agent_ended() => {
+            // A cloud without its node would accept deployments it never runs.
+            stack.stop().await?;
+            Err(anyhow!("this node's agent stopped: {why}"))
+        }
+    }
 }

@@ -1121,3 +1121,34 @@ fn an_agent_installed_where_tenants_cannot_reach_still_runs_them_as_their_uid() 
         .unwrap();
     assert_eq!(control["pass"], true, "{control}");
 }
+
+/// A second `atrium up` on a host whose tenant network block another
+/// already uses is refused, saying which, instead of replacing the first's
+/// firewall table and removing its namespaces; the first carries on.
+#[test]
+fn a_second_up_on_the_same_tenant_network_is_refused() {
+    let (first, _dir) = common::up::start();
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(BIN)
+        .args(["up", "--log", "warn", "--simulate-gpus", "1xH100-80GB"])
+        .args(["--listen", &format!("127.0.0.1:{}", free_port())])
+        .args(["--gateway-listen", &format!("127.0.0.1:{}", free_port())])
+        .arg("--data-dir")
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    let (ok, said) = common::outcome(&out);
+    assert!(!ok, "{said}");
+    assert!(said.contains("tenant network 10.201.0.0/16"), "{said}");
+    let health = first
+        .http
+        .get(format!("{}/healthz", first.server))
+        .send()
+        .unwrap();
+    assert!(health.status().is_success());
+    let table = Command::new("nft")
+        .args(["list", "table", "inet", "atrium_201"])
+        .output()
+        .unwrap();
+    assert!(table.status.success(), "the first's firewall table stays");
+}
