@@ -107,10 +107,13 @@ fn check_writable<K: Kind>(caller: &Caller, object: &Object) -> Result<(), ApiEr
     )))
 }
 
+/// What ids are made of after their prefix.
+const ID_ALPHABET: &[u8; 32] = b"0123456789abcdefghjkmnpqrstvwxyz";
+
 /// `prefix` + 16 lowercase base32 characters: 9 of time (milliseconds) then
 /// 7 random, so ids sort by creation and never collide in practice.
 pub fn new_id(prefix: &str) -> String {
-    const ALPHABET: &[u8; 32] = b"0123456789abcdefghjkmnpqrstvwxyz";
+    const ALPHABET: &[u8; 32] = ID_ALPHABET;
     let millis = time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000;
     let mut t = u64::try_from(millis).unwrap_or(0);
     let mut out = vec![0u8; 16];
@@ -123,6 +126,14 @@ pub fn new_id(prefix: &str) -> String {
         *slot = ALPHABET[((random >> (i * 5)) % 32) as usize];
     }
     format!("{prefix}{}", String::from_utf8_lossy(&out))
+}
+
+/// Whether `id` is exactly what [`new_id`] makes with `prefix`: the check
+/// before a server-made id becomes a path, a file name or a PostgreSQL
+/// name, so no caller's text ever does.
+pub fn made_by_new_id(prefix: &str, id: &str) -> bool {
+    id.strip_prefix(prefix)
+        .is_some_and(|rest| rest.len() == 16 && rest.bytes().all(|b| ID_ALPHABET.contains(&b)))
 }
 
 fn looks_like_id<K: Kind>(ident: &str) -> bool {

@@ -44,7 +44,7 @@ impl Kind for Volume {
         let images = image_bytes(state, tenant).await?;
         Ok(Some(disk_admitted(
             tenant,
-            Counted::Volumes,
+            (Volume::KIND, Counted::Volumes),
             spec.size,
             images,
         )))
@@ -119,26 +119,26 @@ pub fn database_bytes(objects: &[Object]) -> Result<u64, ApiError> {
     })
 }
 
-/// The rule that one more disk of `size` — a volume or a database, `what`
-/// — fits `tenant`'s count of those and its storage quota beside its
-/// other disks, its replicas' scratch space and its `images` bytes (read
-/// just before: pushes check the same sum), checked atomically with the
-/// create.
+/// The rule that one more disk of `size` — an object of `kind` (one of
+/// [`HOLDING`]: a volume or a database), counted as `what` — fits
+/// `tenant`'s count of those and its storage quota beside its other
+/// disks, its replicas' scratch space and its `images` bytes (read just
+/// before: pushes check the same sum), checked atomically with the create.
 pub(crate) fn disk_admitted(
     tenant: &str,
-    what: Counted,
+    (kind, what): (&str, Counted),
     size: ByteSize,
     images: u64,
 ) -> Precondition<ApiError> {
     let check_tenant = tenant.to_string();
-    // Where `HOLDING` reads the kind.
-    let index = if what == Counted::Databases { 4 } else { 3 };
+    // Where the precondition reads `kind`'s objects.
+    let index = HOLDING.iter().position(|k| *k == kind);
     Precondition {
         reads: tenant_reads(tenant, &HOLDING),
         counts: Vec::new(),
         check: Box::new(move |read: &[Vec<Object>], _: &[u64]| {
             let quota = quota_read(read, &check_tenant)?;
-            let held = read.get(index).map_or(0, Vec::len);
+            let held = index.and_then(|i| read.get(i)).map_or(0, Vec::len);
             quota
                 .admit_one(what, held as u64)
                 .map_err(ApiError::QuotaExceeded)?;

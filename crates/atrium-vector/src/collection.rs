@@ -122,8 +122,20 @@ impl Collection {
     /// What the points hold, as a tenant is charged for it: each vector's
     /// floats and each payload's JSON.
     pub fn bytes(&self) -> u64 {
-        let vectors = (self.len() as u64).saturating_mul(self.shape.dim as u64 * 4);
+        let vectors = (self.len() as u64).saturating_mul(self.vector_bytes());
         vectors.saturating_add(self.payload_bytes)
+    }
+
+    /// One vector's floats, as charged.
+    pub fn vector_bytes(&self) -> u64 {
+        self.shape.dim as u64 * 4
+    }
+
+    /// What point `id` is charged now (its vector and payload), if held.
+    pub fn bytes_of(&self, id: &PointId) -> Option<u64> {
+        let slot = *self.ids.get(id)?;
+        let payload = self.payloads.get(slot as usize).map_or(0, payload_bytes);
+        Some(self.vector_bytes().saturating_add(payload))
     }
 
     pub fn shape(&self) -> Shape {
@@ -369,6 +381,7 @@ mod tests {
         assert_eq!(c.len(), 2);
         // Two vectors of 3 floats, and {"lang":"en"} and {"lang":"fr"}.
         assert_eq!(c.bytes(), 2 * 12 + 2 * 13);
+        assert_eq!(c.bytes_of(&PointId::Num(1)), Some(12 + 13));
         let (hits, plan) = c.search(&[0.0, 0.0, 2.0], 1, 10, None, &mut s).unwrap();
         assert_eq!((hits[0].id.clone(), plan), (PointId::Num(1), Plan::Graph));
         assert!((hits[0].score - 1.0).abs() < 1e-6);

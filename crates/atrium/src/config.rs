@@ -120,6 +120,18 @@ pub fn server_config(
     }
 }
 
+/// The database service's settings, when `--databases-url` asks for it.
+pub fn databases_config(
+    admin_url: Option<String>,
+    volumes: Option<PathBuf>,
+    data_dir: &std::path::Path,
+) -> Option<atrium_server::DatabasesConfig> {
+    Some(atrium_server::DatabasesConfig {
+        admin_url: admin_url?,
+        volumes: volumes.unwrap_or_else(|| data_dir.join("databases")),
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

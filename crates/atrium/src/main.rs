@@ -191,18 +191,6 @@ enum Command {
     },
 }
 
-/// The database service's settings, when `--databases-url` asks for it.
-fn databases_config(
-    admin_url: Option<String>,
-    volumes: Option<PathBuf>,
-    data_dir: &std::path::Path,
-) -> Option<atrium_server::DatabasesConfig> {
-    Some(atrium_server::DatabasesConfig {
-        admin_url: admin_url?,
-        volumes: volumes.unwrap_or_else(|| data_dir.join("databases")),
-    })
-}
-
 #[derive(Args)]
 struct ServerArgs {
     /// Address to listen on [default: 127.0.0.1:7070]
@@ -749,7 +737,7 @@ async fn serve(
     config.tls_names = args.tls_names;
     config.changes_kept = args.changes_kept.unwrap_or(config.changes_kept);
     config.databases =
-        databases_config(args.databases_url, args.database_volumes, &config.data_dir);
+        config::databases_config(args.databases_url, args.database_volumes, &config.data_dir);
     let mut server = atrium_server::start(config.clone()).await?;
     let url = format!("http://{}", server.addr);
     let mut banner = format!(

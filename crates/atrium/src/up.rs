@@ -401,7 +401,7 @@ pub async fn run(args: UpArgs, data_dir: Option<PathBuf>, file: &config::FileCon
         .server
         .changes_kept
         .unwrap_or(server_config.changes_kept);
-    server_config.databases = crate::databases_config(
+    server_config.databases = config::databases_config(
         args.server.databases_url.clone(),
         args.server.database_volumes.clone(),
         &server_config.data_dir,

@@ -141,6 +141,13 @@ fn tenants_databases_are_their_own_bounded_and_dropped_on_delete() {
         ),
         (json!({"name": "x", "owner": "postgres"}), "owner"),
         (json!({"name": "../x"}), "name"),
+        // The name never reaches PostgreSQL (its names come from the id),
+        // and is refused before anything else sees it.
+        (json!({"name": "x\"; DROP DATABASE postgres; --"}), "name"),
+        (
+            json!({"name": "x", "size": "99999999999Ti"}),
+            "byte quantity",
+        ),
     ] {
         let (s, e) = up.api(&a, reqwest::Method::POST, "/v1/databases", Some(body));
         assert_eq!(s, 400, "{e}");

@@ -161,7 +161,7 @@ async fn create(
         },
         Some(disk_admitted(
             &tenant,
-            Counted::Databases,
+            (Database::KIND, Counted::Databases),
             body.spec.size,
             images,
         )),

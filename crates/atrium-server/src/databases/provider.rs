@@ -70,14 +70,7 @@ pub struct Credentials {
 /// `atrium_<id>` for a server-made `db_…` id: lowercase letters, digits
 /// and underscores only, so it is the same name quoted or not.
 pub fn pg_name(id: &str) -> Result<String, String> {
-    let ok = id.strip_prefix("db_").is_some_and(|rest| {
-        !rest.is_empty()
-            && rest.len() <= 40
-            && rest
-                .bytes()
-                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
-    });
-    if ok {
+    if crate::crud::made_by_new_id("db_", id) {
         Ok(format!("atrium_{id}"))
     } else {
         Err(format!("{id:?} is not a database id"))
@@ -397,9 +390,13 @@ mod tests {
 
     #[test]
     fn names_come_only_from_server_made_ids() {
-        assert_eq!(pg_name("db_0123abcz").unwrap(), "atrium_db_0123abcz");
+        assert_eq!(
+            pg_name("db_1m977edrwjmww6jk").unwrap(),
+            "atrium_db_1m977edrwjmww6jk"
+        );
         for bad in [
             "db_",
+            "db_1m977edrwjmww6jkx",
             "db_A",
             "db_a\"b",
             "db_a;drop",

@@ -256,9 +256,14 @@ async fn upsert(
 ) -> Result<Json<Value>, ApiError> {
     let tenant = tenant_caller_for(API, &caller, Access::Write)?;
     write_size("points", body.points.len())?;
-    for (i, p) in body.points.iter().enumerate() {
-        let bytes = serde_json::to_vec(&p.payload).map_or(usize::MAX, |b| b.len());
-        if bytes > MAX_PAYLOAD_BYTES {
+    // Each payload's JSON, measured once: for its bound and for the quota.
+    let payloads: Vec<u64> = body
+        .points
+        .iter()
+        .map(|p| payload_bytes(&p.payload))
+        .collect();
+    for (i, &bytes) in payloads.iter().enumerate() {
+        if bytes > MAX_PAYLOAD_BYTES as u64 {
             return Err(ApiError::field(
                 &format!("points[{i}].payload"),
                 format!("{bytes} bytes; at most {MAX_PAYLOAD_BYTES}"),
@@ -271,18 +276,15 @@ async fn upsert(
     let open = points_of(&state, &o).await?;
     let guard = open.data.clone().write_owned().await;
     let (mut adding_points, mut adding_bytes) = (0u64, 0u64);
-    let vector_bytes = u64::from(stored::spec::<Collection>(&o)?.dimension) * 4;
-    for p in &body.points {
-        let new = vector_bytes.saturating_add(payload_bytes(&p.payload));
-        match guard.collection().get(&p.id) {
+    let c = guard.collection();
+    for (p, payload) in body.points.iter().zip(&payloads) {
+        let new = c.vector_bytes().saturating_add(*payload);
+        match c.bytes_of(&p.id) {
             None => {
                 adding_points += 1;
                 adding_bytes = adding_bytes.saturating_add(new);
             }
-            Some(old) => {
-                let old = vector_bytes.saturating_add(payload_bytes(&old.payload));
-                adding_bytes = adding_bytes.saturating_add(new.saturating_sub(old));
-            }
+            Some(old) => adding_bytes = adding_bytes.saturating_add(new.saturating_sub(old)),
         }
     }
     within(

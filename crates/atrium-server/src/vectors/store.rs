@@ -82,14 +82,7 @@ impl VectorStore {
 
     /// The directory of collection `id`, a server-made id only.
     fn dir(&self, id: &str) -> Result<PathBuf, ApiError> {
-        let made_here = id.strip_prefix(Collection::ID_PREFIX).is_some_and(|rest| {
-            !rest.is_empty()
-                && rest.len() <= 64
-                && rest
-                    .bytes()
-                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
-        });
-        if !made_here {
+        if !crate::crud::made_by_new_id(Collection::ID_PREFIX, id) {
             return Err(ApiError::Internal(format!("not a collection id: {id:?}")));
         }
         Ok(self.root.join(id))
@@ -196,21 +189,24 @@ mod tests {
             dim: 2,
             metric: Metric::L2,
         };
-        store.create("vec_a", shape()).unwrap();
+        store.create("vec_000000000000000a", shape()).unwrap();
         std::thread::sleep(Duration::from_millis(5));
-        store.create("vec_b", shape()).unwrap();
-        let held = store.get("vec_a").unwrap(); // in use, and now the newest
+        store.create("vec_000000000000000b", shape()).unwrap();
+        let held = store.get("vec_000000000000000a").unwrap(); // in use, and now the newest
         std::thread::sleep(Duration::from_millis(5));
-        store.create("vec_c", shape()).unwrap();
+        store.create("vec_000000000000000c", shape()).unwrap();
         assert_eq!(store.open_count(), 2);
-        assert!(store.map().contains_key("vec_a"), "in use: kept");
         assert!(
-            !store.map().contains_key("vec_b"),
+            store.map().contains_key("vec_000000000000000a"),
+            "in use: kept"
+        );
+        assert!(
+            !store.map().contains_key("vec_000000000000000b"),
             "least recently used: out"
         );
         // Paged out, not lost: it comes back on its next use.
         drop(held);
-        store.get("vec_b").unwrap();
+        store.get("vec_000000000000000b").unwrap();
         assert_eq!(store.open_count(), 2);
     }
 }
