@@ -233,6 +233,12 @@ impl KvPool {
     }
 
     /// One position's key (or value) vector for a layer's KV head.
+    /// One head's vectors of every slot of a block, slot after slot.
+    pub fn block_vectors(&self, block: usize, layer: usize, head: usize, value: bool) -> &[f32] {
+        let o = self.shape.offset(layer, value, head, 0);
+        &self.blocks[block][o..o + BLOCK_TOKENS * self.shape.head_dim]
+    }
+
     pub fn vector(
         &self,
         block: usize,

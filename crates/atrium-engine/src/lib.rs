@@ -6,10 +6,12 @@
 //! safetensors), and `simulated` (timing only, for load tests). The engine
 //! knows nothing of tenants: the agent runs it, the gateway fronts it.
 
+mod attention;
 mod batcher;
 pub mod chat;
 mod detokenize;
 pub mod embed;
+mod fastmath;
 pub mod kv;
 mod llama;
 pub mod logprobs;

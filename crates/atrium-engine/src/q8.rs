@@ -2,8 +2,10 @@
 //!
 //! candle's CPU kernel multiplies one input row at a time and streams the
 //! whole weight matrix from memory for each, so a decode step of eight
-//! sequences read every weight eight times. Here each weight row is read
-//! once per step and used against every input row while it sits in L1.
+//! sequences read every weight eight times. Here weight rows and input rows
+//! meet in register tiles (4 x 2: each block loaded serves the whole tile),
+//! and input rows come in panels that stay in cache while a task's weight
+//! rows pass over them.
 //!
 //! Inputs are quantised to Q8_0 as ggml does (a scale per 32 values), and a
 //! row's sums are always formed in the same order whatever the number of
@@ -19,9 +21,14 @@ use rayon::prelude::*;
 const BLOCK: usize = 32;
 const BLOCK_BYTES: usize = 2 + BLOCK;
 
-/// Independent accumulators per dot product (an FMA's latency over its
-/// issue interval).
-const CHAINS: usize = 4;
+/// A tile's weight rows and input rows: 8 accumulators, with the blocks
+/// in flight, fit AVX2's sixteen registers (4 x 3 spilled, and was no
+/// faster).
+const TILE_W: usize = 4;
+const TILE_X: usize = 2;
+
+/// Input rows kept in cache while a task's weight rows pass over them.
+const PANEL_ROWS: usize = 48;
 
 /// Output rows one parallel task computes.
 const OUTPUTS_PER_TASK: usize = 16;
@@ -155,15 +162,22 @@ impl Q8Matrix {
             .enumerate()
             .for_each(|(task, out)| {
                 let first = task * OUTPUTS_PER_TASK;
-                for (i, out) in out.chunks_exact_mut(rows).enumerate() {
-                    let o = first + i;
-                    let w = &self.quants[o * blocks..(o + 1) * blocks];
-                    let ws = &self.scales[o * blocks..(o + 1) * blocks];
-                    for (r, y) in out.iter_mut().enumerate() {
-                        let xq = &input.quants[r * blocks..(r + 1) * blocks];
-                        let xs = &input.scales[r * blocks..(r + 1) * blocks];
-                        *y = row_dot(w, ws, xq, xs);
-                    }
+                let outputs = out.len() / rows;
+                let weights = Operand {
+                    quants: &self.quants[first * blocks..(first + outputs) * blocks],
+                    scales: &self.scales[first * blocks..(first + outputs) * blocks],
+                    blocks,
+                };
+                // A panel of input rows stays in cache while every weight
+                // row of the task passes over it.
+                for panel in (0..rows).step_by(PANEL_ROWS) {
+                    let panel_rows = PANEL_ROWS.min(rows - panel);
+                    let inputs = Operand {
+                        quants: &input.quants[panel * blocks..(panel + panel_rows) * blocks],
+                        scales: &input.scales[panel * blocks..(panel + panel_rows) * blocks],
+                        blocks,
+                    };
+                    tiles(&weights, &inputs, |o, r, v| out[o * rows + panel + r] = v);
                 }
             });
         let mut out = vec![0.0f32; rows * self.outputs];
@@ -176,95 +190,156 @@ impl Q8Matrix {
     }
 }
 
-/// One weight row against one input row, as ggml's AVX2 kernel does it:
-/// per block, eight lanes of exact integer sums, scaled into eight float
-/// lanes. Block `b` goes to accumulator `b % 4` so four chains of
-/// multiply-adds overlap; the lanes are added last, always in one order.
+/// Rows of Q8_0 blocks, `blocks` to a row.
+struct Operand<'a> {
+    quants: &'a [[i8; BLOCK]],
+    scales: &'a [f32],
+    blocks: usize,
+}
+
+impl<'a> Operand<'a> {
+    fn rows(&self) -> usize {
+        self.scales.len() / self.blocks
+    }
+
+    fn row(&self, r: usize) -> Row<'a> {
+        let range = r * self.blocks..(r + 1) * self.blocks;
+        Row {
+            quants: &self.quants[range.clone()],
+            scales: &self.scales[range],
+        }
+    }
+}
+
+#[derive(Clone, Copy)]
+struct Row<'a> {
+    quants: &'a [[i8; BLOCK]],
+    scales: &'a [f32],
+}
+
+/// Every weight row against every input row, `TILE_W` x `TILE_X` at a time:
+/// each block loaded from memory serves a whole row or column of the tile
+/// (a weight block `TILE_X` inputs, an input block `TILE_W` weights), and
+/// the tile's sums are independent chains the core overlaps. `put(o, r, v)`
+/// receives weight row `o` times input row `r`.
+fn tiles(w: &Operand<'_>, x: &Operand<'_>, mut put: impl FnMut(usize, usize, f32)) {
+    macro_rules! tile_of {
+        ($o:expr, $r:expr, $m:literal, $n:literal) => {{
+            let sums = tile::<$m, $n>(
+                std::array::from_fn(|i| w.row($o + i)),
+                std::array::from_fn(|j| x.row($r + j)),
+            );
+            for (i, row) in sums.iter().enumerate() {
+                for (j, v) in row.iter().enumerate() {
+                    put($o + i, $r + j, *v);
+                }
+            }
+        }};
+    }
+    let (outputs, rows) = (w.rows(), x.rows());
+    for o in (0..outputs).step_by(TILE_W) {
+        for r in (0..rows).step_by(TILE_X) {
+            match ((outputs - o).min(TILE_W), (rows - r).min(TILE_X)) {
+                (4, 2) => tile_of!(o, r, 4, 2),
+                (4, _) => tile_of!(o, r, 4, 1),
+                (3, 2) => tile_of!(o, r, 3, 2),
+                (3, _) => tile_of!(o, r, 3, 1),
+                (2, 2) => tile_of!(o, r, 2, 2),
+                (2, _) => tile_of!(o, r, 2, 1),
+                (_, 2) => tile_of!(o, r, 1, 2),
+                (_, _) => tile_of!(o, r, 1, 1),
+            }
+        }
+    }
+}
+
+/// `M` weight rows against `N` input rows, as ggml's AVX2 kernel forms one
+/// such product: per block, eight lanes of exact integer sums (four
+/// neighbouring products each), scaled into eight float lanes by one fused
+/// multiply-add; the lanes are added last, always in one order. Each pair
+/// has its own accumulator and visits its blocks in order, so its bits do
+/// not depend on `M`, `N` or the rows beside it.
 #[cfg(all(
     target_arch = "x86_64",
     target_feature = "avx2",
     target_feature = "fma"
 ))]
-fn row_dot(w: &[[i8; BLOCK]], ws: &[f32], x: &[[i8; BLOCK]], xs: &[f32]) -> f32 {
+#[inline(always)]
+fn tile<const M: usize, const N: usize>(w: [Row<'_>; M], x: [Row<'_>; N]) -> [[f32; N]; M] {
     use safe_arch::*;
-    #[inline(always)]
-    fn block(w: &[i8; BLOCK], x: &[i8; BLOCK], d: f32, acc: m256) -> m256 {
-        let wv = load_unaligned_m256i(w);
-        let xv = load_unaligned_m256i(x);
-        // vpmaddubsw multiplies unsigned by signed: move w's sign onto x.
-        // Inputs never reach -128 (see `quantise`), so pairs cannot saturate.
-        let pairs = mul_u8i8_add_horizontal_saturating_m256i(
-            sign_apply_i8_m256i(wv, wv),
-            sign_apply_i8_m256i(xv, wv),
-        );
-        let lanes = mul_i16_horizontal_add_m256i(pairs, set_splat_i16_m256i(1));
-        fused_mul_add_m256(
-            set_splat_m256(d),
-            convert_to_m256_from_i32_m256i(lanes),
-            acc,
-        )
+    let blocks = w[0].quants.len();
+    let ones = set_splat_i16_m256i(1);
+    let mut acc = [[zeroed_m256(); N]; M];
+    for b in 0..blocks {
+        let xv: [m256i; N] = std::array::from_fn(|j| load_unaligned_m256i(&x[j].quants[b]));
+        for i in 0..M {
+            let wv = load_unaligned_m256i(&w[i].quants[b]);
+            // vpmaddubsw multiplies unsigned by signed: move w's sign onto x.
+            // Inputs never reach -128 (see `quantise`), so pairs cannot saturate.
+            let magnitude = sign_apply_i8_m256i(wv, wv);
+            for j in 0..N {
+                let pairs = mul_u8i8_add_horizontal_saturating_m256i(
+                    magnitude,
+                    sign_apply_i8_m256i(xv[j], wv),
+                );
+                let lanes = mul_i16_horizontal_add_m256i(pairs, ones);
+                acc[i][j] = fused_mul_add_m256(
+                    set_splat_m256(w[i].scales[b] * x[j].scales[b]),
+                    convert_to_m256_from_i32_m256i(lanes),
+                    acc[i][j],
+                );
+            }
+        }
     }
-    let (w4, w_rest) = w.as_chunks::<CHAINS>();
-    let (x4, x_rest) = x.as_chunks::<CHAINS>();
-    let (ws4, ws_rest) = ws.as_chunks::<CHAINS>();
-    let (xs4, xs_rest) = xs.as_chunks::<CHAINS>();
-    let mut acc = [zeroed_m256(); CHAINS];
-    for (((wc, xc), wsc), xsc) in w4.iter().zip(x4).zip(ws4).zip(xs4) {
-        acc[0] = block(&wc[0], &xc[0], wsc[0] * xsc[0], acc[0]);
-        acc[1] = block(&wc[1], &xc[1], wsc[1] * xsc[1], acc[1]);
-        acc[2] = block(&wc[2], &xc[2], wsc[2] * xsc[2], acc[2]);
-        acc[3] = block(&wc[3], &xc[3], wsc[3] * xsc[3], acc[3]);
-    }
-    for (i, (((wb, xb), wd), xd)) in w_rest
-        .iter()
-        .zip(x_rest)
-        .zip(ws_rest)
-        .zip(xs_rest)
-        .enumerate()
-    {
-        acc[i] = block(wb, xb, wd * xd, acc[i]);
-    }
-    let acc = add_m256(add_m256(acc[0], acc[2]), add_m256(acc[1], acc[3]));
-    lanes_sum(<[f32; 8]>::from(acc))
+    acc.map(|row| row.map(|a| lanes_sum(a.into())))
 }
 
-/// The same sums in portable code, for builds without AVX2.
+/// The same sums in portable code, for builds without AVX2: bit for bit
+/// the AVX2 kernel's (integer lanes are exact, and `mul_add` is fused).
 #[cfg(not(all(
     target_arch = "x86_64",
     target_feature = "avx2",
     target_feature = "fma"
 )))]
-fn row_dot(w: &[[i8; BLOCK]], ws: &[f32], x: &[[i8; BLOCK]], xs: &[f32]) -> f32 {
-    let mut acc = [[0.0f32; 8]; CHAINS];
-    for (b, (((wb, xb), wd), xd)) in w.iter().zip(x).zip(ws).zip(xs).enumerate() {
-        let d = wd * xd;
-        for (j, a) in acc[b % CHAINS].iter_mut().enumerate() {
-            let p = |i: usize| i32::from(wb[i]) * i32::from(xb[i]);
-            let lane = (p(2 * j) + p(2 * j + 1)) + (p(2 * j + 16) + p(2 * j + 17));
-            *a = d.mul_add(lane as f32, *a);
-        }
-    }
-    let acc: [f32; 8] = std::array::from_fn(|j| (acc[0][j] + acc[2][j]) + (acc[1][j] + acc[3][j]));
-    lanes_sum(acc)
+fn tile<const M: usize, const N: usize>(w: [Row<'_>; M], x: [Row<'_>; N]) -> [[f32; N]; M] {
+    std::array::from_fn(|i| {
+        std::array::from_fn(|j| {
+            let mut acc = [0.0f32; 8];
+            for b in 0..w[i].quants.len() {
+                let (wb, xb) = (&w[i].quants[b], &x[j].quants[b]);
+                let d = w[i].scales[b] * x[j].scales[b];
+                for (lane, a) in acc.iter_mut().enumerate() {
+                    let sum: i32 = (4 * lane..4 * lane + 4)
+                        .map(|k| i32::from(wb[k]) * i32::from(xb[k]))
+                        .sum();
+                    *a = d.mul_add(sum as f32, *a);
+                }
+            }
+            lanes_sum(acc)
+        })
+    })
 }
 
+/// ggml's `hsum_float_8`, in its order.
 fn lanes_sum(acc: [f32; 8]) -> f32 {
-    ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]))
+    ((acc[0] + acc[4]) + (acc[2] + acc[6])) + ((acc[1] + acc[5]) + (acc[3] + acc[7]))
 }
 
-/// ggml's `quantize_row_q8_0`, keeping the scale in f32.
+/// ggml's `quantize_row_q8_0` (its AVX2 code): the scale is `max |v| / 127`
+/// stored as f16, each value times `127 / max |v|` rounded half to even.
+/// With the kernel's order of sums this follows llama.cpp's arithmetic step
+/// by step (read from ggml's source; not compared with its output here).
 fn quantise(x: &[f32], inputs: usize) -> QuantisedInput {
-    let mut quants = Vec::with_capacity(x.len());
+    let mut quants = Vec::with_capacity(x.len() / BLOCK);
     let mut scales = Vec::with_capacity(x.len() / BLOCK);
     debug_assert!(x.len().is_multiple_of(inputs));
     for block in x.chunks_exact(BLOCK) {
         let amax = block.iter().fold(0.0f32, |m, v| m.max(v.abs()));
-        let d = amax / 127.0;
-        let inv = if d == 0.0 { 0.0 } else { 1.0 / d };
-        scales.push(d);
+        scales.push(f16::from_f32(amax / 127.0).to_f32());
+        let inv = if amax == 0.0 { 0.0 } else { 127.0 / amax };
         // |v * inv| <= 127 up to rounding: -128 is never produced.
         quants.push(std::array::from_fn(|i| {
-            (block[i] * inv).round().clamp(-127.0, 127.0) as i8
+            (block[i] * inv).round_ties_even().clamp(-127.0, 127.0) as i8
         }));
     }
     QuantisedInput { quants, scales }
@@ -316,7 +391,8 @@ mod tests {
             .to_vec1::<f32>()
             .unwrap();
         for (a, b) in together.iter().zip(&theirs) {
-            // candle rounds the input scales to f16; ours stay f32.
+            // candle rounds inputs half away from zero by 1 / scale; ggml (and
+            // we) half to even by 127 / max.
             assert!(
                 (a - b).abs() <= 1e-2 * b.abs().max(1.0),
                 "{a} vs candle's {b}"

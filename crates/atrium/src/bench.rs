@@ -227,6 +227,9 @@ impl<'a> ChatRequest<'a> {
     }
 }
 
+/// Alternating rounds of the single-stream rates (see `engine`).
+const ROUNDS: usize = 3;
+
 pub async fn engine(out: PathBuf) -> Result<()> {
     let minilm = model("minilm-l6-v2")?;
     let smollm = model("smollm2-135m-instruct")?;
@@ -251,9 +254,28 @@ pub async fn engine(out: PathBuf) -> Result<()> {
     })
     .await??;
     let chat = std::sync::Arc::new(chat);
-    let prefill_40 = bench_chat::prefill_rate(&chat, 40).await?;
-    let prefill_400 = bench_chat::prefill_rate(&chat, 400).await?;
-    let decode = bench_chat::decode_rate(&chat).await?;
+    // The machine is shared and its speed drifts by tens of percent within
+    // minutes: the single-stream rates of both engines are measured in
+    // alternating rounds, and each keeps its best round.
+    let (mut prefill_40, mut prefill_400, mut decode) = (0.0f64, 0.0f64, 0.0f64);
+    let mut peer: Option<Result<bench_chat::LlamaCppRates>> = None;
+    for _ in 0..ROUNDS {
+        prefill_40 = prefill_40.max(bench_chat::prefill_rate(&chat, 40).await?);
+        prefill_400 = prefill_400.max(bench_chat::prefill_rate(&chat, 400).await?);
+        decode = decode.max(bench_chat::decode_rate(&chat).await?);
+        if matches!(peer, Some(Err(_))) {
+            continue; // not installable here: said once, not retried
+        }
+        let gguf = smollm.clone();
+        let round =
+            tokio::task::spawn_blocking(move || bench_chat::llama_cpp_rates(&gguf, threads))
+                .await?;
+        peer = Some(match (peer, round) {
+            (Some(Ok(best)), Ok(r)) => Ok(best.best(r)),
+            (_, round) => round,
+        });
+    }
+    let peer = peer.unwrap_or_else(|| Err(anyhow!("llama.cpp was not run")));
     let mut aggregate = Vec::new();
     for streams in [1, 4, 8, 16] {
         aggregate.push((streams, bench_chat::aggregate_rate(&chat, streams).await?));
@@ -263,8 +285,6 @@ pub async fn engine(out: PathBuf) -> Result<()> {
         Err(e) => Err(e),
     };
     drop(chat);
-    let peer =
-        tokio::task::spawn_blocking(move || bench_chat::llama_cpp_rates(&smollm, threads)).await?;
     let (first_token, from_zero) = first_tokens().await?;
 
     let peer_cell = |f: fn(&bench_chat::LlamaCppRates) -> f64| match &peer {

@@ -107,6 +107,17 @@ pub struct LlamaCppRates {
     pub decode: f64,
 }
 
+impl LlamaCppRates {
+    /// Each rate's best of two rounds.
+    pub fn best(self, other: LlamaCppRates) -> LlamaCppRates {
+        LlamaCppRates {
+            prefill_40: self.prefill_40.max(other.prefill_40),
+            prefill_400: self.prefill_400.max(other.prefill_400),
+            decode: self.decode.max(other.decode),
+        }
+    }
+}
+
 const LLAMA_CPP_SCRIPT: &str = r#"
 import json, sys, time
 from llama_cpp import Llama
