@@ -158,15 +158,28 @@ impl Q8Matrix {
     }
 
     /// The whole matrix in f32, transposed (`inputs` rows of `outputs`),
-    /// written once into its final place.
+    /// written once into its final place. The interleaved layout is what
+    /// makes this cheap: one group holds four inputs of eight neighbouring
+    /// outputs, i.e. four dense rows' next eight values, so the dense copy
+    /// is written in runs rather than a value per cache line (this runs
+    /// when a replica starts, in a sandbox of maybe half a CPU).
     pub fn dense_transposed(&self) -> Vec<f32> {
         let mut dense = vec![0.0f32; self.inputs * self.outputs];
         let per_row = self.inputs / BLOCK;
-        for o in 0..self.outputs {
-            let first = (o / STRIP) * per_row;
-            for (b, at) in (first..first + per_row).enumerate() {
-                for (i, v) in self.block_values(at, o % STRIP).enumerate() {
-                    dense[(b * BLOCK + i) * self.outputs + o] = v;
+        let strips = self.outputs.div_ceil(STRIP);
+        for b in 0..per_row {
+            for g in 0..GROUPS {
+                for strip in 0..strips {
+                    let at = strip * per_row + b;
+                    let (group, scales) = (&self.quants[at * GROUPS + g], &self.scales[at]);
+                    let first = strip * STRIP;
+                    let lanes = STRIP.min(self.outputs - first);
+                    for k in 0..GROUP {
+                        let row = (b * BLOCK + g * GROUP + k) * self.outputs + first;
+                        for (lane, v) in dense[row..row + lanes].iter_mut().enumerate() {
+                            *v = f32::from(group[lane * GROUP + k]) * scales[lane];
+                        }
+                    }
                 }
             }
         }
