@@ -189,7 +189,10 @@ impl From<StoreError> for ApiError {
             // Only controllers write through a fenced store: a deposed
             // leader's write, refused, to be retried by the new leader.
             e @ StoreError::Fenced { .. } => ApiError::Unavailable(e.to_string()),
-            e @ (StoreError::UnsupportedUrl(_) | StoreError::Corrupt(_)) => {
+            // A failover under way: the next try finds the new primary.
+            e @ StoreError::NoPrimary(_) => ApiError::Unavailable(e.to_string()),
+            e
+            @ (StoreError::UnsupportedUrl(_) | StoreError::BadUrl(_) | StoreError::Corrupt(_)) => {
                 ApiError::Internal(e.to_string())
             }
         }

@@ -2,32 +2,51 @@
 //! processes may share one database and serve the API; the controllers —
 //! placement, autoscaler, tenant clusters' pods, change-log compaction,
 //! batch retention —
-//! run only on the server holding the `controllers` lease, renewed every
-//! `RENEW` for `TTL`, and write through a store fenced to the lease's
-//! term: once another server takes the lease over, anything the deposed
+//! run only on the server holding the `controllers` lease, renewed
+//! often for a short time (`Timing`), and write through a store fenced to
+//! the lease's term: once another server takes the lease over, anything the deposed
 //! one still tries to write is refused by the database, not by its own
 //! belief that it leads.
 //!
 //! A server's holder name is kept in the data directory under its host's
 //! name, so a server that restarts on the same host (even after `kill -9`)
-//! renews its own lease at once instead of waiting out the TTL, while
+//! renews its own lease at once instead of waiting for it to lapse, while
 //! servers on several hosts may share the directory; a stopping server
 //! resigns the lease.
 
 use std::path::Path;
 use std::time::Duration;
 
-use atrium_store::{Fence, Store};
+use atrium_store::{Backend, Fence, Store};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::{autoscale, batches, compact_periodically, controller, kube, AppState};
 
 const LEASE: &str = "controllers";
-/// How long a lease lasts unless renewed: the longest the controllers
-/// stop when their server dies.
-const TTL: Duration = Duration::from_secs(10);
-const RENEW: Duration = Duration::from_secs(2);
+/// How long the lease lasts unless renewed (`ttl`), and how often the
+/// leader renews it and the others ask for it (`renew`).
+#[derive(Debug, Clone, Copy)]
+struct Timing {
+    ttl: Duration,
+    renew: Duration,
+}
+
+/// Several servers share a PostgreSQL database: a dead leader's
+/// controllers resume elsewhere within ttl + renew, under 2 s. The leader
+/// has six tries to renew before it lapses; one that still misses them
+/// all (a stalled host) only loses the lease: the fence keeps two leaders
+/// from acting in one term, so short is safe.
+const SHARED: Timing = Timing {
+    ttl: Duration::from_millis(1500),
+    renew: Duration::from_millis(250),
+};
+/// A SQLite database has one server (its file is on one host): nobody
+/// waits to take over, and each renewal is a synced commit on its disk.
+const ALONE: Timing = Timing {
+    ttl: Duration::from_secs(10),
+    renew: Duration::from_secs(2),
+};
 
 /// This server's name as a lease holder, made once per host and data
 /// directory: servers may share one data directory (the registry, the
@@ -107,9 +126,13 @@ pub async fn run(
     mut shutdown: watch::Receiver<bool>,
 ) {
     let store: Store = state.store.clone();
+    let Timing { ttl, renew } = match store.backend() {
+        Backend::Postgres => SHARED,
+        Backend::Sqlite => ALONE,
+    };
     let mut leading: Option<Leading> = None;
     loop {
-        let term = match store.lead(LEASE, &holder, TTL).await {
+        let term = match store.lead(LEASE, &holder, ttl).await {
             Ok(t) => t,
             Err(e) => {
                 // Unsure whether it still leads: it stops, and the fence
@@ -138,14 +161,14 @@ pub async fn run(
             (None, None) => {}
         }
         tokio::select! {
-            _ = tokio::time::sleep(RENEW) => {}
+            _ = tokio::time::sleep(renew) => {}
             _ = shutdown.changed() => break,
         }
     }
     if let Some(l) = leading.take() {
         l.stop();
         if let Err(e) = store.resign(LEASE, &holder).await {
-            tracing::warn!(error = %e, "cannot resign the controllers' lease; it expires in {TTL:?}");
+            tracing::warn!(error = %e, "cannot resign the controllers' lease; it expires in {ttl:?}");
         }
     }
 }

@@ -18,9 +18,11 @@ mod lease;
 mod ledger;
 mod load;
 mod migrate;
+mod primary;
 mod types;
 
 pub use lease::Fence;
+pub use primary::PostgresTargets;
 pub use types::{
     AuditContext, AuditEvent, Backend, Change, ChangeOp, Check, Count, Object, Page, Precondition,
     Selection, StoreError, TenantFilter, UsageRecord, Write, WriteError,
@@ -48,6 +50,9 @@ pub struct Store {
 
 struct Inner {
     pool: AnyPool,
+    /// On PostgreSQL, the host the pool connects to: on a cluster it
+    /// moves with the primary (`primary::follow`).
+    primary_url: std::sync::RwLock<String>,
     backend: Backend,
     head: watch::Sender<i64>,
     /// SQLite allows one writer; queueing writers here rather than in
@@ -98,16 +103,19 @@ impl Store {
         } else if url.starts_with("postgres:") || url.starts_with("postgresql:") {
             Backend::Postgres
         } else {
-            return Err(StoreError::UnsupportedUrl(url.to_string()));
+            // Only the scheme: the rest may hold a password.
+            let scheme = url.split_once(':').map_or("", |(s, _)| s);
+            return Err(StoreError::UnsupportedUrl(format!("{scheme}:")));
         };
-        let pool = match backend {
+        let mut targets = None;
+        let (pool, url) = match backend {
             Backend::Sqlite => {
                 let url = if url.contains('?') {
                     url.to_string()
                 } else {
                     format!("{url}?mode=rwc")
                 };
-                AnyPoolOptions::new()
+                let pool = AnyPoolOptions::new()
                     .max_connections(8)
                     .after_connect(|conn, _| {
                         Box::pin(async move {
@@ -125,13 +133,20 @@ impl Store {
                         })
                     })
                     .connect(&url)
-                    .await?
+                    .await?;
+                (pool, url)
             }
             Backend::Postgres => {
-                AnyPoolOptions::new()
-                    .max_connections(16)
-                    .connect(url)
-                    .await?
+                let parsed = PostgresTargets::parse(url)?;
+                let url = if parsed.several() {
+                    primary::find_primary(&parsed).await?
+                } else {
+                    parsed.first().to_string()
+                };
+                if parsed.several() {
+                    targets = Some(Arc::new(parsed));
+                }
+                (primary::pool_on(&url)?, url)
             }
         };
         migrate::run(&pool, backend).await?;
@@ -143,6 +158,7 @@ impl Store {
         let store = Store {
             inner: Arc::new(Inner {
                 pool,
+                primary_url: std::sync::RwLock::new(url),
                 backend,
                 head,
                 sqlite_writer: Mutex::new(()),
@@ -150,7 +166,10 @@ impl Store {
             fence: None,
         };
         if backend == Backend::Postgres {
-            store.spawn_postgres_listener(url.to_string());
+            store.spawn_postgres_listener();
+        }
+        if let Some(targets) = targets {
+            primary::follow(Arc::downgrade(&store.inner), targets);
         }
         Ok(store)
     }
@@ -182,10 +201,15 @@ impl Store {
     /// Follows revisions committed by other processes sharing the database.
     /// A notification carries the committed revision; a periodic read of the
     /// head covers notifications lost while reconnecting.
-    fn spawn_postgres_listener(&self, url: String) {
+    /// On a cluster it listens on the primary of the moment (a standby
+    /// refuses LISTEN), and follows it when it moves.
+    fn spawn_postgres_listener(&self) {
         let weak = Arc::downgrade(&self.inner);
         tokio::spawn(async move {
             loop {
+                let Some(url) = weak.upgrade().map(|inner| primary::current_url(&inner)) else {
+                    return;
+                };
                 let mut listener = match sqlx::postgres::PgListener::connect(&url).await {
                     Ok(l) => l,
                     Err(e) => {

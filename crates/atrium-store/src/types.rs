@@ -24,6 +24,12 @@ pub enum StoreError {
     /// The database URL is neither `sqlite:` nor `postgres:`.
     #[error("unsupported database URL {0:?}: use sqlite://<path> or postgres://...")]
     UnsupportedUrl(String),
+    /// A PostgreSQL URL that cannot be used as given.
+    #[error("database URL: {0}")]
+    BadUrl(String),
+    /// None of the database's hosts is a writable primary (now).
+    #[error("no PostgreSQL primary among the database's hosts: {0}")]
+    NoPrimary(String),
     /// A stored document does not parse; the database was edited by hand
     /// or by an incompatible version.
     #[error("corrupt stored data: {0}")]

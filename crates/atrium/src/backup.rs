@@ -144,21 +144,26 @@ fn report(what: &str, file: &Path, head: i64) {
 }
 
 /// `url` without its password, and the password, so it can go to the
-/// PostgreSQL tools through the environment.
+/// PostgreSQL tools through the environment. Read as text, not as a URL:
+/// libpq's several hosts (`h1:5432,h2:5432`) are no URL's authority, and
+/// the tools take them as written (with `target_session_attrs`).
 fn without_password(url: &str) -> Result<(String, Option<String>)> {
-    let mut parsed = reqwest::Url::parse(url).map_err(|e| anyhow!("database-url: {e}"))?;
-    if !matches!(parsed.scheme(), "postgres" | "postgresql") {
-        bail!("database-url: must start with sqlite:// or postgres://");
-    }
-    let password = parsed.password().map(|p| {
-        percent_encoding::percent_decode_str(p)
-            .decode_utf8_lossy()
-            .into_owned()
-    });
-    parsed
-        .set_password(None)
-        .map_err(|()| anyhow!("database-url: cannot drop its password"))?;
-    Ok((parsed.to_string(), password))
+    let (scheme, rest) = url
+        .split_once("://")
+        .filter(|(s, _)| matches!(*s, "postgres" | "postgresql"))
+        .ok_or_else(|| anyhow!("database-url: must start with sqlite:// or postgres://"))?;
+    let end = rest.find(['/', '?']).unwrap_or(rest.len());
+    let (authority, tail) = rest.split_at(end);
+    let Some((userinfo, hosts)) = authority.rsplit_once('@') else {
+        return Ok((url.to_string(), None));
+    };
+    let Some((user, password)) = userinfo.split_once(':') else {
+        return Ok((url.to_string(), None));
+    };
+    let password = percent_encoding::percent_decode_str(password)
+        .decode_utf8_lossy()
+        .into_owned();
+    Ok((format!("{scheme}://{user}@{hosts}{tail}"), Some(password)))
 }
 
 fn postgres_tool(cmd: &mut Command, password: Option<&str>) -> Result<()> {
@@ -192,6 +197,15 @@ mod tests {
         let (url, pw) = without_password("postgres://db/atrium").unwrap();
         assert_eq!((url.as_str(), pw), ("postgres://db/atrium", None));
         assert!(without_password("mysql://db/x").is_err());
+        let (url, pw) = without_password(
+            "postgres://atrium:pw@h1:5432,h2:5433/atrium?target_session_attrs=read-write",
+        )
+        .unwrap();
+        assert_eq!(
+            url,
+            "postgres://atrium@h1:5432,h2:5433/atrium?target_session_attrs=read-write"
+        );
+        assert_eq!(pw.as_deref(), Some("pw"));
         assert_eq!(
             sqlite_path("sqlite:///var/lib/atrium/atrium.db?mode=rwc"),
             Some(PathBuf::from("/var/lib/atrium/atrium.db"))

