@@ -194,6 +194,19 @@ pub struct UsageRecordView {
     /// tenant's own requests.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub batch: Option<String>,
+    /// How many requests the record sums: 1 for a request's own record;
+    /// more for an aggregate (then `at` is the minute it covers and
+    /// `request_id` is empty).
+    #[serde(default = "one_request", skip_serializing_if = "is_one_request")]
+    pub requests: i64,
+}
+
+fn one_request() -> i64 {
+    1
+}
+
+fn is_one_request(n: &i64) -> bool {
+    *n == 1
 }
 
 /// Body of `POST /v1/usage`: a batch, recorded at most once per id.

@@ -39,6 +39,26 @@ pub enum IsolationTier {
     DedicatedNode,
 }
 
+/// How the gateways record a tenant's usage.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum UsageRecords {
+    /// One record per (deployment, site, replica, minute, batch, flag)
+    /// with its request count and token sums: what billing needs, at a
+    /// cost to the control plane that does not grow with the requests.
+    #[default]
+    Aggregated,
+    /// Also one record per request, with its `x-request-id`: for a tenant
+    /// that reconciles requests one by one.
+    PerRequest,
+}
+
+impl UsageRecords {
+    fn is_default(&self) -> bool {
+        *self == UsageRecords::default()
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct TenantSpec {
@@ -53,6 +73,8 @@ pub struct TenantSpec {
     /// Higher runs first and may preempt lower; 0 to 1000.
     #[serde(default)]
     pub priority: i32,
+    #[serde(default, skip_serializing_if = "UsageRecords::is_default")]
+    pub usage_records: UsageRecords,
 }
 
 impl Default for TenantSpec {
@@ -65,6 +87,7 @@ impl Default for TenantSpec {
             isolation: default_isolation(),
             quota: Quota::default(),
             priority: 0,
+            usage_records: UsageRecords::default(),
         }
     }
 }
@@ -107,5 +130,29 @@ impl TenantSpec {
             );
         }
         errors.into_result()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn usage_records_are_aggregated_unless_asked_and_nothing_else_is_taken() {
+        let spec: TenantSpec = serde_json::from_str("{}").unwrap();
+        assert_eq!(spec.usage_records, UsageRecords::Aggregated);
+        assert_eq!(
+            serde_json::to_string(&spec.usage_records).unwrap(),
+            "\"aggregated\""
+        );
+        assert!(!serde_json::to_string(&spec)
+            .unwrap()
+            .contains("usage_records"));
+        let spec: TenantSpec = serde_json::from_str(r#"{"usage_records":"per_request"}"#).unwrap();
+        assert_eq!(spec.usage_records, UsageRecords::PerRequest);
+        for bad in [r#"{"usage_records":"all"}"#, r#"{"usage_records":1}"#] {
+            assert!(serde_json::from_str::<TenantSpec>(bad).is_err(), "{bad}");
+        }
     }
 }

@@ -30,6 +30,7 @@ mod server;
 mod tenant_api;
 mod upstream;
 mod usage;
+mod usage_rollup;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;

@@ -115,6 +115,8 @@ pub struct Meter {
     bound: UsageBound,
     /// The Batch API job the request runs for.
     batch: Option<String>,
+    /// Kept as its own record when shipped, not only in an aggregate.
+    itemised: bool,
 }
 
 impl Meter {
@@ -135,7 +137,14 @@ impl Meter {
             request_id: request_id.to_string(),
             bound,
             batch: None,
+            itemised: false,
         }
+    }
+
+    /// Keeps the request's own record (the tenant asked for them).
+    pub fn itemised(mut self, itemised: bool) -> Meter {
+        self.itemised = itemised;
+        self
     }
 
     /// Marks the record as a batch's (billed as batch usage).
@@ -192,6 +201,7 @@ impl Meter {
             request_id: &self.request_id,
             flag: flag.as_deref(),
             batch: self.batch.as_deref(),
+            itemised: self.itemised,
         };
         if let Err(e) = self.usage.append(&record) {
             tracing::error!(error = %e, request_id = %self.request_id, "gateway: usage not spooled");

@@ -435,6 +435,7 @@ async fn respond(
     let status = upstream.head.status;
     let content_type = upstream.head.content_type.clone();
     let mut upstream_body = upstream.body;
+    let itemised = a.caller.itemised_usage;
     let meter = Meter::new(
         g,
         a.caller.tenant,
@@ -443,7 +444,8 @@ async fn respond(
         request_id,
         a.bound,
     )
-    .for_batch(a.batch);
+    .for_batch(a.batch)
+    .itemised(itemised);
     let mut ticket = a.ticket;
     let mut after_sent: Option<server::AfterSent> = None;
     let body = if a.streaming && (200..300).contains(&status) {

@@ -2,7 +2,7 @@
 //! deployments, replicas — kept current by watch streams, and the pure
 //! lookups every request makes against it.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
@@ -13,6 +13,7 @@ use atrium_core::deployment::{EngineKind, SamplingDefaults};
 use atrium_core::key::{split_key_token, Scope};
 use atrium_core::lifecycle::LifecycleState;
 use atrium_core::limits::RequestLimits;
+use atrium_core::tenant::UsageRecords;
 use atrium_core::url::UpstreamUrl;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -107,6 +108,9 @@ pub struct Caller {
     pub may_infer: bool,
     pub key_limits: RequestLimits,
     pub tenant_limits: RequestLimits,
+    /// The tenant asked for a usage record per request
+    /// (`usage_records: per_request`), not only minute aggregates.
+    pub itemised_usage: bool,
 }
 
 /// A replica's circuit breaker: after `TRIP_AFTER` consecutive connect
@@ -221,6 +225,8 @@ pub struct Routes {
     breakers: HashMap<String, Arc<Breaker>>,
     /// tenant name → the limits of its quota.
     tenants: HashMap<String, RequestLimits>,
+    /// Tenants that asked for a usage record per request.
+    itemised_usage: HashSet<String>,
     /// deployment id → its load counters.
     load: HashMap<String, Arc<DeploymentLoad>>,
     /// Told whenever the serving replicas change: requests held for a
@@ -241,6 +247,8 @@ pub struct SavedRoutes {
     deployments: Vec<((String, String), DeploymentEntry)>,
     replicas: BTreeMap<String, ReplicaEntry>,
     tenants: HashMap<String, RequestLimits>,
+    #[serde(default)]
+    itemised_usage: HashSet<String>,
 }
 
 /// A replica preferred by affinity keeps its requests while it has at most
@@ -299,6 +307,7 @@ impl Routes {
                 .collect(),
             replicas: self.replicas.clone(),
             tenants: self.tenants.clone(),
+            itemised_usage: self.itemised_usage.clone(),
         }
     }
 
@@ -313,6 +322,7 @@ impl Routes {
         }
         self.replicas = saved.replicas;
         self.tenants = saved.tenants;
+        self.itemised_usage = saved.itemised_usage;
         self.replicas_changed();
         self.restored = true;
     }
@@ -356,6 +366,7 @@ impl Routes {
             may_infer,
             key_limits: key.limits,
             tenant_limits: self.tenants.get(&key.tenant).copied().unwrap_or_default(),
+            itemised_usage: self.itemised_usage.contains(&key.tenant),
         })
     }
 
@@ -615,17 +626,29 @@ impl Routes {
     fn apply_tenant(&mut self, update: Update<Object<Tenant>>) {
         self.version += 1;
         let entry = |o: &Object<Tenant>| (o.name.clone(), o.spec.quota.request_limits());
+        let itemised = |o: &Object<Tenant>| o.spec.usage_records == UsageRecords::PerRequest;
         match update {
             Update::Snapshot(items) => {
                 self.tenants = items.iter().map(entry).collect();
+                self.itemised_usage = items
+                    .iter()
+                    .filter(|o| itemised(o))
+                    .map(|o| o.name.clone())
+                    .collect();
                 self.synced.tenants = true;
             }
             Update::Added(o) | Update::Modified(o) => {
                 let (k, v) = entry(&o);
+                if itemised(&o) {
+                    self.itemised_usage.insert(k.clone());
+                } else {
+                    self.itemised_usage.remove(&k);
+                }
                 self.tenants.insert(k, v);
             }
             Update::Deleted(o) => {
                 self.tenants.remove(&o.name);
+                self.itemised_usage.remove(&o.name);
             }
         }
     }

@@ -1,5 +1,7 @@
 //! Metering that loses nothing.
 //!
+//! (What is sent for the spooled lines is their roll-up: `usage_rollup`.)
+//!
 //! Each finished request's usage is appended to a spool segment in the
 //! gateway's data directory in one `write`, before the gateway reads
 //! anything more from that client's connection (a whole answer's right
@@ -30,20 +32,21 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use atrium_api::UsageRecordView;
 use atrium_client::ControlPlane;
 use serde::{Deserialize, Serialize};
 use tokio::sync::Notify;
 
-/// Most records one batch carries (the control plane's limit).
-const MAX_BATCH: usize = 1000;
-/// Most spool bytes one batch carries (about 300 records). Sending a batch
-/// is the one thing the shipper does on the gateway's thread that grows
-/// with the batch; batches of 1,000 records (about 200 KiB) held that
-/// thread for about half a millisecond each (`perf sched`), which the
-/// request waiting behind it saw as p99. A busy gateway sends several
-/// batches back to back instead.
-const MAX_BATCH_BYTES: u64 = 64 << 10;
+use crate::usage_rollup;
+
+/// Most spool lines one batch carries: its roll-up has at most as many
+/// records, within the control plane's 10,000.
+const MAX_BATCH: usize = 5000;
+/// Most spool bytes one batch carries (about 5,000 lines). The batch is
+/// rolled up and its body made on a blocking thread, not the gateway's:
+/// done on the gateway's thread, batches of 1,000 records (about 200 KiB)
+/// held it for about half a millisecond each (`perf sched`), which the
+/// request waiting behind it saw as p99.
+const MAX_BATCH_BYTES: u64 = 1 << 20;
 /// A segment is closed once it is this large.
 const SEGMENT_BYTES: u64 = 16 << 20;
 /// Most unsent bytes also kept in memory. Past it (the control plane away
@@ -71,6 +74,9 @@ pub struct UsageLine<'a> {
     pub flag: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub batch: Option<&'a str>,
+    /// Shipped as its own record too (the tenant asked for them).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub itemised: bool,
 }
 
 /// The append-only spool of usage records.
@@ -277,11 +283,8 @@ impl UsageLog {
     }
 
     /// Complete records of segment `n` from `from` (up to `to`, or at most
-    /// one batch of them). A batch is the spooled text itself, not
-    /// rebuilt: each line only gets the cheap check of `looks_like_record`
-    /// here (not a parse of every record, on the proxy's core); the
-    /// control plane's refusal of a batch is what triggers the full check
-    /// (`readable_records`).
+    /// one batch of them), as spooled; each line gets the cheap check of
+    /// `looks_like_record` here, the full one in the roll-up.
     fn read_from(&self, n: u64, from: u64, to: Option<u64>) -> io::Result<Batch> {
         let (end, cut) = match to {
             Some(to) => (to, false),
@@ -404,58 +407,11 @@ impl UsageLog {
     }
 }
 
-/// Whether a spooled line can be sent as a record without parsing it: an
-/// object with no control bytes. What `append` writes always passes; a
-/// line that passes but is still not a record (a damaged disk) makes the
-/// control plane refuse the batch, and `readable_records` then sorts it out.
+/// Whether a spooled line can be a record at all: an object with no
+/// control bytes. What `append` writes always passes; a line that passes
+/// but is still not a record (a damaged disk) is dropped by the roll-up.
 fn looks_like_record(line: &[u8]) -> bool {
     line.first() == Some(&b'{') && line.last() == Some(&b'}') && line.iter().all(|b| *b >= 0x20)
-}
-
-/// The records of a refused batch that are really usage records; the
-/// others are logged and dropped (their requests cannot be billed from
-/// what is left of them).
-fn readable_records(batch: &Batch) -> Batch {
-    let mut lines = Vec::with_capacity(batch.lines.len());
-    let mut count = 0;
-    for line in batch.lines.split_inclusive(|b| *b == b'\n') {
-        // What the control plane accepts: a record, with counts that are
-        // not negative (a spool written before usage was checked).
-        let accepted = serde_json::from_slice::<UsageRecordView>(line)
-            .is_ok_and(|r| r.prompt_tokens >= 0 && r.completion_tokens >= 0);
-        if accepted {
-            lines.extend_from_slice(line);
-            count += 1;
-        }
-    }
-    if count < batch.count {
-        tracing::warn!(
-            dropped = batch.count - count,
-            "gateway: unreadable or negative usage records dropped from a refused batch"
-        );
-    }
-    Batch {
-        lines,
-        count,
-        end: batch.end,
-        full: batch.full,
-    }
-}
-
-/// The body of `POST /v1/usage` for spooled records.
-fn batch_body(batch_id: &str, batch: &Batch) -> Vec<u8> {
-    let mut body = Vec::with_capacity(64 + batch.lines.len());
-    body.extend_from_slice(b"{\"batch_id\":");
-    body.extend_from_slice(&serde_json::to_vec(batch_id).unwrap_or_default());
-    body.extend_from_slice(b",\"records\":[");
-    for (i, line) in batch.lines.split_inclusive(|b| *b == b'\n').enumerate() {
-        if i > 0 {
-            body.push(b',');
-        }
-        body.extend_from_slice(line.strip_suffix(b"\n").unwrap_or(line));
-    }
-    body.extend_from_slice(b"]}");
-    body
 }
 
 /// Runs `f` on the spool and cursor on a blocking thread.
@@ -484,7 +440,7 @@ pub async fn ship(cp: ControlPlane, log: Arc<UsageLog>) {
             FromMemory::Idle => Ok(None),
             FromMemory::OnDisk => off_thread(&log, &mut cursor, |l, c| l.next_batch(c)).await,
         };
-        let mut batch = match step {
+        let batch = match step {
             Ok(Some(batch)) => batch,
             Ok(None) => {
                 // Wait for a record (the timeout covers a missed wake-up),
@@ -502,9 +458,20 @@ pub async fn ship(cp: ControlPlane, log: Arc<UsageLog>) {
         let Some(pending) = cursor.pending.clone() else {
             continue;
         };
-        // `Bytes`: a retry resends the same buffer rather than a copy.
-        let mut body = bytes::Bytes::from(batch_body(&pending.batch_id, &batch));
-        let mut checked = false;
+        let (count, full) = (batch.count, batch.full);
+        let id = pending.batch_id.clone();
+        let body =
+            match tokio::task::spawn_blocking(move || usage_rollup::batch_body(&id, &batch.lines))
+                .await
+            {
+                // `Bytes`: a retry resends the same buffer rather than a copy.
+                Ok(body) => bytes::Bytes::from(body),
+                Err(e) => {
+                    tracing::error!(error = %e, "gateway: cannot roll usage up; retrying");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    continue;
+                }
+            };
         let mut backoff = Duration::from_millis(100);
         loop {
             match cp
@@ -512,18 +479,8 @@ pub async fn ship(cp: ControlPlane, log: Arc<UsageLog>) {
                 .await
             {
                 Ok(_) => break,
-                // Refused as malformed: a line only looked like a record.
-                // Keep the readable ones (same batch id: a refused batch
-                // was not recorded) and send again at once. Rare, so
-                // parsed here.
-                Err(e) if e.status() == Some(400) && !checked => {
-                    tracing::warn!(error = %e, "gateway: usage batch refused; checking each record");
-                    checked = true;
-                    batch = readable_records(&batch);
-                    body = bytes::Bytes::from(batch_body(&pending.batch_id, &batch));
-                }
                 Err(e) => {
-                    tracing::warn!(error = %e, records = batch.count, "gateway: usage not acknowledged; retrying");
+                    tracing::warn!(error = %e, lines = count, "gateway: usage not acknowledged; retrying");
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(Duration::from_secs(5));
                 }
@@ -536,7 +493,7 @@ pub async fn ship(cp: ControlPlane, log: Arc<UsageLog>) {
         }
         // A batch that was not full: let the next one fill for a moment, so
         // the control plane writes few large batches, not many small ones.
-        if !batch.full {
+        if !full {
             tokio::time::sleep(crate::USAGE_FLUSH).await;
         }
     }
@@ -545,7 +502,7 @@ pub async fn ship(cp: ControlPlane, log: Arc<UsageLog>) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use atrium_api::UsageBatch;
+    use atrium_api::{UsageBatch, UsageRecordView};
 
     fn record(i: i64) -> UsageRecordView {
         UsageRecordView {
@@ -559,6 +516,7 @@ mod tests {
             request_id: format!("req_{i}"),
             flag: None,
             batch: None,
+            requests: 1,
         }
     }
 
@@ -574,6 +532,7 @@ mod tests {
             request_id: &r.request_id,
             flag: r.flag.as_deref(),
             batch: r.batch.as_deref(),
+            itemised: false,
         }
     }
 
@@ -598,10 +557,17 @@ mod tests {
         }
     }
 
-    /// The records' `prompt_tokens` as the control plane would read them.
+    /// The spooled lines' `prompt_tokens`, in the batch's order.
     fn ids(batch: &Batch) -> Vec<i64> {
-        let batch: UsageBatch = serde_json::from_slice(&batch_body("ub_1", batch)).unwrap();
-        batch.records.iter().map(|r| r.prompt_tokens).collect()
+        batch
+            .lines
+            .split_inclusive(|b| *b == b'\n')
+            .map(|l| {
+                serde_json::from_slice::<UsageRecordView>(l)
+                    .unwrap()
+                    .prompt_tokens
+            })
+            .collect()
     }
 
     fn ack(log: &UsageLog, cursor: &mut Cursor) {
@@ -672,7 +638,8 @@ mod tests {
         let batch = log.next_batch(&mut cursor).unwrap().unwrap();
         assert_eq!(ids(&batch), vec![0]);
         // An object that is not a record passes the cheap check; the
-        // control plane would refuse the batch, and the full check drops it.
+        // roll-up drops it, and a negative count (a spool from before
+        // usage was checked) too, keeping the rest.
         append_raw(dir.path(), b"\"}\n{\"not\":\"a record\"}\n");
         ack(&log, &mut cursor);
         let batch = log.next_batch(&mut cursor).unwrap().unwrap();
@@ -680,15 +647,20 @@ mod tests {
             batch.count, 2,
             "the torn tail completed, and the stray object"
         );
-        let checked = readable_records(&batch);
-        assert_eq!((checked.count, checked.end), (0, batch.end));
-        // A negative count (a spool from before usage was checked) is
-        // refused by the control plane too: dropped, the rest kept.
         ack(&log, &mut cursor);
         log.append(&line(&record(-3))).unwrap();
         log.append(&line(&record(4))).unwrap();
-        let batch = log.next_batch(&mut cursor).unwrap().unwrap();
-        assert_eq!(ids(&readable_records(&batch)), vec![4]);
+        let mut lines = batch.lines.clone();
+        lines.extend_from_slice(&log.next_batch(&mut cursor).unwrap().unwrap().lines);
+        let (records, dropped) = usage_rollup::rollup(&lines);
+        assert_eq!(dropped, 3);
+        assert_eq!(
+            records
+                .iter()
+                .map(|r| (r.requests, r.prompt_tokens))
+                .collect::<Vec<_>>(),
+            [(1, 4)]
+        );
     }
 
     #[test]
@@ -766,21 +738,22 @@ mod tests {
     }
 
     /// Batches as a control plane saw them: their id, and their records
-    /// (`None`: refused).
-    type Seen = Arc<Mutex<Vec<(String, Option<Vec<i64>>)>>>;
+    /// as (requests, prompt tokens).
+    type Seen = Arc<Mutex<Vec<(String, Vec<(i64, i64)>)>>>;
 
-    /// A control plane that refuses a batch it cannot read (400, as the
-    /// real one does) and records the others.
-    async fn strict_control_plane() -> (String, Seen) {
+    /// A control plane that refuses the first try of every batch (a 503,
+    /// as during a failover) and records the second.
+    async fn flaky_control_plane() -> (String, Seen) {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let base = format!("http://{}", listener.local_addr().unwrap());
         let seen = Arc::new(Mutex::new(Vec::new()));
         let log = seen.clone();
         tokio::spawn(async move {
+            let tried = Arc::new(Mutex::new(std::collections::HashSet::new()));
             loop {
                 let (mut conn, _) = listener.accept().await.unwrap();
-                let log = log.clone();
+                let (log, tried) = (log.clone(), tried.clone());
                 tokio::spawn(async move {
                     let mut buf = Vec::new();
                     loop {
@@ -805,19 +778,18 @@ mod tests {
                             buf.extend_from_slice(&chunk[..n]);
                         }
                         let body: Vec<u8> = buf.drain(..head_end + length).skip(head_end).collect();
-                        let id = serde_json::from_slice::<serde_json::Value>(&body).unwrap()
-                            ["batch_id"]
-                            .as_str()
-                            .unwrap()
-                            .to_string();
-                        let (status, records) = match serde_json::from_slice::<UsageBatch>(&body) {
-                            Ok(b) => (
-                                "200 OK",
-                                Some(b.records.iter().map(|r| r.prompt_tokens).collect()),
-                            ),
-                            Err(_) => ("400 Bad Request", None),
+                        let batch: UsageBatch = serde_json::from_slice(&body).unwrap();
+                        let status = if tried.lock().unwrap().insert(batch.batch_id.clone()) {
+                            "503 Service Unavailable"
+                        } else {
+                            let records = batch
+                                .records
+                                .iter()
+                                .map(|r| (r.requests, r.prompt_tokens))
+                                .collect();
+                            log.lock().unwrap().push((batch.batch_id, records));
+                            "200 OK"
                         };
-                        log.lock().unwrap().push((id, records));
                         let answer = format!(
                             "HTTP/1.1 {status}\r\ncontent-type: application/json\r\ncontent-length: 2\r\n\r\n{{}}"
                         );
@@ -830,28 +802,22 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_refused_batch_is_sent_again_without_what_is_not_a_record() {
+    async fn the_shipper_sends_roll_ups_and_retries_a_batch_under_its_id() {
         let dir = tempfile::tempdir().unwrap();
-        {
-            let log = UsageLog::open(dir.path()).unwrap();
-            log.append(&line(&record(0))).unwrap();
-        }
-        // A line that passes the cheap check but is no record, then a good one.
-        append_raw(dir.path(), b"{\"not\":\"a record\"}\n");
         let log = Arc::new(UsageLog::open(dir.path()).unwrap());
-        log.append(&line(&record(1))).unwrap();
-        let (base, seen) = strict_control_plane().await;
+        for i in 0..5 {
+            log.append(&line(&record(i))).unwrap();
+        }
+        let hundred = record(100);
+        let mut own = line(&hundred);
+        own.itemised = true;
+        log.append(&own).unwrap();
+        let (base, seen) = flaky_control_plane().await;
         let shipper = tokio::spawn(ship(ControlPlane::new(&base, "token"), log.clone()));
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        let recorded = |sent: &[(String, Option<Vec<i64>>)]| -> Vec<i64> {
-            sent.iter()
-                .filter_map(|(_, r)| r.clone())
-                .flatten()
-                .collect()
-        };
         let sent = loop {
             let sent = seen.lock().unwrap().clone();
-            if recorded(&sent).len() >= 2 {
+            if sent.iter().map(|(_, r)| r.len()).sum::<usize>() >= 2 {
                 break sent;
             }
             assert!(
@@ -861,11 +827,9 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(20)).await;
         };
         shipper.abort();
-        // Refused once (the stray line), then the same batch id without
-        // it; every record once, in order.
-        assert_eq!(sent[0].1, None);
-        assert_eq!(sent[1].0, sent[0].0, "resent under the same id");
-        assert_eq!(sent[1].1.as_ref().unwrap()[0], 0);
-        assert_eq!(recorded(&sent), vec![0, 1]);
+        // One batch, recorded on its second try: the itemised request on
+        // its own, the other five as one aggregate of their sums.
+        assert_eq!(sent.len(), 1, "{sent:?}");
+        assert_eq!(sent[0].1, vec![(1, 100), (5, 10)]);
     }
 }

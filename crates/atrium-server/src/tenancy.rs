@@ -325,6 +325,9 @@ fn is_batch_id(s: &str) -> bool {
 
 /// Most records one usage batch may carry.
 const MAX_USAGE_BATCH: usize = 10_000;
+/// Most requests one record may sum: a gateway's minute of one replica
+/// is far below it, and sums of a page of such records stay in range.
+const MAX_REQUESTS_PER_RECORD: i64 = 1_000_000_000;
 
 /// `POST /v1/usage`: a gateway ships a batch of usage records. Idempotent:
 /// a batch id already recorded is acknowledged again and written nothing.
@@ -359,6 +362,17 @@ pub async fn record_usage(
                 );
             }
         }
+        if !(1..=MAX_REQUESTS_PER_RECORD).contains(&r.requests) {
+            errors.push(
+                format!("records[{i}].requests"),
+                format!("must be 1 to {MAX_REQUESTS_PER_RECORD}, got {}", r.requests),
+            );
+        } else if r.requests > 1 && !r.request_id.is_empty() {
+            errors.push(
+                format!("records[{i}].request_id"),
+                "an aggregate of several requests names none",
+            );
+        }
         if r.batch.as_deref().is_some_and(|b| !is_batch_id(b)) {
             errors.push(
                 format!("records[{i}].batch"),
@@ -389,6 +403,7 @@ pub async fn record_usage(
             request_id: r.request_id,
             flag: r.flag,
             batch: r.batch,
+            requests: r.requests,
         })
         .collect();
     let fresh = state.store.record_usage(&batch.batch_id, &records).await?;
@@ -434,22 +449,27 @@ pub async fn list_usage(
         }
         next_page_token = rows.last().map(|(r, _)| r.to_string());
     }
-    let (mut prompt, mut completion) = (0i64, 0i64);
-    let batch_requests = rows.iter().filter(|(_, r)| r.batch.is_some()).count();
+    // Sums of what the records carry; each is at most a batch's bound
+    // times a page, far from i64's range, and saturates rather than wraps.
+    let (mut prompt, mut completion, mut requests, mut batch_requests) = (0i64, 0i64, 0i64, 0i64);
     let items: Vec<Value> = rows
         .iter()
         .map(|(revision, r)| {
-            prompt += r.prompt_tokens;
-            completion += r.completion_tokens;
+            prompt = prompt.saturating_add(r.prompt_tokens);
+            completion = completion.saturating_add(r.completion_tokens);
+            requests = requests.saturating_add(r.requests);
+            if r.batch.is_some() {
+                batch_requests = batch_requests.saturating_add(r.requests);
+            }
             serde_json::json!({"revision": revision, "at": r.at, "tenant": r.tenant, "deployment": r.deployment,
                                "site": r.site, "replica": r.replica, "prompt_tokens": r.prompt_tokens,
                                "completion_tokens": r.completion_tokens, "request_id": r.request_id, "flag": r.flag,
-                               "batch": r.batch})
+                               "batch": r.batch, "requests": r.requests})
         })
         .collect();
     Ok(Json(serde_json::json!({
         "items": items,
-        "totals": {"requests": items.len(), "batch_requests": batch_requests,
+        "totals": {"requests": requests, "batch_requests": batch_requests,
                    "prompt_tokens": prompt, "completion_tokens": completion},
         "next_page_token": next_page_token,
     })))

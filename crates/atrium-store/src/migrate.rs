@@ -35,6 +35,11 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         "load reports",
         include_str!("../migrations/0007_load_reports.sql"),
     ),
+    (
+        8,
+        "usage request counts",
+        include_str!("../migrations/0008_usage_requests.sql"),
+    ),
 ];
 
 pub(crate) async fn run(pool: &AnyPool, backend: Backend) -> Result<(), StoreError> {

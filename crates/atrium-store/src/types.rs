@@ -241,6 +241,8 @@ pub struct UsageRecord {
     /// The Batch API job the request ran for.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub batch: Option<String>,
+    /// How many requests it sums (1 for a request's own record).
+    pub requests: i64,
 }
 
 /// A page of objects and the revision the page was read at.

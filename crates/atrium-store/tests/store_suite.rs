@@ -395,6 +395,7 @@ async fn usage_batches_are_recorded_once_and_whole() {
                 request_id: format!("req_{i}"),
                 flag: (i % 7 == 0).then(|| format!("flag {i}")),
                 batch: (i % 5 == 0).then(|| format!("batch_{i:0>16}")),
+                requests: 1 + i % 3,
             })
             .collect();
         assert!(store.record_usage("ub_1", &records).await.unwrap());

@@ -889,6 +889,27 @@ fn upstream_usage_is_validated_before_it_is_billed() {
             "site": "local", "replica": "external", "prompt_tokens": -5, "completion_tokens": 0}]}),
     );
     assert_eq!(r.status, 400, "{}", r.body);
+    // So is an aggregate that sums no requests, a negative or absurd
+    // number of them, or one that names a request (it cannot be one).
+    for (requests, request_id, field) in [
+        (json!(0), "", "records[0].requests"),
+        (json!(-3), "", "records[0].requests"),
+        (json!(1_000_000_001i64), "", "records[0].requests"),
+        (json!(2), "req_1", "records[0].request_id"),
+    ] {
+        let r = cloud.call(
+            &cloud.token,
+            Method::POST,
+            "/v1/usage",
+            json!({"batch_id": "b2", "records": [{"at": "2026-01-01T00:00:00Z", "tenant": "t",
+                "deployment": "ext", "site": "local", "replica": "external", "prompt_tokens": 5,
+                "completion_tokens": 0, "requests": requests, "request_id": request_id}]}),
+        );
+        assert_eq!(r.status, 400, "{requests}: {}", r.body);
+        assert!(r.body.to_string().contains(field), "{requests}: {}", r.body);
+    }
+    let usage = cloud.usage("t");
+    assert_eq!(usage.len(), 3, "nothing refused was kept: {usage:?}");
 }
 
 /// Hole 7: a tenant named like one of the agent's own directories gets a

@@ -169,7 +169,8 @@ fn batches_run_through_the_gateway_metered_and_invisible_to_other_tenants() {
     assert_eq!(error["custom_id"], "bad");
     assert_eq!(error["response"]["status_code"], 400, "{error}");
 
-    // Metered as the batch's, one record per answered request.
+    // Metered as the batch's: its records sum one request per answered
+    // line.
     common::wait_for("batch usage shipped", 10, || {
         let usage = up.admin(M::GET, "/v1/usage?tenant=t1", Value::Null);
         usage["items"]
@@ -177,7 +178,8 @@ fn batches_run_through_the_gateway_metered_and_invisible_to_other_tenants() {
             .unwrap()
             .iter()
             .filter(|u| u["batch"] == id.as_str())
-            .count()
+            .map(|u| u["requests"].as_i64().unwrap())
+            .sum::<i64>()
             == 6
     });
 

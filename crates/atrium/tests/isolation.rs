@@ -966,7 +966,13 @@ fn count_usage(node: &Node, tenant: &str) -> u64 {
             &format!("/v1/usage?tenant={tenant}&after={after}"),
             Value::Null,
         );
-        n += page["items"].as_array().unwrap().len() as u64;
+        // Requests, not records: a record may sum a minute's requests.
+        n += page["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r["requests"].as_u64().unwrap())
+            .sum::<u64>();
         match page["next_page_token"].as_str() {
             Some(t) => after = t.parse().unwrap(),
             None => return n,

@@ -25,6 +25,10 @@ pub enum TenantCmd {
         isolation: Option<String>,
         #[arg(long)]
         priority: Option<i32>,
+        /// aggregated (per minute, the default) | per_request (also a record
+        /// per request)
+        #[arg(long)]
+        usage_records: Option<String>,
         #[command(flatten)]
         quota: QuotaFlags,
         #[command(flatten)]
@@ -122,6 +126,7 @@ pub async fn run(ctx: &Ctx, cmd: TenantCmd) -> Result<()> {
             residency,
             isolation,
             priority,
+            usage_records,
             quota,
             from,
         } => {
@@ -139,6 +144,9 @@ pub async fn run(ctx: &Ctx, cmd: TenantCmd) -> Result<()> {
                 }
                 if let Some(i) = isolation {
                     spec.isolation = named("--isolation", &i)?;
+                }
+                if let Some(u) = usage_records {
+                    spec.usage_records = named("--usage-records", &u)?;
                 }
                 Ok(spec)
             })
