@@ -22,6 +22,7 @@ rules=(
   "atrium-kube|$io|$ml|$control|atrium-api|atrium-client"
   "atrium-client|$ml|$control|atrium-engine|atrium-agent|atrium-gateway"
   "atrium-agent|$ml|$control|atrium-engine|atrium-gateway"
+  "atrium-kube-driver|$ml|$control|atrium-engine|atrium-gateway|atrium-agent"
   "atrium-gateway|$ml|$control|atrium-engine|atrium-agent"
 )
 

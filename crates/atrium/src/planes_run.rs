@@ -45,8 +45,40 @@ pub struct AgentArgs {
     /// databases; unset: workloads reach no database
     #[arg(long, env = "ATRIUM_DATABASES_AT")]
     databases_at: Option<std::net::SocketAddr>,
+    /// process: replicas run here as sandboxed processes; kubernetes: the
+    /// node is an existing cluster and its replicas run there as Pods
+    #[arg(long, value_enum, default_value = "process")]
+    driver: Driver,
+    #[command(flatten)]
+    kubernetes: KubernetesFlags,
     #[arg(long, env = "ATRIUM_LOG", default_value = "info")]
     log: tracing::Level,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum Driver {
+    Process,
+    Kubernetes,
+}
+
+/// `--driver kubernetes`: the cluster, and what of it Atrium may use.
+#[derive(Args)]
+struct KubernetesFlags {
+    /// The cluster's kubeconfig [default: the pod's service account]
+    #[arg(long, env = "KUBECONFIG")]
+    kubeconfig: Option<PathBuf>,
+    /// An image with the `atrium` binary (runs simulated replicas)
+    #[arg(long, default_value = "atrium:latest")]
+    atrium_image: String,
+    /// Atrium's registry as the cluster's nodes pull from it
+    #[arg(long, default_value = "atrium-registry:5000")]
+    registry_host: String,
+    /// CPU the cluster offers Atrium's scheduler
+    #[arg(long, default_value = "16")]
+    cluster_cpu: String,
+    /// Memory the cluster offers Atrium's scheduler
+    #[arg(long, default_value = "64Gi")]
+    cluster_memory: String,
 }
 
 pub(crate) const DEFAULT_TENANT_NETWORK: &str = "10.201.0.0/16";
@@ -99,6 +131,31 @@ pub async fn run_agent(
         args.name.as_deref(),
     )
     .await?;
+    if args.driver == Driver::Kubernetes {
+        let k = args.kubernetes;
+        let config = atrium_kube_driver::DriverConfig {
+            credential,
+            credential_path,
+            kubeconfig: k.kubeconfig,
+            images: atrium_kube_driver::Images {
+                atrium: k.atrium_image,
+                registry: k.registry_host,
+            },
+            capacity: atrium_core::node::NodeCapacity {
+                cpu: k
+                    .cluster_cpu
+                    .parse()
+                    .map_err(|e| anyhow!("--cluster-cpu: {e}"))?,
+                memory: k
+                    .cluster_memory
+                    .parse()
+                    .map_err(|e| anyhow!("--cluster-memory: {e}"))?,
+                disk: atrium_core::quantity::ByteSize(0),
+            },
+        };
+        atrium_kube_driver::run(config, crate::shutdown_signal()).await?;
+        return Ok(());
+    }
     let config = atrium_agent::AgentConfig {
         credential,
         credential_path,
