@@ -223,3 +223,74 @@ async fn a_kube_rs_operator_defines_a_type_and_writes_its_objects_status() {
     assert_eq!(w.metadata.generation, Some(2));
     running.abort();
 }
+
+/// Compatibility, not conformance: the objects the Kubernetes driver
+/// (`atrium agent --driver kubernetes`) makes, applied as it applies them
+/// (server-side, field manager `atrium`) to Atrium's own tenant
+/// Kubernetes API, and found again by the driver's selector. A tenant
+/// cluster serves no NetworkPolicy, so the driver as a whole cannot use
+/// one as its cluster: the apply of the policy is refused there (404),
+/// and the driver stops its pass rather than run pods without it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_kubernetes_drivers_objects_apply_to_a_tenant_cluster() {
+    use atrium_kube_driver::plan;
+    use k8s_openapi::api::core::v1::{Namespace, Pod, ResourceQuota};
+    use k8s_openapi::api::networking::v1::NetworkPolicy;
+
+    let dir = tempfile::tempdir().unwrap();
+    let (_f, client) = cluster(dir.path()).await;
+    let spec: atrium_core::placement::PlacementSpec = serde_json::from_value(serde_json::json!({
+        "deployment": "dep_1", "deployment_name": "chat", "replica": 0, "node": "k8s-1",
+        "engine": "simulated", "model": "m", "model_source": "", "model_task": "chat",
+        "resources": {"cpu": "1", "memory": "1Gi"}}))
+    .unwrap();
+    let assigned = plan::Assigned {
+        id: "pla_compat".into(),
+        tenant: "acme".into(),
+        spec: spec.clone(),
+    };
+    // A tenant cluster takes images of Atrium's own registry only.
+    let images = plan::Images {
+        atrium: "acme/atrium:test".into(),
+        registry: "registry.local:5000".into(),
+    };
+    let params = PatchParams::apply(plan::FIELD_MANAGER).force();
+    let ns = plan::namespace("k8s-1", "acme").unwrap();
+    let ns_name = ns.name_any();
+    Api::<Namespace>::all(client.clone())
+        .patch(&ns_name, &params, &Patch::Apply(&ns))
+        .await
+        .unwrap();
+    let quota = plan::resource_quota("k8s-1", "acme", &[&spec]).unwrap();
+    let applied = Api::<ResourceQuota>::namespaced(client.clone(), &ns_name)
+        .patch(&quota.name_any(), &params, &Patch::Apply(&quota))
+        .await
+        .unwrap();
+    assert_eq!(applied.spec.unwrap().hard.unwrap()["pods"].0, "1");
+    let pod = plan::pod("k8s-1", &images, &assigned).unwrap();
+    let applied = Api::<Pod>::namespaced(client.clone(), &ns_name)
+        .patch(&pod.name_any(), &params, &Patch::Apply(&pod))
+        .await
+        .unwrap();
+    assert_eq!(
+        applied.annotations()[plan::PLACEMENT],
+        "pla_compat",
+        "applied as sent"
+    );
+    let driver = atrium_kube_driver::Cluster::new(client.clone(), "k8s-1", images);
+    let pods = driver.pods().await.unwrap();
+    assert_eq!(
+        pods.keys().collect::<Vec<_>>(),
+        ["pla_compat"],
+        "found by its selector"
+    );
+    let policy = plan::network_policy("k8s-1", "acme").unwrap();
+    let refused = Api::<NetworkPolicy>::namespaced(client, &ns_name)
+        .patch(&policy.name_any(), &params, &Patch::Apply(&policy))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&refused, kube::Error::Api(s) if s.code == 404),
+        "{refused:?}"
+    );
+}
