@@ -15,7 +15,9 @@
 # (1, 2) has its Patroni REST API on 127.0.0.1:$((REST_BASE + N)), its
 # PostgreSQL on 127.0.0.1:$((PG_BASE + N)), the process group of its Patroni in nodeN.pid and
 # PostgreSQL's data in nodeN/data. ATRIUM_PATRONI_PORT_BASE moves every
-# port (default 55440: PostgreSQL 55441-2, REST 56441-2, etcd 57441-2).
+# port (default 25440: PostgreSQL 25441-2, REST 26441-2, etcd 27441-2 —
+# below Linux's ephemeral range, 32768 up, so no test's client socket or
+# free port can be holding one of them).
 #
 # Synchronous mode: a commit is acknowledged only once the standby has
 # it, so a failover loses no acknowledged write; Patroni promotes only
@@ -23,7 +25,7 @@
 set -euo pipefail
 
 dir="${ATRIUM_PATRONI_DIR:-/tmp/atrium-patroni}"
-base="${ATRIUM_PATRONI_PORT_BASE:-55440}"
+base="${ATRIUM_PATRONI_PORT_BASE:-25440}"
 PG_BASE=$base
 REST_BASE=$((base + 1000))
 ETCD_CLIENT=$((base + 2001))
@@ -70,6 +72,8 @@ fi
 stop
 rm -rf "$dir"
 mkdir -p "$dir/etcd"
+# A start that fails leaves nothing running.
+trap 'status=$?; if [ "$status" != 0 ]; then stop; fi' EXIT
 chmod 0755 "$dir"
 
 setsid etcd --name atrium-test --data-dir "$dir/etcd" \
@@ -131,7 +135,7 @@ tags:
 EOF
 }
 
-rest() { curl -s -o /dev/null -w '%{http_code}' "http://127.0.0.1:$((REST_BASE + $1))/$2" || true; }
+rest() { curl -s --max-time 2 -o /dev/null -w '%{http_code}' "http://127.0.0.1:$((REST_BASE + $1))/$2" || true; }
 
 wait_until() {
   local what=$1 secs=$2
@@ -140,7 +144,12 @@ wait_until() {
     if "$@"; then return 0; fi
     sleep 0.25
   done
-  echo "patroni.sh: timed out waiting for $what; logs in $dir" >&2
+  echo "patroni.sh: timed out waiting for $what" >&2
+  for log in "$dir"/etcd.log "$dir"/node*.log; do
+    [ -f "$log" ] || continue
+    echo "--- last lines of $log:" >&2
+    tail -n 25 "$log" >&2
+  done
   exit 1
 }
 
@@ -154,7 +163,7 @@ start_node() {
   echo $! >"$dir/node$n.pid"
 }
 
-etcd_up() { curl -sf "http://127.0.0.1:$ETCD_CLIENT/health" >/dev/null; }
+etcd_up() { curl -sf --max-time 2 "http://127.0.0.1:$ETCD_CLIENT/health" >/dev/null; }
 wait_until "etcd" 30 etcd_up
 
 # One node first, so it bootstraps and leads; then its standby copies it.

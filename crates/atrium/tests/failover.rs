@@ -25,7 +25,7 @@ use common::{admin_call, admin_token, free_port, kill9, spawn_server, wait_for, 
 
 /// Ports of the test cluster (`scripts/patroni.sh`): PostgreSQL on
 /// BASE+1/+2, Patroni's REST API on BASE+1001/+1002.
-const BASE: u16 = 55440;
+const BASE: u16 = 25440;
 
 /// The Patroni cluster, stopped however the test ends.
 struct Cluster {
@@ -295,6 +295,19 @@ fn servers_ride_out_a_leader_kill_a_postgres_failover_and_a_paused_leader() {
         );
     }
     eprintln!("PostgreSQL failover: promoted {promoted:?}, writes again {writing:?} after kill -9 of the primary");
+    // The admin tools take the cluster's URL too: pg_dump finds the new
+    // primary among the hosts itself.
+    let backup = dir.path().join("after-failover.dump");
+    let out = std::process::Command::new(common::BIN)
+        .args(["admin", "backup", "--database-url", &cluster.url, "--to"])
+        .arg(&backup)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success() && backup.metadata().unwrap().len() > 0,
+        "backup from the promoted primary: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let leader = wait_leader(&http, &live, 10);
     deploy(&http, &live[leader].url, &token, "after-failover");
     wait_for("placed after the failover", 15, || {
