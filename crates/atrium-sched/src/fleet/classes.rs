@@ -182,6 +182,7 @@ impl Fleet {
             }
         };
         self.summary[i] = self.summary_of(i, &self.used[i]);
+        self.room.set(i, &self.summary[i]);
     }
 
     /// The cost of a node in the state `key` describes.

@@ -403,12 +403,35 @@ impl Fleet {
         policy: &TenantPolicy,
         within: &dyn Fn(&Node) -> bool,
     ) -> Result<Choice, Refusal> {
+        // Only nodes that may admit `r` (`room`): the same choice as
+        // walking every node. When none fits, every node is walked to say
+        // why each did not (at once, when no node has room at all).
+        let every = |from: usize| (from < self.nodes.len()).then_some(from);
+        if !self.room.anywhere(r) {
+            return self.walk(r, t, policy, within, every);
+        }
+        self.walk(r, t, policy, within, |from| self.room.next(from, r))
+            .or_else(|_| self.walk(r, t, policy, within, every))
+    }
+
+    /// The best choice over the nodes `next` yields in order (the first
+    /// at or after an index), scoring at most `CANDIDATES` node states.
+    pub(super) fn walk(
+        &self,
+        r: &Request,
+        t: u32,
+        policy: &TenantPolicy,
+        within: &dyn Fn(&Node) -> bool,
+        next: impl Fn(usize) -> Option<usize>,
+    ) -> Result<Choice, Refusal> {
         let mut best: Option<Choice> = None;
         let mut reasons: BTreeMap<NoFit, usize> = BTreeMap::new();
         let mut scored: std::collections::HashSet<u32> = std::collections::HashSet::new();
         // Sites and residency depend only on a node's static class.
         let mut statics: Vec<Option<Result<(), NoFit>>> = vec![None; self.static_count];
-        for i in 0..self.nodes.len() {
+        let mut from = 0;
+        while let Some(i) = next(from) {
+            from = i + 1;
             if scored.len() >= CANDIDATES {
                 break;
             }

@@ -21,7 +21,9 @@
 //! Speed: nodes in identical state (same static class and the same use)
 //! score identically, so candidates are scored once per class of such
 //! nodes, kept up to date as bindings change; the first node of the class
-//! by name stands for it, and at most `CANDIDATES` states are scored.
+//! by name stands for it, and at most `CANDIDATES` states are scored;
+//! the walk to them jumps over runs of nodes with no room for the request
+//! (`room`).
 //!
 //! Everything here is pure and deterministic: the same calls in the same
 //! order give the same bindings.
@@ -31,6 +33,7 @@ mod fit;
 mod gang;
 mod preempt;
 mod quota;
+mod room;
 mod types;
 
 use std::collections::{BTreeMap, HashMap};
@@ -62,6 +65,8 @@ pub struct Fleet {
     /// A node of each static class, for what a class key leaves out.
     static_node: Vec<usize>,
     summary: Vec<Summary>,
+    /// The summaries' maxima over runs of nodes, for the candidate walk.
+    room: room::Room,
     models: Vec<String>,
     tenants: BTreeMap<String, TenantPolicy>,
     tenant_index: HashMap<String, u32>,
@@ -133,6 +138,7 @@ impl Fleet {
             class_cost: Vec::new(),
             static_node,
             summary: Vec::new(),
+            room: room::Room::default(),
             models,
             tenants: BTreeMap::new(),
             tenant_index: HashMap::new(),
@@ -150,6 +156,7 @@ impl Fleet {
         }
         fleet.class_of = vec![0; fleet.nodes.len()];
         fleet.summary = vec![Summary::default(); fleet.nodes.len()];
+        fleet.room = room::Room::new(fleet.nodes.len());
         for i in 0..fleet.nodes.len() {
             fleet.rekey(i);
         }
@@ -328,6 +335,71 @@ mod tests {
         list.iter()
             .map(|(n, p)| (n.to_string(), p.clone()))
             .collect()
+    }
+
+    /// The walk that skips nodes with no room (`room`) chooses exactly as
+    /// the walk over every node, through a long random run of places and
+    /// releases on a mixed fleet, and a refusal still names every node.
+    #[test]
+    fn skipping_full_nodes_changes_no_choice() {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+        let mut nodes: Vec<Node> = (0..40)
+            .map(|i| h100_node(&format!("g{i:02}"), if i % 2 == 0 { "l1" } else { "l2" }))
+            .collect();
+        nodes.extend((0..20).map(|i| Node {
+            gpus: Vec::new(),
+            cpu_milli: 64_000,
+            memory_mib: 256 * 1024,
+            ..h100_node(&format!("c{i:02}"), "l1")
+        }));
+        let count = nodes.len();
+        let mut f = Fleet::new(nodes, tenants(&[("t", TenantPolicy::shared())]));
+        let profiles = crate::mig::ALL_PROFILES;
+        let mut live = Vec::new();
+        let (mut placed, mut refused) = (0, 0);
+        for n in 0..3000 {
+            if !live.is_empty() && rng.gen_bool(0.3) {
+                let id: String = live.swap_remove(rng.gen_range(0..live.len()));
+                f.release(&id);
+                continue;
+            }
+            let gpu = match rng.gen_range(0..5) {
+                0 => GpuAsk::None,
+                1 => GpuAsk::Whole([1, 2, 4, 8][rng.gen_range(0..4)]),
+                2 => GpuAsk::Share(rng.gen_range(1..1000)),
+                3 => GpuAsk::Mig(profiles[rng.gen_range(0..profiles.len())]),
+                _ => GpuAsk::Whole(1),
+            };
+            let r = Request {
+                cpu_milli: rng.gen_range(1..48) * 1000,
+                memory_mib: rng.gen_range(1..256) * 1024,
+                ..req(&format!("r{n}"), "t", gpu)
+            };
+            let Ok((t, policy)) = f.prepare(&r) else {
+                continue;
+            };
+            let fast = f.choose(&r, t, &policy, &|_| true);
+            let slow = f.walk(&r, t, &policy, &|_| true, |from| {
+                (from < count).then_some(from)
+            });
+            match (&fast, &slow) {
+                (Ok(a), Ok(b)) => assert_eq!((a.node, &a.slots), (b.node, &b.slots), "{n}"),
+                (Err(a), Err(b)) => assert_eq!(a, b, "{n}"),
+                _ => panic!("{n}: {fast:?} vs {slow:?}"),
+            }
+            if let Ok(c) = fast {
+                f.bind(&r, t, false, c);
+                live.push(r.id.clone());
+                placed += 1;
+            } else {
+                refused += 1;
+            }
+        }
+        assert!(
+            placed > 500 && refused > 100,
+            "{placed} placed, {refused} refused"
+        );
     }
 
     #[test]
