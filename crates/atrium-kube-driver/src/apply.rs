@@ -29,6 +29,21 @@ fn apply_params() -> PatchParams {
     PatchParams::apply(plan::FIELD_MANAGER).force()
 }
 
+/// A refusal of one object by the API server (invalid, forbidden by an
+/// admission or quota) becomes that placement's reason, so one tenant's
+/// unacceptable pod cannot stop the pass for every other tenant's; any
+/// other error (the cluster unreachable) fails the pass, to be retried.
+fn refused<T>(result: Result<T, kube::Error>) -> Result<Result<T, Unrunnable>, kube::Error> {
+    match result {
+        Ok(t) => Ok(Ok(t)),
+        Err(kube::Error::Api(s)) if (400..500).contains(&s.code) => Ok(Err(Unrunnable(format!(
+            "the cluster refused it ({}): {}",
+            s.code, s.message
+        )))),
+        Err(e) => Err(e),
+    }
+}
+
 impl Cluster {
     pub fn new(client: Client, node: &str, images: Images) -> Cluster {
         Cluster {
@@ -81,8 +96,8 @@ impl Cluster {
                 let ns = pod.namespace().unwrap_or_default();
                 let applied = Api::<Pod>::namespaced(self.client.clone(), &ns)
                     .patch(&pod.name_any(), &apply_params(), &Patch::Apply(&pod))
-                    .await?;
-                observed.insert(a.id.clone(), Ok(applied));
+                    .await;
+                observed.insert(a.id.clone(), refused(applied)?);
             }
         }
         let wanted: BTreeSet<&str> = assigned.iter().map(|a| a.id.as_str()).collect();
@@ -116,15 +131,29 @@ impl Cluster {
             Err(e) => return Ok(Err(e)),
         };
         let ns = namespace.name_any();
-        Api::<Namespace>::all(self.client.clone())
-            .patch(&ns, &apply_params(), &Patch::Apply(&namespace))
-            .await?;
-        Api::<NetworkPolicy>::namespaced(self.client.clone(), &ns)
-            .patch(&policy.name_any(), &apply_params(), &Patch::Apply(&policy))
-            .await?;
-        Api::<ResourceQuota>::namespaced(self.client.clone(), &ns)
-            .patch(&quota.name_any(), &apply_params(), &Patch::Apply(&quota))
-            .await?;
+        let params = apply_params();
+        if let Err(e) = refused(
+            Api::<Namespace>::all(self.client.clone())
+                .patch(&ns, &params, &Patch::Apply(&namespace))
+                .await,
+        )? {
+            return Ok(Err(e));
+        }
+        // No pod of the tenant's runs without its policy and quota.
+        if let Err(e) = refused(
+            Api::<NetworkPolicy>::namespaced(self.client.clone(), &ns)
+                .patch(&policy.name_any(), &params, &Patch::Apply(&policy))
+                .await,
+        )? {
+            return Ok(Err(e));
+        }
+        if let Err(e) = refused(
+            Api::<ResourceQuota>::namespaced(self.client.clone(), &ns)
+                .patch(&quota.name_any(), &params, &Patch::Apply(&quota))
+                .await,
+        )? {
+            return Ok(Err(e));
+        }
         Ok(Ok(()))
     }
 

@@ -2,7 +2,9 @@
 //! `testing`): no kube-apiserver can run on the machines the tests run
 //! on. It records every request (method, target, content type, body) and
 //! keeps the pods applied to it: an applied pod is at once `Running` and
-//! `Ready` at a pod IP, as a kubelet would report it; lists filter by an
+//! `Ready` at a pod IP, as a kubelet would report it — unless its image
+//! starts with `refused/`: that pod is refused (422), as an admission
+//! would refuse it; lists filter by an
 //! equality label selector; a watch sends each pod as `ADDED` and ends;
 //! other applies are answered with what was applied. What it checks is
 //! what the driver sends, not Kubernetes' own semantics.
@@ -131,9 +133,9 @@ fn query_value(target: &str, key: &str) -> Option<String> {
 }
 
 /// What the server answers to one request.
-fn answer(state: &Mutex<State>, method: &str, target: &str, body: &Value) -> String {
+fn answer(state: &Mutex<State>, method: &str, target: &str, body: &Value) -> (u16, String) {
     let Ok(mut s) = state.lock() else {
-        return "{}".into();
+        return (500, "{}".into());
     };
     let path = target.split('?').next().unwrap_or_default();
     let parts: Vec<&str> = path.trim_matches('/').split('/').collect();
@@ -143,16 +145,28 @@ fn answer(state: &Mutex<State>, method: &str, target: &str, body: &Value) -> Str
         _ => None,
     };
     match (method, pod_key) {
+        ("PATCH", Some(_))
+            if body["spec"]["containers"][0]["image"]
+                .as_str()
+                .is_some_and(|i| i.contains("/refused/")) =>
+        {
+            (
+                422,
+                json!({"apiVersion": "v1", "kind": "Status", "status": "Failure",
+                "code": 422, "reason": "Invalid", "message": "admission webhook denied the pod"})
+                .to_string(),
+            )
+        }
         ("PATCH", Some(key)) => {
             let pod = running(body.clone());
             s.pods.insert(key, pod.clone());
-            pod.to_string()
+            (200, pod.to_string())
         }
-        ("DELETE", Some(key)) => s.pods.remove(&key).unwrap_or(Value::Null).to_string(),
+        ("DELETE", Some(key)) => (200, s.pods.remove(&key).unwrap_or(Value::Null).to_string()),
         ("GET", None) if path == "/api/v1/pods" => {
             let selector = query_value(target, "labelSelector").unwrap_or_default();
             let pods: Vec<&Value> = s.pods.values().filter(|p| selected(p, &selector)).collect();
-            if query_value(target, "watch").as_deref() == Some("true") {
+            let text = if query_value(target, "watch").as_deref() == Some("true") {
                 pods.iter()
                     .map(|p| format!("{}\n", json!({"type": "ADDED", "object": p})))
                     .collect()
@@ -160,9 +174,10 @@ fn answer(state: &Mutex<State>, method: &str, target: &str, body: &Value) -> Str
                 json!({"apiVersion": "v1", "kind": "PodList",
                     "metadata": {"resourceVersion": "7"}, "items": pods})
                 .to_string()
-            }
+            };
+            (200, text)
         }
-        _ => body.to_string(),
+        _ => (200, body.to_string()),
     }
 }
 
@@ -209,7 +224,7 @@ async fn serve(listener: std::net::TcpListener, state: Arc<Mutex<State>>) {
             let target = first.next().unwrap_or_default().to_string();
             let body: Value =
                 serde_json::from_slice(&buf[head_end..head_end + length]).unwrap_or(Value::Null);
-            let text = answer(&state, &method, &target, &body);
+            let (code, text) = answer(&state, &method, &target, &body);
             if let Ok(mut s) = state.lock() {
                 s.seen.push(Seen {
                     method,
@@ -219,7 +234,7 @@ async fn serve(listener: std::net::TcpListener, state: Arc<Mutex<State>>) {
                 });
             }
             let response = format!(
-                "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\nconnection: close\r\n\
+                "HTTP/1.1 {code} X\r\ncontent-type: application/json\r\nconnection: close\r\n\
                  content-length: {}\r\n\r\n{text}",
                 text.len()
             );

@@ -142,3 +142,24 @@ async fn the_pod_watch_asks_for_the_drivers_own_pods_with_bookmarks() {
         format!("/api/v1/pods?&watch=true&timeoutSeconds=290&{SELECTOR}&allowWatchBookmarks=true&resourceVersion=0")
     );
 }
+
+#[tokio::test]
+async fn a_pod_the_cluster_refuses_fails_its_placement_only() {
+    let api = FakeApi::start();
+    let cluster = cluster(&api.url).await;
+    let mut bad = assigned("pla_bad", "container");
+    bad.spec.container =
+        Some(serde_json::from_value(json!({"image": "acme/refused/app:1"})).unwrap());
+    let observed = cluster
+        .reconcile(&[bad, assigned("pla_good", "simulated")])
+        .await
+        .expect("one refused pod fails no pass");
+    let why = observed["pla_bad"].as_ref().unwrap_err();
+    assert!(
+        why.0.contains("422") && why.0.contains("admission webhook denied"),
+        "{why}"
+    );
+    assert!(observed["pla_good"].is_ok());
+    let pods = api.state.lock().unwrap().pods.len();
+    assert_eq!(pods, 1, "the good pod runs");
+}

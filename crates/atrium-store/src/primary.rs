@@ -127,9 +127,10 @@ impl PostgresTargets {
         self.urls.len() > 1
     }
 
-    /// The first host's URL (the only one when there is one).
+    /// The first host's URL (the only one when there is one; `parse`
+    /// never makes an empty list).
     pub fn first(&self) -> &str {
-        &self.urls[0]
+        self.urls.first().map_or("", String::as_str)
     }
 
     /// `host:port` of every host, comma-separated, for messages.

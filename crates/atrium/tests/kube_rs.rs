@@ -230,7 +230,8 @@ async fn a_kube_rs_operator_defines_a_type_and_writes_its_objects_status() {
 /// Kubernetes API, and found again by the driver's selector. A tenant
 /// cluster serves no NetworkPolicy, so the driver as a whole cannot use
 /// one as its cluster: the apply of the policy is refused there (404),
-/// and the driver stops its pass rather than run pods without it.
+/// and the driver reports the tenant's placements failed with that
+/// refusal rather than run their pods without it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_kubernetes_drivers_objects_apply_to_a_tenant_cluster() {
     use atrium_kube_driver::plan;
