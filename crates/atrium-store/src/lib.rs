@@ -22,7 +22,7 @@ mod primary;
 mod types;
 
 pub use lease::Fence;
-pub use primary::PostgresTargets;
+use primary::PostgresTargets;
 pub use types::{
     AuditContext, AuditEvent, Backend, Change, ChangeOp, Check, Count, Object, Page, Precondition,
     Selection, StoreError, TenantFilter, UsageRecord, Write, WriteError,
@@ -139,13 +139,12 @@ impl Store {
             Backend::Postgres => {
                 let parsed = PostgresTargets::parse(url)?;
                 let url = if parsed.several() {
-                    primary::find_primary(&parsed).await?
+                    let primary = primary::find_primary(&parsed).await?;
+                    targets = Some(Arc::new(parsed));
+                    primary
                 } else {
                     parsed.first().to_string()
                 };
-                if parsed.several() {
-                    targets = Some(Arc::new(parsed));
-                }
                 (primary::pool_on(&url)?, url)
             }
         };

@@ -41,23 +41,19 @@ const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 const POOL_CHECK_TIMEOUT: Duration = Duration::from_millis(500);
 /// How long a statement waits for a connection before failing: a caller
 /// during a failover gets an error in seconds rather than hanging.
-pub(crate) const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(10);
+const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(10);
 /// More hosts than a cluster of PostgreSQL servers has in practice.
 const MAX_HOSTS: usize = 16;
 
-/// A PostgreSQL URL split into one URL per host, in the order given.
+/// A PostgreSQL URL split into one URL per host, in the order given:
+/// (a single-host URL sqlx can connect to, its `host:port` for messages).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct PostgresTargets {
-    /// Single-host URLs sqlx can connect to.
-    urls: Vec<String>,
-    /// `host:port` of each, for messages.
-    names: Vec<String>,
-}
+pub(crate) struct PostgresTargets(Vec<(String, String)>);
 
 impl PostgresTargets {
     /// Splits `url`. A URL naming one host comes back as it was, less
     /// `target_session_attrs` (sqlx has no such option).
-    pub fn parse(url: &str) -> Result<PostgresTargets, StoreError> {
+    pub(crate) fn parse(url: &str) -> Result<PostgresTargets, StoreError> {
         let bad = |why: &str| StoreError::BadUrl(why.to_string());
         let (scheme, rest) = ["postgres://", "postgresql://"]
             .iter()
@@ -96,12 +92,9 @@ impl PostgresTargets {
         if hosts.len() > MAX_HOSTS {
             return Err(bad(&format!("at most {MAX_HOSTS} hosts")));
         }
-        let mut targets = PostgresTargets {
-            urls: Vec::new(),
-            names: Vec::new(),
-        };
+        let mut targets = Vec::new();
         for host in hosts {
-            if host.is_empty() && targets.urls.is_empty() && authority.is_empty() {
+            if host.is_empty() && targets.is_empty() && authority.is_empty() {
                 // No host at all (`postgres:///db?host=/run/...`): sqlx's
                 // own defaults decide.
             } else if host.is_empty() {
@@ -110,32 +103,39 @@ impl PostgresTargets {
                 check_host(host).map_err(|why| bad(&format!("{host:?}: {why}")))?;
             }
             let user = userinfo.map(|u| format!("{u}@")).unwrap_or_default();
-            targets
-                .urls
-                .push(format!("{scheme}{user}{host}{path}{query}"));
-            targets.names.push(if host.is_empty() {
+            let name = if host.is_empty() {
                 "the default host".into()
             } else {
                 host.to_string()
-            });
+            };
+            targets.push((format!("{scheme}{user}{host}{path}{query}"), name));
         }
-        Ok(targets)
+        Ok(PostgresTargets(targets))
     }
 
     /// Whether the store must follow a primary among several hosts.
-    pub fn several(&self) -> bool {
-        self.urls.len() > 1
+    pub(crate) fn several(&self) -> bool {
+        self.0.len() > 1
     }
 
     /// The first host's URL (the only one when there is one; `parse`
     /// never makes an empty list).
-    pub fn first(&self) -> &str {
-        self.urls.first().map_or("", String::as_str)
+    pub(crate) fn first(&self) -> &str {
+        self.0.first().map_or("", |(url, _)| url.as_str())
     }
 
     /// `host:port` of every host, comma-separated, for messages.
-    pub fn describe(&self) -> String {
-        self.names.join(", ")
+    pub(crate) fn describe(&self) -> String {
+        let names: Vec<&str> = self.0.iter().map(|(_, name)| name.as_str()).collect();
+        names.join(", ")
+    }
+
+    /// The `host:port` of `url`, one of these.
+    fn name_of(&self, url: &str) -> &str {
+        self.0
+            .iter()
+            .find(|(u, _)| u == url)
+            .map_or("", |(_, name)| name.as_str())
     }
 }
 
@@ -206,7 +206,7 @@ pub(crate) fn pool_on(url: &str) -> Result<AnyPool, StoreError> {
 /// The URL of the first host, in order, that answers as the primary.
 pub(crate) async fn find_primary(targets: &PostgresTargets) -> Result<String, StoreError> {
     let mut seen = Vec::new();
-    for (url, name) in targets.urls.iter().zip(&targets.names) {
+    for (url, name) in &targets.0 {
         let probe = async {
             let mut conn = AnyConnection::connect(url).await?;
             let primary = is_primary(&mut conn).await;
@@ -225,6 +225,7 @@ pub(crate) async fn find_primary(targets: &PostgresTargets) -> Result<String, St
 
 /// Keeps the store's pool on the primary while the store lives.
 pub(crate) fn follow(inner: Weak<Inner>, targets: Arc<PostgresTargets>) {
+    tracing::info!(hosts = %targets.describe(), "store: following the primary among the database's hosts");
     tokio::spawn(async move {
         loop {
             tokio::time::sleep(CHECK_EVERY).await;
@@ -254,13 +255,7 @@ pub(crate) fn follow(inner: Weak<Inner>, targets: Arc<PostgresTargets>) {
                     continue;
                 }
             }
-            let host = targets
-                .urls
-                .iter()
-                .position(|u| *u == url)
-                .and_then(|i| targets.names.get(i))
-                .cloned()
-                .unwrap_or_default();
+            let host = targets.name_of(&url).to_string();
             *inner.primary_url.write().unwrap_or_else(|e| e.into_inner()) = url;
             tracing::warn!(%host, "store: the primary moved; new connections go there");
         }
@@ -278,8 +273,9 @@ mod tests {
             "postgres://u:p%40w@10.0.0.1:5432,db2:5433,[::1]:5434/atrium?sslmode=disable&target_session_attrs=read-write",
         )
         .unwrap();
+        let urls: Vec<&str> = t.0.iter().map(|(u, _)| u.as_str()).collect();
         assert_eq!(
-            t.urls,
+            urls,
             [
                 "postgres://u:p%40w@10.0.0.1:5432/atrium?sslmode=disable",
                 "postgres://u:p%40w@db2:5433/atrium?sslmode=disable",
@@ -295,10 +291,10 @@ mod tests {
     fn one_host_is_kept_as_given() {
         let url = "postgresql://atrium@127.0.0.1:55432/postgres";
         let t = PostgresTargets::parse(url).unwrap();
-        assert_eq!(t.urls, [url]);
+        assert_eq!(t.first(), url);
         assert!(!t.several());
         let t = PostgresTargets::parse("postgres://h/db?target_session_attrs=primary").unwrap();
-        assert_eq!(t.urls, ["postgres://h/db"]);
+        assert_eq!(t.first(), "postgres://h/db");
     }
 
     #[test]
