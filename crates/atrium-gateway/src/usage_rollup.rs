@@ -15,6 +15,7 @@
 //! plane would refuse the batch for it, and its request cannot be billed
 //! from what is left of it.
 
+use std::collections::btree_map::Entry;
 use std::collections::BTreeMap;
 
 use atrium_api::{UsageBatch, UsageRecordView};
@@ -54,7 +55,7 @@ struct Key {
     flag: Option<String>,
 }
 
-#[derive(Default)]
+#[derive(Default, Clone, Copy)]
 struct Sums {
     requests: i64,
     prompt: i64,
@@ -109,23 +110,30 @@ pub fn rollup(lines: &[u8]) -> (Vec<UsageRecordView>, usize) {
             records.push(record(s));
             continue;
         }
+        let (prompt, completion) = (s.prompt_tokens, s.completion_tokens);
+        let (at, request_id) = (s.at, s.request_id);
+        // The line's strings move into the key: a batch has thousands.
         let key = Key {
-            tenant: s.tenant.clone(),
-            deployment: s.deployment.clone(),
-            site: s.site.clone(),
-            replica: s.replica.clone(),
-            minute: minute_of(&s.at),
-            batch: s.batch.clone(),
-            flag: s.flag.clone(),
+            minute: minute_of(&at),
+            tenant: s.tenant,
+            deployment: s.deployment,
+            site: s.site,
+            replica: s.replica,
+            batch: s.batch,
+            flag: s.flag,
         };
-        let sum = sums.entry(key).or_default();
+        let entry = sums.entry(key);
+        let now = match &entry {
+            Entry::Occupied(o) => *o.get(),
+            Entry::Vacant(_) => Sums::default(),
+        };
         match (
-            sum.requests.checked_add(1),
-            sum.prompt.checked_add(s.prompt_tokens),
-            sum.completion.checked_add(s.completion_tokens),
+            now.requests.checked_add(1),
+            now.prompt.checked_add(prompt),
+            now.completion.checked_add(completion),
         ) {
             (Some(requests), Some(prompt), Some(completion)) => {
-                *sum = Sums {
+                *entry.or_default() = Sums {
                     requests,
                     prompt,
                     completion,
@@ -133,7 +141,22 @@ pub fn rollup(lines: &[u8]) -> (Vec<UsageRecordView>, usize) {
             }
             // Past i64 (not reachable with bounded counts): this request
             // is billed on its own record rather than wrapped into the sum.
-            _ => records.push(record(s)),
+            _ => {
+                let k = entry.key();
+                records.push(UsageRecordView {
+                    at,
+                    tenant: k.tenant.clone(),
+                    deployment: k.deployment.clone(),
+                    site: k.site.clone(),
+                    replica: k.replica.clone(),
+                    prompt_tokens: prompt,
+                    completion_tokens: completion,
+                    request_id,
+                    flag: k.flag.clone(),
+                    batch: k.batch.clone(),
+                    requests: 1,
+                });
+            }
         }
     }
     records.extend(sums.into_iter().map(|(k, s)| UsageRecordView {
