@@ -178,14 +178,11 @@ pub async fn register(
         labels: [("atrium.dev/agent".to_string(), "process".to_string())].into(),
         state: NodeState::Ready,
     };
-    let nodes = Api::<Node>::all(cp);
-    let name = config.node_name();
-    match nodes.get(name).await {
-        Ok(_) => nodes.update(name, &spec, None).await.map(|_| ()),
-        Err(e) if e.status() == Some(404) => nodes.create(name, &spec).await.map(|_| ()),
-        Err(e) => Err(e),
-    }
-    .map_err(|e| AgentError::Register(e.to_string()))
+    Api::<Node>::all(cp)
+        .create_or_update(config.node_name(), &spec)
+        .await
+        .map(|_| ())
+        .map_err(|e| AgentError::Register(e.to_string()))
 }
 
 /// Runs the agent until `shutdown` resolves: resumes the workloads it ran
@@ -277,8 +274,7 @@ pub async fn run(
                     // A finished job's replica stays placed (its record and
                     // log) but runs nothing.
                     let mine = |o: &Object<Placement>| -> Option<(String, state::Assignment)> {
-                        let finished = o.status.as_ref().is_some_and(|s| o.spec.finished(s));
-                        (o.spec.node == node && !finished).then(|| {
+                        o.spec.runs_on(&node, o.status.as_ref()).then(|| {
                             let tenant = o.tenant.clone().unwrap_or_default();
                             let spec = o.spec.clone();
                             (o.id.clone(), state::Assignment { tenant, spec })

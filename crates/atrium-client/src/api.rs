@@ -126,6 +126,20 @@ impl<R: Resource> Api<R> {
             .await
     }
 
+    /// Makes `name`'s spec `spec`: replaced when it exists, created when
+    /// it does not (an agent registering its node, again at each start).
+    pub async fn create_or_update(
+        &self,
+        name: &str,
+        spec: &R::Spec,
+    ) -> Result<Object<R>, ClientError> {
+        match self.get(name).await {
+            Ok(_) => self.update(name, spec, None).await,
+            Err(e) if e.status() == Some(404) => self.create(name, spec).await,
+            Err(e) => Err(e),
+        }
+    }
+
     /// Replaces the spec; only while the object is still at `revision`
     /// when one is given.
     pub async fn update(

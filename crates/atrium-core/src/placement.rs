@@ -51,6 +51,13 @@ pub struct PlacementSpec {
 }
 
 impl PlacementSpec {
+    /// Whether the agent of `node` runs this replica now: it is placed
+    /// there and has not finished (a finished replica's record stays, for
+    /// its log, but runs nothing).
+    pub fn runs_on(&self, node: &str, status: Option<&ReplicaStatus>) -> bool {
+        self.node == node && !status.is_some_and(|s| self.finished(s))
+    }
+
     /// Whether `status` is the last this replica will have: it succeeded,
     /// or it is a job's and failed past its retries. A finished replica
     /// runs nothing and holds no room; its record stays for its log.
@@ -96,4 +103,32 @@ pub struct ReplicaStatus {
     /// The engine's process id on its node.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pid: Option<u32>,
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn a_replica_runs_on_its_node_until_it_has_finished() {
+        let spec: PlacementSpec = serde_json::from_value(serde_json::json!({
+            "deployment": "wkl_1", "deployment_name": "job", "replica": 0, "node": "n1",
+            "engine": "container", "model": "acme/app:1", "model_source": "", "model_task": "chat",
+            "resources": {"cpu": "1", "memory": "1Gi"}, "retries": 1}))
+        .unwrap();
+        let status = |state, restarts| ReplicaStatus {
+            state,
+            reason: String::new(),
+            endpoint: None,
+            restarts,
+            isolation: None,
+            pid: None,
+        };
+        assert!(spec.runs_on("n1", None));
+        assert!(!spec.runs_on("n2", None));
+        assert!(spec.runs_on("n1", Some(&status(LifecycleState::Failed, 1))));
+        assert!(!spec.runs_on("n1", Some(&status(LifecycleState::Failed, 2))));
+        assert!(!spec.runs_on("n1", Some(&status(LifecycleState::Succeeded, 0))));
+    }
 }

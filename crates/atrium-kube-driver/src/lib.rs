@@ -81,14 +81,11 @@ async fn register(cp: &ControlPlane, config: &DriverConfig) -> Result<(), String
         labels: [("atrium.dev/agent".to_string(), "kubernetes".to_string())].into(),
         state: NodeState::Ready,
     };
-    let nodes = Api::<Node>::all(cp);
-    let name = &config.credential.name;
-    match nodes.get(name).await {
-        Ok(_) => nodes.update(name, &spec, None).await.map(|_| ()),
-        Err(e) if e.status() == Some(404) => nodes.create(name, &spec).await.map(|_| ()),
-        Err(e) => Err(e),
-    }
-    .map_err(|e| e.to_string())
+    Api::<Node>::all(cp)
+        .create_or_update(&config.credential.name, &spec)
+        .await
+        .map(|_| ())
+        .map_err(|e| e.to_string())
 }
 
 /// The status to report for a placement after a pass.
@@ -143,8 +140,7 @@ pub async fn run(
         );
         placements.follow(move |update| {
             let mine = |o: &Object<Placement>| {
-                let finished = o.status.as_ref().is_some_and(|s| o.spec.finished(s));
-                (o.spec.node == node && !finished).then(|| Assigned {
+                o.spec.runs_on(&node, o.status.as_ref()).then(|| Assigned {
                     id: o.id.clone(),
                     tenant: o.tenant.clone().unwrap_or_default(),
                     spec: o.spec.clone(),
@@ -206,17 +202,17 @@ pub async fn run(
             };
             // The pods as they are now (the apply's answer may be older).
             let pods = cluster.pods().await.unwrap_or_default();
-            let retries: BTreeMap<&str, Option<u32>> = wanted
-                .iter()
-                .map(|a| (a.id.as_str(), a.spec.retries))
-                .collect();
-            for (id, pass) in &observed {
+            for a in &wanted {
+                let id = &a.id;
+                let Some(pass) = observed.get(id) else {
+                    continue;
+                };
                 let mut status = match (pass, pods.get(id)) {
                     (Ok(_), Some(pod)) => plan::status_of(pod),
                     _ => reported(pass),
                 };
-                if let Some(Some(r)) = retries.get(id.as_str()) {
-                    status = plan::past_retries(status, *r);
+                if let Some(r) = a.spec.retries {
+                    status = plan::past_retries(status, r);
                 }
                 if last.get(id) == Some(&status) {
                     continue;
