@@ -6,8 +6,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use futures::{StreamExt, TryStreamExt};
-use k8s_openapi::api::core::v1::{Namespace, Pod, ResourceQuota};
-use k8s_openapi::api::networking::v1::NetworkPolicy;
+use k8s_openapi::api::core::v1::{Namespace, Pod};
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams, WatchEvent, WatchParams};
 use kube::{Api, Client, ResourceExt};
 
@@ -25,17 +24,22 @@ pub struct Cluster {
     images: Images,
 }
 
-fn apply_params() -> PatchParams {
-    PatchParams::apply(plan::FIELD_MANAGER).force()
-}
-
-/// A refusal of one object by the API server (invalid, forbidden by an
-/// admission or quota) becomes that placement's reason, so one tenant's
-/// unacceptable pod cannot stop the pass for every other tenant's; any
-/// other error (the cluster unreachable) fails the pass, to be retried.
-fn refused<T>(result: Result<T, kube::Error>) -> Result<Result<T, Unrunnable>, kube::Error> {
-    match result {
-        Ok(t) => Ok(Ok(t)),
+/// Applies `object` server-side. A refusal of it by the API server (4xx:
+/// invalid, forbidden by an admission or a quota) comes back as the
+/// reason its placement cannot run, so one tenant's unacceptable pod
+/// cannot stop the pass for every other tenant's; any other error (the
+/// cluster unreachable) fails the pass, to be retried.
+async fn apply<K>(api: Api<K>, object: &K) -> Result<Result<K, Unrunnable>, kube::Error>
+where
+    K: kube::Resource + Clone + std::fmt::Debug,
+    K: k8s_openapi::serde::Serialize + k8s_openapi::serde::de::DeserializeOwned,
+{
+    let params = PatchParams::apply(plan::FIELD_MANAGER).force();
+    match api
+        .patch(&object.name_any(), &params, &Patch::Apply(object))
+        .await
+    {
+        Ok(applied) => Ok(Ok(applied)),
         Err(kube::Error::Api(s)) if (400..500).contains(&s.code) => Ok(Err(Unrunnable(format!(
             "the cluster refused it ({}): {}",
             s.code, s.message
@@ -94,10 +98,8 @@ impl Cluster {
                     }
                 };
                 let ns = pod.namespace().unwrap_or_default();
-                let applied = Api::<Pod>::namespaced(self.client.clone(), &ns)
-                    .patch(&pod.name_any(), &apply_params(), &Patch::Apply(&pod))
-                    .await;
-                observed.insert(a.id.clone(), refused(applied)?);
+                let applied = apply(Api::namespaced(self.client.clone(), &ns), &pod).await?;
+                observed.insert(a.id.clone(), applied);
             }
         }
         let wanted: BTreeSet<&str> = assigned.iter().map(|a| a.id.as_str()).collect();
@@ -131,35 +133,23 @@ impl Cluster {
             Err(e) => return Ok(Err(e)),
         };
         let ns = namespace.name_any();
-        let params = apply_params();
-        if let Err(e) = refused(
-            Api::<Namespace>::all(self.client.clone())
-                .patch(&ns, &params, &Patch::Apply(&namespace))
-                .await,
-        )? {
+        let c = &self.client;
+        // No pod of the tenant's runs without its policy and quota: the
+        // first refusal is every one of its placements' reason.
+        if let Err(e) = apply(Api::<Namespace>::all(c.clone()), &namespace).await? {
             return Ok(Err(e));
         }
-        // No pod of the tenant's runs without its policy and quota.
-        if let Err(e) = refused(
-            Api::<NetworkPolicy>::namespaced(self.client.clone(), &ns)
-                .patch(&policy.name_any(), &params, &Patch::Apply(&policy))
-                .await,
-        )? {
+        if let Err(e) = apply(Api::namespaced(c.clone(), &ns), &policy).await? {
             return Ok(Err(e));
         }
-        if let Err(e) = refused(
-            Api::<ResourceQuota>::namespaced(self.client.clone(), &ns)
-                .patch(&quota.name_any(), &params, &Patch::Apply(&quota))
-                .await,
-        )? {
-            return Ok(Err(e));
-        }
-        Ok(Ok(()))
+        Ok(apply(Api::namespaced(c.clone(), &ns), &quota)
+            .await?
+            .map(|_| ()))
     }
 
     /// Calls `changed` with each of the driver's pods as it changes, until
     /// the watch ends (the API server closes watches after a while; the
-    /// caller lists again and resumes).
+    /// caller watches again, from "0": every pod, then their changes).
     pub async fn watch(
         &self,
         resource_version: &str,

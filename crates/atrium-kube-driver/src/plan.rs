@@ -159,6 +159,16 @@ pub fn namespace(node: &str, tenant: &str) -> Result<Namespace, Unrunnable> {
     })
 }
 
+/// `name` in the tenant's namespace, with the driver's labels.
+fn in_tenant_namespace(node: &str, tenant: &str, name: &str) -> Result<ObjectMeta, Unrunnable> {
+    Ok(ObjectMeta {
+        name: Some(name.into()),
+        namespace: Some(namespace_name(tenant)?),
+        labels: Some(labels(node, tenant)),
+        ..ObjectMeta::default()
+    })
+}
+
 /// Ingress only from the tenant's own pods and from gateways' namespaces;
 /// every pod of the namespace is selected, so nothing else reaches them.
 pub fn network_policy(node: &str, tenant: &str) -> Result<NetworkPolicy, Unrunnable> {
@@ -168,12 +178,7 @@ pub fn network_policy(node: &str, tenant: &str) -> Result<NetworkPolicy, Unrunna
         ..NetworkPolicyPeer::default()
     };
     Ok(NetworkPolicy {
-        metadata: ObjectMeta {
-            name: Some("atrium-tenant".into()),
-            namespace: Some(namespace_name(tenant)?),
-            labels: Some(labels(node, tenant)),
-            ..ObjectMeta::default()
-        },
+        metadata: in_tenant_namespace(node, tenant, "atrium-tenant")?,
         spec: Some(NetworkPolicySpec {
             pod_selector: Some(LabelSelector::default()),
             policy_types: Some(vec!["Ingress".into()]),
@@ -268,12 +273,7 @@ pub fn resource_quota(
     }
     hard.insert("pods".into(), Quantity(replicas.len().to_string()));
     Ok(ResourceQuota {
-        metadata: ObjectMeta {
-            name: Some("atrium-placed".into()),
-            namespace: Some(namespace_name(tenant)?),
-            labels: Some(labels(node, tenant)),
-            ..ObjectMeta::default()
-        },
+        metadata: in_tenant_namespace(node, tenant, "atrium-placed")?,
         spec: Some(ResourceQuotaSpec {
             hard: Some(hard),
             ..ResourceQuotaSpec::default()
