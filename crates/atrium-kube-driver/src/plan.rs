@@ -282,6 +282,14 @@ pub fn resource_quota(
     })
 }
 
+/// `s` as Kubernetes will pass it on unchanged: the kubelet expands
+/// `$(NAME)` in a container's command, args and env values from its env,
+/// and `$$` is its escape for `$`. A workload's argv and environment are
+/// the tenant's literal strings, as under runc on a node.
+fn literal(s: &str) -> String {
+    s.replace('$', "$$")
+}
+
 /// The pod of one placement.
 pub fn pod(node: &str, images: &Images, a: &Assigned) -> Result<Pod, Unrunnable> {
     let spec = &a.spec;
@@ -299,16 +307,17 @@ pub fn pod(node: &str, images: &Images, a: &Assigned) -> Result<Pod, Unrunnable>
                 .iter()
                 .map(|(k, v)| EnvVar {
                     name: k.clone(),
-                    value: Some(v.clone()),
+                    value: Some(literal(v)),
                     ..EnvVar::default()
                 })
                 .collect();
             let image = format!("{}/{}", images.registry, c.image);
             // The image's entrypoint and command stay unless the workload
             // replaces them.
+            let all_literal = |v: &[String]| v.iter().map(|a| literal(a)).collect::<Vec<_>>();
             let argv = (
-                (!c.command.is_empty()).then(|| c.command.clone()),
-                (!c.args.is_empty()).then(|| c.args.clone()),
+                (!c.command.is_empty()).then(|| all_literal(&c.command)),
+                (!c.args.is_empty()).then(|| all_literal(&c.args)),
             );
             (image, argv, env, c.ports.clone())
         }
@@ -661,13 +670,75 @@ mod tests {
             c.image.as_deref(),
             Some("atrium-registry.atrium.svc:5000/acme/app:1")
         );
-        assert_eq!(c.command.as_ref().unwrap()[2], "$(rm -rf /)");
+        assert_eq!(
+            kubelet_expands(&c.command.as_ref().unwrap()[2], &[]),
+            "$(rm -rf /)"
+        );
         assert_eq!(c.args, None, "the image's own Cmd stays");
         assert_eq!(
             c.env.as_ref().unwrap()[0].value.as_deref(),
             Some("v; kubectl delete ns default")
         );
         assert_eq!(p.metadata.namespace.as_deref(), Some("atrium-acme"));
+    }
+
+    /// The kubelet's expansion of `$(NAME)` and `$$` (Kubernetes'
+    /// `third_party/forked/golang/expansion`), for the tests.
+    fn kubelet_expands(s: &str, env: &[(&str, &str)]) -> String {
+        let (mut out, mut rest) = (String::new(), s);
+        while let Some(at) = rest.find('$') {
+            out.push_str(&rest[..at]);
+            let after = &rest[at + 1..];
+            if let Some(more) = after.strip_prefix('$') {
+                out.push('$');
+                rest = more;
+            } else if let Some((name, more)) =
+                after.strip_prefix('(').and_then(|a| a.split_once(')'))
+            {
+                match env.iter().find(|(k, _)| *k == name) {
+                    Some((_, v)) => out.push_str(v),
+                    None => out.push_str(&rest[at..at + 3 + name.len()]),
+                }
+                rest = more;
+            } else {
+                out.push('$');
+                rest = after;
+            }
+        }
+        out + rest
+    }
+
+    /// A tenant's `$(VAR)` reaches its process as written, not expanded
+    /// by the kubelet from the container's env (which it would be, sent
+    /// as is).
+    #[test]
+    fn a_tenants_argv_and_env_are_not_expanded_by_the_kubelet() {
+        let hostile = ["$(SECRET)", "$$(SECRET)", "a$b", "$(", "$$$", "cost: 5$"];
+        let s = placement(
+            "container",
+            json!({"container": {"image": "acme/app:1", "command": hostile, "args": hostile,
+                "env": {"SECRET": "s3cret", "ECHO": "$(SECRET)"}}}),
+        );
+        let p = pod("k8s-1", &images(), &assigned("pla_9", "acme", s)).unwrap();
+        let c = &p.spec.unwrap().containers[0];
+        let env = [("SECRET", "s3cret")];
+        for argv in [c.command.as_ref().unwrap(), c.args.as_ref().unwrap()] {
+            let ran: Vec<String> = argv.iter().map(|a| kubelet_expands(a, &env)).collect();
+            assert_eq!(ran, hostile);
+        }
+        let echo = c
+            .env
+            .as_ref()
+            .unwrap()
+            .iter()
+            .find(|e| e.name == "ECHO")
+            .unwrap();
+        assert_eq!(
+            kubelet_expands(echo.value.as_ref().unwrap(), &env),
+            "$(SECRET)"
+        );
+        // Sent as written, the first would have run as the secret's value.
+        assert_eq!(kubelet_expands(hostile[0], &env), "s3cret");
     }
 
     #[test]
