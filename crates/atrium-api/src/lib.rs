@@ -9,8 +9,8 @@
 mod resource;
 
 pub use resource::{
-    Batch, Cluster, Collection, Credential, Database, Deployment, Exec, File, JoinToken, Key,
-    Model, NoStatus, Node, Object, Ownership, Placement, Resource, ServiceRoute, Site, Tenant,
+    Batch, Cluster, Collection, Credential, Database, Deployment, Exec, File, Gateway, JoinToken,
+    Key, Model, NoStatus, Node, Object, Ownership, Placement, Resource, ServiceRoute, Site, Tenant,
     Volume, Workload,
 };
 use serde::{Deserialize, Serialize};
@@ -199,6 +199,11 @@ pub struct UsageRecordView {
     /// `request_id` is empty).
     #[serde(default = "one_request", skip_serializing_if = "is_one_request")]
     pub requests: i64,
+    /// The site the request entered at, when another site (`site`) served
+    /// it under the tenant's residency; absent when served where it
+    /// entered.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub ingress_site: String,
 }
 
 fn one_request() -> i64 {
@@ -344,4 +349,25 @@ pub struct IssuedCredential {
     /// `atrn_<id>_<secret>` or `atrg_<id>_<secret>`: the plane's only
     /// credential from now on.
     pub secret: String,
+}
+
+/// `POST /v1/site-certificates`: a gateway asks for a certificate for its
+/// site's peer link. Only the public half of its key travels; the site
+/// named in the certificate is the credential's, never one it asks for.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SiteCertificateRequest {
+    /// The ECDSA P-256 public key, uncompressed (65 bytes), in hex.
+    pub public_key: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SiteCertificate {
+    /// PEM, valid for `<site>.site.atrium` as a server and a client.
+    pub certificate_pem: String,
+    /// The Atrium CA's certificate, PEM: the only root peers trust.
+    pub ca_pem: String,
+    /// Seconds it stays valid from now.
+    pub valid_for_s: u64,
 }

@@ -16,6 +16,7 @@ use atrium_core::collection::{CollectionSpec, CollectionStatus};
 use atrium_core::database::{DatabaseSpec, DatabaseStatus};
 use atrium_core::deployment::DeploymentSpec;
 use atrium_core::exec::{ExecSpec, ExecStatus};
+use atrium_core::gateway::GatewaySpec;
 use atrium_core::key::KeySpec;
 use atrium_core::lifecycle::Status;
 use atrium_core::model::ModelSpec;
@@ -87,6 +88,11 @@ macro_rules! resource {
 resource!(
     /// A place with nodes, in one jurisdiction.
     Site, "site", "sites", "sit_", Provider, SiteSpec, NoStatus
+);
+resource!(
+    /// A site's gateway, as it reports itself: its peer address and what it
+    /// measured of the other sites' gateways.
+    Gateway, "gateway", "gateways", "gtw_", Provider, GatewaySpec, NoStatus
 );
 resource!(
     /// A machine an agent runs on.

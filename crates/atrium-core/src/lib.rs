@@ -14,6 +14,7 @@ pub mod collection;
 pub mod database;
 pub mod deployment;
 pub mod exec;
+pub mod gateway;
 pub mod histogram;
 pub mod key;
 pub mod lifecycle;

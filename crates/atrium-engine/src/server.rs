@@ -47,7 +47,25 @@ pub fn router(engine: Shared) -> Router {
             )
         })
         .layer(axum::extract::DefaultBodyLimit::max(BODY_LIMIT))
+        .layer(axum::middleware::from_fn(access_log))
         .with_state(engine)
+}
+
+/// One line per request that carries a gateway's `x-request-id`, in the
+/// replica's own log: where a request was really served can be checked
+/// there, not only in what the gateways say.
+async fn access_log(request: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    let id = request
+        .headers()
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
+    let path = request.uri().path().to_string();
+    let response = next.run(request).await;
+    if let Some(id) = id {
+        tracing::info!(request_id = %id, %path, status = response.status().as_u16(), "served");
+    }
+    response
 }
 
 fn error_response(status: StatusCode, kind: &str, message: String) -> Response {

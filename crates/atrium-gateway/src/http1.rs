@@ -86,6 +86,10 @@ pub struct RequestHead {
     /// `Expect: 100-continue`: the client waits for a go-ahead before
     /// sending the body.
     pub expect_continue: bool,
+    /// `x-atrium-ingress-site` and `x-request-id`: believed only on the
+    /// peer link, where the sending site's certificate is checked.
+    pub ingress_site: Option<String>,
+    pub request_id: Option<String>,
 }
 
 /// What the gateway needs of a replica's response head.
@@ -197,9 +201,15 @@ pub fn parse_request_head(buf: &[u8]) -> Result<Option<(RequestHead, usize)>, Ht
     let mut authorization = None;
     let mut content_type = None;
     let mut expect_continue = false;
+    let (mut ingress_site, mut request_id) = (None, None);
     for h in request.headers.iter() {
         delimiters.take(h.name, h.value)?;
-        if h.name.eq_ignore_ascii_case("authorization") {
+        let text = || std::str::from_utf8(h.value).ok().map(str::to_string);
+        if h.name.eq_ignore_ascii_case("x-atrium-ingress-site") {
+            ingress_site = text();
+        } else if h.name.eq_ignore_ascii_case("x-request-id") {
+            request_id = text();
+        } else if h.name.eq_ignore_ascii_case("authorization") {
             authorization = std::str::from_utf8(h.value).ok().map(str::to_string);
         } else if h.name.eq_ignore_ascii_case("content-type") {
             content_type = std::str::from_utf8(h.value).ok().map(str::to_string);
@@ -240,6 +250,8 @@ pub fn parse_request_head(buf: &[u8]) -> Result<Option<(RequestHead, usize)>, Ht
             framing,
             keep_alive: delimiters.keep_alive(version),
             expect_continue: expect_continue && version >= 1,
+            ingress_site,
+            request_id,
         },
         len,
     )))

@@ -16,17 +16,22 @@ pub mod affinity;
 mod batch_runner;
 pub mod egress;
 mod embed_text;
+mod forward;
 pub mod http1;
 pub mod limits;
+mod link;
 mod load;
 mod meter;
 mod metrics;
 pub mod outgoing;
+mod peer_listener;
+mod peers;
 mod proxy;
 mod refusal;
 pub mod request;
 mod routes;
 mod server;
+mod site_choice;
 mod tenant_api;
 mod upstream;
 mod usage;
@@ -48,6 +53,15 @@ use server::{Request, Response};
 pub use proxy::{token_estimate, DEFAULT_MAX_TOKENS_UNDER_LIMIT};
 use routes::Caller;
 pub use routes::Routes;
+
+/// The paths proxied to a deployment's replicas (and forwarded to other
+/// sites).
+const PROXIED: [&str; 4] = [
+    "/v1/chat/completions",
+    "/v1/completions",
+    "/v1/embeddings",
+    "/v1/responses",
+];
 
 /// Largest request body accepted.
 const BODY_LIMIT: usize = 8 << 20;
@@ -87,6 +101,11 @@ pub struct GatewayConfig {
     /// How long a request waits for a replica to start before it is
     /// refused with 503 and `Retry-After`.
     pub hold_timeout: Duration,
+    /// Where other sites' gateways forward requests to (mutually
+    /// authenticated TLS), and the address they are told to use; none:
+    /// this gateway takes no forwarded requests (it still forwards).
+    pub peer_listen: Option<SocketAddr>,
+    pub peer_address: Option<SocketAddr>,
 }
 
 /// `GatewayConfig::hold_timeout` unless set: an embedded model starts in
@@ -112,6 +131,8 @@ struct Gateway {
     load_wake: Arc<tokio::sync::Notify>,
     /// The control plane, for the Batch API's files and batches.
     cp: ControlPlane,
+    /// The other sites' gateways.
+    peers: Arc<peers::Peers>,
 }
 
 /// A started gateway.
@@ -139,6 +160,8 @@ pub enum GatewayError {
     NotAGatewayCredential,
     #[error("cannot listen on {0}: {1}")]
     Listen(SocketAddr, std::io::Error),
+    #[error("the peer listener {0} has no address peers can use: give --peer-address")]
+    PeerAddress(SocketAddr),
     #[error("gateway data directory {0}: {1}")]
     DataDir(PathBuf, std::io::Error),
 }
@@ -348,7 +371,42 @@ pub async fn start(config: GatewayConfig) -> Result<RunningGateway, GatewayError
             }
         }));
     }
+    let peer_listener = match config.peer_listen {
+        Some(at) => {
+            let l = tokio::net::TcpListener::bind(at)
+                .await
+                .map_err(|e| GatewayError::Listen(at, e))?;
+            let bound = l.local_addr().map_err(|e| GatewayError::Listen(at, e))?;
+            let advertised = config.peer_address.unwrap_or(bound);
+            if advertised.ip().is_unspecified() || advertised.port() == 0 {
+                return Err(GatewayError::PeerAddress(bound));
+            }
+            Some((l, advertised))
+        }
+        None => None,
+    };
+    let peers = Arc::new(peers::Peers::new(
+        config.credential.name.clone(),
+        site.clone(),
+        peer_listener.as_ref().map(|(_, a)| *a),
+    ));
+    background.push(tokio::spawn(peers::follow(cp.clone(), peers.clone())));
+    background.push(tokio::spawn(peers::certify(cp.clone(), peers.clone())));
     let upstreams = Arc::new(upstream::Upstreams::default());
+    background.push(tokio::spawn(peers::probe(peers.clone(), upstreams.clone())));
+    {
+        let routes = routes.clone();
+        background.push(tokio::spawn(peers::record(
+            cp.clone(),
+            peers.clone(),
+            move || {
+                routes
+                    .read()
+                    .map(|r| r.replica_states().iter().map(|(_, n, _)| n).sum())
+                    .unwrap_or(0)
+            },
+        )));
+    }
     {
         let upstreams = upstreams.clone();
         background.push(tokio::spawn(async move {
@@ -371,7 +429,15 @@ pub async fn start(config: GatewayConfig) -> Result<RunningGateway, GatewayError
         hold_timeout: config.hold_timeout,
         load_wake,
         cp: cp.clone(),
+        peers,
     });
+    if let Some((listener, advertised)) = peer_listener {
+        tracing::info!(%advertised, "gateway: taking forwarded requests from other sites");
+        background.push(tokio::spawn(peer_listener::serve(
+            listener,
+            gateway.clone(),
+        )));
+    }
     background.push(tokio::spawn(batch_runner::run(gateway.clone(), cp)));
     let task = tokio::spawn(server::serve(
         listener,
@@ -394,12 +460,6 @@ pub async fn start(config: GatewayConfig) -> Result<RunningGateway, GatewayError
 /// The gateway's routes; every answer is counted by route and status, with
 /// the time to the response head (streams continue after it).
 async fn handle(g: Arc<Gateway>, request: Request) -> Response {
-    const PROXIED: [&str; 4] = [
-        "/v1/chat/completions",
-        "/v1/completions",
-        "/v1/embeddings",
-        "/v1/responses",
-    ];
     const READ_ONLY: [&str; 4] = ["/v1/models", "/healthz", "/readyz", "/metrics"];
     let started = Instant::now();
     let path = request.head.path.as_str();
@@ -407,7 +467,7 @@ async fn handle(g: Arc<Gateway>, request: Request) -> Response {
     let authorization = request.head.authorization.as_deref();
     let (route, answer) = if let Some(route) = PROXIED.iter().copied().find(|r| *r == path) {
         let answer = if method == Method::Post {
-            Ok(proxy::proxy(&g, route, request).await)
+            Ok(proxy::proxy(&g, route, request, proxy::Origin::Tenant).await)
         } else {
             Err(Refusal::MethodNotAllowed { allow: "POST" })
         };

@@ -117,6 +117,9 @@ pub struct Meter {
     batch: Option<String>,
     /// Kept as its own record when shipped, not only in an aggregate.
     itemised: bool,
+    /// The site the request entered at: this one, or the peer's that
+    /// forwarded it.
+    ingress_site: String,
 }
 
 impl Meter {
@@ -138,7 +141,16 @@ impl Meter {
             bound,
             batch: None,
             itemised: false,
+            ingress_site: g.site.clone(),
         }
+    }
+
+    /// The request was forwarded here from `site`'s gateway.
+    pub fn entered_at(mut self, site: Option<&str>) -> Meter {
+        if let Some(site) = site {
+            self.ingress_site = site.to_string();
+        }
+        self
     }
 
     /// Keeps the request's own record (the tenant asked for them).
@@ -202,6 +214,7 @@ impl Meter {
             flag: flag.as_deref(),
             batch: self.batch.as_deref(),
             itemised: self.itemised,
+            ingress_site: &self.ingress_site,
         };
         if let Err(e) = self.usage.append(&record) {
             tracing::error!(error = %e, request_id = %self.request_id, "gateway: usage not spooled");

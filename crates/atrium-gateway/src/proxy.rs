@@ -14,6 +14,7 @@ use bytes::Bytes;
 use tokio::sync::mpsc;
 
 use crate::affinity::TenantSalt;
+use crate::forward;
 use crate::limits;
 use crate::load;
 use crate::meter::{usage_of, Meter, UsageBound};
@@ -25,19 +26,79 @@ use crate::server::{self, Request, Response, ResponseBody};
 use crate::upstream;
 use crate::Gateway;
 
-/// `route` (a proxied path) for `request`, with its request id and site.
-pub async fn proxy(g: &Gateway, route: &str, request: Request) -> Response {
+/// Where a request came from: a tenant at this gateway, or another
+/// site's gateway forwarding one (its site checked by the peer link).
+pub enum Origin {
+    Tenant,
+    Peer {
+        ingress: String,
+        request_id: Option<String>,
+    },
+}
+
+/// `route` (a proxied path) for `request`, with its request id and the
+/// sites involved: served here, or forwarded to the nearest site the
+/// tenant's residency allows.
+pub async fn proxy(g: &Gateway, route: &str, request: Request, origin: Origin) -> Response {
     let started = Instant::now();
-    let request_id = new_request_id();
+    let (ingress, request_id) = match origin {
+        Origin::Tenant => (None, new_request_id()),
+        Origin::Peer {
+            ingress,
+            request_id,
+        } => {
+            let id = request_id
+                .filter(|id| is_request_id(id))
+                .unwrap_or_else(new_request_id);
+            (Some(ingress), id)
+        }
+    };
     let raw = request.body;
     let authorization = request.head.authorization.as_deref();
     let admitted =
         crate::authenticate(g, authorization).and_then(|caller| admit(g, route, &raw, caller));
+    let mut serving_site = g.site.clone();
     let mut response = match admitted {
-        Ok(mut admitted) => match send(g, route, &mut admitted, &request_id).await {
-            Ok(sent) => respond(g, admitted, sent, &request_id).await,
-            Err(refusal) => Err(refusal),
-        },
+        Ok(mut admitted) => {
+            let decision = match &ingress {
+                None => forward::decide(g, &admitted.caller.tenant, &admitted.model),
+                // Served here or refused: a forwarded request goes no
+                // further, and lands only where it may.
+                Some(_) if forward::allowed_here(g, &admitted.caller.tenant, &admitted.model) => {
+                    forward::Decision::Here
+                }
+                Some(_) => forward::Decision::NoCompliantSite(format!(
+                    "site {} may not serve `{}` for this tenant",
+                    g.site, admitted.model
+                )),
+            };
+            match decision {
+                forward::Decision::Here => match send(g, route, &mut admitted, &request_id).await {
+                    Ok(sent) => respond(g, admitted, sent, &request_id, ingress.as_deref()).await,
+                    Err(refusal) => Err(refusal),
+                },
+                forward::Decision::NoCompliantSite(why) => Err(Refusal::NoCompliantSite(why)),
+                forward::Decision::Forward(gateways) => {
+                    let model = std::mem::take(&mut admitted.model);
+                    // Admitted again, and metered, where it is served.
+                    drop(admitted);
+                    forward::forward(
+                        g,
+                        route,
+                        &raw,
+                        authorization,
+                        &request_id,
+                        &gateways,
+                        &model,
+                    )
+                    .await
+                    .map(|(response, site, upstream)| {
+                        serving_site = site;
+                        (response, upstream)
+                    })
+                }
+            }
+        }
         Err(refusal) => Err(refusal),
     }
     .map_or_else(Refusal::into_response, |(mut response, upstream_time)| {
@@ -45,8 +106,27 @@ pub async fn proxy(g: &Gateway, route: &str, request: Request) -> Response {
         response
     });
     response.header("x-request-id", request_id);
-    response.header("x-atrium-site", g.site.clone());
+    if let Some(j) = g
+        .routes
+        .read()
+        .ok()
+        .and_then(|r| r.jurisdiction(&serving_site).map(str::to_string))
+    {
+        response.header("x-atrium-jurisdiction", j);
+    }
+    response.header("x-atrium-site", serving_site);
+    response.header(
+        "x-atrium-ingress-site",
+        ingress.unwrap_or_else(|| g.site.clone()),
+    );
     response
+}
+
+/// An id this gateway could have made (`req_` and 24 hex digits): one a
+/// peer passes on is used only in that shape.
+fn is_request_id(id: &str) -> bool {
+    id.strip_prefix("req_")
+        .is_some_and(|h| h.len() == 24 && h.bytes().all(|b| b.is_ascii_hexdigit()))
 }
 
 /// `req_` and 96 random bits in hex, built without the formatting
@@ -175,7 +255,7 @@ pub async fn run_whole(
         Ok(mut admitted) => {
             admitted.batch = batch.map(str::to_string);
             match send(g, route, &mut admitted, &request_id).await {
-                Ok(sent) => respond(g, admitted, sent, &request_id)
+                Ok(sent) => respond(g, admitted, sent, &request_id, None)
                     .await
                     .map(|(r, _)| r),
                 Err(refusal) => Err(refusal),
@@ -278,12 +358,14 @@ async fn send(
                 authority: &external.authority,
                 prefix: external.url.as_ref().map_or("", |u| u.path.as_str()),
                 addrs,
+                link: None,
             },
             Dest::Replica(replica, _) => upstream::Peer {
                 pool: &replica.id,
                 authority: &replica.address.authority,
                 prefix: &replica.address.prefix,
                 addrs: &[],
+                link: None,
             },
         };
         let started = Instant::now();
@@ -425,6 +507,7 @@ async fn respond(
     a: Admitted<'_>,
     sent: Sent,
     request_id: &str,
+    ingress: Option<&str>,
 ) -> Result<(Response, Duration), Refusal> {
     let Sent {
         upstream,
@@ -445,7 +528,8 @@ async fn respond(
         a.bound,
     )
     .for_batch(a.batch)
-    .itemised(itemised);
+    .itemised(itemised)
+    .entered_at(ingress);
     let mut ticket = a.ticket;
     let mut after_sent: Option<server::AfterSent> = None;
     let body = if a.streaming && (200..300).contains(&status) {

@@ -35,6 +35,11 @@ pub enum Refusal {
     /// The route table has not had its first snapshot.
     NotReady,
     NoReadyReplica(String),
+    /// No site the tenant's residency (and the deployment's site list)
+    /// allows can serve it now; it is never served elsewhere instead.
+    NoCompliantSite(String),
+    /// The peer link refused a request (not from the site it names).
+    PeerForbidden,
     /// An external upstream's URL the gateway cannot use.
     UpstreamUnusable(String),
     /// An external upstream the egress policy refuses.
@@ -97,6 +102,8 @@ impl Refusal {
             ),
             Refusal::NotReady => (503, SERVER, None, None),
             Refusal::NoReadyReplica(_) => (503, SERVER, Some("no_ready_replica"), None),
+            Refusal::NoCompliantSite(_) => (503, SERVER, Some("no_compliant_site"), None),
+            Refusal::PeerForbidden => (403, INVALID, Some("peer_forbidden"), None),
             Refusal::UpstreamUnusable(_) => (502, SERVER, Some("upstream_unusable"), None),
             Refusal::UpstreamNotAllowed(_) => (403, INVALID, Some("upstream_not_allowed"), None),
             Refusal::Upstream(_) => (502, SERVER, None, None),
@@ -119,10 +126,14 @@ impl Refusal {
             }
             Refusal::RateLimited { exceeded: e, who } => rate_limit_message(e, who),
             Refusal::NotReady => "not yet synchronised with the control plane".into(),
+            Refusal::PeerForbidden => "the peer link takes requests only from the site its \
+                certificate names (x-atrium-ingress-site)"
+                .into(),
             Refusal::Protocol { message, .. }
             | Refusal::InvalidKey(message)
             | Refusal::BadRequest(message)
             | Refusal::NoReadyReplica(message)
+            | Refusal::NoCompliantSite(message)
             | Refusal::UpstreamUnusable(message)
             | Refusal::UpstreamNotAllowed(message)
             | Refusal::Upstream(message) => message.clone(),
@@ -149,7 +160,9 @@ impl Refusal {
                 response.header("retry-after", exceeded.retry_after_secs().to_string())
             }
             // A replica may be starting still, or back soon.
-            Refusal::NoReadyReplica(_) => response.header("retry-after", "5"),
+            Refusal::NoReadyReplica(_) | Refusal::NoCompliantSite(_) => {
+                response.header("retry-after", "5")
+            }
             _ => {}
         }
         response

@@ -7,13 +7,13 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
-use atrium_api::{Deployment, Key, Object, Placement, Tenant};
+use atrium_api::{Deployment, Key, Object, Placement, Site, Tenant};
 use atrium_client::{Api, ControlPlane, Update};
 use atrium_core::deployment::{EngineKind, SamplingDefaults};
 use atrium_core::key::{split_key_token, Scope};
 use atrium_core::lifecycle::LifecycleState;
 use atrium_core::limits::RequestLimits;
-use atrium_core::tenant::UsageRecords;
+use atrium_core::tenant::{Residency, UsageRecords};
 use atrium_core::url::UpstreamUrl;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -45,6 +45,9 @@ struct DeploymentEntry {
     state: String,
     #[serde(default)]
     sampling: SamplingDefaults,
+    /// The sites it may run in (any allowed one when empty).
+    #[serde(default)]
+    sites: Vec<String>,
     /// Its state is `failed`: no replica is coming, so requests are not
     /// held for one.
     #[serde(default)]
@@ -199,11 +202,12 @@ struct Synced {
     deployments: bool,
     replicas: bool,
     tenants: bool,
+    sites: bool,
 }
 
 impl Synced {
     fn all(&self) -> bool {
-        self.keys && self.deployments && self.replicas && self.tenants
+        self.keys && self.deployments && self.replicas && self.tenants && self.sites
     }
 }
 
@@ -227,6 +231,13 @@ pub struct Routes {
     tenants: HashMap<String, RequestLimits>,
     /// Tenants that asked for a usage record per request.
     itemised_usage: HashSet<String>,
+    /// tenant name → where it may be served.
+    residency: HashMap<String, Residency>,
+    /// site name → its jurisdiction.
+    jurisdictions: HashMap<String, String>,
+    /// Bumped whenever the set of deployments with a serving replica may
+    /// have changed (peers re-read it then).
+    ready_version: u64,
     /// deployment id → its load counters.
     load: HashMap<String, Arc<DeploymentLoad>>,
     /// Told whenever the serving replicas change: requests held for a
@@ -249,6 +260,10 @@ pub struct SavedRoutes {
     tenants: HashMap<String, RequestLimits>,
     #[serde(default)]
     itemised_usage: HashSet<String>,
+    #[serde(default)]
+    residency: HashMap<String, Residency>,
+    #[serde(default)]
+    jurisdictions: HashMap<String, String>,
 }
 
 /// A replica preferred by affinity keeps its requests while it has at most
@@ -308,6 +323,8 @@ impl Routes {
             replicas: self.replicas.clone(),
             tenants: self.tenants.clone(),
             itemised_usage: self.itemised_usage.clone(),
+            residency: self.residency.clone(),
+            jurisdictions: self.jurisdictions.clone(),
         }
     }
 
@@ -323,6 +340,8 @@ impl Routes {
         self.replicas = saved.replicas;
         self.tenants = saved.tenants;
         self.itemised_usage = saved.itemised_usage;
+        self.residency = saved.residency;
+        self.jurisdictions = saved.jurisdictions;
         self.replicas_changed();
         self.restored = true;
     }
@@ -476,6 +495,61 @@ impl Routes {
         Some((target, d.sampling))
     }
 
+    /// What choosing a site for `model` needs: the deployment's id, its
+    /// site list and whether a replica of it serves here; `None` for a
+    /// model the tenant has not (the local path refuses it) or one served
+    /// by an external upstream (no site is involved).
+    pub fn site_facts(&self, tenant: &str, model: &str) -> Option<(&str, &[String], bool)> {
+        let d = self.deployments.get(tenant)?.get(model)?;
+        if d.engine == EngineKind::External {
+            return None;
+        }
+        let ready = self.serving.get(&d.id).is_some_and(|s| !s.is_empty());
+        Some((&d.id, &d.sites, ready))
+    }
+
+    /// Where `tenant` may be served; nowhere for a tenant this gateway
+    /// does not know.
+    pub fn residency(&self, tenant: &str) -> Option<&Residency> {
+        self.residency.get(tenant)
+    }
+
+    pub fn jurisdiction(&self, site: &str) -> Option<&str> {
+        self.jurisdictions.get(site).map(String::as_str)
+    }
+
+    /// The deployments with a serving replica here, and the version of that
+    /// set; `None` for the set when the caller knows this version.
+    pub fn ready_deployments(&self, known: u64) -> (u64, Option<Vec<String>>) {
+        let set = (known != self.ready_version).then(|| {
+            self.serving
+                .iter()
+                .filter(|(_, s)| !s.is_empty())
+                .map(|(id, _)| id.clone())
+                .collect()
+        });
+        (self.ready_version, set)
+    }
+
+    fn apply_site(&mut self, update: Update<Object<Site>>) {
+        self.version += 1;
+        match update {
+            Update::Snapshot(items) => {
+                self.jurisdictions = items
+                    .iter()
+                    .map(|o| (o.name.clone(), o.spec.jurisdiction.clone()))
+                    .collect();
+                self.synced.sites = true;
+            }
+            Update::Added(o) | Update::Modified(o) => {
+                self.jurisdictions.insert(o.name, o.spec.jurisdiction);
+            }
+            Update::Deleted(o) => {
+                self.jurisdictions.remove(&o.name);
+            }
+        }
+    }
+
     fn apply_key(&mut self, update: Update<Object<Key>>, digests: &HashMap<String, String>) {
         self.version += 1;
         let upsert = |routes: &mut Routes, o: &Object<Key>| {
@@ -513,6 +587,7 @@ impl Routes {
                     .as_ref()
                     .map_or_else(|| "pending".to_string(), |s| s.reason.clone()),
                 sampling: o.spec.sampling,
+                sites: o.spec.sites.clone(),
                 failed: o
                     .status
                     .as_ref()
@@ -596,6 +671,7 @@ impl Routes {
     /// in-flight counter and a breaker, every deployment its serving list.
     fn replicas_changed(&mut self) {
         self.replica_changes.send_replace(());
+        self.ready_version += 1;
         self.serving.clear();
         for (id, r) in &self.replicas {
             let outstanding = self.outstanding.entry(id.clone()).or_default().clone();
@@ -626,10 +702,12 @@ impl Routes {
     fn apply_tenant(&mut self, update: Update<Object<Tenant>>) {
         self.version += 1;
         let entry = |o: &Object<Tenant>| (o.name.clone(), o.spec.quota.request_limits());
+        let residency = |o: &Object<Tenant>| (o.name.clone(), o.spec.residency.clone());
         let itemised = |o: &Object<Tenant>| o.spec.usage_records == UsageRecords::PerRequest;
         match update {
             Update::Snapshot(items) => {
                 self.tenants = items.iter().map(entry).collect();
+                self.residency = items.iter().map(residency).collect();
                 self.itemised_usage = items
                     .iter()
                     .filter(|o| itemised(o))
@@ -639,6 +717,7 @@ impl Routes {
             }
             Update::Added(o) | Update::Modified(o) => {
                 let (k, v) = entry(&o);
+                self.residency.insert(k.clone(), o.spec.residency.clone());
                 if itemised(&o) {
                     self.itemised_usage.insert(k.clone());
                 } else {
@@ -648,6 +727,7 @@ impl Routes {
             }
             Update::Deleted(o) => {
                 self.tenants.remove(&o.name);
+                self.residency.remove(&o.name);
                 self.itemised_usage.remove(&o.name);
             }
         }
@@ -714,6 +794,18 @@ pub fn follow(cp: ControlPlane, routes: Arc<RwLock<Routes>>) -> Vec<tokio::task:
                 .follow(move |u| {
                     if let Ok(mut r) = routes.write() {
                         r.apply_tenant(u);
+                    }
+                })
+                .await
+        }));
+    }
+    {
+        let (cp, routes) = (cp.clone(), routes.clone());
+        tasks.push(tokio::spawn(async move {
+            Api::<Site>::all(&cp)
+                .follow(move |u| {
+                    if let Ok(mut r) = routes.write() {
+                        r.apply_site(u);
                     }
                 })
                 .await

@@ -9,7 +9,7 @@ use std::io;
 use std::time::{Duration, SystemTime};
 
 use bytes::{Bytes, BytesMut};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
@@ -222,12 +222,14 @@ impl From<io::Error> for ReadError {
     }
 }
 
-async fn connection<H, F>(
-    mut stream: TcpStream,
+/// Serves one connection's requests, one after another, until it closes.
+pub async fn connection<S, H, F>(
+    mut stream: S,
     handler: H,
     body_limit: BodyLimit,
     timeouts: Timeouts,
 ) where
+    S: Transport,
     H: Fn(Request) -> F,
     F: Future<Output = Response>,
 {
@@ -301,8 +303,8 @@ async fn connection<H, F>(
 /// Reads more of a request that has not all arrived, within `within` of
 /// the first time more was needed. A request already whole in the buffer
 /// (the usual case) never arms a timer.
-async fn read_more(
-    stream: &mut TcpStream,
+async fn read_more<S: Transport>(
+    stream: &mut S,
     buf: &mut BytesMut,
     deadline: &mut Option<Instant>,
     within: Duration,
@@ -319,8 +321,8 @@ async fn read_more(
 }
 
 /// Reads one request from `buf` and, as needed, the connection.
-async fn read_request(
-    stream: &mut TcpStream,
+async fn read_request<S: Transport>(
+    stream: &mut S,
     buf: &mut BytesMut,
     body_limit: BodyLimit,
     within: Duration,
@@ -401,17 +403,30 @@ impl Drop for AfterSentGuard {
     }
 }
 
-/// The first attempt to send `bytes`, without waiting: all of them, as a
-/// rule, unless the client has stopped reading.
-fn try_send(stream: &TcpStream, bytes: &[u8]) -> io::Result<usize> {
-    match stream.try_write(bytes) {
-        Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(0),
-        other => other,
+/// A connection requests are read from and answers written to: a
+/// tenant's TCP connection, or a peer gateway's TLS one.
+pub trait Transport: AsyncRead + AsyncWrite + Unpin + Send {
+    /// The first attempt to send `bytes`, without waiting: all of them, as
+    /// a rule, unless the client has stopped reading. A transport that
+    /// cannot try (TLS) sends nothing here, and everything after.
+    fn try_send(&self, _bytes: &[u8]) -> io::Result<usize> {
+        Ok(0)
     }
 }
 
-async fn write_response(
-    stream: &mut TcpStream,
+impl Transport for TcpStream {
+    fn try_send(&self, bytes: &[u8]) -> io::Result<usize> {
+        match self.try_write(bytes) {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(0),
+            other => other,
+        }
+    }
+}
+
+impl Transport for tokio_rustls::server::TlsStream<TcpStream> {}
+
+async fn write_response<S: Transport>(
+    stream: &mut S,
     out: &mut Vec<u8>,
     response: Response,
     keep_alive: bool,
@@ -440,13 +455,13 @@ async fn write_response(
             if coalesced {
                 out.extend_from_slice(&body);
             }
-            let sent = try_send(stream, out);
+            let sent = stream.try_send(out);
             after_sent.run();
             stream.write_all(&out[sent?..]).await?;
             if !head_only && !coalesced {
                 stream.write_all(&body).await?;
             }
-            Ok(())
+            stream.flush().await
         }
         ResponseBody::Stream(mut rx) => {
             http1::write_response_head(
@@ -461,7 +476,8 @@ async fn write_response(
             // after the answer goes before its first byte.
             after_sent.run();
             if head_only {
-                return stream.write_all(out).await;
+                stream.write_all(out).await?;
+                return stream.flush().await;
             }
             // The head goes with the first piece, unless that is slow to
             // come (a replica still computing): then the head goes alone.
@@ -469,6 +485,7 @@ async fn write_response(
                 Ok(first) => http1::write_chunk(out, &first),
                 Err(_) => {
                     stream.write_all(out).await?;
+                    stream.flush().await?;
                     out.clear();
                 }
             }
@@ -482,10 +499,12 @@ async fn write_response(
                     }
                 }
                 stream.write_all(out).await?;
+                stream.flush().await?;
                 out.clear();
             }
             out.extend_from_slice(http1::LAST_CHUNK);
-            stream.write_all(out).await
+            stream.write_all(out).await?;
+            stream.flush().await
         }
     }
 }

@@ -23,12 +23,17 @@ use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
+use rustls::pki_types::ServerName;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use crate::http1::{self, ChunkedDecoder, Framing, ResponseHead};
+use crate::link::Link;
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+/// A peer gateway's connection and handshake: past this, another allowed
+/// site is tried (failover within a second is the goal).
+const PEER_CONNECT_TIMEOUT: Duration = Duration::from_millis(700);
 /// Idle connections older than this are closed rather than reused.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// Most idle connections kept per upstream address.
@@ -107,10 +112,25 @@ pub struct Peer<'a> {
     /// The addresses to connect to, checked by the egress policy; empty
     /// for a replica, whose endpoint `authority` is connected to as is.
     pub addrs: &'a [SocketAddr],
+    /// Set for another site's gateway, reached over the peer link.
+    pub link: Option<PeerLink<'a>>,
+}
+
+/// The peer link to another site's gateway.
+pub struct PeerLink<'a> {
+    pub connector: &'a tokio_rustls::TlsConnector,
+    /// The name its certificate must carry: the chosen site's.
+    pub server_name: &'a ServerName<'static>,
+    /// This gateway's site, sent as `x-atrium-ingress-site` (the peer
+    /// checks it against this gateway's certificate).
+    pub ingress_site: &'a str,
+    /// The tenant's `Authorization`, for a forwarded request: the serving
+    /// gateway authenticates and admits the request itself.
+    pub authorization: Option<&'a str>,
 }
 
 struct Connection {
-    stream: TcpStream,
+    stream: Link,
     /// Bytes read past the previous response (none, from a well-behaved
     /// upstream; kept so they are not lost if there are).
     buf: BytesMut,
@@ -123,7 +143,7 @@ impl Connection {
     /// Asks the reactor only; no system call.
     fn looks_closed(&self) -> bool {
         let mut cx = Context::from_waker(Waker::noop());
-        matches!(self.stream.poll_read_ready(&mut cx), Poll::Ready(_))
+        matches!(self.stream.tcp().poll_read_ready(&mut cx), Poll::Ready(_))
     }
 }
 
@@ -226,6 +246,14 @@ impl Upstreams {
             request.extend_from_slice(b"\r\nx-request-id: ");
             request.extend_from_slice(id.as_bytes());
         }
+        if let Some(link) = &peer.link {
+            request.extend_from_slice(b"\r\nx-atrium-ingress-site: ");
+            request.extend_from_slice(link.ingress_site.as_bytes());
+            if let Some(authorization) = link.authorization {
+                request.extend_from_slice(b"\r\nauthorization: ");
+                request.extend_from_slice(authorization.as_bytes());
+            }
+        }
         request.extend_from_slice(b"\r\ncontent-length: ");
         request.extend_from_slice(body.len().to_string().as_bytes());
         request.extend_from_slice(b"\r\n\r\n");
@@ -241,24 +269,37 @@ impl Upstreams {
             }
         }
         let connect = async {
-            if peer.addrs.is_empty() {
+            let tcp = if peer.addrs.is_empty() {
                 TcpStream::connect(peer.authority).await
             } else {
                 TcpStream::connect(peer.addrs).await
+            }?;
+            // Small writes (SSE chunks) must not wait for delayed ACKs.
+            let _ = tcp.set_nodelay(true);
+            match &peer.link {
+                None => Ok(Link::Plain(tcp)),
+                Some(link) => link
+                    .connector
+                    .connect(link.server_name.clone(), tcp)
+                    .await
+                    .map(|s| Link::Tls(Box::new(s))),
             }
         };
-        let stream = match tokio::time::timeout(CONNECT_TIMEOUT, connect).await {
+        let within = if peer.link.is_some() {
+            PEER_CONNECT_TIMEOUT
+        } else {
+            CONNECT_TIMEOUT
+        };
+        let stream = match tokio::time::timeout(within, connect).await {
             Ok(Ok(s)) => s,
             Ok(Err(e)) => return Err(UpstreamError::Connect(e)),
             Err(_) => {
                 return Err(UpstreamError::Connect(io::Error::new(
                     io::ErrorKind::TimedOut,
-                    format!("no connection within {CONNECT_TIMEOUT:?}"),
+                    format!("no connection within {within:?}"),
                 )))
             }
         };
-        // Small writes (SSE chunks) must not wait for delayed ACKs.
-        let _ = stream.set_nodelay(true);
         let mut fresh = Connection {
             stream,
             buf: BytesMut::with_capacity(READ_CHUNK),
@@ -306,7 +347,11 @@ enum Exchange {
 /// Writes a request and reads the final response head (skipping interim
 /// 1xx answers).
 async fn exchange(c: &mut Connection, request: &[u8]) -> Result<ResponseHead, Exchange> {
-    if let Err(e) = c.stream.write_all(request).await {
+    let sent = async {
+        c.stream.write_all(request).await?;
+        c.stream.flush().await
+    };
+    if let Err(e) = sent.await {
         return Err(Exchange::NothingBack(e.into()));
     }
     let mut answered = false;
@@ -509,6 +554,7 @@ mod tests {
             authority: &a.authority,
             prefix: &a.prefix,
             addrs: &[],
+            link: None,
         };
         pool.post(&peer, path, Some("req_1"), b"{}").await
     }

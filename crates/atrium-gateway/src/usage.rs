@@ -77,6 +77,8 @@ pub struct UsageLine<'a> {
     /// Shipped as its own record too (the tenant asked for them).
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub itemised: bool,
+    /// The site the request entered at (`site` served it).
+    pub ingress_site: &'a str,
 }
 
 /// The append-only spool of usage records.
@@ -554,6 +556,7 @@ mod tests {
             flag: None,
             batch: None,
             requests: 1,
+            ingress_site: "s".into(),
         }
     }
 
@@ -570,6 +573,7 @@ mod tests {
             flag: r.flag.as_deref(),
             batch: r.batch.as_deref(),
             itemised: false,
+            ingress_site: &r.ingress_site,
         }
     }
 

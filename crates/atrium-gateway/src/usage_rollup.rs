@@ -4,7 +4,7 @@
 //! across a crash (a batch is a range of spool lines, resent whole under
 //! its id, recorded once). What the control plane is sent for a range is
 //! one record per (tenant, deployment, site, replica, minute, batch job,
-//! flag) with its request count and token sums, plus the line itself for
+//! flag, ingress site) with its request count and token sums, plus the line itself for
 //! a tenant that asked for per-request records. The control plane's work
 //! then grows with the aggregates rather than with the requests — it
 //! was the fleet's ceiling: ~8–22 µs of its CPU per proxied request, one
@@ -40,6 +40,9 @@ struct Spooled {
     batch: Option<String>,
     #[serde(default)]
     itemised: bool,
+    /// Empty in lines spooled before gateways recorded it.
+    #[serde(default)]
+    ingress_site: String,
 }
 
 /// What an aggregate is kept per: everything a record names but the
@@ -53,6 +56,7 @@ struct Key {
     minute: String,
     batch: Option<String>,
     flag: Option<String>,
+    ingress_site: String,
 }
 
 #[derive(Default, Clone, Copy)]
@@ -87,6 +91,7 @@ fn record(s: Spooled) -> UsageRecordView {
         flag: s.flag,
         batch: s.batch,
         requests: 1,
+        ingress_site: s.ingress_site,
     }
 }
 
@@ -121,6 +126,7 @@ pub fn rollup(lines: &[u8]) -> (Vec<UsageRecordView>, usize) {
             replica: s.replica,
             batch: s.batch,
             flag: s.flag,
+            ingress_site: s.ingress_site,
         };
         let entry = sums.entry(key);
         let now = match &entry {
@@ -155,6 +161,7 @@ pub fn rollup(lines: &[u8]) -> (Vec<UsageRecordView>, usize) {
                     flag: k.flag.clone(),
                     batch: k.batch.clone(),
                     requests: 1,
+                    ingress_site: k.ingress_site.clone(),
                 });
             }
         }
@@ -171,6 +178,7 @@ pub fn rollup(lines: &[u8]) -> (Vec<UsageRecordView>, usize) {
         flag: k.flag,
         batch: k.batch,
         requests: s.requests,
+        ingress_site: k.ingress_site,
     }));
     (records, dropped)
 }

@@ -8,6 +8,7 @@ use std::future::Future;
 
 use atrium_api::KeyStatus;
 use atrium_core::deployment::{DeploymentSpec, Resources};
+use atrium_core::gateway::GatewaySpec;
 use atrium_core::key::KeySpec;
 use atrium_core::lifecycle::{LifecycleState, Status};
 use atrium_core::model::ModelSpec;
@@ -24,8 +25,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 pub use atrium_api::{
-    Cluster, Credential, Deployment, Exec, JoinToken, Key, Model, Node, Ownership, Placement,
-    Resource, ServiceRoute, Site, Tenant, Volume, Workload,
+    Cluster, Credential, Deployment, Exec, Gateway, JoinToken, Key, Model, Node, Ownership,
+    Placement, Resource, ServiceRoute, Site, Tenant, Volume, Workload,
 };
 
 use crate::auth::{Caller, Role};
@@ -66,7 +67,8 @@ pub trait Kind: Resource<Spec: utoipa::ToSchema> {
         async { Ok(None) }
     }
 
-    /// The site a node's spec places it in (for plane callers' writes).
+    /// The site a plane's own record (a node's, a gateway's) is in, for
+    /// plane callers' writes.
     fn node_site(_spec: &Self::Spec) -> Option<&str> {
         None
     }
@@ -119,15 +121,21 @@ pub fn permits<K: Kind>(role: Role, access: Access) -> bool {
                     Access::Read
                 )
         ),
-        // What routing needs: keys, deployments, tenants' limits and the
-        // placements of its site.
-        Role::Gateway => {
-            access == Access::Read
-                && matches!(
-                    K::KIND,
-                    Key::KIND | Deployment::KIND | Tenant::KIND | Placement::KIND
-                )
-        }
+        // What routing needs: keys, deployments, tenants' limits, the
+        // placements of its site, the sites and their gateways; and its
+        // own gateway record.
+        Role::Gateway => match access {
+            Access::Read => matches!(
+                K::KIND,
+                Key::KIND
+                    | Deployment::KIND
+                    | Tenant::KIND
+                    | Placement::KIND
+                    | Site::KIND
+                    | Gateway::KIND
+            ),
+            Access::Write => K::KIND == Gateway::KIND,
+        },
     }
 }
 
@@ -155,13 +163,16 @@ pub fn plane_sees<K: Kind>(plane: &CredentialSpec, object: &Object) -> bool {
         (Plane::Gateway, Placement::KIND) => {
             placement().is_some_and(|p| p.site.is_empty() || p.site == plane.site)
         }
-        (Plane::Gateway, Key::KIND | Deployment::KIND | Tenant::KIND) => true,
+        (
+            Plane::Gateway,
+            Key::KIND | Deployment::KIND | Tenant::KIND | Site::KIND | Gateway::KIND,
+        ) => true,
         _ => false,
     }
 }
 
 /// Refuses a plane caller's write unless it is an agent registering its
-/// own node, in its own site.
+/// own node, or a gateway its own record, in its own site.
 pub fn plane_may_write<K: Kind>(
     caller: &Caller,
     name: &str,
@@ -170,15 +181,16 @@ pub fn plane_may_write<K: Kind>(
     let Some(plane) = &caller.plane else {
         return Ok(());
     };
-    if plane.plane == Plane::Node
-        && K::KIND == Node::KIND
-        && name == plane.name
-        && K::node_site(spec) == Some(plane.site.as_str())
+    let own_kind = match plane.plane {
+        Plane::Node => Node::KIND,
+        Plane::Gateway => Gateway::KIND,
+    };
+    if K::KIND == own_kind && name == plane.name && K::node_site(spec) == Some(plane.site.as_str())
     {
         return Ok(());
     }
     Err(ApiError::Forbidden(format!(
-        "the {} credential of {:?} may write only its own node {:?} in site {:?}",
+        "the {} credential of {:?} may write only its own {own_kind} {:?} in site {:?}",
         plane.plane.as_str(),
         plane.name,
         plane.name,
@@ -202,6 +214,29 @@ impl Kind for Site {
             .map(|n| n.name.as_str())
             .collect();
         blocked_by("site", &object.name, "node", &users)
+    }
+}
+
+impl Kind for Gateway {
+    const TENANT_WRITABLE: bool = false;
+    const TENANT_READABLE: bool = false;
+
+    fn validate(spec: &GatewaySpec) -> Result<(), FieldErrors> {
+        spec.validate()
+    }
+
+    fn node_site(spec: &GatewaySpec) -> Option<&str> {
+        Some(&spec.site)
+    }
+
+    async fn admit(
+        state: &AppState,
+        _tenant: Option<&str>,
+        spec: &GatewaySpec,
+        _replacing: Option<&str>,
+    ) -> Result<Option<Precondition<ApiError>>, ApiError> {
+        site_exists(state, "spec.site", &spec.site).await?;
+        Ok(None)
     }
 }
 

@@ -50,7 +50,7 @@ pub use auth::{Role, ADMIN_TOKEN_PREFIX};
 pub use databases::DatabasesConfig;
 use error::ApiError;
 use kinds::{
-    Cluster, Credential, Deployment, Exec, JoinToken, Key, Kind, Model, Node, Placement,
+    Cluster, Credential, Deployment, Exec, Gateway, JoinToken, Key, Kind, Model, Node, Placement,
     ServiceRoute, Site, Tenant, Volume, Workload,
 };
 use metrics::Metrics;
@@ -136,6 +136,8 @@ pub struct AppState {
     vectors: Arc<vectors::VectorStore>,
     /// The provider's PostgreSQL for tenants' databases, when offered.
     databases: Option<Arc<databases::Provider>>,
+    /// The Atrium CA, for the sites' peer-link certificates.
+    authority: Arc<tls::Authority>,
 }
 
 /// The id of the request being served, for logs, audit and the
@@ -315,6 +317,7 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, StartError> {
         files,
         vectors: vectors.clone(),
         databases: databases.clone(),
+        authority: Arc::new(tls::Authority::load(&config.data_dir.join("tls"))?),
     };
     if let Some(p) = databases {
         tokio::spawn(databases::run(state.clone(), p));
@@ -383,6 +386,7 @@ pub fn router(state: AppState) -> Router {
     let mut api = Router::new();
     api = resource_routes::<Site>(api);
     api = resource_routes::<Node>(api);
+    api = resource_routes::<Gateway>(api);
     api = resource_routes::<Tenant>(api);
     api = resource_routes::<Model>(api);
     api = resource_routes::<Deployment>(api);
@@ -403,6 +407,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/keys/digests", get(tenancy::key_digests))
         .route("/v1/limits/sync", post(tenancy::sync_limits))
         .route("/v1/load", post(autoscale::report_load))
+        .route("/v1/site-certificates", post(planes::site_certificate))
         .route("/v1/quotas", get(tenancy::list_quotas))
         .route(
             "/v1/quotas/{tenant}",

@@ -9,8 +9,8 @@ use utoipa::openapi::{RefOr, Schema};
 use utoipa::ToSchema;
 
 use crate::kinds::{
-    Cluster, Credential, Deployment, Exec, JoinToken, Key, Kind, Model, Node, Placement, Resource,
-    ServiceRoute, Site, Tenant, Volume, Workload,
+    Cluster, Credential, Deployment, Exec, Gateway, JoinToken, Key, Kind, Model, Node, Placement,
+    Resource, ServiceRoute, Site, Tenant, Volume, Workload,
 };
 
 fn schema_ref(name: &str) -> Value {
@@ -494,6 +494,7 @@ pub fn document() -> Value {
     let mut schemas = Map::new();
     add_kind::<Site>(&mut paths, &mut schemas, None);
     add_kind::<Node>(&mut paths, &mut schemas, None);
+    add_kind::<Gateway>(&mut paths, &mut schemas, None);
     add_kind::<Tenant>(&mut paths, &mut schemas, None);
     add_kind::<Model>(&mut paths, &mut schemas, None);
     add_kind::<Deployment>(&mut paths, &mut schemas, Some("Status"));

@@ -324,3 +324,27 @@ pub async fn revoke_credential(
     .await?;
     Ok(Json(view(&updated)))
 }
+
+/// `POST /v1/site-certificates`: a gateway's certificate for its site's
+/// peer link, for the public key it sent. Gateway credentials only: the
+/// site in the certificate is the credential's.
+pub async fn site_certificate(
+    State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    JsonBody(request): JsonBody<atrium_api::SiteCertificateRequest>,
+) -> Result<Json<atrium_api::SiteCertificate>, ApiError> {
+    let Some(site) = caller.gateway_site() else {
+        return Err(ApiError::Forbidden(
+            "site certificates are issued to gateways only, with their site credential".into(),
+        ));
+    };
+    let certificate_pem = state
+        .authority
+        .issue_site(site, &request.public_key)
+        .map_err(|why| ApiError::field("public_key", why))?;
+    Ok(Json(atrium_api::SiteCertificate {
+        certificate_pem,
+        ca_pem: state.authority.ca_pem.clone(),
+        valid_for_s: crate::tls::SITE_CERTIFICATE_LIFETIME.as_secs(),
+    }))
+}

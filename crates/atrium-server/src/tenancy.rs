@@ -373,6 +373,12 @@ pub async fn record_usage(
                 "an aggregate of several requests names none",
             );
         }
+        if !r.ingress_site.is_empty() {
+            errors.check(
+                &format!("records[{i}].ingress_site"),
+                atrium_core::name::validate_name(&r.ingress_site),
+            );
+        }
         if r.batch.as_deref().is_some_and(|b| !is_batch_id(b)) {
             errors.push(
                 format!("records[{i}].batch"),
@@ -404,6 +410,7 @@ pub async fn record_usage(
             flag: r.flag,
             batch: r.batch,
             requests: r.requests,
+            ingress_site: r.ingress_site,
         })
         .collect();
     let fresh = state.store.record_usage(&batch.batch_id, &records).await?;
@@ -464,7 +471,7 @@ pub async fn list_usage(
             serde_json::json!({"revision": revision, "at": r.at, "tenant": r.tenant, "deployment": r.deployment,
                                "site": r.site, "replica": r.replica, "prompt_tokens": r.prompt_tokens,
                                "completion_tokens": r.completion_tokens, "request_id": r.request_id, "flag": r.flag,
-                               "batch": r.batch, "requests": r.requests})
+                               "batch": r.batch, "requests": r.requests, "ingress_site": r.ingress_site})
         })
         .collect();
     Ok(Json(serde_json::json!({

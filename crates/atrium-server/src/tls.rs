@@ -67,23 +67,89 @@ fn write_private(path: &Path, text: &str) -> Result<(), TlsError> {
         .map_err(|e| err(format!("{}: {e}", path.display())))
 }
 
+/// The Atrium CA: made on first use in `<data-dir>/tls` (its key 0600),
+/// it issues the TLS listener's certificate and the sites' peer-link
+/// certificates. Servers sharing a store must share these two files.
+pub struct Authority {
+    key: KeyPair,
+    issuer: rcgen::Certificate,
+    /// PEM of the CA certificate clients and peers trust.
+    pub ca_pem: String,
+}
+
+/// How long a site certificate is valid; gateways renew at half of it, so
+/// a revoked gateway credential stops working on the peer link within
+/// this time at most.
+pub const SITE_CERTIFICATE_LIFETIME: Duration = Duration::from_secs(24 * 3600);
+
+/// Public key data a gateway sent: an uncompressed P-256 point.
+struct P256PublicKey(Vec<u8>);
+
+impl rcgen::PublicKeyData for P256PublicKey {
+    fn der_bytes(&self) -> &[u8] {
+        &self.0
+    }
+
+    fn algorithm(&self) -> &rcgen::SignatureAlgorithm {
+        &rcgen::PKCS_ECDSA_P256_SHA256
+    }
+}
+
+impl Authority {
+    pub fn load(dir: &Path) -> Result<Authority, TlsError> {
+        std::fs::create_dir_all(dir).map_err(|e| err(format!("{}: {e}", dir.display())))?;
+        let (key_path, ca_path): (PathBuf, PathBuf) = (dir.join("ca.key"), dir.join("ca.pem"));
+        if !key_path.exists() {
+            let key = KeyPair::generate().map_err(err)?;
+            let ca = ca_params()?.self_signed(&key).map_err(err)?;
+            write_private(&key_path, &key.serialize_pem())?;
+            write_private(&ca_path, &ca.pem())?;
+        }
+        let read =
+            |p: &Path| std::fs::read_to_string(p).map_err(|e| err(format!("{}: {e}", p.display())));
+        let key = KeyPair::from_pem(&read(&key_path)?).map_err(err)?;
+        let ca_pem = read(&ca_path)?;
+        let issuer = ca_params()?.self_signed(&key).map_err(err)?;
+        Ok(Authority {
+            key,
+            issuer,
+            ca_pem,
+        })
+    }
+
+    /// A certificate for `site`'s peer link (server and client), for the
+    /// public key in `public_key_hex`. The name in it is `site`'s, from
+    /// the caller's credential: what the key's holder asks for plays no
+    /// part.
+    pub fn issue_site(&self, site: &str, public_key_hex: &str) -> Result<String, String> {
+        let point = hex::decode(public_key_hex.trim())
+            .ok()
+            .filter(|p| p.len() == 65 && p[0] == 0x04)
+            .ok_or("public_key must be an uncompressed P-256 point (65 bytes) in hex")?;
+        let name = atrium_core::gateway::site_server_name(site);
+        let mut params = CertificateParams::new(vec![name.clone()]).map_err(|e| e.to_string())?;
+        params.distinguished_name.push(DnType::CommonName, name);
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![
+            rcgen::ExtendedKeyUsagePurpose::ServerAuth,
+            rcgen::ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        let now = time::OffsetDateTime::now_utc();
+        // An hour back: peers' clocks may lag the control plane's.
+        params.not_before = now - time::Duration::hours(1);
+        params.not_after = now + SITE_CERTIFICATE_LIFETIME;
+        let cert = params
+            .signed_by(&P256PublicKey(point), &self.issuer, &self.key)
+            .map_err(|e| e.to_string())?;
+        Ok(cert.pem())
+    }
+}
+
 /// The CA in `dir`, made on first use, and a certificate for the
 /// listener naming `names` besides the loopback ones.
 pub fn load(dir: &Path, names: &[String]) -> Result<Material, TlsError> {
-    std::fs::create_dir_all(dir).map_err(|e| err(format!("{}: {e}", dir.display())))?;
-    let (key_path, ca_path): (PathBuf, PathBuf) = (dir.join("ca.key"), dir.join("ca.pem"));
-    if !key_path.exists() {
-        let key = KeyPair::generate().map_err(err)?;
-        let ca = ca_params()?.self_signed(&key).map_err(err)?;
-        write_private(&key_path, &key.serialize_pem())?;
-        write_private(&ca_path, &ca.pem())?;
-    }
-    let read =
-        |p: &Path| std::fs::read_to_string(p).map_err(|e| err(format!("{}: {e}", p.display())));
-    let ca_key = KeyPair::from_pem(&read(&key_path)?).map_err(err)?;
-    let ca_pem = read(&ca_path)?;
-    let issuer = ca_params()?.self_signed(&ca_key).map_err(err)?;
-
+    let authority = Authority::load(dir)?;
+    let (ca_key, issuer, ca_pem) = (&authority.key, &authority.issuer, authority.ca_pem.clone());
     let mut sans = vec!["localhost".to_string(), "127.0.0.1".into(), "::1".into()];
     sans.extend(names.iter().cloned());
     let mut params = CertificateParams::new(Vec::<String>::new()).map_err(err)?;
@@ -100,7 +166,7 @@ pub fn load(dir: &Path, names: &[String]) -> Result<Material, TlsError> {
     params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
     params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth];
     let key = KeyPair::generate().map_err(err)?;
-    let cert = params.signed_by(&key, &issuer, &ca_key).map_err(err)?;
+    let cert = params.signed_by(&key, issuer, ca_key).map_err(err)?;
 
     let chain = vec![cert.der().clone()];
     let private = PrivateKeyDer::from_pem_slice(key.serialize_pem().as_bytes()).map_err(err)?;
@@ -199,5 +265,56 @@ mod tests {
             .permissions()
             .mode();
         assert_eq!(mode & 0o777, 0o600);
+    }
+
+    #[test]
+    fn a_site_certificate_names_the_site_and_chains_to_the_ca() {
+        use rustls::pki_types::pem::PemObject;
+        use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+        let dir = tempfile::tempdir().unwrap();
+        let authority = Authority::load(dir.path()).unwrap();
+        let key = KeyPair::generate().unwrap();
+        let pem = authority
+            .issue_site("eu-a", &hex::encode(key.public_key_raw()))
+            .unwrap();
+        let der = CertificateDer::from_pem_slice(pem.as_bytes()).unwrap();
+        let ca = CertificateDer::from_pem_slice(authority.ca_pem.as_bytes()).unwrap();
+        let anchor = webpki::anchor_from_trusted_cert(&ca).unwrap();
+        let cert = webpki::EndEntityCert::try_from(&der).unwrap();
+        let now = UnixTime::now();
+        #[allow(deprecated)]
+        let algs = rustls::crypto::ring::default_provider().signature_verification_algorithms;
+        for usage in [
+            webpki::KeyUsage::server_auth(),
+            webpki::KeyUsage::client_auth(),
+        ] {
+            cert.verify_for_usage(
+                algs.all,
+                std::slice::from_ref(&anchor),
+                &[],
+                now,
+                usage,
+                None,
+                None,
+            )
+            .unwrap();
+        }
+        let name = |s: &str| ServerName::try_from(s.to_string()).unwrap();
+        assert!(cert
+            .verify_is_valid_for_subject_name(&name("eu-a.site.atrium"))
+            .is_ok());
+        assert!(cert
+            .verify_is_valid_for_subject_name(&name("eu-b.site.atrium"))
+            .is_err());
+        // Not a P-256 point: refused, nothing issued.
+        for bad in [
+            "",
+            "04",
+            "zz",
+            &"ab".repeat(65),
+            &format!("02{}", "ab".repeat(64)),
+        ] {
+            assert!(authority.issue_site("eu-a", bad).is_err(), "{bad}");
+        }
     }
 }

@@ -539,6 +539,22 @@ fn cases() -> Vec<Case> {
             Some(json!({"state": "running", "reason": "x"})),
             [404, 403, 403, 403],
         ),
+        // Gateways' records are the provider's; site certificates go to
+        // gateways only (not even the provider admin is a site).
+        case(
+            "list gateways",
+            M::GET,
+            Path("/v1/gateways"),
+            None,
+            [200, 403, 403, 403],
+        ),
+        case(
+            "ask for a site certificate",
+            M::POST,
+            Path("/v1/site-certificates"),
+            Some(json!({"public_key": "04ab"})),
+            [403, 403, 403, 403],
+        ),
         // Key digests are for gateways (the provider) only.
         case(
             "read key digests",

@@ -72,20 +72,21 @@ impl Store {
         let sql = match self.inner.backend {
             Backend::Sqlite => {
                 "INSERT INTO usage_records (revision, idx, at, tenant, deployment, site, replica, \
-                 prompt_tokens, completion_tokens, request_id, flag, batch, requests) \
+                 prompt_tokens, completion_tokens, request_id, flag, batch, requests, ingress_site) \
                  SELECT $1, CAST(j.key AS INTEGER), j.value ->> 'at', j.value ->> 'tenant', \
                  j.value ->> 'deployment', j.value ->> 'site', j.value ->> 'replica', \
                  j.value ->> 'prompt_tokens', j.value ->> 'completion_tokens', j.value ->> 'request_id', \
-                 j.value ->> 'flag', j.value ->> 'batch', j.value ->> 'requests' \
+                 j.value ->> 'flag', j.value ->> 'batch', j.value ->> 'requests', \
+                 j.value ->> 'ingress_site' \
                  FROM json_each($2) AS j"
             }
             Backend::Postgres => {
                 "INSERT INTO usage_records (revision, idx, at, tenant, deployment, site, replica, \
-                 prompt_tokens, completion_tokens, request_id, flag, batch, requests) \
+                 prompt_tokens, completion_tokens, request_id, flag, batch, requests, ingress_site) \
                  SELECT $1, t.ord - 1, t.r ->> 'at', t.r ->> 'tenant', t.r ->> 'deployment', \
                  t.r ->> 'site', t.r ->> 'replica', (t.r ->> 'prompt_tokens')::bigint, \
                  (t.r ->> 'completion_tokens')::bigint, t.r ->> 'request_id', t.r ->> 'flag', t.r ->> 'batch', \
-                 (t.r ->> 'requests')::bigint \
+                 (t.r ->> 'requests')::bigint, t.r ->> 'ingress_site' \
                  FROM jsonb_array_elements($2::jsonb) WITH ORDINALITY AS t(r, ord)"
             }
         };
@@ -111,7 +112,7 @@ impl Store {
     ) -> Result<Vec<(i64, UsageRecord)>, StoreError> {
         let (cond, bind) = tenant.sql(2);
         let sql = format!(
-            "SELECT revision, at, tenant, deployment, site, replica, prompt_tokens, completion_tokens, request_id, flag, batch, requests \
+            "SELECT revision, at, tenant, deployment, site, replica, prompt_tokens, completion_tokens, request_id, flag, batch, requests, ingress_site \
              FROM usage_records WHERE revision > $1 AND {cond} ORDER BY revision, idx LIMIT {limit}"
         );
         let mut q = sqlx::query(&sql).bind(after);
@@ -135,6 +136,7 @@ impl Store {
                         flag: r.try_get("flag")?,
                         batch: r.try_get("batch")?,
                         requests: r.try_get("requests")?,
+                        ingress_site: r.try_get("ingress_site")?,
                     },
                 ))
             })

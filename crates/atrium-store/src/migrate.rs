@@ -40,6 +40,11 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         "usage request counts",
         include_str!("../migrations/0008_usage_requests.sql"),
     ),
+    (
+        9,
+        "usage ingress site",
+        include_str!("../migrations/0009_usage_ingress_site.sql"),
+    ),
 ];
 
 pub(crate) async fn run(pool: &AnyPool, backend: Backend) -> Result<(), StoreError> {

@@ -243,6 +243,9 @@ pub struct UsageRecord {
     pub batch: Option<String>,
     /// How many requests it sums (1 for a request's own record).
     pub requests: i64,
+    /// The site the requests entered at, when another served them; empty
+    /// when served where they entered.
+    pub ingress_site: String,
 }
 
 /// A page of objects and the revision the page was read at.

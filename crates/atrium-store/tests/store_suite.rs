@@ -396,6 +396,7 @@ async fn usage_batches_are_recorded_once_and_whole() {
                 flag: (i % 7 == 0).then(|| format!("flag {i}")),
                 batch: (i % 5 == 0).then(|| format!("batch_{i:0>16}")),
                 requests: 1 + i % 3,
+                ingress_site: if i % 4 == 0 { "edge" } else { "s" }.into(),
             })
             .collect();
         assert!(store.record_usage("ub_1", &records).await.unwrap());
@@ -410,6 +411,8 @@ async fn usage_batches_are_recorded_once_and_whole() {
         let flags: Vec<Option<String>> = all.iter().map(|(_, r)| r.flag.clone()).collect();
         let expected: Vec<Option<String>> = records.iter().map(|r| r.flag.clone()).collect();
         assert_eq!(flags, expected, "{backend:?}: flags kept, absent ones NULL");
+        let read_back: Vec<atrium_store::UsageRecord> = all.into_iter().map(|(_, r)| r).collect();
+        assert_eq!(read_back, records, "{backend:?}: every field as written");
         let a = store
             .usage(&TenantFilter::Exactly(Some("a".into())), 0, 1000)
             .await

@@ -281,6 +281,15 @@ pub struct GatewayFlags {
     /// (from zero, say) before it gets 503 with Retry-After
     #[arg(long, env = "ATRIUM_GATEWAY_HOLD_TIMEOUT", default_value = "60s", value_parser = parse_duration)]
     pub hold_timeout: Duration,
+    /// Where other sites' gateways forward requests to this one (TLS with
+    /// the sites' certificates), e.g. 10.0.0.2:8443; without it, this
+    /// gateway forwards but takes no forwarded requests
+    #[arg(long, env = "ATRIUM_GATEWAY_PEER_LISTEN")]
+    pub peer_listen: Option<std::net::SocketAddr>,
+    /// The address peers are told to use, when it is not --peer-listen's
+    /// (a wildcard listener, a NAT)
+    #[arg(long, env = "ATRIUM_GATEWAY_PEER_ADDRESS")]
+    pub peer_address: Option<std::net::SocketAddr>,
 }
 
 impl Default for GatewayFlags {
@@ -294,6 +303,8 @@ impl Default for GatewayFlags {
             max_connections_per_ip: limits.max_per_ip,
             idle_timeout: limits.idle_timeout,
             hold_timeout: atrium_gateway::DEFAULT_HOLD_TIMEOUT,
+            peer_listen: None,
+            peer_address: None,
         }
     }
 }
@@ -321,6 +332,8 @@ impl GatewayFlags {
                 idle_timeout: self.idle_timeout,
             },
             hold_timeout: self.hold_timeout,
+            peer_listen: self.peer_listen,
+            peer_address: self.peer_address,
         }
     }
 }

@@ -1280,7 +1280,6 @@ fn plane_credentials_reach_only_their_own_node_or_site() {
             "/v1/tenants".into(),
             json!({"name": "x", "spec": {}}),
         ),
-        (Method::GET, "/v1/sites".into(), Value::Null),
         (
             Method::POST,
             "/v1/sites".into(),
@@ -1337,7 +1336,11 @@ fn plane_credentials_reach_only_their_own_node_or_site() {
             );
         }
     }
+    // What routing needs, a gateway reads; a node does not. (Sites and
+    // gateway records are read since gateways route between sites.)
     for (method, path, body) in [
+        (Method::GET, "/v1/sites", Value::Null),
+        (Method::GET, "/v1/gateways", Value::Null),
         (Method::GET, "/v1/tenants", Value::Null),
         (Method::GET, "/v1/keys/digests", Value::Null),
         (Method::GET, "/v1/keys", Value::Null),
@@ -1388,6 +1391,86 @@ fn plane_credentials_reach_only_their_own_node_or_site() {
         403
     );
     assert_eq!(cloud.call(&gw, Method::POST, "/v1/load", sync).status, 403);
+    // A gateway writes its own record only, in its own site; and only a
+    // gateway is issued a peer-link certificate (naming its own site:
+    // the gateway crate's tests check the name).
+    let record = |site: &str, address: &str| json!({"name": "gw1", "spec": {"site": site, "peer_address": address}});
+    let own = cloud.call(
+        &gw,
+        Method::POST,
+        "/v1/gateways",
+        record("local", "127.0.0.1:9443"),
+    );
+    assert_eq!(own.status, 201, "{}", own.body);
+    let other = json!({"name": "gw2", "spec": {"site": "local", "peer_address": "127.0.0.1:9444"}});
+    assert_eq!(
+        cloud.call(&gw, Method::POST, "/v1/gateways", other).status,
+        403
+    );
+    let moved = json!({"spec": {"site": "elsewhere", "peer_address": "127.0.0.1:9443"}});
+    assert_eq!(
+        cloud
+            .call(&gw, Method::PUT, "/v1/gateways/gw1", moved)
+            .status,
+        403
+    );
+    let bad = record("local", "peer.example:443");
+    assert_eq!(
+        cloud
+            .call(
+                &gw,
+                Method::PUT,
+                "/v1/gateways/gw1",
+                json!({"spec": bad["spec"]})
+            )
+            .status,
+        400
+    );
+    assert_eq!(
+        cloud
+            .call(
+                &n1,
+                Method::POST,
+                "/v1/gateways",
+                record("local", "127.0.0.1:1")
+            )
+            .status,
+        403
+    );
+    let point = format!("04{}", "ab".repeat(64));
+    let ask = json!({"public_key": point});
+    assert_eq!(
+        cloud
+            .call(&n1, Method::POST, "/v1/site-certificates", ask.clone())
+            .status,
+        403
+    );
+    assert_eq!(
+        cloud
+            .call(
+                &cloud.token,
+                Method::POST,
+                "/v1/site-certificates",
+                ask.clone()
+            )
+            .status,
+        403
+    );
+    let issued = cloud.call(&gw, Method::POST, "/v1/site-certificates", ask);
+    assert_eq!(issued.status, 200, "{}", issued.body);
+    assert!(issued.body["certificate_pem"]
+        .as_str()
+        .unwrap()
+        .contains("BEGIN CERTIFICATE"));
+    for key in ["", "04", "not hex", &"ab".repeat(65)] {
+        let a = cloud.call(
+            &gw,
+            Method::POST,
+            "/v1/site-certificates",
+            json!({"public_key": key}),
+        );
+        assert_eq!(a.status, 400, "{key:?}: {}", a.body);
+    }
     // A tenant cannot fake load to scale deployments (its own or others').
     let tenant = cloud.tenant("loadfaker", json!({}), &["admin"]);
     let fake = json!({"gateway": "g", "site": "local", "deployments": [
