@@ -133,11 +133,21 @@ pub async fn forward(
     let started = Instant::now();
     for peer in gateways {
         let target = peer_target(peer, &tls, &g.site, authorization);
-        match g
-            .upstreams
-            .post(&target, route, Some(request_id), raw)
-            .await
-        {
+        // A peer declared down while this waits for its answer's head (a
+        // link gone dark) fails the request rather than holding it until
+        // TCP gives up; it is not sent again elsewhere, as the peer may
+        // have run it.
+        let down = peer.went_down();
+        let sent = tokio::select! {
+            sent = g.upstreams.post(&target, route, Some(request_id), raw) => sent,
+            () = down => {
+                return Err(Refusal::Upstream(format!(
+                    "site {} stopped answering while the request was in flight; retry it",
+                    peer.site
+                )))
+            }
+        };
+        match sent {
             Ok(upstream) => {
                 let upstream_time = started.elapsed();
                 let status = upstream.head.status;
@@ -171,7 +181,7 @@ pub async fn forward(
                 return Ok((response, peer.site.clone(), upstream_time));
             }
             Err(e) if e.is_connect() => {
-                peer.unreachable();
+                peer.unreachable(&g.upstreams);
                 tracing::warn!(site = %peer.site, gateway = %peer.name, error = %e,
                     "gateway: peer site unreachable; trying the next allowed one");
             }

@@ -23,13 +23,17 @@ use serde::{Deserialize, Serialize};
 
 use crate::upstream::{self, Upstreams};
 
-/// How often each peer is probed.
-pub const PROBE: Duration = Duration::from_millis(200);
-/// A probe unanswered within this counts as failed.
-const PROBE_TIMEOUT: Duration = Duration::from_millis(400);
-/// Consecutive failed probes after which a peer is not forwarded to (a
-/// refused connection marks it at once).
-const FAILURES_DOWN: u32 = 2;
+/// How often each peer is probed. Probes overlap (up to
+/// `PROBES_IN_FLIGHT` each): a far peer is still asked every tick.
+pub const PROBE: Duration = Duration::from_millis(100);
+const PROBES_IN_FLIGHT: usize = 4;
+/// A probe still unanswered after this is given up.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
+/// A peer whose last answer is older than three round trips, and at
+/// least this, is not forwarded to (a refused connection marks it at
+/// once): a dark link is noticed in about `3 × rtt` — under half a second
+/// for peers within 100 ms.
+const SILENT_FLOOR: Duration = Duration::from_millis(250);
 /// How often this gateway's record is written.
 const RECORD: Duration = Duration::from_secs(2);
 /// The path of the state probe on the peer link.
@@ -61,7 +65,8 @@ pub struct PeerState {
 #[derive(Default)]
 struct Probe {
     healthy: bool,
-    failures: u32,
+    /// When the last answer came.
+    answered_at: Option<Instant>,
     /// Smoothed round trip (RFC 6298's 1/8 weight), microseconds.
     rtt_us: u64,
     in_flight: u64,
@@ -80,6 +85,9 @@ pub struct PeerGateway {
     /// Its connections' pool (its own: never a replica's).
     pub pool: String,
     probe: Mutex<Probe>,
+    /// Counts the times it was marked down: a forward waiting on it gives
+    /// up when this changes.
+    downs: tokio::sync::watch::Sender<u64>,
 }
 
 /// What the site choice needs of a peer for one deployment.
@@ -102,6 +110,7 @@ impl PeerGateway {
             server_name,
             pool: format!("peer/{name}"),
             probe: Mutex::default(),
+            downs: tokio::sync::watch::Sender::new(0),
         })
     }
 
@@ -111,10 +120,27 @@ impl PeerGateway {
 
     /// A forward to it could not connect: not tried again until a probe
     /// answers.
-    pub fn unreachable(&self) {
+    pub fn unreachable(&self, upstreams: &Upstreams) {
         let mut p = self.lock();
-        p.healthy = false;
-        p.failures = p.failures.max(FAILURES_DOWN);
+        self.mark_down(&mut p, upstreams);
+    }
+
+    /// Not forwarded to any more; its idle connections closed, and the
+    /// forwards waiting on it told.
+    fn mark_down(&self, p: &mut Probe, upstreams: &Upstreams) {
+        if p.healthy {
+            p.healthy = false;
+            upstreams.forget(&self.pool);
+            self.downs.send_modify(|n| *n = n.wrapping_add(1));
+        }
+    }
+
+    /// Resolves when it is next marked down.
+    pub fn went_down(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let mut downs = self.downs.subscribe();
+        async move {
+            let _ = downs.changed().await;
+        }
     }
 
     fn answered(&self, state: PeerState, rtt: Duration) {
@@ -126,19 +152,23 @@ impl PeerGateway {
             p.rtt_us - p.rtt_us / 8 + sample / 8
         };
         p.healthy = true;
-        p.failures = 0;
+        p.answered_at = Some(Instant::now());
         p.in_flight = state.in_flight;
-        if let Some(ready) = state.ready {
-            p.ready = ready.into_iter().collect();
+        // Probes overlap: an older answer must not undo a newer one.
+        if state.version >= p.version {
+            if let Some(ready) = state.ready {
+                p.ready = ready.into_iter().collect();
+            }
+            p.version = state.version;
         }
-        p.version = state.version;
     }
 
-    fn failed(&self) {
+    /// Marks it down if it has been silent for too long.
+    fn check_silence(&self, upstreams: &Upstreams) {
         let mut p = self.lock();
-        p.failures = p.failures.saturating_add(1);
-        if p.failures >= FAILURES_DOWN {
-            p.healthy = false;
+        let limit = Duration::from_micros(p.rtt_us.saturating_mul(3)).max(SILENT_FLOOR);
+        if p.healthy && p.answered_at.is_none_or(|at| at.elapsed() > limit) {
+            self.mark_down(&mut p, upstreams);
         }
     }
 
@@ -251,22 +281,27 @@ pub async fn follow(cp: ControlPlane, peers: Arc<Peers>) {
         .await
 }
 
-/// Probes every peer every `PROBE`, each on its own (a slow peer delays
-/// no other's probe).
+/// Probes every peer every `PROBE`, each probe on its own (a slow peer
+/// delays no other's, nor its own next one), and marks down the peers
+/// that have gone silent.
 pub async fn probe(peers: Arc<Peers>, upstreams: Arc<Upstreams>) {
-    let mut running: HashMap<String, tokio::task::JoinHandle<()>> = HashMap::new();
+    let mut running: HashMap<String, Vec<tokio::task::JoinHandle<()>>> = HashMap::new();
     loop {
         tokio::time::sleep(PROBE).await;
         let Some(tls) = peers.tls() else { continue };
-        for g in peers.all() {
-            if running.get(&g.name).is_some_and(|t| !t.is_finished()) {
+        let all = peers.all();
+        running.retain(|name, _| all.iter().any(|g| g.name == *name));
+        for g in all {
+            g.check_silence(&upstreams);
+            let probes = running.entry(g.name.clone()).or_default();
+            probes.retain(|t| !t.is_finished());
+            if probes.len() >= PROBES_IN_FLIGHT {
                 continue;
             }
             let (tls, upstreams, site) = (tls.clone(), upstreams.clone(), peers.site.clone());
-            running.insert(
-                g.name.clone(),
-                tokio::spawn(async move { probe_one(&g, &tls, &upstreams, &site).await }),
-            );
+            probes.push(tokio::spawn(async move {
+                probe_one(&g, &tls, &upstreams, &site).await
+            }));
         }
     }
 }
@@ -286,9 +321,10 @@ async fn probe_one(g: &PeerGateway, tls: &PeerTls, upstreams: &Arc<Upstreams>, s
         let bytes = response.body.collect().await.ok()?;
         serde_json::from_slice::<PeerState>(&bytes).ok()
     };
-    match tokio::time::timeout(PROBE_TIMEOUT, asked).await {
-        Ok(Some(state)) if state.site == g.site => g.answered(state, started.elapsed()),
-        _ => g.failed(),
+    if let Ok(Some(state)) = tokio::time::timeout(PROBE_TIMEOUT, asked).await {
+        if state.site == g.site {
+            g.answered(state, started.elapsed());
+        }
     }
 }
 

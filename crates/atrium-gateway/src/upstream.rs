@@ -215,6 +215,15 @@ impl Upstreams {
         }
     }
 
+    /// Closes every idle connection of `pool` (a peer that stopped
+    /// answering: a connection into a dead link would take a request and
+    /// never answer it).
+    pub fn forget(&self, pool: &str) {
+        if let Ok(mut idle) = self.idle.lock() {
+            idle.remove(pool);
+        }
+    }
+
     /// Closes idle connections past their time, for upstreams no request
     /// goes to any more (a replica that was removed).
     pub fn sweep(&self) {

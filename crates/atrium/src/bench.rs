@@ -387,3 +387,20 @@ pub async fn engine(out: PathBuf) -> Result<()> {
     println!("\nwrote {}", out.display());
     Ok(())
 }
+
+/// Writes a bench's results to `out` and prints them when JSON was asked
+/// for; true when the caller prints its table instead.
+#[allow(clippy::print_stdout)]
+pub(crate) fn write_results(
+    out: &std::path::Path,
+    doc: &impl Serialize,
+    output: crate::client::Output,
+) -> Result<bool> {
+    std::fs::write(out, serde_json::to_vec_pretty(doc)?)
+        .with_context(|| format!("cannot write {}", out.display()))?;
+    if matches!(output, crate::client::Output::Json) {
+        println!("{}", serde_json::to_string_pretty(doc)?);
+        return Ok(false);
+    }
+    Ok(true)
+}

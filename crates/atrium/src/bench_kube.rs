@@ -213,41 +213,36 @@ pub async fn run(args: Args) -> Result<()> {
         "list_one_namespace_ms": {"p50": ms(percentile(&list, 0.5)), "p99": ms(percentile(&list, 0.99))},
         "watch_create_to_event_ms": {"p50": ms(percentile(&watch, 0.5)), "p99": ms(percentile(&watch, 0.99))},
     });
-    std::fs::write(&args.out, serde_json::to_vec_pretty(&doc)?)
-        .with_context(|| format!("cannot write {}", args.out.display()))?;
-    match args.output {
-        Output::Json => println!("{}", serde_json::to_string_pretty(&doc)?),
-        Output::Table => {
-            println!("{} clusters, {} config maps", args.clusters, args.objects);
+    if crate::bench::write_results(&args.out, &doc, args.output)? {
+        println!("{} clusters, {} config maps", args.clusters, args.objects);
+        println!(
+            "{:<34} {:>10}",
+            "MiB per idle cluster (atrium)",
+            format!("{per_cluster_mib:.3}")
+        );
+        println!(
+            "{:<34} {:>10}",
+            "  kcp logical cluster (published)", KCP_MIB
+        );
+        println!(
+            "{:<34} {:>10}",
+            "  vCluster (requested, published)", VCLUSTER_MIB
+        );
+        println!("{:<34} {:>10} {:>10}", "", "P50 ms", "P99 ms");
+        for (name, xs) in [
+            ("create → ready", &ready),
+            ("list one namespace", &list),
+            ("watch: create → event", &watch),
+        ] {
             println!(
-                "{:<34} {:>10}",
-                "MiB per idle cluster (atrium)",
-                format!("{per_cluster_mib:.3}")
+                "{:<34} {:>10.2} {:>10.2}",
+                name,
+                ms(percentile(xs, 0.5)),
+                ms(percentile(xs, 0.99))
             );
-            println!(
-                "{:<34} {:>10}",
-                "  kcp logical cluster (published)", KCP_MIB
-            );
-            println!(
-                "{:<34} {:>10}",
-                "  vCluster (requested, published)", VCLUSTER_MIB
-            );
-            println!("{:<34} {:>10} {:>10}", "", "P50 ms", "P99 ms");
-            for (name, xs) in [
-                ("create → ready", &ready),
-                ("list one namespace", &list),
-                ("watch: create → event", &watch),
-            ] {
-                println!(
-                    "{:<34} {:>10.2} {:>10.2}",
-                    name,
-                    ms(percentile(xs, 0.5)),
-                    ms(percentile(xs, 0.99))
-                );
-            }
-            println!("{:<34} {:>10.1}", "loading the objects, s", load_s);
-            println!("wrote {}", args.out.display());
         }
+        println!("{:<34} {:>10.1}", "loading the objects, s", load_s);
+        println!("wrote {}", args.out.display());
     }
     Ok(())
 }

@@ -262,32 +262,27 @@ pub async fn run(args: Args) -> Result<()> {
             "pull": ratio(&atrium.pull_mb_s, &peer.pull_mb_s),
         },
     });
-    std::fs::write(&args.out, serde_json::to_vec_pretty(&doc)?)
-        .with_context(|| format!("cannot write {}", args.out.display()))?;
-    match args.output {
-        Output::Json => println!("{}", serde_json::to_string_pretty(&doc)?),
-        Output::Table => {
+    if crate::bench::write_results(&args.out, &doc, args.output)? {
+        println!(
+            "{} MB layer, {} rounds, skopeo; medians (MB/s)",
+            args.megabytes, args.rounds
+        );
+        println!("{:<16} {:>10} {:>10}", "REGISTRY", "PUSH", "PULL");
+        for t in &targets {
             println!(
-                "{} MB layer, {} rounds, skopeo; medians (MB/s)",
-                args.megabytes, args.rounds
+                "{:<16} {:>10.1} {:>10.1}",
+                t.name,
+                median(&t.push_mb_s),
+                median(&t.pull_mb_s)
             );
-            println!("{:<16} {:>10} {:>10}", "REGISTRY", "PUSH", "PULL");
-            for t in &targets {
-                println!(
-                    "{:<16} {:>10.1} {:>10.1}",
-                    t.name,
-                    median(&t.push_mb_s),
-                    median(&t.pull_mb_s)
-                );
-            }
-            println!(
-                "{:<16} {:>10.2} {:>10.2}",
-                "atrium / peer",
-                ratio(&atrium.push_mb_s, &peer.push_mb_s),
-                ratio(&atrium.pull_mb_s, &peer.pull_mb_s)
-            );
-            println!("wrote {}", args.out.display());
         }
+        println!(
+            "{:<16} {:>10.2} {:>10.2}",
+            "atrium / peer",
+            ratio(&atrium.push_mb_s, &peer.push_mb_s),
+            ratio(&atrium.pull_mb_s, &peer.pull_mb_s)
+        );
+        println!("wrote {}", args.out.display());
     }
     Ok(())
 }

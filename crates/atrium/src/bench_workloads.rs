@@ -312,46 +312,41 @@ pub async fn run(args: Args) -> Result<()> {
             "atrium_over_peer_median": percentile(&ours, 0.5) / percentile(&peer, 0.5),
         },
     });
-    std::fs::write(&args.out, serde_json::to_vec_pretty(&doc)?)
-        .with_context(|| format!("cannot write {}", args.out.display()))?;
-    match args.output {
-        Output::Json => println!("{}", serde_json::to_string_pretty(&doc)?),
-        Output::Table => {
+    if crate::bench::write_results(&args.out, &doc, args.output)? {
+        println!(
+            "{} workloads (busybox httpd, image cached), one at a time",
+            args.workloads
+        );
+        println!(
+            "{:<22} {:>10} {:>10}",
+            "CREATE → RUNNING", "P50 ms", "P99 ms"
+        );
+        for (name, xs) in [("atrium workload", &atrium), ("bare runc run -d", &bare)] {
             println!(
-                "{} workloads (busybox httpd, image cached), one at a time",
-                args.workloads
+                "{:<22} {:>10.1} {:>10.1}",
+                name,
+                ms(percentile(xs, 0.5)),
+                ms(percentile(xs, 0.99))
             );
-            println!(
-                "{:<22} {:>10} {:>10}",
-                "CREATE → RUNNING", "P50 ms", "P99 ms"
-            );
-            for (name, xs) in [("atrium workload", &atrium), ("bare runc run -d", &bare)] {
-                println!(
-                    "{:<22} {:>10.1} {:>10.1}",
-                    name,
-                    ms(percentile(xs, 0.5)),
-                    ms(percentile(xs, 0.99))
-                );
-            }
-            println!(
-                "{:<22} {:>10.2}",
-                "atrium / runc (p50)",
-                percentile(&atrium, 0.5) / percentile(&bare, 0.5)
-            );
-            println!("\n{mb:.1} MB image, cold cache, 3 rounds (median MB/s)");
-            println!(
-                "{:<22} {:>10.1}",
-                "atrium pull+unpack",
-                percentile(&ours, 0.5)
-            );
-            println!("{:<22} {:>10.1}", "skopeo + umoci", percentile(&peer, 0.5));
-            println!(
-                "{:<22} {:>10.2}",
-                "atrium / peer",
-                percentile(&ours, 0.5) / percentile(&peer, 0.5)
-            );
-            println!("wrote {}", args.out.display());
         }
+        println!(
+            "{:<22} {:>10.2}",
+            "atrium / runc (p50)",
+            percentile(&atrium, 0.5) / percentile(&bare, 0.5)
+        );
+        println!("\n{mb:.1} MB image, cold cache, 3 rounds (median MB/s)");
+        println!(
+            "{:<22} {:>10.1}",
+            "atrium pull+unpack",
+            percentile(&ours, 0.5)
+        );
+        println!("{:<22} {:>10.1}", "skopeo + umoci", percentile(&peer, 0.5));
+        println!(
+            "{:<22} {:>10.2}",
+            "atrium / peer",
+            percentile(&ours, 0.5) / percentile(&peer, 0.5)
+        );
+        println!("wrote {}", args.out.display());
     }
     Ok(())
 }

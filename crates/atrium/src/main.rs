@@ -14,6 +14,7 @@ mod bench_greedy;
 mod bench_kube;
 mod bench_registry;
 mod bench_sched;
+mod bench_sites;
 mod bench_vector;
 mod bench_workloads;
 mod client;
@@ -263,6 +264,16 @@ enum BenchCmd {
         #[arg(long, default_value = "bench-workloads.json")]
         out: PathBuf,
     },
+    /// Sites: a forwarded request's added latency over its link, nearest
+    /// allowed site, failover and no_compliant_site when sites go dark
+    /// (root; four sites of real agents and gateways on emulated links).
+    Sites {
+        /// Request pairs (forwarded, direct) for the latency measure
+        #[arg(long, default_value_t = 200)]
+        requests: u32,
+        #[arg(long, default_value = "bench-sites.json")]
+        out: PathBuf,
+    },
     /// Tenant clusters: MiB per idle cluster, create → ready, list and
     /// watch latency with many clusters and objects.
     Kube {
@@ -472,6 +483,16 @@ async fn run(cli: Cli) -> Result<()> {
                 done = bench_workloads::run(bench_workloads::Args {
                     workloads,
                     megabytes,
+                    out,
+                    output: cli.global.output.unwrap_or(Output::Table),
+                }) => done,
+                _ = shutdown_signal() => Err(anyhow!("interrupted; the processes the bench started are stopped")),
+            }
+        }
+        Command::Bench(BenchCmd::Sites { requests, out }) => {
+            tokio::select! {
+                done = bench_sites::run(bench_sites::Args {
+                    requests,
                     out,
                     output: cli.global.output.unwrap_or(Output::Table),
                 }) => done,

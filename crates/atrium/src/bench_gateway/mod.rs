@@ -380,87 +380,81 @@ pub async fn run(args: Args) -> Result<()> {
             compared: compared.clone(),
         },
     };
-    std::fs::write(&args.out, serde_json::to_vec_pretty(&doc)?)
-        .with_context(|| format!("cannot write {}", args.out.display()))?;
-
-    match args.output {
-        Output::Json => println!("{}", serde_json::to_string_pretty(&doc)?),
-        Output::Table => {
-            println!(
-                "{:<8} {:>9} {:>9} {:>10} {:>10} {:>11} {:>11} {:>11} {:>7}",
-                "row",
-                "p50 µs",
-                "p99 µs",
-                "+p50 µs",
-                "+p99 µs",
-                "max rps",
-                "(conns)",
-                "ttft p50 µs",
-                "errors"
-            );
-            for (name, row) in &rows {
-                match row {
-                    Some(r) => {
-                        let (a50, a99) = direct
-                            .as_ref()
-                            .map_or((0.0, 0.0), |d| (r.p50_us - d.p50_us, r.p99_us - d.p99_us));
-                        println!(
+    if crate::bench::write_results(&args.out, &doc, args.output)? {
+        println!(
+            "{:<8} {:>9} {:>9} {:>10} {:>10} {:>11} {:>11} {:>11} {:>7}",
+            "row",
+            "p50 µs",
+            "p99 µs",
+            "+p50 µs",
+            "+p99 µs",
+            "max rps",
+            "(conns)",
+            "ttft p50 µs",
+            "errors"
+        );
+        for (name, row) in &rows {
+            match row {
+                Some(r) => {
+                    let (a50, a99) = direct
+                        .as_ref()
+                        .map_or((0.0, 0.0), |d| (r.p50_us - d.p50_us, r.p99_us - d.p99_us));
+                    println!(
                             "{name:<8} {:>9.0} {:>9.0} {a50:>10.0} {a99:>10.0} {:>11.0} {:>11} {:>11.0} {:>7}",
                             r.p50_us, r.p99_us, r.max_rps, r.max_rps_connections, r.ttft_p50_us, r.errors
                         );
-                    }
-                    None => println!("{name:<8} (not measured)"),
+                }
+                None => println!("{name:<8} (not measured)"),
+            }
+        }
+        // One line per measured row, under a title.
+        let per_row = |title: &str, line: &dyn Fn(&Row) -> String| {
+            println!("\n{title}:");
+            for (name, row) in &rows {
+                if let Some(r) = row {
+                    println!("  {name:<8} {}", line(r));
                 }
             }
-            // One line per measured row, under a title.
-            let per_row = |title: &str, line: &dyn Fn(&Row) -> String| {
-                println!("\n{title}:");
-                for (name, row) in &rows {
-                    if let Some(r) = row {
-                        println!("  {name:<8} {}", line(r));
-                    }
-                }
-            };
-            per_row(
-                "concurrency-1 rounds (the medians above come from these), p50 / p99 µs",
-                &|r| {
-                    let rounds: Vec<String> = r
-                        .round_p50_us
-                        .iter()
-                        .zip(&r.round_p99_us)
-                        .map(|(a, b)| format!("{a:.0}/{b:.0}"))
-                        .collect();
-                    rounds.join("  ")
-                },
-            );
-            per_row(
-                "CPU µs per request at peak throughput (one core shared)",
-                &|r| {
-                    let parts: Vec<String> = r
-                        .cpu_us_per_request
-                        .iter()
-                        .map(|(p, us)| format!("{p} {us:.1}"))
-                        .collect();
-                    parts.join(", ")
-                },
-            );
-            if let Some(us) = atrium.as_ref().and_then(|a| a.self_reported_overhead_us) {
-                println!("atrium's own x-atrium-overhead-us at concurrency 1: mean {us:.1} µs");
-            }
-            if let Some(note) = &litellm_note {
-                println!("note: {note}");
-            }
-            if let Some(c) = &compared {
-                println!(
+        };
+        per_row(
+            "concurrency-1 rounds (the medians above come from these), p50 / p99 µs",
+            &|r| {
+                let rounds: Vec<String> = r
+                    .round_p50_us
+                    .iter()
+                    .zip(&r.round_p99_us)
+                    .map(|(a, b)| format!("{a:.0}/{b:.0}"))
+                    .collect();
+                rounds.join("  ")
+            },
+        );
+        per_row(
+            "CPU µs per request at peak throughput (one core shared)",
+            &|r| {
+                let parts: Vec<String> = r
+                    .cpu_us_per_request
+                    .iter()
+                    .map(|(p, us)| format!("{p} {us:.1}"))
+                    .collect();
+                parts.join(", ")
+            },
+        );
+        if let Some(us) = atrium.as_ref().and_then(|a| a.self_reported_overhead_us) {
+            println!("atrium's own x-atrium-overhead-us at concurrency 1: mean {us:.1} µs");
+        }
+        if let Some(note) = &litellm_note {
+            println!("note: {note}");
+        }
+        if let Some(c) = &compared {
+            println!(
                     "atrium adds {:.0} µs at p50, {:.0} µs at p99, {:.0} µs to the first streamed byte; max throughput {:.0}% of nginx's",
                     c.atrium_added_p50_us,
                     c.atrium_added_p99_us,
                     c.atrium_added_ttft_us,
                     c.atrium_rps_vs_nginx * 100.0
                 );
-            }
-            println!("\nwrote {}", args.out.display());
         }
+        println!("\nwrote {}", args.out.display());
     }
     Ok(())
 }
