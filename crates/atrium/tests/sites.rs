@@ -490,4 +490,8 @@ fn over_emulated_links_the_nearest_allowed_site_serves_and_a_dark_one_is_left_wi
         f["no_compliant_site_after_ms"].as_f64().is_some(),
         "with both EU sites dark the tenant gets no_compliant_site: {f}"
     );
+    assert!(
+        f["served_again_after_return_ms"].as_f64().is_some(),
+        "a site that comes back serves again: {f}"
+    );
 }

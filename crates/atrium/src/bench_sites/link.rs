@@ -61,6 +61,12 @@ impl Link {
     pub fn darken(&self) {
         self.dark.store(true, Ordering::Relaxed);
     }
+
+    /// The link is back: new connections pass (those open across the dark
+    /// spell lost bytes, as their ends will find).
+    pub fn light(&self) {
+        self.dark.store(false, Ordering::Relaxed);
+    }
 }
 
 impl Drop for Link {
@@ -145,5 +151,10 @@ mod tests {
             .unwrap();
         c.write_all(b"hi").unwrap();
         assert!(c.read_exact(&mut b).is_err(), "nothing passes a dark link");
+        link.light();
+        let mut fresh = TcpStream::connect(link.addr).unwrap();
+        fresh.write_all(b"ok").unwrap();
+        fresh.read_exact(&mut b).unwrap();
+        assert_eq!(&b, b"ok");
     }
 }

@@ -482,6 +482,10 @@ async fn measure(args: &Args, dir: &TempDir, children: &mut Children) -> Result<
     other.link.darken();
     let t1 = Instant::now();
     run_until(calls, t1 + Duration::from_secs(2), &mut answers).await?;
+    // The second one comes back.
+    other.link.light();
+    let t2 = Instant::now();
+    run_until(calls, t2 + Duration::from_secs(2), &mut answers).await?;
     let after = |t: Instant| answers.iter().filter(move |(at, _)| *at >= t);
     let failover = after(t0)
         .find(|(_, a)| a.status == 200 && a.site == other.def.name)
@@ -492,6 +496,9 @@ async fn measure(args: &Args, dir: &TempDir, children: &mut Children) -> Result<
     let refused = after(t1)
         .find(|(_, a)| a.code == "no_compliant_site")
         .map(|(at, _)| ms(*at - t1));
+    let recovered = after(t2)
+        .find(|(_, a)| a.status == 200 && a.site == other.def.name)
+        .map(|(at, _)| ms(*at - t2));
     let outside_eu = answers
         .iter()
         .filter(|(_, a)| a.status == 200 && !a.site.starts_with("core-eu-"))
@@ -523,6 +530,7 @@ async fn measure(args: &Args, dir: &TempDir, children: &mut Children) -> Result<
             "first_serving": first_serving, "darkened_first": dark.def.name, "then": other.def.name,
             "first_answer_from_other_ms": failover, "failed_before_it": failed_in_failover,
             "no_compliant_site_after_ms": refused,
+            "served_again_after_return_ms": recovered,
             "answers": answers.len(), "served": served, "served_outside_eu": outside_eu,
             "served_found_in_eu_replica_logs": served_in_eu_logs,
             "requests_in_us_replica_logs": in_us_logs,
@@ -574,6 +582,11 @@ async fn measure(args: &Args, dir: &TempDir, children: &mut Children) -> Result<
                 failover.map_or("-".into(), |f| format!("{f:.0}")),
                 refused.map_or("-".into(), |f| format!("{f:.0}")),
             );
+        println!(
+            "{} back: served there again after {} ms",
+            other.def.name,
+            recovered.map_or("-".into(), |f| format!("{f:.0}")),
+        );
         println!("wrote {}", args.out.display());
     }
     Ok(())
