@@ -13,6 +13,7 @@ use atrium_core::tenant::Residency;
 use bytes::Bytes;
 use tokio::sync::mpsc;
 
+use crate::load::DeploymentLoad;
 use crate::peers::{peer_target, PeerGateway};
 use crate::refusal::Refusal;
 use crate::routes::Routes;
@@ -24,6 +25,10 @@ pub enum Decision {
     Here,
     /// These gateways, in order: the nearest allowed ready site's first.
     Forward(Vec<Arc<PeerGateway>>),
+    /// Scaled to zero, and this site may not serve it: held (counted, so
+    /// the autoscaler starts a replica at an allowed site) until a peer
+    /// has one.
+    Hold(Arc<DeploymentLoad>),
     NoCompliantSite(String),
 }
 
@@ -58,9 +63,10 @@ pub fn decide(g: &Gateway, tenant: &str, model: &str) -> Decision {
         return Decision::Here;
     };
     // A model it has not, or an external one: the local path answers.
-    let Some((deployment, sites, ready_here)) = routes.site_facts(tenant, model) else {
+    let Some(facts) = routes.site_facts(tenant, model) else {
         return Decision::Here;
     };
+    let (deployment, sites, ready_here) = (facts.deployment, facts.sites, facts.ready_here);
     let Some(residency) = routes.residency(tenant) else {
         return Decision::NoCompliantSite(refusal_text(model, None));
     };
@@ -82,6 +88,8 @@ pub fn decide(g: &Gateway, tenant: &str, model: &str) -> Decision {
         .collect();
     match choose(residency, sites, &here, &states) {
         Choice::Here => Decision::Here,
+        // No replica anywhere yet: one will start where it may.
+        Choice::NoCompliantSite if facts.scaled_to_zero => Decision::Hold(facts.load.clone()),
         Choice::NoCompliantSite => Decision::NoCompliantSite(refusal_text(model, Some(residency))),
         Choice::Forward(order) => {
             let mut gateways = Vec::new();
@@ -98,15 +106,41 @@ pub fn decide(g: &Gateway, tenant: &str, model: &str) -> Decision {
     }
 }
 
+/// Holds a request for a deployment scaled to zero that only other sites
+/// may serve, counted as waiting (so the autoscaler starts a replica
+/// now), until a peer has a replica or `hold_timeout` passes; then
+/// decides again.
+pub async fn hold(g: &Gateway, tenant: &str, model: &str, load: &Arc<DeploymentLoad>) -> Decision {
+    let _held = load.hold();
+    g.load_wake.notify_one();
+    let deadline = Instant::now() + g.hold_timeout;
+    loop {
+        // Peers' ready sets change with their probes' answers.
+        tokio::time::sleep(crate::peers::PROBE).await;
+        match decide(g, tenant, model) {
+            Decision::Hold(_) if Instant::now() < deadline => continue,
+            Decision::Hold(_) => {
+                return Decision::NoCompliantSite(format!(
+                    "no replica of `{model}` started at a site its tenant's residency allows \
+                     within {}s; retry shortly",
+                    g.hold_timeout.as_secs()
+                ))
+            }
+            other => return other,
+        }
+    }
+}
+
 /// Whether this site may serve `tenant`'s `model` at all (a forwarded
 /// request is checked again where it lands).
 pub fn allowed_here(g: &Gateway, tenant: &str, model: &str) -> bool {
     let Ok(routes) = g.routes.read() else {
         return false;
     };
-    let Some((_, sites, _)) = routes.site_facts(tenant, model) else {
+    let Some(facts) = routes.site_facts(tenant, model) else {
         return true;
     };
+    let sites = facts.sites;
     let here = this_site(g, &routes, true);
     routes
         .residency(tenant)

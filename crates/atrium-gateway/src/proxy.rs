@@ -72,7 +72,19 @@ pub async fn proxy(g: &Gateway, route: &str, request: Request, origin: Origin) -
                     g.site, admitted.model
                 )),
             };
+            let decision = match decision {
+                forward::Decision::Hold(load) => {
+                    forward::hold(g, &admitted.caller.tenant, &admitted.model, &load).await
+                }
+                other => other,
+            };
             match decision {
+                // `hold` decides again until it can say where; a hold
+                // here would be a deployment scaled to zero once more.
+                forward::Decision::Hold(_) => Err(Refusal::NoCompliantSite(format!(
+                    "`{}` is starting at another site; retry shortly",
+                    admitted.model
+                ))),
                 forward::Decision::Here => match send(g, route, &mut admitted, &request_id).await {
                     Ok(sent) => respond(g, admitted, sent, &request_id, ingress.as_deref()).await,
                     Err(refusal) => Err(refusal),

@@ -52,6 +52,9 @@ struct DeploymentEntry {
     /// held for one.
     #[serde(default)]
     failed: bool,
+    /// The autoscaler has it at zero replicas: a request must start one.
+    #[serde(default)]
+    scaled_to_zero: bool,
     /// `external_url` parsed, for an external deployment (derived, not
     /// saved).
     #[serde(skip)]
@@ -171,6 +174,18 @@ pub enum Target {
         holds: bool,
         load: Arc<DeploymentLoad>,
     },
+}
+
+/// A deployment as the site choice sees it.
+pub struct SiteFacts<'a> {
+    pub deployment: &'a str,
+    /// The sites it may run in (any allowed one when empty).
+    pub sites: &'a [String],
+    /// A replica of it serves at this site.
+    pub ready_here: bool,
+    /// It runs nowhere until a request starts a replica.
+    pub scaled_to_zero: bool,
+    pub load: &'a Arc<DeploymentLoad>,
 }
 
 /// A running replica with an endpoint, as requests are routed to it:
@@ -495,17 +510,21 @@ impl Routes {
         Some((target, d.sampling))
     }
 
-    /// What choosing a site for `model` needs: the deployment's id, its
-    /// site list and whether a replica of it serves here; `None` for a
-    /// model the tenant has not (the local path refuses it) or one served
-    /// by an external upstream (no site is involved).
-    pub fn site_facts(&self, tenant: &str, model: &str) -> Option<(&str, &[String], bool)> {
+    /// What choosing a site for `model` needs; `None` for a model the
+    /// tenant has not (the local path refuses it) or one served by an
+    /// external upstream (no site is involved).
+    pub fn site_facts(&self, tenant: &str, model: &str) -> Option<SiteFacts<'_>> {
         let d = self.deployments.get(tenant)?.get(model)?;
         if d.engine == EngineKind::External {
             return None;
         }
-        let ready = self.serving.get(&d.id).is_some_and(|s| !s.is_empty());
-        Some((&d.id, &d.sites, ready))
+        Some(SiteFacts {
+            deployment: &d.id,
+            sites: &d.sites,
+            ready_here: self.serving.get(&d.id).is_some_and(|s| !s.is_empty()),
+            scaled_to_zero: d.scaled_to_zero && !d.failed,
+            load: &d.load,
+        })
     }
 
     /// Where `tenant` may be served; nowhere for a tenant this gateway
@@ -592,6 +611,12 @@ impl Routes {
                     .status
                     .as_ref()
                     .is_some_and(|s| s.state == LifecycleState::Failed),
+                scaled_to_zero: o
+                    .status
+                    .as_ref()
+                    .and_then(|s| s.desired_replicas)
+                    .unwrap_or_else(|| o.spec.replicas.initial())
+                    == 0,
                 external: None,
                 load: Arc::default(),
             };

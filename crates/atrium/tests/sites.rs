@@ -353,6 +353,39 @@ fn a_tenant_is_served_only_in_its_jurisdiction_and_fails_over_within_it() {
         assert_eq!(r["ingress_site"], "edge-us", "{r}");
     }
 
+    // Scaled to zero, and allowed only in the EU: a request entering in
+    // the US is held while a replica starts at an EU site, then served.
+    let r = world
+        .http
+        .post(format!("{}/v1/deployments", world.url))
+        .bearer_auth(&eu)
+        .json(
+            &json!({"name": "lazy", "spec": {"model": "m", "engine": "simulated",
+            "resources": {"cpu": "100m", "memory": "128Mi", "gpu": "1"},
+            "replicas": {"min": 0, "max": 1, "scale_down_delay_seconds": 1}}}),
+        )
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    wait_for("lazy to scale to zero", 60, || {
+        let d = world.admin(Method::GET, "/v1/deployments/lazy?tenant=euro", Value::Null);
+        d["status"]["desired_replicas"] == 0
+            && common::placements_of(&world.http, &world.url, &world.admin, "euro", "lazy")
+                .is_empty()
+    });
+    let started = Instant::now();
+    let a = chat(&http, &us.url, &eu, "lazy");
+    assert_eq!(a.status, 200, "{}", a.body);
+    assert!(
+        (a.header)("x-atrium-site").starts_with("eu-"),
+        "{}",
+        (a.header)("x-atrium-site")
+    );
+    eprintln!(
+        "scale from zero at another site: answered after {:?}",
+        started.elapsed()
+    );
+
     // Kill one EU site's gateway: requests move to the other EU site.
     let serving = (chat(&http, &us.url, &eu, "chat").header)("x-atrium-site");
     let (dead, alive) = if serving == "eu-a" {
