@@ -218,6 +218,11 @@ pub struct DeploymentSpec {
     /// Sites the replicas may run in; any permitted site when empty.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub sites: Vec<String>,
+    /// Sites its replicas are placed at, and its requests served at, first:
+    /// the others `sites` and the tenant's residency allow take them only
+    /// when these have no room or no ready replica.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub preferred_sites: Vec<String>,
     /// Upstream base URL, for `engine: external` only.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub external_url: Option<String>,
@@ -242,6 +247,16 @@ impl DeploymentSpec {
         }
         for (i, site) in self.sites.iter().enumerate() {
             errors.check(&format!("sites[{i}]"), crate::name::validate_name(site));
+        }
+        for (i, site) in self.preferred_sites.iter().enumerate() {
+            let field = format!("preferred_sites[{i}]");
+            errors.check(&field, crate::name::validate_name(site));
+            if !self.sites.is_empty() && !self.sites.contains(site) {
+                errors.push(
+                    field,
+                    format!("{site:?} is not among `sites`: a preferred site must be allowed"),
+                );
+            }
         }
         if matches!(self.engine, EngineKind::Vllm | EngineKind::Sglang)
             && self.resources.gpu.is_none()
@@ -325,6 +340,21 @@ mod tests {
             "resources": {"cpu": "1", "memory": "1Gi", "gpu": gpu}
         }))
         .unwrap()
+    }
+
+    #[test]
+    fn a_preferred_site_must_be_an_allowed_one() {
+        let with = |sites: &[&str], preferred: &[&str]| {
+            let mut s = spec(None, 1);
+            s.sites = sites.iter().map(|x| x.to_string()).collect();
+            s.preferred_sites = preferred.iter().map(|x| x.to_string()).collect();
+            s.validate()
+        };
+        assert!(with(&[], &["edge-de"]).is_ok());
+        assert!(with(&["edge-de", "core-eu"], &["edge-de"]).is_ok());
+        let refused = with(&["core-eu"], &["edge-de"]).unwrap_err().to_string();
+        assert!(refused.contains("preferred_sites[0]"), "{refused}");
+        assert!(with(&[], &["Edge DE"]).is_err());
     }
 
     #[test]

@@ -86,7 +86,7 @@ pub fn decide(g: &Gateway, tenant: &str, model: &str) -> Decision {
             rtt_us: v.rtt_us,
         })
         .collect();
-    match choose(residency, sites, &here, &states) {
+    match choose(residency, sites, facts.preferred, &here, &states) {
         Choice::Here => Decision::Here,
         // No replica anywhere yet: one will start where it may.
         Choice::NoCompliantSite if facts.scaled_to_zero => Decision::Hold(facts.load.clone()),

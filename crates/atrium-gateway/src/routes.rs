@@ -48,6 +48,9 @@ struct DeploymentEntry {
     /// The sites it may run in (any allowed one when empty).
     #[serde(default)]
     sites: Vec<String>,
+    /// Of those, the ones forwarded to first.
+    #[serde(default)]
+    preferred_sites: Vec<String>,
     /// Its state is `failed`: no replica is coming, so requests are not
     /// held for one.
     #[serde(default)]
@@ -181,6 +184,8 @@ pub struct SiteFacts<'a> {
     pub deployment: &'a str,
     /// The sites it may run in (any allowed one when empty).
     pub sites: &'a [String],
+    /// Of those, the ones forwarded to first.
+    pub preferred: &'a [String],
     /// A replica of it serves at this site.
     pub ready_here: bool,
     /// It runs nowhere until a request starts a replica.
@@ -521,6 +526,7 @@ impl Routes {
         Some(SiteFacts {
             deployment: &d.id,
             sites: &d.sites,
+            preferred: &d.preferred_sites,
             ready_here: self.serving.get(&d.id).is_some_and(|s| !s.is_empty()),
             scaled_to_zero: d.scaled_to_zero && !d.failed,
             load: &d.load,
@@ -607,6 +613,7 @@ impl Routes {
                     .map_or_else(|| "pending".to_string(), |s| s.reason.clone()),
                 sampling: o.spec.sampling,
                 sites: o.spec.sites.clone(),
+                preferred_sites: o.spec.preferred_sites.clone(),
                 failed: o
                     .status
                     .as_ref()

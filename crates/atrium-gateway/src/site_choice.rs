@@ -5,9 +5,12 @@
 //!
 //! The rule: this site when it is allowed and has a ready replica; else
 //! the allowed peer sites that answer their probes and have a ready
-//! replica, nearest (by measured round trip) first; else this site when
-//! it is allowed (the request waits for a replica to start, as a
-//! deployment scaled to zero does); else `no_compliant_site`.
+//! replica — the deployment's preferred sites first —, nearest (by
+//! measured round trip) first; else this site when it is allowed (the
+//! request waits for a replica to start, as a deployment scaled to zero
+//! does); else `no_compliant_site`. A ready replica here serves even when
+//! it is not at a preferred site: replicas are there only as overflow,
+//! and sending the request away would add a round trip for nothing.
 
 use atrium_core::tenant::Residency;
 
@@ -50,6 +53,7 @@ pub enum Choice<'a> {
 pub fn choose<'a>(
     residency: &Residency,
     sites: &[String],
+    preferred: &[String],
     here: &SiteState<'a>,
     peers: &[SiteState<'a>],
 ) -> Choice<'a> {
@@ -62,7 +66,8 @@ pub fn choose<'a>(
         .filter(|p| p.ready && p.healthy && p.site != here.site)
         .filter(|p| allowed(residency, sites, p))
         .collect();
-    ready.sort_by(|a, b| a.rtt_us.cmp(&b.rtt_us).then(a.site.cmp(b.site)));
+    let rank = |s: &SiteState<'_>| !preferred.iter().any(|p| p == s.site);
+    ready.sort_by(|a, b| (rank(a), a.rtt_us, a.site).cmp(&(rank(b), b.rtt_us, b.site)));
     // A site with several gateways is listed once, at its nearest.
     let mut seen: Vec<&str> = Vec::new();
     ready.retain(|p| {
@@ -109,18 +114,40 @@ mod tests {
             site("core-us", "US", true, 1_000),
         ];
         assert_eq!(
-            choose(&eu(), &[], &here, &peers),
+            choose(&eu(), &[], &[], &here, &peers),
             Choice::Forward(vec!["core-eu-a", "core-eu-b"])
         );
         peers[1].healthy = false;
         assert_eq!(
-            choose(&eu(), &[], &here, &peers),
+            choose(&eu(), &[], &[], &here, &peers),
             Choice::Forward(vec!["core-eu-b"])
         );
         peers[0].ready = false;
-        assert_eq!(choose(&eu(), &[], &here, &peers), Choice::NoCompliantSite);
+        assert_eq!(
+            choose(&eu(), &[], &[], &here, &peers),
+            Choice::NoCompliantSite
+        );
         // A global tenant is served where it arrived.
-        assert_eq!(choose(&Residency::Any, &[], &here, &peers), Choice::Here);
+        assert_eq!(
+            choose(&Residency::Any, &[], &[], &here, &peers),
+            Choice::Here
+        );
+    }
+
+    #[test]
+    fn a_preferred_site_is_forwarded_to_before_a_nearer_one_but_a_ready_replica_here_serves() {
+        let peers = [
+            site("core-eu-a", "EU", true, 20_000),
+            site("edge-de", "EU", true, 90_000),
+        ];
+        let preferred = ["edge-de".to_string()];
+        let away = site("edge-us", "US", true, 0);
+        assert_eq!(
+            choose(&eu(), &[], &preferred, &away, &peers),
+            Choice::Forward(vec!["edge-de", "core-eu-a"])
+        );
+        let here = site("core-eu-b", "EU", true, 0);
+        assert_eq!(choose(&eu(), &[], &preferred, &here, &peers), Choice::Here);
     }
 
     #[test]
@@ -128,15 +155,15 @@ mod tests {
         let here = site("core-eu-a", "EU", false, 0);
         let peers = [site("core-eu-b", "EU", true, 5_000)];
         assert_eq!(
-            choose(&eu(), &[], &here, &peers),
+            choose(&eu(), &[], &[], &here, &peers),
             Choice::Forward(vec!["core-eu-b"])
         );
-        assert_eq!(choose(&eu(), &[], &here, &[]), Choice::Here);
+        assert_eq!(choose(&eu(), &[], &[], &here, &[]), Choice::Here);
         // The deployment's own site list binds too.
         let only_b = ["core-eu-b".to_string()];
         let ready_here = site("core-eu-a", "EU", true, 0);
         assert_eq!(
-            choose(&eu(), &only_b, &ready_here, &peers),
+            choose(&eu(), &only_b, &[], &ready_here, &peers),
             Choice::Forward(vec!["core-eu-b"])
         );
         // A site whose jurisdiction is unknown serves only tenants allowed
@@ -145,8 +172,14 @@ mod tests {
             jurisdiction: None,
             ..ready_here
         };
-        assert_eq!(choose(&eu(), &[], &unknown, &[]), Choice::NoCompliantSite);
-        assert_eq!(choose(&Residency::Any, &[], &unknown, &[]), Choice::Here);
+        assert_eq!(
+            choose(&eu(), &[], &[], &unknown, &[]),
+            Choice::NoCompliantSite
+        );
+        assert_eq!(
+            choose(&Residency::Any, &[], &[], &unknown, &[]),
+            Choice::Here
+        );
     }
 
     const SITES: [&str; 6] = ["s0", "s1", "s2", "s3", "s4", "s5"];
@@ -163,16 +196,18 @@ mod tests {
     }
 
     proptest! {
-        /// For random topologies, policies, failures and readiness: no
-        /// choice names a site outside the allowed set, a forward goes only
-        /// to healthy ready sites nearest first, and `NoCompliantSite`
-        /// comes only when no allowed site could take the request.
+        /// For random topologies, policies, preferences, failures and
+        /// readiness: no choice names a site outside the allowed set, a
+        /// forward goes only to healthy ready sites, preferred ones first,
+        /// nearest first within each, and `NoCompliantSite` comes only when
+        /// no allowed site could take the request.
         #[test]
         fn no_choice_leaves_the_allowed_set(
             here in state(),
             peers in proptest::collection::vec(state(), 0..8),
             policy in proptest::option::of(proptest::collection::vec(0..CODES.len(), 0..3)),
             deployment_sites in proptest::collection::vec(0..SITES.len(), 0..3),
+            preferred_sites in proptest::collection::vec(0..SITES.len(), 0..2),
         ) {
             let residency = match policy {
                 None => Residency::Any,
@@ -181,6 +216,7 @@ mod tests {
                 },
             };
             let sites: Vec<String> = deployment_sites.iter().map(|&s| SITES[s].to_string()).collect();
+            let preferred: Vec<String> = preferred_sites.iter().map(|&s| SITES[s].to_string()).collect();
             let make = |(s, j, ready, healthy, rtt): (usize, Option<usize>, bool, bool, u64)| SiteState {
                 site: SITES[s],
                 jurisdiction: j.map(|j| CODES[j]),
@@ -190,11 +226,11 @@ mod tests {
             };
             let here = SiteState { healthy: true, rtt_us: 0, ..make(here) };
             let peers: Vec<SiteState> = peers.into_iter().map(make).collect();
-            match choose(&residency, &sites, &here, &peers) {
+            match choose(&residency, &sites, &preferred, &here, &peers) {
                 Choice::Here => prop_assert!(allowed(&residency, &sites, &here)),
                 Choice::Forward(order) => {
                     prop_assert!(!order.is_empty());
-                    let mut last = 0;
+                    let mut last = (false, 0);
                     for s in &order {
                         prop_assert!(*s != here.site);
                         // Some state of that site is allowed, healthy and
@@ -204,9 +240,9 @@ mod tests {
                             .map(|p| p.rtt_us)
                             .min();
                         prop_assert!(best.is_some());
-                        let best = best.unwrap_or_default();
-                        prop_assert!(best >= last);
-                        last = best;
+                        let rank = (!preferred.iter().any(|p| p == s), best.unwrap_or_default());
+                        prop_assert!(rank >= last, "{:?} after {:?}", rank, last);
+                        last = rank;
                     }
                     prop_assert!(!(allowed(&residency, &sites, &here) && here.ready));
                 }

@@ -161,6 +161,7 @@ pub fn deployment_of(isvc: &Value) -> Result<DeploymentSpec, KubeError> {
         resources,
         replicas,
         sites,
+        preferred_sites: Vec::new(),
         external_url: None,
         sampling,
     };

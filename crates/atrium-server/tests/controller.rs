@@ -179,6 +179,47 @@ async fn places_within_residency_capacity_and_isolation() {
     .await;
 }
 
+/// A deployment's preferred site takes its replicas while it has room;
+/// the overflow goes where else it may run, never outside its residency.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn preferred_sites_are_filled_first_and_spill_over_only_where_allowed() {
+    let s = TestServer::start(TestBackend::Sqlite).await;
+    s.create_site("core-eu", "EU").await;
+    s.create_site("edge-de", "EU").await;
+    s.create_site("us", "US").await;
+    node(&s, "big-core", "core-eu", "64").await;
+    node(&s, "small-edge", "edge-de", "4").await;
+    node(&s, "big-us", "us", "64").await;
+    s.create_model(None, "m").await;
+    s.create_tenant(
+        "euro",
+        json!({"residency": {"policy": "only", "jurisdictions": ["EU"]}}),
+    )
+    .await;
+    let mut body = deployment("web", "euro", "2", 3);
+    body["spec"]["preferred_sites"] = json!(["edge-de"]);
+    s.admin(Method::POST, "/v1/deployments", body).await;
+    let mut placed = eventually("web placed", async || {
+        let p = placements(&s, "web").await;
+        (p.len() == 3).then_some(p)
+    })
+    .await;
+    placed.sort();
+    let nodes: Vec<&str> = placed.iter().map(|(_, n)| n.as_str()).collect();
+    // Two fill the edge (4 CPUs); the third spills to the EU core, never
+    // to the larger US node.
+    assert_eq!(
+        nodes.iter().filter(|n| **n == "small-edge").count(),
+        2,
+        "{placed:?}"
+    );
+    assert_eq!(
+        nodes.iter().filter(|n| **n == "big-core").count(),
+        1,
+        "{placed:?}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dedicated_node_tenants_never_share_a_node() {
     let s = TestServer::start(TestBackend::Sqlite).await;

@@ -77,6 +77,7 @@ pub(crate) fn local_deployment(model: &str, cpu: &str, memory: &str) -> Result<D
         },
         replicas: Replicas::fixed(1),
         sites: vec![LOCAL_SITE.to_string()],
+        preferred_sites: Vec::new(),
         external_url: None,
         sampling: SamplingDefaults::default(),
     })

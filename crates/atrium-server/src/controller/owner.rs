@@ -110,6 +110,8 @@ pub(super) struct Owner<'a> {
     pub priority: i32,
     pub resources: &'a Resources,
     pub sites: &'a [String],
+    /// Tried first; the rest of `sites` takes the overflow.
+    pub preferred_sites: &'a [String],
     /// Replicas to run (a service's).
     desired: usize,
     template: Template<'a>,
@@ -137,6 +139,7 @@ impl<'a> Owner<'a> {
             priority: tenant_spec.map_or(0, |t| t.priority),
             resources: &d.spec.resources,
             sites: &d.spec.sites,
+            preferred_sites: &d.spec.preferred_sites,
             // The autoscaler's count (kept within the spec's bounds should
             // the spec have changed since), or the initial one.
             desired: if external {
@@ -182,6 +185,7 @@ impl<'a> Owner<'a> {
                 .map_or(tenant_priority, |p| p.min(tenant_priority)),
             resources: &w.spec.resources,
             sites: &w.spec.sites,
+            preferred_sites: &[],
             desired: w.spec.replicas as usize,
             template: Template::Container(&w.spec),
             job: w.spec.job(),

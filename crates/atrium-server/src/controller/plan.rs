@@ -127,6 +127,17 @@ impl Pass<'_> {
         request: &fleet::Request,
         owner: &Owner,
     ) -> Result<fleet::Binding, fleet::Refusal> {
+        // Its preferred sites first, where it fits without evicting
+        // anyone; then wherever it may run, as any replica.
+        if !owner.preferred_sites.is_empty() {
+            let preferred = fleet::Request {
+                sites: owner.preferred_sites.to_vec(),
+                ..request.clone()
+            };
+            if let Ok(binding) = self.fleet.place(&preferred) {
+                return Ok(binding);
+            }
+        }
         let (binding, evicted) = self.fleet.place_preempting(request)?;
         for victim in evicted {
             let why = format!(

@@ -237,6 +237,7 @@ pub(super) async fn atrium_tenant(cp: &ControlPlane, engine_url: &str) -> Result
         },
         replicas: Replicas::fixed(1),
         sites: Vec::new(),
+        preferred_sites: Vec::new(),
         external_url: None,
         sampling: Default::default(),
     };

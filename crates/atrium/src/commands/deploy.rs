@@ -41,6 +41,10 @@ pub enum DeployCmd {
         /// Sites the replicas may run in (comma-separated)
         #[arg(long, value_delimiter = ',')]
         sites: Vec<String>,
+        /// Sites its replicas go to and its requests are served at first;
+        /// other allowed sites only take the overflow (comma-separated)
+        #[arg(long, value_delimiter = ',')]
+        prefer_sites: Vec<String>,
         #[arg(long)]
         external_url: Option<String>,
         /// Temperature for requests that leave it out (0 to 2)
@@ -95,6 +99,7 @@ pub async fn run(ctx: &Ctx, cmd: DeployCmd) -> Result<()> {
             target_in_flight,
             scale_down_delay,
             sites,
+            prefer_sites,
             external_url,
             temperature,
             top_p,
@@ -123,6 +128,7 @@ pub async fn run(ctx: &Ctx, cmd: DeployCmd) -> Result<()> {
                         scale_down_delay_seconds: scale_down_delay,
                     },
                     sites,
+                    preferred_sites: prefer_sites,
                     external_url,
                     sampling: SamplingDefaults {
                         temperature,
