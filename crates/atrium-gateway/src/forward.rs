@@ -21,7 +21,7 @@ use crate::server::{Response, ResponseBody};
 use crate::site_choice::{allowed, choose, Choice, SiteState};
 use crate::Gateway;
 
-pub enum Decision {
+enum Decision {
     Here,
     /// These gateways, in order: the nearest allowed ready site's first.
     Forward(Vec<Arc<PeerGateway>>),
@@ -57,8 +57,8 @@ fn this_site<'a>(g: &'a Gateway, routes: &'a Routes, ready: bool) -> SiteState<'
     }
 }
 
-/// Where `tenant`'s request for `model` is served.
-pub fn decide(g: &Gateway, tenant: &str, model: &str) -> Decision {
+/// Where `tenant`'s request for `model` is served, as things stand.
+fn decide(g: &Gateway, tenant: &str, model: &str) -> Decision {
     let Ok(routes) = g.routes.read() else {
         return Decision::Here;
     };
@@ -106,34 +106,61 @@ pub fn decide(g: &Gateway, tenant: &str, model: &str) -> Decision {
     }
 }
 
-/// Holds a request for a deployment scaled to zero that only other sites
-/// may serve, counted as waiting (so the autoscaler starts a replica
-/// now), until a peer has a replica or `hold_timeout` passes; then
-/// decides again.
-pub async fn hold(g: &Gateway, tenant: &str, model: &str, load: &Arc<DeploymentLoad>) -> Decision {
+/// Where a request is served, once decided.
+pub enum Site {
+    Here,
+    /// These gateways, in order.
+    Peers(Vec<Arc<PeerGateway>>),
+    /// Refused with `no_compliant_site`, for this reason.
+    Nowhere(String),
+}
+
+/// Where `tenant`'s request for `model` is served: decided, and for a
+/// deployment scaled to zero that only other sites may serve, held —
+/// counted as waiting, so the autoscaler starts a replica now — until a
+/// peer has a replica or `hold_timeout` passes. A request a peer
+/// `forwarded` is served here or refused: it goes no further, and lands
+/// only where it may.
+pub async fn site_for(g: &Gateway, tenant: &str, model: &str, forwarded: bool) -> Site {
+    if forwarded {
+        return if allowed_here(g, tenant, model) {
+            Site::Here
+        } else {
+            Site::Nowhere(format!(
+                "site {} may not serve `{model}` for this tenant",
+                g.site
+            ))
+        };
+    }
+    let load = match decide(g, tenant, model) {
+        Decision::Here => return Site::Here,
+        Decision::Forward(gateways) => return Site::Peers(gateways),
+        Decision::NoCompliantSite(why) => return Site::Nowhere(why),
+        Decision::Hold(load) => load,
+    };
     let _held = load.hold();
     g.load_wake.notify_one();
     let deadline = Instant::now() + g.hold_timeout;
-    loop {
+    while Instant::now() < deadline {
         // Peers' ready sets change with their probes' answers.
         tokio::time::sleep(crate::peers::PROBE).await;
         match decide(g, tenant, model) {
-            Decision::Hold(_) if Instant::now() < deadline => continue,
-            Decision::Hold(_) => {
-                return Decision::NoCompliantSite(format!(
-                    "no replica of `{model}` started at a site its tenant's residency allows \
-                     within {}s; retry shortly",
-                    g.hold_timeout.as_secs()
-                ))
-            }
-            other => return other,
+            Decision::Hold(_) => continue,
+            Decision::Here => return Site::Here,
+            Decision::Forward(gateways) => return Site::Peers(gateways),
+            Decision::NoCompliantSite(why) => return Site::Nowhere(why),
         }
     }
+    Site::Nowhere(format!(
+        "no replica of `{model}` started at a site its tenant's residency allows within {}s; \
+         retry shortly",
+        g.hold_timeout.as_secs()
+    ))
 }
 
 /// Whether this site may serve `tenant`'s `model` at all (a forwarded
 /// request is checked again where it lands).
-pub fn allowed_here(g: &Gateway, tenant: &str, model: &str) -> bool {
+fn allowed_here(g: &Gateway, tenant: &str, model: &str) -> bool {
     let Ok(routes) = g.routes.read() else {
         return false;
     };

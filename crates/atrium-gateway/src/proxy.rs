@@ -60,37 +60,20 @@ pub async fn proxy(g: &Gateway, route: &str, request: Request, origin: Origin) -
     let mut serving_site = g.site.clone();
     let mut response = match admitted {
         Ok(mut admitted) => {
-            let decision = match &ingress {
-                None => forward::decide(g, &admitted.caller.tenant, &admitted.model),
-                // Served here or refused: a forwarded request goes no
-                // further, and lands only where it may.
-                Some(_) if forward::allowed_here(g, &admitted.caller.tenant, &admitted.model) => {
-                    forward::Decision::Here
-                }
-                Some(_) => forward::Decision::NoCompliantSite(format!(
-                    "site {} may not serve `{}` for this tenant",
-                    g.site, admitted.model
-                )),
-            };
-            let decision = match decision {
-                forward::Decision::Hold(load) => {
-                    forward::hold(g, &admitted.caller.tenant, &admitted.model, &load).await
-                }
-                other => other,
-            };
-            match decision {
-                // `hold` decides again until it can say where; a hold
-                // here would be a deployment scaled to zero once more.
-                forward::Decision::Hold(_) => Err(Refusal::NoCompliantSite(format!(
-                    "`{}` is starting at another site; retry shortly",
-                    admitted.model
-                ))),
-                forward::Decision::Here => match send(g, route, &mut admitted, &request_id).await {
+            let at = forward::site_for(
+                g,
+                &admitted.caller.tenant,
+                &admitted.model,
+                ingress.is_some(),
+            )
+            .await;
+            match at {
+                forward::Site::Here => match send(g, route, &mut admitted, &request_id).await {
                     Ok(sent) => respond(g, admitted, sent, &request_id, ingress.as_deref()).await,
                     Err(refusal) => Err(refusal),
                 },
-                forward::Decision::NoCompliantSite(why) => Err(Refusal::NoCompliantSite(why)),
-                forward::Decision::Forward(gateways) => {
+                forward::Site::Nowhere(why) => Err(Refusal::NoCompliantSite(why)),
+                forward::Site::Peers(gateways) => {
                     let model = std::mem::take(&mut admitted.model);
                     // Admitted again, and metered, where it is served.
                     drop(admitted);
