@@ -57,8 +57,10 @@ fn this_site<'a>(g: &'a Gateway, routes: &'a Routes, ready: bool) -> SiteState<'
     }
 }
 
-/// Where `tenant`'s request for `model` is served, as things stand.
-fn decide(g: &Gateway, tenant: &str, model: &str) -> Decision {
+/// Where `tenant`'s request for `model` is served, as things stand;
+/// `holding`: the request already waits for a replica to start (it keeps
+/// waiting while one is coming, after the deployment left zero).
+fn decide(g: &Gateway, tenant: &str, model: &str, holding: bool) -> Decision {
     let Ok(routes) = g.routes.read() else {
         return Decision::Here;
     };
@@ -89,7 +91,9 @@ fn decide(g: &Gateway, tenant: &str, model: &str) -> Decision {
     match choose(residency, sites, facts.preferred, &here, &states) {
         Choice::Here => Decision::Here,
         // No replica anywhere yet: one will start where it may.
-        Choice::NoCompliantSite if facts.scaled_to_zero => Decision::Hold(facts.load.clone()),
+        Choice::NoCompliantSite if facts.scaled_to_zero || (holding && !facts.failed) => {
+            Decision::Hold(facts.load.clone())
+        }
         Choice::NoCompliantSite => Decision::NoCompliantSite(refusal_text(model, Some(residency))),
         Choice::Forward(order) => {
             let mut gateways = Vec::new();
@@ -132,7 +136,7 @@ pub async fn site_for(g: &Gateway, tenant: &str, model: &str, forwarded: bool) -
             ))
         };
     }
-    let load = match decide(g, tenant, model) {
+    let load = match decide(g, tenant, model, false) {
         Decision::Here => return Site::Here,
         Decision::Forward(gateways) => return Site::Peers(gateways),
         Decision::NoCompliantSite(why) => return Site::Nowhere(why),
@@ -144,7 +148,7 @@ pub async fn site_for(g: &Gateway, tenant: &str, model: &str, forwarded: bool) -
     while Instant::now() < deadline {
         // Peers' ready sets change with their probes' answers.
         tokio::time::sleep(crate::peers::PROBE).await;
-        match decide(g, tenant, model) {
+        match decide(g, tenant, model, true) {
             Decision::Hold(_) => continue,
             Decision::Here => return Site::Here,
             Decision::Forward(gateways) => return Site::Peers(gateways),

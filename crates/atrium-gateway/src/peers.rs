@@ -34,8 +34,11 @@ const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
 /// once): a dark link is noticed in about `3 × rtt` — under half a second
 /// for peers within 100 ms.
 const SILENT_FLOOR: Duration = Duration::from_millis(250);
-/// How often this gateway's record is written.
+/// How often this gateway's record is looked at; it is written when
+/// something an operator would act on changed (see `material`), and at
+/// least every `RECORD_AT_LEAST` — every write is an audited change.
 const RECORD: Duration = Duration::from_secs(2);
+const RECORD_AT_LEAST: Duration = Duration::from_secs(60);
 /// The path of the state probe on the peer link.
 pub const STATE_PATH: &str = "/peer/v1/state";
 
@@ -354,6 +357,7 @@ pub fn peer_target<'a>(
 /// load and what it measured of its peers.
 pub async fn record(cp: ControlPlane, peers: Arc<Peers>, in_flight: impl Fn() -> u64) {
     let api = Api::<Gateway>::all(&cp);
+    let mut written: Option<(GatewaySpec, Instant)> = None;
     loop {
         let mut measured: Vec<PeerMeasurement> =
             peers.all().iter().map(|g| g.measurement()).collect();
@@ -368,11 +372,32 @@ pub async fn record(cp: ControlPlane, peers: Arc<Peers>, in_flight: impl Fn() ->
                 .format(&time::format_description::well_known::Rfc3339)
                 .unwrap_or_default(),
         };
-        if let Err(e) = api.create_or_update(&peers.name, &spec).await {
-            tracing::debug!(error = %e, "gateway: cannot write its record; retrying");
+        let due = written
+            .as_ref()
+            .is_none_or(|(last, at)| at.elapsed() >= RECORD_AT_LEAST || material(last, &spec));
+        if due {
+            match api.create_or_update(&peers.name, &spec).await {
+                Ok(_) => written = Some((spec, Instant::now())),
+                Err(e) => tracing::debug!(error = %e, "gateway: cannot write its record; retrying"),
+            }
         }
         tokio::time::sleep(RECORD).await;
     }
+}
+
+/// Whether `now` says something `last` did not: another address or set
+/// of peers, a peer up or down, its ready deployments, or its round trip
+/// moved by more than a fifth (and a millisecond). Load alone is not.
+fn material(last: &GatewaySpec, now: &GatewaySpec) -> bool {
+    last.peer_address != now.peer_address
+        || last.peers.len() != now.peers.len()
+        || last.peers.iter().zip(&now.peers).any(|(a, b)| {
+            let moved = a.rtt_us.abs_diff(b.rtt_us);
+            a.gateway != b.gateway
+                || a.healthy != b.healthy
+                || a.ready != b.ready
+                || (moved > 1_000 && moved > a.rtt_us / 5)
+        })
 }
 
 /// Keeps a certificate for the peer link: a new key and certificate at
@@ -452,4 +477,40 @@ pub fn peer_tls(issued: &SiteCertificate, key_der: &[u8]) -> Result<PeerTls, Str
         connector: tokio_rustls::TlsConnector::from(Arc::new(client)),
         acceptor: tokio_rustls::TlsAcceptor::from(Arc::new(server)),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(rtt_us: u64, healthy: bool, in_flight: u64) -> GatewaySpec {
+        GatewaySpec {
+            site: "edge".into(),
+            peer_address: "127.0.0.1:9443".into(),
+            in_flight,
+            peers: vec![PeerMeasurement {
+                gateway: "gw-core".into(),
+                site: "core".into(),
+                rtt_us,
+                healthy,
+                in_flight: 0,
+                ready: 3,
+            }],
+            reported_at: String::new(),
+        }
+    }
+
+    /// Every write of the record is an audited change: load and jitter
+    /// alone do not make one.
+    #[test]
+    fn only_what_an_operator_acts_on_rewrites_the_record() {
+        let last = spec(20_000, true, 5);
+        assert!(!material(&last, &spec(20_900, true, 500)));
+        assert!(!material(&last, &spec(23_000, true, 5)));
+        assert!(material(&last, &spec(30_000, true, 5)));
+        assert!(material(&last, &spec(20_000, false, 5)));
+        let mut more = spec(20_000, true, 5);
+        more.peers.push(more.peers[0].clone());
+        assert!(material(&last, &more));
+    }
 }

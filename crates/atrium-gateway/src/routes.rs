@@ -190,6 +190,8 @@ pub struct SiteFacts<'a> {
     pub ready_here: bool,
     /// It runs nowhere until a request starts a replica.
     pub scaled_to_zero: bool,
+    /// No replica of it is coming.
+    pub failed: bool,
     pub load: &'a Arc<DeploymentLoad>,
 }
 
@@ -529,6 +531,7 @@ impl Routes {
             preferred: &d.preferred_sites,
             ready_here: self.serving.get(&d.id).is_some_and(|s| !s.is_empty()),
             scaled_to_zero: d.scaled_to_zero && !d.failed,
+            failed: d.failed,
             load: &d.load,
         })
     }

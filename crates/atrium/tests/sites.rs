@@ -434,7 +434,7 @@ fn a_tenant_is_served_only_in_its_jurisdiction_and_fails_over_within_it() {
     assert_eq!(chat(&http, &us.url, &global, "near").status, 200);
 
     // The gateways' records show what each measured of its peers (written
-    // every 2 s).
+    // when they change).
     let mut record = Value::Null;
     wait_for("the US edge's record of its peers", 10, || {
         let gateways = world.admin(Method::GET, "/v1/gateways", Value::Null);
