@@ -291,6 +291,25 @@ fn a_tenant_is_served_only_in_its_jurisdiction_and_fails_over_within_it() {
         assert!(!us_logs.contains(id.as_str()), "{id} reached a US replica");
     }
 
+    // A stream is passed back as it comes.
+    let streamed = http
+        .post(format!("{}/v1/chat/completions", us.url))
+        .bearer_auth(&eu)
+        .json(&json!({"model": "chat", "max_tokens": 4, "stream": true,
+            "messages": [{"role": "user", "content": "hello"}]}))
+        .send()
+        .unwrap();
+    assert_eq!(streamed.status(), 200);
+    assert!(streamed.headers()["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("text/event-stream"));
+    let text = streamed.text().unwrap();
+    assert!(
+        text.contains("data: {") && text.trim_end().ends_with("data: [DONE]"),
+        "{text}"
+    );
+
     // A tenant cannot claim another ingress or pick its request id: the
     // public listener ignores both headers.
     let forged = http
