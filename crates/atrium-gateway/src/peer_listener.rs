@@ -14,7 +14,9 @@ use std::time::Duration;
 
 use atrium_core::gateway::site_server_name;
 use rustls::pki_types::{CertificateDer, ServerName};
-use tokio::net::TcpListener;
+use std::future::Future;
+
+use tokio::net::{TcpListener, TcpStream};
 
 use crate::peers::{PeerState, StateQuery, STATE_PATH};
 use crate::refusal::Refusal;
@@ -23,24 +25,19 @@ use crate::{proxy, Gateway, PROXIED};
 
 /// How long a peer may take over its handshake.
 const HANDSHAKE: Duration = Duration::from_secs(5);
+/// Connections held at once. Anyone who can reach the port can open one
+/// and sit in its handshake for `HANDSHAKE`; past this, new ones are
+/// closed at once (peers pool a few connections each).
+const MAX_CONNECTIONS: usize = 1024;
 
 /// Accepts peers' connections forever; each is handshaken and served in a
 /// task of its own. Until this gateway holds a certificate, connections
 /// are closed at once.
 pub async fn serve(listener: TcpListener, g: Arc<Gateway>) {
-    loop {
-        let tcp = match listener.accept().await {
-            Ok((tcp, _)) => tcp,
-            Err(e) => {
-                tracing::warn!(error = %e, "gateway: peer accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
-            }
-        };
-        let Some(tls) = g.peers.tls() else { continue };
-        let _ = tcp.set_nodelay(true);
+    accept_capped(listener, MAX_CONNECTIONS, move |tcp| {
         let g = g.clone();
-        tokio::spawn(async move {
+        async move {
+            let Some(tls) = g.peers.tls() else { return };
             let stream = match tokio::time::timeout(HANDSHAKE, tls.acceptor.accept(tcp)).await {
                 Ok(Ok(s)) => s,
                 Ok(Err(e)) => {
@@ -67,6 +64,36 @@ pub async fn serve(listener: TcpListener, g: Arc<Gateway>) {
                 server::Timeouts::default(),
             )
             .await;
+        }
+    })
+    .await
+}
+
+/// Accepts forever, running `each` on every connection in a task of its
+/// own while fewer than `max` run; past that, a new one is closed at once.
+async fn accept_capped<F, Fut>(listener: TcpListener, max: usize, each: F)
+where
+    F: Fn(TcpStream) -> Fut,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let room = Arc::new(tokio::sync::Semaphore::new(max));
+    loop {
+        let tcp = match listener.accept().await {
+            Ok((tcp, _)) => tcp,
+            Err(e) => {
+                tracing::warn!(error = %e, "gateway: peer accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let Ok(place) = room.clone().try_acquire_owned() else {
+            continue;
+        };
+        let _ = tcp.set_nodelay(true);
+        let work = each(tcp);
+        tokio::spawn(async move {
+            work.await;
+            drop(place);
         });
     }
 }
@@ -248,5 +275,41 @@ mod tests {
         };
         assert_eq!(connect(addr, &anonymous, "eu-b").await, None);
         assert!(!server.await.unwrap());
+    }
+
+    /// Anyone can reach the port and sit in a handshake: past the cap, new
+    /// connections are closed at once, and room comes back as they end.
+    #[tokio::test]
+    async fn connections_past_the_cap_are_closed_at_once() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(accept_capped(
+            listener,
+            2,
+            |mut tcp: TcpStream| async move {
+                // Holds the connection until the client closes it.
+                let mut b = [0u8; 1];
+                let _ = tcp.read(&mut b).await;
+            },
+        ));
+        let closed_at_once = |mut c: tokio::net::TcpStream| async move {
+            let mut b = [0u8; 1];
+            let read = tokio::time::timeout(Duration::from_millis(300), c.read(&mut b)).await;
+            (matches!(read, Ok(Ok(0)) | Ok(Err(_))), c)
+        };
+        let a = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let b = tokio::net::TcpStream::connect(addr).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let third = tokio::net::TcpStream::connect(addr).await.unwrap();
+        assert!(
+            closed_at_once(third).await.0,
+            "a third connection is closed"
+        );
+        let (held, a) = closed_at_once(a).await;
+        assert!(!held, "the first two stay open");
+        drop((a, b));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let again = tokio::net::TcpStream::connect(addr).await.unwrap();
+        assert!(!closed_at_once(again).await.0, "room came back");
     }
 }
