@@ -10,7 +10,7 @@ use atrium_api::{
     CreatedJoinToken, CredentialStatus, IssuedCredential, JoinRequest, JoinTokenRequest,
     JoinTokenStatus,
 };
-use atrium_core::plane::{split_token, CredentialSpec, JoinTokenSpec, JOIN_TOKEN_PREFIX};
+use atrium_core::plane::{split_token, CredentialSpec, JoinTokenSpec, Plane, JOIN_TOKEN_PREFIX};
 use atrium_store::{Object, TenantFilter, Write};
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
@@ -22,7 +22,8 @@ use crate::crud::{audit, new_id, require, resolve, view, write, ObjectParams};
 use crate::error::ApiError;
 use crate::extract::{JsonBody, Params};
 use crate::kinds::{
-    site_exists, Access, Credential, CredentialRecord, JoinToken, JoinTokenRecord, Kind, Resource,
+    site_exists, Access, Credential, CredentialRecord, Gateway, JoinToken, JoinTokenRecord, Kind,
+    Resource,
 };
 use crate::{AppState, RequestId};
 
@@ -322,6 +323,27 @@ pub async fn revoke_credential(
         audit(&caller, &rid, "credential.revoke".into()),
     )
     .await?;
+    // A revoked gateway is nobody's peer: its record goes, so the other
+    // sites stop probing it and forwarding to it now, not when its
+    // certificate expires.
+    if record.spec.plane == Plane::Gateway {
+        let own = state
+            .store
+            .get_by_name(Gateway::KIND, None, &record.spec.name)
+            .await?;
+        if let Some(own) = own {
+            write(
+                &state,
+                Write::Delete {
+                    kind: Gateway::KIND.into(),
+                    id: own.id,
+                },
+                None,
+                audit(&caller, &rid, "gateway.delete".into()),
+            )
+            .await?;
+        }
+    }
     Ok(Json(view(&updated)))
 }
 

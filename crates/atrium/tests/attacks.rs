@@ -1516,6 +1516,33 @@ fn plane_credentials_reach_only_their_own_node_or_site() {
         401
     );
 
+    // A revoked gateway's record goes with it: no site probes it or
+    // forwards to it any more.
+    assert_eq!(
+        cloud
+            .call(&cloud.token, Method::GET, "/v1/gateways/gw1", Value::Null)
+            .status,
+        200
+    );
+    let gw_id = gw.split('_').nth(1).unwrap();
+    cloud.admin(
+        Method::POST,
+        &format!("/v1/credentials/{gw_id}/revoke"),
+        Value::Null,
+    );
+    assert_eq!(
+        cloud
+            .call(&cloud.token, Method::GET, "/v1/gateways/gw1", Value::Null)
+            .status,
+        404
+    );
+    assert_eq!(
+        cloud
+            .call(&gw, Method::GET, "/v1/deployments", Value::Null)
+            .status,
+        401
+    );
+
     // No plane runs with the provider's admin token.
     for plane in ["agent", "gateway"] {
         let out = Command::new(BIN)
