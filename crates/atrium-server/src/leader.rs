@@ -104,6 +104,7 @@ impl Leading {
                 state.files.clone(),
                 stopped.clone(),
             )),
+            tokio::spawn(crate::gateway_records::run(store.clone(), stopped.clone())),
             tokio::spawn(compact_periodically(store, compaction, stopped)),
         ];
         Leading { term, stop, tasks }

@@ -17,6 +17,7 @@ mod databases;
 pub mod error;
 mod exec;
 mod extract;
+mod gateway_records;
 mod kinds;
 mod kube;
 mod leader;
