@@ -50,50 +50,31 @@ pub fn follow(cp: ControlPlane, routes: Arc<RwLock<Routes>>) -> Vec<tokio::task:
             tokio::join!(follow, apply);
         }));
     }
-    {
-        let (cp, routes) = (cp.clone(), routes.clone());
-        tasks.push(tokio::spawn(async move {
-            Api::<Deployment>::all(&cp)
-                .follow(move |u| {
-                    if let Ok(mut r) = routes.write() {
-                        r.apply_deployment(u);
-                    }
-                })
-                .await
-        }));
-    }
-    {
-        let (cp, routes) = (cp.clone(), routes.clone());
-        tasks.push(tokio::spawn(async move {
-            Api::<Tenant>::all(&cp)
-                .follow(move |u| {
-                    if let Ok(mut r) = routes.write() {
-                        r.apply_tenant(u);
-                    }
-                })
-                .await
-        }));
-    }
-    {
-        let (cp, routes) = (cp.clone(), routes.clone());
-        tasks.push(tokio::spawn(async move {
-            Api::<Site>::all(&cp)
-                .follow(move |u| {
-                    if let Ok(mut r) = routes.write() {
-                        r.apply_site(u);
-                    }
-                })
-                .await
-        }));
-    }
-    tasks.push(tokio::spawn(async move {
-        Api::<Placement>::all(&cp)
+    tasks.push(applying::<Deployment>(
+        &cp,
+        &routes,
+        Routes::apply_deployment,
+    ));
+    tasks.push(applying::<Tenant>(&cp, &routes, Routes::apply_tenant));
+    tasks.push(applying::<Site>(&cp, &routes, Routes::apply_site));
+    tasks.push(applying::<Placement>(&cp, &routes, Routes::apply_replica));
+    tasks
+}
+
+/// Follows kind `K`, applying each change to the table with `apply`.
+fn applying<K: atrium_api::Resource>(
+    cp: &ControlPlane,
+    routes: &Arc<RwLock<Routes>>,
+    apply: fn(&mut Routes, Update<Object<K>>),
+) -> tokio::task::JoinHandle<()> {
+    let (cp, routes) = (cp.clone(), routes.clone());
+    tokio::spawn(async move {
+        Api::<K>::all(&cp)
             .follow(move |u| {
                 if let Ok(mut r) = routes.write() {
-                    r.apply_replica(u);
+                    apply(&mut r, u);
                 }
             })
             .await
-    }));
-    tasks
+    })
 }
