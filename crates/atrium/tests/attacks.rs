@@ -25,14 +25,9 @@ use serde_json::{json, Value};
 
 mod common;
 
-use common::{admin_token, free_port, kill9, spawn_server, stop, terminate, wait_for, BIN};
-
-fn is_root() -> bool {
-    std::fs::read_to_string("/proc/self/status")
-        .unwrap()
-        .lines()
-        .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(1) == Some("0"))
-}
+use common::{
+    admin_token, free_port, is_root, kill9, spawn_server, stop, terminate, wait_for, BIN,
+};
 
 fn require_root() {
     assert!(

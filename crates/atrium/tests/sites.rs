@@ -13,17 +13,12 @@ use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{admin_call, admin_token, free_port, kill9, spawn_server, stop, wait_for, Proc, BIN};
+use common::{
+    admin_call, admin_token, free_port, is_root, kill9, spawn_server, stop, wait_for, Proc, BIN,
+};
 use reqwest::blocking::Client;
 use reqwest::Method;
 use serde_json::{json, Value};
-
-fn is_root() -> bool {
-    std::fs::read_to_string("/proc/self/status")
-        .unwrap_or_default()
-        .lines()
-        .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(1) == Some("0"))
-}
 
 struct Site {
     agent: Option<Proc>,

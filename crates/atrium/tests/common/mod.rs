@@ -10,6 +10,14 @@ pub mod up;
 /// The `atrium` binary under test.
 pub const BIN: &str = env!("CARGO_BIN_EXE_atrium");
 
+/// Whether the test runs as root (the sandboxing agents need it).
+pub fn is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .unwrap_or_default()
+        .lines()
+        .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(1) == Some("0"))
+}
+
 /// A loopback port free right now (the process under test binds it next).
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
