@@ -220,6 +220,37 @@ async fn preferred_sites_are_filled_first_and_spill_over_only_where_allowed() {
     );
 }
 
+/// A hostile tenant admin names as preferred a site its residency
+/// excludes (allowed by validation when it names no `sites`): the
+/// preference cannot move a replica out of its jurisdictions.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_preferred_site_outside_the_residency_places_nothing_there() {
+    let s = TestServer::start(TestBackend::Sqlite).await;
+    s.create_site("eu", "EU").await;
+    s.create_site("us", "US").await;
+    node(&s, "small-eu", "eu", "4").await;
+    node(&s, "big-us", "us", "64").await;
+    s.create_model(None, "m").await;
+    s.create_tenant(
+        "euro",
+        json!({"residency": {"policy": "only", "jurisdictions": ["EU"]}}),
+    )
+    .await;
+    let mut body = deployment("web", "euro", "2", 3);
+    body["spec"]["preferred_sites"] = json!(["us"]);
+    s.admin(Method::POST, "/v1/deployments", body).await;
+    let placed = eventually("two of web placed", async || {
+        let p = placements(&s, "web").await;
+        (p.len() == 2).then_some(p)
+    })
+    .await;
+    assert!(placed.iter().all(|(_, n)| n == "small-eu"), "{placed:?}");
+    // The third has no room in the EU and waits; it never goes to the US.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let placed = placements(&s, "web").await;
+    assert!(placed.iter().all(|(_, n)| n == "small-eu"), "{placed:?}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dedicated_node_tenants_never_share_a_node() {
     let s = TestServer::start(TestBackend::Sqlite).await;
