@@ -446,15 +446,13 @@ async fn run(cli: Cli) -> Result<()> {
             // Interrupted, the bench's future is dropped, and with it the
             // processes it started (engine, control plane, gateway, nginx,
             // LiteLLM): a signal's default action would leave them running.
-            tokio::select! {
-                done = bench_gateway::run(bench_gateway::Args {
-                    seconds,
-                    litellm,
-                    out,
-                    output: cli.global.output.unwrap_or(Output::Table),
-                }) => done,
-                _ = shutdown_signal() => Err(anyhow!("interrupted; the processes the bench started are stopped")),
-            }
+            until_interrupted(bench_gateway::run(bench_gateway::Args {
+                seconds,
+                litellm,
+                out,
+                output: cli.global.output.unwrap_or(Output::Table),
+            }))
+            .await
         }
         Command::Bench(BenchCmd::Registry {
             megabytes,
@@ -463,56 +461,47 @@ async fn run(cli: Cli) -> Result<()> {
         }) => {
             // As for the gateway bench: dropped on a signal, the bench's
             // future stops the registries it started.
-            tokio::select! {
-                done = bench_registry::run(bench_registry::Args {
-                    megabytes,
-                    rounds,
-                    out,
-                    output: cli.global.output.unwrap_or(Output::Table),
-                }) => done,
-                _ = shutdown_signal() => Err(anyhow!("interrupted; the processes the bench started are stopped")),
-            }
+            until_interrupted(bench_registry::run(bench_registry::Args {
+                megabytes,
+                rounds,
+                out,
+                output: cli.global.output.unwrap_or(Output::Table),
+            }))
+            .await
         }
         Command::Bench(BenchCmd::Workloads {
             workloads,
             megabytes,
             out,
         }) => {
-            // Dropped on a signal, the bench's future stops what it started.
-            tokio::select! {
-                done = bench_workloads::run(bench_workloads::Args {
-                    workloads,
-                    megabytes,
-                    out,
-                    output: cli.global.output.unwrap_or(Output::Table),
-                }) => done,
-                _ = shutdown_signal() => Err(anyhow!("interrupted; the processes the bench started are stopped")),
-            }
+            until_interrupted(bench_workloads::run(bench_workloads::Args {
+                workloads,
+                megabytes,
+                out,
+                output: cli.global.output.unwrap_or(Output::Table),
+            }))
+            .await
         }
         Command::Bench(BenchCmd::Sites { requests, out }) => {
-            tokio::select! {
-                done = bench_sites::run(bench_sites::Args {
-                    requests,
-                    out,
-                    output: cli.global.output.unwrap_or(Output::Table),
-                }) => done,
-                _ = shutdown_signal() => Err(anyhow!("interrupted; the processes the bench started are stopped")),
-            }
+            until_interrupted(bench_sites::run(bench_sites::Args {
+                requests,
+                out,
+                output: cli.global.output.unwrap_or(Output::Table),
+            }))
+            .await
         }
         Command::Bench(BenchCmd::Kube {
             clusters,
             objects,
             out,
         }) => {
-            tokio::select! {
-                done = bench_kube::run(bench_kube::Args {
-                    clusters,
-                    objects,
-                    out,
-                    output: cli.global.output.unwrap_or(Output::Table),
-                }) => done,
-                _ = shutdown_signal() => Err(anyhow!("interrupted; the processes the bench started are stopped")),
-            }
+            until_interrupted(bench_kube::run(bench_kube::Args {
+                clusters,
+                objects,
+                out,
+                output: cli.global.output.unwrap_or(Output::Table),
+            }))
+            .await
         }
         Command::Bench(BenchCmd::Sched {
             traces,
@@ -532,10 +521,7 @@ async fn run(cli: Cli) -> Result<()> {
         }
         Command::Bench(BenchCmd::VectorTenants(args)) => {
             let output = cli.global.output.unwrap_or(Output::Table);
-            tokio::select! {
-                done = bench_vector::tenants::run(args, output) => done,
-                _ = shutdown_signal() => Err(anyhow!("interrupted; the processes the bench started are stopped")),
-            }
+            until_interrupted(bench_vector::tenants::run(args, output)).await
         }
         Command::Sim(args) => local::sim(args, cli.global.output.unwrap_or(Output::Table)),
         Command::Admin(cmd) => {
@@ -807,5 +793,14 @@ pub(crate) async fn shutdown_signal() {
         Err(_) => {
             let _ = ctrl_c.await;
         }
+    }
+}
+
+/// Runs a bench until it ends or a signal comes; dropped on a signal, its
+/// future stops what it started.
+async fn until_interrupted(bench: impl std::future::Future<Output = Result<()>>) -> Result<()> {
+    tokio::select! {
+        done = bench => done,
+        _ = shutdown_signal() => Err(anyhow!("interrupted; the processes the bench started are stopped")),
     }
 }
