@@ -224,12 +224,10 @@ async fn pass(
             body,
             if_revision: Some(d.revision),
         };
-        let audit = AuditContext {
-            actor: "autoscaler".into(),
-            role: "system".into(),
-            action: format!("deployment.scale:{current}->{desired}"),
-            request_id: String::new(),
-        };
+        let audit = AuditContext::system(
+            "autoscaler",
+            format!("deployment.scale:{current}->{desired}"),
+        );
         match store.write::<()>(write, None, audit).await {
             Ok(_) => {}
             Err(WriteError::Store(e)) => {

@@ -36,12 +36,7 @@ pub async fn sweep(store: &Store, now: OffsetDateTime) -> Result<usize, StoreErr
             kind: Gateway::KIND.into(),
             id: record.id.clone(),
         };
-        let audit = AuditContext {
-            actor: "gateway-records".into(),
-            role: "system".into(),
-            action: "gateway.delete".into(),
-            request_id: String::new(),
-        };
+        let audit = AuditContext::system("gateway-records", "gateway.delete");
         match store.write::<()>(write, None, audit).await {
             Ok(_) => removed += 1,
             Err(e) => tracing::warn!(gateway = %record.name, error = %e, "gateway record kept"),
@@ -96,12 +91,7 @@ mod tests {
                 name: id.trim_start_matches("gtw_").into(),
                 body,
             };
-            let audit = AuditContext {
-                actor: "test".into(),
-                role: "system".into(),
-                action: "gateway.create".into(),
-                request_id: String::new(),
-            };
+            let audit = AuditContext::system("test", "gateway.create");
             store.write::<()>(w, None, audit).await.unwrap();
         }
         assert_eq!(sweep(&store, now).await.unwrap(), 1);

@@ -207,6 +207,19 @@ pub struct AuditContext {
     pub request_id: String,
 }
 
+impl AuditContext {
+    /// A write the control plane makes on its own (a controller, a sweep),
+    /// recorded under `actor` with the `system` role.
+    pub fn system(actor: impl Into<String>, action: impl Into<String>) -> AuditContext {
+        AuditContext {
+            actor: actor.into(),
+            role: "system".into(),
+            action: action.into(),
+            request_id: String::new(),
+        }
+    }
+}
+
 /// A stored audit event.
 #[derive(Debug, Clone, PartialEq)]
 pub struct AuditEvent {

@@ -58,12 +58,7 @@ fn delete(kind: &str, id: &str) -> Write {
 }
 
 fn audit(action: &str) -> AuditContext {
-    AuditContext {
-        actor: "retention".into(),
-        role: "system".into(),
-        action: action.into(),
-        request_id: String::new(),
-    }
+    AuditContext::system("retention", action)
 }
 
 /// Sweeps every `EVERY` until `stop`.

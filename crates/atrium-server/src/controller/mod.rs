@@ -167,12 +167,7 @@ pub async fn reconcile(store: &Store) -> Result<Outcome, atrium_store::StoreErro
 }
 
 fn audit(action: &str) -> AuditContext {
-    AuditContext {
-        actor: "placement-controller".into(),
-        role: "system".into(),
-        action: action.into(),
-        request_id: String::new(),
-    }
+    AuditContext::system("placement-controller", action)
 }
 
 async fn write(store: &Store, w: Write, action: &str) -> bool {

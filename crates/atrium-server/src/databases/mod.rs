@@ -317,12 +317,7 @@ async fn resume(state: &AppState, p: &Provider, all: &[Object]) {
         }
         let ready = stored::status::<Database>(o).is_some_and(|s| s.phase == DatabasePhase::Ready);
         if !ready {
-            let resumed = AuditContext {
-                actor: "databases".into(),
-                role: "system".into(),
-                action: "database.ready".into(),
-                request_id: String::new(),
-            };
+            let resumed = AuditContext::system("databases", "database.ready");
             if let Err(e) = set_phase(state, &o.id, DatabasePhase::Ready, resumed).await {
                 tracing::warn!(database = %o.id, error = %e, "databases: marking ready");
             }

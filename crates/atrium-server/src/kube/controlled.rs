@@ -9,12 +9,7 @@ use super::objects::{insert, name_suffix, pending_pod, remove, timestamp, uid, w
 use crate::AppState;
 
 pub(super) fn audit(r: &ResourceType, verb: &str) -> AuditContext {
-    AuditContext {
-        actor: "kube-controller".into(),
-        role: "system".into(),
-        action: format!("kube.{}.{verb}", r.singular),
-        request_id: String::new(),
-    }
+    AuditContext::system("kube-controller", format!("kube.{}.{verb}", r.singular))
 }
 
 /// Creates `obj` of type `r` in namespace `ns`.

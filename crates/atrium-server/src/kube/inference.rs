@@ -18,12 +18,7 @@ use crate::kinds::{Deployment, Kind, Resource};
 use crate::{stored, AppState};
 
 fn audit(action: &str) -> AuditContext {
-    AuditContext {
-        actor: "inference-controller".into(),
-        role: "system".into(),
-        action: action.into(),
-        request_id: String::new(),
-    }
+    AuditContext::system("inference-controller", action)
 }
 
 /// Makes or replaces deployment `name` of `tenant` to be `spec`; `Err`

@@ -352,12 +352,7 @@ pub(super) fn timestamp() -> String {
 }
 
 pub(crate) fn system_audit(action: &str) -> AuditContext {
-    AuditContext {
-        actor: "atrium".into(),
-        role: "system".into(),
-        action: action.into(),
-        request_id: String::new(),
-    }
+    AuditContext::system("atrium", action)
 }
 
 pub(super) fn uid_of(obj: &Value) -> String {

@@ -33,12 +33,7 @@ pub fn workload_name(cluster_id: &str, pod_key: &str) -> String {
 }
 
 fn audit(action: &str) -> AuditContext {
-    AuditContext {
-        actor: "pod-controller".into(),
-        role: "system".into(),
-        action: action.into(),
-        request_id: String::new(),
-    }
+    AuditContext::system("pod-controller", action)
 }
 
 /// Makes the workload of `pod`; `Err` says why it cannot be.
