@@ -16,10 +16,11 @@ export ATRIUM_TEST_POSTGRES_URL
 # mkfs.ext4 (e2fsprogs) and loop mounts (mount); the tests' own images are
 # busybox (busybox-static's /bin/busybox).
 if ! command -v nft >/dev/null || ! command -v ip >/dev/null || ! command -v skopeo >/dev/null \
-  || ! command -v runc >/dev/null || ! command -v mkfs.ext4 >/dev/null || [ ! -x /bin/busybox ]; then
+  || ! command -v runc >/dev/null || ! command -v mkfs.ext4 >/dev/null || [ ! -x /bin/busybox ] \
+  || ! command -v tcpdump >/dev/null; then
   apt-get update -qq >&2
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nftables iproute2 skopeo runc e2fsprogs mount \
-    busybox-static >&2
+    busybox-static tcpdump >&2
 fi
 
 # The llama-cpp engine test has the agent build llama-cpp-python (once per

@@ -15,6 +15,7 @@ pub mod engines;
 mod execs;
 mod inventory;
 mod janitor;
+pub mod overlay;
 mod relay;
 mod routes;
 pub mod runtime;
@@ -60,6 +61,9 @@ pub struct AgentConfig {
     /// The provider's PostgreSQL (tenants' databases), relayed to tenants'
     /// workloads at the well-known database address; none: not reachable.
     pub databases_at: Option<std::net::SocketAddr>,
+    /// Where this node joins its tenants' overlays to other nodes';
+    /// none: its tenants' namespaces reach no other node.
+    pub overlay: Option<overlay::OverlayConfig>,
 }
 
 impl AgentConfig {
@@ -115,6 +119,8 @@ pub enum AgentError {
     State(PathBuf, std::io::Error),
     #[error("cannot listen for the database relay: {0}")]
     Relay(std::io::Error),
+    #[error("tenant overlays: {0}")]
+    Overlay(String),
     #[error(
         "another agent on this host uses tenant network 10.{0}.0.0/16 (its namespaces, cgroups \
          and firewall table would be torn down by each other's): give this one another \
@@ -161,12 +167,33 @@ fn claim_tenant_network(octet: u8) -> Result<Option<std::fs::File>, AgentError> 
     }
 }
 
-/// Registers this node, creating it or refreshing its inventory.
+/// Registers this node, creating it or refreshing its inventory, with its
+/// overlay endpoint when it has one; returns its overlay index.
 pub async fn register(
     cp: &ControlPlane,
     config: &AgentConfig,
     inventory: &Inventory,
-) -> Result<(), AgentError> {
+    identity: Option<&overlay::Identity>,
+) -> Result<Option<u32>, AgentError> {
+    let nodes = Api::<Node>::all(cp);
+    let overlay = match (&config.overlay, identity) {
+        (Some(at), Some(identity)) => {
+            let listed = nodes
+                .list()
+                .await
+                .map_err(|e| AgentError::Register(e.to_string()))?;
+            let index = overlay::choose_index(
+                listed
+                    .0
+                    .iter()
+                    .map(|n| (n.name.as_str(), n.spec.overlay.as_ref().map(|o| o.index))),
+                config.node_name(),
+            );
+            Some(overlay::endpoint(at, identity, index))
+        }
+        _ => None,
+    };
+    let index = overlay.as_ref().map(|o| o.index);
     let spec = NodeSpec {
         site: config.credential.site.clone(),
         capacity: NodeCapacity {
@@ -177,11 +204,12 @@ pub async fn register(
         gpus: inventory.gpus.clone(),
         labels: [("atrium.dev/agent".to_string(), "process".to_string())].into(),
         state: NodeState::Ready,
+        overlay,
     };
-    Api::<Node>::all(cp)
+    nodes
         .create_or_update(config.node_name(), &spec)
         .await
-        .map(|_| ())
+        .map(|_| index)
         .map_err(|e| AgentError::Register(e.to_string()))
 }
 
@@ -227,6 +255,10 @@ pub async fn run(
             );
         }
     }
+    let identity = match &config.overlay {
+        Some(at) => Some(overlay::identity_for(&config, &host, at)?),
+        None => None,
+    };
     tracing::info!(isolation = %host.summary(), "agent: sandboxes");
     let containers = runtime::Runc::for_data_dir(&config.data_dir).summary();
     tracing::info!(%containers, "agent: workloads' containers");
@@ -238,6 +270,7 @@ pub async fn run(
         gpus: inventory.gpus.clone(),
         volumes: runtime::VolumeStore::for_data_dir(&config.data_dir),
         shutting_down: Default::default(),
+        overlay_index: Default::default(),
     });
     tracing::info!(volumes = %runtime::volume::summary(), "agent: tenants' volumes");
     let supervisor = Arc::new(supervisor::Supervisor::new(shared.clone()));
@@ -252,7 +285,9 @@ pub async fn run(
         supervisor.reconcile(&remembered);
     }
 
+    let overlay_task: Arc<std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>> = Arc::default();
     let work = {
+        let overlay_task = overlay_task.clone();
         let (cp, config, supervisor, shared) = (
             cp.clone(),
             config.clone(),
@@ -261,10 +296,24 @@ pub async fn run(
         );
         async move {
             let mut backoff = std::time::Duration::from_millis(200);
-            while let Err(e) = register(&cp, &config, &inventory).await {
-                tracing::warn!(error = %e, "agent: registration failed; retrying");
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(std::time::Duration::from_secs(5));
+            let index = loop {
+                match register(&cp, &config, &inventory, identity.as_ref()).await {
+                    Ok(index) => break index,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "agent: registration failed; retrying");
+                        tokio::time::sleep(backoff).await;
+                        backoff = (backoff * 2).min(std::time::Duration::from_secs(5));
+                    }
+                }
+            };
+            if let (Some(index), Some(at), Some(identity)) = (index, config.overlay, identity) {
+                let _ = shared.overlay_index.set(index);
+                let overlays = overlay::run(shared.clone(), at, identity, index);
+                // Runs beside the placements for as long as the agent does.
+                overlay_task
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .replace(tokio::spawn(overlays));
             }
             tracing::info!(node = %config.node_name(), cpu = %inventory.cpu, memory = %inventory.memory, gpus = inventory.gpus.len(), "agent: node registered");
             let node = config.node_name().to_string();
@@ -315,6 +364,13 @@ pub async fn run(
         _ = execs::run(shared.clone()) => {}
         _ = routes::run(shared.clone()) => {}
         _ = shutdown => {}
+    }
+    if let Some(task) = overlay_task
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .take()
+    {
+        task.abort();
     }
     supervisor.stop_all().await;
     let volumes = shared.clone();

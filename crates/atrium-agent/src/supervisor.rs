@@ -56,6 +56,8 @@ pub struct Shared {
     pub volumes: crate::runtime::VolumeStore,
     /// Set while the agent stops every replica on its way out.
     pub shutting_down: AtomicBool,
+    /// The node's overlay index, once registered with one.
+    pub overlay_index: std::sync::OnceLock<u32>,
 }
 
 pub struct Supervisor {
@@ -185,7 +187,14 @@ impl ReplicaCtx {
         TenantSlot { tenant, slot }
     }
 
-    async fn report(&self, status: ReplicaStatus) {
+    async fn report(&self, mut status: ReplicaStatus) {
+        if status.endpoint.is_some() && self.spec().overlay_vni.is_some() {
+            status.overlay_address = self
+                .shared
+                .overlay_index
+                .get()
+                .and_then(|i| atrium_core::overlay::address_of(*i));
+        }
         if let Ok(mut last) = self.last.lock() {
             *last = (Some(status), false);
         }
@@ -240,6 +249,7 @@ impl ReplicaCtx {
             restarts,
             isolation: running.map(|r| r.isolation.clone()),
             pid: running.map(|r| r.pid),
+            overlay_address: None,
         }
     }
 

@@ -22,6 +22,7 @@ pub mod limits;
 pub mod model;
 pub mod name;
 pub mod node;
+pub mod overlay;
 pub mod placement;
 pub mod plane;
 pub mod quantity;

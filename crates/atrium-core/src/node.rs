@@ -67,6 +67,9 @@ pub struct NodeSpec {
     pub labels: BTreeMap<String, String>,
     #[serde(default = "default_node_state")]
     pub state: NodeState,
+    /// How it carries its tenants' overlays; absent: it carries none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub overlay: Option<crate::overlay::NodeOverlay>,
 }
 
 fn default_node_state() -> NodeState {
@@ -105,6 +108,9 @@ impl NodeSpec {
                     "label keys must be 1 to 63 characters",
                 );
             }
+        }
+        if let Some(overlay) = &self.overlay {
+            overlay.validate(&mut errors);
         }
         errors.into_result()
     }

@@ -48,6 +48,10 @@ pub struct PlacementSpec {
     /// The volumes a workload's replica mounts, all of them on `node`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub volumes: Vec<VolumeAttachment>,
+    /// Its tenant's overlay (VNI), which joins the tenant's namespaces on
+    /// different nodes; absent in placements made before tenants had one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub overlay_vni: Option<u32>,
 }
 
 impl PlacementSpec {
@@ -103,6 +107,11 @@ pub struct ReplicaStatus {
     /// The engine's process id on its node.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pid: Option<u32>,
+    /// Where its tenant's workloads on other nodes reach it: its node's
+    /// address on the tenant's overlay.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<String>, format = "ipv4")]
+    pub overlay_address: Option<std::net::Ipv4Addr>,
 }
 
 #[cfg(test)]
@@ -124,6 +133,7 @@ mod tests {
             restarts,
             isolation: None,
             pid: None,
+            overlay_address: None,
         };
         assert!(spec.runs_on("n1", None));
         assert!(!spec.runs_on("n2", None));

@@ -80,6 +80,7 @@ async fn register(cp: &ControlPlane, config: &DriverConfig) -> Result<(), String
         gpus: Vec::new(),
         labels: [("atrium.dev/agent".to_string(), "kubernetes".to_string())].into(),
         state: NodeState::Ready,
+        overlay: None,
     };
     Api::<Node>::all(cp)
         .create_or_update(&config.credential.name, &spec)
@@ -99,6 +100,7 @@ fn reported(pass: &Result<k8s_openapi::api::core::v1::Pod, plan::Unrunnable>) ->
             restarts: 0,
             isolation: None,
             pid: None,
+            overlay_address: None,
         },
     }
 }

@@ -546,6 +546,7 @@ pub fn status_of(pod: &Pod) -> ReplicaStatus {
                 .into(),
         ),
         pid: None,
+        overlay_address: None,
     }
 }
 

@@ -354,6 +354,7 @@ mod tests {
             restarts: 2,
             isolation: None,
             pid: None,
+            overlay_address: None,
         };
         let s = status_of(Ok(None), Some(&replica), "t");
         assert_eq!(s["phase"], "Running");

@@ -162,10 +162,46 @@ impl Kind for Node {
         state: &AppState,
         _tenant: Option<&str>,
         spec: &NodeSpec,
-        _replacing: Option<&str>,
+        replacing: Option<&str>,
     ) -> Result<Option<Precondition<ApiError>>, ApiError> {
         site_exists(state, "spec.site", &spec.site).await?;
-        Ok(None)
+        Ok(spec
+            .overlay
+            .as_ref()
+            .map(|o| overlay_index_unique(o.index, replacing)))
+    }
+}
+
+/// The rule that no other node has overlay index `index` — checked with
+/// the write, after writers are serialised: two nodes with one index would
+/// each answer for the other's address on every tenant's overlay.
+fn overlay_index_unique(index: u32, replacing: Option<&str>) -> Precondition<ApiError> {
+    let replacing = replacing.map(str::to_string);
+    Precondition {
+        reads: vec![Selection {
+            kind: Node::KIND.into(),
+            tenant: TenantFilter::All,
+            name: None,
+        }],
+        counts: Vec::new(),
+        check: Box::new(move |read: &[Vec<Object>], _: &[u64]| {
+            let holder = read.iter().flatten().find(|n| {
+                Some(n.id.as_str()) != replacing.as_deref()
+                    && stored::spec::<Node>(n)
+                        .is_ok_and(|s| s.overlay.is_some_and(|o| o.index == index))
+            });
+            match holder {
+                None => Ok(()),
+                Some(n) => Err(ApiError::Conflict {
+                    code: "overlay_index_taken",
+                    message: format!(
+                        "node {:?} has overlay index {index}; pick an index no node has",
+                        n.name
+                    ),
+                    details: json!({"index": index, "node": n.name}),
+                }),
+            }
+        }),
     }
 }
 

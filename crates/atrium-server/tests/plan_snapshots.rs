@@ -150,6 +150,7 @@ fn replica(state: LifecycleState) -> ReplicaStatus {
         restarts: 0,
         isolation: None,
         pid: None,
+        overlay_address: None,
     }
 }
 

@@ -45,6 +45,17 @@ pub struct AgentArgs {
     /// databases; unset: workloads reach no database
     #[arg(long, env = "ATRIUM_DATABASES_AT")]
     databases_at: Option<std::net::SocketAddr>,
+    /// This node's address on the network between nodes: its tenants'
+    /// namespaces join their tenant's overlay (VXLAN, one VNI per tenant;
+    /// sealed between sites) through it. Unset: they reach no other node
+    #[arg(long, env = "ATRIUM_OVERLAY_ADDRESS")]
+    overlay_address: Option<std::net::Ipv4Addr>,
+    /// UDP port of the node's VXLAN endpoint (its site's peers send to it)
+    #[arg(long, default_value_t = 4789)]
+    overlay_port: u16,
+    /// UDP port of the node's sealed endpoint (other sites' peers send to it)
+    #[arg(long, default_value_t = 4790)]
+    overlay_sealed_port: u16,
     /// process: replicas run here as sandboxed processes; kubernetes: the
     /// node is an existing cluster and its replicas run there as Pods
     #[arg(long, value_enum, default_value = "process")]
@@ -173,6 +184,13 @@ pub async fn run_agent(
         network_octet: atrium_agent::parse_tenant_network(&args.tenant_network)
             .map_err(|e| anyhow!(e))?,
         databases_at: args.databases_at,
+        overlay: args
+            .overlay_address
+            .map(|address| atrium_agent::overlay::OverlayConfig {
+                address,
+                vxlan_port: args.overlay_port,
+                sealed_port: args.overlay_sealed_port,
+            }),
     };
     atrium_agent::run(config, crate::shutdown_signal()).await?;
     Ok(())

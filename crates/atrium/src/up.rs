@@ -323,6 +323,7 @@ impl Stack {
             simulated_itl_ms: options.simulated_itl_ms,
             network_octet: UP_TENANT_NETWORK_OCTET,
             databases_at,
+            overlay: None,
         };
         let agent = tokio::spawn(atrium_agent::run(agent_config, async move {
             let _ = agent_stopped.await;

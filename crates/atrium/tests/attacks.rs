@@ -1155,7 +1155,8 @@ fn tenants_objects_are_capped() {
 }
 
 /// Hole 11: the runtime and data planes hold credentials of their own. A
-/// node's reaches its node and that node's placements; a gateway's its
+/// node's writes its node only (and reads its peers' records, for their
+/// overlay endpoints) and reaches that node's placements; a gateway's its
 /// site's routing and usage; neither reaches a provider endpoint. Join
 /// tokens work once; credentials rotate and are revoked.
 #[test]
@@ -1210,7 +1211,32 @@ fn plane_credentials_reach_only_their_own_node_or_site() {
                 json!({"spec": node("n2")["spec"].clone()})
             )
             .status,
-        404
+        403,
+        "a node reads its peers' records (their overlay endpoints) but writes only its own"
+    );
+    // Overlay indexes are the fleet's addresses on every tenant's
+    // overlay: a node cannot take one another node has.
+    let overlay = |index: u32| {
+        json!({"index": index, "vxlan": "10.0.0.9:4789", "sealed": "10.0.0.9:4790",
+               "public_key": "ab".repeat(32)})
+    };
+    let mut with_overlay = node("n2")["spec"].clone();
+    with_overlay["overlay"] = overlay(7);
+    let taken = cloud.call(
+        &n2,
+        Method::PUT,
+        "/v1/nodes/n2",
+        json!({"spec": with_overlay}),
+    );
+    assert_eq!(taken.status, 200, "{}", taken.body);
+    let mut copying = node("n1")["spec"].clone();
+    copying["overlay"] = overlay(7);
+    let copied = cloud.call(&n1, Method::PUT, "/v1/nodes/n1", json!({"spec": copying}));
+    assert_eq!(copied.status, 409, "{}", copied.body);
+    assert!(
+        copied.body.to_string().contains("overlay_index_taken"),
+        "{}",
+        copied.body
     );
     assert_eq!(
         cloud
@@ -1221,7 +1247,7 @@ fn plane_credentials_reach_only_their_own_node_or_site() {
     let nodes = cloud.call(&n1, Method::GET, "/v1/nodes", Value::Null);
     assert_eq!(
         nodes.body["items"].as_array().unwrap().len(),
-        1,
+        2,
         "{}",
         nodes.body
     );

@@ -74,6 +74,7 @@ macro_rules! refused {
 mod cgroup;
 mod exec;
 mod net;
+pub mod overlay;
 pub mod services;
 mod views;
 
@@ -163,6 +164,19 @@ pub struct Sandbox {
     pub uid: Option<u32>,
     pub work_dir: Option<PathBuf>,
     pub cgroup: Option<String>,
+}
+
+/// An nftables script that replaces table `family name` whole, in one
+/// transaction, with `chains` (each `chain NAME { … }`).
+fn replacing_table(family: &str, name: &str, chains: &str) -> String {
+    format!(
+        "add table {family} {name}\ndelete table {family} {name}\ntable {family} {name} {{\n{chains}}}\n"
+    )
+}
+
+/// An `input` filter chain, ahead of the host's own (priority -10).
+fn input_chain(rules: &str) -> String {
+    format!("chain input {{\ntype filter hook input priority -10; policy accept;\n{rules}}}\n")
 }
 
 fn run(cmd: &str, args: &[&str]) -> Result<(), SandboxError> {
@@ -384,6 +398,7 @@ impl Host {
         }
         if self.firewall.is_ok() {
             self.remove_firewall();
+            self.remove_overlay_firewall();
         }
         // Called with no workload running: whatever is still below the
         // parents (a workload whose cgroup would not go when it stopped)

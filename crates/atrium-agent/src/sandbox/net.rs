@@ -11,7 +11,7 @@
 
 use std::path::Path;
 
-use super::{run, run_with_input, Host, SandboxError, TenantSlot};
+use super::{input_chain, replacing_table, run, run_with_input, Host, SandboxError, TenantSlot};
 
 /// Replicas of one tenant start and stop concurrently: one at a time makes
 /// or removes a tenant's namespace, the others find it made.
@@ -52,24 +52,20 @@ impl Host {
             ),
             None => (String::new(), String::new()),
         };
-        let rules = format!(
-            "add table inet {table}\n\
-                 delete table inet {table}\n\
-                 table inet {table} {{\n\
-                 chain input {{\n\
-                 type filter hook input priority -10; policy accept;\n\
-                 iifname \"{ifaces}\" ct state established,related accept\n\
-                 {relay_open}\
-                 iifname \"{ifaces}\" drop\n\
-                 {relay_closed}\
-                 }}\n\
-                 chain forward {{\n\
-                 type filter hook forward priority -10; policy accept;\n\
-                 iifname \"{ifaces}\" drop\n\
-                 oifname \"{ifaces}\" drop\n\
-                 }}\n\
-                 }}\n"
+        let input = input_chain(&format!(
+            "iifname \"{ifaces}\" ct state established,related accept\n\
+             {relay_open}\
+             iifname \"{ifaces}\" drop\n\
+             {relay_closed}"
+        ));
+        let forward = format!(
+            "chain forward {{\n\
+             type filter hook forward priority -10; policy accept;\n\
+             iifname \"{ifaces}\" drop\n\
+             oifname \"{ifaces}\" drop\n\
+             }}\n"
         );
+        let rules = replacing_table("inet", &table, &format!("{input}{forward}"));
         run_with_input("nft", &["-f", "-"], &rules)
     }
 
@@ -144,15 +140,15 @@ impl Host {
                 host_ip,
             ],
         )?;
-        let table = format!(
-            "add table ip atrium_databases\n\
-             delete table ip atrium_databases\n\
-             table ip atrium_databases {{\n\
-             chain output {{\n\
-             type nat hook output priority -100; policy accept;\n\
-             ip daddr {at} tcp dport {at_port} dnat ip to {host_ip}:{port}\n\
-             }}\n\
-             }}\n"
+        let table = replacing_table(
+            "ip",
+            "atrium_databases",
+            &format!(
+                "chain output {{\n\
+                 type nat hook output priority -100; policy accept;\n\
+                 ip daddr {at} tcp dport {at_port} dnat ip to {host_ip}:{port}\n\
+                 }}\n"
+            ),
         );
         run_with_input("ip", &["netns", "exec", ns, "nft", "-f", "-"], &table)
     }

@@ -15,6 +15,7 @@
 
 mod fleet_view;
 mod job;
+mod overlay_vni;
 mod owner;
 mod plan;
 mod volume;
@@ -74,6 +75,7 @@ pub async fn reconcile(store: &Store) -> Result<Outcome, atrium_store::StoreErro
     let (world, owners) = read_world(store).await?;
     let plan = plan(&world);
     let owners: HashMap<&str, &Object> = owners.iter().map(|d| (d.id.as_str(), d)).collect();
+    let mut vnis = overlay_vni::Vnis::read(store).await?;
     let mut outcome = Outcome {
         unplaceable: plan.unplaceable,
         ..Outcome::default()
@@ -91,8 +93,12 @@ pub async fn reconcile(store: &Store) -> Result<Outcome, atrium_store::StoreErro
                 tenant,
                 name,
                 name_taken,
-                spec,
+                mut spec,
             } => {
+                let Some(vni) = vnis.of(store, &tenant).await else {
+                    continue;
+                };
+                spec.overlay_vni = Some(vni);
                 let id = new_id(Placement::ID_PREFIX);
                 let name = if name_taken {
                     format!("{name}-{}", &id[id.len() - 5..])

@@ -246,6 +246,7 @@ impl<'a> Owner<'a> {
             gpus: from_slots(&binding.slots),
             retries: self.job.as_ref().map(|j| j.backoff_limit),
             volumes,
+            overlay_vni: None,
         })
     }
 

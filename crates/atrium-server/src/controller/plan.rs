@@ -88,6 +88,7 @@ pub fn pending_replica() -> ReplicaStatus {
         restarts: 0,
         isolation: None,
         pid: None,
+        overlay_address: None,
     }
 }
 

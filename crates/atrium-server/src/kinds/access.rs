@@ -52,12 +52,13 @@ pub fn permits<K: Kind>(role: Role, access: Access) -> bool {
 }
 
 /// Whether a plane caller may know `object` (of kind `K`) exists: an
-/// agent its own node and that node's placements; a gateway every key,
+/// agent the nodes and its own node's placements; a gateway every key,
 /// deployment and tenant, and its site's placements.
 pub fn plane_sees<K: Kind>(plane: &CredentialSpec, object: &Object) -> bool {
     let placement = || stored::spec::<Placement>(object).ok();
     match (plane.plane, K::KIND) {
-        (Plane::Node, Node::KIND) => object.name == plane.name,
+        // Every node: its peers' overlay endpoints (it writes only its own).
+        (Plane::Node, Node::KIND) => true,
         (Plane::Node, Placement::KIND) => placement().is_some_and(|p| p.node == plane.name),
         // The volumes it holds: the agent scrubs what is no longer among them.
         // The commands to run in its containers.

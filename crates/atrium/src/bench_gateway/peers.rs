@@ -201,6 +201,7 @@ pub(super) async fn atrium_tenant(cp: &ControlPlane, engine_url: &str) -> Result
         gpus: Vec::new(),
         labels: Default::default(),
         state: NodeState::Ready,
+        overlay: None,
     };
     Api::<Node>::all(cp).create("bench-node", &node).await?;
     let model = ModelSpec {
@@ -262,6 +263,7 @@ pub(super) async fn atrium_tenant(cp: &ControlPlane, engine_url: &str) -> Result
         restarts: 0,
         isolation: None,
         pid: None,
+        overlay_address: None,
     };
     placements.replace_status(&placement, &running).await?;
     Ok(key.secret)

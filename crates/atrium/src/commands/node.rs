@@ -90,6 +90,7 @@ pub async fn run(ctx: &Ctx, cmd: NodeCmd) -> Result<()> {
                     },
                     labels: Default::default(),
                     state: NodeState::Ready,
+                    overlay: None,
                 })
             })
             .await
