@@ -255,8 +255,8 @@ pub async fn run(
             );
         }
     }
-    let identity = match &config.overlay {
-        Some(at) => Some(overlay::identity_for(&config, &host, at)?),
+    let overlay_prepared = match &config.overlay {
+        Some(at) => Some(overlay::prepare(&config, &host, at)?),
         None => None,
     };
     tracing::info!(isolation = %host.summary(), "agent: sandboxes");
@@ -297,7 +297,14 @@ pub async fn run(
         async move {
             let mut backoff = std::time::Duration::from_millis(200);
             let index = loop {
-                match register(&cp, &config, &inventory, identity.as_ref()).await {
+                match register(
+                    &cp,
+                    &config,
+                    &inventory,
+                    overlay_prepared.as_ref().map(|p| &p.identity),
+                )
+                .await
+                {
                     Ok(index) => break index,
                     Err(e) => {
                         tracing::warn!(error = %e, "agent: registration failed; retrying");
@@ -306,9 +313,11 @@ pub async fn run(
                     }
                 }
             };
-            if let (Some(index), Some(at), Some(identity)) = (index, config.overlay, identity) {
+            if let (Some(index), Some(at), Some(prepared)) =
+                (index, config.overlay, overlay_prepared)
+            {
                 let _ = shared.overlay_index.set(index);
-                let overlays = overlay::run(shared.clone(), at, identity, index);
+                let overlays = overlay::run(shared.clone(), at, prepared, index);
                 // Runs beside the placements for as long as the agent does.
                 overlay_task
                     .lock()

@@ -239,11 +239,15 @@ pub fn status_of(
         return json!({"phase": "Pending",
             "conditions": [condition("PodScheduled", false, "Unschedulable", why)]});
     };
-    let ip = replica
-        .endpoint
-        .as_deref()
-        .and_then(|e| e.split_once("://"))
-        .map(|(_, addr)| addr.rsplit_once(':').map_or(addr, |(ip, _)| ip).to_string());
+    // On its tenant's overlay, where the cluster's pods on every node (and
+    // so its services' endpoints) reach it; else its node-local address.
+    let ip = replica.overlay_address.map(|a| a.to_string()).or_else(|| {
+        replica
+            .endpoint
+            .as_deref()
+            .and_then(|e| e.split_once("://"))
+            .map(|(_, addr)| addr.rsplit_once(':').map_or(addr, |(ip, _)| ip).to_string())
+    });
     let (phase, ready, state) = match replica.state {
         LifecycleState::Running => ("Running", true, json!({"running": {"startedAt": started}})),
         LifecycleState::Succeeded => (
@@ -360,6 +364,14 @@ mod tests {
         assert_eq!(s["phase"], "Running");
         assert_eq!(s["podIP"], "10.236.0.2");
         assert_eq!(s["containerStatuses"][0]["restartCount"], 2);
+        // On a node carrying overlays, its overlay address: services'
+        // endpoints on other nodes reach it there.
+        let joined = ReplicaStatus {
+            overlay_address: Some("100.64.0.3".parse().unwrap()),
+            ..replica.clone()
+        };
+        let s = status_of(Ok(None), Some(&joined), "t");
+        assert_eq!(s["podIP"], "100.64.0.3");
         let failed = ReplicaStatus {
             state: LifecycleState::Failed,
             reason: "ErrImagePull: acme/nope:1".into(),

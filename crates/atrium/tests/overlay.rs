@@ -1,12 +1,15 @@
-//! Tenant overlays across nodes and sites, as real processes: a control
-//! plane and three root agents — two nodes in site eu-a, one in us-east —
-//! on this host's loopback (127.0.7.1–3 are their underlay addresses).
-//! A tenant's containers on the three nodes reach each other on its
-//! overlay (VXLAN, its own VNI); another tenant's container reaches none of
-//! them; and a capture of the underlay finds the tenant's page in the
-//! clear between the two eu-a nodes but nowhere in what crosses between
-//! sites, which is sealed. Needs root, runc and tcpdump (scripts/test.sh
-//! installs them).
+//! Tenant overlays across nodes and sites, as real processes on a real
+//! underlay: three network namespaces made by the test are the nodes —
+//! n1 and n2 in site eu-a, n3 in us-east — each with one address on a
+//! bridge (172.31.250.0/24, in a fourth namespace) that the host, running
+//! the control plane, is on too; a root agent runs in each. A tenant's
+//! containers on the three nodes reach each other on its overlay (VXLAN,
+//! its own VNI); another tenant's container reaches none of them; a
+//! capture on the bridge finds the tenant's page in the clear between the
+//! two eu-a nodes, no VXLAN frame of n3's at all, and nothing of the page
+//! in the sealed datagrams between sites; VXLAN frames forged by a host on
+//! the bridge that is no node of the site are dropped. Needs root, runc and
+//! tcpdump (scripts/test.sh installs them).
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 mod common;
@@ -23,6 +26,11 @@ use serde_json::{json, Value};
 /// The agents' tenant network blocks (apart from the other tests').
 const OCTETS: [u8; 3] = [174, 175, 176];
 const SITES: [&str; 3] = ["eu-a", "eu-a", "us-east"];
+/// The underlay: nodes are .1–.3, the host .254.
+const UNDERLAY: &str = "172.31.250";
+const HOST: &str = "172.31.250.254";
+const VXLAN_PORT: u16 = 4789;
+const SEALED_PORT: u16 = 4790;
 const MARKER: &str = "atrium-overlay-marker-5e1f";
 
 /// An agent, stopped with SIGTERM when dropped: it then stops its
@@ -36,16 +44,66 @@ impl Drop for Agent {
     }
 }
 
-fn vxlan_port(i: usize) -> u16 {
-    47801 + i as u16
+fn sh(script: &str) {
+    let out = Command::new("sh").arg("-c").arg(script).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{script}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
-fn sealed_port(i: usize) -> u16 {
-    47811 + i as u16
+fn node_ns(i: usize) -> String {
+    format!("atovl-n{}", i + 1)
 }
 
-/// `tcpdump` writing what `filter` matches on loopback to a file, until
-/// dropped (it flushes each packet: `-U`).
+/// The nodes' namespaces and the bridge between them and the host;
+/// removed when dropped (after the agents stop).
+struct Underlay;
+
+impl Underlay {
+    fn make() -> Underlay {
+        Underlay::remove();
+        sh(&format!(
+            "ip netns add atovl-under && ip -n atovl-under link add br0 type bridge && \
+             ip -n atovl-under link set br0 up && \
+             ip link add atovl-h type veth peer name host netns atovl-under && \
+             ip addr add {HOST}/24 dev atovl-h && ip link set atovl-h up && \
+             ip -n atovl-under link set host master br0 up"
+        ));
+        for i in 0..3 {
+            let (ns, n) = (node_ns(i), i + 1);
+            sh(&format!(
+                "ip netns add {ns} && \
+                 ip link add eth0 netns {ns} type veth peer name n{n} netns atovl-under && \
+                 ip -n {ns} addr add {UNDERLAY}.{n}/24 dev eth0 && \
+                 ip -n {ns} link set eth0 up && ip -n {ns} link set lo up && \
+                 ip -n atovl-under link set n{n} master br0 up"
+            ));
+        }
+        Underlay
+    }
+
+    fn remove() {
+        let _ = Command::new("sh")
+            .arg("-c")
+            .arg(
+                "for ns in atovl-n1 atovl-n2 atovl-n3 atovl-under; do ip netns del $ns; done; \
+                 ip link del atovl-h",
+            )
+            .stderr(Stdio::null())
+            .status();
+    }
+}
+
+impl Drop for Underlay {
+    fn drop(&mut self) {
+        Underlay::remove();
+    }
+}
+
+/// `tcpdump` writing what `filter` matches on the underlay's bridge to a
+/// file, until dropped (it flushes each packet: `-U`).
 struct Capture {
     proc: Proc,
     file: std::path::PathBuf,
@@ -54,8 +112,18 @@ struct Capture {
 impl Capture {
     fn start(dir: &std::path::Path, name: &str, filter: &str) -> Capture {
         let file = dir.join(format!("{name}.pcap"));
-        let mut child = Command::new("tcpdump")
-            .args(["-i", "lo", "-U", "-nn", "-w"])
+        let mut child = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                "atovl-under",
+                "tcpdump",
+                "-i",
+                "br0",
+                "-U",
+                "-nn",
+                "-w",
+            ])
             .arg(&file)
             .arg(filter)
             .stderr(Stdio::piped())
@@ -73,15 +141,19 @@ impl Capture {
         }
     }
 
-    /// Stops capturing; the packets' count and the raw file.
-    fn finish(self) -> (usize, Vec<u8>) {
+    /// Stops capturing; the packets as tcpdump prints them, and the raw
+    /// file.
+    fn finish(self) -> (Vec<String>, Vec<u8>) {
         drop(self.proc);
         let out = Command::new("tcpdump")
             .args(["-nn", "-r"])
             .arg(&self.file)
             .output()
             .unwrap();
-        let packets = String::from_utf8_lossy(&out.stdout).lines().count();
+        let packets = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(str::to_string)
+            .collect();
         (packets, std::fs::read(&self.file).unwrap())
     }
 }
@@ -95,7 +167,8 @@ fn contains(haystack: &[u8], needle: &str) -> bool {
 #[test]
 fn a_tenants_workloads_reach_each_other_across_nodes_and_sites_and_no_one_else() {
     require_root_and_runc();
-    let cloud = Cloud::start(OCTETS[0]);
+    let _underlay = Underlay::make();
+    let cloud = Cloud::start_at(HOST, OCTETS[0], &[]);
     for (site, jurisdiction) in [("eu-a", "EU"), ("us-east", "US")] {
         cloud.call(
             Method::POST,
@@ -121,12 +194,20 @@ fn a_tenants_workloads_reach_each_other_across_nodes_and_sites_and_no_one_else()
             .as_str()
             .unwrap()
             .to_string();
-        let child = Command::new(BIN)
-            .args(["agent", "--simulate-gpus", "1xH100-80GB", "--log", "warn"])
+        // In the node's network namespace only (nsenter): `ip netns exec`
+        // would mount a /sys without the cgroups.
+        let child = Command::new("nsenter")
+            .arg(format!("--net=/run/netns/{}", node_ns(i)))
+            .args([
+                BIN,
+                "agent",
+                "--simulate-gpus",
+                "1xH100-80GB",
+                "--log",
+                "warn",
+            ])
             .args(["--tenant-network", &format!("10.{}.0.0/16", OCTETS[i])])
-            .args(["--overlay-address", &format!("127.0.7.{}", i + 1)])
-            .args(["--overlay-port", &vxlan_port(i).to_string()])
-            .args(["--overlay-sealed-port", &sealed_port(i).to_string()])
+            .args(["--overlay-address", &format!("{UNDERLAY}.{}", i + 1)])
             .args(["--server", &cloud.url, "--join-token", &token])
             .arg("--data-dir")
             .arg(cloud.dir.path().join(&name))
@@ -254,18 +335,8 @@ fn a_tenants_workloads_reach_each_other_across_nodes_and_sites_and_no_one_else()
     }
 
     let dir = tempfile::tempdir().unwrap();
-    let sealed_filter = format!(
-        "udp and (port {} or port {} or port {})",
-        sealed_port(0),
-        sealed_port(1),
-        sealed_port(2)
-    );
-    let clear_filter = format!(
-        "udp and src net 127.0.7.0/24 and (dst port {} or dst port {} or dst port {})",
-        vxlan_port(0),
-        vxlan_port(1),
-        vxlan_port(2)
-    );
+    let sealed_filter = format!("udp port {SEALED_PORT}");
+    let clear_filter = format!("udp port {VXLAN_PORT}");
     let sealed = Capture::start(dir.path(), "sealed", &sealed_filter);
     let clear = Capture::start(dir.path(), "clear", &clear_filter);
 
@@ -293,24 +364,52 @@ fn a_tenants_workloads_reach_each_other_across_nodes_and_sites_and_no_one_else()
         );
     }
 
-    // A host on the underlay that is no node of the site forges VXLAN
-    // frames with acme's VNI for the us-east node: dropped, and counted,
-    // before its VXLAN port.
+    let (sealed_packets, sealed_bytes) = sealed.finish();
+    let (clear_packets, clear_bytes) = clear.finish();
+    eprintln!(
+        "underlay capture: {} sealed datagrams between sites, {} VXLAN frames within eu-a",
+        sealed_packets.len(),
+        clear_packets.len()
+    );
+    assert!(
+        !clear_packets.is_empty() && contains(&clear_bytes, MARKER),
+        "within eu-a the overlay runs in the clear: the capture must see the page"
+    );
+    let us = format!("{UNDERLAY}.3.");
+    let leaked: Vec<&String> = clear_packets.iter().filter(|p| p.contains(&us)).collect();
+    assert!(
+        leaked.is_empty(),
+        "VXLAN in the clear to or from us-east: {leaked:?}"
+    );
+    assert!(
+        sealed_packets.iter().any(|p| p.contains(&us)),
+        "acme's traffic between eu-a and us-east crossed no sealed endpoint"
+    );
+    assert!(
+        !contains(&sealed_bytes, MARKER),
+        "acme's page crossed between sites in the clear"
+    );
+
+    // The host, on the underlay but no node of us-east's site, forges
+    // VXLAN frames with acme's VNI for n3: dropped, and counted, before
+    // its VXLAN port.
     let vni = cloud.placements("acme")[0]["spec"]["overlay_vni"]
         .as_u64()
         .expect("acme's placements carry its VNI") as u32;
-    let forger = std::net::UdpSocket::bind("127.0.8.1:0").unwrap();
+    let forger = std::net::UdpSocket::bind((HOST, 0)).unwrap();
     let [_, a, b, c] = vni.to_be_bytes();
     let mut forged = vec![0x08, 0, 0, 0, a, b, c, 0];
     forged.extend_from_slice(&[0xff; 14]);
     forged.extend_from_slice(b"forged frame");
     for _ in 0..5 {
         forger
-            .send_to(&forged, ("127.0.7.3", vxlan_port(2)))
+            .send_to(&forged, (format!("{UNDERLAY}.3").as_str(), VXLAN_PORT))
             .unwrap();
     }
-    let table = Command::new("nft")
+    let table = Command::new("nsenter")
+        .arg(format!("--net=/run/netns/{}", node_ns(2)))
         .args([
+            "nft",
             "list",
             "table",
             "inet",
@@ -326,23 +425,5 @@ fn a_tenants_workloads_reach_each_other_across_nodes_and_sites_and_no_one_else()
         .and_then(|n| n.parse().ok())
         .unwrap_or(0);
     assert!(dropped >= 5, "forged frames were not dropped: {table}");
-
-    let (sealed_packets, sealed_bytes) = sealed.finish();
-    let (clear_packets, clear_bytes) = clear.finish();
-    eprintln!(
-        "underlay capture: {sealed_packets} packets between sites, {clear_packets} within eu-a"
-    );
-    assert!(
-        clear_packets > 0 && contains(&clear_bytes, MARKER),
-        "within eu-a the overlay runs in the clear: the capture must see the page ({clear_packets} packets)"
-    );
-    assert!(
-        sealed_packets > 0,
-        "acme's traffic between eu-a and us-east crossed no sealed endpoint"
-    );
-    assert!(
-        !contains(&sealed_bytes, MARKER),
-        "acme's page crossed between sites in the clear"
-    );
     drop(agents);
 }

@@ -57,6 +57,14 @@ pub struct Identity {
     pub session: u64,
 }
 
+/// What the agent holds for its overlays from its start: its identity,
+/// and its sealed endpoint, bound before it registers (a port taken is an
+/// error at start, not a silent overlay that never works).
+pub struct Prepared {
+    pub identity: Identity,
+    sealed: std::net::UdpSocket,
+}
+
 /// Loads the node's key (made on first start, 0600) and begins a session.
 pub fn load_identity(dir: &Path) -> std::io::Result<Identity> {
     use std::os::unix::fs::OpenOptionsExt as _;
@@ -103,11 +111,11 @@ pub fn load_identity(dir: &Path) -> std::io::Result<Identity> {
 /// This node's overlay identity, or why it cannot carry overlays: they
 /// need root (interfaces in tenants' namespaces) and the firewall (without
 /// it, the VXLAN port would take frames from anyone on the underlay).
-pub(crate) fn identity_for(
+pub(crate) fn prepare(
     config: &crate::AgentConfig,
     host: &crate::sandbox::Host,
     at: &OverlayConfig,
-) -> Result<Identity, AgentError> {
+) -> Result<Prepared, AgentError> {
     if !host.root || host.netns.is_err() {
         return Err(AgentError::Overlay(
             "--overlay-address needs the agent to run as root with network namespaces".into(),
@@ -123,8 +131,14 @@ pub(crate) fn identity_for(
             "--overlay-port and --overlay-sealed-port must differ".into(),
         ));
     }
-    load_identity(&config.state_dir())
-        .map_err(|e| AgentError::Overlay(format!("key in {}: {e}", config.state_dir().display())))
+    let identity = load_identity(&config.state_dir()).map_err(|e| {
+        AgentError::Overlay(format!("key in {}: {e}", config.state_dir().display()))
+    })?;
+    let at = SocketAddr::from((at.address, at.sealed_port));
+    let sealed = std::net::UdpSocket::bind(at)
+        .and_then(|s| s.set_nonblocking(true).map(|()| s))
+        .map_err(|e| AgentError::Overlay(format!("cannot bind the sealed endpoint {at}: {e}")))?;
+    Ok(Prepared { identity, sealed })
 }
 
 /// The index this node registers with: the one it has, else one above
@@ -207,14 +221,14 @@ fn site_neighbours(own_site: &str, peers: &[Peer]) -> Vec<Ipv4Addr> {
 /// Runs this node's overlays until dropped: once the node is registered
 /// with `index`, keeps the sealer's links and every tenant namespace's
 /// overlay joined to the other nodes.
-pub async fn run(shared: Arc<Shared>, config: OverlayConfig, identity: Identity, index: u32) {
+pub async fn run(shared: Arc<Shared>, config: OverlayConfig, prepared: Prepared, index: u32) {
+    let Prepared { identity, sealed } = prepared;
     let keys = seal::Keys::from_secret(identity.secret);
-    let sealed_at = SocketAddr::from((config.address, config.sealed_port));
     let sealer = match Sealer::start(
         keys,
         index,
         identity.session,
-        sealed_at,
+        sealed,
         config.address,
         config.vxlan_port,
     )
@@ -222,14 +236,13 @@ pub async fn run(shared: Arc<Shared>, config: OverlayConfig, identity: Identity,
     {
         Ok(s) => s,
         Err(e) => {
-            tracing::error!(%sealed_at, error = %e,
-                "overlay: cannot open the sealed endpoint; tenants' overlays stay down");
+            tracing::error!(error = %e, "overlay: cannot start the sealer; tenants' overlays stay down");
             return;
         }
     };
     let own_site = shared.config.credential.site.clone();
     let own_name = shared.config.node_name().to_string();
-    let mut applied: HashMap<String, Vec<PeerRoute>> = HashMap::new();
+    let mut joined = Joined::new();
     let mut firewall: Option<Vec<Ipv4Addr>> = None;
     loop {
         match Api::<Node>::all(&shared.cp).list().await {
@@ -273,7 +286,7 @@ pub async fn run(shared: Arc<Shared>, config: OverlayConfig, identity: Identity,
                         Err(e) => tracing::warn!(error = %e, "overlay: firewall task failed"),
                     }
                 }
-                join_tenants(&shared, &config, index, &routes, &mut applied).await;
+                join_tenants(&shared, &config, index, &routes, &mut joined).await;
             }
             Err(e) => tracing::debug!(error = %e, "overlay: cannot read the nodes; retrying"),
         }
@@ -296,17 +309,29 @@ fn tenants_here(shared: &Shared) -> BTreeMap<String, (u32, u32)> {
     })
 }
 
+/// What a tenant's namespace was last joined to: the namespace (its
+/// inode: one made anew after its last workload left is another) and
+/// its routes.
+type Joined = HashMap<String, (u64, Vec<PeerRoute>)>;
+
+/// Joins every tenant namespace here to `routes`, skipping those joined
+/// to them already.
 async fn join_tenants(
     shared: &Arc<Shared>,
     config: &OverlayConfig,
     index: u32,
     routes: &[PeerRoute],
-    applied: &mut HashMap<String, Vec<PeerRoute>>,
+    joined: &mut Joined,
 ) {
     let here = tenants_here(shared);
-    applied.retain(|t, _| here.contains_key(t) && shared.host.has_network(t));
+    joined.retain(|t, _| here.contains_key(t));
     for (tenant, (slot, vni)) in here {
-        if !shared.host.has_network(&tenant) {
+        let Some(namespace) = shared.host.network_inode(&tenant) else {
+            joined.remove(&tenant);
+            continue;
+        };
+        let current = (namespace, routes.to_vec());
+        if joined.get(&tenant) == Some(&current) {
             continue;
         }
         let link = OverlayLink {
@@ -316,28 +341,24 @@ async fn join_tenants(
             port: config.vxlan_port,
         };
         let (host, t, routes_now) = (shared.host.clone(), tenant.clone(), routes.to_vec());
-        let known = applied.get(&tenant) == Some(&routes_now);
         let result = tokio::task::spawn_blocking(move || {
-            let slot = TenantSlot {
-                tenant: t.clone(),
-                slot,
-            };
-            let made = host.ensure_overlay(&slot, link)?;
-            if made || !known {
-                host.apply_overlay_routes(&t, &routes_now)?;
-            }
-            Ok::<bool, crate::sandbox::SandboxError>(made || !known)
+            host.ensure_overlay(
+                &TenantSlot {
+                    tenant: t.clone(),
+                    slot,
+                },
+                link,
+            )?;
+            host.apply_overlay_routes(&t, &routes_now)
         })
         .await;
         match result {
-            Ok(Ok(changed)) => {
-                if changed {
-                    tracing::info!(%tenant, vni, index, peers = routes.len(), "overlay: tenant joined to its peers");
-                }
-                applied.insert(tenant, routes.to_vec());
+            Ok(Ok(())) => {
+                tracing::info!(%tenant, vni, index, peers = routes.len(), "overlay: tenant joined to its peers");
+                joined.insert(tenant, current);
             }
             Ok(Err(why)) => {
-                applied.remove(&tenant);
+                joined.remove(&tenant);
                 tracing::warn!(%tenant, %why, "overlay: cannot join the tenant's network");
             }
             Err(e) => tracing::warn!(error = %e, "overlay: task failed"),

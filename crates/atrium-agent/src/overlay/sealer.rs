@@ -61,16 +61,17 @@ impl Drop for Sealer {
 }
 
 impl Sealer {
-    /// Binds the sealed endpoint and starts opening what arrives there.
+    /// Starts opening what arrives on the sealed endpoint (bound at the
+    /// agent's start, non-blocking).
     pub async fn start(
         keys: Keys,
         index: u32,
         session: u64,
-        sealed: SocketAddr,
+        sealed: std::net::UdpSocket,
         local: Ipv4Addr,
         vxlan_port: u16,
     ) -> std::io::Result<Sealer> {
-        let public = Arc::new(UdpSocket::bind(sealed).await?);
+        let public = Arc::new(UdpSocket::from_std(sealed)?);
         let inject = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).await?;
         inject.connect((Ipv4Addr::LOCALHOST, vxlan_port)).await?;
         let links: Arc<Mutex<HashMap<u32, PeerLink>>> = Arc::default();

@@ -79,7 +79,7 @@ impl Host {
         let (host_if, ns_if) = self.veth_names(t.slot);
         let (host_ip, ns_ip) = self.addresses(t.slot);
         let complete = Path::new("/run/netns").join(&ns).exists()
-            && Path::new("/sys/class/net").join(&host_if).exists();
+            && run("ip", &["link", "show", "dev", &host_if]).is_ok();
         if complete {
             // The relay's port is new at each agent start.
             return self.route_databases(&ns, &host_ip);

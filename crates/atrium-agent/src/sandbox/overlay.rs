@@ -78,13 +78,20 @@ impl Host {
         format!("atrium_{}_overlay", self.octet())
     }
 
-    /// Makes `tenant`'s overlay interface if its namespace lacks it.
-    /// Whether it was made now (its peers must then be installed whole).
-    pub fn ensure_overlay(&self, t: &TenantSlot, link: OverlayLink) -> Result<bool, SandboxError> {
+    /// The inode of `tenant`'s namespace here, if it has one.
+    pub fn network_inode(&self, tenant: &str) -> Option<u64> {
+        use std::os::unix::fs::MetadataExt as _;
+        let path = std::path::Path::new("/run/netns").join(self.netns_name(tenant));
+        std::fs::metadata(path).ok().map(|m| m.ino())
+    }
+
+    /// Makes `tenant`'s overlay interface unless its namespace has it as
+    /// `link` describes (one made for another link is replaced).
+    pub fn ensure_overlay(&self, t: &TenantSlot, link: OverlayLink) -> Result<(), SandboxError> {
         let ns = self.netns_name(&t.tenant);
         if let Ok(shown) = output("ip", &["-n", &ns, "-d", "link", "show", INTERFACE]) {
             if is_link(&shown, link) {
-                return Ok(false);
+                return Ok(());
             }
             // Made for another VNI, index or port (the node joined anew):
             // it would answer for an address that is no longer this node's.
@@ -121,7 +128,7 @@ impl Host {
             let _ = run("ip", &["-n", &ns, "link", "del", INTERFACE]);
             return Err(why);
         }
-        Ok(true)
+        Ok(())
     }
 
     /// Makes `tenant`'s overlay reach exactly `routes`: each peer's

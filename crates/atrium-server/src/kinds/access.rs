@@ -1,6 +1,7 @@
 //! Who may touch a kind at all: each role's reach, and a plane
-//! credential's — an agent its own node and that node's work, a gateway
-//! its site's routing and its own record.
+//! credential's — an agent its own node and that node's work (and every
+//! node's record, for its peers' overlay endpoints), a gateway its site's
+//! routing and its own record.
 
 use atrium_core::plane::{CredentialSpec, Plane};
 use atrium_store::Object;

@@ -9,7 +9,7 @@ use reqwest::blocking::Client;
 use reqwest::Method;
 use serde_json::{json, Value};
 
-use super::{admin_call, admin_token, free_port, spawn_server, stop, BIN};
+use super::{admin_call, admin_token, free_port, spawn_server_at, stop, BIN};
 
 pub struct Cloud {
     pub dir: tempfile::TempDir,
@@ -38,10 +38,15 @@ impl Cloud {
 
     /// A cloud whose control plane gets `extra` flags (`--tls-listen …`).
     pub fn start_with(octet: u8, extra: &[&str]) -> Cloud {
+        Cloud::start_at("127.0.0.1", octet, extra)
+    }
+
+    /// A cloud whose control plane listens on `ip`.
+    pub fn start_at(ip: &str, octet: u8, extra: &[&str]) -> Cloud {
         let dir = tempfile::tempdir().unwrap();
         let port = free_port();
-        let server = spawn_server(&dir.path().join("server"), port, extra);
-        let url = format!("http://127.0.0.1:{port}");
+        let server = spawn_server_at(ip, &dir.path().join("server"), port, extra);
+        let url = format!("http://{ip}:{port}");
         let admin = admin_token(&dir.path().join("server"));
         let http = Client::builder()
             .timeout(Duration::from_secs(30))
@@ -50,7 +55,7 @@ impl Cloud {
         let cloud = Cloud {
             dir,
             url,
-            host: format!("127.0.0.1:{port}"),
+            host: format!("{ip}:{port}"),
             admin,
             http,
             server,

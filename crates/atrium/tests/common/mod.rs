@@ -209,8 +209,18 @@ pub fn wait_for(what: &str, secs: u64, mut ok: impl FnMut() -> bool) {
 /// arguments; returned once `/healthz` answers (failing the test if the
 /// process exits first).
 pub fn spawn_server(data_dir: &std::path::Path, port: u16, extra: &[&str]) -> std::process::Child {
+    spawn_server_at("127.0.0.1", data_dir, port, extra)
+}
+
+/// `spawn_server`, listening on `ip` (an address other namespaces reach).
+pub fn spawn_server_at(
+    ip: &str,
+    data_dir: &std::path::Path,
+    port: u16,
+    extra: &[&str],
+) -> std::process::Child {
     let mut child = std::process::Command::new(BIN)
-        .args(["server", "--listen", &format!("127.0.0.1:{port}")])
+        .args(["server", "--listen", &format!("{ip}:{port}")])
         .args(["--log", "warn"])
         .arg("--data-dir")
         .arg(data_dir)
@@ -218,7 +228,7 @@ pub fn spawn_server(data_dir: &std::path::Path, port: u16, extra: &[&str]) -> st
         .stdout(std::process::Stdio::null())
         .spawn()
         .unwrap();
-    wait_healthy(&format!("http://127.0.0.1:{port}/healthz"), &mut child);
+    wait_healthy(&format!("http://{ip}:{port}/healthz"), &mut child);
     child
 }
 
