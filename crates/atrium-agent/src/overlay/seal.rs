@@ -19,7 +19,8 @@ use ring::hkdf;
 use x25519_dalek::{PublicKey, StaticSecret};
 
 const VERSION: u8 = 1;
-const HEADER: usize = 21;
+/// Bytes before the sealed frame.
+pub const HEADER: usize = 21;
 const TAG: usize = 16;
 const WINDOW: u64 = 128;
 const LABEL: &[u8] = b"atrium overlay v1";
@@ -154,8 +155,9 @@ impl Link {
         })
     }
 
-    /// `frame` sealed for the peer.
-    pub fn seal(&mut self, frame: &[u8]) -> Vec<u8> {
+    /// `frame` sealed for the peer, into `out` (cleared first: one buffer
+    /// serves every frame).
+    pub fn seal(&mut self, frame: &[u8], out: &mut Vec<u8>) {
         let counter = self.counter;
         self.counter += 1;
         let mut header = [0u8; HEADER];
@@ -163,63 +165,60 @@ impl Link {
         header[1..5].copy_from_slice(&self.own_index.to_be_bytes());
         header[5..13].copy_from_slice(&self.session.to_be_bytes());
         header[13..21].copy_from_slice(&counter.to_be_bytes());
-        let mut out = Vec::with_capacity(HEADER + frame.len() + TAG);
+        out.clear();
         out.extend_from_slice(&header);
         out.extend_from_slice(frame);
-        let mut body = out.split_off(HEADER);
-        // Sealing fails only past ChaCha20's 256 GiB under one nonce; the
-        // header alone then goes, and the peer refuses it as malformed.
-        if self
-            .send_key
-            .seal_in_place_append_tag(nonce(counter), Aad::from(header), &mut body)
-            .is_ok()
-        {
-            out.extend_from_slice(&body);
+        let sealed = self.send_key.seal_in_place_separate_tag(
+            nonce(counter),
+            Aad::from(header),
+            &mut out[HEADER..],
+        );
+        match sealed {
+            Ok(tag) => out.extend_from_slice(tag.as_ref()),
+            // Only past ChaCha20's 256 GiB under one nonce: the header
+            // alone goes, and the peer refuses it as malformed.
+            Err(_) => out.truncate(HEADER),
         }
-        out
     }
 
     /// The frame inside a datagram from the peer, if it is genuine, new,
-    /// and of its newest session.
-    pub fn open(&mut self, datagram: &[u8]) -> Result<Vec<u8>, Refused> {
+    /// and of its newest session: opened in place.
+    pub fn open<'d>(&mut self, datagram: &'d mut [u8]) -> Result<&'d [u8], Refused> {
         if datagram.len() < HEADER + TAG || datagram[0] != VERSION {
             return Err(Refused::Malformed);
         }
-        let field = |at: usize| -> Result<u64, Refused> {
-            let bytes = datagram.get(at..at + 8).ok_or(Refused::Malformed)?;
-            Ok(u64::from_be_bytes(
-                bytes.try_into().map_err(|_| Refused::Malformed)?,
-            ))
+        let mut header = [0u8; HEADER];
+        header.copy_from_slice(&datagram[..HEADER]);
+        let field = |at: usize| {
+            let mut bytes = [0u8; 8];
+            bytes.copy_from_slice(&header[at..at + 8]);
+            u64::from_be_bytes(bytes)
         };
-        let (session, counter) = (field(5)?, field(13)?);
+        let (session, counter) = (field(5), field(13));
         let current = self.inbound.as_ref().map(|i| i.session);
-        let fresh_key;
-        let (key, window) = match (&mut self.inbound, current) {
-            (Some(i), Some(c)) if c == session => (&i.key, Some(&i.window)),
-            (_, Some(c)) if session < c => return Err(Refused::OldSession),
-            _ => {
-                fresh_key = direction_key(&self.shared, &self.peer, &self.own, session)
-                    .ok_or(Refused::Forged)?;
-                (&fresh_key, None)
-            }
-        };
-        if window.is_some_and(|w| !w.fresh(counter)) {
-            return Err(Refused::Replayed);
+        if current.is_some_and(|c| session < c) {
+            return Err(Refused::OldSession);
         }
-        let header: [u8; HEADER] = datagram[..HEADER]
-            .try_into()
-            .map_err(|_| Refused::Malformed)?;
-        let mut body = datagram[HEADER..].to_vec();
+        // A session not seen yet: its key, kept once a datagram of it opens.
+        let fresh = match current == Some(session) {
+            true => None,
+            false => Some(
+                direction_key(&self.shared, &self.peer, &self.own, session)
+                    .ok_or(Refused::Forged)?,
+            ),
+        };
+        let key = match (&fresh, &self.inbound) {
+            (Some(key), _) => key,
+            (None, Some(i)) if i.window.fresh(counter) => &i.key,
+            (None, _) => return Err(Refused::Replayed),
+        };
         let len = key
-            .open_in_place(nonce(counter), Aad::from(header), &mut body)
+            .open_in_place(nonce(counter), Aad::from(header), &mut datagram[HEADER..])
             .map_err(|_| Refused::Forged)?
             .len();
-        body.truncate(len);
-        if current != Some(session) {
+        if let Some(key) = fresh {
             // Authenticated, and newer than any before: the peer started
             // again. Its older session is refused from now on.
-            let key = direction_key(&self.shared, &self.peer, &self.own, session)
-                .ok_or(Refused::Forged)?;
             self.inbound = Some(Inbound {
                 session,
                 key,
@@ -229,7 +228,7 @@ impl Link {
         if let Some(i) = &mut self.inbound {
             i.window.mark(counter);
         }
-        Ok(body)
+        Ok(&datagram[HEADER..HEADER + len])
     }
 }
 
@@ -237,6 +236,17 @@ impl Link {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+
+    fn sealed(link: &mut Link, frame: &[u8]) -> Vec<u8> {
+        let mut out = Vec::new();
+        link.seal(frame, &mut out);
+        out
+    }
+
+    fn opened(link: &mut Link, datagram: &[u8]) -> Result<Vec<u8>, Refused> {
+        let mut copy = datagram.to_vec();
+        link.open(&mut copy).map(<[u8]>::to_vec)
+    }
 
     fn pair(session_a: u64, session_b: u64) -> (Keys, Keys, Link, Link) {
         let (a, b) = (Keys::from_secret([7; 32]), Keys::from_secret([9; 32]));
@@ -249,45 +259,51 @@ mod tests {
     fn frames_cross_both_ways_and_nothing_of_them_shows() {
         let (_, _, mut ab, mut ba) = pair(10, 20);
         let frame = b"GET /secret-of-acme HTTP/1.1";
-        let sealed = ab.seal(frame);
-        assert_eq!(sender_of(&sealed), Some(1));
-        assert!(!sealed.windows(6).any(|w| w == b"secret"));
-        assert_eq!(ba.open(&sealed).unwrap(), frame);
-        let back = ba.seal(b"200 OK");
-        assert_eq!(ab.open(&back).unwrap(), b"200 OK");
+        let datagram = sealed(&mut ab, frame);
+        assert_eq!(sender_of(&datagram), Some(1));
+        assert!(!datagram.windows(6).any(|w| w == b"secret"));
+        assert_eq!(opened(&mut ba, &datagram).unwrap(), frame);
+        let back = sealed(&mut ba, b"200 OK");
+        assert_eq!(opened(&mut ab, &back).unwrap(), b"200 OK");
     }
 
     #[test]
     fn tampering_replay_and_old_sessions_are_refused() {
         let (a, b, mut ab, mut ba) = pair(10, 20);
-        let first = ab.seal(b"one");
-        let second = ab.seal(b"two");
+        let first = sealed(&mut ab, b"one");
+        let second = sealed(&mut ab, b"two");
         // Out of order within the window is fine; each only once.
-        assert_eq!(ba.open(&second).unwrap(), b"two");
-        assert_eq!(ba.open(&first).unwrap(), b"one");
-        assert_eq!(ba.open(&first), Err(Refused::Replayed));
+        assert_eq!(opened(&mut ba, &second).unwrap(), b"two");
+        assert_eq!(opened(&mut ba, &first).unwrap(), b"one");
+        assert_eq!(opened(&mut ba, &first), Err(Refused::Replayed));
 
-        let mut tampered = ab.seal(b"three");
+        let mut tampered = sealed(&mut ab, b"three");
         let last = tampered.len() - 1;
         tampered[last] ^= 1;
-        assert_eq!(ba.open(&tampered), Err(Refused::Forged));
+        assert_eq!(opened(&mut ba, &tampered), Err(Refused::Forged));
         // A header rewritten to claim another counter fails too.
-        let mut moved = ab.seal(b"four");
+        let mut moved = sealed(&mut ab, b"four");
         moved[20] ^= 0x40;
-        assert_eq!(ba.open(&moved), Err(Refused::Forged));
+        assert_eq!(opened(&mut ba, &moved), Err(Refused::Forged));
 
         // The sender starts again (a newer session): its old datagrams
         // stop opening.
-        let old = ab.seal(b"before restart");
+        let old = sealed(&mut ab, b"before restart");
         let mut restarted = Link::new(&a, 1, 11, b.public).unwrap();
-        assert_eq!(ba.open(&restarted.seal(b"after")).unwrap(), b"after");
-        assert_eq!(ba.open(&old), Err(Refused::OldSession));
+        assert_eq!(
+            opened(&mut ba, &sealed(&mut restarted, b"after")).unwrap(),
+            b"after"
+        );
+        assert_eq!(opened(&mut ba, &old), Err(Refused::OldSession));
 
         // A third node's key opens nothing of theirs.
         let c = Keys::from_secret([5; 32]);
         let mut cb = Link::new(&c, 1, 99, b.public).unwrap();
-        assert_eq!(ba.open(&cb.seal(b"forged")), Err(Refused::Forged));
-        assert_eq!(ba.open(&[1, 0, 0]), Err(Refused::Malformed));
+        assert_eq!(
+            opened(&mut ba, &sealed(&mut cb, b"forged")),
+            Err(Refused::Forged)
+        );
+        assert_eq!(opened(&mut ba, &[1, 0, 0]), Err(Refused::Malformed));
     }
 
     #[test]

@@ -163,7 +163,7 @@ async fn seal_leaving(
     links: Arc<Mutex<HashMap<u32, PeerLink>>>,
     index: u32,
 ) {
-    let mut buf = vec![0u8; MAX_DATAGRAM];
+    let (mut buf, mut sealed) = (vec![0u8; MAX_DATAGRAM], Vec::with_capacity(MAX_DATAGRAM));
     loop {
         let Ok((n, from)) = socket.recv_from(&mut buf).await else {
             continue;
@@ -172,10 +172,9 @@ async fn seal_leaving(
         if from.ip() != std::net::IpAddr::V4(local) {
             continue;
         }
-        let sealed = link
-            .lock()
+        link.lock()
             .unwrap_or_else(|p| p.into_inner())
-            .seal(&buf[..n]);
+            .seal(&buf[..n], &mut sealed);
         let to = links
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -200,22 +199,22 @@ async fn open_arriving(
         let Ok((n, from)) = public.recv_from(&mut buf).await else {
             continue;
         };
-        let datagram = &buf[..n];
-        let opened = seal::sender_of(datagram).and_then(|sender| {
-            let link = links
+        let datagram = &mut buf[..n];
+        let link = seal::sender_of(datagram).and_then(|sender| {
+            links
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .get(&sender)
-                .map(|l| l.link.clone())?;
-            let opened = link
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .open(datagram);
-            opened.ok()
+                .map(|l| l.link.clone())
         });
-        match opened {
-            Some(frame) => {
-                let _ = inject.send(&frame).await;
+        let frame = link.and_then(|link| {
+            let mut link = link.lock().unwrap_or_else(|p| p.into_inner());
+            link.open(datagram).ok().map(<[u8]>::len)
+        });
+        match frame {
+            // Opened in place, after the header.
+            Some(len) => {
+                let _ = inject.send(&buf[seal::HEADER..seal::HEADER + len]).await;
             }
             None => {
                 refused += 1;
