@@ -286,24 +286,7 @@ spec:
     });
     // The service's address reaches it from inside the tenant's network:
     // port 80 of 10.96.0.1 is the pod's 8080, wherever the pod runs.
-    // (Debian's busybox wget crashes on -T: timeout bounds it instead.)
-    let reach = |url: &str| {
-        let (ok, said) = kube.run(&[
-            "exec",
-            "web",
-            "--",
-            "/bin/busybox",
-            "timeout",
-            "5",
-            "/bin/busybox",
-            "wget",
-            "-q",
-            "-O",
-            "/dev/null",
-            url,
-        ]);
-        (ok, said)
-    };
+    let reach = |url: &str| kube.fetch_from("web", url);
     wait_for("the service's address to reach the pod", 30, || {
         reach("http://10.96.0.1:80/busybox").0
     });

@@ -8,7 +8,8 @@
 //! capture on the bridge finds the tenant's page in the clear between the
 //! two eu-a nodes, no VXLAN frame of n3's at all, and nothing of the page
 //! in the sealed datagrams between sites; VXLAN frames forged by a host on
-//! the bridge that is no node of the site are dropped. Needs root, runc and
+//! the bridge that is no node of the site are dropped; and the tenant's
+//! cluster's service reaches its pod on another node. Needs root, runc and
 //! tcpdump (scripts/test.sh installs them).
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
@@ -18,6 +19,7 @@ use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 
 use common::cloud::{require_root_and_runc, Cloud};
+use common::kubectl::{kubectl, write, Kube};
 use common::oci::busybox_layout;
 use common::{stop, wait_for, Proc, BIN};
 use reqwest::Method;
@@ -168,7 +170,10 @@ fn contains(haystack: &[u8], needle: &str) -> bool {
 fn a_tenants_workloads_reach_each_other_across_nodes_and_sites_and_no_one_else() {
     require_root_and_runc();
     let _underlay = Underlay::make();
-    let cloud = Cloud::start_at(HOST, OCTETS[0], &[]);
+    // The tenant cluster API (kubectl, from the host) on loopback, which
+    // its certificate names.
+    let tls = format!("127.0.0.1:{}", common::free_port());
+    let cloud = Cloud::start_at(HOST, OCTETS[0], &["--tls-listen", &tls]);
     for (site, jurisdiction) in [("eu-a", "EU"), ("us-east", "US")] {
         cloud.call(
             Method::POST,
@@ -296,7 +301,7 @@ fn a_tenants_workloads_reach_each_other_across_nodes_and_sites_and_no_one_else()
     });
 
     let fetch = |tenant: &str, key: &str, workload: &str, replica: u32, address: &str| {
-        // busybox-static's wget crashes (static NSS); nc speaks HTTP/1.0.
+        // Debian's busybox wget crashes on -T; nc bounds its own wait.
         let get = format!(
             "printf 'GET /index.html HTTP/1.0\\r\\n\\r\\n' | /bin/busybox nc -w 3 {address} 8080"
         );
@@ -425,5 +430,71 @@ fn a_tenants_workloads_reach_each_other_across_nodes_and_sites_and_no_one_else()
         .and_then(|n| n.parse().ok())
         .unwrap_or(0);
     assert!(dropped >= 5, "forged frames were not dropped: {table}");
+
+    // A tenant cluster's service reaches its pod on another node: a pod's
+    // IP is its overlay address, and the service's rules in the client's
+    // namespace translate to it. Two pods of one GPU each, on nodes of one
+    // GPU each, are on two nodes.
+    let (ok, said) = cloud.cli(&["workload", "delete", "mesh"], &acme);
+    assert!(ok, "{said}");
+    wait_for("mesh's replicas to go", 60, || {
+        cloud
+            .placements("acme")
+            .iter()
+            .all(|p| p["spec"]["deployment_name"] != "mesh")
+    });
+    let (ok, said) = cloud.cli(&["cluster", "create", "dev"], &acme);
+    assert!(ok, "{said}");
+    let (ok, config) = cloud.cli(&["cluster", "kubeconfig", "dev"], &acme);
+    assert!(ok, "{config}");
+    let kube = Kube::new(&kubectl(), dir.path(), "kubeconfig", &config);
+    let manifest = write(
+        dir.path(),
+        "pods.yaml",
+        "apiVersion: v1
+kind: Pod
+metadata: {name: web, namespace: default, labels: {app: web}}
+spec:
+  containers:
+  - name: main
+    image: acme/busybox:1
+    command: [/bin/busybox, httpd, -f, -p, \"8080\", -h, /bin]
+    ports: [{containerPort: 8080}]
+    resources: {limits: {cpu: 250m, memory: 32Mi, nvidia.com/gpu: 1}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: client, namespace: default}
+spec:
+  containers:
+  - name: main
+    image: acme/busybox:1
+    command: [/bin/busybox, sleep, \"3600\"]
+    resources: {limits: {cpu: 250m, memory: 32Mi, nvidia.com/gpu: 1}}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: default}
+spec:
+  selector: {app: web}
+  ports: [{name: http, port: 80, targetPort: 8080}]
+",
+    );
+    kube.ok(&["apply", "-f", manifest.to_str().unwrap()]);
+    let pod_ip = |name: &str| {
+        kube.run(&["get", "pod", name, "-o", "jsonpath={.status.podIP}"])
+            .1
+            .trim()
+            .to_string()
+    };
+    wait_for("both pods running on the overlay", 90, || {
+        pod_ip("web").starts_with("100.64.") && pod_ip("client").starts_with("100.64.")
+    });
+    assert_ne!(pod_ip("web"), pod_ip("client"), "the pods share a node");
+    let cluster_ip = kube.ok(&["get", "svc", "web", "-o", "jsonpath={.spec.clusterIP}"]);
+    let url = format!("http://{}:80/busybox", cluster_ip.trim());
+    wait_for("the service to reach the pod on the other node", 60, || {
+        kube.fetch_from("client", &url).0
+    });
     drop(agents);
 }

@@ -91,7 +91,7 @@ impl Host {
         let ns = self.netns_name(&t.tenant);
         if let Ok(shown) = output("ip", &["-n", &ns, "-d", "link", "show", INTERFACE]) {
             if is_link(&shown, link) {
-                return Ok(());
+                return self.overlay_source(&ns);
             }
             // Made for another VNI, index or port (the node joined anew):
             // it would answer for an address that is no longer this node's.
@@ -128,7 +128,28 @@ impl Host {
             let _ = run("ip", &["-n", &ns, "link", "del", INTERFACE]);
             return Err(why);
         }
-        Ok(())
+        self.overlay_source(&ns)
+    }
+
+    /// What leaves the namespace on its overlay leaves from its overlay
+    /// address. A connection to a service address was given its source
+    /// before its destination became a pod's overlay address (the service
+    /// network is routed to the namespace itself, whose first address is
+    /// its veth's), and no peer could answer that one. The table is in the
+    /// tenant's namespace: it touches only the tenant's own traffic.
+    fn overlay_source(&self, ns: &str) -> Result<(), SandboxError> {
+        let (net, bits) = NETWORK;
+        let table = replacing_table(
+            "ip",
+            "atrium_overlay",
+            &format!(
+                "chain postrouting {{\n\
+                 type nat hook postrouting priority 100; policy accept;\n\
+                 oifname \"{INTERFACE}\" ip saddr != {net}/{bits} masquerade\n\
+                 }}\n"
+            ),
+        );
+        run_with_input("ip", &["netns", "exec", ns, "nft", "-f", "-"], &table)
     }
 
     /// Makes `tenant`'s overlay reach exactly `routes`: each peer's

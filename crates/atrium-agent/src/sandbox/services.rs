@@ -79,7 +79,10 @@ impl Host {
         let ns = self.netns_name(tenant);
         let (net, bits) = SERVICE_NETWORK;
         // Routed to the namespace itself: the translation happens on the
-        // way out, before the packet would leave.
+        // way out, before the packet would leave. The namespace may be
+        // newer than its loopback's being up (its network is still being
+        // made): the route needs it.
+        run("ip", &["-n", &ns, "link", "set", "lo", "up"])?;
         run(
             "ip",
             &[

@@ -70,6 +70,26 @@ impl Kube {
         (out.status.code(), text)
     }
 
+    /// Fetches `url` from inside `pod` (its busybox wget, bounded to 5 s);
+    /// whether it succeeded, and what kubectl said.
+    pub fn fetch_from(&self, pod: &str, url: &str) -> (bool, String) {
+        // Debian's busybox wget crashes on -T: timeout bounds it instead.
+        self.run(&[
+            "exec",
+            pod,
+            "--",
+            "/bin/busybox",
+            "timeout",
+            "5",
+            "/bin/busybox",
+            "wget",
+            "-q",
+            "-O",
+            "/dev/null",
+            url,
+        ])
+    }
+
     pub fn ok(&self, args: &[&str]) -> String {
         let (ok, text) = self.run(args);
         assert!(ok, "kubectl {args:?}: {text}");
