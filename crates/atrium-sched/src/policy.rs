@@ -183,10 +183,16 @@ impl Cluster {
     }
 
     /// Learns the workload the scores look ahead to: its typical shapes
-    /// (95 % of pods, as the reference) and its CPU and memory per GPU.
+    /// (95 % of pods, as the reference) and its CPU and memory per GPU
+    /// (the whole workload's where it asks more than the cluster has).
     pub fn set_workload(&mut self, pods: &[Pod]) {
         self.shapes = typical_shapes(pods, &|m| self.model_index(m), 95.0);
-        self.pairing = Pairing::of(pods);
+        let supply = Pairing::supply(
+            self.nodes.iter().map(|n| u64::from(n.cpu_cap)).sum(),
+            self.nodes.iter().map(|n| u64::from(n.mem_cap)).sum(),
+            self.nodes.iter().map(|n| n.gpu_left.len() as u64).sum(),
+        );
+        self.pairing = Pairing::binding(pods, supply);
         self.frag_cache.clear();
     }
 

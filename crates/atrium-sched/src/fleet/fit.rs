@@ -102,7 +102,11 @@ impl Fleet {
                 &|m| models.iter().position(|x| x == m),
                 95.0,
             );
-            self.pairing = Pairing::of(&self.seen);
+            let t = self.total;
+            self.pairing = Pairing::binding(
+                &self.seen,
+                Pairing::supply(t.cpu_milli, t.memory_mib, t.gpu_milli / 1000),
+            );
             self.profiled_at = self.seen.len();
             self.recost_classes();
         }
