@@ -41,9 +41,14 @@ pub fn address_of(index: u32) -> Option<Ipv4Addr> {
 
 /// The MAC of a node's overlay interface: locally administered, unicast,
 /// its index in the low bytes.
-pub fn mac_of(index: u32) -> String {
+pub fn mac_bytes_of(index: u32) -> [u8; 6] {
     let [a, b, c, d] = index.to_be_bytes();
-    format!("02:a7:{a:02x}:{b:02x}:{c:02x}:{d:02x}")
+    [0x02, 0xa7, a, b, c, d]
+}
+
+/// [`mac_bytes_of`] as `ip` and `bridge` write it.
+pub fn mac_of(index: u32) -> String {
+    mac_bytes_of(index).map(|b| format!("{b:02x}")).join(":")
 }
 
 /// How a node takes part in tenant overlays; absent: it carries none.

@@ -184,11 +184,17 @@ fn run(cmd: &str, args: &[&str]) -> Result<(), SandboxError> {
 }
 
 fn run_with_input(cmd: &str, args: &[&str], input: &str) -> Result<(), SandboxError> {
+    run_capturing(cmd, args, input).map(|_| ())
+}
+
+/// Runs `cmd` with `input` on its stdin; its stdout, or its stderr as the
+/// refusal.
+fn run_capturing(cmd: &str, args: &[&str], input: &str) -> Result<String, SandboxError> {
     use std::io::Write;
     let mut child = Command::new(cmd)
         .args(args)
         .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
         .map_err(|e| SandboxError::Tool(format!("{cmd}: {e}")))?;
@@ -201,7 +207,7 @@ fn run_with_input(cmd: &str, args: &[&str], input: &str) -> Result<(), SandboxEr
         .wait_with_output()
         .map_err(|e| SandboxError::Tool(format!("{cmd}: {e}")))?;
     if out.status.success() {
-        Ok(())
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     } else {
         Err(refused!(
             "{cmd} {}: {}",

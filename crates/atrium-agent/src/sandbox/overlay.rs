@@ -16,9 +16,12 @@
 use std::fmt::Write as _;
 use std::net::Ipv4Addr;
 
-use atrium_core::overlay::{address_of, mac_of, INTERFACE, MTU, NETWORK};
+use atrium_core::overlay::{address_of, mac_bytes_of, mac_of, INTERFACE, MTU, NETWORK};
 
-use super::{input_chain, replacing_table, run, run_with_input, Host, SandboxError, TenantSlot};
+use super::{
+    input_chain, replacing_table, run, run_capturing, run_with_input, Host, SandboxError,
+    TenantSlot,
+};
 use crate::overlay::netlink::{self, Vxlan};
 
 /// Where frames for one peer node go: its own VXLAN endpoint (same site)
@@ -39,11 +42,6 @@ pub struct OverlayLink {
     pub port: u16,
 }
 
-fn mac_bytes(index: u32) -> [u8; 6] {
-    let [a, b, c, d] = index.to_be_bytes();
-    [0x02, 0xa7, a, b, c, d]
-}
-
 /// Whether `ip -d link show` output describes `link`'s interface.
 fn is_link(shown: &str, link: OverlayLink) -> bool {
     let words: Vec<&str> = shown.split_whitespace().collect();
@@ -52,21 +50,6 @@ fn is_link(shown: &str, link: OverlayLink) -> bool {
         && after("id") == Some(link.vni.to_string().as_str())
         && after("dstport") == Some(link.port.to_string().as_str())
         && after("local") == Some(link.local.to_string().as_str())
-}
-
-fn output(cmd: &str, args: &[&str]) -> Result<String, SandboxError> {
-    let out = std::process::Command::new(cmd)
-        .args(args)
-        .output()
-        .map_err(|e| refused!("{cmd}: {e}"))?;
-    if !out.status.success() {
-        return Err(refused!(
-            "{cmd} {}: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        ));
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 impl Host {
@@ -89,7 +72,7 @@ impl Host {
     /// `link` describes (one made for another link is replaced).
     pub fn ensure_overlay(&self, t: &TenantSlot, link: OverlayLink) -> Result<(), SandboxError> {
         let ns = self.netns_name(&t.tenant);
-        if let Ok(shown) = output("ip", &["-n", &ns, "-d", "link", "show", INTERFACE]) {
+        if let Ok(shown) = run_capturing("ip", &["-n", &ns, "-d", "link", "show", INTERFACE], "") {
             if is_link(&shown, link) {
                 return self.overlay_source(&ns);
             }
@@ -107,7 +90,7 @@ impl Host {
             vni: link.vni,
             local: link.local,
             port: link.port,
-            mac: mac_bytes(link.index),
+            mac: mac_bytes_of(link.index),
             mtu: MTU,
         })
         .map_err(|e| refused!("cannot make VXLAN {} (VNI {}): {e}", staging, link.vni))?;
@@ -163,11 +146,12 @@ impl Host {
         let ns = self.netns_name(tenant);
         let wanted: std::collections::BTreeSet<String> =
             routes.iter().map(|r| mac_of(r.index)).collect();
-        let fdb = output(
+        let fdb = run_capturing(
             "ip",
             &[
                 "netns", "exec", &ns, "bridge", "fdb", "show", "dev", INTERFACE,
             ],
+            "",
         )?;
         for mac in fdb.lines().filter_map(|l| l.split_whitespace().next()) {
             if mac.starts_with("02:a7:") && !wanted.contains(mac) {
@@ -179,7 +163,7 @@ impl Host {
                 );
             }
         }
-        let neigh = output("ip", &["-n", &ns, "neigh", "show", "dev", INTERFACE])?;
+        let neigh = run_capturing("ip", &["-n", &ns, "neigh", "show", "dev", INTERFACE], "")?;
         let wanted_ips: std::collections::BTreeSet<String> = routes
             .iter()
             .filter_map(|r| address_of(r.index))
