@@ -30,11 +30,19 @@ pub struct RemotePeer {
 }
 
 struct PeerLink {
-    peer: RemotePeer,
-    link: Arc<Mutex<Link>>,
+    /// The key the link was agreed with: a new one needs a new link.
+    public_key: [u8; 32],
+    link: Arc<Mutex<Outbound>>,
     /// Where its frames come from the tenants' interfaces.
     local_port: u16,
     outbound: JoinHandle<()>,
+}
+
+/// A peer's link and where its sealed datagrams go (moved by `set_peers`
+/// when the peer moves): one lock for each frame sealed.
+struct Outbound {
+    link: Link,
+    to: SocketAddr,
 }
 
 impl Drop for PeerLink {
@@ -98,12 +106,12 @@ impl Sealer {
             links.retain(|index, l| {
                 peers
                     .iter()
-                    .any(|p| p.index == *index && p.public_key == l.peer.public_key)
+                    .any(|p| p.index == *index && p.public_key == l.public_key)
             });
             for p in peers {
                 match links.get_mut(&p.index) {
                     Some(l) => {
-                        l.peer.sealed = p.sealed;
+                        l.link.lock().unwrap_or_else(|p| p.into_inner()).to = p.sealed;
                         kept.insert(p.index, l.local_port);
                     }
                     None => fresh.push(*p),
@@ -128,17 +136,15 @@ impl Sealer {
             let Ok(local_port) = socket.local_addr().map(|a| a.port()) else {
                 continue;
             };
-            let link = Arc::new(Mutex::new(link));
+            let link = Arc::new(Mutex::new(Outbound { link, to: p.sealed }));
             let outbound = tokio::spawn(seal_leaving(
                 socket,
                 self.local,
                 link.clone(),
                 self.public.clone(),
-                self.links.clone(),
-                p.index,
             ));
             let entry = PeerLink {
-                peer: p,
+                public_key: p.public_key,
                 link,
                 local_port,
                 outbound,
@@ -153,15 +159,13 @@ impl Sealer {
     }
 }
 
-/// Seals each frame the tenants' interfaces send for peer `index` and
-/// sends it to the peer's sealed endpoint (as last recorded).
+/// Seals each frame the tenants' interfaces send for one peer and sends
+/// it to the peer's sealed endpoint (as last recorded).
 async fn seal_leaving(
     socket: UdpSocket,
     local: Ipv4Addr,
-    link: Arc<Mutex<Link>>,
+    link: Arc<Mutex<Outbound>>,
     public: Arc<UdpSocket>,
-    links: Arc<Mutex<HashMap<u32, PeerLink>>>,
-    index: u32,
 ) {
     let (mut buf, mut sealed) = (vec![0u8; MAX_DATAGRAM], Vec::with_capacity(MAX_DATAGRAM));
     loop {
@@ -172,17 +176,12 @@ async fn seal_leaving(
         if from.ip() != std::net::IpAddr::V4(local) {
             continue;
         }
-        link.lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .seal(&buf[..n], &mut sealed);
-        let to = links
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(&index)
-            .map(|l| l.peer.sealed);
-        if let Some(to) = to {
-            let _ = public.send_to(&sealed, to).await;
-        }
+        let to = {
+            let mut out = link.lock().unwrap_or_else(|p| p.into_inner());
+            out.link.seal(&buf[..n], &mut sealed);
+            out.to
+        };
+        let _ = public.send_to(&sealed, to).await;
     }
 }
 
@@ -208,8 +207,8 @@ async fn open_arriving(
                 .map(|l| l.link.clone())
         });
         let frame = link.and_then(|link| {
-            let mut link = link.lock().unwrap_or_else(|p| p.into_inner());
-            link.open(datagram).ok().map(<[u8]>::len)
+            let mut out = link.lock().unwrap_or_else(|p| p.into_inner());
+            out.link.open(datagram).ok().map(<[u8]>::len)
         });
         match frame {
             // Opened in place, after the header.
