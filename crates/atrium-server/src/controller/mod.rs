@@ -75,7 +75,8 @@ pub async fn reconcile(store: &Store) -> Result<Outcome, atrium_store::StoreErro
     let (world, owners) = read_world(store).await?;
     let plan = plan(&world);
     let owners: HashMap<&str, &Object> = owners.iter().map(|d| (d.id.as_str(), d)).collect();
-    let mut vnis = overlay_vni::Vnis::read(store).await?;
+    // Read at the first placement made: most passes make none.
+    let mut vnis: Option<overlay_vni::Vnis> = None;
     let mut outcome = Outcome {
         unplaceable: plan.unplaceable,
         ..Outcome::default()
@@ -95,6 +96,10 @@ pub async fn reconcile(store: &Store) -> Result<Outcome, atrium_store::StoreErro
                 name_taken,
                 mut spec,
             } => {
+                let vnis = match &mut vnis {
+                    Some(v) => v,
+                    None => vnis.insert(overlay_vni::Vnis::read(store).await?),
+                };
                 let Some(vni) = vnis.of(store, &tenant).await else {
                     continue;
                 };
