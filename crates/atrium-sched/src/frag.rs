@@ -127,35 +127,15 @@ pub struct Pairing {
 
 impl Pairing {
     pub fn of(pods: &[Pod]) -> Pairing {
-        let (mut gpu, mut cpu, mut mem) = (0.0, 0.0, 0.0);
-        for p in pods.iter().filter(|p| p.num_gpu > 0) {
-            gpu += p.gpu_request() as f64 / 1000.0;
-            cpu += f64::from(p.cpu_milli);
-            mem += f64::from(p.memory_mib);
-        }
-        if gpu == 0.0 {
-            return Pairing {
-                cpu_milli_per_gpu: 0.0,
-                memory_mib_per_gpu: 0.0,
-            };
-        }
-        Pairing {
-            cpu_milli_per_gpu: cpu / gpu,
-            memory_mib_per_gpu: mem / gpu,
-        }
+        let t = Totals::of(pods);
+        Pairing::ratio(t.gpu_pods_cpu, t.gpu_pods_memory, t.gpus)
     }
 
     /// What a cluster offers beside each of its GPUs: its CPU and memory
     /// over its GPU count (all nodes', CPU-only ones included, since
     /// CPU-only work can go there).
     pub fn supply(cpu_milli: u64, memory_mib: u64, gpus: u64) -> Pairing {
-        if gpus == 0 {
-            return Pairing::of(&[]);
-        }
-        Pairing {
-            cpu_milli_per_gpu: cpu_milli as f64 / gpus as f64,
-            memory_mib_per_gpu: memory_mib as f64 / gpus as f64,
-        }
+        Pairing::ratio(cpu_milli as f64, memory_mib as f64, gpus as f64)
     }
 
     /// The GPU pods' pairing, except for a resource the whole workload
@@ -164,24 +144,34 @@ impl Pairing {
     /// only where its node keeps its share of all the work's demand, not
     /// just its GPU pods': for that resource the whole workload's rate is
     /// the one that strands. (On the FGD authors' cpu250 and cpu300, where
-    /// CPU-only pods ask 17.7 and 19.6 cores per GPU of the workload on
-    /// a cluster of 17.2, this is +1.0 and +0.5 points of allocation; on
-    /// every other trace nothing is scarce and nothing changes.)
+    /// the workload asks 17.7 and 19.6 cores per GPU of a cluster with
+    /// 17.2, this is +1.0 and +0.5 points of allocation; on every other
+    /// trace nothing is scarce and nothing changes.)
     pub fn binding(pods: &[Pod], supply: Pairing) -> Pairing {
-        let mut pairing = Pairing::of(pods);
-        let gpus: f64 = pods.iter().map(|p| p.gpu_request() as f64 / 1000.0).sum();
-        if gpus == 0.0 {
-            return pairing;
+        let t = Totals::of(pods);
+        let mut pairing = Pairing::ratio(t.gpu_pods_cpu, t.gpu_pods_memory, t.gpus);
+        let whole = Pairing::ratio(t.cpu, t.memory, t.gpus);
+        if whole.cpu_milli_per_gpu > supply.cpu_milli_per_gpu {
+            pairing.cpu_milli_per_gpu = whole.cpu_milli_per_gpu;
         }
-        let cpu = pods.iter().map(|p| f64::from(p.cpu_milli)).sum::<f64>() / gpus;
-        let memory = pods.iter().map(|p| f64::from(p.memory_mib)).sum::<f64>() / gpus;
-        if cpu > supply.cpu_milli_per_gpu {
-            pairing.cpu_milli_per_gpu = cpu;
-        }
-        if memory > supply.memory_mib_per_gpu {
-            pairing.memory_mib_per_gpu = memory;
+        if whole.memory_mib_per_gpu > supply.memory_mib_per_gpu {
+            pairing.memory_mib_per_gpu = whole.memory_mib_per_gpu;
         }
         pairing
+    }
+
+    /// `cpu` and `memory` per GPU of `gpus`; nothing where there is none.
+    fn ratio(cpu: f64, memory: f64, gpus: f64) -> Pairing {
+        if gpus == 0.0 {
+            return Pairing {
+                cpu_milli_per_gpu: 0.0,
+                memory_mib_per_gpu: 0.0,
+            };
+        }
+        Pairing {
+            cpu_milli_per_gpu: cpu / gpus,
+            memory_mib_per_gpu: memory / gpus,
+        }
     }
 
     /// (what the workload pairs with one GPU, what is left) for CPU and
@@ -214,6 +204,39 @@ impl Pairing {
         self.paired(cpu_left, mem_left)
             .map(|(per_gpu, left)| left / per_gpu - idle_gpus)
             .sum()
+    }
+}
+
+/// What a workload asks in all, in one pass: its GPUs, its GPU pods' CPU
+/// and memory, and every pod's.
+struct Totals {
+    gpus: f64,
+    gpu_pods_cpu: f64,
+    gpu_pods_memory: f64,
+    cpu: f64,
+    memory: f64,
+}
+
+impl Totals {
+    fn of(pods: &[Pod]) -> Totals {
+        let mut t = Totals {
+            gpus: 0.0,
+            gpu_pods_cpu: 0.0,
+            gpu_pods_memory: 0.0,
+            cpu: 0.0,
+            memory: 0.0,
+        };
+        for p in pods {
+            let (cpu, memory) = (f64::from(p.cpu_milli), f64::from(p.memory_mib));
+            t.cpu += cpu;
+            t.memory += memory;
+            if p.num_gpu > 0 {
+                t.gpus += p.gpu_request() as f64 / 1000.0;
+                t.gpu_pods_cpu += cpu;
+                t.gpu_pods_memory += memory;
+            }
+        }
+        t
     }
 }
 
