@@ -39,8 +39,12 @@ pub fn requantize_q8_0(
     progress: &mut dyn FnMut(usize, usize),
 ) -> Result<(), EngineError> {
     let err = |e: candle_core::Error| EngineError::Load(format!("{}: {e}", src.display()));
-    let mut file = std::fs::File::open(src)
-        .map_err(|e| EngineError::Load(format!("{}: {e}", src.display())))?;
+    // Buffered: the metadata is many small strings (see `ChatModel::load`).
+    let mut file = std::io::BufReader::with_capacity(
+        1 << 20,
+        std::fs::File::open(src)
+            .map_err(|e| EngineError::Load(format!("{}: {e}", src.display())))?,
+    );
     let content = gguf_file::Content::read(&mut file).map_err(err)?;
     let mut names: Vec<&String> = content.tensor_infos.keys().collect();
     names.sort();
