@@ -483,15 +483,25 @@ impl Llama {
             head_dim: hd,
         };
         let sequences: Vec<&[usize]> = segments.iter().map(|s| s.blocks).collect();
+        // Each row's rotation angles, once for every layer and head.
+        let half = self.inv_freq.len();
+        let angles: Vec<(f32, f32)> = rows
+            .iter()
+            .flat_map(|&(_, pos)| {
+                self.inv_freq
+                    .iter()
+                    .map(move |f| (pos as f32 * f).sin_cos())
+            })
+            .collect();
         for (l, layer) in self.layers.iter().enumerate() {
             let normed = rms_norm(&x, &layer.attn_norm, c.eps);
             let mut q = layer.q.apply(&normed, quant_rows)?;
             let mut k = layer.k.apply(&normed, quant_rows)?;
             let v = layer.v.apply(&normed, quant_rows)?;
             let kvw = c.kv_heads * hd;
-            for (r, &(_, pos)) in rows.iter().enumerate() {
-                self.rope(&mut q[r * h..(r + 1) * h], pos);
-                self.rope(&mut k[r * kvw..(r + 1) * kvw], pos);
+            for (r, angles) in angles.chunks_exact(half.max(1)).enumerate() {
+                self.rope(&mut q[r * h..(r + 1) * h], angles);
+                self.rope(&mut k[r * kvw..(r + 1) * kvw], angles);
             }
             for (r, &(s, pos)) in rows.iter().enumerate() {
                 let block = segments[s].blocks[pos / BLOCK_TOKENS];
@@ -536,13 +546,13 @@ impl Llama {
         Ok(logits.chunks_exact(width).map(<[f32]>::to_vec).collect())
     }
 
-    /// Rotates each head's interleaved pairs by its position (GGUF stores
-    /// llama's q/k weights permuted for this layout).
-    fn rope(&self, x: &mut [f32], pos: usize) {
+    /// Rotates each head's interleaved pairs by its position's `angles`
+    /// (sine and cosine per pair; GGUF stores llama's q/k weights permuted
+    /// for this layout).
+    fn rope(&self, x: &mut [f32], angles: &[(f32, f32)]) {
         let hd = self.config.head_dim;
         for head in x.chunks_exact_mut(hd) {
-            for (i, f) in self.inv_freq.iter().enumerate() {
-                let (sin, cos) = (pos as f32 * f).sin_cos();
+            for (i, &(sin, cos)) in angles.iter().enumerate() {
                 let (a, b) = (head[2 * i], head[2 * i + 1]);
                 head[2 * i] = a * cos - b * sin;
                 head[2 * i + 1] = a * sin + b * cos;
