@@ -58,11 +58,9 @@ pub struct Q8Matrix {
     scales: Vec<[f32; STRIP]>,
 }
 
-/// Input rows quantised to blocks of 32 with one scale each, and the
-/// values' magnitudes (`vpmaddubsw` takes one side unsigned).
+/// Input rows quantised to blocks of 32 with one scale each.
 struct QuantisedInput {
     quants: Vec<[i8; BLOCK]>,
-    magnitudes: Vec<[u8; BLOCK]>,
     scales: Vec<f32>,
 }
 
@@ -250,7 +248,6 @@ struct Strip<'a> {
 #[derive(Clone, Copy)]
 struct InputRow<'a> {
     quants: &'a [[i8; BLOCK]],
-    magnitudes: &'a [[u8; BLOCK]],
     scales: &'a [f32],
 }
 
@@ -259,7 +256,6 @@ impl QuantisedInput {
         let range = r * blocks..(r + 1) * blocks;
         InputRow {
             quants: &self.quants[range.clone()],
-            magnitudes: &self.magnitudes[range.clone()],
             scales: &self.scales[range],
         }
     }
@@ -272,7 +268,8 @@ fn group_of<T: Copy>(block: &[T; BLOCK], g: usize, bytes: impl Fn(T) -> u8) -> i
 
 /// A strip's eight rows against `N` input rows. Per block and input row,
 /// the eight rows' integer sums are exact (`vpmaddubsw` pairs cannot
-/// saturate: magnitudes are at most 127, see `quantise`), then scaled by
+/// saturate: weights' magnitudes are at most 128 and inputs at most 127,
+/// see `quantise`, so a pair is at most 32,512), then scaled by
 /// the eight rows' scales times the input's and added in block order.
 #[cfg(all(
     target_arch = "x86_64",
@@ -288,13 +285,15 @@ fn tile<const N: usize>(w: &Strip<'_>, x: [InputRow<'_>; N]) -> [[f32; STRIP]; N
         let mut sums = [zeroed_m256i(); N];
         for (g, group) in quants.iter().enumerate() {
             let wv = load_unaligned_m256i(group);
+            // vpmaddubsw multiplies unsigned by signed: the weights'
+            // magnitudes are the unsigned side and their signs move onto
+            // x, as in ggml. (The other way round, a file's -128 could not
+            // be negated: `vpsignb` leaves it -128.)
+            let wm = abs_i8_m256i(wv);
             for j in 0..N {
                 let xq = set_splat_i32_m256i(group_of(&x[j].quants[b], g, |v| v as u8));
-                let xm = set_splat_i32_m256i(group_of(&x[j].magnitudes[b], g, |v| v));
-                // vpmaddubsw multiplies unsigned by signed: x's sign moves
-                // onto w.
                 let pairs =
-                    mul_u8i8_add_horizontal_saturating_m256i(xm, sign_apply_i8_m256i(wv, xq));
+                    mul_u8i8_add_horizontal_saturating_m256i(wm, sign_apply_i8_m256i(xq, wv));
                 sums[j] = add_i32_m256i(sums[j], mul_i16_horizontal_add_m256i(pairs, ones));
             }
         }
@@ -340,23 +339,18 @@ fn tile<const N: usize>(w: &Strip<'_>, x: [InputRow<'_>; N]) -> [[f32; STRIP]; N
 fn quantise(x: &[f32]) -> QuantisedInput {
     let blocks = x.len() / BLOCK;
     let mut quants = Vec::with_capacity(blocks);
-    let mut magnitudes = Vec::with_capacity(blocks);
     let mut scales = Vec::with_capacity(blocks);
     for block in x.chunks_exact(BLOCK) {
         let amax = block.iter().fold(0.0f32, |m, v| m.max(v.abs()));
         scales.push(f16::from_f32(amax / 127.0).to_f32());
         let inv = if amax == 0.0 { 0.0 } else { 127.0 / amax };
-        // |v * inv| <= 127 up to rounding: -128 is never produced.
+        // |v * inv| <= 127 up to rounding: -128 is never produced, so the
+        // kernel's `vpsignb` can always negate an input.
         let q: [i8; BLOCK] =
             std::array::from_fn(|i| (block[i] * inv).round_ties_even().clamp(-127.0, 127.0) as i8);
-        magnitudes.push(q.map(i8::unsigned_abs));
         quants.push(q);
     }
-    QuantisedInput {
-        quants,
-        magnitudes,
-        scales,
-    }
+    QuantisedInput { quants, scales }
 }
 
 #[cfg(test)]
@@ -446,6 +440,42 @@ mod tests {
             .iter()
             .zip(&expected)
             .all(|(a, b)| a.to_bits() == b.to_bits()));
+    }
+
+    #[test]
+    fn a_weight_of_minus_128_multiplies_like_any_other() {
+        // ggml never writes -128, but a model file may come from a tenant,
+        // and `vpsignb` cannot negate it: the weight's magnitude must be
+        // the unsigned side, as in ggml's own kernel.
+        let (outputs, inputs) = (8, 64);
+        let mut file = Vec::new();
+        for block in 0..outputs * inputs / BLOCK {
+            file.extend_from_slice(&f16::from_f32(0.5).to_le_bytes());
+            file.extend((0..BLOCK).map(|i| if (i + block) % 3 == 0 { 0x80 } else { 5 }));
+        }
+        let m = Q8Matrix::read(&mut io::Cursor::new(file), 0, outputs, inputs).unwrap();
+        // Negative inputs (exact in Q8_0: scale 1, values -127..=-1).
+        let x: Vec<f32> = (0..inputs).map(|i| -((i % 127) as f32 + 1.0)).collect();
+        let got = m.matmul(&x);
+        let input = quantise(&x);
+        for (o, got) in got.iter().enumerate() {
+            let mut row = Vec::new();
+            assert!(m.dequantize_row(o, &mut row));
+            let expected: f32 = row
+                .chunks_exact(BLOCK)
+                .enumerate()
+                .map(|(b, w)| {
+                    let sum: f32 = (0..BLOCK)
+                        .map(|i| w[i] / 0.5 * f32::from(input.quants[b][i]))
+                        .sum();
+                    sum * 0.5 * input.scales[b]
+                })
+                .sum();
+            assert!(
+                (got - expected).abs() <= 1e-3 * expected.abs(),
+                "row {o}: {got} vs {expected}"
+            );
+        }
     }
 
     #[test]
