@@ -454,7 +454,7 @@ mod tests {
             file.extend((0..BLOCK).map(|i| if (i + block) % 3 == 0 { 0x80 } else { 5 }));
         }
         let m = Q8Matrix::read(&mut io::Cursor::new(file), 0, outputs, inputs).unwrap();
-        // Negative inputs (exact in Q8_0: scale 1, values -127..=-1).
+        // Negative inputs: every -128 weight meets an input to negate.
         let x: Vec<f32> = (0..inputs).map(|i| -((i % 127) as f32 + 1.0)).collect();
         let got = m.matmul(&x);
         let input = quantise(&x);
