@@ -262,8 +262,8 @@ impl QuantisedInput {
 }
 
 /// The group `g` of a block as one i32 (four bytes), for broadcasting.
-fn group_of<T: Copy>(block: &[T; BLOCK], g: usize, bytes: impl Fn(T) -> u8) -> i32 {
-    i32::from_le_bytes(std::array::from_fn(|i| bytes(block[g * GROUP + i])))
+fn group_of(block: &[i8; BLOCK], g: usize) -> i32 {
+    i32::from_le_bytes(std::array::from_fn(|i| block[g * GROUP + i] as u8))
 }
 
 /// A strip's eight rows against `N` input rows. Per block and input row,
@@ -291,7 +291,7 @@ fn tile<const N: usize>(w: &Strip<'_>, x: [InputRow<'_>; N]) -> [[f32; STRIP]; N
             // be negated: `vpsignb` leaves it -128.)
             let wm = abs_i8_m256i(wv);
             for j in 0..N {
-                let xq = set_splat_i32_m256i(group_of(&x[j].quants[b], g, |v| v as u8));
+                let xq = set_splat_i32_m256i(group_of(&x[j].quants[b], g));
                 let pairs =
                     mul_u8i8_add_horizontal_saturating_m256i(wm, sign_apply_i8_m256i(xq, wv));
                 sums[j] = add_i32_m256i(sums[j], mul_i16_horizontal_add_m256i(pairs, ones));
