@@ -149,12 +149,25 @@ pub fn spawn_gateway_with(
 }
 
 /// The token a gateway with data directory `data_dir` (as given to
-/// `--data-dir`) requires for `/metrics`.
+/// `--data-dir`) requires for `/metrics`. The gateway writes it as it
+/// starts, which in `atrium up` may be after the agent has registered its
+/// node: so this waits for the file.
 pub fn metrics_token(data_dir: &std::path::Path) -> String {
-    std::fs::read_to_string(data_dir.join("gateway/metrics.token"))
-        .unwrap()
-        .trim()
-        .to_string()
+    let file = data_dir.join("gateway/metrics.token");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        match std::fs::read_to_string(&file) {
+            Ok(t) if !t.trim().is_empty() => return t.trim().to_string(),
+            _ => {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "the gateway did not write {}",
+                    file.display()
+                );
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+        }
+    }
 }
 
 /// Reads one HTTP/1.1 request (head, then a `Content-Length` body) from a
