@@ -13,6 +13,7 @@ mod detokenize;
 pub mod embed;
 mod fastmath;
 pub mod kv;
+mod linear;
 mod llama;
 pub mod logprobs;
 pub mod metrics;

@@ -4,8 +4,8 @@
 //! per step rather than once per sequence.
 //!
 //! Every row's arithmetic is independent of the others in its step: the
-//! matrix products are row by row (our Q8_0 kernel, `q8.rs`, sums each row
-//! in one fixed order; verified bitwise for candle's other quantised
+//! matrix products (`linear.rs`) are row by row (our Q8_0 kernel, `q8.rs`,
+//! sums each row in one fixed order; verified bitwise for candle's other quantised
 //! kernels at any row count, and for its dense one from four rows up: fewer
 //! rows are padded), and attention (`attention.rs`) visits each row's own
 //! positions in one order whatever tile the row is in. A request's output
@@ -21,22 +21,20 @@
 //! bytes, not flops, bound it). The dense copy is kept only when it fits
 //! [`DENSE_LIMIT_BYTES`]; larger models prefill on the quantised kernel.
 
-use candle_core::quantized::{gguf_file, GgmlDType, QMatMul, QTensor};
 use std::sync::Arc;
 
-use candle_core::{Device, Module, Tensor};
+use candle_core::quantized::{gguf_file, GgmlDType, QTensor};
+use candle_core::Device;
 
 use crate::attention;
 use crate::fastmath;
 use crate::kv::{KvPool, KvShape, BLOCK_TOKENS};
+use crate::linear::{Linear, Quantised, Stack, Weight};
 use crate::q8::Q8Matrix;
 use crate::EngineError;
 
 /// Largest dense (f32) copy of the weights kept for prefill.
 pub const DENSE_LIMIT_BYTES: usize = 2 << 30;
-
-/// Fewest rows a dense product is computed with (see `Linear::apply`).
-const MIN_DENSE_ROWS: usize = 4;
 
 /// What a replica's memory goes to, decided before loading.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -92,141 +90,14 @@ pub struct Config {
     pub vocab: usize,
 }
 
-/// A weight matrix as read from the file: straight into our Q8_0 layout,
-/// or a candle tensor for the other types.
-enum Weight {
-    Q8(Arc<Q8Matrix>),
-    Other(QTensor),
-}
-
-impl Weight {
-    /// The tensor `name` of `content`.
-    fn read(
-        content: &gguf_file::Content,
-        file: &mut std::fs::File,
-        name: &str,
-    ) -> Result<Weight, EngineError> {
-        let info = content
-            .tensor_infos
-            .get(name)
-            .ok_or_else(|| EngineError::Load(format!("the model file has no tensor {name}")))?;
-        match info.shape.dims2() {
-            Ok((outputs, inputs))
-                if info.ggml_dtype == GgmlDType::Q8_0 && inputs.is_multiple_of(32) =>
-            {
-                let offset = content
-                    .tensor_data_offset
-                    .checked_add(info.offset)
-                    .ok_or_else(|| EngineError::Load(format!("{name}: offset out of range")))?;
-                Q8Matrix::read(file, offset, outputs, inputs)
-                    .map(|m| Weight::Q8(Arc::new(m)))
-                    .map_err(|e| EngineError::Load(format!("{name}: {e}")))
-            }
-            _ => content
-                .tensor(file, name, &Device::Cpu)
-                .map(Weight::Other)
-                .map_err(load_err),
-        }
-    }
-}
-
-/// A quantised weight matrix's kernel: our own for Q8_0 (many rows per
-/// pass over the weights), candle's for the other types.
-enum Quantised {
-    Q8(Arc<Q8Matrix>),
-    Candle(QMatMul),
-}
-
-impl Quantised {
-    fn new(w: Weight) -> candle_core::Result<Quantised> {
-        Ok(match w {
-            Weight::Q8(m) => Quantised::Q8(m),
-            Weight::Other(q) => Quantised::Candle(QMatMul::from_qtensor(q)?),
-        })
-    }
-
-    /// `x` holds rows of `inputs` values.
-    fn forward(&self, x: &[f32], inputs: usize) -> candle_core::Result<Vec<f32>> {
-        match self {
-            Quantised::Q8(m) => Ok(m.matmul(x)),
-            Quantised::Candle(m) => {
-                let t = Tensor::from_slice(x, (x.len() / inputs, inputs), &Device::Cpu)?;
-                m.forward(&t)?.flatten_all()?.to_vec1::<f32>()
-            }
-        }
-    }
-}
-
-/// A weight matrix: quantised, plus its dense transpose where kept.
-struct Linear {
-    quant: Quantised,
-    dense: Option<Tensor>,
-    inputs: usize,
-}
-
-impl Linear {
-    fn new(w: Weight, dense: bool) -> candle_core::Result<Linear> {
-        let (outputs, inputs) = match &w {
-            Weight::Q8(m) => (m.outputs(), m.inputs()),
-            Weight::Other(q) => q.shape().dims2()?,
-        };
-        let dense = match (&w, dense) {
-            (_, false) => None,
-            (Weight::Q8(m), true) => Some(Tensor::from_vec(
-                m.dense_transposed(),
-                (inputs, outputs),
-                &Device::Cpu,
-            )?),
-            (Weight::Other(q), true) => Some(q.dequantize(&Device::Cpu)?.t()?.contiguous()?),
-        };
-        Ok(Linear {
-            quant: Quantised::new(w)?,
-            dense,
-            inputs,
-        })
-    }
-
-    /// `x` holds rows of `inputs` values; the first `quant_rows` take the
-    /// quantised kernel, the rest the dense one.
-    fn apply(&self, x: &[f32], quant_rows: usize) -> candle_core::Result<Vec<f32>> {
-        let Some(w) = &self.dense else {
-            return self.quant.forward(x, self.inputs);
-        };
-        let rows = x.len() / self.inputs;
-        let split = quant_rows.min(rows) * self.inputs;
-        let mut out = Vec::new();
-        if split > 0 {
-            out = self.quant.forward(&x[..split], self.inputs)?;
-        }
-        if split < x.len() {
-            let rest = &x[split..];
-            let n = rest.len() / self.inputs;
-            let y = if n < MIN_DENSE_ROWS {
-                // The GEMM takes another path for a single row, whose
-                // sums differ in the last bits: pad so a prompt row's
-                // result never depends on how many rows share its step.
-                let mut padded = rest.to_vec();
-                padded.resize(MIN_DENSE_ROWS * self.inputs, 0.0);
-                let t = Tensor::from_vec(padded, (MIN_DENSE_ROWS, self.inputs), &Device::Cpu)?;
-                t.matmul(w)?.narrow(0, 0, n)?
-            } else {
-                Tensor::from_slice(rest, (n, self.inputs), &Device::Cpu)?.matmul(w)?
-            };
-            out.extend(y.flatten_all()?.to_vec1::<f32>()?);
-        }
-        Ok(out)
-    }
-}
-
 struct Layer {
     attn_norm: Vec<f32>,
     ffn_norm: Vec<f32>,
-    q: Linear,
-    k: Linear,
-    v: Linear,
+    /// q, k and v.
+    qkv: Stack,
     o: Linear,
-    gate: Linear,
-    up: Linear,
+    /// gate and up.
+    gate_up: Stack,
     down: Linear,
 }
 
@@ -337,29 +208,35 @@ impl Llama {
             )));
         }
         let dev = Device::Cpu;
-        let mut per_layer = Vec::with_capacity(config.layers);
+        let vector = |q: QTensor| -> Result<Vec<f32>, EngineError> {
+            q.dequantize(&dev)
+                .and_then(|t| t.flatten_all()?.to_vec1::<f32>())
+                .map_err(load_err)
+        };
+        let mut layers = Vec::with_capacity(config.layers);
         for i in 0..config.layers {
-            let names = [
-                "attn_q",
-                "attn_k",
-                "attn_v",
-                "attn_output",
-                "ffn_gate",
-                "ffn_up",
-                "ffn_down",
-            ];
-            let mut mats = Vec::with_capacity(names.len());
-            for n in names {
-                mats.push(Weight::read(
+            let name = |n: &str| format!("blk.{i}.{n}.weight");
+            let names = |ns: &[&str]| ns.iter().map(|n| name(n)).collect::<Vec<_>>();
+            let mut linear = |n: &str| {
+                Weight::read(&content, file, &name(n))
+                    .and_then(|w| Linear::new(w, dense).map_err(load_err))
+            };
+            let (o, down) = (linear("attn_output")?, linear("ffn_down")?);
+            let mut tensor = |n: &str| content.tensor(file, &name(n), &dev).map_err(load_err);
+            let (attn_norm, ffn_norm) = (tensor("attn_norm")?, tensor("ffn_norm")?);
+            layers.push(Layer {
+                qkv: Stack::read(
                     &content,
                     file,
-                    &format!("blk.{i}.{n}.weight"),
-                )?);
-            }
-            let mut tensor = |name: &str| content.tensor(file, name, &dev).map_err(load_err);
-            let attn_norm = tensor(&format!("blk.{i}.attn_norm.weight"))?;
-            let ffn_norm = tensor(&format!("blk.{i}.ffn_norm.weight"))?;
-            per_layer.push((mats, attn_norm, ffn_norm));
+                    &names(&["attn_q", "attn_k", "attn_v"]),
+                    dense,
+                )?,
+                o,
+                gate_up: Stack::read(&content, file, &names(&["ffn_gate", "ffn_up"]), dense)?,
+                down,
+                attn_norm: vector(attn_norm)?,
+                ffn_norm: vector(ffn_norm)?,
+            });
         }
         let embedding_w = Weight::read(&content, file, "token_embd.weight")?;
         let (vocab, embd_width) = match &embedding_w {
@@ -383,32 +260,6 @@ impl Llama {
         let norm = content
             .tensor(file, "output_norm.weight", &dev)
             .map_err(load_err)?;
-        let vector = |q: QTensor| -> Result<Vec<f32>, EngineError> {
-            q.dequantize(&dev)
-                .and_then(|t| t.flatten_all()?.to_vec1::<f32>())
-                .map_err(load_err)
-        };
-        let mut layers = Vec::with_capacity(config.layers);
-        for (mats, attn_norm, ffn_norm) in per_layer {
-            let mut m = mats
-                .into_iter()
-                .map(|q| Linear::new(q, dense).map_err(load_err));
-            let mut next = || {
-                m.next()
-                    .unwrap_or_else(|| Err(EngineError::Load("missing layer weight".into())))
-            };
-            layers.push(Layer {
-                q: next()?,
-                k: next()?,
-                v: next()?,
-                o: next()?,
-                gate: next()?,
-                up: next()?,
-                down: next()?,
-                attn_norm: vector(attn_norm)?,
-                ffn_norm: vector(ffn_norm)?,
-            });
-        }
         let inv_freq = (0..config.rope_dim / 2)
             .map(|i| {
                 1.0 / config
@@ -495,9 +346,7 @@ impl Llama {
             .collect();
         for (l, layer) in self.layers.iter().enumerate() {
             let normed = rms_norm(&x, &layer.attn_norm, c.eps);
-            let mut q = layer.q.apply(&normed, quant_rows)?;
-            let mut k = layer.k.apply(&normed, quant_rows)?;
-            let v = layer.v.apply(&normed, quant_rows)?;
+            let [mut q, mut k, v] = products(layer.qkv.apply(&normed, quant_rows)?)?;
             let kvw = c.kv_heads * hd;
             for (r, angles) in angles.chunks_exact(half.max(1)).enumerate() {
                 self.rope(&mut q[r * h..(r + 1) * h], angles);
@@ -521,8 +370,7 @@ impl Llama {
             let o = layer.o.apply(&attended, quant_rows)?;
             add(&mut x, &o);
             let normed = rms_norm(&x, &layer.ffn_norm, c.eps);
-            let gate = layer.gate.apply(&normed, quant_rows)?;
-            let up = layer.up.apply(&normed, quant_rows)?;
+            let [gate, up] = products(layer.gate_up.apply(&normed, quant_rows)?)?;
             let act = swiglu(&gate, &up);
             let down = layer.down.apply(&act, quant_rows)?;
             add(&mut x, &down);
@@ -572,6 +420,13 @@ fn swiglu(gate: &[f32], up: &[f32]) -> Vec<f32> {
     out
 }
 
+/// A stack's products, as many as the caller's matrices.
+fn products<const N: usize>(p: Vec<Vec<f32>>) -> candle_core::Result<[Vec<f32>; N]> {
+    let n = p.len();
+    p.try_into()
+        .map_err(|_| candle_core::Error::Msg(format!("{n} products where {N} were expected")))
+}
+
 fn rms_norm(x: &[f32], weight: &[f32], eps: f32) -> Vec<f32> {
     let mut out = Vec::with_capacity(x.len());
     for row in x.chunks_exact(weight.len()) {
@@ -593,50 +448,6 @@ mod tests {
     use super::*;
 
     const MIB: usize = 1 << 20;
-
-    /// Rows computed alone and among others, through both kernels.
-    fn alone_and_together(linear: &Linear, x: &[f32], quant_rows: usize) -> (Vec<f32>, Vec<f32>) {
-        let together = linear.apply(x, quant_rows).unwrap();
-        let alone = x
-            .chunks(linear.inputs)
-            .flat_map(|row| linear.apply(row, quant_rows).unwrap())
-            .collect();
-        (alone, together)
-    }
-
-    #[test]
-    fn a_row_gets_the_same_bits_alone_as_in_a_step_of_many() {
-        // The shape of SmolLM2's ffn_down, where candle's dense GEMM once
-        // summed a lone row differently from the same row among others.
-        let (outputs, inputs, rows) = (576, 1536, 5);
-        let noise = |n: usize, seed: u32| -> Vec<f32> {
-            (0..n)
-                .map(|i| {
-                    let h = (i as u32 ^ seed).wrapping_mul(2_654_435_761);
-                    (h >> 8) as f32 / (1u32 << 24) as f32 - 0.5
-                })
-                .collect()
-        };
-        let w =
-            Tensor::from_vec(noise(outputs * inputs, 1), (outputs, inputs), &Device::Cpu).unwrap();
-        let q = QTensor::quantize(&w, candle_core::quantized::GgmlDType::Q8_0).unwrap();
-        let mut file = std::io::Cursor::new(q.data().unwrap().to_vec());
-        let m = Q8Matrix::read(&mut file, 0, outputs, inputs).unwrap();
-        let linear = Linear::new(Weight::Q8(Arc::new(m)), true).unwrap();
-        let x = noise(rows * inputs, 2);
-        for quant_rows in [0, rows] {
-            let (alone, together) = alone_and_together(&linear, &x, quant_rows);
-            assert_eq!(alone.len(), rows * outputs);
-            let same = alone
-                .iter()
-                .zip(&together)
-                .all(|(a, b)| a.to_bits() == b.to_bits());
-            assert!(
-                same,
-                "rows differ alone vs together (quantised rows: {quant_rows})"
-            );
-        }
-    }
 
     #[test]
     fn memory_goes_to_the_cache_first_and_the_dense_copy_only_beside_enough_of_it() {

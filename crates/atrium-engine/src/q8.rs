@@ -77,22 +77,43 @@ impl Q8Matrix {
         outputs: usize,
         inputs: usize,
     ) -> io::Result<Q8Matrix> {
+        Q8Matrix::read_stacked(file, &[(offset, outputs)], inputs)
+    }
+
+    /// Reads matrices of the same `inputs`, each given as its `(offset,
+    /// outputs)`, as one matrix of their rows in order: matrices that
+    /// multiply the same input then take one pass (one quantisation of the
+    /// input, one parallel region) instead of one each.
+    pub fn read_stacked<F: Read + Seek>(
+        file: &mut F,
+        parts: &[(u64, usize)],
+        inputs: usize,
+    ) -> io::Result<Q8Matrix> {
         let bad = |why: String| io::Error::new(io::ErrorKind::InvalidData, why);
-        if !inputs.is_multiple_of(BLOCK) {
-            return Err(bad(format!("{inputs} inputs are not whole Q8_0 blocks")));
-        }
-        let blocks = outputs
-            .checked_mul(inputs / BLOCK)
-            .ok_or_else(|| bad("tensor too large".into()))?;
-        let bytes = (blocks as u64).saturating_mul(BLOCK_BYTES as u64);
-        let len = file.seek(SeekFrom::End(0))?;
-        if offset.checked_add(bytes).is_none_or(|end| end > len) {
+        if inputs == 0 || !inputs.is_multiple_of(BLOCK) {
             return Err(bad(format!(
-                "a {outputs}x{inputs} Q8_0 tensor at byte {offset} runs past the file's {len} bytes"
+                "{inputs} inputs are not a positive number of whole Q8_0 blocks"
             )));
         }
-        file.seek(SeekFrom::Start(offset))?;
         let per_row = inputs / BLOCK;
+        let len = file.seek(SeekFrom::End(0))?;
+        let mut outputs = 0usize;
+        for &(offset, rows) in parts {
+            let bytes = rows
+                .checked_mul(per_row)
+                .and_then(|blocks| (blocks as u64).checked_mul(BLOCK_BYTES as u64));
+            if bytes
+                .and_then(|b| offset.checked_add(b))
+                .is_none_or(|end| end > len)
+            {
+                return Err(bad(format!(
+                    "a {rows}x{inputs} Q8_0 tensor at byte {offset} runs past the file's {len} bytes"
+                )));
+            }
+            outputs = outputs
+                .checked_add(rows)
+                .ok_or_else(|| bad("tensor too large".into()))?;
+        }
         let strips = outputs.div_ceil(STRIP);
         let mut m = Q8Matrix {
             outputs,
@@ -101,26 +122,39 @@ impl Q8Matrix {
             scales: vec![[0.0; STRIP]; strips * per_row],
         };
         let mut buf = vec![0u8; READ_BLOCKS * BLOCK_BYTES];
-        let mut done = 0;
-        while done < blocks {
-            let n = (blocks - done).min(READ_BLOCKS);
-            let chunk = &mut buf[..n * BLOCK_BYTES];
-            file.read_exact(chunk)?;
-            for (k, block) in chunk.chunks_exact(BLOCK_BYTES).enumerate() {
-                let (row, b) = ((done + k) / per_row, (done + k) % per_row);
-                let (strip, lane) = (row / STRIP, row % STRIP);
-                let at = strip * per_row + b;
-                m.scales[at][lane] = f16::from_le_bytes([block[0], block[1]]).to_f32();
-                for (g, values) in block[2..].chunks_exact(GROUP).enumerate() {
-                    let group = &mut m.quants[at * GROUPS + g];
-                    for (i, v) in values.iter().enumerate() {
-                        group[lane * GROUP + i] = *v as i8;
-                    }
+        let mut first_row = 0;
+        for &(offset, rows) in parts {
+            file.seek(SeekFrom::Start(offset))?;
+            let blocks = rows * per_row;
+            let mut done = 0;
+            while done < blocks {
+                let n = (blocks - done).min(READ_BLOCKS);
+                let chunk = &mut buf[..n * BLOCK_BYTES];
+                file.read_exact(chunk)?;
+                for (k, block) in chunk.chunks_exact(BLOCK_BYTES).enumerate() {
+                    let row = first_row + (done + k) / per_row;
+                    let b = (done + k) % per_row;
+                    m.put_block(row, b, block);
                 }
+                done += n;
             }
-            done += n;
+            first_row += rows;
         }
         Ok(m)
+    }
+
+    /// Stores a file's block `b` of row `row` (an f16 scale, 32 values).
+    fn put_block(&mut self, row: usize, b: usize, block: &[u8]) {
+        let per_row = self.inputs / BLOCK;
+        let (strip, lane) = (row / STRIP, row % STRIP);
+        let at = strip * per_row + b;
+        self.scales[at][lane] = f16::from_le_bytes([block[0], block[1]]).to_f32();
+        for (g, values) in block[2..].chunks_exact(GROUP).enumerate() {
+            let group = &mut self.quants[at * GROUPS + g];
+            for (i, v) in values.iter().enumerate() {
+                group[lane * GROUP + i] = *v as i8;
+            }
+        }
     }
 
     pub fn outputs(&self) -> usize {
@@ -479,6 +513,36 @@ mod tests {
     }
 
     #[test]
+    fn stacked_matrices_give_each_ones_rows_bit_for_bit() {
+        // 13 + 8 + 20 rows: the parts straddle strips of eight.
+        let inputs = 96;
+        let parts: Vec<QTensor> = [13, 8, 20].map(|o| matrix(o, inputs)).into();
+        let mut file = vec![0x55u8; 3];
+        let mut at = Vec::new();
+        for q in &parts {
+            at.push((file.len() as u64, q.shape().dims2().unwrap().0));
+            file.extend_from_slice(&q.data().unwrap());
+        }
+        let stacked = Q8Matrix::read_stacked(&mut io::Cursor::new(file), &at, inputs).unwrap();
+        assert_eq!(stacked.outputs(), 41);
+        let x = noise(3 * inputs, 9);
+        let together = stacked.matmul(&x);
+        let apart: Vec<Vec<f32>> = parts.iter().map(|q| ours(q).matmul(&x)).collect();
+        for r in 0..3 {
+            let expected: Vec<u32> = apart
+                .iter()
+                .zip(&at)
+                .flat_map(|(y, &(_, o))| y[r * o..(r + 1) * o].iter().map(|v| v.to_bits()))
+                .collect();
+            let got: Vec<u32> = together[r * 41..(r + 1) * 41]
+                .iter()
+                .map(|v| v.to_bits())
+                .collect();
+            assert_eq!(got, expected, "row {r}");
+        }
+    }
+
+    #[test]
     fn a_shape_past_the_files_end_is_refused_before_allocating() {
         let q = matrix(8, 64);
         let bytes = q.data().unwrap().to_vec();
@@ -491,11 +555,17 @@ mod tests {
             (u64::MAX, 1, 32),
             (0, usize::MAX, 64),
             (0, 1 << 40, 1 << 20),
+            (0, usize::MAX, 0),
         ] {
             assert!(
                 Q8Matrix::read(&mut file, offset, outputs, inputs).is_err(),
                 "{offset} {outputs}x{inputs}"
             );
         }
+        // Each part is checked, not only the first.
+        let stacked = Q8Matrix::read_stacked(&mut file, &[(0, 8), (0, 9)], 64);
+        assert!(stacked.is_err());
+        let sum_wraps = Q8Matrix::read_stacked(&mut file, &[(0, 8), (0, usize::MAX)], 64);
+        assert!(sum_wraps.is_err());
     }
 }
