@@ -189,35 +189,6 @@ impl Q8Matrix {
         true
     }
 
-    /// The whole matrix in f32, transposed (`inputs` rows of `outputs`),
-    /// written once into its final place. The interleaved layout is what
-    /// makes this cheap: one group holds four inputs of eight neighbouring
-    /// outputs, i.e. four dense rows' next eight values, so the dense copy
-    /// is written in runs rather than a value per cache line (this runs
-    /// when a replica starts, in a sandbox of maybe half a CPU).
-    pub fn dense_transposed(&self) -> Vec<f32> {
-        let mut dense = vec![0.0f32; self.inputs * self.outputs];
-        let per_row = self.inputs / BLOCK;
-        let strips = self.outputs.div_ceil(STRIP);
-        for b in 0..per_row {
-            for g in 0..GROUPS {
-                for strip in 0..strips {
-                    let at = strip * per_row + b;
-                    let (group, scales) = (&self.quants[at * GROUPS + g], &self.scales[at]);
-                    let first = strip * STRIP;
-                    let lanes = STRIP.min(self.outputs - first);
-                    for k in 0..GROUP {
-                        let row = (b * BLOCK + g * GROUP + k) * self.outputs + first;
-                        for (lane, v) in dense[row..row + lanes].iter_mut().enumerate() {
-                            *v = f32::from(group[lane * GROUP + k]) * scales[lane];
-                        }
-                    }
-                }
-            }
-        }
-        dense
-    }
-
     /// `x` holds rows of `inputs` values; returns rows of `outputs`.
     pub fn matmul(&self, x: &[f32]) -> Vec<f32> {
         let rows = x.len() / self.inputs;
@@ -452,7 +423,7 @@ mod tests {
     }
 
     #[test]
-    fn dequantised_rows_and_the_dense_transpose_are_candles_bit_for_bit() {
+    fn dequantised_rows_are_candles_bit_for_bit() {
         let (outputs, inputs) = (43, 96);
         let q = matrix(outputs, inputs);
         let m = ours(&q);
@@ -467,13 +438,6 @@ mod tests {
                 .all(|(a, b)| a.to_bits() == b.to_bits()));
         }
         assert!(!m.dequantize_row(outputs, &mut Vec::new()));
-        let transposed = theirs.t().unwrap().contiguous().unwrap();
-        let expected = transposed.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-        let dense = m.dense_transposed();
-        assert!(dense
-            .iter()
-            .zip(&expected)
-            .all(|(a, b)| a.to_bits() == b.to_bits()));
     }
 
     #[test]
