@@ -157,6 +157,13 @@ async fn a_full_cache_preempts_and_recomputes_without_losing_a_stream() {
         metrics.kv_blocks_used.load(Ordering::Relaxed) == 0
     })
     .await;
+    // Recompute takes the kernel the rows first took (a Q8_0 model's rows
+    // all take the int8 kernel), so a preempted stream answers as if it
+    // had never been.
+    let (roomy, roomy_metrics) = load(256);
+    let unpreempted = concurrently(&roomy, &prompts, 32).await;
+    assert_eq!(roomy_metrics.preempted.load(Ordering::Relaxed), 0);
+    assert_eq!(results, unpreempted);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
