@@ -56,7 +56,8 @@ const KV_MIN_BYTES: usize = 16 << 20;
 /// prefill copy and the key/value cache: the cache gets what was asked for
 /// when it fits, and the dense copy only where the cache keeps
 /// [`KV_FLOOR_BYTES`] beside it. Without a limit, the copy is kept up to
-/// [`DENSE_LIMIT_BYTES`].
+/// [`DENSE_LIMIT_BYTES`]. `dense` is 0 for a model with nothing to copy
+/// (all Q8_0), which then plans no copy.
 pub fn plan_memory(
     limit: Option<usize>,
     resident: usize,
@@ -65,13 +66,14 @@ pub fn plan_memory(
 ) -> MemoryPlan {
     let Some(limit) = limit else {
         return MemoryPlan {
-            dense: dense <= DENSE_LIMIT_BYTES,
+            dense: dense > 0 && dense <= DENSE_LIMIT_BYTES,
             kv_bytes: kv_requested,
         };
     };
     let spare = limit.saturating_sub(resident.saturating_add(OVERHEAD_BYTES));
     let with_dense = spare.saturating_sub(dense);
-    let dense = dense <= DENSE_LIMIT_BYTES && with_dense >= KV_FLOOR_BYTES.min(kv_requested);
+    let dense =
+        dense > 0 && dense <= DENSE_LIMIT_BYTES && with_dense >= KV_FLOOR_BYTES.min(kv_requested);
     let left = if dense { with_dense } else { spare };
     MemoryPlan {
         dense,
@@ -499,6 +501,9 @@ mod tests {
                 kv_bytes: 64 * MIB
             }
         );
+        // A Q8_0 model has no dense copy to plan for.
+        assert!(!plan_memory(None, resident, 0, 64 * MIB).dense);
+        assert!(!plan_memory(Some(2048 * MIB), resident, 0, 512 * MIB).dense);
         let huge = plan_memory(Some(usize::MAX), usize::MAX, usize::MAX, usize::MAX);
         assert!(!huge.dense, "sums saturate, never wrap");
     }
