@@ -161,8 +161,12 @@ impl Linear {
 
 /// Matrices that multiply the same input, in order.
 pub(crate) enum Stack {
-    /// All Q8_0: one matrix of their rows, and each one's outputs.
-    One { linear: Linear, widths: Vec<usize> },
+    /// All Q8_0: one matrix of their rows (every row takes our kernel), and
+    /// each one's outputs.
+    One {
+        matrix: Q8Matrix,
+        widths: Vec<usize>,
+    },
     /// Types our kernel does not read, each on its own.
     Apart(Vec<Linear>),
 }
@@ -192,10 +196,10 @@ impl Stack {
             return Ok(Stack::Apart(apart));
         }
         let at: Vec<(u64, usize)> = parts.iter().map(|&(o, rows, _)| (o, rows)).collect();
-        let m = Q8Matrix::read_stacked(file, &at, inputs.unwrap_or(0))
+        let matrix = Q8Matrix::read_stacked(file, &at, inputs.unwrap_or(0))
             .map_err(|e| EngineError::Load(format!("{}: {e}", names.join(", "))))?;
         Ok(Stack::One {
-            linear: Linear::new(Weight::Q8(Arc::new(m)), dense).map_err(load_err)?,
+            matrix,
             widths: parts.iter().map(|p| p.1).collect(),
         })
     }
@@ -205,10 +209,10 @@ impl Stack {
     pub(crate) fn apply(&self, x: &[f32], quant_rows: usize) -> candle_core::Result<Vec<Vec<f32>>> {
         match self {
             Stack::Apart(linears) => linears.iter().map(|l| l.apply(x, quant_rows)).collect(),
-            Stack::One { linear, widths } => {
-                let y = linear.apply(x, quant_rows)?;
-                let total: usize = widths.iter().sum();
-                let rows = x.len() / linear.inputs;
+            Stack::One { matrix, widths } => {
+                let y = matrix.matmul(x);
+                let total = matrix.outputs();
+                let rows = x.len() / matrix.inputs();
                 let mut out: Vec<Vec<f32>> = widths
                     .iter()
                     .map(|w| Vec::with_capacity(rows * w))
@@ -229,6 +233,7 @@ impl Stack {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::q8::tests::noise;
 
     /// Rows computed alone and among others, through both kernels.
     fn alone_and_together(linear: &Linear, x: &[f32], quant_rows: usize) -> (Vec<f32>, Vec<f32>) {
@@ -245,14 +250,6 @@ mod tests {
         // The shape of SmolLM2's ffn_down, where candle's dense GEMM once
         // summed a lone row differently from the same row among others.
         let (outputs, inputs, rows) = (576, 1536, 5);
-        let noise = |n: usize, seed: u32| -> Vec<f32> {
-            (0..n)
-                .map(|i| {
-                    let h = (i as u32 ^ seed).wrapping_mul(2_654_435_761);
-                    (h >> 8) as f32 / (1u32 << 24) as f32 - 0.5
-                })
-                .collect()
-        };
         let w =
             Tensor::from_vec(noise(outputs * inputs, 1), (outputs, inputs), &Device::Cpu).unwrap();
         let q8 = QTensor::quantize(&w, GgmlDType::Q8_0).unwrap();
@@ -282,13 +279,6 @@ mod tests {
     #[test]
     fn a_stack_gives_what_its_matrices_give_apart() {
         let inputs = 96;
-        let noise = |n: usize, seed: u32| -> Vec<f32> {
-            (0..n)
-                .map(|i| {
-                    ((i as u32 ^ seed).wrapping_mul(2_654_435_761) >> 8) as f32 / 16_777_216.0 - 0.5
-                })
-                .collect()
-        };
         let q8 = |outputs: usize, seed: u32| {
             let w = Tensor::from_vec(
                 noise(outputs * inputs, seed),
@@ -304,7 +294,7 @@ mod tests {
             let mut file = std::io::Cursor::new([a.clone(), b.clone()].concat());
             let m = Q8Matrix::read_stacked(&mut file, &[(0, 24), (a.len() as u64, 13)], inputs);
             Stack::One {
-                linear: Linear::new(Weight::Q8(Arc::new(m.unwrap())), true).unwrap(),
+                matrix: m.unwrap(),
                 widths: vec![24, 13],
             }
         };

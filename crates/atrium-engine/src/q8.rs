@@ -359,12 +359,12 @@ fn quantise(x: &[f32]) -> QuantisedInput {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use candle_core::quantized::{GgmlDType, QTensor};
     use candle_core::{Device, Module, Tensor};
 
-    fn noise(n: usize, seed: u32) -> Vec<f32> {
+    pub(crate) fn noise(n: usize, seed: u32) -> Vec<f32> {
         (0..n)
             .map(|i| {
                 let h = (i as u32 ^ seed).wrapping_mul(2_654_435_761);
@@ -529,7 +529,7 @@ mod tests {
         // Each part is checked, not only the first.
         let stacked = Q8Matrix::read_stacked(&mut file, &[(0, 8), (0, 9)], 64);
         assert!(stacked.is_err());
-        let sum_wraps = Q8Matrix::read_stacked(&mut file, &[(0, 8), (0, usize::MAX)], 64);
-        assert!(sum_wraps.is_err());
+        let part_overflows = Q8Matrix::read_stacked(&mut file, &[(0, 8), (0, usize::MAX)], 64);
+        assert!(part_overflows.is_err());
     }
 }
