@@ -215,6 +215,7 @@ impl Llama {
                 "unsupported attention shape {config:?}"
             )));
         }
+        check_shapes(&content, &config)?;
         let dev = Device::Cpu;
         let vector = |q: QTensor| -> Result<Vec<f32>, EngineError> {
             q.dequantize(&dev)
@@ -428,6 +429,47 @@ fn swiglu(gate: &[f32], up: &[f32]) -> Vec<f32> {
     out
 }
 
+/// Every layer matrix's shape (outputs, inputs) against what the header
+/// implies. A model file may come from a tenant, and a step slices the
+/// products by these widths (q, k and v come out of one stacked matrix):
+/// a file that disagrees is refused at load, never sliced past in a step.
+fn check_shapes(content: &gguf_file::Content, c: &Config) -> Result<(), EngineError> {
+    let (h, kvw) = (c.hidden, c.kv_heads * c.head_dim);
+    for i in 0..c.layers {
+        let shape = |n: &str| -> Result<(String, Vec<usize>), EngineError> {
+            let name = format!("blk.{i}.{n}.weight");
+            match content.tensor_infos.get(&name) {
+                Some(info) => Ok((name, info.shape.dims().to_vec())),
+                None => Err(EngineError::Load(format!(
+                    "the model file has no tensor {name}"
+                ))),
+            }
+        };
+        let (gate, gate_shape) = shape("ffn_gate")?;
+        let ff = gate_shape.first().copied().unwrap_or(0);
+        if ff == 0 {
+            return Err(EngineError::Load(format!("{gate} has no outputs")));
+        }
+        for (n, want) in [
+            ("attn_q", [h, h]),
+            ("attn_k", [kvw, h]),
+            ("attn_v", [kvw, h]),
+            ("attn_output", [h, h]),
+            ("ffn_gate", [ff, h]),
+            ("ffn_up", [ff, h]),
+            ("ffn_down", [h, ff]),
+        ] {
+            let (name, got) = shape(n)?;
+            if got != want {
+                return Err(EngineError::Load(format!(
+                    "{name} is {got:?} where the header's sizes make it {want:?}"
+                )));
+            }
+        }
+    }
+    Ok(())
+}
+
 /// A stack's products, as many as the caller's matrices.
 fn products<const N: usize>(p: Vec<Vec<f32>>) -> candle_core::Result<[Vec<f32>; N]> {
     let n = p.len();
@@ -456,6 +498,78 @@ mod tests {
     use super::*;
 
     const MIB: usize = 1 << 20;
+
+    /// A header and layer matrices shaped like SmolLM2's (two layers),
+    /// with `bad` (a tensor name and shape) in place of the right one.
+    fn content(bad: Option<(&str, (usize, usize))>) -> (gguf_file::Content, Config) {
+        let config = Config {
+            layers: 2,
+            hidden: 576,
+            heads: 9,
+            kv_heads: 3,
+            head_dim: 64,
+            rope_dim: 64,
+            rope_base: 10_000.0,
+            eps: 1e-5,
+            vocab: 0,
+        };
+        let mut tensor_infos = std::collections::HashMap::new();
+        for i in 0..config.layers {
+            for (n, shape) in [
+                ("attn_q", (576, 576)),
+                ("attn_k", (192, 576)),
+                ("attn_v", (192, 576)),
+                ("attn_output", (576, 576)),
+                ("ffn_gate", (1536, 576)),
+                ("ffn_up", (1536, 576)),
+                ("ffn_down", (576, 1536)),
+            ] {
+                let name = format!("blk.{i}.{n}.weight");
+                let shape = match bad {
+                    Some((b, s)) if b == name => s,
+                    _ => shape,
+                };
+                let info = gguf_file::TensorInfo {
+                    ggml_dtype: GgmlDType::Q8_0,
+                    shape: shape.into(),
+                    offset: 0,
+                };
+                tensor_infos.insert(name, info);
+            }
+        }
+        let content = gguf_file::Content {
+            magic: gguf_file::VersionedMagic::GgufV3,
+            metadata: Default::default(),
+            tensor_infos,
+            tensor_data_offset: 0,
+        };
+        (content, config)
+    }
+
+    #[test]
+    fn a_model_files_matrices_must_have_the_shapes_its_header_implies() {
+        // A tenant's file whose k is narrower than its header's heads
+        // would have the step slice past it (q, k and v are read as one
+        // stacked matrix and split by the file's shapes): refused at load.
+        let (good, config) = content(None);
+        assert!(check_shapes(&good, &config).is_ok());
+        for (name, shape) in [
+            ("blk.1.attn_k.weight", (128, 576)),
+            ("blk.0.attn_q.weight", (576, 512)),
+            ("blk.0.ffn_up.weight", (1024, 576)),
+            ("blk.1.ffn_down.weight", (576, 1024)),
+            ("blk.0.ffn_gate.weight", (0, 576)),
+        ] {
+            let (bad, config) = content(Some((name, shape)));
+            match check_shapes(&bad, &config) {
+                Err(EngineError::Load(m)) => assert!(m.contains(name), "{m}"),
+                other => panic!("{name} {shape:?} was not refused: {other:?}"),
+            }
+        }
+        let (mut missing, config) = content(None);
+        missing.tensor_infos.remove("blk.1.attn_v.weight");
+        assert!(check_shapes(&missing, &config).is_err());
+    }
 
     #[test]
     fn memory_goes_to_the_cache_first_and_the_dense_copy_only_beside_enough_of_it() {
