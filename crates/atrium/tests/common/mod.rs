@@ -153,15 +153,23 @@ pub fn spawn_gateway_with(
 /// starts, which in `atrium up` may be after the agent has registered its
 /// node: so this waits for the file.
 pub fn metrics_token(data_dir: &std::path::Path) -> String {
-    let file = data_dir.join("gateway/metrics.token");
+    written(
+        &data_dir.join("gateway/metrics.token"),
+        "the gateway did not write its metrics token",
+    )
+}
+
+/// The trimmed contents of `file` once a process has written it (non-empty
+/// within 30 s, or the test fails saying `what`).
+pub fn written(file: &std::path::Path, what: &str) -> String {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
     loop {
-        match std::fs::read_to_string(&file) {
+        match std::fs::read_to_string(file) {
             Ok(t) if !t.trim().is_empty() => return t.trim().to_string(),
             _ => {
                 assert!(
                     std::time::Instant::now() < deadline,
-                    "the gateway did not write {}",
+                    "{what}: {}",
                     file.display()
                 );
                 std::thread::sleep(std::time::Duration::from_millis(20));

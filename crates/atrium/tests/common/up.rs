@@ -147,23 +147,11 @@ pub fn start_in(data_dir: &std::path::Path, extra: &[&str]) -> Up {
         .stdout(Stdio::null())
         .spawn()
         .unwrap();
-    let token_file = data_dir.join("admin.token");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while std::fs::read_to_string(&token_file)
-        .map(|t| t.trim().is_empty())
-        .unwrap_or(true)
-    {
-        assert!(Instant::now() < deadline, "atrium up did not start");
-        std::thread::sleep(Duration::from_millis(20));
-    }
     let mut up = Up {
         child,
         server: format!("http://127.0.0.1:{sp}"),
         gateway: format!("http://127.0.0.1:{gp}"),
-        token: std::fs::read_to_string(&token_file)
-            .unwrap()
-            .trim()
-            .to_string(),
+        token: super::written(&data_dir.join("admin.token"), "atrium up did not start"),
         metrics_token: String::new(),
         http: reqwest::blocking::Client::builder()
             .timeout(Duration::from_secs(30))
